@@ -1,0 +1,98 @@
+"""Grouped-query attention with per-head sinks, q/k/v/o biases and an optional sliding window.
+
+Query head h reads kv head h // (H / G). Every softmax row gets one extra logit, the head's learned sink,
+which is dropped after normalisation, so a row's weights sum to less than one. On sliding layers query
+position i sees keys i - window + 1 .. i (`window` keys including itself).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Bool, Float, Int
+
+from gptoss_mla_jax import cache as kv_cache
+from gptoss_mla_jax.config import GptOssConfig
+from gptoss_mla_jax.rope import apply_rope
+
+Params = dict[str, Any]
+
+
+def attend(
+    q: Float[Array, "B T H d"],
+    keys: list[tuple[Array, Array, Int[Array, "B S"], Bool[Array, "B S"]]],
+    q_pos: Int[Array, "B T"],
+    sinks: Float[Array, " H"],
+    window: int | None,
+) -> Float[Array, "B T H d"]:
+    """Softmax attention with sinks over one or more key blocks `(k, v, key_positions, key_valid)`.
+
+    Blocks (e.g. the cache and the new chunk) are never concatenated: their scores are, which is cheap,
+    and each block's values are read in place.
+    """
+    B, T, H, d = q.shape
+    G = keys[0][0].shape[2]
+    qg = q.reshape(B, T, G, H // G, d)
+    scores = []
+    for k, _, k_pos, k_valid in keys:
+        s = jnp.einsum("btgrd,bsgd->bgrts", qg, k, preferred_element_type=jnp.float32) * d**-0.5
+        mask = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
+        if window is not None:
+            mask &= k_pos[:, None, :] > q_pos[:, :, None] - window
+        scores.append(jnp.where(mask[:, None, None], s, -jnp.inf))
+    sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, G, H // G, 1, 1), (B, G, H // G, T, 1))
+    logits = jnp.concatenate([*scores, sink], axis=-1)
+    # The sink column is finite, so every row has a finite max even when all keys are masked.
+    probs = jax.nn.softmax(logits, axis=-1)
+    out = jnp.zeros((B, T, G, H // G, d), jnp.float32)
+    start = 0
+    for k, v, _, _ in keys:
+        p = probs[..., start : start + k.shape[1]].astype(v.dtype)
+        out += jnp.einsum("bgrts,bsgd->btgrd", p, v, preferred_element_type=jnp.float32)
+        start += k.shape[1]
+    return out.reshape(B, T, H, d).astype(q.dtype)
+
+
+def project_qkv(p: Params, x: Float[Array, "B T D"], cos, sin, config: GptOssConfig):
+    """q [B,T,H,d] and k, v [B,T,G,d] with RoPE applied to q and k."""
+    B, T, _ = x.shape
+    d = config.head_dim
+    q = (x @ p["q_proj"]["kernel"] + p["q_proj"]["bias"]).reshape(B, T, config.num_attention_heads, d)
+    k = (x @ p["k_proj"]["kernel"] + p["k_proj"]["bias"]).reshape(B, T, config.num_key_value_heads, d)
+    v = (x @ p["v_proj"]["kernel"] + p["v_proj"]["bias"]).reshape(B, T, config.num_key_value_heads, d)
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
+def attention(
+    p: Params,
+    x: Float[Array, "B T D"],
+    positions: Int[Array, "B T"],
+    valid: Bool[Array, "B T"],
+    cos: Float[Array, "B T half"],
+    sin: Float[Array, "B T half"],
+    layer_cache: dict[str, Array] | None,
+    lengths: Int[Array, " B"] | None,
+    sliding: bool,
+    config: GptOssConfig,
+) -> tuple[Float[Array, "B T D"], dict[str, Array] | None]:
+    """One attention block (after the input norm). With a cache, the chunk attends to the cached tokens
+    (`lengths` of them per sequence) and to itself, and the updated layer cache is returned."""
+    q, k, v = project_qkv(p, x, cos, sin, config)
+    window = config.sliding_window if sliding else None
+    blocks = [(k, v, positions, valid)]
+    new_cache = None
+    if layer_cache is not None:
+        slots = layer_cache["k"].shape[1]
+        c_pos, c_valid = kv_cache.cached_positions(lengths, slots, sliding)
+        blocks.insert(0, (layer_cache["k"], layer_cache["v"], c_pos, c_valid))
+        new_lengths = lengths + valid.sum(axis=1, dtype=jnp.int32)
+        new_cache = {
+            name: kv_cache.write(layer_cache[name], new, positions, valid, new_lengths, sliding)
+            for name, new in (("k", k), ("v", v))
+        }
+    out = attend(q, blocks, positions, p["sinks"], window)
+    B, T = x.shape[:2]
+    out = out.reshape(B, T, -1) @ p["o_proj"]["kernel"] + p["o_proj"]["bias"]
+    return out, new_cache

@@ -1,0 +1,217 @@
+"""gpt-oss: the pure forward function over a plain params pytree, and a thin Flax NNX shell around it.
+
+Params pytree (weights stored input-dimension first, `x @ kernel`):
+
+    {"embed_tokens": [V, D], "norm": [D], "lm_head": [D, V] (absent when tied),
+     "layers": [{"input_layernorm": [D], "post_attention_layernorm": [D],
+                 "self_attn": {"q_proj": {"kernel": [D, H*d], "bias": [H*d]}, "k_proj": ..., "v_proj": ...,
+                               "o_proj": {"kernel": [H*d, D], "bias": [D]}, "sinks": [H]},
+                 "mlp": {"router": {"kernel": [D, E], "bias": [E]},
+                         "experts": {"gate_up_proj": [E, D, 2I], "gate_up_proj_bias": [E, 2I],
+                                     "down_proj": [E, I, D], "down_proj_bias": [E, D]}}}, ...]}
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jaxtyping import Array, Float, Int
+
+from gptoss_mla_jax import cache as kv_cache
+from gptoss_mla_jax.attention import attention
+from gptoss_mla_jax.config import GptOssConfig
+from gptoss_mla_jax.moe import moe_dense, moe_sparse
+from gptoss_mla_jax.norm import rms_norm
+from gptoss_mla_jax.rope import cos_sin
+
+Params = dict[str, Any]
+MoeImpl = Literal["sparse", "dense"]
+
+
+def param_shapes(config: GptOssConfig) -> Params:
+    """The shape of every parameter, as a pytree with the same structure as the params."""
+    D, V, d = config.hidden_size, config.vocab_size, config.head_dim
+    H, G, E, I = config.num_attention_heads, config.num_key_value_heads, config.num_local_experts, config.intermediate_size
+    linear = lambda n_in, n_out: {"kernel": (n_in, n_out), "bias": (n_out,)}
+    layer = {
+        "input_layernorm": (D,),
+        "post_attention_layernorm": (D,),
+        "self_attn": {
+            "q_proj": linear(D, H * d),
+            "k_proj": linear(D, G * d),
+            "v_proj": linear(D, G * d),
+            "o_proj": linear(H * d, D),
+            "sinks": (H,),
+        },
+        "mlp": {
+            "router": linear(D, E),
+            "experts": {
+                "gate_up_proj": (E, D, 2 * I),
+                "gate_up_proj_bias": (E, 2 * I),
+                "down_proj": (E, I, D),
+                "down_proj_bias": (E, D),
+            },
+        },
+    }
+    shapes = {"embed_tokens": (V, D), "norm": (D,), "layers": [layer] * config.num_hidden_layers}
+    if not config.tie_word_embeddings:
+        shapes["lm_head"] = (D, V)
+    return shapes
+
+
+def is_shape(x) -> bool:
+    return isinstance(x, tuple) and all(isinstance(n, int) for n in x)
+
+
+def init_params(config: GptOssConfig, key: Array, dtype=jnp.bfloat16) -> Params:
+    """Random parameters with transformers' initialisation (normal(0, 0.02) weights, zero biases,
+    unit norm weights), for demos and tests."""
+    shapes = param_shapes(config)
+    paths, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=is_shape)
+    keys = jax.random.split(key, len(paths))
+    leaves = []
+    for (path, shape), k in zip(paths, keys, strict=True):
+        name = jax.tree_util.keystr(path)
+        if "layernorm" in name or name == "['norm']":
+            leaves.append(jnp.ones(shape, dtype))
+        elif "bias" in name and "router" not in name:
+            leaves.append(jnp.zeros(shape, dtype))
+        else:
+            leaves.append((0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype))
+    return jax.tree.unflatten(treedef, leaves)
+
+
+def check_params(params: Params, config: GptOssConfig) -> None:
+    """Raise a ValueError naming the first parameter whose presence or shape disagrees with `config`."""
+    expected = param_shapes(config)
+    if len(params.get("layers", [])) != config.num_hidden_layers:
+        raise ValueError(
+            f"params have {len(params.get('layers', []))} layers, config says {config.num_hidden_layers}"
+        )
+    want = dict(jax.tree_util.tree_flatten_with_path(expected, is_leaf=is_shape)[0])
+    have = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    for path, shape in want.items():
+        name = jax.tree_util.keystr(path)
+        if path not in have:
+            raise ValueError(f"params{name} is missing (expected shape {shape})")
+        if tuple(have[path].shape) != shape:
+            raise ValueError(f"params{name} has shape {tuple(have[path].shape)}, config expects {shape}")
+    extra = sorted(jax.tree_util.keystr(p) for p in have.keys() - want.keys())
+    if extra:
+        raise ValueError(f"params have entries the config does not use: {extra[:5]}")
+
+
+def check_tokens(tokens, config: GptOssConfig) -> None:
+    """Eager range check of concrete token ids (under `jit` they are tracers; the embedding lookup then
+    turns out-of-range ids into NaN instead of silently clamping them)."""
+    if isinstance(tokens, jax.core.Tracer):
+        return
+    ids = np.asarray(tokens)
+    bad = np.argwhere((ids < 0) | (ids >= config.vocab_size))
+    if bad.size:
+        where = tuple(int(i) for i in bad[0])
+        raise ValueError(
+            f"token id {int(ids[where])} at index {where} is outside the vocabulary [0, {config.vocab_size})"
+        )
+
+
+def embed(params: Params, tokens: Int[Array, "B T"]) -> Float[Array, "B T D"]:
+    return jnp.take(params["embed_tokens"], tokens, axis=0, mode="fill", fill_value=jnp.nan)
+
+
+def unembed(params: Params, x: Float[Array, "B T D"], config: GptOssConfig) -> Float[Array, "B T V"]:
+    head = params["embed_tokens"].T if config.tie_word_embeddings else params["lm_head"]
+    return jnp.matmul(x, head, preferred_element_type=jnp.float32)
+
+
+def forward(
+    params: Params,
+    tokens: Int[Array, "B T"],
+    cache: kv_cache.Cache | None,
+    config: GptOssConfig,
+    lengths: Int[Array, " B"] | None = None,
+    moe_impl: MoeImpl = "sparse",
+) -> tuple[Float[Array, "B T V"], kv_cache.Cache | None]:
+    """Logits (float32) for `tokens`, and the updated cache.
+
+    Without a cache, the T tokens of each sequence sit at positions 0..T-1. With one, they continue each
+    sequence after its `cache["lengths"]` cached tokens. `lengths` [B] (default T) says how many of the T
+    tokens of each row are real; the rest is right padding, neither attended to nor cached. A sequence
+    pushed past the cache's capacity gets NaN logits rather than silently dropping tokens.
+    """
+    check_params(params, config)
+    check_tokens(tokens, config)
+    B, T = tokens.shape
+    if cache is not None:
+        kv_cache.check_cache(cache, config, B, T)
+    start = cache["lengths"] if cache is not None else jnp.zeros((B,), jnp.int32)
+    n_new = jnp.full((B,), T, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
+    positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    valid = jnp.arange(T)[None, :] < n_new[:, None]
+    cos, sin = cos_sin(positions, config)
+    moe = moe_sparse if moe_impl == "sparse" else moe_dense
+
+    x = embed(params, tokens)
+    new_layers = []
+    for i, layer in enumerate(params["layers"]):
+        layer_cache = cache["layers"][i] if cache is not None else None
+        h = rms_norm(x, layer["input_layernorm"], config.rms_norm_eps)
+        a, layer_cache = attention(
+            layer["self_attn"], h, positions, valid, cos, sin, layer_cache, start, config.is_sliding(i), config
+        )
+        x = x + a
+        x = x + moe(layer["mlp"], rms_norm(x, layer["post_attention_layernorm"], config.rms_norm_eps), config)
+        new_layers.append(layer_cache)
+    logits = unembed(params, rms_norm(x, params["norm"], config.rms_norm_eps), config)
+    if cache is None:
+        return logits, None
+    new_lengths = start + n_new
+    overflow = new_lengths > kv_cache.cache_max_len(cache, config)
+    logits = jnp.where(overflow[:, None, None], jnp.nan, logits)
+    return logits, {"lengths": new_lengths, "layers": new_layers}
+
+
+# ---- NNX shell -----------------------------------------------------------------------------------------
+
+
+def _to_nnx(tree):
+    if isinstance(tree, dict):
+        return nnx.Dict({k: _to_nnx(v) for k, v in tree.items()})
+    if isinstance(tree, list | tuple):
+        return nnx.List([_to_nnx(v) for v in tree])
+    return nnx.Param(tree)
+
+
+def _to_pure(node):
+    if isinstance(node, nnx.Dict | dict):
+        return {k: _to_pure(v) for k, v in node.items()}
+    if isinstance(node, nnx.List | list):
+        return [_to_pure(v) for v in node]
+    return node[...]
+
+
+class GptOss(nnx.Module):
+    """Flax NNX module owning the parameters; its math is `forward`.
+
+    `nnx.split(model)` gives (graphdef, state) for NNX-style code; `model.pure_params()` gives the plain
+    pytree that `forward` and the rest of the functional API take.
+    """
+
+    def __init__(self, config: GptOssConfig, params: Params):
+        check_params(params, config)
+        self.config = config
+        self.weights = _to_nnx(params)
+
+    @classmethod
+    def random(cls, config: GptOssConfig, rngs: nnx.Rngs, dtype=jnp.bfloat16) -> GptOss:
+        return cls(config, init_params(config, rngs.params(), dtype))
+
+    def pure_params(self) -> Params:
+        return _to_pure(self.weights)
+
+    def __call__(self, tokens, cache=None, lengths=None, moe_impl: MoeImpl = "sparse"):
+        return forward(self.pure_params(), tokens, cache, self.config, lengths, moe_impl)

@@ -1,0 +1,71 @@
+"""The mixture of experts: a top-k router and clamped-SwiGLU experts.
+
+Router: `logits = x W_r + b_r`, keep the top-k, softmax over those k only. Expert e:
+`gu = x W1[e] + b1[e]`, gate = gu[..., 0::2], up = gu[..., 1::2] (interleaved), gate clamped above and up
+on both sides at `swiglu_limit`, `glu = gate * sigmoid(alpha * gate)`, `y = ((up + 1) * glu) W2[e] + b2[e]`.
+
+Two paths that must agree: `moe_dense` runs every expert on every token (the readable reference), and
+`moe_sparse` (the default) sorts token-expert pairs by expert and runs only the selected experts with
+`jax.lax.ragged_dot`, so its FLOPs and weight reads scale with k, not with the number of experts.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jaxtyping import Array, Float, Int
+
+from gptoss_mla_jax.config import GptOssConfig
+
+Params = dict[str, Any]
+
+
+def route(
+    p: Params, x: Float[Array, "N D"], config: GptOssConfig
+) -> tuple[Float[Array, "N k"], Int[Array, "N k"]]:
+    """Top-k expert indices per token and their weights (softmax over the k chosen logits)."""
+    logits = x @ p["router"]["kernel"] + p["router"]["bias"]
+    top_logits, top_idx = jax.lax.top_k(logits, config.num_experts_per_tok)
+    return jax.nn.softmax(top_logits.astype(jnp.float32), axis=-1), top_idx
+
+
+def swiglu(gate_up: Float[Array, "... F2"], config: GptOssConfig) -> Float[Array, "... F"]:
+    gate, up = gate_up[..., 0::2], gate_up[..., 1::2]
+    gate = jnp.minimum(gate, config.swiglu_limit)
+    up = jnp.clip(up, -config.swiglu_limit, config.swiglu_limit)
+    return (up + 1) * (gate * jax.nn.sigmoid(gate * config.swiglu_alpha))
+
+
+def moe_dense(p: Params, x: Float[Array, "B T D"], config: GptOssConfig) -> Float[Array, "B T D"]:
+    """Reference: every expert on every token, combined with the (mostly zero) routing weights."""
+    flat = x.reshape(-1, x.shape[-1])
+    weights, idx = route(p, flat, config)
+    e = p["experts"]
+    combine = jnp.zeros((flat.shape[0], config.num_local_experts), jnp.float32)
+    combine = combine.at[jnp.arange(flat.shape[0])[:, None], idx].set(weights)
+    h = swiglu(jnp.einsum("nd,edf->nef", flat, e["gate_up_proj"]) + e["gate_up_proj_bias"], config)
+    y = jnp.einsum("nef,efd->ned", h, e["down_proj"]) + e["down_proj_bias"]
+    out = jnp.einsum("ne,ned->nd", combine.astype(y.dtype), y, preferred_element_type=jnp.float32)
+    return out.astype(x.dtype).reshape(x.shape)
+
+
+def moe_sparse(p: Params, x: Float[Array, "B T D"], config: GptOssConfig) -> Float[Array, "B T D"]:
+    """Only the selected experts: token-expert pairs grouped by expert and multiplied with ragged_dot."""
+    flat = x.reshape(-1, x.shape[-1])
+    n, k = flat.shape[0], config.num_experts_per_tok
+    weights, idx = route(p, flat, config)
+    expert = idx.reshape(-1)
+    order = jnp.argsort(expert, stable=True)
+    sorted_expert = expert[order]
+    rows = flat[order // k]
+    group_sizes = jnp.bincount(expert, length=config.num_local_experts).astype(jnp.int32)
+    e = p["experts"]
+    gate_up = jax.lax.ragged_dot(rows, e["gate_up_proj"], group_sizes) + e["gate_up_proj_bias"][sorted_expert]
+    y = jax.lax.ragged_dot(swiglu(gate_up, config), e["down_proj"], group_sizes)
+    y = y + e["down_proj_bias"][sorted_expert]
+    # Undo the sort, weight each expert's output and sum over the k experts of each token.
+    y = jnp.zeros_like(y).at[order].set(y).reshape(n, k, -1)
+    out = jnp.einsum("nk,nkd->nd", weights.astype(y.dtype), y, preferred_element_type=jnp.float32)
+    return out.astype(x.dtype).reshape(x.shape)

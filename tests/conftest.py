@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny transformers gpt-oss models with random weights, saved with save_pretrained."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+
+import jax
+import pytest
+
+# float32 parity needs full-precision matmuls (the default may use bf16 passes on accelerators).
+jax.config.update("jax_default_matmul_precision", "highest")
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+TINY = dict(
+    vocab_size=97,
+    hidden_size=32,
+    intermediate_size=24,
+    num_hidden_layers=4,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=8,
+    num_local_experts=4,
+    num_experts_per_tok=2,
+    sliding_window=4,
+    max_position_embeddings=256,
+)
+
+
+def randomize_(model, seed: int) -> None:
+    """Overwrite every parameter with random values large enough to matter: nonzero biases and sinks,
+    norm weights away from one, expert activations that reach the SwiGLU clamps."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            if "norm" in name:
+                value = 1 + 0.2 * noise
+            elif "sinks" in name:
+                value = noise
+            elif "experts" in name:
+                value = 0.5 * noise
+            elif "embed" in name:
+                value = noise
+            else:
+                value = 0.25 * noise
+            p.copy_(value.to(p.dtype))
+
+
+def make_hf_model(folder, seed: int = 0, max_shard_size=None, **overrides):
+    """A random GptOssForCausalLM (eager attention, float32) saved to `folder`; returns the torch model."""
+    config = transformers.GptOssConfig(**{**TINY, **overrides}, attn_implementation="eager")
+    torch.manual_seed(seed)
+    model = transformers.GptOssForCausalLM(config).eval()
+    randomize_(model, seed)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(folder, **kwargs)
+    return model
+
+
+def hf_logits(model, tokens) -> "torch.Tensor":
+    with torch.no_grad():
+        return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
+
+
+@pytest.fixture(scope="session")
+def tiny_hf(tmp_path_factory):
+    """(torch model, folder) of the default tiny config, shared by the whole session."""
+    folder = tmp_path_factory.mktemp("tiny_hf")
+    return make_hf_model(folder), str(folder)

@@ -1,0 +1,40 @@
+"""Where each parameter of our pytree lives in a transformers gpt-oss checkpoint.
+
+transformers' `nn.Linear` stores `[out, in]`; we store `[in, out]` (`x @ kernel`), so linear weights are
+transposed on the way in and out. The dequantized expert tensors are already input-dimension first.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from gptoss_mla_jax.config import GptOssConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class HfTensor:
+    name: str  # tensor name in the safetensors files
+    path: tuple  # key path into our params pytree
+    transpose: bool  # stored [out, in] in the file
+
+
+def hf_tensors(config: GptOssConfig) -> list[HfTensor]:
+    out = [HfTensor("model.embed_tokens.weight", ("embed_tokens",), False)]
+    out.append(HfTensor("model.norm.weight", ("norm",), False))
+    if not config.tie_word_embeddings:
+        out.append(HfTensor("lm_head.weight", ("lm_head",), True))
+    for i in range(config.num_hidden_layers):
+        pre, layer = f"model.layers.{i}.", ("layers", i)
+        out += [
+            HfTensor(pre + "input_layernorm.weight", (*layer, "input_layernorm"), False),
+            HfTensor(pre + "post_attention_layernorm.weight", (*layer, "post_attention_layernorm"), False),
+            HfTensor(pre + "self_attn.sinks", (*layer, "self_attn", "sinks"), False),
+        ]
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            out.append(HfTensor(f"{pre}self_attn.{proj}.weight", (*layer, "self_attn", proj, "kernel"), True))
+            out.append(HfTensor(f"{pre}self_attn.{proj}.bias", (*layer, "self_attn", proj, "bias"), False))
+        out.append(HfTensor(pre + "mlp.router.weight", (*layer, "mlp", "router", "kernel"), True))
+        out.append(HfTensor(pre + "mlp.router.bias", (*layer, "mlp", "router", "bias"), False))
+        for name in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"):
+            out.append(HfTensor(f"{pre}mlp.experts.{name}", (*layer, "mlp", "experts", name), False))
+    return out
