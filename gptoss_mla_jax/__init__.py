@@ -1,0 +1,18 @@
+"""gpt-oss in JAX / Flax NNX, with grouped-query attention convertible to Multi-head Latent Attention."""
+
+from gptoss_mla_jax.cache import init_cache
+from gptoss_mla_jax.config import GPT_OSS_20B, GPT_OSS_120B, GptOssConfig
+from gptoss_mla_jax.generate import generate
+from gptoss_mla_jax.model import GptOss, forward, forward_jit, init_params
+
+__all__ = [
+    "GPT_OSS_20B",
+    "GPT_OSS_120B",
+    "GptOss",
+    "GptOssConfig",
+    "forward",
+    "forward_jit",
+    "generate",
+    "init_cache",
+    "init_params",
+]

@@ -107,7 +107,7 @@ def check_params(params: Params, config: GptOssConfig) -> None:
 
 def check_tokens(tokens, config: GptOssConfig) -> None:
     """Eager range check of concrete token ids (under `jit` they are tracers; the embedding lookup then
-    turns out-of-range ids into NaN instead of silently clamping them)."""
+    turns out-of-range ids into NaN, which poisons that sequence's logits instead of silently clamping)."""
     if isinstance(tokens, jax.core.Tracer):
         return
     ids = np.asarray(tokens)
@@ -173,6 +173,10 @@ def forward(
     overflow = new_lengths > kv_cache.cache_max_len(cache, config)
     logits = jnp.where(overflow[:, None, None], jnp.nan, logits)
     return logits, {"lengths": new_lengths, "layers": new_layers}
+
+
+forward_jit = jax.jit(forward, static_argnames=("config", "moe_impl"))
+forward_jit.__doc__ = "`forward` under `jax.jit` (config and moe_impl static)."
 
 
 # ---- NNX shell -----------------------------------------------------------------------------------------

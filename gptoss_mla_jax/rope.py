@@ -17,9 +17,14 @@ from gptoss_mla_jax.config import GptOssConfig
 
 
 def inv_freq(config: GptOssConfig) -> np.ndarray:
-    """Per-pair inverse frequencies [head_dim // 2], float32, computed like transformers (float32 ops)."""
+    """Per-pair inverse frequencies [head_dim // 2], float32, following transformers' float32 formula.
+
+    `theta ** (2i / dim)` is evaluated in float64 and rounded once (correctly rounded); torch's float32
+    pow can be 1 ulp off that, which is the only difference from transformers' table.
+    """
     rope, dim = config.rope, config.head_dim
-    pos_freqs = np.float32(rope.theta) ** (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim))
+    exponent = (np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)).astype(np.float64)
+    pos_freqs = (np.float64(rope.theta) ** exponent).astype(np.float32)
     extrapolation = (1.0 / pos_freqs).astype(np.float32)
     if rope.rope_type == "default":
         return extrapolation

@@ -1,0 +1,103 @@
+"""Bad input gets an error that says what is wrong, never silent garbage."""
+
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+from gptoss_mla_jax import forward, generate, init_cache
+from weights.safetensors_io import CheckpointError, load_hf
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_hf):
+    return load_hf(tiny_hf[1], progress=False)
+
+
+def test_token_ids_outside_vocab(tiny):
+    config, params = tiny
+    with pytest.raises(ValueError, match=r"token id 97 at index \(0, 2\) is outside the vocabulary \[0, 97\)"):
+        forward(params, jnp.array([[1, 2, 97]]), None, config)
+    with pytest.raises(ValueError, match="token id -1"):
+        generate(params, config, [[1, -1]], 3)
+    # Under jit the ids are not visible to Python: the sequence holding a bad id gets NaN logits instead
+    # of a silently clamped embedding row; the other sequences of the batch are unaffected.
+    logits, _ = jax.jit(forward, static_argnums=3)(params, jnp.array([[1, 2, 500], [1, 2, 3]]), None, config)
+    assert np.isnan(np.asarray(logits[0, 2])).all() and np.isfinite(np.asarray(logits[1])).all()
+
+
+def test_prompt_longer_than_context(tiny):
+    config, params = tiny
+    with pytest.raises(ValueError, match="exceeds the model context of 256 tokens"):
+        generate(params, config, [[1] * 250], 10)
+    with pytest.raises(ValueError, match="max_len 300 exceeds"):
+        init_cache(config, 1, 300)
+    with pytest.raises(ValueError, match="20 tokens do not fit a cache of 16 positions"):
+        forward(params, jnp.zeros((1, 20), jnp.int32), init_cache(config, 1, 16), config)
+
+
+def test_cache_overflow_under_jit_is_nan(tiny):
+    config, params = tiny
+    step = jax.jit(forward, static_argnums=3)
+    cache = init_cache(config, 1, 16, jnp.float32)
+    _, cache = step(params, jnp.zeros((1, 16), jnp.int32), cache, config)
+    logits, _ = step(params, jnp.zeros((1, 1), jnp.int32), cache, config)
+    assert np.isnan(np.asarray(logits)).all()
+
+
+def test_cache_of_wrong_shape(tiny):
+    config, params = tiny
+    tokens = jnp.zeros((2, 3), jnp.int32)
+    with pytest.raises(ValueError, match=r"cache\['lengths'\] has shape \(3,\), expected \(2,\)"):
+        forward(params, tokens, init_cache(config, 3, 16), config)
+    cache = init_cache(config, 2, 16)
+    cache["layers"][0]["k"] = cache["layers"][0]["k"][:, :2]
+    with pytest.raises(ValueError, match=r"cache\['layers'\]\[0\]\['k'\] has shape \(2, 2, 2, 8\), expected \(2, 4, 2, 8\)"):
+        forward(params, tokens, cache, config)
+    with pytest.raises(ValueError, match="cache has 3 layers"):
+        forward(params, tokens, {"lengths": jnp.zeros(2, jnp.int32), "layers": cache["layers"][:3]}, config)
+
+
+def test_params_that_do_not_match_the_config(tiny):
+    config, params = tiny
+    bad = jax.tree.map(lambda x: x, params)
+    bad["layers"][1]["self_attn"]["k_proj"]["kernel"] = jnp.zeros((32, 8))
+    with pytest.raises(ValueError, match=r"params\['layers'\]\[1\]\['self_attn'\]\['k_proj'\]\['kernel'\] has shape \(32, 8\), config expects \(32, 16\)"):
+        forward(bad, jnp.zeros((1, 2), jnp.int32), None, config)
+    with pytest.raises(ValueError, match="params have 3 layers, config says 4"):
+        forward({**params, "layers": params["layers"][:3]}, jnp.zeros((1, 2), jnp.int32), None, config)
+
+
+def _copy(tiny_hf, tmp_path):
+    folder = tmp_path / "ckpt"
+    shutil.copytree(tiny_hf[1], folder)
+    return folder
+
+
+def test_checkpoint_config_mismatch(tiny_hf, tmp_path):
+    folder = _copy(tiny_hf, tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["num_key_value_heads"] = 1
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"model.safetensors: tensor model.layers.0.self_attn.k_proj.weight has shape \(16, 32\), config.json implies \(8, 32\)"):
+        load_hf(str(folder), progress=False)
+    cfg.update(num_key_value_heads=2, num_hidden_layers=2, layer_types=cfg["layer_types"][:2])
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="does not account for.*num_hidden_layers=2"):
+        load_hf(str(folder), progress=False)
+
+
+def test_checkpoint_missing_tensor_or_file(tiny_hf, tmp_path):
+    folder = _copy(tiny_hf, tmp_path)
+    tensors = load_file(folder / "model.safetensors")
+    del tensors["model.layers.2.mlp.router.bias"]
+    save_file(tensors, folder / "model.safetensors")
+    with pytest.raises(CheckpointError, match="missing from the checkpoint: \\['model.layers.2.mlp.router.bias'\\]"):
+        load_hf(str(folder), progress=False)
+    (folder / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="neither model.safetensors.index.json nor model.safetensors"):
+        load_hf(str(folder), progress=False)

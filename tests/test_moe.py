@@ -1,0 +1,66 @@
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from gptoss_mla_jax.moe import moe_dense, moe_sparse, route, swiglu
+from weights.safetensors_io import load_hf
+
+
+def test_sparse_equals_dense_and_transformers(tiny_hf):
+    model, folder = tiny_hf
+    config, params = load_hf(folder, progress=False)
+    x = np.random.default_rng(0).standard_normal((3, 7, config.hidden_size)).astype(np.float32) * 2
+    for layer in range(config.num_hidden_layers):
+        p = params["layers"][layer]["mlp"]
+        sparse = np.asarray(moe_sparse(p, jnp.asarray(x), config))
+        dense = np.asarray(moe_dense(p, jnp.asarray(x), config))
+        np.testing.assert_allclose(sparse, dense, atol=1e-5, rtol=0)
+        with torch.no_grad():
+            want = model.model.layers[layer].mlp(torch.from_numpy(x))[0].numpy()
+        # Outputs reach ~40 here; float32 sums of that size carry ~1e-5 of rounding.
+        np.testing.assert_allclose(sparse, want, atol=1e-5, rtol=1e-5)
+
+
+def test_clamps_are_exercised(tiny_hf):
+    # The parity inputs must reach the SwiGLU limit, or the clamps would go untested.
+    _, folder = tiny_hf
+    config, params = load_hf(folder, progress=False)
+    e = params["layers"][0]["mlp"]["experts"]
+    x = jnp.asarray(np.random.default_rng(0).standard_normal((64, config.hidden_size)), jnp.float32)
+    gate_up = jnp.einsum("nd,edf->nef", x, e["gate_up_proj"])
+    assert (gate_up[..., 0::2] > config.swiglu_limit).any() and (gate_up[..., 1::2] < -config.swiglu_limit).any()
+
+
+def test_router_topk_softmax(tiny_hf):
+    _, folder = tiny_hf
+    config, params = load_hf(folder, progress=False)
+    x = jnp.asarray(np.random.default_rng(2).standard_normal((10, config.hidden_size)), jnp.float32)
+    weights, idx = route(params["layers"][1]["mlp"], x, config)
+    np.testing.assert_allclose(np.asarray(weights.sum(-1)), 1.0, rtol=1e-6)
+    logits = x @ params["layers"][1]["mlp"]["router"]["kernel"] + params["layers"][1]["mlp"]["router"]["bias"]
+    np.testing.assert_array_equal(np.asarray(idx), np.argsort(-np.asarray(logits), -1)[:, : config.num_experts_per_tok])
+
+
+def test_sparse_path_only_touches_selected_experts(tiny_hf):
+    """Gradients of the sparse path reach only the experts the router chose."""
+    _, folder = tiny_hf
+    config, params = load_hf(folder, progress=False)
+    p = params["layers"][0]["mlp"]
+    x = jnp.asarray(np.random.default_rng(3).standard_normal((1, 1, config.hidden_size)), jnp.float32)
+    grads = jax.grad(lambda e: moe_sparse({**p, "experts": e}, x, config).sum())(p["experts"])
+    _, idx = route(p, x.reshape(1, -1), config)
+    touched = np.flatnonzero(np.abs(np.asarray(grads["down_proj"])).sum((1, 2)))
+    np.testing.assert_array_equal(touched, np.sort(np.asarray(idx[0])))
+
+
+def test_swiglu_formula():
+    from gptoss_mla_jax.generate import DEMO_CONFIG as config
+
+    gate = np.array([-9.0, 0.5, 9.0], np.float32)
+    up = np.array([-9.0, 0.25, 9.0], np.float32)
+    gate_up = np.stack([gate, up], -1).reshape(-1)  # interleaved: gate at even, up at odd
+    got = np.asarray(swiglu(jnp.asarray(gate_up), config))
+    g = np.minimum(gate, 7.0)
+    u = np.clip(up, -7.0, 7.0)
+    np.testing.assert_allclose(got, (u + 1) * g / (1 + np.exp(-1.702 * g)), rtol=1e-6)
