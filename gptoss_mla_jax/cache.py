@@ -80,7 +80,12 @@ def cached_positions(
 
 
 def write(
-    entry: Array, new: Array, positions: Int[Array, "B T"], valid: Bool[Array, "B T"], new_lengths, sliding: bool
+    entry: Array,
+    new: Array,
+    positions: Int[Array, "B T"],
+    valid: Bool[Array, "B T"],
+    new_lengths,
+    sliding: bool,
 ) -> Array:
     """Scatter the chunk's rows into the layer's slots; padding (and, for a ring, rows that the chunk
     itself overwrites) go to an out-of-range index and are dropped, so no slot is written twice."""

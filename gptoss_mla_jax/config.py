@@ -61,9 +61,13 @@ class RopeParams:
         theta = rope.pop("rope_theta", theta)
         if theta is None:
             raise ConfigError("config.json: rope_theta is missing")
-        if rope_type == "yarn" and (rope.get("factor") is None or "original_max_position_embeddings" not in rope):
+        if rope_type == "yarn" and (
+            rope.get("factor") is None or "original_max_position_embeddings" not in rope
+        ):
             raise ConfigError("config.json: yarn rope needs factor and original_max_position_embeddings")
-        fields = {f.name: rope.get(f.name) for f in dataclasses.fields(cls) if f.name not in ("rope_type", "theta")}
+        fields = {
+            f.name: rope.get(f.name) for f in dataclasses.fields(cls) if f.name not in ("rope_type", "theta")
+        }
         return cls(rope_type=rope_type, theta=theta, **fields)
 
     def to_hf(self, with_theta: bool) -> dict[str, Any]:
@@ -170,7 +174,9 @@ class GptOssConfig:
         if model_type != "gpt_oss":
             raise ConfigError(f"config.json: model_type {model_type!r} is not gpt_oss")
         if hf.get("attention_bias", True) is not True:
-            raise ConfigError("config.json: attention_bias=false is not supported (gpt-oss has q/k/v/o biases)")
+            raise ConfigError(
+                "config.json: attention_bias=false is not supported (gpt-oss has q/k/v/o biases)"
+            )
         if hf.get("hidden_act", "silu") != "silu":
             raise ConfigError(f"config.json: hidden_act {hf['hidden_act']!r} is not supported")
         kwargs = {name: hf.pop(name) for name in _TYPED_FIELDS if name in hf}
@@ -208,7 +214,9 @@ class GptOssConfig:
         if self.rope_key == "rope_parameters":
             out["rope_parameters"] = self.rope.to_hf(with_theta=True)
         else:
-            out["rope_scaling"] = self.rope.to_hf(with_theta=False) if self.rope.rope_type != "default" else None
+            out["rope_scaling"] = (
+                self.rope.to_hf(with_theta=False) if self.rope.rope_type != "default" else None
+            )
             out["rope_theta"] = self.rope.theta
         return out
 
@@ -232,7 +240,8 @@ GPT_OSS_20B = GptOssConfig(
     num_hidden_layers=24,
     num_local_experts=32,
     hf_extra=json.dumps(
-        {"architectures": ["GptOssForCausalLM"], "eos_token_id": 200002, "pad_token_id": 199999}, sort_keys=True
+        {"architectures": ["GptOssForCausalLM"], "eos_token_id": 200002, "pad_token_id": 199999},
+        sort_keys=True,
     ),
 )
 GPT_OSS_120B = dataclasses.replace(GPT_OSS_20B, num_hidden_layers=36, num_local_experts=128, layer_types=())

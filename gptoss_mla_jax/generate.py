@@ -1,13 +1,14 @@
 """Batched generation with a KV cache: one prefill, then a jitted decode step with the cache donated.
 
-    python -m gptoss_mla_jax.generate                       # embedded tiny random model, no download
-    python -m gptoss_mla_jax.generate --model DIR --prompt "Hello"   # a transformers checkpoint folder
+python -m gptoss_mla_jax.generate                       # embedded tiny random model, no download
+python -m gptoss_mla_jax.generate --model DIR --prompt "Hello"   # a transformers checkpoint folder
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import time
 from collections.abc import Sequence
 
@@ -125,7 +126,9 @@ DEMO_CONFIG = GptOssConfig(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model", help="transformers checkpoint folder (default: a tiny random demo model)")
     parser.add_argument("--prompt", action="append", help="prompt text (needs tokenizer.json in --model)")
     parser.add_argument("--prompt-ids", action="append", help="comma-separated token ids (repeatable)")
@@ -149,8 +152,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         config = DEMO_CONFIG
         params = init_params(config, jax.random.key(args.seed), dtype)
-        print(f"demo: random gpt-oss-shaped model ({config.num_hidden_layers} layers, sliding window "
-              f"{config.sliding_window}, {config.num_local_experts} experts) - no download needed")
+        print(
+            f"demo: random gpt-oss-shaped model ({config.num_hidden_layers} layers, sliding window "
+            f"{config.sliding_window}, {config.num_local_experts} experts) - no download needed"
+        )
     if tokenizer is not None:
         prompts = [tokenizer.encode(p).ids for p in args.prompt]
     elif args.prompt_ids:
@@ -164,19 +169,31 @@ def main(argv: Sequence[str] | None = None) -> None:
     eos = json_eos(config)
     generate(params, config, prompts, 2, temperature=args.temperature, top_k=args.top_k)  # compile
     t0 = time.perf_counter()
-    outs = generate(params, config, prompts, args.max_new_tokens, temperature=args.temperature,
-                    top_k=args.top_k, seed=args.seed, eos_id=eos)
+    outs = generate(
+        params,
+        config,
+        prompts,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        seed=args.seed,
+        eos_id=eos,
+    )
     dt = time.perf_counter() - t0
     n = sum(len(o) for o in outs)
     for prompt, out in zip(prompts, outs, strict=True):
         shown = tokenizer.decode(out) if tokenizer else out
         print(f"prompt ({len(prompt)} tokens) -> {shown}")
-    print(f"{n} tokens in {dt:.2f} s ({n / dt:.1f} tokens/s, batch {len(prompts)}, {jax.devices()[0].platform})")
+    print(
+        f"{n} tokens in {dt:.2f} s ({n / dt:.1f} tokens/s, batch {len(prompts)}, {jax.devices()[0].platform})"
+    )
     if args.temperature == 0:
         # The cached decode must agree with recomputing every sequence from scratch without a cache.
         agree = all(
             np.array_equal(
-                np.argmax(np.asarray(forward(params, jnp.asarray([p + o[:-1]]), None, config)[0][0]), -1)[len(p) - 1 :],
+                np.argmax(np.asarray(forward(params, jnp.asarray([p + o[:-1]]), None, config)[0][0]), -1)[
+                    len(p) - 1 :
+                ],
                 o,
             )
             for p, o in zip(prompts, outs, strict=True)
@@ -185,8 +202,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 def json_eos(config: GptOssConfig) -> int | None:
-    import json
-
+    """The first end-of-sequence id recorded in config.json, if any."""
     eos = json.loads(config.hf_extra).get("eos_token_id")
     return eos[0] if isinstance(eos, list) else eos
 

@@ -35,7 +35,12 @@ MoeImpl = Literal["sparse", "dense"]
 def param_shapes(config: GptOssConfig) -> Params:
     """The shape of every parameter, as a pytree with the same structure as the params."""
     D, V, d = config.hidden_size, config.vocab_size, config.head_dim
-    H, G, E, I = config.num_attention_heads, config.num_key_value_heads, config.num_local_experts, config.intermediate_size
+    H, G, E, I = (
+        config.num_attention_heads,
+        config.num_key_value_heads,
+        config.num_local_experts,
+        config.intermediate_size,
+    )
     linear = lambda n_in, n_out: {"kernel": (n_in, n_out), "bias": (n_out,)}
     layer = {
         "input_layernorm": (D,),
@@ -161,7 +166,16 @@ def forward(
         layer_cache = cache["layers"][i] if cache is not None else None
         h = rms_norm(x, layer["input_layernorm"], config.rms_norm_eps)
         a, layer_cache = attention(
-            layer["self_attn"], h, positions, valid, cos, sin, layer_cache, start, config.is_sliding(i), config
+            layer["self_attn"],
+            h,
+            positions,
+            valid,
+            cos,
+            sin,
+            layer_cache,
+            start,
+            config.is_sliding(i),
+            config,
         )
         x = x + a
         x = x + moe(layer["mlp"], rms_norm(x, layer["post_attention_layernorm"], config.rms_norm_eps), config)

@@ -43,7 +43,9 @@ def inv_freq(config: GptOssConfig) -> np.ndarray:
         high += 0.001  # transformers' guard against a zero-width ramp
     ramp = np.clip((np.arange(dim // 2, dtype=np.float32) - low) / (high - low), 0, 1).astype(np.float32)
     extrapolation_factor = (1 - ramp).astype(np.float32)
-    return (interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor).astype(np.float32)
+    return (interpolation * (1 - extrapolation_factor) + extrapolation * extrapolation_factor).astype(
+        np.float32
+    )
 
 
 def cos_sin(

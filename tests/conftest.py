@@ -61,7 +61,7 @@ def make_hf_model(folder, seed: int = 0, max_shard_size=None, **overrides):
     return model
 
 
-def hf_logits(model, tokens) -> "torch.Tensor":
+def hf_logits(model, tokens) -> torch.Tensor:
     with torch.no_grad():
         return model(torch.as_tensor(tokens, dtype=torch.long)).logits.float().numpy()
 

@@ -29,7 +29,12 @@ PUBLISHED_20B = {
     "output_router_logits": False,
     "pad_token_id": 199999,
     "quantization_config": {
-        "modules_to_not_convert": ["model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"],
+        "modules_to_not_convert": [
+            "model.layers.*.self_attn",
+            "model.layers.*.mlp.router",
+            "model.embed_tokens",
+            "lm_head",
+        ],
         "quant_method": "mxfp4",
     },
     "rms_norm_eps": 1e-05,
@@ -84,7 +89,10 @@ def test_presets_match_transformers(preset):
 
 
 def test_truncate_defaults_to_true_when_absent():
-    hf = dict(PUBLISHED_20B, rope_scaling={k: v for k, v in PUBLISHED_20B["rope_scaling"].items() if k != "truncate"})
+    hf = dict(
+        PUBLISHED_20B,
+        rope_scaling={k: v for k, v in PUBLISHED_20B["rope_scaling"].items() if k != "truncate"},
+    )
     config = GptOssConfig.from_hf(hf)
     assert config.rope.truncate is None and config.rope.yarn_truncate is True
     assert "truncate" not in config.to_hf()["rope_scaling"]
@@ -109,5 +117,5 @@ def test_unsupported_config_names_the_field(change, field):
 
 
 def test_missing_config_file(tmp_path):
-    with pytest.raises(FileNotFoundError, match="config.json"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json"):
         GptOssConfig.from_hf(tmp_path)

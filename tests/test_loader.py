@@ -18,7 +18,8 @@ def test_sharded_equals_single_file(tiny_hf, tmp_path):
     # One layer's tensors straddle two shards.
     layer0 = {f for name, f in index["weight_map"].items() if name.startswith("model.layers.0.")}
     assert len(layer0) >= 2 or any(
-        len({f for n, f in index["weight_map"].items() if n.startswith(f"model.layers.{i}.")}) >= 2 for i in range(4)
+        len({f for n, f in index["weight_map"].items() if n.startswith(f"model.layers.{i}.")}) >= 2
+        for i in range(4)
     )
     assert set(tensor_files(str(sharded))) == set(tensor_files(single))
     c1, p1 = load_hf(single, progress=False)
@@ -29,10 +30,16 @@ def test_sharded_equals_single_file(tiny_hf, tmp_path):
 
 def test_layout_and_dtype(tmp_path):
     model = make_hf_model(tmp_path, seed=3)
-    config, params = load_hf(str(tmp_path), dtype=np.float32, progress=False)
+    _, params = load_hf(str(tmp_path), dtype=np.float32, progress=False)
     sd = {k: v.numpy() for k, v in model.state_dict().items()}
-    np.testing.assert_array_equal(np.asarray(params["layers"][2]["self_attn"]["q_proj"]["kernel"]), sd["model.layers.2.self_attn.q_proj.weight"].T)
+    np.testing.assert_array_equal(
+        np.asarray(params["layers"][2]["self_attn"]["q_proj"]["kernel"]),
+        sd["model.layers.2.self_attn.q_proj.weight"].T,
+    )
     np.testing.assert_array_equal(np.asarray(params["lm_head"]), sd["lm_head.weight"].T)
-    np.testing.assert_array_equal(np.asarray(params["layers"][3]["mlp"]["experts"]["down_proj"]), sd["model.layers.3.mlp.experts.down_proj"])
+    np.testing.assert_array_equal(
+        np.asarray(params["layers"][3]["mlp"]["experts"]["down_proj"]),
+        sd["model.layers.3.mlp.experts.down_proj"],
+    )
     _, bf16 = load_hf(str(tmp_path), dtype="bfloat16", progress=False)
     assert {x.dtype.name for x in jax.tree.leaves(bf16)} == {"bfloat16"}

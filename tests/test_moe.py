@@ -29,7 +29,9 @@ def test_clamps_are_exercised(tiny_hf):
     e = params["layers"][0]["mlp"]["experts"]
     x = jnp.asarray(np.random.default_rng(0).standard_normal((64, config.hidden_size)), jnp.float32)
     gate_up = jnp.einsum("nd,edf->nef", x, e["gate_up_proj"])
-    assert (gate_up[..., 0::2] > config.swiglu_limit).any() and (gate_up[..., 1::2] < -config.swiglu_limit).any()
+    assert (gate_up[..., 0::2] > config.swiglu_limit).any() and (
+        gate_up[..., 1::2] < -config.swiglu_limit
+    ).any()
 
 
 def test_router_topk_softmax(tiny_hf):
@@ -39,7 +41,9 @@ def test_router_topk_softmax(tiny_hf):
     weights, idx = route(params["layers"][1]["mlp"], x, config)
     np.testing.assert_allclose(np.asarray(weights.sum(-1)), 1.0, rtol=1e-6)
     logits = x @ params["layers"][1]["mlp"]["router"]["kernel"] + params["layers"][1]["mlp"]["router"]["bias"]
-    np.testing.assert_array_equal(np.asarray(idx), np.argsort(-np.asarray(logits), -1)[:, : config.num_experts_per_tok])
+    np.testing.assert_array_equal(
+        np.asarray(idx), np.argsort(-np.asarray(logits), -1)[:, : config.num_experts_per_tok]
+    )
 
 
 def test_sparse_path_only_touches_selected_experts(tiny_hf):

@@ -45,7 +45,9 @@ def test_nnx_shell_is_the_pure_function():
     model = GptOss.random(DEMO_CONFIG, nnx.Rngs(params=0), jnp.float32)
     tokens = jnp.arange(12).reshape(2, 6)
     params = model.pure_params()
-    np.testing.assert_array_equal(np.asarray(model(tokens)[0]), np.asarray(forward(params, tokens, None, DEMO_CONFIG)[0]))
+    np.testing.assert_array_equal(
+        np.asarray(model(tokens)[0]), np.asarray(forward(params, tokens, None, DEMO_CONFIG)[0])
+    )
     graphdef, state = nnx.split(model)
     merged = nnx.merge(graphdef, state)
     np.testing.assert_array_equal(np.asarray(merged(tokens)[0]), np.asarray(model(tokens)[0]))

@@ -58,4 +58,6 @@ def test_apply_rope_matches_transformers():
     np.testing.assert_allclose(np.asarray(ours), want, atol=1e-6)
     # A rotation scaled by mscale: every pair's norm grows by exactly mscale.
     pair_norm = lambda a: np.hypot(a[..., :32], a[..., 32:])
-    np.testing.assert_allclose(pair_norm(np.asarray(ours)), pair_norm(x) * GPT_OSS_20B.yarn_attention_scale(), rtol=1e-5)
+    np.testing.assert_allclose(
+        pair_norm(np.asarray(ours)), pair_norm(x) * GPT_OSS_20B.yarn_attention_scale(), rtol=1e-5
+    )

@@ -13,7 +13,6 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
@@ -66,8 +65,8 @@ def load_hf(folder: str, dtype=None, progress: bool = True) -> tuple[GptOssConfi
     unexpected = sorted(set(files) - {t.name for t in wanted})
     if any(n.endswith(("_blocks", "_scales")) for n in unexpected):
         raise CheckpointError(
-            f"{folder}: MXFP4-quantized expert tensors ({unexpected[0]}, ...) are not readable by this loader; "
-            "save the model dequantized"
+            f"{folder}: MXFP4-quantized expert tensors ({unexpected[0]}, ...) are not readable by this "
+            "loader; save the model dequantized"
         )
     if unexpected:
         raise CheckpointError(
@@ -80,7 +79,9 @@ def load_hf(folder: str, dtype=None, progress: bool = True) -> tuple[GptOssConfi
     params = jax.tree.map(lambda _: None, shapes, is_leaf=is_shape)
     handles: dict[str, Any] = {}
     try:
-        for t in tqdm(wanted, desc=f"loading {os.path.basename(os.path.normpath(folder))}", disable=not progress):
+        for t in tqdm(
+            wanted, desc=f"loading {os.path.basename(os.path.normpath(folder))}", disable=not progress
+        ):
             file = files[t.name]
             if file not in handles:
                 handles[file] = safe_open(file, "np").__enter__()
@@ -90,8 +91,8 @@ def load_hf(folder: str, dtype=None, progress: bool = True) -> tuple[GptOssConfi
             expected = _lookup(shapes, t.path)
             if array.shape != expected:
                 raise CheckpointError(
-                    f"{os.path.basename(file)}: tensor {t.name} has shape {_file_shape(array, t)}, config.json "
-                    f"implies {_file_shape(np.empty(expected), t)}"
+                    f"{os.path.basename(file)}: tensor {t.name} has shape {_file_shape(array.shape, t)}, "
+                    f"config.json implies {_file_shape(expected, t)}"
                 )
             _set(params, t.path, jnp.asarray(array, dtype=dtype or array.dtype))
     finally:
@@ -106,5 +107,6 @@ def _lookup(tree, path):
     return tree
 
 
-def _file_shape(array, t) -> tuple:
-    return tuple(array.T.shape if t.transpose else array.shape)
+def _file_shape(shape: tuple, t) -> tuple:
+    """A shape as the file stores it (linear weights are [out, in] there)."""
+    return tuple(shape[::-1] if t.transpose else shape)
