@@ -9,6 +9,10 @@ Params pytree (weights stored input-dimension first, `x @ kernel`):
                  "mlp": {"router": {"kernel": [D, E], "bias": [E]},
                          "experts": {"gate_up_proj": [E, D, 2I], "gate_up_proj_bias": [E, 2I],
                                      "down_proj": [E, I, D], "down_proj_bias": [E, D]}}}, ...]}
+
+Experts may instead be held packed in MXFP4 exactly as checkpoints store them: `gate_up_proj_blocks`
+uint8 [E, 2I, D/32, 16] and `gate_up_proj_scales` uint8 [E, 2I, D/32] in place of `gate_up_proj`, and
+likewise for `down_proj` ([E, D, I/32, ...]); see `ExpertFormat`.
 """
 
 from __future__ import annotations
@@ -30,17 +34,35 @@ from gptoss_mla_jax.rope import cos_sin
 
 Params = dict[str, Any]
 MoeImpl = Literal["sparse", "dense"]
+ExpertFormat = Literal["dense", "mxfp4"]
 
 
-def param_shapes(config: GptOssConfig) -> Params:
+def expert_shapes(config: GptOssConfig, experts: ExpertFormat) -> dict[str, tuple[int, ...]]:
+    D, E, I = config.hidden_size, config.num_local_experts, config.intermediate_size
+    biases = {"gate_up_proj_bias": (E, 2 * I), "down_proj_bias": (E, D)}
+    if experts == "dense":
+        return {"gate_up_proj": (E, D, 2 * I), "down_proj": (E, I, D), **biases}
+    for name, n_in in (("hidden_size", D), ("intermediate_size", I)):
+        if n_in % 32:
+            raise ValueError(f"MXFP4 experts need {name} to be a multiple of 32, got {n_in}")
+    return {
+        "gate_up_proj_blocks": (E, 2 * I, D // 32, 16),
+        "gate_up_proj_scales": (E, 2 * I, D // 32),
+        "down_proj_blocks": (E, D, I // 32, 16),
+        "down_proj_scales": (E, D, I // 32),
+        **biases,
+    }
+
+
+def expert_format(params: Params) -> ExpertFormat:
+    experts = params["layers"][0]["mlp"]["experts"] if params.get("layers") else {}
+    return "mxfp4" if "gate_up_proj_blocks" in experts else "dense"
+
+
+def param_shapes(config: GptOssConfig, experts: ExpertFormat = "dense") -> Params:
     """The shape of every parameter, as a pytree with the same structure as the params."""
     D, V, d = config.hidden_size, config.vocab_size, config.head_dim
-    H, G, E, I = (
-        config.num_attention_heads,
-        config.num_key_value_heads,
-        config.num_local_experts,
-        config.intermediate_size,
-    )
+    H, G, E = config.num_attention_heads, config.num_key_value_heads, config.num_local_experts
     linear = lambda n_in, n_out: {"kernel": (n_in, n_out), "bias": (n_out,)}
     layer = {
         "input_layernorm": (D,),
@@ -54,12 +76,7 @@ def param_shapes(config: GptOssConfig) -> Params:
         },
         "mlp": {
             "router": linear(D, E),
-            "experts": {
-                "gate_up_proj": (E, D, 2 * I),
-                "gate_up_proj_bias": (E, 2 * I),
-                "down_proj": (E, I, D),
-                "down_proj_bias": (E, D),
-            },
+            "experts": expert_shapes(config, experts),
         },
     }
     shapes = {"embed_tokens": (V, D), "norm": (D,), "layers": [layer] * config.num_hidden_layers}
@@ -92,7 +109,7 @@ def init_params(config: GptOssConfig, key: Array, dtype=jnp.bfloat16) -> Params:
 
 def check_params(params: Params, config: GptOssConfig) -> None:
     """Raise a ValueError naming the first parameter whose presence or shape disagrees with `config`."""
-    expected = param_shapes(config)
+    expected = param_shapes(config, expert_format(params))
     if len(params.get("layers", [])) != config.num_hidden_layers:
         raise ValueError(
             f"params have {len(params.get('layers', []))} layers, config says {config.num_hidden_layers}"

@@ -4,6 +4,10 @@ Router: `logits = x W_r + b_r`, keep the top-k, softmax over those k only. Exper
 `gu = x W1[e] + b1[e]`, gate = gu[..., 0::2], up = gu[..., 1::2] (interleaved), gate clamped above and up
 on both sides at `swiglu_limit`, `glu = gate * sigmoid(alpha * gate)`, `y = ((up + 1) * glu) W2[e] + b2[e]`.
 
+Expert weights come dense (`gate_up_proj` [E, D, 2I], `down_proj` [E, I, D]) or packed in MXFP4 as the
+checkpoint stores them (`*_blocks` / `*_scales`, [E, out, in / 32, ...]), in which case they are
+dequantized inside the computation (4x less memory to hold; see `weights.mxfp4`).
+
 Two paths that must agree: `moe_dense` runs every expert on every token (the readable reference), and
 `moe_sparse` (the default) sorts token-expert pairs by expert and runs only the selected experts with
 `jax.lax.ragged_dot`, so its FLOPs and weight reads scale with k, not with the number of experts.
@@ -38,15 +42,29 @@ def swiglu(gate_up: Float[Array, "... F2"], config: GptOssConfig) -> Float[Array
     return (up + 1) * (gate * jax.nn.sigmoid(gate * config.swiglu_alpha))
 
 
+def expert_matrices(experts: Params, dtype) -> tuple[Float[Array, "E D F2"], Float[Array, "E F D"]]:
+    """(gate_up [E, D, 2I], down [E, I, D]) as dense matrices, dequantizing MXFP4-packed experts."""
+    if "gate_up_proj" in experts:
+        return experts["gate_up_proj"], experts["down_proj"]
+    from weights.mxfp4 import dequantize
+
+    def dense(name):
+        values = dequantize(experts[f"{name}_blocks"], experts[f"{name}_scales"], dtype)  # [E, out, in]
+        return values.transpose(0, 2, 1)
+
+    return dense("gate_up_proj"), dense("down_proj")
+
+
 def moe_dense(p: Params, x: Float[Array, "B T D"], config: GptOssConfig) -> Float[Array, "B T D"]:
     """Reference: every expert on every token, combined with the (mostly zero) routing weights."""
     flat = x.reshape(-1, x.shape[-1])
     weights, idx = route(p, flat, config)
     e = p["experts"]
+    w_gate_up, w_down = expert_matrices(e, x.dtype)
     combine = jnp.zeros((flat.shape[0], config.num_local_experts), jnp.float32)
     combine = combine.at[jnp.arange(flat.shape[0])[:, None], idx].set(weights)
-    h = swiglu(jnp.einsum("nd,edf->nef", flat, e["gate_up_proj"]) + e["gate_up_proj_bias"], config)
-    y = jnp.einsum("nef,efd->ned", h, e["down_proj"]) + e["down_proj_bias"]
+    h = swiglu(jnp.einsum("nd,edf->nef", flat, w_gate_up) + e["gate_up_proj_bias"], config)
+    y = jnp.einsum("nef,efd->ned", h, w_down) + e["down_proj_bias"]
     out = jnp.einsum("ne,ned->nd", combine.astype(y.dtype), y, preferred_element_type=jnp.float32)
     return out.astype(x.dtype).reshape(x.shape)
 
@@ -62,8 +80,9 @@ def moe_sparse(p: Params, x: Float[Array, "B T D"], config: GptOssConfig) -> Flo
     rows = flat[order // k]
     group_sizes = jnp.bincount(expert, length=config.num_local_experts).astype(jnp.int32)
     e = p["experts"]
-    gate_up = jax.lax.ragged_dot(rows, e["gate_up_proj"], group_sizes) + e["gate_up_proj_bias"][sorted_expert]
-    y = jax.lax.ragged_dot(swiglu(gate_up, config), e["down_proj"], group_sizes)
+    w_gate_up, w_down = expert_matrices(e, x.dtype)
+    gate_up = jax.lax.ragged_dot(rows, w_gate_up, group_sizes) + e["gate_up_proj_bias"][sorted_expert]
+    y = jax.lax.ragged_dot(swiglu(gate_up, config), w_down, group_sizes)
     y = y + e["down_proj_bias"][sorted_expert]
     # Undo the sort, weight each expert's output and sum over the k experts of each token.
     y = jnp.zeros_like(y).at[order].set(y).reshape(n, k, -1)

@@ -1,0 +1,1 @@
+"""Checkpoints: transformers safetensors folders (dense or MXFP4 experts) in and out, and Orbax."""

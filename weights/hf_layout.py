@@ -1,7 +1,8 @@
 """Where each parameter of our pytree lives in a transformers gpt-oss checkpoint.
 
 transformers' `nn.Linear` stores `[out, in]`; we store `[in, out]` (`x @ kernel`), so linear weights are
-transposed on the way in and out. The dequantized expert tensors are already input-dimension first.
+transposed on the way in and out. The dequantized expert tensors are already input-dimension first;
+MXFP4 blocks and scales keep the checkpoint's own [E, out, in/32, ...] layout.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from gptoss_mla_jax.config import GptOssConfig
+from gptoss_mla_jax.model import ExpertFormat, expert_shapes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,7 +20,8 @@ class HfTensor:
     transpose: bool  # stored [out, in] in the file
 
 
-def hf_tensors(config: GptOssConfig) -> list[HfTensor]:
+def hf_tensors(config: GptOssConfig, experts: ExpertFormat = "dense") -> list[HfTensor]:
+    """Every tensor of a checkpoint with experts stored `dense` or packed in `mxfp4`, in file order."""
     out = [HfTensor("model.embed_tokens.weight", ("embed_tokens",), False)]
     out.append(HfTensor("model.norm.weight", ("norm",), False))
     if not config.tie_word_embeddings:
@@ -35,6 +38,6 @@ def hf_tensors(config: GptOssConfig) -> list[HfTensor]:
             out.append(HfTensor(f"{pre}self_attn.{proj}.bias", (*layer, "self_attn", proj, "bias"), False))
         out.append(HfTensor(pre + "mlp.router.weight", (*layer, "mlp", "router", "kernel"), True))
         out.append(HfTensor(pre + "mlp.router.bias", (*layer, "mlp", "router", "bias"), False))
-        for name in ("gate_up_proj", "gate_up_proj_bias", "down_proj", "down_proj_bias"):
+        for name in expert_shapes(config, experts):
             out.append(HfTensor(f"{pre}mlp.experts.{name}", (*layer, "mlp", "experts", name), False))
     return out

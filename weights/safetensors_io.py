@@ -1,27 +1,43 @@
-"""Read a transformers gpt-oss checkpoint folder (config.json + one or more safetensors files).
+"""transformers gpt-oss checkpoint folders in and out: config.json + safetensors (single or sharded).
 
-Handles a single `model.safetensors` and sharded folders with `model.safetensors.index.json`, in the plain
-(dequantized) layout that `save_pretrained` writes. Tensors are read one at a time from memory-mapped
-files. Every mismatch is reported with the file, the tensor and the shapes involved.
+Reading streams: tensors are read one at a time from memory-mapped files, MXFP4 experts are dequantized
+on the accelerator (only the packed bytes cross the host), and each tensor is placed straight onto its
+target device(s) with its target sharding, so host memory never holds more than one tensor. Writing goes
+to a temporary folder that is renamed into place when complete. Every mismatch is reported with the file,
+the tensor and what was expected.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-from safetensors import safe_open
+import numpy as np
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
 from gptoss_mla_jax.config import GptOssConfig
-from gptoss_mla_jax.model import is_shape, param_shapes
-from weights.hf_layout import hf_tensors
+from gptoss_mla_jax.model import ExpertFormat, expert_format, is_shape, param_shapes
+from weights import mxfp4
+from weights.hf_layout import HfTensor, hf_tensors
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+)
+# Placement hook: (params key path, shape) -> where the tensor goes (None: the default device).
+Placement = Callable[[tuple, tuple[int, ...]], jax.sharding.Sharding | None]
 
 
 class CheckpointError(ValueError):
@@ -32,81 +48,267 @@ def tensor_files(folder: str) -> dict[str, str]:
     """Map every tensor name to the safetensors file (full path) that holds it."""
     index = os.path.join(folder, INDEX)
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f).get("weight_map")
+        try:
+            with open(index) as f:
+                weight_map = json.load(f).get("weight_map")
+        except json.JSONDecodeError as e:
+            raise CheckpointError(f"{index}: not valid JSON ({e})") from e
         if not isinstance(weight_map, dict):
             raise CheckpointError(f"{index}: no 'weight_map' object")
         files = {name: os.path.join(folder, file) for name, file in weight_map.items()}
         for file in sorted(set(files.values())):
             if not os.path.isfile(file):
-                raise CheckpointError(f"{index} names {os.path.basename(file)}, which is not in {folder}")
+                raise CheckpointError(
+                    f"{index} names shard {os.path.basename(file)}, which is not in {folder}"
+                )
         return files
     single = os.path.join(folder, SINGLE)
     if os.path.isfile(single):
-        with safe_open(single, "np") as f:
+        with _open(single) as f:
             return dict.fromkeys(f.keys(), single)
     raise CheckpointError(f"{folder}: neither {INDEX} nor {SINGLE} found")
 
 
-def _set(tree: dict, path: tuple, value) -> None:
+def _open(file: str):
+    try:
+        return safe_open(file, "np")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
+
+
+class _Reader:
+    """Lazily opened safetensors files; every read checks the tensor's dtype kind and shape."""
+
+    def __init__(self, files: dict[str, str]):
+        self.files, self.handles = files, {}
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        for handle in self.handles.values():
+            handle.__exit__(None, None, None)
+
+    def read(self, name: str, shape: tuple[int, ...], packed: bool) -> np.ndarray:
+        file = self.files[name]
+        if file not in self.handles:
+            self.handles[file] = _open(file).__enter__()
+        where = f"{os.path.basename(file)}: tensor {name}"
+        try:
+            array = self.handles[file].get_tensor(name)
+        except (SafetensorError, OSError, ValueError) as e:
+            raise CheckpointError(f"{where} cannot be read, the file is truncated or corrupt ({e})") from e
+        if packed and array.dtype != np.uint8:
+            raise CheckpointError(f"{where} has dtype {array.dtype}, MXFP4 blocks and scales are uint8")
+        if not packed and array.dtype.kind not in "fV" and array.dtype.name != "bfloat16":
+            raise CheckpointError(f"{where} has dtype {array.dtype}, expected a floating point type")
+        if array.shape != shape:
+            raise CheckpointError(f"{where} has shape {tuple(array.shape)}, config.json implies {shape}")
+        return array
+
+
+def checkpoint_expert_format(files: dict[str, str]) -> ExpertFormat:
+    return "mxfp4" if any(name.endswith("_blocks") for name in files) else "dense"
+
+
+def _file_shape(shape: tuple, t: HfTensor) -> tuple:
+    """A parameter's shape as the file stores it (linear weights are [out, in] there)."""
+    return tuple(shape[::-1] if t.transpose else shape)
+
+
+def _set(tree, path: tuple, value) -> None:
     for key in path[:-1]:
         tree = tree[key]
     tree[path[-1]] = value
 
 
-def load_hf(folder: str, dtype=None, progress: bool = True) -> tuple[GptOssConfig, dict[str, Any]]:
-    """(config, params) from a transformers checkpoint folder; `dtype` casts (default: keep the file's)."""
-    config = GptOssConfig.from_hf(folder)
-    files = tensor_files(folder)
-    wanted = hf_tensors(config)
-    missing = [t.name for t in wanted if t.name not in files]
-    if missing:
-        raise CheckpointError(f"{folder}: tensor(s) missing from the checkpoint: {missing[:5]}")
-    unexpected = sorted(set(files) - {t.name for t in wanted})
-    if any(n.endswith(("_blocks", "_scales")) for n in unexpected):
-        raise CheckpointError(
-            f"{folder}: MXFP4-quantized expert tensors ({unexpected[0]}, ...) are not readable by this "
-            "loader; save the model dequantized"
-        )
-    if unexpected:
-        raise CheckpointError(
-            f"{folder}: tensor(s) the config does not account for: {unexpected[:5]} "
-            f"(config.json: num_hidden_layers={config.num_hidden_layers})"
-        )
-
-    shapes = param_shapes(config)
-    # A fresh nested dict/list skeleton (one dict per layer) that the loop fills in.
-    params = jax.tree.map(lambda _: None, shapes, is_leaf=is_shape)
-    handles: dict[str, Any] = {}
-    try:
-        for t in tqdm(
-            wanted, desc=f"loading {os.path.basename(os.path.normpath(folder))}", disable=not progress
-        ):
-            file = files[t.name]
-            if file not in handles:
-                handles[file] = safe_open(file, "np").__enter__()
-            array = handles[file].get_tensor(t.name)
-            if t.transpose:
-                array = array.T
-            expected = _lookup(shapes, t.path)
-            if array.shape != expected:
-                raise CheckpointError(
-                    f"{os.path.basename(file)}: tensor {t.name} has shape {_file_shape(array.shape, t)}, "
-                    f"config.json implies {_file_shape(expected, t)}"
-                )
-            _set(params, t.path, jnp.asarray(array, dtype=dtype or array.dtype))
-    finally:
-        for h in handles.values():
-            h.__exit__(None, None, None)
-    return config, params
-
-
-def _lookup(tree, path):
+def _get(tree, path: tuple):
     for key in path:
         tree = tree[key]
     return tree
 
 
-def _file_shape(shape: tuple, t) -> tuple:
-    """A shape as the file stores it (linear weights are [out, in] there)."""
-    return tuple(shape[::-1] if t.transpose else shape)
+def load_hf(
+    folder: str,
+    dtype=None,
+    experts: ExpertFormat = "dense",
+    placement: Placement | None = None,
+    progress: bool = True,
+) -> tuple[GptOssConfig, dict[str, Any]]:
+    """(config, params) from a transformers checkpoint folder.
+
+    `dtype` casts the floating point tensors (default: keep the file's; MXFP4 experts dequantize to
+    bfloat16). `experts="mxfp4"` keeps (or makes) the experts packed in MXFP4 instead of dense.
+    `placement(path, shape)` gives each parameter's target sharding.
+    """
+    config = GptOssConfig.from_hf(folder)
+    files = tensor_files(folder)
+    source = checkpoint_expert_format(files)
+    source_names = {t.name for t in hf_tensors(config, source)}
+    missing = sorted(source_names - set(files))
+    if missing:
+        raise CheckpointError(f"{folder}: tensor(s) missing from the checkpoint: {missing[:5]}")
+    unexpected = sorted(set(files) - source_names)
+    if unexpected:
+        raise CheckpointError(
+            f"{folder}: tensor(s) the config does not account for: {unexpected[:5]} "
+            f"(config.json: num_hidden_layers={config.num_hidden_layers})"
+        )
+    source_tensors = {t.path: t for t in hf_tensors(config, source)}
+    source_shapes = param_shapes(config, source)
+    shapes = param_shapes(config, experts)
+    params = jax.tree.map(lambda _: None, shapes, is_leaf=is_shape)  # skeleton, one dict per layer
+
+    def read(path: tuple) -> np.ndarray:
+        t = source_tensors[path]
+        array = reader.read(
+            t.name,
+            _file_shape(_get(source_shapes, path), t),
+            packed=path[-1].endswith(("_blocks", "_scales")),
+        )
+        return array.T if t.transpose else array
+
+    def place(path, value):
+        sharding = placement(path, tuple(value.shape)) if placement else None
+        return jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
+
+    targets = [t.path for t in hf_tensors(config, experts)]
+    name = os.path.basename(os.path.normpath(folder))
+    with _Reader(files) as reader:
+        for path in tqdm(targets, desc=f"loading {name}", unit="tensor", disable=not progress):
+            key = path[-1]
+            if path in source_tensors:  # stored as we want it
+                value = read(path)
+                if value.dtype != np.uint8 and dtype is not None:
+                    value = value.astype(dtype)
+                _set(params, path, place(path, value))
+            elif source == "mxfp4":  # dense target from packed source: dequantize on the device
+                base = path[:-1]
+                blocks, scales = (jnp.asarray(read((*base, f"{key}_{s}"))) for s in ("blocks", "scales"))
+                value = mxfp4.dequantize(blocks, scales, dtype or jnp.bfloat16).transpose(0, 2, 1)
+                _set(params, path, place(path, value))
+            else:  # packed target from dense source: quantize on the host
+                dense_key = key.rsplit("_", 1)[0]
+                if key.endswith("_scales"):
+                    continue  # produced together with the blocks
+                dense = read((*path[:-1], dense_key)).astype(np.float32).transpose(0, 2, 1)
+                blocks, scales = mxfp4.quantize(dense)
+                _set(params, path, place(path, blocks))
+                scales_path = (*path[:-1], f"{dense_key}_scales")
+                _set(params, scales_path, place(scales_path, scales))
+    return config, params
+
+
+def _shard_plan(tensors: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
+    shards, current, size = [], [], 0
+    for name, nbytes in tensors:
+        if current and size + nbytes > max_shard_bytes:
+            shards.append(current)
+            current, size = [], 0
+        current.append(name)
+        size += nbytes
+    return [*shards, current] if current else shards
+
+
+def save_hf(
+    params: dict[str, Any],
+    config: GptOssConfig,
+    out_dir: str,
+    experts: ExpertFormat | None = None,
+    max_shard_bytes: int = 5 * 1024**3,
+    tokenizer_from: str | None = None,
+    dtype=None,
+    progress: bool = True,
+) -> None:
+    """Write a transformers checkpoint folder (config.json, safetensors shards + index, tokenizer files).
+
+    `experts`: "dense" writes `gate_up_proj` / `down_proj`; "mxfp4" writes `*_blocks` / `*_scales`
+    (packed params are written verbatim, dense ones quantized); default: as the params hold them.
+    `dtype` casts the floating point tensors (default: as held). The folder appears only when complete
+    (written beside it, then renamed; an existing folder is replaced only then).
+    """
+    have = expert_format(params)
+    experts = experts or have
+    layout = hf_tensors(config, experts)
+    hf_config = config.to_hf()
+    if experts == "dense":
+        hf_config.pop("quantization_config", None)
+    else:
+        hf_config["quantization_config"] = hf_config.get("quantization_config") or {
+            "quant_method": "mxfp4",
+            "modules_to_not_convert": [
+                "model.layers.*.self_attn",
+                "model.layers.*.mlp.router",
+                "model.embed_tokens",
+                "lm_head",
+            ],
+        }
+
+    def tensor(t: HfTensor) -> np.ndarray:
+        value = _tensor(t)
+        return value.astype(dtype) if dtype is not None and value.dtype != np.uint8 else value
+
+    def _tensor(t: HfTensor) -> np.ndarray:
+        key = t.path[-1]
+        if have == experts or "experts" not in t.path or key.endswith("_bias"):
+            value = np.asarray(_get(params, t.path))
+            return np.ascontiguousarray(value.T if t.transpose else value)
+        if experts == "dense":  # packed -> dense
+            blocks, scales = (_get(params, (*t.path[:-1], f"{key}_{s}")) for s in ("blocks", "scales"))
+            return np.asarray(mxfp4.dequantize(blocks, scales, jnp.bfloat16).transpose(0, 2, 1))
+        dense_key, part = key.rsplit("_", 1)
+        dense = np.asarray(_get(params, (*t.path[:-1], dense_key)), np.float32).transpose(0, 2, 1)
+        return mxfp4.quantize(dense)[0 if part == "blocks" else 1]
+
+    def nbytes(t: HfTensor) -> int:
+        if have == experts or "experts" not in t.path or t.path[-1].endswith("_bias"):
+            return int(_get(params, t.path).nbytes)
+        return int(np.prod(_get(param_shapes(config, experts), t.path))) * (1 if experts == "mxfp4" else 2)
+
+    if dtype is not None:
+        dtype = np.dtype(dtype)
+
+    plan = _shard_plan([(t.name, nbytes(t)) for t in layout], max_shard_bytes)
+    by_name = {t.name: t for t in layout}
+    out_dir = os.path.abspath(out_dir)
+    parent = os.path.dirname(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.", dir=parent)
+    try:
+        weight_map, total = {}, 0
+        bar = tqdm(
+            total=len(layout),
+            desc=f"writing {os.path.basename(out_dir)}",
+            unit="tensor",
+            disable=not progress,
+        )
+        for i, names in enumerate(plan):
+            file = SINGLE if len(plan) == 1 else f"model-{i + 1:05d}-of-{len(plan):05d}.safetensors"
+            arrays = {}
+            for name in names:
+                arrays[name] = tensor(by_name[name])
+                total += arrays[name].nbytes
+                weight_map[name] = file
+                bar.update()
+            save_file(arrays, os.path.join(tmp, file), metadata={"format": "pt"})
+            del arrays
+        bar.close()
+        if len(plan) > 1:
+            with open(os.path.join(tmp, INDEX), "w") as f:
+                json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2, sort_keys=True)
+        if tokenizer_from:
+            for name in TOKENIZER_FILES:
+                if os.path.isfile(os.path.join(tokenizer_from, name)):
+                    shutil.copy2(os.path.join(tokenizer_from, name), tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if os.path.exists(out_dir):
+        old = tempfile.mkdtemp(prefix=f".{os.path.basename(out_dir)}.old.", dir=parent)
+        os.rename(out_dir, os.path.join(old, "replaced"))
+        os.rename(tmp, out_dir)
+        shutil.rmtree(old)
+    else:
+        os.rename(tmp, out_dir)

@@ -1,0 +1,75 @@
+"""MXFP4 (OCP microscaling FP4) as gpt-oss stores its expert weights.
+
+Blocks of 32 values along the input (last) dimension share one power-of-two scale: 16 bytes per block,
+byte j holding element 2j in the low nibble and 2j+1 in the high nibble, each an E2M1 code
+`[+0, .5, 1, 1.5, 2, 3, 4, 6, -0, -.5, -1, -1.5, -2, -3, -4, -6]`; the scale byte is an exponent with
+bias 127. Dequantized orientation is [..., out, in].
+
+Dequantization builds the bfloat16 bit patterns with integer arithmetic, so it is bit-exact with
+`transformers.integrations.mxfp4.convert_moe_packed_tensors` on any device, subnormal scales included
+(XLA on CPU flushes subnormal floats to zero, so float arithmetic would not be).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, UInt8
+
+FP4_VALUES = np.array([0, 0.5, 1, 1.5, 2, 3, 4, 6, -0.0, -0.5, -1, -1.5, -2, -3, -4, -6], np.float32)
+BLOCK = 32
+# E2M1 magnitudes 0.5 .. 6 written as 2**exponent * (mantissa2 / 2), for codes 1..7 (code 0 is zero).
+_EXPONENT = np.array([0, -1, 0, 0, 1, 1, 2, 2], np.int32)
+_MANTISSA2 = np.array([0, 2, 2, 3, 2, 3, 2, 3], np.int32)  # 2 = 1.0, 3 = 1.5
+_BF16_INF = 0x7F80  # values past bfloat16's range overflow to inf, as in the reference's ldexp
+
+
+def dequantize(
+    blocks: UInt8[Array, "*rows G 16"], scales: UInt8[Array, "*rows G"], dtype=jnp.bfloat16
+) -> Array:
+    """[..., G, 16] blocks and [..., G] scales -> values [..., G * 32] in `dtype` (exact in bfloat16)."""
+    if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != BLOCK // 2:
+        raise ValueError(f"MXFP4 blocks {blocks.shape} and scales {scales.shape} do not pair up")
+    blocks = jnp.asarray(blocks, jnp.uint8).astype(jnp.int32)
+    codes = jnp.stack([blocks & 0xF, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], BLOCK)
+    scale = jnp.asarray(scales, jnp.uint8).astype(jnp.int32)[..., None]
+    magnitude = codes & 7
+    biased = jnp.asarray(_EXPONENT)[magnitude] + scale  # bf16 biased exponent of the value
+    mantissa2 = jnp.asarray(_MANTISSA2)[magnitude]
+    normal = (biased << 7) | ((mantissa2 - 2) << 6)
+    # Below the normal range (biased exponent -1 or 0): value = mantissa2/2 * 2**(biased - 127) written as
+    # a bf16 subnormal m * 2**-133, i.e. m = mantissa2 << (biased + 5).
+    subnormal = mantissa2 << jnp.maximum(biased + 5, 0)
+    bits = jnp.where(biased >= 255, _BF16_INF, jnp.where(biased >= 1, normal, subnormal))
+    bits = jnp.where(magnitude == 0, 0, bits)  # an exact ldexp: zero stays (signed) zero at any scale
+    bits = bits | ((codes >> 3) << 15)
+    values = jax.lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.bfloat16)
+    return values.reshape(*values.shape[:-2], -1).astype(dtype)
+
+
+def quantize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """values [..., N] (N a multiple of 32) -> (blocks uint8 [..., N/32, 16], scales uint8 [..., N/32]).
+
+    The shared scale is the smallest power of two that brings the block's largest magnitude to <= 6
+    (OCP: floor(log2(amax)) - 2), codes are the nearest E2M1 value with ties to even, and the sign of zero
+    is kept, so `dequantize(quantize(w)) == w` for every block of representable values and requantizing a
+    dequantized tensor reproduces its bytes.
+    """
+    x = np.asarray(values, np.float32)
+    if x.shape[-1] % BLOCK:
+        raise ValueError(f"MXFP4 needs the last dimension to be a multiple of {BLOCK}, got {x.shape}")
+    x = x.reshape(*x.shape[:-1], -1, BLOCK)
+    amax = np.abs(x).max(axis=-1)
+    _, exponent = np.frexp(np.where(amax > 0, amax, 1.0))  # amax = f * 2**exponent, f in [0.5, 1)
+    shared = np.clip(exponent - 1 - 2 + 127, 0, 254).astype(np.int32)  # floor(log2 amax) - 2, biased
+    shared = np.where(amax > 0, shared, 0)
+    scaled = np.abs(x) * np.ldexp(np.float32(1), 127 - shared)[..., None].astype(np.float32)
+    mids = (FP4_VALUES[1:8] + FP4_VALUES[:7]) / 2
+    code = (scaled[..., None] > mids).sum(-1)
+    tie = (scaled[..., None] == mids).any(-1)
+    code = np.where(tie & (code % 2 == 1), code + 1, code)  # ties to the even code
+    code = np.minimum(code, 7) | (np.signbit(x).astype(np.int64) << 3)
+    code = code.astype(np.uint8).reshape(*code.shape[:-1], BLOCK // 2, 2)
+    blocks = code[..., 0] | (code[..., 1] << 4)
+    return np.ascontiguousarray(blocks, np.uint8), np.ascontiguousarray(shared, np.uint8)
