@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 from gptoss_mla_jax.config import GptOssConfig
-from gptoss_mla_jax.model import ExpertFormat, expert_shapes
+from gptoss_mla_jax.model import ExpertFormat, expert_shapes, param_shapes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -18,6 +18,10 @@ class HfTensor:
     name: str  # tensor name in the safetensors files
     path: tuple  # key path into our params pytree
     transpose: bool  # stored [out, in] in the file
+
+    def file_shape(self, param_shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The parameter's shape as the file stores it."""
+        return tuple(param_shape[::-1] if self.transpose else param_shape)
 
 
 def hf_tensors(config: GptOssConfig, experts: ExpertFormat = "dense") -> list[HfTensor]:
@@ -41,3 +45,15 @@ def hf_tensors(config: GptOssConfig, experts: ExpertFormat = "dense") -> list[Hf
         for name in expert_shapes(config, experts):
             out.append(HfTensor(f"{pre}mlp.experts.{name}", (*layer, "mlp", "experts", name), False))
     return out
+
+
+def lookup(tree, path: tuple):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def file_shapes(config: GptOssConfig, experts: ExpertFormat = "dense") -> dict[str, tuple[int, ...]]:
+    """Every tensor name of the checkpoint layout -> its shape in the file."""
+    shapes = param_shapes(config, experts)
+    return {t.name: t.file_shape(lookup(shapes, t.path)) for t in hf_tensors(config, experts)}

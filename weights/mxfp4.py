@@ -12,6 +12,8 @@ Dequantization builds the bfloat16 bit patterns with integer arithmetic, so it i
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -25,10 +27,13 @@ _MANTISSA2 = np.array([0, 2, 2, 3, 2, 3, 2, 3], np.int32)  # 2 = 1.0, 3 = 1.5
 _BF16_INF = 0x7F80  # values past bfloat16's range overflow to inf, as in the reference's ldexp
 
 
+@functools.partial(jax.jit, static_argnames="dtype")
 def dequantize(
     blocks: UInt8[Array, "*rows G 16"], scales: UInt8[Array, "*rows G"], dtype=jnp.bfloat16
 ) -> Array:
-    """[..., G, 16] blocks and [..., G] scales -> values [..., G * 32] in `dtype` (exact in bfloat16)."""
+    """[..., G, 16] blocks and [..., G] scales -> values [..., G * 32] in `dtype` (exact in bfloat16).
+
+    Jitted, so the integer steps fuse into one elementwise pass instead of materialising each one."""
     if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != BLOCK // 2:
         raise ValueError(f"MXFP4 blocks {blocks.shape} and scales {scales.shape} do not pair up")
     blocks = jnp.asarray(blocks, jnp.uint8).astype(jnp.int32)

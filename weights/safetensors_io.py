@@ -9,6 +9,7 @@ the tensor and what was expected.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
@@ -26,7 +27,7 @@ from tqdm.auto import tqdm
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.model import ExpertFormat, expert_format, is_shape, param_shapes
 from weights import mxfp4
-from weights.hf_layout import HfTensor, hf_tensors
+from weights.hf_layout import HfTensor, file_shapes, hf_tensors, lookup
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -111,21 +112,10 @@ def checkpoint_expert_format(files: dict[str, str]) -> ExpertFormat:
     return "mxfp4" if any(name.endswith("_blocks") for name in files) else "dense"
 
 
-def _file_shape(shape: tuple, t: HfTensor) -> tuple:
-    """A parameter's shape as the file stores it (linear weights are [out, in] there)."""
-    return tuple(shape[::-1] if t.transpose else shape)
-
-
 def _set(tree, path: tuple, value) -> None:
     for key in path[:-1]:
         tree = tree[key]
     tree[path[-1]] = value
-
-
-def _get(tree, path: tuple):
-    for key in path:
-        tree = tree[key]
-    return tree
 
 
 def load_hf(
@@ -155,17 +145,13 @@ def load_hf(
             f"(config.json: num_hidden_layers={config.num_hidden_layers})"
         )
     source_tensors = {t.path: t for t in hf_tensors(config, source)}
-    source_shapes = param_shapes(config, source)
+    source_shapes = file_shapes(config, source)
     shapes = param_shapes(config, experts)
     params = jax.tree.map(lambda _: None, shapes, is_leaf=is_shape)  # skeleton, one dict per layer
 
     def read(path: tuple) -> np.ndarray:
         t = source_tensors[path]
-        array = reader.read(
-            t.name,
-            _file_shape(_get(source_shapes, path), t),
-            packed=path[-1].endswith(("_blocks", "_scales")),
-        )
+        array = reader.read(t.name, source_shapes[t.name], packed=path[-1].endswith(("_blocks", "_scales")))
         return array.T if t.transpose else array
 
     def place(path, value):
@@ -185,7 +171,7 @@ def load_hf(
             elif source == "mxfp4":  # dense target from packed source: dequantize on the device
                 base = path[:-1]
                 blocks, scales = (jnp.asarray(read((*base, f"{key}_{s}"))) for s in ("blocks", "scales"))
-                value = mxfp4.dequantize(blocks, scales, dtype or jnp.bfloat16).transpose(0, 2, 1)
+                value = _dequantize_experts(blocks, scales, jnp.dtype(dtype or jnp.bfloat16))
                 _set(params, path, place(path, value))
             else:  # packed target from dense source: quantize on the host
                 dense_key = key.rsplit("_", 1)[0]
@@ -197,6 +183,12 @@ def load_hf(
                 scales_path = (*path[:-1], f"{dense_key}_scales")
                 _set(params, scales_path, place(scales_path, scales))
     return config, params
+
+
+@functools.partial(jax.jit, static_argnums=2)
+def _dequantize_experts(blocks, scales, dtype):
+    """Packed [E, out, in/32, 16] -> dense [E, in, out], fused with the transpose."""
+    return mxfp4.dequantize(blocks, scales, dtype).transpose(0, 2, 1)
 
 
 def _shard_plan(tensors: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
@@ -251,19 +243,19 @@ def save_hf(
     def _tensor(t: HfTensor) -> np.ndarray:
         key = t.path[-1]
         if have == experts or "experts" not in t.path or key.endswith("_bias"):
-            value = np.asarray(_get(params, t.path))
+            value = np.asarray(lookup(params, t.path))
             return np.ascontiguousarray(value.T if t.transpose else value)
         if experts == "dense":  # packed -> dense
-            blocks, scales = (_get(params, (*t.path[:-1], f"{key}_{s}")) for s in ("blocks", "scales"))
-            return np.asarray(mxfp4.dequantize(blocks, scales, jnp.bfloat16).transpose(0, 2, 1))
+            blocks, scales = (lookup(params, (*t.path[:-1], f"{key}_{s}")) for s in ("blocks", "scales"))
+            return np.asarray(_dequantize_experts(blocks, scales, jnp.dtype(jnp.bfloat16)))
         dense_key, part = key.rsplit("_", 1)
-        dense = np.asarray(_get(params, (*t.path[:-1], dense_key)), np.float32).transpose(0, 2, 1)
+        dense = np.asarray(lookup(params, (*t.path[:-1], dense_key)), np.float32).transpose(0, 2, 1)
         return mxfp4.quantize(dense)[0 if part == "blocks" else 1]
 
     def nbytes(t: HfTensor) -> int:
         if have == experts or "experts" not in t.path or t.path[-1].endswith("_bias"):
-            return int(_get(params, t.path).nbytes)
-        return int(np.prod(_get(param_shapes(config, experts), t.path))) * (1 if experts == "mxfp4" else 2)
+            return int(lookup(params, t.path).nbytes)
+        return int(np.prod(lookup(param_shapes(config, experts), t.path))) * (1 if experts == "mxfp4" else 2)
 
     if dtype is not None:
         dtype = np.dtype(dtype)
