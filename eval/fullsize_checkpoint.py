@@ -4,7 +4,8 @@ and by transformers' `from_pretrained` on the same machine, each in a fresh proc
 
     python -m eval.fullsize_checkpoint --dir /tmp/gptoss20b-random [--out eval/results/...json]
 
-Reports per loader: wall time, peak anonymous host memory (RssAnon, sampled every 10 ms, so memory-mapped
+Before each loader the page cache is dropped where permitted (`page_cache_dropped` in the results), so
+both read the files from disk. Reports per loader: wall time, peak anonymous host memory (RssAnon, sampled every 10 ms, so memory-mapped
 file pages do not count), peak device memory, and SHA-256 of a few dequantized tensors, which must agree.
 """
 
@@ -169,15 +170,17 @@ def load_transformers(folder: str) -> dict:
     import torch
     import transformers
 
+    cuda = torch.cuda.is_available()
     t0 = time.perf_counter()
     with PeakRssAnon() as rss:
         model = transformers.GptOssForCausalLM.from_pretrained(
             folder,
             dtype=torch.bfloat16,
-            device_map="cuda",
+            device_map="cuda" if cuda else None,
             quantization_config=transformers.Mxfp4Config(dequantize=True),
         )
-        torch.cuda.synchronize()
+        if cuda:
+            torch.cuda.synchronize()
     seconds = time.perf_counter() - t0
     state = model.state_dict()
     hashes = {name: _sha(state[name].cpu().view(torch.int16).numpy()) for name in CHECKED}
@@ -185,10 +188,21 @@ def load_transformers(folder: str) -> dict:
         "loader": f"transformers {transformers.__version__} from_pretrained (Mxfp4Config(dequantize=True))",
         "seconds": seconds,
         "peak_rss_anon_gb": rss.peak / 1e9,
-        "device_peak_gb": torch.cuda.max_memory_allocated() / 1e9,
-        "device_in_use_gb": torch.cuda.memory_allocated() / 1e9,
+        "device_peak_gb": torch.cuda.max_memory_allocated() / 1e9 if cuda else 0.0,
+        "device_in_use_gb": torch.cuda.memory_allocated() / 1e9 if cuda else 0.0,
         "sha256": hashes,
     }
+
+
+def _drop_page_cache() -> bool:
+    """Start each loader with the checkpoint out of the page cache, where the OS lets us (root)."""
+    try:
+        os.sync()
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
 
 
 def main(argv=None) -> int:
@@ -200,6 +214,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--phase", choices=["all", "write", "ours", "ours-mxfp4", "transformers"], default="all"
     )
+    parser.add_argument("--smoke", action="store_true", help="write a small model instead (CPU smoke test)")
     args = parser.parse_args(argv)
     if args.phase == "write":
         print(json.dumps(write_checkpoint(args.dir, SMOKE if args.smoke else GPT_OSS_20B)))
@@ -213,9 +228,12 @@ def main(argv=None) -> int:
         env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")
         results = {"command": " ".join(sys.argv), "rows": []}
         for phase in ("write", "ours", "ours-mxfp4", "transformers"):
+            if phase != "write":
+                results.setdefault("page_cache_dropped", []).append(_drop_page_cache())
             t0 = time.perf_counter()
             out = subprocess.run(
-                [sys.executable, "-m", "eval.fullsize_checkpoint", "--dir", args.dir, "--phase", phase],
+                [sys.executable, "-m", "eval.fullsize_checkpoint", "--dir", args.dir, "--phase", phase]
+                + (["--smoke"] if args.smoke else []),
                 env=env,
                 capture_output=True,
                 text=True,
@@ -223,6 +241,8 @@ def main(argv=None) -> int:
             if out.returncode:
                 print(out.stdout, out.stderr, file=sys.stderr)
                 results["rows"].append({"phase": phase, "error": out.stderr[-2000:]})
+                if phase == "write":
+                    break
                 continue
             row = json.loads(out.stdout.strip().splitlines()[-1])
             row["phase_seconds"] = time.perf_counter() - t0

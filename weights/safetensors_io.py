@@ -15,12 +15,12 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
@@ -37,6 +37,7 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "chat_template.jinja",
 )
+LOAD_THREADS = 4
 # Placement hook: (params key path, shape) -> where the tensor goes (None: the default device).
 Placement = Callable[[tuple, tuple[int, ...]], jax.sharding.Sharding | None]
 
@@ -65,47 +66,84 @@ def tensor_files(folder: str) -> dict[str, str]:
         return files
     single = os.path.join(folder, SINGLE)
     if os.path.isfile(single):
-        with _open(single) as f:
-            return dict.fromkeys(f.keys(), single)
+        return dict.fromkeys(_open(single), single)
     raise CheckpointError(f"{folder}: neither {INDEX} nor {SINGLE} found")
 
 
-def _open(file: str):
+# safetensors dtype codes -> numpy dtypes (bfloat16 through ml_dtypes, which jax.numpy exposes).
+_DTYPES = {
+    "BF16": jnp.bfloat16,
+    "F16": np.float16,
+    "F32": np.float32,
+    "F64": np.float64,
+    "U8": np.uint8,
+    "I8": np.int8,
+    "I16": np.int16,
+    "I32": np.int32,
+    "I64": np.int64,
+    "BOOL": np.bool_,
+}
+
+
+def _header(file: str) -> tuple[dict, int]:
+    """The safetensors JSON header of `file` and the byte offset where its data starts, validated against
+    the file size so that truncation is reported here rather than as a crash later."""
     try:
-        return safe_open(file, "np")
-    except (SafetensorError, OSError) as e:
+        size = os.path.getsize(file)
+        with open(file, "rb") as f:
+            n = int.from_bytes(f.read(8), "little")
+            if n <= 0 or 8 + n > size:
+                raise ValueError(f"header length {n} does not fit a file of {size} bytes")
+            header = json.loads(f.read(n))
+    except (OSError, ValueError) as e:
         raise CheckpointError(f"{file}: not a readable safetensors file ({e})") from e
+    header.pop("__metadata__", None)
+    end = max((info["data_offsets"][1] for info in header.values()), default=0)
+    if 8 + n + end > size:
+        raise CheckpointError(
+            f"{file}: truncated: its header promises {8 + n + end} bytes, the file has {size}"
+        )
+    return header, 8 + n
+
+
+def _open(file: str):
+    """Names in a safetensors file (the header is validated)."""
+    return _header(file)[0].keys()
 
 
 class _Reader:
-    """Lazily opened safetensors files; every read checks the tensor's dtype kind and shape."""
+    """Zero-copy, memory-mapped views of safetensors tensors; every read checks dtype kind and shape.
+
+    A view costs no anonymous host memory: its pages are the page cache's and are streamed straight into
+    the device transfer."""
 
     def __init__(self, files: dict[str, str]):
-        self.files, self.handles = files, {}
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        for handle in self.handles.values():
-            handle.__exit__(None, None, None)
+        self.files, self.headers = files, {}
 
     def read(self, name: str, shape: tuple[int, ...], packed: bool) -> np.ndarray:
         file = self.files[name]
-        if file not in self.handles:
-            self.handles[file] = _open(file).__enter__()
+        if file not in self.headers:
+            self.headers[file] = _header(file)
+        header, data_start = self.headers[file]
         where = f"{os.path.basename(file)}: tensor {name}"
-        try:
-            array = self.handles[file].get_tensor(name)
-        except (SafetensorError, OSError, ValueError) as e:
-            raise CheckpointError(f"{where} cannot be read, the file is truncated or corrupt ({e})") from e
-        if packed and array.dtype != np.uint8:
-            raise CheckpointError(f"{where} has dtype {array.dtype}, MXFP4 blocks and scales are uint8")
-        if not packed and array.dtype.kind not in "fV" and array.dtype.name != "bfloat16":
-            raise CheckpointError(f"{where} has dtype {array.dtype}, expected a floating point type")
-        if array.shape != shape:
-            raise CheckpointError(f"{where} has shape {tuple(array.shape)}, config.json implies {shape}")
-        return array
+        if name not in header:
+            raise CheckpointError(f"{where} is listed in the index but not in the file")
+        info = header[name]
+        if info["dtype"] not in _DTYPES:
+            raise CheckpointError(f"{where} has unsupported dtype {info['dtype']}")
+        dtype = np.dtype(_DTYPES[info["dtype"]])
+        if packed and dtype != np.uint8:
+            raise CheckpointError(f"{where} has dtype {dtype}, MXFP4 blocks and scales are uint8")
+        if not packed and dtype.kind != "f" and dtype.name != "bfloat16":
+            raise CheckpointError(f"{where} has dtype {dtype}, expected a floating point type")
+        if tuple(info["shape"]) != shape:
+            raise CheckpointError(f"{where} has shape {tuple(info['shape'])}, config.json implies {shape}")
+        start, stop = info["data_offsets"]
+        if stop - start != dtype.itemsize * int(np.prod(shape)):
+            raise CheckpointError(f"{where}: {stop - start} bytes do not hold {shape} {dtype}")
+        if not shape or 0 in shape:
+            return np.zeros(shape, dtype)
+        return np.memmap(file, dtype=dtype, mode="r", offset=data_start + start, shape=shape)
 
 
 def checkpoint_expert_format(files: dict[str, str]) -> ExpertFormat:
@@ -149,39 +187,49 @@ def load_hf(
     shapes = param_shapes(config, experts)
     params = jax.tree.map(lambda _: None, shapes, is_leaf=is_shape)  # skeleton, one dict per layer
 
-    def read(path: tuple) -> np.ndarray:
-        t = source_tensors[path]
-        array = reader.read(t.name, source_shapes[t.name], packed=path[-1].endswith(("_blocks", "_scales")))
-        return array.T if t.transpose else array
+    reader = _Reader(files)
 
-    def place(path, value):
+    def read(path: tuple) -> np.ndarray:
+        """The tensor behind `path` as the file stores it (a memory-mapped view)."""
+        t = source_tensors[path]
+        return reader.read(t.name, source_shapes[t.name], packed=path[-1].endswith(("_blocks", "_scales")))
+
+    def to_device(path: tuple) -> jax.Array:
+        """Copy to the accelerator first, then transpose and cast there (no host copies)."""
+        value = jnp.asarray(read(path))
+        if source_tensors[path].transpose:
+            value = value.T
+        return value if value.dtype == jnp.uint8 or dtype is None else value.astype(dtype)
+
+    def load(path: tuple) -> list[tuple[tuple, jax.Array | np.ndarray]]:
+        key = path[-1]
+        if path in source_tensors:  # stored as we want it
+            return [(path, to_device(path))]
+        if source == "mxfp4":  # dense target from a packed source: dequantize on the device
+            blocks, scales = (jnp.asarray(read((*path[:-1], f"{key}_{s}"))) for s in ("blocks", "scales"))
+            return [(path, _dequantize_experts(blocks, scales, jnp.dtype(dtype or jnp.bfloat16)))]
+        if key.endswith("_scales"):  # packed target from a dense source: produced with the blocks
+            return []
+        dense_key = key.rsplit("_", 1)[0]
+        dense = np.asarray(read((*path[:-1], dense_key)), np.float32).transpose(0, 2, 1)
+        blocks, scales = mxfp4.quantize(dense)
+        return [(path, blocks), ((*path[:-1], f"{dense_key}_scales"), scales)]
+
+    def place(path: tuple, value) -> jax.Array:
         sharding = placement(path, tuple(value.shape)) if placement else None
         return jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
 
     targets = [t.path for t in hf_tensors(config, experts)]
     name = os.path.basename(os.path.normpath(folder))
-    with _Reader(files) as reader:
-        for path in tqdm(targets, desc=f"loading {name}", unit="tensor", disable=not progress):
-            key = path[-1]
-            if path in source_tensors:  # stored as we want it
-                value = read(path)
-                if value.dtype != np.uint8 and dtype is not None:
-                    value = value.astype(dtype)
+    # A few tensors in flight at once overlap page-cache reads, host-to-device copies and device work.
+    with (
+        ThreadPoolExecutor(max_workers=LOAD_THREADS) as pool,
+        tqdm(total=len(targets), desc=f"loading {name}", unit="tensor", disable=not progress) as bar,
+    ):
+        for done in as_completed([pool.submit(load, path) for path in targets]):
+            for path, value in done.result():
                 _set(params, path, place(path, value))
-            elif source == "mxfp4":  # dense target from packed source: dequantize on the device
-                base = path[:-1]
-                blocks, scales = (jnp.asarray(read((*base, f"{key}_{s}"))) for s in ("blocks", "scales"))
-                value = _dequantize_experts(blocks, scales, jnp.dtype(dtype or jnp.bfloat16))
-                _set(params, path, place(path, value))
-            else:  # packed target from dense source: quantize on the host
-                dense_key = key.rsplit("_", 1)[0]
-                if key.endswith("_scales"):
-                    continue  # produced together with the blocks
-                dense = read((*path[:-1], dense_key)).astype(np.float32).transpose(0, 2, 1)
-                blocks, scales = mxfp4.quantize(dense)
-                _set(params, path, place(path, blocks))
-                scales_path = (*path[:-1], f"{dense_key}_scales")
-                _set(params, scales_path, place(scales_path, scales))
+            bar.update()
     return config, params
 
 
