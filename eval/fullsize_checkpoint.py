@@ -5,8 +5,9 @@ and by transformers' `from_pretrained` on the same machine, each in a fresh proc
     python -m eval.fullsize_checkpoint --dir /tmp/gptoss20b-random [--out eval/results/...json]
 
 Before each loader the page cache is dropped where permitted (`page_cache_dropped` in the results), so
-both read the files from disk. Reports per loader: wall time, peak anonymous host memory (RssAnon, sampled every 10 ms, so memory-mapped
-file pages do not count), peak device memory, and SHA-256 of a few dequantized tensors, which must agree.
+both read the files from disk. Reports per loader: wall time, peak anonymous host memory (RssAnon, sampled
+every 10 ms, so memory-mapped file pages do not count), peak device memory, and SHA-256 of a few
+dequantized tensors, which must agree.
 """
 
 from __future__ import annotations
