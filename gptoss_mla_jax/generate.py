@@ -129,7 +129,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--model", help="transformers checkpoint folder (default: a tiny random demo model)")
+    parser.add_argument(
+        "--model", help="transformers folder or Orbax checkpoint (default: a tiny random demo model)"
+    )
     parser.add_argument("--prompt", action="append", help="prompt text (needs tokenizer.json in --model)")
     parser.add_argument("--prompt-ids", action="append", help="comma-separated token ids (repeatable)")
     parser.add_argument("--max-new-tokens", type=int, default=48)
@@ -142,13 +144,15 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     tokenizer = None
     if args.model:
-        from weights.safetensors_io import load_hf
+        from weights.load import load_model
 
-        config, params = load_hf(args.model, dtype)
+        config, params, tokenizer_folder = load_model(args.model, dtype)
         if args.prompt:
+            if tokenizer_folder is None:
+                parser.error(f"--prompt needs a tokenizer.json with {args.model}; use --prompt-ids")
             from tokenizers import Tokenizer
 
-            tokenizer = Tokenizer.from_file(f"{args.model}/tokenizer.json")
+            tokenizer = Tokenizer.from_file(f"{tokenizer_folder}/tokenizer.json")
     else:
         config = DEMO_CONFIG
         params = init_params(config, jax.random.key(args.seed), dtype)
