@@ -11,6 +11,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from gptoss_mla_jax import cache as kv_cache
@@ -18,6 +19,27 @@ from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.rope import apply_rope
 
 Params = dict[str, Any]
+
+
+def key_mask(
+    q_pos: Int[Array, "B T"], k_pos: Int[Array, "B S"], k_valid: Bool[Array, "B S"], window: int | None
+) -> Bool[Array, "B T S"]:
+    """Which keys each query may see: valid, causal, and within the sliding window if there is one."""
+    mask = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
+    if window is not None:
+        mask &= k_pos[:, None, :] > q_pos[:, :, None] - window
+    return mask
+
+
+def sink_softmax(scores: list[Float[Array, "B G R T S"]], sinks: Float[Array, " H"]) -> list[Array]:
+    """Softmax over the keys of all blocks plus each head's sink logit; the sink column is dropped, so
+    a row's weights sum to less than one. Scores must already be masked with -inf."""
+    B, G, R, T = scores[0].shape[:4]
+    sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, G, R, 1, 1), (B, G, R, T, 1))
+    # The sink column is finite, so every row has a finite max even when all keys are masked.
+    probs = jax.nn.softmax(jnp.concatenate([*scores, sink], axis=-1), axis=-1)
+    bounds = np.cumsum([s.shape[-1] for s in scores])[:-1]
+    return jnp.split(probs[..., :-1], bounds, axis=-1)
 
 
 def attend(
@@ -38,20 +60,10 @@ def attend(
     scores = []
     for k, _, k_pos, k_valid in keys:
         s = jnp.einsum("btgrd,bsgd->bgrts", qg, k, preferred_element_type=jnp.float32) * d**-0.5
-        mask = k_valid[:, None, :] & (k_pos[:, None, :] <= q_pos[:, :, None])
-        if window is not None:
-            mask &= k_pos[:, None, :] > q_pos[:, :, None] - window
-        scores.append(jnp.where(mask[:, None, None], s, -jnp.inf))
-    sink = jnp.broadcast_to(sinks.astype(jnp.float32).reshape(1, G, H // G, 1, 1), (B, G, H // G, T, 1))
-    logits = jnp.concatenate([*scores, sink], axis=-1)
-    # The sink column is finite, so every row has a finite max even when all keys are masked.
-    probs = jax.nn.softmax(logits, axis=-1)
+        scores.append(jnp.where(key_mask(q_pos, k_pos, k_valid, window)[:, None, None], s, -jnp.inf))
     out = jnp.zeros((B, T, G, H // G, d), jnp.float32)
-    start = 0
-    for k, v, _, _ in keys:
-        p = probs[..., start : start + k.shape[1]].astype(v.dtype)
-        out += jnp.einsum("bgrts,bsgd->btgrd", p, v, preferred_element_type=jnp.float32)
-        start += k.shape[1]
+    for (_, v, _, _), p in zip(keys, sink_softmax(scores, sinks), strict=True):
+        out += jnp.einsum("bgrts,bsgd->btgrd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(B, T, H, d).astype(q.dtype)
 
 

@@ -1,7 +1,9 @@
 """The KV cache: a plain pytree, one entry per layer, that goes through `jax.jit` with donation.
 
     {"lengths": int32 [B],                       # tokens already cached, per sequence
-     "layers": [{"k": [B, S, G, d], "v": [B, S, G, d]}, ...]}
+     "layers": [{"k": [B, S, G, d], "v": [B, S, G, d]},       # a GQA layer
+                {"c": [B, S, r], "k_rope": [B, S, G, 2n]},    # an MLA layer (k_rope: partial mode only)
+                ...]}
 
 Full-attention layers hold `S = max_len` slots indexed by position. Sliding-window layers hold a ring
 buffer of exactly `sliding_window` slots: position p lives in slot p % window, and which position a slot
@@ -26,6 +28,28 @@ def layer_slots(config: GptOssConfig, layer: int, max_len: int) -> int:
     return config.sliding_window if config.is_sliding(layer) else max_len
 
 
+def entry_shapes(config: GptOssConfig, layer: int, batch: int, max_len: int) -> dict[str, tuple[int, ...]]:
+    """Shapes of one layer's cache entry."""
+    slots = layer_slots(config, layer, max_len)
+    G, d = config.num_key_value_heads, config.head_dim
+    mla = config.mla
+    if mla is None or mla.index(layer) is None:
+        return {"k": (batch, slots, G, d), "v": (batch, slots, G, d)}
+    shapes = {"c": (batch, slots, mla.latent_dims[mla.index(layer)])}
+    if mla.rope_mode == "partial":
+        shapes["k_rope"] = (batch, slots, G, 2 * mla.num_rope_pairs(layer))
+    return shapes
+
+
+def values_per_token(config: GptOssConfig, layer: int) -> int:
+    """Cached values per token of one layer, by DESIGN.md's formula: GQA 2Gd, decompressed r,
+    partial r + G * d_rope (d_rope = 2 dims per kept pair)."""
+    G, d, mla = config.num_key_value_heads, config.head_dim, config.mla
+    if mla is None or mla.index(layer) is None:
+        return 2 * G * d
+    return mla.latent_dims[mla.index(layer)] + G * 2 * mla.num_rope_pairs(layer)
+
+
 def init_cache(config: GptOssConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> Cache:
     """An empty cache for `batch` sequences of up to `max_len` tokens (prompt plus generated)."""
     if max_len > config.max_position_embeddings:
@@ -33,11 +57,10 @@ def init_cache(config: GptOssConfig, batch: int, max_len: int, dtype=jnp.bfloat1
             f"cache max_len {max_len} exceeds the model context max_position_embeddings="
             f"{config.max_position_embeddings}"
         )
-    shape = lambda i: (batch, layer_slots(config, i, max_len), config.num_key_value_heads, config.head_dim)
     return {
         "lengths": jnp.zeros((batch,), jnp.int32),
         "layers": [
-            {"k": jnp.zeros(shape(i), dtype), "v": jnp.zeros(shape(i), dtype)}
+            {name: jnp.zeros(shape, dtype) for name, shape in entry_shapes(config, i, batch, max_len).items()}
             for i in range(config.num_hidden_layers)
         ],
     }
@@ -46,7 +69,9 @@ def init_cache(config: GptOssConfig, batch: int, max_len: int, dtype=jnp.bfloat1
 def cache_max_len(cache: Cache, config: GptOssConfig) -> int:
     """Capacity of a cache in tokens: the slot count of its full-attention layers."""
     full = [i for i in range(config.num_hidden_layers) if not config.is_sliding(i)]
-    return cache["layers"][full[0]]["k"].shape[1] if full else config.max_position_embeddings
+    if not full:
+        return config.max_position_embeddings
+    return next(iter(cache["layers"][full[0]].values())).shape[1]
 
 
 def check_cache(cache: Cache, config: GptOssConfig, batch: int, chunk: int) -> None:
@@ -61,11 +86,14 @@ def check_cache(cache: Cache, config: GptOssConfig, batch: int, chunk: int) -> N
     if chunk > max_len:
         raise ValueError(f"{chunk} tokens do not fit a cache of {max_len} positions")
     for i, entry in enumerate(cache["layers"]):
-        want = (batch, layer_slots(config, i, max_len), config.num_key_value_heads, config.head_dim)
-        for name in ("k", "v"):
-            if name not in entry or entry[name].shape != want:
-                got = entry[name].shape if name in entry else "missing"
-                raise ValueError(f"cache['layers'][{i}]['{name}'] has shape {got}, expected {want}")
+        expected = entry_shapes(config, i, batch, max_len)
+        if set(entry) != set(expected):
+            raise ValueError(f"cache['layers'][{i}] has entries {sorted(entry)}, expected {sorted(expected)}")
+        for name, want in expected.items():
+            if entry[name].shape != want:
+                raise ValueError(
+                    f"cache['layers'][{i}]['{name}'] has shape {entry[name].shape}, expected {want}"
+                )
 
 
 def cached_positions(

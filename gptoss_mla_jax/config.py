@@ -86,6 +86,57 @@ class RopeParams:
         return True if self.truncate is None else self.truncate
 
 
+ROPE_MODES = ("decompressed", "partial")
+
+
+@dataclasses.dataclass(frozen=True)
+class MlaConfig:
+    """Which attention layers are Multi-head Latent Attention, and how (see DESIGN.md, "MLA: the math").
+
+    `decompressed`: the cache holds a latent of `latent_dim` values per token; K (before RoPE) and V are
+    up-projected from it. `partial`: for every kv head a few RoPE frequency pairs (`rope_pairs[i][g]`, the
+    pair indices of converted layer i, kv head g) keep their keys exactly, cached after RoPE; the other key
+    dims (no RoPE from then on) and all of V are compressed jointly into the latent.
+    """
+
+    rope_mode: str
+    layers: tuple[int, ...]
+    latent_dims: tuple[int, ...]  # one per entry of `layers`
+    rope_pairs: tuple[tuple[tuple[int, ...], ...], ...] = ()  # partial mode: [layer][kv head] -> pairs
+
+    def __post_init__(self):
+        object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
+        object.__setattr__(self, "latent_dims", tuple(int(r) for r in self.latent_dims))
+        pairs = tuple(
+            tuple(tuple(sorted(int(p) for p in head)) for head in layer) for layer in self.rope_pairs
+        )
+        object.__setattr__(self, "rope_pairs", pairs)
+
+    def index(self, layer: int) -> int | None:
+        """Position of `layer` among the converted layers, or None if it is plain GQA."""
+        return self.layers.index(layer) if layer in self.layers else None
+
+    def num_rope_pairs(self, layer: int) -> int:
+        return len(self.rope_pairs[self.index(layer)][0]) if self.rope_mode == "partial" else 0
+
+    def to_hf(self) -> dict[str, Any]:
+        out = {
+            "rope_mode": self.rope_mode,
+            "layers": list(self.layers),
+            "latent_dims": list(self.latent_dims),
+        }
+        if self.rope_mode == "partial":
+            out["rope_pairs"] = [[list(head) for head in layer] for layer in self.rope_pairs]
+        return out
+
+    @classmethod
+    def from_hf(cls, mla: dict[str, Any]) -> MlaConfig:
+        unknown = sorted(set(mla) - {"rope_mode", "layers", "latent_dims", "rope_pairs"})
+        if unknown:
+            raise ConfigError(f"config.json: mla setting(s) {unknown} are not supported")
+        return cls(mla["rope_mode"], mla["layers"], mla["latent_dims"], mla.get("rope_pairs", ()))
+
+
 @dataclasses.dataclass(frozen=True)
 class GptOssConfig:
     vocab_size: int = 201088
@@ -114,6 +165,8 @@ class GptOssConfig:
     # Typed fields that config.json did not contain (transformers filled in defaults); `to_hf` leaves them
     # out again while they still hold the default, so the round trip is exact.
     hf_absent: tuple[str, ...] = ()
+    # Multi-head Latent Attention settings of a converted model (None: the original GQA model).
+    mla: MlaConfig | None = None
 
     def __post_init__(self):
         if not self.layer_types:
@@ -147,6 +200,45 @@ class GptOssConfig:
             )
         if self.rope_key not in ("rope_parameters", "rope_scaling"):
             raise ConfigError(f"rope_key must be rope_parameters or rope_scaling, not {self.rope_key!r}")
+        if self.mla is not None:
+            self._validate_mla(self.mla)
+
+    def _validate_mla(self, mla: MlaConfig) -> None:
+        G, d = self.num_key_value_heads, self.head_dim
+        if mla.rope_mode not in ROPE_MODES:
+            raise ConfigError(f"mla.rope_mode {mla.rope_mode!r} is not one of {ROPE_MODES}")
+        if len(mla.latent_dims) != len(mla.layers) or len(set(mla.layers)) != len(mla.layers):
+            raise ConfigError("mla.layers must be distinct and have one entry of mla.latent_dims each")
+        for layer, r in zip(mla.layers, mla.latent_dims, strict=True):
+            if not 0 <= layer < self.num_hidden_layers:
+                raise ConfigError(f"mla.layers names layer {layer}; the model has {self.num_hidden_layers}")
+            rank = self.mla_target_width(layer, mla)
+            if not 0 < r <= rank:
+                raise ConfigError(
+                    f"mla latent dim {r} of layer {layer} is outside 1..{rank} (the width it compresses)"
+                )
+        if mla.rope_mode == "partial":
+            if len(mla.rope_pairs) != len(mla.layers):
+                raise ConfigError("mla.rope_pairs needs one entry (per kv head pairs) per converted layer")
+            for layer, heads in zip(mla.layers, mla.rope_pairs, strict=True):
+                if len(heads) != G or len({len(h) for h in heads}) != 1:
+                    raise ConfigError(
+                        f"mla.rope_pairs of layer {layer} must list as many pairs for each of {G} kv heads"
+                    )
+                for head in heads:
+                    if len(set(head)) != len(head) or any(not 0 <= p < d // 2 for p in head):
+                        raise ConfigError(
+                            f"mla.rope_pairs of layer {layer}: {list(head)} are not distinct pairs "
+                            f"in 0..{d // 2 - 1}"
+                        )
+
+    def mla_target_width(self, layer: int, mla: MlaConfig | None = None) -> int:
+        """Values per token that a converted layer's latent replaces: K and V (decompressed), or the
+        no-RoPE part of K and all of V (partial)."""
+        mla = mla or self.mla
+        G, d = self.num_key_value_heads, self.head_dim
+        kept = 2 * len(mla.rope_pairs[mla.index(layer)][0]) if mla.rope_mode == "partial" else 0
+        return G * (d - kept) + G * d
 
     # ---- derived sizes -------------------------------------------------------------------------------
     @property
@@ -171,8 +263,11 @@ class GptOssConfig:
             with open(path) as f:
                 hf = json.load(f)
         model_type = hf.pop("model_type", "gpt_oss")
-        if model_type != "gpt_oss":
-            raise ConfigError(f"config.json: model_type {model_type!r} is not gpt_oss")
+        if model_type not in ("gpt_oss", "gpt_oss_mla"):
+            raise ConfigError(f"config.json: model_type {model_type!r} is not gpt_oss or gpt_oss_mla")
+        mla = MlaConfig.from_hf(hf.pop("mla")) if hf.get("mla") is not None else None
+        if (model_type == "gpt_oss_mla") != (mla is not None):
+            raise ConfigError("config.json: model_type gpt_oss_mla goes with an 'mla' section, and only it")
         if hf.get("attention_bias", True) is not True:
             raise ConfigError(
                 "config.json: attention_bias=false is not supported (gpt-oss has q/k/v/o biases)"
@@ -199,7 +294,12 @@ class GptOssConfig:
         if missing:
             raise ConfigError(f"config.json: required field(s) {missing} missing")
         return cls(
-            **kwargs, rope=rope, rope_key=rope_key, hf_extra=json.dumps(hf, sort_keys=True), hf_absent=absent
+            **kwargs,
+            rope=rope,
+            rope_key=rope_key,
+            hf_extra=json.dumps(hf, sort_keys=True),
+            hf_absent=absent,
+            mla=mla,
         )
 
     def to_hf(self) -> dict[str, Any]:
@@ -210,7 +310,9 @@ class GptOssConfig:
             if name not in self.hf_absent or value != getattr(defaults, name):
                 out[name] = value
         out["layer_types"] = list(self.layer_types)
-        out["model_type"] = "gpt_oss"
+        out["model_type"] = "gpt_oss" if self.mla is None else "gpt_oss_mla"
+        if self.mla is not None:
+            out["mla"] = self.mla.to_hf()
         if self.rope_key == "rope_parameters":
             out["rope_parameters"] = self.rope.to_hf(with_theta=True)
         else:
@@ -233,7 +335,7 @@ class GptOssConfig:
 _TYPED_FIELDS = frozenset(
     f.name
     for f in dataclasses.fields(GptOssConfig)
-    if f.name not in ("rope", "rope_key", "hf_extra", "hf_absent", "layer_types")
+    if f.name not in ("rope", "rope_key", "hf_extra", "hf_absent", "layer_types", "mla")
 )
 
 GPT_OSS_20B = GptOssConfig(

@@ -28,6 +28,7 @@ from jaxtyping import Array, Float, Int
 from gptoss_mla_jax import cache as kv_cache
 from gptoss_mla_jax.attention import attention
 from gptoss_mla_jax.config import GptOssConfig
+from gptoss_mla_jax.mla import attention_mla, mla_param_shapes
 from gptoss_mla_jax.moe import moe_dense, moe_sparse
 from gptoss_mla_jax.norm import rms_norm
 from gptoss_mla_jax.rope import cos_sin
@@ -79,7 +80,13 @@ def param_shapes(config: GptOssConfig, experts: ExpertFormat = "dense") -> Param
             "experts": expert_shapes(config, experts),
         },
     }
-    shapes = {"embed_tokens": (V, D), "norm": (D,), "layers": [layer] * config.num_hidden_layers}
+    layers = [
+        {**layer, "self_attn": mla_param_shapes(config, i)}
+        if config.mla is not None and config.mla.index(i) is not None
+        else layer
+        for i in range(config.num_hidden_layers)
+    ]
+    shapes = {"embed_tokens": (V, D), "norm": (D,), "layers": layers}
     if not config.tie_word_embeddings:
         shapes["lm_head"] = (D, V)
     return shapes
@@ -150,6 +157,57 @@ def unembed(params: Params, x: Float[Array, "B T D"], config: GptOssConfig) -> F
     return jnp.matmul(x, head, preferred_element_type=jnp.float32)
 
 
+def decoder_layer(
+    layer: Params,
+    x: Float[Array, "B T D"],
+    positions: Int[Array, "B T"],
+    valid: Array,
+    cos: Array,
+    sin: Array,
+    layer_cache: dict[str, Array] | None,
+    lengths: Int[Array, " B"],
+    config: GptOssConfig,
+    i: int,
+    moe_impl: MoeImpl = "sparse",
+    mla_absorb: bool | None = None,
+) -> tuple[Float[Array, "B T D"], dict[str, Array] | None, Float[Array, "B T D"]]:
+    """One pre-norm block: (new residual stream, updated layer cache, the attention's normed input)."""
+    h = rms_norm(x, layer["input_layernorm"], config.rms_norm_eps)
+    args = (
+        layer["self_attn"],
+        h,
+        positions,
+        valid,
+        cos,
+        sin,
+        layer_cache,
+        lengths,
+        config.is_sliding(i),
+        config,
+    )
+    if config.mla is not None and config.mla.index(i) is not None:
+        a, layer_cache = attention_mla(*args, layer=i, absorb=mla_absorb)
+    else:
+        a, layer_cache = attention(*args)
+    x = x + a
+    moe = moe_sparse if moe_impl == "sparse" else moe_dense
+    x = x + moe(layer["mlp"], rms_norm(x, layer["post_attention_layernorm"], config.rms_norm_eps), config)
+    return x, layer_cache, h
+
+
+def attention_inputs(params: Params, tokens: Int[Array, "B T"], config: GptOssConfig) -> list[Array]:
+    """The normed input of every layer's attention on `tokens` (calibration data for the converter)."""
+    B, T = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    valid = jnp.ones((B, T), bool)
+    cos, sin = cos_sin(positions, config)
+    x, inputs = embed(params, tokens), []
+    for i, layer in enumerate(params["layers"]):
+        x, _, h = decoder_layer(layer, x, positions, valid, cos, sin, None, None, config, i)
+        inputs.append(h)
+    return inputs
+
+
 def forward(
     params: Params,
     tokens: Int[Array, "B T"],
@@ -157,6 +215,7 @@ def forward(
     config: GptOssConfig,
     lengths: Int[Array, " B"] | None = None,
     moe_impl: MoeImpl = "sparse",
+    mla_absorb: bool | None = None,
 ) -> tuple[Float[Array, "B T V"], kv_cache.Cache | None]:
     """Logits (float32) for `tokens`, and the updated cache.
 
@@ -164,6 +223,7 @@ def forward(
     sequence after its `cache["lengths"]` cached tokens. `lengths` [B] (default T) says how many of the T
     tokens of each row are real; the rest is right padding, neither attended to nor cached. A sequence
     pushed past the cache's capacity gets NaN logits rather than silently dropping tokens.
+    `mla_absorb` picks the partial-MLA attention path (default: absorbed for single-token steps).
     """
     check_params(params, config)
     check_tokens(tokens, config)
@@ -175,27 +235,14 @@ def forward(
     positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
     valid = jnp.arange(T)[None, :] < n_new[:, None]
     cos, sin = cos_sin(positions, config)
-    moe = moe_sparse if moe_impl == "sparse" else moe_dense
 
     x = embed(params, tokens)
     new_layers = []
     for i, layer in enumerate(params["layers"]):
         layer_cache = cache["layers"][i] if cache is not None else None
-        h = rms_norm(x, layer["input_layernorm"], config.rms_norm_eps)
-        a, layer_cache = attention(
-            layer["self_attn"],
-            h,
-            positions,
-            valid,
-            cos,
-            sin,
-            layer_cache,
-            start,
-            config.is_sliding(i),
-            config,
+        x, layer_cache, _ = decoder_layer(
+            layer, x, positions, valid, cos, sin, layer_cache, start, config, i, moe_impl, mla_absorb
         )
-        x = x + a
-        x = x + moe(layer["mlp"], rms_norm(x, layer["post_attention_layernorm"], config.rms_norm_eps), config)
         new_layers.append(layer_cache)
     logits = unembed(params, rms_norm(x, params["norm"], config.rms_norm_eps), config)
     if cache is None:
@@ -206,8 +253,8 @@ def forward(
     return logits, {"lengths": new_lengths, "layers": new_layers}
 
 
-forward_jit = jax.jit(forward, static_argnames=("config", "moe_impl"))
-forward_jit.__doc__ = "`forward` under `jax.jit` (config and moe_impl static)."
+forward_jit = jax.jit(forward, static_argnames=("config", "moe_impl", "mla_absorb"))
+forward_jit.__doc__ = "`forward` under `jax.jit` (config, moe_impl and mla_absorb static)."
 
 
 # ---- NNX shell -----------------------------------------------------------------------------------------
@@ -248,5 +295,5 @@ class GptOss(nnx.Module):
     def pure_params(self) -> Params:
         return _to_pure(self.weights)
 
-    def __call__(self, tokens, cache=None, lengths=None, moe_impl: MoeImpl = "sparse"):
-        return forward(self.pure_params(), tokens, cache, self.config, lengths, moe_impl)
+    def __call__(self, tokens, cache=None, lengths=None, moe_impl: MoeImpl = "sparse", mla_absorb=None):
+        return forward(self.pure_params(), tokens, cache, self.config, lengths, moe_impl, mla_absorb)

@@ -58,9 +58,13 @@ def cos_sin(
 
 
 def apply_rope(
-    x: Float[Array, "B T N d"], cos: Float[Array, "B T half"], sin: Float[Array, "B T half"]
+    x: Float[Array, "B T N d"], cos: Float[Array, "B T *N half"], sin: Float[Array, "B T *N half"]
 ) -> Float[Array, "B T N d"]:
-    """Rotate the two halves of every head of `x` (computed in float32, returned in x's dtype)."""
+    """Rotate the two halves of every head of `x` (computed in float32, returned in x's dtype).
+
+    cos / sin are shared by all heads ([B, T, half]) or given per head ([B, T, N, half], e.g. when each
+    head keeps its own subset of frequency pairs)."""
     x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
-    cos, sin = cos[:, :, None, :], sin[:, :, None, :]
+    if cos.ndim == 3:
+        cos, sin = cos[:, :, None, :], sin[:, :, None, :]
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)

@@ -1,0 +1,180 @@
+"""Multi-head Latent Attention: the KV cache holds one small latent per token (DESIGN.md, "MLA: the math").
+
+Per converted layer, with `h` the normed input, G kv heads of dim d and H query heads:
+
+- `decompressed`: latent `c = h W_a` (width r). Keys before RoPE and values are up-projected,
+  `[k_pre, v] = c W_b + b`, RoPE is applied to `k_pre` after decompression, then ordinary GQA attention
+  with sinks. RoPE geometry is untouched; at r = 2Gd the layer is exact.
+- `partial`: each kv head keeps a few RoPE frequency pairs exactly: those key dims are projected straight
+  from `h` (`k_rope`, cached after RoPE, per kv head). The other key dims lose RoPE (scored as RoPE at
+  angle 0, so YaRN's mscale^2 stays) and are compressed jointly with V into the latent:
+  `[k_nope, v] = c W_b + b`. Decode absorbs the up-projections and attends over the latent directly:
+  `score = (W_bk^T q_nope) . c + q_nope . b_k + q_rope . k_rope` and `out = W_bv (sum_t p_t c_t) +
+  (sum_t p_t) b_v` (with sinks the weights sum to less than one, so the value bias is scaled, and the
+  constant `q_nope . b_k` does not cancel).
+
+Params of a converted layer's `self_attn`: `q_proj`, `o_proj`, `sinks` as in GQA, plus `kv_a` {kernel
+[D, r]}, `kv_b` {kernel [r, W], bias [W]} with W = 2Gd (decompressed) or G(d - 2n) + Gd (partial, n pairs
+kept), and for partial `k_rope` {kernel [D, G*2n], bias [G*2n]}. Cache entry: {"c": [B, S, r]} and, for
+partial, "k_rope": [B, S, G, 2n].
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, Bool, Float, Int
+
+from gptoss_mla_jax import cache as kv_cache
+from gptoss_mla_jax.attention import attend, key_mask, sink_softmax
+from gptoss_mla_jax.config import GptOssConfig
+from gptoss_mla_jax.rope import apply_rope, cos_sin
+
+Params = dict[str, Any]
+
+
+def rope_dims(config: GptOssConfig, layer: int) -> tuple[np.ndarray, np.ndarray]:
+    """Per kv head, the head dims that keep RoPE ([G, 2n]: the pairs' first halves, then their second
+    halves, as the half-split rotation wants) and the dims that lose it ([G, d - 2n], ascending)."""
+    d = config.head_dim
+    pairs = np.asarray(config.mla.rope_pairs[config.mla.index(layer)], np.int32).reshape(
+        config.num_key_value_heads, -1
+    )
+    keep = np.concatenate([pairs, pairs + d // 2], axis=1)
+    nope = np.stack([np.setdiff1d(np.arange(d), row) for row in keep]).astype(np.int32)
+    return keep, nope.reshape(config.num_key_value_heads, d - keep.shape[1])
+
+
+def mla_param_shapes(config: GptOssConfig, layer: int) -> dict[str, Any]:
+    D, H, G, d = config.hidden_size, config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    r = config.mla.latent_dims[config.mla.index(layer)]
+    width = config.mla_target_width(layer)
+    shapes = {
+        "q_proj": {"kernel": (D, H * d), "bias": (H * d,)},
+        "o_proj": {"kernel": (H * d, D), "bias": (D,)},
+        "sinks": (H,),
+        "kv_a": {"kernel": (D, r)},
+        "kv_b": {"kernel": (r, width), "bias": (width,)},
+    }
+    if config.mla.rope_mode == "partial":
+        kept = 2 * config.mla.num_rope_pairs(layer)
+        shapes["k_rope"] = {"kernel": (D, G * kept), "bias": (G * kept,)}
+    return shapes
+
+
+def _per_head(table: Float[Array, "B T half"], pairs: np.ndarray) -> Float[Array, "B T G n"]:
+    """cos or sin of each kv head's own kept pairs."""
+    return table[:, :, pairs]
+
+
+def attention_mla(
+    p: Params,
+    x: Float[Array, "B T D"],
+    positions: Int[Array, "B T"],
+    valid: Bool[Array, "B T"],
+    cos: Float[Array, "B T half"],
+    sin: Float[Array, "B T half"],
+    layer_cache: dict[str, Array] | None,
+    lengths: Int[Array, " B"] | None,
+    sliding: bool,
+    config: GptOssConfig,
+    layer: int,
+    absorb: bool | None = None,
+) -> tuple[Float[Array, "B T D"], dict[str, Array] | None]:
+    """One converted attention block (after the input norm); same contract as `attention.attention`.
+
+    `absorb` (partial mode): attend over the latent with absorbed up-projections (default for single-token
+    decode) or materialize K and V (default otherwise: cheaper when many queries share the keys).
+    """
+    B, T, _ = x.shape
+    H, G, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    window = config.sliding_window if sliding else None
+    q = (x @ p["q_proj"]["kernel"] + p["q_proj"]["bias"]).reshape(B, T, H, d)
+    c = x @ p["kv_a"]["kernel"]
+    new = {"c": c}
+    partial = config.mla.rope_mode == "partial"
+    if partial:
+        keep, nope = rope_dims(config, layer)
+        pairs = keep[:, : keep.shape[1] // 2]
+        k_rope = (x @ p["k_rope"]["kernel"] + p["k_rope"]["bias"]).reshape(B, T, G, -1)
+        new["k_rope"] = apply_rope(k_rope, _per_head(cos, pairs), _per_head(sin, pairs))
+
+    # Key blocks as (entries, positions, valid): the cached tokens (if any), then this chunk.
+    blocks = [(new, positions, valid)]
+    new_cache = None
+    if layer_cache is not None:
+        slots = layer_cache["c"].shape[1]
+        c_pos, c_valid = kv_cache.cached_positions(lengths, slots, sliding)
+        blocks.insert(0, (layer_cache, c_pos, c_valid))
+        new_lengths = lengths + valid.sum(axis=1, dtype=jnp.int32)
+        new_cache = {
+            name: kv_cache.write(layer_cache[name], value, positions, valid, new_lengths, sliding)
+            for name, value in new.items()
+        }
+
+    kv_b, kv_bias = p["kv_b"]["kernel"], p["kv_b"]["bias"]
+    if not partial:
+        q = apply_rope(q, cos, sin)
+        keys = []
+        for entries, pos, ok in blocks:
+            kv = (entries["c"] @ kv_b + kv_bias).reshape(*entries["c"].shape[:2], 2, G, d)
+            k_cos, k_sin = cos_sin(pos, config)
+            keys.append((apply_rope(kv[:, :, 0], k_cos, k_sin), kv[:, :, 1], pos, ok))
+        out = attend(q, keys, positions, p["sinks"], window)
+    else:
+        qg = q.reshape(B, T, G, H // G, d)
+        q_rope = jnp.take_along_axis(
+            apply_rope(q, cos, sin).reshape(qg.shape), keep[None, None, :, None], axis=-1
+        )
+        # No-RoPE dims score as RoPE at angle 0: both sides keep YaRN's mscale, hence mscale^2 on q.
+        q_nope = (
+            jnp.take_along_axis(qg, nope[None, None, :, None], axis=-1) * config.yarn_attention_scale() ** 2
+        )
+        n_nope = nope.shape[1]
+        r = kv_b.shape[0]
+        w_k = kv_b[:, : G * n_nope].reshape(r, G, n_nope)
+        b_k = kv_bias[: G * n_nope].reshape(G, n_nope)
+        w_v = kv_b[:, G * n_nope :].reshape(r, G, d)
+        b_v = kv_bias[G * n_nope :].reshape(G, d)
+        if absorb is None:
+            absorb = T == 1
+        if absorb:
+            out = _absorbed(q_rope, q_nope, w_k, b_k, w_v, b_v, blocks, positions, p["sinks"], window, d)
+        else:
+            q_cat = jnp.concatenate([q_rope, q_nope], axis=-1).reshape(B, T, H, d)
+            keys = []
+            for entries, pos, ok in blocks:
+                lat = entries["c"]
+                k_nope = jnp.einsum("bsl,lgn->bsgn", lat, w_k) + b_k
+                v = jnp.einsum("bsl,lgd->bsgd", lat, w_v) + b_v
+                keys.append(
+                    (jnp.concatenate([entries["k_rope"], k_nope.astype(x.dtype)], axis=-1), v, pos, ok)
+                )
+            out = attend(q_cat, keys, positions, p["sinks"], window)
+    out = out.reshape(B, T, H * d) @ p["o_proj"]["kernel"] + p["o_proj"]["bias"]
+    return out, new_cache
+
+
+def _absorbed(q_rope, q_nope, w_k, b_k, w_v, b_v, blocks, q_pos, sinks, window, d):
+    """Attention directly over the cached latent: every query head of kv group g reads the shared latent
+    through its own absorbed query `W_bk[g]^T q_nope`, plus its kv head's rope keys."""
+    B, T, G, R, _ = q_nope.shape
+    f32 = jnp.float32
+    q_lat = jnp.einsum("btgrn,lgn->btgrl", q_nope, w_k, preferred_element_type=f32)
+    q_bias = jnp.einsum("btgrn,gn->bgrt", q_nope, b_k, preferred_element_type=f32)  # constant per query
+    scores = []
+    for entries, pos, ok in blocks:
+        s = jnp.einsum("btgrl,bsl->bgrts", q_lat, entries["c"], preferred_element_type=f32)
+        s += jnp.einsum("btgrk,bsgk->bgrts", q_rope, entries["k_rope"], preferred_element_type=f32)
+        s = (s + q_bias[..., None]) * d**-0.5
+        scores.append(jnp.where(key_mask(q_pos, pos, ok, window)[:, None, None], s, -jnp.inf))
+    probs = sink_softmax(scores, sinks)
+    latent = sum(
+        jnp.einsum("bgrts,bsl->btgrl", p, entries["c"].astype(f32))
+        for p, (entries, _, _) in zip(probs, blocks, strict=True)
+    )
+    mass = sum(p.sum(-1) for p in probs).transpose(0, 3, 1, 2)  # [B, T, G, R], < 1 because of the sink
+    out = jnp.einsum("btgrl,lgd->btgrd", latent, w_v.astype(f32)) + mass[..., None] * b_v.astype(f32)[:, None]
+    return out.reshape(B, T, G * R, d).astype(q_nope.dtype)

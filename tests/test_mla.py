@@ -1,0 +1,181 @@
+"""MLA: exactness of the conversion at full rank, absorbed == materialized, decoding, cache accounting."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptoss_mla_jax import forward, forward_jit, init_cache
+from gptoss_mla_jax.cache import entry_shapes, nbytes, values_per_token
+from gptoss_mla_jax.config import GptOssConfig, MlaConfig
+from weights.safetensors_io import load_hf
+from weights.to_mla import convert
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_hf):
+    return load_hf(tiny_hf[1], progress=False)
+
+
+@pytest.fixture(scope="module")
+def calib(tiny):
+    config, _ = tiny
+    return np.random.default_rng(7).integers(0, config.vocab_size, (4, 32))
+
+
+def _logits(params, config, tokens, **kw):
+    return np.asarray(forward_jit(params, jnp.asarray(tokens), None, config, **kw)[0])
+
+
+TOKENS = np.random.default_rng(3).integers(0, 97, (2, 19))
+
+
+@pytest.mark.parametrize("init", ["svd", "pca"])
+def test_decompressed_full_rank_is_exact(tiny, calib, init):
+    config, params = tiny
+    full_rank = 2 * config.num_key_value_heads * config.head_dim
+    mla_config, mla_params, report = convert(
+        params, config, full_rank, "decompressed", layers=(0, 1, 2, 3), init=init, calib_tokens=calib
+    )
+    np.testing.assert_allclose(
+        _logits(mla_params, mla_config, TOKENS), _logits(params, config, TOKENS), atol=1e-4, rtol=0
+    )
+    assert all(abs(row["energy_retained"] - 1) < 1e-5 for row in report)
+
+
+@pytest.mark.parametrize("init", ["svd", "pca"])
+def test_partial_all_pairs_full_rank_is_exact(tiny, calib, init):
+    config, params = tiny
+    G, d = config.num_key_value_heads, config.head_dim
+    mla_config, mla_params, _ = convert(
+        params,
+        config,
+        G * d,
+        "partial",
+        layers=(0, 1, 2, 3),
+        rope_pairs=d // 2,
+        init=init,
+        calib_tokens=calib,
+    )
+    want = _logits(params, config, TOKENS)
+    for absorb in (False, True):
+        got = _logits(mla_params, mla_config, TOKENS, mla_absorb=absorb)
+        np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
+
+
+def test_low_rank_is_not_exact_and_pca_beats_svd(tiny, calib):
+    """A guard that the exactness tests can fail: at a quarter of the rank the logits move."""
+    config, params = tiny
+    want = _logits(params, config, calib[:, :19])
+    errors = {}
+    for init in ("svd", "pca"):
+        mla_config, mla_params, report = convert(
+            params, config, 8, "decompressed", init=init, calib_tokens=calib
+        )
+        errors[init] = np.abs(_logits(mla_params, mla_config, calib[:, :19]) - want).mean()
+        assert errors[init] > 1e-3 and all(0 < row["energy_retained"] < 1 for row in report)
+    # Activation-aware init fits the calibration activations better than weight SVD.
+    assert errors["pca"] < errors["svd"]
+
+
+def test_absorbed_equals_materialized(tiny, calib):
+    """Partial mode at reduced rank, sinks and biases nonzero: both attention paths, float32, 1e-5."""
+    config, params = tiny
+    mla_config, mla_params, _ = convert(
+        params, config, 10, "partial", layers=(0, 1, 3), rope_pairs=1, init="pca", calib_tokens=calib
+    )
+    attn = mla_params["layers"][1]["self_attn"]
+    assert np.abs(np.asarray(attn["kv_b"]["bias"])).min() > 0 and np.abs(np.asarray(attn["sinks"])).min() > 0
+    a = _logits(mla_params, mla_config, TOKENS, mla_absorb=True)
+    m = _logits(mla_params, mla_config, TOKENS, mla_absorb=False)
+    np.testing.assert_allclose(a, m, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["decompressed", "partial"])
+def test_mla_decode_matches_full_forward(tiny, calib, mode):
+    """A model mixing MLA (layers 0, 1: sliding and full) and GQA layers, prefill then token-by-token decode
+    far past the window, through the jitted donated decode path."""
+    config, params = tiny
+    mla_config, mla_params, _ = convert(
+        params, config, 12, mode, layers=(0, 1), rope_pairs=2, init="pca", calib_tokens=calib
+    )
+    tokens = np.random.default_rng(4).integers(0, 97, (2, 24)).astype(np.int32)
+    full = _logits(mla_params, mla_config, tokens)
+    cache = init_cache(mla_config, 2, 32, jnp.float32)
+    assert set(cache["layers"][0]) == ({"c"} if mode == "decompressed" else {"c", "k_rope"})
+    assert set(cache["layers"][2]) == {"k", "v"}
+    prompt = np.array([3, 6], np.int32)
+    logits, cache = forward_jit(
+        mla_params, jnp.asarray(tokens[:, :8]), cache, mla_config, lengths=jnp.asarray(prompt)
+    )
+    for b in range(2):
+        np.testing.assert_allclose(
+            np.asarray(logits)[b, : prompt[b]], full[b, : prompt[b]], atol=1e-4, rtol=0
+        )
+    step = jax.jit(lambda p, c, t: forward(p, t, c, mla_config), donate_argnums=1)
+    for t in range(24 - prompt.max()):
+        pos = prompt + t
+        logits, cache = step(mla_params, cache, jnp.asarray(tokens[np.arange(2), pos][:, None]))
+        np.testing.assert_allclose(np.asarray(logits)[:, 0], full[np.arange(2), pos], atol=1e-4, rtol=0)
+
+
+def test_cache_bytes_formula(tiny):
+    config, _ = tiny
+    G, d = config.num_key_value_heads, config.head_dim
+    mla = MlaConfig("partial", (1, 2), (12, 5), (((0, 3), (1, 2)), ((2, 3), (0, 1))))
+    mixed = dataclasses.replace(config, mla=mla)
+    assert [values_per_token(mixed, i) for i in range(4)] == [2 * G * d, 12 + G * 4, 5 + G * 4, 2 * G * d]
+    for cfg in (config, mixed):
+        cache = init_cache(cfg, batch=3, max_len=40, dtype=jnp.bfloat16)
+        slots = [cfg.sliding_window if cfg.is_sliding(i) else 40 for i in range(4)]
+        formula = sum(3 * s * values_per_token(cfg, i) * 2 for i, s in enumerate(slots)) + 3 * 4
+        assert nbytes(cache) == formula
+        assert all(
+            cache["layers"][i][n].shape == s for i in range(4) for n, s in entry_shapes(cfg, i, 3, 40).items()
+        )
+
+
+def test_mla_config_round_trip_and_errors(tiny):
+    config, _ = tiny
+    mla = MlaConfig("partial", (1, 3), (12, 8), (((0, 3), (1, 2)), ((2, 3), (0, 1))))
+    mixed = dataclasses.replace(config, mla=mla)
+    hf = mixed.to_hf()
+    assert hf["model_type"] == "gpt_oss_mla" and hf["mla"]["rope_pairs"][0] == [[0, 3], [1, 2]]
+    assert GptOssConfig.from_hf(hf) == mixed
+    with pytest.raises(ValueError, match="latent dim 40 of layer 1 is outside 1..32"):
+        dataclasses.replace(config, mla=MlaConfig("decompressed", (1,), (40,)))
+    with pytest.raises(ValueError, match="names layer 9"):
+        dataclasses.replace(config, mla=MlaConfig("decompressed", (9,), (4,)))
+
+
+@pytest.mark.parametrize("absorb", [False, True])
+def test_partial_no_rope_dims_keep_yarn_mscale(tiny, calib, absorb):
+    """Dims that lose RoPE are scored as RoPE at angle 0, so YaRN's mscale^2 must stay on them. At full
+    latent rank the only change is the missing rotation, which is the identity where query and key share
+    a position: one-token sequences must then give the original logits exactly."""
+    config, params = tiny
+    G, d = config.num_key_value_heads, config.head_dim
+    pairs = 1
+    width = G * (d - 2 * pairs) + G * d
+    assert width <= config.hidden_size  # a full-rank latent is representable
+    mla_config, mla_params, _ = convert(
+        params,
+        config,
+        width,
+        "partial",
+        layers=(0, 1, 2, 3),
+        rope_pairs=pairs,
+        init="svd",
+        calib_tokens=calib,
+    )
+    tokens = calib[:, :1]
+    np.testing.assert_allclose(
+        _logits(mla_params, mla_config, tokens, mla_absorb=absorb),
+        _logits(params, config, tokens),
+        atol=1e-4,
+        rtol=0,
+    )
+    # Longer sequences do change: the no-RoPE dims really lost their rotation.
+    assert np.abs(_logits(mla_params, mla_config, TOKENS) - _logits(params, config, TOKENS)).max() > 1e-2

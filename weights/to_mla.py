@@ -1,0 +1,198 @@
+"""Convert grouped-query attention layers into Multi-head Latent Attention (DESIGN.md, "MLA: the math").
+
+    python -m weights.to_mla --model SRC --out CKPT --latent-dim R --rope-mode decompressed|partial
+        [--rope-pairs N] [--layers full|all|LIST] [--init svd|pca] [--calib DATA --calib-tokens N]
+
+Initialisations (all linear algebra in jnp, so it runs on the accelerator; one layer at a time):
+- `svd`: truncated SVD of the stacked key/value weights `[W_k, W_v]` (`x @ W` layout), split as
+  `U sqrt(S)` (the down-projection, cached latent) and `sqrt(S) V^T` (the up-projection); biases exact.
+- `pca`: activation-aware. The k/v outputs on calibration tokens, K and V each scaled to unit RMS so
+  neither dominates, are centred and their top-r principal directions U kept: down = `W s U`,
+  up = `U^T / s`, and the bias absorbs the mean and what the projection drops of the original bias,
+  so the fit includes the biases and is exact at full rank.
+For `partial`, the RoPE pairs each kv head keeps are those with the largest q.k norm contribution
+`mean_t sum_{query heads of the group} |q_pair| |k_pair|` on the calibration tokens (MHA2MLA's 2-norm rule);
+their key dims are copied exactly, the rest of K and all of V are what the latent compresses.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm.auto import tqdm
+
+from gptoss_mla_jax.config import FULL, SLIDING, ConfigError, GptOssConfig, MlaConfig
+from gptoss_mla_jax.mla import rope_dims
+from gptoss_mla_jax.model import attention_inputs, check_params
+
+Params = dict[str, Any]
+HI = jax.lax.Precision.HIGHEST
+
+
+def parse_layers(spec: str, config: GptOssConfig) -> tuple[int, ...]:
+    """`full` (the full-attention layers, the default), `sliding`, `all`, or a comma list like `1,3,5`."""
+    n = config.num_hidden_layers
+    if spec == "all":
+        return tuple(range(n))
+    if spec in ("full", "sliding"):
+        kind = FULL if spec == "full" else SLIDING
+        return tuple(i for i in range(n) if config.layer_types[i] == kind)
+    try:
+        layers = tuple(sorted({int(part) for part in spec.split(",")}))
+    except ValueError:
+        raise ValueError(
+            f"--layers {spec!r}: expected full, sliding, all or a comma list of layer indices"
+        ) from None
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad:
+        raise ValueError(f"--layers {spec!r}: layer(s) {bad} do not exist (the model has layers 0..{n - 1})")
+    return layers
+
+
+def _heads(x: jax.Array, heads: int) -> jax.Array:
+    return x.reshape(*x.shape[:-1], heads, -1)
+
+
+def select_rope_pairs(
+    attn: Params, h: jax.Array, config: GptOssConfig, n_pairs: int
+) -> tuple[tuple[int, ...], ...]:
+    """Per kv head, the `n_pairs` frequency pairs with the largest mean |q_pair| |k_pair| over the
+    calibration tokens, summed over the query heads that read that kv head."""
+    G, R, d = config.num_key_value_heads, config.q_per_kv, config.head_dim
+    q = _heads(jnp.dot(h, attn["q_proj"]["kernel"], precision=HI) + attn["q_proj"]["bias"], G * R)
+    k = _heads(jnp.dot(h, attn["k_proj"]["kernel"], precision=HI) + attn["k_proj"]["bias"], G)
+    pair_norm = lambda x: jnp.sqrt(x[..., : d // 2] ** 2 + x[..., d // 2 :] ** 2)  # rotation-invariant
+    qn = pair_norm(q).reshape(-1, G, R, d // 2)
+    kn = pair_norm(k).reshape(-1, G, 1, d // 2)
+    score = (qn * kn).mean(0).sum(1)  # [G, d/2]
+    top = jnp.argsort(-score, axis=-1)[:, :n_pairs]
+    return tuple(tuple(sorted(int(p) for p in row)) for row in np.asarray(top))
+
+
+def _targets(attn: Params, config: GptOssConfig, mode: str, layer_config: GptOssConfig, layer: int):
+    """(kernel [D, W], bias [W], k width) of what the latent must reproduce: [K, V] (decompressed) or
+    [K's no-RoPE dims, V] (partial), columns grouped head by head as the up-projection lays them out."""
+    G, d = config.num_key_value_heads, config.head_dim
+    wk, bk = attn["k_proj"]["kernel"], attn["k_proj"]["bias"]
+    wv, bv = attn["v_proj"]["kernel"], attn["v_proj"]["bias"]
+    if mode == "partial":
+        _, nope = rope_dims(layer_config, layer)
+        cols = (np.arange(G)[:, None] * d + nope).reshape(-1)
+        wk, bk = wk[:, cols], bk[cols]
+    return jnp.concatenate([wk, wv], axis=1), jnp.concatenate([bk, bv]), wk.shape[1]
+
+
+def fit_layer(
+    attn: Params, h: jax.Array | None, config: GptOssConfig, layer_config: GptOssConfig, layer: int, init: str
+) -> tuple[Params, dict[str, Any]]:
+    """MLA params for one layer (of `layer_config`, which carries the MLA settings) and its report row."""
+    mla = layer_config.mla
+    r = mla.latent_dims[mla.index(layer)]
+    G, d = config.num_key_value_heads, config.head_dim
+    w, b, k_width = _targets(attn, config, mla.rope_mode, layer_config, layer)
+    w32, b32 = w.astype(jnp.float32), b.astype(jnp.float32)
+    if init == "svd":
+        u, s, vt = jnp.linalg.svd(w32, full_matrices=False)
+        energy = s**2
+        down = u[:, :r] * jnp.sqrt(s[:r])
+        up = jnp.sqrt(s[:r])[:, None] * vt[:r]
+        bias = b32
+    else:
+        y = jnp.dot(h.astype(jnp.float32), w32, precision=HI) + b32
+        mean = y.mean(0)
+        k_rms = jnp.sqrt(jnp.mean((y[:, :k_width] - mean[:k_width]) ** 2)) if k_width else 1.0
+        v_rms = jnp.sqrt(jnp.mean((y[:, k_width:] - mean[k_width:]) ** 2))
+        scale = jnp.concatenate([jnp.full(k_width, 1 / k_rms), jnp.full(w.shape[1] - k_width, 1 / v_rms)])
+        centred = (y - mean) * scale
+        energy, vecs = jnp.linalg.eigh(jnp.dot(centred.T, centred, precision=HI) / y.shape[0])
+        energy, vecs = energy[::-1], vecs[:, ::-1]
+        u = vecs[:, :r]
+        down = jnp.dot(w32 * scale, u, precision=HI)
+        up = u.T / scale
+        bias = mean + jnp.dot(jnp.dot((b32 - mean) * scale, u, precision=HI), u.T, precision=HI) / scale
+    dtype = attn["k_proj"]["kernel"].dtype
+    new = {name: attn[name] for name in ("q_proj", "o_proj", "sinks")}
+    new["kv_a"] = {"kernel": down.astype(dtype)}
+    new["kv_b"] = {"kernel": up.astype(dtype), "bias": bias.astype(dtype)}
+    if mla.rope_mode == "partial":
+        keep, _ = rope_dims(layer_config, layer)
+        cols = (np.arange(G)[:, None] * d + keep).reshape(-1)
+        new["k_rope"] = {"kernel": attn["k_proj"]["kernel"][:, cols], "bias": attn["k_proj"]["bias"][cols]}
+    energy = jnp.maximum(energy, 0)
+    report = {"layer": layer, "latent_dim": r, "energy_retained": float(energy[:r].sum() / energy.sum())}
+    if h is not None:
+        report.update(_reconstruction_errors(attn, new, h, w32, b32, k_width))
+    if mla.rope_mode == "partial":
+        report["rope_pairs"] = [list(p) for p in mla.rope_pairs[mla.index(layer)]]
+    return new, report
+
+
+def _reconstruction_errors(attn, new, h, w, b, k_width) -> dict[str, float]:
+    """Relative L2 error of the compressed part of K and of V on the calibration tokens."""
+    h = h.astype(jnp.float32)
+    y = jnp.dot(h, w, precision=HI) + b
+    c = jnp.dot(h, new["kv_a"]["kernel"].astype(jnp.float32), precision=HI)
+    y_hat = jnp.dot(c, new["kv_b"]["kernel"].astype(jnp.float32), precision=HI) + new["kv_b"]["bias"]
+    rel = lambda a, b: float(jnp.linalg.norm(a - b) / jnp.maximum(jnp.linalg.norm(a), 1e-30))
+    out = {"v_rel_error": rel(y[:, k_width:], y_hat[:, k_width:])}
+    out["k_rel_error"] = rel(y[:, :k_width], y_hat[:, :k_width]) if k_width else 0.0
+    return out
+
+
+def convert(
+    params: Params,
+    config: GptOssConfig,
+    latent_dim: int | dict[int, int],
+    rope_mode: str = "decompressed",
+    layers: tuple[int, ...] | None = None,
+    rope_pairs: int = 0,
+    init: str = "svd",
+    calib_tokens: np.ndarray | None = None,
+    progress: bool = False,
+) -> tuple[GptOssConfig, Params, list[dict[str, Any]]]:
+    """(MLA config, MLA params, per-layer report). Unconverted layers are shared, not copied."""
+    if config.mla is not None:
+        raise ValueError(
+            "the source model is already MLA (its config has an 'mla' section); convert the original"
+        )
+    layers = parse_layers("full", config) if layers is None else tuple(layers)
+    if not layers:
+        raise ValueError("--layers selects no layer to convert")
+    d = config.head_dim
+    if rope_mode == "partial" and not 1 <= rope_pairs <= d // 2:
+        raise ValueError(f"--rope-pairs {rope_pairs} must be in 1..{d // 2} (head_dim / 2) for partial mode")
+    needs_calib = init == "pca" or rope_mode == "partial"
+    if needs_calib and (calib_tokens is None or np.asarray(calib_tokens).size == 0):
+        raise ValueError(
+            f"--init {init} / --rope-mode {rope_mode} need calibration tokens (--calib): none given"
+        )
+    dims = latent_dim if isinstance(latent_dim, dict) else dict.fromkeys(layers, latent_dim)
+    inputs = attention_inputs(params, jnp.asarray(calib_tokens), config) if needs_calib else None
+    flat = lambda x: x.reshape(-1, x.shape[-1])
+    pairs = []
+    if rope_mode == "partial":
+        pairs = [
+            select_rope_pairs(params["layers"][i]["self_attn"], flat(inputs[i]), config, rope_pairs)
+            for i in layers
+        ]
+    try:
+        mla = MlaConfig(rope_mode, layers, tuple(dims[i] for i in layers), tuple(pairs))
+        mla_config = dataclasses.replace(config, mla=mla)
+    except ConfigError as e:
+        raise ValueError(f"--latent-dim / --rope-pairs: {e}") from None
+    new_layers = list(params["layers"])
+    report = []
+    for i in tqdm(layers, desc="converting", unit="layer", disable=not progress):
+        attn = params["layers"][i]["self_attn"]
+        new_attn, row = fit_layer(
+            attn, flat(inputs[i]) if inputs is not None else None, config, mla_config, i, init
+        )
+        new_layers[i] = {**params["layers"][i], "self_attn": new_attn}
+        report.append(row)
+    new_params = {**params, "layers": new_layers}
+    check_params(new_params, mla_config)
+    return mla_config, new_params, report
