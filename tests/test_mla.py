@@ -144,7 +144,7 @@ def test_mla_config_round_trip_and_errors(tiny):
     hf = mixed.to_hf()
     assert hf["model_type"] == "gpt_oss_mla" and hf["mla"]["rope_pairs"][0] == [[0, 3], [1, 2]]
     assert GptOssConfig.from_hf(hf) == mixed
-    with pytest.raises(ValueError, match="latent dim 40 of layer 1 is outside 1..32"):
+    with pytest.raises(ValueError, match=r"latent dim 40 of layer 1 is outside 1\.\.32"):
         dataclasses.replace(config, mla=MlaConfig("decompressed", (1,), (40,)))
     with pytest.raises(ValueError, match="names layer 9"):
         dataclasses.replace(config, mla=MlaConfig("decompressed", (9,), (4,)))
