@@ -212,10 +212,10 @@ class GptOssConfig:
         for layer, r in zip(mla.layers, mla.latent_dims, strict=True):
             if not 0 <= layer < self.num_hidden_layers:
                 raise ConfigError(f"mla.layers names layer {layer}; the model has {self.num_hidden_layers}")
-            rank = self.mla_target_width(layer, mla)
+            rank = min(self.mla_target_width(layer, mla), self.hidden_size)
             if not 0 < r <= rank:
                 raise ConfigError(
-                    f"mla latent dim {r} of layer {layer} is outside 1..{rank} (the width it compresses)"
+                    f"mla latent dim {r} of layer {layer} is outside 1..{rank} (the rank it compresses)"
                 )
         if mla.rope_mode == "partial":
             if len(mla.rope_pairs) != len(mla.layers):

@@ -24,6 +24,10 @@ class HfTensor:
         return tuple(param_shape[::-1] if self.transpose else param_shape)
 
 
+# MLA projections of a converted layer: params key -> module name in the safetensors files.
+MLA_PROJECTIONS = {"kv_a": "kv_a_proj", "kv_b": "kv_b_proj", "k_rope": "k_rope_proj"}
+
+
 def hf_tensors(config: GptOssConfig, experts: ExpertFormat = "dense") -> list[HfTensor]:
     """Every tensor of a checkpoint with experts stored `dense` or packed in `mxfp4`, in file order."""
     out = [HfTensor("model.embed_tokens.weight", ("embed_tokens",), False)]
@@ -37,9 +41,19 @@ def hf_tensors(config: GptOssConfig, experts: ExpertFormat = "dense") -> list[Hf
             HfTensor(pre + "post_attention_layernorm.weight", (*layer, "post_attention_layernorm"), False),
             HfTensor(pre + "self_attn.sinks", (*layer, "self_attn", "sinks"), False),
         ]
-        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
-            out.append(HfTensor(f"{pre}self_attn.{proj}.weight", (*layer, "self_attn", proj, "kernel"), True))
-            out.append(HfTensor(f"{pre}self_attn.{proj}.bias", (*layer, "self_attn", proj, "bias"), False))
+        converted = config.mla is not None and config.mla.index(i) is not None
+        projections = ["q_proj", "o_proj", *(("kv_a", "kv_b") if converted else ("k_proj", "v_proj"))]
+        if converted and config.mla.rope_mode == "partial":
+            projections.append("k_rope")
+        for proj in projections:
+            hf_name = MLA_PROJECTIONS.get(proj, proj)
+            out.append(
+                HfTensor(f"{pre}self_attn.{hf_name}.weight", (*layer, "self_attn", proj, "kernel"), True)
+            )
+            if proj != "kv_a":  # the latent's down-projection has no bias
+                out.append(
+                    HfTensor(f"{pre}self_attn.{hf_name}.bias", (*layer, "self_attn", proj, "bias"), False)
+                )
         out.append(HfTensor(pre + "mlp.router.weight", (*layer, "mlp", "router", "kernel"), True))
         out.append(HfTensor(pre + "mlp.router.bias", (*layer, "mlp", "router", "bias"), False))
         for name in expert_shapes(config, experts):

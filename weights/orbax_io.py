@@ -50,11 +50,16 @@ def save_checkpoint(
         )
         manager.wait_until_finished()
     if source and os.path.isdir(source):
-        files = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(source, f))]
-        if files:
-            os.makedirs(os.path.join(directory, TOKENIZER_DIR), exist_ok=True)
-            for name in files:
-                shutil.copy2(os.path.join(source, name), os.path.join(directory, TOKENIZER_DIR, name))
+        copy_tokenizer(source, directory)
+
+
+def copy_tokenizer(source: str, directory: str) -> None:
+    """Copy the tokenizer files found in `source` into `directory`/tokenizer."""
+    files = [f for f in TOKENIZER_FILES if os.path.isfile(os.path.join(source, f))]
+    if files:
+        os.makedirs(os.path.join(directory, TOKENIZER_DIR), exist_ok=True)
+        for name in files:
+            shutil.copy2(os.path.join(source, name), os.path.join(directory, TOKENIZER_DIR, name))
 
 
 def tokenizer_dir(directory: str) -> str | None:

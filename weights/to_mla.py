@@ -17,7 +17,11 @@ their key dims are copied exactly, the rest of K and all of V are what the laten
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
+import json
+import os
+import sys
 from typing import Any
 
 import jax
@@ -123,7 +127,13 @@ def fit_layer(
         cols = (np.arange(G)[:, None] * d + keep).reshape(-1)
         new["k_rope"] = {"kernel": attn["k_proj"]["kernel"][:, cols], "bias": attn["k_proj"]["bias"][cols]}
     energy = jnp.maximum(energy, 0)
-    report = {"layer": layer, "latent_dim": r, "energy_retained": float(energy[:r].sum() / energy.sum())}
+    curve = np.asarray(jnp.cumsum(energy) / energy.sum())
+    report = {
+        "layer": layer,
+        "latent_dim": r,
+        "energy_retained": float(curve[r - 1]),
+        "energy_curve": curve.tolist(),
+    }
     if h is not None:
         report.update(_reconstruction_errors(attn, new, h, w32, b32, k_width))
     if mla.rope_mode == "partial":
@@ -196,3 +206,115 @@ def convert(
     new_params = {**params, "layers": new_layers}
     check_params(new_params, mla_config)
     return mla_config, new_params, report
+
+
+def plot_energy(report: list[dict[str, Any]], path: str, title: str) -> None:
+    """Cumulative singular-value (svd) or principal-component (pca) energy per converted layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for row in report:
+        curve = row["energy_curve"]
+        ax.plot(np.arange(1, len(curve) + 1), curve, label=f"layer {row['layer']}")
+        ax.plot(row["latent_dim"], row["energy_retained"], "k.", ms=4)
+    ax.set(xlabel="latent rank", ylabel="energy retained", title=title, ylim=(0, 1.01))
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    from train.data import token_windows
+    from weights.load import load_model
+    from weights.orbax_io import save_checkpoint
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", required=True, help="source model: transformers folder or Orbax checkpoint"
+    )
+    parser.add_argument("--out", required=True, help="Orbax checkpoint to create")
+    parser.add_argument("--latent-dim", type=int, default=160, help="latent width per token (default 160)")
+    parser.add_argument("--rope-mode", choices=["decompressed", "partial"], default="partial")
+    parser.add_argument("--rope-pairs", type=int, default=2, help="RoPE pairs kept per kv head (partial)")
+    parser.add_argument("--layers", default="full", help="full (default), sliding, all, or e.g. 1,3,5")
+    parser.add_argument("--init", choices=["svd", "pca"], default="pca")
+    parser.add_argument("--calib", default="stdlib", help="calibration text: stdlib or a file / folder")
+    parser.add_argument("--calib-tokens", type=int, default=4096)
+    parser.add_argument("--calib-seq-len", type=int, default=512)
+    args = parser.parse_args(argv)
+    if os.path.exists(args.out):
+        print(f"error: --out {args.out} exists", file=sys.stderr)
+        return 2
+    try:
+        config, params, tokenizer_dir = load_model(args.model)
+        layers = parse_layers(args.layers, config)
+        calib = None
+        if args.init == "pca" or args.rope_mode == "partial":
+            if args.calib_tokens <= 0:
+                raise ValueError(f"--calib-tokens {args.calib_tokens}: calibration data is empty")
+            if tokenizer_dir is None:
+                raise ValueError(
+                    f"--calib {args.calib}: {args.model} has no tokenizer.json to tokenize it with"
+                )
+            from tokenizers import Tokenizer
+
+            tokenizer = Tokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json"))
+            calib = token_windows(
+                tokenizer, args.calib, args.calib_tokens, min(args.calib_seq_len, args.calib_tokens)
+            )
+        mla_config, mla_params, report = convert(
+            params,
+            config,
+            args.latent_dim,
+            args.rope_mode,
+            layers,
+            args.rope_pairs,
+            args.init,
+            calib,
+            progress=True,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    # Everything goes into a temporary folder that becomes --out only when complete.
+    out = os.path.abspath(args.out)
+    tmp = f"{out}.partial-{os.getpid()}"
+    save_checkpoint(tmp, mla_params, mla_config, source=os.path.abspath(args.model))
+    if tokenizer_dir and not os.path.isdir(os.path.join(tmp, "tokenizer")):
+        from weights.orbax_io import copy_tokenizer
+
+        copy_tokenizer(tokenizer_dir, tmp)
+    summary = {
+        "source": os.path.abspath(args.model),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("model", "out")},
+        "mla": mla_config.mla.to_hf(),
+        "layers": report,
+    }
+    with open(os.path.join(tmp, "mla_report.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    plot_energy(
+        report,
+        os.path.join(tmp, "mla_energy.png"),
+        f"{args.init} init, {args.rope_mode}, r={args.latent_dim}",
+    )
+    os.rename(tmp, out)
+    for row in report:
+        errors = (
+            f", k err {row['k_rel_error']:.3f}, v err {row['v_rel_error']:.3f}"
+            if "v_rel_error" in row
+            else ""
+        )
+        print(f"layer {row['layer']:3d}: r={row['latent_dim']}, energy {row['energy_retained']:.4f}{errors}")
+    print(f"wrote {out} (report: mla_report.json, plot: mla_energy.png)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
