@@ -128,5 +128,12 @@ def write(
     return entry.at[batch, index].set(new.astype(entry.dtype), mode="drop")
 
 
+def layer_bytes(config: GptOssConfig, layer: int, batch: int, context: int, dtype=jnp.bfloat16) -> int:
+    """Bytes one layer's cache takes for `batch` sequences of `context` tokens (a sliding layer keeps at
+    most `sliding_window` of them)."""
+    slots = min(layer_slots(config, layer, context), context)
+    return batch * slots * values_per_token(config, layer) * jnp.dtype(dtype).itemsize
+
+
 def nbytes(cache: Cache) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))

@@ -7,7 +7,7 @@ from typing import Any
 
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.model import ExpertFormat
-from weights.orbax_io import is_orbax_checkpoint, restore_checkpoint, tokenizer_dir
+from weights.orbax_io import is_orbax_checkpoint, read_meta, restore_checkpoint, tokenizer_dir
 from weights.safetensors_io import INDEX, SINGLE, Placement, load_hf
 
 
@@ -34,3 +34,10 @@ def load_model(
         f"{path}: neither a transformers checkpoint folder (config.json + {SINGLE} or {INDEX}) nor an "
         "Orbax checkpoint (<step>/params)"
     )
+
+
+def load_config(path: str) -> GptOssConfig:
+    """The config of an HF folder or Orbax checkpoint, without reading any weights."""
+    if is_orbax_checkpoint(path):
+        return GptOssConfig.from_hf(read_meta(path)["config"])
+    return GptOssConfig.from_hf(path)

@@ -67,6 +67,19 @@ def tokenizer_dir(directory: str) -> str | None:
     return path if os.path.isdir(path) else None
 
 
+def read_meta(directory: str, step: int | None = None) -> dict[str, Any]:
+    """The JSON record of a checkpoint step (latest by default), without reading the params."""
+    directory = os.path.abspath(directory)
+    if not is_orbax_checkpoint(directory):
+        raise FileNotFoundError(f"{directory} is not an Orbax checkpoint of this project (no <step>/params)")
+    with ocp.CheckpointManager(directory) as manager:
+        step = manager.latest_step() if step is None else step
+        if step not in manager.all_steps():
+            raise FileNotFoundError(f"{directory}: no step {step} (have {sorted(manager.all_steps())})")
+        meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+    return dict(meta, step=step)
+
+
 def restore_checkpoint(
     directory: str, step: int | None = None, placement: Placement | None = None
 ) -> tuple[GptOssConfig, dict[str, Any], dict[str, Any]]:

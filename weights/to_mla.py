@@ -35,6 +35,10 @@ from gptoss_mla_jax.model import attention_inputs, check_params
 
 Params = dict[str, Any]
 HI = jax.lax.Precision.HIGHEST
+# Defaults: the full-attention layers (nearly all of the cache at long context), partial RoPE with 2 pairs
+# per kv head and a 160-wide latent: 160 + 8 * 4 = 192 values per token instead of 1024 (-81% per layer,
+# -81% of the whole gpt-oss-20b cache at 32K context; `python -m eval.kv_cache --preset gpt-oss-20b`).
+DEFAULT_LATENT_DIM, DEFAULT_ROPE_MODE, DEFAULT_ROPE_PAIRS, DEFAULT_LAYERS = 160, "partial", 2, "full"
 
 
 def parse_layers(spec: str, config: GptOssConfig) -> tuple[int, ...]:
@@ -228,6 +232,16 @@ def plot_energy(report: list[dict[str, Any]], path: str, title: str) -> None:
     plt.close(fig)
 
 
+def add_mla_flags(parser: argparse.ArgumentParser) -> None:
+    """The MLA settings flags, shared by the converter and the cache calculator."""
+    parser.add_argument("--latent-dim", type=int, default=DEFAULT_LATENT_DIM, help="latent width per token")
+    parser.add_argument("--rope-mode", choices=["decompressed", "partial"], default=DEFAULT_ROPE_MODE)
+    parser.add_argument(
+        "--rope-pairs", type=int, default=DEFAULT_ROPE_PAIRS, help="RoPE pairs kept per kv head (partial)"
+    )
+    parser.add_argument("--layers", default=DEFAULT_LAYERS, help="full, sliding, all, or e.g. 1,3,5")
+
+
 def main(argv=None) -> int:
     from train.data import token_windows
     from weights.load import load_model
@@ -240,10 +254,7 @@ def main(argv=None) -> int:
         "--model", required=True, help="source model: transformers folder or Orbax checkpoint"
     )
     parser.add_argument("--out", required=True, help="Orbax checkpoint to create")
-    parser.add_argument("--latent-dim", type=int, default=160, help="latent width per token (default 160)")
-    parser.add_argument("--rope-mode", choices=["decompressed", "partial"], default="partial")
-    parser.add_argument("--rope-pairs", type=int, default=2, help="RoPE pairs kept per kv head (partial)")
-    parser.add_argument("--layers", default="full", help="full (default), sliding, all, or e.g. 1,3,5")
+    add_mla_flags(parser)
     parser.add_argument("--init", choices=["svd", "pca"], default="pca")
     parser.add_argument("--calib", default="stdlib", help="calibration text: stdlib or a file / folder")
     parser.add_argument("--calib-tokens", type=int, default=4096)
