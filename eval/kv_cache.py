@@ -75,9 +75,8 @@ def format_table(result: dict) -> str:
     lines.append(f"{'layer type':48s} {'layers':>6s} {'values/token':>12s} {'GiB':>9s} {'share':>6s}")
     for kind, row in result["rows"].items():
         share = row["bytes"] / result["total_bytes"]
-        lines.append(
-            f"{kind:48s} {row['layers']:6d} {row['values_per_token']:12d} {row['bytes'] / gib:9.3f} {share:6.1%}"
-        )
+        size = row["bytes"] / gib
+        lines.append(f"{kind:48s} {row['layers']:6d} {row['values_per_token']:12d} {size:9.3f} {share:6.1%}")
     lines.append(f"{'total':48s} {'':6s} {'':12s} {result['total_bytes'] / gib:9.3f}")
     lines.append(f"{'original GQA model':48s} {'':6s} {'':12s} {result['original_bytes'] / gib:9.3f}")
     lines.append(f"reduction vs the original: {result['reduction']:.1%}")
