@@ -1,0 +1,131 @@
+"""Train a small GPT-OSS-architecture model from scratch on real text (the stdlib corpus by default).
+
+    python -m train.pretrain --out runs/teacher [--steps 400] [--batch 16] [--seq-len 512]
+
+Random weights have no structure worth compressing, so conversion quality is measured on a model that
+has learned something. The recipe (tokenizer, config, data, seed) is in this file; the weights are not
+committed. Writes an Orbax checkpoint with the tokenizer (a byte-level BPE trained on the corpus).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from gptoss_mla_jax.config import GptOssConfig
+from gptoss_mla_jax.model import forward, init_params
+from train.data import iter_texts, token_windows
+
+# GPT-OSS architecture scaled down: alternating sliding (window 128) / full layers, sinks, YaRN, MoE
+# top-2 of 8, and G = 8 kv heads of head_dim 64 like the real model.
+STUDY_CONFIG = GptOssConfig(
+    vocab_size=4096,
+    hidden_size=1024,
+    intermediate_size=1024,
+    num_hidden_layers=6,
+    num_attention_heads=16,
+    num_key_value_heads=8,
+    head_dim=64,
+    num_local_experts=8,
+    num_experts_per_tok=2,
+    sliding_window=128,
+    max_position_embeddings=4096,
+)
+
+
+def train_tokenizer(source: str, vocab_size: int, max_chars: int = 20_000_000) -> Tokenizer:
+    """Byte-level BPE on the first `max_chars` characters of the corpus' train split."""
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+
+    def texts():
+        seen = 0
+        for text in iter_texts(source, "train"):
+            yield text
+            seen += len(text)
+            if seen >= max_chars:
+                return
+
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        special_tokens=["<|endoftext|>"],
+    )
+    tok.train_from_iterator(texts(), trainer)
+    return tok
+
+
+def lm_loss(params, tokens, config):
+    logits, _ = forward(params, tokens[:, :-1], None, config)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
+
+
+def train(
+    config: GptOssConfig, windows: np.ndarray, steps: int, batch: int, lr: float, seed: int
+) -> tuple[dict, list]:
+    params = init_params(config, jax.random.key(seed), jnp.float32)
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10), steps, lr / 10)
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
+    state = optimizer.init(params)
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    def step(params, state, tokens):
+        loss, grads = jax.value_and_grad(lm_loss)(params, tokens, config)
+        updates, state = optimizer.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    rng = np.random.default_rng(seed)
+    losses = []
+    t0 = time.perf_counter()
+    for i in range(steps):
+        tokens = jnp.asarray(windows[rng.integers(0, len(windows), batch)])
+        params, state, loss = step(params, state, tokens)
+        if i % 50 == 0 or i == steps - 1:
+            losses.append((i, float(loss)))
+            print(f"step {i:5d}  loss {float(loss):.4f}  ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return params, losses
+
+
+def main(argv=None) -> int:
+    from weights.orbax_io import save_checkpoint
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", required=True, help="Orbax checkpoint to create (with the tokenizer)")
+    parser.add_argument("--data", default="stdlib")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--train-tokens", type=int, default=4_000_000, help="size of the training stream")
+    args = parser.parse_args(argv)
+    config = STUDY_CONFIG
+    tokenizer = train_tokenizer(args.data, config.vocab_size)
+    windows = token_windows(tokenizer, args.data, args.train_tokens, args.seq_len + 1, split="train")
+    print(f"{len(windows)} training windows of {args.seq_len + 1} tokens")
+    params, losses = train(config, windows, args.steps, args.batch, args.lr, args.seed)
+    staging = f"{os.path.abspath(args.out)}.tokenizer"
+    os.makedirs(staging, exist_ok=True)
+    tokenizer.save(os.path.join(staging, "tokenizer.json"))
+    save_checkpoint(args.out, params, config, step=args.steps, source=staging)
+    with open(os.path.join(args.out, "train_log.json"), "w") as f:
+        json.dump({"args": vars(args), "losses": losses}, f)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
