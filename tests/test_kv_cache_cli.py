@@ -14,14 +14,14 @@ def test_default_settings_reach_75_percent_on_gpt_oss_20b(capsys):
     assert main(["--preset", "gpt-oss-20b", "--context", "32768", "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["reduction"] >= 0.75
-    # By hand: 12 sliding layers x 128 slots x 1024 values + 12 full layers x 32768 x (160 + 8 * 2 * 2).
-    assert result["total_bytes"] == 2 * (12 * 128 * 1024 + 12 * 32768 * (160 + 32))
+    # By hand: 12 sliding layers x 128 slots x 1024 values + 12 full layers x 32768 x 192 latent values.
+    assert result["total_bytes"] == 2 * (12 * 128 * 1024 + 12 * 32768 * 192)
     assert result["original_bytes"] == 2 * (12 * 128 * 1024 + 12 * 32768 * 1024)
     assert main(["--preset", "gpt-oss-20b"]) == 0
     table = capsys.readouterr().out
-    assert (
-        "full MLA partial r=160, 2 rope pairs/head" in table and "reduction vs the original: 80.9%" in table
-    )
+    assert "full MLA decompressed r=192" in table and "reduction vs the original: 80.9%" in table
+    assert main(["--preset", "gpt-oss-20b", "--rope-mode", "partial", "--latent-dim", "160", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total_bytes"] == result["total_bytes"]  # 160 + 8 * 2 * 2
 
 
 def test_formula_equals_the_real_cache_pytree():

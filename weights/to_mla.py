@@ -35,10 +35,12 @@ from gptoss_mla_jax.model import attention_inputs, check_params
 
 Params = dict[str, Any]
 HI = jax.lax.Precision.HIGHEST
-# Defaults: the full-attention layers (nearly all of the cache at long context), partial RoPE with 2 pairs
-# per kv head and a 160-wide latent: 160 + 8 * 4 = 192 values per token instead of 1024 (-81% per layer,
-# -81% of the whole gpt-oss-20b cache at 32K context; `python -m eval.kv_cache --preset gpt-oss-20b`).
-DEFAULT_LATENT_DIM, DEFAULT_ROPE_MODE, DEFAULT_ROPE_PAIRS, DEFAULT_LAYERS = 160, "partial", 2, "full"
+# Defaults: the full-attention layers (nearly all of the cache at long context), `decompressed` with a
+# 192-wide latent: 192 values per token instead of 1024 (-81% per layer, -80.9% of the whole gpt-oss-20b
+# cache at 32K context; `python -m eval.kv_cache --preset gpt-oss-20b`). Measured before healing
+# (eval/results/init_quality.md), `partial` with 2 RoPE pairs per kv head costs KL 0.2 at any rank (the
+# loss is the RoPE removed from 30 of 32 pairs), decompressed + pca 0.0008 at 75% less cache.
+DEFAULT_LATENT_DIM, DEFAULT_ROPE_MODE, DEFAULT_ROPE_PAIRS, DEFAULT_LAYERS = 192, "decompressed", 2, "full"
 
 
 def parse_layers(spec: str, config: GptOssConfig) -> tuple[int, ...]:
@@ -255,7 +257,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--out", required=True, help="Orbax checkpoint to create")
     add_mla_flags(parser)
-    parser.add_argument("--init", choices=["svd", "pca"], default="pca")
+    parser.add_argument("--init", choices=["svd", "pca"], default="pca")  # ahead of svd at every rank
     parser.add_argument("--calib", default="stdlib", help="calibration text: stdlib or a file / folder")
     parser.add_argument("--calib-tokens", type=int, default=4096)
     parser.add_argument("--calib-seq-len", type=int, default=512)
