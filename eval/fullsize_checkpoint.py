@@ -26,6 +26,7 @@ import numpy as np
 
 from gptoss_mla_jax.config import GPT_OSS_20B
 from weights.hf_layout import file_shapes, hf_tensors
+from weights.safetensors_io import MXFP4_QUANTIZATION_CONFIG
 
 # Tensors whose dequantized values both loaders must agree on (name, HF layout): first, middle, last layer.
 CHECKED = [
@@ -117,15 +118,7 @@ def write_checkpoint(folder: str, config=GPT_OSS_20B, seed: int = 0) -> dict:
     with open(os.path.join(folder, "model.safetensors.index.json"), "w") as f:
         json.dump({"metadata": {"total_size": total}, "weight_map": index}, f)
     hf = config.to_hf()
-    hf["quantization_config"] = {
-        "quant_method": "mxfp4",
-        "modules_to_not_convert": [
-            "model.layers.*.self_attn",
-            "model.layers.*.mlp.router",
-            "model.embed_tokens",
-            "lm_head",
-        ],
-    }
+    hf["quantization_config"] = MXFP4_QUANTIZATION_CONFIG
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(hf, f, indent=2)
     return {"tensors": len(tensors), "bytes": total, "shards": n_shard}

@@ -67,15 +67,22 @@ def tokenizer_dir(directory: str) -> str | None:
     return path if os.path.isdir(path) else None
 
 
-def read_meta(directory: str, step: int | None = None) -> dict[str, Any]:
-    """The JSON record of a checkpoint step (latest by default), without reading the params."""
-    directory = os.path.abspath(directory)
+def _manager_and_step(directory: str, step: int | None) -> tuple[ocp.CheckpointManager, int]:
+    """An open manager of our checkpoint at `directory` and the step to read (latest by default)."""
     if not is_orbax_checkpoint(directory):
         raise FileNotFoundError(f"{directory} is not an Orbax checkpoint of this project (no <step>/params)")
-    with ocp.CheckpointManager(directory) as manager:
-        step = manager.latest_step() if step is None else step
-        if step not in manager.all_steps():
-            raise FileNotFoundError(f"{directory}: no step {step} (have {sorted(manager.all_steps())})")
+    manager = ocp.CheckpointManager(directory)
+    step = manager.latest_step() if step is None else step
+    if step not in manager.all_steps():
+        manager.close()
+        raise FileNotFoundError(f"{directory}: no step {step} (have {sorted(manager.all_steps())})")
+    return manager, step
+
+
+def read_meta(directory: str, step: int | None = None) -> dict[str, Any]:
+    """The JSON record of a checkpoint step (latest by default), without reading the params."""
+    manager, step = _manager_and_step(os.path.abspath(directory), step)
+    with manager:
         meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
     return dict(meta, step=step)
 
@@ -84,13 +91,8 @@ def restore_checkpoint(
     directory: str, step: int | None = None, placement: Placement | None = None
 ) -> tuple[GptOssConfig, dict[str, Any], dict[str, Any]]:
     """(config, params, meta) from the latest (or given) step, each array placed by `placement`."""
-    directory = os.path.abspath(directory)
-    if not is_orbax_checkpoint(directory):
-        raise FileNotFoundError(f"{directory} is not an Orbax checkpoint of this project (no <step>/params)")
-    with ocp.CheckpointManager(directory) as manager:
-        step = manager.latest_step() if step is None else step
-        if step not in manager.all_steps():
-            raise FileNotFoundError(f"{directory}: no step {step} (have {sorted(manager.all_steps())})")
+    manager, step = _manager_and_step(os.path.abspath(directory), step)
+    with manager:
         tree = manager.item_metadata(step)["params"]
         tree = getattr(tree, "tree", tree)
         default = jax.sharding.SingleDeviceSharding(jax.devices()[0])

@@ -38,6 +38,16 @@ TOKENIZER_FILES = (
     "chat_template.jinja",
 )
 LOAD_THREADS = 4
+# What openai/gpt-oss-20b's config.json says of its quantization: MXFP4 experts, everything else bf16.
+MXFP4_QUANTIZATION_CONFIG = {
+    "quant_method": "mxfp4",
+    "modules_to_not_convert": [
+        "model.layers.*.self_attn",
+        "model.layers.*.mlp.router",
+        "model.embed_tokens",
+        "lm_head",
+    ],
+}
 # Placement hook: (params key path, shape) -> where the tensor goes (None: the default device).
 Placement = Callable[[tuple, tuple[int, ...]], jax.sharding.Sharding | None]
 
@@ -274,15 +284,7 @@ def save_hf(
     if experts == "dense":
         hf_config.pop("quantization_config", None)
     else:
-        hf_config["quantization_config"] = hf_config.get("quantization_config") or {
-            "quant_method": "mxfp4",
-            "modules_to_not_convert": [
-                "model.layers.*.self_attn",
-                "model.layers.*.mlp.router",
-                "model.embed_tokens",
-                "lm_head",
-            ],
-        }
+        hf_config["quantization_config"] = hf_config.get("quantization_config") or MXFP4_QUANTIZATION_CONFIG
 
     def tensor(t: HfTensor) -> np.ndarray:
         value = _tensor(t)
