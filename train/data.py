@@ -1,8 +1,12 @@
 """Text corpora available offline, and token streams cut from them.
 
-`stdlib`: the running interpreter's standard-library sources (real text on every machine, the GPU
-machine included), split deterministically by file path into train / validation / test. Any other
-source is a local text file or a folder of .txt / .md / .rst / .py files.
+- `stdlib`: the running interpreter's standard-library sources (real text on every machine, the GPU
+  machine included), split deterministically by file path into train / validation / test.
+- `python-doc`: the English reST sources of Debian's python3.11-doc package
+  (`apt-get install python3.11-doc`), split the same way.
+- `wikitext-2` (`wikitext-2-raw-v1`): through `datasets`, from its local cache only (no network here).
+- a local text file or folder (.txt / .md / .rst / .py), or a .jsonl / .json / .parquet file or a folder of
+  them, read with `datasets` (column `text`); a file is its own split.
 """
 
 from __future__ import annotations
@@ -15,7 +19,10 @@ from collections.abc import Iterator
 import numpy as np
 
 SPLITS = ("train", "validation", "test")
-TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py")
+TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".raw")
+DATASET_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+PYTHON_DOC = "/usr/share/doc/python3.11/html/_sources"
+WIKITEXT = ("wikitext-2", "wikitext-2-raw-v1")
 
 
 def split_of(relative_path: str) -> str:
@@ -30,6 +37,12 @@ def corpus_files(source: str, split: str | None = None) -> list[str]:
         raise ValueError(f"split {split!r} is not one of {SPLITS}")
     if source == "stdlib":
         root, suffixes = sysconfig.get_paths()["stdlib"], (".py",)
+    elif source == "python-doc":
+        if not os.path.isdir(PYTHON_DOC):
+            raise FileNotFoundError(
+                f"data source python-doc needs {PYTHON_DOC}: apt-get install python3.11-doc"
+            )
+        root, suffixes = PYTHON_DOC, (".txt",)
     elif os.path.isfile(source):
         return [source]
     elif os.path.isdir(source):
@@ -45,8 +58,69 @@ def corpus_files(source: str, split: str | None = None) -> list[str]:
     return files
 
 
+def _wikitext(split: str) -> Iterator[str]:
+    import datasets
+
+    try:
+        with _offline():
+            rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split=split)
+    except Exception as e:
+        raise FileNotFoundError(
+            "wikitext-2 is not available offline. On a machine with network run `python -c "
+            "\"import datasets; datasets.load_dataset('wikitext', 'wikitext-2-raw-v1')\"` and copy "
+            "~/.cache/huggingface/datasets here, or pass --data "
+            f"/path/to/wikitext-2-raw/wiki.{split}.raw ({e})"
+        ) from None
+    yield "".join(rows["text"])
+
+
+class _offline:
+    """datasets / huggingface_hub in offline mode while reading (their flags are read at import time, so
+    the module constants are set), so nothing waits on a network that is not there."""
+
+    def __enter__(self):
+        import datasets.config
+        import huggingface_hub.constants
+
+        self.saved = (datasets.config.HF_DATASETS_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE)
+        datasets.config.HF_DATASETS_OFFLINE = huggingface_hub.constants.HF_HUB_OFFLINE = True
+
+    def __exit__(self, *exc):
+        import datasets.config
+        import huggingface_hub.constants
+
+        datasets.config.HF_DATASETS_OFFLINE, huggingface_hub.constants.HF_HUB_OFFLINE = self.saved
+
+
+def _dataset_files(source: str) -> list[str]:
+    if os.path.isfile(source):
+        return [source] if source.endswith(tuple(DATASET_SUFFIXES)) else []
+    if os.path.isdir(source):
+        found = sorted(
+            os.path.join(source, n) for n in os.listdir(source) if n.endswith(tuple(DATASET_SUFFIXES))
+        )
+        return found if found and len({os.path.splitext(f)[1] for f in found}) == 1 else []
+    return []
+
+
 def iter_texts(source: str, split: str | None = None) -> Iterator[str]:
-    for file in corpus_files(source, split):
+    """The documents of a corpus split, one string each."""
+    if source in WIKITEXT:
+        yield from _wikitext(split or "test")
+        return
+    files = _dataset_files(source)
+    if files:
+        import datasets
+
+        with _offline():
+            rows = datasets.load_dataset(
+                DATASET_SUFFIXES[os.path.splitext(files[0])[1]], data_files=files, split="train"
+            )
+        if "text" not in rows.column_names:
+            raise ValueError(f"data source {source}: no 'text' column (has {rows.column_names})")
+        yield from (t for t in rows["text"] if t)
+        return
+    for file in corpus_files(source, split if source in ("stdlib", "python-doc") else None):
         with open(file, encoding="utf-8", errors="replace") as f:
             yield f.read()
 

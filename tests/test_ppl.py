@@ -1,0 +1,124 @@
+"""eval.ppl: strided perplexity equal to transformers' loss on the same windows; corpora; bad input."""
+
+import json
+import pathlib
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+from eval.ppl import main, plan_windows
+from train.data import iter_texts
+
+
+@pytest.fixture(scope="module")
+def folder(tiny_hf, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ppl")
+    model_dir = root / "model"
+    shutil.copytree(tiny_hf[1], model_dir)
+    tok = Tokenizer(models.WordLevel(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    texts = [t for t, _ in zip(iter_texts("stdlib", "train"), range(20), strict=False)]
+    tok.train_from_iterator(texts, trainers.WordLevelTrainer(vocab_size=97, special_tokens=["[UNK]"]))
+    tok.save(str(model_dir / "tokenizer.json"))
+    corpus = root / "corpus.txt"
+    corpus.write_text("\n\n".join(t for t, _ in zip(iter_texts("stdlib", "test"), range(3), strict=False)))
+    return tiny_hf[0], str(model_dir), str(corpus)
+
+
+def test_windows_score_every_token_once():
+    # With stride == max_length (disjoint windows) each window's first token has no context and is not
+    # scored, as in transformers' guide; with overlap every token after the first is scored once.
+    seen = [b + p for b, e, first in plan_windows(48, 16, 16) for p in range(first, e - b)]
+    assert seen == [t for t in range(48) if t % 16]
+    for n, L, s in ((100, 16, 8), (17, 16, 5), (5, 16, 8), (64, 16, 15)):
+        seen = []
+        for begin, end, first in plan_windows(n, L, s):
+            assert end - begin <= L
+            seen += [begin + p for p in range(first, end - begin)]
+            # After the first window every scored token has at least L - s tokens of context.
+            if begin > 0:
+                assert first >= min(L - s, end - begin - 1)
+        assert seen == list(range(1, n))
+
+
+def test_matches_transformers_loss(folder, capsys):
+    model, model_dir, corpus = folder
+    L, stride, limit = 16, 6, 150
+    assert (
+        main(
+            [
+                "--model",
+                model_dir,
+                "--data",
+                corpus,
+                "--max-length",
+                str(L),
+                "--stride",
+                str(stride),
+                "--limit-tokens",
+                str(limit),
+                "--batch",
+                "4",
+                "--json",
+            ]
+        )
+        == 0
+    )
+    ours = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    # transformers' own loss, with the perplexity guide's labels (-100 on tokens an earlier window scored).
+    tok = Tokenizer.from_file(f"{model_dir}/tokenizer.json")
+    ids = torch.tensor(tok.encode(pathlib.Path(corpus).read_text()).ids[:limit])[None]
+    nll_sum, count, prev_end = 0.0, 0, 0
+    for begin in range(0, ids.size(1), stride):
+        end = min(begin + L, ids.size(1))
+        inputs = ids[:, begin:end]
+        labels = inputs.clone()
+        labels[:, : -(end - prev_end)] = -100
+        n = int((labels[:, 1:] != -100).sum())
+        with torch.no_grad():
+            nll_sum += float(model(inputs, labels=labels).loss) * n
+        count += n
+        prev_end = end
+        if end == ids.size(1):
+            break
+    assert ours["tokens"] == count == limit - 1
+    np.testing.assert_allclose(ours["ppl"], np.exp(nll_sum / count), rtol=1e-5)
+    for key in ("ppl", "nll", "tokens", "tokens_per_s", "model", "data", "max_length", "stride"):
+        assert key in ours
+
+
+def test_compare_with_itself_has_zero_kl(folder, capsys):
+    _, model_dir, corpus = folder
+    flags = ["--data", corpus, "--max-length", "16", "--stride", "8", "--limit-tokens", "80", "--json"]
+    assert main(["--model", model_dir, "--compare", model_dir, *flags]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert abs(out["kl"]) < 1e-6 and out["teacher_ppl"] == pytest.approx(out["ppl"], rel=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--stride", "32", "--max-length", "16"], "--stride 32 must be in 1..--max-length (16)"),
+        (["--data", "/no/such/corpus"], "neither 'stdlib' nor an existing file or folder"),
+        (["--data", "wikitext-2"], "wikitext-2 is not available offline"),
+    ],
+)
+def test_bad_input(folder, capsys, flags, message):
+    _, model_dir, _ = folder
+    assert main(["--model", model_dir, *flags]) == 1
+    assert message in capsys.readouterr().err
+
+
+def test_model_without_tokenizer(tiny_hf, capsys):
+    assert main(["--model", tiny_hf[1]]) == 1
+    assert "has no tokenizer.json; pass --tokenizer" in capsys.readouterr().err
+
+
+def test_empty_corpus(folder, tmp_path, capsys):
+    _, model_dir, _ = folder
+    (tmp_path / "empty.txt").write_text("  \n")
+    assert main(["--model", model_dir, "--data", str(tmp_path / "empty.txt")]) == 1
+    assert "is empty" in capsys.readouterr().err
