@@ -140,3 +140,31 @@ def token_windows(tokenizer, source: str, n_tokens: int, seq_len: int, split: st
         )
     n = min(n, len(stream) // seq_len)
     return np.asarray(stream[: n * seq_len], np.int32).reshape(n, seq_len)
+
+
+def pack(token_ids: np.ndarray, seq_len: int) -> np.ndarray:
+    """A token stream cut into [n, seq_len] rows (the tail that does not fill a row is dropped)."""
+    n = len(token_ids) // seq_len
+    if n == 0:
+        raise ValueError(f"{len(token_ids)} tokens do not fill one sequence of {seq_len}")
+    return np.asarray(token_ids[: n * seq_len], np.int32).reshape(n, seq_len)
+
+
+def training_batches(
+    sequences: np.ndarray, batch: int, seed: int, shard_index: int = 0, shard_count: int = 1
+):
+    """An endless, checkpointable grain iterator of [batch, seq_len] int32 batches.
+
+    Sequences are shuffled with `seed` (reshuffled every epoch), each host takes its `shard_index`-th
+    share, and `iterator.get_state()` / `set_state()` resume exactly where a run stopped.
+    """
+    import grain
+
+    if not 0 <= shard_index < shard_count:
+        raise ValueError(f"shard_index {shard_index} is not in 0..{shard_count - 1}")
+    dataset = grain.MapDataset.source(sequences)[shard_index::shard_count]
+    if len(dataset) < batch:
+        raise ValueError(f"{len(dataset)} sequences on this host, fewer than one batch of {batch}")
+    # Shuffle before repeat: every epoch is a permutation, and each epoch gets a new one.
+    dataset = dataset.shuffle(seed=seed).repeat(None).batch(batch, drop_remainder=True)
+    return iter(dataset.to_iter_dataset())

@@ -24,7 +24,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.model import forward, init_params
-from train.data import iter_texts, token_windows
+from train.data import iter_texts, token_windows, training_batches
 
 # GPT-OSS architecture scaled down: alternating sliding (window 128) / full layers, sinks, YaRN, MoE
 # top-2 of 8, and G = 8 kv heads of head_dim 64 like the real model.
@@ -86,11 +86,11 @@ def train(
         updates, state = optimizer.update(grads, state, params)
         return optax.apply_updates(params, updates), state, loss
 
-    rng = np.random.default_rng(seed)
+    batches = training_batches(windows, batch, seed, jax.process_index(), jax.process_count())
     losses = []
     t0 = time.perf_counter()
     for i in range(steps):
-        tokens = jnp.asarray(windows[rng.integers(0, len(windows), batch)])
+        tokens = jnp.asarray(next(batches))
         params, state, loss = step(params, state, tokens)
         if i % 50 == 0 or i == steps - 1:
             losses.append((i, float(loss)))
