@@ -1,5 +1,6 @@
 """Checkpoints in and out: MXFP4 experts, sharded folders, Orbax, export back to transformers."""
 
+import copy
 import json
 import os
 import pathlib
@@ -75,10 +76,9 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("ckpts")
     model = make_hf_model(root / "fp32", seed=5, **MXFP4_ABLE)
     _add_tokenizer(root / "fp32")
-    model.to(torch.bfloat16).save_pretrained(root / "bf16", max_shard_size="60KB")
+    copy.deepcopy(model).to(torch.bfloat16).save_pretrained(root / "bf16", max_shard_size="60KB")
     _add_tokenizer(root / "bf16")
     _write_mxfp4_folder(model, root / "mxfp4")
-    model.to(torch.float32)
     return {"model": model, **{k: str(root / k) for k in ("fp32", "bf16", "mxfp4")}}
 
 

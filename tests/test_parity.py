@@ -1,5 +1,7 @@
 """Logits of our forward against transformers' GptOssForCausalLM (eager attention) on tiny random models."""
 
+import copy
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -65,8 +67,7 @@ def test_bfloat16_as_accurate_as_transformers(tiny_hf):
     model, folder = tiny_hf
     tokens = np.random.default_rng(1).integers(0, model.config.vocab_size, (2, 21))
     truth = hf_logits(model, tokens)
-    hf_bf16 = hf_logits(model.to(torch.bfloat16), tokens)
-    model.to(torch.float32)
+    hf_bf16 = hf_logits(copy.deepcopy(model).to(torch.bfloat16), tokens)  # the session's model stays float32
     config, params = load_hf(folder, dtype=jnp.bfloat16, progress=False)
     ours = np.asarray(forward(params, jnp.asarray(tokens), None, config)[0])
     our_err = np.abs(ours - truth).max(-1).mean()
