@@ -216,6 +216,7 @@ def forward(
     lengths: Int[Array, " B"] | None = None,
     moe_impl: MoeImpl = "sparse",
     mla_absorb: bool | None = None,
+    remat: bool = False,
 ) -> tuple[Float[Array, "B T V"], kv_cache.Cache | None]:
     """Logits (float32) for `tokens`, and the updated cache.
 
@@ -224,6 +225,7 @@ def forward(
     tokens of each row are real; the rest is right padding, neither attended to nor cached. A sequence
     pushed past the cache's capacity gets NaN logits rather than silently dropping tokens.
     `mla_absorb` picks the partial-MLA attention path (default: absorbed for single-token steps).
+    `remat` recomputes each layer's activations in the backward pass instead of storing them.
     """
     check_params(params, config)
     check_tokens(tokens, config)
@@ -238,9 +240,10 @@ def forward(
 
     x = embed(params, tokens)
     new_layers = []
+    block = jax.checkpoint(decoder_layer, static_argnums=(8, 9, 10, 11)) if remat else decoder_layer
     for i, layer in enumerate(params["layers"]):
         layer_cache = cache["layers"][i] if cache is not None else None
-        x, layer_cache, _ = decoder_layer(
+        x, layer_cache, _ = block(
             layer, x, positions, valid, cos, sin, layer_cache, start, config, i, moe_impl, mla_absorb
         )
         new_layers.append(layer_cache)
@@ -253,7 +256,7 @@ def forward(
     return logits, {"lengths": new_lengths, "layers": new_layers}
 
 
-forward_jit = jax.jit(forward, static_argnames=("config", "moe_impl", "mla_absorb"))
+forward_jit = jax.jit(forward, static_argnames=("config", "moe_impl", "mla_absorb", "remat"))
 forward_jit.__doc__ = "`forward` under `jax.jit` (config, moe_impl and mla_absorb static)."
 
 
