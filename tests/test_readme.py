@@ -19,5 +19,5 @@ def test_readme_python_block_runs(tiny_hf):
 def test_readme_starts_with_the_two_commands():
     lines = README.read_text().splitlines()
     commands = [line for line in lines[:6] if line.startswith("pip install")]
-    assert commands[0].split("#")[0].strip().endswith("python -m gptoss_mla_jax.generate")
+    assert commands[0].split("#")[0].strip().endswith("python -m train.distill")
     assert commands[1].split("#")[0].strip().endswith("pytest -q")

@@ -133,7 +133,7 @@ def make_step(optimizer, teacher_config, student_config, temperature, ce_weight,
         (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(trainable, teacher, tokens)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
         trainable = optax.apply_updates(trainable, updates)
-        return trainable, opt_state, {"loss": value, "grad_norm": optax.global_norm(grads), **aux}
+        return trainable, opt_state, {"loss": value, "grad_norm": optax.tree.norm(grads), **aux}
 
     return step
 
@@ -261,9 +261,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--teacher", required=True)
-    parser.add_argument("--student", required=True)
-    parser.add_argument("--out", required=True, help="run folder: checkpoints and metrics.jsonl")
+    parser.add_argument(
+        "--teacher", help="GQA teacher (default: the embedded small model, trained if needed)"
+    )
+    parser.add_argument("--student", help="its MLA conversion (default: converted here with the defaults)")
+    parser.add_argument("--out", default="runs/distill", help="run folder: checkpoints and metrics.jsonl")
     parser.add_argument("--mesh", default="1x1")
     parser.add_argument("--data", default="stdlib")
     parser.add_argument("--seq-len", type=int, default=512)
@@ -280,6 +282,10 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--resume", action="store_true")
     args = parser.parse_args(argv)
+    if args.teacher is None and args.student is None:
+        return embedded_default(args)
+    if args.teacher is None or args.student is None:
+        parser.error("--teacher and --student go together (or give neither for the embedded default)")
     try:
         teacher_config, teacher, tokenizer_dir = load_model(args.teacher)
         student_config, student, _ = load_model(args.student)
@@ -312,6 +318,97 @@ def main(argv=None) -> int:
         return 1
     if history:
         print(json.dumps(history[-1]))
+    return 0
+
+
+def embedded_default(args) -> int:
+    """No download: train (or reuse) a small teacher on the stdlib corpus, convert it with the default MLA
+    settings scaled to its size, distill, and report perplexities and the cache reduction."""
+    from tokenizers import Tokenizer
+
+    from eval.kv_cache import accounting
+    from eval.ppl import corpus_ids, perplexity
+    from train import pretrain
+    from train.data import token_windows
+    from weights.load import load_model
+    from weights.to_mla import DEFAULT_LATENT_DIM, convert
+
+    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "gptoss-mla-jax")
+    teacher_dir = os.path.join(cache, "tiny-teacher")
+    if not os.path.exists(teacher_dir):
+        print(f"training the embedded teacher into {teacher_dir} (once; reused afterwards)")
+        pretrain.main(
+            [
+                "--out",
+                teacher_dir,
+                "--config",
+                "tiny",
+                "--steps",
+                "600",
+                "--batch",
+                "16",
+                "--seq-len",
+                "128",
+                "--lr",
+                "3e-3",
+                "--train-tokens",
+                "1000000",
+                "--tokenizer-chars",
+                "3000000",
+            ]
+        )
+    config, teacher, tokenizer_dir = load_model(teacher_dir, progress=False)
+    tokenizer = Tokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json"))
+    G, d = config.num_key_value_heads, config.head_dim
+    # The default keeps 192 of gpt-oss's 1024 cached values per token; the same fraction here.
+    latent = round(DEFAULT_LATENT_DIM / 1024 * 2 * G * d)
+    calib = token_windows(tokenizer, "stdlib", 8192, 128, "validation")
+    student_config, student, _ = convert(
+        teacher, config, latent, "decompressed", init="pca", calib_tokens=calib
+    )
+    held_out = corpus_ids(tokenizer, "stdlib", "test", 16384)
+    ppl = lambda params, cfg: perplexity(params, cfg, held_out, 256, 128, 8, progress=False)["ppl"]
+    before = {"teacher": ppl(teacher, config), "converted": ppl(student, student_config)}
+    sequences = token_windows(tokenizer, "stdlib", 1_000_000, 129, "train")
+    run(
+        teacher,
+        config,
+        student,
+        student_config,
+        sequences,
+        args.out,
+        args.mesh,
+        16,
+        300,
+        3e-3,
+        20,
+        ckpt_every=300,
+        dtype=jnp.float32,
+    )
+    trained = Checkpoints(os.path.join(args.out, "ckpt"), 3)
+    template, _ = split_student(student, student_config)
+    opt = make_optimizer(3e-3, 20, 300, 1)
+    trainable, _, _ = trained.restore(trained.latest(), template, opt.init(template))
+    distilled = assemble_student(teacher, trainable, student_config, jnp.float32)
+    after = ppl(distilled, student_config)
+    kv = accounting(student_config, 1, config.max_position_embeddings, jnp.bfloat16)
+    summary = {
+        **{f"ppl_{k}": v for k, v in before.items()},
+        "ppl_distilled": after,
+        "kv_reduction": kv["reduction"],
+        "latent_dim": latent,
+        "held_out_tokens": len(held_out) - 1,
+    }
+    print(
+        f"held-out PPL ({summary['held_out_tokens']} stdlib test tokens): teacher {before['teacher']:.3f}, "
+        f"converted {before['converted']:.3f}, distilled {after:.3f}"
+    )
+    print(
+        f"KV cache at {config.max_position_embeddings} tokens: {kv['reduction']:.1%} smaller "
+        f"(full-attention layers: latent {latent} instead of {2 * G * d} values per token)"
+    )
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=1)
     return 0
 
 
