@@ -11,19 +11,17 @@ windows of the corpus' test split: perplexity, and mean per-token KL(teacher || 
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import os
 import sys
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from tokenizers import Tokenizer
 
+from eval.ppl import perplexity
 from gptoss_mla_jax.cache import values_per_token
-from gptoss_mla_jax.model import forward
 from train.data import token_windows
 from weights.load import load_model
 from weights.to_mla import convert
@@ -32,31 +30,19 @@ REDUCTIONS = (0.5, 0.75, 0.875)
 ROPE_PAIRS = 2
 
 
-@functools.partial(jax.jit, static_argnames=("teacher_config", "student_config"))
-def _window_metrics(teacher, student, tokens, teacher_config, student_config):
-    """Summed NLL of teacher and student, and summed KL(teacher || student), over next-token predictions."""
-    lt = jax.nn.log_softmax(forward(teacher, tokens[:, :-1], None, teacher_config)[0], axis=-1)
-    ls = jax.nn.log_softmax(forward(student, tokens[:, :-1], None, student_config)[0], axis=-1)
-    target = tokens[:, 1:, None]
-    nll_t = -jnp.take_along_axis(lt, target, axis=-1).sum()
-    nll_s = -jnp.take_along_axis(ls, target, axis=-1).sum()
-    kl = (jnp.exp(lt) * (lt - ls)).sum()
-    return nll_t, nll_s, kl
-
-
-def score(teacher, teacher_config, student, student_config, windows: np.ndarray, batch: int = 8) -> dict:
-    totals = np.zeros(3)
-    for i in range(0, len(windows), batch):
-        out = _window_metrics(
-            teacher, student, jnp.asarray(windows[i : i + batch]), teacher_config, student_config
-        )
-        totals += np.array([float(x) for x in out])
-    n = windows.shape[0] * (windows.shape[1] - 1)
-    return {
-        "teacher_ppl": float(np.exp(totals[0] / n)),
-        "ppl": float(np.exp(totals[1] / n)),
-        "kl": totals[2] / n,
-    }
+def score(teacher, teacher_config, student, student_config, windows: np.ndarray) -> dict:
+    """PPL of teacher and student and mean KL(teacher || student) over disjoint held-out windows."""
+    length = windows.shape[1]
+    out = perplexity(
+        student,
+        student_config,
+        windows.reshape(-1),
+        length,
+        length,
+        teacher=(teacher, teacher_config),
+        progress=False,
+    )
+    return {"teacher_ppl": out["teacher_ppl"], "ppl": out["ppl"], "kl": out["kl"]}
 
 
 def latent_dim_for(reduction: float, mode: str, G: int, d: int) -> int:

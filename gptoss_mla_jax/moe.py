@@ -46,12 +46,9 @@ def expert_matrices(experts: Params, dtype) -> tuple[Float[Array, "E D F2"], Flo
     """(gate_up [E, D, 2I], down [E, I, D]) as dense matrices, dequantizing MXFP4-packed experts."""
     if "gate_up_proj" in experts:
         return experts["gate_up_proj"], experts["down_proj"]
-    from weights.mxfp4 import dequantize
+    from weights.mxfp4 import dequantize_experts
 
-    def dense(name):
-        values = dequantize(experts[f"{name}_blocks"], experts[f"{name}_scales"], dtype)  # [E, out, in]
-        return values.transpose(0, 2, 1)
-
+    dense = lambda name: dequantize_experts(experts[f"{name}_blocks"], experts[f"{name}_scales"], dtype)
     return dense("gate_up_proj"), dense("down_proj")
 
 

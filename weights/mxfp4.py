@@ -53,6 +53,15 @@ def dequantize(
     return values.reshape(*values.shape[:-2], -1).astype(dtype)
 
 
+@functools.partial(jax.jit, static_argnames="dtype")
+def dequantize_experts(
+    blocks: UInt8[Array, "E out G 16"], scales: UInt8[Array, "E out G"], dtype=jnp.bfloat16
+):
+    """Packed expert weights [E, out, in/32, ...] -> dense [E, in, out] (the `x @ W` layout), with the
+    transpose fused into the dequantization."""
+    return dequantize(blocks, scales, dtype).transpose(0, 2, 1)
+
+
 def quantize(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """values [..., N] (N a multiple of 32) -> (blocks uint8 [..., N/32, 16], scales uint8 [..., N/32]).
 

@@ -9,7 +9,6 @@ the tensor and what was expected.
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import shutil
@@ -217,7 +216,7 @@ def load_hf(
             return [(path, to_device(path))]
         if source == "mxfp4":  # dense target from a packed source: dequantize on the device
             blocks, scales = (jnp.asarray(read((*path[:-1], f"{key}_{s}"))) for s in ("blocks", "scales"))
-            return [(path, _dequantize_experts(blocks, scales, jnp.dtype(dtype or jnp.bfloat16)))]
+            return [(path, mxfp4.dequantize_experts(blocks, scales, jnp.dtype(dtype or jnp.bfloat16)))]
         if key.endswith("_scales"):  # packed target from a dense source: produced with the blocks
             return []
         dense_key = key.rsplit("_", 1)[0]
@@ -241,12 +240,6 @@ def load_hf(
                 _set(params, path, place(path, value))
             bar.update()
     return config, params
-
-
-@functools.partial(jax.jit, static_argnums=2)
-def _dequantize_experts(blocks, scales, dtype):
-    """Packed [E, out, in/32, 16] -> dense [E, in, out], fused with the transpose."""
-    return mxfp4.dequantize(blocks, scales, dtype).transpose(0, 2, 1)
 
 
 def _shard_plan(tensors: list[tuple[str, int]], max_shard_bytes: int) -> list[list[str]]:
@@ -297,15 +290,17 @@ def save_hf(
             return np.ascontiguousarray(value.T if t.transpose else value)
         if experts == "dense":  # packed -> dense
             blocks, scales = (lookup(params, (*t.path[:-1], f"{key}_{s}")) for s in ("blocks", "scales"))
-            return np.asarray(_dequantize_experts(blocks, scales, jnp.dtype(jnp.bfloat16)))
+            return np.asarray(mxfp4.dequantize_experts(blocks, scales, jnp.bfloat16))
         dense_key, part = key.rsplit("_", 1)
         dense = np.asarray(lookup(params, (*t.path[:-1], dense_key)), np.float32).transpose(0, 2, 1)
         return mxfp4.quantize(dense)[0 if part == "blocks" else 1]
 
+    target_shapes = param_shapes(config, experts)
+
     def nbytes(t: HfTensor) -> int:
         if have == experts or "experts" not in t.path or t.path[-1].endswith("_bias"):
             return int(lookup(params, t.path).nbytes)
-        return int(np.prod(lookup(param_shapes(config, experts), t.path))) * (1 if experts == "mxfp4" else 2)
+        return int(np.prod(lookup(target_shapes, t.path))) * (1 if experts == "mxfp4" else 2)
 
     if dtype is not None:
         dtype = np.dtype(dtype)
