@@ -24,7 +24,7 @@ def pair(tiny_hf):
 
 def _run(pair, out, **kw):
     config, teacher, student_config, student, sequences = pair
-    return run(teacher, config, student, student_config, sequences, str(out), progress=False, **kw)
+    return run(teacher, config, student, student_config, sequences, str(out), progress=False, **kw)[0]
 
 
 def test_kl_goes_down(pair, tmp_path):

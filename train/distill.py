@@ -16,6 +16,7 @@ end; --resume continues from the latest one and sees exactly the batches it woul
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -63,8 +64,6 @@ def check_pair(teacher: Params, teacher_config: GptOssConfig, student: Params, s
         raise DistillError("--student has no MLA layers (convert it with python -m weights.to_mla first)")
     if teacher_config.mla is not None:
         raise DistillError("--teacher is itself an MLA model; distill from the original GQA model")
-    import dataclasses
-
     if dataclasses.replace(student_config, mla=None).to_hf() != teacher_config.to_hf():
         raise DistillError(
             "--teacher and --student configs differ beyond the MLA settings (vocabulary, sizes...)"
@@ -198,8 +197,9 @@ def run(
     eval_fn=None,
     eval_every: int = 0,
     progress: bool = True,
-) -> list[dict]:
-    """The training loop; returns the per-step metrics (also appended to RUN_DIR/metrics.jsonl)."""
+) -> tuple[list[dict], dict[str, Params]]:
+    """The training loop; returns the per-step metrics (also appended to RUN_DIR/metrics.jsonl) and the
+    trained MLA projections."""
     from train.data import training_batches
 
     check_pair(teacher, teacher_config, student, student_config)
@@ -249,7 +249,7 @@ def run(
         bar.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{row['tokens_per_s']:.0f}")
         if (step + 1) % ckpt_every == 0 or step + 1 == steps:
             checkpoints.save(step + 1, trainable, opt_state, batches.get_state())
-    return history
+    return history, trainable
 
 
 def main(argv=None) -> int:
@@ -293,7 +293,7 @@ def main(argv=None) -> int:
             raise DistillError(f"--teacher {args.teacher} has no tokenizer.json to tokenize --data with")
         tokenizer = Tokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json"))
         sequences = token_windows(tokenizer, args.data, args.train_tokens, args.seq_len + 1, "train")
-        history = run(
+        history, _ = run(
             teacher,
             teacher_config,
             student,
@@ -370,7 +370,7 @@ def embedded_default(args) -> int:
     ppl = lambda params, cfg: perplexity(params, cfg, held_out, 256, 128, 8, progress=False)["ppl"]
     before = {"teacher": ppl(teacher, config), "converted": ppl(student, student_config)}
     sequences = token_windows(tokenizer, "stdlib", 1_000_000, 129, "train")
-    run(
+    _, trainable = run(
         teacher,
         config,
         student,
@@ -385,10 +385,6 @@ def embedded_default(args) -> int:
         ckpt_every=300,
         dtype=jnp.float32,
     )
-    trained = Checkpoints(os.path.join(args.out, "ckpt"), 3)
-    template, _ = split_student(student, student_config)
-    opt = make_optimizer(3e-3, 20, 300, 1)
-    trainable, _, _ = trained.restore(trained.latest(), template, opt.init(template))
     distilled = assemble_student(teacher, trainable, student_config, jnp.float32)
     after = ppl(distilled, student_config)
     kv = accounting(student_config, 1, config.max_position_embeddings, jnp.bfloat16)
