@@ -170,8 +170,9 @@ def decoder_layer(
     i: int,
     moe_impl: MoeImpl = "sparse",
     mla_absorb: bool | None = None,
-) -> tuple[Float[Array, "B T D"], dict[str, Array] | None, Float[Array, "B T D"]]:
-    """One pre-norm block: (new residual stream, updated layer cache, the attention's normed input)."""
+) -> tuple[Float[Array, "B T D"], dict[str, Array] | None, dict[str, Float[Array, "B T D"]]]:
+    """One pre-norm block: (new residual stream, updated layer cache, {"attn_input": the attention's normed
+    input, "attn_output": what the attention adds to the residual stream})."""
     h = rms_norm(x, layer["input_layernorm"], config.rms_norm_eps)
     args = (
         layer["self_attn"],
@@ -192,7 +193,7 @@ def decoder_layer(
     x = x + a
     moe = moe_sparse if moe_impl == "sparse" else moe_dense
     x = x + moe(layer["mlp"], rms_norm(x, layer["post_attention_layernorm"], config.rms_norm_eps), config)
-    return x, layer_cache, h
+    return x, layer_cache, {"attn_input": h, "attn_output": a}
 
 
 def attention_inputs(params: Params, tokens: Int[Array, "B T"], config: GptOssConfig) -> list[Array]:
@@ -203,8 +204,8 @@ def attention_inputs(params: Params, tokens: Int[Array, "B T"], config: GptOssCo
     cos, sin = cos_sin(positions, config)
     x, inputs = embed(params, tokens), []
     for i, layer in enumerate(params["layers"]):
-        x, _, h = decoder_layer(layer, x, positions, valid, cos, sin, None, None, config, i)
-        inputs.append(h)
+        x, _, seen = decoder_layer(layer, x, positions, valid, cos, sin, None, None, config, i)
+        inputs.append(seen["attn_input"])
     return inputs
 
 
@@ -217,7 +218,8 @@ def forward(
     moe_impl: MoeImpl = "sparse",
     mla_absorb: bool | None = None,
     remat: bool = False,
-) -> tuple[Float[Array, "B T V"], kv_cache.Cache | None]:
+    collect_attention: bool = False,
+) -> tuple[Float[Array, "B T V"], kv_cache.Cache | None] | tuple[Array, kv_cache.Cache | None, list[Array]]:
     """Logits (float32) for `tokens`, and the updated cache.
 
     Without a cache, the T tokens of each sequence sit at positions 0..T-1. With one, they continue each
@@ -226,6 +228,8 @@ def forward(
     pushed past the cache's capacity gets NaN logits rather than silently dropping tokens.
     `mla_absorb` picks the partial-MLA attention path (default: absorbed for single-token steps).
     `remat` recomputes each layer's activations in the backward pass instead of storing them.
+    `collect_attention` appends a third result: every layer's attention output [B, T, D] (what it adds
+    to the residual stream), for distillation losses that match layers.
     """
     check_params(params, config)
     check_tokens(tokens, config)
@@ -239,24 +243,28 @@ def forward(
     cos, sin = cos_sin(positions, config)
 
     x = embed(params, tokens)
-    new_layers = []
+    new_layers, attention_outputs = [], []
     block = jax.checkpoint(decoder_layer, static_argnums=(8, 9, 10, 11)) if remat else decoder_layer
     for i, layer in enumerate(params["layers"]):
         layer_cache = cache["layers"][i] if cache is not None else None
-        x, layer_cache, _ = block(
+        x, layer_cache, seen = block(
             layer, x, positions, valid, cos, sin, layer_cache, start, config, i, moe_impl, mla_absorb
         )
         new_layers.append(layer_cache)
+        attention_outputs.append(seen["attn_output"])
     logits = unembed(params, rms_norm(x, params["norm"], config.rms_norm_eps), config)
-    if cache is None:
-        return logits, None
-    new_lengths = start + n_new
-    overflow = new_lengths > kv_cache.cache_max_len(cache, config)
-    logits = jnp.where(overflow[:, None, None], jnp.nan, logits)
-    return logits, {"lengths": new_lengths, "layers": new_layers}
+    new_cache = None
+    if cache is not None:
+        new_lengths = start + n_new
+        overflow = new_lengths > kv_cache.cache_max_len(cache, config)
+        logits = jnp.where(overflow[:, None, None], jnp.nan, logits)
+        new_cache = {"lengths": new_lengths, "layers": new_layers}
+    return (logits, new_cache, attention_outputs) if collect_attention else (logits, new_cache)
 
 
-forward_jit = jax.jit(forward, static_argnames=("config", "moe_impl", "mla_absorb", "remat"))
+forward_jit = jax.jit(
+    forward, static_argnames=("config", "moe_impl", "mla_absorb", "remat", "collect_attention")
+)
 forward_jit.__doc__ = "`forward` under `jax.jit` (config, moe_impl and mla_absorb static)."
 
 

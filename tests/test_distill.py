@@ -1,5 +1,7 @@
-"""train.distill at small sizes: learning, mesh equivalence, exact resume, refusals."""
+"""train.distill at small sizes: learning, mesh equivalence, exact resume, trainable sets, loss terms,
+FLOP counting, observability, refusals."""
 
+import dataclasses
 import json
 
 import jax
@@ -8,7 +10,8 @@ import numpy as np
 import pytest
 
 from train.data import pack
-from train.distill import DistillError, run
+from train.distill import TRAIN_SETS, DistillError, run, split_student
+from train.flops import distill_step_flops, forward_flops, peak_flops
 from weights.safetensors_io import load_hf
 from weights.to_mla import convert
 
@@ -33,7 +36,10 @@ def test_kl_goes_down(pair, tmp_path):
     assert last < 0.85 * first, (first, last)  # measured: 0.116 -> 0.092
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, 31))
-    assert {"loss", "kl", "grad_norm", "tokens_per_s"} <= set(rows[0])
+    assert {"loss", "kl", "grad_norm", "tokens_per_s", "lr"} <= set(rows[0])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["steps"] == 30 and summary["loss"] == history[-1]["loss"]
+    assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_meshes_give_the_same_losses(pair, tmp_path):
@@ -52,13 +58,104 @@ def test_resume_sees_the_same_batches_and_losses(pair, tmp_path):
     resumed = _run(pair, tmp_path / "cut", steps=6, batch=4, ckpt_every=3, resume=True)
     assert [h["step"] for h in resumed] == [4, 5, 6]
     assert [h["loss"] for h in resumed] == [h["loss"] for h in full[3:]]  # bitwise on CPU
+    with pytest.raises(DistillError, match=r"already holds checkpoints .* pass --resume"):
+        _run(pair, tmp_path / "cut", steps=6, batch=4)
+
+
+def test_stop_after_then_resume_equals_one_run(pair, tmp_path):
+    full = _run(pair, tmp_path / "full", steps=5, batch=4, ckpt_every=100)
+    first = _run(pair, tmp_path / "cut", steps=5, batch=4, ckpt_every=100, stop_after=2)
+    rest = _run(pair, tmp_path / "cut", steps=5, batch=4, ckpt_every=100, resume=True)
+    assert [h["loss"] for h in first + rest] == [h["loss"] for h in full]
+    rows = [json.loads(x) for x in (tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4, 5]
+
+
+def test_trainable_sets(pair):
+    _, _, student_config, student, _ = pair
+    names = lambda train: {
+        "/".join(str(getattr(k, "key", k)) for k in path)
+        for path, _ in jax.tree_util.tree_leaves_with_path(split_student(student, train))
+    }
+    mla, attn, everything = names("mla"), names("mla+attn"), names("all")
+    assert mla == {
+        f"layers/{i}/self_attn/{w}"
+        for i in student_config.mla.layers
+        for w in ("kv_a/kernel", "kv_b/kernel", "kv_b/bias")
+    }  # decompressed: no k_rope
+    assert mla < attn < everything
+    assert "layers/0/self_attn/sinks" in attn and "embed_tokens" in everything - attn
+    assert all(TRAIN_SETS["mla+attn"](n) for n in attn)
+
+
+@pytest.mark.parametrize("train", ["mla+attn", "all"])
+def test_wider_trainable_sets_learn_and_leave_the_teacher_alone(pair, tmp_path, train):
+    config, teacher, student_config, student, sequences = pair
+    before = jax.tree.map(np.asarray, teacher)
+    # One batch seen over and over: its KL must fall (across random batches it is too noisy to tell).
+    history, trained = run(
+        teacher, config, student, student_config, sequences[:8], str(tmp_path), steps=15, batch=8,
+        lr=1e-3, warmup=2, train=train, progress=False,
+    )  # fmt: skip
+    assert history[-1]["kl"] < 0.8 * history[0]["kl"], [h["kl"] for h in history]
+    sinks = trained["layers"]["1"]["self_attn"]["sinks"]
+    assert not np.allclose(sinks, before["layers"][1]["self_attn"]["sinks"])  # it trained
+    jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.asarray, teacher))
+
+
+def test_hidden_loss_matches_attention_outputs(pair, tmp_path):
+    config, teacher, _, _, sequences = pair
+    # At full latent rank the conversion is exact: every term of the loss is ~0.
+    calib = np.random.default_rng(0).integers(0, config.vocab_size, (4, 32))
+    full = 2 * config.num_key_value_heads * config.head_dim
+    exact_config, exact, _ = convert(teacher, config, full, "decompressed", init="pca", calib_tokens=calib)
+    h = run(
+        teacher, config, exact, exact_config, sequences, str(tmp_path / "exact"), steps=1, batch=8,
+        lr=0.0, loss="kl+hidden", progress=False,
+    )[0]  # fmt: skip
+    assert h[0]["hidden"] < 1e-9 and h[0]["kl"] < 1e-6  # float32 rounding of the log-softmaxes
+    # At low rank it is not, and training on it brings the attention outputs closer.
+    low_config, low, _ = convert(teacher, config, 4, "decompressed", init="pca", calib_tokens=calib)
+    h = run(
+        teacher, config, low, low_config, sequences, str(tmp_path / "low"), steps=20, batch=8,
+        lr=3e-3, warmup=2, loss="kl+hidden", progress=False,
+    )[0]  # fmt: skip
+    assert h[0]["hidden"] > 1e-3 and h[-1]["hidden"] < 0.9 * h[0]["hidden"]
+    assert h[0]["loss"] == pytest.approx(h[0]["kl"] + h[0]["hidden"], rel=1e-6)
+    with pytest.raises(DistillError, match="--loss 'ce': expected kl"):
+        run(teacher, config, low, low_config, sequences, str(tmp_path / "x"), loss="ce", progress=False)
+
+
+def test_flops_by_hand(pair):
+    config = pair[0]
+    T, D, V, H, G, d = 16, config.hidden_size, config.vocab_size, 4, 2, 8
+    E, k, inter, W = config.num_local_experts, config.num_experts_per_tok, config.intermediate_size, 4
+    attn_proj = D * H * d * 2 + D * G * d * 2
+    moe = D * E + k * (D * 2 * inter + inter * D)
+    matmuls = 2 * T * (config.num_hidden_layers * (attn_proj + moe) + D * V)
+    pairs = {"full": T * (T + 1) // 2, "sliding": sum(min(t + 1, W) for t in range(T))}
+    attn = sum(4 * H * d * pairs["sliding" if config.is_sliding(i) else "full"] for i in range(4))
+    assert config.sliding_window == W and config.num_attention_heads == H
+    assert forward_flops(config, T) == pytest.approx(matmuls + attn)
+    # A student identical to the teacher training nothing costs three forwards.
+    student = dataclasses.replace(config)
+    assert distill_step_flops(config, student, T, 2, lambda p: False) == pytest.approx(6 * (matmuls + attn))
+    assert peak_flops() is None  # CPU: no MFU claimed
 
 
 def test_mismatched_pair_is_refused(pair, tmp_path):
     config, teacher, student_config, student, sequences = pair
     other = {**teacher, "embed_tokens": teacher["embed_tokens"] + 1}
-    with pytest.raises(DistillError, match="different embeddings"):
+    with pytest.raises(DistillError, match="differ in embed_tokens"):
         run(other, config, student, student_config, sequences, str(tmp_path), progress=False)
+    experts = teacher["layers"][2]["mlp"]["experts"]
+    other_layers = list(teacher["layers"])
+    other_layers[2] = {
+        **other_layers[2],
+        "mlp": {**other_layers[2]["mlp"], "experts": {**experts, "down_proj": experts["down_proj"] * 2}},
+    }
+    with pytest.raises(DistillError, match="differ in layers/2/mlp/experts/down_proj"):
+        run({**teacher, "layers": other_layers}, config, student, student_config, sequences, str(tmp_path))
     with pytest.raises(DistillError, match="has no MLA layers"):
         run(teacher, config, teacher, config, sequences, str(tmp_path), progress=False)
 

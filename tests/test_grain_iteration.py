@@ -25,10 +25,13 @@ def test_shuffle_shard_and_resume():
     assert sorted(first_epoch.tolist()) == list(range(64))  # every sequence once per epoch
     assert not (np.concatenate(a[8:])[:, 0] // 4 == first_epoch).all()  # reshuffled
 
-    # Hosts see disjoint shares.
-    h0 = np.concatenate(take(training_batches(sequences, 4, 1, 0, 2), 8))[:, 0] // 4
-    h1 = np.concatenate(take(training_batches(sequences, 4, 1, 1, 2), 8))[:, 0] // 4
-    assert not set(h0) & set(h1) and len(set(h0) | set(h1)) == 64
+    # Two hosts read the two halves of the batches one host reads.
+    h0 = take(training_batches(sequences, 8, 1, 0, 2), 16)
+    h1 = take(training_batches(sequences, 8, 1, 1, 2), 16)
+    assert all(x.shape == (4, 4) for x in h0 + h1)
+    assert all((np.concatenate([x, y]) == z).all() for x, y, z in zip(h0, h1, a, strict=True))
+    with pytest.raises(ValueError, match="dividing 8"):
+        training_batches(sequences, 8, 1, 0, 3)
 
     # A resumed iterator sees exactly the batches it would have seen.
     it = training_batches(sequences, 8, seed=1)

@@ -153,18 +153,20 @@ def pack(token_ids: np.ndarray, seq_len: int) -> np.ndarray:
 def training_batches(
     sequences: np.ndarray, batch: int, seed: int, shard_index: int = 0, shard_count: int = 1
 ):
-    """An endless, checkpointable grain iterator of [batch, seq_len] int32 batches.
+    """An endless, checkpointable grain iterator over global batches of `batch` sequences.
 
-    Sequences are shuffled with `seed` (reshuffled every epoch), each host takes its `shard_index`-th
-    share, and `iterator.get_state()` / `set_state()` resume exactly where a run stopped.
+    Sequences are shuffled with `seed` (reshuffled every epoch). Each global batch is cut into
+    `shard_count` equal blocks of rows and this host reads only block `shard_index` ([batch /
+    shard_count, seq_len] int32), so hosts together see exactly what one host would. `get_state()` /
+    `set_state()` resume exactly where a run stopped.
     """
     import grain
 
-    if not 0 <= shard_index < shard_count:
-        raise ValueError(f"shard_index {shard_index} is not in 0..{shard_count - 1}")
-    dataset = grain.MapDataset.source(sequences)[shard_index::shard_count]
-    if len(dataset) < batch:
-        raise ValueError(f"{len(dataset)} sequences on this host, fewer than one batch of {batch}")
+    if not 0 <= shard_index < shard_count or batch % shard_count:
+        raise ValueError(f"shard {shard_index} of {shard_count}: needs 0 <= index < count dividing {batch}")
+    if len(sequences) < batch:
+        raise ValueError(f"{len(sequences)} sequences, fewer than one batch of {batch}")
+    dataset = grain.MapDataset.source(sequences)
     # Shuffle before repeat: every epoch is a permutation, and each epoch gets a new one.
-    dataset = dataset.shuffle(seed=seed).repeat(None).batch(batch, drop_remainder=True)
-    return iter(dataset.to_iter_dataset())
+    dataset = dataset.shuffle(seed=seed).repeat(None).batch(batch // shard_count, drop_remainder=True)
+    return iter(dataset[shard_index::shard_count].to_iter_dataset())
