@@ -40,12 +40,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.sharding import NamedSharding
 from tqdm.auto import tqdm
 
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.model import forward
 from train.flops import distill_step_flops, peak_flops
-from train.sharding import batch_sharding, make_mesh, path_name, shard_params
+from train.sharding import batch_sharding, make_mesh, path_name, shard_params, spec_for
 
 Params = dict[str, Any]
 
@@ -130,7 +131,9 @@ def check_pair(teacher: Params, teacher_config: GptOssConfig, student: Params, s
             continue
         if name not in teacher_leaves:
             raise DistillError(f"--student has {name}, which --teacher lacks: not a conversion of it")
-        if leaf.shape != teacher_leaves[name].shape or not jnp.array_equal(leaf, teacher_leaves[name]):
+        if leaf.shape != teacher_leaves[name].shape or not scalar(
+            jnp.array_equal(leaf, teacher_leaves[name])
+        ):
             raise DistillError(
                 f"--teacher and --student differ in {name}: the student is not a conversion of this teacher"
             )
@@ -258,8 +261,8 @@ def local_rows(sharding: jax.sharding.NamedSharding, global_batch: int, seq_len:
 
 
 def scalar(x) -> float:
-    """A replicated scalar as a Python float (also when its devices span several processes)."""
-    return float(np.asarray(x.addressable_shards[0].data))
+    """A replicated scalar as a Python number (also when its devices span several processes)."""
+    return np.asarray(x.addressable_shards[0].data).item()
 
 
 def run(
@@ -536,8 +539,11 @@ def distill_cli(args) -> int:
     parse_loss(args.loss)
     dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
     progress = not args.no_progress and jax.process_index() == 0
-    teacher_config, teacher, tokenizer_dir = load_model(args.teacher, progress=progress)
-    student_config, student, _ = load_model(args.student, progress=progress)
+    # Every process reads only the shards of the parameters that its devices hold.
+    mesh = make_mesh(args.mesh)
+    placement = lambda path, shape: NamedSharding(mesh, spec_for("/".join(str(k) for k in path), shape, mesh))
+    teacher_config, teacher, tokenizer_dir = load_model(args.teacher, placement=placement, progress=progress)
+    student_config, student, _ = load_model(args.student, placement=placement, progress=progress)
     tokenizer = None
     if tokenizer_dir is not None:
         tokenizer = Tokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json"))

@@ -63,11 +63,20 @@ def spec_for(name: str, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> Part
     return PartitionSpec()
 
 
+def place(x, sharding: NamedSharding):
+    """`x` (the same full value on every process) placed with `sharding`, which may span processes: each
+    process fills only the shards its devices hold."""
+    if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
+        return x
+    if jax.process_count() == 1:
+        return jax.device_put(x, sharding)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
 def shard_params(params, mesh: jax.sharding.Mesh):
     """Place every parameter on the mesh by the rules table."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: jax.device_put(x, NamedSharding(mesh, spec_for(path_name(path), x.shape, mesh))),
-        params,
+        lambda path, x: place(x, NamedSharding(mesh, spec_for(path_name(path), x.shape, mesh))), params
     )
 
 

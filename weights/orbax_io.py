@@ -95,7 +95,7 @@ def restore_checkpoint(
     with manager:
         tree = manager.item_metadata(step)["params"]
         tree = getattr(tree, "tree", tree)
-        default = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's
 
         def abstract(path, leaf):
             sharding = placement(tuple(_key(k) for k in path), tuple(leaf.shape)) if placement else None

@@ -1,0 +1,68 @@
+"""python -m train.distill as users run it: killed with SIGKILL mid-run, then resumed."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+
+from train.distill import main
+from weights.orbax_io import save_checkpoint
+from weights.safetensors_io import load_hf
+from weights.to_mla import convert
+
+# Subprocesses compute exactly like this one: same simulated devices, same matmul precision.
+ENV = {**os.environ, "JAX_DEFAULT_MATMUL_PRECISION": "highest", "JAX_PLATFORMS": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def files(tiny_hf, tmp_path_factory):
+    """(teacher folder, student Orbax checkpoint, token ids .npy)."""
+    root = tmp_path_factory.mktemp("distill_cli")
+    config, teacher = load_hf(tiny_hf[1], progress=False)
+    calib = np.random.default_rng(0).integers(0, config.vocab_size, (4, 32))
+    student_config, student, _ = convert(teacher, config, 8, "decompressed", init="pca", calib_tokens=calib)
+    save_checkpoint(str(root / "student"), student, student_config)
+    np.save(root / "ids.npy", np.random.default_rng(1).integers(0, config.vocab_size, 4096).astype(np.int32))
+    return tiny_hf[1], str(root / "student"), str(root / "ids.npy")
+
+
+def args(files, out, *extra) -> list[str]:
+    teacher, student, ids = files
+    return [
+        "--teacher", teacher, "--student", student, "--data", ids, "--out", str(out),
+        "--seq-len", "16", "--batch", "8", "--lr", "1e-3", "--warmup", "2", "--dtype", "fp32",
+        "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def losses(out) -> list[tuple[int, float, float, float]]:
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [(r["step"], r["loss"], r["kl"], r["grad_norm"]) for r in map(json.loads, f)]
+
+
+def test_sigkill_mid_run_then_resume_logs_the_same_losses(files, tmp_path):
+    assert main(args(files, tmp_path / "ref", "--steps", "60", "--ckpt-every", "10")) == 0
+    cut = tmp_path / "cut"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "train.distill", *args(files, cut, "--steps", "60", "--ckpt-every", "10")],
+        env=ENV,
+        stderr=subprocess.PIPE,
+    )
+    metrics, deadline = cut / "metrics.jsonl", time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        if metrics.exists() and any(json.loads(x)["step"] >= 25 for x in metrics.read_text().splitlines()):
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.002)
+    assert proc.wait() == -signal.SIGKILL, proc.stderr.read().decode()[-3000:]
+    saved = sorted(int(p.name) for p in (cut / "ckpt").iterdir() if p.name.isdigit())
+    assert saved and 20 <= saved[-1] < 60, saved
+    assert max(r[0] for r in losses(cut)) > saved[-1]  # it died after logging steps it never saved
+
+    assert main(args(files, cut, "--steps", "60", "--ckpt-every", "10", "--resume")) == 0
+    assert losses(cut) == losses(tmp_path / "ref")  # every step once, bitwise equal
