@@ -3,6 +3,7 @@ MLA with the default settings (decompressed, latent 192, PCA on all layers), dis
 `train.distill.run` at seq-len 2048 on one GPU.
 
     python -m eval.fullsize_distill [--batch 2] [--steps 20] [--seq-len 2048] [--out RESULTS.json]
+    python -m eval.fullsize_distill --breakdown   # where a forward's time goes (no training)
 
 Reports peak device memory, tokens/s and MFU (model FLOPs of teacher forward + student forward and
 backward, `train.flops`, over the card's dense bf16 peak) from the median step after the first two.
@@ -28,6 +29,56 @@ from train.distill import run
 from weights.to_mla import DEFAULT_LATENT_DIM, convert
 
 
+def timed(fn, *args, repeats: int = 5) -> float:
+    """Median seconds of `fn(*args)` after one warm-up call (compilation)."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def breakdown(teacher, config, batch: int, seq_len: int) -> dict:
+    """Seconds of one teacher forward and of its parts (one layer's attention, MoE, and the MoE's first
+    ragged_dot against a dense matmul of the same FLOPs), with the FLOP rate each reaches."""
+    from gptoss_mla_jax.attention import attention
+    from gptoss_mla_jax.model import forward
+    from gptoss_mla_jax.moe import moe_sparse, route
+    from gptoss_mla_jax.rope import cos_sin
+    from train.flops import forward_flops
+
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (batch, seq_len)))
+    layer = teacher["layers"][1]  # a full-attention layer
+    x = jax.random.normal(jax.random.key(1), (batch, seq_len, config.hidden_size), jnp.bfloat16)
+    positions = jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len))
+    cos, sin = cos_sin(positions, config)
+    valid, start = jnp.ones((batch, seq_len), bool), jnp.zeros((batch,), jnp.int32)
+    n, k, D = batch * seq_len, config.num_experts_per_tok, config.hidden_size
+    _, idx = route(layer["mlp"], x.reshape(n, D), config)
+    sizes = jnp.bincount(idx.reshape(-1), length=config.num_local_experts).astype(jnp.int32)
+    rows = jax.random.normal(jax.random.key(2), (n * k, D), jnp.bfloat16)
+    w = layer["mlp"]["experts"]["gate_up_proj"]
+    out = {
+        "forward_s": timed(jax.jit(lambda p, t: forward(p, t, None, config)[0]), teacher, tokens),
+        "forward_tflop": forward_flops(config, seq_len) * batch / 1e12,
+        "attention_layer_s": timed(
+            jax.jit(lambda p, h: attention(p, h, positions, valid, cos, sin, None, start, False, config)[0]),
+            layer["self_attn"],
+            x,
+        ),
+        "moe_layer_s": timed(jax.jit(lambda p, h: moe_sparse(p, h, config)), layer["mlp"], x),
+        "ragged_dot_gate_up_s": timed(jax.jit(jax.lax.ragged_dot), rows, w, sizes),
+        "dense_same_flops_s": timed(jax.jit(lambda r, m: r @ m), rows, w[0]),
+        "ragged_dot_tflop": 2 * n * k * D * w.shape[-1] / 1e12,
+    }
+    out["forward_tflops_per_s"] = out["forward_tflop"] / out["forward_s"]
+    out["ragged_dot_tflops_per_s"] = out["ragged_dot_tflop"] / out["ragged_dot_gate_up_s"]
+    out["dense_tflops_per_s"] = out["ragged_dot_tflop"] / out["dense_same_flops_s"]
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -37,10 +88,18 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--loss", default="kl")
     parser.add_argument("--out", default="eval/results/fullsize_distill.json")
+    parser.add_argument("--breakdown", action="store_true", help="time a forward and its parts instead")
     args = parser.parse_args(argv)
     config = GPT_OSS_20B
     t0 = time.perf_counter()
     teacher = init_params(config, jax.random.key(0), jnp.bfloat16)
+    if args.breakdown:
+        result = {"device": jax.devices()[0].device_kind, "batch": args.batch, "seq_len": args.seq_len}
+        result |= breakdown(teacher, config, args.batch, args.seq_len)
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+        print(json.dumps(result, indent=1))
+        return 0
     rng = np.random.default_rng(0)
     calib = rng.integers(0, config.vocab_size, (2, 512))
     student_config, student, _ = convert(
