@@ -14,7 +14,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -226,7 +226,11 @@ def load_hf(
 
     def place(path: tuple, value) -> jax.Array:
         sharding = placement(path, tuple(value.shape)) if placement else None
-        return jax.device_put(value, sharding) if sharding is not None else jnp.asarray(value)
+        if sharding is None:
+            return jnp.asarray(value)
+        if not sharding.is_fully_addressable:  # spans processes: each fills only its own shards
+            return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+        return jax.device_put(value, sharding)
 
     targets = [t.path for t in hf_tensors(config, experts)]
     name = os.path.basename(os.path.normpath(folder))
@@ -235,8 +239,9 @@ def load_hf(
         ThreadPoolExecutor(max_workers=LOAD_THREADS) as pool,
         tqdm(total=len(targets), desc=f"loading {name}", unit="tensor", disable=not progress) as bar,
     ):
-        for done in as_completed([pool.submit(load, path) for path in targets]):
-            for path, value in done.result():
+        # Placed in a fixed order: across processes, placements are collective and must line up.
+        for loaded in pool.map(load, targets):
+            for path, value in loaded:
                 _set(params, path, place(path, value))
             bar.update()
     return config, params
