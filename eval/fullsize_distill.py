@@ -87,6 +87,7 @@ def main(argv=None) -> int:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--loss", default="kl")
+    parser.add_argument("--mesh", default="1x1", help="DxM over the visible GPUs (train.sharding)")
     parser.add_argument("--out", default="eval/results/fullsize_distill.json")
     parser.add_argument("--breakdown", action="store_true", help="time a forward and its parts instead")
     args = parser.parse_args(argv)
@@ -109,14 +110,14 @@ def main(argv=None) -> int:
     sequences = pack(rng.integers(0, config.vocab_size, 64 * (args.seq_len + 1)), args.seq_len + 1)
     with tempfile.TemporaryDirectory() as out_dir:
         history, _ = run(
-            teacher, config, student, student_config, sequences, out_dir, "1x1", args.batch, args.steps,
+            teacher, config, student, student_config, sequences, out_dir, args.mesh, args.batch, args.steps,
             lr=1e-4, warmup=2, loss=args.loss, ckpt_every=10**9, dtype=jnp.bfloat16, progress=False,
         )  # fmt: skip
         with open(os.path.join(out_dir, "summary.json")) as f:
             summary = json.load(f)
     result = {
         "command": f"python -m eval.fullsize_distill --batch {args.batch} --steps {args.steps} "
-        f"--seq-len {args.seq_len} --loss {args.loss}",
+        f"--seq-len {args.seq_len} --loss {args.loss} --mesh {args.mesh}",
         "model": "gpt-oss-20b shape, random bf16 weights; student: decompressed MLA, latent "
         f"{DEFAULT_LATENT_DIM}, PCA init, all {config.num_hidden_layers} layers",
         "batch": args.batch,
