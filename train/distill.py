@@ -460,9 +460,9 @@ def initialize_distributed(args) -> None:
         jax.distributed.initialize()
 
 
-def training_data(tokenizer, data: str, n_tokens: int, seq_len: int, vocab_size: int):
-    """(train windows [n, seq_len + 1], held-out token ids) from a corpus name / text path, or from a
-    .npy of token ids (its last 5% held out)."""
+def training_data(tokenizer, data: str, n_tokens: int, seq_len: int, vocab_size: int, eval_tokens: int):
+    """(train windows [n, seq_len + 1], up to `eval_tokens` held-out token ids or None when 0) from a
+    corpus name / text path, or from a .npy of token ids (its last 5% held out)."""
     from eval.ppl import corpus_ids
     from train.data import pack, token_windows
 
@@ -475,13 +475,12 @@ def training_data(tokenizer, data: str, n_tokens: int, seq_len: int, vocab_size:
         if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
             raise DistillError(f"--data {data}: token ids outside the vocabulary 0..{vocab_size - 1}")
         cut = len(ids) - len(ids) // 20
-        return pack(np.asarray(ids[:cut][:n_tokens]), seq_len + 1), np.asarray(ids[cut:], np.int32)
+        held_out = np.asarray(ids[cut:][:eval_tokens], np.int32) if eval_tokens else None
+        return pack(np.asarray(ids[:cut][:n_tokens]), seq_len + 1), held_out
     if tokenizer is None:
         raise DistillError(f"--teacher has no tokenizer.json to tokenize --data {data} with (or pass a .npy)")
-    return (
-        token_windows(tokenizer, data, n_tokens, seq_len + 1, "train"),
-        corpus_ids(tokenizer, data, "test", None),
-    )
+    train = token_windows(tokenizer, data, n_tokens, seq_len + 1, "train")
+    return train, corpus_ids(tokenizer, data, "test", eval_tokens) if eval_tokens else None
 
 
 def main(argv=None) -> int:
@@ -548,11 +547,15 @@ def distill_cli(args) -> int:
     if tokenizer_dir is not None:
         tokenizer = Tokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json"))
     sequences, held_out = training_data(
-        tokenizer, args.data, args.train_tokens, args.seq_len, teacher_config.vocab_size
+        tokenizer,
+        args.data,
+        args.train_tokens,
+        args.seq_len,
+        teacher_config.vocab_size,
+        args.eval_tokens if args.eval_every else 0,
     )
     eval_fn = None
     if args.eval_every:
-        held_out = held_out[: args.eval_tokens]
         eval_fn = lambda params: perplexity(
             params, student_config, held_out, args.seq_len, args.seq_len, args.batch, progress=False
         )["ppl"]

@@ -13,6 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from weights.safetensors_io import put
+
 DATA, MODEL = "data", "model"
 # (parameter path regex, axis per dimension), first match wins; paths are "/"-joined keys.
 RULES: list[tuple[str, tuple]] = [
@@ -64,13 +66,10 @@ def spec_for(name: str, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> Part
 
 
 def place(x, sharding: NamedSharding):
-    """`x` (the same full value on every process) placed with `sharding`, which may span processes: each
-    process fills only the shards its devices hold."""
+    """`x` placed with `sharding` (see `weights.safetensors_io.put`), left as is when already there."""
     if isinstance(x, jax.Array) and x.sharding.is_equivalent_to(sharding, x.ndim):
         return x
-    if jax.process_count() == 1:
-        return jax.device_put(x, sharding)
-    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+    return put(x, sharding)
 
 
 def shard_params(params, mesh: jax.sharding.Mesh):

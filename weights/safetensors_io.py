@@ -165,6 +165,14 @@ def _set(tree, path: tuple, value) -> None:
     tree[path[-1]] = value
 
 
+def put(value, sharding: jax.sharding.Sharding) -> jax.Array:
+    """`value` (the same full value on every process) placed with `sharding`. On a sharding that spans
+    processes each process fills only the shards its devices hold."""
+    if sharding.is_fully_addressable:
+        return jax.device_put(value, sharding)
+    return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
+
+
 def load_hf(
     folder: str,
     dtype=None,
@@ -226,11 +234,7 @@ def load_hf(
 
     def place(path: tuple, value) -> jax.Array:
         sharding = placement(path, tuple(value.shape)) if placement else None
-        if sharding is None:
-            return jnp.asarray(value)
-        if not sharding.is_fully_addressable:  # spans processes: each fills only its own shards
-            return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
-        return jax.device_put(value, sharding)
+        return jnp.asarray(value) if sharding is None else put(value, sharding)
 
     targets = [t.path for t in hf_tensors(config, experts)]
     name = os.path.basename(os.path.normpath(folder))
