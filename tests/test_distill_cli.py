@@ -3,6 +3,7 @@
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -66,3 +67,41 @@ def test_sigkill_mid_run_then_resume_logs_the_same_losses(files, tmp_path):
 
     assert main(args(files, cut, "--steps", "60", "--ckpt-every", "10", "--resume")) == 0
     assert losses(cut) == losses(tmp_path / "ref")  # every step once, bitwise equal
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_processes(files, out, *extra) -> None:
+    """`python -m train.distill --mesh 8x1` as two processes of 4 simulated CPU devices each."""
+    env = {**ENV, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    command = [sys.executable, "-m", "train.distill", *args(files, out, "--mesh", "8x1", *extra)]
+    command += ["--coordinator", f"127.0.0.1:{free_port()}", "--num-processes", "2"]
+    logs = [out.parent / f"{out.name}.process{i}.log" for i in range(2)]
+    procs = []
+    for i, log in enumerate(logs):
+        with open(log, "w") as f:  # files, not pipes: a full pipe would stall one process's collectives
+            procs.append(subprocess.Popen([*command, "--process-id", str(i)], env=env, stdout=f, stderr=f))
+    try:
+        codes = [p.wait(timeout=600) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for i, (code, log) in enumerate(zip(codes, logs, strict=True)):
+        assert code == 0, f"process {i}:\n{log.read_text()[-3000:]}"
+
+
+def test_two_processes_match_one_process_and_resume_collectively(files, tmp_path):
+    """Two processes spanning one 8x1 mesh log the same losses as one process with 8 devices, through a
+    collective Orbax checkpoint and --resume."""
+    assert main(args(files, tmp_path / "one", "--mesh", "8x1", "--steps", "4", "--ckpt-every", "2")) == 0
+    two = tmp_path / "two"
+    run_two_processes(files, two, "--steps", "4", "--ckpt-every", "2", "--stop-after", "2")
+    assert [r[0] for r in losses(two)] == [1, 2]
+    run_two_processes(files, two, "--steps", "4", "--ckpt-every", "2", "--resume")
+    one, both = np.asarray(losses(tmp_path / "one")), np.asarray(losses(two))
+    assert one.shape == both.shape == (4, 4)
+    np.testing.assert_allclose(both, one, rtol=1e-5)

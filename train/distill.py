@@ -40,13 +40,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
-from jax.sharding import NamedSharding
+from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.model import forward
 from train.flops import distill_step_flops, peak_flops
-from train.sharding import batch_sharding, make_mesh, path_name, shard_params, spec_for
+from train.sharding import batch_sharding, make_mesh, path_name, place, shard_params, spec_for
 
 Params = dict[str, Any]
 
@@ -309,7 +309,13 @@ def run(
     )
     trainable = shard_params(trainable, mesh)
     optimizer, schedule = make_optimizer(lr, warmup, steps, grad_accum)
-    opt_state = optimizer.init(trainable)
+    # Adam's moments inherit the weights' shardings; the step counters go replicated over the mesh (left
+    # on one device they would clash with the mesh once a process holds only some of its devices).
+    replicated = NamedSharding(mesh, PartitionSpec())
+    opt_state = jax.tree.map(
+        lambda x: x if isinstance(x.sharding, NamedSharding) else place(x, replicated),
+        optimizer.init(trainable),
+    )
     step_fn = make_step(optimizer, teacher_config, student_config, temperature, terms, dtype, remat)
     seq_len = sequences.shape[1]
     tokens_sharding = batch_sharding(mesh)

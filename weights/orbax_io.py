@@ -71,7 +71,12 @@ def _manager_and_step(directory: str, step: int | None) -> tuple[ocp.CheckpointM
     """An open manager of our checkpoint at `directory` and the step to read (latest by default)."""
     if not is_orbax_checkpoint(directory):
         raise FileNotFoundError(f"{directory} is not an Orbax checkpoint of this project (no <step>/params)")
-    manager = ocp.CheckpointManager(directory)
+    # Handlers named up front: without them item_metadata() is None and a restore falls back to the
+    # shardings recorded at save time (devices another process may not have).
+    manager = ocp.CheckpointManager(
+        directory,
+        item_handlers={"params": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()},
+    )
     step = manager.latest_step() if step is None else step
     if step not in manager.all_steps():
         manager.close()
@@ -95,6 +100,8 @@ def restore_checkpoint(
     with manager:
         tree = manager.item_metadata(step)["params"]
         tree = getattr(tree, "tree", tree)
+        if tree is None:
+            raise FileNotFoundError(f"{directory}: step {step} has no readable params metadata")
         default = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's
 
         def abstract(path, leaf):
