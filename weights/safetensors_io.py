@@ -262,6 +262,19 @@ def _shard_plan(tensors: list[tuple[str, int]], max_shard_bytes: int) -> list[li
     return [*shards, current] if current else shards
 
 
+# An MLA checkpoint carries its PyTorch model (weights/transformers_mla): transformers loads it with
+# AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).
+TRANSFORMERS_MLA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "transformers_mla")
+TRANSFORMERS_MLA_FILES = ("configuration_gpt_oss_mla.py", "modeling_gpt_oss_mla.py")
+TRANSFORMERS_MLA_CONFIG = {
+    "architectures": ["GptOssMlaForCausalLM"],
+    "auto_map": {
+        "AutoConfig": "configuration_gpt_oss_mla.GptOssMlaConfig",
+        "AutoModelForCausalLM": "modeling_gpt_oss_mla.GptOssMlaForCausalLM",
+    },
+}
+
+
 def save_hf(
     params: dict[str, Any],
     config: GptOssConfig,
@@ -283,6 +296,8 @@ def save_hf(
     experts = experts or have
     layout = hf_tensors(config, experts)
     hf_config = config.to_hf()
+    if config.mla is not None:
+        hf_config.update(TRANSFORMERS_MLA_CONFIG)
     if experts == "dense":
         hf_config.pop("quantization_config", None)
     else:
@@ -344,6 +359,9 @@ def save_hf(
                 json.dump({"metadata": {"total_size": total}, "weight_map": weight_map}, f, indent=2)
         with open(os.path.join(tmp, "config.json"), "w") as f:
             json.dump(hf_config, f, indent=2, sort_keys=True)
+        if config.mla is not None:  # the PyTorch MLA model, for trust_remote_code=True
+            for name in TRANSFORMERS_MLA_FILES:
+                shutil.copy2(os.path.join(TRANSFORMERS_MLA_DIR, name), tmp)
         if tokenizer_from:
             for name in TOKENIZER_FILES:
                 if os.path.isfile(os.path.join(tokenizer_from, name)):
