@@ -96,16 +96,23 @@ def is_shape(x) -> bool:
     return isinstance(x, tuple) and all(isinstance(n, int) for n in x)
 
 
-def init_params(config: GptOssConfig, key: Array, dtype=jnp.bfloat16) -> Params:
+def init_params(
+    config: GptOssConfig, key: Array, dtype=jnp.bfloat16, experts: ExpertFormat = "dense"
+) -> Params:
     """Random parameters with transformers' initialisation (normal(0, 0.02) weights, zero biases,
-    unit norm weights), for demos and tests."""
-    shapes = param_shapes(config)
+    unit norm weights), for demos and tests. MXFP4 experts get random codes with scales 2^-10..2^-6
+    (elements of magnitude <= 0.1), as gpt-oss checkpoints store them."""
+    shapes = param_shapes(config, experts)
     paths, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=is_shape)
     keys = jax.random.split(key, len(paths))
     leaves = []
     for (path, shape), k in zip(paths, keys, strict=True):
         name = jax.tree_util.keystr(path)
-        if "layernorm" in name or name == "['norm']":
+        if name.endswith("_blocks']"):
+            leaves.append(jax.random.bits(k, shape, jnp.uint8))
+        elif name.endswith("_scales']"):
+            leaves.append(jax.random.randint(k, shape, 117, 122).astype(jnp.uint8))
+        elif "layernorm" in name or name == "['norm']":
             leaves.append(jnp.ones(shape, dtype))
         elif "bias" in name and "router" not in name:
             leaves.append(jnp.zeros(shape, dtype))

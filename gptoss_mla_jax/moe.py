@@ -10,7 +10,9 @@ dequantized inside the computation (4x less memory to hold; see `weights.mxfp4`)
 
 Two paths that must agree: `moe_dense` runs every expert on every token (the readable reference), and
 `moe_sparse` (the default) sorts token-expert pairs by expert and runs only the selected experts with
-`jax.lax.ragged_dot`, so its FLOPs and weight reads scale with k, not with the number of experts.
+`jax.lax.ragged_dot`, so its FLOPs scale with k, not with the number of experts; at decode (fewer
+token-expert pairs than experts) it gathers the selected experts' weights instead, so a step reads only
+those from memory.
 """
 
 from __future__ import annotations
@@ -67,21 +69,46 @@ def moe_dense(p: Params, x: Float[Array, "B T D"], config: GptOssConfig) -> Floa
 
 
 def moe_sparse(p: Params, x: Float[Array, "B T D"], config: GptOssConfig) -> Float[Array, "B T D"]:
-    """Only the selected experts: token-expert pairs grouped by expert and multiplied with ragged_dot."""
+    """Only the selected experts. Few token-expert pairs (decode: fewer than there are experts) gather
+    their experts' weights, so a step reads k experts per token, not all of them; more pairs are grouped
+    by expert and multiplied with ragged_dot."""
     flat = x.reshape(-1, x.shape[-1])
     n, k = flat.shape[0], config.num_experts_per_tok
     weights, idx = route(p, flat, config)
+    if n * k < config.num_local_experts:
+        y = _selected_experts(p["experts"], flat, idx, config)
+    else:
+        y = _grouped_experts(p["experts"], flat, idx, config)
+    out = jnp.einsum("nk,nkd->nd", weights.astype(y.dtype), y, preferred_element_type=jnp.float32)
+    return out.astype(x.dtype).reshape(x.shape)
+
+
+def _selected_experts(
+    experts: Params, flat: Float[Array, "N D"], idx: Int[Array, "N k"], config: GptOssConfig
+) -> Float[Array, "N k D"]:
+    """Each token through each of its k experts, reading only those experts' weights (MXFP4-packed ones
+    are gathered packed, then dequantized)."""
+    chosen = {name: w[idx] for name, w in experts.items() if not name.endswith("_bias")}  # [N, k, ...]
+    n, k = idx.shape
+    flat_chosen = {name: w.reshape(n * k, *w.shape[2:]) for name, w in chosen.items()}
+    w_gate_up, w_down = expert_matrices(flat_chosen, flat.dtype)
+    w_gate_up, w_down = w_gate_up.reshape(n, k, *w_gate_up.shape[1:]), w_down.reshape(n, k, *w_down.shape[1:])
+    gate_up = jnp.einsum("nd,nkdf->nkf", flat, w_gate_up) + experts["gate_up_proj_bias"][idx]
+    return jnp.einsum("nkf,nkfd->nkd", swiglu(gate_up, config), w_down) + experts["down_proj_bias"][idx]
+
+
+def _grouped_experts(
+    e: Params, flat: Float[Array, "N D"], idx: Int[Array, "N k"], config: GptOssConfig
+) -> Float[Array, "N k D"]:
+    """Token-expert pairs sorted by expert, each expert's rows multiplied at once with ragged_dot."""
+    n, k = idx.shape
     expert = idx.reshape(-1)
     order = jnp.argsort(expert, stable=True)
     sorted_expert = expert[order]
     rows = flat[order // k]
     group_sizes = jnp.bincount(expert, length=config.num_local_experts).astype(jnp.int32)
-    e = p["experts"]
-    w_gate_up, w_down = expert_matrices(e, x.dtype)
+    w_gate_up, w_down = expert_matrices(e, flat.dtype)
     gate_up = jax.lax.ragged_dot(rows, w_gate_up, group_sizes) + e["gate_up_proj_bias"][sorted_expert]
     y = jax.lax.ragged_dot(swiglu(gate_up, config), w_down, group_sizes)
     y = y + e["down_proj_bias"][sorted_expert]
-    # Undo the sort, weight each expert's output and sum over the k experts of each token.
-    y = jnp.zeros_like(y).at[order].set(y).reshape(n, k, -1)
-    out = jnp.einsum("nk,nkd->nd", weights.astype(y.dtype), y, preferred_element_type=jnp.float32)
-    return out.astype(x.dtype).reshape(x.shape)
+    return jnp.zeros_like(y).at[order].set(y).reshape(n, k, -1)  # back in token order

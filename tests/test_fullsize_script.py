@@ -30,3 +30,20 @@ def test_written_layout_loads_in_both(tmp_path, monkeypatch):
     state = model.state_dict()
     for name, digest in ours["sha256"].items():
         assert script._sha(state[name].view(torch.int16).numpy()) == digest, name
+
+
+def test_decode_benchmark_runs_at_a_small_size(tmp_path):
+    """eval.bench_decode end to end on the tiny demo model: every point measured, MLA's cache smaller."""
+    from eval import bench_decode
+
+    out = tmp_path / "decode.json"
+    assert (
+        bench_decode.main(
+            ["--smoke", "--batches", "1,2", "--contexts", "64", "--repeats", "2", "--out", str(out)]
+        )
+        == 0
+    )
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["batch"]) for r in rows] == [("gqa", 1), ("mla", 1), ("gqa", 2), ("mla", 2)]
+    assert all(r["step_ms"] > 0 and len(r["times_ms"]) == 2 for r in rows)
+    assert rows[1]["cache_gb"] < rows[0]["cache_gb"]

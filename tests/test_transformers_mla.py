@@ -7,8 +7,9 @@ import transformers
 
 from gptoss_mla_jax.generate import generate
 from gptoss_mla_jax.model import forward
+from train.distill import main as distill_main
 from weights.export import main as export_main
-from weights.orbax_io import save_checkpoint
+from weights.orbax_io import restore_checkpoint, save_checkpoint
 from weights.safetensors_io import load_hf
 from weights.to_mla import convert
 
@@ -99,3 +100,54 @@ def test_cached_decode_logits_equal_ours(exported):
             steps.append(out.logits)
             cache = out.cache
     np.testing.assert_allclose(torch.cat(steps, dim=1).numpy(), ours, rtol=1e-4, atol=1e-4)
+
+
+def test_converted_distilled_exported_model_runs_in_transformers(tiny_hf, tmp_path):
+    """The whole pipeline: weights.to_mla's conversion, train.distill, weights.export, transformers."""
+    config, teacher = load_hf(tiny_hf[1], progress=False)
+    calib = np.random.default_rng(0).integers(0, config.vocab_size, (4, 32))
+    mla_config, converted, _ = convert(teacher, config, 6, "decompressed", init="pca", calib_tokens=calib)
+    save_checkpoint(str(tmp_path / "student"), converted, mla_config)
+    np.save(
+        tmp_path / "ids.npy", np.random.default_rng(1).integers(0, config.vocab_size, 2048).astype(np.int32)
+    )
+    run = tmp_path / "run"
+    flags = [
+        "--teacher",
+        tiny_hf[1],
+        "--student",
+        str(tmp_path / "student"),
+        "--data",
+        str(tmp_path / "ids.npy"),
+    ]
+    flags += [
+        "--out",
+        str(run),
+        "--seq-len",
+        "16",
+        "--batch",
+        "4",
+        "--steps",
+        "5",
+        "--lr",
+        "1e-2",
+        "--warmup",
+        "1",
+    ]
+    assert distill_main([*flags, "--dtype", "fp32", "--no-progress"]) == 0
+    healed_config, healed, meta = restore_checkpoint(str(run / "student"))
+    assert healed_config == mla_config and meta["step"] == 5
+    kv_a = lambda p: np.asarray(p["layers"][1]["self_attn"]["kv_a"]["kernel"])
+    assert not np.allclose(kv_a(healed), kv_a(converted))  # trained
+    np.testing.assert_array_equal(np.asarray(healed["embed_tokens"]), np.asarray(converted["embed_tokens"]))
+
+    assert export_main(["--ckpt", str(run / "student"), "--out", str(tmp_path / "hf")]) == 0
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "hf"), trust_remote_code=True, dtype=torch.float32
+    ).eval()
+    tokens = np.random.default_rng(5).integers(0, config.vocab_size, (1, 10))
+    with torch.no_grad():
+        theirs = model(torch.as_tensor(tokens)).logits.numpy()
+    np.testing.assert_allclose(
+        theirs, np.asarray(forward(healed, tokens, None, healed_config)[0]), rtol=1e-4, atol=1e-4
+    )

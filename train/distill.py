@@ -19,7 +19,8 @@ weights; remat per layer. Checkpoints (trainable weights, optimizer state, grain
 --ckpt-every steps and at the end; --resume continues from the latest one and sees exactly the batches it
 would have seen. On several processes (explicit flags, or SLURM / Open MPI launches) it calls
 jax.distributed.initialize, each process reads only its rows of every global batch, and Orbax saves and
-restores collectively. RUN_DIR gets metrics.jsonl, curves.png and summary.json.
+restores collectively. RUN_DIR gets metrics.jsonl, curves.png, summary.json and, at the end, the healed
+student as a model checkpoint in RUN_DIR/student (for eval.ppl and weights.export).
 """
 
 from __future__ import annotations
@@ -246,6 +247,19 @@ class Checkpoints:
             ),
         )
         return out["trainable"], out["opt_state"], out["data"]
+
+
+def save_student(
+    directory: str, student: Params, config: GptOssConfig, trained: dict, step: int, tokenizer: str | None
+) -> None:
+    """The healed student as a model checkpoint (`weights.export` and `eval.ppl` read it): the trained
+    leaves put back into the student, each in the dtype the student held it in. Collective."""
+    from weights.orbax_io import is_orbax_checkpoint, read_meta, save_checkpoint
+
+    if is_orbax_checkpoint(directory) and read_meta(directory)["step"] == step:
+        return  # a resumed run that had already finished
+    healed = jax.tree.map(lambda new, old: new.astype(old.dtype), overlay(student, trained), student)
+    save_checkpoint(directory, healed, config, step=step, source=tokenizer, max_to_keep=1)
 
 
 def local_rows(sharding: jax.sharding.NamedSharding, global_batch: int, seq_len: int) -> tuple[int, int]:
@@ -565,7 +579,7 @@ def distill_cli(args) -> int:
         eval_fn = lambda params: perplexity(
             params, student_config, held_out, args.seq_len, args.seq_len, args.batch, progress=False
         )["ppl"]
-    run(
+    _, trained = run(
         teacher,
         teacher_config,
         student,
@@ -591,6 +605,10 @@ def distill_cli(args) -> int:
         progress=progress,
         stop_after=args.stop_after,
     )
+    if args.stop_after is None or args.stop_after >= args.steps:
+        save_student(
+            os.path.join(args.out, "student"), student, student_config, trained, args.steps, tokenizer_dir
+        )
     summary_path = os.path.join(args.out, "summary.json")
     if jax.process_index() == 0 and os.path.exists(summary_path):
         with open(summary_path) as f:

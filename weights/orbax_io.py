@@ -49,7 +49,7 @@ def save_checkpoint(
             step, args=ocp.args.Composite(params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta))
         )
         manager.wait_until_finished()
-    if source and os.path.isdir(source):
+    if source and os.path.isdir(source) and jax.process_index() == 0:
         copy_tokenizer(source, directory)
 
 

@@ -1,0 +1,210 @@
+"""Decode speed and capacity of a gpt-oss-20b-shaped model, GQA against MLA, with transformers as the peer.
+
+    python -m eval.bench_decode [--batches 1,8,64] [--contexts 4096,32768,131072] [--out FILE]
+    python -m eval.bench_decode --capacity            # largest batch whose cache fits, GQA vs MLA
+    python -m eval.bench_decode --transformers        # transformers' GptOssForCausalLM, batch 1
+    python -m eval.bench_decode --with-transformers   # both, the peer first in its own process (4K context)
+
+Random weights; experts packed in MXFP4 as gpt-oss ships them (transformers: bf16, its MXFP4 path needs
+kernels from the hub). MLA: the default conversion (decompressed, latent 192, full-attention layers;
+weight-SVD init, which does not change the speed). Each point: the cache holds `context - 1` tokens per
+sequence and one jitted decode step (the cache donated) appends one more; the median of `--repeats` steps
+after a warm-up (compilation) is reported, with tokens/s = batch / step time. Points whose cache does not
+fit the card are skipped and say so.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from gptoss_mla_jax.cache import init_cache, layer_bytes
+from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig
+from gptoss_mla_jax.generate import DEMO_CONFIG, decode_step
+from gptoss_mla_jax.model import init_params
+from weights.to_mla import DEFAULT_LATENT_DIM, convert
+
+MAX_BATCH = 1024  # capacity search bound (and the answer where the backend reports no memory limit)
+RESERVE = 6e9  # bytes kept free for a step's activations (scores, the MLA layers' decompressed K and V)
+
+
+def models(config: GptOssConfig, latent_dim: int = DEFAULT_LATENT_DIM) -> dict:
+    """{"gqa": (config, params), "mla": (config, params)}: the MLA student shares the GQA weights."""
+    params = jax.block_until_ready(init_params(config, jax.random.key(0), jnp.bfloat16, experts="mxfp4"))
+    full = tuple(i for i in range(config.num_hidden_layers) if not config.is_sliding(i))
+    mla_config, mla_params, _ = convert(params, config, latent_dim, "decompressed", layers=full)
+    return {"gqa": (config, params), "mla": (mla_config, jax.block_until_ready(mla_params))}
+
+
+def cache_bytes(config: GptOssConfig, batch: int, context: int) -> int:
+    return sum(layer_bytes(config, i, batch, context) for i in range(config.num_hidden_layers))
+
+
+def free_bytes() -> float:
+    """Device memory not in use (unbounded where the backend does not say, e.g. CPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return float("inf")
+    return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+
+
+def step_seconds(params, config: GptOssConfig, batch: int, context: int, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` decode steps at `context` (after one warm-up step)."""
+    cache = init_cache(config, batch, context)
+    cache["lengths"] = jnp.full((batch,), context - 1, jnp.int32)
+    tokens = jnp.zeros((batch,), jnp.int32)
+    key = jax.random.key(0)
+    tokens, cache = jax.block_until_ready(decode_step(params, cache, tokens, key, config, 0.0, None))
+    times = []
+    for _ in range(repeats):
+        cache["lengths"] = jnp.full((batch,), context - 1, jnp.int32)  # stay at this context
+        t = time.perf_counter()
+        tokens, cache = jax.block_until_ready(decode_step(params, cache, tokens, key, config, 0.0, None))
+        times.append(time.perf_counter() - t)
+    return times
+
+
+def speed(models_: dict, batches: list[int], contexts: list[int], repeats: int, log) -> list[dict]:
+    rows = []
+    for context in contexts:
+        for batch in batches:
+            for name, (config, params) in models_.items():
+                row = {"model": name, "batch": batch, "context": context}
+                row["cache_gb"] = cache_bytes(config, batch, context) / 1e9
+                if row["cache_gb"] * 1e9 > free_bytes() - RESERVE:
+                    row["skipped"] = (
+                        f"cache {row['cache_gb']:.1f} GB does not fit ({free_bytes() / 1e9:.1f} free)"
+                    )
+                else:
+                    try:
+                        times = step_seconds(params, config, batch, context, repeats)
+                        row |= {
+                            "step_ms": 1e3 * float(np.median(times)),
+                            "times_ms": [1e3 * t for t in times],
+                        }
+                        row["tokens_per_s"] = batch / (row["step_ms"] / 1e3)
+                    except jax.errors.JaxRuntimeError as e:  # out of memory in the step itself
+                        row["skipped"] = f"step failed: {str(e).splitlines()[0][:200]}"
+                rows.append(row)
+                log(row)
+    return rows
+
+
+def capacity(models_: dict, contexts: list[int], log) -> list[dict]:
+    """Per context, the largest batch whose cache fits the memory left after the weights (minus
+    RESERVE), and whether one decode step at that batch runs."""
+    rows = []
+    for context in contexts:
+        for name, (config, params) in models_.items():
+            per_sequence = cache_bytes(config, 1, context)
+            free = free_bytes()
+            batch = (
+                MAX_BATCH if free == float("inf") else int(min((free - RESERVE) // per_sequence, MAX_BATCH))
+            )
+            row = {
+                "model": name,
+                "context": context,
+                "max_batch_by_bytes": batch,
+                "per_sequence_gb": per_sequence / 1e9,
+            }
+            try:
+                row["step_ms"] = 1e3 * float(np.median(step_seconds(params, config, batch, context, 2)))
+                row["runs"] = True
+            except jax.errors.JaxRuntimeError as e:
+                row["runs"], row["error"] = False, str(e).splitlines()[0][:200]
+            rows.append(row)
+            log(row)
+    return rows
+
+
+def transformers_step(context: int, repeats: int) -> dict:
+    """transformers' GptOssForCausalLM (bf16, random weights, eager attention) on this card, batch 1: a
+    prefill of `context - 1` tokens, then the median decode step."""
+    import torch
+    import transformers
+
+    config = transformers.GptOssConfig(**{k: v for k, v in GPT_OSS_20B.to_hf().items() if k != "model_type"})
+    config._attn_implementation = "eager"
+    torch.set_default_dtype(torch.bfloat16)
+    with torch.device("cuda"):
+        model = transformers.GptOssForCausalLM(config).eval()
+    tokens = torch.randint(0, config.vocab_size, (1, context - 1), device="cuda")
+    times = []
+    with torch.no_grad():
+        out = model(tokens, use_cache=True)
+        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        for _ in range(repeats + 1):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            out = model(token, cache=cache, use_cache=True)
+            token = out.logits[:, -1:].argmax(-1)
+            torch.cuda.synchronize()
+            times.append(time.perf_counter() - t)
+            cache = out.cache
+    times = times[1:]
+    return {
+        "model": "transformers GptOssForCausalLM (bf16 experts, eager)",
+        "transformers": transformers.__version__,
+        "torch": torch.__version__,
+        "batch": 1,
+        "context": context,
+        "step_ms": 1e3 * float(np.median(times)),
+        "times_ms": [1e3 * t for t in times],
+        "device": torch.cuda.get_device_name(),
+    }
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--batches", default="1,8,64")
+    parser.add_argument("--contexts", default="4096,32768,131072")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--capacity", action="store_true", help="largest batch per context instead of speed")
+    parser.add_argument("--transformers", action="store_true", help="the transformers peer (batch 1)")
+    parser.add_argument("--with-transformers", action="store_true", help="also run the peer, in a subprocess")
+    parser.add_argument("--smoke", action="store_true", help="a tiny model (CPU check of the script)")
+    parser.add_argument("--out", help="write the results as JSON here")
+    args = parser.parse_args(argv)
+    contexts = [int(c) for c in args.contexts.split(",")]
+    log = lambda row: print(json.dumps(row), flush=True)
+    if args.transformers:
+        result = {"rows": [transformers_step(c, args.repeats) for c in contexts]}
+    else:
+        peer = []
+        if args.with_transformers:  # first, in its own process, before JAX takes the GPU's memory
+            out = subprocess.run(
+                [sys.executable, "-m", "eval.bench_decode", "--transformers", "--contexts", args.contexts,
+                 "--repeats", str(args.repeats)],
+                capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+            )  # fmt: skip
+            peer = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+            peer = peer[-1]["rows"] if peer else [{"error": out.stderr[-2000:]}]
+        models_ = models(DEMO_CONFIG, 32) if args.smoke else models(GPT_OSS_20B)
+        result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "transformers_rows": peer}
+        if args.capacity:
+            result["capacity"] = capacity(models_, contexts, log)
+        else:
+            batches = [int(b) for b in args.batches.split(",")]
+            result["rows"] = speed(models_, batches, contexts, args.repeats, log)
+    result["command"] = " ".join(
+        ["python -m eval.bench_decode", *(argv if argv is not None else sys.argv[1:])]
+    )
+    print(json.dumps(result), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(result, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
