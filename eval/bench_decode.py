@@ -16,6 +16,7 @@ fit the card are skipped and say so.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import subprocess
@@ -125,6 +126,58 @@ def capacity(models_: dict, contexts: list[int], log) -> list[dict]:
     return rows
 
 
+def timed(fn, *args, repeats: int = 10) -> float:
+    """Median seconds of `fn(*args)` after one warm-up call (compilation)."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
+
+
+def copy_bandwidth(gigabytes: float = 4.0) -> float:
+    """Bytes per second of a device-to-device copy (read + write), the roofline for memory-bound steps."""
+    x = jnp.ones((int(gigabytes * 1e9) // 2,), jnp.bfloat16)
+    return 2 * x.nbytes / timed(jax.jit(lambda x: x + 1), x)
+
+
+def breakdown(models_: dict, batch: int, context: int, repeats: int) -> dict:
+    """Where one decode step's time goes, per model: a full-attention layer's attention (with its cache), a
+    layer's MoE and the unembedding, against the whole step; and the card's copy bandwidth."""
+    out = {"batch": batch, "context": context, "copy_gb_per_s": copy_bandwidth() / 1e9}
+    for name, (config, params) in models_.items():
+        out[name] = layer_breakdown(config, params, batch, context, repeats)
+    return out
+
+
+def layer_breakdown(config: GptOssConfig, params, batch: int, context: int, repeats: int) -> dict:
+    from gptoss_mla_jax.attention import attention
+    from gptoss_mla_jax.mla import attention_mla
+    from gptoss_mla_jax.moe import moe_sparse
+    from gptoss_mla_jax.rope import cos_sin
+
+    i = next(i for i in range(config.num_hidden_layers) if not config.is_sliding(i))
+    layer = params["layers"][i]
+    layer_cache = init_cache(config, batch, context)["layers"][i]
+    lengths = jnp.full((batch,), context - 1, jnp.int32)
+    x = jax.random.normal(jax.random.key(1), (batch, 1, config.hidden_size), jnp.bfloat16)
+    cos, sin = cos_sin(lengths[:, None], config)
+    valid = jnp.ones((batch, 1), bool)
+    mla = config.mla is not None and config.mla.index(i) is not None
+    attend = functools.partial(attention_mla, layer=i) if mla else attention
+    step = jax.jit(lambda p, x, c: attend(p, x, lengths[:, None], valid, cos, sin, c, lengths, False, config))
+    ms = lambda fn, *args: 1e3 * timed(jax.jit(fn), *args, repeats=repeats)
+    return {
+        "step_ms": 1e3 * float(np.median(step_seconds(params, config, batch, context, repeats))),
+        "full_layer_attention_ms": ms(step, layer["self_attn"], x, layer_cache),
+        "layer_moe_ms": ms(lambda p, x: moe_sparse(p, x, config), layer["mlp"], x),
+        "unembed_ms": ms(lambda x, w: x @ w, x, params["lm_head"]),
+        "layer_cache_gb": sum(v.nbytes for v in layer_cache.values()) / 1e9,
+    }
+
+
 def transformers_step(context: int, repeats: int) -> dict:
     """transformers' GptOssForCausalLM (bf16, random weights, eager attention) on this card, batch 1: a
     prefill of `context - 1` tokens, then the median decode step."""
@@ -140,15 +193,16 @@ def transformers_step(context: int, repeats: int) -> dict:
     times = []
     with torch.no_grad():
         out = model(tokens, use_cache=True)
-        cache, token = out.cache, out.logits[:, -1:].argmax(-1)
+        # past_key_values: the name older transformers know too (5.x calls it `cache`).
+        cache, token = out.past_key_values, out.logits[:, -1:].argmax(-1)
         for _ in range(repeats + 1):
             torch.cuda.synchronize()
             t = time.perf_counter()
-            out = model(token, cache=cache, use_cache=True)
+            out = model(token, past_key_values=cache, use_cache=True)
             token = out.logits[:, -1:].argmax(-1)
             torch.cuda.synchronize()
             times.append(time.perf_counter() - t)
-            cache = out.cache
+            cache = out.past_key_values
     times = times[1:]
     return {
         "model": "transformers GptOssForCausalLM (bf16 experts, eager)",
@@ -172,6 +226,7 @@ def main(argv=None) -> int:
     parser.add_argument("--capacity", action="store_true", help="largest batch per context instead of speed")
     parser.add_argument("--transformers", action="store_true", help="the transformers peer (batch 1)")
     parser.add_argument("--with-transformers", action="store_true", help="also run the peer, in a subprocess")
+    parser.add_argument("--breakdown", help="BATCH,CONTEXT: where a decode step's time goes")
     parser.add_argument("--smoke", action="store_true", help="a tiny model (CPU check of the script)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -191,7 +246,10 @@ def main(argv=None) -> int:
             peer = peer[-1]["rows"] if peer else [{"error": out.stderr[-2000:]}]
         models_ = models(DEMO_CONFIG, 32) if args.smoke else models(GPT_OSS_20B)
         result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "transformers_rows": peer}
-        if args.capacity:
+        if args.breakdown:
+            batch, context = (int(n) for n in args.breakdown.split(","))
+            result["breakdown"] = breakdown(models_, batch, context, args.repeats)
+        elif args.capacity:
             result["capacity"] = capacity(models_, contexts, log)
         else:
             batches = [int(b) for b in args.batches.split(",")]

@@ -66,6 +66,7 @@ class GptOssMlaAttention(GptOssAttention):
     def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
         B, T, _ = hidden_states.shape
         G, d = self.num_kv_heads, self.head_dim
+        cache = cache if cache is not None else kwargs.pop("past_key_values", None)  # transformers < 5.24
         q = self.q_proj(hidden_states).view(B, T, -1, d).transpose(1, 2)  # [B, H, T, d]
         cos, sin = position_embeddings  # [B, T, d/2], YaRN's mscale included
         q_roped = _apply_rotary_emb(q, cos[:, None], sin[:, None])
