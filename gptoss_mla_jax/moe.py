@@ -86,15 +86,21 @@ def moe_sparse(p: Params, x: Float[Array, "B T D"], config: GptOssConfig) -> Flo
 def _selected_experts(
     experts: Params, flat: Float[Array, "N D"], idx: Int[Array, "N k"], config: GptOssConfig
 ) -> Float[Array, "N k D"]:
-    """Each token through each of its k experts, reading only those experts' weights (MXFP4-packed ones
-    are gathered packed, then dequantized)."""
-    chosen = {name: w[idx] for name, w in experts.items() if not name.endswith("_bias")}  # [N, k, ...]
-    n, k = idx.shape
-    flat_chosen = {name: w.reshape(n * k, *w.shape[2:]) for name, w in chosen.items()}
-    w_gate_up, w_down = expert_matrices(flat_chosen, flat.dtype)
-    w_gate_up, w_down = w_gate_up.reshape(n, k, *w_gate_up.shape[1:]), w_down.reshape(n, k, *w_down.shape[1:])
-    gate_up = jnp.einsum("nd,nkdf->nkf", flat, w_gate_up) + experts["gate_up_proj_bias"][idx]
-    return jnp.einsum("nkf,nkfd->nkd", swiglu(gate_up, config), w_down) + experts["down_proj_bias"][idx]
+    """Each token through each of its k experts, reading only those experts' weights. MXFP4-packed ones
+    are gathered packed and dequantized in the file's [out, in] orientation, which the matmuls read
+    directly (rows contiguous along the contraction)."""
+    if "gate_up_proj" in experts:  # dense, [E, in, out]
+        w_gate_up, w_down, spec = experts["gate_up_proj"][idx], experts["down_proj"][idx], "nki,nkio->nko"
+    else:
+        from weights.mxfp4 import dequantize
+
+        packed = lambda name: dequantize(
+            experts[f"{name}_blocks"][idx], experts[f"{name}_scales"][idx], flat.dtype
+        )
+        w_gate_up, w_down, spec = packed("gate_up_proj"), packed("down_proj"), "nki,nkoi->nko"
+    x = jnp.broadcast_to(flat[:, None], (*idx.shape, flat.shape[-1]))
+    gate_up = jnp.einsum(spec, x, w_gate_up) + experts["gate_up_proj_bias"][idx]
+    return jnp.einsum(spec, swiglu(gate_up, config), w_down) + experts["down_proj_bias"][idx]
 
 
 def _grouped_experts(
