@@ -7,7 +7,7 @@
 
 Random weights; experts packed in MXFP4 as gpt-oss ships them (transformers: bf16, its MXFP4 path needs
 kernels from the hub). MLA: the default conversion (decompressed, latent 192, full-attention layers;
-weight-SVD init, which does not change the speed). Each point: the cache holds `context - 1` tokens per
+weight-SVD init, which does not change the speed); `--partial` adds partial mode at the same cache size. Each point: the cache holds `context - 1` tokens per
 sequence and one jitted decode step (the cache donated) appends one more; the median of `--repeats` steps
 after a warm-up (compilation) is reported, with tokens/s = batch / step time. Points whose cache does not
 fit the card are skipped and say so.
@@ -33,16 +33,30 @@ from gptoss_mla_jax.generate import DEMO_CONFIG, decode_step
 from gptoss_mla_jax.model import init_params
 from weights.to_mla import DEFAULT_LATENT_DIM, convert
 
+# transformers' eager attention materializes [heads, T, T] scores in the prefill: 4K is where it fits.
+PEER_CONTEXT = 4096
 MAX_BATCH = 1024  # capacity search bound (and the answer where the backend reports no memory limit)
 RESERVE = 6e9  # bytes kept free for a step's activations (scores, the MLA layers' decompressed K and V)
 
 
-def models(config: GptOssConfig, latent_dim: int = DEFAULT_LATENT_DIM) -> dict:
-    """{"gqa": (config, params), "mla": (config, params)}: the MLA student shares the GQA weights."""
+def models(config: GptOssConfig, latent_dim: int = DEFAULT_LATENT_DIM, partial: bool = False) -> dict:
+    """{"gqa": (config, params), "mla": (config, params)[, "mla_partial": ...]}: MLA students of the
+    full-attention layers sharing the GQA weights. "mla" is the default conversion; "mla_partial" keeps
+    2 RoPE pairs per kv head with the latent 32 smaller (the same cache per token, PARTIAL_LATENT_CUT)
+    and decodes with the absorbed attention over the latent."""
     params = jax.block_until_ready(init_params(config, jax.random.key(0), jnp.bfloat16, experts="mxfp4"))
     full = tuple(i for i in range(config.num_hidden_layers) if not config.is_sliding(i))
+    out = {"gqa": (config, params)}
     mla_config, mla_params, _ = convert(params, config, latent_dim, "decompressed", layers=full)
-    return {"gqa": (config, params), "mla": (mla_config, jax.block_until_ready(mla_params))}
+    out["mla"] = (mla_config, jax.block_until_ready(mla_params))
+    if partial:
+        calib = np.random.default_rng(0).integers(0, config.vocab_size, (1, 64))  # picks the RoPE pairs
+        cut = 2 * 2 * config.num_key_value_heads  # 2 pairs = 4 cached dims per kv head
+        mla_config, mla_params, _ = convert(
+            params, config, latent_dim - cut, "partial", full, rope_pairs=2, calib_tokens=calib
+        )
+        out["mla_partial"] = (mla_config, jax.block_until_ready(mla_params))
+    return out
 
 
 def cache_bytes(config: GptOssConfig, batch: int, context: int) -> int:
@@ -227,6 +241,7 @@ def main(argv=None) -> int:
     parser.add_argument("--transformers", action="store_true", help="the transformers peer (batch 1)")
     parser.add_argument("--with-transformers", action="store_true", help="also run the peer, in a subprocess")
     parser.add_argument("--breakdown", help="BATCH,CONTEXT: where a decode step's time goes")
+    parser.add_argument("--partial", action="store_true", help="also MLA in partial mode (absorbed decode)")
     parser.add_argument("--smoke", action="store_true", help="a tiny model (CPU check of the script)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -238,13 +253,15 @@ def main(argv=None) -> int:
         peer = []
         if args.with_transformers:  # first, in its own process, before JAX takes the GPU's memory
             out = subprocess.run(
-                [sys.executable, "-m", "eval.bench_decode", "--transformers", "--contexts", args.contexts,
+                [sys.executable, "-m", "eval.bench_decode", "--transformers", "--contexts", str(PEER_CONTEXT),
                  "--repeats", str(args.repeats)],
                 capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
             )  # fmt: skip
             peer = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
             peer = peer[-1]["rows"] if peer else [{"error": out.stderr[-2000:]}]
-        models_ = models(DEMO_CONFIG, 32) if args.smoke else models(GPT_OSS_20B)
+        models_ = (
+            models(DEMO_CONFIG, 32, args.partial) if args.smoke else models(GPT_OSS_20B, partial=args.partial)
+        )
         result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "transformers_rows": peer}
         if args.breakdown:
             batch, context = (int(n) for n in args.breakdown.split(","))
