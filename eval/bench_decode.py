@@ -7,10 +7,10 @@
 
 Random weights; experts packed in MXFP4 as gpt-oss ships them (transformers: bf16, its MXFP4 path needs
 kernels from the hub). MLA: the default conversion (decompressed, latent 192, full-attention layers;
-weight-SVD init, which does not change the speed); `--partial` adds partial mode at the same cache size. Each point: the cache holds `context - 1` tokens per
-sequence and one jitted decode step (the cache donated) appends one more; the median of `--repeats` steps
-after a warm-up (compilation) is reported, with tokens/s = batch / step time. Points whose cache does not
-fit the card are skipped and say so.
+weight-SVD init, which does not change the speed); `--partial` adds partial mode at the same cache size.
+Each point: the cache holds `context - 1` tokens per sequence and one jitted decode step (the cache
+donated) appends one more; the median of `--repeats` steps after a warm-up (compilation) is reported,
+with tokens/s = batch / step time. Points whose cache does not fit the card are skipped and say so.
 """
 
 from __future__ import annotations
