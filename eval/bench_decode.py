@@ -114,27 +114,25 @@ def speed(models_: dict, batches: list[int], contexts: list[int], repeats: int, 
 
 
 def capacity(models_: dict, contexts: list[int], log) -> list[dict]:
-    """Per context, the largest batch whose cache fits the memory left after the weights (minus
-    RESERVE), and whether one decode step at that batch runs."""
+    """Per context, the largest batch whose cache fits the memory left after the weights (minus RESERVE),
+    and the largest batch at which a decode step really runs (from there down by 20% per failure)."""
     rows = []
     for context in contexts:
         for name, (config, params) in models_.items():
             per_sequence = cache_bytes(config, 1, context)
             free = free_bytes()
-            batch = (
-                MAX_BATCH if free == float("inf") else int(min((free - RESERVE) // per_sequence, MAX_BATCH))
-            )
-            row = {
-                "model": name,
-                "context": context,
-                "max_batch_by_bytes": batch,
-                "per_sequence_gb": per_sequence / 1e9,
-            }
-            try:
-                row["step_ms"] = 1e3 * float(np.median(step_seconds(params, config, batch, context, 2)))
-                row["runs"] = True
-            except jax.errors.JaxRuntimeError as e:
-                row["runs"], row["error"] = False, str(e).splitlines()[0][:200]
+            fits = (free - RESERVE) // per_sequence if free != float("inf") else MAX_BATCH
+            batch = int(min(fits, MAX_BATCH))
+            row = {"model": name, "context": context, "max_batch_by_bytes": batch}
+            row["per_sequence_gb"], row["failures"] = per_sequence / 1e9, []
+            while batch >= 1:
+                try:
+                    row["step_ms"] = 1e3 * float(np.median(step_seconds(params, config, batch, context, 2)))
+                    break
+                except jax.errors.JaxRuntimeError as e:  # out of memory in the step (or its compilation)
+                    row["failures"].append({"batch": batch, "error": str(e).splitlines()[0][:200]})
+                    batch = int(batch * 0.8)
+            row["max_batch_runs"] = batch
             rows.append(row)
             log(row)
     return rows
@@ -263,6 +261,7 @@ def main(argv=None) -> int:
             models(DEMO_CONFIG, 32, args.partial) if args.smoke else models(GPT_OSS_20B, partial=args.partial)
         )
         result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "transformers_rows": peer}
+        result["xla_flags"] = os.environ.get("XLA_FLAGS", "")
         if args.breakdown:
             batch, context = (int(n) for n in args.breakdown.split(","))
             result["breakdown"] = breakdown(models_, batch, context, args.repeats)

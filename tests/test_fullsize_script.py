@@ -47,3 +47,17 @@ def test_decode_benchmark_runs_at_a_small_size(tmp_path):
     assert [(r["model"], r["batch"]) for r in rows] == [("gqa", 1), ("mla", 1), ("gqa", 2), ("mla", 2)]
     assert all(r["step_ms"] > 0 and len(r["times_ms"]) == 2 for r in rows)
     assert rows[1]["cache_gb"] < rows[0]["cache_gb"]
+
+
+def test_decode_capacity_runs_at_a_small_size(tmp_path):
+    from eval import bench_decode
+
+    out = tmp_path / "capacity.json"
+    assert (
+        bench_decode.main(["--smoke", "--capacity", "--partial", "--contexts", "64", "--out", str(out)]) == 0
+    )
+    rows = json.loads(out.read_text())["capacity"]
+    assert [r["model"] for r in rows] == ["gqa", "mla", "mla_partial"]
+    # CPU reports no memory limit: the search starts at its bound and the step runs there.
+    assert all(r["max_batch_runs"] == r["max_batch_by_bytes"] == bench_decode.MAX_BATCH for r in rows)
+    assert rows[1]["per_sequence_gb"] < rows[0]["per_sequence_gb"]
