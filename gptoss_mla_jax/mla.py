@@ -96,7 +96,7 @@ def attention_mla(
     new = {"c": c}
     partial = config.mla.rope_mode == "partial"
     if partial:
-        keep, nope = rope_dims(config, layer)
+        keep, _ = rope_dims(config, layer)
         pairs = keep[:, : keep.shape[1] // 2]
         k_rope = (x @ p["k_rope"]["kernel"] + p["k_rope"]["bias"]).reshape(B, T, G, -1)
         new["k_rope"] = apply_rope(k_rope, _per_head(cos, pairs), _per_head(sin, pairs))
@@ -114,47 +114,71 @@ def attention_mla(
             for name, value in new.items()
         }
 
-    kv_b, kv_bias = p["kv_b"]["kernel"], p["kv_b"]["bias"]
-    if not partial:
-        q = apply_rope(q, cos, sin)
-        keys = []
-        for entries, pos, ok in blocks:
-            kv = (entries["c"] @ kv_b + kv_bias).reshape(*entries["c"].shape[:2], 2, G, d)
-            k_cos, k_sin = cos_sin(pos, config)
-            keys.append((apply_rope(kv[:, :, 0], k_cos, k_sin), kv[:, :, 1], pos, ok))
-        out = attend(q, keys, positions, p["sinks"], window)
+    if absorb is None:
+        absorb = T == 1
+    if partial and absorb:
+        q_rope, q_nope = _partial_queries(q, cos, sin, config, layer)
+        w_k, b_k, w_v, b_v = _partial_up_projections(p, config, layer)
+        out = _absorbed(q_rope, q_nope, w_k, b_k, w_v, b_v, blocks, positions, p["sinks"], window, d)
     else:
-        qg = q.reshape(B, T, G, H // G, d)
-        q_rope = jnp.take_along_axis(
-            apply_rope(q, cos, sin).reshape(qg.shape), keep[None, None, :, None], axis=-1
-        )
-        # No-RoPE dims score as RoPE at angle 0: both sides keep YaRN's mscale, hence mscale^2 on q.
-        q_nope = (
-            jnp.take_along_axis(qg, nope[None, None, :, None], axis=-1) * config.yarn_attention_scale() ** 2
-        )
-        n_nope = nope.shape[1]
-        r = kv_b.shape[0]
-        w_k = kv_b[:, : G * n_nope].reshape(r, G, n_nope)
-        b_k = kv_bias[: G * n_nope].reshape(G, n_nope)
-        w_v = kv_b[:, G * n_nope :].reshape(r, G, d)
-        b_v = kv_bias[G * n_nope :].reshape(G, d)
-        if absorb is None:
-            absorb = T == 1
-        if absorb:
-            out = _absorbed(q_rope, q_nope, w_k, b_k, w_v, b_v, blocks, positions, p["sinks"], window, d)
-        else:
-            q_cat = jnp.concatenate([q_rope, q_nope], axis=-1).reshape(B, T, H, d)
-            keys = []
-            for entries, pos, ok in blocks:
-                lat = entries["c"]
-                k_nope = jnp.einsum("bsl,lgn->bsgn", lat, w_k) + b_k
-                v = jnp.einsum("bsl,lgd->bsgd", lat, w_v) + b_v
-                keys.append(
-                    (jnp.concatenate([entries["k_rope"], k_nope.astype(x.dtype)], axis=-1), v, pos, ok)
-                )
-            out = attend(q_cat, keys, positions, p["sinks"], window)
+        keys = [(*keys_values(p, entries, pos, config, layer), pos, ok) for entries, pos, ok in blocks]
+        out = attend(scoring_queries(q, cos, sin, config, layer), keys, positions, p["sinks"], window)
     out = out.reshape(B, T, H * d) @ p["o_proj"]["kernel"] + p["o_proj"]["bias"]
     return out, new_cache
+
+
+def scoring_queries(
+    q: Float[Array, "B T H d"], cos, sin, config: GptOssConfig, layer: int
+) -> Float[Array, "B T H d"]:
+    """The queries in the layout of `keys_values`' keys: RoPE'd (decompressed), or per head the kept RoPE
+    dims RoPE'd followed by the other dims (partial)."""
+    if config.mla.rope_mode != "partial":
+        return apply_rope(q, cos, sin)
+    q_rope, q_nope = _partial_queries(q, cos, sin, config, layer)
+    return jnp.concatenate([q_rope, q_nope], axis=-1).reshape(q.shape)
+
+
+def keys_values(
+    p: Params, entries: dict[str, Array], positions: Int[Array, "B S"], config: GptOssConfig, layer: int
+) -> tuple[Float[Array, "B S G d"], Float[Array, "B S G d"]]:
+    """Keys and values materialized from cache entries ({"c"[, "k_rope"]}) at their `positions`."""
+    G, d = config.num_key_value_heads, config.head_dim
+    lat = entries["c"]
+    if config.mla.rope_mode != "partial":
+        kv = (lat @ p["kv_b"]["kernel"] + p["kv_b"]["bias"]).reshape(*lat.shape[:2], 2, G, d)
+        k_cos, k_sin = cos_sin(positions, config)
+        return apply_rope(kv[:, :, 0], k_cos, k_sin), kv[:, :, 1]
+    w_k, b_k, w_v, b_v = _partial_up_projections(p, config, layer)
+    k_nope = jnp.einsum("bsl,lgn->bsgn", lat, w_k) + b_k
+    v = jnp.einsum("bsl,lgd->bsgd", lat, w_v) + b_v
+    return jnp.concatenate([entries["k_rope"], k_nope.astype(lat.dtype)], axis=-1), v
+
+
+def _partial_queries(q, cos, sin, config: GptOssConfig, layer: int):
+    """(q_rope [B,T,G,R,2n], q_nope [B,T,G,R,d-2n]) of partial mode, per kv group g and query r."""
+    B, T, H, d = q.shape
+    G = config.num_key_value_heads
+    keep, nope = rope_dims(config, layer)
+    qg = q.reshape(B, T, G, H // G, d)
+    q_rope = jnp.take_along_axis(
+        apply_rope(q, cos, sin).reshape(qg.shape), keep[None, None, :, None], axis=-1
+    )
+    # No-RoPE dims score as RoPE at angle 0: both sides keep YaRN's mscale, hence mscale^2 on q.
+    q_nope = jnp.take_along_axis(qg, nope[None, None, :, None], axis=-1) * config.yarn_attention_scale() ** 2
+    return q_rope, q_nope
+
+
+def _partial_up_projections(p: Params, config: GptOssConfig, layer: int):
+    """(w_k [r,G,d-2n], b_k [G,d-2n], w_v [r,G,d], b_v [G,d]): `kv_b` split into no-RoPE keys and values."""
+    G, d = config.num_key_value_heads, config.head_dim
+    kv_b, kv_bias = p["kv_b"]["kernel"], p["kv_b"]["bias"]
+    n_nope = d - 2 * config.mla.num_rope_pairs(layer)
+    r = kv_b.shape[0]
+    w_k = kv_b[:, : G * n_nope].reshape(r, G, n_nope)
+    b_k = kv_bias[: G * n_nope].reshape(G, n_nope)
+    w_v = kv_b[:, G * n_nope :].reshape(r, G, d)
+    b_v = kv_bias[G * n_nope :].reshape(G, d)
+    return w_k, b_k, w_v, b_v
 
 
 def _absorbed(q_rope, q_nope, w_k, b_k, w_v, b_v, blocks, q_pos, sinks, window, d):
