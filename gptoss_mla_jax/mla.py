@@ -89,17 +89,11 @@ def attention_mla(
     decode) or materialize K and V (default otherwise: cheaper when many queries share the keys).
     """
     B, T, _ = x.shape
-    H, G, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
+    H, d = config.num_attention_heads, config.head_dim
     window = config.sliding_window if sliding else None
     q = (x @ p["q_proj"]["kernel"] + p["q_proj"]["bias"]).reshape(B, T, H, d)
-    c = x @ p["kv_a"]["kernel"]
-    new = {"c": c}
+    new = cache_entries(p, x, cos, sin, config, layer)
     partial = config.mla.rope_mode == "partial"
-    if partial:
-        keep, _ = rope_dims(config, layer)
-        pairs = keep[:, : keep.shape[1] // 2]
-        k_rope = (x @ p["k_rope"]["kernel"] + p["k_rope"]["bias"]).reshape(B, T, G, -1)
-        new["k_rope"] = apply_rope(k_rope, _per_head(cos, pairs), _per_head(sin, pairs))
 
     # Key blocks as (entries, positions, valid): the cached tokens (if any), then this chunk.
     blocks = [(new, positions, valid)]
@@ -125,6 +119,20 @@ def attention_mla(
         out = attend(scoring_queries(q, cos, sin, config, layer), keys, positions, p["sinks"], window)
     out = out.reshape(B, T, H * d) @ p["o_proj"]["kernel"] + p["o_proj"]["bias"]
     return out, new_cache
+
+
+def cache_entries(p: Params, x: Float[Array, "B T D"], cos, sin, config: GptOssConfig, layer: int) -> dict:
+    """What the cache keeps of each token: {"c": the latent [B,T,r]} and, partial, {"k_rope": the kept
+    RoPE key dims after RoPE [B,T,G,2n]}."""
+    new = {"c": x @ p["kv_a"]["kernel"]}
+    if config.mla.rope_mode == "partial":
+        keep, _ = rope_dims(config, layer)
+        pairs = keep[:, : keep.shape[1] // 2]
+        k_rope = (x @ p["k_rope"]["kernel"] + p["k_rope"]["bias"]).reshape(
+            *x.shape[:2], config.num_key_value_heads, -1
+        )
+        new["k_rope"] = apply_rope(k_rope, _per_head(cos, pairs), _per_head(sin, pairs))
+    return new
 
 
 def scoring_queries(
