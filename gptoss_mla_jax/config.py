@@ -266,6 +266,11 @@ class GptOssConfig:
         if model_type not in ("gpt_oss", "gpt_oss_mla"):
             raise ConfigError(f"config.json: model_type {model_type!r} is not gpt_oss or gpt_oss_mla")
         mla = MlaConfig.from_hf(hf.pop("mla")) if hf.get("mla") is not None else None
+        if mla is not None:  # derived from the mla section: to_hf writes them again
+            if hf.get("auto_map") == MLA_AUTO_MAP:
+                del hf["auto_map"]
+            if hf.get("architectures") == MLA_ARCHITECTURES:
+                hf["architectures"] = ["GptOssForCausalLM"]
         if (model_type == "gpt_oss_mla") != (mla is not None):
             raise ConfigError("config.json: model_type gpt_oss_mla goes with an 'mla' section, and only it")
         if hf.get("attention_bias", True) is not True:
@@ -313,6 +318,7 @@ class GptOssConfig:
         out["model_type"] = "gpt_oss" if self.mla is None else "gpt_oss_mla"
         if self.mla is not None:
             out["mla"] = self.mla.to_hf()
+            out["architectures"], out["auto_map"] = MLA_ARCHITECTURES, MLA_AUTO_MAP
         if self.rope_key == "rope_parameters":
             out["rope_parameters"] = self.rope.to_hf(with_theta=True)
         else:
@@ -331,6 +337,14 @@ class GptOssConfig:
             return float(rope.attention_factor)
         return 0.1 * math.log(rope.factor) + 1.0 if rope.factor > 1 else 1.0
 
+
+# An MLA checkpoint names the PyTorch model that weights.export ships beside it (weights/transformers_mla),
+# which transformers loads with AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).
+MLA_ARCHITECTURES = ["GptOssMlaForCausalLM"]
+MLA_AUTO_MAP = {
+    "AutoConfig": "configuration_gpt_oss_mla.GptOssMlaConfig",
+    "AutoModelForCausalLM": "modeling_gpt_oss_mla.GptOssMlaForCausalLM",
+}
 
 _TYPED_FIELDS = frozenset(
     f.name

@@ -692,6 +692,12 @@ def embedded_default(args) -> int:
     )
     distilled = assemble_student(teacher, trainable, student_config, jnp.float32)
     after = ppl(distilled, student_config)
+    # Both students as model checkpoints, for eval.diagnose / eval.ppl / weights.export before and after.
+    from weights.orbax_io import is_orbax_checkpoint, save_checkpoint
+
+    if not is_orbax_checkpoint(os.path.join(args.out, "converted")):
+        save_checkpoint(os.path.join(args.out, "converted"), student, student_config, source=tokenizer_dir)
+    save_student(os.path.join(args.out, "student"), student, student_config, trainable, 300, tokenizer_dir)
     kv = accounting(student_config, 1, config.max_position_embeddings, jnp.bfloat16)
     with open(os.path.join(args.out, "summary.json")) as f:
         summary = json.load(f)

@@ -262,17 +262,9 @@ def _shard_plan(tensors: list[tuple[str, int]], max_shard_bytes: int) -> list[li
     return [*shards, current] if current else shards
 
 
-# An MLA checkpoint carries its PyTorch model (weights/transformers_mla): transformers loads it with
-# AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).
+# An MLA checkpoint carries its PyTorch model (config.json's auto_map names it, see config.MLA_AUTO_MAP).
 TRANSFORMERS_MLA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "transformers_mla")
 TRANSFORMERS_MLA_FILES = ("configuration_gpt_oss_mla.py", "modeling_gpt_oss_mla.py")
-TRANSFORMERS_MLA_CONFIG = {
-    "architectures": ["GptOssMlaForCausalLM"],
-    "auto_map": {
-        "AutoConfig": "configuration_gpt_oss_mla.GptOssMlaConfig",
-        "AutoModelForCausalLM": "modeling_gpt_oss_mla.GptOssMlaForCausalLM",
-    },
-}
 
 
 def save_hf(
@@ -296,8 +288,6 @@ def save_hf(
     experts = experts or have
     layout = hf_tensors(config, experts)
     hf_config = config.to_hf()
-    if config.mla is not None:
-        hf_config.update(TRANSFORMERS_MLA_CONFIG)
     if experts == "dense":
         hf_config.pop("quantization_config", None)
     else:
