@@ -2,6 +2,11 @@
 
     python -m weights.to_mla --model SRC --out CKPT --latent-dim R --rope-mode decompressed|partial
         [--rope-pairs N] [--layers full|all|LIST] [--init svd|pca] [--calib DATA --calib-tokens N]
+        [--calib-select first|random|kmeans] [--calib-seq-len 512] [--calib-sliding-len W]
+
+Calibration tokens (`weights/calib.py`): by default a diverse set, the windows nearest the k-means
+centroids of the model's own mean-pooled hidden states among 8x as many, with short windows (the sliding
+window) for sliding-window layers and long ones for full-attention layers.
 
 Initialisations (all linear algebra in jnp, so it runs on the accelerator; one layer at a time):
 - `svd`: truncated SVD of the stacked key/value weights `[W_k, W_v]` (`x @ W` layout), split as
@@ -32,6 +37,7 @@ from tqdm.auto import tqdm
 from gptoss_mla_jax.config import FULL, SLIDING, ConfigError, GptOssConfig, MlaConfig
 from gptoss_mla_jax.mla import rope_dims
 from gptoss_mla_jax.model import attention_inputs, check_params
+from weights.calib import SELECTIONS, calibration_set
 
 Params = dict[str, Any]
 HI = jax.lax.Precision.HIGHEST
@@ -159,6 +165,9 @@ def _reconstruction_errors(attn, new, h, w, b, k_width) -> dict[str, float]:
     return out
 
 
+POOL_FACTOR = 8  # --calib-select random / kmeans choose among this many times the windows they keep
+
+
 def convert(
     params: Params,
     config: GptOssConfig,
@@ -167,10 +176,13 @@ def convert(
     layers: tuple[int, ...] | None = None,
     rope_pairs: int = 0,
     init: str = "svd",
-    calib_tokens: np.ndarray | None = None,
+    calib_tokens: np.ndarray | dict[str, np.ndarray] | None = None,
     progress: bool = False,
 ) -> tuple[GptOssConfig, Params, list[dict[str, Any]]]:
-    """(MLA config, MLA params, per-layer report). Unconverted layers are shared, not copied."""
+    """(MLA config, MLA params, per-layer report). Unconverted layers are shared, not copied.
+
+    `calib_tokens`: [N, T] token windows for every layer, or {"full": ..., "sliding": ...} (see
+    `weights.calib`) giving sliding-window layers their own windows."""
     if config.mla is not None:
         raise ValueError(
             "the source model is already MLA (its config has an 'mla' section); convert the original"
@@ -182,12 +194,17 @@ def convert(
     if rope_mode == "partial" and not 1 <= rope_pairs <= d // 2:
         raise ValueError(f"--rope-pairs {rope_pairs} must be in 1..{d // 2} (head_dim / 2) for partial mode")
     needs_calib = init == "pca" or rope_mode == "partial"
-    if needs_calib and (calib_tokens is None or np.asarray(calib_tokens).size == 0):
+    sets = calib_tokens if isinstance(calib_tokens, dict) else {"full": calib_tokens, "sliding": calib_tokens}
+    if needs_calib and any(t is None or np.asarray(t).size == 0 for t in sets.values()):
         raise ValueError(
             f"--init {init} / --rope-mode {rope_mode} need calibration tokens (--calib): none given"
         )
     dims = latent_dim if isinstance(latent_dim, dict) else dict.fromkeys(layers, latent_dim)
-    inputs = attention_inputs(params, jnp.asarray(calib_tokens), config) if needs_calib else None
+    inputs = None
+    if needs_calib:  # each layer's attention inputs on its own set (sliding layers: short windows)
+        by_set = {id(t): attention_inputs(params, jnp.asarray(t), config) for t in sets.values()}
+        kind = lambda i: "sliding" if config.is_sliding(i) else "full"
+        inputs = [by_set[id(sets[kind(i)])][i] for i in range(config.num_hidden_layers)]
     flat = lambda x: x.reshape(-1, x.shape[-1])
     pairs = []
     if rope_mode == "partial":
@@ -260,7 +277,16 @@ def main(argv=None) -> int:
     parser.add_argument("--init", choices=["svd", "pca"], default="pca")  # ahead of svd at every rank
     parser.add_argument("--calib", default="stdlib", help="calibration text: stdlib or a file / folder")
     parser.add_argument("--calib-tokens", type=int, default=4096)
-    parser.add_argument("--calib-seq-len", type=int, default=512)
+    parser.add_argument("--calib-seq-len", type=int, default=512, help="windows for full-attention layers")
+    parser.add_argument(
+        "--calib-select",
+        choices=SELECTIONS,
+        default="kmeans",
+        help="which windows (weights/calib.py): the corpus' first, random, or diverse by k-means (default)",
+    )
+    parser.add_argument(
+        "--calib-sliding-len", type=int, help="windows for sliding-window layers (default: the window)"
+    )
     args = parser.parse_args(argv)
     if os.path.exists(args.out):
         print(f"error: --out {args.out} exists", file=sys.stderr)
@@ -279,8 +305,18 @@ def main(argv=None) -> int:
             from tokenizers import Tokenizer
 
             tokenizer = Tokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json"))
-            calib = token_windows(
-                tokenizer, args.calib, args.calib_tokens, min(args.calib_seq_len, args.calib_tokens)
+            long_len = min(args.calib_seq_len, args.calib_tokens)
+            pool = 1 if args.calib_select == "first" else POOL_FACTOR
+            stream = token_windows(tokenizer, args.calib, args.calib_tokens * pool, 1).reshape(-1)
+            calib = calibration_set(
+                params,
+                config,
+                stream,
+                args.calib_tokens,
+                args.calib_select,
+                long_len,
+                min(args.calib_sliding_len or config.sliding_window, long_len),
+                POOL_FACTOR,
             )
         mla_config, mla_params, report = convert(
             params,
