@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eval.timing import timed
 from gptoss_mla_jax.cache import init_cache, layer_bytes
 from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig
 from gptoss_mla_jax.generate import DEMO_CONFIG, decode_step
@@ -136,17 +137,6 @@ def capacity(models_: dict, contexts: list[int], log) -> list[dict]:
             rows.append(row)
             log(row)
     return rows
-
-
-def timed(fn, *args, repeats: int = 10) -> float:
-    """Median seconds of `fn(*args)` after one warm-up call (compilation)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
 
 
 def copy_bandwidth(gigabytes: float = 4.0) -> float:

@@ -22,22 +22,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eval.timing import timed
 from gptoss_mla_jax.config import GPT_OSS_20B
 from gptoss_mla_jax.model import init_params
 from train.data import pack
 from train.distill import run
 from weights.to_mla import DEFAULT_LATENT_DIM, convert
-
-
-def timed(fn, *args, repeats: int = 5) -> float:
-    """Median seconds of `fn(*args)` after one warm-up call (compilation)."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t)
-    return float(np.median(times))
 
 
 def breakdown(teacher, config, batch: int, seq_len: int) -> dict:
