@@ -260,16 +260,27 @@ def plot(result: dict[str, Any], out_dir: str) -> list[str]:
         ("first_token_mass", "first-token mass"),
         ("q_norm", "mean q norm"),
         ("k_norm", "mean k norm"),
-        ("expert_load", "expert load (share of assignments)"),
     ):
         fig, ax = plt.subplots(figsize=(8, 4))
         image = ax.imshow(grid(key), aspect="auto", cmap="viridis")
-        ax.set(xlabel="expert" if key == "expert_load" else "head", ylabel="layer", title=title)
+        ax.set(xlabel="head", ylabel="layer", title=title)
         fig.colorbar(image, ax=ax)
         path = os.path.join(out_dir, f"{key}.png")
         fig.savefig(path, dpi=100, bbox_inches="tight")
         plt.close(fig)
         written.append(path)
+    load = grid("expert_load")  # one bar chart per layer: tokens' share of each expert
+    fig, axes = plt.subplots(len(load), 1, figsize=(8, 1.4 * len(load)), sharex=True, squeeze=False)
+    for i, (ax, row) in enumerate(zip(axes[:, 0], load, strict=True)):
+        ax.bar(np.arange(len(row)), row)
+        ax.axhline(1 / len(row), color="gray", linestyle=":", linewidth=1)  # perfectly balanced
+        ax.set_ylabel(f"layer {i}", rotation=0, ha="right")
+    axes[0, 0].set_title("expert load (share of token-expert assignments; dotted: balanced)")
+    axes[-1, 0].set_xlabel("expert")
+    path = os.path.join(out_dir, "expert_load.png")
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    written.append(path)
     if "drift_cosine" in layers[0]:
         fig, ax = plt.subplots(figsize=(6, 3.5))
         ax.plot(grid("drift_rel_l2"), marker="o", label="relative L2")
