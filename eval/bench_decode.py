@@ -27,8 +27,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from eval.kv_cache import accounting
 from eval.timing import timed
-from gptoss_mla_jax.cache import init_cache, layer_bytes
+from gptoss_mla_jax.cache import init_cache
 from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig
 from gptoss_mla_jax.generate import DEMO_CONFIG, decode_step
 from gptoss_mla_jax.model import init_params
@@ -43,7 +44,7 @@ RESERVE = 6e9  # bytes kept free for a step's activations (scores, the MLA layer
 def models(config: GptOssConfig, latent_dim: int = DEFAULT_LATENT_DIM, partial: bool = False) -> dict:
     """{"gqa": (config, params), "mla": (config, params)[, "mla_partial": ...]}: MLA students of the
     full-attention layers sharing the GQA weights. "mla" is the default conversion; "mla_partial" keeps
-    2 RoPE pairs per kv head with the latent 32 smaller (the same cache per token, PARTIAL_LATENT_CUT)
+    2 RoPE pairs per kv head with the latent smaller by the RoPE dims it caches (the same cache per token)
     and decodes with the absorbed attention over the latent."""
     params = jax.block_until_ready(init_params(config, jax.random.key(0), jnp.bfloat16, experts="mxfp4"))
     full = tuple(i for i in range(config.num_hidden_layers) if not config.is_sliding(i))
@@ -61,7 +62,7 @@ def models(config: GptOssConfig, latent_dim: int = DEFAULT_LATENT_DIM, partial: 
 
 
 def cache_bytes(config: GptOssConfig, batch: int, context: int) -> int:
-    return sum(layer_bytes(config, i, batch, context) for i in range(config.num_hidden_layers))
+    return accounting(config, batch, context, jnp.bfloat16)["total_bytes"]
 
 
 def free_bytes() -> float:
@@ -167,8 +168,7 @@ def layer_breakdown(config: GptOssConfig, params, batch: int, context: int, repe
     x = jax.random.normal(jax.random.key(1), (batch, 1, config.hidden_size), jnp.bfloat16)
     cos, sin = cos_sin(lengths[:, None], config)
     valid = jnp.ones((batch, 1), bool)
-    mla = config.mla is not None and config.mla.index(i) is not None
-    attend = functools.partial(attention_mla, layer=i) if mla else attention
+    attend = functools.partial(attention_mla, layer=i) if config.is_mla(i) else attention
     step = jax.jit(lambda p, x, c: attend(p, x, lengths[:, None], valid, cos, sin, c, lengths, False, config))
     ms = lambda fn, *args: 1e3 * timed(jax.jit(fn), *args, repeats=repeats)
     return {

@@ -22,25 +22,24 @@ from tokenizers import Tokenizer
 
 from eval.init_quality import latent_dim_for, score
 from eval.ppl import corpus_ids
+from train.distill import embedded_teacher_dir
 from weights.calib import calibration_set
 from weights.load import load_model
 from weights.to_mla import convert
-
-EMBEDDED_TEACHER = os.path.join(
-    os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "gptoss-mla-jax", "tiny-teacher"
-)
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--teacher", default=EMBEDDED_TEACHER, help="trained teacher (HF folder or Orbax)")
+    parser.add_argument(
+        "--teacher", default=embedded_teacher_dir(), help="trained teacher (HF folder or Orbax)"
+    )
     parser.add_argument("--calib-tokens", type=int, default=2048)
     parser.add_argument("--long-len", type=int, default=256)
     parser.add_argument("--pool-tokens", type=int, default=65536, help="validation tokens to select from")
     parser.add_argument("--eval-tokens", type=int, default=16384)
-    parser.add_argument("--seeds", type=int, default=3, help="random sets drawn")
+    parser.add_argument("--seeds", type=int, default=3, help="sets drawn per random / k-means rule")
     parser.add_argument("--out", default="eval/results/calib_quality")
     args = parser.parse_args(argv)
     if not os.path.exists(args.teacher):

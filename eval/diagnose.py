@@ -35,17 +35,12 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from gptoss_mla_jax.attention import attention, key_mask, project_qkv, sink_softmax
+from gptoss_mla_jax.attention import key_mask, project_qkv, sink_softmax
 from gptoss_mla_jax.config import GptOssConfig
-from gptoss_mla_jax.mla import attention_mla, cache_entries, keys_values, rope_dims, scoring_queries
-from gptoss_mla_jax.model import Params, embed, unembed
-from gptoss_mla_jax.moe import moe_sparse
+from gptoss_mla_jax.mla import cache_entries, keys_values, rope_dims, scoring_queries
+from gptoss_mla_jax.model import Params, decoder_layer, embed, unembed
 from gptoss_mla_jax.norm import rms_norm
 from gptoss_mla_jax.rope import cos_sin
-
-
-def is_mla(config: GptOssConfig, i: int) -> bool:
-    return config.mla is not None and config.mla.index(i) is not None
 
 
 def kv_before_rope(
@@ -54,7 +49,7 @@ def kv_before_rope(
     """Keys before RoPE (in the head's own dim order) and values of layer i on its normed input `h`."""
     B, T, _ = h.shape
     G, d = config.num_key_value_heads, config.head_dim
-    if not is_mla(config, i):
+    if not config.is_mla(i):
         k = (h @ p["k_proj"]["kernel"] + p["k_proj"]["bias"]).reshape(B, T, G, d)
         return k, (h @ p["v_proj"]["kernel"] + p["v_proj"]["bias"]).reshape(B, T, G, d)
     c = h @ p["kv_a"]["kernel"]
@@ -82,7 +77,7 @@ def attention_stats(p: Params, h, positions, cos, sin, config: GptOssConfig, i: 
     """Sink mass and first-token mass per query head, mean q and k norms, effective ranks of k and v."""
     B, T, _ = h.shape
     H, G, d = config.num_attention_heads, config.num_key_value_heads, config.head_dim
-    if is_mla(config, i):
+    if config.is_mla(i):
         q = (h @ p["q_proj"]["kernel"] + p["q_proj"]["bias"]).reshape(B, T, H, d)
         q = scoring_queries(q, cos, sin, config, i)
         k, _ = keys_values(p, cache_entries(p, h, cos, sin, config, i), positions, config, i)
@@ -116,18 +111,6 @@ def routing_stats(p: Params, x: Float[Array, "N D"], config: GptOssConfig) -> di
     return {"expert_load": load, "routing_entropy": -(jnp.exp(logp) * logp).sum(-1).mean(), "top_k": top}
 
 
-def layer_pass(params, x, positions, cos, sin, config: GptOssConfig, i: int):
-    """Layer i on the residual stream x: (new x, its normed attention input, the normed MoE input)."""
-    layer = params["layers"][i]
-    h = rms_norm(x, layer["input_layernorm"], config.rms_norm_eps)
-    valid = jnp.ones(positions.shape, bool)
-    args = (layer["self_attn"], h, positions, valid, cos, sin, None, None, config.is_sliding(i), config)
-    a = attention_mla(*args, layer=i)[0] if is_mla(config, i) else attention(*args)[0]
-    x = x + a
-    m = rms_norm(x, layer["post_attention_layernorm"], config.rms_norm_eps)
-    return x + moe_sparse(layer["mlp"], m, config), h, m
-
-
 @functools.partial(jax.jit, static_argnames=("config", "teacher_config"))
 def batch_stats(
     params: Params,
@@ -139,16 +122,23 @@ def batch_stats(
     """Every statistic of one batch of windows, stacked over layers."""
     B, T = tokens.shape
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
+    valid = jnp.ones((B, T), bool)
     cos, sin = cos_sin(positions, config)
     x = embed(params, tokens)
     xt = embed(teacher, tokens) if teacher is not None else None
     per_layer = []
     for i in range(config.num_hidden_layers):
-        x_new, h, m = layer_pass(params, x, positions, cos, sin, config, i)
+        x_new, _, seen = decoder_layer(
+            params["layers"][i], x, positions, valid, cos, sin, None, None, config, i
+        )
+        h, m = seen["attn_input"], seen["moe_input"]
         stats = attention_stats(params["layers"][i]["self_attn"], h, positions, cos, sin, config, i)
         stats |= routing_stats(params["layers"][i]["mlp"], m.reshape(B * T, -1), config)
         if teacher is not None:
-            xt_new, _, mt = layer_pass(teacher, xt, positions, cos, sin, teacher_config, i)
+            xt_new, _, t_seen = decoder_layer(
+                teacher["layers"][i], xt, positions, valid, cos, sin, None, None, teacher_config, i
+            )
+            mt = t_seen["moe_input"]
             t_top = routing_stats(teacher["layers"][i]["mlp"], mt.reshape(B * T, -1), teacher_config)["top_k"]
             same = (jnp.sort(stats["top_k"], -1) == jnp.sort(t_top, -1)).all(-1)
             stats["top_k_changed"] = 1 - same.mean()
@@ -156,7 +146,7 @@ def batch_stats(
             cosine = (a * b).sum(-1) / (jnp.linalg.norm(a, axis=-1) * jnp.linalg.norm(b, axis=-1) + 1e-30)
             stats["drift_cosine"] = cosine.mean()
             stats["drift_rel_l2"] = jnp.linalg.norm(a - b) / (jnp.linalg.norm(b) + 1e-30)
-            if is_mla(config, i):  # the layer's approximation on the same input: teacher weights, our h
+            if config.is_mla(i):  # the layer's approximation on the same input: teacher weights, our h
                 k, v = kv_before_rope(params["layers"][i]["self_attn"], h, config, i)
                 kt, vt = kv_before_rope(teacher["layers"][i]["self_attn"], h, teacher_config, i)
                 rel = lambda a, b: jnp.linalg.norm(a - b) / (jnp.linalg.norm(b) + 1e-30)
@@ -203,7 +193,7 @@ def diagnose(
     result: dict[str, Any] = {
         "tokens": int(n * windows.shape[1]),
         "layer_types": [
-            ("sliding" if config.is_sliding(i) else "full") + (" mla" if is_mla(config, i) else "")
+            ("sliding" if config.is_sliding(i) else "full") + (" mla" if config.is_mla(i) else "")
             for i in range(config.num_hidden_layers)
         ],
         "layers": [{k: v.tolist() for k, v in layer.items()} for layer in layers],

@@ -39,7 +39,7 @@ def with_mla(
 def layer_kind(config: GptOssConfig, layer: int) -> str:
     kind = "sliding" if config.is_sliding(layer) else "full"
     mla = config.mla
-    if mla is None or mla.index(layer) is None:
+    if not config.is_mla(layer):
         return f"{kind} GQA"
     r = mla.latent_dims[mla.index(layer)]
     pairs = f", {mla.num_rope_pairs(layer)} rope pairs/head" if mla.rope_mode == "partial" else ""

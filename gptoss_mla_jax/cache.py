@@ -33,7 +33,7 @@ def entry_shapes(config: GptOssConfig, layer: int, batch: int, max_len: int) -> 
     slots = layer_slots(config, layer, max_len)
     G, d = config.num_key_value_heads, config.head_dim
     mla = config.mla
-    if mla is None or mla.index(layer) is None:
+    if not config.is_mla(layer):
         return {"k": (batch, slots, G, d), "v": (batch, slots, G, d)}
     shapes = {"c": (batch, slots, mla.latent_dims[mla.index(layer)])}
     if mla.rope_mode == "partial":
@@ -45,7 +45,7 @@ def values_per_token(config: GptOssConfig, layer: int) -> int:
     """Cached values per token of one layer, by DESIGN.md's formula: GQA 2Gd, decompressed r,
     partial r + G * d_rope (d_rope = 2 dims per kept pair)."""
     G, d, mla = config.num_key_value_heads, config.head_dim, config.mla
-    if mla is None or mla.index(layer) is None:
+    if not config.is_mla(layer):
         return 2 * G * d
     return mla.latent_dims[mla.index(layer)] + G * 2 * mla.num_rope_pairs(layer)
 

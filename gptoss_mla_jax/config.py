@@ -248,6 +248,10 @@ class GptOssConfig:
     def is_sliding(self, layer: int) -> bool:
         return self.layer_types[layer] == SLIDING
 
+    def is_mla(self, layer: int) -> bool:
+        """Whether `layer` is converted to Multi-head Latent Attention."""
+        return self.mla is not None and self.mla.index(layer) is not None
+
     # ---- HF round trip -------------------------------------------------------------------------------
     @classmethod
     def from_hf(cls, source: dict[str, Any] | str | os.PathLike) -> GptOssConfig:

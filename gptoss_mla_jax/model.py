@@ -81,9 +81,7 @@ def param_shapes(config: GptOssConfig, experts: ExpertFormat = "dense") -> Param
         },
     }
     layers = [
-        {**layer, "self_attn": mla_param_shapes(config, i)}
-        if config.mla is not None and config.mla.index(i) is not None
-        else layer
+        {**layer, "self_attn": mla_param_shapes(config, i)} if config.is_mla(i) else layer
         for i in range(config.num_hidden_layers)
     ]
     shapes = {"embed_tokens": (V, D), "norm": (D,), "layers": layers}
@@ -179,7 +177,8 @@ def decoder_layer(
     mla_absorb: bool | None = None,
 ) -> tuple[Float[Array, "B T D"], dict[str, Array] | None, dict[str, Float[Array, "B T D"]]]:
     """One pre-norm block: (new residual stream, updated layer cache, {"attn_input": the attention's normed
-    input, "attn_output": what the attention adds to the residual stream})."""
+    input, "attn_output": what the attention adds to the residual stream, "moe_input": the MoE's normed
+    input})."""
     h = rms_norm(x, layer["input_layernorm"], config.rms_norm_eps)
     args = (
         layer["self_attn"],
@@ -193,14 +192,15 @@ def decoder_layer(
         config.is_sliding(i),
         config,
     )
-    if config.mla is not None and config.mla.index(i) is not None:
+    if config.is_mla(i):
         a, layer_cache = attention_mla(*args, layer=i, absorb=mla_absorb)
     else:
         a, layer_cache = attention(*args)
     x = x + a
     moe = moe_sparse if moe_impl == "sparse" else moe_dense
-    x = x + moe(layer["mlp"], rms_norm(x, layer["post_attention_layernorm"], config.rms_norm_eps), config)
-    return x, layer_cache, {"attn_input": h, "attn_output": a}
+    m = rms_norm(x, layer["post_attention_layernorm"], config.rms_norm_eps)
+    x = x + moe(layer["mlp"], m, config)
+    return x, layer_cache, {"attn_input": h, "attn_output": a, "moe_input": m}
 
 
 def attention_inputs(params: Params, tokens: Int[Array, "B T"], config: GptOssConfig) -> list[Array]:

@@ -623,6 +623,12 @@ def distill_cli(args) -> int:
     return 0
 
 
+def embedded_teacher_dir() -> str:
+    """Where the embedded default trains its teacher once and reuses it (the user's cache folder)."""
+    cache = os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache"))
+    return os.path.join(cache, "gptoss-mla-jax", "tiny-teacher")
+
+
 def embedded_default(args) -> int:
     """No download: train (or reuse) a small teacher on the stdlib corpus, convert it with the default MLA
     settings scaled to its size, distill, and report perplexities and the cache reduction."""
@@ -635,8 +641,7 @@ def embedded_default(args) -> int:
     from weights.load import load_model
     from weights.to_mla import DEFAULT_LATENT_DIM, convert
 
-    cache = os.path.join(os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "gptoss-mla-jax")
-    teacher_dir = os.path.join(cache, "tiny-teacher")
+    teacher_dir = embedded_teacher_dir()
     if not os.path.exists(teacher_dir):
         print(f"training the embedded teacher into {teacher_dir} (once; reused afterwards)")
         pretrain.main(

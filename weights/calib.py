@@ -23,6 +23,7 @@ from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.model import Params, attention_inputs
 
 SELECTIONS = ("first", "random", "kmeans")
+POOL_FACTOR = 8  # random / kmeans choose among this many times the windows they keep
 
 
 def _sq_distances(x: Float[Array, "M D"], c: Float[Array, "k D"]) -> Float[Array, "M k"]:
@@ -99,7 +100,7 @@ def calibration_set(
     how: str = "kmeans",
     long_len: int = 512,
     short_len: int | None = None,
-    pool_factor: int = 8,
+    pool_factor: int = POOL_FACTOR,
     seed: int = 0,
 ) -> dict[str, np.ndarray]:
     """{"full": long windows, "sliding": short windows}, each about `n_tokens` tokens, chosen by `how`

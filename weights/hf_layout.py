@@ -41,7 +41,7 @@ def hf_tensors(config: GptOssConfig, experts: ExpertFormat = "dense") -> list[Hf
             HfTensor(pre + "post_attention_layernorm.weight", (*layer, "post_attention_layernorm"), False),
             HfTensor(pre + "self_attn.sinks", (*layer, "self_attn", "sinks"), False),
         ]
-        converted = config.mla is not None and config.mla.index(i) is not None
+        converted = config.is_mla(i)
         projections = ["q_proj", "o_proj", *(("kv_a", "kv_b") if converted else ("k_proj", "v_proj"))]
         if converted and config.mla.rope_mode == "partial":
             projections.append("k_rope")

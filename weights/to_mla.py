@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from gptoss_mla_jax.config import FULL, SLIDING, ConfigError, GptOssConfig, MlaConfig
 from gptoss_mla_jax.mla import rope_dims
 from gptoss_mla_jax.model import attention_inputs, check_params
-from weights.calib import SELECTIONS, calibration_set
+from weights.calib import POOL_FACTOR, SELECTIONS, calibration_set
 
 Params = dict[str, Any]
 HI = jax.lax.Precision.HIGHEST
@@ -163,9 +163,6 @@ def _reconstruction_errors(attn, new, h, w, b, k_width) -> dict[str, float]:
     out = {"v_rel_error": rel(y[:, k_width:], y_hat[:, k_width:])}
     out["k_rel_error"] = rel(y[:, :k_width], y_hat[:, :k_width]) if k_width else 0.0
     return out
-
-
-POOL_FACTOR = 8  # --calib-select random / kmeans choose among this many times the windows they keep
 
 
 def convert(
@@ -316,7 +313,6 @@ def main(argv=None) -> int:
                 args.calib_select,
                 long_len,
                 min(args.calib_sliding_len or config.sliding_window, long_len),
-                POOL_FACTOR,
             )
         mla_config, mla_params, report = convert(
             params,
