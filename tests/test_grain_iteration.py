@@ -1,9 +1,10 @@
-"""The grain training iterator: packing, seeded shuffling, host sharding, exact resume."""
+"""train.data: mixed corpora; the grain training iterator (packing, seeded shuffling, host sharding, exact
+resume)."""
 
 import numpy as np
 import pytest
 
-from train.data import pack, training_batches
+from train.data import iter_texts, pack, training_batches
 
 
 def test_pack():
@@ -42,3 +43,12 @@ def test_shuffle_shard_and_resume():
     resumed.set_state(state)
     assert all((x == y).all() for x, y in zip(take(resumed, 6), rest, strict=True))
     assert all((x == y).all() for x, y in zip(rest, a[5:11], strict=True))
+
+
+def test_mixed_corpus_interleaves_documents(tmp_path):
+    for folder, names in (("code", ["a.py", "b.py", "c.py"]), ("prose", ["x.txt"])):
+        (tmp_path / folder).mkdir()
+        for name in names:
+            (tmp_path / folder / name).write_text(name)
+    mixed = list(iter_texts(f"{tmp_path / 'code'}+{tmp_path / 'prose'}"))
+    assert mixed == ["a.py", "x.txt", "b.py", "c.py"]

@@ -3,15 +3,18 @@
 - `stdlib`: the running interpreter's standard-library sources (real text on every machine, the GPU
   machine included), split deterministically by file path into train / validation / test.
 - `python-doc`: the English reST sources of Debian's python3.11-doc package
-  (`apt-get install python3.11-doc`), split the same way.
+  (`apt-get install python3.11-doc`, or their folder in $GPTOSS_PYTHON_DOC), split the same way.
 - `wikitext-2` (`wikitext-2-raw-v1`): through `datasets`, from its local cache only (no network here).
 - a local text file or folder (.txt / .md / .rst / .py), or a .jsonl / .json / .parquet file or a folder of
   them, read with `datasets` (column `text`); a file is its own split.
+- `A+B` (e.g. `stdlib+python-doc`): the documents of both, interleaved one by one, so any prefix of a split
+  (the training stream, a calibration pool) holds both kinds of text.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 import sysconfig
 from collections.abc import Iterator
@@ -21,7 +24,7 @@ import numpy as np
 SPLITS = ("train", "validation", "test")
 TEXT_SUFFIXES = (".txt", ".md", ".rst", ".py", ".raw")
 DATASET_SUFFIXES = {".jsonl": "json", ".json": "json", ".parquet": "parquet"}
-PYTHON_DOC = "/usr/share/doc/python3.11/html/_sources"
+PYTHON_DOC = os.environ.get("GPTOSS_PYTHON_DOC", "/usr/share/doc/python3.11/html/_sources")
 WIKITEXT = ("wikitext-2", "wikitext-2-raw-v1")
 
 
@@ -40,7 +43,8 @@ def corpus_files(source: str, split: str | None = None) -> list[str]:
     elif source == "python-doc":
         if not os.path.isdir(PYTHON_DOC):
             raise FileNotFoundError(
-                f"data source python-doc needs {PYTHON_DOC}: apt-get install python3.11-doc"
+                f"data source python-doc needs {PYTHON_DOC}: apt-get install python3.11-doc, or set "
+                "GPTOSS_PYTHON_DOC to a folder holding its html/_sources"
             )
         root, suffixes = PYTHON_DOC, (".txt",)
     elif os.path.isfile(source):
@@ -105,6 +109,11 @@ def _dataset_files(source: str) -> list[str]:
 
 def iter_texts(source: str, split: str | None = None) -> Iterator[str]:
     """The documents of a corpus split, one string each."""
+    if "+" in source and not os.path.exists(source):
+        parts = [iter_texts(part, split) for part in source.split("+")]
+        for texts in itertools.zip_longest(*parts):
+            yield from (t for t in texts if t is not None)
+        return
     if source in WIKITEXT:
         yield from _wikitext(split or "test")
         return

@@ -1,0 +1,356 @@
+"""The quality study: how much KV cache can gpt-oss-style attention lose, and how much does distillation win
+back?
+
+    python -m eval.quality_study --teacher runs/study-teacher [--data stdlib+python-doc] [--train-steps 1000]
+        [--distill-steps 100] [--out eval/results/quality_study]
+
+1. Teacher: a GPT-OSS-architecture model (train.pretrain's study recipe) trained here on real text when
+   --teacher does not exist yet. It is exported with weights.export and transformers' GptOssForCausalLM
+   scores the same held-out windows as eval.ppl: the cross-check with an implementation we did not write.
+2. Matrix: layers {full, all} x mode {decompressed, partial} x latent sizes giving {50, 75, 87.5}% less
+   cache on the converted layers x init {svd, pca}. Each student is converted as a user would (weights.to_mla
+   with k-means calibration windows, short ones for sliding layers), scored (held-out PPL, KL to the
+   teacher), healed with train.distill.run on a fixed token budget (the same for every row), scored again.
+3. OUT.json gets each row as it finishes (a rerun with the same teacher skips finished rows, so the study
+   can be spread over time-limited allocations: train with XLA_FLAGS=--xla_gpu_deterministic_ops=true and
+   the teacher's fingerprint is checked to be the same), OUT.md the table, OUT.png PPL vs cache reduction.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tokenizers import Tokenizer
+
+from eval.kv_cache import accounting
+from eval.ppl import perplexity
+from gptoss_mla_jax.cache import values_per_token
+from train.data import token_windows
+from train.distill import assemble_student, run
+from weights.calib import POOL_FACTOR, calibration_set
+from weights.load import load_model
+from weights.to_mla import convert, parse_layers
+
+REDUCTIONS = (0.5, 0.75, 0.875)
+ROPE_PAIRS = 2
+LONG_CONTEXT = 32768  # whole-model cache reduction is reported at this context
+
+
+def score(teacher, teacher_config, student, student_config, windows: np.ndarray) -> dict:
+    """PPL of teacher and student and mean KL(teacher || student) over disjoint held-out windows, with
+    float32 matmuls at full precision (the GPU default would round them to TF32)."""
+    length = windows.shape[1]
+    with jax.default_matmul_precision("highest"):
+        out = perplexity(
+            student,
+            student_config,
+            windows.reshape(-1),
+            length,
+            length,
+            teacher=(teacher, teacher_config),
+            progress=False,
+        )
+    return {"teacher_ppl": out["teacher_ppl"], "ppl": out["ppl"], "kl": out["kl"]}
+
+
+def latent_dim_for(reduction: float, mode: str, G: int, d: int) -> int:
+    """Latent width that leaves (1 - reduction) of a GQA layer's 2Gd cached values per token."""
+    budget = round((1 - reduction) * 2 * G * d)
+    return budget - (G * 2 * ROPE_PAIRS if mode == "partial" else 0)
+
+
+def fingerprint(params) -> str:
+    """sha256 over every leaf's bytes, in tree order: the same teacher, bit for bit, or not."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(params):
+        digest.update(np.asarray(jax.device_get(leaf)).tobytes())
+    return digest.hexdigest()
+
+
+def transformers_ppl(hf_dir: str, windows: np.ndarray, batch: int = 8) -> float:
+    """Held-out PPL of an exported checkpoint by transformers' GptOssForCausalLM (float32, eager attention,
+    which implements the sinks), on the same disjoint windows and scored positions as eval.ppl."""
+    import torch
+    import transformers
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = transformers.GptOssForCausalLM.from_pretrained(
+        hf_dir, dtype=torch.float32, attn_implementation="eager"
+    ).to(device)
+    model.eval()
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for i in range(0, len(windows), batch):
+            ids = torch.as_tensor(windows[i : i + batch], dtype=torch.long, device=device)
+            logits = model(input_ids=ids).logits[:, :-1].double()
+            targets = ids[:, 1:]
+            nll += float(
+                torch.nn.functional.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="sum")
+            )
+            count += targets.numel()
+    return float(np.exp(nll / count))
+
+
+def cross_check(teacher, config, tokenizer_dir: str, windows: np.ndarray, ours: float) -> dict:
+    from weights.safetensors_io import save_hf
+
+    with tempfile.TemporaryDirectory() as hf_dir:
+        save_hf(teacher, config, hf_dir, tokenizer_from=tokenizer_dir, progress=False)
+        theirs = transformers_ppl(hf_dir, windows)
+    return {"eval_ppl": ours, "transformers_ppl": theirs, "relative_difference": abs(theirs - ours) / ours}
+
+
+def heal(teacher, config, student, student_config, sequences: np.ndarray, args) -> dict:
+    """The student after `args.distill_steps` steps of train.distill (KL, bf16 compute, MLA weights
+    trained), float32 leaves."""
+    with tempfile.TemporaryDirectory() as run_dir:
+        _, trained = run(
+            teacher,
+            config,
+            student,
+            student_config,
+            sequences,
+            run_dir,
+            batch=args.distill_batch,
+            steps=args.distill_steps,
+            lr=args.distill_lr,
+            warmup=max(args.distill_steps // 10, 1),
+            ckpt_every=args.distill_steps,
+            keep=1,
+            seed=args.seed,
+            dtype=jnp.bfloat16,
+            progress=False,
+        )
+    return assemble_student(teacher, trained, student_config, jnp.float32)
+
+
+def matrix(args) -> list[tuple[str, str, float, str]]:
+    return list(itertools.product(args.layers, args.modes, args.reductions, args.inits))
+
+
+def key(layers: str, mode: str, reduction: float, init: str) -> str:
+    return f"{layers}/{mode}/{reduction}/{init}"
+
+
+def write_json(path: str, obj) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def table(result: dict) -> str:
+    rows = result["rows"]
+    teacher = result["teacher_ppl"]
+    lines = [
+        f"Teacher PPL {teacher:.3f} on {result['held_out_tokens']} held-out tokens "
+        f"({result['device']}); distillation budget {result['distill_tokens']:,} tokens per row.",
+        "",
+        "| layers | mode | less cache (converted layers / whole model at 32K) | latent r | init "
+        "| PPL converted | PPL distilled | vs teacher | KL converted | KL distilled |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        cells = [
+            r["layers"],
+            r["mode"],
+            f"{r['layer_reduction']:.1%} / {r['model_reduction_32k']:.1%}",
+            r["latent_dim"],
+            r["init"],
+            f"{r['converted']['ppl']:.3f}",
+            f"{r['distilled']['ppl']:.3f}",
+            f"{r['distilled']['ppl'] / teacher - 1:+.2%}",
+            f"{r['converted']['kl']:.4f}",
+            f"{r['distilled']['kl']:.4f}",
+        ]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(result: dict, path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    layer_sets = sorted({r["layers"] for r in result["rows"]})
+    fig, axes = plt.subplots(1, len(layer_sets), figsize=(6 * len(layer_sets), 4.5), squeeze=False)
+    for ax, layers in zip(axes[0], layer_sets, strict=True):
+        for (mode, init), color in zip(
+            itertools.product(("decompressed", "partial"), ("svd", "pca")),
+            ("C0", "C1", "C2", "C3"),
+            strict=True,
+        ):
+            rows = sorted(
+                (r for r in result["rows"] if (r["layers"], r["mode"], r["init"]) == (layers, mode, init)),
+                key=lambda r: r["layer_reduction"],
+            )
+            if not rows:
+                continue
+            x = [100 * r["layer_reduction"] for r in rows]
+            ax.plot(x, [r["converted"]["ppl"] for r in rows], "--o", color=color, mfc="none")
+            ax.plot(x, [r["distilled"]["ppl"] for r in rows], "-o", color=color, label=f"{mode}, {init}")
+        ax.axhline(result["teacher_ppl"], color="k", lw=0.8, label="teacher")
+        ax.axhline(result["teacher_ppl"] * 1.03, color="k", lw=0.8, ls=":", label="teacher + 3%")
+        ax.set_yscale("log")
+        ax.set_xlabel("% less KV cache on the converted layers")
+        ax.set_ylabel("held-out PPL (dashed: converted, solid: distilled)")
+        ax.set_title(f"layers converted: {layers}")
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--teacher", required=True, help="teacher checkpoint (trained here if missing)")
+    parser.add_argument("--data", default="stdlib+python-doc")
+    parser.add_argument("--teacher-config", choices=("study", "tiny"), default="study")
+    parser.add_argument("--train-steps", type=int, default=1000)
+    parser.add_argument("--tokenizer-chars", type=int, default=20_000_000)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument("--calib-tokens", type=int, default=16384)
+    parser.add_argument("--distill-steps", type=int, default=100)
+    parser.add_argument("--distill-batch", type=int, default=8)
+    parser.add_argument("--distill-lr", type=float, default=1e-3)
+    parser.add_argument("--layers", type=lambda s: s.split(","), default=["full", "all"])
+    parser.add_argument("--modes", type=lambda s: s.split(","), default=["decompressed", "partial"])
+    parser.add_argument("--reductions", type=lambda s: [float(x) for x in s.split(",")], default=REDUCTIONS)
+    parser.add_argument("--inits", type=lambda s: s.split(","), default=["svd", "pca"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--compile-cache", help="persistent XLA cache folder: rows of the same shapes compile once"
+    )
+    parser.add_argument("--time-limit", type=float, help="start no new row after this many seconds")
+    parser.add_argument(
+        "--out", default="eval/results/quality_study", help="writes OUT.json, OUT.md, OUT.png"
+    )
+    args = parser.parse_args(argv)
+    t_start = time.perf_counter()
+    if args.compile_cache:
+        jax.config.update("jax_compilation_cache_dir", args.compile_cache)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+    if not os.path.exists(args.teacher):
+        from train import pretrain
+
+        recipe = {"--out": args.teacher, "--steps": args.train_steps, "--data": args.data}
+        recipe |= {"--config": args.teacher_config, "--seq-len": args.seq_len, "--seed": args.seed}
+        recipe["--tokenizer-chars"] = args.tokenizer_chars
+        pretrain.main([str(x) for item in recipe.items() for x in item])
+        print(f"teacher trained in {time.perf_counter() - t_start:.0f} s", flush=True)
+    config, teacher, tokenizer_dir = load_model(args.teacher, progress=False)
+    tokenizer = Tokenizer.from_file(os.path.join(tokenizer_dir, "tokenizer.json"))
+    held_out = token_windows(
+        tokenizer, args.data, args.eval_windows * (args.seq_len + 1), args.seq_len + 1, "test"
+    )
+    stream = token_windows(tokenizer, args.data, args.calib_tokens * POOL_FACTOR, 1, "validation").reshape(-1)
+    calib = calibration_set(teacher, config, stream, args.calib_tokens, "kmeans", args.seq_len)
+    distill_tokens = args.distill_steps * args.distill_batch * args.seq_len
+    sequences = token_windows(tokenizer, args.data, distill_tokens, args.seq_len + 1, "train")
+
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    teacher_id = fingerprint(teacher)
+    result = None
+    if os.path.exists(f"{args.out}.json"):
+        with open(f"{args.out}.json") as f:
+            result = json.load(f)
+        if result["teacher_fingerprint"] != teacher_id:
+            print(
+                f"error: {args.out}.json holds rows of another teacher (fingerprint "
+                f"{result['teacher_fingerprint'][:12]}, this one {teacher_id[:12]}); pass another --out",
+                file=sys.stderr,
+            )
+            return 1
+    if result is None:
+        teacher_ppl = score(teacher, config, teacher, config, held_out)["ppl"]
+        result = {
+            "command": " ".join(sys.argv),
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
+            "device": jax.devices()[0].device_kind,
+            "teacher": os.path.abspath(args.teacher),
+            "teacher_fingerprint": teacher_id,
+            "config": config.to_hf(),
+            "data": args.data,
+            "held_out_tokens": int(held_out.shape[0] * (held_out.shape[1] - 1)),
+            "calibration_tokens": args.calib_tokens,
+            "distill": {"steps": args.distill_steps, "batch": args.distill_batch, "lr": args.distill_lr},
+            "distill_tokens": distill_tokens,
+            "teacher_ppl": teacher_ppl,
+            "cross_check": cross_check(teacher, config, tokenizer_dir, held_out, teacher_ppl),
+            "rows": [],
+        }
+        if os.path.exists(os.path.join(args.teacher, "train_log.json")):
+            with open(os.path.join(args.teacher, "train_log.json")) as f:
+                result["teacher_train_log"] = json.load(f)
+        print(json.dumps(result["cross_check"]), flush=True)
+        write_json(f"{args.out}.json", result)
+
+    done = {key(r["layers"], r["mode"], r["reduction"], r["init"]) for r in result["rows"]}
+    G, d = config.num_key_value_heads, config.head_dim
+    for layers, mode, reduction, init in matrix(args):
+        if key(layers, mode, reduction, init) in done:
+            continue
+        if args.time_limit and time.perf_counter() - t_start > args.time_limit:
+            print(f"time limit reached; rerun to finish the other rows of {args.out}.json", flush=True)
+            break
+        t0 = time.perf_counter()
+        r = latent_dim_for(reduction, mode, G, d)
+        student_config, student, _ = convert(
+            teacher, config, r, mode, parse_layers(layers, config), ROPE_PAIRS, init, calib
+        )
+        converted = score(teacher, config, student, student_config, held_out)
+        distilled = score(
+            teacher,
+            config,
+            heal(teacher, config, student, student_config, sequences, args),
+            student_config,
+            held_out,
+        )
+        layer = student_config.mla.layers[0]
+        row = {
+            "layers": layers,
+            "mode": mode,
+            "reduction": reduction,
+            "init": init,
+            "latent_dim": r,
+            "rope_pairs": ROPE_PAIRS if mode == "partial" else 0,
+            "values_per_token": values_per_token(student_config, layer),
+            "layer_reduction": 1 - values_per_token(student_config, layer) / (2 * G * d),
+            "model_reduction_32k": accounting(student_config, 1, LONG_CONTEXT, jnp.bfloat16)["reduction"],
+            "converted": {k: converted[k] for k in ("ppl", "kl")},
+            "distilled": {k: distilled[k] for k in ("ppl", "kl")},
+            "seconds": time.perf_counter() - t0,
+        }
+        result["rows"].append(row)
+        write_json(f"{args.out}.json", result)
+        print(json.dumps(row), flush=True)
+    if result["rows"]:
+        order = {key(*m): i for i, m in enumerate(matrix(args))}
+        result["rows"].sort(
+            key=lambda r: order.get(key(r["layers"], r["mode"], r["reduction"], r["init"]), 1e9)
+        )
+        write_json(f"{args.out}.json", result)
+        with open(f"{args.out}.md", "w") as f:
+            f.write(table(result))
+        plot(result, f"{args.out}.png")
+        print(table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

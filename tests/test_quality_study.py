@@ -1,0 +1,37 @@
+"""eval.quality_study at a tiny size: teacher trained, transformers agrees on its held-out PPL, a matrix row
+is converted, scored, distilled and scored again; a rerun skips finished rows and refuses another teacher."""
+
+import json
+
+from eval import quality_study
+
+
+def test_study_end_to_end_and_resume(tmp_path):
+    out = tmp_path / "study"
+    argv = [
+        "--teacher", str(tmp_path / "teacher"), "--data", "stdlib", "--teacher-config", "tiny",
+        "--train-steps", "3", "--tokenizer-chars", "300000", "--seq-len", "64", "--eval-windows", "4",
+        "--calib-tokens", "256", "--distill-steps", "3", "--distill-batch", "2", "--layers", "full",
+        "--modes", "partial", "--reductions", "0.75", "--inits", "pca", "--out", str(out),
+    ]  # fmt: skip
+    assert quality_study.main(argv) == 0
+    result = json.loads(out.with_suffix(".json").read_text())
+    # float32 on both sides: the two implementations agree to rounding.
+    assert result["cross_check"]["relative_difference"] < 1e-5
+    (row,) = result["rows"]
+    assert (row["layers"], row["mode"], row["init"], row["rope_pairs"]) == ("full", "partial", "pca", 2)
+    # 8 kv heads x 16 dims: GQA caches 256 values per token, the latent 64 - 2 pairs x 2 x 8 heads = 32.
+    assert row["latent_dim"] == 32 and row["values_per_token"] == 64 and row["layer_reduction"] == 0.75
+    assert 0 < row["model_reduction_32k"] < 0.75  # sliding layers stay GQA
+    for stage in ("converted", "distilled"):
+        assert row[stage]["kl"] > 0 and row[stage]["ppl"] > 1
+    assert result["distill_tokens"] == 3 * 2 * 64
+    assert "| full | partial | 75.0% / " in out.with_suffix(".md").read_text()
+    assert out.with_suffix(".png").stat().st_size > 0
+
+    assert quality_study.main(argv) == 0  # nothing left to do: the row is kept, not redone
+    assert json.loads(out.with_suffix(".json").read_text())["rows"] == [row]
+
+    result["teacher_fingerprint"] = "0" * 64
+    out.with_suffix(".json").write_text(json.dumps(result))
+    assert quality_study.main(argv) == 1  # rows of another teacher are never mixed in
