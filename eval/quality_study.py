@@ -1,7 +1,7 @@
 """The quality study: how much KV cache can gpt-oss-style attention lose, and how much does distillation win
 back?
 
-    python -m eval.quality_study --teacher runs/study-teacher [--data stdlib+python-doc] [--train-steps 1000]
+    python -m eval.quality_study --teacher runs/study-teacher [--data stdlib+python-doc] [--train-steps 700]
         [--distill-steps 100] [--out eval/results/quality_study]
 
 1. Teacher: a GPT-OSS-architecture model (train.pretrain's study recipe) trained here on real text when
@@ -60,7 +60,7 @@ def score(teacher, teacher_config, student, student_config, windows: np.ndarray)
             teacher=(teacher, teacher_config),
             progress=False,
         )
-    return {"teacher_ppl": out["teacher_ppl"], "ppl": out["ppl"], "kl": out["kl"]}
+    return {"ppl": out["ppl"], "kl": out["kl"], "teacher_ppl": out["teacher_ppl"]}
 
 
 def latent_dim_for(reduction: float, mode: str, G: int, d: int) -> int:
@@ -142,6 +142,10 @@ def key(layers: str, mode: str, reduction: float, init: str) -> str:
     return f"{layers}/{mode}/{reduction}/{init}"
 
 
+def row_key(row: dict) -> str:
+    return key(row["layers"], row["mode"], row["reduction"], row["init"])
+
+
 def write_json(path: str, obj) -> None:
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
@@ -168,10 +172,10 @@ def table(result: dict) -> str:
             r["latent_dim"],
             r["init"],
             f"{r['converted']['ppl']:.3f}",
-            f"{r['distilled']['ppl']:.3f}",
-            f"{r['distilled']['ppl'] / teacher - 1:+.2%}",
+            f"{r['distilled']['ppl']:.3f}" if "distilled" in r else "not run",
+            f"{r['distilled']['ppl'] / teacher - 1:+.2%}" if "distilled" in r else "",
             f"{r['converted']['kl']:.4f}",
-            f"{r['distilled']['kl']:.4f}",
+            f"{r['distilled']['kl']:.4f}" if "distilled" in r else "",
         ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
@@ -198,8 +202,17 @@ def plot(result: dict, path: str) -> None:
             if not rows:
                 continue
             x = [100 * r["layer_reduction"] for r in rows]
-            ax.plot(x, [r["converted"]["ppl"] for r in rows], "--o", color=color, mfc="none")
-            ax.plot(x, [r["distilled"]["ppl"] for r in rows], "-o", color=color, label=f"{mode}, {init}")
+            ax.plot(
+                x,
+                [r["converted"]["ppl"] for r in rows],
+                "--o",
+                color=color,
+                mfc="none",
+                label=f"{mode}, {init}",
+            )
+            healed = [(100 * r["layer_reduction"], r["distilled"]["ppl"]) for r in rows if "distilled" in r]
+            if healed:
+                ax.plot(*zip(*healed, strict=True), "-o", color=color)
         ax.axhline(result["teacher_ppl"], color="k", lw=0.8, label="teacher")
         ax.axhline(result["teacher_ppl"] * 1.03, color="k", lw=0.8, ls=":", label="teacher + 3%")
         ax.set_yscale("log")
@@ -219,7 +232,7 @@ def main(argv=None) -> int:
     parser.add_argument("--teacher", required=True, help="teacher checkpoint (trained here if missing)")
     parser.add_argument("--data", default="stdlib+python-doc")
     parser.add_argument("--teacher-config", choices=("study", "tiny"), default="study")
-    parser.add_argument("--train-steps", type=int, default=1000)
+    parser.add_argument("--train-steps", type=int, default=700)
     parser.add_argument("--tokenizer-chars", type=int, default=20_000_000)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=64)
@@ -235,6 +248,7 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--compile-cache", help="persistent XLA cache folder: rows of the same shapes compile once"
     )
+    parser.add_argument("--merge", nargs="*", default=[], help="fold in the rows of other runs' OUT.json")
     parser.add_argument("--time-limit", type=float, help="start no new row after this many seconds")
     parser.add_argument(
         "--out", default="eval/results/quality_study", help="writes OUT.json, OUT.md, OUT.png"
@@ -300,50 +314,67 @@ def main(argv=None) -> int:
         print(json.dumps(result["cross_check"]), flush=True)
         write_json(f"{args.out}.json", result)
 
-    done = {key(r["layers"], r["mode"], r["reduction"], r["init"]) for r in result["rows"]}
+    for other in args.merge:
+        with open(other) as f:
+            extra = json.load(f)
+        if extra["teacher_fingerprint"] != teacher_id:
+            print(f"error: --merge {other} holds rows of another teacher", file=sys.stderr)
+            return 1
+        have = {row_key(r) for r in result["rows"]}
+        result["rows"] += [r for r in extra["rows"] if row_key(r) not in have]
+    rows = {row_key(r): r for r in result["rows"]}
     G, d = config.num_key_value_heads, config.head_dim
-    for layers, mode, reduction, init in matrix(args):
-        if key(layers, mode, reduction, init) in done:
-            continue
+
+    def student_for(layers, mode, reduction, init):
+        latent = latent_dim_for(reduction, mode, G, d)
+        layer_ids = parse_layers(layers, config)
+        return convert(teacher, config, latent, mode, layer_ids, ROPE_PAIRS, init, calib)[:2]
+
+    def out_of_time() -> bool:
         if args.time_limit and time.perf_counter() - t_start > args.time_limit:
-            print(f"time limit reached; rerun to finish the other rows of {args.out}.json", flush=True)
-            break
+            print(f"time limit reached; rerun to finish the rows of {args.out}.json", flush=True)
+            return True
+        return False
+
+    # Phase 1, every conversion scored (cheap); phase 2, distillation, most telling rows first (high
+    # reductions, pca), so a time-limited run leaves the least important ones for later.
+    for m in matrix(args):
+        if key(*m) in rows or out_of_time():
+            continue
+        layers, mode, reduction, init = m
         t0 = time.perf_counter()
-        r = latent_dim_for(reduction, mode, G, d)
-        student_config, student, _ = convert(
-            teacher, config, r, mode, parse_layers(layers, config), ROPE_PAIRS, init, calib
-        )
-        converted = score(teacher, config, student, student_config, held_out)
-        distilled = score(
-            teacher,
-            config,
-            heal(teacher, config, student, student_config, sequences, args),
-            student_config,
-            held_out,
-        )
+        student_config, student = student_for(*m)
         layer = student_config.mla.layers[0]
-        row = {
+        rows[key(*m)] = row = {
             "layers": layers,
             "mode": mode,
             "reduction": reduction,
             "init": init,
-            "latent_dim": r,
+            "latent_dim": latent_dim_for(reduction, mode, G, d),
             "rope_pairs": ROPE_PAIRS if mode == "partial" else 0,
             "values_per_token": values_per_token(student_config, layer),
             "layer_reduction": 1 - values_per_token(student_config, layer) / (2 * G * d),
             "model_reduction_32k": accounting(student_config, 1, LONG_CONTEXT, jnp.bfloat16)["reduction"],
-            "converted": {k: converted[k] for k in ("ppl", "kl")},
-            "distilled": {k: distilled[k] for k in ("ppl", "kl")},
-            "seconds": time.perf_counter() - t0,
+            "converted": score(teacher, config, student, student_config, held_out),
+            "convert_and_score_seconds": time.perf_counter() - t0,
         }
         result["rows"].append(row)
         write_json(f"{args.out}.json", result)
         print(json.dumps(row), flush=True)
+    for m in sorted(matrix(args), key=lambda m: (-m[2], m[3] != "pca", m[1], m[0])):
+        row = rows.get(key(*m))
+        if row is None or "distilled" in row or out_of_time():
+            continue
+        t0 = time.perf_counter()
+        student_config, student = student_for(*m)
+        healed = heal(teacher, config, student, student_config, sequences, args)
+        row["distilled"] = score(teacher, config, healed, student_config, held_out)
+        row["distill_and_score_seconds"] = time.perf_counter() - t0
+        write_json(f"{args.out}.json", result)
+        print(json.dumps(row), flush=True)
     if result["rows"]:
         order = {key(*m): i for i, m in enumerate(matrix(args))}
-        result["rows"].sort(
-            key=lambda r: order.get(key(r["layers"], r["mode"], r["reduction"], r["init"]), 1e9)
-        )
+        result["rows"].sort(key=lambda r: order.get(row_key(r), len(order)))
         write_json(f"{args.out}.json", result)
         with open(f"{args.out}.md", "w") as f:
             f.write(table(result))

@@ -32,6 +32,14 @@ def test_study_end_to_end_and_resume(tmp_path):
     assert quality_study.main(argv) == 0  # nothing left to do: the row is kept, not redone
     assert json.loads(out.with_suffix(".json").read_text())["rows"] == [row]
 
+    # A second run (other layers) folded into the first: one table.
+    other = tmp_path / "other"
+    argv_other = [*argv, "--layers", "all", "--out", str(other)]
+    assert quality_study.main(argv_other) == 0
+    assert quality_study.main([*argv, "--merge", str(other.with_suffix(".json"))]) == 0
+    merged = json.loads(out.with_suffix(".json").read_text())["rows"]
+    assert [r["layers"] for r in merged] == ["full", "all"]
+
     result["teacher_fingerprint"] = "0" * 64
     out.with_suffix(".json").write_text(json.dumps(result))
     assert quality_study.main(argv) == 1  # rows of another teacher are never mixed in
