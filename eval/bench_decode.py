@@ -4,6 +4,7 @@
     python -m eval.bench_decode --capacity            # largest batch whose cache fits, GQA vs MLA
     python -m eval.bench_decode --transformers        # transformers' GptOssForCausalLM, batch 1
     python -m eval.bench_decode --with-transformers   # both, the peer first in its own process (4K context)
+    python -m eval.bench_decode --kernels             # the Pallas MLA decode kernel alone vs its jnp twin
 
 Random weights; experts packed in MXFP4 as gpt-oss ships them (transformers: bf16, its MXFP4 path needs
 kernels from the hub). MLA: the default conversion (decompressed, latent 192, full-attention layers;
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import json
 import os
 import subprocess
@@ -29,6 +31,7 @@ import numpy as np
 
 from eval.kv_cache import accounting
 from eval.timing import timed
+from gptoss_mla_jax import mla, mla_decode
 from gptoss_mla_jax.cache import init_cache
 from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig
 from gptoss_mla_jax.generate import DEMO_CONFIG, decode_step
@@ -180,6 +183,64 @@ def layer_breakdown(config: GptOssConfig, params, batch: int, context: int, repe
     }
 
 
+def kernel_rows(batches: list[int], contexts: list[int], repeats: int, smoke: bool, log) -> list[dict]:
+    """One partial-mode MLA layer's decode attention at gpt-oss-20b shapes (64 heads over 8 kv heads of 64,
+    latent 160 + 2 RoPE pairs per kv head = 80.9% less cache), full caches of random bf16: the Pallas
+    kernel (mla_decode) against the jnp absorbed path, time and bandwidth over the card's copy bandwidth."""
+    shape = (
+        dict(G=2, R=2, d=16, n2=4, r=24, block=16) if smoke else dict(G=8, R=8, d=64, n2=4, r=160, block=64)
+    )
+    copy = copy_bandwidth(0.05 if smoke else 4.0)
+    rows = [{"copy_gb_per_s": copy / 1e9}]
+    for context, batch in itertools.product(contexts, batches):
+        try:
+            rows.append(kernel_point(batch, context, repeats, copy, **shape))
+        except Exception as e:  # a lowering failure is a result too: say which and go on
+            rows.append({"batch": batch, "context": context, "error": f"{type(e).__name__}: {str(e)[:1500]}"})
+        log(rows[-1])
+    return rows
+
+
+def _kernel_step(q_rope, q_nope, weights, entries, lengths, sinks, splits, block):
+    return mla_decode.absorbed_decode(
+        q_rope, q_nope, *weights, entries, lengths, sinks, None, False, q_nope.shape[-1] + q_rope.shape[-1],
+        splits, block, jax.default_backend() == "cpu",
+    )  # fmt: skip
+
+
+def _jnp_step(q_rope, q_nope, weights, entries, lengths, sinks):
+    pos = jnp.broadcast_to(jnp.arange(entries["c"].shape[1], dtype=jnp.int32), entries["c"].shape[:2])
+    blocks = [(entries, pos, pos < lengths[:, None])]
+    d = q_nope.shape[-1] + q_rope.shape[-1]
+    out = mla._absorbed(
+        q_rope[:, None], q_nope[:, None], *weights, blocks, (lengths - 1)[:, None], sinks, None, d
+    )
+    return out[:, 0]
+
+
+def kernel_point(batch, context, repeats, copy, G, R, d, n2, r, block) -> dict:
+    keys = iter(jax.random.split(jax.random.key(0), 10))
+    normal = lambda *shape: jax.random.normal(next(keys), shape, jnp.bfloat16)
+    weights = (normal(r, G, d - n2), normal(G, d - n2), normal(r, G, d), normal(G, d))
+    entries = {"c": normal(batch, context, r), "k_rope": normal(batch, context, G, n2)}
+    args = (normal(batch, G, R, n2), normal(batch, G, R, d - n2), weights, entries)
+    args += (jnp.full((batch,), context, jnp.int32), normal(G * R))
+    # Enough slices that batch x slices fills the card's ~132 SMs twice over.
+    splits = max(1, min(context // block, 1 << max(0, (264 // batch).bit_length() - 1)))
+    kernel = jax.jit(functools.partial(_kernel_step, splits=splits, block=block))
+    reference = jax.jit(_jnp_step)
+    got, want = kernel(*args).astype(jnp.float32), reference(*args).astype(jnp.float32)
+    row = {"batch": batch, "context": context, "splits": splits, "block": block}
+    row["bytes"] = int(entries["c"].nbytes + entries["k_rope"].nbytes)
+    row["max_abs_error"] = float(jnp.abs(got - want).max())
+    row["max_abs_reference"] = float(jnp.abs(want).max())
+    for name, fn in (("kernel", kernel), ("jnp", reference)):
+        seconds = timed(fn, *args, repeats=repeats)
+        row[f"{name}_ms"] = seconds * 1e3
+        row[f"{name}_of_copy_bandwidth"] = row["bytes"] / seconds / copy
+    return row
+
+
 def transformers_step(context: int, repeats: int) -> dict:
     """transformers' GptOssForCausalLM (bf16, random weights, eager attention) on this card, batch 1: a
     prefill of `context - 1` tokens, then the median decode step."""
@@ -229,6 +290,7 @@ def main(argv=None) -> int:
     parser.add_argument("--transformers", action="store_true", help="the transformers peer (batch 1)")
     parser.add_argument("--with-transformers", action="store_true", help="also run the peer, in a subprocess")
     parser.add_argument("--breakdown", help="BATCH,CONTEXT: where a decode step's time goes")
+    parser.add_argument("--kernels", action="store_true", help="the Pallas MLA decode kernel vs jnp")
     parser.add_argument("--partial", action="store_true", help="also MLA in partial mode (absorbed decode)")
     parser.add_argument("--smoke", action="store_true", help="a tiny model (CPU check of the script)")
     parser.add_argument("--out", help="write the results as JSON here")
@@ -252,7 +314,10 @@ def main(argv=None) -> int:
         )
         result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "transformers_rows": peer}
         result["xla_flags"] = os.environ.get("XLA_FLAGS", "")
-        if args.breakdown:
+        if args.kernels:
+            batches = [int(b) for b in args.batches.split(",")]
+            result["kernels"] = kernel_rows(batches, contexts, args.repeats, args.smoke, log)
+        elif args.breakdown:
             batch, context = (int(n) for n in args.breakdown.split(","))
             result["breakdown"] = breakdown(models_, batch, context, args.repeats)
         elif args.capacity:
