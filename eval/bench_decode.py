@@ -4,7 +4,7 @@
     python -m eval.bench_decode --capacity            # largest batch whose cache fits, GQA vs MLA
     python -m eval.bench_decode --transformers        # transformers' GptOssForCausalLM, batch 1
     python -m eval.bench_decode --with-transformers   # both, the peer first in its own process (4K context)
-    python -m eval.bench_decode --kernels             # the Pallas MLA decode kernel alone vs its jnp twin
+    python -m eval.bench_decode --kernels             # the Pallas decode kernels vs jnp and JAX's stock gqa
 
 Random weights; experts packed in MXFP4 as gpt-oss ships them (transformers: bf16, its MXFP4 path needs
 kernels from the hub). MLA: the default conversion (decompressed, latent 192, full-attention layers;
@@ -28,10 +28,12 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental.pallas.ops.gpu import decode_attention
 
 from eval.kv_cache import accounting
 from eval.timing import timed
-from gptoss_mla_jax import mla, mla_decode
+from gptoss_mla_jax import flash_decode, mla
+from gptoss_mla_jax.attention import attend
 from gptoss_mla_jax.cache import init_cache
 from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig
 from gptoss_mla_jax.generate import DEMO_CONFIG, decode_step
@@ -184,58 +186,74 @@ def layer_breakdown(config: GptOssConfig, params, batch: int, context: int, repe
 
 
 def kernel_rows(batches: list[int], contexts: list[int], repeats: int, smoke: bool, log) -> list[dict]:
-    """One partial-mode MLA layer's decode attention at gpt-oss-20b shapes (64 heads over 8 kv heads of 64,
-    latent 160 + 2 RoPE pairs per kv head = 80.9% less cache), full caches of random bf16: the Pallas
-    kernel (mla_decode) against the jnp absorbed path, time and bandwidth over the card's copy bandwidth."""
+    """One layer's decode attention at gpt-oss-20b shapes over full caches of random bf16, Pallas kernel
+    (flash_decode) against the jnp path it replaces: GQA (64 heads over 8 kv heads of 64; also JAX's stock
+    Pallas `gqa` decode kernel, which has no sinks) and absorbed partial-mode MLA (latent 160 + 2 RoPE pairs
+    per kv head, 80.9% less cache). Time, and bytes of cache read over the card's copy bandwidth."""
     shape = (
         dict(G=2, R=2, d=16, n2=4, r=24, block=16) if smoke else dict(G=8, R=8, d=64, n2=4, r=160, block=64)
     )
     copy = copy_bandwidth(0.05 if smoke else 4.0)
     rows = [{"copy_gb_per_s": copy / 1e9}]
-    for context, batch in itertools.product(contexts, batches):
+    for context, batch, layer in itertools.product(contexts, batches, ("gqa", "mla_partial")):
         try:
-            rows.append(kernel_point(batch, context, repeats, copy, **shape))
-        except Exception as e:  # a lowering failure is a result too: say which and go on
-            rows.append({"batch": batch, "context": context, "error": f"{type(e).__name__}: {str(e)[:1500]}"})
+            rows.append(kernel_point(layer, batch, context, repeats, copy, **shape))
+        except Exception as e:  # a lowering failure or an OOM is a result too: say which and go on
+            rows.append(
+                {
+                    "layer": layer,
+                    "batch": batch,
+                    "context": context,
+                    "error": f"{type(e).__name__}: {e}"[:1500],
+                }
+            )
         log(rows[-1])
     return rows
 
 
-def _kernel_step(q_rope, q_nope, weights, entries, lengths, sinks, splits, block):
-    return mla_decode.absorbed_decode(
-        q_rope, q_nope, *weights, entries, lengths, sinks, None, False, q_nope.shape[-1] + q_rope.shape[-1],
-        splits, block, jax.default_backend() == "cpu",
-    )  # fmt: skip
-
-
-def _jnp_step(q_rope, q_nope, weights, entries, lengths, sinks):
-    pos = jnp.broadcast_to(jnp.arange(entries["c"].shape[1], dtype=jnp.int32), entries["c"].shape[:2])
-    blocks = [(entries, pos, pos < lengths[:, None])]
-    d = q_nope.shape[-1] + q_rope.shape[-1]
-    out = mla._absorbed(
-        q_rope[:, None], q_nope[:, None], *weights, blocks, (lengths - 1)[:, None], sinks, None, d
-    )
-    return out[:, 0]
-
-
-def kernel_point(batch, context, repeats, copy, G, R, d, n2, r, block) -> dict:
+def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, block) -> dict:
     keys = iter(jax.random.split(jax.random.key(0), 10))
     normal = lambda *shape: jax.random.normal(next(keys), shape, jnp.bfloat16)
-    weights = (normal(r, G, d - n2), normal(G, d - n2), normal(r, G, d), normal(G, d))
-    entries = {"c": normal(batch, context, r), "k_rope": normal(batch, context, G, n2)}
-    args = (normal(batch, G, R, n2), normal(batch, G, R, d - n2), weights, entries)
-    args += (jnp.full((batch,), context, jnp.int32), normal(G * R))
-    # Enough slices that batch x slices fills the card's ~132 SMs twice over.
-    splits = max(1, min(context // block, 1 << max(0, (264 // batch).bit_length() - 1)))
-    kernel = jax.jit(functools.partial(_kernel_step, splits=splits, block=block))
-    reference = jax.jit(_jnp_step)
+    lengths, sinks = jnp.full((batch,), context, jnp.int32), normal(G * R)
+    pos = jnp.broadcast_to(jnp.arange(context, dtype=jnp.int32), (batch, context))
+    visible, q_pos = pos < lengths[:, None], (lengths - 1)[:, None]
+    # Enough slices that batch x kv heads x slices fills the card's ~132 SMs twice over.
+    programs = batch * (G if layer == "gqa" else 1)
+    splits = max(1, min(context // block, 1 << max(0, (264 // programs).bit_length() - 1)))
+    interpret = jax.default_backend() == "cpu"
+    if layer == "gqa":
+        cache = (normal(batch, context, G, d), normal(batch, context, G, d))
+        args = (normal(batch, G * R, d), *cache)
+        kernel = lambda q, k, v: flash_decode.gqa_decode(
+            q, k, v, lengths, sinks, None, False, splits, block, interpret
+        )
+        reference = lambda q, k, v: attend(q[:, None], [(k, v, pos, visible)], q_pos, sinks, None)[:, 0]
+        peers = {
+            "stock_gqa": lambda q, k, v: decode_attention.gqa(
+                q, k, v, kv_seq_len=lengths, block_k=block, k_splits=splits, interpret=interpret
+            )
+        }
+    else:
+        weights = (normal(r, G, d - n2), normal(G, d - n2), normal(r, G, d), normal(G, d))
+        cache = (normal(batch, context, r), normal(batch, context, G, n2))
+        args = (normal(batch, G, R, n2), normal(batch, G, R, d - n2), *cache)
+        kernel = lambda q_rope, q_nope, c, k_rope: flash_decode.mla_absorbed_decode(
+            q_rope, q_nope, *weights, {"c": c, "k_rope": k_rope}, lengths, sinks, None, False, d, splits,
+            block, interpret,
+        )  # fmt: skip
+        reference = lambda q_rope, q_nope, c, k_rope: mla._absorbed(
+            q_rope[:, None], q_nope[:, None], *weights, [({"c": c, "k_rope": k_rope}, pos, visible)], q_pos,
+            sinks, None, d,
+        )[:, 0]  # fmt: skip
+        peers = {}
+    kernel, reference = jax.jit(kernel), jax.jit(reference)
     got, want = kernel(*args).astype(jnp.float32), reference(*args).astype(jnp.float32)
-    row = {"batch": batch, "context": context, "splits": splits, "block": block}
-    row["bytes"] = int(entries["c"].nbytes + entries["k_rope"].nbytes)
+    row = {"layer": layer, "batch": batch, "context": context, "splits": splits, "block": block}
+    row["bytes"] = int(sum(x.nbytes for x in cache))
     row["max_abs_error"] = float(jnp.abs(got - want).max())
     row["max_abs_reference"] = float(jnp.abs(want).max())
-    for name, fn in (("kernel", kernel), ("jnp", reference)):
-        seconds = timed(fn, *args, repeats=repeats)
+    for name, fn in (("kernel", kernel), ("jnp", reference), *peers.items()):
+        seconds = timed(jax.jit(fn), *args, repeats=repeats)
         row[f"{name}_ms"] = seconds * 1e3
         row[f"{name}_of_copy_bandwidth"] = row["bytes"] / seconds / copy
     return row
@@ -290,7 +308,7 @@ def main(argv=None) -> int:
     parser.add_argument("--transformers", action="store_true", help="the transformers peer (batch 1)")
     parser.add_argument("--with-transformers", action="store_true", help="also run the peer, in a subprocess")
     parser.add_argument("--breakdown", help="BATCH,CONTEXT: where a decode step's time goes")
-    parser.add_argument("--kernels", action="store_true", help="the Pallas MLA decode kernel vs jnp")
+    parser.add_argument("--kernels", action="store_true", help="the Pallas decode kernels vs jnp")
     parser.add_argument("--partial", action="store_true", help="also MLA in partial mode (absorbed decode)")
     parser.add_argument("--smoke", action="store_true", help="a tiny model (CPU check of the script)")
     parser.add_argument("--out", help="write the results as JSON here")

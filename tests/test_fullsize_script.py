@@ -61,3 +61,31 @@ def test_decode_capacity_runs_at_a_small_size(tmp_path):
     # CPU reports no memory limit: the search starts at its bound and the step runs there.
     assert all(r["max_batch_runs"] == r["max_batch_by_bytes"] == bench_decode.MAX_BATCH for r in rows)
     assert rows[1]["per_sequence_gb"] < rows[0]["per_sequence_gb"]
+
+
+def test_kernel_benchmark_runs_at_a_small_size(tmp_path):
+    """eval.bench_decode --kernels on the CPU interpreter: every kernel agrees with its jnp path (bf16)."""
+    from eval import bench_decode
+
+    out = tmp_path / "kernels.json"
+    argv = [
+        "--kernels",
+        "--smoke",
+        "--batches",
+        "1",
+        "--contexts",
+        "256",
+        "--repeats",
+        "1",
+        "--out",
+        str(out),
+    ]
+    assert bench_decode.main(argv) == 0
+    copy, *rows = json.loads(out.read_text())["kernels"]
+    assert copy["copy_gb_per_s"] > 0
+    assert [r["layer"] for r in rows] == ["gqa", "mla_partial"]
+    for row in rows:
+        assert "error" not in row, row
+        assert row["max_abs_error"] <= 2**-6 * row["max_abs_reference"]  # within a few bf16 steps
+        assert row["kernel_ms"] > 0 and row["jnp_ms"] > 0
+    assert rows[0]["stock_gqa_ms"] > 0

@@ -1,0 +1,121 @@
+"""The Pallas flash-decoding kernel (interpret mode on the CPU) equals the jnp attention it replaces, float32:
+GQA with sinks and sliding windows (attention.attend), absorbed partial-mode MLA (mla._absorbed)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptoss_mla_jax import cache as kv_cache
+from gptoss_mla_jax.attention import attend
+from gptoss_mla_jax.flash_decode import combine, gqa_decode, mla_absorbed_decode, pow2_columns
+from gptoss_mla_jax.mla import _absorbed
+
+
+def reference(q_rope, q_nope, w_k, b_k, w_v, b_v, entries, lengths, sinks, window, sliding, d):
+    slots = entries["c"].shape[1]
+    pos, ok = kv_cache.cached_positions(lengths, slots, sliding)
+    q_pos = (lengths - 1)[:, None]
+    out = _absorbed(
+        q_rope[:, None], q_nope[:, None], w_k, b_k, w_v, b_v, [(entries, pos, ok)], q_pos, sinks, window, d
+    )
+    return out[:, 0]
+
+
+@pytest.mark.parametrize(
+    "G, R, r, slots, splits, block, sliding, lengths",
+    [
+        (2, 4, 24, 256, 4, 16, False, [1, 37, 256, 100]),  # ragged, length 1, a full cache
+        (8, 2, 40, 128, 2, 32, False, [5, 64, 65, 127]),  # lengths on and off block edges
+        (4, 2, 16, 64, 2, 16, True, [1, 50, 64, 200]),  # ring buffer of a sliding layer, wrapped
+    ],
+)
+def test_mla_kernel_equals_jnp_absorbed(G, R, r, slots, splits, block, sliding, lengths):
+    B, n2, n, d = len(lengths), 4, 12, 16
+    keys = iter(jax.random.split(jax.random.key(0), 12))
+    normal = lambda *shape: jax.random.normal(next(keys), shape, jnp.float32)
+    q_rope, q_nope = normal(B, G, R, n2), normal(B, G, R, n)
+    w_k, b_k, w_v, b_v = normal(r, G, n) * 0.3, normal(G, n), normal(r, G, d), normal(G, d)
+    entries = {"c": normal(B, slots, r), "k_rope": normal(B, slots, G, n2)}
+    sinks = normal(G * R)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    window = slots if sliding else None
+    args = (q_rope, q_nope, w_k, b_k, w_v, b_v, entries, lengths, sinks, window, sliding, d)
+    want = reference(*args)
+    got = mla_absorbed_decode(*args, splits=splits, block=block, interpret=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+    # Blocks of slots past a sequence's length are never read: NaN there (which any product would
+    # spread) changes nothing.
+    first_unread = -(-lengths // block) * block
+    past = jnp.arange(slots)[None, :, None] >= first_unread[:, None, None]
+    junk = {
+        "c": jnp.where(past, jnp.nan, entries["c"]),
+        "k_rope": jnp.where(past[..., None], jnp.nan, entries["k_rope"]),
+    }
+    again = mla_absorbed_decode(*args[:6], junk, *args[7:], splits=splits, block=block, interpret=True)
+    np.testing.assert_array_equal(again, got)
+
+
+CASES = [
+    # kv heads, queries per kv head, slots, splits, block, sliding, lengths
+    (2, 4, 256, 4, 16, False, [1, 37, 256, 100]),  # ragged, length 1, a full cache
+    (8, 2, 128, 2, 32, False, [5, 64, 65, 127]),  # lengths on and off block edges
+    (4, 2, 64, 2, 16, True, [1, 50, 64, 200]),  # ring buffer of a sliding layer, wrapped
+]
+
+
+@pytest.mark.parametrize("G, R, slots, splits, block, sliding, lengths", CASES)
+def test_gqa_kernel_equals_jnp_attend(G, R, slots, splits, block, sliding, lengths):
+    B, d = len(lengths), 16
+    keys = iter(jax.random.split(jax.random.key(1), 6))
+    normal = lambda *shape: jax.random.normal(next(keys), shape, jnp.float32)
+    q, k, v, sinks = normal(B, G * R, d), normal(B, slots, G, d), normal(B, slots, G, d), normal(G * R)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    window = slots if sliding else None
+    pos, ok = kv_cache.cached_positions(lengths, slots, sliding)
+    want = attend(q[:, None], [(k, v, pos, ok)], (lengths - 1)[:, None], sinks, window)[:, 0]
+    got = gqa_decode(q, k, v, lengths, sinks, window, sliding, splits, block, interpret=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_gqa_window_shorter_than_the_cache():
+    """A full-size cache read with a sliding window: only the last `window` positions count."""
+    B, G, R, d, slots, window = 2, 2, 2, 16, 128, 40
+    keys = iter(jax.random.split(jax.random.key(2), 4))
+    normal = lambda *shape: jax.random.normal(next(keys), shape, jnp.float32)
+    q, k, v, sinks = normal(B, G * R, d), normal(B, slots, G, d), normal(B, slots, G, d), normal(G * R)
+    lengths = jnp.asarray([30, 100], jnp.int32)
+    pos, ok = kv_cache.cached_positions(lengths, slots, False)
+    want = attend(q[:, None], [(k, v, pos, ok)], (lengths - 1)[:, None], sinks, window)[:, 0]
+    got = gqa_decode(q, k, v, lengths, sinks, window, False, 2, 16, interpret=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_pow2_columns():
+    assert [(c.start, c.size) for c in pow2_columns(192)] == [(0, 128), (128, 64)]
+    assert [(c.start, c.size) for c in pow2_columns(64)] == [(0, 64)]
+    assert sum(c.size for c in pow2_columns(200)) == 200
+
+
+def test_combine_counts_the_sink_once():
+    """Two slices, each with one token of score 0, and a sink of 0: three equal weights."""
+    acc = jnp.array([[1.0, 0.0], [0.0, 1.0]]).reshape(1, 1, 2, 1, 2)  # [B, G, J, Hq, dv]
+    m, l = jnp.zeros((1, 1, 2, 1)), jnp.ones((1, 1, 2, 1))
+    out, mass = combine(acc, m, l, jnp.zeros(1))
+    np.testing.assert_allclose(out.reshape(2), [1 / 3, 1 / 3], rtol=1e-6)
+    np.testing.assert_allclose(mass.reshape(()), 2 / 3, rtol=1e-6)
+    # A slice that saw no token (m at the mask value) weighs nothing.
+    out, mass = combine(acc, jnp.array([0.0, -1e30]).reshape(1, 1, 2, 1), l, jnp.zeros(1))
+    np.testing.assert_allclose(out.reshape(2), [0.5, 0.0], rtol=1e-6)
+    np.testing.assert_allclose(mass.reshape(()), 0.5, rtol=1e-6)
+
+
+def test_bad_split_is_refused():
+    with pytest.raises(ValueError, match="not a multiple of splits x block"):
+        mla_absorbed_decode(
+            jnp.zeros((1, 1, 1, 2)), jnp.zeros((1, 1, 1, 2)), jnp.zeros((4, 1, 2)), jnp.zeros((1, 2)),
+            jnp.zeros((4, 1, 2)), jnp.zeros((1, 2)),
+            {"c": jnp.zeros((1, 100, 4)), "k_rope": jnp.zeros((1, 100, 1, 2))},
+            jnp.ones(1, jnp.int32), jnp.zeros(1), None, False, 2, splits=8, block=64, interpret=True,
+        )  # fmt: skip
