@@ -36,51 +36,38 @@ def pow2_columns(width: int) -> list[pl.Slice]:
     return [pl.ds(sum(bits[:i]), bit) for i, bit in enumerate(bits)]
 
 
-def _split_kernel(length_ref, *refs, n_keys: int, shared_values: bool, block: int, window, sliding, slots):
-    """Program (b, g, j): online softmax of the query heads over slots [j * split, (j + 1) * split)."""
-    q_refs, bias_ref, k_refs = refs[:n_keys], refs[n_keys], refs[n_keys + 1 : 2 * n_keys + 1]
-    rest = refs[2 * n_keys + 1 :]
-    v_ref, (acc_ref, m_ref, l_ref) = (k_refs[0], rest) if shared_values else (rest[0], rest[1:])
-    split = v_ref.shape[0]
-    start = pl.program_id(2) * split
-    length = length_ref[0]
-    last = length - 1  # the query's position: the step's own token is already in the cache
-    f32 = jnp.float32
-    contract_last = (((1,), (1,)), ((), ()))
-    queries = [
-        (q_ref, k_ref, pow2_columns(q_ref.shape[1])) for q_ref, k_ref in zip(q_refs, k_refs, strict=True)
-    ]
-    queries = [
-        (k_ref, cols, q_ref[:, cols].astype(f32)) for q_ref, k_ref, all_cols in queries for cols in all_cols
-    ]
-    value_cols = pow2_columns(v_ref.shape[1])
-    bias = bias_ref[...].astype(f32)
-    heads = bias.shape[0]
+def _visible(start, i, block: int, last, slots: int, sliding: bool, window: int | None, axis: int = 1):
+    """Positions of the block's slots (ring buffer mapped back for sliding layers) and which of them the
+    query sees; laid out along `axis` of a 2-D array."""
+    shape = (1, block) if axis == 1 else (block, 1)
+    slot = start + i * block + jax.lax.broadcasted_iota(jnp.int32, shape, axis)
+    pos = last - jax.lax.rem(last - slot + slots, slots) if sliding else slot
+    visible = (pos >= 0) & (pos <= last)
+    if window is not None:
+        visible &= pos > last - window
+    return pos, visible
 
-    def body(i, carry):
-        acc, m, l = carry
-        rows = pl.ds(i * block, block)
-        s = bias[:, None]
-        for k_ref, cols, q in queries:
-            k = k_ref[rows, cols].astype(f32)
-            s = s + jax.lax.dot_general(q, k, contract_last, preferred_element_type=f32)
-        slot = start + i * block + jax.lax.broadcasted_iota(jnp.int32, (1, block), 1)
-        pos = last - jax.lax.rem(last - slot + slots, slots) if sliding else slot
-        visible = (pos >= 0) & (pos <= last)
-        if window is not None:
-            visible &= pos > last - window
-        s = jnp.where(visible, s, NEG)
-        m_new = jnp.maximum(m, s.max(axis=1))
-        p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
-        scale = jnp.exp(m - m_new)
-        acc = [
-            a * scale[:, None] + jnp.dot(p, v_ref[rows, cols].astype(f32), preferred_element_type=f32)
-            for a, cols in zip(acc, value_cols, strict=True)
-        ]
-        return acc, m_new, l * scale + p.sum(axis=1)
 
-    # Occupied slots are always a prefix [0, min(length, slots)), ring buffer or not.
+def _online_step(carry, s, visible, values):
+    """Fold one block of scores [heads, block] and its value columns into (acc, m, l)."""
+    acc, m, l = carry
+    s = jnp.where(visible, s, NEG)
+    m_new = jnp.maximum(m, s.max(axis=1))
+    p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
+    scale = jnp.exp(m - m_new)
+    acc = [
+        a * scale[:, None] + jnp.dot(p, v, preferred_element_type=jnp.float32)
+        for a, v in zip(acc, values, strict=True)
+    ]
+    return acc, m_new, l * scale + p.sum(axis=1)
+
+
+def _walk(body, length, start, slots: int, split: int, block: int, heads: int, value_cols, out_refs):
+    """Run `body` over the slice's occupied blocks (always a prefix [0, min(length, slots)) of the slots,
+    ring buffer or not) and write (acc, m, l)."""
+    acc_ref, m_ref, l_ref = out_refs
     blocks = jnp.clip(pl.cdiv(jnp.minimum(length, slots) - start, block), 0, split // block)
+    f32 = jnp.float32
     init = (
         [jnp.zeros((heads, cols.size), f32) for cols in value_cols],
         jnp.full((heads,), NEG, f32),
@@ -91,6 +78,101 @@ def _split_kernel(length_ref, *refs, n_keys: int, shared_values: bool, block: in
         acc_ref[:, cols] = a
     m_ref[...] = m
     l_ref[...] = l
+
+
+CONTRACT_LAST = (((1,), (1,)), ((), ()))  # a [m, k] x b [n, k] -> [m, n]
+
+
+def _split_kernel(length_ref, *refs, n_keys: int, shared_values: bool, block: int, window, sliding, slots):
+    """Program (b, j, g): online softmax of the query heads over slots [j * split, (j + 1) * split) with
+    cached keys: scores `sum_i q_i . k_i + bias`."""
+    q_refs, bias_ref, k_refs = refs[:n_keys], refs[n_keys], refs[n_keys + 1 : 2 * n_keys + 1]
+    rest = refs[2 * n_keys + 1 :]
+    v_ref, out_refs = (k_refs[0], rest) if shared_values else (rest[0], rest[1:])
+    split = v_ref.shape[0]
+    start = pl.program_id(1) * split
+    length = length_ref[0]
+    last = length - 1  # the query's position: the step's own token is already in the cache
+    f32 = jnp.float32
+    queries = [
+        (q_ref, k_ref, pow2_columns(q_ref.shape[1])) for q_ref, k_ref in zip(q_refs, k_refs, strict=True)
+    ]
+    queries = [
+        (k_ref, cols, q_ref[:, cols].astype(f32)) for q_ref, k_ref, all_cols in queries for cols in all_cols
+    ]
+    value_cols = pow2_columns(v_ref.shape[1])
+    bias = bias_ref[...].astype(f32)
+
+    def body(i, carry):
+        rows = pl.ds(i * block, block)
+        s = bias[:, None]
+        for k_ref, cols, q in queries:
+            s = s + jax.lax.dot_general(
+                q, k_ref[rows, cols].astype(f32), CONTRACT_LAST, preferred_element_type=f32
+            )
+        _, visible = _visible(start, i, block, last, slots, sliding, window)
+        return _online_step(carry, s, visible, [v_ref[rows, cols].astype(f32) for cols in value_cols])
+
+    _walk(body, length, start, slots, split, block, bias.shape[0], value_cols, out_refs)
+
+
+def _decompressed_kernel(length_ref, q1_ref, q2_ref, c_ref, w1_ref, w2_ref, b1_ref, b2_ref, inv_freq_ref,
+                         *out_refs, block: int, window, sliding, slots, mscale: float):  # fmt: skip
+    """Program (b, j, g) of a decompressed MLA layer: kv head g's keys are rebuilt from the latent block
+    in on-chip memory (`k = RoPE(c W_bk[g] + b_k[g])`, halves k1 / k2 rotated at the slots' positions) and
+    never written out; the values stay the latent (absorbed: `W_bv` is applied after the merge)."""
+    split = c_ref.shape[0]
+    start = pl.program_id(1) * split
+    length = length_ref[0]
+    last = length - 1
+    f32 = jnp.float32
+    latent_cols = pow2_columns(c_ref.shape[1])
+    q1, q2 = q1_ref[...].astype(f32), q2_ref[...].astype(f32)
+    b1, b2 = b1_ref[...].astype(f32), b2_ref[...].astype(f32)
+    inv_freq = inv_freq_ref[...].astype(f32)
+
+    def body(i, carry):
+        rows = pl.ds(i * block, block)
+        c = [c_ref[rows, cols].astype(f32) for cols in latent_cols]
+        up = lambda w_ref: sum(
+            jnp.dot(part, w_ref[cols, :].astype(f32), preferred_element_type=f32)
+            for part, cols in zip(c, latent_cols, strict=True)
+        )
+        k1, k2 = b1[None, :] + up(w1_ref), b2[None, :] + up(w2_ref)
+        pos, _ = _visible(start, i, block, last, slots, sliding, window, axis=0)
+        angle = pos.astype(f32) * inv_freq[None, :]
+        cos, sin = jnp.cos(angle) * mscale, jnp.sin(angle) * mscale
+        s = jax.lax.dot_general(q1, k1 * cos - k2 * sin, CONTRACT_LAST, preferred_element_type=f32)
+        s += jax.lax.dot_general(q2, k2 * cos + k1 * sin, CONTRACT_LAST, preferred_element_type=f32)
+        _, visible = _visible(start, i, block, last, slots, sliding, window)
+        return _online_step(carry, s, visible, c)
+
+    _walk(body, length, start, slots, split, block, q1.shape[0], latent_cols, out_refs)
+
+
+def _specs(Hq: int, S: int, splits: int):
+    """Block specs of the cache and the queries, grid (sequence, slice, kv head): kv heads innermost, so
+    the programs reading one latent block run together and find it in L2."""
+    split = S // splits
+
+    def cache(width: int, per_head: bool = True) -> pl.BlockSpec:
+        if per_head:
+            return pl.BlockSpec((None, split, None, width), lambda b, j, g: (b, j, g, 0))
+        return pl.BlockSpec((None, split, width), lambda b, j, g: (b, j, 0))
+
+    query = lambda width: pl.BlockSpec((None, None, Hq, width), lambda b, j, g: (b, g, 0, 0))
+    return cache, query
+
+
+def _outputs(B: int, G: int, Hq: int, dv: int, splits: int):
+    """(out_specs, out_shape) of the per-slice (acc, m, l)."""
+    specs = [
+        pl.BlockSpec((None, None, None, Hq, dv), lambda b, j, g: (b, g, j, 0, 0)),
+        pl.BlockSpec((None, None, None, Hq), lambda b, j, g: (b, g, j, 0)),
+        pl.BlockSpec((None, None, None, Hq), lambda b, j, g: (b, g, j, 0)),
+    ]
+    shapes = [(B, G, splits, Hq, dv), (B, G, splits, Hq), (B, G, splits, Hq)]
+    return specs, [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
 
 
 @functools.partial(jax.jit, static_argnames=("window", "sliding", "splits", "block", "interpret"))
@@ -111,35 +193,85 @@ def attention_splits(
     are `keys[0]` (the latent of absorbed MLA)."""
     B, G, Hq = bias.shape
     S = keys[0].shape[1]
-    if S % (splits * block):
-        raise ValueError(f"cache of {S} slots: not a multiple of splits x block = {splits} x {block}")
-    split = S // splits
+    _check_split(S, splits, block)
     shared = values is None
     dv = (keys[0] if shared else values).shape[-1]
-    cache_spec = lambda width: pl.BlockSpec((None, split, None, width), lambda b, g, j: (b, j, g, 0))
+    cache, query = _specs(Hq, S, splits)
+    out_specs, out_shape = _outputs(B, G, Hq, dv, splits)
     kernel = functools.partial(
         _split_kernel, n_keys=len(keys), shared_values=shared, block=block, window=window,
         sliding=sliding, slots=S,
     )  # fmt: skip
-    out_shape = [(B, G, splits, Hq, dv), (B, G, splits, Hq), (B, G, splits, Hq)]
     return pl.pallas_call(
         kernel,
-        grid=(B, G, splits),
+        grid=(B, splits, G),
         in_specs=[
-            pl.BlockSpec((1,), lambda b, g, j: (b,)),
-            *[pl.BlockSpec((None, None, Hq, q.shape[-1]), lambda b, g, j: (b, g, 0, 0)) for q in queries],
-            pl.BlockSpec((None, None, Hq), lambda b, g, j: (b, g, 0)),
-            *[cache_spec(k.shape[-1]) for k in keys],
-            *([] if shared else [cache_spec(dv)]),
+            pl.BlockSpec((1,), lambda b, j, g: (b,)),
+            *[query(q.shape[-1]) for q in queries],
+            pl.BlockSpec((None, None, Hq), lambda b, j, g: (b, g, 0)),
+            *[cache(k.shape[-1]) for k in keys],
+            *([] if shared else [cache(dv)]),
         ],
-        out_specs=[
-            pl.BlockSpec((None, None, None, Hq, dv), lambda b, g, j: (b, g, j, 0, 0)),
-            pl.BlockSpec((None, None, None, Hq), lambda b, g, j: (b, g, j, 0)),
-            pl.BlockSpec((None, None, None, Hq), lambda b, g, j: (b, g, j, 0)),
-        ],
-        out_shape=[jax.ShapeDtypeStruct(shape, jnp.float32) for shape in out_shape],
+        out_specs=out_specs,
+        out_shape=out_shape,
         interpret=interpret,
     )(lengths.astype(jnp.int32), *queries, bias, *keys, *([] if shared else [values]))
+
+
+def _check_split(S: int, splits: int, block: int) -> None:
+    if S % (splits * block):
+        raise ValueError(f"cache of {S} slots: not a multiple of splits x block = {splits} x {block}")
+
+
+@functools.partial(jax.jit, static_argnames=("window", "sliding", "mscale", "splits", "block", "interpret"))
+def decompressed_splits(
+    q: Float[Array, "B G Hq d"],
+    c: Float[Array, "B S r"],
+    w_k: Float[Array, "r G d"],
+    b_k: Float[Array, "G d"],
+    inv_freq: Float[Array, " half"],
+    lengths: Int[Array, " B"],
+    window: int | None = None,
+    sliding: bool = False,
+    mscale: float = 1.0,
+    splits: int = 8,
+    block: int = 64,
+    interpret: bool = False,
+) -> tuple[Float[Array, "B G J Hq r"], Float[Array, "B G J Hq"], Float[Array, "B G J Hq"]]:
+    """`attention_splits` for a decompressed MLA layer: queries (RoPE applied, scale in) against keys
+    rebuilt on chip from the latent c; the values are c (the caller applies W_bv after `combine`)."""
+    B, G, Hq, d = q.shape
+    S, r = c.shape[1:]
+    _check_split(S, splits, block)
+    half = d // 2
+    cache, query = _specs(Hq, S, splits)
+    out_specs, out_shape = _outputs(B, G, Hq, r, splits)
+    per_head = lambda shape: pl.BlockSpec((None, *shape), lambda b, j, g: (g, *(0 for _ in shape)))
+    w = w_k.transpose(1, 0, 2)  # [G, r, d]: one kv head's up-projection per program
+    kernel = functools.partial(
+        _decompressed_kernel, block=block, window=window, sliding=sliding, slots=S, mscale=mscale
+    )
+    return pl.pallas_call(
+        kernel,
+        grid=(B, splits, G),
+        in_specs=[
+            pl.BlockSpec((1,), lambda b, j, g: (b,)),
+            query(half),
+            query(half),
+            cache(r, per_head=False),
+            per_head((r, half)),
+            per_head((r, half)),
+            per_head((half,)),
+            per_head((half,)),
+            pl.BlockSpec((half,), lambda b, j, g: (0,)),
+        ],
+        out_specs=out_specs,
+        out_shape=out_shape,
+        interpret=interpret,
+    )(
+        lengths.astype(jnp.int32), q[..., :half], q[..., half:], c, w[..., :half], w[..., half:],
+        b_k[:, :half], b_k[:, half:], inv_freq,
+    )  # fmt: skip
 
 
 def combine(
@@ -228,3 +360,39 @@ def mla_absorbed_decode(
     latent, mass = latent.reshape(B, G, R, -1), mass.reshape(B, G, R, 1)
     out = jnp.einsum("bgrl,lgd->bgrd", latent, w_v.astype(f32)) + mass * b_v.astype(f32)[:, None]
     return out.reshape(B, G * R, -1).astype(q_nope.dtype)
+
+
+def mla_decompressed_decode(
+    q: Float[Array, "B H d"],
+    kv_b: dict[str, Array],
+    c: Float[Array, "B S r"],
+    lengths: Int[Array, " B"],
+    sinks: Float[Array, " H"],
+    window: int | None,
+    sliding: bool,
+    inv_freq: Float[Array, " half"],
+    mscale: float,
+    splits: int = 8,
+    block: int = 64,
+    interpret: bool = False,
+) -> Float[Array, "B H d"]:
+    """One decode query per sequence (RoPE applied, as `mla.scoring_queries` gives it) over a
+    decompressed layer's latent cache c that already holds the step's token: the attention output per
+    head, as `attend` over `mla.keys_values` computes it, without writing K or V to memory.
+    `kv_b`: the layer's up-projection {kernel [r, 2Gd], bias [2Gd]} (keys, then values)."""
+    B, H, d = q.shape
+    r = c.shape[-1]
+    G = kv_b["kernel"].shape[1] // (2 * d)
+    w = kv_b["kernel"].reshape(r, 2, G, d)
+    bias = kv_b["bias"].reshape(2, G, d)
+    qg = (q.astype(jnp.float32) * d**-0.5).reshape(B, G, H // G, d)
+    acc, m, l = decompressed_splits(
+        qg, c, w[:, 0], bias[0], inv_freq, lengths, window, sliding, mscale, splits, block, interpret
+    )
+    latent, mass = combine(acc, m, l, sinks)  # [B, G, R, r], [B, G, R]
+    f32 = jnp.float32
+    out = (
+        jnp.einsum("bgrl,lgd->bgrd", latent, w[:, 1].astype(f32))
+        + mass[..., None] * bias[1].astype(f32)[:, None]
+    )
+    return out.reshape(B, H, d).astype(q.dtype)

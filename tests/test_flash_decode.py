@@ -1,5 +1,8 @@
-"""The Pallas flash-decoding kernel (interpret mode on the CPU) equals the jnp attention it replaces, float32:
-GQA with sinks and sliding windows (attention.attend), absorbed partial-mode MLA (mla._absorbed)."""
+"""The Pallas flash-decoding kernels (interpret mode, CPU) equal the jnp attention they replace, float32:
+GQA with sinks and sliding windows (attention.attend), absorbed partial-mode MLA (mla._absorbed), and
+decompressed MLA with keys rebuilt on chip (attend over mla.keys_values)."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -8,8 +11,17 @@ import pytest
 
 from gptoss_mla_jax import cache as kv_cache
 from gptoss_mla_jax.attention import attend
-from gptoss_mla_jax.flash_decode import combine, gqa_decode, mla_absorbed_decode, pow2_columns
-from gptoss_mla_jax.mla import _absorbed
+from gptoss_mla_jax.config import MlaConfig
+from gptoss_mla_jax.flash_decode import (
+    combine,
+    gqa_decode,
+    mla_absorbed_decode,
+    mla_decompressed_decode,
+    pow2_columns,
+)
+from gptoss_mla_jax.generate import DEMO_CONFIG
+from gptoss_mla_jax.mla import _absorbed, keys_values
+from gptoss_mla_jax.rope import inv_freq
 
 
 def reference(q_rope, q_nope, w_k, b_k, w_v, b_v, entries, lengths, sinks, window, sliding, d):
@@ -76,6 +88,29 @@ def test_gqa_kernel_equals_jnp_attend(G, R, slots, splits, block, sliding, lengt
     pos, ok = kv_cache.cached_positions(lengths, slots, sliding)
     want = attend(q[:, None], [(k, v, pos, ok)], (lengths - 1)[:, None], sinks, window)[:, 0]
     got = gqa_decode(q, k, v, lengths, sinks, window, sliding, splits, block, interpret=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("G, R, slots, splits, block, sliding, lengths", CASES)
+def test_decompressed_kernel_equals_jnp(G, R, slots, splits, block, sliding, lengths):
+    """YaRN RoPE on keys rebuilt from the latent at their own positions, ring buffer included."""
+    d, r = 32, 40
+    config = dataclasses.replace(
+        DEMO_CONFIG, num_attention_heads=G * R, num_key_value_heads=G, head_dim=d,
+        max_position_embeddings=4096, mla=MlaConfig("decompressed", (1,), (r,)),
+    )  # fmt: skip
+    B = len(lengths)
+    keys = iter(jax.random.split(jax.random.key(3), 6))
+    normal = lambda *shape: jax.random.normal(next(keys), shape, jnp.float32)
+    kv_b = {"kernel": normal(r, 2 * G * d) * 0.3, "bias": normal(2 * G * d)}
+    c, q, sinks = normal(B, slots, r), normal(B, G * R, d), normal(G * R)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    window = slots if sliding else None
+    pos, ok = kv_cache.cached_positions(lengths, slots, sliding)
+    k, v = keys_values({"kv_b": kv_b}, {"c": c}, pos, config, 1)
+    want = attend(q[:, None], [(k, v, pos, ok)], (lengths - 1)[:, None], sinks, window)[:, 0]
+    rope = (jnp.asarray(inv_freq(config)), config.yarn_attention_scale())
+    got = mla_decompressed_decode(q, kv_b, c, lengths, sinks, window, sliding, *rope, splits, block, True)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
