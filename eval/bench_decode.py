@@ -17,6 +17,7 @@ with tokens/s = batch / step time. Points whose cache does not fit the card are 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import itertools
 import json
@@ -35,9 +36,10 @@ from eval.timing import timed
 from gptoss_mla_jax import flash_decode, mla
 from gptoss_mla_jax.attention import attend
 from gptoss_mla_jax.cache import init_cache
-from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig
+from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig, MlaConfig
 from gptoss_mla_jax.generate import DEMO_CONFIG, decode_step
 from gptoss_mla_jax.model import init_params
+from gptoss_mla_jax.rope import inv_freq
 from weights.to_mla import DEFAULT_LATENT_DIM, convert
 
 # transformers' eager attention materializes [heads, T, T] scores in the prefill: 4K is where it fits.
@@ -188,14 +190,15 @@ def layer_breakdown(config: GptOssConfig, params, batch: int, context: int, repe
 def kernel_rows(batches: list[int], contexts: list[int], repeats: int, smoke: bool, log) -> list[dict]:
     """One layer's decode attention at gpt-oss-20b shapes over full caches of random bf16, Pallas kernel
     (flash_decode) against the jnp path it replaces: GQA (64 heads over 8 kv heads of 64; also JAX's stock
-    Pallas `gqa` decode kernel, which has no sinks) and absorbed partial-mode MLA (latent 160 + 2 RoPE pairs
-    per kv head, 80.9% less cache). Time, and bytes of cache read over the card's copy bandwidth."""
+    Pallas `gqa` decode kernel, which has no sinks), decompressed MLA (the default conversion, latent 192:
+    keys rebuilt on chip) and absorbed partial-mode MLA (latent 160 + 2 RoPE pairs per kv head; both 80.9%
+    less cache). Time, and bytes of cache read over the card's copy bandwidth."""
     shape = (
         dict(G=2, R=2, d=16, n2=4, r=24, block=16) if smoke else dict(G=8, R=8, d=64, n2=4, r=160, block=64)
     )
     copy = copy_bandwidth(0.05 if smoke else 4.0)
     rows = [{"copy_gb_per_s": copy / 1e9}]
-    for context, batch, layer in itertools.product(contexts, batches, ("gqa", "mla_partial")):
+    for context, batch, layer in itertools.product(contexts, batches, ("gqa", "mla", "mla_partial")):
         try:
             rows.append(kernel_point(layer, batch, context, repeats, copy, **shape))
         except Exception as e:  # a lowering failure or an OOM is a result too: say which and go on
@@ -218,7 +221,7 @@ def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, block) ->
     pos = jnp.broadcast_to(jnp.arange(context, dtype=jnp.int32), (batch, context))
     visible, q_pos = pos < lengths[:, None], (lengths - 1)[:, None]
     # Enough slices that batch x kv heads x slices fills the card's ~132 SMs twice over.
-    programs = batch * (G if layer == "gqa" else 1)
+    programs = batch * (1 if layer == "mla_partial" else G)
     splits = max(1, min(context // block, 1 << max(0, (264 // programs).bit_length() - 1)))
     interpret = jax.default_backend() == "cpu"
     if layer == "gqa":
@@ -233,6 +236,23 @@ def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, block) ->
                 q, k, v, kv_seq_len=lengths, block_k=block, k_splits=splits, interpret=interpret
             )
         }
+    elif layer == "mla":
+        config = dataclasses.replace(
+            GPT_OSS_20B, num_attention_heads=G * R, num_key_value_heads=G, head_dim=d,
+            mla=MlaConfig("decompressed", (1,), (r + G * n2,)),
+        )  # fmt: skip
+        kv_b = {"kernel": normal(r + G * n2, 2 * G * d), "bias": normal(2 * G * d)}
+        cache = (normal(batch, context, r + G * n2),)
+        args = (normal(batch, G * R, d), *cache)
+        rope = (jnp.asarray(inv_freq(config)), config.yarn_attention_scale())
+        kernel = lambda q, c: flash_decode.mla_decompressed_decode(
+            q, kv_b, c, lengths, sinks, None, False, *rope, splits, block, interpret
+        )
+        reference = lambda q, c: attend(
+            q[:, None], [(*mla.keys_values({"kv_b": kv_b}, {"c": c}, pos, config, 1), pos, visible)], q_pos,
+            sinks, None,
+        )[:, 0]  # fmt: skip
+        peers = {}
     else:
         weights = (normal(r, G, d - n2), normal(G, d - n2), normal(r, G, d), normal(G, d))
         cache = (normal(batch, context, r), normal(batch, context, G, n2))

@@ -15,6 +15,7 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from gptoss_mla_jax import cache as kv_cache
+from gptoss_mla_jax import flash_decode
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.rope import apply_rope
 
@@ -67,6 +68,17 @@ def attend(
     return out.reshape(B, T, H, d).astype(q.dtype)
 
 
+def decode_plan(
+    decode_kernels: bool, new_cache: dict[str, Array] | None, entry: str, programs: int
+) -> tuple[int, int, bool] | None:
+    """(splits, block, interpret) when this step runs on the flash-decoding kernel: asked for, one token
+    per sequence, a cache whose slot count the kernel can split; else None (the jnp path)."""
+    if not decode_kernels or new_cache is None or new_cache[entry].shape[1] == 0:
+        return None
+    steps = flash_decode.plan(new_cache[entry].shape[1], programs)
+    return None if steps is None else (*steps, jax.default_backend() != "gpu")
+
+
 def project_qkv(p: Params, x: Float[Array, "B T D"], cos, sin, config: GptOssConfig):
     """q [B,T,H,d] and k, v [B,T,G,d] with RoPE applied to q and k."""
     B, T, _ = x.shape
@@ -88,9 +100,11 @@ def attention(
     lengths: Int[Array, " B"] | None,
     sliding: bool,
     config: GptOssConfig,
+    decode_kernels: bool = False,
 ) -> tuple[Float[Array, "B T D"], dict[str, Array] | None]:
     """One attention block (after the input norm). With a cache, the chunk attends to the cached tokens
-    (`lengths` of them per sequence) and to itself, and the updated layer cache is returned."""
+    (`lengths` of them per sequence) and to itself, and the updated layer cache is returned.
+    `decode_kernels`: a single-token step reads the updated cache with the Pallas flash-decoding kernel."""
     q, k, v = project_qkv(p, x, cos, sin, config)
     window = config.sliding_window if sliding else None
     blocks = [(k, v, positions, valid)]
@@ -104,7 +118,13 @@ def attention(
             name: kv_cache.write(layer_cache[name], new, positions, valid, new_lengths, sliding)
             for name, new in (("k", k), ("v", v))
         }
-    out = attend(q, blocks, positions, p["sinks"], window)
     B, T = x.shape[:2]
+    steps = decode_plan(decode_kernels and T == 1, new_cache, "k", B * config.num_key_value_heads)
+    if steps is not None:
+        out = flash_decode.gqa_decode(
+            q[:, 0], new_cache["k"], new_cache["v"], new_lengths, p["sinks"], window, sliding, *steps
+        )[:, None]
+    else:
+        out = attend(q, blocks, positions, p["sinks"], window)
     out = out.reshape(B, T, -1) @ p["o_proj"]["kernel"] + p["o_proj"]["bias"]
     return out, new_cache

@@ -29,6 +29,19 @@ from jaxtyping import Array, Float, Int
 NEG = -1e30  # masked score: finite, so a slice with no visible slot keeps m finite and exp() at 0
 
 
+def plan(slots: int, programs: int, target: int = 264) -> tuple[int, int] | None:
+    """(splits, block) for a cache of `slots` read by `programs` (sequence x kv head) programs: blocks of
+    64 slots (32 or 16 if they do not divide), and enough slices to give ~`target` programs (twice the
+    SMs of an H100 / H200). None when `slots` is not a multiple of 16."""
+    block = next((b for b in (64, 32, 16) if slots % b == 0), None)
+    if block is None:
+        return None
+    blocks, splits = slots // block, 1
+    while blocks % (2 * splits) == 0 and programs * splits < target:
+        splits *= 2
+    return splits, block
+
+
 def pow2_columns(width: int) -> list[pl.Slice]:
     """Columns [0, width) as power-of-two slices, widest first (192 -> 128 + 64): Triton tensors must
     have such sizes."""

@@ -45,10 +45,16 @@ def prefill(params, cache, tokens, lengths, key, config: GptOssConfig, temperatu
     return sample(last, key, temperature, top_k), cache
 
 
-@functools.partial(jax.jit, static_argnames=("config", "temperature", "top_k"), donate_argnames=("cache",))
-def decode_step(params, cache, tokens, key, config: GptOssConfig, temperature: float, top_k: int | None):
-    """One token per sequence: append it to the cache and sample the next one."""
-    logits, cache = forward(params, tokens[:, None], cache, config)
+@functools.partial(
+    jax.jit, static_argnames=("config", "temperature", "top_k", "decode_kernels"), donate_argnames=("cache",)
+)
+def decode_step(
+    params, cache, tokens, key, config: GptOssConfig, temperature: float, top_k: int | None,
+    decode_kernels: bool = False,
+):  # fmt: skip
+    """One token per sequence: append it to the cache and sample the next one (attending with the Pallas
+    flash-decoding kernels if `decode_kernels`)."""
+    logits, cache = forward(params, tokens[:, None], cache, config, decode_kernels=decode_kernels)
     return sample(logits[:, 0], key, temperature, top_k), cache
 
 
@@ -67,8 +73,11 @@ def generate(
     seed: int = 0,
     eos_id: int | None = None,
     cache_dtype=None,
+    decode_kernels: bool = False,
 ) -> list[list[int]]:
-    """Continue each prompt by up to `max_new_tokens` tokens (stopping a sequence at `eos_id`)."""
+    """Continue each prompt by up to `max_new_tokens` tokens (stopping a sequence at `eos_id`).
+    `decode_kernels`: decode steps attend with the Pallas flash-decoding kernels (flash_decode.py); off
+    by default until they are measured on a GPU for every layer kind (README, "Pallas decode kernels")."""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if max_new_tokens < 1:
@@ -97,7 +106,7 @@ def generate(
         if done.all():
             break
         key, sub = jax.random.split(key)
-        token, cache = decode_step(params, cache, token, sub, config, temperature, top_k)
+        token, cache = decode_step(params, cache, token, sub, config, temperature, top_k, decode_kernels)
         out.append(np.asarray(token))
         if eos_id is not None:
             done |= out[-1] == eos_id
@@ -139,6 +148,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--top-k", type=int)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=["bf16", "fp32"], default="fp32")
+    parser.add_argument(
+        "--decode-kernels", action="store_true", help="decode attention on the Pallas flash-decoding kernels"
+    )
     args = parser.parse_args(argv)
     dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
 
@@ -171,17 +183,17 @@ def main(argv: Sequence[str] | None = None) -> None:
         prompts = [rng.integers(0, config.vocab_size, n).tolist() for n in (5, 23, 40)]
 
     eos = json_eos(config)
-    generate(params, config, prompts, 2, temperature=args.temperature, top_k=args.top_k)  # compile
+    options = dict(temperature=args.temperature, top_k=args.top_k, decode_kernels=args.decode_kernels)
+    generate(params, config, prompts, 2, **options)  # compile
     t0 = time.perf_counter()
     outs = generate(
         params,
         config,
         prompts,
         args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
         seed=args.seed,
         eos_id=eos,
+        **options,
     )
     dt = time.perf_counter() - t0
     n = sum(len(o) for o in outs)

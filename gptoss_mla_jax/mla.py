@@ -28,9 +28,10 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from gptoss_mla_jax import cache as kv_cache
-from gptoss_mla_jax.attention import attend, key_mask, sink_softmax
+from gptoss_mla_jax import flash_decode
+from gptoss_mla_jax.attention import attend, decode_plan, key_mask, sink_softmax
 from gptoss_mla_jax.config import GptOssConfig
-from gptoss_mla_jax.rope import apply_rope, cos_sin
+from gptoss_mla_jax.rope import apply_rope, cos_sin, inv_freq
 
 Params = dict[str, Any]
 
@@ -82,6 +83,7 @@ def attention_mla(
     config: GptOssConfig,
     layer: int,
     absorb: bool | None = None,
+    decode_kernels: bool = False,
 ) -> tuple[Float[Array, "B T D"], dict[str, Array] | None]:
     """One converted attention block (after the input norm); same contract as `attention.attention`.
 
@@ -110,7 +112,12 @@ def attention_mla(
 
     if absorb is None:
         absorb = T == 1
-    if partial and absorb:
+    steps = decode_plan(
+        decode_kernels and T == 1, new_cache, "c", B * (1 if partial else config.num_key_value_heads)
+    )
+    if steps is not None:
+        out = _kernel_decode(p, q, cos, sin, new_cache, new_lengths, sliding, config, layer, steps)
+    elif partial and absorb:
         q_rope, q_nope = _partial_queries(q, cos, sin, config, layer)
         w_k, b_k, w_v, b_v = _partial_up_projections(p, config, layer)
         out = _absorbed(q_rope, q_nope, w_k, b_k, w_v, b_v, blocks, positions, p["sinks"], window, d)
@@ -119,6 +126,24 @@ def attention_mla(
         out = attend(scoring_queries(q, cos, sin, config, layer), keys, positions, p["sinks"], window)
     out = out.reshape(B, T, H * d) @ p["o_proj"]["kernel"] + p["o_proj"]["bias"]
     return out, new_cache
+
+
+def _kernel_decode(
+    p: Params, q, cos, sin, cache: dict, lengths, sliding: bool, config: GptOssConfig, layer: int, steps
+):
+    """A single-token step on the Pallas flash-decoding kernels, over the cache that holds the token."""
+    window = config.sliding_window if sliding else None
+    if config.mla.rope_mode == "partial":
+        q_rope, q_nope = _partial_queries(q, cos, sin, config, layer)
+        return flash_decode.mla_absorbed_decode(
+            q_rope[:, 0], q_nope[:, 0], *_partial_up_projections(p, config, layer), cache, lengths,
+            p["sinks"], window, sliding, config.head_dim, *steps,
+        )[:, None]  # fmt: skip
+    rope = (jnp.asarray(inv_freq(config)), config.yarn_attention_scale())
+    return flash_decode.mla_decompressed_decode(
+        scoring_queries(q, cos, sin, config, layer)[:, 0], p["kv_b"], cache["c"], lengths, p["sinks"], window,
+        sliding, *rope, *steps,
+    )[:, None]  # fmt: skip
 
 
 def cache_entries(p: Params, x: Float[Array, "B T D"], cos, sin, config: GptOssConfig, layer: int) -> dict:

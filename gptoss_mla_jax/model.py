@@ -175,6 +175,7 @@ def decoder_layer(
     i: int,
     moe_impl: MoeImpl = "sparse",
     mla_absorb: bool | None = None,
+    decode_kernels: bool = False,
 ) -> tuple[Float[Array, "B T D"], dict[str, Array] | None, dict[str, Float[Array, "B T D"]]]:
     """One pre-norm block: (new residual stream, updated layer cache, {"attn_input": the attention's normed
     input, "attn_output": what the attention adds to the residual stream, "moe_input": the MoE's normed
@@ -193,9 +194,9 @@ def decoder_layer(
         config,
     )
     if config.is_mla(i):
-        a, layer_cache = attention_mla(*args, layer=i, absorb=mla_absorb)
+        a, layer_cache = attention_mla(*args, layer=i, absorb=mla_absorb, decode_kernels=decode_kernels)
     else:
-        a, layer_cache = attention(*args)
+        a, layer_cache = attention(*args, decode_kernels=decode_kernels)
     x = x + a
     moe = moe_sparse if moe_impl == "sparse" else moe_dense
     m = rms_norm(x, layer["post_attention_layernorm"], config.rms_norm_eps)
@@ -226,6 +227,7 @@ def forward(
     mla_absorb: bool | None = None,
     remat: bool = False,
     collect_attention: bool = False,
+    decode_kernels: bool = False,
 ) -> tuple[Float[Array, "B T V"], kv_cache.Cache | None] | tuple[Array, kv_cache.Cache | None, list[Array]]:
     """Logits (float32) for `tokens`, and the updated cache.
 
@@ -237,6 +239,8 @@ def forward(
     `remat` recomputes each layer's activations in the backward pass instead of storing them.
     `collect_attention` appends a third result: every layer's attention output [B, T, D] (what it adds
     to the residual stream), for distillation losses that match layers.
+    `decode_kernels`: single-token steps attend with the Pallas flash-decoding kernels (flash_decode.py)
+    instead of jnp (interpreted, slowly, off the GPU).
     """
     check_params(params, config)
     check_tokens(tokens, config)
@@ -251,12 +255,13 @@ def forward(
 
     x = embed(params, tokens)
     new_layers, attention_outputs = [], []
-    block = jax.checkpoint(decoder_layer, static_argnums=(8, 9, 10, 11)) if remat else decoder_layer
+    block = jax.checkpoint(decoder_layer, static_argnums=(8, 9, 10, 11, 12)) if remat else decoder_layer
     for i, layer in enumerate(params["layers"]):
         layer_cache = cache["layers"][i] if cache is not None else None
         x, layer_cache, seen = block(
-            layer, x, positions, valid, cos, sin, layer_cache, start, config, i, moe_impl, mla_absorb
-        )
+            layer, x, positions, valid, cos, sin, layer_cache, start, config, i, moe_impl, mla_absorb,
+            decode_kernels,
+        )  # fmt: skip
         new_layers.append(layer_cache)
         attention_outputs.append(seen["attn_output"])
     logits = unembed(params, rms_norm(x, params["norm"], config.rms_norm_eps), config)
@@ -270,9 +275,10 @@ def forward(
 
 
 forward_jit = jax.jit(
-    forward, static_argnames=("config", "moe_impl", "mla_absorb", "remat", "collect_attention")
+    forward,
+    static_argnames=("config", "moe_impl", "mla_absorb", "remat", "collect_attention", "decode_kernels"),
 )
-forward_jit.__doc__ = "`forward` under `jax.jit` (config, moe_impl and mla_absorb static)."
+forward_jit.__doc__ = "`forward` under `jax.jit` (config and the implementation choices static)."
 
 
 # ---- NNX shell -----------------------------------------------------------------------------------------

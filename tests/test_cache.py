@@ -25,8 +25,10 @@ def test_cache_layout(tiny):
     assert nbytes(cache) == 3 * 4 + 2 * 4 * 3 * (40 + config.sliding_window) * 2 * 2 * config.head_dim
 
 
-def test_prefill_then_decode_matches_full_forward(tiny):
-    """Batched prompts of different lengths, then one token at a time far past the sliding window."""
+@pytest.mark.parametrize("kernels", [False, True], ids=["jnp", "pallas"])
+def test_prefill_then_decode_matches_full_forward(tiny, kernels):
+    """Batched prompts of different lengths, then one token at a time far past the sliding window (with
+    `kernels`, the full-attention layers' steps on the Pallas flash-decoding kernel, interpreted)."""
     config, params = tiny
     B, T = 3, 30
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (B, T)).astype(np.int32)
@@ -41,7 +43,7 @@ def test_prefill_then_decode_matches_full_forward(tiny):
         np.testing.assert_allclose(np.asarray(logits)[b, :n], full[b, :n], atol=1e-4, rtol=0)
     np.testing.assert_array_equal(np.asarray(cache["lengths"]), prompt_lens)
 
-    step = jax.jit(lambda p, c, t: forward(p, t, c, config), donate_argnums=1)
+    step = jax.jit(lambda p, c, t: forward(p, t, c, config, decode_kernels=kernels), donate_argnums=1)
     for t in range(T - prompt_lens.max()):
         pos = prompt_lens + t
         logits, cache = step(params, cache, jnp.asarray(tokens[np.arange(B), pos][:, None]))

@@ -83,7 +83,7 @@ def test_kernel_benchmark_runs_at_a_small_size(tmp_path):
     assert bench_decode.main(argv) == 0
     copy, *rows = json.loads(out.read_text())["kernels"]
     assert copy["copy_gb_per_s"] > 0
-    assert [r["layer"] for r in rows] == ["gqa", "mla_partial"]
+    assert [r["layer"] for r in rows] == ["gqa", "mla", "mla_partial"]
     for row in rows:
         assert "error" not in row, row
         assert row["max_abs_error"] <= 2**-6 * row["max_abs_reference"]  # within a few bf16 steps

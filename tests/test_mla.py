@@ -93,10 +93,12 @@ def test_absorbed_equals_materialized(tiny, calib):
     np.testing.assert_allclose(a, m, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("kernels", [False, True], ids=["jnp", "pallas"])
 @pytest.mark.parametrize("mode", ["decompressed", "partial"])
-def test_mla_decode_matches_full_forward(tiny, calib, mode):
+def test_mla_decode_matches_full_forward(tiny, calib, mode, kernels):
     """A model mixing MLA (layers 0, 1: sliding and full) and GQA layers, prefill then token-by-token decode
-    far past the window, through the jitted donated decode path."""
+    far past the window, through the jitted donated decode path; with `kernels`, the steps attend with the
+    Pallas flash-decoding kernels (interpreted) wherever the cache's slot count allows."""
     config, params = tiny
     mla_config, mla_params, _ = convert(
         params, config, 12, mode, layers=(0, 1), rope_pairs=2, init="pca", calib_tokens=calib
@@ -114,7 +116,7 @@ def test_mla_decode_matches_full_forward(tiny, calib, mode):
         np.testing.assert_allclose(
             np.asarray(logits)[b, : prompt[b]], full[b, : prompt[b]], atol=1e-4, rtol=0
         )
-    step = jax.jit(lambda p, c, t: forward(p, t, c, mla_config), donate_argnums=1)
+    step = jax.jit(lambda p, c, t: forward(p, t, c, mla_config, decode_kernels=kernels), donate_argnums=1)
     for t in range(24 - prompt.max()):
         pos = prompt + t
         logits, cache = step(mla_params, cache, jnp.asarray(tokens[np.arange(2), pos][:, None]))
