@@ -408,7 +408,7 @@ def summarize(history, wall_s, step_flops, peak, mesh, train, loss) -> dict:
     """Throughput from the median step after the first two (compilation and warm-up)."""
     timed = history[2:] or history
     step_s = float(np.median([h["step_s"] for h in timed]))
-    stats = jax.local_devices()[0].memory_stats() or {}
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use", 0) / 1e9 for d in jax.local_devices()]
     last = history[-1]
     summary = {
         "steps": last["step"],
@@ -418,7 +418,8 @@ def summarize(history, wall_s, step_flops, peak, mesh, train, loss) -> dict:
         "tokens_per_s": float(np.median([h["tokens_per_s"] for h in timed])),
         "step_tflops": step_flops / 1e12,
         "mfu": step_flops / step_s / (peak * mesh.size) if peak else None,
-        "peak_device_memory_gb": stats.get("peak_bytes_in_use", 0) / 1e9 or None,
+        "peak_device_memory_gb": max(peaks) or None,
+        "peak_memory_gb_per_device": peaks if any(peaks) else None,
         "device": jax.devices()[0].device_kind,
         "mesh": dict(mesh.shape),
         "processes": jax.process_count(),

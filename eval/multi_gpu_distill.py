@@ -1,0 +1,124 @@
+"""`python -m train.distill` on several meshes of one host, each checkpointed once and resumed once, against
+the one-device run of the same steps: losses, tokens/s, MFU, per-device peak memory, scaling efficiency.
+
+    python -m eval.multi_gpu_distill --work /tmp/mgd --meshes 1x1,4x1,2x2 [--steps 24] [--batch 4]
+        [--seq-len 2048] [--out eval/results/multi_gpu_distill.json]
+    python -m eval.multi_gpu_distill --smoke ...   # a small 2-layer model on simulated CPU devices
+
+The teacher is a random gpt-oss-20b in the published MXFP4 layout (eval.fullsize_checkpoint), the student
+its default MLA conversion (weights.to_mla; weight-SVD init, as there is no text to calibrate on), the data
+random token ids. Every run is its own process, as a user would launch it: `--stop-after steps/2` (one
+checkpoint), then `--resume` to the end. The meshes need as many visible devices as they have.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+from eval import fullsize_checkpoint
+from gptoss_mla_jax.config import GPT_OSS_20B
+
+
+def run(argv: list[str], env: dict) -> None:
+    print("$", " ".join(argv), flush=True)
+    subprocess.run([sys.executable, *argv], check=True, env=env)
+
+
+def read_run(folder: str) -> dict:
+    with open(os.path.join(folder, "summary.json")) as f:
+        summary = json.load(f)
+    with open(os.path.join(folder, "metrics.jsonl")) as f:
+        summary["losses"] = [json.loads(line)["loss"] for line in f]
+    return summary
+
+
+def compare(runs: dict[str, dict], tolerance: float) -> dict:
+    """Each mesh against the first (one device): largest relative loss difference over the steps, and
+    throughput per device relative to it."""
+    (base_mesh, base), *others = runs.items()
+    out = {}
+    for mesh, summary in others:
+        n = int(np.prod([int(x) for x in mesh.split("x")]))
+        diff = max(abs(a - b) / abs(b) for a, b in zip(summary["losses"], base["losses"], strict=True))
+        out[mesh] = {
+            "devices": n,
+            "max_relative_loss_difference": diff,
+            "losses_match": diff <= tolerance,
+            "scaling_efficiency": summary["tokens_per_s"] / (n * base["tokens_per_s"]),
+        }
+    return {"baseline": base_mesh, "tolerance": tolerance, "meshes": out}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--work", required=True, help="folder for the checkpoints and runs")
+    parser.add_argument("--meshes", default="1x1,4x1,2x2", help="the first is the baseline")
+    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--batch", type=int, default=4, help="global batch, the same on every mesh")
+    parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--tolerance", type=float, default=2e-2, help="relative loss difference (bf16)")
+    parser.add_argument("--smoke", action="store_true", help="small model, simulated CPU devices")
+    parser.add_argument("--out", default="eval/results/multi_gpu_distill.json")
+    args = parser.parse_args(argv)
+    meshes = args.meshes.split(",")
+    smoke = dataclasses.replace(fullsize_checkpoint.SMOKE, num_hidden_layers=2, layer_types=())
+    config = smoke if args.smoke else GPT_OSS_20B
+    env = dict(os.environ)
+    if args.smoke:
+        devices = max(int(np.prod([int(x) for x in m.split("x")])) for m in meshes)
+        env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+        env["JAX_PLATFORMS"] = "cpu"
+    teacher, student = os.path.join(args.work, "teacher"), os.path.join(args.work, "student")
+    ids = os.path.join(args.work, "ids.npy")
+    os.makedirs(args.work, exist_ok=True)
+    if not os.path.exists(os.path.join(teacher, "config.json")):
+        fullsize_checkpoint.write_checkpoint(teacher, config)
+    if not os.path.exists(student):
+        small = ["--latent-dim", "32"] if args.smoke else []  # the smoke model's hidden size is 64
+        run(["-m", "weights.to_mla", "--model", teacher, "--out", student, "--init", "svd", *small], env)
+    if not os.path.exists(ids):
+        tokens = (args.steps + 2) * args.batch * (args.seq_len + 1) * 20 // 19  # 5% is held out
+        np.save(ids, np.random.default_rng(0).integers(0, config.vocab_size, tokens, dtype=np.int32))
+
+    runs = {}
+    for mesh in meshes:
+        folder = os.path.join(args.work, f"run_{mesh}")
+        common = ["-m", "train.distill", "--teacher", teacher, "--student", student, "--mesh", mesh]
+        common += ["--data", ids, "--steps", str(args.steps), "--batch", str(args.batch)]
+        common += ["--seq-len", str(args.seq_len), "--out", folder, "--warmup", "2", "--no-progress"]
+        if not os.path.exists(os.path.join(folder, "summary.json")):
+            if not os.path.exists(os.path.join(folder, "ckpt")):
+                run(
+                    [*common, "--ckpt-every", str(args.steps // 2), "--stop-after", str(args.steps // 2)], env
+                )
+            run([*common, "--ckpt-every", str(args.steps // 2), "--resume"], env)
+        runs[mesh] = read_run(folder)
+    result = {
+        "command": " ".join(
+            ["python -m eval.multi_gpu_distill", *(argv if argv is not None else sys.argv[1:])]
+        ),
+        "shape": "smoke" if args.smoke else "gpt-oss-20b",
+        "steps": args.steps,
+        "global_batch": args.batch,
+        "seq_len": args.seq_len,
+        "runs": runs,
+        "comparison": compare(runs, args.tolerance),
+    }
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=1)
+    print(json.dumps(result["comparison"], indent=1))
+    return 0 if all(m["losses_match"] for m in result["comparison"]["meshes"].values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
