@@ -1,20 +1,23 @@
-"""Pallas flash-decoding: one decode step's attention over the cache, for GQA layers and absorbed MLA ones.
+"""Pallas flash-decoding: one decode step's attention over the cache, for GQA layers and both MLA modes.
 
-One kernel serves both. Program (b, g, j) takes kv head g of sequence b and the j-th slice of the cache
-slots (flash-decoding: the slots are split across programs so that batch 1 fills the GPU). It walks its
-slice in blocks keeping an online softmax per query head (max m, sum l, weighted values acc) over scores
-`sum_i q_i . k_i + bias`; `combine` merges the slices and adds each head's sink logit exactly once.
-- GQA (`gqa_decode`): the R query heads of kv head g, keys k, values v.
-- MLA partial, absorbed (`mla_absorbed_decode`): one "kv head" whose H query heads read the shared latent
-  c through their absorbed queries `W_bk[g]^T q_nope` plus their own kv head's RoPE keys (mla.py,
-  "Decode absorbs the up-projections"); the values are the latent itself, up-projected after the merge.
+Program (b, j, g) takes kv head g of sequence b and the j-th slice of the cache slots (flash-decoding:
+the slots are split across programs so that batch 1 fills the GPU). It walks its slice in blocks keeping an
+online softmax per query head (max m, sum l, weighted values acc); `combine` merges the slices and adds
+each head's sink logit exactly once. Two kernels share that walk:
+- cached keys (`attention_splits`), scores `sum_i q_i . k_i + bias`:
+  - GQA (`gqa_decode`): the R query heads of kv head g, keys k, values v;
+  - MLA partial, absorbed (`mla_absorbed_decode`): one "kv head" whose H query heads read the shared
+    latent c through their absorbed queries `W_bk[g]^T q_nope` plus their own kv head's RoPE keys (mla.py,
+    "Decode absorbs the up-projections"); the values are the latent itself, up-projected after the merge;
+- keys rebuilt on chip (`decompressed_splits`, `mla_decompressed_decode`): MLA decompressed, the keys
+  `RoPE(c W_bk[g] + b_k[g])` computed from the latent block and never written out, values absorbed.
 Slots past a sequence's length are not read (ragged lengths: blocks after the last occupied slot are
 skipped); ring-buffer slots of sliding layers map back to positions as in `cache.cached_positions` and the
 window masks them.
 
 Written against the backend-neutral `pl.pallas_call` (block specs, jnp inside): CI checks it with the CPU
 interpreter (`interpret=True`); on the GPU, JAX lowers it through its Triton backend (deprecated in JAX
-0.11; see the README's decode section). `generate` does not call it yet.
+0.11; see the README's decode section). `forward(..., decode_kernels=True)` uses it for single-token steps.
 """
 
 from __future__ import annotations
