@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import os
 import sys
 from typing import Any
@@ -41,6 +40,7 @@ from gptoss_mla_jax.mla import cache_entries, keys_values, rope_dims, scoring_qu
 from gptoss_mla_jax.model import Params, decoder_layer, embed, unembed
 from gptoss_mla_jax.norm import rms_norm
 from gptoss_mla_jax.rope import cos_sin
+from train.distill import write_json
 
 
 def kv_before_rope(
@@ -326,10 +326,7 @@ def main(argv=None) -> int:
         return 1
     result |= {"model": args.model, "compare": args.compare, "data": args.data, "seq_len": args.seq_len}
     os.makedirs(args.out, exist_ok=True)
-    tmp = os.path.join(args.out, ".diagnose.json.tmp")
-    with open(tmp, "w") as f:
-        json.dump(result, f, indent=1)
-    os.replace(tmp, os.path.join(args.out, "diagnose.json"))
+    write_json(os.path.join(args.out, "diagnose.json"), result)
     pngs = plot(result, args.out)
     print(table(result))
     print(f"{result['tokens']} tokens; diagnose.json and {len(pngs)} plots in {args.out}")

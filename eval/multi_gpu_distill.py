@@ -26,6 +26,10 @@ from eval import fullsize_checkpoint
 from gptoss_mla_jax.config import GPT_OSS_20B
 
 
+def mesh_devices(mesh: str) -> int:
+    return int(np.prod([int(x) for x in mesh.split("x")]))
+
+
 def run(argv: list[str], env: dict) -> None:
     print("$", " ".join(argv), flush=True)
     subprocess.run([sys.executable, *argv], check=True, env=env)
@@ -45,7 +49,7 @@ def compare(runs: dict[str, dict], tolerance: float) -> dict:
     (base_mesh, base), *others = runs.items()
     out = {}
     for mesh, summary in others:
-        n = int(np.prod([int(x) for x in mesh.split("x")]))
+        n = mesh_devices(mesh)
         diff = max(abs(a - b) / abs(b) for a, b in zip(summary["losses"], base["losses"], strict=True))
         out[mesh] = {
             "devices": n,
@@ -74,7 +78,7 @@ def main(argv=None) -> int:
     config = smoke if args.smoke else GPT_OSS_20B
     env = dict(os.environ)
     if args.smoke:
-        devices = max(int(np.prod([int(x) for x in m.split("x")])) for m in meshes)
+        devices = max(mesh_devices(m) for m in meshes)
         env["XLA_FLAGS"] = f"{env.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
         env["JAX_PLATFORMS"] = "cpu"
     teacher, student = os.path.join(args.work, "teacher"), os.path.join(args.work, "student")

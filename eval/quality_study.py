@@ -39,7 +39,7 @@ from eval.kv_cache import accounting
 from eval.ppl import perplexity
 from gptoss_mla_jax.cache import values_per_token
 from train.data import token_windows
-from train.distill import assemble_student, run
+from train.distill import assemble_student, run, write_json
 from weights.calib import POOL_FACTOR, calibration_set
 from weights.load import load_model
 from weights.to_mla import convert, parse_layers
@@ -147,13 +147,6 @@ def key(layers: str, mode: str, reduction: float, init: str) -> str:
 
 def row_key(row: dict) -> str:
     return key(row["layers"], row["mode"], row["reduction"], row["init"])
-
-
-def write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
 
 
 def table(result: dict) -> str:

@@ -111,10 +111,9 @@ def _split_kernel(length_ref, *refs, n_keys: int, shared_values: bool, block: in
     last = length - 1  # the query's position: the step's own token is already in the cache
     f32 = jnp.float32
     queries = [
-        (q_ref, k_ref, pow2_columns(q_ref.shape[1])) for q_ref, k_ref in zip(q_refs, k_refs, strict=True)
-    ]
-    queries = [
-        (k_ref, cols, q_ref[:, cols].astype(f32)) for q_ref, k_ref, all_cols in queries for cols in all_cols
+        (k_ref, cols, q_ref[:, cols].astype(f32))
+        for q_ref, k_ref in zip(q_refs, k_refs, strict=True)
+        for cols in pow2_columns(q_ref.shape[1])
     ]
     value_cols = pow2_columns(v_ref.shape[1])
     bias = bias_ref[...].astype(f32)
@@ -155,6 +154,8 @@ def _decompressed_kernel(length_ref, q1_ref, q2_ref, c_ref, w1_ref, w2_ref, b1_r
             for part, cols in zip(c, latent_cols, strict=True)
         )
         k1, k2 = b1[None, :] + up(w1_ref), b2[None, :] + up(w2_ref)
+        # Positions down the rows to rotate the keys, the mask along the columns of the scores: two
+        # layouts of the same iota, since the kernel cannot transpose one into the other.
         pos, _ = _visible(start, i, block, last, slots, sliding, window, axis=0)
         angle = pos.astype(f32) * inv_freq[None, :]
         cos, sin = jnp.cos(angle) * mscale, jnp.sin(angle) * mscale
