@@ -80,49 +80,55 @@ def free_bytes() -> float:
     return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
 
 
-def step_seconds(params, config: GptOssConfig, batch: int, context: int, repeats: int) -> list[float]:
-    """Seconds of each of `repeats` decode steps at `context` (after one warm-up step)."""
+def step_seconds(
+    params, config: GptOssConfig, batch: int, context: int, repeats: int, kernels: bool = False
+) -> list[float]:
+    """Seconds of each of `repeats` decode steps at `context` (after one warm-up step), attending with
+    the Pallas kernels if `kernels`."""
     cache = init_cache(config, batch, context)
     cache["lengths"] = jnp.full((batch,), context - 1, jnp.int32)
     tokens = jnp.zeros((batch,), jnp.int32)
     key = jax.random.key(0)
-    tokens, cache = jax.block_until_ready(decode_step(params, cache, tokens, key, config, 0.0, None))
+    step = lambda tokens, cache: decode_step(params, cache, tokens, key, config, 0.0, None, kernels)
+    tokens, cache = jax.block_until_ready(step(tokens, cache))
     times = []
     for _ in range(repeats):
         cache["lengths"] = jnp.full((batch,), context - 1, jnp.int32)  # stay at this context
         t = time.perf_counter()
-        tokens, cache = jax.block_until_ready(decode_step(params, cache, tokens, key, config, 0.0, None))
+        tokens, cache = jax.block_until_ready(step(tokens, cache))
         times.append(time.perf_counter() - t)
     return times
 
 
-def speed(models_: dict, batches: list[int], contexts: list[int], repeats: int, log) -> list[dict]:
+def speed(
+    models_: dict, batches: list[int], contexts: list[int], repeats: int, log, kernels=(False,)
+) -> list[dict]:
+    """Step time per context, batch, model and attention path (`kernels`: False = jnp/XLA, True = the
+    Pallas decode kernels)."""
     rows = []
-    for context in contexts:
-        for batch in batches:
-            for name, (config, params) in models_.items():
-                row = {"model": name, "batch": batch, "context": context}
-                row["cache_gb"] = cache_bytes(config, batch, context) / 1e9
-                if row["cache_gb"] * 1e9 > free_bytes() - RESERVE:
-                    row["skipped"] = (
-                        f"cache {row['cache_gb']:.1f} GB does not fit ({free_bytes() / 1e9:.1f} free)"
-                    )
-                else:
-                    try:
-                        times = step_seconds(params, config, batch, context, repeats)
-                        row |= {
-                            "step_ms": 1e3 * float(np.median(times)),
-                            "times_ms": [1e3 * t for t in times],
-                        }
-                        row["tokens_per_s"] = batch / (row["step_ms"] / 1e3)
-                    except jax.errors.JaxRuntimeError as e:  # out of memory in the step itself
-                        row["skipped"] = f"step failed: {str(e).splitlines()[0][:200]}"
-                rows.append(row)
-                log(row)
+    for context, batch, (name, (config, params)), on_kernels in itertools.product(
+        contexts, batches, models_.items(), kernels
+    ):
+        row = {"model": name, "batch": batch, "context": context, "decode_kernels": on_kernels}
+        row["cache_gb"] = cache_bytes(config, batch, context) / 1e9
+        if row["cache_gb"] * 1e9 > free_bytes() - RESERVE:
+            row["skipped"] = f"cache {row['cache_gb']:.1f} GB does not fit ({free_bytes() / 1e9:.1f} free)"
+        else:
+            try:
+                times = step_seconds(params, config, batch, context, repeats, on_kernels)
+                row |= {
+                    "step_ms": 1e3 * float(np.median(times)),
+                    "times_ms": [1e3 * t for t in times],
+                }
+                row["tokens_per_s"] = batch / (row["step_ms"] / 1e3)
+            except Exception as e:  # out of memory in the step, or a kernel that does not lower
+                row["skipped"] = f"step failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+        rows.append(row)
+        log(row)
     return rows
 
 
-def capacity(models_: dict, contexts: list[int], log) -> list[dict]:
+def capacity(models_: dict, contexts: list[int], log, kernels: bool = False) -> list[dict]:
     """Per context, the largest batch whose cache fits the memory left after the weights (minus RESERVE),
     and the largest batch at which a decode step really runs (from there down by 20% per failure)."""
     rows = []
@@ -132,11 +138,13 @@ def capacity(models_: dict, contexts: list[int], log) -> list[dict]:
             free = free_bytes()
             fits = (free - RESERVE) // per_sequence if free != float("inf") else MAX_BATCH
             batch = int(min(fits, MAX_BATCH))
-            row = {"model": name, "context": context, "max_batch_by_bytes": batch}
+            row = {"model": name, "context": context, "max_batch_by_bytes": batch, "decode_kernels": kernels}
             row["per_sequence_gb"], row["failures"] = per_sequence / 1e9, []
             while batch >= 1:
                 try:
-                    row["step_ms"] = 1e3 * float(np.median(step_seconds(params, config, batch, context, 2)))
+                    row["step_ms"] = 1e3 * float(
+                        np.median(step_seconds(params, config, batch, context, 2, kernels))
+                    )
                     break
                 except jax.errors.JaxRuntimeError as e:  # out of memory in the step (or its compilation)
                     row["failures"].append({"batch": batch, "error": str(e).splitlines()[0][:200]})
@@ -187,6 +195,9 @@ def layer_breakdown(config: GptOssConfig, params, batch: int, context: int, repe
     }
 
 
+KERNEL_CONFIGS = ((64, 4), (128, 4), (64, 8), (128, 8))  # (block, warps) tried at every point
+
+
 def kernel_rows(batches: list[int], contexts: list[int], repeats: int, smoke: bool, log) -> list[dict]:
     """One layer's decode attention at gpt-oss-20b shapes over full caches of random bf16, Pallas kernel
     (flash_decode) against the jnp path it replaces: GQA (64 heads over 8 kv heads of 64; also JAX's stock
@@ -194,7 +205,9 @@ def kernel_rows(batches: list[int], contexts: list[int], repeats: int, smoke: bo
     keys rebuilt on chip) and absorbed partial-mode MLA (latent 160 + 2 RoPE pairs per kv head; both 80.9%
     less cache). Time, and bytes of cache read over the card's copy bandwidth."""
     shape = (
-        dict(G=2, R=2, d=16, n2=4, r=24, block=16) if smoke else dict(G=8, R=8, d=64, n2=4, r=160, block=64)
+        dict(G=2, R=2, d=16, n2=4, r=24, configs=((16, 4),))
+        if smoke
+        else dict(G=8, R=8, d=64, n2=4, r=160, configs=KERNEL_CONFIGS)
     )
     copy = copy_bandwidth(0.05 if smoke else 4.0)
     rows = [{"copy_gb_per_s": copy / 1e9}]
@@ -214,28 +227,33 @@ def kernel_rows(batches: list[int], contexts: list[int], repeats: int, smoke: bo
     return rows
 
 
-def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, block) -> dict:
+def kernel_splits(programs: int, context: int, block: int) -> int:
+    """Enough slices that batch x kv heads x slices fills the card's ~132 SMs twice over."""
+    return max(1, min(context // block, 1 << max(0, (264 // programs).bit_length() - 1)))
+
+
+def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, configs) -> dict:
     keys = iter(jax.random.split(jax.random.key(0), 10))
     normal = lambda *shape: jax.random.normal(next(keys), shape, jnp.bfloat16)
     lengths, sinks = jnp.full((batch,), context, jnp.int32), normal(G * R)
     pos = jnp.broadcast_to(jnp.arange(context, dtype=jnp.int32), (batch, context))
     visible, q_pos = pos < lengths[:, None], (lengths - 1)[:, None]
-    # Enough slices that batch x kv heads x slices fills the card's ~132 SMs twice over.
     programs = batch * (1 if layer == "mla_partial" else G)
-    splits = max(1, min(context // block, 1 << max(0, (264 // programs).bit_length() - 1)))
     interpret = jax.default_backend() == "cpu"
     if layer == "gqa":
         cache = (normal(batch, context, G, d), normal(batch, context, G, d))
         args = (normal(batch, G * R, d), *cache)
-        kernel = lambda q, k, v: flash_decode.gqa_decode(
-            q, k, v, lengths, sinks, None, False, splits, block, interpret
+        kernel = lambda plan: (
+            lambda q, k, v: flash_decode.gqa_decode(q, k, v, lengths, sinks, None, False, **plan)
         )
         reference = lambda q, k, v: attend(q[:, None], [(k, v, pos, visible)], q_pos, sinks, None)[:, 0]
+        block = max(b for b, _ in configs)
         peers = {
             "stock_gqa": lambda q, k, v: decode_attention.gqa(
-                q, k, v, kv_seq_len=lengths, block_k=block, k_splits=splits, interpret=interpret
+                q, k, v, kv_seq_len=lengths, block_k=block, k_splits=kernel_splits(programs, context, block),
+                interpret=interpret,
             )
-        }
+        }  # fmt: skip
     elif layer == "mla":
         config = dataclasses.replace(
             GPT_OSS_20B, num_attention_heads=G * R, num_key_value_heads=G, head_dim=d,
@@ -245,8 +263,10 @@ def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, block) ->
         cache = (normal(batch, context, r + G * n2),)
         args = (normal(batch, G * R, d), *cache)
         rope = (jnp.asarray(inv_freq(config)), config.yarn_attention_scale())
-        kernel = lambda q, c: flash_decode.mla_decompressed_decode(
-            q, kv_b, c, lengths, sinks, None, False, *rope, splits, block, interpret
+        kernel = lambda plan: (
+            lambda q, c: flash_decode.mla_decompressed_decode(
+                q, kv_b, c, lengths, sinks, None, False, *rope, **plan
+            )
         )
         reference = lambda q, c: attend(
             q[:, None], [(*mla.keys_values({"kv_b": kv_b}, {"c": c}, pos, config, 1), pos, visible)], q_pos,
@@ -257,25 +277,34 @@ def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, block) ->
         weights = (normal(r, G, d - n2), normal(G, d - n2), normal(r, G, d), normal(G, d))
         cache = (normal(batch, context, r), normal(batch, context, G, n2))
         args = (normal(batch, G, R, n2), normal(batch, G, R, d - n2), *cache)
-        kernel = lambda q_rope, q_nope, c, k_rope: flash_decode.mla_absorbed_decode(
-            q_rope, q_nope, *weights, {"c": c, "k_rope": k_rope}, lengths, sinks, None, False, d, splits,
-            block, interpret,
-        )  # fmt: skip
+        kernel = lambda plan: (
+            lambda q_rope, q_nope, c, k_rope: flash_decode.mla_absorbed_decode(
+                q_rope, q_nope, *weights, {"c": c, "k_rope": k_rope}, lengths, sinks, None, False, d, **plan
+            )
+        )
         reference = lambda q_rope, q_nope, c, k_rope: mla._absorbed(
             q_rope[:, None], q_nope[:, None], *weights, [({"c": c, "k_rope": k_rope}, pos, visible)], q_pos,
             sinks, None, d,
         )[:, 0]  # fmt: skip
         peers = {}
-    kernel, reference = jax.jit(kernel), jax.jit(reference)
-    got, want = kernel(*args).astype(jnp.float32), reference(*args).astype(jnp.float32)
-    row = {"layer": layer, "batch": batch, "context": context, "splits": splits, "block": block}
-    row["bytes"] = int(sum(x.nbytes for x in cache))
-    row["max_abs_error"] = float(jnp.abs(got - want).max())
+    want = jax.jit(reference)(*args).astype(jnp.float32)
+    row = {"layer": layer, "batch": batch, "context": context, "bytes": int(sum(x.nbytes for x in cache))}
     row["max_abs_reference"] = float(jnp.abs(want).max())
-    for name, fn in (("kernel", kernel), ("jnp", reference), *peers.items()):
-        seconds = timed(jax.jit(fn), *args, repeats=repeats)
-        row[f"{name}_ms"] = seconds * 1e3
-        row[f"{name}_of_copy_bandwidth"] = row["bytes"] / seconds / copy
+    bandwidth = lambda ms: row["bytes"] / (ms / 1e3) / copy
+    row["configs"] = []
+    for block, warps in configs:
+        plan = dict(splits=kernel_splits(programs, context, block), block=block, warps=warps)
+        fn = jax.jit(kernel(dict(plan, interpret=interpret)))
+        error = float(jnp.abs(fn(*args).astype(jnp.float32) - want).max())
+        ms = 1e3 * timed(fn, *args, repeats=repeats)
+        row["configs"].append(plan | {"ms": ms, "of_copy_bandwidth": bandwidth(ms), "max_abs_error": error})
+    best = min(row["configs"], key=lambda c: c["ms"])
+    row["kernel_ms"], row["kernel_of_copy_bandwidth"] = best["ms"], best["of_copy_bandwidth"]
+    row["kernel_plan"] = {k: best[k] for k in ("splits", "block", "warps")}
+    row["max_abs_error"] = max(c["max_abs_error"] for c in row["configs"])
+    for name, fn in (("jnp", reference), *peers.items()):
+        ms = 1e3 * timed(jax.jit(fn), *args, repeats=repeats)
+        row[f"{name}_ms"], row[f"{name}_of_copy_bandwidth"] = ms, bandwidth(ms)
     return row
 
 
@@ -330,6 +359,10 @@ def main(argv=None) -> int:
     parser.add_argument("--breakdown", help="BATCH,CONTEXT: where a decode step's time goes")
     parser.add_argument("--kernels", action="store_true", help="the Pallas decode kernels vs jnp")
     parser.add_argument("--partial", action="store_true", help="also MLA in partial mode (absorbed decode)")
+    parser.add_argument(
+        "--decode-kernels", choices=("off", "on", "both"), default="off",
+        help="steps (and --capacity) attend with the Pallas kernels: off, on, or both side by side",
+    )  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="a tiny model (CPU check of the script)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -359,10 +392,11 @@ def main(argv=None) -> int:
             batch, context = (int(n) for n in args.breakdown.split(","))
             result["breakdown"] = breakdown(models_, batch, context, args.repeats)
         elif args.capacity:
-            result["capacity"] = capacity(models_, contexts, log)
+            result["capacity"] = capacity(models_, contexts, log, args.decode_kernels == "on")
         else:
             batches = [int(b) for b in args.batches.split(",")]
-            result["rows"] = speed(models_, batches, contexts, args.repeats, log)
+            kernels = {"off": (False,), "on": (True,), "both": (False, True)}[args.decode_kernels]
+            result["rows"] = speed(models_, batches, contexts, args.repeats, log, kernels)
     result["command"] = " ".join(
         ["python -m eval.bench_decode", *(argv if argv is not None else sys.argv[1:])]
     )

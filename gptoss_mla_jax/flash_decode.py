@@ -27,9 +27,11 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as pl_triton
 from jaxtyping import Array, Float, Int
 
 NEG = -1e30  # masked score: finite, so a slice with no visible slot keeps m finite and exp() at 0
+MIN_ROWS = 16  # Triton's dot needs at least 16 rows: fewer query heads are padded with zero queries
 
 
 def plan(slots: int, programs: int, target: int = 264) -> tuple[int, int] | None:
@@ -72,7 +74,7 @@ def _online_step(carry, s, visible, values):
     p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
     scale = jnp.exp(m - m_new)
     acc = [
-        a * scale[:, None] + jnp.dot(p, v, preferred_element_type=jnp.float32)
+        a * scale[:, None] + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
         for a, v in zip(acc, values, strict=True)
     ]
     return acc, m_new, l * scale + p.sum(axis=1)
@@ -111,7 +113,7 @@ def _split_kernel(length_ref, *refs, n_keys: int, shared_values: bool, block: in
     last = length - 1  # the query's position: the step's own token is already in the cache
     f32 = jnp.float32
     queries = [
-        (k_ref, cols, q_ref[:, cols].astype(f32))
+        (k_ref, cols, q_ref[:, cols])
         for q_ref, k_ref in zip(q_refs, k_refs, strict=True)
         for cols in pow2_columns(q_ref.shape[1])
     ]
@@ -122,11 +124,9 @@ def _split_kernel(length_ref, *refs, n_keys: int, shared_values: bool, block: in
         rows = pl.ds(i * block, block)
         s = bias[:, None]
         for k_ref, cols, q in queries:
-            s = s + jax.lax.dot_general(
-                q, k_ref[rows, cols].astype(f32), CONTRACT_LAST, preferred_element_type=f32
-            )
+            s = s + jax.lax.dot_general(q, k_ref[rows, cols], CONTRACT_LAST, preferred_element_type=f32)
         _, visible = _visible(start, i, block, last, slots, sliding, window)
-        return _online_step(carry, s, visible, [v_ref[rows, cols].astype(f32) for cols in value_cols])
+        return _online_step(carry, s, visible, [v_ref[rows, cols] for cols in value_cols])
 
     _walk(body, length, start, slots, split, block, bias.shape[0], value_cols, out_refs)
 
@@ -142,15 +142,15 @@ def _decompressed_kernel(length_ref, q1_ref, q2_ref, c_ref, w1_ref, w2_ref, b1_r
     last = length - 1
     f32 = jnp.float32
     latent_cols = pow2_columns(c_ref.shape[1])
-    q1, q2 = q1_ref[...].astype(f32), q2_ref[...].astype(f32)
+    q1, q2 = q1_ref[...], q2_ref[...]
     b1, b2 = b1_ref[...].astype(f32), b2_ref[...].astype(f32)
     inv_freq = inv_freq_ref[...].astype(f32)
 
     def body(i, carry):
         rows = pl.ds(i * block, block)
-        c = [c_ref[rows, cols].astype(f32) for cols in latent_cols]
+        c = [c_ref[rows, cols] for cols in latent_cols]
         up = lambda w_ref: sum(
-            jnp.dot(part, w_ref[cols, :].astype(f32), preferred_element_type=f32)
+            jnp.dot(part, w_ref[cols, :], preferred_element_type=f32)
             for part, cols in zip(c, latent_cols, strict=True)
         )
         k1, k2 = b1[None, :] + up(w1_ref), b2[None, :] + up(w2_ref)
@@ -159,8 +159,9 @@ def _decompressed_kernel(length_ref, q1_ref, q2_ref, c_ref, w1_ref, w2_ref, b1_r
         pos, _ = _visible(start, i, block, last, slots, sliding, window, axis=0)
         angle = pos.astype(f32) * inv_freq[None, :]
         cos, sin = jnp.cos(angle) * mscale, jnp.sin(angle) * mscale
-        s = jax.lax.dot_general(q1, k1 * cos - k2 * sin, CONTRACT_LAST, preferred_element_type=f32)
-        s += jax.lax.dot_general(q2, k2 * cos + k1 * sin, CONTRACT_LAST, preferred_element_type=f32)
+        rotated = lambda k: k.astype(q1.dtype)  # rotated in float32, multiplied in the cache's dtype
+        s = jax.lax.dot_general(q1, rotated(k1 * cos - k2 * sin), CONTRACT_LAST, preferred_element_type=f32)
+        s += jax.lax.dot_general(q2, rotated(k2 * cos + k1 * sin), CONTRACT_LAST, preferred_element_type=f32)
         _, visible = _visible(start, i, block, last, slots, sliding, window)
         return _online_step(carry, s, visible, c)
 
@@ -181,6 +182,25 @@ def _specs(Hq: int, S: int, splits: int):
     return cache, query
 
 
+def _pad_heads(x: Array, axis: int = 2) -> Array:
+    """Zero query heads (or their biases) up to MIN_ROWS along `axis`."""
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, max(0, MIN_ROWS - x.shape[axis]))
+    return jnp.pad(x, widths)
+
+
+def _unpad(outputs, heads: int):
+    """(acc, m, l) of the real query heads."""
+    acc, m, l = outputs
+    return acc[..., :heads, :], m[..., :heads], l[..., :heads]
+
+
+def _triton(warps: int) -> pl_triton.CompilerParams:
+    """Launch settings on the GPU (ignored by the interpreter): two pipeline stages, so the next cache
+    block loads while this one is reduced."""
+    return pl_triton.CompilerParams(num_warps=warps, num_stages=2)
+
+
 def _outputs(B: int, G: int, Hq: int, dv: int, splits: int):
     """(out_specs, out_shape) of the per-slice (acc, m, l)."""
     specs = [
@@ -192,7 +212,7 @@ def _outputs(B: int, G: int, Hq: int, dv: int, splits: int):
     return specs, [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
 
 
-@functools.partial(jax.jit, static_argnames=("window", "sliding", "splits", "block", "interpret"))
+@functools.partial(jax.jit, static_argnames=("window", "sliding", "splits", "block", "warps", "interpret"))
 def attention_splits(
     queries: tuple[Float[Array, "B G Hq _"], ...],
     bias: Float[Array, "B G Hq"],
@@ -203,23 +223,28 @@ def attention_splits(
     sliding: bool = False,
     splits: int = 8,
     block: int = 64,
+    warps: int = 4,
     interpret: bool = False,
 ) -> tuple[Float[Array, "B G J Hq dv"], Float[Array, "B G J Hq"], Float[Array, "B G J Hq"]]:
     """Per kv head g and slice j of the slots: (sum_t e^(s_t - m) v_t, m, sum_t e^(s_t - m)) with scores
     `s_t = sum_i queries[i] . keys[i]_t + bias` (scale already in the queries). `values=None`: the values
-    are `keys[0]` (the latent of absorbed MLA)."""
-    B, G, Hq = bias.shape
+    are `keys[0]` (the latent of absorbed MLA). Products in the cache's dtype (bf16: tensor cores),
+    sums in float32."""
+    B, G, heads = bias.shape
     S = keys[0].shape[1]
     _check_split(S, splits, block)
     shared = values is None
     dv = (keys[0] if shared else values).shape[-1]
+    queries = tuple(_pad_heads(q.astype(k.dtype)) for q, k in zip(queries, keys, strict=True))
+    bias = _pad_heads(bias.astype(jnp.float32))
+    Hq = bias.shape[2]
     cache, query = _specs(Hq, S, splits)
     out_specs, out_shape = _outputs(B, G, Hq, dv, splits)
     kernel = functools.partial(
         _split_kernel, n_keys=len(keys), shared_values=shared, block=block, window=window,
         sliding=sliding, slots=S,
     )  # fmt: skip
-    return pl.pallas_call(
+    outputs = pl.pallas_call(
         kernel,
         grid=(B, splits, G),
         in_specs=[
@@ -231,8 +256,10 @@ def attention_splits(
         ],
         out_specs=out_specs,
         out_shape=out_shape,
+        compiler_params=_triton(warps),
         interpret=interpret,
     )(lengths.astype(jnp.int32), *queries, bias, *keys, *([] if shared else [values]))
+    return _unpad(outputs, heads)
 
 
 def _check_split(S: int, splits: int, block: int) -> None:
@@ -240,7 +267,9 @@ def _check_split(S: int, splits: int, block: int) -> None:
         raise ValueError(f"cache of {S} slots: not a multiple of splits x block = {splits} x {block}")
 
 
-@functools.partial(jax.jit, static_argnames=("window", "sliding", "mscale", "splits", "block", "interpret"))
+@functools.partial(
+    jax.jit, static_argnames=("window", "sliding", "mscale", "splits", "block", "warps", "interpret")
+)
 def decompressed_splits(
     q: Float[Array, "B G Hq d"],
     c: Float[Array, "B S r"],
@@ -253,22 +282,26 @@ def decompressed_splits(
     mscale: float = 1.0,
     splits: int = 8,
     block: int = 64,
+    warps: int = 4,
     interpret: bool = False,
 ) -> tuple[Float[Array, "B G J Hq r"], Float[Array, "B G J Hq"], Float[Array, "B G J Hq"]]:
     """`attention_splits` for a decompressed MLA layer: queries (RoPE applied, scale in) against keys
-    rebuilt on chip from the latent c; the values are c (the caller applies W_bv after `combine`)."""
-    B, G, Hq, d = q.shape
+    rebuilt on chip from the latent c; the values are c (the caller applies W_bv after `combine`).
+    Products in the cache's dtype, RoPE and sums in float32."""
+    B, G, heads, d = q.shape
     S, r = c.shape[1:]
     _check_split(S, splits, block)
     half = d // 2
+    q = _pad_heads(q.astype(c.dtype))
+    Hq = q.shape[2]
     cache, query = _specs(Hq, S, splits)
     out_specs, out_shape = _outputs(B, G, Hq, r, splits)
     per_head = lambda shape: pl.BlockSpec((None, *shape), lambda b, j, g: (g, *(0 for _ in shape)))
-    w = w_k.transpose(1, 0, 2)  # [G, r, d]: one kv head's up-projection per program
+    w = w_k.astype(c.dtype).transpose(1, 0, 2)  # [G, r, d]: one kv head's up-projection per program
     kernel = functools.partial(
         _decompressed_kernel, block=block, window=window, sliding=sliding, slots=S, mscale=mscale
     )
-    return pl.pallas_call(
+    outputs = pl.pallas_call(
         kernel,
         grid=(B, splits, G),
         in_specs=[
@@ -284,11 +317,13 @@ def decompressed_splits(
         ],
         out_specs=out_specs,
         out_shape=out_shape,
+        compiler_params=_triton(warps),
         interpret=interpret,
     )(
         lengths.astype(jnp.int32), q[..., :half], q[..., half:], c, w[..., :half], w[..., half:],
         b_k[:, :half], b_k[:, half:], inv_freq,
     )  # fmt: skip
+    return _unpad(outputs, heads)
 
 
 def combine(
@@ -318,6 +353,7 @@ def gqa_decode(
     splits: int = 8,
     block: int = 64,
     interpret: bool = False,
+    warps: int = 4,
 ) -> Float[Array, "B H d"]:
     """One decode query per sequence (RoPE applied) over a GQA layer's cache that already holds the step's
     token (`lengths` count it): the attention output per head, as `attention.attend` computes it."""
@@ -325,17 +361,9 @@ def gqa_decode(
     G = k.shape[2]
     qg = (q.astype(jnp.float32) * d**-0.5).reshape(B, G, H // G, d)
     acc, m, l = attention_splits(
-        (qg,),
-        jnp.zeros(qg.shape[:3], jnp.float32),
-        (k,),
-        v,
-        lengths,
-        window,
-        sliding,
-        splits,
-        block,
-        interpret,
-    )
+        (qg,), jnp.zeros(qg.shape[:3], jnp.float32), (k,), v, lengths, window, sliding,
+        splits=splits, block=block, warps=warps, interpret=interpret,
+    )  # fmt: skip
     out, _ = combine(acc, m, l, sinks)
     return out.reshape(B, H, d).astype(q.dtype)
 
@@ -356,6 +384,7 @@ def mla_absorbed_decode(
     splits: int = 8,
     block: int = 64,
     interpret: bool = False,
+    warps: int = 4,
 ) -> Float[Array, "B H d"]:
     """One decode query per sequence over a partial-mode layer's cache {"c" [B,S,r], "k_rope" [B,S,G,2n]}
     that already holds the step's token: the attention output per head, as `mla._absorbed` computes it."""
@@ -371,7 +400,7 @@ def mla_absorbed_decode(
     k_rope = entries["k_rope"].reshape(*entries["k_rope"].shape[:2], 1, G * n2)
     acc, m, l = attention_splits(
         (q_lat * scale, q_rope_flat * scale), q_bias * scale, (c, k_rope), None, lengths, window, sliding,
-        splits, block, interpret,
+        splits=splits, block=block, warps=warps, interpret=interpret,
     )  # fmt: skip
     latent, mass = combine(acc, m, l, sinks)
     latent, mass = latent.reshape(B, G, R, -1), mass.reshape(B, G, R, 1)
@@ -392,6 +421,7 @@ def mla_decompressed_decode(
     splits: int = 8,
     block: int = 64,
     interpret: bool = False,
+    warps: int = 4,
 ) -> Float[Array, "B H d"]:
     """One decode query per sequence (RoPE applied, as `mla.scoring_queries` gives it) over a
     decompressed layer's latent cache c that already holds the step's token: the attention output per
@@ -404,8 +434,9 @@ def mla_decompressed_decode(
     bias = kv_b["bias"].reshape(2, G, d)
     qg = (q.astype(jnp.float32) * d**-0.5).reshape(B, G, H // G, d)
     acc, m, l = decompressed_splits(
-        qg, c, w[:, 0], bias[0], inv_freq, lengths, window, sliding, mscale, splits, block, interpret
-    )
+        qg, c, w[:, 0], bias[0], inv_freq, lengths, window, sliding, mscale,
+        splits=splits, block=block, warps=warps, interpret=interpret,
+    )  # fmt: skip
     latent, mass = combine(acc, m, l, sinks)  # [B, G, R, r], [B, G, R]
     f32 = jnp.float32
     out = (

@@ -39,14 +39,28 @@ def test_decode_benchmark_runs_at_a_small_size(tmp_path):
     out = tmp_path / "decode.json"
     assert (
         bench_decode.main(
-            ["--smoke", "--batches", "1,2", "--contexts", "64", "--repeats", "2", "--out", str(out)]
-        )
+            [
+                "--smoke",
+                "--batches",
+                "1,2",
+                "--contexts",
+                "64",
+                "--repeats",
+                "2",
+                "--decode-kernels",
+                "both",
+                "--out",
+                str(out),
+            ]
+        )  # fmt: skip
         == 0
     )
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["model"], r["batch"]) for r in rows] == [("gqa", 1), ("mla", 1), ("gqa", 2), ("mla", 2)]
+    assert [(r["model"], r["batch"], r["decode_kernels"]) for r in rows] == [
+        (model, batch, kernels) for batch in (1, 2) for model in ("gqa", "mla") for kernels in (False, True)
+    ]
     assert all(r["step_ms"] > 0 and len(r["times_ms"]) == 2 for r in rows)
-    assert rows[1]["cache_gb"] < rows[0]["cache_gb"]
+    assert rows[2]["cache_gb"] < rows[0]["cache_gb"]
 
 
 def test_decode_capacity_runs_at_a_small_size(tmp_path):
