@@ -39,7 +39,6 @@ from gptoss_mla_jax.cache import init_cache
 from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig, MlaConfig
 from gptoss_mla_jax.generate import DEMO_CONFIG, decode_step
 from gptoss_mla_jax.model import init_params
-from gptoss_mla_jax.rope import inv_freq
 from weights.to_mla import DEFAULT_LATENT_DIM, convert
 
 # transformers' eager attention materializes [heads, T, T] scores in the prefill: 4K is where it fits.
@@ -227,11 +226,6 @@ def kernel_rows(batches: list[int], contexts: list[int], repeats: int, smoke: bo
     return rows
 
 
-def kernel_splits(programs: int, context: int, block: int) -> int:
-    """Enough slices that batch x kv heads x slices fills the card's ~132 SMs twice over."""
-    return max(1, min(context // block, 1 << max(0, (264 // programs).bit_length() - 1)))
-
-
 def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, configs) -> dict:
     keys = iter(jax.random.split(jax.random.key(0), 10))
     normal = lambda *shape: jax.random.normal(next(keys), shape, jnp.bfloat16)
@@ -247,13 +241,12 @@ def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, configs) 
             lambda q, k, v: flash_decode.gqa_decode(q, k, v, lengths, sinks, None, False, **plan)
         )
         reference = lambda q, k, v: attend(q[:, None], [(k, v, pos, visible)], q_pos, sinks, None)[:, 0]
-        block = max(b for b, _ in configs)
+        splits, block = flash_decode.plan(context, programs, max(b for b, _ in configs))
         peers = {
             "stock_gqa": lambda q, k, v: decode_attention.gqa(
-                q, k, v, kv_seq_len=lengths, block_k=block, k_splits=kernel_splits(programs, context, block),
-                interpret=interpret,
+                q, k, v, kv_seq_len=lengths, block_k=block, k_splits=splits, interpret=interpret
             )
-        }  # fmt: skip
+        }
     elif layer == "mla":
         config = dataclasses.replace(
             GPT_OSS_20B, num_attention_heads=G * R, num_key_value_heads=G, head_dim=d,
@@ -262,10 +255,10 @@ def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, configs) 
         kv_b = {"kernel": normal(r + G * n2, 2 * G * d), "bias": normal(2 * G * d)}
         cache = (normal(batch, context, r + G * n2),)
         args = (normal(batch, G * R, d), *cache)
-        rope = (jnp.asarray(inv_freq(config)), config.yarn_attention_scale())
+        rotations = lambda: mla.slot_rotations(lengths, context, False, config)  # in the step, as in forward
         kernel = lambda plan: (
             lambda q, c: flash_decode.mla_decompressed_decode(
-                q, kv_b, c, lengths, sinks, None, False, *rope, **plan
+                q, kv_b, c, lengths, sinks, None, False, *rotations(), **plan
             )
         )
         reference = lambda q, c: attend(
@@ -293,7 +286,8 @@ def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, configs) 
     bandwidth = lambda ms: row["bytes"] / (ms / 1e3) / copy
     row["configs"] = []
     for block, warps in configs:
-        plan = dict(splits=kernel_splits(programs, context, block), block=block, warps=warps)
+        splits, block = flash_decode.plan(context, programs, block)  # what decode_plan would pick
+        plan = dict(splits=splits, block=block, warps=warps)
         fn = jax.jit(kernel(dict(plan, interpret=interpret)))
         error = float(jnp.abs(fn(*args).astype(jnp.float32) - want).max())
         ms = 1e3 * timed(fn, *args, repeats=repeats)

@@ -34,11 +34,11 @@ NEG = -1e30  # masked score: finite, so a slice with no visible slot keeps m fin
 MIN_ROWS = 16  # Triton's dot needs at least 16 rows: fewer query heads are padded with zero queries
 
 
-def plan(slots: int, programs: int, target: int = 264) -> tuple[int, int] | None:
+def plan(slots: int, programs: int, block: int = 64, target: int = 264) -> tuple[int, int] | None:
     """(splits, block) for a cache of `slots` read by `programs` (sequence x kv head) programs: blocks of
-    64 slots (32 or 16 if they do not divide), and enough slices to give ~`target` programs (twice the
-    SMs of an H100 / H200). None when `slots` is not a multiple of 16."""
-    block = next((b for b in (64, 32, 16) if slots % b == 0), None)
+    `block` slots (halved down to 16 until one divides), and enough slices to give ~`target` programs
+    (twice the SMs of an H100 / H200). None when `slots` is not a multiple of 16."""
+    block = next((b for b in (block, block // 2, block // 4, 32, 16) if b >= 16 and slots % b == 0), None)
     if block is None:
         return None
     blocks, splits = slots // block, 1
@@ -54,16 +54,15 @@ def pow2_columns(width: int) -> list[pl.Slice]:
     return [pl.ds(sum(bits[:i]), bit) for i, bit in enumerate(bits)]
 
 
-def _visible(start, i, block: int, last, slots: int, sliding: bool, window: int | None, axis: int = 1):
-    """Positions of the block's slots (ring buffer mapped back for sliding layers) and which of them the
-    query sees; laid out along `axis` of a 2-D array."""
-    shape = (1, block) if axis == 1 else (block, 1)
-    slot = start + i * block + jax.lax.broadcasted_iota(jnp.int32, shape, axis)
+def _visible(start, i, block: int, last, slots: int, sliding: bool, window: int | None):
+    """Which of the block's slots [1, block] the query sees (ring buffer mapped back to positions for
+    sliding layers, as `cache.cached_positions` does)."""
+    slot = start + i * block + jax.lax.broadcasted_iota(jnp.int32, (1, block), 1)
     pos = last - jax.lax.rem(last - slot + slots, slots) if sliding else slot
     visible = (pos >= 0) & (pos <= last)
     if window is not None:
         visible &= pos > last - window
-    return pos, visible
+    return visible
 
 
 def _online_step(carry, s, visible, values):
@@ -125,17 +124,17 @@ def _split_kernel(length_ref, *refs, n_keys: int, shared_values: bool, block: in
         s = bias[:, None]
         for k_ref, cols, q in queries:
             s = s + jax.lax.dot_general(q, k_ref[rows, cols], CONTRACT_LAST, preferred_element_type=f32)
-        _, visible = _visible(start, i, block, last, slots, sliding, window)
+        visible = _visible(start, i, block, last, slots, sliding, window)
         return _online_step(carry, s, visible, [v_ref[rows, cols] for cols in value_cols])
 
     _walk(body, length, start, slots, split, block, bias.shape[0], value_cols, out_refs)
 
 
-def _decompressed_kernel(length_ref, q1_ref, q2_ref, c_ref, w1_ref, w2_ref, b1_ref, b2_ref, inv_freq_ref,
-                         *out_refs, block: int, window, sliding, slots, mscale: float):  # fmt: skip
+def _decompressed_kernel(length_ref, q1_ref, q2_ref, c_ref, w1_ref, w2_ref, b1_ref, b2_ref, cos_ref, sin_ref,
+                         *out_refs, block: int, window, sliding, slots):  # fmt: skip
     """Program (b, j, g) of a decompressed MLA layer: kv head g's keys are rebuilt from the latent block
-    in on-chip memory (`k = RoPE(c W_bk[g] + b_k[g])`, halves k1 / k2 rotated at the slots' positions) and
-    never written out; the values stay the latent (absorbed: `W_bv` is applied after the merge)."""
+    in on-chip memory (`k = RoPE(c W_bk[g] + b_k[g])`, halves k1 / k2 rotated by the slots' cos / sin rows)
+    and never written out; the values stay the latent (absorbed: `W_bv` is applied after the merge)."""
     split = c_ref.shape[0]
     start = pl.program_id(1) * split
     length = length_ref[0]
@@ -144,7 +143,6 @@ def _decompressed_kernel(length_ref, q1_ref, q2_ref, c_ref, w1_ref, w2_ref, b1_r
     latent_cols = pow2_columns(c_ref.shape[1])
     q1, q2 = q1_ref[...], q2_ref[...]
     b1, b2 = b1_ref[...].astype(f32), b2_ref[...].astype(f32)
-    inv_freq = inv_freq_ref[...].astype(f32)
 
     def body(i, carry):
         rows = pl.ds(i * block, block)
@@ -154,15 +152,11 @@ def _decompressed_kernel(length_ref, q1_ref, q2_ref, c_ref, w1_ref, w2_ref, b1_r
             for part, cols in zip(c, latent_cols, strict=True)
         )
         k1, k2 = b1[None, :] + up(w1_ref), b2[None, :] + up(w2_ref)
-        # Positions down the rows to rotate the keys, the mask along the columns of the scores: two
-        # layouts of the same iota, since the kernel cannot transpose one into the other.
-        pos, _ = _visible(start, i, block, last, slots, sliding, window, axis=0)
-        angle = pos.astype(f32) * inv_freq[None, :]
-        cos, sin = jnp.cos(angle) * mscale, jnp.sin(angle) * mscale
+        cos, sin = cos_ref[rows, :], sin_ref[rows, :]
         rotated = lambda k: k.astype(q1.dtype)  # rotated in float32, multiplied in the cache's dtype
         s = jax.lax.dot_general(q1, rotated(k1 * cos - k2 * sin), CONTRACT_LAST, preferred_element_type=f32)
         s += jax.lax.dot_general(q2, rotated(k2 * cos + k1 * sin), CONTRACT_LAST, preferred_element_type=f32)
-        _, visible = _visible(start, i, block, last, slots, sliding, window)
+        visible = _visible(start, i, block, last, slots, sliding, window)
         return _online_step(carry, s, visible, c)
 
     _walk(body, length, start, slots, split, block, q1.shape[0], latent_cols, out_refs)
@@ -267,19 +261,17 @@ def _check_split(S: int, splits: int, block: int) -> None:
         raise ValueError(f"cache of {S} slots: not a multiple of splits x block = {splits} x {block}")
 
 
-@functools.partial(
-    jax.jit, static_argnames=("window", "sliding", "mscale", "splits", "block", "warps", "interpret")
-)
+@functools.partial(jax.jit, static_argnames=("window", "sliding", "splits", "block", "warps", "interpret"))
 def decompressed_splits(
     q: Float[Array, "B G Hq d"],
     c: Float[Array, "B S r"],
     w_k: Float[Array, "r G d"],
     b_k: Float[Array, "G d"],
-    inv_freq: Float[Array, " half"],
+    cos: Float[Array, "Bc S half"],
+    sin: Float[Array, "Bc S half"],
     lengths: Int[Array, " B"],
     window: int | None = None,
     sliding: bool = False,
-    mscale: float = 1.0,
     splits: int = 8,
     block: int = 64,
     warps: int = 4,
@@ -287,7 +279,8 @@ def decompressed_splits(
 ) -> tuple[Float[Array, "B G J Hq r"], Float[Array, "B G J Hq"], Float[Array, "B G J Hq"]]:
     """`attention_splits` for a decompressed MLA layer: queries (RoPE applied, scale in) against keys
     rebuilt on chip from the latent c; the values are c (the caller applies W_bv after `combine`).
-    Products in the cache's dtype, RoPE and sums in float32."""
+    cos / sin: `rope.cos_sin` of the slots' positions, per sequence (Bc = B) or shared (Bc = 1). Products in
+    the cache's dtype, RoPE and sums in float32."""
     B, G, heads, d = q.shape
     S, r = c.shape[1:]
     _check_split(S, splits, block)
@@ -298,9 +291,9 @@ def decompressed_splits(
     out_specs, out_shape = _outputs(B, G, Hq, r, splits)
     per_head = lambda shape: pl.BlockSpec((None, *shape), lambda b, j, g: (g, *(0 for _ in shape)))
     w = w_k.astype(c.dtype).transpose(1, 0, 2)  # [G, r, d]: one kv head's up-projection per program
-    kernel = functools.partial(
-        _decompressed_kernel, block=block, window=window, sliding=sliding, slots=S, mscale=mscale
-    )
+    kernel = functools.partial(_decompressed_kernel, block=block, window=window, sliding=sliding, slots=S)
+    per_sequence = cos.shape[0] > 1
+    rotation = pl.BlockSpec((None, S // splits, half), lambda b, j, g: (b if per_sequence else 0, j, 0))
     outputs = pl.pallas_call(
         kernel,
         grid=(B, splits, G),
@@ -313,7 +306,8 @@ def decompressed_splits(
             per_head((r, half)),
             per_head((half,)),
             per_head((half,)),
-            pl.BlockSpec((half,), lambda b, j, g: (0,)),
+            rotation,
+            rotation,
         ],
         out_specs=out_specs,
         out_shape=out_shape,
@@ -321,7 +315,7 @@ def decompressed_splits(
         interpret=interpret,
     )(
         lengths.astype(jnp.int32), q[..., :half], q[..., half:], c, w[..., :half], w[..., half:],
-        b_k[:, :half], b_k[:, half:], inv_freq,
+        b_k[:, :half], b_k[:, half:], cos.astype(jnp.float32), sin.astype(jnp.float32),
     )  # fmt: skip
     return _unpad(outputs, heads)
 
@@ -416,8 +410,8 @@ def mla_decompressed_decode(
     sinks: Float[Array, " H"],
     window: int | None,
     sliding: bool,
-    inv_freq: Float[Array, " half"],
-    mscale: float,
+    cos: Float[Array, "Bc S half"],
+    sin: Float[Array, "Bc S half"],
     splits: int = 8,
     block: int = 64,
     interpret: bool = False,
@@ -426,7 +420,8 @@ def mla_decompressed_decode(
     """One decode query per sequence (RoPE applied, as `mla.scoring_queries` gives it) over a
     decompressed layer's latent cache c that already holds the step's token: the attention output per
     head, as `attend` over `mla.keys_values` computes it, without writing K or V to memory.
-    `kv_b`: the layer's up-projection {kernel [r, 2Gd], bias [2Gd]} (keys, then values)."""
+    `kv_b`: the layer's up-projection {kernel [r, 2Gd], bias [2Gd]} (keys, then values); cos / sin: the
+    slots' rotations (`mla.slot_rotations`)."""
     B, H, d = q.shape
     r = c.shape[-1]
     G = kv_b["kernel"].shape[1] // (2 * d)
@@ -434,7 +429,7 @@ def mla_decompressed_decode(
     bias = kv_b["bias"].reshape(2, G, d)
     qg = (q.astype(jnp.float32) * d**-0.5).reshape(B, G, H // G, d)
     acc, m, l = decompressed_splits(
-        qg, c, w[:, 0], bias[0], inv_freq, lengths, window, sliding, mscale,
+        qg, c, w[:, 0], bias[0], cos, sin, lengths, window, sliding,
         splits=splits, block=block, warps=warps, interpret=interpret,
     )  # fmt: skip
     latent, mass = combine(acc, m, l, sinks)  # [B, G, R, r], [B, G, R]

@@ -31,7 +31,7 @@ from gptoss_mla_jax import cache as kv_cache
 from gptoss_mla_jax import flash_decode
 from gptoss_mla_jax.attention import attend, decode_plan, key_mask, sink_softmax
 from gptoss_mla_jax.config import GptOssConfig
-from gptoss_mla_jax.rope import apply_rope, cos_sin, inv_freq
+from gptoss_mla_jax.rope import apply_rope, cos_sin
 
 Params = dict[str, Any]
 
@@ -139,11 +139,23 @@ def _kernel_decode(
             q_rope[:, 0], q_nope[:, 0], *_partial_up_projections(p, config, layer), cache, lengths,
             p["sinks"], window, sliding, config.head_dim, *steps,
         )[:, None]  # fmt: skip
-    rope = (jnp.asarray(inv_freq(config)), config.yarn_attention_scale())
     return flash_decode.mla_decompressed_decode(
         scoring_queries(q, cos, sin, config, layer)[:, 0], p["kv_b"], cache["c"], lengths, p["sinks"], window,
-        sliding, *rope, *steps,
+        sliding, *slot_rotations(lengths, cache["c"].shape[1], sliding, config), *steps,
     )[:, None]  # fmt: skip
+
+
+def slot_rotations(
+    lengths: Int[Array, " B"], slots: int, sliding: bool, config: GptOssConfig
+) -> tuple[Float[Array, "Bc S half"], Float[Array, "Bc S half"]]:
+    """cos / sin (`rope.cos_sin`) of the positions a cache's slots hold, for the decompressed decode
+    kernel: per sequence on a ring buffer (Bc = B), shared by all sequences otherwise (Bc = 1, slot =
+    position). Tabled rather than computed in the kernel, where every kv head would redo the sines."""
+    if sliding:
+        positions = kv_cache.cached_positions(lengths, slots, True)[0]
+    else:
+        positions = jnp.arange(slots, dtype=jnp.int32)[None]
+    return cos_sin(positions, config)
 
 
 def cache_entries(p: Params, x: Float[Array, "B T D"], cos, sin, config: GptOssConfig, layer: int) -> dict:

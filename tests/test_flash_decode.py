@@ -20,8 +20,7 @@ from gptoss_mla_jax.flash_decode import (
     pow2_columns,
 )
 from gptoss_mla_jax.generate import DEMO_CONFIG
-from gptoss_mla_jax.mla import _absorbed, keys_values
-from gptoss_mla_jax.rope import inv_freq
+from gptoss_mla_jax.mla import _absorbed, keys_values, slot_rotations
 
 
 def reference(q_rope, q_nope, w_k, b_k, w_v, b_v, entries, lengths, sinks, window, sliding, d):
@@ -109,7 +108,7 @@ def test_decompressed_kernel_equals_jnp(G, R, slots, splits, block, sliding, len
     pos, ok = kv_cache.cached_positions(lengths, slots, sliding)
     k, v = keys_values({"kv_b": kv_b}, {"c": c}, pos, config, 1)
     want = attend(q[:, None], [(k, v, pos, ok)], (lengths - 1)[:, None], sinks, window)[:, 0]
-    rope = (jnp.asarray(inv_freq(config)), config.yarn_attention_scale())
+    rope = slot_rotations(lengths, slots, sliding, config)
     got = mla_decompressed_decode(q, kv_b, c, lengths, sinks, window, sliding, *rope, splits, block, True)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 

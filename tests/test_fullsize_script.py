@@ -37,24 +37,8 @@ def test_decode_benchmark_runs_at_a_small_size(tmp_path):
     from eval import bench_decode
 
     out = tmp_path / "decode.json"
-    assert (
-        bench_decode.main(
-            [
-                "--smoke",
-                "--batches",
-                "1,2",
-                "--contexts",
-                "64",
-                "--repeats",
-                "2",
-                "--decode-kernels",
-                "both",
-                "--out",
-                str(out),
-            ]
-        )  # fmt: skip
-        == 0
-    )
+    argv = ["--smoke", "--batches", "1,2", "--contexts", "64", "--repeats", "2", "--decode-kernels", "both"]
+    assert bench_decode.main([*argv, "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["model"], r["batch"], r["decode_kernels"]) for r in rows] == [
         (model, batch, kernels) for batch in (1, 2) for model in ("gqa", "mla") for kernels in (False, True)
