@@ -210,15 +210,21 @@ def kernel_rows(batches: list[int], contexts: list[int], repeats: int, smoke: bo
     )
     copy = copy_bandwidth(0.05 if smoke else 4.0)
     rows = [{"copy_gb_per_s": copy / 1e9}]
-    for context, batch, layer in itertools.product(contexts, batches, ("gqa", "mla", "mla_partial")):
+    layers = ("gqa", "mla", "mla_partial")
+    # Agreement in float32 first (one small point per kernel, where bf16 rounding does not blur a bug),
+    # then the bf16 speed table.
+    check = [(layer, 2, min(contexts), jnp.float32) for layer in layers]
+    points = [(layer, b, c, jnp.bfloat16) for c, b, layer in itertools.product(contexts, batches, layers)]
+    for layer, batch, context, dtype in check + points:
         try:
-            rows.append(kernel_point(layer, batch, context, repeats, copy, **shape))
+            rows.append(kernel_point(layer, batch, context, repeats, copy, dtype=dtype, **shape))
         except Exception as e:  # a lowering failure or an OOM is a result too: say which and go on
             rows.append(
                 {
                     "layer": layer,
                     "batch": batch,
                     "context": context,
+                    "dtype": jnp.dtype(dtype).name,
                     "error": f"{type(e).__name__}: {e}"[:1500],
                 }
             )
@@ -226,9 +232,9 @@ def kernel_rows(batches: list[int], contexts: list[int], repeats: int, smoke: bo
     return rows
 
 
-def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, configs) -> dict:
+def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, configs, dtype) -> dict:
     keys = iter(jax.random.split(jax.random.key(0), 10))
-    normal = lambda *shape: jax.random.normal(next(keys), shape, jnp.bfloat16)
+    normal = lambda *shape: jax.random.normal(next(keys), shape, dtype)
     lengths, sinks = jnp.full((batch,), context, jnp.int32), normal(G * R)
     pos = jnp.broadcast_to(jnp.arange(context, dtype=jnp.int32), (batch, context))
     visible, q_pos = pos < lengths[:, None], (lengths - 1)[:, None]
@@ -281,7 +287,8 @@ def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, configs) 
         )[:, 0]  # fmt: skip
         peers = {}
     want = jax.jit(reference)(*args).astype(jnp.float32)
-    row = {"layer": layer, "batch": batch, "context": context, "bytes": int(sum(x.nbytes for x in cache))}
+    row = {"layer": layer, "batch": batch, "context": context, "dtype": jnp.dtype(dtype).name}
+    row["bytes"] = int(sum(x.nbytes for x in cache))
     row["max_abs_reference"] = float(jnp.abs(want).max())
     bandwidth = lambda ms: row["bytes"] / (ms / 1e3) / copy
     row["configs"] = []

@@ -1,7 +1,7 @@
 """`python -m train.distill` on several meshes of one host, each checkpointed once and resumed once, against
 the one-device run of the same steps: losses, tokens/s, MFU, per-device peak memory, scaling efficiency.
 
-    python -m eval.multi_gpu_distill --work /tmp/mgd --meshes 1x1,4x1,2x2 [--steps 24] [--batch 4]
+    python -m eval.multi_gpu_distill --work /tmp/mgd --meshes 1x1,4x1,2x2 [--steps 24] [--batch 2]
         [--seq-len 2048] [--out eval/results/multi_gpu_distill.json]
     python -m eval.multi_gpu_distill --smoke ...   # a small 2-layer model on simulated CPU devices
 
@@ -33,6 +33,15 @@ def mesh_devices(mesh: str) -> int:
 def run(argv: list[str], env: dict) -> None:
     print("$", " ".join(argv), flush=True)
     subprocess.run([sys.executable, *argv], check=True, env=env)
+
+
+def finished(folder: str, steps: int) -> bool:
+    """Whether the run in `folder` logged all `steps` (a --stop-after half writes its summary too)."""
+    try:
+        with open(os.path.join(folder, "metrics.jsonl")) as f:
+            return sum(1 for _ in f) >= steps
+    except FileNotFoundError:
+        return False
 
 
 def read_run(folder: str) -> dict:
@@ -67,7 +76,10 @@ def main(argv=None) -> int:
     parser.add_argument("--work", required=True, help="folder for the checkpoints and runs")
     parser.add_argument("--meshes", default="1x1,4x1,2x2", help="the first is the baseline")
     parser.add_argument("--steps", type=int, default=24)
-    parser.add_argument("--batch", type=int, default=4, help="global batch, the same on every mesh")
+    parser.add_argument(
+        "--batch", type=int, default=2,
+        help="global batch, the same on every mesh (4 x 2048 ran out of memory on one H200)",
+    )  # fmt: skip
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--tolerance", type=float, default=2e-2, help="relative loss difference (bf16)")
     parser.add_argument("--smoke", action="store_true", help="small model, simulated CPU devices")
@@ -99,7 +111,7 @@ def main(argv=None) -> int:
         common = ["-m", "train.distill", "--teacher", teacher, "--student", student, "--mesh", mesh]
         common += ["--data", ids, "--steps", str(args.steps), "--batch", str(args.batch)]
         common += ["--seq-len", str(args.seq_len), "--out", folder, "--warmup", "2", "--no-progress"]
-        if not os.path.exists(os.path.join(folder, "summary.json")):
+        if not finished(folder, args.steps):
             if not os.path.exists(os.path.join(folder, "ckpt")):
                 run(
                     [*common, "--ckpt-every", str(args.steps // 2), "--stop-after", str(args.steps // 2)], env

@@ -2,6 +2,7 @@
 resumed once in separate processes, and its losses match the one-device run."""
 
 import json
+import shutil
 
 from eval import multi_gpu_distill
 
@@ -28,3 +29,13 @@ def test_smoke_run_end_to_end(tmp_path):
         assert len(run["losses"]) == 2 and run["steps"] == 2  # resumed to the end, one row per step
     assert (tmp_path / "work" / "run_2x1" / "ckpt").exists()
     assert result["comparison"]["meshes"]["2x1"]["losses_match"]
+
+    # A resume that died before its last step (the summary.json of --stop-after's half still there) is
+    # resumed again by the next call, not read as a finished run.
+    run = tmp_path / "work" / "run_2x1"
+    shutil.rmtree(run / "ckpt" / "2")
+    (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text().splitlines(keepends=True)[0])
+    assert (run / "summary.json").exists() and not multi_gpu_distill.finished(str(run), 2)
+    assert multi_gpu_distill.main([*argv, "--batch", "2", "--seq-len", "16", "--out", str(out)]) == 0
+    again = json.loads(out.read_text())["runs"]["2x1"]
+    assert again["losses"] == result["runs"]["2x1"]["losses"]
