@@ -177,9 +177,11 @@ def _specs(Hq: int, S: int, splits: int):
 
 
 def _pad_heads(x: Array, axis: int = 2) -> Array:
-    """Zero query heads (or their biases) up to MIN_ROWS along `axis`."""
+    """Zero query heads (or their biases) along `axis` up to a power of two (Triton's tensors are) of at
+    least MIN_ROWS."""
+    heads = x.shape[axis]
     widths = [(0, 0)] * x.ndim
-    widths[axis] = (0, max(0, MIN_ROWS - x.shape[axis]))
+    widths[axis] = (0, max(MIN_ROWS, 1 << (heads - 1).bit_length()) - heads)
     return jnp.pad(x, widths)
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from gptoss_mla_jax import cache as kv_cache
 from gptoss_mla_jax.attention import attend
-from gptoss_mla_jax.config import MlaConfig
+from gptoss_mla_jax.config import GPT_OSS_20B, MlaConfig
 from gptoss_mla_jax.flash_decode import (
     combine,
     gqa_decode,
@@ -73,6 +73,7 @@ CASES = [
     (2, 4, 256, 4, 16, False, [1, 37, 256, 100]),  # ragged, length 1, a full cache
     (8, 2, 128, 2, 32, False, [5, 64, 65, 127]),  # lengths on and off block edges
     (4, 2, 64, 2, 16, True, [1, 50, 64, 200]),  # ring buffer of a sliding layer, wrapped
+    (1, 20, 64, 2, 16, False, [3, 64]),  # 20 query heads per kv head: padded to 32, a power of two
 ]
 
 
@@ -153,3 +154,35 @@ def test_bad_split_is_refused():
             {"c": jnp.zeros((1, 100, 4)), "k_rope": jnp.zeros((1, 100, 1, 2))},
             jnp.ones(1, jnp.int32), jnp.zeros(1), None, False, 2, splits=8, block=64, interpret=True,
         )  # fmt: skip
+
+
+@pytest.mark.parametrize("sliding", [False, True])
+@pytest.mark.parametrize("kind", ["gqa", "absorbed", "decompressed"])
+def test_kernels_lower_for_the_gpu(kind, sliding):
+    """Each kernel, at gpt-oss-20b's head shapes in bf16, lowers to Triton for CUDA from this CPU-only
+    machine: every op in it has a Pallas-GPU lowering (compiling the Triton IR needs the GPU itself)."""
+    B, G, R, d, S, r, n2 = 2, 8, 8, 64, 256, 160, 4
+    spec = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
+    lengths, sinks = spec(B, dtype=jnp.int32), spec(G * R, dtype=jnp.float32)
+    window = 128 if sliding else None
+    if kind == "gqa":
+        fn = lambda q, k, v, lengths, sinks: gqa_decode(q, k, v, lengths, sinks, window, sliding, 2, 64)
+        args = (spec(B, G * R, d), spec(B, S, G, d), spec(B, S, G, d))
+    elif kind == "absorbed":
+        fn = lambda q_rope, q_nope, w_k, b_k, w_v, b_v, c, k_rope, lengths, sinks: mla_absorbed_decode(
+            q_rope, q_nope, w_k, b_k, w_v, b_v, {"c": c, "k_rope": k_rope}, lengths, sinks, window, sliding,
+            d, 2, 64,
+        )  # fmt: skip
+        args = (spec(B, G, R, n2), spec(B, G, R, d - n2), spec(r, G, d - n2), spec(G, d - n2))
+        args += (spec(r, G, d), spec(G, d), spec(B, S, r), spec(B, S, G, n2))
+    else:
+        config = dataclasses.replace(
+            GPT_OSS_20B, mla=MlaConfig("decompressed", (1,), (r + G * n2,))
+        )  # the 20b's rope
+        fn = lambda q, kernel, bias, c, lengths, sinks: mla_decompressed_decode(
+            q, {"kernel": kernel, "bias": bias}, c, lengths, sinks, window, sliding,
+            *slot_rotations(lengths, S, sliding, config), 2, 64,
+        )  # fmt: skip
+        args = (spec(B, G * R, d), spec(r + G * n2, 2 * G * d), spec(2 * G * d), spec(B, S, r + G * n2))
+    lowered = jax.jit(fn).trace(*args, lengths, sinks).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("xla.gpu.triton") == 1
