@@ -143,15 +143,16 @@ def _decompressed_kernel(length_ref, q1_ref, q2_ref, c_ref, w1_ref, w2_ref, b1_r
     latent_cols = pow2_columns(c_ref.shape[1])
     q1, q2 = q1_ref[...], q2_ref[...]
     b1, b2 = b1_ref[...].astype(f32), b2_ref[...].astype(f32)
+    # The kv head's up-projection, loaded once: every block multiplies by it.
+    w1, w2 = ([w_ref[cols, :] for cols in latent_cols] for w_ref in (w1_ref, w2_ref))
 
     def body(i, carry):
         rows = pl.ds(i * block, block)
         c = [c_ref[rows, cols] for cols in latent_cols]
-        up = lambda w_ref: sum(
-            jnp.dot(part, w_ref[cols, :], preferred_element_type=f32)
-            for part, cols in zip(c, latent_cols, strict=True)
+        up = lambda w: sum(
+            jnp.dot(part, w_part, preferred_element_type=f32) for part, w_part in zip(c, w, strict=True)
         )
-        k1, k2 = b1[None, :] + up(w1_ref), b2[None, :] + up(w2_ref)
+        k1, k2 = b1[None, :] + up(w1), b2[None, :] + up(w2)
         cos, sin = cos_ref[rows, :], sin_ref[rows, :]
         rotated = lambda k: k.astype(q1.dtype)  # rotated in float32, multiplied in the cache's dtype
         s = jax.lax.dot_general(q1, rotated(k1 * cos - k2 * sin), CONTRACT_LAST, preferred_element_type=f32)
