@@ -162,7 +162,8 @@ def copy_bandwidth(gigabytes: float = 4.0) -> float:
 
 def breakdown(models_: dict, batch: int, context: int, repeats: int) -> dict:
     """Where one decode step's time goes, per model: a full-attention layer's attention (with its cache), a
-    layer's MoE and the unembedding, against the whole step; and the card's copy bandwidth."""
+    layer's MoE (jnp, and on the MXFP4 matvec kernel) and the unembedding, against the whole step; and the
+    card's copy bandwidth."""
     out = {"batch": batch, "context": context, "copy_gb_per_s": copy_bandwidth() / 1e9}
     for name, (config, params) in models_.items():
         out[name] = layer_breakdown(config, params, batch, context, repeats)
@@ -189,6 +190,7 @@ def layer_breakdown(config: GptOssConfig, params, batch: int, context: int, repe
         "step_ms": 1e3 * float(np.median(step_seconds(params, config, batch, context, repeats))),
         "full_layer_attention_ms": ms(step, layer["self_attn"], x, layer_cache),
         "layer_moe_ms": ms(lambda p, x: moe_sparse(p, x, config), layer["mlp"], x),
+        "layer_moe_kernel_ms": ms(lambda p, x: moe_sparse(p, x, config, kernels=True), layer["mlp"], x),
         "unembed_ms": ms(lambda x, w: x @ w, x, params["lm_head"]),
         "layer_cache_gb": sum(v.nbytes for v in layer_cache.values()) / 1e9,
     }

@@ -198,9 +198,11 @@ def decoder_layer(
     else:
         a, layer_cache = attention(*args, decode_kernels=decode_kernels)
     x = x + a
-    moe = moe_sparse if moe_impl == "sparse" else moe_dense
     m = rms_norm(x, layer["post_attention_layernorm"], config.rms_norm_eps)
-    x = x + moe(layer["mlp"], m, config)
+    if moe_impl == "sparse":
+        x = x + moe_sparse(layer["mlp"], m, config, kernels=decode_kernels and m.shape[1] == 1)
+    else:
+        x = x + moe_dense(layer["mlp"], m, config)
     return x, layer_cache, {"attn_input": h, "attn_output": a, "moe_input": m}
 
 
@@ -240,7 +242,7 @@ def forward(
     `collect_attention` appends a third result: every layer's attention output [B, T, D] (what it adds
     to the residual stream), for distillation losses that match layers.
     `decode_kernels`: single-token steps attend with the Pallas flash-decoding kernels (flash_decode.py)
-    instead of jnp (interpreted, slowly, off the GPU).
+    and multiply MXFP4 experts packed (mxfp4_matvec.py) instead of jnp (interpreted, slowly, off the GPU).
     """
     check_params(params, config)
     check_tokens(tokens, config)

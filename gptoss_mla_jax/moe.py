@@ -12,7 +12,8 @@ Two paths that must agree: `moe_dense` runs every expert on every token (the rea
 `moe_sparse` (the default) sorts token-expert pairs by expert and runs only the selected experts with
 `jax.lax.ragged_dot`, so its FLOPs scale with k, not with the number of experts; at decode (fewer
 token-expert pairs than experts) it gathers the selected experts' weights instead, so a step reads only
-those from memory.
+those from memory, or, with `kernels` and MXFP4 experts, multiplies them packed where they lie with the
+Pallas kernel of `mxfp4_matvec` (no dequantized copy written).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from gptoss_mla_jax.config import GptOssConfig
+from gptoss_mla_jax.mxfp4_matvec import mxfp4_matvec
 
 Params = dict[str, Any]
 
@@ -68,14 +70,19 @@ def moe_dense(p: Params, x: Float[Array, "B T D"], config: GptOssConfig) -> Floa
     return out.astype(x.dtype).reshape(x.shape)
 
 
-def moe_sparse(p: Params, x: Float[Array, "B T D"], config: GptOssConfig) -> Float[Array, "B T D"]:
+def moe_sparse(
+    p: Params, x: Float[Array, "B T D"], config: GptOssConfig, kernels: bool = False
+) -> Float[Array, "B T D"]:
     """Only the selected experts. Few token-expert pairs (decode: fewer than there are experts) gather
-    their experts' weights, so a step reads k experts per token, not all of them; more pairs are grouped
-    by expert and multiplied with ragged_dot."""
+    their experts' weights, so a step reads k experts per token, not all of them (`kernels`: MXFP4 ones
+    through the Pallas matvec, interpreted off the GPU); more pairs are grouped by expert and multiplied
+    with ragged_dot."""
     flat = x.reshape(-1, x.shape[-1])
     n, k = flat.shape[0], config.num_experts_per_tok
     weights, idx = route(p, flat, config)
-    if n * k < config.num_local_experts:
+    if n * k < config.num_local_experts and kernels and "gate_up_proj_blocks" in p["experts"]:
+        y = _packed_experts(p["experts"], flat, idx, config)
+    elif n * k < config.num_local_experts:
         y = _selected_experts(p["experts"], flat, idx, config)
     else:
         y = _grouped_experts(p["experts"], flat, idx, config)
@@ -101,6 +108,22 @@ def _selected_experts(
     x = jnp.broadcast_to(flat[:, None], (*idx.shape, flat.shape[-1]))
     gate_up = jnp.einsum(spec, x, w_gate_up) + experts["gate_up_proj_bias"][idx]
     return jnp.einsum(spec, swiglu(gate_up, config), w_down) + experts["down_proj_bias"][idx]
+
+
+def _packed_experts(
+    experts: Params, flat: Float[Array, "N D"], idx: Int[Array, "N k"], config: GptOssConfig
+) -> Float[Array, "N k D"]:
+    """`_selected_experts` for MXFP4 experts on the Pallas kernel: each (token, expert) row multiplied
+    by its packed expert, float32 sums."""
+    n, k = idx.shape
+    rows, chosen = jnp.repeat(flat, k, axis=0), idx.reshape(-1)
+    interpret = jax.default_backend() != "gpu"
+    product = lambda name, rows: mxfp4_matvec(
+        rows, chosen, experts[f"{name}_blocks"], experts[f"{name}_scales"], experts[f"{name}_bias"],
+        interpret=interpret,
+    )  # fmt: skip
+    hidden = swiglu(product("gate_up_proj", rows), config).astype(flat.dtype)
+    return product("down_proj", hidden).astype(flat.dtype).reshape(n, k, -1)
 
 
 def _grouped_experts(

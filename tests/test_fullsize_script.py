@@ -91,3 +91,15 @@ def test_kernel_benchmark_runs_at_a_small_size(tmp_path):
         assert row["max_abs_error"] <= bound * row["max_abs_reference"]
         assert row["kernel_ms"] > 0 and row["jnp_ms"] > 0
     assert rows[0]["stock_gqa_ms"] > 0
+
+
+def test_decode_breakdown_runs_at_a_small_size(tmp_path):
+    """--breakdown times a layer's attention, its MoE on jnp and on the MXFP4 matvec kernel, and the
+    unembedding, for GQA and MLA."""
+    from eval import bench_decode
+
+    out = tmp_path / "breakdown.json"
+    assert bench_decode.main(["--smoke", "--breakdown", "1,64", "--repeats", "1", "--out", str(out)]) == 0
+    breakdown = json.loads(out.read_text())["breakdown"]
+    for model in ("gqa", "mla"):
+        assert all(breakdown[model][key] > 0 for key in ("layer_moe_ms", "layer_moe_kernel_ms", "step_ms"))
