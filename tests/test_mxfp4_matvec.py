@@ -47,3 +47,18 @@ def test_lowers_for_the_gpu_at_gpt_oss_20b_shapes():
         args += (spec(32, n_out, 90, dtype=jnp.uint8), spec(32, n_out))
         lowered = jax.jit(mxfp4_matvec).trace(*args).lower(lowering_platforms=("cuda",))
         assert lowered.as_text().count("xla.gpu.triton") == 1
+
+
+def test_decode_step_on_the_kernels_equals_jnp():
+    """A model with MXFP4 experts: one cached decode step with `decode_kernels` (attention kernels and the
+    MXFP4 matvec, interpreted) gives the jnp step's logits, float32."""
+    from gptoss_mla_jax.cache import init_cache
+    from gptoss_mla_jax.generate import DEMO_CONFIG
+    from gptoss_mla_jax.model import forward, init_params
+
+    params = init_params(DEMO_CONFIG, jax.random.key(0), jnp.float32, experts="mxfp4")
+    tokens = jax.random.randint(jax.random.key(1), (2, 21), 0, DEMO_CONFIG.vocab_size)
+    _, cache = forward(params, tokens[:, :20], init_cache(DEMO_CONFIG, 2, 32, jnp.float32), DEMO_CONFIG)
+    step = lambda kernels: forward(params, tokens[:, 20:], cache, DEMO_CONFIG, decode_kernels=kernels)[0]
+    want, got = step(False), step(True)
+    np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.abs(want).max()), rtol=0)
