@@ -196,7 +196,8 @@ def layer_breakdown(config: GptOssConfig, params, batch: int, context: int, repe
     }
 
 
-KERNEL_CONFIGS = ((64, 4), (128, 4), (64, 8), (128, 8))  # (block, warps) tried at every point
+# (block, warps, pipeline stages) tried at every point
+KERNEL_CONFIGS = ((64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (64, 8, 2), (128, 8, 2))
 
 
 def kernel_rows(batches: list[int], contexts: list[int], repeats: int, smoke: bool, log) -> list[dict]:
@@ -206,7 +207,7 @@ def kernel_rows(batches: list[int], contexts: list[int], repeats: int, smoke: bo
     keys rebuilt on chip) and absorbed partial-mode MLA (latent 160 + 2 RoPE pairs per kv head; both 80.9%
     less cache). Time, and bytes of cache read over the card's copy bandwidth."""
     shape = (
-        dict(G=2, R=2, d=16, n2=4, r=24, configs=((16, 4),))
+        dict(G=2, R=2, d=16, n2=4, r=24, configs=((16, 4, 2),))
         if smoke
         else dict(G=8, R=8, d=64, n2=4, r=160, configs=KERNEL_CONFIGS)
     )
@@ -249,7 +250,7 @@ def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, configs, 
             lambda q, k, v: flash_decode.gqa_decode(q, k, v, lengths, sinks, None, False, **plan)
         )
         reference = lambda q, k, v: attend(q[:, None], [(k, v, pos, visible)], q_pos, sinks, None)[:, 0]
-        splits, block = flash_decode.plan(context, programs, max(b for b, _ in configs))
+        splits, block = flash_decode.plan(context, programs, max(c[0] for c in configs))
         peers = {
             "stock_gqa": lambda q, k, v: decode_attention.gqa(
                 q, k, v, kv_seq_len=lengths, block_k=block, k_splits=splits, interpret=interpret
@@ -294,16 +295,16 @@ def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, configs, 
     row["max_abs_reference"] = float(jnp.abs(want).max())
     bandwidth = lambda ms: row["bytes"] / (ms / 1e3) / copy
     row["configs"] = []
-    for block, warps in configs:
+    for block, warps, stages in configs:
         splits, block = flash_decode.plan(context, programs, block)  # what decode_plan would pick
-        plan = dict(splits=splits, block=block, warps=warps)
+        plan = dict(splits=splits, block=block, warps=warps, stages=stages)
         fn = jax.jit(kernel(dict(plan, interpret=interpret)))
         error = float(jnp.abs(fn(*args).astype(jnp.float32) - want).max())
         ms = 1e3 * timed(fn, *args, repeats=repeats)
         row["configs"].append(plan | {"ms": ms, "of_copy_bandwidth": bandwidth(ms), "max_abs_error": error})
     best = min(row["configs"], key=lambda c: c["ms"])
     row["kernel_ms"], row["kernel_of_copy_bandwidth"] = best["ms"], best["of_copy_bandwidth"]
-    row["kernel_plan"] = {k: best[k] for k in ("splits", "block", "warps")}
+    row["kernel_plan"] = {k: best[k] for k in ("splits", "block", "warps", "stages")}
     row["max_abs_error"] = max(c["max_abs_error"] for c in row["configs"])
     for name, fn in (("jnp", reference), *peers.items()):
         ms = 1e3 * timed(jax.jit(fn), *args, repeats=repeats)

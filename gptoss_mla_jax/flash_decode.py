@@ -192,10 +192,10 @@ def _unpad(outputs, heads: int):
     return acc[..., :heads, :], m[..., :heads], l[..., :heads]
 
 
-def _triton(warps: int) -> pl_triton.CompilerParams:
-    """Launch settings on the GPU (ignored by the interpreter): two pipeline stages, so the next cache
-    block loads while this one is reduced."""
-    return pl_triton.CompilerParams(num_warps=warps, num_stages=2)
+def _triton(warps: int, stages: int) -> pl_triton.CompilerParams:
+    """Launch settings on the GPU (ignored by the interpreter): `warps` per program, and `stages` of
+    software pipelining (2: the next cache block loads while this one is reduced)."""
+    return pl_triton.CompilerParams(num_warps=warps, num_stages=stages)
 
 
 def _outputs(B: int, G: int, Hq: int, dv: int, splits: int):
@@ -209,7 +209,9 @@ def _outputs(B: int, G: int, Hq: int, dv: int, splits: int):
     return specs, [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
 
 
-@functools.partial(jax.jit, static_argnames=("window", "sliding", "splits", "block", "warps", "interpret"))
+@functools.partial(
+    jax.jit, static_argnames=("window", "sliding", "splits", "block", "warps", "stages", "interpret")
+)
 def attention_splits(
     queries: tuple[Float[Array, "B G Hq _"], ...],
     bias: Float[Array, "B G Hq"],
@@ -221,6 +223,7 @@ def attention_splits(
     splits: int = 8,
     block: int = 64,
     warps: int = 4,
+    stages: int = 2,
     interpret: bool = False,
 ) -> tuple[Float[Array, "B G J Hq dv"], Float[Array, "B G J Hq"], Float[Array, "B G J Hq"]]:
     """Per kv head g and slice j of the slots: (sum_t e^(s_t - m) v_t, m, sum_t e^(s_t - m)) with scores
@@ -253,7 +256,7 @@ def attention_splits(
         ],
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=_triton(warps),
+        compiler_params=_triton(warps, stages),
         interpret=interpret,
     )(lengths.astype(jnp.int32), *queries, bias, *keys, *([] if shared else [values]))
     return _unpad(outputs, heads)
@@ -264,7 +267,9 @@ def _check_split(S: int, splits: int, block: int) -> None:
         raise ValueError(f"cache of {S} slots: not a multiple of splits x block = {splits} x {block}")
 
 
-@functools.partial(jax.jit, static_argnames=("window", "sliding", "splits", "block", "warps", "interpret"))
+@functools.partial(
+    jax.jit, static_argnames=("window", "sliding", "splits", "block", "warps", "stages", "interpret")
+)
 def decompressed_splits(
     q: Float[Array, "B G Hq d"],
     c: Float[Array, "B S r"],
@@ -278,6 +283,7 @@ def decompressed_splits(
     splits: int = 8,
     block: int = 64,
     warps: int = 4,
+    stages: int = 2,
     interpret: bool = False,
 ) -> tuple[Float[Array, "B G J Hq r"], Float[Array, "B G J Hq"], Float[Array, "B G J Hq"]]:
     """`attention_splits` for a decompressed MLA layer: queries (RoPE applied, scale in) against keys
@@ -314,7 +320,7 @@ def decompressed_splits(
         ],
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=_triton(warps),
+        compiler_params=_triton(warps, stages),
         interpret=interpret,
     )(
         lengths.astype(jnp.int32), q[..., :half], q[..., half:], c, w[..., :half], w[..., half:],
@@ -351,6 +357,7 @@ def gqa_decode(
     block: int = 64,
     interpret: bool = False,
     warps: int = 4,
+    stages: int = 2,
 ) -> Float[Array, "B H d"]:
     """One decode query per sequence (RoPE applied) over a GQA layer's cache that already holds the step's
     token (`lengths` count it): the attention output per head, as `attention.attend` computes it."""
@@ -359,7 +366,7 @@ def gqa_decode(
     qg = (q.astype(jnp.float32) * d**-0.5).reshape(B, G, H // G, d)
     acc, m, l = attention_splits(
         (qg,), jnp.zeros(qg.shape[:3], jnp.float32), (k,), v, lengths, window, sliding,
-        splits=splits, block=block, warps=warps, interpret=interpret,
+        splits=splits, block=block, warps=warps, stages=stages, interpret=interpret,
     )  # fmt: skip
     out, _ = combine(acc, m, l, sinks)
     return out.reshape(B, H, d).astype(q.dtype)
@@ -382,6 +389,7 @@ def mla_absorbed_decode(
     block: int = 64,
     interpret: bool = False,
     warps: int = 4,
+    stages: int = 2,
 ) -> Float[Array, "B H d"]:
     """One decode query per sequence over a partial-mode layer's cache {"c" [B,S,r], "k_rope" [B,S,G,2n]}
     that already holds the step's token: the attention output per head, as `mla._absorbed` computes it."""
@@ -397,7 +405,7 @@ def mla_absorbed_decode(
     k_rope = entries["k_rope"].reshape(*entries["k_rope"].shape[:2], 1, G * n2)
     acc, m, l = attention_splits(
         (q_lat * scale, q_rope_flat * scale), q_bias * scale, (c, k_rope), None, lengths, window, sliding,
-        splits=splits, block=block, warps=warps, interpret=interpret,
+        splits=splits, block=block, warps=warps, stages=stages, interpret=interpret,
     )  # fmt: skip
     latent, mass = combine(acc, m, l, sinks)
     latent, mass = latent.reshape(B, G, R, -1), mass.reshape(B, G, R, 1)
@@ -419,6 +427,7 @@ def mla_decompressed_decode(
     block: int = 64,
     interpret: bool = False,
     warps: int = 4,
+    stages: int = 2,
 ) -> Float[Array, "B H d"]:
     """One decode query per sequence (RoPE applied, as `mla.scoring_queries` gives it) over a
     decompressed layer's latent cache c that already holds the step's token: the attention output per
@@ -433,7 +442,7 @@ def mla_decompressed_decode(
     qg = (q.astype(jnp.float32) * d**-0.5).reshape(B, G, H // G, d)
     acc, m, l = decompressed_splits(
         qg, c, w[:, 0], bias[0], cos, sin, lengths, window, sliding,
-        splits=splits, block=block, warps=warps, interpret=interpret,
+        splits=splits, block=block, warps=warps, stages=stages, interpret=interpret,
     )  # fmt: skip
     latent, mass = combine(acc, m, l, sinks)  # [B, G, R, r], [B, G, R]
     f32 = jnp.float32
