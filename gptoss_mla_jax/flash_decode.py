@@ -228,10 +228,12 @@ def attention_splits(
 ) -> tuple[Float[Array, "B G J Hq dv"], Float[Array, "B G J Hq"], Float[Array, "B G J Hq"]]:
     """Per kv head g and slice j of the slots: (sum_t e^(s_t - m) v_t, m, sum_t e^(s_t - m)) with scores
     `s_t = sum_i queries[i] . keys[i]_t + bias` (scale already in the queries). `values=None`: the values
-    are `keys[0]` (the latent of absorbed MLA). Products in the cache's dtype (bf16: tensor cores),
-    sums in float32."""
+    are `keys[0]` (the latent of absorbed MLA). A cache array with one head where the queries have G groups
+    is read by every group (absorbed MLA's heads split over several programs). Products in the cache's
+    dtype (bf16: tensor cores), sums in float32."""
     B, G, heads = bias.shape
     S = keys[0].shape[1]
+    keys = tuple(k[:, :, 0] if k.shape[2] < G else k for k in keys)  # shared: [B, S, width]
     _check_split(S, splits, block)
     shared = values is None
     dv = (keys[0] if shared else values).shape[-1]
@@ -251,7 +253,7 @@ def attention_splits(
             pl.BlockSpec((1,), lambda b, j, g: (b,)),
             *[query(q.shape[-1]) for q in queries],
             pl.BlockSpec((None, None, Hq), lambda b, j, g: (b, g, 0)),
-            *[cache(k.shape[-1]) for k in keys],
+            *[cache(k.shape[-1], per_head=k.ndim == 4) for k in keys],
             *([] if shared else [cache(dv)]),
         ],
         out_specs=out_specs,
@@ -390,18 +392,26 @@ def mla_absorbed_decode(
     interpret: bool = False,
     warps: int = 4,
     stages: int = 2,
+    head_block: int | None = None,
 ) -> Float[Array, "B H d"]:
     """One decode query per sequence over a partial-mode layer's cache {"c" [B,S,r], "k_rope" [B,S,G,2n]}
-    that already holds the step's token: the attention output per head, as `mla._absorbed` computes it."""
+    that already holds the step's token: the attention output per head, as `mla._absorbed` computes it.
+    `head_block`: query heads per program (default all: one program reads a latent block for every
+    head); fewer split the heads over programs that each read the block."""
     B, G, R, n2 = q_rope.shape
     f32 = jnp.float32
     scale = d**-0.5
-    q_lat = jnp.einsum("bgrn,lgn->bgrl", q_nope, w_k, preferred_element_type=f32).reshape(B, 1, G * R, -1)
-    q_bias = jnp.einsum("bgrn,gn->bgr", q_nope, b_k, preferred_element_type=f32).reshape(B, 1, G * R)
+    H = G * R
+    head_block = head_block or H
+    if H % head_block:
+        raise ValueError(f"head_block {head_block} does not divide the {H} query heads")
+    blocks = (B, H // head_block, head_block)
+    q_lat = jnp.einsum("bgrn,lgn->bgrl", q_nope, w_k, preferred_element_type=f32).reshape(*blocks, -1)
+    q_bias = jnp.einsum("bgrn,gn->bgr", q_nope, b_k, preferred_element_type=f32).reshape(blocks)
     # Each head's RoPE query placed in its own kv head's columns of the flattened k_rope [S, G * 2n].
     own = jnp.eye(G, dtype=f32)[None, :, None, :, None]  # [1, G, 1, G', 1]
-    q_rope_flat = (q_rope.astype(f32)[:, :, :, None] * own).reshape(B, 1, G * R, G * n2)
-    c = entries["c"][:, :, None]  # one "kv head": the latent is shared by all heads
+    q_rope_flat = (q_rope.astype(f32)[:, :, :, None] * own).reshape(*blocks, G * n2)
+    c = entries["c"][:, :, None]  # one cache "head": every head block reads the shared latent
     k_rope = entries["k_rope"].reshape(*entries["k_rope"].shape[:2], 1, G * n2)
     acc, m, l = attention_splits(
         (q_lat * scale, q_rope_flat * scale), q_bias * scale, (c, k_rope), None, lengths, window, sliding,

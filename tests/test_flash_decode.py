@@ -55,6 +55,9 @@ def test_mla_kernel_equals_jnp_absorbed(G, R, r, slots, splits, block, sliding, 
     want = reference(*args)
     got = mla_absorbed_decode(*args, splits=splits, block=block, interpret=True)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    # The heads split over two programs per slice, each reading the latent block.
+    halves = mla_absorbed_decode(*args, splits=splits, block=block, interpret=True, head_block=G * R // 2)
+    np.testing.assert_allclose(halves, want, rtol=1e-5, atol=1e-5)
 
     # Blocks of slots past a sequence's length are never read: NaN there (which any product would
     # spread) changes nothing.
@@ -153,6 +156,14 @@ def test_bad_split_is_refused():
             jnp.zeros((4, 1, 2)), jnp.zeros((1, 2)),
             {"c": jnp.zeros((1, 100, 4)), "k_rope": jnp.zeros((1, 100, 1, 2))},
             jnp.ones(1, jnp.int32), jnp.zeros(1), None, False, 2, splits=8, block=64, interpret=True,
+        )  # fmt: skip
+    with pytest.raises(ValueError, match="head_block 3 does not divide the 1 query heads"):
+        mla_absorbed_decode(
+            jnp.zeros((1, 1, 1, 2)), jnp.zeros((1, 1, 1, 2)), jnp.zeros((4, 1, 2)), jnp.zeros((1, 2)),
+            jnp.zeros((4, 1, 2)), jnp.zeros((1, 2)),
+            {"c": jnp.zeros((1, 128, 4)), "k_rope": jnp.zeros((1, 128, 1, 2))},
+            jnp.ones(1, jnp.int32), jnp.zeros(1), None, False, 2, splits=2, block=64, interpret=True,
+            head_block=3,
         )  # fmt: skip
 
 

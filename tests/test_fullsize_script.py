@@ -91,6 +91,7 @@ def test_kernel_benchmark_runs_at_a_small_size(tmp_path):
         assert row["max_abs_error"] <= bound * row["max_abs_reference"]
         assert row["kernel_ms"] > 0 and row["jnp_ms"] > 0
     assert rows[0]["stock_gqa_ms"] > 0
+    assert [c.get("head_block") for c in rows[-1]["configs"]] == [None, 2]  # absorbed MLA's heads split too
 
 
 def test_decode_breakdown_runs_at_a_small_size(tmp_path):
