@@ -161,9 +161,9 @@ def copy_bandwidth(gigabytes: float = 4.0) -> float:
 
 
 def breakdown(models_: dict, batch: int, context: int, repeats: int) -> dict:
-    """Where one decode step's time goes, per model: a full-attention layer's attention (with its cache), a
-    layer's MoE (jnp, and on the MXFP4 matvec kernel) and the unembedding, against the whole step; and the
-    card's copy bandwidth."""
+    """Where one decode step's time goes, per model: a full-attention layer's attention (with its cache) and
+    a layer's MoE, each on jnp and on the Pallas kernels, and the unembedding, against the whole step (both
+    ways); and the card's copy bandwidth."""
     out = {"batch": batch, "context": context, "copy_gb_per_s": copy_bandwidth() / 1e9}
     for name, (config, params) in models_.items():
         out[name] = layer_breakdown(config, params, batch, context, repeats)
@@ -184,11 +184,18 @@ def layer_breakdown(config: GptOssConfig, params, batch: int, context: int, repe
     cos, sin = cos_sin(lengths[:, None], config)
     valid = jnp.ones((batch, 1), bool)
     attend = functools.partial(attention_mla, layer=i) if config.is_mla(i) else attention
-    step = jax.jit(lambda p, x, c: attend(p, x, lengths[:, None], valid, cos, sin, c, lengths, False, config))
+    step = lambda kernels: (
+        lambda p, x, c: attend(
+            p, x, lengths[:, None], valid, cos, sin, c, lengths, False, config, decode_kernels=kernels
+        )
+    )
     ms = lambda fn, *args: 1e3 * timed(jax.jit(fn), *args, repeats=repeats)
     return {
         "step_ms": 1e3 * float(np.median(step_seconds(params, config, batch, context, repeats))),
-        "full_layer_attention_ms": ms(step, layer["self_attn"], x, layer_cache),
+        "step_kernels_ms": 1e3
+        * float(np.median(step_seconds(params, config, batch, context, repeats, True))),
+        "full_layer_attention_ms": ms(step(False), layer["self_attn"], x, layer_cache),
+        "full_layer_attention_kernel_ms": ms(step(True), layer["self_attn"], x, layer_cache),
         "layer_moe_ms": ms(lambda p, x: moe_sparse(p, x, config), layer["mlp"], x),
         "layer_moe_kernel_ms": ms(lambda p, x: moe_sparse(p, x, config, kernels=True), layer["mlp"], x),
         "unembed_ms": ms(lambda x, w: x @ w, x, params["lm_head"]),
