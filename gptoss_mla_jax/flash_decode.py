@@ -192,7 +192,7 @@ def _unpad(outputs, heads: int):
     return acc[..., :heads, :], m[..., :heads], l[..., :heads]
 
 
-def _triton(warps: int, stages: int) -> pl_triton.CompilerParams:
+def triton_launch(warps: int, stages: int) -> pl_triton.CompilerParams:
     """Launch settings on the GPU (ignored by the interpreter): `warps` per program, and `stages` of
     software pipelining (2: the next cache block loads while this one is reduced)."""
     return pl_triton.CompilerParams(num_warps=warps, num_stages=stages)
@@ -258,7 +258,7 @@ def attention_splits(
         ],
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=_triton(warps, stages),
+        compiler_params=triton_launch(warps, stages),
         interpret=interpret,
     )(lengths.astype(jnp.int32), *queries, bias, *keys, *([] if shared else [values]))
     return _unpad(outputs, heads)
@@ -322,7 +322,7 @@ def decompressed_splits(
         ],
         out_specs=out_specs,
         out_shape=out_shape,
-        compiler_params=_triton(warps, stages),
+        compiler_params=triton_launch(warps, stages),
         interpret=interpret,
     )(
         lengths.astype(jnp.int32), q[..., :half], q[..., half:], c, w[..., :half], w[..., half:],

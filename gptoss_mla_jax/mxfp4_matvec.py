@@ -20,10 +20,9 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pl_triton
 from jaxtyping import Array, Float, Int, UInt8
 
-from gptoss_mla_jax.flash_decode import pow2_columns
+from gptoss_mla_jax.flash_decode import pow2_columns, triton_launch
 
 BLOCK = 32  # values per MXFP4 group (16 bytes, one scale)
 
@@ -70,7 +69,7 @@ def _kernel(experts_ref, x_even_ref, x_odd_ref, blocks_ref, scales_ref, bias_ref
     out_ref[p, out_rows] = acc + bias_ref[expert, out_rows].astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("rows", "chunk", "warps", "interpret"))
+@functools.partial(jax.jit, static_argnames=("rows", "chunk", "warps", "stages", "interpret"))
 def mxfp4_matvec(
     x: Float[Array, "P n_in"],
     experts: Int[Array, " P"],
@@ -80,6 +79,7 @@ def mxfp4_matvec(
     rows: int = 32,
     chunk: int = 8,
     warps: int = 4,
+    stages: int = 2,
     interpret: bool = False,
 ) -> Float[Array, "P n_out"]:
     """`x[p] @ W[experts[p]]^T + bias[experts[p]]` for every pair p, W the dequantized [n_out, n_in]
@@ -100,6 +100,6 @@ def mxfp4_matvec(
         in_specs=[whole(experts), *(whole(pairs[..., 0]),) * 2, whole(blocks), whole(scales), whole(bias)],
         out_specs=pl.BlockSpec((P, n_out), lambda p, t: (0, 0)),
         out_shape=jax.ShapeDtypeStruct((P, n_out), jnp.float32),
-        compiler_params=pl_triton.CompilerParams(num_warps=warps, num_stages=2),
+        compiler_params=triton_launch(warps, stages),
         interpret=interpret,
     )(experts.astype(jnp.int32), pairs[..., 0], pairs[..., 1], blocks, scales, bias)

@@ -150,21 +150,16 @@ def test_combine_counts_the_sink_once():
 
 
 def test_bad_split_is_refused():
+    one_head = lambda slots, **plan: mla_absorbed_decode(
+        jnp.zeros((1, 1, 1, 2)), jnp.zeros((1, 1, 1, 2)), jnp.zeros((4, 1, 2)), jnp.zeros((1, 2)),
+        jnp.zeros((4, 1, 2)), jnp.zeros((1, 2)),
+        {"c": jnp.zeros((1, slots, 4)), "k_rope": jnp.zeros((1, slots, 1, 2))},
+        jnp.ones(1, jnp.int32), jnp.zeros(1), None, False, 2, block=64, interpret=True, **plan,
+    )  # fmt: skip
     with pytest.raises(ValueError, match="not a multiple of splits x block"):
-        mla_absorbed_decode(
-            jnp.zeros((1, 1, 1, 2)), jnp.zeros((1, 1, 1, 2)), jnp.zeros((4, 1, 2)), jnp.zeros((1, 2)),
-            jnp.zeros((4, 1, 2)), jnp.zeros((1, 2)),
-            {"c": jnp.zeros((1, 100, 4)), "k_rope": jnp.zeros((1, 100, 1, 2))},
-            jnp.ones(1, jnp.int32), jnp.zeros(1), None, False, 2, splits=8, block=64, interpret=True,
-        )  # fmt: skip
+        one_head(100, splits=8)
     with pytest.raises(ValueError, match="head_block 3 does not divide the 1 query heads"):
-        mla_absorbed_decode(
-            jnp.zeros((1, 1, 1, 2)), jnp.zeros((1, 1, 1, 2)), jnp.zeros((4, 1, 2)), jnp.zeros((1, 2)),
-            jnp.zeros((4, 1, 2)), jnp.zeros((1, 2)),
-            {"c": jnp.zeros((1, 128, 4)), "k_rope": jnp.zeros((1, 128, 1, 2))},
-            jnp.ones(1, jnp.int32), jnp.zeros(1), None, False, 2, splits=2, block=64, interpret=True,
-            head_block=3,
-        )  # fmt: skip
+        one_head(128, splits=2, head_block=3)
 
 
 @pytest.mark.parametrize("sliding", [False, True])
