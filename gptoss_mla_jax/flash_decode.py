@@ -186,27 +186,33 @@ def _pad_heads(x: Array, axis: int = 2) -> Array:
     return jnp.pad(x, widths)
 
 
-def _unpad(outputs, heads: int):
-    """(acc, m, l) of the real query heads."""
-    acc, m, l = outputs
-    return acc[..., :heads, :], m[..., :heads], l[..., :heads]
-
-
 def triton_launch(warps: int, stages: int) -> pl_triton.CompilerParams:
     """Launch settings on the GPU (ignored by the interpreter): `warps` per program, and `stages` of
     software pipelining (2: the next cache block loads while this one is reduced)."""
     return pl_triton.CompilerParams(num_warps=warps, num_stages=stages)
 
 
-def _outputs(B: int, G: int, Hq: int, dv: int, splits: int):
-    """(out_specs, out_shape) of the per-slice (acc, m, l)."""
-    specs = [
-        pl.BlockSpec((None, None, None, Hq, dv), lambda b, j, g: (b, g, j, 0, 0)),
-        pl.BlockSpec((None, None, None, Hq), lambda b, j, g: (b, g, j, 0)),
-        pl.BlockSpec((None, None, None, Hq), lambda b, j, g: (b, g, j, 0)),
-    ]
+def _launch(kernel, in_specs, args, lengths, Hq: int, dv: int, splits: int, heads: int, launch: tuple):
+    """The pallas_call both kernels make: grid (sequence, slice, kv head), B and G read off the first query,
+    each sequence's length as the first input, per-slice (acc, m, l) in float32 out, and the padded query
+    heads dropped again. `launch`: (warps, stages, interpret)."""
+    B, G = args[0].shape[:2]  # the first query array: [B, G, Hq, width]
+    warps, stages, interpret = launch
+    slice_of = lambda *trailing: pl.BlockSpec(
+        (None, None, None, *trailing), lambda b, j, g: (b, g, j, *(0 for _ in trailing))
+    )
     shapes = [(B, G, splits, Hq, dv), (B, G, splits, Hq), (B, G, splits, Hq)]
-    return specs, [jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes]
+    outputs = pl.pallas_call(
+        kernel,
+        grid=(B, splits, G),
+        in_specs=[pl.BlockSpec((1,), lambda b, j, g: (b,)), *in_specs],
+        out_specs=[slice_of(Hq, dv), slice_of(Hq), slice_of(Hq)],
+        out_shape=[jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes],
+        compiler_params=triton_launch(warps, stages),
+        interpret=interpret,
+    )(lengths.astype(jnp.int32), *args)
+    acc, m, l = outputs
+    return acc[..., :heads, :], m[..., :heads], l[..., :heads]
 
 
 @functools.partial(
@@ -231,7 +237,7 @@ def attention_splits(
     are `keys[0]` (the latent of absorbed MLA). A cache array with one head where the queries have G groups
     is read by every group (absorbed MLA's heads split over several programs). Products in the cache's
     dtype (bf16: tensor cores), sums in float32."""
-    B, G, heads = bias.shape
+    G, heads = bias.shape[1:]
     S = keys[0].shape[1]
     keys = tuple(k[:, :, 0] if k.shape[2] < G else k for k in keys)  # shared: [B, S, width]
     _check_split(S, splits, block)
@@ -241,27 +247,18 @@ def attention_splits(
     bias = _pad_heads(bias.astype(jnp.float32))
     Hq = bias.shape[2]
     cache, query = _specs(Hq, S, splits)
-    out_specs, out_shape = _outputs(B, G, Hq, dv, splits)
     kernel = functools.partial(
         _split_kernel, n_keys=len(keys), shared_values=shared, block=block, window=window,
         sliding=sliding, slots=S,
     )  # fmt: skip
-    outputs = pl.pallas_call(
-        kernel,
-        grid=(B, splits, G),
-        in_specs=[
-            pl.BlockSpec((1,), lambda b, j, g: (b,)),
-            *[query(q.shape[-1]) for q in queries],
-            pl.BlockSpec((None, None, Hq), lambda b, j, g: (b, g, 0)),
-            *[cache(k.shape[-1], per_head=k.ndim == 4) for k in keys],
-            *([] if shared else [cache(dv)]),
-        ],
-        out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=triton_launch(warps, stages),
-        interpret=interpret,
-    )(lengths.astype(jnp.int32), *queries, bias, *keys, *([] if shared else [values]))
-    return _unpad(outputs, heads)
+    in_specs = [
+        *[query(q.shape[-1]) for q in queries],
+        pl.BlockSpec((None, None, Hq), lambda b, j, g: (b, g, 0)),
+        *[cache(k.shape[-1], per_head=k.ndim == 4) for k in keys],
+        *([] if shared else [cache(dv)]),
+    ]
+    args = (*queries, bias, *keys, *([] if shared else [values]))
+    return _launch(kernel, in_specs, args, lengths, Hq, dv, splits, heads, (warps, stages, interpret))
 
 
 def _check_split(S: int, splits: int, block: int) -> None:
@@ -292,43 +289,27 @@ def decompressed_splits(
     rebuilt on chip from the latent c; the values are c (the caller applies W_bv after `combine`).
     cos / sin: `rope.cos_sin` of the slots' positions, per sequence (Bc = B) or shared (Bc = 1). Products in
     the cache's dtype, RoPE and sums in float32."""
-    B, G, heads, d = q.shape
+    heads, d = q.shape[2:]
     S, r = c.shape[1:]
     _check_split(S, splits, block)
     half = d // 2
     q = _pad_heads(q.astype(c.dtype))
     Hq = q.shape[2]
     cache, query = _specs(Hq, S, splits)
-    out_specs, out_shape = _outputs(B, G, Hq, r, splits)
     per_head = lambda shape: pl.BlockSpec((None, *shape), lambda b, j, g: (g, *(0 for _ in shape)))
     w = w_k.astype(c.dtype).transpose(1, 0, 2)  # [G, r, d]: one kv head's up-projection per program
     kernel = functools.partial(_decompressed_kernel, block=block, window=window, sliding=sliding, slots=S)
     per_sequence = cos.shape[0] > 1
     rotation = pl.BlockSpec((None, S // splits, half), lambda b, j, g: (b if per_sequence else 0, j, 0))
-    outputs = pl.pallas_call(
-        kernel,
-        grid=(B, splits, G),
-        in_specs=[
-            pl.BlockSpec((1,), lambda b, j, g: (b,)),
-            query(half),
-            query(half),
-            cache(r, per_head=False),
-            per_head((r, half)),
-            per_head((r, half)),
-            per_head((half,)),
-            per_head((half,)),
-            rotation,
-            rotation,
-        ],
-        out_specs=out_specs,
-        out_shape=out_shape,
-        compiler_params=triton_launch(warps, stages),
-        interpret=interpret,
-    )(
-        lengths.astype(jnp.int32), q[..., :half], q[..., half:], c, w[..., :half], w[..., half:],
-        b_k[:, :half], b_k[:, half:], cos.astype(jnp.float32), sin.astype(jnp.float32),
+    in_specs = [
+        query(half), query(half), cache(r, per_head=False), per_head((r, half)), per_head((r, half)),
+        per_head((half,)), per_head((half,)), rotation, rotation,
+    ]  # fmt: skip
+    args = (
+        q[..., :half], q[..., half:], c, w[..., :half], w[..., half:], b_k[:, :half], b_k[:, half:],
+        cos.astype(jnp.float32), sin.astype(jnp.float32),
     )  # fmt: skip
-    return _unpad(outputs, heads)
+    return _launch(kernel, in_specs, args, lengths, Hq, r, splits, heads, (warps, stages, interpret))
 
 
 def combine(
