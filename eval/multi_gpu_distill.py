@@ -1,14 +1,19 @@
 """`python -m train.distill` on several meshes of one host, each checkpointed once and resumed once, against
 the one-device run of the same steps: losses, tokens/s, MFU, per-device peak memory, scaling efficiency.
 
-    python -m eval.multi_gpu_distill --work /tmp/mgd --meshes 1x1,4x1,2x2 [--steps 24] [--batch 2]
-        [--seq-len 2048] [--out eval/results/multi_gpu_distill.json]
+    python -m eval.multi_gpu_distill --work /tmp/mgd --meshes 1x1,4x1,2x2 [--steps 16] [--batch 4]
+        [--rows-per-device 2] [--seq-len 2048] [--out eval/results/multi_gpu_distill.json]
     python -m eval.multi_gpu_distill --smoke ...   # a small 2-layer model on simulated CPU devices
 
 The teacher is a random gpt-oss-20b in the published MXFP4 layout (eval.fullsize_checkpoint), the student
 its default MLA conversion (weights.to_mla; weight-SVD init, as there is no text to calibrate on), the data
 random token ids. Every run is its own process, as a user would launch it: `--stop-after steps/2` (one
 checkpoint), then `--resume` to the end. The meshes need as many visible devices as they have.
+
+Every mesh makes the same updates from the same global batches. A mesh whose data axis cannot hold the
+global batch at --rows-per-device sequences per device (one H200 holds 2 x 2048 of gpt-oss-20b's
+distillation, not 4) accumulates gradients over micro-batches (`--grad-accum`): the same mean gradient,
+the same learning rates, and its loss per update is the mean of its micro-steps' losses.
 """
 
 from __future__ import annotations
@@ -44,11 +49,28 @@ def finished(folder: str, steps: int) -> bool:
         return False
 
 
-def read_run(folder: str) -> dict:
+def accumulation(mesh: str, batch: int, rows_per_device: int) -> int:
+    """The fewest micro-batches per update that split `batch` evenly over the mesh's data axis with at
+    most `rows_per_device` sequences on each device."""
+    data = int(mesh.split("x")[0])
+    for accum in range(1, batch + 1):
+        micro = batch // accum
+        if batch % accum == 0 and micro % data == 0 and micro // data <= rows_per_device:
+            return accum
+    raise ValueError(
+        f"--batch {batch} does not split over mesh {mesh}'s {data} data shards at "
+        f"<= {rows_per_device} rows per device (--rows-per-device)"
+    )
+
+
+def read_run(folder: str, accum: int) -> dict:
+    """The run's summary, with its loss per update (the mean over the update's micro-steps)."""
     with open(os.path.join(folder, "summary.json")) as f:
         summary = json.load(f)
     with open(os.path.join(folder, "metrics.jsonl")) as f:
-        summary["losses"] = [json.loads(line)["loss"] for line in f]
+        micro = np.array([json.loads(line)["loss"] for line in f])
+    summary["grad_accum"] = accum
+    summary["losses"] = micro.reshape(-1, accum).mean(axis=1).tolist()
     return summary
 
 
@@ -75,10 +97,13 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--work", required=True, help="folder for the checkpoints and runs")
     parser.add_argument("--meshes", default="1x1,4x1,2x2", help="the first is the baseline")
-    parser.add_argument("--steps", type=int, default=24)
+    parser.add_argument("--steps", type=int, default=16, help="updates")
     parser.add_argument(
-        "--batch", type=int, default=2,
-        help="global batch, the same on every mesh (4 x 2048 ran out of memory on one H200)",
+        "--batch", type=int, default=4, help="global batch per update, the same on every mesh"
+    )
+    parser.add_argument(
+        "--rows-per-device", type=int, default=2,
+        help="most sequences per device per micro-step (4 x 2048 ran out of memory on one H200)",
     )  # fmt: skip
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--tolerance", type=float, default=2e-2, help="relative loss difference (bf16)")
@@ -107,19 +132,21 @@ def main(argv=None) -> int:
         tokens = (args.steps + 2) * args.batch * (args.seq_len + 1) * 20 // 19  # 5% is held out
         np.save(ids, np.random.default_rng(0).integers(0, config.vocab_size, tokens, dtype=np.int32))
 
+    accums = {mesh: accumulation(mesh, args.batch, args.rows_per_device) for mesh in meshes}
     runs = {}
-    for mesh in meshes:
+    for mesh, accum in accums.items():
+        # train.distill counts micro-steps: steps, warm-up and the checkpoint scale with the accumulation.
         folder = os.path.join(args.work, f"run_{mesh}")
+        steps, half = args.steps * accum, args.steps // 2 * accum
         common = ["-m", "train.distill", "--teacher", teacher, "--student", student, "--mesh", mesh]
-        common += ["--data", ids, "--steps", str(args.steps), "--batch", str(args.batch)]
-        common += ["--seq-len", str(args.seq_len), "--out", folder, "--warmup", "2", "--no-progress"]
-        if not finished(folder, args.steps):
+        common += ["--data", ids, "--steps", str(steps), "--batch", str(args.batch // accum)]
+        common += ["--grad-accum", str(accum), "--warmup", str(2 * accum), "--ckpt-every", str(half)]
+        common += ["--seq-len", str(args.seq_len), "--out", folder, "--no-progress"]
+        if not finished(folder, steps):
             if not os.path.exists(os.path.join(folder, "ckpt")):
-                run(
-                    [*common, "--ckpt-every", str(args.steps // 2), "--stop-after", str(args.steps // 2)], env
-                )
-            run([*common, "--ckpt-every", str(args.steps // 2), "--resume"], env)
-        runs[mesh] = read_run(folder)
+                run([*common, "--stop-after", str(half)], env)
+            run([*common, "--resume"], env)
+        runs[mesh] = read_run(folder, accum)
     result = {
         "command": " ".join(
             ["python -m eval.multi_gpu_distill", *(argv if argv is not None else sys.argv[1:])]
@@ -127,6 +154,7 @@ def main(argv=None) -> int:
         "shape": "smoke" if args.smoke else "gpt-oss-20b",
         "steps": args.steps,
         "global_batch": args.batch,
+        "rows_per_device": args.rows_per_device,
         "seq_len": args.seq_len,
         "runs": runs,
         "comparison": compare(runs, args.tolerance),

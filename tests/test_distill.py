@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from train.data import pack
-from train.distill import TRAIN_SETS, DistillError, run, split_student
+from train.distill import TRAIN_SETS, DistillError, make_optimizer, run, split_student
 from train.flops import distill_step_flops, forward_flops, peak_flops
 from weights.safetensors_io import load_hf
 from weights.to_mla import convert
@@ -175,3 +175,13 @@ def test_non_finite_loss_stops_the_run(pair, tmp_path):
     }
     with pytest.raises(DistillError, match="loss is nan at step 1; stopping"):
         run(teacher, config, broken, student_config, sequences, str(tmp_path), progress=False)
+
+
+def test_accumulating_run_follows_the_whole_batch_learning_rates():
+    # --steps and --warmup count micro-steps; the schedule runs over updates, so 16 micro-steps of
+    # accumulation 2 follow the rates of 8 whole-batch steps and end the cosine at lr / 10.
+    _, whole = make_optimizer(1e-3, warmup=2, steps=8, grad_accum=1)
+    _, accumulated = make_optimizer(1e-3, warmup=4, steps=16, grad_accum=2)
+    for update in range(9):
+        assert float(accumulated(update)) == float(whole(update))
+    assert float(accumulated(8)) == pytest.approx(1e-4)

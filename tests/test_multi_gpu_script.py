@@ -1,8 +1,11 @@
 """eval.multi_gpu_distill at a small size on simulated CPU devices: every mesh is checkpointed once and
-resumed once in separate processes, and its losses match the one-device run."""
+resumed once in separate processes, and its losses match the one-device run, which accumulates gradients
+where its device cannot hold the global batch."""
 
 import json
 import shutil
+
+import pytest
 
 from eval import multi_gpu_distill
 
@@ -19,14 +22,28 @@ def test_compare_flags_a_diverging_mesh():
     assert not out["2x2"]["losses_match"] and abs(out["2x2"]["max_relative_loss_difference"] - 0.2) < 1e-12
 
 
+def test_accumulation_splits_the_global_batch_over_the_data_axis():
+    assert multi_gpu_distill.accumulation("1x1", 4, 2) == 2
+    assert multi_gpu_distill.accumulation("2x2", 4, 2) == 1
+    assert multi_gpu_distill.accumulation("4x1", 4, 2) == 1
+    assert multi_gpu_distill.accumulation("1x4", 8, 2) == 4
+    with pytest.raises(ValueError, match="--batch 2 does not split over mesh 4x1"):
+        multi_gpu_distill.accumulation("4x1", 2, 2)
+
+
 def test_smoke_run_end_to_end(tmp_path):
+    # One row per device: the one-device baseline accumulates 2 micro-batches of 1 per update, the 2x1
+    # mesh takes the batch of 2 in one step; their losses per update must agree.
     out = tmp_path / "result.json"
     argv = ["--smoke", "--work", str(tmp_path / "work"), "--meshes", "1x1,2x1", "--steps", "2"]
-    assert multi_gpu_distill.main([*argv, "--batch", "2", "--seq-len", "16", "--out", str(out)]) == 0
+    argv += ["--batch", "2", "--rows-per-device", "1", "--seq-len", "16", "--out", str(out)]
+    assert multi_gpu_distill.main(argv) == 0
     result = json.loads(out.read_text())
     assert set(result["runs"]) == {"1x1", "2x1"}
+    assert result["runs"]["1x1"]["grad_accum"] == 2 and result["runs"]["2x1"]["grad_accum"] == 1
     for run in result["runs"].values():
-        assert len(run["losses"]) == 2 and run["steps"] == 2  # resumed to the end, one row per step
+        # resumed to the end: one loss per update, one micro-step row per accumulated batch
+        assert len(run["losses"]) == 2 and run["steps"] == 2 * run["grad_accum"]
     assert (tmp_path / "work" / "run_2x1" / "ckpt").exists()
     assert result["comparison"]["meshes"]["2x1"]["losses_match"]
 
@@ -36,6 +53,6 @@ def test_smoke_run_end_to_end(tmp_path):
     shutil.rmtree(run / "ckpt" / "2")
     (run / "metrics.jsonl").write_text((run / "metrics.jsonl").read_text().splitlines(keepends=True)[0])
     assert (run / "summary.json").exists() and not multi_gpu_distill.finished(str(run), 2)
-    assert multi_gpu_distill.main([*argv, "--batch", "2", "--seq-len", "16", "--out", str(out)]) == 0
+    assert multi_gpu_distill.main(argv) == 0
     again = json.loads(out.read_text())["runs"]["2x1"]
     assert again["losses"] == result["runs"]["2x1"]["losses"]

@@ -185,8 +185,14 @@ def distill_loss(
 
 def make_optimizer(lr: float, warmup: int, steps: int, grad_accum: int):
     """(AdamW with warmup + cosine to lr/10 and global-norm clipping at 1, accumulating `grad_accum`
-    micro-batches per update; its learning-rate schedule by update count)."""
-    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, max(warmup, 1), max(steps, warmup + 1), lr / 10)
+    micro-batches per update; its learning-rate schedule by update count).
+
+    `warmup` and `steps` count micro-steps, as --warmup, --steps and the progress bar do; the schedule
+    runs over the updates they make, so that a run with accumulation follows the same learning rates as
+    the run with its whole batch in one step (and its cosine ends at the last update).
+    """
+    warmup, updates = max(warmup // grad_accum, 1), steps // grad_accum
+    schedule = optax.warmup_cosine_decay_schedule(0.0, lr, warmup, max(updates, warmup + 1), lr / 10)
     chain = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.0))
     return (optax.MultiSteps(chain, every_k_schedule=grad_accum) if grad_accum > 1 else chain), schedule
 
