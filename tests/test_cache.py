@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gptoss_mla_jax.cache import init_cache, nbytes
-from gptoss_mla_jax.generate import decode_step, generate, prefill
+from gptoss_mla_jax.generate import decode_step, generate, kernels_by_default, prefill
 from gptoss_mla_jax.model import forward_jit as forward
 from weights.safetensors_io import load_hf
 
@@ -94,3 +94,10 @@ def test_generate_sampling_and_eos(tiny):
     greedy = generate(params, config, [[3, 4, 5]], 10)[0]
     stopped = generate(params, config, [[3, 4, 5]], 10, eos_id=greedy[2])[0]
     assert stopped == greedy[: greedy.index(greedy[2]) + 1]
+
+
+def test_kernels_by_default_on_a_gpu_with_a_16_bit_cache(monkeypatch):
+    assert not kernels_by_default(jnp.bfloat16)  # this machine has no GPU
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert kernels_by_default(jnp.bfloat16)
+    assert not kernels_by_default(jnp.float32)
