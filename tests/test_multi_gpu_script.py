@@ -56,3 +56,25 @@ def test_smoke_run_end_to_end(tmp_path):
     assert multi_gpu_distill.main(argv) == 0
     again = json.loads(out.read_text())["runs"]["2x1"]
     assert again["losses"] == result["runs"]["2x1"]["losses"]
+
+
+def test_sharded_forward_check_smoke(tmp_path):
+    from eval import sharded_forward_check
+
+    out = tmp_path / "check.json"
+    argv = ["--smoke", "--mesh", "2x1", "--batch", "2", "--seq-len", "16", "--layers", "1"]
+    assert (
+        sharded_forward_check.main(
+            [*argv, "--pieces", "moe_sparse_mxfp4,forward_sparse_moe", "--out", str(out)]
+        )
+        == 0
+    )
+    result = json.loads(out.read_text())
+    differences = result["relative_difference"]
+    assert differences["moe_sparse_mxfp4"] == 0 and differences["moe_sparse_mxfp4_per_shard"] == 0
+    assert differences["forward_sparse_moe"] < 2e-2  # bf16 rounding, on CPU
+    kl = result["mean_kl_from_float32"]
+    assert (
+        kl["forward_sparse_moe_sharded_vs_float32"] < 1e-4
+        and kl["forward_sparse_moe_one_device_vs_float32"] < 1e-4
+    )
