@@ -17,17 +17,19 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from eval import fullsize_checkpoint
 from gptoss_mla_jax.config import GPT_OSS_20B
-from gptoss_mla_jax.model import embed, forward, init_params, unembed
+from gptoss_mla_jax.model import by_rows, embed, forward, init_params, unembed
 from gptoss_mla_jax.moe import expert_matrices, moe_dense, moe_sparse
 from train.sharding import DATA, batch_sharding, make_mesh, shard_params
 
@@ -83,12 +85,15 @@ def main(argv=None) -> int:
     }
     pieces = {name: pieces[name] for name in args.pieces.split(",")} if args.pieces else pieces
     mesh = make_mesh(args.mesh)
-    # Candidate: each data shard groups and multiplies only its own tokens.
-    per_shard = lambda p, x: jax.shard_map(
-        lambda p, x: moe_sparse(p, x, config), mesh=mesh, in_specs=(P(), P(DATA)), out_specs=P(DATA),
-        axis_names={DATA}, check_vma=False,
-    )(p, x)  # fmt: skip
-    sharded_fns = {"moe_sparse_mxfp4_per_shard": per_shard}
+    # What train.distill runs: the residual stream pinned by rows, the MoE on each device's own rows.
+    rows = NamedSharding(mesh, P(DATA, None, None))
+    moe = functools.partial(moe_sparse, config=config)
+    sharded_fns = {
+        "moe_sparse_mxfp4_per_shard": by_rows(moe, rows),
+        "forward_sparse_moe_pinned": lambda p, t: forward(p, t, None, config, activation_sharding=rows)[0],
+    }
+    if "forward_sparse_moe" in pieces:
+        pieces["forward_sparse_moe_pinned"] = pieces["forward_sparse_moe"]
     pieces["moe_sparse_mxfp4_per_shard"] = (lambda p, x: moe_sparse(p, x, config), mlp, x)
     result = {"device": jax.devices()[0].device_kind, "mesh": args.mesh, "batch": args.batch,
               "seq_len": args.seq_len, "layers": args.layers, "relative_difference": {}}  # fmt: skip

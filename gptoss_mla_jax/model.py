@@ -17,6 +17,7 @@ likewise for `down_proj` ([E, D, I/32, ...]); see `ExpertFormat`.
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal
 
 import jax
@@ -176,10 +177,11 @@ def decoder_layer(
     moe_impl: MoeImpl = "sparse",
     mla_absorb: bool | None = None,
     decode_kernels: bool = False,
+    activation_sharding: jax.sharding.NamedSharding | None = None,
 ) -> tuple[Float[Array, "B T D"], dict[str, Array] | None, dict[str, Float[Array, "B T D"]]]:
     """One pre-norm block: (new residual stream, updated layer cache, {"attn_input": the attention's normed
     input, "attn_output": what the attention adds to the residual stream, "moe_input": the MoE's normed
-    input})."""
+    input}). With `activation_sharding` (see `forward`) the sparse MoE runs on each device's own rows."""
     h = rms_norm(x, layer["input_layernorm"], config.rms_norm_eps)
     args = (
         layer["self_attn"],
@@ -200,10 +202,23 @@ def decoder_layer(
     x = x + a
     m = rms_norm(x, layer["post_attention_layernorm"], config.rms_norm_eps)
     if moe_impl == "sparse":
-        x = x + moe_sparse(layer["mlp"], m, config, kernels=decode_kernels and m.shape[1] == 1)
+        moe = functools.partial(moe_sparse, config=config, kernels=decode_kernels and m.shape[1] == 1)
+        x = x + (moe if activation_sharding is None else by_rows(moe, activation_sharding))(layer["mlp"], m)
     else:
         x = x + moe_dense(layer["mlp"], m, config)
     return x, layer_cache, {"attn_input": h, "attn_output": a, "moe_input": m}
+
+
+def by_rows(fn, sharding: jax.sharding.NamedSharding):
+    """`fn(params, x)` on each device's own rows of x (split over the mesh axes that `sharding` splits the
+    batch over), with the whole params. The sparse MoE needs it: it sorts all its tokens by expert, and
+    left to the partitioner that sort gathers every device's tokens."""
+    batch = sharding.spec[0]
+    axes = {batch} if isinstance(batch, str) else set(batch or ())
+    rows = jax.sharding.PartitionSpec(batch)
+    return jax.shard_map(
+        fn, mesh=sharding.mesh, in_specs=(jax.sharding.PartitionSpec(), rows), out_specs=rows, axis_names=axes
+    )
 
 
 def attention_inputs(params: Params, tokens: Int[Array, "B T"], config: GptOssConfig) -> list[Array]:
@@ -230,6 +245,7 @@ def forward(
     remat: bool = False,
     collect_attention: bool = False,
     decode_kernels: bool = False,
+    activation_sharding: jax.sharding.Sharding | None = None,
 ) -> tuple[Float[Array, "B T V"], kv_cache.Cache | None] | tuple[Array, kv_cache.Cache | None, list[Array]]:
     """Logits (float32) for `tokens`, and the updated cache.
 
@@ -243,6 +259,11 @@ def forward(
     to the residual stream), for distillation losses that match layers.
     `decode_kernels`: single-token steps attend with the Pallas flash-decoding kernels (flash_decode.py)
     and multiply MXFP4 experts packed (mxfp4_matvec.py) instead of jnp (interpreted, slowly, off the GPU).
+    `activation_sharding` pins the residual stream [B, T, D] after the embedding and after every layer. On
+    a mesh whose weights are FSDP-sharded along the hidden dimension over the same axis as the batch, give
+    it the batch sharding (`P("data", None, None)`): otherwise the partitioner follows the weights, gathers
+    the batch onto every device and splits the hidden dimension instead, so each device computes every
+    sequence and the matmuls' partial sums are all-reduced in the compute dtype.
     """
     check_params(params, config)
     check_tokens(tokens, config)
@@ -255,15 +276,19 @@ def forward(
     valid = jnp.arange(T)[None, :] < n_new[:, None]
     cos, sin = cos_sin(positions, config)
 
-    x = embed(params, tokens)
+    pin = (lambda x: x) if activation_sharding is None else (
+        lambda x: jax.lax.with_sharding_constraint(x, activation_sharding)
+    )  # fmt: skip
+    x = pin(embed(params, tokens))
     new_layers, attention_outputs = [], []
-    block = jax.checkpoint(decoder_layer, static_argnums=(8, 9, 10, 11, 12)) if remat else decoder_layer
+    block = jax.checkpoint(decoder_layer, static_argnums=(8, 9, 10, 11, 12, 13)) if remat else decoder_layer
     for i, layer in enumerate(params["layers"]):
         layer_cache = cache["layers"][i] if cache is not None else None
         x, layer_cache, seen = block(
             layer, x, positions, valid, cos, sin, layer_cache, start, config, i, moe_impl, mla_absorb,
-            decode_kernels,
+            decode_kernels, activation_sharding,
         )  # fmt: skip
+        x = pin(x)
         new_layers.append(layer_cache)
         attention_outputs.append(seen["attn_output"])
     logits = unembed(params, rms_norm(x, params["norm"], config.rms_norm_eps), config)
@@ -278,8 +303,11 @@ def forward(
 
 forward_jit = jax.jit(
     forward,
-    static_argnames=("config", "moe_impl", "mla_absorb", "remat", "collect_attention", "decode_kernels"),
-)
+    static_argnames=(
+        "config", "moe_impl", "mla_absorb", "remat", "collect_attention", "decode_kernels",
+        "activation_sharding",
+    ),
+)  # fmt: skip
 forward_jit.__doc__ = "`forward` under `jax.jit` (config and the implementation choices static)."
 
 

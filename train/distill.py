@@ -47,7 +47,7 @@ from tqdm.auto import tqdm
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.model import forward
 from train.flops import distill_step_flops, peak_flops
-from train.sharding import batch_sharding, make_mesh, path_name, place, shard_params, spec_for
+from train.sharding import DATA, batch_sharding, make_mesh, path_name, place, shard_params, spec_for
 
 Params = dict[str, Any]
 
@@ -152,15 +152,17 @@ def assemble_student(teacher: Params, trainable: dict, student_config: GptOssCon
 
 
 def distill_loss(
-    trainable, teacher, tokens, teacher_config, student_config, temperature, terms, dtype, remat
-):
+    trainable, teacher, tokens, teacher_config, student_config, temperature, terms, dtype, remat,
+    activation_sharding=None,
+):  # fmt: skip
     """KL(teacher || student) at temperature T (times T^2), plus the cross-entropy on the data and the
-    relative squared error of the converted layers' attention outputs when `terms` asks for them."""
+    relative squared error of the converted layers' attention outputs when `terms` asks for them.
+    `activation_sharding`: the residual stream's sharding in both forwards (see `model.forward`)."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    collect = "hidden" in terms
-    t_out = forward(teacher, inputs, None, teacher_config, remat=remat, collect_attention=collect)
+    options = dict(remat=remat, collect_attention="hidden" in terms, activation_sharding=activation_sharding)
+    t_out = forward(teacher, inputs, None, teacher_config, **options)
     student = assemble_student(teacher, trainable, student_config, dtype)
-    s_out = forward(student, inputs, None, student_config, remat=remat, collect_attention=collect)
+    s_out = forward(student, inputs, None, student_config, **options)
     t_logits, s_logits = jax.lax.stop_gradient(t_out[0]), s_out[0]
     t_logp = jax.nn.log_softmax(t_logits / temperature, axis=-1)
     s_logp = jax.nn.log_softmax(s_logits / temperature, axis=-1)
@@ -168,7 +170,7 @@ def distill_loss(
     ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(s_logits, axis=-1), targets[..., None], axis=-1))
     aux = {"kl": kl, "ce": ce}
     total = kl + (ce if "ce" in terms else 0.0)
-    if collect:
+    if options["collect_attention"]:
         errors = [
             jnp.sum(jnp.square(s.astype(jnp.float32) - jax.lax.stop_gradient(t).astype(jnp.float32)))
             / jnp.sum(jnp.square(jax.lax.stop_gradient(t).astype(jnp.float32)))
@@ -197,7 +199,9 @@ def make_optimizer(lr: float, warmup: int, steps: int, grad_accum: int):
     return (optax.MultiSteps(chain, every_k_schedule=grad_accum) if grad_accum > 1 else chain), schedule
 
 
-def make_step(optimizer, teacher_config, student_config, temperature, terms, dtype, remat):
+def make_step(
+    optimizer, teacher_config, student_config, temperature, terms, dtype, remat, activation_sharding=None
+):
     loss = functools.partial(
         distill_loss,
         teacher_config=teacher_config,
@@ -206,6 +210,7 @@ def make_step(optimizer, teacher_config, student_config, temperature, terms, dty
         terms=terms,
         dtype=dtype,
         remat=remat,
+        activation_sharding=activation_sharding,
     )
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
@@ -336,7 +341,9 @@ def run(
         lambda x: x if isinstance(x.sharding, NamedSharding) else place(x, replicated),
         optimizer.init(trainable),
     )
-    step_fn = make_step(optimizer, teacher_config, student_config, temperature, terms, dtype, remat)
+    # Each device computes its own rows: the residual stream stays split by batch over "data".
+    rows = NamedSharding(mesh, PartitionSpec(DATA, None, None))
+    step_fn = make_step(optimizer, teacher_config, student_config, temperature, terms, dtype, remat, rows)
     seq_len = sequences.shape[1]
     tokens_sharding = batch_sharding(mesh)
     lo, hi = local_rows(tokens_sharding, batch, seq_len)
