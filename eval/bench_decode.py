@@ -39,6 +39,7 @@ from gptoss_mla_jax.cache import init_cache
 from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig, MlaConfig
 from gptoss_mla_jax.generate import DEMO_CONFIG, decode_step
 from gptoss_mla_jax.model import init_params
+from train.distill import write_json
 from weights.to_mla import DEFAULT_LATENT_DIM, convert
 
 # transformers' eager attention materializes [heads, T, T] scores in the prefill: 4K is where it fits.
@@ -430,8 +431,7 @@ def main(argv=None) -> int:
     )
     print(json.dumps(result), flush=True)
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, result)
     return 0
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import functools
-import json
 import sys
 
 import jax
@@ -31,6 +30,7 @@ from eval import fullsize_checkpoint
 from gptoss_mla_jax.config import GPT_OSS_20B
 from gptoss_mla_jax.model import by_rows, embed, forward, init_params, unembed
 from gptoss_mla_jax.moe import expert_matrices, moe_dense, moe_sparse
+from train.distill import write_json
 from train.sharding import DATA, batch_sharding, make_mesh, shard_params
 
 
@@ -115,8 +115,7 @@ def main(argv=None) -> int:
                       f"{result['mean_kl_from_float32'][key]:.3g}", flush=True)  # fmt: skip
         del one, sharded
     if args.out:
-        with open(args.out, "w") as f:
-            json.dump(result, f, indent=1)
+        write_json(args.out, result)
     return 0
 
 
