@@ -10,11 +10,14 @@ OUT=${1:?usage: bash eval/decode_gpu.sh OUT_DIR [CONTEXTS]}
 CONTEXTS=${2:-32768}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-bench() {  # bench GPU NAME ARGS...: one benchmark process, its JSON and log in OUT
+LOGS=$(mktemp -d)
+bench() {  # bench GPU NAME ARGS...: one benchmark process; its JSON in OUT, its log appended to OUT/decode_gpu.log
+  # (one log file: the device tool brings back at most 8 files)
   local gpu=$1 name=$2
   shift 2
   CUDA_VISIBLE_DEVICES=$gpu timeout 560 python -m eval.bench_decode "$@" --out "$OUT/$name.json" \
-    > "$OUT/$name.log" 2>&1 || echo "$name: exit $?" >&2
+    > "$LOGS/$name.log" 2>&1 || echo "$name: exit $?" >&2
+  { echo "==> $name <=="; cat "$LOGS/$name.log"; } >> "$OUT/decode_gpu.log"
 }
 kernels() {
   bench 0 decode_kernels --kernels --batches 1,8,64 --contexts 4096,32768,131072
@@ -32,4 +35,4 @@ else
   kernels
   model 0
 fi
-tail -n 2 "$OUT"/*.log
+tail -n 2 "$LOGS"/*.log
