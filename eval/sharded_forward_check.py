@@ -23,15 +23,13 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from eval import fullsize_checkpoint
 from gptoss_mla_jax.config import GPT_OSS_20B
 from gptoss_mla_jax.model import by_rows, embed, forward, init_params, unembed
 from gptoss_mla_jax.moe import expert_matrices, moe_dense, moe_sparse
 from train.distill import write_json
-from train.sharding import DATA, batch_sharding, make_mesh, shard_params
+from train.sharding import batch_sharding, make_mesh, rows_sharding, shard_params
 
 
 def mean_kl(reference, logits) -> float:
@@ -86,7 +84,7 @@ def main(argv=None) -> int:
     pieces = {name: pieces[name] for name in args.pieces.split(",")} if args.pieces else pieces
     mesh = make_mesh(args.mesh)
     # What train.distill runs: the residual stream pinned by rows, the MoE on each device's own rows.
-    rows = NamedSharding(mesh, P(DATA, None, None))
+    rows = rows_sharding(mesh)
     moe = functools.partial(moe_sparse, config=config)
     sharded_fns = {
         "moe_sparse_mxfp4_per_shard": by_rows(moe, rows),

@@ -245,7 +245,7 @@ def forward(
     remat: bool = False,
     collect_attention: bool = False,
     decode_kernels: bool = False,
-    activation_sharding: jax.sharding.Sharding | None = None,
+    activation_sharding: jax.sharding.NamedSharding | None = None,
 ) -> tuple[Float[Array, "B T V"], kv_cache.Cache | None] | tuple[Array, kv_cache.Cache | None, list[Array]]:
     """Logits (float32) for `tokens`, and the updated cache.
 

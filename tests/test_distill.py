@@ -195,11 +195,9 @@ def test_pinned_forward_splits_the_work_by_rows(mesh_spec):
     # hidden dimension and all-reduces the partial sums (on GPUs in bf16, which moved the loss of a 4x1
     # run by 44%). Pinning the residual stream by rows, with the MoE per device, gives each device 1/8 of
     # the one-device FLOPs and the same logits.
-    from jax.sharding import NamedSharding, PartitionSpec
-
     from eval.fullsize_checkpoint import SMOKE
     from gptoss_mla_jax.model import forward, init_params
-    from train.sharding import DATA, batch_sharding, make_mesh, shard_params
+    from train.sharding import batch_sharding, make_mesh, rows_sharding, shard_params
 
     config = dataclasses.replace(SMOKE, num_hidden_layers=2, layer_types=())
     params = init_params(config, jax.random.key(0), jnp.float32, experts="mxfp4")
@@ -207,7 +205,7 @@ def test_pinned_forward_splits_the_work_by_rows(mesh_spec):
 
     def compiled(mesh_spec, pin):
         mesh = make_mesh(mesh_spec)
-        rows = NamedSharding(mesh, PartitionSpec(DATA, None, None)) if pin else None
+        rows = rows_sharding(mesh) if pin else None
         f = jax.jit(lambda p, t: forward(p, t, None, config, activation_sharding=rows)[0])
         args = (shard_params(params, mesh), jax.device_put(tokens, batch_sharding(mesh)))
         cost = f.lower(*args).compile().cost_analysis()

@@ -47,7 +47,15 @@ from tqdm.auto import tqdm
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.model import forward
 from train.flops import distill_step_flops, peak_flops
-from train.sharding import DATA, batch_sharding, make_mesh, path_name, place, shard_params, spec_for
+from train.sharding import (
+    batch_sharding,
+    make_mesh,
+    path_name,
+    place,
+    rows_sharding,
+    shard_params,
+    spec_for,
+)
 
 Params = dict[str, Any]
 
@@ -342,8 +350,9 @@ def run(
         optimizer.init(trainable),
     )
     # Each device computes its own rows: the residual stream stays split by batch over "data".
-    rows = NamedSharding(mesh, PartitionSpec(DATA, None, None))
-    step_fn = make_step(optimizer, teacher_config, student_config, temperature, terms, dtype, remat, rows)
+    step_fn = make_step(
+        optimizer, teacher_config, student_config, temperature, terms, dtype, remat, rows_sharding(mesh)
+    )
     seq_len = sequences.shape[1]
     tokens_sharding = batch_sharding(mesh)
     lo, hi = local_rows(tokens_sharding, batch, seq_len)

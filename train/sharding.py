@@ -81,3 +81,8 @@ def shard_params(params, mesh: jax.sharding.Mesh):
 
 def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA, None))
+
+
+def rows_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
+    """The residual stream [B, T, D] split by batch over "data" (`forward`'s `activation_sharding`)."""
+    return NamedSharding(mesh, PartitionSpec(DATA, None, None))
