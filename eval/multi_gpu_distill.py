@@ -91,6 +91,19 @@ def compare(runs: dict[str, dict], tolerance: float) -> dict:
     return {"baseline": base_mesh, "tolerance": tolerance, "meshes": out}
 
 
+def read_baseline(path: str, args: argparse.Namespace) -> dict[str, dict]:
+    """{mesh: run} of the first mesh in an earlier results file, after checking it ran the same steps."""
+    with open(path) as f:
+        earlier = json.load(f)
+    for key, want in (("steps", args.steps), ("global_batch", args.batch), ("seq_len", args.seq_len)):
+        if earlier[key] != want:
+            raise SystemExit(f"--baseline {path}: {key} {earlier[key]}, this run has {want}")
+    if earlier["shape"] != ("smoke" if args.smoke else "gpt-oss-20b"):
+        raise SystemExit(f"--baseline {path}: shape {earlier['shape']}")
+    mesh, summary = next(iter(earlier["runs"].items()))
+    return {mesh: summary}
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -108,9 +121,15 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--tolerance", type=float, default=2e-2, help="relative loss difference (bf16)")
     parser.add_argument("--smoke", action="store_true", help="small model, simulated CPU devices")
+    parser.add_argument(
+        "--baseline",
+        help="results JSON of an earlier run of this script with the same steps, batch and seq-len: its "
+        "first mesh is the baseline, not rerun (the teacher, student and data are seeded, so rebuilt equal)",
+    )
     parser.add_argument("--out", default="eval/results/multi_gpu_distill.json")
     args = parser.parse_args(argv)
     meshes = args.meshes.split(",")
+    baseline = read_baseline(args.baseline, args) if args.baseline else {}
     smoke = dataclasses.replace(fullsize_checkpoint.SMOKE, num_hidden_layers=2, layer_types=())
     config = smoke if args.smoke else GPT_OSS_20B
     # The resumed half of a mesh compiles the same step as its first half: share XLA's compilation cache
@@ -133,7 +152,7 @@ def main(argv=None) -> int:
         np.save(ids, np.random.default_rng(0).integers(0, config.vocab_size, tokens, dtype=np.int32))
 
     accums = {mesh: accumulation(mesh, args.batch, args.rows_per_device) for mesh in meshes}
-    runs = {}
+    runs = dict(baseline)
     for mesh, accum in accums.items():
         # train.distill counts micro-steps: steps, warm-up and the checkpoint scale with the accumulation.
         folder = os.path.join(args.work, f"run_{mesh}")
@@ -156,6 +175,7 @@ def main(argv=None) -> int:
         "global_batch": args.batch,
         "rows_per_device": args.rows_per_device,
         "seq_len": args.seq_len,
+        "baseline_from": args.baseline,
         "runs": runs,
         "comparison": compare(runs, args.tolerance),
     }

@@ -5,6 +5,7 @@ where its device cannot hold the global batch."""
 import json
 import shutil
 
+import numpy as np
 import pytest
 
 from eval import multi_gpu_distill
@@ -56,6 +57,21 @@ def test_smoke_run_end_to_end(tmp_path):
     assert multi_gpu_distill.main(argv) == 0
     again = json.loads(out.read_text())["runs"]["2x1"]
     assert again["losses"] == result["runs"]["2x1"]["losses"]
+
+    # The baseline taken from that results file in a fresh folder (the machine of an earlier call is gone):
+    # the teacher, student and data are rebuilt from their seeds, so 2x1 loses the same; a results file of
+    # other steps is refused.
+    rerun = tmp_path / "rerun.json"
+    argv2 = ["--smoke", "--work", str(tmp_path / "fresh"), "--meshes", "2x1", "--steps", "2", "--batch", "2"]
+    argv2 += ["--rows-per-device", "1", "--seq-len", "16", "--out", str(rerun)]
+    assert multi_gpu_distill.main([*argv2, "--baseline", str(out)]) == 0
+    second = json.loads(rerun.read_text())
+    assert list(second["runs"]) == ["1x1", "2x1"] and second["baseline_from"] == str(out)
+    assert second["runs"]["1x1"] == result["runs"]["1x1"]
+    assert np.allclose(second["runs"]["2x1"]["losses"], result["runs"]["2x1"]["losses"], rtol=1e-5)
+    argv2[argv2.index("--steps") + 1] = "3"
+    with pytest.raises(SystemExit, match="steps 2, this run has 3"):
+        multi_gpu_distill.main([*argv2, "--baseline", str(out)])
 
 
 def test_sharded_forward_check_smoke(tmp_path):
