@@ -211,9 +211,6 @@ KERNEL_CONFIGS = [
     for block, warps, stages in ((64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (64, 8, 2), (128, 8, 2))
 ]
 HEAD_BLOCKS = [dict(block=64, warps=4, stages=2, head_block=h) for h in (32, 16)]
-# float32 tiles take twice the shared memory: at block 64 both MLA kernels asked an H200 for more than its
-# 232,448 bytes, so the float32 check also tries blocks of 32 without pipelining.
-FLOAT32_CONFIGS = [dict(block=32, warps=4, stages=1)]
 
 
 def kernel_rows(batches: list[int], contexts: list[int], repeats: int, smoke: bool, log) -> list[dict]:
@@ -235,22 +232,17 @@ def kernel_rows(batches: list[int], contexts: list[int], repeats: int, smoke: bo
         if smoke
         else dict(G=8, R=8, d=64, n2=4, r=160, configs=KERNEL_CONFIGS, head_blocks=HEAD_BLOCKS)
     )
-    check_configs = shape["configs"] + ([] if smoke else FLOAT32_CONFIGS)
     copy = copy_bandwidth(0.05 if smoke else 4.0)
     rows = [{"copy_gb_per_s": copy / 1e9}]
     layers = ("gqa", "mla", "mla_partial")
     # Agreement in float32 first (one small point per kernel, where bf16 rounding does not blur a bug),
-    # then the bf16 speed table.
+    # then the bf16 speed table. In float32, block 128 with 3 stages asks an H200 for more shared memory
+    # than it has; that setting's failure is recorded and the others run.
     check = [(layer, 2, min(contexts), jnp.float32) for layer in layers]
     points = [(layer, b, c, jnp.bfloat16) for c, b, layer in itertools.product(contexts, batches, layers)]
     for layer, batch, context, dtype in check + points:
-        configs = check_configs if dtype == jnp.float32 else shape["configs"]
         try:
-            rows.append(
-                kernel_point(
-                    layer, batch, context, repeats, copy, dtype=dtype, **(shape | {"configs": configs})
-                )
-            )
+            rows.append(kernel_point(layer, batch, context, repeats, copy, dtype=dtype, **shape))
         except Exception as e:  # a lowering failure or an OOM is a result too: say which and go on
             rows.append(
                 {
