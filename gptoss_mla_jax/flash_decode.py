@@ -27,8 +27,12 @@ import functools
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
-from jax.experimental.pallas import triton as pl_triton
 from jaxtyping import Array, Float, Int
+
+try:  # the GPU lowering: JAX 0.11 deprecates this backend; a JAX without it runs the kernels interpreted only
+    from jax.experimental.pallas import triton as pl_triton
+except ImportError:
+    pl_triton = None
 
 NEG = -1e30  # masked score: finite, so a slice with no visible slot keeps m finite and exp() at 0
 MIN_ROWS = 16  # Triton's dot needs at least 16 rows: fewer query heads are padded with zero queries
@@ -186,9 +190,22 @@ def _pad_heads(x: Array, axis: int = 2) -> Array:
     return jnp.pad(x, widths)
 
 
-def triton_launch(warps: int, stages: int) -> pl_triton.CompilerParams:
+def gpu_lowering_available() -> bool:
+    """Whether this JAX can lower the kernels for the GPU (its Pallas Triton backend is still there)."""
+    return pl_triton is not None
+
+
+def triton_launch(warps: int, stages: int, interpret: bool):
     """Launch settings on the GPU (ignored by the interpreter): `warps` per program, and `stages` of
     software pipelining (2: the next cache block loads while this one is reduced)."""
+    if not gpu_lowering_available():
+        if interpret:
+            return None
+        raise RuntimeError(
+            f"the Pallas decode kernels lower for the GPU through jax.experimental.pallas.triton, which JAX "
+            f"{jax.__version__} no longer has; decode on the jnp path (decode_kernels=False, "
+            f"--decode-kernels off)"
+        )
     return pl_triton.CompilerParams(num_warps=warps, num_stages=stages)
 
 
@@ -208,7 +225,7 @@ def _launch(kernel, in_specs, args, lengths, Hq: int, dv: int, splits: int, head
         in_specs=[pl.BlockSpec((1,), lambda b, j, g: (b,)), *in_specs],
         out_specs=[slice_of(Hq, dv), slice_of(Hq), slice_of(Hq)],
         out_shape=[jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes],
-        compiler_params=triton_launch(warps, stages),
+        compiler_params=triton_launch(warps, stages, interpret),
         interpret=interpret,
     )(lengths.astype(jnp.int32), *args)
     acc, m, l = outputs

@@ -17,6 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
+from gptoss_mla_jax import flash_decode
 from gptoss_mla_jax.cache import init_cache
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.model import Params, check_tokens, forward, init_params
@@ -62,8 +63,13 @@ def kernels_by_default(cache_dtype) -> bool:
     """Decode on the Pallas kernels on a GPU with a 16-bit cache: there every measured step was faster
     (H200, gpt-oss-20b shapes: batch 1 x 32K 10.5 -> 7.0 ms with GQA, batch 64 x 32K 103 -> 62 ms; README,
     "Pallas decode kernels"). Elsewhere the jnp path: off the GPU the kernels only run interpreted, and
-    in float32 they run (H200: TF32-level agreement) but their speed has not been measured."""
-    return jax.default_backend() == "gpu" and jnp.dtype(cache_dtype).itemsize == 2
+    in float32 they run (H200: TF32-level agreement) but their speed has not been measured; and a JAX
+    without the Pallas Triton backend (deprecated in JAX 0.11) cannot lower them for the GPU."""
+    return (
+        jax.default_backend() == "gpu"
+        and jnp.dtype(cache_dtype).itemsize == 2
+        and flash_decode.gpu_lowering_available()
+    )
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -100,6 +100,6 @@ def mxfp4_matvec(
         in_specs=[whole(experts), *(whole(pairs[..., 0]),) * 2, whole(blocks), whole(scales), whole(bias)],
         out_specs=pl.BlockSpec((P, n_out), lambda p, t: (0, 0)),
         out_shape=jax.ShapeDtypeStruct((P, n_out), jnp.float32),
-        compiler_params=triton_launch(warps, stages),
+        compiler_params=triton_launch(warps, stages, interpret),
         interpret=interpret,
     )(experts.astype(jnp.int32), pairs[..., 0], pairs[..., 1], blocks, scales, bias)

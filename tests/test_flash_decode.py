@@ -130,6 +130,30 @@ def test_gqa_window_shorter_than_the_cache():
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def test_without_the_triton_backend(monkeypatch):
+    """A JAX without Pallas' Triton backend (deprecated in JAX 0.11): the kernels still run interpreted,
+    asking for them on the GPU says what is missing and what to do, and `generate` defaults to jnp there."""
+    from gptoss_mla_jax import flash_decode
+    from gptoss_mla_jax.generate import kernels_by_default
+
+    monkeypatch.setattr(flash_decode, "pl_triton", None)
+    B, G, R, d, slots = 2, 1, 3, 8, 32  # shapes of no other test: gqa_decode traces afresh
+    keys = iter(jax.random.split(jax.random.key(4), 4))
+    normal = lambda *shape: jax.random.normal(next(keys), shape, jnp.float32)
+    q, k, v, sinks = normal(B, G * R, d), normal(B, slots, G, d), normal(B, slots, G, d), normal(G * R)
+    lengths = jnp.asarray([1, 20], jnp.int32)
+    pos, ok = kv_cache.cached_positions(lengths, slots, False)
+    want = attend(q[:, None], [(k, v, pos, ok)], (lengths - 1)[:, None], sinks, None)[:, 0]
+    got = gqa_decode(q, k, v, lengths, sinks, None, False, 2, 16, interpret=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(
+        RuntimeError, match=r"pallas\.triton, which JAX .* no longer has.*\(decode_kernels=False"
+    ):
+        gqa_decode(q, k, v, lengths, sinks, None, False, 2, 16, interpret=False)
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    assert not kernels_by_default(jnp.bfloat16)
+
+
 def test_pow2_columns():
     assert [(c.start, c.size) for c in pow2_columns(192)] == [(0, 128), (128, 64)]
     assert [(c.start, c.size) for c in pow2_columns(64)] == [(0, 64)]
