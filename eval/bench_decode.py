@@ -5,6 +5,7 @@
     python -m eval.bench_decode --transformers        # transformers' GptOssForCausalLM, batch 1
     python -m eval.bench_decode --with-transformers   # both, the peer first in its own process (4K context)
     python -m eval.bench_decode --kernels             # the Pallas decode kernels vs jnp and JAX's stock gqa
+    python -m eval.bench_decode --experts 4,32        # the MXFP4 expert kernel's launch settings
 
 Random weights; experts packed in MXFP4 as gpt-oss ships them (transformers: bf16, its MXFP4 path needs
 kernels from the hub). MLA: the default conversion (decompressed, latent 192, full-attention layers;
@@ -39,7 +40,9 @@ from gptoss_mla_jax.cache import init_cache
 from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig, MlaConfig
 from gptoss_mla_jax.generate import DEMO_CONFIG, decode_step
 from gptoss_mla_jax.model import init_params
+from gptoss_mla_jax.mxfp4_matvec import mxfp4_matvec
 from train.distill import write_json
+from weights.mxfp4 import dequantize
 from weights.to_mla import DEFAULT_LATENT_DIM, convert
 
 # transformers' eager attention materializes [heads, T, T] scores in the prefill: 4K is where it fits.
@@ -257,6 +260,99 @@ def kernel_rows(batches: list[int], contexts: list[int], repeats: int, smoke: bo
     return rows
 
 
+def sweep(make, settings: list[dict], args, want, nbytes: int, copy: float, repeats: int) -> dict:
+    """Each launch setting of a kernel (`make(setting)`: the function) on `args`: its time, the bytes it
+    must read over the card's copy bandwidth, and its largest difference from `want`. A setting that fails
+    (e.g. more shared memory than the card has) is recorded and the others still run; the best one's
+    numbers are lifted to the top."""
+    bandwidth = lambda ms: nbytes / (ms / 1e3) / copy
+    configs = []
+    for setting in settings:
+        fn = jax.jit(make(setting))
+        try:
+            error = float(jnp.abs(fn(*args).astype(jnp.float32) - want).max())
+        except Exception as e:
+            configs.append(setting | {"error": f"{type(e).__name__}: {e}"[:500]})
+            continue
+        ms = 1e3 * timed(fn, *args, repeats=repeats)
+        configs.append(setting | {"ms": ms, "of_copy_bandwidth": bandwidth(ms), "max_abs_error": error})
+    ran = [c for c in configs if "ms" in c]
+    if not ran:
+        raise RuntimeError(f"no launch setting ran: {configs[0]['error']}")
+    best = min(ran, key=lambda c: c["ms"])
+    return {
+        "configs": configs,
+        "kernel_ms": best["ms"],
+        "kernel_of_copy_bandwidth": best["of_copy_bandwidth"],
+        "kernel_plan": {
+            k: v for k, v in best.items() if k not in ("ms", "of_copy_bandwidth", "max_abs_error")
+        },
+        "max_abs_error": max(c["max_abs_error"] for c in ran),
+    }
+
+
+# The MXFP4 expert kernel's launch settings: output rows per program, 32-value groups per step, warps,
+# pipeline stages (the defaults first).
+EXPERT_CONFIGS = [
+    dict(rows=rows, chunk=chunk, warps=warps, stages=stages)
+    for rows, chunk in ((32, 8), (16, 8), (64, 4), (32, 4), (16, 16), (8, 16))
+    for warps, stages in ((4, 2), (4, 3), (8, 2), (2, 2))
+]
+
+
+def expert_rows(pairs: list[int], repeats: int, smoke: bool, log) -> list[dict]:
+    """The MXFP4 expert matvec (mxfp4_matvec, what a decode step's MoE runs on the kernels) at gpt-oss-20b's
+    expert shapes, for each count of (token, expert) pairs (batch 1: 4), each projection and launch setting:
+    time, the packed bytes of the distinct experts read over the copy bandwidth, and the largest difference
+    from dequantize-then-multiply in float32; against the jnp path the MoE takes without the kernel
+    (gather the packed experts, dequantize to bf16 in memory, multiply)."""
+    config = DEMO_CONFIG if smoke else GPT_OSS_20B
+    E, D, F = config.num_local_experts, config.hidden_size, config.intermediate_size
+    settings = [dict(rows=8, chunk=2, warps=4, stages=2)] if smoke else EXPERT_CONFIGS
+    copy = copy_bandwidth(0.05 if smoke else 4.0)
+    out = [{"copy_gb_per_s": copy / 1e9}]
+    rng = np.random.default_rng(0)
+    for name, n_out, n_in in (("gate_up_proj", 2 * F, D), ("down_proj", D, F)):
+        groups = n_in // 32
+        blocks = jnp.asarray(rng.integers(0, 256, (E, n_out, groups, 16), dtype=np.uint8))
+        scales = jnp.asarray(rng.integers(118, 124, (E, n_out, groups), dtype=np.uint8))  # gpt-oss's range
+        bias = jnp.asarray(rng.standard_normal((E, n_out), np.float32)).astype(jnp.bfloat16)
+        for P in pairs:
+            experts = jnp.arange(P, dtype=jnp.int32) % E  # distinct while there are experts to go round
+            x = jnp.asarray(rng.standard_normal((P, n_in), np.float32)).astype(jnp.bfloat16)
+            row = {"projection": name, "pairs": P} | expert_point(
+                (x, experts, blocks, scales, bias), settings, copy, repeats
+            )
+            log(row)
+            out.append(row)
+    return out
+
+
+def expert_point(args, settings: list[dict], copy: float, repeats: int) -> dict:
+    """One point of `expert_rows`; args = (x [P, n_in], experts [P], blocks, scales, bias)."""
+    x, experts, blocks, scales, bias = args
+    interpret = jax.default_backend() == "cpu"
+
+    def exact(x_p, e):  # one pair at a time: P dequantized float32 experts would not fit at batch 64
+        w = dequantize(blocks[e], scales[e], jnp.float32)
+        return jnp.dot(w, x_p.astype(jnp.float32), precision="highest") + bias[e].astype(jnp.float32)
+
+    def jnp_path(x, experts, blocks, scales, bias):  # moe._selected_experts' MXFP4 branch
+        w = dequantize(blocks[experts], scales[experts], x.dtype)
+        return jnp.einsum("pi,poi->po", x, w) + bias[experts]
+
+    want = jax.jit(lambda x, e: jax.lax.map(lambda pe: exact(*pe), (x, e)))(x, experts)
+    distinct = len(set(np.asarray(experts).tolist()))
+    nbytes = distinct * (blocks[0].nbytes + scales[0].nbytes + bias[0].nbytes) + x.nbytes
+    row = {"n_out": blocks.shape[1], "n_in": x.shape[1], "bytes": int(nbytes)}
+    row["max_abs_reference"] = float(jnp.abs(want).max())
+    make = lambda setting: functools.partial(mxfp4_matvec, **setting, interpret=interpret)
+    row |= sweep(make, settings, args, want, nbytes, copy, repeats)
+    ms = 1e3 * timed(jax.jit(jnp_path), *args, repeats=repeats)
+    row["jnp_ms"], row["jnp_of_copy_bandwidth"] = ms, nbytes / (ms / 1e3) / copy
+    return row
+
+
 def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, configs, head_blocks, dtype) -> dict:
     keys = iter(jax.random.split(jax.random.key(0), 10))
     normal = lambda *shape: jax.random.normal(next(keys), shape, dtype)
@@ -315,30 +411,15 @@ def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, configs, 
     row = {"layer": layer, "batch": batch, "context": context, "dtype": jnp.dtype(dtype).name}
     row["bytes"] = int(sum(x.nbytes for x in cache))
     row["max_abs_reference"] = float(jnp.abs(want).max())
-    bandwidth = lambda ms: row["bytes"] / (ms / 1e3) / copy
-    row["configs"] = []
+    plans = []
     for launch in configs + (head_blocks if layer == "mla_partial" else []):
         groups = G * R // launch.get("head_block", G * R) if layer == "mla_partial" else 1
         # the slices decode_plan would pick for this many programs
         splits, block = flash_decode.plan(context, programs * groups, launch["block"])
-        plan = launch | dict(splits=splits, block=block)
-        fn = jax.jit(kernel(dict(plan, interpret=interpret)))
-        try:
-            error = float(jnp.abs(fn(*args).astype(jnp.float32) - want).max())
-        except Exception as e:  # e.g. more shared memory than the card has: the other settings still count
-            row["configs"].append(plan | {"error": f"{type(e).__name__}: {e}"[:500]})
-            continue
-        ms = 1e3 * timed(fn, *args, repeats=repeats)
-        row["configs"].append(plan | {"ms": ms, "of_copy_bandwidth": bandwidth(ms), "max_abs_error": error})
-    ran = [c for c in row["configs"] if "ms" in c]
-    if not ran:
-        raise RuntimeError(f"no launch setting ran: {row['configs'][0]['error']}")
-    best = min(ran, key=lambda c: c["ms"])
-    row["kernel_ms"], row["kernel_of_copy_bandwidth"] = best["ms"], best["of_copy_bandwidth"]
-    row["kernel_plan"] = {
-        k: v for k, v in best.items() if k not in ("ms", "of_copy_bandwidth", "max_abs_error")
-    }
-    row["max_abs_error"] = max(c["max_abs_error"] for c in ran)
+        plans.append(launch | dict(splits=splits, block=block))
+    make = lambda plan: kernel(dict(plan, interpret=interpret))
+    row |= sweep(make, plans, args, want, row["bytes"], copy, repeats)
+    bandwidth = lambda ms: row["bytes"] / (ms / 1e3) / copy
     for name, fn in (("jnp", reference), *peers.items()):
         ms = 1e3 * timed(jax.jit(fn), *args, repeats=repeats)
         row[f"{name}_ms"], row[f"{name}_of_copy_bandwidth"] = ms, bandwidth(ms)
@@ -395,6 +476,12 @@ def main(argv=None) -> int:
     parser.add_argument("--with-transformers", action="store_true", help="also run the peer, in a subprocess")
     parser.add_argument("--breakdown", help="BATCH,CONTEXT: where a decode step's time goes")
     parser.add_argument("--kernels", action="store_true", help="the Pallas decode kernels vs jnp")
+    parser.add_argument(
+        "--experts",
+        metavar="PAIRS",
+        help="the MXFP4 expert kernel's launch settings for these counts of "
+        "(token, expert) pairs, e.g. 4,32 (batch 1 and 8 at top-4)",
+    )
     parser.add_argument("--partial", action="store_true", help="also MLA in partial mode (absorbed decode)")
     parser.add_argument(
         "--decode-kernels", choices=("off", "on", "both"), default="off",
@@ -425,6 +512,9 @@ def main(argv=None) -> int:
         if args.kernels:
             batches = [int(b) for b in args.batches.split(",")]
             result["kernels"] = kernel_rows(batches, contexts, args.repeats, args.smoke, log)
+        elif args.experts:
+            pairs = [int(p) for p in args.experts.split(",")]
+            result["experts"] = expert_rows(pairs, args.repeats, args.smoke, log)
         elif args.breakdown:
             batch, context = (int(n) for n in args.breakdown.split(","))
             result["breakdown"] = breakdown(models_, batch, context, args.repeats)

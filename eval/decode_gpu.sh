@@ -2,8 +2,9 @@
 # Issue 7's decode measurements in one call of under 10 minutes. GPU 0: each Pallas kernel against its
 # jnp path (float32 check, then the bf16 table), then where a batch-1 step's time goes (the MoE on jnp and
 # on the MXFP4 kernel). The last GPU: the whole gpt-oss-20b-shaped model's decode step off and on the
-# kernels (GQA, MLA, MLA partial; batch 1 and 64 at 32K). With one GPU the two run one after the other, so
-# that no timing shares the card.
+# kernels (GQA, MLA, MLA partial; batch 1 and 64 at 32K). With three GPUs or more, GPU 1 sweeps the MXFP4
+# expert kernel's launch settings (batch 1, 8 and 64 at top-4). With one GPU the first two run one after
+# the other, so that no timing shares the card.
 #   bash eval/decode_gpu.sh OUT_DIR [CONTEXTS]
 set -uo pipefail
 OUT=${1:?usage: bash eval/decode_gpu.sh OUT_DIR [CONTEXTS]}
@@ -30,6 +31,9 @@ gpus=$(nvidia-smi -L | wc -l)
 if [ "$gpus" -gt 1 ]; then
   kernels &
   model $((gpus - 1)) &
+  if [ "$gpus" -gt 2 ]; then
+    bench 1 decode_experts --experts 4,32,256 --repeats 8 &
+  fi
   wait
 else
   kernels

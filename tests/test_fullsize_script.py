@@ -94,6 +94,26 @@ def test_kernel_benchmark_runs_at_a_small_size(tmp_path):
     assert [c.get("head_block") for c in rows[-1]["configs"]] == [None, 2]  # absorbed MLA's heads split too
 
 
+def test_expert_kernel_benchmark_runs_at_a_small_size(tmp_path):
+    """--experts on the CPU interpreter: both projections at each pair count, the kernel equal to
+    dequantize-then-multiply in float32, bytes counting each distinct expert once."""
+    from eval import bench_decode
+
+    out = tmp_path / "experts.json"
+    assert bench_decode.main(["--experts", "2,9", "--smoke", "--repeats", "1", "--out", str(out)]) == 0
+    copy, *rows = json.loads(out.read_text())["experts"]
+    assert copy["copy_gb_per_s"] > 0
+    assert [(r["projection"], r["pairs"]) for r in rows] == [
+        (name, pairs) for name in ("gate_up_proj", "down_proj") for pairs in (2, 9)
+    ]
+    E = bench_decode.DEMO_CONFIG.num_local_experts
+    for row in rows:
+        assert row["max_abs_error"] <= 1e-5 * row["max_abs_reference"]
+        assert row["kernel_ms"] > 0 and row["jnp_ms"] > 0
+        packed = row["n_out"] * row["n_in"] // 32 * 17 + 2 * row["n_out"]  # blocks, scales, bf16 bias
+        assert row["bytes"] == min(row["pairs"], E) * packed + row["pairs"] * row["n_in"] * 2
+
+
 def test_decode_breakdown_runs_at_a_small_size(tmp_path):
     """--breakdown times the step, a layer's attention and its MoE, each on jnp and on the kernels, and the
     unembedding, for GQA and MLA."""
