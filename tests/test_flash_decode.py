@@ -82,16 +82,22 @@ CASES = [
 
 @pytest.mark.parametrize("G, R, slots, splits, block, sliding, lengths", CASES)
 def test_gqa_kernel_equals_jnp_attend(G, R, slots, splits, block, sliding, lengths):
-    B, d = len(lengths), 16
-    keys = iter(jax.random.split(jax.random.key(1), 6))
+    window = slots if sliding else None
+    args, want = gqa_case(1, G, R, 16, slots, lengths, window, sliding)
+    got = gqa_decode(*args, window, sliding, splits, block, interpret=True)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def gqa_case(seed: int, G: int, R: int, d: int, slots: int, lengths: list[int], window, sliding: bool):
+    """Random float32 (q, k, v, lengths, sinks) for gqa_decode and the jnp path's answer for them."""
+    B = len(lengths)
+    keys = iter(jax.random.split(jax.random.key(seed), 4))
     normal = lambda *shape: jax.random.normal(next(keys), shape, jnp.float32)
     q, k, v, sinks = normal(B, G * R, d), normal(B, slots, G, d), normal(B, slots, G, d), normal(G * R)
     lengths = jnp.asarray(lengths, jnp.int32)
-    window = slots if sliding else None
     pos, ok = kv_cache.cached_positions(lengths, slots, sliding)
     want = attend(q[:, None], [(k, v, pos, ok)], (lengths - 1)[:, None], sinks, window)[:, 0]
-    got = gqa_decode(q, k, v, lengths, sinks, window, sliding, splits, block, interpret=True)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    return (q, k, v, lengths, sinks), want
 
 
 @pytest.mark.parametrize("G, R, slots, splits, block, sliding, lengths", CASES)
@@ -119,14 +125,8 @@ def test_decompressed_kernel_equals_jnp(G, R, slots, splits, block, sliding, len
 
 def test_gqa_window_shorter_than_the_cache():
     """A full-size cache read with a sliding window: only the last `window` positions count."""
-    B, G, R, d, slots, window = 2, 2, 2, 16, 128, 40
-    keys = iter(jax.random.split(jax.random.key(2), 4))
-    normal = lambda *shape: jax.random.normal(next(keys), shape, jnp.float32)
-    q, k, v, sinks = normal(B, G * R, d), normal(B, slots, G, d), normal(B, slots, G, d), normal(G * R)
-    lengths = jnp.asarray([30, 100], jnp.int32)
-    pos, ok = kv_cache.cached_positions(lengths, slots, False)
-    want = attend(q[:, None], [(k, v, pos, ok)], (lengths - 1)[:, None], sinks, window)[:, 0]
-    got = gqa_decode(q, k, v, lengths, sinks, window, False, 2, 16, interpret=True)
+    args, want = gqa_case(2, G=2, R=2, d=16, slots=128, lengths=[30, 100], window=40, sliding=False)
+    got = gqa_decode(*args, 40, False, 2, 16, interpret=True)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -137,19 +137,14 @@ def test_without_the_triton_backend(monkeypatch):
     from gptoss_mla_jax.generate import kernels_by_default
 
     monkeypatch.setattr(flash_decode, "pl_triton", None)
-    B, G, R, d, slots = 2, 1, 3, 8, 32  # shapes of no other test: gqa_decode traces afresh
-    keys = iter(jax.random.split(jax.random.key(4), 4))
-    normal = lambda *shape: jax.random.normal(next(keys), shape, jnp.float32)
-    q, k, v, sinks = normal(B, G * R, d), normal(B, slots, G, d), normal(B, slots, G, d), normal(G * R)
-    lengths = jnp.asarray([1, 20], jnp.int32)
-    pos, ok = kv_cache.cached_positions(lengths, slots, False)
-    want = attend(q[:, None], [(k, v, pos, ok)], (lengths - 1)[:, None], sinks, None)[:, 0]
-    got = gqa_decode(q, k, v, lengths, sinks, None, False, 2, 16, interpret=True)
+    # shapes of no other test, so that gqa_decode traces afresh without the backend
+    args, want = gqa_case(4, G=1, R=3, d=8, slots=32, lengths=[1, 20], window=None, sliding=False)
+    got = gqa_decode(*args, None, False, 2, 16, interpret=True)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(
         RuntimeError, match=r"pallas\.triton, which JAX .* no longer has.*\(decode_kernels=False"
     ):
-        gqa_decode(q, k, v, lengths, sinks, None, False, 2, 16, interpret=False)
+        gqa_decode(*args, None, False, 2, 16, interpret=False)
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert not kernels_by_default(jnp.bfloat16)
 
