@@ -30,7 +30,6 @@ import time
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.experimental.pallas.ops.gpu import decode_attention
 
 from eval.kv_cache import accounting
 from eval.timing import timed
@@ -44,6 +43,11 @@ from gptoss_mla_jax.mxfp4_matvec import mxfp4_matvec
 from train.distill import write_json
 from weights.mxfp4 import dequantize
 from weights.to_mla import DEFAULT_LATENT_DIM, convert
+
+try:  # the peer: JAX's stock Triton decode kernel, deprecated in JAX 0.11 with the rest of pallas.ops.gpu
+    from jax.experimental.pallas.ops.gpu import decode_attention
+except ImportError:
+    decode_attention = None
 
 # transformers' eager attention materializes [heads, T, T] scores in the prefill: 4K is where it fits.
 PEER_CONTEXT = 4096
@@ -374,6 +378,8 @@ def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, configs, 
                 q, k, v, kv_seq_len=lengths, block_k=block, k_splits=splits, interpret=interpret
             )
         }
+        if decode_attention is None:  # a JAX without it: the table goes on without the peer
+            peers = {}
     elif layer == "mla":
         config = dataclasses.replace(
             GPT_OSS_20B, num_attention_heads=G * R, num_key_value_heads=G, head_dim=d,

@@ -3,6 +3,7 @@ both loaders read it to the same dequantized values."""
 
 import json
 
+import jax.numpy as jnp
 import pytest
 
 from eval import fullsize_checkpoint as script
@@ -92,6 +93,19 @@ def test_kernel_benchmark_runs_at_a_small_size(tmp_path):
         assert row["kernel_ms"] > 0 and row["jnp_ms"] > 0
     assert rows[0]["stock_gqa_ms"] > 0
     assert [c.get("head_block") for c in rows[-1]["configs"]] == [None, 2]  # absorbed MLA's heads split too
+
+
+def test_kernel_benchmark_without_the_stock_peer(monkeypatch):
+    """A JAX without pallas.ops.gpu (deprecated in 0.11): the GQA row is measured without its peer."""
+    from eval import bench_decode
+
+    monkeypatch.setattr(bench_decode, "decode_attention", None)
+    launch = [dict(block=16, warps=4, stages=2)]
+    row = bench_decode.kernel_point(
+        "gqa", 1, 64, 1, 1e9, G=2, R=2, d=16, n2=4, r=24, configs=launch, head_blocks=[], dtype=jnp.float32
+    )
+    assert row["max_abs_error"] <= 1e-5 * row["max_abs_reference"] and row["jnp_ms"] > 0
+    assert "stock_gqa_ms" not in row
 
 
 def test_expert_kernel_benchmark_runs_at_a_small_size(tmp_path):
