@@ -264,12 +264,25 @@ def kernel_rows(batches: list[int], contexts: list[int], repeats: int, smoke: bo
     return rows
 
 
+def of_copy(nbytes: int, ms: float, copy: float) -> float:
+    """Bytes read in `ms` milliseconds over the card's copy bandwidth (bytes per second)."""
+    return nbytes / (ms / 1e3) / copy
+
+
+def path_times(paths: dict, args, nbytes: int, copy: float, repeats: int) -> dict:
+    """Each non-kernel path (name -> function of `args`) timed: `{name}_ms` and `{name}_of_copy_bandwidth`."""
+    out = {}
+    for name, fn in paths.items():
+        ms = 1e3 * timed(jax.jit(fn), *args, repeats=repeats)
+        out[f"{name}_ms"], out[f"{name}_of_copy_bandwidth"] = ms, of_copy(nbytes, ms, copy)
+    return out
+
+
 def sweep(make, settings: list[dict], args, want, nbytes: int, copy: float, repeats: int) -> dict:
     """Each launch setting of a kernel (`make(setting)`: the function) on `args`: its time, the bytes it
     must read over the card's copy bandwidth, and its largest difference from `want`. A setting that fails
     (e.g. more shared memory than the card has) is recorded and the others still run; the best one's
     numbers are lifted to the top."""
-    bandwidth = lambda ms: nbytes / (ms / 1e3) / copy
     configs = []
     for setting in settings:
         fn = jax.jit(make(setting))
@@ -279,7 +292,9 @@ def sweep(make, settings: list[dict], args, want, nbytes: int, copy: float, repe
             configs.append(setting | {"error": f"{type(e).__name__}: {e}"[:500]})
             continue
         ms = 1e3 * timed(fn, *args, repeats=repeats)
-        configs.append(setting | {"ms": ms, "of_copy_bandwidth": bandwidth(ms), "max_abs_error": error})
+        configs.append(
+            setting | {"ms": ms, "of_copy_bandwidth": of_copy(nbytes, ms, copy), "max_abs_error": error}
+        )
     ran = [c for c in configs if "ms" in c]
     if not ran:
         raise RuntimeError(f"no launch setting ran: {configs[0]['error']}")
@@ -352,9 +367,7 @@ def expert_point(args, settings: list[dict], copy: float, repeats: int) -> dict:
     row["max_abs_reference"] = float(jnp.abs(want).max())
     make = lambda setting: functools.partial(mxfp4_matvec, **setting, interpret=interpret)
     row |= sweep(make, settings, args, want, nbytes, copy, repeats)
-    ms = 1e3 * timed(jax.jit(jnp_path), *args, repeats=repeats)
-    row["jnp_ms"], row["jnp_of_copy_bandwidth"] = ms, nbytes / (ms / 1e3) / copy
-    return row
+    return row | path_times({"jnp": jnp_path}, args, nbytes, copy, repeats)
 
 
 def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, configs, head_blocks, dtype) -> dict:
@@ -373,13 +386,11 @@ def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, configs, 
         )
         reference = lambda q, k, v: attend(q[:, None], [(k, v, pos, visible)], q_pos, sinks, None)[:, 0]
         splits, block = flash_decode.plan(context, programs, max(c["block"] for c in configs))
-        peers = {
-            "stock_gqa": lambda q, k, v: decode_attention.gqa(
-                q, k, v, kv_seq_len=lengths, block_k=block, k_splits=splits, interpret=interpret
-            )
-        }
-        if decode_attention is None:  # a JAX without it: the table goes on without the peer
-            peers = {}
+        stock_gqa = lambda q, k, v: decode_attention.gqa(
+            q, k, v, kv_seq_len=lengths, block_k=block, k_splits=splits, interpret=interpret
+        )
+        # a JAX without pallas.ops.gpu: the table goes on without the peer
+        peers = {} if decode_attention is None else {"stock_gqa": stock_gqa}
     elif layer == "mla":
         config = dataclasses.replace(
             GPT_OSS_20B, num_attention_heads=G * R, num_key_value_heads=G, head_dim=d,
@@ -425,11 +436,7 @@ def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, configs, 
         plans.append(launch | dict(splits=splits, block=block))
     make = lambda plan: kernel(dict(plan, interpret=interpret))
     row |= sweep(make, plans, args, want, row["bytes"], copy, repeats)
-    bandwidth = lambda ms: row["bytes"] / (ms / 1e3) / copy
-    for name, fn in (("jnp", reference), *peers.items()):
-        ms = 1e3 * timed(jax.jit(fn), *args, repeats=repeats)
-        row[f"{name}_ms"], row[f"{name}_of_copy_bandwidth"] = ms, bandwidth(ms)
-    return row
+    return row | path_times({"jnp": reference, **peers}, args, row["bytes"], copy, repeats)
 
 
 def transformers_step(context: int, repeats: int) -> dict:

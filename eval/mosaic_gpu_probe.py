@@ -22,6 +22,8 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from train.distill import write_json
+
 N = 64
 TILES = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # what wgmma wants of bf16 tiles
 
@@ -101,8 +103,6 @@ def main(argv=None) -> int:
     )
     print(json.dumps(result, indent=1))
     if args.out:
-        from train.distill import write_json
-
         write_json(args.out, result)
     return 0
 

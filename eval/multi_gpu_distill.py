@@ -29,6 +29,7 @@ import numpy as np
 
 from eval import fullsize_checkpoint
 from gptoss_mla_jax.config import GPT_OSS_20B
+from train.distill import write_json
 
 
 def mesh_devices(mesh: str) -> int:
@@ -180,8 +181,7 @@ def main(argv=None) -> int:
         "comparison": compare(runs, args.tolerance),
     }
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-    with open(args.out, "w") as f:
-        json.dump(result, f, indent=1)
+    write_json(args.out, result)  # atomic: a temporary file renamed into place
     print(json.dumps(result["comparison"], indent=1))
     return 0 if all(m["losses_match"] for m in result["comparison"]["meshes"].values()) else 1
 
