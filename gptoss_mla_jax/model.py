@@ -35,7 +35,9 @@ from gptoss_mla_jax.norm import rms_norm
 from gptoss_mla_jax.rope import cos_sin
 
 Params = dict[str, Any]
-MoeImpl = Literal["sparse", "dense"]
+# "sparse": the selected experts only, grouped pairs on the Pallas grouped matmul on a GPU and ragged_dot
+# elsewhere; "gmm" / "ragged_dot": that grouped path everywhere; "dense": every expert on every token.
+MoeImpl = Literal["sparse", "gmm", "ragged_dot", "dense"]
 ExpertFormat = Literal["dense", "mxfp4"]
 
 
@@ -201,8 +203,10 @@ def decoder_layer(
         a, layer_cache = attention(*args, decode_kernels=decode_kernels)
     x = x + a
     m = rms_norm(x, layer["post_attention_layernorm"], config.rms_norm_eps)
-    if moe_impl == "sparse":
-        moe = functools.partial(moe_sparse, config=config, kernels=decode_kernels and m.shape[1] == 1)
+    if moe_impl != "dense":
+        grouped = "auto" if moe_impl == "sparse" else moe_impl
+        single = decode_kernels and m.shape[1] == 1
+        moe = functools.partial(moe_sparse, config=config, kernels=single, grouped=grouped)
         x = x + (moe if activation_sharding is None else by_rows(moe, activation_sharding))(layer["mlp"], m)
     else:
         x = x + moe_dense(layer["mlp"], m, config)

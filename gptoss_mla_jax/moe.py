@@ -10,7 +10,8 @@ dequantized inside the computation (4x less memory to hold; see `weights.mxfp4`)
 
 Two paths that must agree: `moe_dense` runs every expert on every token (the readable reference), and
 `moe_sparse` (the default) sorts token-expert pairs by expert and runs only the selected experts with
-`jax.lax.ragged_dot`, so its FLOPs scale with k, not with the number of experts; at decode (fewer
+the Pallas grouped matmul of `gmm` on the GPU (`jax.lax.ragged_dot` elsewhere, which XLA on CUDA lowers
+densely over all experts), so its FLOPs scale with k, not with the number of experts; at decode (fewer
 token-expert pairs than experts) it gathers the selected experts' weights instead, so a step reads only
 those from memory, or, with `kernels` and MXFP4 experts, multiplies them packed where they lie with the
 Pallas kernel of `mxfp4_matvec` (no dequantized copy written).
@@ -18,16 +19,21 @@ Pallas kernel of `mxfp4_matvec` (no dequantized copy written).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from gptoss_mla_jax.config import GptOssConfig
+from gptoss_mla_jax.flash_decode import gpu_lowering_available
+from gptoss_mla_jax.gmm import Mxfp4, gmm
 from gptoss_mla_jax.mxfp4_matvec import mxfp4_matvec
 
 Params = dict[str, Any]
+# How grouped token-expert pairs are multiplied: "auto" takes the Pallas kernel on a GPU that can lower it
+# and ragged_dot elsewhere; "gmm" the kernel everywhere (interpreted, slowly, off the GPU).
+Grouped = Literal["auto", "gmm", "ragged_dot"]
 
 
 def route(
@@ -71,12 +77,16 @@ def moe_dense(p: Params, x: Float[Array, "B T D"], config: GptOssConfig) -> Floa
 
 
 def moe_sparse(
-    p: Params, x: Float[Array, "B T D"], config: GptOssConfig, kernels: bool = False
+    p: Params,
+    x: Float[Array, "B T D"],
+    config: GptOssConfig,
+    kernels: bool = False,
+    grouped: Grouped = "auto",
 ) -> Float[Array, "B T D"]:
     """Only the selected experts. Few token-expert pairs (decode: fewer than there are experts) gather
     their experts' weights, so a step reads k experts per token, not all of them (`kernels`: MXFP4 ones
     through the Pallas matvec, interpreted off the GPU); more pairs are grouped by expert and multiplied
-    with ragged_dot."""
+    as `grouped` says."""
     flat = x.reshape(-1, x.shape[-1])
     n, k = flat.shape[0], config.num_experts_per_tok
     weights, idx = route(p, flat, config)
@@ -85,7 +95,8 @@ def moe_sparse(
     elif n * k < config.num_local_experts:
         y = _selected_experts(p["experts"], flat, idx, config)
     else:
-        y = _grouped_experts(p["experts"], flat, idx, config)
+        kernel = grouped == "gmm" or (grouped == "auto" and on_gpu_kernels())
+        y = _grouped_experts(p["experts"], flat, idx, config, kernel)
     out = jnp.einsum("nk,nkd->nd", weights.astype(y.dtype), y, preferred_element_type=jnp.float32)
     return out.astype(x.dtype).reshape(x.shape)
 
@@ -126,18 +137,29 @@ def _packed_experts(
     return product("down_proj", hidden).astype(flat.dtype).reshape(n, k, -1)
 
 
+def on_gpu_kernels() -> bool:
+    """Whether "auto" picks the Pallas grouped matmul: on a GPU whose JAX can lower Pallas kernels."""
+    return jax.default_backend() == "gpu" and gpu_lowering_available()
+
+
 def _grouped_experts(
-    e: Params, flat: Float[Array, "N D"], idx: Int[Array, "N k"], config: GptOssConfig
+    e: Params, flat: Float[Array, "N D"], idx: Int[Array, "N k"], config: GptOssConfig, kernel: bool
 ) -> Float[Array, "N k D"]:
-    """Token-expert pairs sorted by expert, each expert's rows multiplied at once with ragged_dot."""
+    """Token-expert pairs sorted by expert, each expert's rows multiplied at once: with the Pallas
+    grouped matmul (`kernel`; MXFP4 experts used packed, biases added in the kernel) or ragged_dot."""
     n, k = idx.shape
     expert = idx.reshape(-1)
     order = jnp.argsort(expert, stable=True)
-    sorted_expert = expert[order]
     rows = flat[order // k]
     group_sizes = jnp.bincount(expert, length=config.num_local_experts).astype(jnp.int32)
-    w_gate_up, w_down = expert_matrices(e, flat.dtype)
-    gate_up = jax.lax.ragged_dot(rows, w_gate_up, group_sizes) + e["gate_up_proj_bias"][sorted_expert]
-    y = jax.lax.ragged_dot(swiglu(gate_up, config), w_down, group_sizes)
-    y = y + e["down_proj_bias"][sorted_expert]
+    if kernel:
+        weights = lambda name: e[name] if name in e else Mxfp4(e[f"{name}_blocks"], e[f"{name}_scales"])
+        gate_up = gmm(rows, weights("gate_up_proj"), group_sizes, e["gate_up_proj_bias"])
+        y = gmm(swiglu(gate_up, config), weights("down_proj"), group_sizes, e["down_proj_bias"])
+    else:
+        sorted_expert = expert[order]
+        w_gate_up, w_down = expert_matrices(e, flat.dtype)
+        gate_up = jax.lax.ragged_dot(rows, w_gate_up, group_sizes) + e["gate_up_proj_bias"][sorted_expert]
+        y = jax.lax.ragged_dot(swiglu(gate_up, config), w_down, group_sizes)
+        y = y + e["down_proj_bias"][sorted_expert]
     return jnp.zeros_like(y).at[order].set(y).reshape(n, k, -1)  # back in token order

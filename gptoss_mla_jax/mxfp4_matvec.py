@@ -27,7 +27,7 @@ from gptoss_mla_jax.flash_decode import pow2_columns, triton_launch
 BLOCK = 32  # values per MXFP4 group (16 bytes, one scale)
 
 
-def _e2m1(code: Array) -> Array:
+def e2m1(code: Array) -> Array:
     """E2M1 codes (int32, 0..15) -> float32 values [0, .5, 1, 1.5, 2, 3, 4, 6] with the sign bit 8.
 
     Magnitude m: 0.5 * mantissa * 2^shift with mantissa m (m < 2) or 2 + (m & 1), shift (m >> 1) - 1."""
@@ -38,7 +38,7 @@ def _e2m1(code: Array) -> Array:
     return jnp.where(code >= 8, -magnitude, magnitude)
 
 
-def _scale(exponent: Array) -> Array:
+def mx_scale(exponent: Array) -> Array:
     """The MXFP4 scale byte (int32, bias 127) -> 2^(exponent - 127) in float32, built from its bits
     (exponent 0, 2^-127, is a float32 subnormal: its bit pattern is 1 << 22)."""
     bits = jnp.where(exponent > 0, exponent << 23, 1 << 22)
@@ -54,8 +54,8 @@ def _kernel(experts_ref, x_even_ref, x_odd_ref, blocks_ref, scales_ref, bias_ref
         packed = blocks_ref[expert, out_rows, groups, :].astype(jnp.int32)  # [rows, groups, 16]
         x_even = x_even_ref[p, groups, :].astype(jnp.float32)[None]  # [1, groups, 16]
         x_odd = x_odd_ref[p, groups, :].astype(jnp.float32)[None]
-        per_group = (_e2m1(packed & 0xF) * x_even + _e2m1(packed >> 4) * x_odd).sum(axis=2)
-        scale = _scale(scales_ref[expert, out_rows, groups].astype(jnp.int32))
+        per_group = (e2m1(packed & 0xF) * x_even + e2m1(packed >> 4) * x_odd).sum(axis=2)
+        scale = mx_scale(scales_ref[expert, out_rows, groups].astype(jnp.int32))
         return acc + (per_group * scale).sum(axis=1)
 
     # `chunk` groups at a time (a [rows, chunk, 16] tile stays in registers), then the remainder in

@@ -1,0 +1,445 @@
+"""Pallas grouped matmul for the MoE's experts: forward and both gradients, bf16 or MXFP4-packed weights.
+
+`gmm(lhs [M, K], rhs, group_sizes [G], bias) -> [M, N]` is `jax.lax.ragged_dot` plus a per-group bias:
+the rows of lhs are sorted by group, group g's rows are multiplied by rhs[g], and rows past
+`sum(group_sizes)` come out zero. rhs is either dense [G, K, N] or `Mxfp4(blocks, scales)` in the
+checkpoint's packed orientation ([G, N, K / 32, 16] bytes, [G, N, K / 32] scale exponents), which the
+kernels decode tile by tile on chip: no dequantized copy of the experts is ever written.
+
+Tiling. Row tiles of `rows` rows are paired with the groups they overlap ((group, tile) pairs, computed
+from `group_sizes` by `tile_map`; a tile that straddles a group boundary is visited once per group and
+each visit stores only its own group's rows). Program (n, i) computes output columns block n of pair i,
+looping over the contraction in steps of `depth` with float32 accumulation. The column blocks are the
+fastest grid axis, so the programs running at once share their row tiles (read once from memory) and
+stream their groups' weights through L2.
+
+Backward (`jax.custom_vjp`): d(lhs) is the same kernel against the transposed weights (dense: the
+[G, K, N] array read as [G, N, K]; MXFP4: the packed rows contracted instead of the packed columns);
+d(rhs) of dense weights is `tgmm`, per group lhs^T @ d(out) over that group's rows; d(bias) a segment sum.
+MXFP4 weights get no gradient (they are not trainable).
+
+MXFP4 decoding splits the contraction into even and odd columns: byte j of a packed row holds elements 2j
+(low nibble) and 2j + 1 (high nibble), so the decoded low nibbles multiply the even columns of lhs and the
+high nibbles the odd ones, two products per step and no interleaving on chip.
+
+Backend: the backend-neutral `pl.pallas_call` with whole-array block specs and explicit (masked) loads and
+stores, lowered through Pallas' Triton backend on the GPU and run by the CPU interpreter in CI, as the
+decode kernels are. Launch settings per kernel and shape sit in `LAUNCH`, chosen by `eval.bench_moe
+--sweep`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+from jaxtyping import Array, Float, Int, UInt8
+
+from gptoss_mla_jax.flash_decode import pl_triton, triton_launch
+from gptoss_mla_jax.mxfp4_matvec import BLOCK, e2m1, mx_scale
+
+
+class Mxfp4(NamedTuple):
+    """Packed expert weights as the checkpoint stores them: W[g] is [N, K], K packed 32 values a group."""
+
+    blocks: UInt8[Array, "G N Kg 16"]
+    scales: UInt8[Array, "G N Kg"]
+
+
+Weights = Float[Array, "G K N"] | Mxfp4
+
+
+@dataclasses.dataclass(frozen=True)
+class Tiles:
+    """One kernel's launch: an output tile of `rows` x `cols`, `depth` contraction values per step,
+    `warps` per program and `stages` of software pipelining."""
+
+    rows: int = 128
+    cols: int = 128
+    depth: int = 64
+    warps: int = 4
+    stages: int = 3
+
+
+# Launch settings by kernel; the sweep (eval.bench_moe --sweep, results in eval/results) chose these at
+# gpt-oss-20b's expert shapes on an H200. Kernels: "gmm" (dense forward), "gmm_t" (dense d(lhs)), "tgmm"
+# (dense d(rhs); rows is the contraction step there), "mxfp4" and "mxfp4_t" (packed forward, d(lhs)).
+LAUNCH: dict[str, Tiles] = {
+    "gmm": Tiles(),
+    "gmm_t": Tiles(),
+    "tgmm": Tiles(rows=64),
+    "mxfp4": Tiles(),
+    "mxfp4_t": Tiles(),
+}
+
+
+def _interpret(interpret: bool | None) -> bool:
+    return jax.default_backend() != "gpu" if interpret is None else interpret
+
+
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def _iota(n: int) -> Array:
+    return jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
+
+
+def _load(ref, mask=None):
+    """A tile, zero where `mask` (broadcast to the tile) is False."""
+    return ref[...] if mask is None else pl_triton.load(ref, mask=mask, other=0)
+
+
+def _pad_rows(x: Array, rows: int) -> Array:
+    pad = -x.shape[0] % rows
+    return x if pad == 0 else jnp.pad(x, ((0, pad), (0, 0)))
+
+
+# ---- which (group, row tile) pairs there are ---------------------------------------------------------------
+
+
+class TileMap(NamedTuple):
+    """Pair i covers row tile `tile[i]` for group `group[i]` (`group` G: rows past the groups, stored as
+    zeros; G + 1: no pair, the program does nothing). Group g owns rows [start[g], end[g])."""
+
+    group: Int[Array, " T"]
+    tile: Int[Array, " T"]
+    start: Int[Array, " G1"]
+    end: Int[Array, " G1"]
+
+
+def tile_map(group_sizes: Int[Array, " G"], m: int, rows: int) -> TileMap:
+    """The (group, row tile) pairs for `m` rows (a multiple of `rows`) in tiles of `rows`. A group of
+    size 0 has no pair; each boundary inside a tile adds one, so there are at most m / rows + G pairs
+    (the rows past the groups counting as group G)."""
+    G = group_sizes.shape[0]
+    ends = jnp.minimum(jnp.cumsum(jnp.append(group_sizes.astype(jnp.int32), m)), m)
+    starts = jnp.concatenate([jnp.zeros(1, jnp.int32), ends[:-1]])
+    first = starts // rows
+    count = jnp.where(ends > starts, (ends - 1) // rows - first + 1, 0)
+    pair_end = jnp.cumsum(count)
+    i = jnp.arange(m // rows + G, dtype=jnp.int32)
+    group = jnp.searchsorted(pair_end, i, side="right").astype(jnp.int32)
+    g = jnp.minimum(group, G)
+    return TileMap(group, first[g] + i - (pair_end - count)[g], starts, ends)
+
+
+def _whole(a) -> pl.BlockSpec:
+    return pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
+
+
+def _row_tile(tm_refs, n_groups: int, rows: int):
+    """(group, row slice, rows-of-this-group mask) of the program's pair."""
+    group_ref, tile_ref, start_ref, end_ref = tm_refs
+    i = pl.program_id(1)
+    g = group_ref[i]
+    first = tile_ref[i] * rows
+    row_ids = first + _iota(rows)
+    gc = jnp.minimum(g, n_groups)
+    mine = (row_ids >= start_ref[gc]) & (row_ids < end_ref[gc])
+    return g, pl.ds(first, rows), mine
+
+
+def _store_tile(out_refs, g, n_groups: int, compute, mask):
+    """Group g's tiles from `compute()` (one per ref), or zeros for the rows past the groups; nothing for
+    an empty pair."""
+
+    @pl.when(g < n_groups)
+    def _():
+        for ref, tile in zip(out_refs, compute(), strict=True):
+            pl_triton.store(ref, tile.astype(ref.dtype), mask=mask)
+
+    @pl.when(g == n_groups)
+    def _():
+        for ref in out_refs:
+            pl_triton.store(ref, jnp.zeros(ref.shape, ref.dtype), mask=mask)
+
+
+def _dot(a: Array, b: Array, contract: tuple[int, int]) -> Array:
+    return jax.lax.dot_general(
+        a, b, ((contract[:1], contract[1:]), ((), ())), preferred_element_type=jnp.float32
+    )
+
+
+def _decode(packed: Array, exponents: Array, dtype) -> tuple[Array, Array]:
+    """A packed tile [r, c / 2] bytes with its scales [r, c / 32] -> (low, high) nibbles as values
+    [r, c / 2] each: the tile's even and odd columns."""
+    r, half = packed.shape
+    scale = mx_scale(exponents.astype(jnp.int32))
+    scale = jnp.broadcast_to(scale[:, :, None], (r, half // (BLOCK // 2), BLOCK // 2)).reshape(r, half)
+    codes = packed.astype(jnp.int32)
+    return (e2m1(codes & 0xF) * scale).astype(dtype), (e2m1(codes >> 4) * scale).astype(dtype)
+
+
+# ---- the kernels -------------------------------------------------------------------------------------------
+
+
+def _gmm_kernel(*refs, tiles: Tiles, n_groups: int, transpose_rhs: bool, K: int, N: int, has_bias: bool):
+    """out[tile rows, cols] = lhs[rows] @ rhs[g] (+ bias[g]); rhs [G, K, N], or [G, N, K] when
+    `transpose_rhs` (d(lhs): the forward's weights read transposed)."""
+    *tm_refs, lhs_ref, rhs_ref = refs[:6]
+    bias_ref, out_ref = refs[6:] if has_bias else (None, refs[6])
+    g, rows, mine = _row_tile(tm_refs, n_groups, tiles.rows)
+    gc = jnp.minimum(g, n_groups - 1)
+    n = pl.program_id(0)
+    cols = pl.ds(n * tiles.cols, tiles.cols)
+    col_ok = n * tiles.cols + _iota(tiles.cols) < N
+    ragged_n, ragged_k = N % tiles.cols != 0, K % tiles.depth != 0
+
+    def step(kk, acc):
+        depth = pl.ds(kk * tiles.depth, tiles.depth)
+        k_ok = kk * tiles.depth + _iota(tiles.depth) < K
+        x = _load(lhs_ref.at[rows, depth], k_ok[None, :] if ragged_k else None)
+        if transpose_rhs:
+            mask = col_ok[:, None] & k_ok[None, :] if ragged_n or ragged_k else None
+            return acc + _dot(x, _load(rhs_ref.at[gc, cols, depth], mask).astype(x.dtype), (1, 1))
+        mask = k_ok[:, None] & col_ok[None, :] if ragged_n or ragged_k else None
+        return acc + _dot(x, _load(rhs_ref.at[gc, depth, cols], mask).astype(x.dtype), (1, 0))
+
+    def compute():
+        acc = jax.lax.fori_loop(
+            0, _cdiv(K, tiles.depth), step, jnp.zeros((tiles.rows, tiles.cols), jnp.float32)
+        )
+        if has_bias:
+            acc += _load(bias_ref.at[gc, cols], col_ok if ragged_n else None).astype(jnp.float32)[None, :]
+        return acc
+
+    _store_tile([out_ref.at[rows, cols]], g, n_groups, lambda: [compute()], mine[:, None] & col_ok[None, :])
+
+
+def _mxfp4_kernel(*refs, tiles: Tiles, n_groups: int, K: int, N: int, has_bias: bool):
+    """out[tile rows, cols] = lhs[rows] @ W[g]^T (+ bias[g]), W[g] [N, K] packed: lhs comes as its even
+    and odd columns [M, K / 2], blocks as [G, N, K / 2] bytes."""
+    *tm_refs, even_ref, odd_ref, blocks_ref, scales_ref = refs[:8]
+    bias_ref, out_ref = refs[8:] if has_bias else (None, refs[8])
+    g, rows, mine = _row_tile(tm_refs, n_groups, tiles.rows)
+    gc = jnp.minimum(g, n_groups - 1)
+    n = pl.program_id(0)
+    cols = pl.ds(n * tiles.cols, tiles.cols)
+    col_ok = n * tiles.cols + _iota(tiles.cols) < N
+    half, groups = tiles.depth // 2, tiles.depth // BLOCK
+    ragged = N % tiles.cols != 0 or K % tiles.depth != 0
+
+    def step(kk, acc):
+        byte_ok = kk * half + _iota(half) < K // 2
+        group_ok = kk * groups + _iota(groups) < K // BLOCK
+        mask = lambda ok: col_ok[:, None] & ok[None, :] if ragged else None
+        packed = _load(blocks_ref.at[gc, cols, pl.ds(kk * half, half)], mask(byte_ok))
+        exponents = _load(scales_ref.at[gc, cols, pl.ds(kk * groups, groups)], mask(group_ok))
+        low, high = _decode(packed, exponents, even_ref.dtype)
+        x_mask = byte_ok[None, :] if ragged else None
+        x_even = _load(even_ref.at[rows, pl.ds(kk * half, half)], x_mask)
+        x_odd = _load(odd_ref.at[rows, pl.ds(kk * half, half)], x_mask)
+        return acc + _dot(x_even, low, (1, 1)) + _dot(x_odd, high, (1, 1))
+
+    def compute():
+        acc = jax.lax.fori_loop(
+            0, _cdiv(K, tiles.depth), step, jnp.zeros((tiles.rows, tiles.cols), jnp.float32)
+        )
+        if has_bias:
+            acc += _load(bias_ref.at[gc, cols], col_ok if ragged else None).astype(jnp.float32)[None, :]
+        return acc
+
+    _store_tile([out_ref.at[rows, cols]], g, n_groups, lambda: [compute()], mine[:, None] & col_ok[None, :])
+
+
+def _mxfp4_t_kernel(*refs, tiles: Tiles, n_groups: int, K: int, N: int):
+    """d(lhs) of the packed product: out[tile rows, cols] = dout[rows] @ W[g] over W's N rows, written as
+    its even and odd columns (two outputs [M, K / 2]); `cols` counts values (cols / 2 bytes)."""
+    *tm_refs, dout_ref, blocks_ref, scales_ref, even_ref, odd_ref = refs
+    g, rows, mine = _row_tile(tm_refs, n_groups, tiles.rows)
+    gc = jnp.minimum(g, n_groups - 1)
+    kb = pl.program_id(0)
+    half, groups = tiles.cols // 2, tiles.cols // BLOCK
+    out_cols = pl.ds(kb * half, half)
+    byte_ok = kb * half + _iota(half) < K // 2
+    group_ok = kb * groups + _iota(groups) < K // BLOCK
+    ragged = N % tiles.depth != 0 or K % tiles.cols != 0
+
+    def step(c, accs):
+        n_ok = c * tiles.depth + _iota(tiles.depth) < N
+        w_rows = pl.ds(c * tiles.depth, tiles.depth)
+        mask = lambda ok: n_ok[:, None] & ok[None, :] if ragged else None
+        packed = _load(blocks_ref.at[gc, w_rows, pl.ds(kb * half, half)], mask(byte_ok))
+        exponents = _load(scales_ref.at[gc, w_rows, pl.ds(kb * groups, groups)], mask(group_ok))
+        low, high = _decode(packed, exponents, dout_ref.dtype)
+        d = _load(dout_ref.at[rows, w_rows], n_ok[None, :] if ragged else None)
+        return accs[0] + _dot(d, low, (1, 0)), accs[1] + _dot(d, high, (1, 0))
+
+    zeros = jnp.zeros((tiles.rows, half), jnp.float32)
+    compute = lambda: jax.lax.fori_loop(0, _cdiv(N, tiles.depth), step, (zeros, zeros))
+    outs = [even_ref.at[rows, out_cols], odd_ref.at[rows, out_cols]]
+    _store_tile(outs, g, n_groups, compute, mine[:, None] & byte_ok[None, :])
+
+
+def _tgmm_kernel(start_ref, end_ref, lhs_ref, dout_ref, out_ref, *, tiles: Tiles, K: int, N: int):
+    """out[g, k cols, n cols] = lhs[group g's rows, k cols]^T @ dout[same rows, n cols], stepping over the
+    group's row tiles (`rows` at a time; the rows of neighbouring groups masked to zero)."""
+    n, kb, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    start, end = start_ref[g], end_ref[g]
+    k_cols, n_cols = pl.ds(kb * tiles.cols, tiles.cols), pl.ds(n * tiles.cols, tiles.cols)
+    k_ok = kb * tiles.cols + _iota(tiles.cols) < K
+    n_ok = n * tiles.cols + _iota(tiles.cols) < N
+
+    def step(t, acc):
+        row_ids = t * tiles.rows + _iota(tiles.rows)
+        mine = ((row_ids >= start) & (row_ids < end))[:, None]
+        x = _load(lhs_ref.at[pl.ds(t * tiles.rows, tiles.rows), k_cols], mine & k_ok[None, :])
+        d = _load(dout_ref.at[pl.ds(t * tiles.rows, tiles.rows), n_cols], mine & n_ok[None, :])
+        return acc + _dot(x, d, (0, 0))
+
+    last = jnp.where(end > start, (end + tiles.rows - 1) // tiles.rows, start // tiles.rows)
+    acc = jax.lax.fori_loop(start // tiles.rows, last, step, jnp.zeros((tiles.cols, tiles.cols), jnp.float32))
+    pl_triton.store(
+        out_ref.at[g, k_cols, n_cols], acc.astype(out_ref.dtype), mask=k_ok[:, None] & n_ok[None, :]
+    )
+
+
+# ---- launches ----------------------------------------------------------------------------------------------
+
+
+def _launch(kernel, grid, args, out_shape, tiles: Tiles, interpret: bool):
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=[_whole(a) for a in args],
+        out_specs=jax.tree.map(_whole, out_shape),
+        out_shape=out_shape,
+        compiler_params=triton_launch(tiles.warps, tiles.stages, interpret),
+        interpret=interpret,
+    )(*args)
+
+
+def grouped_product(
+    lhs: Float[Array, "M K"],
+    rhs: Weights,
+    group_sizes: Int[Array, " G"],
+    bias: Float[Array, "G N"] | None,
+    transpose_rhs: bool = False,
+    interpret: bool | None = None,
+    launch: Tiles | None = None,
+) -> Float[Array, "M N"]:
+    """lhs @ rhs[g] per group (rhs[g]^T when `transpose_rhs`) in lhs's dtype, float32 sums; forward only
+    (`gmm` is the differentiable one). `launch` overrides `LAUNCH`."""
+    M, interpret = lhs.shape[0], _interpret(interpret)
+    packed = isinstance(rhs, Mxfp4)
+    kind = ("mxfp4" if packed else "gmm") + ("_t" if transpose_rhs else "")
+    tiles = launch or LAUNCH[kind]
+    x = _pad_rows(lhs, tiles.rows)
+    tm = tile_map(group_sizes, x.shape[0], tiles.rows)
+    n_groups = group_sizes.shape[0]
+    if packed:
+        if (tiles.cols if transpose_rhs else tiles.depth) % BLOCK:
+            raise ValueError(
+                f"{kind} launch {tiles}: the packed dimension's tile must be a multiple of {BLOCK}"
+            )
+        G, N_w, Kg, _ = rhs.blocks.shape
+        blocks = rhs.blocks.reshape(G, N_w, Kg * BLOCK // 2)
+        if transpose_rhs:  # dout [M, N_w] @ W[g] [N_w, K] -> [M, K] as even and odd columns
+            K = Kg * BLOCK
+            half = jax.ShapeDtypeStruct((x.shape[0], K // 2), lhs.dtype)
+            kernel = functools.partial(_mxfp4_t_kernel, tiles=tiles, n_groups=n_groups, K=K, N=N_w)
+            grid = (_cdiv(K, tiles.cols), tm.group.shape[0])
+            even, odd = _launch(kernel, grid, (*tm, x, blocks, rhs.scales), (half, half), tiles, interpret)
+            out = jnp.stack([even, odd], axis=-1).reshape(x.shape[0], K)
+        else:  # lhs [M, K] @ W[g]^T -> [M, N_w]
+            K, N = lhs.shape[1], N_w
+            pairs = x.reshape(x.shape[0], K // 2, 2)
+            args = (
+                *tm,
+                pairs[..., 0],
+                pairs[..., 1],
+                blocks,
+                rhs.scales,
+                *([bias] if bias is not None else []),
+            )
+            kernel = functools.partial(
+                _mxfp4_kernel, tiles=tiles, n_groups=n_groups, K=K, N=N, has_bias=bias is not None
+            )
+            shape = jax.ShapeDtypeStruct((x.shape[0], N), lhs.dtype)
+            out = _launch(kernel, (_cdiv(N, tiles.cols), tm.group.shape[0]), args, shape, tiles, interpret)
+    else:
+        K, N = (rhs.shape[2], rhs.shape[1]) if transpose_rhs else rhs.shape[1:]
+        args = (*tm, x, rhs, *([bias] if bias is not None else []))
+        kernel = functools.partial(
+            _gmm_kernel, tiles=tiles, n_groups=n_groups, transpose_rhs=transpose_rhs, K=K, N=N,
+            has_bias=bias is not None,
+        )  # fmt: skip
+        shape = jax.ShapeDtypeStruct((x.shape[0], N), lhs.dtype)
+        out = _launch(kernel, (_cdiv(N, tiles.cols), tm.group.shape[0]), args, shape, tiles, interpret)
+    return out[:M]
+
+
+def tgmm(
+    lhs: Float[Array, "M K"],
+    dout: Float[Array, "M N"],
+    group_sizes: Int[Array, " G"],
+    dtype,
+    interpret: bool | None = None,
+    launch: Tiles | None = None,
+) -> Float[Array, "G K N"]:
+    """Per group g, lhs[g's rows]^T @ dout[g's rows] (the weight gradient of `gmm`), float32 sums; a group
+    with no rows gets zeros."""
+    interpret = _interpret(interpret)
+    tiles = launch or LAUNCH["tgmm"]
+    x, d = _pad_rows(lhs, tiles.rows), _pad_rows(dout, tiles.rows)
+    G, (K, N) = group_sizes.shape[0], (lhs.shape[1], dout.shape[1])
+    tm = tile_map(group_sizes, x.shape[0], tiles.rows)
+    kernel = functools.partial(_tgmm_kernel, tiles=tiles, K=K, N=N)
+    grid = (_cdiv(N, tiles.cols), _cdiv(K, tiles.cols), G)
+    shape = jax.ShapeDtypeStruct((G, K, N), dtype)
+    return _launch(kernel, grid, (tm.start, tm.end, x, d), shape, tiles, interpret)
+
+
+def _row_groups(group_sizes: Int[Array, " G"], m: int) -> Int[Array, " M"]:
+    """Each row's group (G for rows past the groups)."""
+    return jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(m), side="right")
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _gmm(lhs, rhs, group_sizes, bias, interpret):
+    return grouped_product(lhs, rhs, group_sizes, bias, False, interpret)
+
+
+def _gmm_fwd(lhs, rhs, group_sizes, bias, interpret):
+    return _gmm(lhs, rhs, group_sizes, bias, interpret), (lhs, rhs, group_sizes, bias)
+
+
+def _gmm_bwd(interpret, residuals, dout):
+    lhs, rhs, group_sizes, bias = residuals
+    d_lhs = grouped_product(dout, rhs, group_sizes, None, True, interpret)
+    if isinstance(rhs, Mxfp4):  # packed weights are not trainable
+        d_rhs = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0), rhs)
+    else:
+        d_rhs = tgmm(lhs, dout, group_sizes, rhs.dtype, interpret)
+    d_bias = None
+    if bias is not None:
+        rows = _row_groups(group_sizes, dout.shape[0])
+        d_bias = jax.ops.segment_sum(dout.astype(jnp.float32), rows, bias.shape[0]).astype(bias.dtype)
+    return d_lhs, d_rhs, np.zeros(group_sizes.shape, jax.dtypes.float0), d_bias
+
+
+_gmm.defvjp(_gmm_fwd, _gmm_bwd)
+
+
+def gmm(
+    lhs: Float[Array, "M K"],
+    rhs: Weights,
+    group_sizes: Int[Array, " G"],
+    bias: Float[Array, "G N"] | None = None,
+    interpret: bool | None = None,
+) -> Float[Array, "M N"]:
+    """`jax.lax.ragged_dot(lhs, rhs, group_sizes) + bias[group of each row]` on the Pallas kernels, in
+    lhs's dtype with float32 sums, differentiable in lhs, dense rhs and bias. MXFP4 rhs (W[g] [N, K]
+    packed) multiplies as its dequantized transpose. `interpret` defaults to the CPU interpreter off
+    the GPU."""
+    K = lhs.shape[1]
+    rhs_k = rhs.blocks.shape[2] * BLOCK if isinstance(rhs, Mxfp4) else rhs.shape[1]
+    if rhs_k != K:
+        raise ValueError(f"gmm: lhs {lhs.shape} has {K} columns, the weights contract over {rhs_k}")
+    return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), bias, _interpret(interpret))
