@@ -160,8 +160,9 @@ CANDIDATES = {
             Tiles(128, 128, 32, 4, 4)],
     "tgmm": [Tiles(64, 128, 0, 4, 3), Tiles(64, 128, 0, 8, 3), Tiles(32, 128, 0, 4, 4), Tiles(128, 128, 0, 8, 3),
              Tiles(64, 64, 0, 4, 4), Tiles(32, 64, 0, 4, 4)],
-    "mxfp4": [Tiles(128, 128, 64, 4, 3), Tiles(128, 128, 64, 8, 3), Tiles(128, 128, 128, 8, 3),
-              Tiles(64, 128, 64, 4, 3), Tiles(128, 64, 64, 4, 3), Tiles(128, 256, 64, 8, 3), Tiles(64, 64, 128, 4, 3)],
+    "mxfp4": [Tiles(128, 128, 64, 4, 3), Tiles(128, 128, 64, 8, 3), Tiles(128, 64, 64, 4, 3),
+              Tiles(128, 64, 128, 4, 3), Tiles(256, 64, 64, 8, 3), Tiles(256, 128, 64, 8, 3),
+              Tiles(256, 64, 128, 8, 3), Tiles(128, 64, 64, 4, 4)],
 }  # fmt: skip
 CANDIDATES["gmm_t"] = CANDIDATES["gmm"]
 CANDIDATES["mxfp4_t"] = [
@@ -170,10 +171,11 @@ CANDIDATES["mxfp4_t"] = [
 ]
 
 
-def sweep(tokens: int, repeats: int) -> dict:
+def sweep(tokens: int, repeats: int, kinds=tuple(CANDIDATES)) -> dict:
     """Each kernel's candidates at `tokens` x top-4 pairs, balanced routing, summed over both projections."""
     results = {}
-    for kind, candidates in CANDIDATES.items():
+    for kind in kinds:
+        candidates = CANDIDATES[kind]
         packed = kind.startswith("mxfp4")
         cases = [inputs(tokens, p, packed, skewed=False) for p in PROJECTIONS]
         results[kind] = []
@@ -231,7 +233,8 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="bf16 agreement with ragged_dot instead")
-    mode.add_argument("--sweep", action="store_true", help="time each kernel's launch settings instead")
+    mode.add_argument("--sweep", nargs="*", choices=list(CANDIDATES), metavar="KERNEL",
+                      help="time the launch settings of these kernels (default all) instead")
     mode.add_argument("--prefill", type=int, metavar="TOKENS", help="time a whole-model prefill instead")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -241,8 +244,8 @@ def main(argv=None) -> int:
               "launch": {k: vars(v) for k, v in gmm_lib.LAUNCH.items()}}  # fmt: skip
     if args.check:
         result["check"] = check(args.tokens[0])
-    elif args.sweep:
-        result["sweep"] = sweep(args.tokens[0], args.repeats)
+    elif args.sweep is not None:
+        result["sweep"] = sweep(args.tokens[0], args.repeats, args.sweep or tuple(CANDIDATES))
     elif args.prefill:
         result["prefill"] = prefill(args.prefill)
     else:
