@@ -155,14 +155,11 @@ def check(tokens: int) -> list[dict]:
 
 
 CANDIDATES = {
-    "gmm": [Tiles(128, 128, 64, 4, 3), Tiles(128, 128, 64, 8, 3), Tiles(128, 256, 64, 8, 3),
-            Tiles(128, 128, 64, 4, 4), Tiles(64, 128, 64, 4, 4), Tiles(128, 64, 64, 4, 4), Tiles(256, 128, 64, 8, 3),
-            Tiles(128, 128, 32, 4, 4)],
-    "tgmm": [Tiles(64, 128, 0, 4, 3), Tiles(64, 128, 0, 8, 3), Tiles(32, 128, 0, 4, 4), Tiles(128, 128, 0, 8, 3),
-             Tiles(64, 64, 0, 4, 4), Tiles(32, 64, 0, 4, 4)],
-    "mxfp4": [Tiles(128, 128, 64, 4, 3), Tiles(128, 128, 64, 8, 3), Tiles(128, 64, 64, 4, 3),
-              Tiles(128, 64, 128, 4, 3), Tiles(256, 64, 64, 8, 3), Tiles(256, 128, 64, 8, 3),
-              Tiles(256, 64, 128, 8, 3), Tiles(128, 64, 64, 4, 4)],
+    "gmm": [Tiles(128, 128, 64, 4, 3), Tiles(128, 256, 64, 8, 3), Tiles(128, 128, 64, 4, 4),
+            Tiles(256, 128, 64, 8, 3), Tiles(128, 64, 64, 4, 4)],
+    "tgmm": [Tiles(64, 128, 0, 4, 3), Tiles(64, 128, 0, 8, 3), Tiles(32, 128, 0, 4, 4)],
+    "mxfp4": [Tiles(128, 64, 64, 4, 3), Tiles(256, 64, 64, 8, 3), Tiles(256, 128, 64, 8, 3),
+              Tiles(256, 64, 64, 8, 4), Tiles(256, 32, 64, 4, 3)],
 }  # fmt: skip
 CANDIDATES["gmm_t"] = CANDIDATES["gmm"]
 CANDIDATES["mxfp4_t"] = [
@@ -172,21 +169,20 @@ CANDIDATES["mxfp4_t"] = [
 
 
 def sweep(tokens: int, repeats: int, kinds=tuple(CANDIDATES)) -> dict:
-    """Each kernel's candidates at `tokens` x top-4 pairs, balanced routing, summed over both projections."""
+    """Each kernel's candidates at `tokens` x top-4 pairs, balanced routing, for each projection (the
+    launch table is keyed by shape)."""
     results = {}
     for kind in kinds:
-        candidates = CANDIDATES[kind]
         packed = kind.startswith("mxfp4")
-        cases = [inputs(tokens, p, packed, skewed=False) for p in PROJECTIONS]
-        results[kind] = []
-        for tiles in candidates:
-            row = {"tiles": vars(tiles)}
-            try:
-                total, flop = 0.0, 0
-                for lhs, w, sizes, cot in cases:
+        for projection in PROJECTIONS:
+            lhs, w, sizes, cot = inputs(tokens, projection, packed, skewed=False)
+            flop = 2 * lhs.shape[0] * lhs.shape[1] * cot.shape[1]
+            rows = results.setdefault(f"{kind}/{projection}", [])
+            for tiles in CANDIDATES[kind]:
+                row = {"tiles": vars(tiles)}
+                try:
                     if kind == "tgmm":
-                        fn = jax.jit(lambda l, s, c, t=tiles: tgmm(l, c, s, jnp.bfloat16, launch=t))
-                        total += timed(fn, lhs, sizes, cot, repeats=repeats)
+                        fn = jax.jit(lambda l, w, s, c, t=tiles: tgmm(l, c, s, jnp.bfloat16, launch=t))
                     else:
                         transpose = kind.endswith("_t")
                         fn = jax.jit(
@@ -194,32 +190,42 @@ def sweep(tokens: int, repeats: int, kinds=tuple(CANDIDATES)) -> dict:
                                 c if tr else l, w, s, None, tr, launch=t
                             )
                         )
-                        total += timed(fn, lhs, w, sizes, cot, repeats=repeats)
-                    flop += 2 * lhs.shape[0] * lhs.shape[1] * cot.shape[1]
-                row |= {"ms": 1e3 * total, "tflops": flop / total / 1e12}
-            except Exception as e:  # noqa: BLE001 - a setting that does not fit (shared memory) is a result
-                row |= {"error": f"{type(e).__name__}: {str(e)[:300]}"}
-            results[kind].append(row)
-            print(kind, json.dumps(row), flush=True)
-        best = min((r for r in results[kind] if "ms" in r), key=lambda r: r["ms"], default=None)
-        print(f"best {kind}: {best}", flush=True)
+                    seconds = timed(fn, lhs, w, sizes, cot, repeats=repeats)
+                    row |= {"ms": 1e3 * seconds, "tflops": flop / seconds / 1e12}
+                except Exception as e:
+                    row |= {"error": f"{type(e).__name__}: {str(e)[:300]}"}
+                rows.append(row)
+                print(kind, projection, json.dumps(row), flush=True)
+            best = min((r for r in rows if "ms" in r), key=lambda r: r["ms"], default=None)
+            print(f"best {kind} {projection}: {best}", flush=True)
     return results
 
 
-def prefill(tokens: int) -> dict:
-    """One forward (no cache) over a `tokens` prompt, gpt-oss-20b shape with random MXFP4 experts, on the
-    grouped matmul and on ragged_dot."""
+def prefill(tokens: int, chunk: int = 2048) -> dict:
+    """A `tokens` prompt prefilled into a bf16 cache in chunks of `chunk` (the whole prompt at once would
+    materialize its attention scores), gpt-oss-20b shape with random MXFP4 experts, on the grouped matmul
+    and on ragged_dot."""
+    from gptoss_mla_jax.cache import init_cache
     from gptoss_mla_jax.model import forward, init_params
 
     params = init_params(GPT_OSS_20B, jax.random.key(0), jnp.bfloat16, experts="mxfp4")
     ids = jax.random.randint(jax.random.key(1), (1, tokens), 0, GPT_OSS_20B.vocab_size)
-    out = {"tokens": tokens, "experts": "mxfp4"}
+    out = {"tokens": tokens, "chunk": chunk, "experts": "mxfp4"}
     for impl in ("gmm", "ragged_dot"):
-        fn = jax.jit(lambda p, t, impl=impl: forward(p, t, None, GPT_OSS_20B, moe_impl=impl)[0][:, -1])
+        step = jax.jit(
+            lambda p, t, c, impl=impl: forward(p, t, c, GPT_OSS_20B, moe_impl=impl), donate_argnums=2
+        )
+
+        def run(p, ids, step=step):
+            cache = init_cache(GPT_OSS_20B, 1, tokens, jnp.bfloat16)
+            for start in range(0, tokens, chunk):
+                logits, cache = step(p, ids[:, start : start + chunk], cache)
+            return logits[:, -1]
+
         try:
-            seconds = timed(fn, params, ids, repeats=3)
+            seconds = timed(run, params, ids, repeats=3)
             out[impl] = {"s": seconds, "tokens_per_s": tokens / seconds}
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             out[impl] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         print(impl, out[impl], flush=True)
     return out
@@ -233,15 +239,20 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=10)
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--check", action="store_true", help="bf16 agreement with ragged_dot instead")
-    mode.add_argument("--sweep", nargs="*", choices=list(CANDIDATES), metavar="KERNEL",
-                      help="time the launch settings of these kernels (default all) instead")
+    mode.add_argument(
+        "--sweep",
+        nargs="*",
+        choices=list(CANDIDATES),
+        metavar="KERNEL",
+        help="time the launch settings of these kernels (default all) instead",
+    )
     mode.add_argument("--prefill", type=int, metavar="TOKENS", help="time a whole-model prefill instead")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
     result = {"command": "python -m eval.bench_moe " + " ".join(sys.argv[1:] if argv is None else argv),
               "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-              "launch": {k: vars(v) for k, v in gmm_lib.LAUNCH.items()}}  # fmt: skip
+              "launch": {"/".join(map(str, k)): vars(v) for k, v in gmm_lib.LAUNCH.items()}}  # fmt: skip
     if args.check:
         result["check"] = check(args.tokens[0])
     elif args.sweep is not None:

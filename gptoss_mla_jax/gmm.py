@@ -66,16 +66,23 @@ class Tiles:
     stages: int = 3
 
 
-# Launch settings by kernel; the sweep (eval.bench_moe --sweep, results in eval/results) chose these at
-# gpt-oss-20b's expert shapes on an H200. Kernels: "gmm" (dense forward), "gmm_t" (dense d(lhs)), "tgmm"
-# (dense d(rhs); rows is the contraction step there), "mxfp4" and "mxfp4_t" (packed forward, d(lhs)).
-LAUNCH: dict[str, Tiles] = {
-    "gmm": Tiles(rows=128, cols=256, depth=64, warps=8, stages=3),
-    "gmm_t": Tiles(rows=128, cols=256, depth=64, warps=8, stages=3),
-    "tgmm": Tiles(rows=64, cols=128, warps=8, stages=3),
-    "mxfp4": Tiles(rows=128, cols=64, depth=64, warps=4, stages=3),
-    "mxfp4_t": Tiles(rows=128, cols=64, depth=64, warps=4, stages=3),
+# Launch settings by (kernel, contraction K, output width N; for tgmm the weight's K and N); (kernel, None,
+# None) is the default for other shapes. The sweep (eval.bench_moe --sweep, results in eval/results) chose them at gpt-oss-20b's expert
+# shapes on an H200. Kernels: "gmm" (dense forward), "gmm_t" (dense d(lhs)), "tgmm" (dense d(rhs); rows is
+# the contraction step there), "mxfp4" and "mxfp4_t" (packed forward, d(lhs)).
+LAUNCH: dict[tuple[str, int | None, int | None], Tiles] = {
+    ("gmm", None, None): Tiles(rows=128, cols=256, depth=64, warps=8, stages=3),
+    ("gmm_t", None, None): Tiles(rows=128, cols=256, depth=64, warps=8, stages=3),
+    ("tgmm", None, None): Tiles(rows=64, cols=128, warps=8, stages=3),
+    ("mxfp4", None, None): Tiles(rows=256, cols=64, depth=64, warps=8, stages=3),
+    ("mxfp4_t", None, None): Tiles(rows=256, cols=64, depth=64, warps=8, stages=3),
 }
+
+
+def launch_for(kind: str, K: int, N: int) -> Tiles:
+    """The launch settings of kernel `kind` for a product contracting K values into N outputs (tgmm: the
+    weight gradient [K, N])."""
+    return LAUNCH.get((kind, K, N), LAUNCH[(kind, None, None)])
 
 
 def _interpret(interpret: bool | None) -> bool:
@@ -113,6 +120,12 @@ class TileMap(NamedTuple):
     end: Int[Array, " G1"]
 
 
+def _count_at_or_below(edges: Int[Array, " E"], values: Int[Array, " V"]) -> Int[Array, " V"]:
+    """`searchsorted(edges, values, side="right")` for sorted `edges`, as a comparison count: jnp's
+    searchsorted fails to trace inside shard_map on JAX 0.11 (the per-device MoE runs there)."""
+    return (edges[None, :] <= values[:, None]).sum(axis=1, dtype=jnp.int32)
+
+
 def tile_map(group_sizes: Int[Array, " G"], m: int, rows: int) -> TileMap:
     """The (group, row tile) pairs for `m` rows (a multiple of `rows`) in tiles of `rows`. A group of
     size 0 has no pair; each boundary inside a tile adds one, so there are at most m / rows + G pairs
@@ -124,7 +137,7 @@ def tile_map(group_sizes: Int[Array, " G"], m: int, rows: int) -> TileMap:
     count = jnp.where(ends > starts, (ends - 1) // rows - first + 1, 0)
     pair_end = jnp.cumsum(count)
     i = jnp.arange(m // rows + G, dtype=jnp.int32)
-    group = jnp.searchsorted(pair_end, i, side="right").astype(jnp.int32)
+    group = _count_at_or_below(pair_end, i)
     g = jnp.minimum(group, G)
     return TileMap(group, first[g] + i - (pair_end - count)[g], starts, ends)
 
@@ -336,7 +349,12 @@ def grouped_product(
     M, interpret = lhs.shape[0], _interpret(interpret)
     packed = isinstance(rhs, Mxfp4)
     kind = ("mxfp4" if packed else "gmm") + ("_t" if transpose_rhs else "")
-    tiles = launch or LAUNCH[kind]
+    if packed:
+        shape = rhs.blocks.shape[1], rhs.blocks.shape[2] * BLOCK  # [N, K] of W[g]
+        contract, width = shape[::-1] if not transpose_rhs else shape
+    else:
+        contract, width = rhs.shape[1:] if not transpose_rhs else rhs.shape[:0:-1]
+    tiles = launch or launch_for(kind, contract, width)
     x = _pad_rows(lhs, tiles.rows)
     tm = tile_map(group_sizes, x.shape[0], tiles.rows)
     n_groups = group_sizes.shape[0]
@@ -393,7 +411,7 @@ def tgmm(
     """Per group g, lhs[g's rows]^T @ dout[g's rows] (the weight gradient of `gmm`), float32 sums; a group
     with no rows gets zeros."""
     interpret = _interpret(interpret)
-    tiles = launch or LAUNCH["tgmm"]
+    tiles = launch or launch_for("tgmm", lhs.shape[1], dout.shape[1])
     x, d = _pad_rows(lhs, tiles.rows), _pad_rows(dout, tiles.rows)
     G, (K, N) = group_sizes.shape[0], (lhs.shape[1], dout.shape[1])
     tm = tile_map(group_sizes, x.shape[0], tiles.rows)
@@ -405,7 +423,7 @@ def tgmm(
 
 def _row_groups(group_sizes: Int[Array, " G"], m: int) -> Int[Array, " M"]:
     """Each row's group (G for rows past the groups)."""
-    return jnp.searchsorted(jnp.cumsum(group_sizes), jnp.arange(m), side="right")
+    return _count_at_or_below(jnp.cumsum(group_sizes), jnp.arange(m, dtype=jnp.int32))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
