@@ -38,6 +38,7 @@ gpus=$(nvidia-smi -L | wc -l)
 case "$LANES" in
   kernels) kernels 0 ;;
   table) table 0 ;;
+  table+distill) if [ "$gpus" -gt 1 ]; then table 0 & (LANE=model; step 1 240 distill eval.fullsize_distill --batch 2 --steps 8 --seq-len 2048 --out "$OUT/fullsize_distill.json") & wait; else table 0; fi ;;
   model) model 0 ;;
   *) if [ "$gpus" -gt 1 ]; then kernels 0 & model 1 & wait; else kernels 0; model 0; fi ;;
 esac

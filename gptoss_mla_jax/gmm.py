@@ -71,9 +71,12 @@ class Tiles:
 # shapes on an H200. Kernels: "gmm" (dense forward), "gmm_t" (dense d(lhs)), "tgmm" (dense d(rhs); rows is
 # the contraction step there), "mxfp4" and "mxfp4_t" (packed forward, d(lhs)).
 LAUNCH: dict[tuple[str, int | None, int | None], Tiles] = {
-    ("gmm", None, None): Tiles(rows=128, cols=256, depth=64, warps=8, stages=3),
-    ("gmm_t", None, None): Tiles(rows=128, cols=256, depth=64, warps=8, stages=3),
-    ("tgmm", None, None): Tiles(rows=64, cols=128, warps=8, stages=3),
+    ("gmm", None, None): Tiles(rows=128, cols=128, depth=64, warps=4, stages=3),
+    ("gmm", 2880, 5760): Tiles(rows=128, cols=256, depth=64, warps=8, stages=3),
+    ("gmm_t", None, None): Tiles(rows=128, cols=128, depth=64, warps=4, stages=3),
+    ("gmm_t", 5760, 2880): Tiles(rows=128, cols=256, depth=64, warps=8, stages=3),
+    ("tgmm", None, None): Tiles(rows=64, cols=128, warps=4, stages=3),
+    ("tgmm", 2880, 2880): Tiles(rows=32, cols=128, warps=4, stages=4),
     ("mxfp4", None, None): Tiles(rows=256, cols=64, depth=64, warps=8, stages=3),
     ("mxfp4_t", None, None): Tiles(rows=256, cols=64, depth=64, warps=8, stages=3),
 }

@@ -220,8 +220,15 @@ def by_rows(fn, sharding: jax.sharding.NamedSharding):
     batch = sharding.spec[0]
     axes = {batch} if isinstance(batch, str) else set(batch or ())
     rows = jax.sharding.PartitionSpec(batch)
+    # check_vma off: a Pallas call's outputs carry no varying-axes type (JAX 0.11 refuses them otherwise);
+    # nothing inside communicates, and the replicated params' cotangents are summed over the mesh either way.
     return jax.shard_map(
-        fn, mesh=sharding.mesh, in_specs=(jax.sharding.PartitionSpec(), rows), out_specs=rows, axis_names=axes
+        fn,
+        mesh=sharding.mesh,
+        in_specs=(jax.sharding.PartitionSpec(), rows),
+        out_specs=rows,
+        axis_names=axes,
+        check_vma=False,
     )
 
 
