@@ -41,7 +41,7 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int, UInt8
 
 from gptoss_mla_jax.flash_decode import pl_triton, triton_launch
-from gptoss_mla_jax.mxfp4_matvec import BLOCK, e2m1, mx_scale
+from gptoss_mla_jax.mxfp4_matvec import BLOCK, mx_scale
 
 
 class Mxfp4(NamedTuple):
@@ -67,9 +67,10 @@ class Tiles:
 
 
 # Launch settings by (kernel, contraction K, output width N; for tgmm the weight's K and N); (kernel, None,
-# None) is the default for other shapes. The sweep (eval.bench_moe --sweep, results in eval/results) chose them at gpt-oss-20b's expert
-# shapes on an H200. Kernels: "gmm" (dense forward), "gmm_t" (dense d(lhs)), "tgmm" (dense d(rhs); rows is
-# the contraction step there), "mxfp4" and "mxfp4_t" (packed forward, d(lhs)).
+# None) is the default for other shapes. The sweep (eval.bench_moe --sweep, results in eval/results) chose
+# them at gpt-oss-20b's expert shapes on an H200. Kernels: "gmm" (dense forward), "gmm_t" (dense d(lhs)),
+# "tgmm" (dense d(rhs); rows is the contraction step there), "mxfp4" and "mxfp4_t" (packed forward and
+# d(lhs)). `grouped_product` shortens the row tile when groups are small (`_fit_rows`).
 LAUNCH: dict[tuple[str, int | None, int | None], Tiles] = {
     ("gmm", None, None): Tiles(rows=128, cols=128, depth=64, warps=4, stages=3),
     ("gmm", 2880, 5760): Tiles(rows=128, cols=256, depth=64, warps=8, stages=3),
@@ -86,6 +87,13 @@ def launch_for(kind: str, K: int, N: int) -> Tiles:
     """The launch settings of kernel `kind` for a product contracting K values into N outputs (tgmm: the
     weight gradient [K, N])."""
     return LAUNCH.get((kind, K, N), LAUNCH[(kind, None, None)])
+
+
+def _fit_rows(tiles: Tiles, m: int, groups: int) -> Tiles:
+    """Row tiles no taller than the rows an average group has (at least 16, Triton's smallest matrix
+    operand): with few rows per group (batched decode) a tall tile would multiply mostly padding."""
+    rows = max(16, pl.next_power_of_2(_cdiv(m, groups)))
+    return dataclasses.replace(tiles, rows=rows) if rows < tiles.rows else tiles
 
 
 def _interpret(interpret: bool | None) -> bool:
@@ -342,7 +350,7 @@ def grouped_product(
     lhs: Float[Array, "M K"],
     rhs: Weights,
     group_sizes: Int[Array, " G"],
-    bias: Float[Array, "G N"] | None,
+    bias: Float[Array, "G N"] | None = None,
     transpose_rhs: bool = False,
     interpret: bool | None = None,
     launch: Tiles | None = None,
@@ -357,7 +365,7 @@ def grouped_product(
         contract, width = shape[::-1] if not transpose_rhs else shape
     else:
         contract, width = rhs.shape[1:] if not transpose_rhs else rhs.shape[:0:-1]
-    tiles = launch or launch_for(kind, contract, width)
+    tiles = launch or _fit_rows(launch_for(kind, contract, width), M, group_sizes.shape[0])
     x = _pad_rows(lhs, tiles.rows)
     tm = tile_map(group_sizes, x.shape[0], tiles.rows)
     n_groups = group_sizes.shape[0]

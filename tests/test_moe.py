@@ -1,6 +1,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 import torch
 
 from gptoss_mla_jax.moe import moe_dense, moe_sparse, route, swiglu
@@ -10,13 +11,14 @@ from weights.safetensors_io import load_hf
 from .conftest import make_hf_model
 
 
-def test_sparse_equals_dense_and_transformers(tiny_hf):
+@pytest.mark.parametrize("grouped", ["ragged_dot", "gmm"])
+def test_sparse_equals_dense_and_transformers(tiny_hf, grouped):
     model, folder = tiny_hf
     config, params = load_hf(folder, progress=False)
     x = np.random.default_rng(0).standard_normal((3, 7, config.hidden_size)).astype(np.float32) * 2
     for layer in range(config.num_hidden_layers):
         p = params["layers"][layer]["mlp"]
-        sparse = np.asarray(moe_sparse(p, jnp.asarray(x), config))
+        sparse = np.asarray(moe_sparse(p, jnp.asarray(x), config, grouped=grouped))
         dense = np.asarray(moe_dense(p, jnp.asarray(x), config))
         np.testing.assert_allclose(sparse, dense, atol=1e-5, rtol=0)
         with torch.no_grad():

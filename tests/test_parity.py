@@ -51,7 +51,7 @@ def test_float32_logits_match_transformers(case, tmp_path):
     config, params = load_hf(str(tmp_path), progress=False)
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (3, 23))
     want = hf_logits(model, tokens)
-    for impl in ("sparse", "dense"):
+    for impl in ("sparse", "gmm", "dense"):
         got, _ = forward(params, jnp.asarray(tokens), None, config, moe_impl=impl)
         np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
     assert np.abs(want).max() > 1.0  # the comparison is not between near-zero numbers

@@ -161,13 +161,19 @@ def assemble_student(teacher: Params, trainable: dict, student_config: GptOssCon
 
 def distill_loss(
     trainable, teacher, tokens, teacher_config, student_config, temperature, terms, dtype, remat,
-    activation_sharding=None,
+    activation_sharding=None, moe_impl="sparse",
 ):  # fmt: skip
     """KL(teacher || student) at temperature T (times T^2), plus the cross-entropy on the data and the
     relative squared error of the converted layers' attention outputs when `terms` asks for them.
-    `activation_sharding`: the residual stream's sharding in both forwards (see `model.forward`)."""
+    `activation_sharding`: the residual stream's sharding in both forwards; `moe_impl`: the MoE path (see
+    `model.forward`)."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    options = dict(remat=remat, collect_attention="hidden" in terms, activation_sharding=activation_sharding)
+    options = dict(
+        remat=remat,
+        collect_attention="hidden" in terms,
+        activation_sharding=activation_sharding,
+        moe_impl=moe_impl,
+    )
     t_out = forward(teacher, inputs, None, teacher_config, **options)
     student = assemble_student(teacher, trainable, student_config, dtype)
     s_out = forward(student, inputs, None, student_config, **options)

@@ -1,0 +1,169 @@
+"""The Pallas grouped matmul (interpret mode, CPU, float32) equals jax.lax.ragged_dot and its gradients on
+ragged group sizes, MXFP4 weights equal dequantize-then-ragged_dot, the whole model on it equals the other
+MoE paths and transformers, and every kernel lowers to Triton for CUDA at gpt-oss-20b's expert shapes."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptoss_mla_jax import gmm as gmm_lib
+from gptoss_mla_jax.gmm import Mxfp4, Tiles, gmm, grouped_product, tgmm, tile_map
+from weights.mxfp4 import dequantize_experts
+
+# Small tiles, so that groups end inside tiles and span several (the launch table's are for the GPU).
+SMALL = {
+    ("gmm", None, None): Tiles(rows=16, cols=16, depth=16),
+    ("gmm_t", None, None): Tiles(rows=16, cols=16, depth=16),
+    ("tgmm", None, None): Tiles(rows=16, cols=16),
+    ("mxfp4", None, None): Tiles(rows=16, cols=16, depth=64),
+    ("mxfp4_t", None, None): Tiles(rows=16, cols=64, depth=16),
+}
+SIZES = {
+    "zeros, one row, groups ending inside tiles, rows past the groups": ([0, 1, 17, 0, 40, 5], 3),
+    "one group holds every row, M not a multiple of the tile": ([0, 0, 50, 0], 0),
+    "groups on tile edges": ([16, 32, 16], 0),
+}
+
+
+@pytest.fixture(autouse=True)
+def small_tiles(monkeypatch):
+    monkeypatch.setattr(gmm_lib, "LAUNCH", SMALL)
+
+
+def ragged_case(sizes, extra_rows, K, N, seed=0):
+    rng = np.random.default_rng(seed)
+    M = sum(sizes) + extra_rows
+    lhs = jnp.asarray(rng.standard_normal((M, K)), jnp.float32)
+    bias = jnp.asarray(rng.standard_normal((len(sizes), N)), jnp.float32)
+    cot = jnp.asarray(rng.standard_normal((M, N)), jnp.float32)
+    return lhs, jnp.asarray(sizes, jnp.int32), bias, cot
+
+
+def with_bias(out, sizes, bias):
+    """ragged_dot's output plus each row's group bias (rows past the groups stay zero)."""
+    group = np.searchsorted(np.cumsum(sizes), np.arange(out.shape[0]), side="right")
+    inside = (group < len(sizes))[:, None]
+    return out + jnp.where(inside, bias[np.minimum(group, len(sizes) - 1)], 0)
+
+
+def close(got, want):
+    scale = float(jnp.abs(want).max())
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5 * scale)
+
+
+@pytest.mark.parametrize("case", list(SIZES))
+@pytest.mark.parametrize("K, N", [(48, 40), (40, 24)])
+def test_forward_and_gradients_equal_ragged_dot(case, K, N):
+    lhs, sizes, bias, cot = ragged_case(*SIZES[case], K, N)
+    rhs = jnp.asarray(np.random.default_rng(1).standard_normal((len(sizes), K, N)), jnp.float32)
+    ours = lambda l, r, b: gmm(l, r, sizes, b)
+    ref = lambda l, r, b: with_bias(jax.lax.ragged_dot(l, r, sizes), np.asarray(sizes), b)
+    got, got_vjp = jax.vjp(ours, lhs, rhs, bias)
+    want, want_vjp = jax.vjp(ref, lhs, rhs, bias)
+    close(got, want)
+    for g, w in zip(got_vjp(cot), want_vjp(cot), strict=True):
+        close(g, w)
+
+
+def test_tgmm_gives_zeros_to_empty_groups():
+    lhs, sizes, _, cot = ragged_case([0, 20, 0], 0, 32, 16)
+    grads = tgmm(lhs, cot, sizes, jnp.float32)
+    assert not np.asarray(grads[0]).any() and not np.asarray(grads[2]).any()
+    close(grads[1], lhs.T @ cot)
+
+
+@pytest.mark.parametrize("case", list(SIZES))
+def test_mxfp4_equals_dequantize_then_ragged_dot(case):
+    K, N = 96, 40  # 3 groups of 32 along K: the 64-wide depth tile ends inside K
+    lhs, sizes, bias, cot = ragged_case(*SIZES[case], K, N)
+    G, rng = len(SIZES[case][0]), np.random.default_rng(2)
+    blocks = jnp.asarray(rng.integers(0, 256, (G, N, K // 32, 16), dtype=np.uint8))
+    scales = jnp.asarray(rng.integers(117, 136, (G, N, K // 32), dtype=np.uint8))  # 2^-10 .. 2^8
+    dense = dequantize_experts(blocks, scales, jnp.float32)  # [G, K, N], exact
+    got, got_vjp = jax.vjp(lambda l: gmm(l, Mxfp4(blocks, scales), sizes, bias), lhs)
+    want, want_vjp = jax.vjp(
+        lambda l: with_bias(jax.lax.ragged_dot(l, dense, sizes), np.asarray(sizes), bias), lhs
+    )
+    close(got, want)
+    close(got_vjp(cot)[0], want_vjp(cot)[0])
+
+
+def test_tile_map_covers_every_row_once():
+    sizes, rows, m = jnp.asarray([0, 1, 17, 0, 40, 5], jnp.int32), 16, 80
+    tm = jax.tree.map(np.asarray, tile_map(sizes, m, rows))
+    covered = np.zeros(m, int)
+    for g, t in zip(tm.group, tm.tile, strict=True):
+        if g <= len(sizes):  # a real pair (group G: the rows past the groups)
+            r = np.arange(t * rows, (t + 1) * rows)
+            covered[r[(r >= tm.start[g]) & (r < tm.end[g])]] += 1
+    assert (covered == 1).all()
+
+
+def test_refusals():
+    lhs, sizes = jnp.zeros((8, 48)), jnp.asarray([8], jnp.int32)
+    with pytest.raises(ValueError, match="has 48 columns, the weights contract over 40"):
+        gmm(lhs, jnp.zeros((1, 40, 16)), sizes)
+    packed = Mxfp4(jnp.zeros((1, 16, 2, 16), jnp.uint8), jnp.zeros((1, 16, 2), jnp.uint8))
+    with pytest.raises(ValueError, match="multiple of 32"):
+        grouped_product(jnp.zeros((8, 64)), packed, sizes, launch=Tiles(16, 16, 16))
+
+
+def test_row_tiles_follow_the_rows_per_group():
+    """A batched decode step's few pairs per expert get short row tiles, training's keep the table's."""
+    tall = Tiles(rows=256)
+    assert gmm_lib._fit_rows(tall, 256, 32).rows == 16
+    assert gmm_lib._fit_rows(tall, 16384, 32).rows == 256
+
+
+def test_kernels_lower_for_the_gpu_at_gpt_oss_20b_shapes(monkeypatch):
+    """Forward, d(lhs) and d(rhs) at gpt-oss-20b's expert shapes (bf16 and MXFP4, 16,384 pairs) lower to
+    Triton for CUDA from this CPU-only machine, with the launch table's settings."""
+    monkeypatch.undo()
+    spec = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
+    M, E, D, F = 16384, 32, 2880, 5760
+    sizes = spec(E, dtype=jnp.int32)
+    packed = lambda n, k: (spec(E, n, k // 32, 16, dtype=jnp.uint8), spec(E, n, k // 32, dtype=jnp.uint8))
+    cases = {  # name: (function, args, Triton calls: the forward is dead code in a grad of a sum)
+        "dense gate_up grads": (
+            lambda l, w, s, b: jax.grad(lambda l, w: gmm(l, w, s, b, interpret=False).sum(), (0, 1))(l, w),
+            (spec(M, D), spec(E, D, F), sizes, spec(E, F)),
+            2,
+        ),
+        "dense down forward": (
+            lambda l, w, s, b: gmm(l, w, s, b, interpret=False),
+            (spec(M, F // 2), spec(E, F // 2, D), sizes, spec(E, D)),
+            1,
+        ),
+        "mxfp4 gate_up forward": (
+            lambda l, bl, sc, s, b: gmm(l, Mxfp4(bl, sc), s, b, interpret=False),
+            (spec(M, D), *packed(F, D), sizes, spec(E, F)),
+            1,
+        ),
+        "mxfp4 down d(lhs)": (
+            lambda l, bl, sc, s, b: jax.grad(lambda l: gmm(l, Mxfp4(bl, sc), s, b, interpret=False).sum())(l),
+            (spec(M, F // 2), *packed(D, F // 2), sizes, spec(E, D)),
+            1,
+        ),
+    }
+    for name, (fn, args, calls) in cases.items():
+        lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+        assert lowered.as_text().count("xla.gpu.triton") == calls, name
+
+
+@pytest.mark.parametrize("experts", ["dense", "mxfp4"])
+def test_model_on_gmm_per_device_equals_dense_moe(experts):
+    """The whole model with the grouped matmul inside the per-device MoE (`activation_sharding` on a 2-device
+    mesh: the kernel runs in shard_map) gives moe_dense's logits, float32, dense and packed experts."""
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+    from gptoss_mla_jax.generate import DEMO_CONFIG
+    from gptoss_mla_jax.model import forward, init_params
+
+    mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:2])
+    rows = NamedSharding(mesh, PartitionSpec("data", None, None))
+    params = init_params(DEMO_CONFIG, jax.random.key(0), jnp.float32, experts=experts)
+    tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, DEMO_CONFIG.vocab_size)
+    want = forward(params, tokens, None, DEMO_CONFIG, moe_impl="dense")[0]
+    got = jax.jit(lambda p, t: forward(p, t, None, DEMO_CONFIG, moe_impl="gmm", activation_sharding=rows)[0])
+    close(got(params, tokens), want)
