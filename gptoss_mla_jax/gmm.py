@@ -157,31 +157,63 @@ def _whole(a) -> pl.BlockSpec:
     return pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
 
 
-def _row_tile(tm_refs, n_groups: int, rows: int):
-    """(group, row slice, rows-of-this-group mask) of the program's pair."""
+class _Site(NamedTuple):
+    """Where a program of the row-tile kernels works: its pair's group (`g`; `gc` clamped to a real group
+    for reading weights), row slice, which of those rows are its group's, and its output columns."""
+
+    g: Array
+    gc: Array
+    rows: pl.Slice
+    mine: Array
+    cols: pl.Slice
+    col_ok: Array
+
+
+def _site(tm_refs, n_groups: int, tiles: Tiles, width: int, cols: int) -> _Site:
+    """Program (n, i): pair i's row tile, output columns [n * cols, (n + 1) * cols) of `width`."""
     group_ref, tile_ref, start_ref, end_ref = tm_refs
-    i = pl.program_id(1)
+    n, i = pl.program_id(0), pl.program_id(1)
     g = group_ref[i]
-    first = tile_ref[i] * rows
-    row_ids = first + _iota(rows)
-    gc = jnp.minimum(g, n_groups)
-    mine = (row_ids >= start_ref[gc]) & (row_ids < end_ref[gc])
-    return g, pl.ds(first, rows), mine
+    first = tile_ref[i] * tiles.rows
+    row_ids = first + _iota(tiles.rows)
+    last = jnp.minimum(g, n_groups)
+    mine = (row_ids >= start_ref[last]) & (row_ids < end_ref[last])
+    col_ok = n * cols + _iota(cols) < width
+    return _Site(
+        g, jnp.minimum(g, n_groups - 1), pl.ds(first, tiles.rows), mine, pl.ds(n * cols, cols), col_ok
+    )
 
 
-def _store_tile(out_refs, g, n_groups: int, compute, mask):
-    """Group g's tiles from `compute()` (one per ref), or zeros for the rows past the groups; nothing for
-    an empty pair."""
+def _store_tile(out_refs, site: _Site, n_groups: int, compute):
+    """The pair's group's rows of each output tile from `compute()` (one tile per ref), or zeros for the
+    rows past the groups; nothing for an empty pair."""
+    mask = site.mine[:, None] & site.col_ok[None, :]
 
-    @pl.when(g < n_groups)
+    @pl.when(site.g < n_groups)
     def _():
         for ref, tile in zip(out_refs, compute(), strict=True):
             pl_triton.store(ref, tile.astype(ref.dtype), mask=mask)
 
-    @pl.when(g == n_groups)
+    @pl.when(site.g == n_groups)
     def _():
         for ref in out_refs:
             pl_triton.store(ref, jnp.zeros(ref.shape, ref.dtype), mask=mask)
+
+
+def _store_product(
+    out_ref, bias_ref, site: _Site, step, steps: int, tiles: Tiles, n_groups: int, ragged: bool
+):
+    """The forward kernels' common end: `steps` of `step` summed over the contraction in float32, plus the
+    group's bias, stored into the pair's tile."""
+
+    def compute():
+        acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((tiles.rows, tiles.cols), jnp.float32))
+        if bias_ref is not None:
+            bias = _load(bias_ref.at[site.gc, site.cols], site.col_ok if ragged else None)
+            acc += bias.astype(jnp.float32)[None, :]
+        return [acc]
+
+    _store_tile([out_ref.at[site.rows, site.cols]], site, n_groups, compute)
 
 
 def _dot(a: Array, b: Array, contract: tuple[int, int]) -> Array:
@@ -215,32 +247,20 @@ def _gmm_kernel(*refs, tiles: Tiles, n_groups: int, transpose_rhs: bool, K: int,
     `transpose_rhs` (d(lhs): the forward's weights read transposed)."""
     *tm_refs, lhs_ref, rhs_ref = refs[:6]
     bias_ref, out_ref = refs[6:] if has_bias else (None, refs[6])
-    g, rows, mine = _row_tile(tm_refs, n_groups, tiles.rows)
-    gc = jnp.minimum(g, n_groups - 1)
-    n = pl.program_id(0)
-    cols = pl.ds(n * tiles.cols, tiles.cols)
-    col_ok = n * tiles.cols + _iota(tiles.cols) < N
+    site = _site(tm_refs, n_groups, tiles, N, tiles.cols)
     ragged_n, ragged_k = N % tiles.cols != 0, K % tiles.depth != 0
 
     def step(kk, acc):
         depth = pl.ds(kk * tiles.depth, tiles.depth)
         k_ok = kk * tiles.depth + _iota(tiles.depth) < K
-        x = _load(lhs_ref.at[rows, depth], k_ok[None, :] if ragged_k else None)
+        x = _load(lhs_ref.at[site.rows, depth], k_ok[None, :] if ragged_k else None)
         if transpose_rhs:
-            mask = col_ok[:, None] & k_ok[None, :] if ragged_n or ragged_k else None
-            return acc + _dot(x, _load(rhs_ref.at[gc, cols, depth], mask).astype(x.dtype), (1, 1))
-        mask = k_ok[:, None] & col_ok[None, :] if ragged_n or ragged_k else None
-        return acc + _dot(x, _load(rhs_ref.at[gc, depth, cols], mask).astype(x.dtype), (1, 0))
+            mask = site.col_ok[:, None] & k_ok[None, :] if ragged_n or ragged_k else None
+            return acc + _dot(x, _load(rhs_ref.at[site.gc, site.cols, depth], mask).astype(x.dtype), (1, 1))
+        mask = k_ok[:, None] & site.col_ok[None, :] if ragged_n or ragged_k else None
+        return acc + _dot(x, _load(rhs_ref.at[site.gc, depth, site.cols], mask).astype(x.dtype), (1, 0))
 
-    def compute():
-        acc = jax.lax.fori_loop(
-            0, _cdiv(K, tiles.depth), step, jnp.zeros((tiles.rows, tiles.cols), jnp.float32)
-        )
-        if has_bias:
-            acc += _load(bias_ref.at[gc, cols], col_ok if ragged_n else None).astype(jnp.float32)[None, :]
-        return acc
-
-    _store_tile([out_ref.at[rows, cols]], g, n_groups, lambda: [compute()], mine[:, None] & col_ok[None, :])
+    _store_product(out_ref, bias_ref, site, step, _cdiv(K, tiles.depth), tiles, n_groups, ragged_n)
 
 
 def _mxfp4_kernel(*refs, tiles: Tiles, n_groups: int, K: int, N: int, has_bias: bool):
@@ -248,47 +268,32 @@ def _mxfp4_kernel(*refs, tiles: Tiles, n_groups: int, K: int, N: int, has_bias: 
     and odd columns [M, K / 2], blocks as [G, N, K / 2] bytes."""
     *tm_refs, even_ref, odd_ref, blocks_ref, scales_ref = refs[:8]
     bias_ref, out_ref = refs[8:] if has_bias else (None, refs[8])
-    g, rows, mine = _row_tile(tm_refs, n_groups, tiles.rows)
-    gc = jnp.minimum(g, n_groups - 1)
-    n = pl.program_id(0)
-    cols = pl.ds(n * tiles.cols, tiles.cols)
-    col_ok = n * tiles.cols + _iota(tiles.cols) < N
+    site = _site(tm_refs, n_groups, tiles, N, tiles.cols)
     half, groups = tiles.depth // 2, tiles.depth // BLOCK
     ragged = N % tiles.cols != 0 or K % tiles.depth != 0
 
     def step(kk, acc):
         byte_ok = kk * half + _iota(half) < K // 2
         group_ok = kk * groups + _iota(groups) < K // BLOCK
-        mask = lambda ok: col_ok[:, None] & ok[None, :] if ragged else None
-        packed = _load(blocks_ref.at[gc, cols, pl.ds(kk * half, half)], mask(byte_ok))
-        exponents = _load(scales_ref.at[gc, cols, pl.ds(kk * groups, groups)], mask(group_ok))
+        mask = lambda ok: site.col_ok[:, None] & ok[None, :] if ragged else None
+        packed = _load(blocks_ref.at[site.gc, site.cols, pl.ds(kk * half, half)], mask(byte_ok))
+        exponents = _load(scales_ref.at[site.gc, site.cols, pl.ds(kk * groups, groups)], mask(group_ok))
         low, high = _decode(packed, exponents, even_ref.dtype)
         x_mask = byte_ok[None, :] if ragged else None
-        x_even = _load(even_ref.at[rows, pl.ds(kk * half, half)], x_mask)
-        x_odd = _load(odd_ref.at[rows, pl.ds(kk * half, half)], x_mask)
+        x_even = _load(even_ref.at[site.rows, pl.ds(kk * half, half)], x_mask)
+        x_odd = _load(odd_ref.at[site.rows, pl.ds(kk * half, half)], x_mask)
         return acc + _dot(x_even, low, (1, 1)) + _dot(x_odd, high, (1, 1))
 
-    def compute():
-        acc = jax.lax.fori_loop(
-            0, _cdiv(K, tiles.depth), step, jnp.zeros((tiles.rows, tiles.cols), jnp.float32)
-        )
-        if has_bias:
-            acc += _load(bias_ref.at[gc, cols], col_ok if ragged else None).astype(jnp.float32)[None, :]
-        return acc
-
-    _store_tile([out_ref.at[rows, cols]], g, n_groups, lambda: [compute()], mine[:, None] & col_ok[None, :])
+    _store_product(out_ref, bias_ref, site, step, _cdiv(K, tiles.depth), tiles, n_groups, ragged)
 
 
 def _mxfp4_t_kernel(*refs, tiles: Tiles, n_groups: int, K: int, N: int):
     """d(lhs) of the packed product: out[tile rows, cols] = dout[rows] @ W[g] over W's N rows, written as
     its even and odd columns (two outputs [M, K / 2]); `cols` counts values (cols / 2 bytes)."""
     *tm_refs, dout_ref, blocks_ref, scales_ref, even_ref, odd_ref = refs
-    g, rows, mine = _row_tile(tm_refs, n_groups, tiles.rows)
-    gc = jnp.minimum(g, n_groups - 1)
-    kb = pl.program_id(0)
     half, groups = tiles.cols // 2, tiles.cols // BLOCK
-    out_cols = pl.ds(kb * half, half)
-    byte_ok = kb * half + _iota(half) < K // 2
+    site = _site(tm_refs, n_groups, tiles, K // 2, half)  # columns in bytes: one of each output's
+    kb = pl.program_id(0)
     group_ok = kb * groups + _iota(groups) < K // BLOCK
     ragged = N % tiles.depth != 0 or K % tiles.cols != 0
 
@@ -296,16 +301,17 @@ def _mxfp4_t_kernel(*refs, tiles: Tiles, n_groups: int, K: int, N: int):
         n_ok = c * tiles.depth + _iota(tiles.depth) < N
         w_rows = pl.ds(c * tiles.depth, tiles.depth)
         mask = lambda ok: n_ok[:, None] & ok[None, :] if ragged else None
-        packed = _load(blocks_ref.at[gc, w_rows, pl.ds(kb * half, half)], mask(byte_ok))
-        exponents = _load(scales_ref.at[gc, w_rows, pl.ds(kb * groups, groups)], mask(group_ok))
+        packed = _load(blocks_ref.at[site.gc, w_rows, site.cols], mask(site.col_ok))
+        exponents = _load(scales_ref.at[site.gc, w_rows, pl.ds(kb * groups, groups)], mask(group_ok))
         low, high = _decode(packed, exponents, dout_ref.dtype)
-        d = _load(dout_ref.at[rows, w_rows], n_ok[None, :] if ragged else None)
+        d = _load(dout_ref.at[site.rows, w_rows], n_ok[None, :] if ragged else None)
         return accs[0] + _dot(d, low, (1, 0)), accs[1] + _dot(d, high, (1, 0))
 
     zeros = jnp.zeros((tiles.rows, half), jnp.float32)
     compute = lambda: jax.lax.fori_loop(0, _cdiv(N, tiles.depth), step, (zeros, zeros))
-    outs = [even_ref.at[rows, out_cols], odd_ref.at[rows, out_cols]]
-    _store_tile(outs, g, n_groups, compute, mine[:, None] & byte_ok[None, :])
+    _store_tile(
+        [even_ref.at[site.rows, site.cols], odd_ref.at[site.rows, site.cols]], site, n_groups, compute
+    )
 
 
 def _tgmm_kernel(start_ref, end_ref, lhs_ref, dout_ref, out_ref, *, tiles: Tiles, K: int, N: int):
