@@ -31,17 +31,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eval.kv_cache import accounting
 from eval.timing import timed
 from gptoss_mla_jax import flash_decode, mla
 from gptoss_mla_jax.attention import attend
-from gptoss_mla_jax.cache import init_cache
+from gptoss_mla_jax.cache import accounting, init_cache
 from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig, MlaConfig
-from gptoss_mla_jax.generate import DEMO_CONFIG, decode_step
+from gptoss_mla_jax.generation import DEMO_CONFIG, decode_step
 from gptoss_mla_jax.model import init_params
+from gptoss_mla_jax.mxfp4 import dequantize
 from gptoss_mla_jax.mxfp4_matvec import mxfp4_matvec
-from train.distill import write_json
-from weights.mxfp4 import dequantize
+from support.results import write_json
 from weights.to_mla import DEFAULT_LATENT_DIM, convert
 
 try:  # the peer: JAX's stock Triton decode kernel, deprecated in JAX 0.11 with the rest of pallas.ops.gpu

@@ -31,8 +31,8 @@ from eval.timing import timed
 from gptoss_mla_jax import gmm as gmm_lib
 from gptoss_mla_jax.config import GPT_OSS_20B
 from gptoss_mla_jax.gmm import Mxfp4, Tiles, gmm, grouped_product, tgmm
-from train.distill import write_json
-from weights.mxfp4 import dequantize_experts
+from gptoss_mla_jax.mxfp4 import dequantize_experts
+from support.results import write_json
 
 E, TOP_K, D = GPT_OSS_20B.num_local_experts, GPT_OSS_20B.num_experts_per_tok, GPT_OSS_20B.hidden_size
 PROJECTIONS = {"gate_up": (D, 2 * GPT_OSS_20B.intermediate_size), "down": (GPT_OSS_20B.intermediate_size, D)}
@@ -113,7 +113,7 @@ def benchmark(tokens_list, repeats: int) -> list[dict]:
                 seconds = timed(fn, lhs, w, sizes, cot, repeats=repeats)
                 products_count = {"forward": 1, "forward+d_lhs": 2, "forward+d_lhs+d_rhs": 3}[stage]
                 row |= {"ms": 1e3 * seconds, "tflops": products_count * flop / seconds / 1e12}
-            except Exception as e:  # noqa: BLE001 - a failing case (e.g. out of memory) is a result too
+            except Exception as e:
                 row |= {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             rows.append(row)
             print(json.dumps(row), flush=True)

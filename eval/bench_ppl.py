@@ -17,9 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eval.ppl import perplexity
 from gptoss_mla_jax.config import GPT_OSS_20B
 from gptoss_mla_jax.model import init_params
+from gptoss_mla_jax.perplexity import perplexity
 
 
 def main(argv=None) -> int:

@@ -20,8 +20,8 @@ import sys
 import numpy as np
 from tokenizers import Tokenizer
 
-from eval.ppl import corpus_ids
 from eval.quality_study import latent_dim_for, score
+from support.corpora import corpus_ids
 from train.distill import embedded_teacher_dir
 from weights.calib import calibration_set
 from weights.load import load_model

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Issue 7's decode measurements in one call of under 10 minutes. GPU 0: each Pallas kernel against its
+# The decode measurements in one call of under 10 minutes. GPU 0: each Pallas kernel against its
 # jnp path (float32 check, then the bf16 table), then where a batch-1 step's time goes (the MoE on jnp and
 # on the MXFP4 kernel). The last GPU: the whole gpt-oss-20b-shaped model's decode step off and on the
 # kernels (GQA, MLA, MLA partial; batch 1 and 64 at 32K). With three GPUs or more, GPU 1 sweeps the MXFP4

@@ -40,7 +40,7 @@ from gptoss_mla_jax.mla import cache_entries, keys_values, rope_dims, scoring_qu
 from gptoss_mla_jax.model import Params, decoder_layer, embed, unembed
 from gptoss_mla_jax.norm import rms_norm
 from gptoss_mla_jax.rope import cos_sin
-from train.distill import write_json
+from support.results import write_json
 
 
 def kv_before_rope(
@@ -298,7 +298,7 @@ def main(argv=None) -> int:
     parser.add_argument("--tokenizer", help="folder with tokenizer.json (default: the model's)")
     parser.add_argument("--out", default="diagnose", help="folder for diagnose.json and the PNGs")
     args = parser.parse_args(argv)
-    from eval.ppl import corpus_ids
+    from support.corpora import corpus_ids
     from weights.load import load_model
 
     try:

@@ -25,7 +25,7 @@ import numpy as np
 from eval.timing import timed
 from gptoss_mla_jax.config import GPT_OSS_20B
 from gptoss_mla_jax.model import init_params
-from train.data import pack
+from support.corpora import pack
 from train.distill import run
 from weights.to_mla import DEFAULT_LATENT_DIM, convert
 

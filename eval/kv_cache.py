@@ -18,7 +18,7 @@ import sys
 
 import jax.numpy as jnp
 
-from gptoss_mla_jax.cache import layer_bytes, values_per_token
+from gptoss_mla_jax.cache import accounting
 from gptoss_mla_jax.config import PRESETS, GptOssConfig, MlaConfig
 from weights.to_mla import add_mla_flags, parse_layers
 
@@ -34,39 +34,6 @@ def with_mla(
     return dataclasses.replace(
         config, mla=MlaConfig(rope_mode, chosen, (latent_dim,) * len(chosen), per_head)
     )
-
-
-def layer_kind(config: GptOssConfig, layer: int) -> str:
-    kind = "sliding" if config.is_sliding(layer) else "full"
-    mla = config.mla
-    if not config.is_mla(layer):
-        return f"{kind} GQA"
-    r = mla.latent_dims[mla.index(layer)]
-    pairs = f", {mla.num_rope_pairs(layer)} rope pairs/head" if mla.rope_mode == "partial" else ""
-    return f"{kind} MLA {mla.rope_mode} r={r}{pairs}"
-
-
-def accounting(config: GptOssConfig, batch: int, context: int, dtype) -> dict:
-    """Per layer kind and total bytes, with the same for the original (unconverted) model."""
-    original = dataclasses.replace(config, mla=None)
-    rows: dict[str, dict] = {}
-    for i in range(config.num_hidden_layers):
-        row = rows.setdefault(
-            layer_kind(config, i), {"layers": 0, "values_per_token": values_per_token(config, i), "bytes": 0}
-        )
-        row["layers"] += 1
-        row["bytes"] += layer_bytes(config, i, batch, context, dtype)
-    total = sum(r["bytes"] for r in rows.values())
-    base = sum(layer_bytes(original, i, batch, context, dtype) for i in range(config.num_hidden_layers))
-    return {
-        "batch": batch,
-        "context": context,
-        "dtype": jnp.dtype(dtype).name,
-        "rows": rows,
-        "total_bytes": total,
-        "original_bytes": base,
-        "reduction": 1 - total / base,
-    }
 
 
 def format_table(result: dict) -> str:

@@ -1,4 +1,5 @@
-"""Can this JAX check a Mosaic GPU attention kernel on the CPU? The question that holds issue 7's port.
+"""Can this JAX check a Mosaic GPU attention kernel on the CPU? The question that holds the
+kernels' Mosaic GPU port.
 
     python -m eval.mosaic_gpu_probe [--out FILE]
 
@@ -22,7 +23,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from train.distill import write_json
+from support.results import write_json
 
 N = 64
 TILES = (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))  # what wgmma wants of bf16 tiles

@@ -29,7 +29,7 @@ import numpy as np
 
 from eval import fullsize_checkpoint
 from gptoss_mla_jax.config import GPT_OSS_20B
-from train.distill import write_json
+from support.results import write_json
 
 
 def mesh_devices(mesh: str) -> int:

@@ -35,11 +35,11 @@ import jax.numpy as jnp
 import numpy as np
 from tokenizers import Tokenizer
 
-from eval.kv_cache import accounting
-from eval.ppl import perplexity
-from gptoss_mla_jax.cache import values_per_token
-from train.data import token_windows
-from train.distill import assemble_student, run, write_json
+from gptoss_mla_jax.cache import accounting, values_per_token
+from gptoss_mla_jax.perplexity import perplexity
+from support.corpora import token_windows
+from support.results import write_json
+from train.distill import assemble_student, run
 from weights.calib import POOL_FACTOR, calibration_set
 from weights.load import load_model
 from weights.to_mla import convert, parse_layers

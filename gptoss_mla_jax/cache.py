@@ -13,6 +13,7 @@ sequence sits at position i), so batched prompts of different lengths need only 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import jax
@@ -42,7 +43,7 @@ def entry_shapes(config: GptOssConfig, layer: int, batch: int, max_len: int) -> 
 
 
 def values_per_token(config: GptOssConfig, layer: int) -> int:
-    """Cached values per token of one layer, by DESIGN.md's formula: GQA 2Gd, decompressed r,
+    """Cached values per token of one layer, by the formula of docs/design.md: GQA 2Gd, decompressed r,
     partial r + G * d_rope (d_rope = 2 dims per kept pair)."""
     G, d, mla = config.num_key_value_heads, config.head_dim, config.mla
     if not config.is_mla(layer):
@@ -137,3 +138,36 @@ def layer_bytes(config: GptOssConfig, layer: int, batch: int, context: int, dtyp
 
 def nbytes(cache: Cache) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+
+
+def layer_kind(config: GptOssConfig, layer: int) -> str:
+    kind = "sliding" if config.is_sliding(layer) else "full"
+    mla = config.mla
+    if not config.is_mla(layer):
+        return f"{kind} GQA"
+    r = mla.latent_dims[mla.index(layer)]
+    pairs = f", {mla.num_rope_pairs(layer)} rope pairs/head" if mla.rope_mode == "partial" else ""
+    return f"{kind} MLA {mla.rope_mode} r={r}{pairs}"
+
+
+def accounting(config: GptOssConfig, batch: int, context: int, dtype) -> dict:
+    """Per layer kind and total bytes, with the same for the original (unconverted) model."""
+    original = dataclasses.replace(config, mla=None)
+    rows: dict[str, dict] = {}
+    for i in range(config.num_hidden_layers):
+        row = rows.setdefault(
+            layer_kind(config, i), {"layers": 0, "values_per_token": values_per_token(config, i), "bytes": 0}
+        )
+        row["layers"] += 1
+        row["bytes"] += layer_bytes(config, i, batch, context, dtype)
+    total = sum(r["bytes"] for r in rows.values())
+    base = sum(layer_bytes(original, i, batch, context, dtype) for i in range(config.num_hidden_layers))
+    return {
+        "batch": batch,
+        "context": context,
+        "dtype": jnp.dtype(dtype).name,
+        "rows": rows,
+        "total_bytes": total,
+        "original_bytes": base,
+        "reduction": 1 - total / base,
+    }

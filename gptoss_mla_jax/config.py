@@ -91,7 +91,7 @@ ROPE_MODES = ("decompressed", "partial")
 
 @dataclasses.dataclass(frozen=True)
 class MlaConfig:
-    """Which attention layers are Multi-head Latent Attention, and how (see DESIGN.md, "MLA: the math").
+    """Which attention layers are Multi-head Latent Attention, and how (see docs/design.md, "MLA: the math").
 
     `decompressed`: the cache holds a latent of `latent_dim` values per token; K (before RoPE) and V are
     up-projected from it. `partial`: for every kv head a few RoPE frequency pairs (`rope_pairs[i][g]`, the

@@ -1,4 +1,4 @@
-"""Batched generation with a KV cache: one prefill, then a jitted decode step with the cache donated.
+"""Generate text from a gpt-oss model (the library functions are `gptoss_mla_jax.generation`).
 
 python -m gptoss_mla_jax.generate                       # embedded tiny random model, no download
 python -m gptoss_mla_jax.generate --model DIR --prompt "Hello"   # a transformers checkpoint folder
@@ -7,7 +7,6 @@ python -m gptoss_mla_jax.generate --model DIR --prompt "Hello"   # a transformer
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import time
 from collections.abc import Sequence
@@ -15,139 +14,10 @@ from collections.abc import Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Float, Int
 
-from gptoss_mla_jax import flash_decode
-from gptoss_mla_jax.cache import init_cache
 from gptoss_mla_jax.config import GptOssConfig
-from gptoss_mla_jax.model import Params, check_tokens, forward, init_params
-
-BUCKET = 16  # prompt and cache lengths are padded to multiples of this to limit recompilation
-
-
-def sample(
-    logits: Float[Array, "B V"], key: Array, temperature: float, top_k: int | None
-) -> Int[Array, " B"]:
-    """Greedy when temperature == 0, else softmax sampling at `temperature` over the `top_k` best."""
-    if temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
-        logits = jnp.where(logits < kth, -jnp.inf, logits)
-    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
-
-
-@functools.partial(jax.jit, static_argnames=("config", "temperature", "top_k"), donate_argnames=("cache",))
-def prefill(params, cache, tokens, lengths, key, config: GptOssConfig, temperature: float, top_k: int | None):
-    """Run the padded prompts through the model, fill the cache, sample each sequence's first new token."""
-    logits, cache = forward(params, tokens, cache, config, lengths)
-    last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    return sample(last, key, temperature, top_k), cache
-
-
-@functools.partial(
-    jax.jit, static_argnames=("config", "temperature", "top_k", "decode_kernels"), donate_argnames=("cache",)
-)
-def decode_step(
-    params, cache, tokens, key, config: GptOssConfig, temperature: float, top_k: int | None,
-    decode_kernels: bool = False,
-):  # fmt: skip
-    """One token per sequence: append it to the cache and sample the next one (attending with the Pallas
-    flash-decoding kernels if `decode_kernels`)."""
-    logits, cache = forward(params, tokens[:, None], cache, config, decode_kernels=decode_kernels)
-    return sample(logits[:, 0], key, temperature, top_k), cache
-
-
-def kernels_by_default(cache_dtype) -> bool:
-    """Decode on the Pallas kernels on a GPU with a 16-bit cache: there every measured step was faster
-    (H200, gpt-oss-20b shapes: batch 1 x 32K 10.5 -> 7.0 ms with GQA, batch 64 x 32K 103 -> 62 ms; README,
-    "Pallas decode kernels"). Elsewhere the jnp path: off the GPU the kernels only run interpreted, and
-    in float32 they run (H200: TF32-level agreement) but their speed has not been measured; and a JAX
-    without the Pallas Triton backend (deprecated in JAX 0.11) cannot lower them for the GPU."""
-    return (
-        jax.default_backend() == "gpu"
-        and jnp.dtype(cache_dtype).itemsize == 2
-        and flash_decode.gpu_lowering_available()
-    )
-
-
-def _round_up(n: int, multiple: int) -> int:
-    return -(-n // multiple) * multiple
-
-
-def generate(
-    params: Params,
-    config: GptOssConfig,
-    prompts: Sequence[Sequence[int]],
-    max_new_tokens: int,
-    *,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    seed: int = 0,
-    eos_id: int | None = None,
-    cache_dtype=None,
-    decode_kernels: bool | None = None,
-) -> list[list[int]]:
-    """Continue each prompt by up to `max_new_tokens` tokens (stopping a sequence at `eos_id`).
-    `decode_kernels`: decode steps on the Pallas kernels (flash_decode.py, mxfp4_matvec.py); None picks
-    them where they were measured to win, see `kernels_by_default`."""
-    if not prompts or any(len(p) == 0 for p in prompts):
-        raise ValueError("every prompt needs at least one token")
-    if max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-    longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > config.max_position_embeddings:
-        raise ValueError(
-            f"a prompt of {longest} tokens plus max_new_tokens={max_new_tokens} exceeds the model context "
-            f"of {config.max_position_embeddings} tokens (max_position_embeddings)"
-        )
-    B = len(prompts)
-    padded = np.zeros((B, _round_up(longest, BUCKET)), np.int32)
-    for b, p in enumerate(prompts):
-        padded[b, : len(p)] = p
-    check_tokens(padded, config)
-    lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
-    max_len = min(_round_up(longest + max_new_tokens, BUCKET), config.max_position_embeddings)
-    cache_dtype = cache_dtype or params["embed_tokens"].dtype
-    cache = init_cache(config, B, max_len, cache_dtype)
-    decode_kernels = kernels_by_default(cache_dtype) if decode_kernels is None else decode_kernels
-
-    key = jax.random.key(seed)
-    key, sub = jax.random.split(key)
-    token, cache = prefill(params, cache, jnp.asarray(padded), lengths, sub, config, temperature, top_k)
-    out = [np.asarray(token)]
-    done = np.zeros(B, bool) if eos_id is None else out[0] == eos_id
-    for _ in range(max_new_tokens - 1):
-        if done.all():
-            break
-        key, sub = jax.random.split(key)
-        token, cache = decode_step(params, cache, token, sub, config, temperature, top_k, decode_kernels)
-        out.append(np.asarray(token))
-        if eos_id is not None:
-            done |= out[-1] == eos_id
-    rows = np.stack(out, axis=1)
-    results = []
-    for row in rows.tolist():
-        if eos_id is not None and eos_id in row:
-            row = row[: row.index(eos_id) + 1]
-        results.append(row)
-    return results
-
-
-DEMO_CONFIG = GptOssConfig(
-    vocab_size=512,
-    hidden_size=128,
-    intermediate_size=128,
-    num_hidden_layers=4,
-    num_attention_heads=8,
-    num_key_value_heads=2,
-    head_dim=32,
-    num_local_experts=8,
-    num_experts_per_tok=2,
-    sliding_window=16,
-    max_position_embeddings=1024,
-)
+from gptoss_mla_jax.generation import DEMO_CONFIG, generate
+from gptoss_mla_jax.model import forward, init_params
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -1,4 +1,4 @@
-"""Multi-head Latent Attention: the KV cache holds one small latent per token (DESIGN.md, "MLA: the math").
+"""Multi-head Latent Attention: the KV cache holds one small latent per token (docs/design.md).
 
 Per converted layer, with `h` the normed input, G kv heads of dim d and H query heads:
 

@@ -6,7 +6,7 @@ on both sides at `swiglu_limit`, `glu = gate * sigmoid(alpha * gate)`, `y = ((up
 
 Expert weights come dense (`gate_up_proj` [E, D, 2I], `down_proj` [E, I, D]) or packed in MXFP4 as the
 checkpoint stores them (`*_blocks` / `*_scales`, [E, out, in / 32, ...]), in which case they are
-dequantized inside the computation (4x less memory to hold; see `weights.mxfp4`).
+dequantized inside the computation (4x less memory to hold; see `gptoss_mla_jax.mxfp4`).
 
 Two paths that must agree: `moe_dense` runs every expert on every token (the readable reference), and
 `moe_sparse` (the default) sorts token-expert pairs by expert and runs only the selected experts with
@@ -28,6 +28,7 @@ from jaxtyping import Array, Float, Int
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.flash_decode import gpu_lowering_available
 from gptoss_mla_jax.gmm import Mxfp4, gmm
+from gptoss_mla_jax.mxfp4 import dequantize, dequantize_experts
 from gptoss_mla_jax.mxfp4_matvec import mxfp4_matvec
 
 Params = dict[str, Any]
@@ -56,8 +57,6 @@ def expert_matrices(experts: Params, dtype) -> tuple[Float[Array, "E D F2"], Flo
     """(gate_up [E, D, 2I], down [E, I, D]) as dense matrices, dequantizing MXFP4-packed experts."""
     if "gate_up_proj" in experts:
         return experts["gate_up_proj"], experts["down_proj"]
-    from weights.mxfp4 import dequantize_experts
-
     dense = lambda name: dequantize_experts(experts[f"{name}_blocks"], experts[f"{name}_scales"], dtype)
     return dense("gate_up_proj"), dense("down_proj")
 
@@ -110,8 +109,6 @@ def _selected_experts(
     if "gate_up_proj" in experts:  # dense, [E, in, out]
         w_gate_up, w_down, spec = experts["gate_up_proj"][idx], experts["down_proj"][idx], "nki,nkio->nko"
     else:
-        from weights.mxfp4 import dequantize
-
         packed = lambda name: dequantize(
             experts[f"{name}_blocks"][idx], experts[f"{name}_scales"][idx], flat.dtype
         )

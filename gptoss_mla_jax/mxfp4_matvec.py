@@ -83,7 +83,7 @@ def mxfp4_matvec(
     interpret: bool = False,
 ) -> Float[Array, "P n_out"]:
     """`x[p] @ W[experts[p]]^T + bias[experts[p]]` for every pair p, W the dequantized [n_out, n_in]
-    expert (as `weights.mxfp4.dequantize` gives it), summed in float32. Program (p, t) computes `rows`
+    expert (as `gptoss_mla_jax.mxfp4.dequantize` gives it), summed in float32. Program (p, t) computes `rows`
     outputs, reading `chunk` groups of 32 inputs per step (chunk a power of two)."""
     P, n_in = x.shape
     E, n_out, G, half_block = blocks.shape

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gptoss_mla_jax.cache import init_cache, nbytes
-from gptoss_mla_jax.generate import decode_step, generate, kernels_by_default, prefill
+from gptoss_mla_jax.generation import decode_step, generate, kernels_by_default, prefill
 from gptoss_mla_jax.model import forward_jit as forward
 from weights.safetensors_io import load_hf
 

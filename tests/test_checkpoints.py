@@ -17,9 +17,9 @@ from safetensors.torch import save_file
 from tokenizers import Tokenizer, models, pre_tokenizers
 
 from gptoss_mla_jax import forward
+from gptoss_mla_jax.mxfp4 import quantize
 from weights import convert, export
 from weights.load import load_model
-from weights.mxfp4 import quantize
 from weights.orbax_io import restore_checkpoint, save_checkpoint
 from weights.safetensors_io import CheckpointError, load_hf, save_hf
 

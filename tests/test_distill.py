@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from train.data import pack
+from support.corpora import pack
 from train.distill import TRAIN_SETS, DistillError, distill_loss, make_optimizer, run, split_student
 from train.flops import distill_step_flops, forward_flops, peak_flops
 from weights.safetensors_io import load_hf

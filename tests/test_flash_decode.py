@@ -19,7 +19,7 @@ from gptoss_mla_jax.flash_decode import (
     mla_decompressed_decode,
     pow2_columns,
 )
-from gptoss_mla_jax.generate import DEMO_CONFIG
+from gptoss_mla_jax.generation import DEMO_CONFIG
 from gptoss_mla_jax.mla import _absorbed, keys_values, slot_rotations
 
 
@@ -134,7 +134,7 @@ def test_without_the_triton_backend(monkeypatch):
     """A JAX without Pallas' Triton backend (deprecated in JAX 0.11): the kernels still run interpreted,
     asking for them on the GPU says what is missing and what to do, and `generate` defaults to jnp there."""
     from gptoss_mla_jax import flash_decode
-    from gptoss_mla_jax.generate import kernels_by_default
+    from gptoss_mla_jax.generation import kernels_by_default
 
     monkeypatch.setattr(flash_decode, "pl_triton", None)
     # shapes of no other test, so that gqa_decode traces afresh without the backend

@@ -9,7 +9,7 @@ import pytest
 
 from gptoss_mla_jax import gmm as gmm_lib
 from gptoss_mla_jax.gmm import Mxfp4, Tiles, gmm, grouped_product, tgmm, tile_map
-from weights.mxfp4 import dequantize_experts
+from gptoss_mla_jax.mxfp4 import dequantize_experts
 
 # Small tiles, so that groups end inside tiles and span several (the launch table's are for the GPU).
 SMALL = {
@@ -157,7 +157,7 @@ def test_model_on_gmm_per_device_equals_dense_moe(experts):
     mesh: the kernel runs in shard_map) gives moe_dense's logits, float32, dense and packed experts."""
     from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-    from gptoss_mla_jax.generate import DEMO_CONFIG
+    from gptoss_mla_jax.generation import DEMO_CONFIG
     from gptoss_mla_jax.model import forward, init_params
 
     mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:2])

@@ -4,7 +4,8 @@ resume)."""
 import numpy as np
 import pytest
 
-from train.data import iter_texts, pack, training_batches
+from support.corpora import iter_texts, pack
+from train.data import training_batches
 
 
 def test_pack():

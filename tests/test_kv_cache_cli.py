@@ -4,8 +4,8 @@ import json
 
 import jax.numpy as jnp
 
-from eval.kv_cache import accounting, main, with_mla
-from gptoss_mla_jax.cache import init_cache, nbytes
+from eval.kv_cache import main, with_mla
+from gptoss_mla_jax.cache import accounting, init_cache, nbytes
 from gptoss_mla_jax.config import GPT_OSS_20B
 from weights.to_mla import DEFAULT_LATENT_DIM, DEFAULT_LAYERS, DEFAULT_ROPE_MODE, DEFAULT_ROPE_PAIRS
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from gptoss_mla_jax.moe import moe_dense, moe_sparse, route, swiglu
-from weights.mxfp4 import quantize
+from gptoss_mla_jax.mxfp4 import quantize
 from weights.safetensors_io import load_hf
 
 from .conftest import make_hf_model
@@ -64,7 +64,7 @@ def test_sparse_path_only_touches_selected_experts(tiny_hf):
 
 
 def test_swiglu_formula():
-    from gptoss_mla_jax.generate import DEMO_CONFIG as config
+    from gptoss_mla_jax.generation import DEMO_CONFIG as config
 
     gate = np.array([-9.0, 0.5, 9.0], np.float32)
     up = np.array([-9.0, 0.25, 9.0], np.float32)

@@ -2,7 +2,7 @@ import numpy as np
 import torch
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-from weights.mxfp4 import FP4_VALUES, dequantize, quantize
+from gptoss_mla_jax.mxfp4 import FP4_VALUES, dequantize, quantize
 
 
 def _bits(a) -> np.ndarray:

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gptoss_mla_jax.mxfp4 import dequantize
 from gptoss_mla_jax.mxfp4_matvec import mxfp4_matvec
-from weights.mxfp4 import dequantize
 
 
 @pytest.mark.parametrize(
@@ -53,7 +53,7 @@ def test_decode_step_on_the_kernels_equals_jnp():
     """A model with MXFP4 experts: one cached decode step with `decode_kernels` (attention kernels and the
     MXFP4 matvec, interpreted) gives the jnp step's logits, float32."""
     from gptoss_mla_jax.cache import init_cache
-    from gptoss_mla_jax.generate import DEMO_CONFIG
+    from gptoss_mla_jax.generation import DEMO_CONFIG
     from gptoss_mla_jax.model import forward, init_params
 
     params = init_params(DEMO_CONFIG, jax.random.key(0), jnp.float32, experts="mxfp4")

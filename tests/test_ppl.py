@@ -9,8 +9,9 @@ import pytest
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from eval.ppl import main, plan_windows
-from train.data import iter_texts
+from eval.ppl import main
+from gptoss_mla_jax.perplexity import plan_windows
+from support.corpora import iter_texts
 
 
 @pytest.fixture(scope="module")
@@ -122,3 +123,18 @@ def test_empty_corpus(folder, tmp_path, capsys):
     (tmp_path / "empty.txt").write_text("  \n")
     assert main(["--model", model_dir, "--data", str(tmp_path / "empty.txt")]) == 1
     assert "is empty" in capsys.readouterr().err
+
+
+def test_token_budget(folder, capsys):
+    """The default scores the split's first 65,536 tokens, --all-tokens all of them, --limit-tokens N the
+    first N (each window scores every token but the stream's first)."""
+    _, model_dir, corpus = folder
+    total = len(
+        Tokenizer.from_file(f"{model_dir}/tokenizer.json").encode(pathlib.Path(corpus).read_text()).ids
+    )
+    flags = ["--model", model_dir, "--data", corpus, "--max-length", "64", "--stride", "32", "--json"]
+    scored = {}
+    for name, extra in {"default": [], "all": ["--all-tokens"], "40": ["--limit-tokens", "40"]}.items():
+        assert main([*flags, *extra]) == 0
+        scored[name] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["tokens"]
+    assert scored == {"default": min(total, 65536) - 1, "all": total - 1, "40": 39}

@@ -6,7 +6,7 @@ import numpy as np
 from flax import nnx
 
 from gptoss_mla_jax import GptOss, forward, init_cache
-from gptoss_mla_jax.generate import DEMO_CONFIG
+from gptoss_mla_jax.generation import DEMO_CONFIG
 from weights.safetensors_io import load_hf
 
 

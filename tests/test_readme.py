@@ -21,3 +21,21 @@ def test_readme_starts_with_the_two_commands():
     commands = [line for line in lines[:6] if line.startswith("pip install")]
     assert commands[0].split("#")[0].strip().endswith("python -m train.distill")
     assert commands[1].split("#")[0].strip().endswith("pytest -q")
+
+
+def test_relative_links_resolve():
+    """Every relative link (and image) in the README and docs/ points at a file of the repository."""
+    root = README.parent
+    broken = []
+    for page in [README, *sorted((root / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" in target:
+                continue
+            path = (page.parent / target).resolve()
+            if not path.exists() or root not in path.parents:
+                broken.append(f"{page.relative_to(root)}: {target}")
+    assert not broken, broken
+
+
+def test_readme_stays_short():
+    assert len(README.read_text().splitlines()) <= 200

@@ -9,7 +9,7 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from gptoss_mla_jax import forward_jit, generate
-from train.data import corpus_files, iter_texts
+from support.corpora import corpus_files, iter_texts
 from weights import export
 from weights.load import load_model
 from weights.to_mla import main as to_mla

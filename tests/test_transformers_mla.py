@@ -5,7 +5,7 @@ import pytest
 import torch
 import transformers
 
-from gptoss_mla_jax.generate import generate
+from gptoss_mla_jax.generation import generate
 from gptoss_mla_jax.model import forward
 from train.distill import main as distill_main
 from weights.export import main as export_main

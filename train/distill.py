@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.model import forward
+from support.results import write_json
 from train.flops import distill_step_flops, peak_flops
 from train.sharding import (
     batch_sharding,
@@ -461,13 +462,6 @@ def summarize(history, wall_s, step_flops, peak, mesh, train, loss) -> dict:
     return summary
 
 
-def write_json(path: str, obj) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def plot_curves(metrics_path: str, png_path: str) -> None:
     """Loss terms, learning rate, gradient norm and held-out perplexity against the step."""
     import matplotlib
@@ -512,8 +506,7 @@ def initialize_distributed(args) -> None:
 def training_data(tokenizer, data: str, n_tokens: int, seq_len: int, vocab_size: int, eval_tokens: int):
     """(train windows [n, seq_len + 1], up to `eval_tokens` held-out token ids or None when 0) from a
     corpus name / text path, or from a .npy of token ids (its last 5% held out)."""
-    from eval.ppl import corpus_ids
-    from train.data import pack, token_windows
+    from support.corpora import corpus_ids, pack, token_windows
 
     if data.endswith(".npy"):
         ids = np.load(data, mmap_mode="r")
@@ -581,7 +574,7 @@ def main(argv=None) -> int:
 def distill_cli(args) -> int:
     from tokenizers import Tokenizer
 
-    from eval.ppl import perplexity
+    from gptoss_mla_jax.perplexity import perplexity
     from weights.load import load_model
 
     parse_loss(args.loss)
@@ -663,10 +656,10 @@ def embedded_default(args) -> int:
     settings scaled to its size, distill, and report perplexities and the cache reduction."""
     from tokenizers import Tokenizer
 
-    from eval.kv_cache import accounting
-    from eval.ppl import corpus_ids, perplexity
+    from gptoss_mla_jax.cache import accounting
+    from gptoss_mla_jax.perplexity import perplexity
+    from support.corpora import corpus_ids, token_windows
     from train import pretrain
-    from train.data import token_windows
     from weights.load import load_model
     from weights.to_mla import DEFAULT_LATENT_DIM, convert
 

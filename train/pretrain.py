@@ -24,7 +24,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.model import forward, init_params
-from train.data import iter_texts, token_windows, training_batches
+from support.corpora import iter_texts, token_windows
+from train.data import training_batches
 
 # GPT-OSS architecture scaled down: alternating sliding (window 128) / full layers, sinks, YaRN, MoE
 # top-2 of 8, and G = 8 kv heads of head_dim 64 like the real model.

@@ -23,9 +23,9 @@ import numpy as np
 from safetensors.numpy import save_file
 from tqdm.auto import tqdm
 
+from gptoss_mla_jax import mxfp4
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.model import ExpertFormat, expert_format, is_shape, param_shapes
-from weights import mxfp4
 from weights.hf_layout import HfTensor, file_shapes, hf_tensors, lookup
 
 INDEX = "model.safetensors.index.json"

@@ -1,4 +1,4 @@
-"""Convert grouped-query attention layers into Multi-head Latent Attention (DESIGN.md, "MLA: the math").
+"""Convert grouped-query attention layers into Multi-head Latent Attention (docs/design.md, "MLA: the math").
 
     python -m weights.to_mla --model SRC --out CKPT --latent-dim R --rope-mode decompressed|partial
         [--rope-pairs N] [--layers full|all|LIST] [--init svd|pca] [--calib DATA --calib-tokens N]
@@ -260,7 +260,7 @@ def add_mla_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def main(argv=None) -> int:
-    from train.data import token_windows
+    from support.corpora import token_windows
     from weights.load import load_model
     from weights.orbax_io import save_checkpoint
 

@@ -2,7 +2,7 @@
 
 Only the attention of the converted layers is new; everything else is transformers' gpt-oss. The cache is
 transformers' own `DynamicCache`; for a converted layer its two slots hold the latent instead of keys and
-values (DESIGN.md, "MLA: the math"):
+values (docs/design.md, "MLA: the math"):
 
     keys slot:   the latent c = h W_a          [batch, 1, seq, r]
     values slot: partial: RoPE'd keys          [batch, G, seq, 2n]
