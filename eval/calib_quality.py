@@ -22,7 +22,7 @@ from tokenizers import Tokenizer
 
 from eval.quality_study import latent_dim_for, score
 from support.corpora import corpus_ids
-from train.distill import embedded_teacher_dir
+from train.embedded import embedded_teacher_dir
 from weights.calib import calibration_set
 from weights.load import load_model
 from weights.to_mla import convert

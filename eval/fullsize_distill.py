@@ -1,6 +1,6 @@
 """Full-size distillation throughput: a gpt-oss-20b-shaped teacher with random bf16 weights, converted to
 MLA with the default settings (decompressed, latent 192, PCA on all layers), distilled with
-`train.distill.run` at seq-len 2048 on one GPU.
+`train.loop.run` at seq-len 2048 on one GPU.
 
     python -m eval.fullsize_distill [--batch 2] [--steps 20] [--seq-len 2048] [--out RESULTS.json]
     python -m eval.fullsize_distill --breakdown   # where a forward's time goes (no training)
@@ -26,7 +26,7 @@ from eval.timing import timed
 from gptoss_mla_jax.config import GPT_OSS_20B
 from gptoss_mla_jax.model import init_params
 from support.corpora import pack
-from train.distill import run
+from train.loop import DistillOptions, run
 from weights.to_mla import DEFAULT_LATENT_DIM, convert
 
 
@@ -99,10 +99,11 @@ def main(argv=None) -> int:
     setup_s = time.perf_counter() - t0
     sequences = pack(rng.integers(0, config.vocab_size, 64 * (args.seq_len + 1)), args.seq_len + 1)
     with tempfile.TemporaryDirectory() as out_dir:
-        history, _ = run(
-            teacher, config, student, student_config, sequences, out_dir, args.mesh, args.batch, args.steps,
-            lr=1e-4, warmup=2, loss=args.loss, ckpt_every=10**9, dtype=jnp.bfloat16, progress=False,
+        options = DistillOptions(
+            mesh=args.mesh, batch=args.batch, steps=args.steps, lr=1e-4, warmup=2, loss=args.loss,
+            ckpt_every=10**9, dtype=jnp.bfloat16, progress=False,
         )  # fmt: skip
+        history, _ = run(teacher, config, student, student_config, sequences, out_dir, options)
         with open(os.path.join(out_dir, "summary.json")) as f:
             summary = json.load(f)
     result = {

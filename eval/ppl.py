@@ -1,8 +1,8 @@
 """Perplexity with strided sliding windows, as in transformers' perplexity guide.
 
     python -m eval.ppl --model PATH [--data stdlib|python-doc|wikitext-2|FILE|DIR] [--split test]
-        [--max-length 1024] [--stride 512] [--batch 8] [--dtype fp32|bf16] [--limit-tokens 65536 | --all-tokens]
-        [--tokenizer DIR] [--compare TEACHER] [--json]
+        [--max-length 1024] [--stride 512] [--batch 8] [--dtype fp32|bf16]
+        [--limit-tokens 65536 | --all-tokens] [--tokenizer DIR] [--compare TEACHER] [--json]
 
 The corpus split is joined into one token stream. Window i starts at i * stride and is max_length long;
 it scores only the tokens the previous window did not reach, so every token is scored exactly once and,

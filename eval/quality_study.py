@@ -10,7 +10,7 @@ back?
 2. Matrix: layers {full, all} x mode {decompressed, partial} x latent sizes giving {50, 75, 87.5}% less
    cache on the converted layers x init {svd, pca}. Each student is converted as a user would (weights.to_mla
    with k-means calibration windows, short ones for sliding layers), scored (held-out PPL, KL to the
-   teacher), healed with train.distill.run on a fixed token budget (the same for every row), scored again.
+   teacher), healed with train.loop.run on a fixed token budget (the same for every row), scored again.
 3. OUT.json gets each row as it finishes: conversions first (cheap), then distillation, telling rows first.
    A rerun with the same teacher skips finished rows, so the study spreads over time-limited allocations
    on one machine (eval/quality_study_gpu.sh); rows of another teacher are refused (fingerprint). A teacher
@@ -39,7 +39,8 @@ from gptoss_mla_jax.cache import accounting, values_per_token
 from gptoss_mla_jax.perplexity import perplexity
 from support.corpora import token_windows
 from support.results import write_json
-from train.distill import assemble_student, run
+from train.loop import DistillOptions, run
+from train.student import assemble_student
 from weights.calib import POOL_FACTOR, calibration_set
 from weights.load import load_model
 from weights.to_mla import convert, parse_layers
@@ -124,15 +125,17 @@ def heal(teacher, config, student, student_config, sequences: np.ndarray, args) 
             student_config,
             sequences,
             run_dir,
-            batch=args.distill_batch,
-            steps=args.distill_steps,
-            lr=args.distill_lr,
-            warmup=max(args.distill_steps // 10, 1),
-            ckpt_every=args.distill_steps,
-            keep=1,
-            seed=args.seed,
-            dtype=jnp.bfloat16,
-            progress=False,
+            DistillOptions(
+                batch=args.distill_batch,
+                steps=args.distill_steps,
+                lr=args.distill_lr,
+                warmup=max(args.distill_steps // 10, 1),
+                ckpt_every=args.distill_steps,
+                keep=1,
+                seed=args.seed,
+                dtype=jnp.bfloat16,
+                progress=False,
+            ),
         )
     return assemble_student(teacher, trained, student_config, jnp.float32)
 

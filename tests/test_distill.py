@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 
 from support.corpora import pack
-from train.distill import TRAIN_SETS, DistillError, distill_loss, make_optimizer, run, split_student
 from train.flops import distill_step_flops, forward_flops, peak_flops
+from train.loop import DistillOptions, make_optimizer, run
+from train.loss import distill_loss
+from train.student import TRAIN_SETS, DistillError, split_student
 from weights.safetensors_io import load_hf
 from weights.to_mla import convert
 
@@ -27,11 +29,13 @@ def pair(tiny_hf):
 
 def _run(pair, out, **kw):
     config, teacher, student_config, student, sequences = pair
-    return run(teacher, config, student, student_config, sequences, str(out), progress=False, **kw)[0]
+    return run(
+        teacher, config, student, student_config, sequences, str(out), DistillOptions(progress=False, **kw)
+    )[0]
 
 
 def test_kl_goes_down(pair, tmp_path):
-    history = _run(pair, tmp_path, steps=30, batch=8, lr=3e-3, warmup=3, mesh_spec="1x1")
+    history = _run(pair, tmp_path, steps=30, batch=8, lr=3e-3, warmup=3, mesh="1x1")
     first, last = np.mean([h["kl"] for h in history[:3]]), np.mean([h["kl"] for h in history[-3:]])
     assert last < 0.85 * first, (first, last)  # measured: 0.116 -> 0.092
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
@@ -47,7 +51,7 @@ def test_meshes_give_the_same_losses(pair, tmp_path, train):
     assert jax.device_count() == 8
     losses = {}
     for mesh in ("8x1", "4x2", "1x1"):
-        history = _run(pair, tmp_path / mesh, steps=3, batch=8, mesh_spec=mesh, ckpt_every=100, train=train)
+        history = _run(pair, tmp_path / mesh, steps=3, batch=8, mesh=mesh, ckpt_every=100, train=train)
         losses[mesh] = np.array([h["loss"] for h in history])
     np.testing.assert_allclose(losses["8x1"], losses["1x1"], rtol=1e-5)
     np.testing.assert_allclose(losses["4x2"], losses["1x1"], rtol=1e-5)
@@ -95,9 +99,14 @@ def test_wider_trainable_sets_learn_and_leave_the_teacher_alone(pair, tmp_path, 
     before = jax.tree.map(np.asarray, teacher)
     # One batch seen over and over: its KL must fall (across random batches it is too noisy to tell).
     history, trained = run(
-        teacher, config, student, student_config, sequences[:8], str(tmp_path), steps=15, batch=8,
-        lr=1e-3, warmup=2, train=train, progress=False,
-    )  # fmt: skip
+        teacher,
+        config,
+        student,
+        student_config,
+        sequences[:8],
+        str(tmp_path),
+        DistillOptions(steps=15, batch=8, lr=1e-3, warmup=2, train=train, progress=False),
+    )
     assert history[-1]["kl"] < 0.8 * history[0]["kl"], [h["kl"] for h in history]
     sinks = trained["layers"]["1"]["self_attn"]["sinks"]
     assert not np.allclose(sinks, before["layers"][1]["self_attn"]["sinks"])  # it trained
@@ -111,20 +120,38 @@ def test_hidden_loss_matches_attention_outputs(pair, tmp_path):
     full = 2 * config.num_key_value_heads * config.head_dim
     exact_config, exact, _ = convert(teacher, config, full, "decompressed", init="pca", calib_tokens=calib)
     h = run(
-        teacher, config, exact, exact_config, sequences, str(tmp_path / "exact"), steps=1, batch=8,
-        lr=0.0, loss="kl+hidden", progress=False,
-    )[0]  # fmt: skip
+        teacher,
+        config,
+        exact,
+        exact_config,
+        sequences,
+        str(tmp_path / "exact"),
+        DistillOptions(steps=1, batch=8, lr=0.0, loss="kl+hidden", progress=False),
+    )[0]
     assert h[0]["hidden"] < 1e-9 and h[0]["kl"] < 1e-6  # float32 rounding of the log-softmaxes
     # At low rank it is not, and training on it brings the attention outputs closer.
     low_config, low, _ = convert(teacher, config, 4, "decompressed", init="pca", calib_tokens=calib)
     h = run(
-        teacher, config, low, low_config, sequences, str(tmp_path / "low"), steps=20, batch=8,
-        lr=3e-3, warmup=2, loss="kl+hidden", progress=False,
-    )[0]  # fmt: skip
+        teacher,
+        config,
+        low,
+        low_config,
+        sequences,
+        str(tmp_path / "low"),
+        DistillOptions(steps=20, batch=8, lr=3e-3, warmup=2, loss="kl+hidden", progress=False),
+    )[0]
     assert h[0]["hidden"] > 1e-3 and h[-1]["hidden"] < 0.9 * h[0]["hidden"]
     assert h[0]["loss"] == pytest.approx(h[0]["kl"] + h[0]["hidden"], rel=1e-6)
     with pytest.raises(DistillError, match="--loss 'ce': expected kl"):
-        run(teacher, config, low, low_config, sequences, str(tmp_path / "x"), loss="ce", progress=False)
+        run(
+            teacher,
+            config,
+            low,
+            low_config,
+            sequences,
+            str(tmp_path / "x"),
+            DistillOptions(loss="ce", progress=False),
+        )
 
 
 def test_flops_by_hand(pair):
@@ -148,7 +175,7 @@ def test_mismatched_pair_is_refused(pair, tmp_path):
     config, teacher, student_config, student, sequences = pair
     other = {**teacher, "embed_tokens": teacher["embed_tokens"] + 1}
     with pytest.raises(DistillError, match="differ in embed_tokens"):
-        run(other, config, student, student_config, sequences, str(tmp_path), progress=False)
+        run(other, config, student, student_config, sequences, str(tmp_path), DistillOptions(progress=False))
     experts = teacher["layers"][2]["mlp"]["experts"]
     other_layers = list(teacher["layers"])
     other_layers[2] = {
@@ -158,7 +185,7 @@ def test_mismatched_pair_is_refused(pair, tmp_path):
     with pytest.raises(DistillError, match="differ in layers/2/mlp/experts/down_proj"):
         run({**teacher, "layers": other_layers}, config, student, student_config, sequences, str(tmp_path))
     with pytest.raises(DistillError, match="has no MLA layers"):
-        run(teacher, config, teacher, config, sequences, str(tmp_path), progress=False)
+        run(teacher, config, teacher, config, sequences, str(tmp_path), DistillOptions(progress=False))
 
 
 def test_non_finite_loss_stops_the_run(pair, tmp_path):
@@ -175,7 +202,7 @@ def test_non_finite_loss_stops_the_run(pair, tmp_path):
         ],
     }
     with pytest.raises(DistillError, match="loss is nan at step 1; stopping"):
-        run(teacher, config, broken, student_config, sequences, str(tmp_path), progress=False)
+        run(teacher, config, broken, student_config, sequences, str(tmp_path), DistillOptions(progress=False))
 
 
 def test_accumulating_run_follows_the_whole_batch_learning_rates():

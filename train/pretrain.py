@@ -10,6 +10,7 @@ committed. Writes an Orbax checkpoint with the tokenizer (a byte-level BPE train
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import os
@@ -117,34 +118,61 @@ def train(
     return params, losses
 
 
-def main(argv=None) -> int:
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How a teacher is trained (the command line's flags): corpus, config preset, steps, batch, window
+    length, peak learning rate, seed, size of the training stream, text the BPE tokenizer is trained on."""
+
+    data: str = "stdlib"
+    config: str = "study"
+    steps: int = 400
+    batch: int = 16
+    seq_len: int = 512
+    lr: float = 1e-3
+    seed: int = 0
+    train_tokens: int = 4_000_000
+    tokenizer_chars: int = 20_000_000
+
+
+def train_teacher(out: str, recipe: Recipe) -> None:
+    """Train a teacher by `recipe` and save it as an Orbax checkpoint at `out`, with its tokenizer and
+    `train_log.json` (the recipe and the loss curve)."""
     from weights.orbax_io import save_checkpoint
 
+    config = CONFIGS[recipe.config]
+    tokenizer = train_tokenizer(recipe.data, config.vocab_size, recipe.tokenizer_chars)
+    windows = token_windows(tokenizer, recipe.data, recipe.train_tokens, recipe.seq_len + 1, split="train")
+    print(f"{len(windows)} training windows of {recipe.seq_len + 1} tokens")
+    params, losses = train(config, windows, recipe.steps, recipe.batch, recipe.lr, recipe.seed)
+    staging = f"{os.path.abspath(out)}.tokenizer"
+    os.makedirs(staging, exist_ok=True)
+    tokenizer.save(os.path.join(staging, "tokenizer.json"))
+    save_checkpoint(out, params, config, step=recipe.steps, source=staging)
+    with open(os.path.join(out, "train_log.json"), "w") as f:
+        json.dump({"args": {"out": out, **dataclasses.asdict(recipe)}, "losses": losses}, f)
+
+
+def main(argv=None) -> int:
+    defaults = Recipe()
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", required=True, help="Orbax checkpoint to create (with the tokenizer)")
-    parser.add_argument("--data", default="stdlib")
-    parser.add_argument("--steps", type=int, default=400)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--seq-len", type=int, default=512)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--train-tokens", type=int, default=4_000_000, help="size of the training stream")
-    parser.add_argument("--config", choices=sorted(CONFIGS), default="study")
-    parser.add_argument("--tokenizer-chars", type=int, default=20_000_000, help="text the BPE is trained on")
-    args = parser.parse_args(argv)
-    config = CONFIGS[args.config]
-    tokenizer = train_tokenizer(args.data, config.vocab_size, args.tokenizer_chars)
-    windows = token_windows(tokenizer, args.data, args.train_tokens, args.seq_len + 1, split="train")
-    print(f"{len(windows)} training windows of {args.seq_len + 1} tokens")
-    params, losses = train(config, windows, args.steps, args.batch, args.lr, args.seed)
-    staging = f"{os.path.abspath(args.out)}.tokenizer"
-    os.makedirs(staging, exist_ok=True)
-    tokenizer.save(os.path.join(staging, "tokenizer.json"))
-    save_checkpoint(args.out, params, config, step=args.steps, source=staging)
-    with open(os.path.join(args.out, "train_log.json"), "w") as f:
-        json.dump({"args": vars(args), "losses": losses}, f)
+    parser.add_argument("--data", default=defaults.data)
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--batch", type=int, default=defaults.batch)
+    parser.add_argument("--seq-len", type=int, default=defaults.seq_len)
+    parser.add_argument("--lr", type=float, default=defaults.lr)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument(
+        "--train-tokens", type=int, default=defaults.train_tokens, help="size of the training stream"
+    )
+    parser.add_argument("--config", choices=sorted(CONFIGS), default=defaults.config)
+    parser.add_argument(
+        "--tokenizer-chars", type=int, default=defaults.tokenizer_chars, help="text the BPE is trained on"
+    )
+    args = vars(parser.parse_args(argv))
+    train_teacher(args.pop("out"), Recipe(**args))
     return 0
 
 
