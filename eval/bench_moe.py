@@ -205,14 +205,15 @@ def prefill(tokens: int, chunk: int = 2048) -> dict:
     materialize its attention scores), gpt-oss-20b shape with random MXFP4 experts, on the grouped matmul
     and on ragged_dot."""
     from gptoss_mla_jax.cache import init_cache
-    from gptoss_mla_jax.model import forward, init_params
+    from gptoss_mla_jax.model import ForwardOptions, forward, init_params
 
     params = init_params(GPT_OSS_20B, jax.random.key(0), jnp.bfloat16, experts="mxfp4")
     ids = jax.random.randint(jax.random.key(1), (1, tokens), 0, GPT_OSS_20B.vocab_size)
     out = {"tokens": tokens, "chunk": chunk, "experts": "mxfp4"}
     for impl in ("gmm", "ragged_dot"):
         step = jax.jit(
-            lambda p, t, c, impl=impl: forward(p, t, c, GPT_OSS_20B, moe_impl=impl), donate_argnums=2
+            lambda p, t, c, impl=impl: forward(p, t, c, GPT_OSS_20B, options=ForwardOptions(moe=impl)),
+            donate_argnums=2,
         )
 
         def run(p, ids, step=step):

@@ -127,17 +127,14 @@ def batch_stats(
     x = embed(params, tokens)
     xt = embed(teacher, tokens) if teacher is not None else None
     per_layer = []
+    inputs = dict(positions=positions, valid=valid, cos=cos, sin=sin, layer_cache=None, lengths=None)
     for i in range(config.num_hidden_layers):
-        x_new, _, seen = decoder_layer(
-            params["layers"][i], x, positions, valid, cos, sin, None, None, config, i
-        )
+        x_new, _, seen = decoder_layer(params["layers"][i], x, **inputs, config=config, i=i)
         h, m = seen["attn_input"], seen["moe_input"]
         stats = attention_stats(params["layers"][i]["self_attn"], h, positions, cos, sin, config, i)
         stats |= routing_stats(params["layers"][i]["mlp"], m.reshape(B * T, -1), config)
         if teacher is not None:
-            xt_new, _, t_seen = decoder_layer(
-                teacher["layers"][i], xt, positions, valid, cos, sin, None, None, teacher_config, i
-            )
+            xt_new, _, t_seen = decoder_layer(teacher["layers"][i], xt, **inputs, config=teacher_config, i=i)
             mt = t_seen["moe_input"]
             t_top = routing_stats(teacher["layers"][i]["mlp"], mt.reshape(B * T, -1), teacher_config)["top_k"]
             same = (jnp.sort(stats["top_k"], -1) == jnp.sort(t_top, -1)).all(-1)

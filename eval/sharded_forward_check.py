@@ -26,7 +26,7 @@ import numpy as np
 
 from eval import fullsize_checkpoint
 from gptoss_mla_jax.config import GPT_OSS_20B
-from gptoss_mla_jax.model import by_rows, embed, forward, init_params, unembed
+from gptoss_mla_jax.model import ForwardOptions, by_rows, embed, forward, init_params, unembed
 from gptoss_mla_jax.moe import expert_matrices, moe_dense, moe_sparse
 from support.results import write_json
 from train.sharding import batch_sharding, make_mesh, rows_sharding, shard_params
@@ -76,7 +76,11 @@ def main(argv=None) -> int:
         "moe_sparse_mxfp4": (lambda p, x: moe_sparse(p, x, config), mlp, x),
         "moe_sparse_dense_experts": (lambda p, x: moe_sparse(p, x, config), dense_experts, x),
         "moe_dense": (lambda p, x: moe_dense(p, x, config), mlp, x),
-        "forward_dense_moe": (lambda p, t: forward(p, t, None, config, moe_impl="dense")[0], params, tokens),
+        "forward_dense_moe": (
+            lambda p, t: forward(p, t, None, config, options=ForwardOptions(moe="dense"))[0],
+            params,
+            tokens,
+        ),
         "forward_sparse_moe": (lambda p, t: forward(p, t, None, config)[0], params, tokens),
         "embed": (embed, params, tokens),
         "unembed": (lambda p, x: unembed(p, x, config), params, x),
@@ -88,7 +92,9 @@ def main(argv=None) -> int:
     moe = functools.partial(moe_sparse, config=config)
     sharded_fns = {
         "moe_sparse_mxfp4_per_shard": by_rows(moe, rows),
-        "forward_sparse_moe_pinned": lambda p, t: forward(p, t, None, config, activation_sharding=rows)[0],
+        "forward_sparse_moe_pinned": lambda p, t: forward(
+            p, t, None, config, options=ForwardOptions(activation_sharding=rows)
+        )[0],
     }
     if "forward_sparse_moe" in pieces:
         pieces["forward_sparse_moe_pinned"] = pieces["forward_sparse_moe"]

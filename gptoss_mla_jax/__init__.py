@@ -3,11 +3,13 @@
 from gptoss_mla_jax.cache import init_cache
 from gptoss_mla_jax.config import GPT_OSS_20B, GPT_OSS_120B, GptOssConfig
 from gptoss_mla_jax.generation import generate
-from gptoss_mla_jax.model import GptOss, forward, forward_jit, init_params
+from gptoss_mla_jax.model import ForwardOptions, ForwardOutput, GptOss, forward, forward_jit, init_params
 
 __all__ = [
     "GPT_OSS_20B",
     "GPT_OSS_120B",
+    "ForwardOptions",
+    "ForwardOutput",
     "GptOss",
     "GptOssConfig",
     "forward",

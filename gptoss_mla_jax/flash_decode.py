@@ -17,7 +17,8 @@ window masks them.
 
 Written against the backend-neutral `pl.pallas_call` (block specs, jnp inside): CI checks it with the CPU
 interpreter (`interpret=True`); on the GPU, JAX lowers it through its Triton backend (deprecated in JAX
-0.11; see the README's decode section). `forward(..., decode_kernels=True)` uses it for single-token steps.
+0.11; see the README's decode section). `ForwardOptions(decode_kernels=True)` uses it for single-token
+steps.
 """
 
 from __future__ import annotations

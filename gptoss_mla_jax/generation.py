@@ -14,7 +14,7 @@ from jaxtyping import Array, Float, Int
 from gptoss_mla_jax import flash_decode
 from gptoss_mla_jax.cache import init_cache
 from gptoss_mla_jax.config import GptOssConfig
-from gptoss_mla_jax.model import Params, check_tokens, forward
+from gptoss_mla_jax.model import ForwardOptions, Params, check_tokens, forward
 
 BUCKET = 16  # prompt and cache lengths are padded to multiples of this to limit recompilation
 
@@ -35,7 +35,7 @@ def sample(
 @functools.partial(jax.jit, static_argnames=("config", "temperature", "top_k"), donate_argnames=("cache",))
 def prefill(params, cache, tokens, lengths, key, config: GptOssConfig, temperature: float, top_k: int | None):
     """Run the padded prompts through the model, fill the cache, sample each sequence's first new token."""
-    logits, cache = forward(params, tokens, cache, config, lengths)
+    logits, cache, _ = forward(params, tokens, cache, config, lengths)
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
     return sample(last, key, temperature, top_k), cache
 
@@ -49,7 +49,8 @@ def decode_step(
 ):  # fmt: skip
     """One token per sequence: append it to the cache and sample the next one (attending with the Pallas
     flash-decoding kernels if `decode_kernels`)."""
-    logits, cache = forward(params, tokens[:, None], cache, config, decode_kernels=decode_kernels)
+    options = ForwardOptions(decode_kernels=decode_kernels)
+    logits, cache, _ = forward(params, tokens[:, None], cache, config, options=options)
     return sample(logits[:, 0], key, temperature, top_k), cache
 
 

@@ -341,7 +341,7 @@ def _tgmm_kernel(start_ref, end_ref, lhs_ref, dout_ref, out_ref, *, tiles: Tiles
 
 
 def _launch(kernel, grid, args, out_shape, tiles: Tiles, interpret: bool):
-    return pl.pallas_call(
+    call = pl.pallas_call(
         kernel,
         grid=grid,
         in_specs=[_whole(a) for a in args],
@@ -349,7 +349,9 @@ def _launch(kernel, grid, args, out_shape, tiles: Tiles, interpret: bool):
         out_shape=out_shape,
         compiler_params=triton_launch(tiles.warps, tiles.stages, interpret),
         interpret=interpret,
-    )(*args)
+    )
+    with jax.named_scope(kernel.func.__name__.strip("_")):  # gmm_kernel, tgmm_kernel, ... in profiles
+        return call(*args)
 
 
 def grouped_product(

@@ -17,8 +17,9 @@ likewise for `down_proj` ([E, D, I/32, ...]); see `ExpertFormat`.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -165,9 +166,42 @@ def unembed(params: Params, x: Float[Array, "B T D"], config: GptOssConfig) -> F
     return jnp.matmul(x, head, preferred_element_type=jnp.float32)
 
 
+@dataclasses.dataclass(frozen=True)
+class ForwardOptions:
+    """How `forward` computes (hashable: one static argument under `jax.jit`).
+
+    `moe`: the MoE path (`MoeImpl`). `mla_absorb`: partial MLA's attention path (None: absorbed for
+    single-token steps). `decode_kernels`: single-token steps attend with the Pallas flash-decoding
+    kernels (flash_decode.py) and multiply MXFP4 experts packed (mxfp4_matvec.py) instead of jnp
+    (interpreted, slowly, off the GPU). `remat`: recompute each layer's activations in the backward pass.
+    `collect_attention`: also return every layer's attention output (what it adds to the residual stream),
+    for distillation losses that match layers. `activation_sharding`: pins the residual stream [B, T, D]
+    after the embedding and after every layer, and runs the sparse MoE on each device's own rows. On a
+    mesh whose weights are FSDP-sharded along the hidden dimension over the same axis as the batch, give it
+    the batch sharding (`P("data", None, None)`): otherwise the partitioner follows the weights, gathers
+    the batch onto every device and splits the hidden dimension instead."""
+
+    moe: MoeImpl = "sparse"
+    mla_absorb: bool | None = None
+    decode_kernels: bool = False
+    remat: bool = False
+    collect_attention: bool = False
+    activation_sharding: jax.sharding.NamedSharding | None = None
+
+
+class ForwardOutput(NamedTuple):
+    """`forward`'s result: float32 logits, the updated cache (None without one), and with
+    `collect_attention` every layer's attention output [B, T, D] (else None)."""
+
+    logits: Float[Array, "B T V"]
+    cache: kv_cache.Cache | None
+    attention: list[Float[Array, "B T D"]] | None = None
+
+
 def decoder_layer(
     layer: Params,
     x: Float[Array, "B T D"],
+    *,
     positions: Int[Array, "B T"],
     valid: Array,
     cos: Array,
@@ -176,14 +210,11 @@ def decoder_layer(
     lengths: Int[Array, " B"],
     config: GptOssConfig,
     i: int,
-    moe_impl: MoeImpl = "sparse",
-    mla_absorb: bool | None = None,
-    decode_kernels: bool = False,
-    activation_sharding: jax.sharding.NamedSharding | None = None,
+    options: ForwardOptions = ForwardOptions(),
 ) -> tuple[Float[Array, "B T D"], dict[str, Array] | None, dict[str, Float[Array, "B T D"]]]:
     """One pre-norm block: (new residual stream, updated layer cache, {"attn_input": the attention's normed
     input, "attn_output": what the attention adds to the residual stream, "moe_input": the MoE's normed
-    input}). With `activation_sharding` (see `forward`) the sparse MoE runs on each device's own rows."""
+    input})."""
     h = rms_norm(x, layer["input_layernorm"], config.rms_norm_eps)
     args = (
         layer["self_attn"],
@@ -197,19 +228,25 @@ def decoder_layer(
         config.is_sliding(i),
         config,
     )
+    single = options.decode_kernels and h.shape[1] == 1
     if config.is_mla(i):
-        a, layer_cache = attention_mla(*args, layer=i, absorb=mla_absorb, decode_kernels=decode_kernels)
+        with jax.named_scope("mla"):
+            a, layer_cache = attention_mla(
+                *args, layer=i, absorb=options.mla_absorb, decode_kernels=options.decode_kernels
+            )
     else:
-        a, layer_cache = attention(*args, decode_kernels=decode_kernels)
+        with jax.named_scope("attention"):
+            a, layer_cache = attention(*args, decode_kernels=options.decode_kernels)
     x = x + a
     m = rms_norm(x, layer["post_attention_layernorm"], config.rms_norm_eps)
-    if moe_impl != "dense":
-        grouped = "auto" if moe_impl == "sparse" else moe_impl
-        single = decode_kernels and m.shape[1] == 1
-        moe = functools.partial(moe_sparse, config=config, kernels=single, grouped=grouped)
-        x = x + (moe if activation_sharding is None else by_rows(moe, activation_sharding))(layer["mlp"], m)
-    else:
-        x = x + moe_dense(layer["mlp"], m, config)
+    with jax.named_scope("moe"):
+        if options.moe == "dense":
+            x = x + moe_dense(layer["mlp"], m, config)
+        else:
+            grouped = "auto" if options.moe == "sparse" else options.moe
+            moe = functools.partial(moe_sparse, config=config, kernels=single, grouped=grouped)
+            sharding = options.activation_sharding
+            x = x + (moe if sharding is None else by_rows(moe, sharding))(layer["mlp"], m)
     return x, layer_cache, {"attn_input": h, "attn_output": a, "moe_input": m}
 
 
@@ -240,7 +277,10 @@ def attention_inputs(params: Params, tokens: Int[Array, "B T"], config: GptOssCo
     cos, sin = cos_sin(positions, config)
     x, inputs = embed(params, tokens), []
     for i, layer in enumerate(params["layers"]):
-        x, _, seen = decoder_layer(layer, x, positions, valid, cos, sin, None, None, config, i)
+        x, _, seen = decoder_layer(
+            layer, x, positions=positions, valid=valid, cos=cos, sin=sin, layer_cache=None, lengths=None,
+            config=config, i=i,
+        )  # fmt: skip
         inputs.append(seen["attn_input"])
     return inputs
 
@@ -251,30 +291,15 @@ def forward(
     cache: kv_cache.Cache | None,
     config: GptOssConfig,
     lengths: Int[Array, " B"] | None = None,
-    moe_impl: MoeImpl = "sparse",
-    mla_absorb: bool | None = None,
-    remat: bool = False,
-    collect_attention: bool = False,
-    decode_kernels: bool = False,
-    activation_sharding: jax.sharding.NamedSharding | None = None,
-) -> tuple[Float[Array, "B T V"], kv_cache.Cache | None] | tuple[Array, kv_cache.Cache | None, list[Array]]:
-    """Logits (float32) for `tokens`, and the updated cache.
+    options: ForwardOptions = ForwardOptions(),
+) -> ForwardOutput:
+    """Logits (float32) for `tokens`, and the updated cache, as a `ForwardOutput`.
 
     Without a cache, the T tokens of each sequence sit at positions 0..T-1. With one, they continue each
     sequence after its `cache["lengths"]` cached tokens. `lengths` [B] (default T) says how many of the T
     tokens of each row are real; the rest is right padding, neither attended to nor cached. A sequence
-    pushed past the cache's capacity gets NaN logits rather than silently dropping tokens.
-    `mla_absorb` picks the partial-MLA attention path (default: absorbed for single-token steps).
-    `remat` recomputes each layer's activations in the backward pass instead of storing them.
-    `collect_attention` appends a third result: every layer's attention output [B, T, D] (what it adds
-    to the residual stream), for distillation losses that match layers.
-    `decode_kernels`: single-token steps attend with the Pallas flash-decoding kernels (flash_decode.py)
-    and multiply MXFP4 experts packed (mxfp4_matvec.py) instead of jnp (interpreted, slowly, off the GPU).
-    `activation_sharding` pins the residual stream [B, T, D] after the embedding and after every layer. On
-    a mesh whose weights are FSDP-sharded along the hidden dimension over the same axis as the batch, give
-    it the batch sharding (`P("data", None, None)`): otherwise the partitioner follows the weights, gathers
-    the batch onto every device and splits the hidden dimension instead, so each device computes every
-    sequence and the matmuls' partial sums are all-reduced in the compute dtype.
+    pushed past the cache's capacity gets NaN logits rather than silently dropping tokens. `options`: the
+    implementation choices (`ForwardOptions`).
     """
     check_params(params, config)
     check_tokens(tokens, config)
@@ -287,18 +312,24 @@ def forward(
     valid = jnp.arange(T)[None, :] < n_new[:, None]
     cos, sin = cos_sin(positions, config)
 
-    pin = (lambda x: x) if activation_sharding is None else (
-        lambda x: jax.lax.with_sharding_constraint(x, activation_sharding)
-    )  # fmt: skip
+    sharding = options.activation_sharding
+    pin = (lambda x: x) if sharding is None else (lambda x: jax.lax.with_sharding_constraint(x, sharding))
     x = pin(embed(params, tokens))
     new_layers, attention_outputs = [], []
-    block = jax.checkpoint(decoder_layer, static_argnums=(8, 9, 10, 11, 12, 13)) if remat else decoder_layer
     for i, layer in enumerate(params["layers"]):
         layer_cache = cache["layers"][i] if cache is not None else None
+        block = functools.partial(decoder_layer, config=config, i=i, options=options)
+        block = jax.checkpoint(block) if options.remat else block
         x, layer_cache, seen = block(
-            layer, x, positions, valid, cos, sin, layer_cache, start, config, i, moe_impl, mla_absorb,
-            decode_kernels, activation_sharding,
-        )  # fmt: skip
+            layer,
+            x,
+            positions=positions,
+            valid=valid,
+            cos=cos,
+            sin=sin,
+            layer_cache=layer_cache,
+            lengths=start,
+        )
         x = pin(x)
         new_layers.append(layer_cache)
         attention_outputs.append(seen["attn_output"])
@@ -309,17 +340,11 @@ def forward(
         overflow = new_lengths > kv_cache.cache_max_len(cache, config)
         logits = jnp.where(overflow[:, None, None], jnp.nan, logits)
         new_cache = {"lengths": new_lengths, "layers": new_layers}
-    return (logits, new_cache, attention_outputs) if collect_attention else (logits, new_cache)
+    return ForwardOutput(logits, new_cache, attention_outputs if options.collect_attention else None)
 
 
-forward_jit = jax.jit(
-    forward,
-    static_argnames=(
-        "config", "moe_impl", "mla_absorb", "remat", "collect_attention", "decode_kernels",
-        "activation_sharding",
-    ),
-)  # fmt: skip
-forward_jit.__doc__ = "`forward` under `jax.jit` (config and the implementation choices static)."
+forward_jit = jax.jit(forward, static_argnames=("config", "options"))
+forward_jit.__doc__ = "`forward` under `jax.jit` (the config and the options static)."
 
 
 # ---- NNX shell -----------------------------------------------------------------------------------------
@@ -360,5 +385,7 @@ class GptOss(nnx.Module):
     def pure_params(self) -> Params:
         return _to_pure(self.weights)
 
-    def __call__(self, tokens, cache=None, lengths=None, moe_impl: MoeImpl = "sparse", mla_absorb=None):
-        return forward(self.pure_params(), tokens, cache, self.config, lengths, moe_impl, mla_absorb)
+    def __call__(
+        self, tokens, cache=None, lengths=None, options: ForwardOptions = ForwardOptions()
+    ) -> ForwardOutput:
+        return forward(self.pure_params(), tokens, cache, self.config, lengths, options)

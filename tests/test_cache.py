@@ -7,6 +7,7 @@ import pytest
 
 from gptoss_mla_jax.cache import init_cache, nbytes
 from gptoss_mla_jax.generation import decode_step, generate, kernels_by_default, prefill
+from gptoss_mla_jax.model import ForwardOptions
 from gptoss_mla_jax.model import forward_jit as forward
 from weights.safetensors_io import load_hf
 
@@ -32,21 +33,24 @@ def test_prefill_then_decode_matches_full_forward(tiny, kernels):
     config, params = tiny
     B, T = 3, 30
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (B, T)).astype(np.int32)
-    full, _ = forward(params, jnp.asarray(tokens), None, config)
+    full, _, _ = forward(params, jnp.asarray(tokens), None, config)
     full = np.asarray(full)
 
     prompt_lens = np.array([1, 5, 9], np.int32)  # 1 token, just past the window (4), twice past it
     padded = np.where(np.arange(12)[None] < prompt_lens[:, None], tokens[:, :12], 0)
     cache = init_cache(config, B, 32, jnp.float32)
-    logits, cache = forward(params, jnp.asarray(padded), cache, config, jnp.asarray(prompt_lens))
+    logits, cache, _ = forward(params, jnp.asarray(padded), cache, config, jnp.asarray(prompt_lens))
     for b, n in enumerate(prompt_lens):
         np.testing.assert_allclose(np.asarray(logits)[b, :n], full[b, :n], atol=1e-4, rtol=0)
     np.testing.assert_array_equal(np.asarray(cache["lengths"]), prompt_lens)
 
-    step = jax.jit(lambda p, c, t: forward(p, t, c, config, decode_kernels=kernels), donate_argnums=1)
+    step = jax.jit(
+        lambda p, c, t: forward(p, t, c, config, options=ForwardOptions(decode_kernels=kernels)),
+        donate_argnums=1,
+    )
     for t in range(T - prompt_lens.max()):
         pos = prompt_lens + t
-        logits, cache = step(params, cache, jnp.asarray(tokens[np.arange(B), pos][:, None]))
+        logits, cache, _ = step(params, cache, jnp.asarray(tokens[np.arange(B), pos][:, None]))
         np.testing.assert_allclose(np.asarray(logits)[:, 0], full[np.arange(B), pos], atol=1e-4, rtol=0)
 
 
@@ -57,7 +61,7 @@ def test_chunked_prefill_matches_full_forward(tiny):
     full = np.asarray(forward(params, jnp.asarray(tokens), None, config)[0])
     cache = init_cache(config, 2, 24, jnp.float32)
     for lo, hi in ((0, 7), (7, 8), (8, 19), (19, 24)):
-        logits, cache = forward(params, jnp.asarray(tokens[:, lo:hi]), cache, config)
+        logits, cache, _ = forward(params, jnp.asarray(tokens[:, lo:hi]), cache, config)
         np.testing.assert_allclose(np.asarray(logits), full[:, lo:hi], atol=1e-4, rtol=0)
 
 

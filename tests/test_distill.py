@@ -223,7 +223,7 @@ def test_pinned_forward_splits_the_work_by_rows(mesh_spec):
     # run by 44%). Pinning the residual stream by rows, with the MoE per device, gives each device 1/8 of
     # the one-device FLOPs and the same logits.
     from eval.fullsize_checkpoint import SMOKE
-    from gptoss_mla_jax.model import forward, init_params
+    from gptoss_mla_jax.model import ForwardOptions, forward, init_params
     from train.sharding import batch_sharding, make_mesh, rows_sharding, shard_params
 
     config = dataclasses.replace(SMOKE, num_hidden_layers=2, layer_types=())
@@ -233,7 +233,9 @@ def test_pinned_forward_splits_the_work_by_rows(mesh_spec):
     def compiled(mesh_spec, pin):
         mesh = make_mesh(mesh_spec)
         rows = rows_sharding(mesh) if pin else None
-        f = jax.jit(lambda p, t: forward(p, t, None, config, activation_sharding=rows)[0])
+        f = jax.jit(
+            lambda p, t: forward(p, t, None, config, options=ForwardOptions(activation_sharding=rows))[0]
+        )
         args = (shard_params(params, mesh), jax.device_put(tokens, batch_sharding(mesh)))
         cost = f.lower(*args).compile().cost_analysis()
         return (cost[0] if isinstance(cost, list) else cost)["flops"], f(*args)

@@ -158,12 +158,16 @@ def test_model_on_gmm_per_device_equals_dense_moe(experts):
     from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
     from gptoss_mla_jax.generation import DEMO_CONFIG
-    from gptoss_mla_jax.model import forward, init_params
+    from gptoss_mla_jax.model import ForwardOptions, forward, init_params
 
     mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:2])
     rows = NamedSharding(mesh, PartitionSpec("data", None, None))
     params = init_params(DEMO_CONFIG, jax.random.key(0), jnp.float32, experts=experts)
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, DEMO_CONFIG.vocab_size)
-    want = forward(params, tokens, None, DEMO_CONFIG, moe_impl="dense")[0]
-    got = jax.jit(lambda p, t: forward(p, t, None, DEMO_CONFIG, moe_impl="gmm", activation_sharding=rows)[0])
+    want = forward(params, tokens, None, DEMO_CONFIG, options=ForwardOptions(moe="dense"))[0]
+    got = jax.jit(
+        lambda p, t: forward(
+            p, t, None, DEMO_CONFIG, options=ForwardOptions(moe="gmm", activation_sharding=rows)
+        )[0]
+    )
     close(got(params, tokens), want)

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptoss_mla_jax import forward, forward_jit, init_cache
+from gptoss_mla_jax import ForwardOptions, forward, forward_jit, init_cache
 from gptoss_mla_jax.cache import entry_shapes, nbytes, values_per_token
 from gptoss_mla_jax.config import GptOssConfig, MlaConfig
 from weights.safetensors_io import load_hf
@@ -25,8 +25,10 @@ def calib(tiny):
     return np.random.default_rng(7).integers(0, config.vocab_size, (4, 32))
 
 
-def _logits(params, config, tokens, **kw):
-    return np.asarray(forward_jit(params, jnp.asarray(tokens), None, config, **kw)[0])
+def _logits(params, config, tokens, **options):
+    return np.asarray(
+        forward_jit(params, jnp.asarray(tokens), None, config, options=ForwardOptions(**options)).logits
+    )
 
 
 TOKENS = np.random.default_rng(3).integers(0, 97, (2, 19))
@@ -109,17 +111,20 @@ def test_mla_decode_matches_full_forward(tiny, calib, mode, kernels):
     assert set(cache["layers"][0]) == ({"c"} if mode == "decompressed" else {"c", "k_rope"})
     assert set(cache["layers"][2]) == {"k", "v"}
     prompt = np.array([3, 6], np.int32)
-    logits, cache = forward_jit(
+    logits, cache, _ = forward_jit(
         mla_params, jnp.asarray(tokens[:, :8]), cache, mla_config, lengths=jnp.asarray(prompt)
     )
     for b in range(2):
         np.testing.assert_allclose(
             np.asarray(logits)[b, : prompt[b]], full[b, : prompt[b]], atol=1e-4, rtol=0
         )
-    step = jax.jit(lambda p, c, t: forward(p, t, c, mla_config, decode_kernels=kernels), donate_argnums=1)
+    step = jax.jit(
+        lambda p, c, t: forward(p, t, c, mla_config, options=ForwardOptions(decode_kernels=kernels)),
+        donate_argnums=1,
+    )
     for t in range(24 - prompt.max()):
         pos = prompt + t
-        logits, cache = step(mla_params, cache, jnp.asarray(tokens[np.arange(2), pos][:, None]))
+        logits, cache, _ = step(mla_params, cache, jnp.asarray(tokens[np.arange(2), pos][:, None]))
         np.testing.assert_allclose(np.asarray(logits)[:, 0], full[np.arange(2), pos], atol=1e-4, rtol=0)
 
 

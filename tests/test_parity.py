@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from gptoss_mla_jax.model import forward
+from gptoss_mla_jax.model import ForwardOptions, forward
 from weights.safetensors_io import load_hf
 
 from .conftest import hf_logits, make_hf_model
@@ -52,7 +52,7 @@ def test_float32_logits_match_transformers(case, tmp_path):
     tokens = np.random.default_rng(0).integers(0, config.vocab_size, (3, 23))
     want = hf_logits(model, tokens)
     for impl in ("sparse", "gmm", "dense"):
-        got, _ = forward(params, jnp.asarray(tokens), None, config, moe_impl=impl)
+        got, _, _ = forward(params, jnp.asarray(tokens), None, config, options=ForwardOptions(moe=impl))
         np.testing.assert_allclose(np.asarray(got), want, atol=1e-4, rtol=0)
     assert np.abs(want).max() > 1.0  # the comparison is not between near-zero numbers
 

@@ -15,15 +15,15 @@ def test_jit_grad_vmap_on_plain_pytrees(tiny_hf):
     assert all(type(x) in (dict, list) for x in (params, params["layers"], params["layers"][0]))
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (2, 9)))
 
-    # README: logits, cache = forward(params, tokens, cache, config) under jax.jit
+    # README: logits, cache, _ = forward(params, tokens, cache, config) under jax.jit
     cache = init_cache(config, batch=2, max_len=16, dtype=jnp.float32)
-    logits, cache = jax.jit(forward, static_argnums=3)(params, tokens, cache, config)
-    eager, _ = forward(params, tokens, None, config)
+    logits, cache, _ = jax.jit(forward, static_argnums=3)(params, tokens, cache, config)
+    eager, _, _ = forward(params, tokens, None, config)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(eager), atol=1e-5)
     assert logits.shape == (2, 9, config.vocab_size) and int(cache["lengths"][0]) == 9
 
     def loss(p):
-        lg, _ = forward(p, tokens[:, :-1], None, config)
+        lg, _, _ = forward(p, tokens[:, :-1], None, config)
         return -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(lg), tokens[:, 1:, None], -1))
 
     value, grads = jax.jit(jax.value_and_grad(loss))(params)

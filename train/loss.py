@@ -6,7 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gptoss_mla_jax.model import forward
+from gptoss_mla_jax.model import ForwardOptions, forward
 from train.student import DistillError, assemble_student
 
 LOSS_TERMS = ("kl", "ce", "hidden")
@@ -28,29 +28,29 @@ def distill_loss(
     `activation_sharding`: the residual stream's sharding in both forwards; `moe_impl`: the MoE path (see
     `model.forward`)."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    options = dict(
+    options = ForwardOptions(
+        moe=moe_impl,
         remat=remat,
         collect_attention="hidden" in terms,
         activation_sharding=activation_sharding,
-        moe_impl=moe_impl,
     )
-    t_out = forward(teacher, inputs, None, teacher_config, **options)
+    t_out = forward(teacher, inputs, None, teacher_config, options=options)
     student = assemble_student(teacher, trainable, student_config, dtype)
-    s_out = forward(student, inputs, None, student_config, **options)
-    t_logits, s_logits = jax.lax.stop_gradient(t_out[0]), s_out[0]
+    s_out = forward(student, inputs, None, student_config, options=options)
+    t_logits, s_logits = jax.lax.stop_gradient(t_out.logits), s_out.logits
     t_logp = jax.nn.log_softmax(t_logits / temperature, axis=-1)
     s_logp = jax.nn.log_softmax(s_logits / temperature, axis=-1)
     kl = jnp.mean(jnp.sum(jnp.exp(t_logp) * (t_logp - s_logp), axis=-1)) * temperature**2
     ce = -jnp.mean(jnp.take_along_axis(jax.nn.log_softmax(s_logits, axis=-1), targets[..., None], axis=-1))
     aux = {"kl": kl, "ce": ce}
     total = kl + (ce if "ce" in terms else 0.0)
-    if options["collect_attention"]:
+    if options.collect_attention:
         errors = [
             jnp.sum(jnp.square(s.astype(jnp.float32) - jax.lax.stop_gradient(t).astype(jnp.float32)))
             / jnp.sum(jnp.square(jax.lax.stop_gradient(t).astype(jnp.float32)))
             for t, s in zip(
-                (t_out[2][i] for i in student_config.mla.layers),
-                (s_out[2][i] for i in student_config.mla.layers),
+                (t_out.attention[i] for i in student_config.mla.layers),
+                (s_out.attention[i] for i in student_config.mla.layers),
                 strict=True,
             )
         ]

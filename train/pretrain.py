@@ -87,7 +87,7 @@ def train_tokenizer(source: str, vocab_size: int, max_chars: int = 20_000_000) -
 
 
 def lm_loss(params, tokens, config):
-    logits, _ = forward(params, tokens[:, :-1], None, config)
+    logits = forward(params, tokens[:, :-1], None, config).logits
     logp = jax.nn.log_softmax(logits, axis=-1)
     return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
 
