@@ -219,7 +219,7 @@ def prefill(tokens: int, chunk: int = 2048) -> dict:
         def run(p, ids, step=step):
             cache = init_cache(GPT_OSS_20B, 1, tokens, jnp.bfloat16)
             for start in range(0, tokens, chunk):
-                logits, cache = step(p, ids[:, start : start + chunk], cache)
+                logits, cache, _ = step(p, ids[:, start : start + chunk], cache)
             return logits[:, -1]
 
         try:

@@ -29,7 +29,9 @@ def test_token_ids_outside_vocab(tiny):
         generate(params, config, [[1, -1]], 3)
     # Under jit the ids are not visible to Python: the sequence holding a bad id gets NaN logits instead
     # of a silently clamped embedding row; the other sequences of the batch are unaffected.
-    logits, _ = jax.jit(forward, static_argnums=3)(params, jnp.array([[1, 2, 500], [1, 2, 3]]), None, config)
+    logits = jax.jit(forward, static_argnums=3)(
+        params, jnp.array([[1, 2, 500], [1, 2, 3]]), None, config
+    ).logits
     assert np.isnan(np.asarray(logits[0, 2])).all() and np.isfinite(np.asarray(logits[1])).all()
 
 
@@ -47,8 +49,8 @@ def test_cache_overflow_under_jit_is_nan(tiny):
     config, params = tiny
     step = jax.jit(forward, static_argnums=3)
     cache = init_cache(config, 1, 16, jnp.float32)
-    _, cache = step(params, jnp.zeros((1, 16), jnp.int32), cache, config)
-    logits, _ = step(params, jnp.zeros((1, 1), jnp.int32), cache, config)
+    cache = step(params, jnp.zeros((1, 16), jnp.int32), cache, config).cache
+    logits = step(params, jnp.zeros((1, 1), jnp.int32), cache, config).logits
     assert np.isnan(np.asarray(logits)).all()
 
 
