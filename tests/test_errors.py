@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from gptoss_mla_jax import forward, generate, init_cache
+from gptoss_mla_jax import forward, init_cache
+from gptoss_mla_jax.generation import generate
 from weights.safetensors_io import CheckpointError, load_hf
 
 

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from gptoss_mla_jax import forward_jit, generate
+from gptoss_mla_jax import forward_jit
+from gptoss_mla_jax.generation import generate
 from support.corpora import corpus_files, iter_texts
 from weights import export
 from weights.load import load_model
