@@ -24,7 +24,7 @@ high nibbles the odd ones, two products per step and no interleaving on chip.
 
 Backend: the backend-neutral `pl.pallas_call` with whole-array block specs and explicit (masked) loads and
 stores, lowered through Pallas' Triton backend on the GPU and run by the CPU interpreter in CI, as the
-decode kernels are. Launch settings per kernel and shape sit in `LAUNCH`, chosen by `eval.bench_moe
+decode kernels are. Launch settings per kernel and shape sit in `LAUNCH`, chosen by `eval.bench.moe
 --sweep`.
 """
 
@@ -67,7 +67,7 @@ class Tiles:
 
 
 # Launch settings by (kernel, contraction K, output width N; for tgmm the weight's K and N); (kernel, None,
-# None) is the default for other shapes. The sweep (eval.bench_moe --sweep, results in eval/results) chose
+# None) is the default for other shapes. The sweep (eval.bench.moe --sweep, results in eval/results) chose
 # them at gpt-oss-20b's expert shapes on an H200. Kernels: "gmm" (dense forward), "gmm_t" (dense d(lhs)),
 # "tgmm" (dense d(rhs); rows is the contraction step there), "mxfp4" and "mxfp4_t" (packed forward and
 # d(lhs)). `grouped_product` shortens the row tile when groups are small (`_fit_rows`).

@@ -222,7 +222,7 @@ def test_pinned_forward_splits_the_work_by_rows(mesh_spec):
     # hidden dimension and all-reduces the partial sums (on GPUs in bf16, which moved the loss of a 4x1
     # run by 44%). Pinning the residual stream by rows, with the MoE per device, gives each device 1/8 of
     # the one-device FLOPs and the same logits.
-    from eval.fullsize_checkpoint import SMOKE
+    from eval.experiments.fullsize_checkpoint import SMOKE
     from gptoss_mla_jax.model import ForwardOptions, forward, init_params
     from train.sharding import batch_sharding, make_mesh, rows_sharding, shard_params
 

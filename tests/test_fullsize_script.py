@@ -6,7 +6,7 @@ import json
 import jax.numpy as jnp
 import pytest
 
-from eval import fullsize_checkpoint as script
+from eval.experiments import fullsize_checkpoint as script
 from weights.hf_layout import hf_tensors
 
 
@@ -34,8 +34,8 @@ def test_written_layout_loads_in_both(tmp_path, monkeypatch):
 
 
 def test_decode_benchmark_runs_at_a_small_size(tmp_path):
-    """eval.bench_decode end to end on the tiny demo model: every point measured, MLA's cache smaller."""
-    from eval import bench_decode
+    """eval.bench.decode end to end on the tiny demo model: every point measured, MLA's cache smaller."""
+    from eval.bench import decode as bench_decode
 
     out = tmp_path / "decode.json"
     argv = ["--smoke", "--batches", "1,2", "--contexts", "64", "--repeats", "2", "--decode-kernels", "both"]
@@ -49,7 +49,7 @@ def test_decode_benchmark_runs_at_a_small_size(tmp_path):
 
 
 def test_decode_capacity_runs_at_a_small_size(tmp_path):
-    from eval import bench_decode
+    from eval.bench import decode as bench_decode
 
     out = tmp_path / "capacity.json"
     assert (
@@ -63,8 +63,8 @@ def test_decode_capacity_runs_at_a_small_size(tmp_path):
 
 
 def test_kernel_benchmark_runs_at_a_small_size(tmp_path):
-    """eval.bench_decode --kernels on the CPU interpreter: every kernel agrees with its jnp path (bf16)."""
-    from eval import bench_decode
+    """eval.bench.decode --kernels on the CPU interpreter: every kernel agrees with its jnp path (bf16)."""
+    from eval.bench import decode as bench_decode
 
     out = tmp_path / "kernels.json"
     argv = [
@@ -97,7 +97,7 @@ def test_kernel_benchmark_runs_at_a_small_size(tmp_path):
 
 def test_kernel_benchmark_without_the_stock_peer(monkeypatch):
     """A JAX without pallas.ops.gpu (deprecated in 0.11): the GQA row is measured without its peer."""
-    from eval import bench_decode
+    from eval.bench import decode as bench_decode
 
     monkeypatch.setattr(bench_decode, "decode_attention", None)
     launch = [dict(block=16, warps=4, stages=2)]
@@ -111,7 +111,7 @@ def test_kernel_benchmark_without_the_stock_peer(monkeypatch):
 def test_expert_kernel_benchmark_runs_at_a_small_size(tmp_path):
     """--experts on the CPU interpreter: both projections at each pair count, the kernel equal to
     dequantize-then-multiply in float32, bytes counting each distinct expert once."""
-    from eval import bench_decode
+    from eval.bench import decode as bench_decode
 
     out = tmp_path / "experts.json"
     assert bench_decode.main(["--experts", "2,9", "--smoke", "--repeats", "1", "--out", str(out)]) == 0
@@ -131,7 +131,7 @@ def test_expert_kernel_benchmark_runs_at_a_small_size(tmp_path):
 def test_decode_breakdown_runs_at_a_small_size(tmp_path):
     """--breakdown times the step, a layer's attention and its MoE, each on jnp and on the kernels, and the
     unembedding, for GQA and MLA."""
-    from eval import bench_decode
+    from eval.bench import decode as bench_decode
 
     out = tmp_path / "breakdown.json"
     assert bench_decode.main(["--smoke", "--breakdown", "1,64", "--repeats", "1", "--out", str(out)]) == 0

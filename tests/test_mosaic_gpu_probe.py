@@ -1,9 +1,9 @@
-"""eval.mosaic_gpu_probe: the plain wgmma kernel lowers for CUDA and the Mosaic GPU interpreter reproduces
-it, so a False for the transposed operand is the interpreter's limit, not a broken probe."""
+"""eval.experiments.mosaic_gpu_probe: the plain wgmma kernel lowers for CUDA and the Mosaic GPU interpreter
+reproduces it, so a False for the transposed operand is the interpreter's limit, not a broken probe."""
 
 import json
 
-from eval import mosaic_gpu_probe
+from eval.experiments import mosaic_gpu_probe
 
 
 def test_probe_reports_both_operands(tmp_path):

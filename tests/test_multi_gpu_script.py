@@ -1,6 +1,6 @@
-"""eval.multi_gpu_distill at a small size on simulated CPU devices: every mesh is checkpointed once and
-resumed once in separate processes, and its losses match the one-device run, which accumulates gradients
-where its device cannot hold the global batch."""
+"""eval.experiments.multi_gpu_distill at a small size on simulated CPU devices: every mesh is checkpointed
+once and resumed once in separate processes, and its losses match the one-device run, which accumulates
+gradients where its device cannot hold the global batch."""
 
 import json
 import shutil
@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from eval import multi_gpu_distill
+from eval.experiments import multi_gpu_distill
 
 
 def test_compare_flags_a_diverging_mesh():
@@ -75,7 +75,7 @@ def test_smoke_run_end_to_end(tmp_path):
 
 
 def test_sharded_forward_check_smoke(tmp_path):
-    from eval import sharded_forward_check
+    from eval.experiments import sharded_forward_check
 
     out = tmp_path / "check.json"
     argv = ["--smoke", "--mesh", "2x1", "--batch", "2", "--seq-len", "16", "--layers", "1"]

@@ -1,9 +1,10 @@
-"""eval.quality_study at a tiny size: teacher trained, transformers agrees on its held-out PPL, a matrix row
-is converted, scored, distilled and scored again; a rerun skips finished rows and refuses another teacher."""
+"""eval.experiments.quality_study at a tiny size: teacher trained, transformers agrees on its held-out PPL, a
+matrix row is converted, scored, distilled and scored again; a rerun skips finished rows and refuses another
+teacher."""
 
 import json
 
-from eval import quality_study
+from eval.experiments import quality_study
 
 
 def test_study_end_to_end_and_resume(tmp_path):

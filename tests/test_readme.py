@@ -24,10 +24,10 @@ def test_readme_starts_with_the_two_commands():
 
 
 def test_relative_links_resolve():
-    """Every relative link (and image) in the README and docs/ points at a file of the repository."""
+    """Every relative link (and image) in the README, docs/ and eval/ pages points at a repository file."""
     root = README.parent
     broken = []
-    for page in [README, *sorted((root / "docs").glob("*.md"))]:
+    for page in [README, *sorted((root / "docs").glob("*.md")), *sorted((root / "eval").rglob("*.md"))]:
         for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
             if "://" in target:
                 continue

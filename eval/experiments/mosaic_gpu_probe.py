@@ -1,7 +1,7 @@
 """Can this JAX check a Mosaic GPU attention kernel on the CPU? The question that holds the
 kernels' Mosaic GPU port.
 
-    python -m eval.mosaic_gpu_probe [--out FILE]
+    python -m eval.experiments.mosaic_gpu_probe [--out FILE]
 
 Every decode kernel here multiplies with a transposed shared-memory operand (K^T for the scores; MLA's
 latent is both K^T and V). Mosaic GPU, the Pallas GPU backend that JAX does not deprecate, does that in

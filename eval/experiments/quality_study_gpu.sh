@@ -2,7 +2,7 @@
 # The quality study on a 2-GPU machine, within one time-limited allocation: GPU 0 trains the teacher, then
 # both GPUs run rows of the matrix (full-attention layers converted on GPU 0, all layers on GPU 1); the
 # results and the teacher live in $STUDY, so a rerun on the same machine continues where this one stopped.
-#   bash eval/quality_study_gpu.sh OUT_DIR [SECONDS]
+#   bash eval/experiments/quality_study_gpu.sh OUT_DIR [SECONDS]
 set -uo pipefail
 OUT=$1
 BUDGET=${2:-570}
@@ -11,7 +11,7 @@ END=$((SECONDS + BUDGET))
 mkdir -p "$STUDY" "$OUT"
 run() {  # run GPU LAYERS: one process, ending by END
   local left=$((END - SECONDS))
-  CUDA_VISIBLE_DEVICES=$1 timeout $((left - 5)) python -m eval.quality_study --teacher "$STUDY/teacher" \
+  CUDA_VISIBLE_DEVICES=$1 timeout $((left - 5)) python -m eval.experiments.quality_study --teacher "$STUDY/teacher" \
     --compile-cache "$STUDY/xla-cache" --time-limit $((left - 80)) --layers "$2" --out "$STUDY/$2" \
     >> "$STUDY/$2.log" 2>&1
   cp "$STUDY/$2".* "$OUT/"

@@ -1,7 +1,7 @@
 """Does the forward on a data-parallel mesh equal the same forward on one device, at gpt-oss-20b's
 shapes? Each piece of a decoder layer is compared separately, so a mismatch names the op.
 
-    python -m eval.sharded_forward_check [--mesh 4x1] [--batch 4] [--seq-len 2048] [--layers 2]
+    python -m eval.experiments.sharded_forward_check [--mesh 4x1] [--batch 4] [--seq-len 2048] [--layers 2]
         [--out eval/results/sharded_forward_check.json] [--smoke]
 
 Random gpt-oss-20b-shaped weights (MXFP4 experts, bf16 elsewhere), random tokens. Reported per piece:
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eval import fullsize_checkpoint
+from eval.experiments import fullsize_checkpoint
 from gptoss_mla_jax.config import GPT_OSS_20B
 from gptoss_mla_jax.model import ForwardOptions, by_rows, embed, forward, init_params, unembed
 from gptoss_mla_jax.moe import expert_matrices, moe_dense, moe_sparse

@@ -2,7 +2,7 @@
 (3 shards + index, 459 tensors, bf16 everywhere but the uint8 expert blocks/scales), loaded by our reader
 and by transformers' `from_pretrained` on the same machine, each in a fresh process.
 
-    python -m eval.fullsize_checkpoint --dir /tmp/gptoss20b-random [--out eval/results/...json]
+    python -m eval.experiments.fullsize_checkpoint --dir /tmp/gptoss20b-random [--out eval/results/...json]
 
 Before each loader the page cache is dropped where permitted (`page_cache_dropped` in the results), so
 both read the files from disk. Reports per loader: wall time, peak anonymous host memory (RssAnon, sampled
@@ -229,7 +229,15 @@ def main(argv=None) -> int:
                 results.setdefault("page_cache_dropped", []).append(_drop_page_cache())
             t0 = time.perf_counter()
             out = subprocess.run(
-                [sys.executable, "-m", "eval.fullsize_checkpoint", "--dir", args.dir, "--phase", phase]
+                [
+                    sys.executable,
+                    "-m",
+                    "eval.experiments.fullsize_checkpoint",
+                    "--dir",
+                    args.dir,
+                    "--phase",
+                    phase,
+                ]
                 + (["--smoke"] if args.smoke else []),
                 env=env,
                 capture_output=True,

@@ -5,9 +5,9 @@
 # kernels (GQA, MLA, MLA partial; batch 1 and 64 at 32K). With three GPUs or more, GPU 1 sweeps the MXFP4
 # expert kernel's launch settings (batch 1, 8 and 64 at top-4). With one GPU the first two run one after
 # the other, so that no timing shares the card.
-#   bash eval/decode_gpu.sh OUT_DIR [CONTEXTS]
+#   bash eval/experiments/decode_gpu.sh OUT_DIR [CONTEXTS]
 set -uo pipefail
-OUT=${1:?usage: bash eval/decode_gpu.sh OUT_DIR [CONTEXTS]}
+OUT=${1:?usage: bash eval/experiments/decode_gpu.sh OUT_DIR [CONTEXTS]}
 CONTEXTS=${2:-32768}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -16,7 +16,7 @@ bench() {  # bench GPU NAME ARGS...: one benchmark process; its JSON in OUT, its
   # (one log file: the device tool brings back at most 8 files)
   local gpu=$1 name=$2
   shift 2
-  CUDA_VISIBLE_DEVICES=$gpu timeout 560 python -m eval.bench_decode "$@" --out "$OUT/$name.json" \
+  CUDA_VISIBLE_DEVICES=$gpu timeout 560 python -m eval.bench.decode "$@" --out "$OUT/$name.json" \
     > "$LOGS/$name.log" 2>&1 || echo "$name: exit $?" >&2
   { echo "==> $name <=="; cat "$LOGS/$name.log"; } >> "$OUT/decode_gpu.log"
 }

@@ -1,11 +1,11 @@
 """Decode speed and capacity of a gpt-oss-20b-shaped model, GQA against MLA, with transformers as the peer.
 
-    python -m eval.bench_decode [--batches 1,8,64] [--contexts 4096,32768,131072] [--out FILE]
-    python -m eval.bench_decode --capacity            # largest batch whose cache fits, GQA vs MLA
-    python -m eval.bench_decode --transformers        # transformers' GptOssForCausalLM, batch 1
-    python -m eval.bench_decode --with-transformers   # both, the peer first in its own process (4K context)
-    python -m eval.bench_decode --kernels             # the Pallas decode kernels vs jnp and JAX's stock gqa
-    python -m eval.bench_decode --experts 4,32        # the MXFP4 expert kernel's launch settings
+    python -m eval.bench.decode [--batches 1,8,64] [--contexts 4096,32768,131072] [--out FILE]
+    python -m eval.bench.decode --capacity            # largest batch whose cache fits, GQA vs MLA
+    python -m eval.bench.decode --transformers        # transformers' GptOssForCausalLM, batch 1
+    python -m eval.bench.decode --with-transformers   # both, the peer first in its own process (4K context)
+    python -m eval.bench.decode --kernels             # the Pallas decode kernels vs jnp and JAX's stock gqa
+    python -m eval.bench.decode --experts 4,32        # the MXFP4 expert kernel's launch settings
 
 Random weights; experts packed in MXFP4 as gpt-oss ships them (transformers: bf16, its MXFP4 path needs
 kernels from the hub). MLA: the default conversion (decompressed, latent 192, full-attention layers;
@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eval.timing import timed
+from eval.bench.timing import timed
 from gptoss_mla_jax import flash_decode, mla
 from gptoss_mla_jax.attention import attend
 from gptoss_mla_jax.cache import accounting, init_cache
@@ -510,7 +510,7 @@ def main(argv=None) -> int:
         peer = []
         if args.with_transformers:  # first, in its own process, before JAX takes the GPU's memory
             out = subprocess.run(
-                [sys.executable, "-m", "eval.bench_decode", "--transformers", "--contexts", str(PEER_CONTEXT),
+                [sys.executable, "-m", "eval.bench.decode", "--transformers", "--contexts", str(PEER_CONTEXT),
                  "--repeats", str(args.repeats)],
                 capture_output=True, text=True, env={**os.environ, "JAX_PLATFORMS": "cpu"},
             )  # fmt: skip
@@ -537,7 +537,7 @@ def main(argv=None) -> int:
             kernels = {"off": (False,), "on": (True,), "both": (False, True)}[args.decode_kernels]
             result["rows"] = speed(models_, batches, contexts, args.repeats, log, kernels)
     result["command"] = " ".join(
-        ["python -m eval.bench_decode", *(argv if argv is not None else sys.argv[1:])]
+        ["python -m eval.bench.decode", *(argv if argv is not None else sys.argv[1:])]
     )
     print(json.dumps(result), flush=True)
     if args.out:

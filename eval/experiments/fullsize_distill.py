@@ -2,8 +2,8 @@
 MLA with the default settings (decompressed, latent 192, PCA on all layers), distilled with
 `train.loop.run` at seq-len 2048 on one GPU.
 
-    python -m eval.fullsize_distill [--batch 2] [--steps 20] [--seq-len 2048] [--out RESULTS.json]
-    python -m eval.fullsize_distill --breakdown   # where a forward's time goes (no training)
+    python -m eval.experiments.fullsize_distill [--batch 2] [--steps 20] [--seq-len 2048] [--out RESULTS.json]
+    python -m eval.experiments.fullsize_distill --breakdown   # where a forward's time goes (no training)
 
 Reports peak device memory, tokens/s and MFU (model FLOPs of teacher forward + student forward and
 backward, `train.flops`, over the card's dense bf16 peak) from the median step after the first two.
@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eval.timing import timed
+from eval.bench.timing import timed
 from gptoss_mla_jax.config import GPT_OSS_20B
 from gptoss_mla_jax.model import init_params
 from support.corpora import pack
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
         with open(os.path.join(out_dir, "summary.json")) as f:
             summary = json.load(f)
     result = {
-        "command": f"python -m eval.fullsize_distill --batch {args.batch} --steps {args.steps} "
+        "command": f"python -m eval.experiments.fullsize_distill --batch {args.batch} --steps {args.steps} "
         f"--seq-len {args.seq_len} --loss {args.loss} --mesh {args.mesh}",
         "model": "gpt-oss-20b shape, random bf16 weights; student: decompressed MLA, latent "
         f"{DEFAULT_LATENT_DIM}, PCA init, all {config.num_hidden_layers} layers",

@@ -1,16 +1,16 @@
 """The MoE's grouped matmul on the GPU: the Pallas kernel (`gptoss_mla_jax.gmm`) against
 `jax.lax.ragged_dot` and a dense matmul of the same FLOPs, in one process, at gpt-oss-20b's expert shapes.
 
-    python -m eval.bench_moe [--tokens 4096 16384] [--out FILE]     # the benchmark table
-    python -m eval.bench_moe --check [--out FILE]                   # bf16 agreement with ragged_dot
-    python -m eval.bench_moe --sweep [--out FILE]                   # launch settings per kernel
-    python -m eval.bench_moe --prefill 32768 [--out FILE]           # a whole-model prefill, both paths
+    python -m eval.bench.moe [--tokens 4096 16384] [--out FILE]     # the benchmark table
+    python -m eval.bench.moe --check [--out FILE]                   # bf16 agreement with ragged_dot
+    python -m eval.bench.moe --sweep [--out FILE]                   # launch settings per kernel
+    python -m eval.bench.moe --prefill 32768 [--out FILE]           # a whole-model prefill, both paths
 
 Cases: gate_up ([pairs, 2880] x [32, 2880, 5760]) and down ([pairs, 2880] x [32, 2880, 2880]) at top-4
 (pairs = 4 x tokens), bf16 or MXFP4 weights, balanced routing or skewed (expert 0 takes a quarter of the
 rows). Each is timed forward, forward + d(lhs) and (bf16) forward + d(lhs) + d(rhs); TFLOP/s counts the
 useful FLOPs (2 x pairs x K x N per product). Times are medians of repeats after a compiling call
-(`eval.timing.timed`). A case that fails (ragged_dot's backward runs out of memory at 65,536 pairs) is
+(`eval.bench.timing.timed`). A case that fails (ragged_dot's backward runs out of memory at 65,536 pairs) is
 recorded with its error and the others still run.
 """
 
@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eval.timing import timed
+from eval.bench.timing import timed
 from gptoss_mla_jax import gmm as gmm_lib
 from gptoss_mla_jax.config import GPT_OSS_20B
 from gptoss_mla_jax.gmm import Mxfp4, Tiles, gmm, grouped_product, tgmm
@@ -250,7 +250,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    result = {"command": "python -m eval.bench_moe " + " ".join(sys.argv[1:] if argv is None else argv),
+    result = {"command": "python -m eval.bench.moe " + " ".join(sys.argv[1:] if argv is None else argv),
               "device": jax.devices()[0].device_kind, "jax": jax.__version__,
               "launch": {"/".join(map(str, k)): vars(v) for k, v in gmm_lib.LAUNCH.items()}}  # fmt: skip
     if args.check:

@@ -1,6 +1,7 @@
 """Does a chosen calibration set beat a random one? KL right after conversion, per selection rule.
 
-    python -m eval.calib_quality [--teacher CKPT] [--calib-tokens 2048] [--out eval/results/calib_quality]
+    python -m eval.experiments.calib_quality [--teacher CKPT] [--calib-tokens 2048]
+        [--out eval/results/calib_quality]
 
 The teacher defaults to the embedded one that `python -m train.distill` trains and caches. Every layer
 (sliding and full) is converted, decompressed at 75% less cache, PCA init, from calibration sets of the
@@ -20,7 +21,7 @@ import sys
 import numpy as np
 from tokenizers import Tokenizer
 
-from eval.quality_study import latent_dim_for, score
+from eval.experiments.quality_study import latent_dim_for, score
 from support.corpora import corpus_ids
 from train.embedded import embedded_teacher_dir
 from weights.calib import calibration_set

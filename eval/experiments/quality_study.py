@@ -1,8 +1,8 @@
 """The quality study: how much KV cache can gpt-oss-style attention lose, and how much does distillation win
 back?
 
-    python -m eval.quality_study --teacher runs/study-teacher [--data stdlib+python-doc] [--train-steps 700]
-        [--distill-steps 100] [--out eval/results/quality_study]
+    python -m eval.experiments.quality_study --teacher runs/study-teacher [--data stdlib+python-doc]
+        [--train-steps 700] [--distill-steps 100] [--out eval/results/quality_study]
 
 1. Teacher: a GPT-OSS-architecture model (train.pretrain's study recipe) trained here on real text when
    --teacher does not exist yet. It is exported with weights.export and transformers' GptOssForCausalLM
@@ -13,7 +13,8 @@ back?
    teacher), healed with train.loop.run on a fixed token budget (the same for every row), scored again.
 3. OUT.json gets each row as it finishes: conversions first (cheap), then distillation, telling rows first.
    A rerun with the same teacher skips finished rows, so the study spreads over time-limited allocations
-   on one machine (eval/quality_study_gpu.sh); rows of another teacher are refused (fingerprint). A teacher
+   on one machine (eval/experiments/quality_study_gpu.sh); rows of another teacher are refused
+   (fingerprint). A teacher
    retrained elsewhere is not bit-identical unless XLA_FLAGS=--xla_gpu_deterministic_ops=true, which made
    training 4x slower on an H200 (0.42 vs 0.11 s/step). OUT.md is the table, OUT.png PPL vs cache
    reduction.

@@ -1,11 +1,12 @@
 """`python -m train.distill` on several meshes of one host, each checkpointed once and resumed once, against
 the one-device run of the same steps: losses, tokens/s, MFU, per-device peak memory, scaling efficiency.
 
-    python -m eval.multi_gpu_distill --work /tmp/mgd --meshes 1x1,4x1,2x2 [--steps 16] [--batch 4]
-        [--rows-per-device 2] [--seq-len 2048] [--out eval/results/multi_gpu_distill.json]
-    python -m eval.multi_gpu_distill --smoke ...   # a small 2-layer model on simulated CPU devices
+    python -m eval.experiments.multi_gpu_distill --work /tmp/mgd --meshes 1x1,4x1,2x2 [--steps 16]
+        [--batch 4] [--rows-per-device 2] [--seq-len 2048] [--out eval/results/multi_gpu_distill.json]
+    python -m eval.experiments.multi_gpu_distill --smoke ...   # a 2-layer model on simulated CPU devices
 
-The teacher is a random gpt-oss-20b in the published MXFP4 layout (eval.fullsize_checkpoint), the student
+The teacher is a random gpt-oss-20b in the published MXFP4 layout (eval.experiments.fullsize_checkpoint),
+the student
 its default MLA conversion (weights.to_mla; weight-SVD init, as there is no text to calibrate on), the data
 random token ids. Every run is its own process, as a user would launch it: `--stop-after steps/2` (one
 checkpoint), then `--resume` to the end. The meshes need as many visible devices as they have.
@@ -27,7 +28,7 @@ import sys
 
 import numpy as np
 
-from eval import fullsize_checkpoint
+from eval.experiments import fullsize_checkpoint
 from gptoss_mla_jax.config import GPT_OSS_20B
 from support.results import write_json
 
@@ -169,7 +170,7 @@ def main(argv=None) -> int:
         runs[mesh] = read_run(folder, accum)
     result = {
         "command": " ".join(
-            ["python -m eval.multi_gpu_distill", *(argv if argv is not None else sys.argv[1:])]
+            ["python -m eval.experiments.multi_gpu_distill", *(argv if argv is not None else sys.argv[1:])]
         ),
         "shape": "smoke" if args.smoke else "gpt-oss-20b",
         "steps": args.steps,

@@ -3,9 +3,9 @@
 # lanes run one after the other, so no timing shares a card). Lane "kernels": the bf16 agreement check and
 # the launch sweep; lane "table": the kernel table; lane "model": full-size distillation MFU, eval.ppl
 # throughput and a 32K prefill on both grouped paths. Needs grain's wheels in .whl (README).
-#   bash eval/moe_gpu.sh OUT_DIR [kernels|table|model|both]     (both: kernels and model)
+#   bash eval/experiments/moe_gpu.sh OUT_DIR [kernels|table|model|both]     (both: kernels and model)
 set -uo pipefail
-OUT=${1:?usage: bash eval/moe_gpu.sh OUT_DIR [kernels|table|model|both]}
+OUT=${1:?usage: bash eval/experiments/moe_gpu.sh OUT_DIR [kernels|table|model|both]}
 LANES=${2:-both}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -21,24 +21,24 @@ step() {  # step GPU LIMIT_S NAME MODULE ARGS...: one process, its log appended 
 }
 kernels() {
   LANE=kernels
-  step "$1" 150 check eval.bench_moe --check --tokens 4096 --out "$OUT/bench_moe_check.json"
-  step "$1" 300 sweep eval.bench_moe --sweep --tokens 4096 --repeats 5 --out "$OUT/bench_moe_sweep.json"
+  step "$1" 150 check eval.bench.moe --check --tokens 4096 --out "$OUT/bench_moe_check.json"
+  step "$1" 300 sweep eval.bench.moe --sweep --tokens 4096 --repeats 5 --out "$OUT/bench_moe_sweep.json"
 }
 table() {
   LANE=table
-  step "$1" 240 table eval.bench_moe --tokens 4096 16384 --repeats 5 --out "$OUT/bench_moe.json"
+  step "$1" 240 table eval.bench.moe --tokens 4096 16384 --repeats 5 --out "$OUT/bench_moe.json"
 }
 model() {
   LANE=model
-  step "$1" 240 distill eval.fullsize_distill --batch 2 --steps 8 --seq-len 2048 --out "$OUT/fullsize_distill.json"
-  step "$1" 200 prefill eval.bench_moe --prefill 32768 --out "$OUT/prefill.json"
-  step "$1" 150 ppl eval.bench_ppl --tokens 65536 --out "$OUT/bench_ppl.json"
+  step "$1" 240 distill eval.experiments.fullsize_distill --batch 2 --steps 8 --seq-len 2048 --out "$OUT/fullsize_distill.json"
+  step "$1" 200 prefill eval.bench.moe --prefill 32768 --out "$OUT/prefill.json"
+  step "$1" 150 ppl eval.bench.ppl --tokens 65536 --out "$OUT/bench_ppl.json"
 }
 gpus=$(nvidia-smi -L | wc -l)
 case "$LANES" in
   kernels) kernels 0 ;;
   table) table 0 ;;
-  table+distill) if [ "$gpus" -gt 1 ]; then table 0 & (LANE=model; step 1 240 distill eval.fullsize_distill --batch 2 --steps 8 --seq-len 2048 --out "$OUT/fullsize_distill.json") & wait; else table 0; fi ;;
+  table+distill) if [ "$gpus" -gt 1 ]; then table 0 & (LANE=model; step 1 240 distill eval.experiments.fullsize_distill --batch 2 --steps 8 --seq-len 2048 --out "$OUT/fullsize_distill.json") & wait; else table 0; fi ;;
   model) model 0 ;;
   *) if [ "$gpus" -gt 1 ]; then kernels 0 & model 1 & wait; else kernels 0; model 0; fi ;;
 esac

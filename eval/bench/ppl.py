@@ -1,6 +1,6 @@
 """Throughput of `eval.ppl`'s scoring on a gpt-oss-20b-shaped model with random bf16 weights.
 
-    python -m eval.bench_ppl [--tokens 65536] [--max-length 1024] [--stride 512] [--batch 8] [--out FILE]
+    python -m eval.bench.ppl [--tokens 65536] [--max-length 1024] [--stride 512] [--batch 8] [--out FILE]
 
 The token stream is random ids (throughput does not depend on the text). One untimed pass compiles;
 then the median of `--repeats` timed passes is reported as scored tokens per second.
