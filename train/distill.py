@@ -184,3 +184,7 @@ def distill_cli(args) -> int:
             f"metrics, curves.png and summary.json in {args.out}"
         )
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
