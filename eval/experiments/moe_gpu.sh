@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # The grouped-matmul measurements in device calls of under 10 minutes, on up to two GPUs (with one GPU the
 # lanes run one after the other, so no timing shares a card). Lane "kernels": the bf16 agreement check and
-# the launch sweep; lane "table": the kernel table; lane "model": full-size distillation MFU, eval.ppl
-# throughput and a 32K prefill on both grouped paths. Needs grain's wheels in .whl (README).
-#   bash eval/experiments/moe_gpu.sh OUT_DIR [kernels|table|model|both]     (both: kernels and model)
+# the launch sweep; lane "table": the kernel table; lane "model": full-size distillation MFU and eval.ppl
+# throughput; lane "prefill": a 32K prefill on both grouped paths. The distillation needs grain's wheels
+# in .whl (carried with the call).
+#   bash eval/experiments/moe_gpu.sh OUT_DIR [kernels|table|model|prefill|both]   (both: kernels and model)
 set -uo pipefail
-OUT=${1:?usage: bash eval/experiments/moe_gpu.sh OUT_DIR [kernels|table|model|both]}
+OUT=${1:?usage: bash eval/experiments/moe_gpu.sh OUT_DIR [kernels|table|model|prefill|both]}
 LANES=${2:-both}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
@@ -30,15 +31,20 @@ table() {
 }
 model() {
   LANE=model
-  step "$1" 240 distill eval.experiments.fullsize_distill --batch 2 --steps 8 --seq-len 2048 --out "$OUT/fullsize_distill.json"
-  step "$1" 200 prefill eval.bench.moe --prefill 32768 --out "$OUT/prefill.json"
+  # setup (teacher, PCA conversion) about 70 s, then compiling the kernels and the remat'd step
+  step "$1" 420 distill eval.experiments.fullsize_distill --batch 2 --steps 8 --seq-len 2048 --out "$OUT/fullsize_distill.json"
   step "$1" 150 ppl eval.bench.ppl --tokens 65536 --out "$OUT/bench_ppl.json"
+}
+prefill() {
+  LANE=prefill
+  step "$1" 200 prefill eval.bench.moe --prefill 32768 --out "$OUT/prefill.json"
 }
 gpus=$(nvidia-smi -L | wc -l)
 case "$LANES" in
   kernels) kernels 0 ;;
   table) table 0 ;;
-  table+distill) if [ "$gpus" -gt 1 ]; then table 0 & (LANE=model; step 1 240 distill eval.experiments.fullsize_distill --batch 2 --steps 8 --seq-len 2048 --out "$OUT/fullsize_distill.json") & wait; else table 0; fi ;;
+  prefill) prefill 0 ;;
+  table+distill) if [ "$gpus" -gt 1 ]; then table 0 & (LANE=model; step 1 420 distill eval.experiments.fullsize_distill --batch 2 --steps 8 --seq-len 2048 --out "$OUT/fullsize_distill.json") & wait; else table 0; fi ;;
   model) model 0 ;;
   *) if [ "$gpus" -gt 1 ]; then kernels 0 & model 1 & wait; else kernels 0; model 0; fi ;;
 esac
