@@ -35,6 +35,8 @@ from gptoss_mla_jax.mxfp4 import dequantize_experts
 from support.results import write_json
 
 E, TOP_K, D = GPT_OSS_20B.num_local_experts, GPT_OSS_20B.num_experts_per_tok, GPT_OSS_20B.hidden_size
+# Stages timed, with the grouped products each one runs (forward; + d(lhs); + d(rhs)).
+STAGES = {"forward": 1, "forward+d_lhs": 2, "forward+d_lhs+d_rhs": 3}
 PROJECTIONS = {"gate_up": (D, 2 * GPT_OSS_20B.intermediate_size), "down": (GPT_OSS_20B.intermediate_size, D)}
 
 
@@ -98,21 +100,18 @@ def benchmark(tokens_list, repeats: int) -> list[dict]:
         lhs, w, sizes, cot = inputs(tokens, projection, packed, skewed)
         K, N = PROJECTIONS[projection]
         flop = 2 * lhs.shape[0] * K * N
-        for stage, path in itertools.product(
-            ("forward", "forward+d_lhs", "forward+d_lhs+d_rhs"), ("gmm", "ragged_dot", "dense")
-        ):
+        for stage, path in itertools.product(STAGES, ("gmm", "ragged_dot", "dense")):
             if packed and stage.endswith("d_rhs"):
                 continue  # packed experts do not train
+            if path == "dense" and (skewed or packed):
+                continue  # one dense peer per shape and stage
             row = {"tokens": tokens, "pairs": lhs.shape[0], "projection": projection,
                    "weights": "mxfp4" if packed else "bf16", "routing": "skewed" if skewed else "balanced",
                    "stage": stage, "path": path}  # fmt: skip
-            if path == "dense" and (skewed or packed):
-                continue  # one dense peer per shape and stage
             try:
                 fn = jax.jit(products(path)[stage])
                 seconds = timed(fn, lhs, w, sizes, cot, repeats=repeats)
-                products_count = {"forward": 1, "forward+d_lhs": 2, "forward+d_lhs+d_rhs": 3}[stage]
-                row |= {"ms": 1e3 * seconds, "tflops": products_count * flop / seconds / 1e12}
+                row |= {"ms": 1e3 * seconds, "tflops": STAGES[stage] * flop / seconds / 1e12}
             except Exception as e:
                 row |= {"error": f"{type(e).__name__}: {str(e)[:300]}"}
             rows.append(row)
