@@ -15,8 +15,9 @@ import numpy as np
 from jaxtyping import Array, Bool, Float, Int
 
 from gptoss_mla_jax import cache as kv_cache
-from gptoss_mla_jax import flash_decode
+from gptoss_mla_jax import flash_attention, flash_decode
 from gptoss_mla_jax.config import GptOssConfig
+from gptoss_mla_jax.execution import ForwardOptions, by_rows
 from gptoss_mla_jax.rope import apply_rope
 
 Params = dict[str, Any]
@@ -68,6 +69,33 @@ def attend(
     return out.reshape(B, T, H, d).astype(q.dtype)
 
 
+def on_flash_kernel(options: ForwardOptions, layer_cache: dict[str, Array] | None) -> bool:
+    """Whether a chunk attends on the flash-attention kernel: it has no cache, and the options ask for
+    the kernel or leave it to the machine (a GPU that can lower it)."""
+    if layer_cache is not None or options.attention == "jnp":
+        return False
+    return options.attention == "flash" or flash_attention.available()
+
+
+def attend_chunk(
+    q: Float[Array, "B T H d"],
+    k: Float[Array, "B T G d"],
+    v: Float[Array, "B T G d"],
+    valid: Bool[Array, "B T"],
+    sinks: Float[Array, " H"],
+    window: int | None,
+    options: ForwardOptions,
+) -> Float[Array, "B T H d"]:
+    """A chunk without a cache (positions 0..T-1, `valid` its real tokens, right padding only) attending
+    to itself on the flash-attention kernel, each device on its own rows under `activation_sharding`."""
+    interpret = not flash_attention.available()
+    on_device = lambda sinks, q, k, v, lengths: flash_attention.flash_attention(
+        q, k, v, lengths, sinks, window, interpret=interpret
+    )
+    lengths = valid.sum(axis=1, dtype=jnp.int32)
+    return by_rows(on_device, options.activation_sharding)(sinks, q, k, v, lengths)
+
+
 def decode_plan(
     decode_kernels: bool, new_cache: dict[str, Array] | None, entry: str, programs: int, block: int = 64
 ) -> tuple[int, int, bool] | None:
@@ -100,11 +128,13 @@ def attention(
     lengths: Int[Array, " B"] | None,
     sliding: bool,
     config: GptOssConfig,
-    decode_kernels: bool = False,
+    options: ForwardOptions = ForwardOptions(),
 ) -> tuple[Float[Array, "B T D"], dict[str, Array] | None]:
     """One attention block (after the input norm). With a cache, the chunk attends to the cached tokens
-    (`lengths` of them per sequence) and to itself, and the updated layer cache is returned.
-    `decode_kernels`: a single-token step reads the updated cache with the Pallas flash-decoding kernel."""
+    (`lengths` of them per sequence) and to itself, and the updated layer cache is returned; without one,
+    positions are 0..T-1 and `valid` a prefix of each row, as `forward` makes them. `options`: the
+    flash-attention kernel for chunks without a cache (`attention`), the Pallas flash-decoding kernel for a
+    single-token step (`decode_kernels`)."""
     q, k, v = project_qkv(p, x, cos, sin, config)
     window = config.sliding_window if sliding else None
     blocks = [(k, v, positions, valid)]
@@ -120,8 +150,12 @@ def attention(
         }
     B, T = x.shape[:2]
     # Blocks of 128 slots: GQA's fastest at >= 32K on an H200 (eval/results/decode_kernels_h200.json).
-    steps = decode_plan(decode_kernels and T == 1, new_cache, "k", B * config.num_key_value_heads, 128)
-    if steps is not None:
+    steps = decode_plan(
+        options.decode_kernels and T == 1, new_cache, "k", B * config.num_key_value_heads, 128
+    )
+    if on_flash_kernel(options, layer_cache):
+        out = attend_chunk(q, k, v, valid, p["sinks"], window, options)
+    elif steps is not None:
         out = flash_decode.gqa_decode(
             q[:, 0], new_cache["k"], new_cache["v"], new_lengths, p["sinks"], window, sliding, *steps
         )[:, None]

@@ -29,8 +29,16 @@ from jaxtyping import Array, Bool, Float, Int
 
 from gptoss_mla_jax import cache as kv_cache
 from gptoss_mla_jax import flash_decode
-from gptoss_mla_jax.attention import attend, decode_plan, key_mask, sink_softmax
+from gptoss_mla_jax.attention import (
+    attend,
+    attend_chunk,
+    decode_plan,
+    key_mask,
+    on_flash_kernel,
+    sink_softmax,
+)
 from gptoss_mla_jax.config import GptOssConfig
+from gptoss_mla_jax.execution import ForwardOptions
 from gptoss_mla_jax.rope import apply_rope, cos_sin
 
 Params = dict[str, Any]
@@ -82,13 +90,14 @@ def attention_mla(
     sliding: bool,
     config: GptOssConfig,
     layer: int,
-    absorb: bool | None = None,
-    decode_kernels: bool = False,
+    options: ForwardOptions = ForwardOptions(),
 ) -> tuple[Float[Array, "B T D"], dict[str, Array] | None]:
     """One converted attention block (after the input norm); same contract as `attention.attention`.
 
-    `absorb` (partial mode): attend over the latent with absorbed up-projections (default for single-token
-    decode) or materialize K and V (default otherwise: cheaper when many queries share the keys).
+    `options.mla_absorb` (partial mode): attend over the latent with absorbed up-projections (default for
+    single-token decode) or materialize K and V (default otherwise: cheaper when many queries share the
+    keys); materialized keys and values of a chunk without a cache go through `attention.attend_chunk`
+    when `options` pick the flash-attention kernel.
     """
     B, T, _ = x.shape
     H, d = config.num_attention_heads, config.head_dim
@@ -110,10 +119,9 @@ def attention_mla(
             for name, value in new.items()
         }
 
-    if absorb is None:
-        absorb = T == 1
+    absorb = T == 1 if options.mla_absorb is None else options.mla_absorb
     steps = decode_plan(
-        decode_kernels and T == 1, new_cache, "c", B * (1 if partial else config.num_key_value_heads)
+        options.decode_kernels and T == 1, new_cache, "c", B * (1 if partial else config.num_key_value_heads)
     )
     if steps is not None:
         out = _kernel_decode(p, q, cos, sin, new_cache, new_lengths, sliding, config, layer, steps)
@@ -121,6 +129,11 @@ def attention_mla(
         q_rope, q_nope = _partial_queries(q, cos, sin, config, layer)
         w_k, b_k, w_v, b_v = _partial_up_projections(p, config, layer)
         out = _absorbed(q_rope, q_nope, w_k, b_k, w_v, b_v, blocks, positions, p["sinks"], window, d)
+    elif on_flash_kernel(options, layer_cache):
+        k, v = keys_values(p, new, positions, config, layer)
+        out = attend_chunk(
+            scoring_queries(q, cos, sin, config, layer), k, v, valid, p["sinks"], window, options
+        )
     else:
         keys = [(*keys_values(p, entries, pos, config, layer), pos, ok) for entries, pos, ok in blocks]
         out = attend(scoring_queries(q, cos, sin, config, layer), keys, positions, p["sinks"], window)

@@ -17,7 +17,6 @@ likewise for `down_proj` ([E, D, I/32, ...]); see `ExpertFormat`.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Any, Literal, NamedTuple
 
@@ -30,15 +29,13 @@ from jaxtyping import Array, Float, Int
 from gptoss_mla_jax import cache as kv_cache
 from gptoss_mla_jax.attention import attention
 from gptoss_mla_jax.config import GptOssConfig
+from gptoss_mla_jax.execution import ForwardOptions, by_rows
 from gptoss_mla_jax.mla import attention_mla, mla_param_shapes
 from gptoss_mla_jax.moe import moe_dense, moe_sparse
 from gptoss_mla_jax.norm import rms_norm
 from gptoss_mla_jax.rope import cos_sin
 
 Params = dict[str, Any]
-# "sparse": the selected experts only, grouped pairs on the Pallas grouped matmul on a GPU and ragged_dot
-# elsewhere; "gmm" / "ragged_dot": that grouped path everywhere; "dense": every expert on every token.
-MoeImpl = Literal["sparse", "gmm", "ragged_dot", "dense"]
 ExpertFormat = Literal["dense", "mxfp4"]
 
 
@@ -166,29 +163,6 @@ def unembed(params: Params, x: Float[Array, "B T D"], config: GptOssConfig) -> F
     return jnp.matmul(x, head, preferred_element_type=jnp.float32)
 
 
-@dataclasses.dataclass(frozen=True)
-class ForwardOptions:
-    """How `forward` computes (hashable: one static argument under `jax.jit`).
-
-    `moe`: the MoE path (`MoeImpl`). `mla_absorb`: partial MLA's attention path (None: absorbed for
-    single-token steps). `decode_kernels`: single-token steps attend with the Pallas flash-decoding
-    kernels (flash_decode.py) and multiply MXFP4 experts packed (mxfp4_matvec.py) instead of jnp
-    (interpreted, slowly, off the GPU). `remat`: recompute each layer's activations in the backward pass.
-    `collect_attention`: also return every layer's attention output (what it adds to the residual stream),
-    for distillation losses that match layers. `activation_sharding`: pins the residual stream [B, T, D]
-    after the embedding and after every layer, and runs the sparse MoE on each device's own rows. On a
-    mesh whose weights are FSDP-sharded along the hidden dimension over the same axis as the batch, give it
-    the batch sharding (`P("data", None, None)`): otherwise the partitioner follows the weights, gathers
-    the batch onto every device and splits the hidden dimension instead."""
-
-    moe: MoeImpl = "sparse"
-    mla_absorb: bool | None = None
-    decode_kernels: bool = False
-    remat: bool = False
-    collect_attention: bool = False
-    activation_sharding: jax.sharding.NamedSharding | None = None
-
-
 class ForwardOutput(NamedTuple):
     """`forward`'s result: float32 logits, the updated cache (None without one), and with
     `collect_attention` every layer's attention output [B, T, D] (else None)."""
@@ -231,12 +205,10 @@ def decoder_layer(
     single = options.decode_kernels and h.shape[1] == 1
     if config.is_mla(i):
         with jax.named_scope("mla"):
-            a, layer_cache = attention_mla(
-                *args, layer=i, absorb=options.mla_absorb, decode_kernels=options.decode_kernels
-            )
+            a, layer_cache = attention_mla(*args, layer=i, options=options)
     else:
         with jax.named_scope("attention"):
-            a, layer_cache = attention(*args, decode_kernels=options.decode_kernels)
+            a, layer_cache = attention(*args, options=options)
     x = x + a
     m = rms_norm(x, layer["post_attention_layernorm"], config.rms_norm_eps)
     with jax.named_scope("moe"):
@@ -246,27 +218,8 @@ def decoder_layer(
             grouped = "auto" if options.moe == "sparse" else options.moe
             moe = functools.partial(moe_sparse, config=config, kernels=single, grouped=grouped)
             sharding = options.activation_sharding
-            x = x + (moe if sharding is None else by_rows(moe, sharding))(layer["mlp"], m)
+            x = x + by_rows(moe, sharding)(layer["mlp"], m)
     return x, layer_cache, {"attn_input": h, "attn_output": a, "moe_input": m}
-
-
-def by_rows(fn, sharding: jax.sharding.NamedSharding):
-    """`fn(params, x)` on each device's own rows of x (split over the mesh axes that `sharding` splits the
-    batch over), with the whole params. The sparse MoE needs it: it sorts all its tokens by expert, and
-    left to the partitioner that sort gathers every device's tokens."""
-    batch = sharding.spec[0]
-    axes = {batch} if isinstance(batch, str) else set(batch or ())
-    rows = jax.sharding.PartitionSpec(batch)
-    # check_vma off: a Pallas call's outputs carry no varying-axes type (JAX 0.11 refuses them otherwise);
-    # nothing inside communicates, and the replicated params' cotangents are summed over the mesh either way.
-    return jax.shard_map(
-        fn,
-        mesh=sharding.mesh,
-        in_specs=(jax.sharding.PartitionSpec(), rows),
-        out_specs=rows,
-        axis_names=axes,
-        check_vma=False,
-    )
 
 
 def attention_inputs(params: Params, tokens: Int[Array, "B T"], config: GptOssConfig) -> list[Array]:

@@ -96,6 +96,9 @@ def main(argv=None) -> int:
     parser.add_argument("--loss", default="kl", help="kl, kl+ce, kl+hidden or kl+ce+hidden")
     parser.add_argument("--train", choices=list(TRAIN_SETS), default="mla")
     parser.add_argument("--grad-accum", type=int, default=1)
+    parser.add_argument(
+        "--no-remat", action="store_true", help="keep every layer's activations (faster; more memory)"
+    )
     parser.add_argument("--eval-every", type=int, default=0, help="held-out student PPL every N steps")
     parser.add_argument("--eval-tokens", type=int, default=16384)
     parser.add_argument("--ckpt-every", type=int, default=50)
@@ -157,6 +160,7 @@ def distill_cli(args) -> int:
         temperature=args.temperature, loss=args.loss, grad_accum=args.grad_accum,
         ckpt_every=args.ckpt_every, keep=args.keep, resume=args.resume, seed=args.seed, dtype=dtype,
         train=args.train, eval_every=args.eval_every, progress=progress, stop_after=args.stop_after,
+        remat=not args.no_remat,
     )  # fmt: skip
     _, trained = run(
         teacher,

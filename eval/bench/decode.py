@@ -36,6 +36,7 @@ from gptoss_mla_jax import flash_decode, mla
 from gptoss_mla_jax.attention import attend
 from gptoss_mla_jax.cache import accounting, init_cache
 from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig, MlaConfig
+from gptoss_mla_jax.execution import ForwardOptions
 from gptoss_mla_jax.generation import DEMO_CONFIG, decode_step
 from gptoss_mla_jax.model import init_params
 from gptoss_mla_jax.mxfp4 import dequantize
@@ -193,7 +194,17 @@ def layer_breakdown(config: GptOssConfig, params, batch: int, context: int, repe
     attend = functools.partial(attention_mla, layer=i) if config.is_mla(i) else attention
     step = lambda kernels: (
         lambda p, x, c: attend(
-            p, x, lengths[:, None], valid, cos, sin, c, lengths, False, config, decode_kernels=kernels
+            p,
+            x,
+            lengths[:, None],
+            valid,
+            cos,
+            sin,
+            c,
+            lengths,
+            False,
+            config,
+            options=ForwardOptions(decode_kernels=kernels),
         )
     )
     ms = lambda fn, *args: 1e3 * timed(jax.jit(fn), *args, repeats=repeats)

@@ -2,7 +2,8 @@
 MLA with the default settings (decompressed, latent 192, PCA on all layers), distilled with
 `train.loop.run` at seq-len 2048 on one GPU.
 
-    python -m eval.experiments.fullsize_distill [--batch 2] [--steps 20] [--seq-len 2048] [--out RESULTS.json]
+    python -m eval.experiments.fullsize_distill [--batch 2] [--steps 20] [--seq-len 2048] [--no-remat]
+        [--out RESULTS.json]
     python -m eval.experiments.fullsize_distill --breakdown   # where a forward's time goes (no training)
 
 Reports peak device memory, tokens/s and MFU (model FLOPs of teacher forward + student forward and
@@ -31,9 +32,12 @@ from weights.to_mla import DEFAULT_LATENT_DIM, convert
 
 
 def breakdown(teacher, config, batch: int, seq_len: int) -> dict:
-    """Seconds of one teacher forward and of its parts (one layer's attention, MoE, and the MoE's first
-    ragged_dot against a dense matmul of the same FLOPs), with the FLOP rate each reaches."""
+    """Seconds of one teacher forward and of its parts (one layer's attention on jnp and on the
+    flash-attention kernel, its MoE, and the MoE's first grouped matmul on `ragged_dot` and on the kernel
+    against a dense matmul of the same FLOPs), with the FLOP rate each reaches."""
     from gptoss_mla_jax.attention import attention
+    from gptoss_mla_jax.execution import ForwardOptions
+    from gptoss_mla_jax.gmm import gmm
     from gptoss_mla_jax.model import forward
     from gptoss_mla_jax.moe import moe_sparse, route
     from gptoss_mla_jax.rope import cos_sin
@@ -50,21 +54,32 @@ def breakdown(teacher, config, batch: int, seq_len: int) -> dict:
     sizes = jnp.bincount(idx.reshape(-1), length=config.num_local_experts).astype(jnp.int32)
     rows = jax.random.normal(jax.random.key(2), (n * k, D), jnp.bfloat16)
     w = layer["mlp"]["experts"]["gate_up_proj"]
-    out = {
-        "forward_s": timed(jax.jit(lambda p, t: forward(p, t, None, config)[0]), teacher, tokens),
-        "forward_tflop": forward_flops(config, seq_len) * batch / 1e12,
-        "attention_layer_s": timed(
-            jax.jit(lambda p, h: attention(p, h, positions, valid, cos, sin, None, start, False, config)[0]),
-            layer["self_attn"],
-            x,
+    on = lambda impl: ForwardOptions(attention=impl)
+    attention_layer = lambda impl: timed(
+        jax.jit(
+            lambda p, h: attention(p, h, positions, valid, cos, sin, None, start, False, config, on(impl))[0]
         ),
+        layer["self_attn"],
+        x,
+    )
+    whole = lambda impl: timed(
+        jax.jit(lambda p, t: forward(p, t, None, config, options=on(impl))[0]), teacher, tokens
+    )
+    out = {
+        "forward_s": whole("auto"),
+        "forward_jnp_attention_s": whole("jnp"),
+        "forward_tflop": forward_flops(config, seq_len) * batch / 1e12,
+        "attention_layer_s": attention_layer("auto"),
+        "attention_layer_jnp_s": attention_layer("jnp"),
         "moe_layer_s": timed(jax.jit(lambda p, h: moe_sparse(p, h, config)), layer["mlp"], x),
         "ragged_dot_gate_up_s": timed(jax.jit(jax.lax.ragged_dot), rows, w, sizes),
+        "gmm_gate_up_s": timed(jax.jit(gmm), rows, w, sizes),
         "dense_same_flops_s": timed(jax.jit(lambda r, m: r @ m), rows, w[0]),
         "ragged_dot_tflop": 2 * n * k * D * w.shape[-1] / 1e12,
     }
     out["forward_tflops_per_s"] = out["forward_tflop"] / out["forward_s"]
     out["ragged_dot_tflops_per_s"] = out["ragged_dot_tflop"] / out["ragged_dot_gate_up_s"]
+    out["gmm_tflops_per_s"] = out["ragged_dot_tflop"] / out["gmm_gate_up_s"]
     out["dense_tflops_per_s"] = out["ragged_dot_tflop"] / out["dense_same_flops_s"]
     return out
 
@@ -78,6 +93,7 @@ def main(argv=None) -> int:
     parser.add_argument("--seq-len", type=int, default=2048)
     parser.add_argument("--loss", default="kl")
     parser.add_argument("--mesh", default="1x1", help="DxM over the visible GPUs (train.sharding)")
+    parser.add_argument("--no-remat", action="store_true", help="keep every layer's activations")
     parser.add_argument("--out", default="eval/results/fullsize_distill.json")
     parser.add_argument("--breakdown", action="store_true", help="time a forward and its parts instead")
     args = parser.parse_args(argv)
@@ -101,14 +117,15 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as out_dir:
         options = DistillOptions(
             mesh=args.mesh, batch=args.batch, steps=args.steps, lr=1e-4, warmup=2, loss=args.loss,
-            ckpt_every=10**9, dtype=jnp.bfloat16, progress=False,
+            ckpt_every=10**9, dtype=jnp.bfloat16, progress=False, remat=not args.no_remat,
         )  # fmt: skip
         history, _ = run(teacher, config, student, student_config, sequences, out_dir, options)
         with open(os.path.join(out_dir, "summary.json")) as f:
             summary = json.load(f)
     result = {
         "command": f"python -m eval.experiments.fullsize_distill --batch {args.batch} --steps {args.steps} "
-        f"--seq-len {args.seq_len} --loss {args.loss} --mesh {args.mesh}",
+        f"--seq-len {args.seq_len} --loss {args.loss} --mesh {args.mesh}"
+        + (" --no-remat" if args.no_remat else ""),
         "model": "gpt-oss-20b shape, random bf16 weights; student: decompressed MLA, latent "
         f"{DEFAULT_LATENT_DIM}, PCA init, all {config.num_hidden_layers} layers",
         "batch": args.batch,

@@ -26,7 +26,8 @@ import numpy as np
 
 from eval.experiments import fullsize_checkpoint
 from gptoss_mla_jax.config import GPT_OSS_20B
-from gptoss_mla_jax.model import ForwardOptions, by_rows, embed, forward, init_params, unembed
+from gptoss_mla_jax.execution import ForwardOptions, by_rows
+from gptoss_mla_jax.model import embed, forward, init_params, unembed
 from gptoss_mla_jax.moe import expert_matrices, moe_dense, moe_sparse
 from support.results import write_json
 from train.sharding import batch_sharding, make_mesh, rows_sharding, shard_params
