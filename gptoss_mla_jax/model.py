@@ -56,6 +56,34 @@ def expert_shapes(config: GptOssConfig, experts: ExpertFormat) -> dict[str, tupl
     }
 
 
+# The logical axis of each dimension of every parameter, by its name (the last one or two keys of its path;
+# `param_shapes` gives the sizes): "vocab", "embed" (the hidden size), "heads" (query or kv heads x head
+# dim), "experts", "expert_in" (an expert's input width). A mesh maps them to its axes with one rules object
+# (`train.sharding.AxisRules`). Parameters not named here (norms, sinks, biases) are never split.
+PARAM_AXES: dict[str, tuple[str | None, ...]] = {
+    "embed_tokens": ("vocab", "embed"),
+    "lm_head": ("embed", "vocab"),
+    "router/kernel": ("embed", None),
+    **{f"{name}/kernel": ("embed", "heads") for name in ("q_proj", "k_proj", "v_proj", "k_rope")},
+    "o_proj/kernel": ("heads", "embed"),
+    "kv_a/kernel": ("embed", None),  # the MLA latent is small: replicated
+    "kv_b/kernel": (None, "heads"),
+    **{name: ("experts", "expert_in", None) for name in ("gate_up_proj", "down_proj")},
+    **{f"{name}_blocks": ("experts", None, None, None) for name in ("gate_up_proj", "down_proj")},
+    **{f"{name}_scales": ("experts", None, None) for name in ("gate_up_proj", "down_proj")},
+    **{f"{name}_bias": ("experts", None) for name in ("gate_up_proj", "down_proj")},
+}
+
+
+def logical_axes(path: tuple, ndim: int) -> tuple[str | None, ...]:
+    """The logical axes of the parameter at `path` (its keys, or jax key-path entries) with `ndim` dims."""
+    names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+    for name in ("/".join(names[-2:]), names[-1]):
+        if name in PARAM_AXES:
+            return PARAM_AXES[name]
+    return (None,) * ndim
+
+
 def expert_format(params: Params) -> ExpertFormat:
     experts = params["layers"][0]["mlp"]["experts"] if params.get("layers") else {}
     return "mxfp4" if "gate_up_proj_blocks" in experts else "dense"

@@ -33,13 +33,12 @@ import sys
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import NamedSharding
 
 from train.checkpoints import save_student
 from train.embedded import embedded_default
 from train.loop import DistillOptions, run
 from train.loss import parse_loss
-from train.sharding import make_mesh, spec_for
+from train.sharding import make_mesh, param_sharding
 from train.student import TRAIN_SETS, DistillError
 
 
@@ -136,7 +135,7 @@ def distill_cli(args) -> int:
     progress = not args.no_progress and jax.process_index() == 0
     # Every process reads only the shards of the parameters that its devices hold.
     mesh = make_mesh(args.mesh)
-    placement = lambda path, shape: NamedSharding(mesh, spec_for("/".join(str(k) for k in path), shape, mesh))
+    placement = lambda path, shape: param_sharding(path, shape, mesh)
     teacher_config, teacher, tokenizer_dir = load_model(args.teacher, placement=placement, progress=progress)
     student_config, student, _ = load_model(args.student, placement=placement, progress=progress)
     tokenizer = None

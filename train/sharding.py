@@ -1,34 +1,40 @@
-"""Meshes and the one table that maps parameters to mesh axes.
+"""Meshes, and the one rules object that maps the parameters' logical axes to mesh axes.
 
 `--mesh DxM`: D-way data parallel with parameters (and optimizer state) sharded FSDP-style along
-"data", M-way tensor / expert parallel along "model". A rule names, per dimension of a parameter, the
-mesh axis it is split over; a dimension that the axis size does not divide stays replicated.
+"data", M-way tensor / expert parallel along "model". Every parameter declares the logical axis of each of
+its dimensions in the model's schema (`gptoss_mla_jax.model.PARAM_AXES`); `AxisRules` says which mesh axis
+each logical axis is split over. A dimension that the mesh axis size does not divide stays replicated.
 """
 
 from __future__ import annotations
 
-import re
+import dataclasses
 
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from gptoss_mla_jax.model import logical_axes
 from weights.safetensors_io import put
 
 DATA, MODEL = "data", "model"
-# (parameter path regex, axis per dimension), first match wins; paths are "/"-joined keys.
-RULES: list[tuple[str, tuple]] = [
-    (r"mlp/experts/(gate_up_proj|down_proj)$", (MODEL, DATA, None)),  # [E, in, out]: experts over model
-    (r"mlp/experts/.*_(blocks|scales)$", (MODEL, None)),
-    (r"mlp/experts/.*_bias$", (MODEL, None)),
-    (r"mlp/router/kernel$", (DATA, None)),
-    (r"self_attn/(q_proj|k_proj|v_proj|k_rope)/kernel$", (DATA, MODEL)),  # heads over model
-    (r"self_attn/o_proj/kernel$", (MODEL, DATA)),
-    (r"self_attn/kv_a/kernel$", (DATA, None)),
-    (r"self_attn/kv_b/kernel$", (None, MODEL)),
-    (r"^embed_tokens$", (MODEL, DATA)),
-    (r"^lm_head$", (DATA, MODEL)),
-]
+
+
+@dataclasses.dataclass(frozen=True)
+class AxisRules:
+    """The mesh axis each logical parameter axis is split over (None: replicated)."""
+
+    vocab: str | None = MODEL
+    embed: str | None = DATA  # FSDP: every weight split along the hidden size over "data"
+    heads: str | None = MODEL  # attention heads over "model"
+    experts: str | None = MODEL  # expert parallel over "model"
+    expert_in: str | None = DATA
+
+    def mesh_axis(self, logical: str | None) -> str | None:
+        return None if logical is None else getattr(self, logical)
+
+
+AXIS_RULES = AxisRules()
 
 
 def make_mesh(spec: str) -> jax.sharding.Mesh:
@@ -54,15 +60,15 @@ def path_name(path) -> str:
     return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
 
 
-def spec_for(name: str, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> PartitionSpec:
-    for pattern, axes in RULES:
-        if re.search(pattern, name):
-            axes = [
-                a if a and i < len(shape) and shape[i] % mesh.shape[a] == 0 else None
-                for i, a in enumerate(axes)
-            ]
-            return PartitionSpec(*axes[: len(shape)])
-    return PartitionSpec()
+def spec_for(path: tuple, shape: tuple[int, ...], mesh: jax.sharding.Mesh, rules: AxisRules = AXIS_RULES):
+    """The PartitionSpec of the parameter at `path` (keys or jax key-path entries) with this shape."""
+    axes = [rules.mesh_axis(a) for a in logical_axes(path, len(shape))]
+    return PartitionSpec(*(a if a and shape[i] % mesh.shape[a] == 0 else None for i, a in enumerate(axes)))
+
+
+def param_sharding(path: tuple, shape: tuple[int, ...], mesh: jax.sharding.Mesh) -> NamedSharding:
+    """Where the parameter at `path` goes on `mesh` (a loader's placement hook, with the mesh bound)."""
+    return NamedSharding(mesh, spec_for(path, shape, mesh))
 
 
 def place(x, sharding: NamedSharding):
@@ -73,9 +79,9 @@ def place(x, sharding: NamedSharding):
 
 
 def shard_params(params, mesh: jax.sharding.Mesh):
-    """Place every parameter on the mesh by the rules table."""
+    """Place every parameter on the mesh by its logical axes and the rules."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: place(x, NamedSharding(mesh, spec_for(path_name(path), x.shape, mesh))), params
+        lambda path, x: place(x, param_sharding(path, x.shape, mesh)), params
     )
 
 
