@@ -331,12 +331,14 @@ forward_jit.__doc__ = "`forward` under `jax.jit` (the config and the options sta
 # ---- NNX shell -----------------------------------------------------------------------------------------
 
 
-def _to_nnx(tree):
+def _to_nnx(tree, path: tuple = ()):
+    """nnx.Dict / nnx.List of nnx.Params, each carrying its logical axes as `out_sharding` metadata (not
+    applied on creation: the arrays keep whatever placement the loader gave them)."""
     if isinstance(tree, dict):
-        return nnx.Dict({k: _to_nnx(v) for k, v in tree.items()})
+        return nnx.Dict({k: _to_nnx(v, (*path, k)) for k, v in tree.items()})
     if isinstance(tree, list | tuple):
-        return nnx.List([_to_nnx(v) for v in tree])
-    return nnx.Param(tree)
+        return nnx.List([_to_nnx(v, (*path, i)) for i, v in enumerate(tree)])
+    return nnx.Param(tree, out_sharding=logical_axes(path, tree.ndim), eager_sharding=False)
 
 
 def _to_pure(node):
@@ -348,10 +350,14 @@ def _to_pure(node):
 
 
 class GptOss(nnx.Module):
-    """Flax NNX module owning the parameters; its math is `forward`.
+    """Flax NNX module owning the parameters (GQA or MLA layers, as its config says); its math is `forward`.
 
-    `nnx.split(model)` gives (graphdef, state) for NNX-style code; `model.pure_params()` gives the plain
-    pytree that `forward` and the rest of the functional API take.
+    Each parameter is an `nnx.Param` in the same nesting as the pure pytree, with its logical axes
+    (`PARAM_AXES`) as `out_sharding` metadata, so `nnx.get_partition_spec(nnx.state(model))` gives the
+    logical sharding. `nnx.split` / `nnx.merge`, `nnx.jit`, `nnx.grad` and `nnx.Optimizer` work on it;
+    `model.pure_params()` is the plain pytree that `forward` and the rest of the functional API take (the
+    same arrays, not copies). `weights.load.from_pretrained(path)` builds one from a transformers folder or
+    an Orbax checkpoint.
     """
 
     def __init__(self, config: GptOssConfig, params: Params):
@@ -364,6 +370,7 @@ class GptOss(nnx.Module):
         return cls(config, init_params(config, rngs.params(), dtype))
 
     def pure_params(self) -> Params:
+        """The parameters as `forward`'s pytree: a view of the Params' arrays (no copy)."""
         return _to_pure(self.weights)
 
     def __call__(

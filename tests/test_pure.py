@@ -3,10 +3,8 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from gptoss_mla_jax import GptOss, forward, init_cache
-from gptoss_mla_jax.generation import DEMO_CONFIG
+from gptoss_mla_jax import forward, init_cache
 from weights.safetensors_io import load_hf
 
 
@@ -39,18 +37,3 @@ def test_jit_grad_vmap_on_plain_pytrees(tiny_hf):
     batched = jax.vmap(lambda p: forward(p, tokens, None, config)[0])(stacked)
     np.testing.assert_allclose(np.asarray(batched[0]), np.asarray(eager), atol=1e-5)
     assert not np.allclose(np.asarray(batched[1]), np.asarray(eager))
-
-
-def test_nnx_shell_is_the_pure_function():
-    model = GptOss.random(DEMO_CONFIG, nnx.Rngs(params=0), jnp.float32)
-    tokens = jnp.arange(12).reshape(2, 6)
-    params = model.pure_params()
-    np.testing.assert_array_equal(
-        np.asarray(model(tokens)[0]), np.asarray(forward(params, tokens, None, DEMO_CONFIG)[0])
-    )
-    graphdef, state = nnx.split(model)
-    merged = nnx.merge(graphdef, state)
-    np.testing.assert_array_equal(np.asarray(merged(tokens)[0]), np.asarray(model(tokens)[0]))
-    # Trainable with nnx transforms: the gradient w.r.t. the NNX state has the params' structure.
-    grads = nnx.grad(lambda m: m(tokens)[0].mean())(model)
-    assert len(jax.tree.leaves(grads)) == len(jax.tree.leaves(params))

@@ -6,7 +6,7 @@ import os
 from typing import Any
 
 from gptoss_mla_jax.config import GptOssConfig
-from gptoss_mla_jax.model import ExpertFormat
+from gptoss_mla_jax.model import ExpertFormat, GptOss
 from weights.orbax_io import is_orbax_checkpoint, read_meta, restore_checkpoint, tokenizer_dir
 from weights.safetensors_io import INDEX, SINGLE, Placement, load_hf
 
@@ -34,6 +34,18 @@ def load_model(
         f"{path}: neither a transformers checkpoint folder (config.json + {SINGLE} or {INDEX}) nor an "
         "Orbax checkpoint (<step>/params)"
     )
+
+
+def from_pretrained(
+    path: str,
+    dtype=None,
+    experts: ExpertFormat = "dense",
+    placement: Placement | None = None,
+    progress: bool = True,
+) -> GptOss:
+    """The NNX model (`GptOss`) of an HF folder or Orbax checkpoint (`load_model`'s arguments)."""
+    config, params, _ = load_model(path, dtype, experts, placement, progress)
+    return GptOss(config, params)
 
 
 def load_config(path: str) -> GptOssConfig:
