@@ -1,13 +1,17 @@
 """Generate text from a gpt-oss model (the library functions are `gptoss_mla_jax.generation`).
 
-python -m gptoss_mla_jax.generate                       # embedded tiny random model, no download
+python -m gptoss_mla_jax.generate                       # the embedded teacher, or a tiny random model
 python -m gptoss_mla_jax.generate --model DIR --prompt "Hello"   # a transformers checkpoint folder
+
+Without --model it generates text from the small teacher that `python -m train.distill` (no arguments)
+trains once and caches; before that exists, from a tiny random model (token ids: it has no tokenizer).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 from collections.abc import Sequence
 
@@ -25,7 +29,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument(
-        "--model", help="transformers folder or Orbax checkpoint (default: a tiny random demo model)"
+        "--model",
+        help="transformers folder or Orbax checkpoint (default: the embedded teacher if cached, else a tiny "
+        "random demo model)",
     )
     parser.add_argument("--prompt", action="append", help="prompt text (needs tokenizer.json in --model)")
     parser.add_argument("--prompt-ids", action="append", help="comma-separated token ids (repeatable)")
@@ -42,10 +48,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
 
     tokenizer = None
-    if args.model:
+    model = args.model or cached_teacher()
+    if model:
         from weights.load import load_model
 
-        config, params, tokenizer_folder = load_model(args.model, dtype)
+        config, params, tokenizer_folder = load_model(model, dtype, progress=False)
+        if not args.model:
+            print(f"the embedded teacher trained by `python -m train.distill` ({model})")
+            args.prompt = args.prompt or (None if args.prompt_ids else list(TEXT_PROMPTS))
         if args.prompt:
             if tokenizer_folder is None:
                 parser.error(f"--prompt needs a tokenizer.json with {args.model}; use --prompt-ids")
@@ -57,7 +67,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         params = init_params(config, jax.random.key(args.seed), dtype)
         print(
             f"demo: random gpt-oss-shaped model ({config.num_hidden_layers} layers, sliding window "
-            f"{config.sliding_window}, {config.num_local_experts} experts) - no download needed"
+            f"{config.sliding_window}, {config.num_local_experts} experts) - no download needed; "
+            "`python -m train.distill` trains a small teacher that this command then uses for text"
         )
     if tokenizer is not None:
         prompts = [tokenizer.encode(p).ids for p in args.prompt]
@@ -89,8 +100,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     dt = time.perf_counter() - t0
     n = sum(len(o) for o in outs)
     for prompt, out in zip(prompts, outs, strict=True):
-        shown = tokenizer.decode(out) if tokenizer else out
-        print(f"prompt ({len(prompt)} tokens) -> {shown}")
+        if tokenizer:
+            print(f"{tokenizer.decode(prompt)!r} -> {tokenizer.decode(out)!r}")
+        else:
+            print(f"prompt ({len(prompt)} tokens) -> {out}")
     print(
         f"{n} tokens in {dt:.2f} s ({n / dt:.1f} tokens/s, batch {len(prompts)}, {jax.devices()[0].platform})"
     )
@@ -106,6 +119,19 @@ def main(argv: Sequence[str] | None = None) -> None:
             for p, o in zip(prompts, outs, strict=True)
         )
         print(f"greedy decode with the KV cache equals full recomputation: {agree}")
+
+
+# Default prompts for the embedded teacher, which learned Python's standard library source.
+TEXT_PROMPTS = ("import os\nimport sys\n", "def __init__(self, ", "class ")
+
+
+def cached_teacher() -> str | None:
+    """The embedded default's teacher, if `python -m train.distill` has trained it (its training log is
+    written last)."""
+    from train.embedded import embedded_teacher_dir
+
+    folder = embedded_teacher_dir()
+    return folder if os.path.isfile(os.path.join(folder, "train_log.json")) else None
 
 
 def json_eos(config: GptOssConfig) -> int | None:

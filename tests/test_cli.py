@@ -1,14 +1,38 @@
 """The command-line entry points, on tiny models."""
 
+import os
+
 from gptoss_mla_jax.generate import main as generate_main
+from train.embedded import embedded_teacher_dir
+from train.pretrain import train_tokenizer
 from weights import convert
 
+from .conftest import make_hf_model
 
-def test_generate_demo_without_download(capsys):
+
+def test_generate_demo_without_download(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))  # no embedded teacher trained yet
     generate_main(["--max-new-tokens", "6"])
     out = capsys.readouterr().out
-    assert "no download needed" in out
+    assert "no download needed" in out and "python -m train.distill" in out
     assert "greedy decode with the KV cache equals full recomputation: True" in out
+
+
+def test_generate_shows_text_from_the_cached_embedded_teacher(capsys, monkeypatch, tmp_path):
+    """Once `train.distill` has cached its teacher (a model with its tokenizer, the training log written
+    last), the default run generates from it and prints text."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    folder = embedded_teacher_dir()
+    os.makedirs(folder)
+    make_hf_model(folder, vocab_size=300)
+    train_tokenizer("stdlib", 300, max_chars=200_000).save(os.path.join(folder, "tokenizer.json"))
+    with open(os.path.join(folder, "train_log.json"), "w") as f:
+        f.write("{}")
+    generate_main(["--max-new-tokens", "4"])
+    out = capsys.readouterr().out
+    assert "the embedded teacher" in out
+    assert "'import os\\nimport sys\\n' -> '" in out and "'class ' -> '" in out
+    assert "equals full recomputation: True" in out
 
 
 def test_generate_from_hf_folder_and_orbax(tiny_hf, tmp_path, capsys):
