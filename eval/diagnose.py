@@ -34,12 +34,11 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, Float, Int
 
-from gptoss_mla_jax.attention import key_mask, project_qkv, sink_softmax
+from gptoss_mla_jax.attention import chunk_at, key_mask, project_qkv, sink_softmax
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.mla import cache_entries, keys_values, rope_dims, scoring_queries
 from gptoss_mla_jax.model import Params, decoder_layer, embed, unembed
 from gptoss_mla_jax.norm import rms_norm
-from gptoss_mla_jax.rope import cos_sin
 from support.results import write_json
 
 
@@ -121,13 +120,12 @@ def batch_stats(
 ) -> dict[str, Any]:
     """Every statistic of one batch of windows, stacked over layers."""
     B, T = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    valid = jnp.ones((B, T), bool)
-    cos, sin = cos_sin(positions, config)
+    chunk = chunk_at(B, T, config)
+    positions, _, cos, sin, _ = chunk
     x = embed(params, tokens)
     xt = embed(teacher, tokens) if teacher is not None else None
     per_layer = []
-    inputs = dict(positions=positions, valid=valid, cos=cos, sin=sin, layer_cache=None, lengths=None)
+    inputs = dict(chunk=chunk, layer_cache=None)
     for i in range(config.num_hidden_layers):
         x_new, _, seen = decoder_layer(params["layers"][i], x, **inputs, config=config, i=i)
         h, m = seen["attn_input"], seen["moe_input"]

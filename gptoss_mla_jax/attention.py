@@ -7,7 +7,7 @@ position i sees keys i - window + 1 .. i (`window` keys including itself).
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,9 +18,36 @@ from gptoss_mla_jax import cache as kv_cache
 from gptoss_mla_jax import flash_attention, flash_decode
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.execution import ForwardOptions, by_rows
-from gptoss_mla_jax.rope import apply_rope
+from gptoss_mla_jax.rope import apply_rope, cos_sin
 
 Params = dict[str, Any]
+
+
+class Chunk(NamedTuple):
+    """Where a chunk of T new tokens per sequence sits: their `positions`, which of them are real
+    (`valid`; right padding is not), RoPE's `cos` / `sin` at those positions, and `cached` [B], the tokens
+    each sequence already has in the cache (None without a cache)."""
+
+    positions: Int[Array, "B T"]
+    valid: Bool[Array, "B T"]
+    cos: Float[Array, "B T half"]
+    sin: Float[Array, "B T half"]
+    cached: Int[Array, " B"] | None = None
+
+
+def chunk_at(
+    B: int,
+    T: int,
+    config: GptOssConfig,
+    start: Int[Array, " B"] | None = None,
+    real: Int[Array, " B"] | None = None,
+) -> Chunk:
+    """The chunk of T tokens per sequence after `start` cached ones (None: no cache, positions 0..T-1),
+    of which the first `real` are real (default all)."""
+    offset = jnp.zeros((B,), jnp.int32) if start is None else start
+    positions = offset[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
+    valid = jnp.ones((B, T), bool) if real is None else jnp.arange(T)[None, :] < real[:, None]
+    return Chunk(positions, valid, *cos_sin(positions, config), start)
 
 
 def key_mask(
@@ -120,21 +147,18 @@ def project_qkv(p: Params, x: Float[Array, "B T D"], cos, sin, config: GptOssCon
 def attention(
     p: Params,
     x: Float[Array, "B T D"],
-    positions: Int[Array, "B T"],
-    valid: Bool[Array, "B T"],
-    cos: Float[Array, "B T half"],
-    sin: Float[Array, "B T half"],
+    chunk: Chunk,
     layer_cache: dict[str, Array] | None,
-    lengths: Int[Array, " B"] | None,
     sliding: bool,
     config: GptOssConfig,
     options: ForwardOptions = ForwardOptions(),
 ) -> tuple[Float[Array, "B T D"], dict[str, Array] | None]:
     """One attention block (after the input norm). With a cache, the chunk attends to the cached tokens
-    (`lengths` of them per sequence) and to itself, and the updated layer cache is returned; without one,
-    positions are 0..T-1 and `valid` a prefix of each row, as `forward` makes them. `options`: the
+    (`chunk.cached` of them per sequence) and to itself, and the updated layer cache is returned; without
+    one, positions are 0..T-1 and `valid` a prefix of each row, as `chunk_at` makes them. `options`: the
     flash-attention kernel for chunks without a cache (`attention`), the Pallas flash-decoding kernel for a
     single-token step (`decode_kernels`)."""
+    positions, valid, cos, sin, lengths = chunk
     q, k, v = project_qkv(p, x, cos, sin, config)
     window = config.sliding_window if sliding else None
     blocks = [(k, v, positions, valid)]

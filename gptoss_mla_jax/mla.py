@@ -25,11 +25,12 @@ from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
-from jaxtyping import Array, Bool, Float, Int
+from jaxtyping import Array, Float, Int
 
 from gptoss_mla_jax import cache as kv_cache
 from gptoss_mla_jax import flash_decode
 from gptoss_mla_jax.attention import (
+    Chunk,
     attend,
     attend_chunk,
     decode_plan,
@@ -81,12 +82,8 @@ def _per_head(table: Float[Array, "B T half"], pairs: np.ndarray) -> Float[Array
 def attention_mla(
     p: Params,
     x: Float[Array, "B T D"],
-    positions: Int[Array, "B T"],
-    valid: Bool[Array, "B T"],
-    cos: Float[Array, "B T half"],
-    sin: Float[Array, "B T half"],
+    chunk: Chunk,
     layer_cache: dict[str, Array] | None,
-    lengths: Int[Array, " B"] | None,
     sliding: bool,
     config: GptOssConfig,
     layer: int,
@@ -99,6 +96,7 @@ def attention_mla(
     keys); materialized keys and values of a chunk without a cache go through `attention.attend_chunk`
     when `options` pick the flash-attention kernel.
     """
+    positions, valid, cos, sin, lengths = chunk
     B, T, _ = x.shape
     H, d = config.num_attention_heads, config.head_dim
     window = config.sliding_window if sliding else None

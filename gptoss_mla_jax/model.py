@@ -27,13 +27,12 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from gptoss_mla_jax import cache as kv_cache
-from gptoss_mla_jax.attention import attention
+from gptoss_mla_jax.attention import Chunk, attention, chunk_at
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.execution import ForwardOptions, by_rows
 from gptoss_mla_jax.mla import attention_mla, mla_param_shapes
 from gptoss_mla_jax.moe import moe_dense, moe_sparse
 from gptoss_mla_jax.norm import rms_norm
-from gptoss_mla_jax.rope import cos_sin
 
 Params = dict[str, Any]
 ExpertFormat = Literal["dense", "mxfp4"]
@@ -204,12 +203,8 @@ def decoder_layer(
     layer: Params,
     x: Float[Array, "B T D"],
     *,
-    positions: Int[Array, "B T"],
-    valid: Array,
-    cos: Array,
-    sin: Array,
+    chunk: Chunk,
     layer_cache: dict[str, Array] | None,
-    lengths: Int[Array, " B"],
     config: GptOssConfig,
     i: int,
     options: ForwardOptions = ForwardOptions(),
@@ -218,18 +213,7 @@ def decoder_layer(
     input, "attn_output": what the attention adds to the residual stream, "moe_input": the MoE's normed
     input})."""
     h = rms_norm(x, layer["input_layernorm"], config.rms_norm_eps)
-    args = (
-        layer["self_attn"],
-        h,
-        positions,
-        valid,
-        cos,
-        sin,
-        layer_cache,
-        lengths,
-        config.is_sliding(i),
-        config,
-    )
+    args = (layer["self_attn"], h, chunk, layer_cache, config.is_sliding(i), config)
     single = options.decode_kernels and h.shape[1] == 1
     if config.is_mla(i):
         with jax.named_scope("mla"):
@@ -252,16 +236,10 @@ def decoder_layer(
 
 def attention_inputs(params: Params, tokens: Int[Array, "B T"], config: GptOssConfig) -> list[Array]:
     """The normed input of every layer's attention on `tokens` (calibration data for the converter)."""
-    B, T = tokens.shape
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
-    valid = jnp.ones((B, T), bool)
-    cos, sin = cos_sin(positions, config)
+    chunk = chunk_at(*tokens.shape, config)
     x, inputs = embed(params, tokens), []
     for i, layer in enumerate(params["layers"]):
-        x, _, seen = decoder_layer(
-            layer, x, positions=positions, valid=valid, cos=cos, sin=sin, layer_cache=None, lengths=None,
-            config=config, i=i,
-        )  # fmt: skip
+        x, _, seen = decoder_layer(layer, x, chunk=chunk, layer_cache=None, config=config, i=i)
         inputs.append(seen["attn_input"])
     return inputs
 
@@ -287,11 +265,9 @@ def forward(
     B, T = tokens.shape
     if cache is not None:
         kv_cache.check_cache(cache, config, B, T)
-    start = cache["lengths"] if cache is not None else jnp.zeros((B,), jnp.int32)
+    start = cache["lengths"] if cache is not None else None
     n_new = jnp.full((B,), T, jnp.int32) if lengths is None else jnp.asarray(lengths, jnp.int32)
-    positions = start[:, None] + jnp.arange(T, dtype=jnp.int32)[None, :]
-    valid = jnp.arange(T)[None, :] < n_new[:, None]
-    cos, sin = cos_sin(positions, config)
+    chunk = chunk_at(B, T, config, start, n_new)
 
     sharding = options.activation_sharding
     pin = (lambda x: x) if sharding is None else (lambda x: jax.lax.with_sharding_constraint(x, sharding))
@@ -301,16 +277,7 @@ def forward(
         layer_cache = cache["layers"][i] if cache is not None else None
         block = functools.partial(decoder_layer, config=config, i=i, options=options)
         block = jax.checkpoint(block) if options.remat else block
-        x, layer_cache, seen = block(
-            layer,
-            x,
-            positions=positions,
-            valid=valid,
-            cos=cos,
-            sin=sin,
-            layer_cache=layer_cache,
-            lengths=start,
-        )
+        x, layer_cache, seen = block(layer, x, chunk=chunk, layer_cache=layer_cache)
         x = pin(x)
         new_layers.append(layer_cache)
         attention_outputs.append(seen["attn_output"])

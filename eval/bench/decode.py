@@ -179,33 +179,19 @@ def breakdown(models_: dict, batch: int, context: int, repeats: int) -> dict:
 
 
 def layer_breakdown(config: GptOssConfig, params, batch: int, context: int, repeats: int) -> dict:
-    from gptoss_mla_jax.attention import attention
+    from gptoss_mla_jax.attention import attention, chunk_at
     from gptoss_mla_jax.mla import attention_mla
     from gptoss_mla_jax.moe import moe_sparse
-    from gptoss_mla_jax.rope import cos_sin
 
     i = next(i for i in range(config.num_hidden_layers) if not config.is_sliding(i))
     layer = params["layers"][i]
     layer_cache = init_cache(config, batch, context)["layers"][i]
     lengths = jnp.full((batch,), context - 1, jnp.int32)
     x = jax.random.normal(jax.random.key(1), (batch, 1, config.hidden_size), jnp.bfloat16)
-    cos, sin = cos_sin(lengths[:, None], config)
-    valid = jnp.ones((batch, 1), bool)
+    chunk = chunk_at(batch, 1, config, lengths)
     attend = functools.partial(attention_mla, layer=i) if config.is_mla(i) else attention
     step = lambda kernels: (
-        lambda p, x, c: attend(
-            p,
-            x,
-            lengths[:, None],
-            valid,
-            cos,
-            sin,
-            c,
-            lengths,
-            False,
-            config,
-            options=ForwardOptions(decode_kernels=kernels),
-        )
+        lambda p, x, c: attend(p, x, chunk, c, False, config, options=ForwardOptions(decode_kernels=kernels))
     )
     ms = lambda fn, *args: 1e3 * timed(jax.jit(fn), *args, repeats=repeats)
     return {

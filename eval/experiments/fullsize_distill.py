@@ -35,20 +35,17 @@ def breakdown(teacher, config, batch: int, seq_len: int) -> dict:
     """Seconds of one teacher forward and of its parts (one layer's attention on jnp and on the
     flash-attention kernel, its MoE, and the MoE's first grouped matmul on `ragged_dot` and on the kernel
     against a dense matmul of the same FLOPs), with the FLOP rate each reaches."""
-    from gptoss_mla_jax.attention import attention
+    from gptoss_mla_jax.attention import attention, chunk_at
     from gptoss_mla_jax.execution import ForwardOptions
     from gptoss_mla_jax.gmm import gmm
     from gptoss_mla_jax.model import forward
     from gptoss_mla_jax.moe import moe_sparse, route
-    from gptoss_mla_jax.rope import cos_sin
     from train.flops import forward_flops
 
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, config.vocab_size, (batch, seq_len)))
     layer = teacher["layers"][1]  # a full-attention layer
     x = jax.random.normal(jax.random.key(1), (batch, seq_len, config.hidden_size), jnp.bfloat16)
-    positions = jnp.broadcast_to(jnp.arange(seq_len), (batch, seq_len))
-    cos, sin = cos_sin(positions, config)
-    valid, start = jnp.ones((batch, seq_len), bool), jnp.zeros((batch,), jnp.int32)
+    chunk = chunk_at(batch, seq_len, config)
     n, k, D = batch * seq_len, config.num_experts_per_tok, config.hidden_size
     _, idx = route(layer["mlp"], x.reshape(n, D), config)
     sizes = jnp.bincount(idx.reshape(-1), length=config.num_local_experts).astype(jnp.int32)
@@ -56,9 +53,7 @@ def breakdown(teacher, config, batch: int, seq_len: int) -> dict:
     w = layer["mlp"]["experts"]["gate_up_proj"]
     on = lambda impl: ForwardOptions(attention=impl)
     attention_layer = lambda impl: timed(
-        jax.jit(
-            lambda p, h: attention(p, h, positions, valid, cos, sin, None, start, False, config, on(impl))[0]
-        ),
+        jax.jit(lambda p, h: attention(p, h, chunk, None, False, config, on(impl))[0]),
         layer["self_attn"],
         x,
     )
