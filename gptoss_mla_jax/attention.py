@@ -125,13 +125,13 @@ def attend_chunk(
 
 def decode_plan(
     decode_kernels: bool, new_cache: dict[str, Array] | None, entry: str, programs: int, block: int = 64
-) -> tuple[int, int, bool] | None:
-    """(splits, block, interpret) when this step runs on the flash-decoding kernel: asked for, one token
-    per sequence, a cache whose slot count the kernel can split; else None (the jnp path)."""
+) -> flash_decode.Launch | None:
+    """The flash-decoding kernel's launch when this step runs on it: asked for, one token per sequence, a
+    cache whose slot count the kernel can split; else None (the jnp path)."""
     if not decode_kernels or new_cache is None or new_cache[entry].shape[1] == 0:
         return None
     steps = flash_decode.plan(new_cache[entry].shape[1], programs, block)
-    return None if steps is None else (*steps, jax.default_backend() != "gpu")
+    return None if steps is None else flash_decode.Launch(*steps, interpret=jax.default_backend() != "gpu")
 
 
 def project_qkv(p: Params, x: Float[Array, "B T D"], cos, sin, config: GptOssConfig):
@@ -181,7 +181,7 @@ def attention(
         out = attend_chunk(q, k, v, valid, p["sinks"], window, options)
     elif steps is not None:
         out = flash_decode.gqa_decode(
-            q[:, 0], new_cache["k"], new_cache["v"], new_lengths, p["sinks"], window, sliding, *steps
+            q[:, 0], new_cache["k"], new_cache["v"], new_lengths, p["sinks"], window, sliding, steps
         )[:, None]
     else:
         out = attend(q, blocks, positions, p["sinks"], window)

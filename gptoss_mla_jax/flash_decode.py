@@ -24,6 +24,7 @@ steps.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +38,20 @@ except ImportError:
 
 NEG = -1e30  # masked score: finite, so a slice with no visible slot keeps m finite and exp() at 0
 MIN_ROWS = 16  # Triton's dot needs at least 16 rows: fewer query heads are padded with zero queries
+
+
+class Launch(NamedTuple):
+    """How a flash-decoding call runs: the cache slots split into `splits` slices per sequence and kv
+    head, each read `block` slots a step; on the CPU `interpret`er, or compiled for the GPU with `warps` per
+    program and `stages` of software pipelining (2: the next block loads while this one is reduced);
+    `head_block` query heads per program (absorbed MLA; None: all heads in one program)."""
+
+    splits: int = 8
+    block: int = 64
+    interpret: bool = False
+    warps: int = 4
+    stages: int = 2
+    head_block: int | None = None
 
 
 def plan(slots: int, programs: int, block: int = 64, target: int = 264) -> tuple[int, int] | None:
@@ -210,12 +225,12 @@ def triton_launch(warps: int, stages: int, interpret: bool):
     return pl_triton.CompilerParams(num_warps=warps, num_stages=stages)
 
 
-def _launch(kernel, in_specs, args, lengths, Hq: int, dv: int, splits: int, heads: int, launch: tuple):
+def _launch(kernel, in_specs, args, lengths, Hq: int, dv: int, heads: int, launch: Launch):
     """The pallas_call both kernels make: grid (sequence, slice, kv head), B and G read off the first query,
     each sequence's length as the first input, per-slice (acc, m, l) in float32 out, and the padded query
-    heads dropped again. `launch`: (warps, stages, interpret)."""
+    heads dropped again."""
     B, G = args[0].shape[:2]  # the first query array: [B, G, Hq, width]
-    warps, stages, interpret = launch
+    splits, interpret = launch.splits, launch.interpret
     slice_of = lambda *trailing: pl.BlockSpec(
         (None, None, None, *trailing), lambda b, j, g: (b, g, j, *(0 for _ in trailing))
     )
@@ -226,16 +241,14 @@ def _launch(kernel, in_specs, args, lengths, Hq: int, dv: int, splits: int, head
         in_specs=[pl.BlockSpec((1,), lambda b, j, g: (b,)), *in_specs],
         out_specs=[slice_of(Hq, dv), slice_of(Hq), slice_of(Hq)],
         out_shape=[jax.ShapeDtypeStruct(shape, jnp.float32) for shape in shapes],
-        compiler_params=triton_launch(warps, stages, interpret),
+        compiler_params=triton_launch(launch.warps, launch.stages, interpret),
         interpret=interpret,
     )(lengths.astype(jnp.int32), *args)
     acc, m, l = outputs
     return acc[..., :heads, :], m[..., :heads], l[..., :heads]
 
 
-@functools.partial(
-    jax.jit, static_argnames=("window", "sliding", "splits", "block", "warps", "stages", "interpret")
-)
+@functools.partial(jax.jit, static_argnames=("window", "sliding", "launch"))
 def attention_splits(
     queries: tuple[Float[Array, "B G Hq _"], ...],
     bias: Float[Array, "B G Hq"],
@@ -244,11 +257,7 @@ def attention_splits(
     lengths: Int[Array, " B"],
     window: int | None = None,
     sliding: bool = False,
-    splits: int = 8,
-    block: int = 64,
-    warps: int = 4,
-    stages: int = 2,
-    interpret: bool = False,
+    launch: Launch = Launch(),
 ) -> tuple[Float[Array, "B G J Hq dv"], Float[Array, "B G J Hq"], Float[Array, "B G J Hq"]]:
     """Per kv head g and slice j of the slots: (sum_t e^(s_t - m) v_t, m, sum_t e^(s_t - m)) with scores
     `s_t = sum_i queries[i] . keys[i]_t + bias` (scale already in the queries). `values=None`: the values
@@ -258,6 +267,7 @@ def attention_splits(
     G, heads = bias.shape[1:]
     S = keys[0].shape[1]
     keys = tuple(k[:, :, 0] if k.shape[2] < G else k for k in keys)  # shared: [B, S, width]
+    splits, block = launch.splits, launch.block
     _check_split(S, splits, block)
     shared = values is None
     dv = (keys[0] if shared else values).shape[-1]
@@ -276,7 +286,7 @@ def attention_splits(
         *([] if shared else [cache(dv)]),
     ]
     args = (*queries, bias, *keys, *([] if shared else [values]))
-    return _launch(kernel, in_specs, args, lengths, Hq, dv, splits, heads, (warps, stages, interpret))
+    return _launch(kernel, in_specs, args, lengths, Hq, dv, heads, launch)
 
 
 def _check_split(S: int, splits: int, block: int) -> None:
@@ -284,31 +294,25 @@ def _check_split(S: int, splits: int, block: int) -> None:
         raise ValueError(f"cache of {S} slots: not a multiple of splits x block = {splits} x {block}")
 
 
-@functools.partial(
-    jax.jit, static_argnames=("window", "sliding", "splits", "block", "warps", "stages", "interpret")
-)
+@functools.partial(jax.jit, static_argnames=("window", "sliding", "launch"))
 def decompressed_splits(
     q: Float[Array, "B G Hq d"],
     c: Float[Array, "B S r"],
-    w_k: Float[Array, "r G d"],
-    b_k: Float[Array, "G d"],
-    cos: Float[Array, "Bc S half"],
-    sin: Float[Array, "Bc S half"],
+    key_up: tuple[Float[Array, "r G d"], Float[Array, "G d"]],
+    rotations: tuple[Float[Array, "Bc S half"], Float[Array, "Bc S half"]],
     lengths: Int[Array, " B"],
     window: int | None = None,
     sliding: bool = False,
-    splits: int = 8,
-    block: int = 64,
-    warps: int = 4,
-    stages: int = 2,
-    interpret: bool = False,
+    launch: Launch = Launch(),
 ) -> tuple[Float[Array, "B G J Hq r"], Float[Array, "B G J Hq"], Float[Array, "B G J Hq"]]:
     """`attention_splits` for a decompressed MLA layer: queries (RoPE applied, scale in) against keys
-    rebuilt on chip from the latent c; the values are c (the caller applies W_bv after `combine`).
-    cos / sin: `rope.cos_sin` of the slots' positions, per sequence (Bc = B) or shared (Bc = 1). Products in
-    the cache's dtype, RoPE and sums in float32."""
+    rebuilt on chip from the latent c by `key_up` (W_bk, b_k); the values are c (the caller applies W_bv
+    after `combine`). `rotations`: `rope.cos_sin` of the slots' positions, per sequence (Bc = B) or shared
+    (Bc = 1). Products in the cache's dtype, RoPE and sums in float32."""
+    (w_k, b_k), (cos, sin) = key_up, rotations
     heads, d = q.shape[2:]
     S, r = c.shape[1:]
+    splits, block = launch.splits, launch.block
     _check_split(S, splits, block)
     half = d // 2
     q = _pad_heads(q.astype(c.dtype))
@@ -327,7 +331,7 @@ def decompressed_splits(
         q[..., :half], q[..., half:], c, w[..., :half], w[..., half:], b_k[:, :half], b_k[:, half:],
         cos.astype(jnp.float32), sin.astype(jnp.float32),
     )  # fmt: skip
-    return _launch(kernel, in_specs, args, lengths, Hq, r, splits, heads, (warps, stages, interpret))
+    return _launch(kernel, in_specs, args, lengths, Hq, r, heads, launch)
 
 
 def combine(
@@ -354,11 +358,7 @@ def gqa_decode(
     sinks: Float[Array, " H"],
     window: int | None,
     sliding: bool,
-    splits: int = 8,
-    block: int = 64,
-    interpret: bool = False,
-    warps: int = 4,
-    stages: int = 2,
+    launch: Launch = Launch(),
 ) -> Float[Array, "B H d"]:
     """One decode query per sequence (RoPE applied) over a GQA layer's cache that already holds the step's
     token (`lengths` count it): the attention output per head, as `attention.attend` computes it."""
@@ -366,9 +366,8 @@ def gqa_decode(
     G = k.shape[2]
     qg = (q.astype(jnp.float32) * d**-0.5).reshape(B, G, H // G, d)
     acc, m, l = attention_splits(
-        (qg,), jnp.zeros(qg.shape[:3], jnp.float32), (k,), v, lengths, window, sliding,
-        splits=splits, block=block, warps=warps, stages=stages, interpret=interpret,
-    )  # fmt: skip
+        (qg,), jnp.zeros(qg.shape[:3], jnp.float32), (k,), v, lengths, window, sliding, launch
+    )
     out, _ = combine(acc, m, l, sinks)
     return out.reshape(B, H, d).astype(q.dtype)
 
@@ -376,32 +375,25 @@ def gqa_decode(
 def mla_absorbed_decode(
     q_rope: Float[Array, "B G R n2"],
     q_nope: Float[Array, "B G R n"],
-    w_k: Float[Array, "r G n"],
-    b_k: Float[Array, "G n"],
-    w_v: Float[Array, "r G d"],
-    b_v: Float[Array, "G d"],
+    up: tuple[Array, Array, Array, Array],
     entries: dict[str, Array],
     lengths: Int[Array, " B"],
     sinks: Float[Array, " H"],
     window: int | None,
     sliding: bool,
-    d: int,
-    splits: int = 8,
-    block: int = 64,
-    interpret: bool = False,
-    warps: int = 4,
-    stages: int = 2,
-    head_block: int | None = None,
+    launch: Launch = Launch(),
 ) -> Float[Array, "B H d"]:
     """One decode query per sequence over a partial-mode layer's cache {"c" [B,S,r], "k_rope" [B,S,G,2n]}
     that already holds the step's token: the attention output per head, as `mla._absorbed` computes it.
-    `head_block`: query heads per program (default all: one program reads a latent block for every
-    head); fewer split the heads over programs that each read the block."""
+    `up`: the up-projections (W_bk [r, G, n], b_k [G, n], W_bv [r, G, d], b_v [G, d]).
+    `launch.head_block`: query heads per program (default all: one program reads a latent block for
+    every head); fewer split the heads over programs that each read the block."""
+    w_k, b_k, w_v, b_v = up
     B, G, R, n2 = q_rope.shape
     f32 = jnp.float32
-    scale = d**-0.5
+    scale = w_v.shape[-1] ** -0.5
     H = G * R
-    head_block = head_block or H
+    head_block = launch.head_block or H
     if H % head_block:
         raise ValueError(f"head_block {head_block} does not divide the {H} query heads")
     blocks = (B, H // head_block, head_block)
@@ -414,7 +406,7 @@ def mla_absorbed_decode(
     k_rope = entries["k_rope"].reshape(*entries["k_rope"].shape[:2], 1, G * n2)
     acc, m, l = attention_splits(
         (q_lat * scale, q_rope_flat * scale), q_bias * scale, (c, k_rope), None, lengths, window, sliding,
-        splits=splits, block=block, warps=warps, stages=stages, interpret=interpret,
+        launch._replace(head_block=None),
     )  # fmt: skip
     latent, mass = combine(acc, m, l, sinks)
     latent, mass = latent.reshape(B, G, R, -1), mass.reshape(B, G, R, 1)
@@ -430,29 +422,21 @@ def mla_decompressed_decode(
     sinks: Float[Array, " H"],
     window: int | None,
     sliding: bool,
-    cos: Float[Array, "Bc S half"],
-    sin: Float[Array, "Bc S half"],
-    splits: int = 8,
-    block: int = 64,
-    interpret: bool = False,
-    warps: int = 4,
-    stages: int = 2,
+    rotations: tuple[Float[Array, "Bc S half"], Float[Array, "Bc S half"]],
+    launch: Launch = Launch(),
 ) -> Float[Array, "B H d"]:
     """One decode query per sequence (RoPE applied, as `mla.scoring_queries` gives it) over a
     decompressed layer's latent cache c that already holds the step's token: the attention output per
     head, as `attend` over `mla.keys_values` computes it, without writing K or V to memory.
-    `kv_b`: the layer's up-projection {kernel [r, 2Gd], bias [2Gd]} (keys, then values); cos / sin: the
-    slots' rotations (`mla.slot_rotations`)."""
+    `kv_b`: the layer's up-projection {kernel [r, 2Gd], bias [2Gd]} (keys, then values); `rotations`:
+    the slots' cos / sin (`mla.slot_rotations`)."""
     B, H, d = q.shape
     r = c.shape[-1]
     G = kv_b["kernel"].shape[1] // (2 * d)
     w = kv_b["kernel"].reshape(r, 2, G, d)
     bias = kv_b["bias"].reshape(2, G, d)
     qg = (q.astype(jnp.float32) * d**-0.5).reshape(B, G, H // G, d)
-    acc, m, l = decompressed_splits(
-        qg, c, w[:, 0], bias[0], cos, sin, lengths, window, sliding,
-        splits=splits, block=block, warps=warps, stages=stages, interpret=interpret,
-    )  # fmt: skip
+    acc, m, l = decompressed_splits(qg, c, (w[:, 0], bias[0]), rotations, lengths, window, sliding, launch)
     latent, mass = combine(acc, m, l, sinks)  # [B, G, R, r], [B, G, R]
     f32 = jnp.float32
     out = (

@@ -122,11 +122,11 @@ def attention_mla(
         options.decode_kernels and T == 1, new_cache, "c", B * (1 if partial else config.num_key_value_heads)
     )
     if steps is not None:
-        out = _kernel_decode(p, q, cos, sin, new_cache, new_lengths, sliding, config, layer, steps)
+        out = _kernel_decode(p, q, chunk, new_cache, new_lengths, sliding, config, layer, steps)
     elif partial and absorb:
         q_rope, q_nope = _partial_queries(q, cos, sin, config, layer)
-        w_k, b_k, w_v, b_v = _partial_up_projections(p, config, layer)
-        out = _absorbed(q_rope, q_nope, w_k, b_k, w_v, b_v, blocks, positions, p["sinks"], window, d)
+        up = _partial_up_projections(p, config, layer)
+        out = _absorbed(q_rope, q_nope, up, blocks, positions, p["sinks"], window)
     elif on_flash_kernel(options, layer_cache):
         k, v = keys_values(p, new, positions, config, layer)
         out = attend_chunk(
@@ -140,19 +140,19 @@ def attention_mla(
 
 
 def _kernel_decode(
-    p: Params, q, cos, sin, cache: dict, lengths, sliding: bool, config: GptOssConfig, layer: int, steps
+    p: Params, q, chunk: Chunk, cache: dict, lengths, sliding: bool, config: GptOssConfig, layer: int, launch
 ):
     """A single-token step on the Pallas flash-decoding kernels, over the cache that holds the token."""
     window = config.sliding_window if sliding else None
     if config.mla.rope_mode == "partial":
-        q_rope, q_nope = _partial_queries(q, cos, sin, config, layer)
+        q_rope, q_nope = _partial_queries(q, chunk.cos, chunk.sin, config, layer)
         return flash_decode.mla_absorbed_decode(
-            q_rope[:, 0], q_nope[:, 0], *_partial_up_projections(p, config, layer), cache, lengths,
-            p["sinks"], window, sliding, config.head_dim, *steps,
+            q_rope[:, 0], q_nope[:, 0], _partial_up_projections(p, config, layer), cache, lengths,
+            p["sinks"], window, sliding, launch,
         )[:, None]  # fmt: skip
     return flash_decode.mla_decompressed_decode(
-        scoring_queries(q, cos, sin, config, layer)[:, 0], p["kv_b"], cache["c"], lengths, p["sinks"], window,
-        sliding, *slot_rotations(lengths, cache["c"].shape[1], sliding, config), *steps,
+        scoring_queries(q, chunk.cos, chunk.sin, config, layer)[:, 0], p["kv_b"], cache["c"], lengths,
+        p["sinks"], window, sliding, slot_rotations(lengths, cache["c"].shape[1], sliding, config), launch,
     )[:, None]  # fmt: skip
 
 
@@ -237,9 +237,12 @@ def _partial_up_projections(p: Params, config: GptOssConfig, layer: int):
     return w_k, b_k, w_v, b_v
 
 
-def _absorbed(q_rope, q_nope, w_k, b_k, w_v, b_v, blocks, q_pos, sinks, window, d):
+def _absorbed(q_rope, q_nope, up, blocks, q_pos, sinks, window):
     """Attention directly over the cached latent: every query head of kv group g reads the shared latent
-    through its own absorbed query `W_bk[g]^T q_nope`, plus its kv head's rope keys."""
+    through its own absorbed query `W_bk[g]^T q_nope`, plus its kv head's rope keys. `up`: the
+    up-projections (W_bk, b_k, W_bv, b_v)."""
+    w_k, b_k, w_v, b_v = up
+    d = w_v.shape[-1]
     B, T, G, R, _ = q_nope.shape
     f32 = jnp.float32
     q_lat = jnp.einsum("btgrn,lgn->btgrl", q_nope, w_k, preferred_element_type=f32)

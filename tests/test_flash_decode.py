@@ -13,6 +13,7 @@ from gptoss_mla_jax import cache as kv_cache
 from gptoss_mla_jax.attention import attend
 from gptoss_mla_jax.config import GPT_OSS_20B, MlaConfig
 from gptoss_mla_jax.flash_decode import (
+    Launch,
     combine,
     gqa_decode,
     mla_absorbed_decode,
@@ -23,14 +24,11 @@ from gptoss_mla_jax.generation import DEMO_CONFIG
 from gptoss_mla_jax.mla import _absorbed, keys_values, slot_rotations
 
 
-def reference(q_rope, q_nope, w_k, b_k, w_v, b_v, entries, lengths, sinks, window, sliding, d):
+def reference(q_rope, q_nope, up, entries, lengths, sinks, window, sliding):
     slots = entries["c"].shape[1]
     pos, ok = kv_cache.cached_positions(lengths, slots, sliding)
     q_pos = (lengths - 1)[:, None]
-    out = _absorbed(
-        q_rope[:, None], q_nope[:, None], w_k, b_k, w_v, b_v, [(entries, pos, ok)], q_pos, sinks, window, d
-    )
-    return out[:, 0]
+    return _absorbed(q_rope[:, None], q_nope[:, None], up, [(entries, pos, ok)], q_pos, sinks, window)[:, 0]
 
 
 @pytest.mark.parametrize(
@@ -51,12 +49,13 @@ def test_mla_kernel_equals_jnp_absorbed(G, R, r, slots, splits, block, sliding, 
     sinks = normal(G * R)
     lengths = jnp.asarray(lengths, jnp.int32)
     window = slots if sliding else None
-    args = (q_rope, q_nope, w_k, b_k, w_v, b_v, entries, lengths, sinks, window, sliding, d)
+    args = (q_rope, q_nope, (w_k, b_k, w_v, b_v), entries, lengths, sinks, window, sliding)
     want = reference(*args)
-    got = mla_absorbed_decode(*args, splits=splits, block=block, interpret=True)
+    launch = Launch(splits, block, interpret=True)
+    got = mla_absorbed_decode(*args, launch)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     # The heads split over two programs per slice, each reading the latent block.
-    halves = mla_absorbed_decode(*args, splits=splits, block=block, interpret=True, head_block=G * R // 2)
+    halves = mla_absorbed_decode(*args, launch._replace(head_block=G * R // 2))
     np.testing.assert_allclose(halves, want, rtol=1e-5, atol=1e-5)
 
     # Blocks of slots past a sequence's length are never read: NaN there (which any product would
@@ -67,7 +66,7 @@ def test_mla_kernel_equals_jnp_absorbed(G, R, r, slots, splits, block, sliding, 
         "c": jnp.where(past, jnp.nan, entries["c"]),
         "k_rope": jnp.where(past[..., None], jnp.nan, entries["k_rope"]),
     }
-    again = mla_absorbed_decode(*args[:6], junk, *args[7:], splits=splits, block=block, interpret=True)
+    again = mla_absorbed_decode(*args[:3], junk, *args[4:], launch)
     np.testing.assert_array_equal(again, got)
 
 
@@ -84,7 +83,7 @@ CASES = [
 def test_gqa_kernel_equals_jnp_attend(G, R, slots, splits, block, sliding, lengths):
     window = slots if sliding else None
     args, want = gqa_case(1, G, R, 16, slots, lengths, window, sliding)
-    got = gqa_decode(*args, window, sliding, splits, block, interpret=True)
+    got = gqa_decode(*args, window, sliding, Launch(splits, block, interpret=True))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -119,14 +118,16 @@ def test_decompressed_kernel_equals_jnp(G, R, slots, splits, block, sliding, len
     k, v = keys_values({"kv_b": kv_b}, {"c": c}, pos, config, 1)
     want = attend(q[:, None], [(k, v, pos, ok)], (lengths - 1)[:, None], sinks, window)[:, 0]
     rope = slot_rotations(lengths, slots, sliding, config)
-    got = mla_decompressed_decode(q, kv_b, c, lengths, sinks, window, sliding, *rope, splits, block, True)
+    got = mla_decompressed_decode(
+        q, kv_b, c, lengths, sinks, window, sliding, rope, Launch(splits, block, True)
+    )
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_gqa_window_shorter_than_the_cache():
     """A full-size cache read with a sliding window: only the last `window` positions count."""
     args, want = gqa_case(2, G=2, R=2, d=16, slots=128, lengths=[30, 100], window=40, sliding=False)
-    got = gqa_decode(*args, 40, False, 2, 16, interpret=True)
+    got = gqa_decode(*args, 40, False, Launch(2, 16, interpret=True))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -139,12 +140,12 @@ def test_without_the_triton_backend(monkeypatch):
     monkeypatch.setattr(flash_decode, "pl_triton", None)
     # shapes of no other test, so that gqa_decode traces afresh without the backend
     args, want = gqa_case(4, G=1, R=3, d=8, slots=32, lengths=[1, 20], window=None, sliding=False)
-    got = gqa_decode(*args, None, False, 2, 16, interpret=True)
+    got = gqa_decode(*args, None, False, Launch(2, 16, interpret=True))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(
         RuntimeError, match=r"pallas\.triton, which JAX .* no longer has.*\(decode_kernels=False"
     ):
-        gqa_decode(*args, None, False, 2, 16, interpret=False)
+        gqa_decode(*args, None, False, Launch(2, 16, interpret=False))
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert not kernels_by_default(jnp.bfloat16)
 
@@ -170,10 +171,10 @@ def test_combine_counts_the_sink_once():
 
 def test_bad_split_is_refused():
     one_head = lambda slots, **plan: mla_absorbed_decode(
-        jnp.zeros((1, 1, 1, 2)), jnp.zeros((1, 1, 1, 2)), jnp.zeros((4, 1, 2)), jnp.zeros((1, 2)),
-        jnp.zeros((4, 1, 2)), jnp.zeros((1, 2)),
+        jnp.zeros((1, 1, 1, 2)), jnp.zeros((1, 1, 1, 2)),
+        (jnp.zeros((4, 1, 2)), jnp.zeros((1, 2)), jnp.zeros((4, 1, 2)), jnp.zeros((1, 2))),
         {"c": jnp.zeros((1, slots, 4)), "k_rope": jnp.zeros((1, slots, 1, 2))},
-        jnp.ones(1, jnp.int32), jnp.zeros(1), None, False, 2, block=64, interpret=True, **plan,
+        jnp.ones(1, jnp.int32), jnp.zeros(1), None, False, Launch(block=64, interpret=True, **plan),
     )  # fmt: skip
     with pytest.raises(ValueError, match="not a multiple of splits x block"):
         one_head(100, splits=8)
@@ -191,12 +192,14 @@ def test_kernels_lower_for_the_gpu(kind, sliding):
     lengths, sinks = spec(B, dtype=jnp.int32), spec(G * R, dtype=jnp.float32)
     window = 128 if sliding else None
     if kind == "gqa":
-        fn = lambda q, k, v, lengths, sinks: gqa_decode(q, k, v, lengths, sinks, window, sliding, 2, 64)
+        fn = lambda q, k, v, lengths, sinks: gqa_decode(
+            q, k, v, lengths, sinks, window, sliding, Launch(2, 64)
+        )
         args = (spec(B, G * R, d), spec(B, S, G, d), spec(B, S, G, d))
     elif kind == "absorbed":
         fn = lambda q_rope, q_nope, w_k, b_k, w_v, b_v, c, k_rope, lengths, sinks: mla_absorbed_decode(
-            q_rope, q_nope, w_k, b_k, w_v, b_v, {"c": c, "k_rope": k_rope}, lengths, sinks, window, sliding,
-            d, 2, 64,
+            q_rope, q_nope, (w_k, b_k, w_v, b_v), {"c": c, "k_rope": k_rope}, lengths, sinks, window, sliding,
+            Launch(2, 64),
         )  # fmt: skip
         args = (spec(B, G, R, n2), spec(B, G, R, d - n2), spec(r, G, d - n2), spec(G, d - n2))
         args += (spec(r, G, d), spec(G, d), spec(B, S, r), spec(B, S, G, n2))
@@ -206,7 +209,7 @@ def test_kernels_lower_for_the_gpu(kind, sliding):
         )  # the 20b's rope
         fn = lambda q, kernel, bias, c, lengths, sinks: mla_decompressed_decode(
             q, {"kernel": kernel, "bias": bias}, c, lengths, sinks, window, sliding,
-            *slot_rotations(lengths, S, sliding, config), 2, 64,
+            slot_rotations(lengths, S, sliding, config), Launch(2, 64),
         )  # fmt: skip
         args = (spec(B, G * R, d), spec(r + G * n2, 2 * G * d), spec(2 * G * d), spec(B, S, r + G * n2))
     lowered = jax.jit(fn).trace(*args, lengths, sinks).lower(lowering_platforms=("cuda",))

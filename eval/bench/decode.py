@@ -37,6 +37,7 @@ from gptoss_mla_jax.attention import attend
 from gptoss_mla_jax.cache import accounting, init_cache
 from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig, MlaConfig
 from gptoss_mla_jax.execution import ForwardOptions
+from gptoss_mla_jax.flash_decode import Launch
 from gptoss_mla_jax.generation import DEMO_CONFIG, decode_step
 from gptoss_mla_jax.model import init_params
 from gptoss_mla_jax.mxfp4 import dequantize
@@ -378,7 +379,7 @@ def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, configs, 
         cache = (normal(batch, context, G, d), normal(batch, context, G, d))
         args = (normal(batch, G * R, d), *cache)
         kernel = lambda plan: (
-            lambda q, k, v: flash_decode.gqa_decode(q, k, v, lengths, sinks, None, False, **plan)
+            lambda q, k, v: flash_decode.gqa_decode(q, k, v, lengths, sinks, None, False, Launch(**plan))
         )
         reference = lambda q, k, v: attend(q[:, None], [(k, v, pos, visible)], q_pos, sinks, None)[:, 0]
         splits, block = flash_decode.plan(context, programs, max(c["block"] for c in configs))
@@ -398,7 +399,7 @@ def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, configs, 
         rotations = lambda: mla.slot_rotations(lengths, context, False, config)  # in the step, as in forward
         kernel = lambda plan: (
             lambda q, c: flash_decode.mla_decompressed_decode(
-                q, kv_b, c, lengths, sinks, None, False, *rotations(), **plan
+                q, kv_b, c, lengths, sinks, None, False, rotations(), Launch(**plan)
             )
         )
         reference = lambda q, c: attend(
@@ -412,12 +413,20 @@ def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, configs, 
         args = (normal(batch, G, R, n2), normal(batch, G, R, d - n2), *cache)
         kernel = lambda plan: (
             lambda q_rope, q_nope, c, k_rope: flash_decode.mla_absorbed_decode(
-                q_rope, q_nope, *weights, {"c": c, "k_rope": k_rope}, lengths, sinks, None, False, d, **plan
+                q_rope,
+                q_nope,
+                weights,
+                {"c": c, "k_rope": k_rope},
+                lengths,
+                sinks,
+                None,
+                False,
+                Launch(**plan),
             )
         )
         reference = lambda q_rope, q_nope, c, k_rope: mla._absorbed(
-            q_rope[:, None], q_nope[:, None], *weights, [({"c": c, "k_rope": k_rope}, pos, visible)], q_pos,
-            sinks, None, d,
+            q_rope[:, None], q_nope[:, None], weights, [({"c": c, "k_rope": k_rope}, pos, visible)], q_pos,
+            sinks, None,
         )[:, 0]  # fmt: skip
         peers = {}
     want = jax.jit(reference)(*args).astype(jnp.float32)
