@@ -217,7 +217,7 @@ def _forward(q, k, v, lengths, sinks, window, scale, interpret):
     return out, lse
 
 
-def _backward_kernels(q, k, v, lengths, lse, delta, do, window, scale, interpret):
+def _backward_kernels(q, k, v, lengths, lse, delta, do, *, window, scale, interpret):
     B, T, H, d = q.shape
     G = k.shape[2]
     R = H // G
@@ -276,7 +276,9 @@ def _attention_fwd(q, k, v, lengths, sinks, window, scale, interpret):
 def _attention_bwd(window, scale, interpret, residuals, do):
     q, k, v, lengths, sinks, out, lse = residuals
     delta = jnp.einsum("bthd,bthd->bht", out.astype(jnp.float32), do.astype(jnp.float32))
-    dq, dk, dv = _backward_kernels(q, k, v, lengths, lse, delta, do.astype(q.dtype), window, scale, interpret)
+    dq, dk, dv = _backward_kernels(
+        q, k, v, lengths, lse, delta, do.astype(q.dtype), window=window, scale=scale, interpret=interpret
+    )
     p_sink = jnp.exp2(sinks.astype(jnp.float32)[None, :, None] * LOG2E - lse)
     d_sinks = -(p_sink * delta).sum(axis=(0, 2)).astype(sinks.dtype)
     return dq, dk, dv, None, d_sinks

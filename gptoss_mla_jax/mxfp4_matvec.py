@@ -76,6 +76,7 @@ def mxfp4_matvec(
     blocks: UInt8[Array, "E n_out G 16"],
     scales: UInt8[Array, "E n_out G"],
     bias: Float[Array, "E n_out"],
+    *,
     rows: int = 32,
     chunk: int = 8,
     warps: int = 4,
