@@ -157,7 +157,9 @@ CANDIDATES = {
             Tiles(256, 128, 64, 8, 3), Tiles(128, 64, 64, 4, 4)],
     "tgmm": [Tiles(64, 128, 0, 4, 3), Tiles(64, 128, 0, 8, 3), Tiles(32, 128, 0, 4, 4)],
     "mxfp4": [Tiles(128, 64, 64, 4, 3), Tiles(256, 64, 64, 8, 3), Tiles(256, 128, 64, 8, 3),
-              Tiles(256, 64, 64, 8, 4), Tiles(256, 32, 64, 4, 3)],
+              Tiles(256, 64, 64, 8, 4), Tiles(256, 32, 64, 4, 3), Tiles(256, 64, 128, 8, 3),
+              Tiles(128, 128, 64, 8, 3), Tiles(256, 128, 64, 8, 4), Tiles(256, 64, 64, 4, 3),
+              Tiles(128, 64, 128, 4, 3)],
 }  # fmt: skip
 CANDIDATES["gmm_t"] = CANDIDATES["gmm"]
 CANDIDATES["mxfp4_t"] = [
