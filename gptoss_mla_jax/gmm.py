@@ -79,6 +79,7 @@ LAUNCH: dict[tuple[str, int | None, int | None], Tiles] = {
     ("tgmm", None, None): Tiles(rows=64, cols=128, warps=4, stages=3),
     ("tgmm", 2880, 2880): Tiles(rows=32, cols=128, warps=4, stages=4),
     ("mxfp4", None, None): Tiles(rows=256, cols=64, depth=64, warps=8, stages=3),
+    ("mxfp4", 2880, 2880): Tiles(rows=128, cols=64, depth=64, warps=4, stages=3),
     ("mxfp4_t", None, None): Tiles(rows=256, cols=64, depth=64, warps=8, stages=3),
 }
 
