@@ -101,7 +101,7 @@ def on_flash_kernel(options: ForwardOptions, layer_cache: dict[str, Array] | Non
     the kernel or leave it to the machine (a GPU that can lower it)."""
     if layer_cache is not None or options.attention == "jnp":
         return False
-    return options.attention == "flash" or flash_attention.available()
+    return options.attention == "flash" or flash_decode.runs_compiled()
 
 
 def attend_chunk(
@@ -115,7 +115,7 @@ def attend_chunk(
 ) -> Float[Array, "B T H d"]:
     """A chunk without a cache (positions 0..T-1, `valid` its real tokens, right padding only) attending
     to itself on the flash-attention kernel, each device on its own rows under `activation_sharding`."""
-    interpret = not flash_attention.available()
+    interpret = not flash_decode.runs_compiled()
     on_device = lambda sinks, q, k, v, lengths: flash_attention.flash_attention(
         q, k, v, lengths, sinks, window, interpret=interpret
     )

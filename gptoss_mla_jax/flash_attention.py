@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from gptoss_mla_jax.flash_decode import gpu_lowering_available, triton_launch
+from gptoss_mla_jax.flash_decode import triton_launch
 
 LOG2E = math.log2(math.e)
 NEG = -1e30  # masked score: finite, so exp2(NEG - m) is exactly 0 and never NaN
@@ -54,11 +54,6 @@ LAUNCH: dict[str, Blocks] = {
     "dkdv": Blocks(queries=64, keys=128, warps=8, stages=2),
     "dq": Blocks(queries=64, keys=64, warps=4, stages=2),
 }
-
-
-def available() -> bool:
-    """Whether this machine runs the kernel compiled: a GPU whose JAX can lower Pallas for it."""
-    return jax.default_backend() == "gpu" and gpu_lowering_available()
 
 
 def _iota(n: int) -> Array:

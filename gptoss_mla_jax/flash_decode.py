@@ -211,6 +211,12 @@ def gpu_lowering_available() -> bool:
     return pl_triton is not None
 
 
+def runs_compiled() -> bool:
+    """Whether the Pallas kernels run compiled on this machine: a GPU whose JAX can lower them (elsewhere
+    they only run in the CPU interpreter)."""
+    return jax.default_backend() == "gpu" and gpu_lowering_available()
+
+
 def triton_launch(warps: int, stages: int, interpret: bool):
     """Launch settings on the GPU (ignored by the interpreter): `warps` per program, and `stages` of
     software pipelining (2: the next cache block loads while this one is reduced)."""

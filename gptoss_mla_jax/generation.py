@@ -60,11 +60,7 @@ def kernels_by_default(cache_dtype) -> bool:
     "Pallas decode kernels"). Elsewhere the jnp path: off the GPU the kernels only run interpreted, and
     in float32 they run (H200: TF32-level agreement) but their speed has not been measured; and a JAX
     without the Pallas Triton backend (deprecated in JAX 0.11) cannot lower them for the GPU."""
-    return (
-        jax.default_backend() == "gpu"
-        and jnp.dtype(cache_dtype).itemsize == 2
-        and flash_decode.gpu_lowering_available()
-    )
+    return flash_decode.runs_compiled() and jnp.dtype(cache_dtype).itemsize == 2
 
 
 def _round_up(n: int, multiple: int) -> int:

@@ -74,9 +74,14 @@ PARAM_AXES: dict[str, tuple[str | None, ...]] = {
 }
 
 
+def path_keys(path: tuple) -> list[str]:
+    """A parameter's path as strings: its keys, from plain keys or jax key-path entries alike."""
+    return [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+
+
 def logical_axes(path: tuple, ndim: int) -> tuple[str | None, ...]:
     """The logical axes of the parameter at `path` (its keys, or jax key-path entries) with `ndim` dims."""
-    names = [str(getattr(k, "key", getattr(k, "idx", k))) for k in path]
+    names = path_keys(path)
     for name in ("/".join(names[-2:]), names[-1]):
         if name in PARAM_AXES:
             return PARAM_AXES[name]

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from gptoss_mla_jax.config import GptOssConfig
-from gptoss_mla_jax.flash_decode import gpu_lowering_available
+from gptoss_mla_jax.flash_decode import runs_compiled
 from gptoss_mla_jax.gmm import Mxfp4, gmm
 from gptoss_mla_jax.mxfp4 import dequantize, dequantize_experts
 from gptoss_mla_jax.mxfp4_matvec import mxfp4_matvec
@@ -94,7 +94,7 @@ def moe_sparse(
     elif n * k < config.num_local_experts:
         y = _selected_experts(p["experts"], flat, idx, config)
     else:
-        kernel = grouped == "gmm" or (grouped == "auto" and on_gpu_kernels())
+        kernel = grouped == "gmm" or (grouped == "auto" and runs_compiled())
         y = _grouped_experts(p["experts"], flat, idx, config, kernel)
     out = jnp.einsum("nk,nkd->nd", weights.astype(y.dtype), y, preferred_element_type=jnp.float32)
     return out.astype(x.dtype).reshape(x.shape)
@@ -132,11 +132,6 @@ def _packed_experts(
     )  # fmt: skip
     hidden = swiglu(product("gate_up_proj", rows), config).astype(flat.dtype)
     return product("down_proj", hidden).astype(flat.dtype).reshape(n, k, -1)
-
-
-def on_gpu_kernels() -> bool:
-    """Whether "auto" picks the Pallas grouped matmul: on a GPU whose JAX can lower Pallas kernels."""
-    return jax.default_backend() == "gpu" and gpu_lowering_available()
 
 
 def _grouped_experts(

@@ -14,7 +14,7 @@ import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from gptoss_mla_jax.model import logical_axes
+from gptoss_mla_jax.model import logical_axes, path_keys
 from weights.safetensors_io import put
 
 DATA, MODEL = "data", "model"
@@ -57,7 +57,7 @@ def make_mesh(spec: str) -> jax.sharding.Mesh:
 
 
 def path_name(path) -> str:
-    return "/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
+    return "/".join(path_keys(path))
 
 
 def spec_for(path: tuple, shape: tuple[int, ...], mesh: jax.sharding.Mesh, rules: AxisRules = AXIS_RULES):

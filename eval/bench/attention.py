@@ -19,7 +19,6 @@ import argparse
 import dataclasses
 import itertools
 import json
-import sys
 import time
 
 import jax
@@ -27,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eval.bench.moe import relative_errors
-from eval.bench.timing import timed
+from eval.bench.timing import run_header, timed
 from gptoss_mla_jax import flash_attention as fa
 from gptoss_mla_jax.attention import attend
 from gptoss_mla_jax.config import GPT_OSS_20B
@@ -165,9 +164,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     shapes = [tuple(int(n) for n in s.split("x")) for s in args.shapes]
     t0 = time.perf_counter()
-    result = {"command": "python -m eval.bench.attention " + " ".join(sys.argv[1:] if argv is None else argv),
-              "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-              "launch": {k: dataclasses.asdict(v) for k, v in fa.LAUNCH.items()}}  # fmt: skip
+    result = run_header("eval.bench.attention", argv)
+    result["launch"] = {k: dataclasses.asdict(v) for k, v in fa.LAUNCH.items()}
     if args.check:
         result["check"] = check(*shapes[0])
     elif args.sweep is not None:

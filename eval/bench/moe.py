@@ -20,14 +20,13 @@ import argparse
 import functools
 import itertools
 import json
-import sys
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eval.bench.timing import timed
+from eval.bench.timing import run_header, timed
 from gptoss_mla_jax import gmm as gmm_lib
 from gptoss_mla_jax.config import GPT_OSS_20B
 from gptoss_mla_jax.gmm import Mxfp4, Tiles, gmm, grouped_product, tgmm
@@ -251,9 +250,8 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
-    result = {"command": "python -m eval.bench.moe " + " ".join(sys.argv[1:] if argv is None else argv),
-              "device": jax.devices()[0].device_kind, "jax": jax.__version__,
-              "launch": {"/".join(map(str, k)): vars(v) for k, v in gmm_lib.LAUNCH.items()}}  # fmt: skip
+    result = run_header("eval.bench.moe", argv)
+    result["launch"] = {"/".join(map(str, k)): vars(v) for k, v in gmm_lib.LAUNCH.items()}
     if args.check:
         result["check"] = check(args.tokens[0])
     elif args.sweep is not None:
