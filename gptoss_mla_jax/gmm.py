@@ -41,7 +41,7 @@ from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int, UInt8
 
 from gptoss_mla_jax.flash_decode import pl_triton, triton_launch
-from gptoss_mla_jax.mxfp4_matvec import BLOCK, mx_scale
+from gptoss_mla_jax.mxfp4 import BLOCK, e2m1, mx_scale
 
 
 class Mxfp4(NamedTuple):
@@ -70,7 +70,9 @@ class Tiles:
 # None) is the default for other shapes. The sweep (eval.bench.moe --sweep, results in eval/results) chose
 # them at gpt-oss-20b's expert shapes on an H200. Kernels: "gmm" (dense forward), "gmm_t" (dense d(lhs)),
 # "tgmm" (dense d(rhs); rows is the contraction step there), "mxfp4" and "mxfp4_t" (packed forward and
-# d(lhs)). `grouped_product` shortens the row tile when groups are small (`_fit_rows`).
+# d(lhs)); a kind with "_small" appended launches the products whose row tile is at most SMALL_ROWS (decode
+# batches: few rows per group, so the weights' bytes and their decoding set the time, not the tensor cores).
+# `grouped_product` shortens the row tile when groups are small (`_fit_rows`).
 LAUNCH: dict[tuple[str, int | None, int | None], Tiles] = {
     ("gmm", None, None): Tiles(rows=128, cols=128, depth=64, warps=4, stages=3),
     ("gmm", 2880, 5760): Tiles(rows=128, cols=256, depth=64, warps=8, stages=3),
@@ -81,13 +83,26 @@ LAUNCH: dict[tuple[str, int | None, int | None], Tiles] = {
     ("mxfp4", None, None): Tiles(rows=256, cols=64, depth=64, warps=8, stages=3),
     ("mxfp4", 2880, 2880): Tiles(rows=128, cols=64, depth=64, warps=4, stages=3),
     ("mxfp4_t", None, None): Tiles(rows=256, cols=64, depth=64, warps=8, stages=3),
+    ("gmm_small", None, None): Tiles(rows=16, cols=64, depth=128, warps=4, stages=4),
+    ("mxfp4_small", None, None): Tiles(rows=16, cols=64, depth=128, warps=4, stages=4),
 }
+SMALL_ROWS = 32
 
 
 def launch_for(kind: str, K: int, N: int) -> Tiles:
     """The launch settings of kernel `kind` for a product contracting K values into N outputs (tgmm: the
     weight gradient [K, N])."""
     return LAUNCH.get((kind, K, N), LAUNCH[(kind, None, None)])
+
+
+def choose_launch(kind: str, K: int, N: int, m: int, groups: int, rows: int | None = None) -> Tiles:
+    """The launch of a product of `m` rows in `groups` groups: `LAUNCH`'s, its row tile fitted to the rows
+    per group (`_fit_rows`) or set to `rows`, and the "_small" settings where that tile is short."""
+    tiles = launch_for(kind, K, N)
+    tiles = _fit_rows(tiles, m, groups) if rows is None else dataclasses.replace(tiles, rows=rows)
+    if tiles.rows <= SMALL_ROWS and (f"{kind}_small", None, None) in LAUNCH:
+        return dataclasses.replace(launch_for(f"{kind}_small", K, N), rows=tiles.rows)
+    return tiles
 
 
 def _fit_rows(tiles: Tiles, m: int, groups: int) -> Tiles:
@@ -223,21 +238,59 @@ def _dot(a: Array, b: Array, contract: tuple[int, int]) -> Array:
     )
 
 
-def _decode(packed: Array, exponents: Array, dtype) -> tuple[Array, Array]:
-    """A packed tile [r, c / 2] bytes with its scale exponents [r, c / 32] -> (low, high) nibbles as
-    values [r, c / 2] each: the tile's even and odd columns.
+def _e2m1_asm(nibble: str) -> str:
+    """PTX (sm_90) for `elementwise_inline_asm` with pack=4: $2 holds 4 packed bytes, $3 / $4 the bf16
+    scales of bytes (0, 1) / (2, 3); out: the values of their "low" or "high" nibbles ($0: bytes 0-1, $1:
+    bytes 2-3), bf16x2 each. (One call per nibble: Pallas lowers a single result per call.)
 
-    An E2M1 code's bits (sign, 2 exponent, 1 mantissa) placed in an E4M3 byte (sign at bit 7, the rest at
-    bits 2-4) are the same value times 2^-6, subnormals included (E2M1's 0.5 is E4M3's subnormal 2^-7),
-    so the hardware's FP8 conversion decodes it and one power-of-two multiply, 2^(exponent - 127 + 6),
-    applies the block's scale: a few bit operations per value instead of arithmetic on the code."""
+    prmt spreads two bytes to the two halves of a word, so one shift-and-mask pair moves both nibbles' sign
+    bit to bf16's sign and their 3 magnitude bits to its lowest 2 exponent bits and top mantissa bit: that
+    is the code's value times 2^-126 (E2M1's 0.5 lands on bf16's subnormal 2^-127, which bf16x2 arithmetic
+    keeps), and two bf16x2 multiplies apply 2^126 and the block's scale, both exact. About 4 instructions
+    per value, where decoding through float8 and its conversions costs several times that."""
+    sign_shift, magnitude_shift = {"low": (12, 6), "high": (8, 2)}[nibble]
+    lines = ["{", ".reg .b32 z, w, a, b, bias;", "mov.b32 z, 0;", "mov.b32 bias, 0x7E807E80;"]
+    for out, (select, scale) in enumerate(((0x4140, "$3"), (0x4342, "$4"))):
+        lines += [
+            f"prmt.b32 w, $2, z, {select:#x};",  # bytes 2 out and 2 out + 1 at bits 0-7 and 16-23
+            f"shl.b32 a, w, {sign_shift};",
+            "and.b32 a, a, 0x80008000;",
+            f"shl.b32 b, w, {magnitude_shift};",
+            "and.b32 b, b, 0x01C001C0;",
+            "or.b32 a, a, b;",
+            "mul.rn.bf16x2 a, a, bias;",
+            f"mul.rn.bf16x2 ${out}, a, {scale};",
+        ]
+    return "\n".join([*lines, "}"])
+
+
+E2M1_ASM = {nibble: _e2m1_asm(nibble) for nibble in ("low", "high")}
+
+
+def _decode(packed: Array, exponents: Array, dtype, interpret: bool) -> tuple[Array, Array]:
+    """A packed tile [r, c / 2] bytes with its scale exponents [r, c / 32] -> (low, high) nibbles as
+    values [r, c / 2] each in `dtype`: the tile's even and odd columns, exact.
+
+    Compiled for bfloat16, the bytes decode in inline PTX (`E2M1_ASM`); interpreted (and for other dtypes)
+    by jnp arithmetic on the codes (`mxfp4.e2m1`), which gives the same values."""
     r, half = packed.shape
-    scale = mx_scale(exponents.astype(jnp.int32) + 6).astype(dtype)
-    scale = jnp.broadcast_to(scale[:, :, None], (r, half // (BLOCK // 2), BLOCK // 2)).reshape(r, half)
-    e4m3 = lambda bits: jax.lax.bitcast_convert_type(bits, jnp.float8_e4m3fn).astype(dtype) * scale
-    low = ((packed & 0x7) << 2) | ((packed & 0x8) << 4)
-    high = ((packed >> 2) & 0x1C) | (packed & 0x80)
-    return e4m3(low), e4m3(high)
+    expand = lambda a: jnp.broadcast_to(a[:, :, None], (r, half // (BLOCK // 2), BLOCK // 2)).reshape(r, half)
+    exponents = exponents.astype(jnp.int32)
+    if interpret or dtype != jnp.bfloat16:
+        scale = expand(mx_scale(exponents))
+        codes = packed.astype(jnp.int32)
+        return (e2m1(codes & 0xF) * scale).astype(dtype), (e2m1(codes >> 4) * scale).astype(dtype)
+    scale_bits = jnp.where(exponents > 0, exponents << 7, 0x40).astype(jnp.uint16)  # 2^(e - 127) in bf16
+    scale = expand(jax.lax.bitcast_convert_type(scale_bits, jnp.bfloat16))
+    result = jax.ShapeDtypeStruct(packed.shape, jnp.bfloat16)
+    decode = lambda nibble: pl_triton.elementwise_inline_asm(
+        E2M1_ASM[nibble],
+        args=[packed, scale],
+        constraints="=r,=r,r,r,r",
+        pack=4,
+        result_shape_dtypes=[result],
+    )[0]
+    return decode("low"), decode("high")
 
 
 # ---- the kernels -------------------------------------------------------------------------------------------
@@ -264,7 +317,7 @@ def _gmm_kernel(*refs, tiles: Tiles, n_groups: int, transpose_rhs: bool, K: int,
     _store_product(out_ref, bias_ref, site, step, _cdiv(K, tiles.depth), tiles, n_groups, ragged_n)
 
 
-def _mxfp4_kernel(*refs, tiles: Tiles, n_groups: int, K: int, N: int, has_bias: bool):
+def _mxfp4_kernel(*refs, tiles: Tiles, n_groups: int, K: int, N: int, has_bias: bool, interpret: bool):
     """out[tile rows, cols] = lhs[rows] @ W[g]^T (+ bias[g]), W[g] [N, K] packed: lhs comes as its even
     and odd columns [M, K / 2], blocks as [G, N, K / 2] bytes."""
     *tm_refs, even_ref, odd_ref, blocks_ref, scales_ref = refs[:8]
@@ -279,7 +332,7 @@ def _mxfp4_kernel(*refs, tiles: Tiles, n_groups: int, K: int, N: int, has_bias: 
         mask = lambda ok: site.col_ok[:, None] & ok[None, :] if ragged else None
         packed = _load(blocks_ref.at[site.gc, site.cols, pl.ds(kk * half, half)], mask(byte_ok))
         exponents = _load(scales_ref.at[site.gc, site.cols, pl.ds(kk * groups, groups)], mask(group_ok))
-        low, high = _decode(packed, exponents, even_ref.dtype)
+        low, high = _decode(packed, exponents, even_ref.dtype, interpret)
         x_mask = byte_ok[None, :] if ragged else None
         x_even = _load(even_ref.at[site.rows, pl.ds(kk * half, half)], x_mask)
         x_odd = _load(odd_ref.at[site.rows, pl.ds(kk * half, half)], x_mask)
@@ -288,7 +341,7 @@ def _mxfp4_kernel(*refs, tiles: Tiles, n_groups: int, K: int, N: int, has_bias: 
     _store_product(out_ref, bias_ref, site, step, _cdiv(K, tiles.depth), tiles, n_groups, ragged)
 
 
-def _mxfp4_t_kernel(*refs, tiles: Tiles, n_groups: int, K: int, N: int):
+def _mxfp4_t_kernel(*refs, tiles: Tiles, n_groups: int, K: int, N: int, interpret: bool):
     """d(lhs) of the packed product: out[tile rows, cols] = dout[rows] @ W[g] over W's N rows, written as
     its even and odd columns (two outputs [M, K / 2]); `cols` counts values (cols / 2 bytes)."""
     *tm_refs, dout_ref, blocks_ref, scales_ref, even_ref, odd_ref = refs
@@ -304,7 +357,7 @@ def _mxfp4_t_kernel(*refs, tiles: Tiles, n_groups: int, K: int, N: int):
         mask = lambda ok: n_ok[:, None] & ok[None, :] if ragged else None
         packed = _load(blocks_ref.at[site.gc, w_rows, site.cols], mask(site.col_ok))
         exponents = _load(scales_ref.at[site.gc, w_rows, pl.ds(kb * groups, groups)], mask(group_ok))
-        low, high = _decode(packed, exponents, dout_ref.dtype)
+        low, high = _decode(packed, exponents, dout_ref.dtype, interpret)
         d = _load(dout_ref.at[site.rows, w_rows], n_ok[None, :] if ragged else None)
         return accs[0] + _dot(d, low, (1, 0)), accs[1] + _dot(d, high, (1, 0))
 
@@ -363,9 +416,10 @@ def grouped_product(
     transpose_rhs: bool = False,
     interpret: bool | None = None,
     launch: Tiles | None = None,
+    rows: int | None = None,
 ) -> Float[Array, "M N"]:
     """lhs @ rhs[g] per group (rhs[g]^T when `transpose_rhs`) in lhs's dtype, float32 sums; forward only
-    (`gmm` is the differentiable one). `launch` overrides `LAUNCH`."""
+    (`gmm` is the differentiable one). `launch` overrides `LAUNCH`; `rows` only its row tile."""
     M, interpret = lhs.shape[0], _interpret(interpret)
     packed = isinstance(rhs, Mxfp4)
     kind = ("mxfp4" if packed else "gmm") + ("_t" if transpose_rhs else "")
@@ -374,7 +428,7 @@ def grouped_product(
         contract, width = shape[::-1] if not transpose_rhs else shape
     else:
         contract, width = rhs.shape[1:] if not transpose_rhs else rhs.shape[:0:-1]
-    tiles = launch or _fit_rows(launch_for(kind, contract, width), M, group_sizes.shape[0])
+    tiles = launch or choose_launch(kind, contract, width, M, group_sizes.shape[0], rows)
     x = _pad_rows(lhs, tiles.rows)
     tm = tile_map(group_sizes, x.shape[0], tiles.rows)
     n_groups = group_sizes.shape[0]
@@ -388,7 +442,9 @@ def grouped_product(
         if transpose_rhs:  # dout [M, N_w] @ W[g] [N_w, K] -> [M, K] as even and odd columns
             K = Kg * BLOCK
             half = jax.ShapeDtypeStruct((x.shape[0], K // 2), lhs.dtype)
-            kernel = functools.partial(_mxfp4_t_kernel, tiles=tiles, n_groups=n_groups, K=K, N=N_w)
+            kernel = functools.partial(
+                _mxfp4_t_kernel, tiles=tiles, n_groups=n_groups, K=K, N=N_w, interpret=interpret
+            )
             grid = (_cdiv(K, tiles.cols), tm.group.shape[0])
             even, odd = _launch(kernel, grid, (*tm, x, blocks, rhs.scales), (half, half), tiles, interpret)
             out = jnp.stack([even, odd], axis=-1).reshape(x.shape[0], K)
@@ -404,8 +460,9 @@ def grouped_product(
                 *([bias] if bias is not None else []),
             )
             kernel = functools.partial(
-                _mxfp4_kernel, tiles=tiles, n_groups=n_groups, K=K, N=N, has_bias=bias is not None
-            )
+                _mxfp4_kernel, tiles=tiles, n_groups=n_groups, K=K, N=N, has_bias=bias is not None,
+                interpret=interpret,
+            )  # fmt: skip
             shape = jax.ShapeDtypeStruct((x.shape[0], N), lhs.dtype)
             out = _launch(kernel, (_cdiv(N, tiles.cols), tm.group.shape[0]), args, shape, tiles, interpret)
     else:
@@ -446,26 +503,26 @@ def _row_groups(group_sizes: Int[Array, " G"], m: int) -> Int[Array, " M"]:
     return _count_at_or_below(jnp.cumsum(group_sizes), jnp.arange(m, dtype=jnp.int32))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _gmm(lhs, rhs, group_sizes, bias, interpret):
-    return grouped_product(lhs, rhs, group_sizes, bias, False, interpret)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _gmm(lhs, rhs, group_sizes, bias, interpret, rows):
+    return grouped_product(lhs, rhs, group_sizes, bias, False, interpret, rows=rows)
 
 
-def _gmm_fwd(lhs, rhs, group_sizes, bias, interpret):
-    return _gmm(lhs, rhs, group_sizes, bias, interpret), (lhs, rhs, group_sizes, bias)
+def _gmm_fwd(lhs, rhs, group_sizes, bias, interpret, rows):
+    return _gmm(lhs, rhs, group_sizes, bias, interpret, rows), (lhs, rhs, group_sizes, bias)
 
 
-def _gmm_bwd(interpret, residuals, dout):
+def _gmm_bwd(interpret, rows, residuals, dout):
     lhs, rhs, group_sizes, bias = residuals
-    d_lhs = grouped_product(dout, rhs, group_sizes, None, True, interpret)
+    d_lhs = grouped_product(dout, rhs, group_sizes, None, True, interpret, rows=rows)
     if isinstance(rhs, Mxfp4):  # packed weights are not trainable
         d_rhs = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0), rhs)
     else:
         d_rhs = tgmm(lhs, dout, group_sizes, rhs.dtype, interpret)
     d_bias = None
     if bias is not None:
-        rows = _row_groups(group_sizes, dout.shape[0])
-        d_bias = jax.ops.segment_sum(dout.astype(jnp.float32), rows, bias.shape[0]).astype(bias.dtype)
+        rows_group = _row_groups(group_sizes, dout.shape[0])
+        d_bias = jax.ops.segment_sum(dout.astype(jnp.float32), rows_group, bias.shape[0]).astype(bias.dtype)
     return d_lhs, d_rhs, np.zeros(group_sizes.shape, jax.dtypes.float0), d_bias
 
 
@@ -478,13 +535,15 @@ def gmm(
     group_sizes: Int[Array, " G"],
     bias: Float[Array, "G N"] | None = None,
     interpret: bool | None = None,
+    rows: int | None = None,
 ) -> Float[Array, "M N"]:
     """`jax.lax.ragged_dot(lhs, rhs, group_sizes) + bias[group of each row]` on the Pallas kernels, in
     lhs's dtype with float32 sums, differentiable in lhs, dense rhs and bias. MXFP4 rhs (W[g] [N, K]
     packed) multiplies as its dequantized transpose. `interpret` defaults to the CPU interpreter off
-    the GPU."""
+    the GPU. `rows`: the row tile, for groups that start at multiples of it (no tile then mixes groups, so
+    each group's weights are read once per tile of its rows); None fits one to the rows per group."""
     K = lhs.shape[1]
     rhs_k = rhs.blocks.shape[2] * BLOCK if isinstance(rhs, Mxfp4) else rhs.shape[1]
     if rhs_k != K:
         raise ValueError(f"gmm: lhs {lhs.shape} has {K} columns, the weights contract over {rhs_k}")
-    return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), bias, _interpret(interpret))
+    return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), bias, _interpret(interpret), rows)

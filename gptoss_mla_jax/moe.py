@@ -13,8 +13,8 @@ Two paths that must agree: `moe_dense` runs every expert on every token (the rea
 the Pallas grouped matmul of `gmm` on the GPU (`jax.lax.ragged_dot` elsewhere, which XLA on CUDA lowers
 densely over all experts), so its FLOPs scale with k, not with the number of experts; at decode (fewer
 token-expert pairs than experts) it gathers the selected experts' weights instead, so a step reads only
-those from memory, or, with `kernels` and MXFP4 experts, multiplies them packed where they lie with the
-Pallas kernel of `mxfp4_matvec` (no dequantized copy written).
+those from memory; a decode step on the kernels (`kernels`) takes the grouped matmul at every batch size,
+each selected expert's packed weights read and decoded once.
 """
 
 from __future__ import annotations
@@ -23,13 +23,13 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.flash_decode import runs_compiled
 from gptoss_mla_jax.gmm import Mxfp4, gmm
 from gptoss_mla_jax.mxfp4 import dequantize, dequantize_experts
-from gptoss_mla_jax.mxfp4_matvec import mxfp4_matvec
 
 Params = dict[str, Any]
 # How grouped token-expert pairs are multiplied: "auto" takes the Pallas kernel on a GPU that can lower it
@@ -61,10 +61,17 @@ def expert_matrices(experts: Params, dtype) -> tuple[Float[Array, "E D F2"], Flo
     return dense("gate_up_proj"), dense("down_proj")
 
 
-def moe_dense(p: Params, x: Float[Array, "B T D"], config: GptOssConfig) -> Float[Array, "B T D"]:
-    """Reference: every expert on every token, combined with the (mostly zero) routing weights."""
+def moe_dense(
+    p: Params,
+    x: Float[Array, "B T D"],
+    config: GptOssConfig,
+    routing: tuple[Float[Array, "N k"], Int[Array, "N k"]] | None = None,
+) -> Float[Array, "B T D"]:
+    """Reference: every expert on every token, combined with the (mostly zero) routing weights; `routing`
+    (weights, experts per token, as `route` gives them) in place of the router's own, e.g. to compare
+    another precision's experts on the same routing."""
     flat = x.reshape(-1, x.shape[-1])
-    weights, idx = route(p, flat, config)
+    weights, idx = route(p, flat, config) if routing is None else routing
     e = p["experts"]
     w_gate_up, w_down = expert_matrices(e, x.dtype)
     combine = jnp.zeros((flat.shape[0], config.num_local_experts), jnp.float32)
@@ -82,15 +89,15 @@ def moe_sparse(
     kernels: bool = False,
     grouped: Grouped = "auto",
 ) -> Float[Array, "B T D"]:
-    """Only the selected experts. Few token-expert pairs (decode: fewer than there are experts) gather
-    their experts' weights, so a step reads k experts per token, not all of them (`kernels`: MXFP4 ones
-    through the Pallas matvec, interpreted off the GPU); more pairs are grouped by expert and multiplied
-    as `grouped` says."""
+    """Only the selected experts. `kernels` (a decode step on the Pallas kernels): the pairs grouped by
+    expert on the grouped matmul (interpreted off the GPU). Otherwise few token-expert pairs (decode: fewer
+    than there are experts) gather their experts' weights, so a step reads k experts per token, not all of
+    them, and more pairs are grouped by expert and multiplied as `grouped` says."""
     flat = x.reshape(-1, x.shape[-1])
     n, k = flat.shape[0], config.num_experts_per_tok
     weights, idx = route(p, flat, config)
-    if n * k < config.num_local_experts and kernels and "gate_up_proj_blocks" in p["experts"]:
-        y = _packed_experts(p["experts"], flat, idx, config)
+    if kernels:
+        y = _grouped_experts(p["experts"], flat, idx, config, kernel=True)
     elif n * k < config.num_local_experts:
         y = _selected_experts(p["experts"], flat, idx, config)
     else:
@@ -118,36 +125,45 @@ def _selected_experts(
     return jnp.einsum(spec, swiglu(gate_up, config), w_down) + experts["down_proj_bias"][idx]
 
 
-def _packed_experts(
-    experts: Params, flat: Float[Array, "N D"], idx: Int[Array, "N k"], config: GptOssConfig
-) -> Float[Array, "N k D"]:
-    """`_selected_experts` for MXFP4 experts on the Pallas kernel: each (token, expert) row multiplied
-    by its packed expert, float32 sums."""
-    n, k = idx.shape
-    rows, chosen = jnp.repeat(flat, k, axis=0), idx.reshape(-1)
-    interpret = jax.default_backend() != "gpu"
-    product = lambda name, rows: mxfp4_matvec(
-        rows, chosen, experts[f"{name}_blocks"], experts[f"{name}_scales"], experts[f"{name}_bias"],
-        interpret=interpret,
-    )  # fmt: skip
-    hidden = swiglu(product("gate_up_proj", rows), config).astype(flat.dtype)
-    return product("down_proj", hidden).astype(flat.dtype).reshape(n, k, -1)
+# At decode batches (up to 2 * ALIGN token-expert pairs per expert on average) the kernel path lays each
+# expert's pairs out from a multiple of its row tile (ALIGN, Triton's smallest, or twice that): no tile then
+# mixes experts, so each selected expert's weights are read and decoded once per tile of its own rows
+# rather than once for every expert in each tile.
+ALIGN = 16
+
+
+def _aligned_slots(
+    expert: Int[Array, " P"], sizes: Int[Array, " E"], align: int
+) -> tuple[Int[Array, " P"], Int[Array, " E"], int]:
+    """Where each pair (in token order) goes when every expert's pairs start at a multiple of `align` rows
+    (within an expert, in token order: no sort needed), the padded group sizes, and the rows that layout
+    needs at most."""
+    padded = -(-sizes // align) * align
+    start = jnp.cumsum(padded) - padded
+    mine = expert[:, None] == jnp.arange(sizes.shape[0], dtype=expert.dtype)[None, :]  # [P, E]
+    rank = jnp.take_along_axis(jnp.cumsum(mine, axis=0, dtype=jnp.int32), expert[:, None], axis=1)[:, 0] - 1
+    P = expert.shape[0]
+    return start[expert] + rank, padded, P + min(P, sizes.shape[0]) * (align - 1)
 
 
 def _grouped_experts(
     e: Params, flat: Float[Array, "N D"], idx: Int[Array, "N k"], config: GptOssConfig, kernel: bool
 ) -> Float[Array, "N k D"]:
-    """Token-expert pairs sorted by expert, each expert's rows multiplied at once: with the Pallas
-    grouped matmul (`kernel`; MXFP4 experts used packed, biases added in the kernel) or ragged_dot."""
+    """Token-expert pairs grouped by expert, each expert's rows multiplied at once: with the Pallas grouped
+    matmul (`kernel`; MXFP4 experts used packed, biases added in the kernel; at decode batches each
+    expert's rows aligned to the row tile) or ragged_dot (pairs sorted by expert)."""
     n, k = idx.shape
     expert = idx.reshape(-1)
+    group_sizes = jnp.bincount(expert, length=config.num_local_experts).astype(jnp.int32)
+    tile = max(ALIGN, pl.next_power_of_2(-(-n * k // config.num_local_experts)))
+    if kernel and tile <= 2 * ALIGN:  # decode batches: a tile or two per expert
+        slot, padded, height = _aligned_slots(expert, group_sizes, tile)
+        rows = jnp.zeros((height, flat.shape[1]), flat.dtype).at[slot].set(jnp.repeat(flat, k, axis=0))
+        return _expert_products(e, rows, padded, config, tile)[slot].reshape(n, k, -1)
     order = jnp.argsort(expert, stable=True)
     rows = flat[order // k]
-    group_sizes = jnp.bincount(expert, length=config.num_local_experts).astype(jnp.int32)
     if kernel:
-        weights = lambda name: e[name] if name in e else Mxfp4(e[f"{name}_blocks"], e[f"{name}_scales"])
-        gate_up = gmm(rows, weights("gate_up_proj"), group_sizes, e["gate_up_proj_bias"])
-        y = gmm(swiglu(gate_up, config), weights("down_proj"), group_sizes, e["down_proj_bias"])
+        y = _expert_products(e, rows, group_sizes, config, None)
     else:
         sorted_expert = expert[order]
         w_gate_up, w_down = expert_matrices(e, flat.dtype)
@@ -155,3 +171,13 @@ def _grouped_experts(
         y = jax.lax.ragged_dot(swiglu(gate_up, config), w_down, group_sizes)
         y = y + e["down_proj_bias"][sorted_expert]
     return jnp.zeros_like(y).at[order].set(y).reshape(n, k, -1)  # back in token order
+
+
+def _expert_products(
+    e: Params, rows: Float[Array, "M D"], group_sizes: Int[Array, " E"], config: GptOssConfig, tile
+) -> Float[Array, "M D"]:
+    """Both expert projections of rows grouped by expert, on the grouped matmul (`tile`: its row tile,
+    for groups starting at multiples of it)."""
+    weights = lambda name: e[name] if name in e else Mxfp4(e[f"{name}_blocks"], e[f"{name}_scales"])
+    gate_up = gmm(rows, weights("gate_up_proj"), group_sizes, e["gate_up_proj_bias"], rows=tile)
+    return gmm(swiglu(gate_up, config), weights("down_proj"), group_sizes, e["down_proj_bias"], rows=tile)

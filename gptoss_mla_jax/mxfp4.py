@@ -24,6 +24,24 @@ BLOCK = 32
 _BF16_INF = 0x7F80  # values past bfloat16's range overflow to inf, as in the reference's ldexp
 
 
+def e2m1(code: Array) -> Array:
+    """E2M1 codes (int32, 0..15) -> their values in float32, by arithmetic (what a kernel can do without a
+    table): magnitude m = mantissa << shift / 2 with mantissa m (m < 2) or 2 + (m & 1) and shift
+    (m >> 1) - 1, the sign bit 8."""
+    m = code & 7
+    high = m >= 2
+    mantissa = jnp.where(high, 2 + (m & 1), m)
+    magnitude = (mantissa << jnp.where(high, (m >> 1) - 1, 0)).astype(jnp.float32) * 0.5
+    return jnp.where(code >= 8, -magnitude, magnitude)
+
+
+def mx_scale(exponent: Array) -> Array:
+    """A scale byte (int32, bias 127) -> 2^(exponent - 127) in float32, built from its bits (exponent 0,
+    2^-127, is a float32 subnormal: its bit pattern is 1 << 22)."""
+    bits = jnp.where(exponent > 0, exponent << 23, 1 << 22)
+    return jax.lax.bitcast_convert_type(bits, jnp.float32)
+
+
 @functools.partial(jax.jit, static_argnames="dtype")
 def dequantize(
     blocks: UInt8[Array, "*rows G 16"], scales: UInt8[Array, "*rows G"], dtype=jnp.bfloat16

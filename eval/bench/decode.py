@@ -5,7 +5,8 @@
     python -m eval.bench.decode --transformers        # transformers' GptOssForCausalLM, batch 1
     python -m eval.bench.decode --with-transformers   # both, the peer first in its own process (4K context)
     python -m eval.bench.decode --kernels             # the Pallas decode kernels vs jnp and JAX's stock gqa
-    python -m eval.bench.decode --experts 4,32        # the MXFP4 expert kernel's launch settings
+    python -m eval.bench.decode --moe 1,8,64,256      # one layer's MoE on the kernels vs jnp and its floor
+    python -m eval.bench.decode --profile 1,4096      # kernels per step and where the device time goes
 
 Random weights; experts packed in MXFP4 as gpt-oss ships them (transformers: bf16, its MXFP4 path needs
 kernels from the hub). MLA: the default conversion (decompressed, latent 192, full-attention layers;
@@ -40,8 +41,6 @@ from gptoss_mla_jax.execution import ForwardOptions
 from gptoss_mla_jax.flash_decode import Launch
 from gptoss_mla_jax.generation import DEMO_CONFIG, decode_step
 from gptoss_mla_jax.model import init_params
-from gptoss_mla_jax.mxfp4 import dequantize
-from gptoss_mla_jax.mxfp4_matvec import mxfp4_matvec
 from support.results import write_json
 from weights.to_mla import DEFAULT_LATENT_DIM, convert
 
@@ -56,24 +55,28 @@ MAX_BATCH = 1024  # capacity search bound (and the answer where the backend repo
 RESERVE = 6e9  # bytes kept free for a step's activations (scores, the MLA layers' decompressed K and V)
 
 
-def models(config: GptOssConfig, latent_dim: int = DEFAULT_LATENT_DIM, partial: bool = False) -> dict:
+def models(
+    config: GptOssConfig, latent_dim: int = DEFAULT_LATENT_DIM, partial: bool = False, only=None
+) -> dict:
     """{"gqa": (config, params), "mla": (config, params)[, "mla_partial": ...]}: MLA students of the
     full-attention layers sharing the GQA weights. "mla" is the default conversion; "mla_partial" keeps
     2 RoPE pairs per kv head with the latent smaller by the RoPE dims it caches (the same cache per token)
-    and decodes with the absorbed attention over the latent."""
+    and decodes with the absorbed attention over the latent. `only`: the names to build (default all)."""
     params = jax.block_until_ready(init_params(config, jax.random.key(0), jnp.bfloat16, experts="mxfp4"))
     full = tuple(i for i in range(config.num_hidden_layers) if not config.is_sliding(i))
     out = {"gqa": (config, params)}
-    mla_config, mla_params, _ = convert(params, config, latent_dim, "decompressed", layers=full)
-    out["mla"] = (mla_config, jax.block_until_ready(mla_params))
-    if partial:
+    wanted = lambda name: only is None or name in only
+    if wanted("mla"):
+        mla_config, mla_params, _ = convert(params, config, latent_dim, "decompressed", layers=full)
+        out["mla"] = (mla_config, jax.block_until_ready(mla_params))
+    if partial and wanted("mla_partial"):
         calib = np.random.default_rng(0).integers(0, config.vocab_size, (1, 64))  # picks the RoPE pairs
         cut = 2 * 2 * config.num_key_value_heads  # 2 pairs = 4 cached dims per kv head
         mla_config, mla_params, _ = convert(
             params, config, latent_dim - cut, "partial", full, rope_pairs=2, calib_tokens=calib
         )
         out["mla_partial"] = (mla_config, jax.block_until_ready(mla_params))
-    return out
+    return {name: model for name, model in out.items() if wanted(name)}
 
 
 def cache_bytes(config: GptOssConfig, batch: int, context: int) -> int:
@@ -307,64 +310,146 @@ def sweep(make, settings: list[dict], args, want, nbytes: int, copy: float, repe
     }
 
 
-# The MXFP4 expert kernel's launch settings: output rows per program, 32-value groups per step, warps,
-# pipeline stages (the defaults first).
-EXPERT_CONFIGS = [
-    dict(rows=rows, chunk=chunk, warps=warps, stages=stages)
-    for rows, chunk in ((32, 8), (16, 8), (64, 4), (32, 4), (16, 16), (8, 16))
-    for warps, stages in ((4, 2), (4, 3), (8, 2), (2, 2))
-]
+# Launch settings of the grouped matmul's decode-batch products ("_small" kinds: row tiles of 16 or 32)
+# tried by --moe: (output columns, contraction step, warps, stages); the table's first.
+MOE_LAUNCHES = [
+    dict(cols=cols, depth=depth, warps=warps, stages=stages)
+    for cols, depth, warps, stages in (
+        (64, 128, 4, 4), (32, 256, 4, 3), (64, 256, 4, 3), (128, 128, 4, 3), (16, 256, 4, 3), (32, 512, 4, 2),
+    )
+]  # fmt: skip
 
 
-def expert_rows(pairs: list[int], repeats: int, smoke: bool, log) -> list[dict]:
-    """The MXFP4 expert matvec (mxfp4_matvec, what a decode step's MoE runs on the kernels) at gpt-oss-20b's
-    expert shapes, for each count of (token, expert) pairs (batch 1: 4), each projection and launch setting:
-    time, the packed bytes of the distinct experts read over the copy bandwidth, and the largest difference
-    from dequantize-then-multiply in float32; against the jnp path the MoE takes without the kernel
-    (gather the packed experts, dequantize to bf16 in memory, multiply)."""
+def in_loop(fn, inner: int):
+    """`fn(params, x) -> x'` applied `inner` times in one jitted loop, each on the last's output: a small
+    op's device time without a host dispatch per call (divide by `inner`)."""
+    return jax.jit(lambda p, x: jax.lax.fori_loop(0, inner, lambda _, x: fn(p, x), x))
+
+
+def moe_rows(batches: list[int], repeats: int, smoke: bool, log) -> list[dict]:
+    """One layer's MoE in a decode step at each batch, MXFP4 experts: on the kernels (the grouped matmul,
+    each launch of MOE_LAUNCHES) and on the jnp path (gather the selected experts, dequantize, multiply),
+    each timed on the device (`in_loop`); the byte floor (the distinct selected experts' packed bytes, read
+    once, over the copy bandwidth); and the kernels' largest difference from the float32 reference on the
+    same routing."""
+    from gptoss_mla_jax import gmm as gmm_lib
+    from gptoss_mla_jax.gmm import Tiles
+    from gptoss_mla_jax.moe import moe_dense, moe_sparse, route
+
     config = DEMO_CONFIG if smoke else GPT_OSS_20B
-    E, D, F = config.num_local_experts, config.hidden_size, config.intermediate_size
-    settings = [dict(rows=8, chunk=2, warps=4, stages=2)] if smoke else EXPERT_CONFIGS
+    one_layer = dataclasses.replace(config, num_hidden_layers=1, layer_types=config.layer_types[:1])
+    p = jax.block_until_ready(init_params(one_layer, jax.random.key(0), jnp.bfloat16, "mxfp4"))
+    p = p["layers"][0]["mlp"]
+    launches = MOE_LAUNCHES[:2] if smoke else MOE_LAUNCHES
+    inner = 2 if smoke else 20
     copy = copy_bandwidth(0.05 if smoke else 4.0)
-    out = [{"copy_gb_per_s": copy / 1e9}]
-    rng = np.random.default_rng(0)
-    for name, n_out, n_in in (("gate_up_proj", 2 * F, D), ("down_proj", D, F)):
-        groups = n_in // 32
-        blocks = jnp.asarray(rng.integers(0, 256, (E, n_out, groups, 16), dtype=np.uint8))
-        scales = jnp.asarray(rng.integers(118, 124, (E, n_out, groups), dtype=np.uint8))  # gpt-oss's range
-        bias = jnp.asarray(rng.standard_normal((E, n_out), np.float32)).astype(jnp.bfloat16)
-        for P in pairs:
-            experts = jnp.arange(P, dtype=jnp.int32) % E  # distinct while there are experts to go round
-            x = jnp.asarray(rng.standard_normal((P, n_in), np.float32)).astype(jnp.bfloat16)
-            row = {"projection": name, "pairs": P} | expert_point(
-                (x, experts, blocks, scales, bias), settings, copy, repeats
-            )
-            log(row)
-            out.append(row)
+    expert_bytes = sum(v[0].nbytes for k, v in p["experts"].items())  # one expert: blocks, scales, biases
+    f32 = lambda a: a.astype(jnp.float32) if jnp.issubdtype(a.dtype, jnp.floating) else a
+
+    def reference(p, x):  # float32 experts on the kernels' own (bf16) routing: a near tie can flip a choice
+        routing = route(p, x.reshape(-1, x.shape[-1]), config)
+        return moe_dense(jax.tree.map(f32, p), x.astype(jnp.float32), config, routing)
+
+    out = [{"copy_gb_per_s": copy / 1e9, "expert_bytes": expert_bytes}]
+    for batch in batches:
+        x = jax.random.normal(jax.random.key(batch), (batch, 1, config.hidden_size), jnp.bfloat16)
+        _, idx = route(p, x.reshape(batch, -1), config)
+        distinct = len(set(np.asarray(idx).ravel().tolist()))
+        nbytes = distinct * expert_bytes + p["router"]["kernel"].nbytes
+        row = {"batch": batch, "pairs": batch * config.num_experts_per_tok, "distinct_experts": distinct}
+        row["bytes"], row["floor_ms"] = nbytes, 1e3 * nbytes / copy
+        want = jax.jit(reference)(p, x)
+        row["max_abs_reference"] = float(jnp.abs(want).max())
+        ms = lambda fn, x=x: 1e3 * timed(in_loop(fn, inner), p, x, repeats=repeats) / inner
+        row["jnp_ms"] = ms(lambda p, x: moe_sparse(p, x, config))
+        configs = []
+        for launch in launches:
+            kinds = ("mxfp4_small", "mxfp4_t_small")
+            table = {**gmm_lib.LAUNCH, **{(k, None, None): Tiles(rows=16, **launch) for k in kinds}}
+            original, gmm_lib.LAUNCH = gmm_lib.LAUNCH, table
+            try:
+                on_kernels = lambda p, x: moe_sparse(p, x, config, kernels=True)
+                error = float(jnp.abs(jax.jit(on_kernels)(p, x).astype(jnp.float32) - want).max())
+                configs.append(launch | {"ms": ms(on_kernels), "max_abs_error": error})
+            except Exception as e:  # a launch that does not compile (shared memory) is recorded
+                configs.append(launch | {"error": f"{type(e).__name__}: {e}"[:300]})
+            finally:
+                gmm_lib.LAUNCH = original
+        ran = [c for c in configs if "ms" in c]
+        best = min(ran, key=lambda c: c["ms"])
+        row |= {"configs": configs, "kernel_ms": best["ms"], "kernel_launch": best}
+        row["kernel_over_floor"] = best["ms"] / row["floor_ms"]
+        row["max_abs_error"] = max(c["max_abs_error"] for c in ran)
+        log(row)
+        out.append(row)
     return out
 
 
-def expert_point(args, settings: list[dict], copy: float, repeats: int) -> dict:
-    """One point of `expert_rows`; args = (x [P, n_in], experts [P], blocks, scales, bias)."""
-    x, experts, blocks, scales, bias = args
-    interpret = jax.default_backend() == "cpu"
+def profile(models_: dict, batch: int, context: int, steps: int) -> dict:
+    """A profile of `steps` decode steps on the kernels per model, summarised: kernels launched per step, the
+    device's busy time per step (kernels end to end, overlaps counted once) against the wall time, and the
+    kernels taking the most time."""
+    import glob
+    import tempfile
 
-    def exact(x_p, e):  # one pair at a time: P dequantized float32 experts would not fit at batch 64
-        w = dequantize(blocks[e], scales[e], jnp.float32)
-        return jnp.dot(w, x_p.astype(jnp.float32), precision="highest") + bias[e].astype(jnp.float32)
+    out = {}
+    for name, (config, params) in models_.items():
+        cache = init_cache(config, batch, context)
+        cache["lengths"] = jnp.full((batch,), context - 1, jnp.int32)
+        tokens = jnp.zeros((batch,), jnp.int32)
+        step = functools.partial(
+            lambda params, config, tokens, cache: decode_step(
+                params, cache, tokens, jax.random.key(0), config, 0.0, None, True
+            ), params, config,
+        )  # fmt: skip
+        tokens, cache = jax.block_until_ready(step(tokens, cache))
+        with tempfile.TemporaryDirectory() as folder:
+            jax.profiler.start_trace(folder)
+            t = time.perf_counter()
+            for _ in range(steps):
+                cache["lengths"] = jnp.full((batch,), context - 1, jnp.int32)
+                tokens, cache = step(tokens, cache)
+            jax.block_until_ready(tokens)
+            wall = time.perf_counter() - t
+            jax.profiler.stop_trace()
+            trace = jax.profiler.ProfileData.from_file(
+                glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0]
+            )
+        out[name] = kernel_summary(trace, steps) | {"wall_ms_per_step": 1e3 * wall / steps}
+    return out
 
-    def jnp_path(x, experts, blocks, scales, bias):  # moe._selected_experts' MXFP4 branch
-        w = dequantize(blocks[experts], scales[experts], x.dtype)
-        return jnp.einsum("pi,poi->po", x, w) + bias[experts]
 
-    want = jax.jit(lambda x, e: jax.lax.map(lambda pe: exact(*pe), (x, e)))(x, experts)
-    distinct = len(set(np.asarray(experts).tolist()))
-    nbytes = distinct * (blocks[0].nbytes + scales[0].nbytes + bias[0].nbytes) + x.nbytes
-    row = {"n_out": blocks.shape[1], "n_in": x.shape[1], "bytes": int(nbytes)}
-    row["max_abs_reference"] = float(jnp.abs(want).max())
-    make = lambda setting: functools.partial(mxfp4_matvec, **setting, interpret=interpret)
-    row |= sweep(make, settings, args, want, nbytes, copy, repeats)
-    return row | path_times({"jnp": jnp_path}, args, nbytes, copy, repeats)
+def kernel_summary(trace, steps: int, top: int = 25) -> dict:
+    """Kernel events on the GPU's streams of a profile: count, busy time, and the `top` names by time."""
+    events = []
+    for plane in trace.planes:
+        if not plane.name.startswith("/device:GPU"):
+            continue
+        for line in plane.lines:
+            if line.name.startswith("Stream"):
+                events += [(e.start_ns, e.duration_ns, e.name) for e in line.events]
+    events.sort()
+    busy, end = 0.0, 0.0
+    for start, duration, _ in events:  # union of the intervals
+        busy += max(0.0, start + duration - max(start, end))
+        end = max(end, start + duration)
+    gaps = sorted(
+        ((b[0] - a[0] - a[1], a[2][:60], b[2][:60]) for a, b in itertools.pairwise(events)), reverse=True
+    )
+    by_name: dict[str, list[float]] = {}
+    for _, duration, name in events:
+        by_name.setdefault(name[:120], []).append(duration)
+    ranked = sorted(by_name.items(), key=lambda kv: -sum(kv[1]))[:top]
+    return {
+        "kernels_per_step": len(events) / steps,
+        "busy_ms_per_step": busy / 1e6 / steps,
+        "span_ms_per_step": (end - events[0][0]) / 1e6 / steps if events else 0.0,
+        "top": [
+            {"name": n, "per_step": len(d) / steps, "us_per_step": sum(d) / 1e3 / steps} for n, d in ranked
+        ],
+        "gap_us_median": float(np.median([g[0] for g in gaps])) / 1e3 if gaps else 0.0,
+        "largest_gaps": [{"us": g / 1e3, "after": a, "before": b} for g, a, b in gaps[:top]],
+    }
 
 
 def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, configs, head_blocks, dtype) -> dict:
@@ -494,17 +579,14 @@ def main(argv=None) -> int:
     parser.add_argument("--with-transformers", action="store_true", help="also run the peer, in a subprocess")
     parser.add_argument("--breakdown", help="BATCH,CONTEXT: where a decode step's time goes")
     parser.add_argument("--kernels", action="store_true", help="the Pallas decode kernels vs jnp")
-    parser.add_argument(
-        "--experts",
-        metavar="PAIRS",
-        help="the MXFP4 expert kernel's launch settings for these counts of "
-        "(token, expert) pairs, e.g. 4,32 (batch 1 and 8 at top-4)",
-    )
+    parser.add_argument("--moe", metavar="BATCHES", help="one layer's MoE at these batches, e.g. 1,8,64")
+    parser.add_argument("--profile", metavar="BATCH,CONTEXT", help="profile decode steps on the kernels")
     parser.add_argument("--partial", action="store_true", help="also MLA in partial mode (absorbed decode)")
     parser.add_argument(
         "--decode-kernels", choices=("off", "on", "both"), default="off",
         help="steps (and --capacity) attend with the Pallas kernels: off, on, or both side by side",
     )  # fmt: skip
+    parser.add_argument("--models", help="only these models, e.g. gqa,mla_partial (default: all)")
     parser.add_argument("--smoke", action="store_true", help="a tiny model (CPU check of the script)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -522,26 +604,32 @@ def main(argv=None) -> int:
             )  # fmt: skip
             peer = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
             peer = peer[-1]["rows"] if peer else [{"error": out.stderr[-2000:]}]
-        models_ = (
-            models(DEMO_CONFIG, 32, args.partial) if args.smoke else models(GPT_OSS_20B, partial=args.partial)
+        only = args.models.split(",") if args.models else None
+        models_ = lambda: (  # the modes timing a whole model build it
+            models(DEMO_CONFIG, 32, args.partial, only)
+            if args.smoke
+            else models(GPT_OSS_20B, partial=args.partial, only=only)
         )
         result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "transformers_rows": peer}
         result["xla_flags"] = os.environ.get("XLA_FLAGS", "")
         if args.kernels:
             batches = [int(b) for b in args.batches.split(",")]
             result["kernels"] = kernel_rows(batches, contexts, args.repeats, args.smoke, log)
-        elif args.experts:
-            pairs = [int(p) for p in args.experts.split(",")]
-            result["experts"] = expert_rows(pairs, args.repeats, args.smoke, log)
+        elif args.moe:
+            batches = [int(b) for b in args.moe.split(",")]
+            result["moe"] = moe_rows(batches, args.repeats, args.smoke, log)
+        elif args.profile:
+            batch, context = (int(n) for n in args.profile.split(","))
+            result["profile"] = profile(models_(), batch, context, args.repeats)
         elif args.breakdown:
             batch, context = (int(n) for n in args.breakdown.split(","))
-            result["breakdown"] = breakdown(models_, batch, context, args.repeats)
+            result["breakdown"] = breakdown(models_(), batch, context, args.repeats)
         elif args.capacity:
-            result["capacity"] = capacity(models_, contexts, log, args.decode_kernels == "on")
+            result["capacity"] = capacity(models_(), contexts, log, args.decode_kernels == "on")
         else:
             batches = [int(b) for b in args.batches.split(",")]
             kernels = {"off": (False,), "on": (True,), "both": (False, True)}[args.decode_kernels]
-            result["rows"] = speed(models_, batches, contexts, args.repeats, log, kernels)
+            result["rows"] = speed(models_(), batches, contexts, args.repeats, log, kernels)
     result["command"] = " ".join(
         ["python -m eval.bench.decode", *(argv if argv is not None else sys.argv[1:])]
     )

@@ -1,42 +1,40 @@
 #!/usr/bin/env bash
-# The decode measurements in one call of under 10 minutes. GPU 0: each Pallas kernel against its
-# jnp path (float32 check, then the bf16 table), then where a batch-1 step's time goes (the MoE on jnp and
-# on the MXFP4 kernel). The last GPU: the whole gpt-oss-20b-shaped model's decode step off and on the
-# kernels (GQA, MLA, MLA partial; batch 1 and 64 at 32K). With three GPUs or more, GPU 1 sweeps the MXFP4
-# expert kernel's launch settings (batch 1, 8 and 64 at top-4). With one GPU the first two run one after
-# the other, so that no timing shares the card.
-#   bash eval/experiments/decode_gpu.sh OUT_DIR [CONTEXTS]
+# Decode measurements on one GPU in a device call of under 10 minutes, as named stages run one after the
+# other (no timing shares the card); each stage's JSON lands in OUT_DIR and every log in OUT_DIR/decode_gpu.log
+# (one file: a device call brings back at most 8).
+#   check      the grouped matmul's bf16 agreement with ragged_dot, MXFP4 (compiled decoding) included
+#   moe        one layer's MoE at batches 1, 8, 64 and 256: kernels (each decode launch) vs jnp vs bytes
+#   profile    kernels per decode step and where the device time goes, batch 1 x 4K
+#   graphs     the same profile of GQA with XLA's command buffers (CUDA graphs) for every kind of op
+#   e2e        whole-model decode steps on the kernels, GQA and both MLA modes, batches 1 and 64 at 4K / 32K
+#   peer       e2e at batch 1 x 4K with transformers' model in the same run
+#   kernels    each attention decode kernel against its jnp path
+#   capacity   the largest batch that runs at 32K and 128K, on the kernels
+#   bash eval/experiments/decode_gpu.sh OUT_DIR [STAGES]        (default: check,moe,profile,e2e)
 set -uo pipefail
-OUT=${1:?usage: bash eval/experiments/decode_gpu.sh OUT_DIR [CONTEXTS]}
-CONTEXTS=${2:-32768}
+OUT=${1:?usage: bash eval/experiments/decode_gpu.sh OUT_DIR [STAGES]}
+STAGES=${2:-check,moe,profile,e2e}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
-LOGS=$(mktemp -d)
-bench() {  # bench GPU NAME ARGS...: one benchmark process; its JSON in OUT, its log appended to OUT/decode_gpu.log
-  # (one log file: the device tool brings back at most 8 files)
-  local gpu=$1 name=$2
-  shift 2
-  CUDA_VISIBLE_DEVICES=$gpu timeout 560 python -m eval.bench.decode "$@" --out "$OUT/$name.json" \
-    > "$LOGS/$name.log" 2>&1 || echo "$name: exit $?" >&2
-  { echo "==> $name <=="; cat "$LOGS/$name.log"; } >> "$OUT/decode_gpu.log"
+run() {  # run NAME LIMIT_S MODULE ARGS...: one process, its JSON in OUT/NAME.json, its log appended
+  local name=$1 limit=$2 module=$3
+  shift 3
+  echo "==> $name: $module $*" >> "$OUT/decode_gpu.log"
+  timeout "$limit" python -m "$module" "$@" --out "$OUT/$name.json" >> "$OUT/decode_gpu.log" 2>&1 \
+    || echo "$name: exit $?" | tee -a "$OUT/decode_gpu.log"
 }
-kernels() {
-  bench 0 decode_kernels --kernels --batches 1,8,64 --contexts 4096,32768,131072
-  bench 0 decode_breakdown --breakdown 1,32768 --repeats 8
-}
-model() {
-  bench "$1" decode_e2e_kernels --decode-kernels both --partial --batches 1,64 --contexts "$CONTEXTS"
-}
-gpus=$(nvidia-smi -L | wc -l)
-if [ "$gpus" -gt 1 ]; then
-  kernels &
-  model $((gpus - 1)) &
-  if [ "$gpus" -gt 2 ]; then
-    bench 1 decode_experts --experts 4,32,256 --repeats 8 &
-  fi
-  wait
-else
-  kernels
-  model 0
-fi
-tail -n 2 "$LOGS"/*.log
+for stage in ${STAGES//,/ }; do
+  case "$stage" in
+    check) run bench_moe_check 240 eval.bench.moe --check --tokens 2048 ;;
+    moe) run decode_moe 240 eval.bench.decode --moe 1,8,64,256 --repeats 10 ;;
+    profile) run decode_profile 200 eval.bench.decode --profile 1,4096 --partial --repeats 5 ;;
+    graphs) XLA_FLAGS="--xla_gpu_graph_min_graph_size=1 --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN" \
+      run decode_profile_graphs 150 eval.bench.decode --profile 1,4096 --models gqa --repeats 5 ;;
+    e2e) run decode_e2e 330 eval.bench.decode --decode-kernels on --partial --batches 1,64 --contexts 4096,32768 ;;
+    peer) run decode_e2e_peer 400 eval.bench.decode --with-transformers --decode-kernels on --partial --batches 1 --contexts 4096 ;;
+    kernels) run decode_kernels 400 eval.bench.decode --kernels --batches 1,8,64 --contexts 4096,32768,131072 ;;
+    capacity) run decode_capacity 400 eval.bench.decode --capacity --decode-kernels on --partial --contexts 32768,131072 ;;
+    *) echo "unknown stage $stage" >&2; exit 2 ;;
+  esac
+done
+grep -h "exit\|kernel_ms\|step_ms\|kernels_per_step" "$OUT/decode_gpu.log" | cut -c1-400 | tail -n 40

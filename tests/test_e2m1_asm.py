@@ -1,0 +1,68 @@
+"""The inline PTX that decodes MXFP4 bytes in the grouped matmul's compiled kernels (`gmm.E2M1_ASM`),
+executed by a small interpreter of its six instructions: every byte, with scales from subnormal to large,
+gives the E2M1 values times the scale exactly (the GPU run of `eval.bench.moe --check` checks the hardware
+against the dequantized product)."""
+
+import struct
+
+import numpy as np
+import pytest
+
+from gptoss_mla_jax.gmm import E2M1_ASM
+from gptoss_mla_jax.mxfp4 import FP4_VALUES
+
+
+def bf16_value(bits: int) -> float:
+    return struct.unpack("<f", struct.pack("<I", (bits & 0xFFFF) << 16))[0]
+
+
+def bf16_bits(value: float) -> int:
+    bits = struct.unpack("<I", struct.pack("<f", value))[0]
+    assert bits & 0xFFFF == 0, f"{value} is not a bfloat16"  # every product here is exact
+    return bits >> 16
+
+
+def run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
+    """Execute the straight-line PTX (registers as 32-bit ints); returns every register."""
+    regs = dict(operands)
+    value = lambda token: int(token, 0) if token[0].isdigit() else regs[token]
+    for line in asm.strip("{}\n").splitlines():
+        if line.startswith(".reg"):
+            continue
+        op, args = line.rstrip(";").split(None, 1)
+        dst, *src = [a.strip() for a in args.split(",")]
+        a = [value(s) for s in src]
+        if op == "mov.b32":
+            out = a[0]
+        elif op == "shl.b32":
+            out = a[0] << a[1]
+        elif op == "and.b32":
+            out = a[0] & a[1]
+        elif op == "or.b32":
+            out = a[0] | a[1]
+        elif op == "prmt.b32":
+            pool = (a[0] & 0xFFFFFFFF) | ((a[1] & 0xFFFFFFFF) << 32)
+            out = sum(((pool >> (8 * ((a[2] >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
+        elif op == "mul.rn.bf16x2":
+            halves = [bf16_bits(bf16_value(a[0] >> s) * bf16_value(a[1] >> s)) for s in (0, 16)]
+            out = halves[0] | (halves[1] << 16)
+        else:
+            raise AssertionError(f"instruction {op} has no interpretation here")
+        regs[dst] = out & 0xFFFFFFFF
+    return regs
+
+
+@pytest.mark.parametrize("exponent", [0, 1, 100, 117, 127, 136, 200])
+@pytest.mark.parametrize("nibble", ["low", "high"])
+def test_every_byte_decodes_to_its_value_times_the_scale(nibble, exponent):
+    scale_bits = exponent << 7 if exponent else 0x40  # 2^(exponent - 127) in bfloat16
+    scale = bf16_value(scale_bits)
+    pair = scale_bits | (scale_bits << 16)
+    for first in range(0, 256, 4):
+        packed = [first, first + 1, first + 2, first + 3]
+        word = sum(b << (8 * i) for i, b in enumerate(packed))
+        regs = run_ptx(E2M1_ASM[nibble], {"$2": word, "$3": pair, "$4": pair})
+        got = [bf16_value(regs[r] >> s) for r in ("$0", "$1") for s in (0, 16)]
+        codes = [b & 0xF if nibble == "low" else b >> 4 for b in packed]
+        want = [float(FP4_VALUES[c]) * scale for c in codes]
+        assert np.array_equal(np.signbit(got), np.signbit(want)) and got == want, (packed, got, want)
