@@ -144,3 +144,20 @@ def test_decode_on_the_grouped_kernel_equals_the_reference(tmp_path, tokens, rou
     want = np.asarray(moe_dense(q, x, config))
     got = np.asarray(moe_sparse(q, x, config, kernels=True))
     np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
+
+
+def test_decode_step_on_the_kernels_equals_jnp():
+    """A model with MXFP4 experts: one cached decode step with `decode_kernels` (the attention kernels and
+    the grouped matmul, interpreted) gives the jnp step's logits, float32."""
+    from gptoss_mla_jax.cache import init_cache
+    from gptoss_mla_jax.generation import DEMO_CONFIG
+    from gptoss_mla_jax.model import ForwardOptions, forward, init_params
+
+    params = init_params(DEMO_CONFIG, jax.random.key(0), jnp.float32, experts="mxfp4")
+    tokens = jax.random.randint(jax.random.key(1), (2, 21), 0, DEMO_CONFIG.vocab_size)
+    _, cache, _ = forward(params, tokens[:, :20], init_cache(DEMO_CONFIG, 2, 32, jnp.float32), DEMO_CONFIG)
+    step = lambda kernels: forward(
+        params, tokens[:, 20:], cache, DEMO_CONFIG, options=ForwardOptions(decode_kernels=kernels)
+    )[0]
+    want, got = step(False), step(True)
+    np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.abs(want).max()), rtol=0)
