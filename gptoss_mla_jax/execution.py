@@ -24,14 +24,15 @@ class ForwardOptions:
     `moe`: the MoE path (`MoeImpl`). `attention`: the attention path of chunks without a cache
     (`AttentionImpl`). `mla_absorb`: partial MLA's attention path (None: absorbed for single-token steps).
     `decode_kernels`: single-token steps attend with the Pallas flash-decoding kernels (flash_decode.py)
-    and multiply MXFP4 experts packed (mxfp4_matvec.py) instead of jnp (interpreted, slowly, off the
-    GPU). `remat`: recompute each layer's activations in the backward pass. `collect_attention`: also
-    return every layer's attention output (what it adds to the residual stream), for distillation losses
-    that match layers. `activation_sharding`: pins the residual stream [B, T, D] after the embedding and
-    after every layer, and runs the sparse MoE and the flash-attention kernel on each device's own rows.
-    On a mesh whose weights are FSDP-sharded along the hidden dimension over the same axis as the batch,
-    give it the batch sharding (`P("data", None, None)`): otherwise the partitioner follows the weights,
-    gathers the batch onto every device and splits the hidden dimension instead."""
+    and run their experts on the grouped matmul (gmm.py, MXFP4 used packed) instead of jnp (interpreted,
+    slowly, off the GPU). `remat`: recompute each layer's activations in the backward pass.
+    `collect_attention`: also return every layer's attention output (what it adds to the residual
+    stream), for distillation losses that match layers. `activation_sharding`: pins the residual stream
+    [B, T, D] after the embedding and after every layer, and runs the sparse MoE and the flash-attention
+    kernel on each device's own rows. On a mesh whose weights are FSDP-sharded along the hidden dimension
+    over the same axis as the batch, give it the batch sharding (`P("data", None, None)`): otherwise the
+    partitioner follows the weights, gathers the batch onto every device and splits the hidden dimension
+    instead."""
 
     moe: MoeImpl = "sparse"
     attention: AttentionImpl = "auto"

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptoss_mla_jax.config import GptOssConfig
-from gptoss_mla_jax.generation import DEMO_CONFIG, generate
+from gptoss_mla_jax.generation import DEMO_CONFIG, generate, request_cuda_graphs
 from gptoss_mla_jax.model import forward, init_params
 
 
@@ -45,6 +45,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         help="decode steps on the Pallas kernels (auto: on a GPU with a 16-bit cache)",
     )  # fmt: skip
     args = parser.parse_args(argv)
+    request_cuda_graphs()
     dtype = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
 
     tokenizer = None

@@ -4,6 +4,7 @@ The command line is `python -m gptoss_mla_jax.generate`."""
 from __future__ import annotations
 
 import functools
+import os
 from collections.abc import Sequence
 
 import jax
@@ -63,6 +64,23 @@ def kernels_by_default(cache_dtype) -> bool:
     return flash_decode.runs_compiled() and jnp.dtype(cache_dtype).itemsize == 2
 
 
+# XLA flags that put every run of a step's kernels, Pallas calls included, into CUDA graphs (command
+# buffers): a batch-1 decode step launches about 900 small kernels, and launched one by one from the host
+# they leave the GPU idle between them. They take effect only before JAX starts its GPU backend.
+CUDA_GRAPH_FLAGS = (
+    "--xla_gpu_graph_min_graph_size=1 "
+    "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN"
+)
+
+
+def request_cuda_graphs() -> None:
+    """Add CUDA_GRAPH_FLAGS to XLA_FLAGS unless command buffers are already configured there (call it
+    before the first computation; the CPU backend ignores the flags)."""
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_gpu_enable_command_buffer" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} {CUDA_GRAPH_FLAGS}".strip()
+
+
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -81,8 +99,9 @@ def generate(
     decode_kernels: bool | None = None,
 ) -> list[list[int]]:
     """Continue each prompt by up to `max_new_tokens` tokens (stopping a sequence at `eos_id`).
-    `decode_kernels`: decode steps on the Pallas kernels (flash_decode.py, mxfp4_matvec.py); None picks
-    them where they were measured to win, see `kernels_by_default`."""
+    `decode_kernels`: decode steps on the Pallas kernels (flash_decode.py, gmm.py); None picks them where
+    they were measured to win, see `kernels_by_default`. (`request_cuda_graphs` before the first
+    computation makes the steps' many small kernels run as CUDA graphs; the command line does.)"""
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
     if max_new_tokens < 1:

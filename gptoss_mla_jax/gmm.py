@@ -84,7 +84,7 @@ LAUNCH: dict[tuple[str, int | None, int | None], Tiles] = {
     ("mxfp4", 2880, 2880): Tiles(rows=128, cols=64, depth=64, warps=4, stages=3),
     ("mxfp4_t", None, None): Tiles(rows=256, cols=64, depth=64, warps=8, stages=3),
     ("gmm_small", None, None): Tiles(rows=16, cols=64, depth=128, warps=4, stages=4),
-    ("mxfp4_small", None, None): Tiles(rows=16, cols=64, depth=128, warps=4, stages=4),
+    ("mxfp4_small", None, None): Tiles(rows=16, cols=64, depth=256, warps=4, stages=3),
 }
 SMALL_ROWS = 32
 

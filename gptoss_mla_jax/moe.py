@@ -23,7 +23,6 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
-from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
 from gptoss_mla_jax.config import GptOssConfig
@@ -125,44 +124,42 @@ def _selected_experts(
     return jnp.einsum(spec, swiglu(gate_up, config), w_down) + experts["down_proj_bias"][idx]
 
 
-# At decode batches (up to 2 * ALIGN token-expert pairs per expert on average) the kernel path lays each
-# expert's pairs out from a multiple of its row tile (ALIGN, Triton's smallest, or twice that): no tile then
-# mixes experts, so each selected expert's weights are read and decoded once per tile of its own rows
-# rather than once for every expert in each tile.
+# At decode batches (at most ALIGN token-expert pairs per expert on average) the kernel path lays each
+# expert's pairs out from a multiple of ALIGN rows, the grouped matmul's row tile there: no tile then mixes
+# experts, so each selected expert's weights are read and decoded once per step rather than once for every
+# expert in each tile. (Aligning 32-row tiles at batch 256 doubled the time: an expert's ~32 pairs spill
+# into a second, mostly empty tile.)
 ALIGN = 16
 
 
 def _aligned_slots(
-    expert: Int[Array, " P"], sizes: Int[Array, " E"], align: int
+    sorted_expert: Int[Array, " P"], sizes: Int[Array, " E"], align: int
 ) -> tuple[Int[Array, " P"], Int[Array, " E"], int]:
-    """Where each pair (in token order) goes when every expert's pairs start at a multiple of `align` rows
-    (within an expert, in token order: no sort needed), the padded group sizes, and the rows that layout
-    needs at most."""
+    """Where each of the expert-sorted pairs goes when every expert's pairs start at a multiple of `align`
+    rows, the padded group sizes, and the rows that layout needs at most."""
     padded = -(-sizes // align) * align
-    start = jnp.cumsum(padded) - padded
-    mine = expert[:, None] == jnp.arange(sizes.shape[0], dtype=expert.dtype)[None, :]  # [P, E]
-    rank = jnp.take_along_axis(jnp.cumsum(mine, axis=0, dtype=jnp.int32), expert[:, None], axis=1)[:, 0] - 1
-    P = expert.shape[0]
-    return start[expert] + rank, padded, P + min(P, sizes.shape[0]) * (align - 1)
+    start, first = jnp.cumsum(padded) - padded, jnp.cumsum(sizes) - sizes
+    P = sorted_expert.shape[0]
+    slot = start[sorted_expert] + jnp.arange(P, dtype=jnp.int32) - first[sorted_expert]
+    return slot, padded, P + min(P, sizes.shape[0]) * (align - 1)
 
 
 def _grouped_experts(
     e: Params, flat: Float[Array, "N D"], idx: Int[Array, "N k"], config: GptOssConfig, kernel: bool
 ) -> Float[Array, "N k D"]:
-    """Token-expert pairs grouped by expert, each expert's rows multiplied at once: with the Pallas grouped
+    """Token-expert pairs sorted by expert, each expert's rows multiplied at once: with the Pallas grouped
     matmul (`kernel`; MXFP4 experts used packed, biases added in the kernel; at decode batches each
-    expert's rows aligned to the row tile) or ragged_dot (pairs sorted by expert)."""
+    expert's rows aligned to the row tile) or ragged_dot."""
     n, k = idx.shape
     expert = idx.reshape(-1)
-    group_sizes = jnp.bincount(expert, length=config.num_local_experts).astype(jnp.int32)
-    tile = max(ALIGN, pl.next_power_of_2(-(-n * k // config.num_local_experts)))
-    if kernel and tile <= 2 * ALIGN:  # decode batches: a tile or two per expert
-        slot, padded, height = _aligned_slots(expert, group_sizes, tile)
-        rows = jnp.zeros((height, flat.shape[1]), flat.dtype).at[slot].set(jnp.repeat(flat, k, axis=0))
-        return _expert_products(e, rows, padded, config, tile)[slot].reshape(n, k, -1)
     order = jnp.argsort(expert, stable=True)
     rows = flat[order // k]
-    if kernel:
+    group_sizes = jnp.bincount(expert, length=config.num_local_experts).astype(jnp.int32)
+    if kernel and n * k <= ALIGN * config.num_local_experts:
+        slot, padded, height = _aligned_slots(expert[order], group_sizes, ALIGN)
+        rows = jnp.zeros((height, rows.shape[1]), rows.dtype).at[slot].set(rows)
+        y = _expert_products(e, rows, padded, config, ALIGN)[slot]
+    elif kernel:
         y = _expert_products(e, rows, group_sizes, config, None)
     else:
         sorted_expert = expert[order]

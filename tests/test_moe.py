@@ -120,7 +120,7 @@ def test_decode_gathers_only_the_selected_experts(tmp_path):
         (1, "learned"),  # batch 1: k groups of one row, each aligned to its own row tile
         (5, "one expert for all"),  # every token picks expert 0: a group of 5 rows, most experts empty
         (6, "learned"),  # 12 pairs over 4 experts: aligned to row tiles of 16
-        (80, "learned"),  # 160 pairs over 4 experts: past the alignment threshold, tiles shared by experts
+        (40, "learned"),  # 80 pairs over 4 experts: past the alignment threshold, tiles shared by experts
     ],
 )
 def test_decode_on_the_grouped_kernel_equals_the_reference(tmp_path, tokens, routing):

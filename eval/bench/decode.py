@@ -39,7 +39,7 @@ from gptoss_mla_jax.cache import accounting, init_cache
 from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig, MlaConfig
 from gptoss_mla_jax.execution import ForwardOptions
 from gptoss_mla_jax.flash_decode import Launch
-from gptoss_mla_jax.generation import DEMO_CONFIG, decode_step
+from gptoss_mla_jax.generation import DEMO_CONFIG, decode_step, request_cuda_graphs
 from gptoss_mla_jax.model import init_params
 from support.results import write_json
 from weights.to_mla import DEFAULT_LATENT_DIM, convert
@@ -314,9 +314,7 @@ def sweep(make, settings: list[dict], args, want, nbytes: int, copy: float, repe
 # tried by --moe: (output columns, contraction step, warps, stages); the table's first.
 MOE_LAUNCHES = [
     dict(cols=cols, depth=depth, warps=warps, stages=stages)
-    for cols, depth, warps, stages in (
-        (64, 128, 4, 4), (32, 256, 4, 3), (64, 256, 4, 3), (128, 128, 4, 3), (16, 256, 4, 3), (32, 512, 4, 2),
-    )
+    for cols, depth, warps, stages in ((64, 256, 4, 3), (64, 128, 4, 4), (32, 256, 4, 3), (128, 128, 4, 3))
 ]  # fmt: skip
 
 
@@ -587,9 +585,14 @@ def main(argv=None) -> int:
         help="steps (and --capacity) attend with the Pallas kernels: off, on, or both side by side",
     )  # fmt: skip
     parser.add_argument("--models", help="only these models, e.g. gqa,mla_partial (default: all)")
+    parser.add_argument(
+        "--cuda-graphs", action="store_true", help="steps as CUDA graphs (generation.CUDA_GRAPH_FLAGS)"
+    )
     parser.add_argument("--smoke", action="store_true", help="a tiny model (CPU check of the script)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
+    if args.cuda_graphs:
+        request_cuda_graphs()
     contexts = [int(c) for c in args.contexts.split(",")]
     log = lambda row: print(json.dumps(row), flush=True)
     if args.transformers:

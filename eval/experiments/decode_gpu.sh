@@ -7,7 +7,7 @@
 #   profile    kernels per decode step and where the device time goes, batch 1 x 4K
 #   graphs     the same profile of GQA with XLA's command buffers (CUDA graphs) for every kind of op
 #   e2e        whole-model decode steps on the kernels, GQA and both MLA modes, batches 1 and 64 at 4K / 32K
-#   peer       e2e at batch 1 x 4K with transformers' model in the same run
+#   final      e2e as CUDA graphs, with transformers' model (batch 1 x 4K) in the same run
 #   kernels    each attention decode kernel against its jnp path
 #   capacity   the largest batch that runs at 32K and 128K, on the kernels
 #   bash eval/experiments/decode_gpu.sh OUT_DIR [STAGES]        (default: check,moe,profile,e2e)
@@ -28,10 +28,9 @@ for stage in ${STAGES//,/ }; do
     check) run bench_moe_check 240 eval.bench.moe --check --tokens 2048 ;;
     moe) run decode_moe 240 eval.bench.decode --moe 1,8,64,256 --repeats 10 ;;
     profile) run decode_profile 200 eval.bench.decode --profile 1,4096 --partial --repeats 5 ;;
-    graphs) XLA_FLAGS="--xla_gpu_graph_min_graph_size=1 --xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN" \
-      run decode_profile_graphs 150 eval.bench.decode --profile 1,4096 --models gqa --repeats 5 ;;
+    graphs) run decode_profile_graphs 150 eval.bench.decode --profile 1,4096 --models gqa --repeats 5 --cuda-graphs ;;
     e2e) run decode_e2e 330 eval.bench.decode --decode-kernels on --partial --batches 1,64 --contexts 4096,32768 ;;
-    peer) run decode_e2e_peer 400 eval.bench.decode --with-transformers --decode-kernels on --partial --batches 1 --contexts 4096 ;;
+    final) run decode_e2e 420 eval.bench.decode --with-transformers --cuda-graphs --decode-kernels on --partial --batches 1,64 --contexts 4096,32768 ;;
     kernels) run decode_kernels 400 eval.bench.decode --kernels --batches 1,8,64 --contexts 4096,32768,131072 ;;
     capacity) run decode_capacity 400 eval.bench.decode --capacity --decode-kernels on --partial --contexts 32768,131072 ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
