@@ -180,9 +180,9 @@ def attention(
     if on_flash_kernel(options, layer_cache):
         out = attend_chunk(q, k, v, valid, p["sinks"], window, options)
     elif steps is not None:
-        out = flash_decode.gqa_decode(
-            q[:, 0], new_cache["k"], new_cache["v"], new_lengths, p["sinks"], window, sliding, steps
-        )[:, None]
+        slots = flash_decode.Slots(new_lengths, window, sliding)
+        out = flash_decode.gqa_decode(q[:, 0], new_cache["k"], new_cache["v"], slots, p["sinks"], steps)
+        out = out[:, None]
     else:
         out = attend(q, blocks, positions, p["sinks"], window)
     out = out.reshape(B, T, -1) @ p["o_proj"]["kernel"] + p["o_proj"]["bias"]

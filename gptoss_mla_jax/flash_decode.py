@@ -54,6 +54,16 @@ class Launch(NamedTuple):
     head_block: int | None = None
 
 
+class Slots(NamedTuple):
+    """The cache slots a decode step reads: each sequence's `lengths` [B] (the step's own token included),
+    the attention `window` (None: every position) and whether the slots are a sliding layer's ring buffer
+    (`sliding`)."""
+
+    lengths: Int[Array, " B"]
+    window: int | None = None
+    sliding: bool = False
+
+
 def plan(slots: int, programs: int, block: int = 64, target: int = 264) -> tuple[int, int] | None:
     """(splits, block) for a cache of `slots` read by `programs` (sequence x kv head) programs: blocks of
     `block` slots (halved down to 16 until one divides), and enough slices to give ~`target` programs
@@ -360,20 +370,16 @@ def gqa_decode(
     q: Float[Array, "B H d"],
     k: Float[Array, "B S G d"],
     v: Float[Array, "B S G d"],
-    lengths: Int[Array, " B"],
+    slots: Slots,
     sinks: Float[Array, " H"],
-    window: int | None,
-    sliding: bool,
     launch: Launch = Launch(),
 ) -> Float[Array, "B H d"]:
     """One decode query per sequence (RoPE applied) over a GQA layer's cache that already holds the step's
-    token (`lengths` count it): the attention output per head, as `attention.attend` computes it."""
+    token (`slots.lengths` count it): the attention output per head, as `attention.attend` computes it."""
     B, H, d = q.shape
     G = k.shape[2]
     qg = (q.astype(jnp.float32) * d**-0.5).reshape(B, G, H // G, d)
-    acc, m, l = attention_splits(
-        (qg,), jnp.zeros(qg.shape[:3], jnp.float32), (k,), v, lengths, window, sliding, launch
-    )
+    acc, m, l = attention_splits((qg,), jnp.zeros(qg.shape[:3], jnp.float32), (k,), v, *slots, launch)
     out, _ = combine(acc, m, l, sinks)
     return out.reshape(B, H, d).astype(q.dtype)
 
@@ -383,10 +389,8 @@ def mla_absorbed_decode(
     q_nope: Float[Array, "B G R n"],
     up: tuple[Array, Array, Array, Array],
     entries: dict[str, Array],
-    lengths: Int[Array, " B"],
+    slots: Slots,
     sinks: Float[Array, " H"],
-    window: int | None,
-    sliding: bool,
     launch: Launch = Launch(),
 ) -> Float[Array, "B H d"]:
     """One decode query per sequence over a partial-mode layer's cache {"c" [B,S,r], "k_rope" [B,S,G,2n]}
@@ -411,7 +415,7 @@ def mla_absorbed_decode(
     c = entries["c"][:, :, None]  # one cache "head": every head block reads the shared latent
     k_rope = entries["k_rope"].reshape(*entries["k_rope"].shape[:2], 1, G * n2)
     acc, m, l = attention_splits(
-        (q_lat * scale, q_rope_flat * scale), q_bias * scale, (c, k_rope), None, lengths, window, sliding,
+        (q_lat * scale, q_rope_flat * scale), q_bias * scale, (c, k_rope), None, *slots,
         launch._replace(head_block=None),
     )  # fmt: skip
     latent, mass = combine(acc, m, l, sinks)
@@ -424,10 +428,8 @@ def mla_decompressed_decode(
     q: Float[Array, "B H d"],
     kv_b: dict[str, Array],
     c: Float[Array, "B S r"],
-    lengths: Int[Array, " B"],
+    slots: Slots,
     sinks: Float[Array, " H"],
-    window: int | None,
-    sliding: bool,
     rotations: tuple[Float[Array, "Bc S half"], Float[Array, "Bc S half"]],
     launch: Launch = Launch(),
 ) -> Float[Array, "B H d"]:
@@ -442,7 +444,7 @@ def mla_decompressed_decode(
     w = kv_b["kernel"].reshape(r, 2, G, d)
     bias = kv_b["bias"].reshape(2, G, d)
     qg = (q.astype(jnp.float32) * d**-0.5).reshape(B, G, H // G, d)
-    acc, m, l = decompressed_splits(qg, c, (w[:, 0], bias[0]), rotations, lengths, window, sliding, launch)
+    acc, m, l = decompressed_splits(qg, c, (w[:, 0], bias[0]), rotations, *slots, launch)
     latent, mass = combine(acc, m, l, sinks)  # [B, G, R, r], [B, G, R]
     f32 = jnp.float32
     out = (

@@ -143,16 +143,16 @@ def _kernel_decode(
     p: Params, q, chunk: Chunk, cache: dict, lengths, sliding: bool, config: GptOssConfig, layer: int, launch
 ):
     """A single-token step on the Pallas flash-decoding kernels, over the cache that holds the token."""
-    window = config.sliding_window if sliding else None
+    slots = flash_decode.Slots(lengths, config.sliding_window if sliding else None, sliding)
     if config.mla.rope_mode == "partial":
         q_rope, q_nope = _partial_queries(q, chunk.cos, chunk.sin, config, layer)
         return flash_decode.mla_absorbed_decode(
-            q_rope[:, 0], q_nope[:, 0], _partial_up_projections(p, config, layer), cache, lengths,
-            p["sinks"], window, sliding, launch,
+            q_rope[:, 0], q_nope[:, 0], _partial_up_projections(p, config, layer), cache, slots, p["sinks"],
+            launch,
         )[:, None]  # fmt: skip
     return flash_decode.mla_decompressed_decode(
-        scoring_queries(q, chunk.cos, chunk.sin, config, layer)[:, 0], p["kv_b"], cache["c"], lengths,
-        p["sinks"], window, sliding, slot_rotations(lengths, cache["c"].shape[1], sliding, config), launch,
+        scoring_queries(q, chunk.cos, chunk.sin, config, layer)[:, 0], p["kv_b"], cache["c"], slots,
+        p["sinks"], slot_rotations(lengths, cache["c"].shape[1], sliding, config), launch,
     )[:, None]  # fmt: skip
 
 

@@ -14,6 +14,7 @@ from gptoss_mla_jax.attention import attend
 from gptoss_mla_jax.config import GPT_OSS_20B, MlaConfig
 from gptoss_mla_jax.flash_decode import (
     Launch,
+    Slots,
     combine,
     gqa_decode,
     mla_absorbed_decode,
@@ -49,8 +50,8 @@ def test_mla_kernel_equals_jnp_absorbed(G, R, r, slots, splits, block, sliding, 
     sinks = normal(G * R)
     lengths = jnp.asarray(lengths, jnp.int32)
     window = slots if sliding else None
-    args = (q_rope, q_nope, (w_k, b_k, w_v, b_v), entries, lengths, sinks, window, sliding)
-    want = reference(*args)
+    args = (q_rope, q_nope, (w_k, b_k, w_v, b_v), entries, Slots(lengths, window, sliding), sinks)
+    want = reference(q_rope, q_nope, (w_k, b_k, w_v, b_v), entries, lengths, sinks, window, sliding)
     launch = Launch(splits, block, interpret=True)
     got = mla_absorbed_decode(*args, launch)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
@@ -83,8 +84,14 @@ CASES = [
 def test_gqa_kernel_equals_jnp_attend(G, R, slots, splits, block, sliding, lengths):
     window = slots if sliding else None
     args, want = gqa_case(1, G, R, 16, slots, lengths, window, sliding)
-    got = gqa_decode(*args, window, sliding, Launch(splits, block, interpret=True))
+    got = gqa_decode(*slotted(args, window, sliding), Launch(splits, block, interpret=True))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def slotted(args, window, sliding: bool):
+    """gqa_case's (q, k, v, lengths, sinks) as gqa_decode takes them."""
+    q, k, v, lengths, sinks = args
+    return q, k, v, Slots(lengths, window, sliding), sinks
 
 
 def gqa_case(seed: int, G: int, R: int, d: int, slots: int, lengths: list[int], window, sliding: bool):
@@ -119,7 +126,7 @@ def test_decompressed_kernel_equals_jnp(G, R, slots, splits, block, sliding, len
     want = attend(q[:, None], [(k, v, pos, ok)], (lengths - 1)[:, None], sinks, window)[:, 0]
     rope = slot_rotations(lengths, slots, sliding, config)
     got = mla_decompressed_decode(
-        q, kv_b, c, lengths, sinks, window, sliding, rope, Launch(splits, block, True)
+        q, kv_b, c, Slots(lengths, window, sliding), sinks, rope, Launch(splits, block, True)
     )
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
@@ -127,7 +134,7 @@ def test_decompressed_kernel_equals_jnp(G, R, slots, splits, block, sliding, len
 def test_gqa_window_shorter_than_the_cache():
     """A full-size cache read with a sliding window: only the last `window` positions count."""
     args, want = gqa_case(2, G=2, R=2, d=16, slots=128, lengths=[30, 100], window=40, sliding=False)
-    got = gqa_decode(*args, 40, False, Launch(2, 16, interpret=True))
+    got = gqa_decode(*slotted(args, 40, False), Launch(2, 16, interpret=True))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -140,12 +147,12 @@ def test_without_the_triton_backend(monkeypatch):
     monkeypatch.setattr(flash_decode, "pl_triton", None)
     # shapes of no other test, so that gqa_decode traces afresh without the backend
     args, want = gqa_case(4, G=1, R=3, d=8, slots=32, lengths=[1, 20], window=None, sliding=False)
-    got = gqa_decode(*args, None, False, Launch(2, 16, interpret=True))
+    got = gqa_decode(*slotted(args, None, False), Launch(2, 16, interpret=True))
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
     with pytest.raises(
         RuntimeError, match=r"pallas\.triton, which JAX .* no longer has.*\(decode_kernels=False"
     ):
-        gqa_decode(*args, None, False, Launch(2, 16, interpret=False))
+        gqa_decode(*slotted(args, None, False), Launch(2, 16, interpret=False))
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert not kernels_by_default(jnp.bfloat16)
 
@@ -174,7 +181,7 @@ def test_bad_split_is_refused():
         jnp.zeros((1, 1, 1, 2)), jnp.zeros((1, 1, 1, 2)),
         (jnp.zeros((4, 1, 2)), jnp.zeros((1, 2)), jnp.zeros((4, 1, 2)), jnp.zeros((1, 2))),
         {"c": jnp.zeros((1, slots, 4)), "k_rope": jnp.zeros((1, slots, 1, 2))},
-        jnp.ones(1, jnp.int32), jnp.zeros(1), None, False, Launch(block=64, interpret=True, **plan),
+        Slots(jnp.ones(1, jnp.int32)), jnp.zeros(1), Launch(block=64, interpret=True, **plan),
     )  # fmt: skip
     with pytest.raises(ValueError, match="not a multiple of splits x block"):
         one_head(100, splits=8)
@@ -193,13 +200,13 @@ def test_kernels_lower_for_the_gpu(kind, sliding):
     window = 128 if sliding else None
     if kind == "gqa":
         fn = lambda q, k, v, lengths, sinks: gqa_decode(
-            q, k, v, lengths, sinks, window, sliding, Launch(2, 64)
+            q, k, v, Slots(lengths, window, sliding), sinks, Launch(2, 64)
         )
         args = (spec(B, G * R, d), spec(B, S, G, d), spec(B, S, G, d))
     elif kind == "absorbed":
         fn = lambda q_rope, q_nope, w_k, b_k, w_v, b_v, c, k_rope, lengths, sinks: mla_absorbed_decode(
-            q_rope, q_nope, (w_k, b_k, w_v, b_v), {"c": c, "k_rope": k_rope}, lengths, sinks, window, sliding,
-            Launch(2, 64),
+            q_rope, q_nope, (w_k, b_k, w_v, b_v), {"c": c, "k_rope": k_rope}, Slots(lengths, window, sliding),
+            sinks, Launch(2, 64),
         )  # fmt: skip
         args = (spec(B, G, R, n2), spec(B, G, R, d - n2), spec(r, G, d - n2), spec(G, d - n2))
         args += (spec(r, G, d), spec(G, d), spec(B, S, r), spec(B, S, G, n2))
@@ -208,7 +215,7 @@ def test_kernels_lower_for_the_gpu(kind, sliding):
             GPT_OSS_20B, mla=MlaConfig("decompressed", (1,), (r + G * n2,))
         )  # the 20b's rope
         fn = lambda q, kernel, bias, c, lengths, sinks: mla_decompressed_decode(
-            q, {"kernel": kernel, "bias": bias}, c, lengths, sinks, window, sliding,
+            q, {"kernel": kernel, "bias": bias}, c, Slots(lengths, window, sliding), sinks,
             slot_rotations(lengths, S, sliding, config), Launch(2, 64),
         )  # fmt: skip
         args = (spec(B, G * R, d), spec(r + G * n2, 2 * G * d), spec(2 * G * d), spec(B, S, r + G * n2))

@@ -38,7 +38,7 @@ from gptoss_mla_jax.attention import attend
 from gptoss_mla_jax.cache import accounting, init_cache
 from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig, MlaConfig
 from gptoss_mla_jax.execution import ForwardOptions
-from gptoss_mla_jax.flash_decode import Launch
+from gptoss_mla_jax.flash_decode import Launch, Slots
 from gptoss_mla_jax.generation import DEMO_CONFIG, decode_step, request_cuda_graphs
 from gptoss_mla_jax.model import init_params
 from support.results import write_json
@@ -462,7 +462,7 @@ def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, configs, 
         cache = (normal(batch, context, G, d), normal(batch, context, G, d))
         args = (normal(batch, G * R, d), *cache)
         kernel = lambda plan: (
-            lambda q, k, v: flash_decode.gqa_decode(q, k, v, lengths, sinks, None, False, Launch(**plan))
+            lambda q, k, v: flash_decode.gqa_decode(q, k, v, Slots(lengths), sinks, Launch(**plan))
         )
         reference = lambda q, k, v: attend(q[:, None], [(k, v, pos, visible)], q_pos, sinks, None)[:, 0]
         splits, block = flash_decode.plan(context, programs, max(c["block"] for c in configs))
@@ -482,7 +482,7 @@ def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, configs, 
         rotations = lambda: mla.slot_rotations(lengths, context, False, config)  # in the step, as in forward
         kernel = lambda plan: (
             lambda q, c: flash_decode.mla_decompressed_decode(
-                q, kv_b, c, lengths, sinks, None, False, rotations(), Launch(**plan)
+                q, kv_b, c, Slots(lengths), sinks, rotations(), Launch(**plan)
             )
         )
         reference = lambda q, c: attend(
@@ -500,10 +500,8 @@ def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, configs, 
                 q_nope,
                 weights,
                 {"c": c, "k_rope": k_rope},
-                lengths,
+                Slots(lengths),
                 sinks,
-                None,
-                False,
                 Launch(**plan),
             )
         )
