@@ -114,7 +114,7 @@ def attend_chunk(
     options: ForwardOptions,
 ) -> Float[Array, "B T H d"]:
     """A chunk without a cache (positions 0..T-1, `valid` its real tokens, right padding only) attending
-    to itself on the flash-attention kernel, each device on its own rows under `activation_sharding`."""
+    to itself on the flash-attention kernel, each device on its own rows on a mesh (`options.mesh`)."""
     interpret = not flash_decode.runs_compiled()
     on_device = lambda sinks, q, k, v, lengths: flash_attention.flash_attention(
         q, k, v, lengths, sinks, window, interpret=interpret

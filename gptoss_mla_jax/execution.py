@@ -8,6 +8,8 @@ from typing import Literal
 
 import jax
 
+from gptoss_mla_jax.sharding import AXIS_RULES, AxisRules, residual_sharding
+
 # "sparse": the selected experts only, grouped pairs on the Pallas grouped matmul on a GPU and ragged_dot
 # elsewhere; "gmm" / "ragged_dot": that grouped path everywhere; "dense": every expert on every token.
 MoeImpl = Literal["sparse", "gmm", "ragged_dot", "dense"]
@@ -27,12 +29,12 @@ class ForwardOptions:
     and run their experts on the grouped matmul (gmm.py, MXFP4 used packed) instead of jnp (interpreted,
     slowly, off the GPU). `remat`: recompute each layer's activations in the backward pass.
     `collect_attention`: also return every layer's attention output (what it adds to the residual
-    stream), for distillation losses that match layers. `activation_sharding`: pins the residual stream
-    [B, T, D] after the embedding and after every layer, and runs the sparse MoE and the flash-attention
-    kernel on each device's own rows. On a mesh whose weights are FSDP-sharded along the hidden dimension
-    over the same axis as the batch, give it the batch sharding (`P("data", None, None)`): otherwise the
-    partitioner follows the weights, gathers the batch onto every device and splits the hidden dimension
-    instead."""
+    stream), for distillation losses that match layers. `mesh`: the mesh the weights are sharded over; the
+    model then pins the residual stream [B, T, D] where `rules` put it (`sharding.RESIDUAL_AXES`: rows
+    split over "data") after the embedding and after every layer, and runs the sparse MoE and the
+    flash-attention kernel on each device's own rows. With weights FSDP-sharded along the hidden dimension
+    over the batch's axis, the partitioner would otherwise follow the weights, gather the batch onto every
+    device and split the hidden dimension instead."""
 
     moe: MoeImpl = "sparse"
     attention: AttentionImpl = "auto"
@@ -40,7 +42,13 @@ class ForwardOptions:
     decode_kernels: bool = False
     remat: bool = False
     collect_attention: bool = False
-    activation_sharding: jax.sharding.NamedSharding | None = None
+    mesh: jax.sharding.Mesh | None = None
+    rules: AxisRules = AXIS_RULES
+
+    @property
+    def activation_sharding(self) -> jax.sharding.NamedSharding | None:
+        """The residual stream's sharding on `mesh` by `rules` (None without a mesh)."""
+        return residual_sharding(self.mesh, self.rules)
 
 
 def by_rows(fn, sharding: jax.sharding.NamedSharding | None, shared: int = 1):

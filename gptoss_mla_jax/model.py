@@ -58,7 +58,7 @@ def expert_shapes(config: GptOssConfig, experts: ExpertFormat) -> dict[str, tupl
 # The logical axis of each dimension of every parameter, by its name (the last one or two keys of its path;
 # `param_shapes` gives the sizes): "vocab", "embed" (the hidden size), "heads" (query or kv heads x head
 # dim), "experts", "expert_in" (an expert's input width). A mesh maps them to its axes with one rules object
-# (`train.sharding.AxisRules`). Parameters not named here (norms, sinks, biases) are never split.
+# (`sharding.AxisRules`). Parameters not named here (norms, sinks, biases) are never split.
 PARAM_AXES: dict[str, tuple[str | None, ...]] = {
     "embed_tokens": ("vocab", "embed"),
     "lm_head": ("embed", "vocab"),

@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from gptoss_mla_jax.execution import ForwardOptions
 from support.corpora import pack
 from train.flops import distill_step_flops, forward_flops, peak_flops
 from train.loop import DistillOptions, make_optimizer, run
@@ -224,7 +225,7 @@ def test_pinned_forward_splits_the_work_by_rows(mesh_spec):
     # the one-device FLOPs and the same logits.
     from eval.experiments.fullsize_checkpoint import SMOKE
     from gptoss_mla_jax.model import ForwardOptions, forward, init_params
-    from train.sharding import batch_sharding, make_mesh, rows_sharding, shard_params
+    from train.sharding import batch_sharding, make_mesh, shard_params
 
     config = dataclasses.replace(SMOKE, num_hidden_layers=2, layer_types=())
     params = init_params(config, jax.random.key(0), jnp.float32, experts="mxfp4")
@@ -232,10 +233,8 @@ def test_pinned_forward_splits_the_work_by_rows(mesh_spec):
 
     def compiled(mesh_spec, pin):
         mesh = make_mesh(mesh_spec)
-        rows = rows_sharding(mesh) if pin else None
-        f = jax.jit(
-            lambda p, t: forward(p, t, None, config, options=ForwardOptions(activation_sharding=rows))[0]
-        )
+        options = ForwardOptions(mesh=mesh if pin else None)
+        f = jax.jit(lambda p, t: forward(p, t, None, config, options=options)[0])
         args = (shard_params(params, mesh), jax.device_put(tokens, batch_sharding(mesh)))
         cost = f.lower(*args).compile().cost_analysis()
         return (cost[0] if isinstance(cost, list) else cost)["flops"], f(*args)
@@ -253,8 +252,9 @@ def test_loss_and_gradients_equal_on_both_grouped_paths(pair):
     trainable = split_student(student, "all")
     tokens = jnp.asarray(sequences[:1, :9])
     loss = lambda trainable, impl: distill_loss(
-        trainable, teacher, tokens, config, student_config, 1.0, "kl+ce", jnp.float32, False, moe_impl=impl
-    )
+        trainable, teacher, tokens, config, student_config, 1.0, "kl+ce", jnp.float32,
+        ForwardOptions(moe=impl),
+    )  # fmt: skip
     step = lambda impl: jax.jit(jax.value_and_grad(lambda t: loss(t, impl), has_aux=True))(trainable)
     (loss_gmm, _), grads_gmm = step("gmm")
     (loss_ragged, _), grads_ragged = step("ragged_dot")

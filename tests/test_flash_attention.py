@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from jax.sharding import AxisType, NamedSharding, PartitionSpec
+from jax.sharding import AxisType
 
 from gptoss_mla_jax import flash_attention as fa
 from gptoss_mla_jax.attention import attend
@@ -98,13 +98,12 @@ def test_model_on_the_kernel_equals_jnp(tiny_models, small_blocks, model):
 
 
 def test_kernel_per_device_under_a_mesh(tiny_models, small_blocks):
-    """`activation_sharding` on a 2-device mesh: each device runs the kernel on its own rows."""
+    """On a 2-device mesh (`ForwardOptions(mesh=...)`) each device runs the kernel on its own rows."""
     config, params = tiny_models["decompressed"]
     mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:2])
-    rows = NamedSharding(mesh, PartitionSpec("data", None, None))
     tokens = jnp.asarray(np.random.default_rng(5).integers(0, config.vocab_size, (4, 16)))
     want = forward(params, tokens, None, config, options=ForwardOptions(attention="jnp")).logits
-    options = ForwardOptions(attention="flash", activation_sharding=rows)
+    options = ForwardOptions(attention="flash", mesh=mesh)
     got = jax.jit(lambda p, t: forward(p, t, None, config, options=options).logits)(params, tokens)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 

@@ -153,21 +153,19 @@ def test_kernels_lower_for_the_gpu_at_gpt_oss_20b_shapes(monkeypatch):
 
 @pytest.mark.parametrize("experts", ["dense", "mxfp4"])
 def test_model_on_gmm_per_device_equals_dense_moe(experts):
-    """The whole model with the grouped matmul inside the per-device MoE (`activation_sharding` on a 2-device
-    mesh: the kernel runs in shard_map) gives moe_dense's logits, float32, dense and packed experts."""
-    from jax.sharding import AxisType, NamedSharding, PartitionSpec
+    """The whole model with the grouped matmul inside the per-device MoE (on a 2-device mesh the model keeps
+    each device on its rows: the kernel runs in shard_map) gives moe_dense's logits, float32, dense and
+    packed experts."""
+    from jax.sharding import AxisType
 
     from gptoss_mla_jax.generation import DEMO_CONFIG
     from gptoss_mla_jax.model import ForwardOptions, forward, init_params
 
     mesh = jax.make_mesh((2,), ("data",), axis_types=(AxisType.Auto,), devices=jax.devices()[:2])
-    rows = NamedSharding(mesh, PartitionSpec("data", None, None))
     params = init_params(DEMO_CONFIG, jax.random.key(0), jnp.float32, experts=experts)
     tokens = jax.random.randint(jax.random.key(1), (2, 16), 0, DEMO_CONFIG.vocab_size)
     want = forward(params, tokens, None, DEMO_CONFIG, options=ForwardOptions(moe="dense"))[0]
     got = jax.jit(
-        lambda p, t: forward(
-            p, t, None, DEMO_CONFIG, options=ForwardOptions(moe="gmm", activation_sharding=rows)
-        )[0]
+        lambda p, t: forward(p, t, None, DEMO_CONFIG, options=ForwardOptions(moe="gmm", mesh=mesh))[0]
     )
     close(got(params, tokens), want)

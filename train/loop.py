@@ -20,12 +20,13 @@ from jax.sharding import NamedSharding, PartitionSpec
 from tqdm.auto import tqdm
 
 from gptoss_mla_jax.config import GptOssConfig
+from gptoss_mla_jax.execution import ForwardOptions
 from support.results import write_json
 from train.checkpoints import Checkpoints
 from train.data import training_batches
 from train.flops import distill_step_flops, peak_flops
 from train.loss import distill_loss, parse_loss
-from train.sharding import batch_sharding, make_mesh, place, rows_sharding, shard_params
+from train.sharding import batch_sharding, make_mesh, place, shard_params
 from train.student import (
     TRAIN_SETS,
     DistillError,
@@ -79,9 +80,7 @@ def make_optimizer(lr: float, warmup: int, steps: int, grad_accum: int):
     return (optax.MultiSteps(chain, every_k_schedule=grad_accum) if grad_accum > 1 else chain), schedule
 
 
-def make_step(
-    optimizer, teacher_config, student_config, temperature, terms, dtype, remat, activation_sharding=None
-):
+def make_step(optimizer, teacher_config, student_config, temperature, terms, dtype, options: ForwardOptions):
     loss = functools.partial(
         distill_loss,
         teacher_config=teacher_config,
@@ -89,8 +88,7 @@ def make_step(
         temperature=temperature,
         terms=terms,
         dtype=dtype,
-        remat=remat,
-        activation_sharding=activation_sharding,
+        options=options,
     )
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
@@ -150,10 +148,11 @@ def run(
         lambda x: x if isinstance(x.sharding, NamedSharding) else place(x, replicated),
         optimizer.init(trainable),
     )
-    # Each device computes its own rows: the residual stream stays split by batch over "data".
+    # On the mesh the model keeps each device on its own rows (the residual stream split by batch).
     step_fn = make_step(
-        optimizer, teacher_config, student_config, o.temperature, terms, dtype, o.remat, rows_sharding(mesh)
-    )
+        optimizer, teacher_config, student_config, o.temperature, terms, dtype,
+        ForwardOptions(remat=o.remat, mesh=mesh),
+    )  # fmt: skip
     seq_len = sequences.shape[1]
     tokens_sharding = batch_sharding(mesh)
     lo, hi = local_rows(tokens_sharding, batch, seq_len)

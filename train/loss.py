@@ -3,11 +3,15 @@ cross-entropy on the data and the relative squared error of every converted laye
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 
 from gptoss_mla_jax.model import ForwardOptions, forward
 from train.student import DistillError, assemble_student
+
+DEFAULT_OPTIONS = ForwardOptions()
 
 LOSS_TERMS = ("kl", "ce", "hidden")
 
@@ -20,20 +24,14 @@ def parse_loss(loss: str) -> frozenset[str]:
 
 
 def distill_loss(
-    trainable, teacher, tokens, teacher_config, student_config, temperature, terms, dtype, remat,
-    activation_sharding=None, moe_impl="sparse",
+    trainable, teacher, tokens, teacher_config, student_config, temperature, terms, dtype,
+    options: ForwardOptions = DEFAULT_OPTIONS,
 ):  # fmt: skip
     """KL(teacher || student) at temperature T (times T^2), plus the cross-entropy on the data and the
     relative squared error of the converted layers' attention outputs when `terms` asks for them.
-    `activation_sharding`: the residual stream's sharding in both forwards; `moe_impl`: the MoE path (see
-    `model.forward`)."""
+    `options`: how both forwards compute (MoE path, remat, the mesh; see `model.forward`)."""
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
-    options = ForwardOptions(
-        moe=moe_impl,
-        remat=remat,
-        collect_attention="hidden" in terms,
-        activation_sharding=activation_sharding,
-    )
+    options = dataclasses.replace(options, collect_attention="hidden" in terms)
     t_out = forward(teacher, inputs, None, teacher_config, options=options)
     student = assemble_student(teacher, trainable, student_config, dtype)
     s_out = forward(student, inputs, None, student_config, options=options)

@@ -1,4 +1,4 @@
-"""Meshes, and the one rules object that maps the parameters' logical axes to mesh axes.
+"""Meshes, and the parameters' placement on them by the one rules object (`gptoss_mla_jax.sharding`).
 
 `--mesh DxM`: D-way data parallel with parameters (and optimizer state) sharded FSDP-style along
 "data", M-way tensor / expert parallel along "model". Every parameter declares the logical axis of each of
@@ -8,33 +8,13 @@ each logical axis is split over. A dimension that the mesh axis size does not di
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from gptoss_mla_jax.model import logical_axes, path_keys
+from gptoss_mla_jax.sharding import AXIS_RULES, DATA, MODEL, AxisRules
 from weights.safetensors_io import put
-
-DATA, MODEL = "data", "model"
-
-
-@dataclasses.dataclass(frozen=True)
-class AxisRules:
-    """The mesh axis each logical parameter axis is split over (None: replicated)."""
-
-    vocab: str | None = MODEL
-    embed: str | None = DATA  # FSDP: every weight split along the hidden size over "data"
-    heads: str | None = MODEL  # attention heads over "model"
-    experts: str | None = MODEL  # expert parallel over "model"
-    expert_in: str | None = DATA
-
-    def mesh_axis(self, logical: str | None) -> str | None:
-        return None if logical is None else getattr(self, logical)
-
-
-AXIS_RULES = AxisRules()
 
 
 def make_mesh(spec: str) -> jax.sharding.Mesh:
@@ -85,10 +65,6 @@ def shard_params(params, mesh: jax.sharding.Mesh):
     )
 
 
-def batch_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-    return NamedSharding(mesh, PartitionSpec(DATA, None))
-
-
-def rows_sharding(mesh: jax.sharding.Mesh) -> NamedSharding:
-    """The residual stream [B, T, D] split by batch over "data" (`forward`'s `activation_sharding`)."""
-    return NamedSharding(mesh, PartitionSpec(DATA, None, None))
+def batch_sharding(mesh: jax.sharding.Mesh, rules: AxisRules = AXIS_RULES) -> NamedSharding:
+    """Token batches [B, T], rows split as the rules split the batch."""
+    return NamedSharding(mesh, rules.spec(("batch", None)))

@@ -29,8 +29,9 @@ from gptoss_mla_jax.config import GPT_OSS_20B
 from gptoss_mla_jax.execution import ForwardOptions, by_rows
 from gptoss_mla_jax.model import embed, forward, init_params, unembed
 from gptoss_mla_jax.moe import expert_matrices, moe_dense, moe_sparse
+from gptoss_mla_jax.sharding import residual_sharding
 from support.results import write_json
-from train.sharding import batch_sharding, make_mesh, rows_sharding, shard_params
+from train.sharding import batch_sharding, make_mesh, shard_params
 
 
 def mean_kl(reference, logits) -> float:
@@ -89,12 +90,12 @@ def main(argv=None) -> int:
     pieces = {name: pieces[name] for name in args.pieces.split(",")} if args.pieces else pieces
     mesh = make_mesh(args.mesh)
     # What train.distill runs: the residual stream pinned by rows, the MoE on each device's own rows.
-    rows = rows_sharding(mesh)
+    rows = residual_sharding(mesh)
     moe = functools.partial(moe_sparse, config=config)
     sharded_fns = {
         "moe_sparse_mxfp4_per_shard": by_rows(moe, rows),
         "forward_sparse_moe_pinned": lambda p, t: forward(
-            p, t, None, config, options=ForwardOptions(activation_sharding=rows)
+            p, t, None, config, options=ForwardOptions(mesh=mesh)
         )[0],
     }
     if "forward_sparse_moe" in pieces:
