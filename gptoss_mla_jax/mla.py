@@ -122,7 +122,8 @@ def attention_mla(
         options.decode_kernels and T == 1, new_cache, "c", B * (1 if partial else config.num_key_value_heads)
     )
     if steps is not None:
-        out = _kernel_decode(p, q, chunk, new_cache, new_lengths, sliding, config, layer, steps)
+        slots = flash_decode.Slots(new_lengths, config.sliding_window if sliding else None, sliding)
+        out = _kernel_decode(p, q, chunk, new_cache, slots, config, layer, steps)
     elif partial and absorb:
         q_rope, q_nope = _partial_queries(q, cos, sin, config, layer)
         up = _partial_up_projections(p, config, layer)
@@ -140,10 +141,10 @@ def attention_mla(
 
 
 def _kernel_decode(
-    p: Params, q, chunk: Chunk, cache: dict, lengths, sliding: bool, config: GptOssConfig, layer: int, launch
-):
+    p: Params, q, chunk: Chunk, cache: dict, slots: flash_decode.Slots, config: GptOssConfig, layer: int,
+    launch: flash_decode.Launch,
+):  # fmt: skip
     """A single-token step on the Pallas flash-decoding kernels, over the cache that holds the token."""
-    slots = flash_decode.Slots(lengths, config.sliding_window if sliding else None, sliding)
     if config.mla.rope_mode == "partial":
         q_rope, q_nope = _partial_queries(q, chunk.cos, chunk.sin, config, layer)
         return flash_decode.mla_absorbed_decode(
@@ -152,7 +153,7 @@ def _kernel_decode(
         )[:, None]  # fmt: skip
     return flash_decode.mla_decompressed_decode(
         scoring_queries(q, chunk.cos, chunk.sin, config, layer)[:, 0], p["kv_b"], cache["c"], slots,
-        p["sinks"], slot_rotations(lengths, cache["c"].shape[1], sliding, config), launch,
+        p["sinks"], slot_rotations(slots.lengths, cache["c"].shape[1], slots.sliding, config), launch,
     )[:, None]  # fmt: skip
 
 
