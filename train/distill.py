@@ -4,7 +4,7 @@
         [--data stdlib|python-doc|wikitext-2|FILE|DIR|IDS.npy] [--seq-len 512] [--batch 8] [--steps 200]
         [--lr 1e-3] [--warmup 20] [--temperature 1.0] [--loss kl|kl+ce|kl+hidden|kl+ce+hidden]
         [--train mla|mla+attn|all] [--grad-accum 1] [--eval-every 50] [--ckpt-every 50] [--keep 3]
-        [--resume] [--coordinator HOST:PORT --num-processes N --process-id I]
+        [--resume] [--keep-healed] [--coordinator HOST:PORT --num-processes N --process-id I]
 
 With no arguments it runs the embedded default end to end (nothing to download): a small teacher trained
 on the stdlib corpus (cached), converted with the default MLA settings, distilled, and reported.
@@ -19,8 +19,10 @@ weights; remat per layer. Checkpoints (trainable weights, optimizer state, grain
 --ckpt-every steps and at the end; --resume continues from the latest one and sees exactly the batches it
 would have seen. On several processes (explicit flags, or SLURM / Open MPI launches) it calls
 jax.distributed.initialize, each process reads only its rows of every global batch, and Orbax saves and
-restores collectively. RUN_DIR gets metrics.jsonl, curves.png, summary.json and, at the end, the healed
-student as a model checkpoint in RUN_DIR/student (for eval.ppl and weights.export).
+restores collectively. RUN_DIR gets metrics.jsonl, curves.png, summary.json and, at the end, the output
+student as a model checkpoint in RUN_DIR/student (for eval.ppl and weights.export): the healed student, or
+the converted one where healing left it with a higher perplexity on the held-out tokens (--keep-healed
+keeps the healed one regardless).
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from train.checkpoints import save_student
+from support.results import write_json
 from train.embedded import embedded_default
+from train.keep_better import decide, healed_student, message, previous_choice, save_kept
 from train.loop import DistillOptions, run
 from train.loss import parse_loss
 from train.sharding import make_mesh, param_sharding
@@ -106,6 +109,11 @@ def main(argv=None) -> int:
     parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--resume", action="store_true")
+    parser.add_argument(
+        "--keep-healed",
+        action="store_true",
+        help="output the healed student even where the conversion scores a lower held-out PPL",
+    )
     parser.add_argument("--stop-after", type=int, help="end this invocation at step N (checkpointed)")
     parser.add_argument("--coordinator", help="HOST:PORT of process 0 (multi-process runs)")
     parser.add_argument("--num-processes", type=int)
@@ -147,7 +155,8 @@ def distill_cli(args) -> int:
         args.train_tokens,
         args.seq_len,
         teacher_config.vocab_size,
-        args.eval_tokens if args.eval_every else 0,
+        # The held-out tokens also decide, at the end, whether the healed or the converted student is kept.
+        args.eval_tokens if args.eval_every or not args.keep_healed else 0,
     )
     eval_fn = None
     if args.eval_every:
@@ -171,14 +180,31 @@ def distill_cli(args) -> int:
         options,
         eval_fn=eval_fn,
     )
+    record = None
     if args.stop_after is None or args.stop_after >= args.steps:
-        save_student(
-            os.path.join(args.out, "student"), student, student_config, trained, args.steps, tokenizer_dir
-        )
+        # Only a finished run chooses: a `--stop-after` stop is resumed and trains on.
+        record = {"kept": "healed", "keep_healed": args.keep_healed}
+        if held_out is not None and len(held_out) >= 2:
+            score = lambda params: perplexity(
+                params, student_config, held_out, args.seq_len, args.seq_len, args.batch,
+                teacher=(teacher, teacher_config), progress=False,
+            )  # fmt: skip
+            converted = score(student)
+            record = decide(converted, score(healed_student(student, trained)), args.keep_healed)
+            record["held_out_tokens"] = converted["tokens"]
+        save_kept(
+            os.path.join(args.out, "student"), student, student_config, trained, args.steps, tokenizer_dir,
+            record["kept"], previous_choice(args.out),
+        )  # fmt: skip
     summary_path = os.path.join(args.out, "summary.json")
     if jax.process_index() == 0 and os.path.exists(summary_path):
         with open(summary_path) as f:
             summary = json.load(f)
+        if record is not None:
+            summary |= record
+            write_json(summary_path, summary)
+            if message(record):
+                print(message(record))
         mfu = f", MFU {summary['mfu']:.1%}" if summary["mfu"] else ""
         ppl = f", held-out student PPL {summary['student_ppl']:.3f}" if "student_ppl" in summary else ""
         print(

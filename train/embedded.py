@@ -9,7 +9,7 @@ import os
 import jax.numpy as jnp
 
 from support.results import write_json
-from train.checkpoints import save_student
+from train.keep_better import decide, message, previous_choice, save_kept
 from train.loop import DistillOptions, run
 from train.student import assemble_student
 
@@ -22,7 +22,8 @@ def embedded_teacher_dir() -> str:
 
 def embedded_default(args) -> int:
     """No download: train (or reuse) a small teacher on the stdlib corpus, convert it with the default MLA
-    settings scaled to its size, distill, and report perplexities and the cache reduction."""
+    settings scaled to its size, distill, and report perplexities and the cache reduction. RUN_DIR/student
+    is the healed student, or the converted one where that scores the lower held-out PPL."""
     from tokenizers import Tokenizer
 
     from gptoss_mla_jax.cache import accounting
@@ -51,7 +52,12 @@ def embedded_default(args) -> int:
     )
     held_out = corpus_ids(tokenizer, "stdlib", "test", 16384)
     ppl = lambda params, cfg: perplexity(params, cfg, held_out, 256, 128, 8, progress=False)["ppl"]
-    before = {"teacher": ppl(teacher, config), "converted": ppl(student, student_config)}
+    # A student scored beside the teacher: its PPL, the teacher's and KL(teacher || student).
+    score = lambda params: perplexity(
+        params, student_config, held_out, 256, 128, 8, teacher=(teacher, config), progress=False
+    )
+    converted = score(student)
+    before = {"teacher": converted["teacher_ppl"], "converted": converted["ppl"]}
     sequences = token_windows(tokenizer, "stdlib", 1_000_000, 129, "train")
     options = DistillOptions(
         mesh=args.mesh, batch=16, steps=300, lr=3e-3, warmup=20, ckpt_every=300,
@@ -68,14 +74,18 @@ def embedded_default(args) -> int:
         options,
         eval_fn=lambda params: ppl(params, student_config),
     )
-    distilled = assemble_student(teacher, trainable, student_config, jnp.float32)
-    after = ppl(distilled, student_config)
+    healed = score(assemble_student(teacher, trainable, student_config, jnp.float32))
+    after = healed["ppl"]
+    record = decide(converted, healed, args.keep_healed)
     # Both students as model checkpoints, for eval.diagnose / eval.ppl / weights.export before and after.
     from weights.orbax_io import is_orbax_checkpoint, save_checkpoint
 
     if not is_orbax_checkpoint(os.path.join(args.out, "converted")):
         save_checkpoint(os.path.join(args.out, "converted"), student, student_config, source=tokenizer_dir)
-    save_student(os.path.join(args.out, "student"), student, student_config, trainable, 300, tokenizer_dir)
+    save_kept(
+        os.path.join(args.out, "student"), student, student_config, trainable, 300, tokenizer_dir,
+        record["kept"], previous_choice(args.out),
+    )  # fmt: skip
     kv = accounting(student_config, 1, config.max_position_embeddings, jnp.bfloat16)
     with open(os.path.join(args.out, "summary.json")) as f:
         summary = json.load(f)
@@ -85,11 +95,14 @@ def embedded_default(args) -> int:
         "kv_reduction": kv["reduction"],
         "latent_dim": latent,
         "held_out_tokens": len(held_out) - 1,
+        **record,
     }
     print(
         f"held-out PPL ({summary['held_out_tokens']} stdlib test tokens): teacher {before['teacher']:.3f}, "
         f"converted {before['converted']:.3f}, distilled {after:.3f}"
     )
+    if message(record):
+        print(message(record))
     print(
         f"KV cache at {config.max_position_embeddings} tokens: {kv['reduction']:.1%} smaller "
         f"(full-attention layers: latent {latent} instead of {2 * G * d} values per token)"
