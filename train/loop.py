@@ -26,7 +26,7 @@ from train.checkpoints import Checkpoints
 from train.data import training_batches
 from train.flops import distill_step_flops, peak_flops
 from train.loss import distill_loss, parse_loss
-from train.sharding import batch_sharding, make_mesh, place, shard_params
+from train.sharding import batch_sharding, make_mesh, shard_params
 from train.student import (
     TRAIN_SETS,
     DistillError,
@@ -36,6 +36,7 @@ from train.student import (
     scalar,
     split_student,
 )
+from weights.safetensors_io import put
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,7 +81,12 @@ def make_optimizer(lr: float, warmup: int, steps: int, grad_accum: int):
     return (optax.MultiSteps(chain, every_k_schedule=grad_accum) if grad_accum > 1 else chain), schedule
 
 
-def make_step(optimizer, teacher_config, student_config, temperature, terms, dtype, options: ForwardOptions):
+def make_step(
+    optimizer, teacher_config, student_config, temperature, terms, dtype, options: ForwardOptions,
+    state_shardings=None,
+):  # fmt: skip
+    """The jitted training step. `state_shardings` (trainable, optimizer state): where the step returns
+    them, so that the next step's inputs are placed as this one's and the step compiles once."""
     loss = functools.partial(
         distill_loss,
         teacher_config=teacher_config,
@@ -91,7 +97,9 @@ def make_step(optimizer, teacher_config, student_config, temperature, terms, dty
         options=options,
     )
 
-    @functools.partial(jax.jit, donate_argnums=(0, 1))
+    out_shardings = (*state_shardings, None) if state_shardings else None
+
+    @functools.partial(jax.jit, donate_argnums=(0, 1), out_shardings=out_shardings)
     def step(trainable, opt_state, teacher, tokens):
         (value, aux), grads = jax.value_and_grad(loss, has_aux=True)(trainable, teacher, tokens)
         updates, opt_state = optimizer.update(grads, opt_state, trainable)
@@ -142,16 +150,19 @@ def run(
     trainable = shard_params(trainable, mesh)
     optimizer, schedule = make_optimizer(o.lr, o.warmup, steps, grad_accum)
     # Adam's moments inherit the weights' shardings; the step counters go replicated over the mesh (left
-    # on one device they would clash with the mesh once a process holds only some of its devices).
+    # on one device they would clash with the mesh once a process holds only some of its devices). Every
+    # leaf is committed to its mesh sharding and the step returns it there: a leaf left uncommitted (on one
+    # device), or one the partitioner placed otherwise in the step's outputs, would compile the step again
+    # at step 2.
     replicated = NamedSharding(mesh, PartitionSpec())
-    opt_state = jax.tree.map(
-        lambda x: x if isinstance(x.sharding, NamedSharding) else place(x, replicated),
-        optimizer.init(trainable),
-    )
+    state = (trainable, optimizer.init(trainable))
+    mesh_sharding = lambda x: x.sharding if isinstance(x.sharding, NamedSharding) else replicated
+    shardings = jax.tree.map(mesh_sharding, state)
+    trainable, opt_state = jax.tree.map(lambda x, s: x if x.sharding == s else put(x, s), state, shardings)
     # On the mesh the model keeps each device on its own rows (the residual stream split by batch).
     step_fn = make_step(
         optimizer, teacher_config, student_config, o.temperature, terms, dtype,
-        ForwardOptions(remat=o.remat, mesh=mesh),
+        ForwardOptions(remat=o.remat, mesh=mesh), shardings,
     )  # fmt: skip
     seq_len = sequences.shape[1]
     tokens_sharding = batch_sharding(mesh)
