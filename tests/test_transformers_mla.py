@@ -134,7 +134,9 @@ def test_converted_distilled_exported_model_runs_in_transformers(tiny_hf, tmp_pa
         "--warmup",
         "1",
     ]
-    assert distill_main([*flags, "--dtype", "fp32", "--no-progress"]) == 0
+    # --keep-healed: this checks that the trained weights travel (keeping the better student is tested in
+    # test_distill_cli); on random data five steps may well not beat the conversion.
+    assert distill_main([*flags, "--dtype", "fp32", "--no-progress", "--keep-healed"]) == 0
     healed_config, healed, meta = restore_checkpoint(str(run / "student"))
     assert healed_config == mla_config and meta["step"] == 5
     kv_a = lambda p: np.asarray(p["layers"][1]["self_attn"]["kv_a"]["kernel"])
