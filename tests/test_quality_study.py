@@ -11,7 +11,8 @@ def test_study_end_to_end_and_resume(tmp_path):
     out = tmp_path / "study"
     argv = [
         "--teacher", str(tmp_path / "teacher"), "--data", "stdlib", "--teacher-config", "tiny",
-        "--train-steps", "3", "--tokenizer-chars", "300000", "--seq-len", "64", "--eval-windows", "4",
+        "--train-steps", "3", "--train-tokens", str(3 * 16 * 65), "--tokenizer-chars", "300000",
+        "--seq-len", "64", "--eval-windows", "4",
         "--calib-tokens", "256", "--distill-steps", "3", "--distill-batch", "2", "--layers", "full",
         "--modes", "partial", "--reductions", "0.75", "--inits", "pca", "--out", str(out),
     ]  # fmt: skip

@@ -23,6 +23,7 @@ back?
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import itertools
 import json
@@ -239,6 +240,9 @@ def main(argv=None) -> int:
     parser.add_argument("--teacher-config", choices=("study", "tiny"), default="study")
     parser.add_argument("--train-steps", type=int, default=700)
     parser.add_argument("--tokenizer-chars", type=int, default=20_000_000)
+    parser.add_argument(
+        "--train-tokens", type=int, help="size of the teacher's training stream (train.pretrain's default)"
+    )
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=64)
     parser.add_argument("--calib-tokens", type=int, default=16384)
@@ -270,6 +274,8 @@ def main(argv=None) -> int:
         recipe = {"--out": args.teacher, "--steps": args.train_steps, "--data": args.data}
         recipe |= {"--config": args.teacher_config, "--seq-len": args.seq_len, "--seed": args.seed}
         recipe["--tokenizer-chars"] = args.tokenizer_chars
+        if args.train_tokens:
+            recipe["--train-tokens"] = args.train_tokens
         pretrain.main([str(x) for item in recipe.items() for x in item])
         print(f"teacher trained in {time.perf_counter() - t_start:.0f} s", flush=True)
     config, teacher, tokenizer_dir = load_model(args.teacher, progress=False)
@@ -277,10 +283,19 @@ def main(argv=None) -> int:
     held_out = token_windows(
         tokenizer, args.data, args.eval_windows * (args.seq_len + 1), args.seq_len + 1, "test"
     )
-    stream = token_windows(tokenizer, args.data, args.calib_tokens * POOL_FACTOR, 1, "validation").reshape(-1)
-    calib = calibration_set(teacher, config, stream, args.calib_tokens, "kmeans", args.seq_len)
     distill_tokens = args.distill_steps * args.distill_batch * args.seq_len
-    sequences = token_windows(tokenizer, args.data, distill_tokens, args.seq_len + 1, "train")
+
+    # Calibration windows and distillation data are made when a row first needs them (a rerun with every
+    # row finished needs neither).
+    @functools.cache
+    def calib() -> np.ndarray:
+        pool = args.calib_tokens * POOL_FACTOR
+        stream = token_windows(tokenizer, args.data, pool, 1, "validation").reshape(-1)
+        return calibration_set(teacher, config, stream, args.calib_tokens, "kmeans", args.seq_len)
+
+    @functools.cache
+    def sequences() -> np.ndarray:
+        return token_windows(tokenizer, args.data, distill_tokens, args.seq_len + 1, "train")
 
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     teacher_id = fingerprint(teacher)
@@ -333,7 +348,7 @@ def main(argv=None) -> int:
     def student_for(layers, mode, reduction, init):
         latent = latent_dim_for(reduction, mode, G, d)
         layer_ids = parse_layers(layers, config)
-        return convert(teacher, config, latent, mode, layer_ids, ROPE_PAIRS, init, calib)[:2]
+        return convert(teacher, config, latent, mode, layer_ids, ROPE_PAIRS, init, calib())[:2]
 
     def out_of_time() -> bool:
         if args.time_limit and time.perf_counter() - t_start > args.time_limit:
@@ -372,7 +387,7 @@ def main(argv=None) -> int:
             continue
         t0 = time.perf_counter()
         student_config, student = student_for(*m)
-        healed = heal(teacher, config, student, student_config, sequences, args)
+        healed = heal(teacher, config, student, student_config, sequences(), args)
         row["distilled"] = score(teacher, config, healed, student_config, held_out)
         row["distill_and_score_seconds"] = time.perf_counter() - t0
         write_json(f"{args.out}.json", result)
