@@ -109,10 +109,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{n} tokens in {dt:.2f} s ({n / dt:.1f} tokens/s, batch {len(prompts)}, {jax.devices()[0].platform})"
     )
     if args.temperature == 0:
-        # The cached decode must agree with recomputing every sequence from scratch without a cache.
+        # The cached decode must agree with recomputing every sequence from scratch without a cache (the
+        # forward compiled once per length: op by op it compiles each of its operations per length).
+        full = jax.jit(forward, static_argnums=3)
         agree = all(
             np.array_equal(
-                np.argmax(np.asarray(forward(params, jnp.asarray([p + o[:-1]]), None, config)[0][0]), -1)[
+                np.argmax(np.asarray(full(params, jnp.asarray([p + o[:-1]]), None, config)[0][0]), -1)[
                     len(p) - 1 :
                 ],
                 o,
