@@ -44,7 +44,8 @@ class Launch(NamedTuple):
     """How a flash-decoding call runs: the cache slots split into `splits` slices per sequence and kv
     head, each read `block` slots a step; on the CPU `interpret`er, or compiled for the GPU with `warps` per
     program and `stages` of software pipelining (2: the next block loads while this one is reduced);
-    `head_block` query heads per program (absorbed MLA; None: all heads in one program)."""
+    `head_block` query heads per program (None: absorbed MLA all heads in one program, decompressed MLA
+    the fewest whole kv heads that fill a tensor-core tile, `kv_heads_per_program`)."""
 
     splits: int = 8
     block: int = 64
@@ -160,11 +161,14 @@ def _split_kernel(length_ref, *refs, n_keys: int, shared_values: bool, block: in
     _walk(body, length, start, slots, split, block, bias.shape[0], value_cols, out_refs)
 
 
-def _decompressed_kernel(length_ref, q1_ref, q2_ref, c_ref, w1_ref, w2_ref, b1_ref, b2_ref, cos_ref, sin_ref,
-                         *out_refs, block: int, window, sliding, slots):  # fmt: skip
-    """Program (b, j, g) of a decompressed MLA layer: kv head g's keys are rebuilt from the latent block
-    in on-chip memory (`k = RoPE(c W_bk[g] + b_k[g])`, halves k1 / k2 rotated by the slots' cos / sin rows)
-    and never written out; the values stay the latent (absorbed: `W_bv` is applied after the merge)."""
+def _decompressed_kernel(length_ref, q1_ref, q2_ref, c_ref, w_ref, b_ref, cos_ref, sin_ref, *out_refs,
+                         block: int, window, sliding, slots):  # fmt: skip
+    """Program (b, j, g) of a decompressed MLA layer, for a group g of P kv heads: their keys are rebuilt
+    from the latent block in on-chip memory by one product (`k = c W_bk + b_k`, columns [half (2), kv head
+    (P), frequency]), rotated by the slots' cos / sin rows, and never written out; the values stay the
+    latent (absorbed: `W_bv` is applied after the merge). The queries come block-diagonal ([P x R rows,
+    P x half]: each head's half-query in its own kv head's columns), so one score product serves the P kv
+    heads and their R query heads each fill the tensor core's rows that a single kv head would pad."""
     split = c_ref.shape[0]
     start = pl.program_id(1) * split
     length = length_ref[0]
@@ -172,18 +176,22 @@ def _decompressed_kernel(length_ref, q1_ref, q2_ref, c_ref, w1_ref, w2_ref, b1_r
     f32 = jnp.float32
     latent_cols = pow2_columns(c_ref.shape[1])
     q1, q2 = q1_ref[...], q2_ref[...]
-    b1, b2 = b1_ref[...].astype(f32), b2_ref[...].astype(f32)
-    # The kv head's up-projection, loaded once: every block multiplies by it.
-    w1, w2 = ([w_ref[cols, :] for cols in latent_cols] for w_ref in (w1_ref, w2_ref))
+    bias = b_ref[...].astype(f32)
+    heads = q1.shape[1] // cos_ref.shape[1]  # P
+    # The group's up-projection, loaded once: every block multiplies by it.
+    w = [w_ref[cols, :] for cols in latent_cols]
+
+    def per_head(table):  # [block, half] -> [block, P x half]: each kv head's columns rotate alike
+        return jnp.broadcast_to(table[:, None, :], (block, heads, table.shape[1])).reshape(block, -1)
 
     def body(i, carry):
         rows = pl.ds(i * block, block)
         c = [c_ref[rows, cols] for cols in latent_cols]
-        up = lambda w: sum(
+        k = bias[None, :] + sum(
             jnp.dot(part, w_part, preferred_element_type=f32) for part, w_part in zip(c, w, strict=True)
         )
-        k1, k2 = b1[None, :] + up(w1), b2[None, :] + up(w2)
-        cos, sin = cos_ref[rows, :], sin_ref[rows, :]
+        k1, k2 = jnp.split(k, 2, axis=1)
+        cos, sin = per_head(cos_ref[rows, :]), per_head(sin_ref[rows, :])
         rotated = lambda k: k.astype(q1.dtype)  # rotated in float32, multiplied in the cache's dtype
         s = jax.lax.dot_general(q1, rotated(k1 * cos - k2 * sin), CONTRACT_LAST, preferred_element_type=f32)
         s += jax.lax.dot_general(q2, rotated(k2 * cos + k1 * sin), CONTRACT_LAST, preferred_element_type=f32)
@@ -310,9 +318,34 @@ def _check_split(S: int, splits: int, block: int) -> None:
         raise ValueError(f"cache of {S} slots: not a multiple of splits x block = {splits} x {block}")
 
 
+def kv_heads_per_program(G: int, R: int, head_block: int | None = None) -> int:
+    """P, the kv heads a decompressed-MLA program serves: `head_block` query heads' worth when given, else
+    the fewest that fill the tensor core's MIN_ROWS rows with real query heads (R per kv head), at most G;
+    a power of two dividing G (Triton's tensors are powers of two)."""
+    if head_block is not None:
+        P = head_block // R
+        if head_block % R or P < 1 or G % P or P & (P - 1):
+            raise ValueError(
+                f"head_block {head_block}: not a power-of-two number of whole kv heads (of {R} query heads) "
+                f"dividing the {G} kv heads"
+            )
+        return P
+    P = 1
+    while P * R < MIN_ROWS and G % (2 * P) == 0:
+        P *= 2
+    return P
+
+
+def _block_diagonal(q: Float[Array, "B G R half"], P: int) -> Float[Array, "B Gp PR Phalf"]:
+    """Queries of P kv heads stacked as rows, each head's in its own kv head's columns (zeros elsewhere)."""
+    B, G, R, half = q.shape
+    q = q.reshape(B, G // P, P, R, 1, half) * jnp.eye(P, dtype=q.dtype)[:, None, :, None]
+    return q.reshape(B, G // P, P * R, P * half)
+
+
 @functools.partial(jax.jit, static_argnames=("window", "sliding", "launch"))
 def decompressed_splits(
-    q: Float[Array, "B G Hq d"],
+    q: Float[Array, "B G R d"],
     c: Float[Array, "B S r"],
     key_up: tuple[Float[Array, "r G d"], Float[Array, "G d"]],
     rotations: tuple[Float[Array, "Bc S half"], Float[Array, "Bc S half"]],
@@ -320,34 +353,40 @@ def decompressed_splits(
     window: int | None = None,
     sliding: bool = False,
     launch: Launch = Launch(),
-) -> tuple[Float[Array, "B G J Hq r"], Float[Array, "B G J Hq"], Float[Array, "B G J Hq"]]:
+) -> tuple[Float[Array, "B Gp J PR r"], Float[Array, "B Gp J PR"], Float[Array, "B Gp J PR"]]:
     """`attention_splits` for a decompressed MLA layer: queries (RoPE applied, scale in) against keys
     rebuilt on chip from the latent c by `key_up` (W_bk, b_k); the values are c (the caller applies W_bv
-    after `combine`). `rotations`: `rope.cos_sin` of the slots' positions, per sequence (Bc = B) or shared
-    (Bc = 1). Products in the cache's dtype, RoPE and sums in float32."""
+    after `combine`). Each program serves P = `kv_heads_per_program` kv heads (Gp = G / P groups of P x R
+    query heads, kv-head-major). `rotations`: `rope.cos_sin` of the slots' positions, per sequence (Bc = B)
+    or shared (Bc = 1). Products in the cache's dtype, RoPE and sums in float32."""
     (w_k, b_k), (cos, sin) = key_up, rotations
-    heads, d = q.shape[2:]
+    G, R, d = q.shape[1:]
     S, r = c.shape[1:]
     splits, block = launch.splits, launch.block
     _check_split(S, splits, block)
     half = d // 2
-    q = _pad_heads(q.astype(c.dtype))
-    Hq = q.shape[2]
+    P = kv_heads_per_program(G, R, launch.head_block)
+    q = q.astype(c.dtype)
+    q1, q2 = (_pad_heads(_block_diagonal(part, P)) for part in (q[..., :half], q[..., half:]))
+    Hq = q1.shape[2]
     cache, query = _specs(Hq, S, splits)
-    per_head = lambda shape: pl.BlockSpec((None, *shape), lambda b, j, g: (g, *(0 for _ in shape)))
-    w = w_k.astype(c.dtype).transpose(1, 0, 2)  # [G, r, d]: one kv head's up-projection per program
+    # Columns [half (2), kv head (P), frequency]: one product rebuilds the group's keys, split in halves.
+    grouped = lambda x: (
+        x.reshape(*x.shape[:-2], G // P, P, 2, half)
+        .swapaxes(-3, -2)
+        .reshape(*x.shape[:-2], G // P, 2 * P * half)
+    )
+    w = jnp.moveaxis(grouped(w_k.astype(c.dtype)), 1, 0)  # [G / P, r, 2 P half]
     kernel = functools.partial(_decompressed_kernel, block=block, window=window, sliding=sliding, slots=S)
     per_sequence = cos.shape[0] > 1
     rotation = pl.BlockSpec((None, S // splits, half), lambda b, j, g: (b if per_sequence else 0, j, 0))
     in_specs = [
-        query(half), query(half), cache(r, per_head=False), per_head((r, half)), per_head((r, half)),
-        per_head((half,)), per_head((half,)), rotation, rotation,
+        query(P * half), query(P * half), cache(r, per_head=False),
+        pl.BlockSpec((None, r, 2 * P * half), lambda b, j, g: (g, 0, 0)),
+        pl.BlockSpec((None, 2 * P * half), lambda b, j, g: (g, 0)), rotation, rotation,
     ]  # fmt: skip
-    args = (
-        q[..., :half], q[..., half:], c, w[..., :half], w[..., half:], b_k[:, :half], b_k[:, half:],
-        cos.astype(jnp.float32), sin.astype(jnp.float32),
-    )  # fmt: skip
-    return _launch(kernel, in_specs, args, lengths, Hq, r, heads, launch)
+    args = (q1, q2, c, w, grouped(b_k), cos.astype(jnp.float32), sin.astype(jnp.float32))
+    return _launch(kernel, in_specs, args, lengths, Hq, r, P * R, launch)
 
 
 def combine(
@@ -445,7 +484,8 @@ def mla_decompressed_decode(
     bias = kv_b["bias"].reshape(2, G, d)
     qg = (q.astype(jnp.float32) * d**-0.5).reshape(B, G, H // G, d)
     acc, m, l = decompressed_splits(qg, c, (w[:, 0], bias[0]), rotations, *slots, launch)
-    latent, mass = combine(acc, m, l, sinks)  # [B, G, R, r], [B, G, R]
+    latent, mass = combine(acc, m, l, sinks)  # [B, G / P, P R, r], [B, G / P, P R]
+    latent, mass = latent.reshape(B, G, H // G, r), mass.reshape(B, G, H // G)
     f32 = jnp.float32
     out = (
         jnp.einsum("bgrl,lgd->bgrd", latent, w[:, 1].astype(f32))

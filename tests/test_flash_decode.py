@@ -17,6 +17,7 @@ from gptoss_mla_jax.flash_decode import (
     Slots,
     combine,
     gqa_decode,
+    kv_heads_per_program,
     mla_absorbed_decode,
     mla_decompressed_decode,
     pow2_columns,
@@ -108,7 +109,27 @@ def gqa_case(seed: int, G: int, R: int, d: int, slots: int, lengths: list[int], 
 
 @pytest.mark.parametrize("G, R, slots, splits, block, sliding, lengths", CASES)
 def test_decompressed_kernel_equals_jnp(G, R, slots, splits, block, sliding, lengths):
-    """YaRN RoPE on keys rebuilt from the latent at their own positions, ring buffer included."""
+    """YaRN RoPE on keys rebuilt from the latent at their own positions, ring buffer included; each
+    program serves as many kv heads as fill 16 query rows (2 of 4 heads each, all 8 of 2 heads each, 1
+    of 20 heads)."""
+    got, want = decompressed_case(G, R, slots, lengths, sliding, Launch(splits, block, True))
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("head_block", [2, 4])
+def test_decompressed_kernel_kv_heads_per_program(head_block):
+    """One and two kv heads per program (2 query heads each) give the same attention."""
+    launch = Launch(2, 16, True, head_block=head_block)
+    got, want = decompressed_case(4, 2, 64, [1, 33, 64], False, launch)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert kv_heads_per_program(4, 2, head_block) == head_block // 2
+    assert kv_heads_per_program(8, 8) == 2 and kv_heads_per_program(1, 20) == 1
+    with pytest.raises(ValueError, match="head_block 6: not a power-of-two number of whole kv heads"):
+        kv_heads_per_program(4, 2, 6)
+
+
+def decompressed_case(G: int, R: int, slots: int, lengths: list[int], sliding: bool, launch: Launch):
+    """mla_decompressed_decode on random float32 inputs, and attend over mla.keys_values' answer."""
     d, r = 32, 40
     config = dataclasses.replace(
         DEMO_CONFIG, num_attention_heads=G * R, num_key_value_heads=G, head_dim=d,
@@ -125,10 +146,8 @@ def test_decompressed_kernel_equals_jnp(G, R, slots, splits, block, sliding, len
     k, v = keys_values({"kv_b": kv_b}, {"c": c}, pos, config, 1)
     want = attend(q[:, None], [(k, v, pos, ok)], (lengths - 1)[:, None], sinks, window)[:, 0]
     rope = slot_rotations(lengths, slots, sliding, config)
-    got = mla_decompressed_decode(
-        q, kv_b, c, Slots(lengths, window, sliding), sinks, rope, Launch(splits, block, True)
-    )
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    got = mla_decompressed_decode(q, kv_b, c, Slots(lengths, window, sliding), sinks, rope, launch)
+    return got, want
 
 
 def test_gqa_window_shorter_than_the_cache():

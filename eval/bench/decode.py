@@ -212,15 +212,31 @@ def layer_breakdown(config: GptOssConfig, params, batch: int, context: int, repe
 
 
 # Launch settings tried at every point: (block, warps, pipeline stages); absorbed MLA also splits its 64
-# heads over 2 or 4 programs (query heads per program).
+# heads over 2 or 4 programs, decompressed MLA gives each program 1, 2 or 4 kv heads (query heads per
+# program: `head_block`).
 KERNEL_CONFIGS = [
     dict(block=block, warps=warps, stages=stages)
     for block, warps, stages in ((64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (64, 8, 2), (128, 8, 2))
 ]
-HEAD_BLOCKS = [dict(block=64, warps=4, stages=2, head_block=h) for h in (32, 16)]
+HEAD_BLOCKS = {
+    "gqa": [],
+    "mla": [
+        dict(block=b, warps=w, stages=s, head_block=h)
+        for h in (8, 32)
+        for b, w, s in ((64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 2))
+    ],
+    "mla_partial": [dict(block=64, warps=4, stages=2, head_block=h) for h in (32, 16)],
+}
 
 
-def kernel_rows(batches: list[int], contexts: list[int], repeats: int, smoke: bool, log) -> list[dict]:
+def kernel_rows(
+    batches: list[int],
+    contexts: list[int],
+    repeats: int,
+    smoke: bool,
+    log,
+    layers=("gqa", "mla", "mla_partial"),
+) -> list[dict]:
     """One layer's decode attention at gpt-oss-20b shapes over full caches of random bf16, Pallas kernel
     (flash_decode) against the jnp path it replaces: GQA (64 heads over 8 kv heads of 64; also JAX's stock
     Pallas `gqa` decode kernel, which has no sinks), decompressed MLA (the default conversion, latent 192:
@@ -234,14 +250,18 @@ def kernel_rows(batches: list[int], contexts: list[int], repeats: int, smoke: bo
             n2=4,
             r=24,
             configs=[dict(block=16, warps=4, stages=2)],
-            head_blocks=[dict(block=16, warps=4, stages=2, head_block=2)],
+            head_blocks={
+                "gqa": [],
+                "mla": [dict(block=16, warps=4, stages=2, head_block=2)],
+                "mla_partial": [dict(block=16, warps=4, stages=2, head_block=2)],
+            },
         )
         if smoke
         else dict(G=8, R=8, d=64, n2=4, r=160, configs=KERNEL_CONFIGS, head_blocks=HEAD_BLOCKS)
     )
+    shape_of = lambda layer: shape | dict(head_blocks=shape["head_blocks"][layer])
     copy = copy_bandwidth(0.05 if smoke else 4.0)
     rows = [{"copy_gb_per_s": copy / 1e9}]
-    layers = ("gqa", "mla", "mla_partial")
     # Agreement in float32 first (one small point per kernel, where bf16 rounding does not blur a bug),
     # then the bf16 speed table. In float32, block 128 with 3 stages asks an H200 for more shared memory
     # than it has; that setting's failure is recorded and the others run.
@@ -249,7 +269,7 @@ def kernel_rows(batches: list[int], contexts: list[int], repeats: int, smoke: bo
     points = [(layer, b, c, jnp.bfloat16) for c, b, layer in itertools.product(contexts, batches, layers)]
     for layer, batch, context, dtype in check + points:
         try:
-            rows.append(kernel_point(layer, batch, context, repeats, copy, dtype=dtype, **shape))
+            rows.append(kernel_point(layer, batch, context, repeats, copy, dtype=dtype, **shape_of(layer)))
         except Exception as e:  # a lowering failure or an OOM is a result too: say which and go on
             rows.append(
                 {
@@ -456,7 +476,7 @@ def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, configs, 
     lengths, sinks = jnp.full((batch,), context, jnp.int32), normal(G * R)
     pos = jnp.broadcast_to(jnp.arange(context, dtype=jnp.int32), (batch, context))
     visible, q_pos = pos < lengths[:, None], (lengths - 1)[:, None]
-    programs = batch * (1 if layer == "mla_partial" else G)
+    programs = batch * (1 if layer == "mla_partial" else G)  # GQA; the MLA modes divide by their head blocks
     interpret = jax.default_backend() == "cpu"
     if layer == "gqa":
         cache = (normal(batch, context, G, d), normal(batch, context, G, d))
@@ -515,10 +535,15 @@ def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, configs, 
     row["bytes"] = int(sum(x.nbytes for x in cache))
     row["max_abs_reference"] = float(jnp.abs(want).max())
     plans = []
-    for launch in configs + (head_blocks if layer == "mla_partial" else []):
-        groups = G * R // launch.get("head_block", G * R) if layer == "mla_partial" else 1
+    for launch in configs + head_blocks:
+        if layer == "mla_partial":  # programs per sequence: the head blocks
+            groups = G * R // launch.get("head_block", G * R)
+        elif layer == "mla":  # kv-head groups
+            groups = 1 / flash_decode.kv_heads_per_program(G, R, launch.get("head_block"))
+        else:
+            groups = 1
         # the slices decode_plan would pick for this many programs
-        splits, block = flash_decode.plan(context, programs * groups, launch["block"])
+        splits, block = flash_decode.plan(context, int(programs * groups), launch["block"])
         plans.append(launch | dict(splits=splits, block=block))
     make = lambda plan: kernel(dict(plan, interpret=interpret))
     row |= sweep(make, plans, args, want, row["bytes"], copy, repeats)
@@ -582,7 +607,9 @@ def main(argv=None) -> int:
         "--decode-kernels", choices=("off", "on", "both"), default="off",
         help="steps (and --capacity) attend with the Pallas kernels: off, on, or both side by side",
     )  # fmt: skip
-    parser.add_argument("--models", help="only these models, e.g. gqa,mla_partial (default: all)")
+    parser.add_argument(
+        "--models", help="only these models (--kernels: layers), e.g. gqa,mla_partial (default: all)"
+    )
     parser.add_argument(
         "--cuda-graphs", action="store_true", help="steps as CUDA graphs (generation.CUDA_GRAPH_FLAGS)"
     )
@@ -615,7 +642,8 @@ def main(argv=None) -> int:
         result["xla_flags"] = os.environ.get("XLA_FLAGS", "")
         if args.kernels:
             batches = [int(b) for b in args.batches.split(",")]
-            result["kernels"] = kernel_rows(batches, contexts, args.repeats, args.smoke, log)
+            layers = only or ("gqa", "mla", "mla_partial")
+            result["kernels"] = kernel_rows(batches, contexts, args.repeats, args.smoke, log, layers)
         elif args.moe:
             batches = [int(b) for b in args.moe.split(",")]
             result["moe"] = moe_rows(batches, args.repeats, args.smoke, log)

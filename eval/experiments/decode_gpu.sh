@@ -10,6 +10,8 @@
 #   final      e2e as CUDA graphs, with transformers' model (batch 1 x 4K) in the same run
 #   kernels    each attention decode kernel against its jnp path
 #   capacity   the largest batch that runs at 32K and 128K, on the kernels
+#   mla        the GQA and decompressed-MLA kernels at 32K, every launch (kv heads per program included)
+#   mla_e2e    whole-model steps of GQA and decompressed MLA at 32K on the kernels, as CUDA graphs
 #   bash eval/experiments/decode_gpu.sh OUT_DIR [STAGES]        (default: check,moe,profile,e2e)
 set -uo pipefail
 OUT=${1:?usage: bash eval/experiments/decode_gpu.sh OUT_DIR [STAGES]}
@@ -32,6 +34,8 @@ for stage in ${STAGES//,/ }; do
     e2e) run decode_e2e 330 eval.bench.decode --decode-kernels on --partial --batches 1,64 --contexts 4096,32768 ;;
     final) run decode_e2e 420 eval.bench.decode --with-transformers --cuda-graphs --decode-kernels on --partial --batches 1,64 --contexts 4096,32768 ;;
     kernels) run decode_kernels 400 eval.bench.decode --kernels --batches 1,8,64 --contexts 4096,32768,131072 ;;
+    mla) run decode_kernels_mla 330 eval.bench.decode --kernels --models gqa,mla --batches 1,8,64 --contexts 32768 ;;
+    mla_e2e) run decode_e2e_mla 240 eval.bench.decode --cuda-graphs --decode-kernels on --models gqa,mla --batches 1,64 --contexts 32768 ;;
     capacity) run decode_capacity 400 eval.bench.decode --capacity --decode-kernels on --partial --contexts 32768,131072 ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
