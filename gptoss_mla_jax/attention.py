@@ -81,11 +81,13 @@ def attend(
     """Softmax attention with sinks over one or more key blocks `(k, v, key_positions, key_valid)`.
 
     Blocks (e.g. the cache and the new chunk) are never concatenated: their scores are, which is cheap,
-    and each block's values are read in place.
+    and each block's values are read in place. Queries and keys may be wider than the values (rorope MLA
+    scores a RoPE'd and an unrotated part side by side); scores scale by the head dim, the values' width.
     """
-    B, T, H, d = q.shape
+    B, T, H, _ = q.shape
+    d = keys[0][1].shape[-1]
     G = keys[0][0].shape[2]
-    qg = q.reshape(B, T, G, H // G, d)
+    qg = q.reshape(B, T, G, H // G, -1)
     scores = []
     for k, _, k_pos, k_valid in keys:
         s = jnp.einsum("btgrd,bsgd->bgrts", qg, k, preferred_element_type=jnp.float32) * d**-0.5

@@ -2,7 +2,8 @@
 
     {"lengths": int32 [B],                       # tokens already cached, per sequence
      "layers": [{"k": [B, S, G, d], "v": [B, S, G, d]},       # a GQA layer
-                {"c": [B, S, r], "k_rope": [B, S, G, 2n]},    # an MLA layer (k_rope: partial mode only)
+                {"c": [B, S, r], "k_rope": [B, S, G, 2n]},    # an MLA layer (k_rope: partial mode only;
+                                                              # rorope: one shared key [B, S, 1, m d])
                 ...]}
 
 Full-attention layers hold `S = max_len` slots indexed by position. Sliding-window layers hold a ring
@@ -39,16 +40,18 @@ def entry_shapes(config: GptOssConfig, layer: int, batch: int, max_len: int) -> 
     shapes = {"c": (batch, slots, mla.latent_dims[mla.index(layer)])}
     if mla.rope_mode == "partial":
         shapes["k_rope"] = (batch, slots, G, 2 * mla.num_rope_pairs(layer))
+    if mla.rope_mode == "rorope":  # one RoPE key that every query head reads
+        shapes["k_rope"] = (batch, slots, 1, mla.rope_values(layer, d, G))
     return shapes
 
 
 def values_per_token(config: GptOssConfig, layer: int) -> int:
     """Cached values per token of one layer, by the formula of docs/design.md: GQA 2Gd, decompressed r,
-    partial r + G * d_rope (d_rope = 2 dims per kept pair)."""
+    partial r + G * d_rope (d_rope = 2 dims per kept pair), rorope r + m d (m components kept per pair)."""
     G, d, mla = config.num_key_value_heads, config.head_dim, config.mla
     if not config.is_mla(layer):
         return 2 * G * d
-    return mla.latent_dims[mla.index(layer)] + G * 2 * mla.num_rope_pairs(layer)
+    return mla.latent_dims[mla.index(layer)] + mla.rope_values(layer, d, G)
 
 
 def init_cache(config: GptOssConfig, batch: int, max_len: int, dtype=jnp.bfloat16) -> Cache:
@@ -146,8 +149,11 @@ def layer_kind(config: GptOssConfig, layer: int) -> str:
     if not config.is_mla(layer):
         return f"{kind} GQA"
     r = mla.latent_dims[mla.index(layer)]
-    pairs = f", {mla.num_rope_pairs(layer)} rope pairs/head" if mla.rope_mode == "partial" else ""
-    return f"{kind} MLA {mla.rope_mode} r={r}{pairs}"
+    kept = {
+        "partial": f", {mla.num_rope_pairs(layer)} rope pairs/head",
+        "rorope": f", {mla.num_rope_components(layer)} rope components/pair",
+    }.get(mla.rope_mode, "")
+    return f"{kind} MLA {mla.rope_mode} r={r}{kept}"
 
 
 def accounting(config: GptOssConfig, batch: int, context: int, dtype) -> dict:

@@ -86,7 +86,7 @@ class RopeParams:
         return True if self.truncate is None else self.truncate
 
 
-ROPE_MODES = ("decompressed", "partial")
+ROPE_MODES = ("decompressed", "partial", "rorope")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,13 +96,17 @@ class MlaConfig:
     `decompressed`: the cache holds a latent of `latent_dim` values per token; K (before RoPE) and V are
     up-projected from it. `partial`: for every kv head a few RoPE frequency pairs (`rope_pairs[i][g]`, the
     pair indices of converted layer i, kv head g) keep their keys exactly, cached after RoPE; the other key
-    dims (no RoPE from then on) and all of V are compressed jointly into the latent.
+    dims (no RoPE from then on) and all of V are compressed jointly into the latent. `rorope`: every
+    frequency pair's keys are mixed across the kv heads by an orthogonal matrix (the layer's `rope_mix`
+    parameter); the leading `rope_components[i]` mixed components of every pair keep RoPE, cached after it
+    as one key shared by all query heads, and the other components join V in the latent.
     """
 
     rope_mode: str
     layers: tuple[int, ...]
     latent_dims: tuple[int, ...]  # one per entry of `layers`
     rope_pairs: tuple[tuple[tuple[int, ...], ...], ...] = ()  # partial mode: [layer][kv head] -> pairs
+    rope_components: tuple[int, ...] = ()  # rorope mode: mixed components kept per pair, per layer
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
@@ -111,6 +115,7 @@ class MlaConfig:
             tuple(tuple(sorted(int(p) for p in head)) for head in layer) for layer in self.rope_pairs
         )
         object.__setattr__(self, "rope_pairs", pairs)
+        object.__setattr__(self, "rope_components", tuple(int(m) for m in self.rope_components))
 
     def index(self, layer: int) -> int | None:
         """Position of `layer` among the converted layers, or None if it is plain GQA."""
@@ -118,6 +123,20 @@ class MlaConfig:
 
     def num_rope_pairs(self, layer: int) -> int:
         return len(self.rope_pairs[self.index(layer)][0]) if self.rope_mode == "partial" else 0
+
+    def num_rope_components(self, layer: int) -> int:
+        return self.rope_components[self.index(layer)] if self.rope_mode == "rorope" else 0
+
+    @property
+    def partial_rope(self) -> bool:
+        """Whether some key dims keep RoPE in a cache entry of their own beside the latent and the rest
+        lose it (partial, rorope): the modes whose decode attends over the latent, absorbed."""
+        return self.rope_mode != "decompressed"
+
+    def rope_values(self, layer: int, head_dim: int, kv_heads: int) -> int:
+        """Key values per token that keep RoPE (the `k_rope` cache entry): G * 2n (partial, n pairs per
+        kv head), m * head_dim (rorope, m components of every pair), 0 (decompressed)."""
+        return kv_heads * 2 * self.num_rope_pairs(layer) + head_dim * self.num_rope_components(layer)
 
     def to_hf(self) -> dict[str, Any]:
         out = {
@@ -127,14 +146,22 @@ class MlaConfig:
         }
         if self.rope_mode == "partial":
             out["rope_pairs"] = [[list(head) for head in layer] for layer in self.rope_pairs]
+        if self.rope_mode == "rorope":
+            out["rope_components"] = list(self.rope_components)
         return out
 
     @classmethod
     def from_hf(cls, mla: dict[str, Any]) -> MlaConfig:
-        unknown = sorted(set(mla) - {"rope_mode", "layers", "latent_dims", "rope_pairs"})
+        unknown = sorted(set(mla) - {"rope_mode", "layers", "latent_dims", "rope_pairs", "rope_components"})
         if unknown:
             raise ConfigError(f"config.json: mla setting(s) {unknown} are not supported")
-        return cls(mla["rope_mode"], mla["layers"], mla["latent_dims"], mla.get("rope_pairs", ()))
+        return cls(
+            mla["rope_mode"],
+            mla["layers"],
+            mla["latent_dims"],
+            mla.get("rope_pairs", ()),
+            mla.get("rope_components", ()),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,6 +236,14 @@ class GptOssConfig:
             raise ConfigError(f"mla.rope_mode {mla.rope_mode!r} is not one of {ROPE_MODES}")
         if len(mla.latent_dims) != len(mla.layers) or len(set(mla.layers)) != len(mla.layers):
             raise ConfigError("mla.layers must be distinct and have one entry of mla.latent_dims each")
+        if mla.rope_mode == "rorope":
+            if len(mla.rope_components) != len(mla.layers):
+                raise ConfigError("mla.rope_components needs one entry per converted layer")
+            for layer, m in zip(mla.layers, mla.rope_components, strict=True):
+                if not 1 <= m <= G:
+                    raise ConfigError(
+                        f"mla.rope_components of layer {layer}: {m} is outside 1..{G} (the kv heads)"
+                    )
         for layer, r in zip(mla.layers, mla.latent_dims, strict=True):
             if not 0 <= layer < self.num_hidden_layers:
                 raise ConfigError(f"mla.layers names layer {layer}; the model has {self.num_hidden_layers}")
@@ -234,11 +269,10 @@ class GptOssConfig:
 
     def mla_target_width(self, layer: int, mla: MlaConfig | None = None) -> int:
         """Values per token that a converted layer's latent replaces: K and V (decompressed), or the
-        no-RoPE part of K and all of V (partial)."""
+        no-RoPE part of K and all of V (partial, rorope)."""
         mla = mla or self.mla
         G, d = self.num_key_value_heads, self.head_dim
-        kept = 2 * len(mla.rope_pairs[mla.index(layer)][0]) if mla.rope_mode == "partial" else 0
-        return G * (d - kept) + G * d
+        return 2 * G * d - mla.rope_values(layer, d, G)
 
     # ---- derived sizes -------------------------------------------------------------------------------
     @property

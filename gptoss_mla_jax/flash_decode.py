@@ -433,7 +433,8 @@ def mla_absorbed_decode(
     launch: Launch = Launch(),
 ) -> Float[Array, "B H d"]:
     """One decode query per sequence over a partial-mode layer's cache {"c" [B,S,r], "k_rope" [B,S,G,2n]}
-    that already holds the step's token: the attention output per head, as `mla._absorbed` computes it.
+    (rorope: "k_rope" [B,S,1,n2], one key that every head reads) that already holds the step's token: the
+    attention output per head, as `mla._absorbed` computes it.
     `up`: the up-projections (W_bk [r, G, n], b_k [G, n], W_bv [r, G, d], b_v [G, d]).
     `launch.head_block`: query heads per program (default all: one program reads a latent block for
     every head); fewer split the heads over programs that each read the block."""
@@ -448,11 +449,13 @@ def mla_absorbed_decode(
     blocks = (B, H // head_block, head_block)
     q_lat = jnp.einsum("bgrn,lgn->bgrl", q_nope, w_k, preferred_element_type=f32).reshape(*blocks, -1)
     q_bias = jnp.einsum("bgrn,gn->bgr", q_nope, b_k, preferred_element_type=f32).reshape(blocks)
-    # Each head's RoPE query placed in its own kv head's columns of the flattened k_rope [S, G * 2n].
-    own = jnp.eye(G, dtype=f32)[None, :, None, :, None]  # [1, G, 1, G', 1]
-    q_rope_flat = (q_rope.astype(f32)[:, :, :, None] * own).reshape(*blocks, G * n2)
+    # Each head's RoPE query placed in its own kv head's columns of the flattened k_rope [S, G * 2n]
+    # (partial), or over all of one RoPE key that every head reads [S, 1 * n2] (rorope, Gk = 1).
+    Gk = entries["k_rope"].shape[2]
+    own = (jnp.eye(G, dtype=f32) if Gk == G else jnp.ones((G, 1), f32))[None, :, None, :, None]
+    q_rope_flat = (q_rope.astype(f32)[:, :, :, None] * own).reshape(*blocks, Gk * n2)
     c = entries["c"][:, :, None]  # one cache "head": every head block reads the shared latent
-    k_rope = entries["k_rope"].reshape(*entries["k_rope"].shape[:2], 1, G * n2)
+    k_rope = entries["k_rope"].reshape(*entries["k_rope"].shape[:2], 1, Gk * n2)
     acc, m, l = attention_splits(
         (q_lat * scale, q_rope_flat * scale), q_bias * scale, (c, k_rope), None, *slots,
         launch._replace(head_block=None),

@@ -12,11 +12,20 @@ Per converted layer, with `h` the normed input, G kv heads of dim d and H query 
   `score = (W_bk^T q_nope) . c + q_nope . b_k + q_rope . k_rope` and `out = W_bv (sum_t p_t c_t) +
   (sum_t p_t) b_v` (with sinks the weights sum to less than one, so the value bias is scaled, and the
   constant `q_nope . b_k` does not cancel).
+- `rorope`: frequency pair f of the G kv heads' keys is mixed by an orthogonal G x G matrix U_f
+  (`rope_mix`, from PCA of calibration keys), `k'_j = sum_g U_f[j, g] k_g` on both coordinates of the pair,
+  which commutes with RoPE (every head's pair f turns by the same angle). The leading m components of
+  every pair keep RoPE (`k_rope`, m d values cached after RoPE, one key that all query heads read); the
+  other components lose it and join V in the latent as in partial. Query head h of kv group g reads
+  component j through `U_f[j, g] q_h`: its RoPE query is that mixed query, and its no-RoPE scores fold the
+  mixing into per-kv-head up-projections `W_bk[g] = sum_{j >= m} U_f[j, g] W_bk'[j]`, so decode is partial's
+  absorbed attention with one shared RoPE key.
 
 Params of a converted layer's `self_attn`: `q_proj`, `o_proj`, `sinks` as in GQA, plus `kv_a` {kernel
-[D, r]}, `kv_b` {kernel [r, W], bias [W]} with W = 2Gd (decompressed) or G(d - 2n) + Gd (partial, n pairs
-kept), and for partial `k_rope` {kernel [D, G*2n], bias [G*2n]}. Cache entry: {"c": [B, S, r]} and, for
-partial, "k_rope": [B, S, G, 2n].
+[D, r]}, `kv_b` {kernel [r, W], bias [W]} with W = 2Gd (decompressed), G(d - 2n) + Gd (partial, n pairs
+kept) or (G - m)d + Gd (rorope, m components kept), for partial `k_rope` {kernel [D, G*2n], bias [G*2n]},
+for rorope `k_rope` {kernel [D, m*d], bias [m*d]} and `rope_mix` [d/2, G, G] (pair, component, kv head).
+Cache entry: {"c": [B, S, r]} and, for partial, "k_rope": [B, S, G, 2n], for rorope "k_rope": [B, S, 1, m*d].
 """
 
 from __future__ import annotations
@@ -68,15 +77,31 @@ def mla_param_shapes(config: GptOssConfig, layer: int) -> dict[str, Any]:
         "kv_a": {"kernel": (D, r)},
         "kv_b": {"kernel": (r, width), "bias": (width,)},
     }
-    if config.mla.rope_mode == "partial":
-        kept = 2 * config.mla.num_rope_pairs(layer)
-        shapes["k_rope"] = {"kernel": (D, G * kept), "bias": (G * kept,)}
+    if config.mla.partial_rope:
+        kept = config.mla.rope_values(layer, d, G)
+        shapes["k_rope"] = {"kernel": (D, kept), "bias": (kept,)}
+    if config.mla.rope_mode == "rorope":
+        shapes["rope_mix"] = (d // 2, G, G)
     return shapes
 
 
 def _per_head(table: Float[Array, "B T half"], pairs: np.ndarray) -> Float[Array, "B T G n"]:
     """cos or sin of each kv head's own kept pairs."""
     return table[:, :, pairs]
+
+
+def mix_dims(rope_mix: Float[Array, "half G G"]) -> Float[Array, "d G G"]:
+    """rorope's mixing matrices per head dim [d, component, kv head]: pair f's U_f serves dims f and
+    f + d/2, the two coordinates that the half-split rotation turns together."""
+    return jnp.concatenate([rope_mix, rope_mix], axis=0)
+
+
+def demix(
+    mixed: Float[Array, "*batch J d"], per_dim: Float[Array, "d G G"], components: slice
+) -> Float[Array, "*batch G d"]:
+    """Per kv head, what the mixed components `components` carry of its keys: `k_g = sum_j U_f[j, g] k'_j`
+    (U_f orthogonal, so this inverts the mixing when every component is given); `per_dim`: `mix_dims`."""
+    return jnp.einsum("...jc,cjg->...gc", mixed, per_dim[:, components].astype(mixed.dtype))
 
 
 def attention_mla(
@@ -102,7 +127,7 @@ def attention_mla(
     window = config.sliding_window if sliding else None
     q = (x @ p["q_proj"]["kernel"] + p["q_proj"]["bias"]).reshape(B, T, H, d)
     new = cache_entries(p, x, cos, sin, config, layer)
-    partial = config.mla.rope_mode == "partial"
+    partial = config.mla.partial_rope
 
     # Key blocks as (entries, positions, valid): the cached tokens (if any), then this chunk.
     blocks = [(new, positions, valid)]
@@ -125,12 +150,12 @@ def attention_mla(
         slots = flash_decode.Slots(new_lengths, config.sliding_window if sliding else None, sliding)
         out = _kernel_decode(p, q, chunk, new_cache, slots, config, layer, steps)
     elif partial and absorb:
-        q_rope, q_nope = _partial_queries(q, cos, sin, config, layer)
+        q_rope, q_nope = _partial_queries(q, cos, sin, config, layer, p.get("rope_mix"))
         up = _partial_up_projections(p, config, layer)
         out = _absorbed(q_rope, q_nope, up, blocks, positions, p["sinks"], window)
     elif on_flash_kernel(options, layer_cache):
         k, v = keys_values(p, new, positions, config, layer)
-        out = attend_chunk(
+        out = _attend_chunk_wide(
             scoring_queries(q, cos, sin, config, layer), k, v, valid, p["sinks"], window, options
         )
     else:
@@ -145,8 +170,8 @@ def _kernel_decode(
     launch: flash_decode.Launch,
 ):  # fmt: skip
     """A single-token step on the Pallas flash-decoding kernels, over the cache that holds the token."""
-    if config.mla.rope_mode == "partial":
-        q_rope, q_nope = _partial_queries(q, chunk.cos, chunk.sin, config, layer)
+    if config.mla.partial_rope:
+        q_rope, q_nope = _partial_queries(q, chunk.cos, chunk.sin, config, layer, p.get("rope_mix"))
         return flash_decode.mla_absorbed_decode(
             q_rope[:, 0], q_nope[:, 0], _partial_up_projections(p, config, layer), cache, slots, p["sinks"],
             launch,
@@ -172,8 +197,12 @@ def slot_rotations(
 
 def cache_entries(p: Params, x: Float[Array, "B T D"], cos, sin, config: GptOssConfig, layer: int) -> dict:
     """What the cache keeps of each token: {"c": the latent [B,T,r]} and, partial, {"k_rope": the kept
-    RoPE key dims after RoPE [B,T,G,2n]}."""
+    RoPE key dims after RoPE [B,T,G,2n]}, rorope, {"k_rope": the kept mixed components after RoPE
+    [B,T,1,m*d]}."""
     new = {"c": x @ p["kv_a"]["kernel"]}
+    if config.mla.rope_mode == "rorope":
+        k_rope = (x @ p["k_rope"]["kernel"] + p["k_rope"]["bias"]).reshape(*x.shape[:2], -1, config.head_dim)
+        new["k_rope"] = apply_rope(k_rope, cos, sin).reshape(*x.shape[:2], 1, -1)
     if config.mla.rope_mode == "partial":
         keep, _ = rope_dims(config, layer)
         pairs = keep[:, : keep.shape[1] // 2]
@@ -187,10 +216,13 @@ def cache_entries(p: Params, x: Float[Array, "B T D"], cos, sin, config: GptOssC
 def scoring_queries(
     q: Float[Array, "B T H d"], cos, sin, config: GptOssConfig, layer: int
 ) -> Float[Array, "B T H d"]:
-    """The queries in the layout of `keys_values`' keys: RoPE'd (decompressed), or per head the kept RoPE
-    dims RoPE'd followed by the other dims (partial)."""
-    if config.mla.rope_mode != "partial":
+    """The queries in the layout of `keys_values`' keys: RoPE'd (decompressed), per head the kept RoPE
+    dims RoPE'd followed by the other dims (partial), or the whole query RoPE'd followed by the whole query
+    at angle 0 (rorope: [B, T, H, 2d], each half against its kv head's RoPE'd and unrotated key parts)."""
+    if config.mla.rope_mode == "decompressed":
         return apply_rope(q, cos, sin)
+    if config.mla.rope_mode == "rorope":
+        return jnp.concatenate([apply_rope(q, cos, sin), _at_angle_zero(q, config)], axis=-1)
     q_rope, q_nope = _partial_queries(q, cos, sin, config, layer)
     return jnp.concatenate([q_rope, q_nope], axis=-1).reshape(q.shape)
 
@@ -198,50 +230,87 @@ def scoring_queries(
 def keys_values(
     p: Params, entries: dict[str, Array], positions: Int[Array, "B S"], config: GptOssConfig, layer: int
 ) -> tuple[Float[Array, "B S G d"], Float[Array, "B S G d"]]:
-    """Keys and values materialized from cache entries ({"c"[, "k_rope"]}) at their `positions`."""
+    """Keys and values materialized from cache entries ({"c"[, "k_rope"]}) at their `positions`; rorope's
+    keys are [B, S, G, 2d]: what the kept components carry of each kv head's key (RoPE'd), then what the
+    others carry (unrotated)."""
     G, d = config.num_key_value_heads, config.head_dim
     lat = entries["c"]
-    if config.mla.rope_mode != "partial":
+    if config.mla.rope_mode == "decompressed":
         kv = (lat @ p["kv_b"]["kernel"] + p["kv_b"]["bias"]).reshape(*lat.shape[:2], 2, G, d)
         k_cos, k_sin = cos_sin(positions, config)
         return apply_rope(kv[:, :, 0], k_cos, k_sin), kv[:, :, 1]
     w_k, b_k, w_v, b_v = _partial_up_projections(p, config, layer)
     k_nope = jnp.einsum("bsl,lgn->bsgn", lat, w_k) + b_k
     v = jnp.einsum("bsl,lgd->bsgd", lat, w_v) + b_v
-    return jnp.concatenate([entries["k_rope"], k_nope.astype(lat.dtype)], axis=-1), v
+    k_rope = entries["k_rope"]
+    if config.mla.rope_mode == "rorope":
+        m = config.mla.num_rope_components(layer)
+        k_rope = demix(k_rope.reshape(*lat.shape[:2], m, d), mix_dims(p["rope_mix"]), slice(None, m))
+    return jnp.concatenate([k_rope.astype(lat.dtype), k_nope.astype(lat.dtype)], axis=-1), v
 
 
-def _partial_queries(q, cos, sin, config: GptOssConfig, layer: int):
-    """(q_rope [B,T,G,R,2n], q_nope [B,T,G,R,d-2n]) of partial mode, per kv group g and query r."""
+def _attend_chunk_wide(q, k, v, valid, sinks, window, options: ForwardOptions):
+    """`attend_chunk` for keys wider than the values (rorope's 2d): the kernel takes keys and values of one
+    width and scales scores by its inverse root, so the values are zero-padded (their outputs dropped) and
+    the queries carry the factor that brings the scale back to 1/sqrt(d)."""
+    d, width = v.shape[-1], k.shape[-1]
+    if width == d:
+        return attend_chunk(q, k, v, valid, sinks, window, options)
+    q = q * jnp.asarray((width / d) ** 0.5, q.dtype)
+    v = jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, width - d)])
+    return attend_chunk(q, k, v, valid, sinks, window, options)[..., :d]
+
+
+def _at_angle_zero(q: Array, config: GptOssConfig) -> Array:
+    """Query dims whose keys lost RoPE score as RoPE at angle 0: both sides keep YaRN's mscale, hence
+    mscale^2 on q."""
+    return q * config.yarn_attention_scale() ** 2
+
+
+def _partial_queries(q, cos, sin, config: GptOssConfig, layer: int, rope_mix: Array | None = None):
+    """(q_rope [B,T,G,R,n2], q_nope [B,T,G,R,n]) per kv group g and query r, against the RoPE keys and the
+    no-RoPE keys of `_partial_up_projections`: partial, the kept dims RoPE'd (n2 = 2n) and the others
+    (n = d - 2n); rorope, the RoPE'd query mixed into the m kept components of every pair (n2 = m d,
+    component-major as the cached key, by the layer's `rope_mix`) and the whole query (n = d)."""
     B, T, H, d = q.shape
     G = config.num_key_value_heads
-    keep, nope = rope_dims(config, layer)
     qg = q.reshape(B, T, G, H // G, d)
-    q_rope = jnp.take_along_axis(
-        apply_rope(q, cos, sin).reshape(qg.shape), keep[None, None, :, None], axis=-1
-    )
-    # No-RoPE dims score as RoPE at angle 0: both sides keep YaRN's mscale, hence mscale^2 on q.
-    q_nope = jnp.take_along_axis(qg, nope[None, None, :, None], axis=-1) * config.yarn_attention_scale() ** 2
+    roped = apply_rope(q, cos, sin).reshape(qg.shape)
+    if config.mla.rope_mode == "rorope":
+        m = config.mla.num_rope_components(layer)
+        q_rope = jnp.einsum("btgrc,cjg->btgrjc", roped, mix_dims(rope_mix)[:, :m].astype(q.dtype))
+        return q_rope.reshape(B, T, G, H // G, m * d), _at_angle_zero(qg, config)
+    keep, nope = rope_dims(config, layer)
+    q_rope = jnp.take_along_axis(roped, keep[None, None, :, None], axis=-1)
+    q_nope = _at_angle_zero(jnp.take_along_axis(qg, nope[None, None, :, None], axis=-1), config)
     return q_rope, q_nope
 
 
 def _partial_up_projections(p: Params, config: GptOssConfig, layer: int):
-    """(w_k [r,G,d-2n], b_k [G,d-2n], w_v [r,G,d], b_v [G,d]): `kv_b` split into no-RoPE keys and values."""
+    """(w_k [r,G,n], b_k [G,n], w_v [r,G,d], b_v [G,d]): `kv_b` split into each kv head's no-RoPE keys
+    and values; partial, the dims that lost RoPE (n = d - 2n); rorope, the whole head (n = d), from the
+    latent's G - m mixed components folded back per kv head (`demix`)."""
     G, d = config.num_key_value_heads, config.head_dim
     kv_b, kv_bias = p["kv_b"]["kernel"], p["kv_b"]["bias"]
-    n_nope = d - 2 * config.mla.num_rope_pairs(layer)
+    k_width = G * d - config.mla.rope_values(layer, d, G)
     r = kv_b.shape[0]
-    w_k = kv_b[:, : G * n_nope].reshape(r, G, n_nope)
-    b_k = kv_bias[: G * n_nope].reshape(G, n_nope)
-    w_v = kv_b[:, G * n_nope :].reshape(r, G, d)
-    b_v = kv_bias[G * n_nope :].reshape(G, d)
+    w_v = kv_b[:, k_width:].reshape(r, G, d)
+    b_v = kv_bias[k_width:].reshape(G, d)
+    if config.mla.rope_mode == "rorope":
+        m = config.mla.num_rope_components(layer)
+        mix = mix_dims(p["rope_mix"])
+        w_k = demix(kv_b[:, :k_width].reshape(r, G - m, d), mix, slice(m, None))
+        b_k = demix(kv_bias[:k_width].reshape(G - m, d), mix, slice(m, None))
+        return w_k.astype(kv_b.dtype), b_k.astype(kv_b.dtype), w_v, b_v
+    w_k = kv_b[:, :k_width].reshape(r, G, k_width // G)
+    b_k = kv_bias[:k_width].reshape(G, k_width // G)
     return w_k, b_k, w_v, b_v
 
 
 def _absorbed(q_rope, q_nope, up, blocks, q_pos, sinks, window):
     """Attention directly over the cached latent: every query head of kv group g reads the shared latent
-    through its own absorbed query `W_bk[g]^T q_nope`, plus its kv head's rope keys. `up`: the
-    up-projections (W_bk, b_k, W_bv, b_v)."""
+    through its own absorbed query `W_bk[g]^T q_nope`, plus its kv head's rope keys (partial) or the one
+    shared rope key (rorope). `up`: the up-projections (W_bk, b_k, W_bv, b_v)."""
     w_k, b_k, w_v, b_v = up
     d = w_v.shape[-1]
     B, T, G, R, _ = q_nope.shape
@@ -251,7 +320,7 @@ def _absorbed(q_rope, q_nope, up, blocks, q_pos, sinks, window):
     scores = []
     for entries, pos, ok in blocks:
         s = jnp.einsum("btgrl,bsl->bgrts", q_lat, entries["c"], preferred_element_type=f32)
-        s += jnp.einsum("btgrk,bsgk->bgrts", q_rope, entries["k_rope"], preferred_element_type=f32)
+        s += _rope_scores(q_rope, entries["k_rope"])
         s = (s + q_bias[..., None]) * d**-0.5
         scores.append(jnp.where(key_mask(q_pos, pos, ok, window)[:, None, None], s, -jnp.inf))
     probs = sink_softmax(scores, sinks)
@@ -262,3 +331,11 @@ def _absorbed(q_rope, q_nope, up, blocks, q_pos, sinks, window):
     mass = sum(p.sum(-1) for p in probs).transpose(0, 3, 1, 2)  # [B, T, G, R], < 1 because of the sink
     out = jnp.einsum("btgrl,lgd->btgrd", latent, w_v.astype(f32)) + mass[..., None] * b_v.astype(f32)[:, None]
     return out.reshape(B, T, G * R, d).astype(q_nope.dtype)
+
+
+def _rope_scores(q_rope: Float[Array, "B T G R n2"], k_rope: Float[Array, "B S Gk n2"]) -> Array:
+    """[B, G, R, T, S]: each query head's RoPE query against its own kv head's RoPE keys (partial, Gk = G)
+    or against the one RoPE key that all heads share (rorope, Gk = 1)."""
+    if k_rope.shape[2] == 1:
+        return jnp.einsum("btgrk,bsk->bgrts", q_rope, k_rope[:, :, 0], preferred_element_type=jnp.float32)
+    return jnp.einsum("btgrk,bsgk->bgrts", q_rope, k_rope, preferred_element_type=jnp.float32)

@@ -40,7 +40,7 @@ def test_corpus_splits_are_disjoint_and_stable():
     assert corpus_files("stdlib", "test") == corpus_files("stdlib", "test")
 
 
-@pytest.mark.parametrize("mode", ["decompressed", "partial"])
+@pytest.mark.parametrize("mode", ["decompressed", "partial", "rorope"])
 def test_convert_save_decode_export(source, tmp_path, mode):
     out = tmp_path / "mla"
     args = [
@@ -54,6 +54,8 @@ def test_convert_save_decode_export(source, tmp_path, mode):
         mode,
         "--rope-pairs",
         "2",
+        "--rope-components",
+        "1",
     ]
     assert to_mla([*args, "--calib-tokens", "256", "--calib-seq-len", "64"]) == 0
     report = json.loads((out / "mla_report.json").read_text())
@@ -61,6 +63,7 @@ def test_convert_save_decode_export(source, tmp_path, mode):
     for row in report["layers"]:
         assert 0 < row["energy_retained"] < 1 and 0 < row["k_rel_error"] < 1 and 0 < row["v_rel_error"] < 1
         assert (len(row.get("rope_pairs", [])) == 2) == (mode == "partial")
+        assert (row.get("rope_components") == 1) == (mode == "rorope")
     assert (out / "mla_energy.png").stat().st_size > 1000
 
     config, params, tokenizer = load_model(str(out))
@@ -90,6 +93,7 @@ def test_convert_save_decode_export(source, tmp_path, mode):
     [
         (["--latent-dim", "33"], "latent dim 33 of layer 1 is outside 1..24"),
         (["--rope-pairs", "5"], "--rope-pairs 5 must be in 1..4"),
+        (["--rope-mode", "rorope", "--rope-components", "3"], "--rope-components 3 must be in 1..2"),
         (["--layers", "1,7"], "layer(s) [7] do not exist"),
         (["--calib-tokens", "0"], "calibration data is empty"),
         (["--calib", "/nonexistent/corpus"], "neither 'stdlib' nor an existing file"),

@@ -43,8 +43,10 @@ def hf_tensors(config: GptOssConfig, experts: ExpertFormat = "dense") -> list[Hf
         ]
         converted = config.is_mla(i)
         projections = ["q_proj", "o_proj", *(("kv_a", "kv_b") if converted else ("k_proj", "v_proj"))]
-        if converted and config.mla.rope_mode == "partial":
+        if converted and config.mla.partial_rope:
             projections.append("k_rope")
+        if converted and config.mla.rope_mode == "rorope":
+            out.append(HfTensor(pre + "self_attn.rope_mix", (*layer, "self_attn", "rope_mix"), False))
         for proj in projections:
             hf_name = MLA_PROJECTIONS.get(proj, proj)
             out.append(

@@ -1,7 +1,8 @@
 """Convert grouped-query attention layers into Multi-head Latent Attention (docs/design.md, "MLA: the math").
 
-    python -m weights.to_mla --model SRC --out CKPT --latent-dim R --rope-mode decompressed|partial
-        [--rope-pairs N] [--layers full|all|LIST] [--init svd|pca] [--calib DATA --calib-tokens N]
+    python -m weights.to_mla --model SRC --out CKPT --latent-dim R --rope-mode decompressed|partial|rorope
+        [--rope-pairs N] [--rope-components M] [--layers full|all|LIST] [--init svd|pca]
+        [--calib DATA --calib-tokens N]
         [--calib-select first|random|kmeans] [--calib-seq-len 512] [--calib-sliding-len W]
 
 Calibration tokens (`weights/calib.py`): by default a diverse set, the windows nearest the k-means
@@ -18,6 +19,9 @@ Initialisations (all linear algebra in jnp, so it runs on the accelerator; one l
 For `partial`, the RoPE pairs each kv head keeps are those with the largest q.k norm contribution
 `mean_t sum_{query heads of the group} |q_pair| |k_pair|` on the calibration tokens (MHA2MLA's 2-norm rule);
 their key dims are copied exactly, the rest of K and all of V are what the latent compresses.
+For `rorope`, each frequency pair's G x G mixing matrix is the PCA basis of the kv heads' keys of that pair
+on the calibration tokens (`rorope_mix`); the key projection is mixed by it, its leading M components per
+pair become `k_rope` exactly, the other components and all of V are what the latent compresses.
 """
 
 from __future__ import annotations
@@ -34,8 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from gptoss_mla_jax.config import FULL, SLIDING, ConfigError, GptOssConfig, MlaConfig
-from gptoss_mla_jax.mla import rope_dims
+from gptoss_mla_jax.config import FULL, ROPE_MODES, SLIDING, ConfigError, GptOssConfig, MlaConfig
+from gptoss_mla_jax.mla import mix_dims, rope_dims
 from gptoss_mla_jax.model import attention_inputs, check_params
 from weights.calib import POOL_FACTOR, SELECTIONS, calibration_set
 
@@ -48,6 +52,7 @@ HI = jax.lax.Precision.HIGHEST
 # is still +9% PPL after it (the loss is the RoPE removed from 30 of 32 pairs); decompressed + pca loses
 # KL 0.0012 at 75% less cache on the full-attention layers, +0.11% PPL.
 DEFAULT_LATENT_DIM, DEFAULT_ROPE_MODE, DEFAULT_ROPE_PAIRS, DEFAULT_LAYERS = 192, "decompressed", 2, "full"
+DEFAULT_ROPE_COMPONENTS = 1  # rorope: one mixed component per pair, head_dim RoPE values per token
 
 
 def parse_layers(spec: str, config: GptOssConfig) -> tuple[int, ...]:
@@ -90,17 +95,38 @@ def select_rope_pairs(
     return tuple(tuple(sorted(int(p) for p in row)) for row in np.asarray(top))
 
 
-def _targets(attn: Params, config: GptOssConfig, mode: str, layer_config: GptOssConfig, layer: int):
-    """(kernel [D, W], bias [W], k width) of what the latent must reproduce: [K, V] (decompressed) or
-    [K's no-RoPE dims, V] (partial), columns grouped head by head as the up-projection lays them out."""
+def rorope_mix(attn: Params, h: jax.Array, config: GptOssConfig) -> tuple[jax.Array, jax.Array]:
+    """(rope_mix [d/2, G, G], energy [d/2, G]): per frequency pair, the principal directions (rows, by
+    decreasing energy) of the G kv heads' keys of that pair before RoPE on the calibration tokens, and the
+    energy of each. Both coordinates of a pair are pooled and the keys are not centred: RoPE turns the
+    coordinates into each other and the scores see the whole key, mean included."""
+    G, d = config.num_key_value_heads, config.head_dim
+    k = _heads(jnp.dot(h, attn["k_proj"]["kernel"], precision=HI) + attn["k_proj"]["bias"], G)
+    pairs = k.astype(jnp.float32).reshape(-1, G, 2, d // 2)  # [N, kv head, coordinate, pair]
+    second_moment = jnp.einsum("ngcf,nhcf->fgh", pairs, pairs, precision=HI) / (2 * pairs.shape[0])
+    energy, vecs = jnp.linalg.eigh(second_moment)  # ascending
+    return jnp.swapaxes(vecs[..., ::-1], 1, 2), energy[:, ::-1]
+
+
+def _key_parts(attn: Params, config: GptOssConfig, layer_config: GptOssConfig, layer: int, mix):
+    """((kernel, bias) of the key values that keep RoPE, `k_rope`'s; None for decompressed), and (kernel,
+    bias) of those the latent compresses: partial, each kv head's kept and other dims; rorope, the key
+    projection mixed by `mix` ([d/2, G, G]), its leading M components per pair and the others."""
     G, d = config.num_key_value_heads, config.head_dim
     wk, bk = attn["k_proj"]["kernel"], attn["k_proj"]["bias"]
-    wv, bv = attn["v_proj"]["kernel"], attn["v_proj"]["bias"]
+    mode = layer_config.mla.rope_mode
+    if mode == "decompressed":
+        return None, (wk, bk)
     if mode == "partial":
-        _, nope = rope_dims(layer_config, layer)
-        cols = (np.arange(G)[:, None] * d + nope).reshape(-1)
-        wk, bk = wk[:, cols], bk[cols]
-    return jnp.concatenate([wk, wv], axis=1), jnp.concatenate([bk, bv]), wk.shape[1]
+        keep, nope = rope_dims(layer_config, layer)
+        cols = lambda dims: (np.arange(G)[:, None] * d + dims).reshape(-1)
+        return (wk[:, cols(keep)], bk[cols(keep)]), (wk[:, cols(nope)], bk[cols(nope)])
+    m = layer_config.mla.num_rope_components(layer)
+    u = mix_dims(mix)
+    mixed = lambda x: jnp.einsum("...gc,cjg->...jc", _heads(x.astype(jnp.float32), G), u, precision=HI)
+    wm, bm = mixed(wk), mixed(bk)  # [D, component, d], [component, d]
+    flat = lambda x: x.reshape(*x.shape[:-2], -1).astype(wk.dtype)
+    return (flat(wm[:, :m]), flat(bm[:m])), (flat(wm[:, m:]), flat(bm[m:]))
 
 
 def fit_layer(
@@ -109,8 +135,11 @@ def fit_layer(
     """MLA params for one layer (of `layer_config`, which carries the MLA settings) and its report row."""
     mla = layer_config.mla
     r = mla.latent_dims[mla.index(layer)]
-    G, d = config.num_key_value_heads, config.head_dim
-    w, b, k_width = _targets(attn, config, mla.rope_mode, layer_config, layer)
+    mix, pair_energy = rorope_mix(attn, h, config) if mla.rope_mode == "rorope" else (None, None)
+    kept, (wk, bk) = _key_parts(attn, config, layer_config, layer, mix)
+    w = jnp.concatenate([wk, attn["v_proj"]["kernel"]], axis=1)
+    b = jnp.concatenate([bk, attn["v_proj"]["bias"]])
+    k_width = wk.shape[1]
     w32, b32 = w.astype(jnp.float32), b.astype(jnp.float32)
     if init == "svd":
         u, s, vt = jnp.linalg.svd(w32, full_matrices=False)
@@ -135,10 +164,10 @@ def fit_layer(
     new = {name: attn[name] for name in ("q_proj", "o_proj", "sinks")}
     new["kv_a"] = {"kernel": down.astype(dtype)}
     new["kv_b"] = {"kernel": up.astype(dtype), "bias": bias.astype(dtype)}
-    if mla.rope_mode == "partial":
-        keep, _ = rope_dims(layer_config, layer)
-        cols = (np.arange(G)[:, None] * d + keep).reshape(-1)
-        new["k_rope"] = {"kernel": attn["k_proj"]["kernel"][:, cols], "bias": attn["k_proj"]["bias"][cols]}
+    if kept is not None:
+        new["k_rope"] = {"kernel": kept[0], "bias": kept[1]}
+    if mix is not None:
+        new["rope_mix"] = mix.astype(dtype)
     energy = jnp.maximum(energy, 0)
     curve = np.asarray(jnp.cumsum(energy) / energy.sum())
     report = {
@@ -151,6 +180,11 @@ def fit_layer(
         report.update(_reconstruction_errors(attn, new, h, w32, b32, k_width))
     if mla.rope_mode == "partial":
         report["rope_pairs"] = [list(p) for p in mla.rope_pairs[mla.index(layer)]]
+    if mla.rope_mode == "rorope":
+        m = mla.num_rope_components(layer)
+        report["rope_components"] = m
+        # The share of the keys' energy (before RoPE) in the components that keep RoPE.
+        report["rope_energy_retained"] = float(pair_energy[:, :m].sum() / pair_energy.sum())
     return new, report
 
 
@@ -176,6 +210,7 @@ def convert(
     init: str = "svd",
     calib_tokens: np.ndarray | dict[str, np.ndarray] | None = None,
     progress: bool = False,
+    rope_components: int = 0,
 ) -> tuple[GptOssConfig, Params, list[dict[str, Any]]]:
     """(MLA config, MLA params, per-layer report). Unconverted layers are shared, not copied.
 
@@ -191,7 +226,12 @@ def convert(
     d = config.head_dim
     if rope_mode == "partial" and not 1 <= rope_pairs <= d // 2:
         raise ValueError(f"--rope-pairs {rope_pairs} must be in 1..{d // 2} (head_dim / 2) for partial mode")
-    needs_calib = init == "pca" or rope_mode == "partial"
+    G = config.num_key_value_heads
+    if rope_mode == "rorope" and not 1 <= rope_components <= G:
+        raise ValueError(
+            f"--rope-components {rope_components} must be in 1..{G} (the kv heads) for rorope mode"
+        )
+    needs_calib = init == "pca" or rope_mode in ("partial", "rorope")
     sets = calib_tokens if isinstance(calib_tokens, dict) else {"full": calib_tokens, "sliding": calib_tokens}
     if needs_calib and any(t is None or np.asarray(t).size == 0 for t in sets.values()):
         raise ValueError(
@@ -211,10 +251,11 @@ def convert(
             for i in layers
         ]
     try:
-        mla = MlaConfig(rope_mode, layers, tuple(dims[i] for i in layers), tuple(pairs))
+        components = (rope_components,) * len(layers) if rope_mode == "rorope" else ()
+        mla = MlaConfig(rope_mode, layers, tuple(dims[i] for i in layers), tuple(pairs), components)
         mla_config = dataclasses.replace(config, mla=mla)
     except ConfigError as e:
-        raise ValueError(f"--latent-dim / --rope-pairs: {e}") from None
+        raise ValueError(f"--latent-dim / --rope-pairs / --rope-components: {e}") from None
     new_layers = list(params["layers"])
     report = []
     for i in tqdm(layers, desc="converting", unit="layer", disable=not progress):
@@ -252,9 +293,15 @@ def plot_energy(report: list[dict[str, Any]], path: str, title: str) -> None:
 def add_mla_flags(parser: argparse.ArgumentParser) -> None:
     """The MLA settings flags, shared by the converter and the cache calculator."""
     parser.add_argument("--latent-dim", type=int, default=DEFAULT_LATENT_DIM, help="latent width per token")
-    parser.add_argument("--rope-mode", choices=["decompressed", "partial"], default=DEFAULT_ROPE_MODE)
+    parser.add_argument("--rope-mode", choices=list(ROPE_MODES), default=DEFAULT_ROPE_MODE)
     parser.add_argument(
         "--rope-pairs", type=int, default=DEFAULT_ROPE_PAIRS, help="RoPE pairs kept per kv head (partial)"
+    )
+    parser.add_argument(
+        "--rope-components",
+        type=int,
+        default=DEFAULT_ROPE_COMPONENTS,
+        help="mixed key components kept with RoPE per frequency pair, 1..kv heads (rorope)",
     )
     parser.add_argument("--layers", default=DEFAULT_LAYERS, help="full, sliding, all, or e.g. 1,3,5")
 
@@ -293,7 +340,7 @@ def main(argv=None) -> int:
         config, params, tokenizer_dir = load_model(args.model)
         layers = parse_layers(args.layers, config)
         calib = None
-        if args.init == "pca" or args.rope_mode == "partial":
+        if args.init == "pca" or args.rope_mode != "decompressed":
             if args.calib_tokens <= 0:
                 raise ValueError(f"--calib-tokens {args.calib_tokens}: calibration data is empty")
             if tokenizer_dir is None:
@@ -325,6 +372,7 @@ def main(argv=None) -> int:
             args.init,
             calib,
             progress=True,
+            rope_components=args.rope_components,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
