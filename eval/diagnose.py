@@ -36,7 +36,7 @@ from jaxtyping import Array, Float, Int
 
 from gptoss_mla_jax.attention import chunk_at, key_mask, project_qkv, sink_softmax
 from gptoss_mla_jax.config import GptOssConfig
-from gptoss_mla_jax.mla import cache_entries, keys_values, rope_dims, scoring_queries
+from gptoss_mla_jax.mla import cache_entries, demix, keys_values, mix_dims, rope_dims, scoring_queries
 from gptoss_mla_jax.model import Params, decoder_layer, embed, unembed
 from gptoss_mla_jax.norm import rms_norm
 from support.results import write_json
@@ -53,9 +53,15 @@ def kv_before_rope(
         return k, (h @ p["v_proj"]["kernel"] + p["v_proj"]["bias"]).reshape(B, T, G, d)
     c = h @ p["kv_a"]["kernel"]
     kv = c @ p["kv_b"]["kernel"] + p["kv_b"]["bias"]
-    if config.mla.rope_mode != "partial":
+    if config.mla.rope_mode == "decompressed":
         kv = kv.reshape(B, T, 2, G, d)
         return kv[:, :, 0], kv[:, :, 1]
+    if config.mla.rope_mode == "rorope":  # the kept mixed components, then the latent's, mixed back
+        m = config.mla.num_rope_components(i)
+        k_rope = (h @ p["k_rope"]["kernel"] + p["k_rope"]["bias"]).reshape(B, T, m, d)
+        mixed = jnp.concatenate([k_rope, kv[..., : (G - m) * d].reshape(B, T, G - m, d)], axis=2)
+        k = demix(mixed, mix_dims(p["rope_mix"]), slice(None))
+        return k, kv[..., (G - m) * d :].reshape(B, T, G, d)
     keep, nope = rope_dims(config, i)
     k_nope = kv[..., : G * nope.shape[1]].reshape(B, T, G, -1)
     k_rope = (h @ p["k_rope"]["kernel"] + p["k_rope"]["bias"]).reshape(B, T, G, -1)
@@ -83,7 +89,7 @@ def attention_stats(p: Params, h, positions, cos, sin, config: GptOssConfig, i: 
     else:
         q, k, _ = project_qkv(p, h, cos, sin, config)
     window = config.sliding_window if config.is_sliding(i) else None
-    qg = q.reshape(B, T, G, H // G, d)
+    qg = q.reshape(B, T, G, H // G, -1)  # rorope: 2d wide (RoPE'd, then unrotated)
     scores = jnp.einsum("btgrd,bsgd->bgrts", qg, k, preferred_element_type=jnp.float32) * d**-0.5
     valid = jnp.ones((B, T), bool)
     scores = jnp.where(key_mask(positions, positions, valid, window)[:, None, None], scores, -jnp.inf)

@@ -20,19 +20,25 @@ import jax.numpy as jnp
 
 from gptoss_mla_jax.cache import accounting
 from gptoss_mla_jax.config import PRESETS, GptOssConfig, MlaConfig
-from weights.to_mla import add_mla_flags, parse_layers
+from weights.to_mla import DEFAULT_ROPE_COMPONENTS, add_mla_flags, parse_layers
 
 DTYPES = {"bf16": jnp.bfloat16, "fp32": jnp.float32, "fp8": jnp.float8_e4m3fn}
 
 
 def with_mla(
-    config: GptOssConfig, latent_dim: int, rope_mode: str, rope_pairs: int, layers: str
+    config: GptOssConfig,
+    latent_dim: int,
+    rope_mode: str,
+    rope_pairs: int,
+    layers: str,
+    rope_components: int = DEFAULT_ROPE_COMPONENTS,
 ) -> GptOssConfig:
     chosen = parse_layers(layers, config)
     pairs = tuple(range(rope_pairs)) if rope_mode == "partial" else ()
     per_head = ((pairs,) * config.num_key_value_heads,) * len(chosen) if pairs else ()
+    components = (rope_components,) * len(chosen) if rope_mode == "rorope" else ()
     return dataclasses.replace(
-        config, mla=MlaConfig(rope_mode, chosen, (latent_dim,) * len(chosen), per_head)
+        config, mla=MlaConfig(rope_mode, chosen, (latent_dim,) * len(chosen), per_head, components)
     )
 
 
@@ -70,7 +76,12 @@ def main(argv=None) -> int:
             config = load_config(args.model)  # the config alone says the cache size
         else:
             config = with_mla(
-                PRESETS[args.preset], args.latent_dim, args.rope_mode, args.rope_pairs, args.layers
+                PRESETS[args.preset],
+                args.latent_dim,
+                args.rope_mode,
+                args.rope_pairs,
+                args.layers,
+                args.rope_components,
             )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

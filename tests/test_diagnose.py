@@ -61,17 +61,18 @@ def test_statistics_equal_hand_computed_values(tiny):
     assert result["token_kl"]["max"] < 1e-6
 
 
-@pytest.mark.parametrize("mode", ["decompressed", "partial"])
+@pytest.mark.parametrize("mode", ["decompressed", "partial", "rorope"])
 def test_mla_reconstruction_errors_vanish_only_where_nothing_is_compressed(tiny, mode):
     config, params = tiny
     G, d = config.num_key_value_heads, config.head_dim
     calib = np.random.default_rng(7).integers(0, config.vocab_size, (4, 32))
-    full_rank = 2 * G * d if mode == "decompressed" else G * d  # partial: every pair kept, V in the latent
-    pairs = d // 2 if mode == "partial" else 0
+    # partial / rorope: every pair (every mixed component) kept with RoPE, V alone in the latent
+    full_rank = 2 * G * d if mode == "decompressed" else G * d
+    kept = {"rope_pairs": d // 2 if mode == "partial" else 0, "rope_components": G if mode == "rorope" else 0}
     errors = {}
     for rank in (full_rank, full_rank // 4):
         mla_config, mla_params, _ = convert(
-            params, config, rank, mode, layers=(1, 3), rope_pairs=pairs, init="pca", calib_tokens=calib
+            params, config, rank, mode, layers=(1, 3), init="pca", calib_tokens=calib, **kept
         )
         result = diagnose(mla_params, mla_config, WINDOWS, 2, params, config)
         assert result["layer_types"] == ["sliding", "full mla", "sliding", "full mla"]
@@ -80,7 +81,7 @@ def test_mla_reconstruction_errors_vanish_only_where_nothing_is_compressed(tiny,
     assert max(errors[full_rank]) < 1e-5
     k_low, v_low = errors[full_rank // 4][0::2], errors[full_rank // 4][1::2]
     assert min(v_low) > 1e-3
-    if mode == "partial":  # every RoPE pair kept: the keys come from k_rope alone, exact at any rank
+    if mode != "decompressed":  # every RoPE key kept: the keys come from k_rope alone, exact at any rank
         assert max(k_low) < 1e-5
     else:
         assert min(k_low) > 1e-3

@@ -22,6 +22,9 @@ def test_default_settings_reach_75_percent_on_gpt_oss_20b(capsys):
     assert "full MLA decompressed r=192" in table and "reduction vs the original: 80.9%" in table
     assert main(["--preset", "gpt-oss-20b", "--rope-mode", "partial", "--latent-dim", "160", "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["total_bytes"] == result["total_bytes"]  # 160 + 8 * 2 * 2
+    rorope = ["--rope-mode", "rorope", "--rope-components", "1", "--latent-dim", "128", "--json"]
+    assert main(["--preset", "gpt-oss-20b", *rorope]) == 0
+    assert json.loads(capsys.readouterr().out)["total_bytes"] == result["total_bytes"]  # 128 + 64
 
 
 def test_formula_equals_the_real_cache_pytree():
