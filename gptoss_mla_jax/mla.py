@@ -143,9 +143,9 @@ def attention_mla(
         }
 
     absorb = T == 1 if options.mla_absorb is None else options.mla_absorb
-    steps = decode_plan(
-        options.decode_kernels and T == 1, new_cache, "c", B * (1 if partial else config.num_key_value_heads)
-    )
+    G = config.num_key_value_heads
+    programs = B * (1 if partial else G // flash_decode.kv_heads_per_program(G, H // G))
+    steps = decode_plan(options.decode_kernels and T == 1, new_cache, "c", programs)
     if steps is not None:
         slots = flash_decode.Slots(new_lengths, config.sliding_window if sliding else None, sliding)
         out = _kernel_decode(p, q, chunk, new_cache, slots, config, layer, steps)
