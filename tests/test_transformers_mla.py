@@ -17,15 +17,15 @@ PROMPTS = [[5, 17, 3, 88, 41, 9, 60], [2, 71, 14]]
 NEW_TOKENS = 9  # prompt + new tokens pass the sliding window (4) and the ring wraps
 
 
-@pytest.fixture(scope="module", params=["decompressed", "partial"])
+@pytest.fixture(scope="module", params=["decompressed", "partial", "rorope"])
 def exported(request, tiny_hf, tmp_path_factory):
     """(our MLA config, our params, the transformers model loaded from the exported folder)."""
     root = tmp_path_factory.mktemp(f"mla_{request.param}")
     config, teacher = load_hf(tiny_hf[1], progress=False)
     calib = np.random.default_rng(0).integers(0, config.vocab_size, (4, 32))
-    pairs = 1 if request.param == "partial" else 0
+    kept = {"rope_pairs": int(request.param == "partial"), "rope_components": int(request.param == "rorope")}
     mla_config, params, _ = convert(
-        teacher, config, 6, request.param, layers=(0, 1, 3), rope_pairs=pairs, init="pca", calib_tokens=calib
+        teacher, config, 6, request.param, layers=(0, 1, 3), init="pca", calib_tokens=calib, **kept
     )
     save_checkpoint(str(root / "ckpt"), params, mla_config)
     assert export_main(["--ckpt", str(root / "ckpt"), "--out", str(root / "hf")]) == 0
@@ -79,12 +79,12 @@ def test_cache_holds_only_the_latent(exported):
         if mla.index(i) is None:
             assert [t.shape for t in held] == [(batch, G, seq, d)] * 2
             continue
-        pairs = mla.num_rope_pairs(i) if mla.rope_mode == "partial" else 0
-        r = mla.latent_dims[mla.index(i)]
-        expected = [(batch, 1, seq, r), (batch, G, seq, 2 * pairs) if pairs else (batch, 1, seq, 0)]
+        pairs = mla.num_rope_pairs(i)
+        r, rope = mla.latent_dims[mla.index(i)], mla.rope_values(i, d, G)
+        expected = [(batch, 1, seq, r), (batch, G, seq, 2 * pairs) if pairs else (batch, 1, seq, rope)]
         assert [t.shape for t in held] == expected
         nbytes = sum(t.numel() * t.element_size() for t in held)
-        assert nbytes == batch * seq * (r + G * 2 * pairs) * 4 < batch * seq * 2 * G * d * 4
+        assert nbytes == batch * seq * (r + rope) * 4 < batch * seq * 2 * G * d * 4
 
 
 def test_cached_decode_logits_equal_ours(exported):

@@ -6,11 +6,14 @@ values (docs/design.md, "MLA: the math"):
 
     keys slot:   the latent c = h W_a          [batch, 1, seq, r]
     values slot: partial: RoPE'd keys          [batch, G, seq, 2n]
+                 rorope: RoPE'd mixed keys     [batch, 1, seq, m * head_dim]
                  decompressed: nothing         [batch, 1, seq, 0]
 
-so a converted layer caches r (+ G * 2n) values per token instead of 2 * G * head_dim. Keys and values are
-rebuilt from the cached latent at every step (`decompressed`: up-projection, then RoPE at the keys' own
-positions; `partial`: the no-RoPE key dims and values from the latent, the kept RoPE dims from the cache).
+so a converted layer caches r (+ G * 2n or m * head_dim) values per token instead of 2 * G * head_dim. Keys
+and values are rebuilt from the cached latent at every step (`decompressed`: up-projection, then RoPE at the
+keys' own positions; `partial`: the no-RoPE key dims and values from the latent, the kept RoPE dims from the
+cache; `rorope`: the kept mixed components from the cache and the others from the latent, mixed back per kv
+head by `rope_mix`, each head's key 2 * head_dim wide: RoPE'd part, then unrotated part).
 """
 
 import torch
@@ -49,7 +52,14 @@ class GptOssMlaAttention(GptOssAttention):
         self.num_kv_heads = G
         self.latent_dim = mla["latent_dims"][index]
         self.partial = mla["rope_mode"] == "partial"
-        if self.partial:
+        self.rorope = mla["rope_mode"] == "rorope"
+        if self.rorope:
+            self.components = mla["rope_components"][index]
+            width = (G - self.components) * d + G * d
+            self.mscale2 = GptOssRotaryEmbedding(config).attention_scaling ** 2
+            self.k_rope_proj = nn.Linear(config.hidden_size, self.components * d, bias=True)
+            self.rope_mix = nn.Parameter(torch.empty(d // 2, G, G))  # [pair, component, kv head]
+        elif self.partial:
             # Index lists, not buffers: the model is built on the meta device and these hold no weights.
             self.pairs = mla["rope_pairs"][index]
             self.keep, self.nope = rope_dims(self.pairs, d)
@@ -76,13 +86,25 @@ class GptOssMlaAttention(GptOssAttention):
             pairs = torch.tensor(self.pairs, device=cos.device)
             pair_cos, pair_sin = cos[:, :, pairs], sin[:, :, pairs]  # each head's own pairs
             second = (_apply_rotary_emb(k_rope, pair_cos, pair_sin)).transpose(1, 2)  # [B, G, T, 2n]
+        elif self.rorope:
+            k_rope = self.k_rope_proj(hidden_states).view(B, T, self.components, d)
+            second = _apply_rotary_emb(k_rope, cos[:, :, None], sin[:, :, None]).reshape(B, 1, T, -1)
         else:
             second = latent.new_zeros(B, 1, T, 0)
         if cache is not None:
             latent, second = cache.update(latent, second, self.layer_idx)
         S = latent.shape[2]
         kv = self.kv_b_proj(latent[:, 0])  # [B, S, width]
-        if self.partial:
+        if self.rorope:
+            m = self.components
+            u = torch.cat([self.rope_mix, self.rope_mix]).to(kv.dtype)  # [d, component, kv head]
+            mixed_back = lambda x, j: torch.einsum("bsjc,cjg->bgsc", x, u[:, j])  # [B, G, S, d]
+            k_nope = kv[..., : (G - m) * d].view(B, S, G - m, d)
+            v = kv[..., (G - m) * d :].view(B, S, G, d).transpose(1, 2)
+            kept = mixed_back(second.view(B, S, m, d), slice(None, m))
+            k = torch.cat([kept, mixed_back(k_nope, slice(m, None))], dim=-1)  # [B, G, S, 2d]
+            q = torch.cat([q_roped, q * self.mscale2], dim=-1)  # scaling stays head_dim^-0.5
+        elif self.partial:
             n_nope = len(self.nope[0])
             k_nope = kv[..., : G * n_nope].view(B, S, G, n_nope).transpose(1, 2)
             v = kv[..., G * n_nope :].view(B, S, G, d).transpose(1, 2)
