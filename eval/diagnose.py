@@ -36,7 +36,7 @@ from jaxtyping import Array, Float, Int
 
 from gptoss_mla_jax.attention import chunk_at, key_mask, project_qkv, sink_softmax
 from gptoss_mla_jax.config import GptOssConfig
-from gptoss_mla_jax.mla import cache_entries, demix, keys_values, mix_dims, rope_dims, scoring_queries
+from gptoss_mla_jax.mla import cache_entries, demix, keys_values, rope_dims, scoring_queries
 from gptoss_mla_jax.model import Params, decoder_layer, embed, unembed
 from gptoss_mla_jax.norm import rms_norm
 from support.results import write_json
@@ -57,11 +57,11 @@ def kv_before_rope(
         kv = kv.reshape(B, T, 2, G, d)
         return kv[:, :, 0], kv[:, :, 1]
     if config.mla.rope_mode == "rorope":  # the kept mixed components, then the latent's, mixed back
-        m = config.mla.num_rope_components(i)
-        k_rope = (h @ p["k_rope"]["kernel"] + p["k_rope"]["bias"]).reshape(B, T, m, d)
-        mixed = jnp.concatenate([k_rope, kv[..., : (G - m) * d].reshape(B, T, G - m, d)], axis=2)
-        k = demix(mixed, mix_dims(p["rope_mix"]), slice(None))
-        return k, kv[..., (G - m) * d :].reshape(B, T, G, d)
+        per_component = d // config.mla.rope_fold
+        k_rope = (h @ p["k_rope"]["kernel"] + p["k_rope"]["bias"]).reshape(B, T, -1, per_component)
+        k_width = G * d - k_rope.shape[2] * per_component
+        mixed = jnp.concatenate([k_rope, kv[..., :k_width].reshape(B, T, -1, per_component)], axis=2)
+        return demix(mixed, p["rope_mix"], slice(None)), kv[..., k_width:].reshape(B, T, G, d)
     keep, nope = rope_dims(config, i)
     k_nope = kv[..., : G * nope.shape[1]].reshape(B, T, G, -1)
     k_rope = (h @ p["k_rope"]["kernel"] + p["k_rope"]["bias"]).reshape(B, T, G, -1)

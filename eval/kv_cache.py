@@ -32,13 +32,14 @@ def with_mla(
     rope_pairs: int,
     layers: str,
     rope_components: int = DEFAULT_ROPE_COMPONENTS,
+    rope_fold: int = 1,
 ) -> GptOssConfig:
     chosen = parse_layers(layers, config)
     pairs = tuple(range(rope_pairs)) if rope_mode == "partial" else ()
     per_head = ((pairs,) * config.num_key_value_heads,) * len(chosen) if pairs else ()
-    components = (rope_components,) * len(chosen) if rope_mode == "rorope" else ()
+    components, fold = ((rope_components,) * len(chosen), rope_fold) if rope_mode == "rorope" else ((), 1)
     return dataclasses.replace(
-        config, mla=MlaConfig(rope_mode, chosen, (latent_dim,) * len(chosen), per_head, components)
+        config, mla=MlaConfig(rope_mode, chosen, (latent_dim,) * len(chosen), per_head, components, fold)
     )
 
 
@@ -82,6 +83,7 @@ def main(argv=None) -> int:
                 args.rope_pairs,
                 args.layers,
                 args.rope_components,
+                args.rope_fold,
             )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -151,7 +151,8 @@ def layer_kind(config: GptOssConfig, layer: int) -> str:
     r = mla.latent_dims[mla.index(layer)]
     kept = {
         "partial": f", {mla.num_rope_pairs(layer)} rope pairs/head",
-        "rorope": f", {mla.num_rope_components(layer)} rope components/pair",
+        "rorope": f", {mla.num_rope_components(layer)} rope components/"
+        + ("pair" if mla.rope_fold == 1 else f"{mla.rope_fold} pairs"),
     }.get(mla.rope_mode, "")
     return f"{kind} MLA {mla.rope_mode} r={r}{kept}"
 

@@ -99,7 +99,9 @@ class MlaConfig:
     dims (no RoPE from then on) and all of V are compressed jointly into the latent. `rorope`: every
     frequency pair's keys are mixed across the kv heads by an orthogonal matrix (the layer's `rope_mix`
     parameter); the leading `rope_components[i]` mixed components of every pair keep RoPE, cached after it
-    as one key shared by all query heads, and the other components join V in the latent.
+    as one key shared by all query heads, and the other components join V in the latent. With `rope_fold`
+    F > 1 (FreqFold), F adjacent pairs are mixed together (G F components per group of pairs), and the
+    kept components turn at the group's first frequency: an approximation, exact only at F = 1.
     """
 
     rope_mode: str
@@ -107,6 +109,7 @@ class MlaConfig:
     latent_dims: tuple[int, ...]  # one per entry of `layers`
     rope_pairs: tuple[tuple[tuple[int, ...], ...], ...] = ()  # partial mode: [layer][kv head] -> pairs
     rope_components: tuple[int, ...] = ()  # rorope mode: mixed components kept per pair, per layer
+    rope_fold: int = 1  # rorope mode: adjacent frequency pairs mixed together (FreqFold; 1: none)
 
     def __post_init__(self):
         object.__setattr__(self, "layers", tuple(int(i) for i in self.layers))
@@ -135,8 +138,9 @@ class MlaConfig:
 
     def rope_values(self, layer: int, head_dim: int, kv_heads: int) -> int:
         """Key values per token that keep RoPE (the `k_rope` cache entry): G * 2n (partial, n pairs per
-        kv head), m * head_dim (rorope, m components of every pair), 0 (decompressed)."""
-        return kv_heads * 2 * self.num_rope_pairs(layer) + head_dim * self.num_rope_components(layer)
+        kv head), m * head_dim / F (rorope, m components of every group of F pairs), 0 (decompressed)."""
+        rorope = head_dim // self.rope_fold * self.num_rope_components(layer)
+        return kv_heads * 2 * self.num_rope_pairs(layer) + rorope
 
     def to_hf(self) -> dict[str, Any]:
         out = {
@@ -148,11 +152,13 @@ class MlaConfig:
             out["rope_pairs"] = [[list(head) for head in layer] for layer in self.rope_pairs]
         if self.rope_mode == "rorope":
             out["rope_components"] = list(self.rope_components)
+            out["rope_fold"] = self.rope_fold
         return out
 
     @classmethod
     def from_hf(cls, mla: dict[str, Any]) -> MlaConfig:
-        unknown = sorted(set(mla) - {"rope_mode", "layers", "latent_dims", "rope_pairs", "rope_components"})
+        known = {"rope_mode", "layers", "latent_dims", "rope_pairs", "rope_components", "rope_fold"}
+        unknown = sorted(set(mla) - known)
         if unknown:
             raise ConfigError(f"config.json: mla setting(s) {unknown} are not supported")
         return cls(
@@ -161,6 +167,7 @@ class MlaConfig:
             mla["latent_dims"],
             mla.get("rope_pairs", ()),
             mla.get("rope_components", ()),
+            mla.get("rope_fold", 1),
         )
 
 
@@ -236,13 +243,21 @@ class GptOssConfig:
             raise ConfigError(f"mla.rope_mode {mla.rope_mode!r} is not one of {ROPE_MODES}")
         if len(mla.latent_dims) != len(mla.layers) or len(set(mla.layers)) != len(mla.layers):
             raise ConfigError("mla.layers must be distinct and have one entry of mla.latent_dims each")
+        if mla.rope_fold != 1 and (
+            mla.rope_mode != "rorope" or mla.rope_fold < 1 or (d // 2) % mla.rope_fold
+        ):
+            raise ConfigError(
+                f"mla.rope_fold {mla.rope_fold}: rorope only, and a divisor of the {d // 2} frequency pairs"
+            )
         if mla.rope_mode == "rorope":
             if len(mla.rope_components) != len(mla.layers):
                 raise ConfigError("mla.rope_components needs one entry per converted layer")
+            components = G * mla.rope_fold
             for layer, m in zip(mla.layers, mla.rope_components, strict=True):
-                if not 1 <= m <= G:
+                if not 1 <= m <= components:
                     raise ConfigError(
-                        f"mla.rope_components of layer {layer}: {m} is outside 1..{G} (the kv heads)"
+                        f"mla.rope_components of layer {layer}: {m} is outside 1..{components} (the kv heads"
+                        " times the pairs folded together)"
                     )
         for layer, r in zip(mla.layers, mla.latent_dims, strict=True):
             if not 0 <= layer < self.num_hidden_layers:

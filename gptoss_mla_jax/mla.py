@@ -19,13 +19,16 @@ Per converted layer, with `h` the normed input, G kv heads of dim d and H query 
   other components lose it and join V in the latent as in partial. Query head h of kv group g reads
   component j through `U_f[j, g] q_h`: its RoPE query is that mixed query, and its no-RoPE scores fold the
   mixing into per-kv-head up-projections `W_bk[g] = sum_{j >= m} U_f[j, g] W_bk'[j]`, so decode is partial's
-  absorbed attention with one shared RoPE key.
+  absorbed attention with one shared RoPE key. FreqFold (`rope_fold` F > 1): U mixes a group of F adjacent
+  pairs of all kv heads (G F components of d / F values) and the kept components turn at the group's first
+  frequency, so RoPE is approximated (its F frequencies taken as one) in exchange for a PCA over more dims.
 
 Params of a converted layer's `self_attn`: `q_proj`, `o_proj`, `sinks` as in GQA, plus `kv_a` {kernel
 [D, r]}, `kv_b` {kernel [r, W], bias [W]} with W = 2Gd (decompressed), G(d - 2n) + Gd (partial, n pairs
-kept) or (G - m)d + Gd (rorope, m components kept), for partial `k_rope` {kernel [D, G*2n], bias [G*2n]},
-for rorope `k_rope` {kernel [D, m*d], bias [m*d]} and `rope_mix` [d/2, G, G] (pair, component, kv head).
-Cache entry: {"c": [B, S, r]} and, for partial, "k_rope": [B, S, G, 2n], for rorope "k_rope": [B, S, 1, m*d].
+kept) or (GF - m)d/F + Gd (rorope, m components kept, F pairs folded), for partial `k_rope` {kernel
+[D, G*2n], bias [G*2n]}, for rorope `k_rope` {kernel [D, m*d/F], bias [m*d/F]} and `rope_mix`
+[d/2F, GF, G, F] (group of pairs, component, kv head, pair in the group). Cache entry: {"c": [B, S, r]}
+and, for partial, "k_rope": [B, S, G, 2n], for rorope "k_rope": [B, S, 1, m*d/F].
 """
 
 from __future__ import annotations
@@ -81,7 +84,8 @@ def mla_param_shapes(config: GptOssConfig, layer: int) -> dict[str, Any]:
         kept = config.mla.rope_values(layer, d, G)
         shapes["k_rope"] = {"kernel": (D, kept), "bias": (kept,)}
     if config.mla.rope_mode == "rorope":
-        shapes["rope_mix"] = (d // 2, G, G)
+        F = config.mla.rope_fold
+        shapes["rope_mix"] = (d // (2 * F), G * F, G, F)
     return shapes
 
 
@@ -90,18 +94,38 @@ def _per_head(table: Float[Array, "B T half"], pairs: np.ndarray) -> Float[Array
     return table[:, :, pairs]
 
 
-def mix_dims(rope_mix: Float[Array, "half G G"]) -> Float[Array, "d G G"]:
-    """rorope's mixing matrices per head dim [d, component, kv head]: pair f's U_f serves dims f and
-    f + d/2, the two coordinates that the half-split rotation turns together."""
-    return jnp.concatenate([rope_mix, rope_mix], axis=0)
+# rorope's keys and mixed components share one layout: a head's d dims are [coordinate (2), group of
+# pairs (Q = d / 2F), pair in the group (F)] (the half-split rotation's two halves, each pair by frequency),
+# and a component's d / F values are [coordinate, group]. `rope_mix` U is [Q, GF, G, F]: for group q,
+# component j mixes `k'_j = sum_{g, i} U[q, j, g, i] k_{g, pair qF + i}` on both coordinates.
+
+
+def mix(
+    keys: Float[Array, "*batch G d"], rope_mix: Float[Array, "Q J G F"], components: slice = slice(None)
+) -> Float[Array, "*batch Jc dF"]:
+    """The mixed components `components` of per-kv-head keys (rows of `rope_mix`)."""
+    Q, F = rope_mix.shape[0], rope_mix.shape[-1]
+    k = keys.reshape(*keys.shape[:-1], 2, Q, F)
+    out = jnp.einsum("...gcqi,qjgi->...jcq", k, rope_mix[:, components].astype(keys.dtype))
+    return out.reshape(*out.shape[:-2], 2 * Q)
 
 
 def demix(
-    mixed: Float[Array, "*batch J d"], per_dim: Float[Array, "d G G"], components: slice
+    mixed: Float[Array, "*batch Jc dF"], rope_mix: Float[Array, "Q J G F"], components: slice
 ) -> Float[Array, "*batch G d"]:
-    """Per kv head, what the mixed components `components` carry of its keys: `k_g = sum_j U_f[j, g] k'_j`
-    (U_f orthogonal, so this inverts the mixing when every component is given); `per_dim`: `mix_dims`."""
-    return jnp.einsum("...jc,cjg->...gc", mixed, per_dim[:, components].astype(mixed.dtype))
+    """Per kv head, what the mixed components `components` carry of its keys: `k_g = sum_j U[j, g] k'_j`
+    (U orthogonal per group, so this inverts `mix` when every component is given)."""
+    Q = rope_mix.shape[0]
+    k = mixed.reshape(*mixed.shape[:-1], 2, Q)
+    out = jnp.einsum("...jcq,qjgi->...gcqi", k, rope_mix[:, components].astype(mixed.dtype))
+    return out.reshape(*out.shape[:-3], -1)
+
+
+def folded(table: Float[Array, "B T half"], fold: int, expand: bool = False) -> Array:
+    """cos or sin at each group of `fold` pairs' first frequency ([B, T, half / fold]; `expand`: repeated
+    for every pair of the group, [B, T, half]): FreqFold turns a group's mixed components as one pair."""
+    first = table[..., ::fold]
+    return jnp.repeat(first, fold, axis=-1) if expand else first
 
 
 def attention_mla(
@@ -201,8 +225,11 @@ def cache_entries(p: Params, x: Float[Array, "B T D"], cos, sin, config: GptOssC
     [B,T,1,m*d]}."""
     new = {"c": x @ p["kv_a"]["kernel"]}
     if config.mla.rope_mode == "rorope":
-        k_rope = (x @ p["k_rope"]["kernel"] + p["k_rope"]["bias"]).reshape(*x.shape[:2], -1, config.head_dim)
-        new["k_rope"] = apply_rope(k_rope, cos, sin).reshape(*x.shape[:2], 1, -1)
+        F = config.mla.rope_fold
+        k_rope = (x @ p["k_rope"]["kernel"] + p["k_rope"]["bias"]).reshape(
+            *x.shape[:2], -1, config.head_dim // F
+        )
+        new["k_rope"] = apply_rope(k_rope, folded(cos, F), folded(sin, F)).reshape(*x.shape[:2], 1, -1)
     if config.mla.rope_mode == "partial":
         keep, _ = rope_dims(config, layer)
         pairs = keep[:, : keep.shape[1] // 2]
@@ -222,7 +249,9 @@ def scoring_queries(
     if config.mla.rope_mode == "decompressed":
         return apply_rope(q, cos, sin)
     if config.mla.rope_mode == "rorope":
-        return jnp.concatenate([apply_rope(q, cos, sin), _at_angle_zero(q, config)], axis=-1)
+        F = config.mla.rope_fold
+        roped = apply_rope(q, folded(cos, F, expand=True), folded(sin, F, expand=True))
+        return jnp.concatenate([roped, _at_angle_zero(q, config)], axis=-1)
     q_rope, q_nope = _partial_queries(q, cos, sin, config, layer)
     return jnp.concatenate([q_rope, q_nope], axis=-1).reshape(q.shape)
 
@@ -245,7 +274,7 @@ def keys_values(
     k_rope = entries["k_rope"]
     if config.mla.rope_mode == "rorope":
         m = config.mla.num_rope_components(layer)
-        k_rope = demix(k_rope.reshape(*lat.shape[:2], m, d), mix_dims(p["rope_mix"]), slice(None, m))
+        k_rope = demix(k_rope.reshape(*lat.shape[:2], m, -1), p["rope_mix"], slice(None, m))
     return jnp.concatenate([k_rope.astype(lat.dtype), k_nope.astype(lat.dtype)], axis=-1), v
 
 
@@ -270,16 +299,19 @@ def _at_angle_zero(q: Array, config: GptOssConfig) -> Array:
 def _partial_queries(q, cos, sin, config: GptOssConfig, layer: int, rope_mix: Array | None = None):
     """(q_rope [B,T,G,R,n2], q_nope [B,T,G,R,n]) per kv group g and query r, against the RoPE keys and the
     no-RoPE keys of `_partial_up_projections`: partial, the kept dims RoPE'd (n2 = 2n) and the others
-    (n = d - 2n); rorope, the RoPE'd query mixed into the m kept components of every pair (n2 = m d,
-    component-major as the cached key, by the layer's `rope_mix`) and the whole query (n = d)."""
+    (n = d - 2n); rorope, the RoPE'd query (FreqFold: at its groups' first frequencies) mixed by the
+    layer's `rope_mix` into the m kept components (n2 = m d / F, laid out as the cached key; head h of kv
+    group g reads component j through `U[j, g] q_h`) and the whole query (n = d)."""
     B, T, H, d = q.shape
     G = config.num_key_value_heads
     qg = q.reshape(B, T, G, H // G, d)
-    roped = apply_rope(q, cos, sin).reshape(qg.shape)
     if config.mla.rope_mode == "rorope":
-        m = config.mla.num_rope_components(layer)
-        q_rope = jnp.einsum("btgrc,cjg->btgrjc", roped, mix_dims(rope_mix)[:, :m].astype(q.dtype))
-        return q_rope.reshape(B, T, G, H // G, m * d), _at_angle_zero(qg, config)
+        F, m = config.mla.rope_fold, config.mla.num_rope_components(layer)
+        roped = apply_rope(q, folded(cos, F, expand=True), folded(sin, F, expand=True))
+        roped = roped.reshape(B, T, G, H // G, 2, d // (2 * F), F)
+        q_rope = jnp.einsum("btgrcqi,qjgi->btgrjcq", roped, rope_mix[:, :m].astype(q.dtype))
+        return q_rope.reshape(B, T, G, H // G, m * d // F), _at_angle_zero(qg, config)
+    roped = apply_rope(q, cos, sin).reshape(qg.shape)
     keep, nope = rope_dims(config, layer)
     q_rope = jnp.take_along_axis(roped, keep[None, None, :, None], axis=-1)
     q_nope = _at_angle_zero(jnp.take_along_axis(qg, nope[None, None, :, None], axis=-1), config)
@@ -289,7 +321,7 @@ def _partial_queries(q, cos, sin, config: GptOssConfig, layer: int, rope_mix: Ar
 def _partial_up_projections(p: Params, config: GptOssConfig, layer: int):
     """(w_k [r,G,n], b_k [G,n], w_v [r,G,d], b_v [G,d]): `kv_b` split into each kv head's no-RoPE keys
     and values; partial, the dims that lost RoPE (n = d - 2n); rorope, the whole head (n = d), from the
-    latent's G - m mixed components folded back per kv head (`demix`)."""
+    latent's GF - m mixed components mixed back per kv head (`demix`)."""
     G, d = config.num_key_value_heads, config.head_dim
     kv_b, kv_bias = p["kv_b"]["kernel"], p["kv_b"]["bias"]
     k_width = G * d - config.mla.rope_values(layer, d, G)
@@ -297,11 +329,9 @@ def _partial_up_projections(p: Params, config: GptOssConfig, layer: int):
     w_v = kv_b[:, k_width:].reshape(r, G, d)
     b_v = kv_bias[k_width:].reshape(G, d)
     if config.mla.rope_mode == "rorope":
-        m = config.mla.num_rope_components(layer)
-        mix = mix_dims(p["rope_mix"])
-        w_k = demix(kv_b[:, :k_width].reshape(r, G - m, d), mix, slice(m, None))
-        b_k = demix(kv_bias[:k_width].reshape(G - m, d), mix, slice(m, None))
-        return w_k.astype(kv_b.dtype), b_k.astype(kv_b.dtype), w_v, b_v
+        m, per_component = config.mla.num_rope_components(layer), d // config.mla.rope_fold
+        dropped = lambda x: demix(x.reshape(*x.shape[:-1], -1, per_component), p["rope_mix"], slice(m, None))
+        return dropped(kv_b[:, :k_width]), dropped(kv_bias[:k_width]), w_v, b_v
     w_k = kv_b[:, :k_width].reshape(r, G, k_width // G)
     b_k = kv_bias[:k_width].reshape(G, k_width // G)
     return w_k, b_k, w_v, b_v

@@ -25,6 +25,9 @@ def test_default_settings_reach_75_percent_on_gpt_oss_20b(capsys):
     rorope = ["--rope-mode", "rorope", "--rope-components", "1", "--latent-dim", "128", "--json"]
     assert main(["--preset", "gpt-oss-20b", *rorope]) == 0
     assert json.loads(capsys.readouterr().out)["total_bytes"] == result["total_bytes"]  # 128 + 64
+    folded = ["--rope-mode", "rorope", "--rope-components", "1", "--rope-fold", "2", "--latent-dim", "160"]
+    assert main(["--preset", "gpt-oss-20b", *folded, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["total_bytes"] == result["total_bytes"]  # 160 + 32
 
 
 def test_formula_equals_the_real_cache_pytree():

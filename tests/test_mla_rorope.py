@@ -1,5 +1,6 @@
 """rorope MLA: exact at full rank with every component kept, absorbed == materialized, decoding on the jnp
-path and the Pallas kernels, the flash-attention prefill, cache accounting, config round trip."""
+path and the Pallas kernels, the flash-attention prefill, cache accounting, config round trip; FreqFold
+(`rope_fold` 2) likewise, exact against the original with each group's frequencies folded into one."""
 
 import dataclasses
 
@@ -8,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptoss_mla_jax import ForwardOptions, forward, forward_jit, init_cache
+from gptoss_mla_jax import ForwardOptions, forward, forward_jit, init_cache, rope
 from gptoss_mla_jax import cache as kv_cache
 from gptoss_mla_jax.cache import accounting, entry_shapes, nbytes, values_per_token
 from gptoss_mla_jax.config import GptOssConfig, MlaConfig
@@ -38,7 +39,7 @@ def _logits(params, config, tokens, **options):
     )
 
 
-def _rorope(tiny, calib, latent_dim, components, init="pca", layers=ALL_LAYERS):
+def _rorope(tiny, calib, latent_dim, components, init="pca", layers=ALL_LAYERS, fold=1):
     config, params = tiny
     return convert(
         params,
@@ -49,6 +50,7 @@ def _rorope(tiny, calib, latent_dim, components, init="pca", layers=ALL_LAYERS):
         init=init,
         calib_tokens=calib,
         rope_components=components,
+        rope_fold=fold,
     )
 
 
@@ -67,15 +69,31 @@ def test_all_components_full_rank_is_exact(tiny, calib, init):
         )
 
 
-@pytest.mark.parametrize("absorb", [False, True])
-def test_dropped_components_keep_yarn_mscale(tiny, calib, absorb):
-    """With one component kept per pair and the latent at full rank, the only change is the rotation the
-    other components lost: the identity where query and key share a position, so one-token sequences give
-    the original logits exactly (this pins the mixing of the no-RoPE part and its mscale^2), longer ones
-    do not."""
+def test_freqfold_all_components_full_rank_is_exact_with_folded_frequencies(tiny, calib, monkeypatch):
+    """FreqFold turns each group of two pairs at its first pair's frequency: with every component kept at
+    full rank the logits are the original model's with those frequencies, and differ from its own."""
     config, params = tiny
     G, d = config.num_key_value_heads, config.head_dim
-    mla_config, mla_params, report = _rorope(tiny, calib, (G - 1) * d + G * d, 1, "svd")
+    mla_config, mla_params, _ = _rorope(tiny, calib, G * d, 2 * G, fold=2)
+    for absorb in (False, True):
+        got = _logits(mla_params, mla_config, TOKENS, mla_absorb=absorb)
+        assert np.abs(got - _logits(params, config, TOKENS)).max() > 1e-2
+    original = rope.inv_freq
+    monkeypatch.setattr(rope, "inv_freq", lambda cfg: np.repeat(original(cfg)[::2], 2))
+    folded = jax.jit(lambda p, t: forward(p, t, None, config).logits)  # a fresh trace: folded tables
+    np.testing.assert_allclose(got, np.asarray(folded(params, jnp.asarray(TOKENS))), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize(("absorb", "fold"), [(False, 1), (True, 1), (True, 2)])
+def test_dropped_components_keep_yarn_mscale(tiny, calib, absorb, fold):
+    """With one component kept per pair (group) and the latent at full rank, the only change is the
+    rotation the other components lost (and FreqFold's): the identity where query and key share a
+    position, so one-token sequences give the original logits exactly (this pins the mixing of the no-RoPE
+    part and its mscale^2), longer ones do not."""
+    config, params = tiny
+    G, d = config.num_key_value_heads, config.head_dim
+    width = G * d - d // fold + G * d
+    mla_config, mla_params, report = _rorope(tiny, calib, width, 1, "svd", fold=fold)
     assert all(0 < row["rope_energy_retained"] < 1 for row in report)
     tokens = calib[:, :1]
     np.testing.assert_allclose(
@@ -88,24 +106,29 @@ def test_dropped_components_keep_yarn_mscale(tiny, calib, absorb):
     assert np.abs(changed).max() > 1e-2
 
 
-def test_mixing_is_orthogonal_and_ordered(tiny, calib):
-    """Per pair, U_f is orthogonal and its rows come by decreasing energy of the calibration keys."""
+@pytest.mark.parametrize("fold", [1, 2])
+def test_mixing_is_orthogonal_and_ordered(tiny, calib, fold):
+    """Per pair (group of pairs), U is orthogonal and its rows come by decreasing energy of the
+    calibration keys."""
     config, params = tiny
     from gptoss_mla_jax.model import attention_inputs
 
     h = attention_inputs(params, jnp.asarray(calib), config)[1].reshape(-1, config.hidden_size)
-    mix, energy = rorope_mix(params["layers"][1]["self_attn"], h, config)
-    G = config.num_key_value_heads
-    assert mix.shape == (config.head_dim // 2, G, G)
+    mix, energy = rorope_mix(params["layers"][1]["self_attn"], h, config, fold)
+    G, Q = config.num_key_value_heads, config.head_dim // (2 * fold)
+    assert mix.shape == (Q, G * fold, G, fold)
+    flat = np.asarray(mix).reshape(Q, G * fold, G * fold)
     np.testing.assert_allclose(
-        np.einsum("fjg,fkg->fjk", mix, mix), np.broadcast_to(np.eye(G), mix.shape), atol=1e-5
+        np.einsum("qjx,qkx->qjk", flat, flat), np.broadcast_to(np.eye(G * fold), flat.shape), atol=1e-5
     )
     assert np.all(np.diff(np.asarray(energy), axis=1) <= 1e-6)
 
 
-def test_absorbed_equals_materialized(tiny, calib):
-    """Reduced rank, one component per pair, sinks and biases nonzero: both attention paths, float32."""
-    mla_config, mla_params, _ = _rorope(tiny, calib, 10, 1, layers=(0, 1, 3))
+@pytest.mark.parametrize("fold", [1, 2])
+def test_absorbed_equals_materialized(tiny, calib, fold):
+    """Reduced rank, one component per pair (group), sinks and biases nonzero: both attention paths,
+    float32."""
+    mla_config, mla_params, _ = _rorope(tiny, calib, 10, 1, layers=(0, 1, 3), fold=fold)
     attn = mla_params["layers"][1]["self_attn"]
     assert np.abs(np.asarray(attn["kv_b"]["bias"])).min() > 0 and np.abs(np.asarray(attn["sinks"])).min() > 0
     a = _logits(mla_params, mla_config, TOKENS, mla_absorb=True)
@@ -113,19 +136,21 @@ def test_absorbed_equals_materialized(tiny, calib):
     np.testing.assert_allclose(a, m, atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("kernels", [False, True], ids=["jnp", "pallas"])
-def test_decode_matches_full_forward(tiny, calib, kernels):
+@pytest.mark.parametrize(
+    ("kernels", "fold"), [(False, 1), (True, 1), (True, 2)], ids=["jnp", "pallas", "pallas-fold2"]
+)
+def test_decode_matches_full_forward(tiny, calib, kernels, fold):
     """MLA on layers 0 (sliding) and 1 (full), GQA elsewhere: prefill with ragged prompts, then
     token-by-token decode far past the window through the jitted donated path; with `kernels`, on the
     Pallas flash-decoding kernel (interpreted) wherever the cache's slot count allows."""
     config = tiny[0]
-    mla_config, mla_params, _ = _rorope(tiny, calib, 12, 1, layers=(0, 1))
+    mla_config, mla_params, _ = _rorope(tiny, calib, 12, 1, layers=(0, 1), fold=fold)
     tokens = np.random.default_rng(4).integers(0, 97, (2, 24)).astype(np.int32)
     full = _logits(mla_params, mla_config, tokens)
     cache = init_cache(mla_config, 2, 32, jnp.float32)
     assert {n: x.shape for n, x in cache["layers"][1].items()} == {
         "c": (2, 32, 12),
-        "k_rope": (2, 32, 1, config.head_dim),
+        "k_rope": (2, 32, 1, config.head_dim // fold),
     }
     prompt = np.array([3, 6], np.int32)
     logits, cache, _ = forward_jit(
@@ -199,16 +224,27 @@ def test_cache_bytes_formula(tiny):
     )
     rows = accounting(mixed, 1, 40, jnp.bfloat16)["rows"]
     assert rows["full MLA rorope r=12, 1 rope components/pair"]["values_per_token"] == 12 + d
+    folded = dataclasses.replace(mixed, mla=dataclasses.replace(mixed.mla, rope_fold=2))
+    assert [values_per_token(folded, i) for i in (1, 2)] == [12 + d // 2, 5 + d]
+    formula = sum(3 * s * values_per_token(folded, i) * 2 for i, s in enumerate(slots)) + 3 * 4
+    assert nbytes(init_cache(folded, batch=3, max_len=40, dtype=jnp.bfloat16)) == formula
 
 
 def test_config_round_trip_and_errors(tiny):
     config, _ = tiny
     G, d = config.num_key_value_heads, config.head_dim
-    mixed = dataclasses.replace(config, mla=MlaConfig("rorope", (1, 3), (12, 8), rope_components=(1, 2)))
+    mla = MlaConfig("rorope", (1, 3), (12, 8), rope_components=(1, 4), rope_fold=2)
+    mixed = dataclasses.replace(config, mla=mla)
     hf = mixed.to_hf()
-    assert hf["mla"]["rope_components"] == [1, 2] and "rope_pairs" not in hf["mla"]
+    assert hf["mla"]["rope_components"] == [1, 4] and hf["mla"]["rope_fold"] == 2
+    assert "rope_pairs" not in hf["mla"]
     assert GptOssConfig.from_hf(hf) == mixed
-    assert mixed.mla_target_width(1) == (G - 1) * d + G * d
+    assert mixed.mla_target_width(3) == 2 * G * d - 4 * d // 2
+    with pytest.raises(ValueError, match="rope_fold 3: rorope only, and a divisor of the 4 frequency pairs"):
+        dataclasses.replace(config, mla=MlaConfig("rorope", (1,), (4,), rope_components=(1,), rope_fold=3))
+    with pytest.raises(ValueError, match="rope_fold 2: rorope only"):
+        dataclasses.replace(config, mla=MlaConfig("decompressed", (1,), (4,), rope_fold=2))
+    assert mixed.mla_target_width(1) == 2 * G * d - d // 2
     with pytest.raises(ValueError, match=r"rope_components of layer 1: 3 is outside 1\.\.2"):
         dataclasses.replace(config, mla=MlaConfig("rorope", (1,), (4,), rope_components=(3,)))
     with pytest.raises(ValueError, match="one entry per converted layer"):

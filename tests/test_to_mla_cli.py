@@ -94,6 +94,7 @@ def test_convert_save_decode_export(source, tmp_path, mode):
         (["--latent-dim", "33"], "latent dim 33 of layer 1 is outside 1..24"),
         (["--rope-pairs", "5"], "--rope-pairs 5 must be in 1..4"),
         (["--rope-mode", "rorope", "--rope-components", "3"], "--rope-components 3 must be in 1..2"),
+        (["--rope-mode", "rorope", "--rope-fold", "3"], "--rope-fold 3 must divide the 4 frequency pairs"),
         (["--layers", "1,7"], "layer(s) [7] do not exist"),
         (["--calib-tokens", "0"], "calibration data is empty"),
         (["--calib", "/nonexistent/corpus"], "neither 'stdlib' nor an existing file"),

@@ -17,15 +17,24 @@ PROMPTS = [[5, 17, 3, 88, 41, 9, 60], [2, 71, 14]]
 NEW_TOKENS = 9  # prompt + new tokens pass the sliding window (4) and the ring wraps
 
 
-@pytest.fixture(scope="module", params=["decompressed", "partial", "rorope"])
+@pytest.fixture(scope="module", params=["decompressed", "partial", "rorope", "rorope-fold2"])
 def exported(request, tiny_hf, tmp_path_factory):
     """(our MLA config, our params, the transformers model loaded from the exported folder)."""
     root = tmp_path_factory.mktemp(f"mla_{request.param}")
     config, teacher = load_hf(tiny_hf[1], progress=False)
     calib = np.random.default_rng(0).integers(0, config.vocab_size, (4, 32))
-    kept = {"rope_pairs": int(request.param == "partial"), "rope_components": int(request.param == "rorope")}
+    mode, _, fold = request.param.partition("-fold")
+    kept = {"rope_pairs": int(mode == "partial"), "rope_components": int(mode == "rorope")}
     mla_config, params, _ = convert(
-        teacher, config, 6, request.param, layers=(0, 1, 3), init="pca", calib_tokens=calib, **kept
+        teacher,
+        config,
+        6,
+        mode,
+        layers=(0, 1, 3),
+        init="pca",
+        calib_tokens=calib,
+        rope_fold=int(fold or 1),
+        **kept,
     )
     save_checkpoint(str(root / "ckpt"), params, mla_config)
     assert export_main(["--ckpt", str(root / "ckpt"), "--out", str(root / "hf")]) == 0

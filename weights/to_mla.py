@@ -1,7 +1,7 @@
 """Convert grouped-query attention layers into Multi-head Latent Attention (docs/design.md, "MLA: the math").
 
     python -m weights.to_mla --model SRC --out CKPT --latent-dim R --rope-mode decompressed|partial|rorope
-        [--rope-pairs N] [--rope-components M] [--layers full|all|LIST] [--init svd|pca]
+        [--rope-pairs N] [--rope-components M [--rope-fold F]] [--layers full|all|LIST] [--init svd|pca]
         [--calib DATA --calib-tokens N]
         [--calib-select first|random|kmeans] [--calib-seq-len 512] [--calib-sliding-len W]
 
@@ -21,7 +21,8 @@ For `partial`, the RoPE pairs each kv head keeps are those with the largest q.k 
 their key dims are copied exactly, the rest of K and all of V are what the latent compresses.
 For `rorope`, each frequency pair's G x G mixing matrix is the PCA basis of the kv heads' keys of that pair
 on the calibration tokens (`rorope_mix`); the key projection is mixed by it, its leading M components per
-pair become `k_rope` exactly, the other components and all of V are what the latent compresses.
+pair become `k_rope` exactly, the other components and all of V are what the latent compresses. With
+`--rope-fold F` (FreqFold) the PCA runs over groups of F adjacent pairs of all kv heads (G F dims).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from gptoss_mla_jax.config import FULL, ROPE_MODES, SLIDING, ConfigError, GptOssConfig, MlaConfig
-from gptoss_mla_jax.mla import mix_dims, rope_dims
+from gptoss_mla_jax.mla import mix, rope_dims
 from gptoss_mla_jax.model import attention_inputs, check_params
 from weights.calib import POOL_FACTOR, SELECTIONS, calibration_set
 
@@ -95,23 +96,27 @@ def select_rope_pairs(
     return tuple(tuple(sorted(int(p) for p in row)) for row in np.asarray(top))
 
 
-def rorope_mix(attn: Params, h: jax.Array, config: GptOssConfig) -> tuple[jax.Array, jax.Array]:
-    """(rope_mix [d/2, G, G], energy [d/2, G]): per frequency pair, the principal directions (rows, by
-    decreasing energy) of the G kv heads' keys of that pair before RoPE on the calibration tokens, and the
-    energy of each. Both coordinates of a pair are pooled and the keys are not centred: RoPE turns the
-    coordinates into each other and the scores see the whole key, mean included."""
+def rorope_mix(
+    attn: Params, h: jax.Array, config: GptOssConfig, fold: int = 1
+) -> tuple[jax.Array, jax.Array]:
+    """(rope_mix [d/2F, GF, G, F], energy [d/2F, GF]): per group of `fold` adjacent frequency pairs, the
+    principal directions (rows, by decreasing energy) of the G kv heads' keys of those pairs before RoPE
+    on the calibration tokens, and the energy of each. Both coordinates of a pair are pooled and the keys
+    are not centred: RoPE turns the coordinates into each other and the scores see the whole key, mean
+    included."""
     G, d = config.num_key_value_heads, config.head_dim
+    Q = d // (2 * fold)
     k = _heads(jnp.dot(h, attn["k_proj"]["kernel"], precision=HI) + attn["k_proj"]["bias"], G)
-    pairs = k.astype(jnp.float32).reshape(-1, G, 2, d // 2)  # [N, kv head, coordinate, pair]
-    second_moment = jnp.einsum("ngcf,nhcf->fgh", pairs, pairs, precision=HI) / (2 * pairs.shape[0])
-    energy, vecs = jnp.linalg.eigh(second_moment)  # ascending
-    return jnp.swapaxes(vecs[..., ::-1], 1, 2), energy[:, ::-1]
+    groups = k.astype(jnp.float32).reshape(-1, G, 2, Q, fold)  # [N, kv head, coordinate, group, pair]
+    second_moment = jnp.einsum("ngcqi,nhcqk->qgihk", groups, groups, precision=HI) / (2 * groups.shape[0])
+    energy, vecs = jnp.linalg.eigh(second_moment.reshape(Q, G * fold, G * fold))  # ascending
+    return jnp.swapaxes(vecs[..., ::-1], 1, 2).reshape(Q, G * fold, G, fold), energy[:, ::-1]
 
 
-def _key_parts(attn: Params, config: GptOssConfig, layer_config: GptOssConfig, layer: int, mix):
+def _key_parts(attn: Params, config: GptOssConfig, layer_config: GptOssConfig, layer: int, rope_mix):
     """((kernel, bias) of the key values that keep RoPE, `k_rope`'s; None for decompressed), and (kernel,
     bias) of those the latent compresses: partial, each kv head's kept and other dims; rorope, the key
-    projection mixed by `mix` ([d/2, G, G]), its leading M components per pair and the others."""
+    projection mixed by `rope_mix` (`rorope_mix`), its leading M components per group and the others."""
     G, d = config.num_key_value_heads, config.head_dim
     wk, bk = attn["k_proj"]["kernel"], attn["k_proj"]["bias"]
     mode = layer_config.mla.rope_mode
@@ -122,9 +127,9 @@ def _key_parts(attn: Params, config: GptOssConfig, layer_config: GptOssConfig, l
         cols = lambda dims: (np.arange(G)[:, None] * d + dims).reshape(-1)
         return (wk[:, cols(keep)], bk[cols(keep)]), (wk[:, cols(nope)], bk[cols(nope)])
     m = layer_config.mla.num_rope_components(layer)
-    u = mix_dims(mix)
-    mixed = lambda x: jnp.einsum("...gc,cjg->...jc", _heads(x.astype(jnp.float32), G), u, precision=HI)
-    wm, bm = mixed(wk), mixed(bk)  # [D, component, d], [component, d]
+    mixed = lambda x: mix(_heads(x.astype(jnp.float32), G), rope_mix)
+    with jax.default_matmul_precision("highest"):
+        wm, bm = mixed(wk), mixed(bk)  # [D, GF, d/F], [GF, d/F]
     flat = lambda x: x.reshape(*x.shape[:-2], -1).astype(wk.dtype)
     return (flat(wm[:, :m]), flat(bm[:m])), (flat(wm[:, m:]), flat(bm[m:]))
 
@@ -135,8 +140,10 @@ def fit_layer(
     """MLA params for one layer (of `layer_config`, which carries the MLA settings) and its report row."""
     mla = layer_config.mla
     r = mla.latent_dims[mla.index(layer)]
-    mix, pair_energy = rorope_mix(attn, h, config) if mla.rope_mode == "rorope" else (None, None)
-    kept, (wk, bk) = _key_parts(attn, config, layer_config, layer, mix)
+    rope_mix, pair_energy = (None, None)
+    if mla.rope_mode == "rorope":
+        rope_mix, pair_energy = rorope_mix(attn, h, config, mla.rope_fold)
+    kept, (wk, bk) = _key_parts(attn, config, layer_config, layer, rope_mix)
     w = jnp.concatenate([wk, attn["v_proj"]["kernel"]], axis=1)
     b = jnp.concatenate([bk, attn["v_proj"]["bias"]])
     k_width = wk.shape[1]
@@ -166,8 +173,8 @@ def fit_layer(
     new["kv_b"] = {"kernel": up.astype(dtype), "bias": bias.astype(dtype)}
     if kept is not None:
         new["k_rope"] = {"kernel": kept[0], "bias": kept[1]}
-    if mix is not None:
-        new["rope_mix"] = mix.astype(dtype)
+    if rope_mix is not None:
+        new["rope_mix"] = rope_mix.astype(dtype)
     energy = jnp.maximum(energy, 0)
     curve = np.asarray(jnp.cumsum(energy) / energy.sum())
     report = {
@@ -211,6 +218,7 @@ def convert(
     calib_tokens: np.ndarray | dict[str, np.ndarray] | None = None,
     progress: bool = False,
     rope_components: int = 0,
+    rope_fold: int = 1,
 ) -> tuple[GptOssConfig, Params, list[dict[str, Any]]]:
     """(MLA config, MLA params, per-layer report). Unconverted layers are shared, not copied.
 
@@ -227,9 +235,12 @@ def convert(
     if rope_mode == "partial" and not 1 <= rope_pairs <= d // 2:
         raise ValueError(f"--rope-pairs {rope_pairs} must be in 1..{d // 2} (head_dim / 2) for partial mode")
     G = config.num_key_value_heads
-    if rope_mode == "rorope" and not 1 <= rope_components <= G:
+    if rope_mode == "rorope" and (rope_fold < 1 or (d // 2) % rope_fold):
+        raise ValueError(f"--rope-fold {rope_fold} must divide the {d // 2} frequency pairs (head_dim / 2)")
+    if rope_mode == "rorope" and not 1 <= rope_components <= G * rope_fold:
         raise ValueError(
-            f"--rope-components {rope_components} must be in 1..{G} (the kv heads) for rorope mode"
+            f"--rope-components {rope_components} must be in 1..{G * rope_fold} (the kv heads times "
+            f"--rope-fold) for rorope mode"
         )
     needs_calib = init == "pca" or rope_mode in ("partial", "rorope")
     sets = calib_tokens if isinstance(calib_tokens, dict) else {"full": calib_tokens, "sliding": calib_tokens}
@@ -252,7 +263,8 @@ def convert(
         ]
     try:
         components = (rope_components,) * len(layers) if rope_mode == "rorope" else ()
-        mla = MlaConfig(rope_mode, layers, tuple(dims[i] for i in layers), tuple(pairs), components)
+        fold = rope_fold if rope_mode == "rorope" else 1
+        mla = MlaConfig(rope_mode, layers, tuple(dims[i] for i in layers), tuple(pairs), components, fold)
         mla_config = dataclasses.replace(config, mla=mla)
     except ConfigError as e:
         raise ValueError(f"--latent-dim / --rope-pairs / --rope-components: {e}") from None
@@ -301,7 +313,13 @@ def add_mla_flags(parser: argparse.ArgumentParser) -> None:
         "--rope-components",
         type=int,
         default=DEFAULT_ROPE_COMPONENTS,
-        help="mixed key components kept with RoPE per frequency pair, 1..kv heads (rorope)",
+        help="mixed key components kept with RoPE per frequency pair (group), 1..kv heads x fold (rorope)",
+    )
+    parser.add_argument(
+        "--rope-fold",
+        type=int,
+        default=1,
+        help="FreqFold: adjacent frequency pairs mixed together, turned at the first's frequency (rorope)",
     )
     parser.add_argument("--layers", default=DEFAULT_LAYERS, help="full, sliding, all, or e.g. 1,3,5")
 
@@ -373,6 +391,7 @@ def main(argv=None) -> int:
             calib,
             progress=True,
             rope_components=args.rope_components,
+            rope_fold=args.rope_fold,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -6,14 +6,15 @@ values (docs/design.md, "MLA: the math"):
 
     keys slot:   the latent c = h W_a          [batch, 1, seq, r]
     values slot: partial: RoPE'd keys          [batch, G, seq, 2n]
-                 rorope: RoPE'd mixed keys     [batch, 1, seq, m * head_dim]
+                 rorope: RoPE'd mixed keys     [batch, 1, seq, m * head_dim / F]
                  decompressed: nothing         [batch, 1, seq, 0]
 
-so a converted layer caches r (+ G * 2n or m * head_dim) values per token instead of 2 * G * head_dim. Keys
-and values are rebuilt from the cached latent at every step (`decompressed`: up-projection, then RoPE at the
-keys' own positions; `partial`: the no-RoPE key dims and values from the latent, the kept RoPE dims from the
-cache; `rorope`: the kept mixed components from the cache and the others from the latent, mixed back per kv
-head by `rope_mix`, each head's key 2 * head_dim wide: RoPE'd part, then unrotated part).
+so a converted layer caches r (+ G * 2n or m * head_dim / F) values per token instead of 2 * G * head_dim.
+Keys and values are rebuilt from the cached latent at every step (`decompressed`: up-projection, then RoPE
+at the keys' own positions; `partial`: the no-RoPE key dims and values from the latent, the kept RoPE dims
+from the cache; `rorope`: the kept mixed components from the cache and the others from the latent, mixed
+back per kv head by `rope_mix`, each head's key 2 * head_dim wide: RoPE'd part, then unrotated part;
+FreqFold, F > 1: each group of F pairs turns at its first pair's frequency).
 """
 
 import torch
@@ -54,11 +55,14 @@ class GptOssMlaAttention(GptOssAttention):
         self.partial = mla["rope_mode"] == "partial"
         self.rorope = mla["rope_mode"] == "rorope"
         if self.rorope:
-            self.components = mla["rope_components"][index]
-            width = (G - self.components) * d + G * d
+            self.components, F = mla["rope_components"][index], mla.get("rope_fold", 1)
+            self.fold = F
+            self.k_width = G * d - self.components * d // F  # the latent's mixed components
+            width = self.k_width + G * d
             self.mscale2 = GptOssRotaryEmbedding(config).attention_scaling ** 2
-            self.k_rope_proj = nn.Linear(config.hidden_size, self.components * d, bias=True)
-            self.rope_mix = nn.Parameter(torch.empty(d // 2, G, G))  # [pair, component, kv head]
+            self.k_rope_proj = nn.Linear(config.hidden_size, self.components * d // F, bias=True)
+            # [group of pairs, component, kv head, pair in the group]
+            self.rope_mix = nn.Parameter(torch.empty(d // (2 * F), G * F, G, F))
         elif self.partial:
             # Index lists, not buffers: the model is built on the meta device and these hold no weights.
             self.pairs = mla["rope_pairs"][index]
@@ -87,8 +91,11 @@ class GptOssMlaAttention(GptOssAttention):
             pair_cos, pair_sin = cos[:, :, pairs], sin[:, :, pairs]  # each head's own pairs
             second = (_apply_rotary_emb(k_rope, pair_cos, pair_sin)).transpose(1, 2)  # [B, G, T, 2n]
         elif self.rorope:
-            k_rope = self.k_rope_proj(hidden_states).view(B, T, self.components, d)
-            second = _apply_rotary_emb(k_rope, cos[:, :, None], sin[:, :, None]).reshape(B, 1, T, -1)
+            F = self.fold
+            k_rope = self.k_rope_proj(hidden_states).view(B, T, self.components, d // F)
+            second = _apply_rotary_emb(k_rope, cos[:, :, None, ::F], sin[:, :, None, ::F]).reshape(
+                B, 1, T, -1
+            )
         else:
             second = latent.new_zeros(B, 1, T, 0)
         if cache is not None:
@@ -96,14 +103,20 @@ class GptOssMlaAttention(GptOssAttention):
         S = latent.shape[2]
         kv = self.kv_b_proj(latent[:, 0])  # [B, S, width]
         if self.rorope:
-            m = self.components
-            u = torch.cat([self.rope_mix, self.rope_mix]).to(kv.dtype)  # [d, component, kv head]
-            mixed_back = lambda x, j: torch.einsum("bsjc,cjg->bgsc", x, u[:, j])  # [B, G, S, d]
-            k_nope = kv[..., : (G - m) * d].view(B, S, G - m, d)
-            v = kv[..., (G - m) * d :].view(B, S, G, d).transpose(1, 2)
-            kept = mixed_back(second.view(B, S, m, d), slice(None, m))
-            k = torch.cat([kept, mixed_back(k_nope, slice(m, None))], dim=-1)  # [B, G, S, 2d]
-            q = torch.cat([q_roped, q * self.mscale2], dim=-1)  # scaling stays head_dim^-0.5
+            m, F, u = self.components, self.fold, self.rope_mix.to(kv.dtype)
+            Q = d // (2 * F)
+            # Components [.., coordinate, group] back to each kv head's dims [coordinate, group, pair].
+            mixed_back = lambda x, j: torch.einsum(
+                "bsjcq,qjgi->bgscqi", x.reshape(B, S, -1, 2, Q), u[:, j]
+            ).reshape(B, G, S, d)
+            v = kv[..., self.k_width :].view(B, S, G, d).transpose(1, 2)
+            kept = mixed_back(second.reshape(B, S, m, d // F), slice(None, m))
+            k = torch.cat(
+                [kept, mixed_back(kv[..., : self.k_width], slice(m, None))], dim=-1
+            )  # [B, G, S, 2d]
+            group_cos, group_sin = (t[..., ::F].repeat_interleave(F, dim=-1)[:, None] for t in (cos, sin))
+            q_folded = _apply_rotary_emb(q, group_cos, group_sin)
+            q = torch.cat([q_folded, q * self.mscale2], dim=-1)  # scaling stays head_dim^-0.5
         elif self.partial:
             n_nope = len(self.nope[0])
             k_nope = kv[..., : G * n_nope].view(B, S, G, n_nope).transpose(1, 2)
