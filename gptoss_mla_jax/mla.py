@@ -140,7 +140,7 @@ def attention_mla(
 ) -> tuple[Float[Array, "B T D"], dict[str, Array] | None]:
     """One converted attention block (after the input norm); same contract as `attention.attention`.
 
-    `options.mla_absorb` (partial mode): attend over the latent with absorbed up-projections (default for
+    `options.mla_absorb` (partial, rorope): attend over the latent with absorbed up-projections (default for
     single-token decode) or materialize K and V (default otherwise: cheaper when many queries share the
     keys); materialized keys and values of a chunk without a cache go through `attention.attend_chunk`
     when `options` pick the flash-attention kernel.
