@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptoss_mla_jax.config import GptOssConfig
-from gptoss_mla_jax.generation import DEMO_CONFIG, generate, request_cuda_graphs
+from gptoss_mla_jax.generation import DEMO_CONFIG, Sampling, generate, request_cuda_graphs
 from gptoss_mla_jax.model import forward, init_params
 
 
@@ -83,8 +83,7 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     eos = json_eos(config)
     options = dict(
-        temperature=args.temperature,
-        top_k=args.top_k,
+        sampling=Sampling(args.temperature, args.top_k, args.seed),
         decode_kernels={"auto": None, "on": True, "off": False}[args.decode_kernels],
     )
     generate(params, config, prompts, 2, **options)  # compile
@@ -94,7 +93,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         config,
         prompts,
         args.max_new_tokens,
-        seed=args.seed,
         eos_id=eos,
         **options,
     )

@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import os
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,39 +21,59 @@ from gptoss_mla_jax.model import ForwardOptions, Params, check_tokens, forward
 BUCKET = 16  # prompt and cache lengths are padded to multiples of this to limit recompilation
 
 
-def sample(
-    logits: Float[Array, "B V"], key: Array, temperature: float, top_k: int | None
-) -> Int[Array, " B"]:
-    """Greedy when temperature == 0, else softmax sampling at `temperature` over the `top_k` best."""
-    if temperature == 0:
+class Sampling(NamedTuple):
+    """How each next token is chosen: greedy at `temperature` 0, else softmax sampling at `temperature`
+    over the `top_k` best logits (None: all), with random draws from `seed`."""
+
+    temperature: float = 0.0
+    top_k: int | None = None
+    seed: int = 0
+
+    @property
+    def rule(self) -> Sampling:
+        """What a compiled step depends on (a static argument): the seed enters as a key instead."""
+        return self._replace(seed=0)
+
+
+GREEDY = Sampling()
+
+
+def sample(logits: Float[Array, "B V"], key: Array, sampling: Sampling) -> Int[Array, " B"]:
+    """The next token of each row under `sampling` (its seed is already in `key`)."""
+    if sampling.temperature == 0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / temperature
-    if top_k is not None:
-        kth = jax.lax.top_k(logits, top_k)[0][:, -1:]
+    logits = logits / sampling.temperature
+    if sampling.top_k is not None:
+        kth = jax.lax.top_k(logits, sampling.top_k)[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "temperature", "top_k"), donate_argnames=("cache",))
-def prefill(params, cache, tokens, lengths, key, config: GptOssConfig, temperature: float, top_k: int | None):
+@functools.partial(jax.jit, static_argnames=("config", "sampling"), donate_argnames=("cache",))
+def prefill(params, cache, tokens, lengths, key, config: GptOssConfig, sampling: Sampling = GREEDY):
     """Run the padded prompts through the model, fill the cache, sample each sequence's first new token."""
     logits, cache, _ = forward(params, tokens, cache, config, lengths)
     last = jnp.take_along_axis(logits, (lengths - 1)[:, None, None], axis=1)[:, 0]
-    return sample(last, key, temperature, top_k), cache
+    return sample(last, key, sampling), cache
 
 
 @functools.partial(
-    jax.jit, static_argnames=("config", "temperature", "top_k", "decode_kernels"), donate_argnames=("cache",)
+    jax.jit, static_argnames=("config", "sampling", "decode_kernels"), donate_argnames=("cache",)
 )
 def decode_step(
-    params, cache, tokens, key, config: GptOssConfig, temperature: float, top_k: int | None,
+    params,
+    cache,
+    tokens,
+    key,
+    config: GptOssConfig,
+    sampling: Sampling = GREEDY,
     decode_kernels: bool = False,
-):  # fmt: skip
+):
     """One token per sequence: append it to the cache and sample the next one (attending with the Pallas
     flash-decoding kernels if `decode_kernels`)."""
     options = ForwardOptions(decode_kernels=decode_kernels)
     logits, cache, _ = forward(params, tokens[:, None], cache, config, options=options)
-    return sample(logits[:, 0], key, temperature, top_k), cache
+    return sample(logits[:, 0], key, sampling), cache
 
 
 def kernels_by_default(cache_dtype) -> bool:
@@ -91,14 +112,13 @@ def generate(
     prompts: Sequence[Sequence[int]],
     max_new_tokens: int,
     *,
-    temperature: float = 0.0,
-    top_k: int | None = None,
-    seed: int = 0,
+    sampling: Sampling = GREEDY,
     eos_id: int | None = None,
     cache_dtype=None,
     decode_kernels: bool | None = None,
 ) -> list[list[int]]:
-    """Continue each prompt by up to `max_new_tokens` tokens (stopping a sequence at `eos_id`).
+    """Continue each prompt by up to `max_new_tokens` tokens chosen by `sampling` (stopping a sequence at
+    `eos_id`).
     `decode_kernels`: decode steps on the Pallas kernels (flash_decode.py, gmm.py); None picks them where
     they were measured to win, see `kernels_by_default`. (`request_cuda_graphs` before the first
     computation makes the steps' many small kernels run as CUDA graphs; the command line does.)"""
@@ -123,16 +143,16 @@ def generate(
     cache = init_cache(config, B, max_len, cache_dtype)
     decode_kernels = kernels_by_default(cache_dtype) if decode_kernels is None else decode_kernels
 
-    key = jax.random.key(seed)
+    key = jax.random.key(sampling.seed)
     key, sub = jax.random.split(key)
-    token, cache = prefill(params, cache, jnp.asarray(padded), lengths, sub, config, temperature, top_k)
+    token, cache = prefill(params, cache, jnp.asarray(padded), lengths, sub, config, sampling.rule)
     out = [np.asarray(token)]
     done = np.zeros(B, bool) if eos_id is None else out[0] == eos_id
     for _ in range(max_new_tokens - 1):
         if done.all():
             break
         key, sub = jax.random.split(key)
-        token, cache = decode_step(params, cache, token, sub, config, temperature, top_k, decode_kernels)
+        token, cache = decode_step(params, cache, token, sub, config, sampling.rule, decode_kernels)
         out.append(np.asarray(token))
         if eos_id is not None:
             done |= out[-1] == eos_id

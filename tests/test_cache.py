@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from gptoss_mla_jax.cache import init_cache, nbytes
-from gptoss_mla_jax.generation import decode_step, generate, kernels_by_default, prefill
+from gptoss_mla_jax.generation import Sampling, decode_step, generate, kernels_by_default, prefill
 from gptoss_mla_jax.model import ForwardOptions
 from gptoss_mla_jax.model import forward_jit as forward
 from weights.safetensors_io import load_hf
@@ -70,9 +70,9 @@ def test_decode_step_donates_the_cache(tiny):
     cache = init_cache(config, 2, 16, jnp.float32)
     tokens = jnp.zeros((2, 16), jnp.int32)
     key = jax.random.key(0)
-    first, cache = prefill(params, cache, tokens, jnp.array([3, 5]), key, config, 0.0, None)
+    first, cache = prefill(params, cache, tokens, jnp.array([3, 5]), key, config)
     old = cache
-    _, cache = decode_step(params, old, first, key, config, 0.0, None)
+    _, cache = decode_step(params, old, first, key, config)
     assert all(x.is_deleted() for x in jax.tree.leaves(old))
     np.testing.assert_array_equal(np.asarray(cache["lengths"]), [4, 6])
 
@@ -90,9 +90,9 @@ def test_generate_greedy_matches_recomputation(tiny):
 def test_generate_sampling_and_eos(tiny):
     config, params = tiny
     prompts = [[3, 4, 5]] * 4
-    a = generate(params, config, prompts, 10, temperature=1.0, top_k=5, seed=0)
-    b = generate(params, config, prompts, 10, temperature=1.0, top_k=5, seed=0)
-    c = generate(params, config, prompts, 10, temperature=1.0, top_k=5, seed=1)
+    a = generate(params, config, prompts, 10, sampling=Sampling(1.0, 5, 0))
+    b = generate(params, config, prompts, 10, sampling=Sampling(1.0, 5, 0))
+    c = generate(params, config, prompts, 10, sampling=Sampling(1.0, 5, 1))
     assert a == b and a != c
     assert len({tuple(r) for r in a}) > 1  # rows sample independently
     greedy = generate(params, config, [[3, 4, 5]], 10)[0]

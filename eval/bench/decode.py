@@ -39,7 +39,7 @@ from gptoss_mla_jax.cache import accounting, init_cache
 from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig, MlaConfig
 from gptoss_mla_jax.execution import ForwardOptions
 from gptoss_mla_jax.flash_decode import Launch, Slots
-from gptoss_mla_jax.generation import DEMO_CONFIG, decode_step, request_cuda_graphs
+from gptoss_mla_jax.generation import DEMO_CONFIG, GREEDY, decode_step, request_cuda_graphs
 from gptoss_mla_jax.model import init_params
 from support.results import write_json
 from weights.to_mla import DEFAULT_LATENT_DIM, convert
@@ -100,7 +100,7 @@ def step_seconds(
     cache["lengths"] = jnp.full((batch,), context - 1, jnp.int32)
     tokens = jnp.zeros((batch,), jnp.int32)
     key = jax.random.key(0)
-    step = lambda tokens, cache: decode_step(params, cache, tokens, key, config, 0.0, None, kernels)
+    step = lambda tokens, cache: decode_step(params, cache, tokens, key, config, GREEDY, kernels)
     tokens, cache = jax.block_until_ready(step(tokens, cache))
     times = []
     for _ in range(repeats):
@@ -417,7 +417,7 @@ def profile(models_: dict, batch: int, context: int, steps: int) -> dict:
         tokens = jnp.zeros((batch,), jnp.int32)
         step = functools.partial(
             lambda params, config, tokens, cache: decode_step(
-                params, cache, tokens, jax.random.key(0), config, 0.0, None, True
+                params, cache, tokens, jax.random.key(0), config, GREEDY, True
             ), params, config,
         )  # fmt: skip
         tokens, cache = jax.block_until_ready(step(tokens, cache))
