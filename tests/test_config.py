@@ -119,3 +119,16 @@ def test_unsupported_config_names_the_field(change, field):
 def test_missing_config_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"config\.json"):
         GptOssConfig.from_hf(tmp_path)
+
+
+def test_20b_attention_teacher_has_the_real_attention():
+    """The study teacher preset `20b-attention` keeps every attention setting of gpt-oss-20b (the part MLA
+    converts) and shrinks only depth, MoE and vocabulary."""
+    from train.pretrain import ATTENTION_20B_CONFIG as small
+
+    attention = ("hidden_size", "num_attention_heads", "num_key_value_heads", "head_dim", "sliding_window")
+    attention += ("max_position_embeddings", "rope", "rms_norm_eps")
+    assert {f: getattr(small, f) for f in attention} == {f: getattr(GPT_OSS_20B, f) for f in attention}
+    assert small.rope.rope_type == "yarn" and small.rope.factor == 32.0
+    assert small.layer_types == ("sliding_attention", "full_attention") * 2
+    assert small.num_hidden_layers == 4 and small.num_local_experts == 8 and small.vocab_size == 4096

@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-from gptoss_mla_jax.config import GptOssConfig
+from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig
 from gptoss_mla_jax.model import forward, init_params
 from support.corpora import iter_texts, token_windows
 from train.data import training_batches
@@ -60,7 +60,15 @@ TINY_CONFIG = GptOssConfig(
     sliding_window=64,
     max_position_embeddings=4096,
 )
-CONFIGS = {"study": STUDY_CONFIG, "tiny": TINY_CONFIG}
+# gpt-oss-20b's attention exactly (hidden 2880, 64 query heads over 8 kv heads of 64, sinks, YaRN factor 32
+# over 4,096 original positions, alternating 128-token sliding and full layers) in 4 layers, with a small
+# MoE (top-2 of 8 experts of width 512) and the study's vocabulary: a teacher whose attention, the part
+# MLA converts, is the real model's, cheap enough to train on one GPU in minutes.
+ATTENTION_20B_CONFIG = dataclasses.replace(
+    GPT_OSS_20B, vocab_size=4096, num_hidden_layers=4, num_local_experts=8, num_experts_per_tok=2,
+    intermediate_size=512, layer_types=(), hf_extra="{}",
+)  # fmt: skip
+CONFIGS = {"study": STUDY_CONFIG, "tiny": TINY_CONFIG, "20b-attention": ATTENTION_20B_CONFIG}
 
 
 def train_tokenizer(source: str, vocab_size: int, max_chars: int = 20_000_000) -> Tokenizer:

@@ -42,6 +42,7 @@ from gptoss_mla_jax.perplexity import perplexity
 from support.corpora import token_windows
 from support.results import write_json
 from train.loop import DistillOptions, run
+from train.pretrain import CONFIGS
 from train.student import assemble_student
 from weights.calib import POOL_FACTOR, calibration_set
 from weights.load import load_model
@@ -237,7 +238,7 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--teacher", required=True, help="teacher checkpoint (trained here if missing)")
     parser.add_argument("--data", default="stdlib+python-doc")
-    parser.add_argument("--teacher-config", choices=("study", "tiny"), default="study")
+    parser.add_argument("--teacher-config", choices=sorted(CONFIGS), default="study")
     parser.add_argument("--train-steps", type=int, default=700)
     parser.add_argument("--tokenizer-chars", type=int, default=20_000_000)
     parser.add_argument(
