@@ -4,6 +4,8 @@ teacher."""
 
 import json
 
+import pytest
+
 from eval.experiments import quality_study
 
 
@@ -34,14 +36,33 @@ def test_study_end_to_end_and_resume(tmp_path):
     assert quality_study.main(argv) == 0  # nothing left to do: the row is kept, not redone
     assert json.loads(out.with_suffix(".json").read_text())["rows"] == [row]
 
-    # A second run (other layers) folded into the first: one table.
+    # A second run (other layers, rorope keeping 1 mixed component of each frequency pair: 16 RoPE values
+    # and a latent of 48) folded into the first: one table.
     other = tmp_path / "other"
-    argv_other = [*argv, "--layers", "all", "--out", str(other)]
+    argv_other = [*argv, "--layers", "all", "--modes", "rorope1", "--out", str(other)]
     assert quality_study.main(argv_other) == 0
     assert quality_study.main([*argv, "--merge", str(other.with_suffix(".json"))]) == 0
     merged = json.loads(out.with_suffix(".json").read_text())["rows"]
-    assert [r["layers"] for r in merged] == ["full", "all"]
+    assert [(r["layers"], r["mode"]) for r in merged] == [("full", "partial"), ("all", "rorope1")]
+    assert (merged[1]["latent_dim"], merged[1]["rope_values"], merged[1]["values_per_token"]) == (48, 16, 64)
 
     result["teacher_fingerprint"] = "0" * 64
     out.with_suffix(".json").write_text(json.dumps(result))
     assert quality_study.main(argv) == 1  # rows of another teacher are never mixed in
+
+
+def test_study_mode_names():
+    """--modes names: sizes and FreqFold parsed, the latent shrunk by the RoPE values each mode caches
+    (gpt-oss-20b's 8 kv heads of 64 at 75% less cache: 256 values per token)."""
+    parse, latent = quality_study.StudyMode.parse, quality_study.latent_dim_for
+    assert parse("partial") == quality_study.StudyMode("partial", quality_study.ROPE_PAIRS)
+    assert parse("rorope2f2") == quality_study.StudyMode("rorope", 2, 2)
+    assert [latent(0.75, m, 8, 64) for m in ("decompressed", "partial8", "rorope1", "rorope2f2")] == [
+        256,
+        128,
+        192,
+        192,
+    ]
+    for bad in ("rorope", "decompressed2", "partialf2", "mla"):
+        with pytest.raises(ValueError, match="--modes"):
+            parse(bad)

@@ -1,8 +1,8 @@
 """Which student parameters train, and the student as a pytree that shares the teacher's frozen arrays.
 
 One model, two attentions: teacher and student share every frozen weight (one copy in memory); only the
-`--train` set (default: the converted layers' MLA projections `kv_a`, `kv_b`, `k_rope`) is trained and
-gets optimizer state.
+`--train` set (default: the converted layers' MLA projections `kv_a`, `kv_b`, `k_rope`, and rorope's
+`rope_mix`) is trained and gets optimizer state.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ Params = dict[str, Any]
 
 # Which student parameters train ("/"-joined parameter paths). The MLA projections always do: they are new.
 TRAIN_SETS: dict[str, Callable[[str], bool]] = {
-    "mla": lambda path: re.search(r"self_attn/(kv_a|kv_b|k_rope)(/|$)", path) is not None,
+    "mla": lambda path: re.search(r"self_attn/(kv_a|kv_b|k_rope|rope_mix)(/|$)", path) is not None,
     "mla+attn": lambda path: "/self_attn/" in path,
     "all": lambda path: True,
 }

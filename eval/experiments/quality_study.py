@@ -23,11 +23,13 @@ back?
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import hashlib
 import itertools
 import json
 import os
+import re
 import sys
 import tempfile
 import time
@@ -70,10 +72,48 @@ def score(teacher, teacher_config, student, student_config, windows: np.ndarray)
     return {"ppl": out["ppl"], "kl": out["kl"], "teacher_ppl": out["teacher_ppl"]}
 
 
+@dataclasses.dataclass(frozen=True)
+class StudyMode:
+    """A conversion of the matrix, by name: `decompressed`; `partialN`, N RoPE pairs kept per kv head
+    (`partial`: ROPE_PAIRS); `roropeM` or `roropeMfF`, M mixed components kept per group of F frequency
+    pairs (F = 1 without FreqFold)."""
+
+    rope_mode: str
+    size: int = 0  # RoPE pairs per kv head (partial) or kept components (rorope)
+    fold: int = 1
+
+    @classmethod
+    def parse(cls, name: str) -> StudyMode:
+        match = re.fullmatch(r"(decompressed|partial|rorope)(\d*)(?:f(\d+))?", name)
+        if match is None or (match[1] == "rorope" and not match[2]) or (match[1] != "rorope" and match[3]):
+            raise ValueError(f"--modes: {name!r} is not decompressed, partial[N] or roropeM[fF]")
+        mode, size, fold = match[1], int(match[2] or 0), int(match[3] or 1)
+        if mode == "decompressed" and size:
+            raise ValueError(f"--modes: {name!r}: decompressed takes no size")
+        return cls(mode, size or (ROPE_PAIRS if mode == "partial" else 0), fold)
+
+    def rope_values(self, G: int, d: int) -> int:
+        """Cached key values per token that keep RoPE (beside the latent)."""
+        return {"decompressed": 0, "partial": 2 * self.size * G, "rorope": d // self.fold * self.size}[
+            self.rope_mode
+        ]
+
+
 def latent_dim_for(reduction: float, mode: str, G: int, d: int) -> int:
     """Latent width that leaves (1 - reduction) of a GQA layer's 2Gd cached values per token."""
     budget = round((1 - reduction) * 2 * G * d)
-    return budget - (G * 2 * ROPE_PAIRS if mode == "partial" else 0)
+    return budget - StudyMode.parse(mode).rope_values(G, d)
+
+
+def study_modes(text: str) -> list[str]:
+    """--modes: comma-separated names, each checked by StudyMode.parse."""
+    names = text.split(",")
+    for name in names:
+        try:
+            StudyMode.parse(name)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return names
 
 
 def fingerprint(params) -> str:
@@ -193,11 +233,9 @@ def plot(result: dict, path: str) -> None:
     worse = lambda ppl: 100 * (ppl / result["teacher_ppl"] - 1)  # % above the teacher's PPL
     fig, axes = plt.subplots(1, len(layer_sets), figsize=(6 * len(layer_sets), 4.5), squeeze=False)
     for ax, layers in zip(axes[0], layer_sets, strict=True):
-        for (mode, init), color in zip(
-            itertools.product(("decompressed", "partial"), ("svd", "pca")),
-            ("C0", "C1", "C2", "C3"),
-            strict=True,
-        ):
+        modes = sorted({r["mode"] for r in result["rows"]})
+        for index, (mode, init) in enumerate(itertools.product(modes, ("svd", "pca"))):
+            color = f"C{index % 10}"
             rows = sorted(
                 (r for r in result["rows"] if (r["layers"], r["mode"], r["init"]) == (layers, mode, init)),
                 key=lambda r: r["layer_reduction"],
@@ -251,7 +289,11 @@ def main(argv=None) -> int:
     parser.add_argument("--distill-batch", type=int, default=8)
     parser.add_argument("--distill-lr", type=float, default=1e-3)
     parser.add_argument("--layers", type=lambda s: s.split(","), default=["full", "all"])
-    parser.add_argument("--modes", type=lambda s: s.split(","), default=["decompressed", "partial"])
+    parser.add_argument(
+        "--modes", type=study_modes, default=["decompressed", "partial"],
+        help="decompressed, partial[N] (N RoPE pairs per kv head, default 2), roropeM[fF] (M components kept "
+        "per group of F frequency pairs)",
+    )  # fmt: skip
     parser.add_argument("--reductions", type=lambda s: [float(x) for x in s.split(",")], default=REDUCTIONS)
     parser.add_argument("--inits", type=lambda s: s.split(","), default=["svd", "pca"])
     parser.add_argument("--seed", type=int, default=0)
@@ -349,7 +391,12 @@ def main(argv=None) -> int:
     def student_for(layers, mode, reduction, init):
         latent = latent_dim_for(reduction, mode, G, d)
         layer_ids = parse_layers(layers, config)
-        return convert(teacher, config, latent, mode, layer_ids, ROPE_PAIRS, init, calib())[:2]
+        m = StudyMode.parse(mode)
+        pairs, components = (m.size, 0) if m.rope_mode == "partial" else (0, m.size)
+        return convert(
+            teacher, config, latent, m.rope_mode, layer_ids, pairs, init, calib(), rope_components=components,
+            rope_fold=m.fold,
+        )[:2]  # fmt: skip
 
     def out_of_time() -> bool:
         if args.time_limit and time.perf_counter() - t_start > args.time_limit:
@@ -372,7 +419,8 @@ def main(argv=None) -> int:
             "reduction": reduction,
             "init": init,
             "latent_dim": latent_dim_for(reduction, mode, G, d),
-            "rope_pairs": ROPE_PAIRS if mode == "partial" else 0,
+            "rope_pairs": StudyMode.parse(mode).size if mode.startswith("partial") else 0,
+            "rope_values": StudyMode.parse(mode).rope_values(G, d),
             "values_per_token": values_per_token(student_config, layer),
             "layer_reduction": 1 - values_per_token(student_config, layer) / (2 * G * d),
             "model_reduction_32k": accounting(student_config, 1, LONG_CONTEXT, jnp.bfloat16)["reduction"],
