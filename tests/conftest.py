@@ -79,3 +79,11 @@ def tiny_hf(tmp_path_factory):
     """(torch model, folder) of the default tiny config, shared by the whole session."""
     folder = tmp_path_factory.mktemp("tiny_hf")
     return make_hf_model(folder), str(folder)
+
+
+@pytest.fixture(scope="session")
+def tiny2_hf(tmp_path_factory):
+    """(torch model, folder) of the tiny config cut to two layers, one sliding and one full: for tests that
+    compile a model many times (training, kernels) and need one layer of each kind, not four."""
+    folder = tmp_path_factory.mktemp("tiny2_hf")
+    return make_hf_model(folder, num_hidden_layers=2), str(folder)
