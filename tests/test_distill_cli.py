@@ -25,15 +25,15 @@ ENV = {**os.environ, "JAX_DEFAULT_MATMUL_PRECISION": "highest", "JAX_PLATFORMS":
 
 
 @pytest.fixture(scope="module")
-def files(tiny_hf, tmp_path_factory):
-    """(teacher folder, student Orbax checkpoint, token ids .npy)."""
+def files(tiny2_hf, tmp_path_factory):
+    """(teacher folder, student Orbax checkpoint, token ids .npy): the two-layer tiny teacher."""
     root = tmp_path_factory.mktemp("distill_cli")
-    config, teacher = load_hf(tiny_hf[1], progress=False)
+    config, teacher = load_hf(tiny2_hf[1], progress=False)
     calib = np.random.default_rng(0).integers(0, config.vocab_size, (4, 32))
     student_config, student, _ = convert(teacher, config, 8, "decompressed", init="pca", calib_tokens=calib)
     save_checkpoint(str(root / "student"), student, student_config)
     np.save(root / "ids.npy", np.random.default_rng(1).integers(0, config.vocab_size, 4096).astype(np.int32))
-    return tiny_hf[1], str(root / "student"), str(root / "ids.npy")
+    return tiny2_hf[1], str(root / "student"), str(root / "ids.npy")
 
 
 def args(files, out, *extra) -> list[str]:
@@ -133,12 +133,12 @@ def mla_weights(path: str) -> list[np.ndarray]:
     ]
 
 
-def test_healing_that_hurts_keeps_the_conversion(files, tiny_hf, tmp_path, capsys):
+def test_healing_that_hurts_keeps_the_conversion(files, tiny2_hf, tmp_path, capsys):
     """Held-out tokens sampled from the teacher, training data one token repeated: distillation fits the
     student to a context the held-out text never has, its held-out PPL (and KL) rise, and the run outputs
     the converted student. The same steps, rates and shapes as the SIGKILL test (shared compilations)."""
     teacher, student, _ = files
-    model, vocab = tiny_hf[0], tiny_hf[0].config.vocab_size
+    model, vocab = tiny2_hf[0], tiny2_hf[0].config.vocab_size
     held_out = teacher_samples(model, vocab, 13, 16, seed=2).reshape(-1)  # 13 evaluation windows
     ids = tmp_path / "ids.npy"
     np.save(ids, np.concatenate([np.full(19 * len(held_out), 5), held_out]).astype(np.int32))  # last 5%
@@ -153,7 +153,7 @@ def test_healing_that_hurts_keeps_the_conversion(files, tiny_hf, tmp_path, capsy
     assert main([*command, "--resume"]) == 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["steps"] == 60 and summary["kept"] == "converted", summary
-    assert summary["healed_ppl"] > summary["converted_ppl"]  # measured: 47.67 against 46.97
+    assert summary["healed_ppl"] > summary["converted_ppl"]  # measured: 38.93 against 38.77
     assert summary["healed_kl"] > summary["converted_kl"]
     assert summary["held_out_tokens"] == 13 * 15
     printed = capsys.readouterr().out

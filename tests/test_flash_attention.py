@@ -63,13 +63,14 @@ def test_refuses_keys_that_do_not_fit():
 
 
 @pytest.fixture(scope="module")
-def tiny_models(tiny_hf):
-    config, params = load_hf(tiny_hf[1], progress=False)
+def tiny_models(tiny2_hf):
+    """GQA and both MLA modes (every layer converted) of the two-layer model: a sliding and a full layer."""
+    config, params = load_hf(tiny2_hf[1], progress=False)
     calib = np.random.default_rng(7).integers(0, config.vocab_size, (2, 24))
     models = {"gqa": (config, params)}
     for mode, extra in (("decompressed", {}), ("partial", {"rope_pairs": 2})):
         mla_config, mla_params, _ = convert(
-            params, config, 12, mode, layers=(0, 1, 2, 3), init="pca", calib_tokens=calib, **extra
+            params, config, 12, mode, layers=(0, 1), init="pca", calib_tokens=calib, **extra
         )
         models[mode] = (mla_config, mla_params)
     return models
