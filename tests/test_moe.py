@@ -155,9 +155,11 @@ def test_decode_step_on_the_kernels_equals_jnp():
 
     params = init_params(DEMO_CONFIG, jax.random.key(0), jnp.float32, experts="mxfp4")
     tokens = jax.random.randint(jax.random.key(1), (2, 21), 0, DEMO_CONFIG.vocab_size)
-    _, cache, _ = forward(params, tokens[:, :20], init_cache(DEMO_CONFIG, 2, 32, jnp.float32), DEMO_CONFIG)
-    step = lambda kernels: forward(
-        params, tokens[:, 20:], cache, DEMO_CONFIG, options=ForwardOptions(decode_kernels=kernels)
+    run = jax.jit(forward, static_argnames=("config", "options"))  # one program each, not op by op
+    cache = init_cache(DEMO_CONFIG, 2, 32, jnp.float32)
+    _, cache, _ = run(params, tokens[:, :20], cache, config=DEMO_CONFIG)
+    step = lambda kernels: run(
+        params, tokens[:, 20:], cache, config=DEMO_CONFIG, options=ForwardOptions(decode_kernels=kernels)
     )[0]
     want, got = step(False), step(True)
     np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.abs(want).max()), rtol=0)

@@ -2,6 +2,8 @@
 with nnx.Optimizer exactly as optax does on the pure pytree, and loads from transformers folders and Orbax
 checkpoints."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,11 +12,13 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from gptoss_mla_jax import GptOss, forward
-from gptoss_mla_jax.generation import DEMO_CONFIG
+from gptoss_mla_jax.generation import DEMO_CONFIG as DEMO
 from weights.load import from_pretrained
 from weights.orbax_io import save_checkpoint
 from weights.safetensors_io import load_hf
 
+# The demo model with two layers (a sliding and a full one): every layer kind, half the compilation.
+DEMO_CONFIG = dataclasses.replace(DEMO, num_hidden_layers=2, layer_types=())
 TOKENS = jnp.asarray(np.random.default_rng(0).integers(0, DEMO_CONFIG.vocab_size, (2, 9)))
 
 
@@ -61,8 +65,8 @@ def test_nnx_optimizer_step_equals_optax_on_the_pure_pytree():
     assert float(step(model, optimizer)) < float(before)
 
 
-def test_from_pretrained_reads_transformers_folders_and_orbax_checkpoints(tiny_hf, tmp_path):
-    folder = tiny_hf[1]
+def test_from_pretrained_reads_transformers_folders_and_orbax_checkpoints(tiny2_hf, tmp_path):
+    folder = tiny2_hf[1]
     config, params = load_hf(folder, progress=False)
     want = forward(params, TOKENS % config.vocab_size, None, config).logits
     model = from_pretrained(folder, progress=False)
