@@ -2,14 +2,14 @@
 
 import dataclasses
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptoss_mla_jax import ForwardOptions, forward, forward_jit, init_cache
+from gptoss_mla_jax import init_cache
 from gptoss_mla_jax.cache import entry_shapes, nbytes, values_per_token
 from gptoss_mla_jax.config import GptOssConfig, MlaConfig
+from tests.mla_checks import assert_decode_matches_full, logits
 from weights.safetensors_io import load_hf
 from weights.to_mla import convert
 
@@ -25,12 +25,6 @@ def calib(tiny):
     return np.random.default_rng(7).integers(0, config.vocab_size, (4, 32))
 
 
-def _logits(params, config, tokens, **options):
-    return np.asarray(
-        forward_jit(params, jnp.asarray(tokens), None, config, options=ForwardOptions(**options)).logits
-    )
-
-
 TOKENS = np.random.default_rng(3).integers(0, 97, (2, 19))
 
 
@@ -42,7 +36,7 @@ def test_decompressed_full_rank_is_exact(tiny, calib, init):
         params, config, full_rank, "decompressed", layers=(0, 1, 2, 3), init=init, calib_tokens=calib
     )
     np.testing.assert_allclose(
-        _logits(mla_params, mla_config, TOKENS), _logits(params, config, TOKENS), atol=1e-4, rtol=0
+        logits(mla_params, mla_config, TOKENS), logits(params, config, TOKENS), atol=1e-4, rtol=0
     )
     assert all(abs(row["energy_retained"] - 1) < 1e-5 for row in report)
 
@@ -61,22 +55,22 @@ def test_partial_all_pairs_full_rank_is_exact(tiny, calib, init):
         init=init,
         calib_tokens=calib,
     )
-    want = _logits(params, config, TOKENS)
+    want = logits(params, config, TOKENS)
     for absorb in (False, True):
-        got = _logits(mla_params, mla_config, TOKENS, mla_absorb=absorb)
+        got = logits(mla_params, mla_config, TOKENS, mla_absorb=absorb)
         np.testing.assert_allclose(got, want, atol=1e-4, rtol=0)
 
 
 def test_low_rank_is_not_exact_and_pca_beats_svd(tiny, calib):
     """A guard that the exactness tests can fail: at a quarter of the rank the logits move."""
     config, params = tiny
-    want = _logits(params, config, calib[:, :19])
+    want = logits(params, config, calib[:, :19])
     errors = {}
     for init in ("svd", "pca"):
         mla_config, mla_params, report = convert(
             params, config, 8, "decompressed", init=init, calib_tokens=calib
         )
-        errors[init] = np.abs(_logits(mla_params, mla_config, calib[:, :19]) - want).mean()
+        errors[init] = np.abs(logits(mla_params, mla_config, calib[:, :19]) - want).mean()
         assert errors[init] > 1e-3 and all(0 < row["energy_retained"] < 1 for row in report)
     # Activation-aware init fits the calibration activations better than weight SVD.
     assert errors["pca"] < errors["svd"]
@@ -90,8 +84,8 @@ def test_absorbed_equals_materialized(tiny, calib):
     )
     attn = mla_params["layers"][1]["self_attn"]
     assert np.abs(np.asarray(attn["kv_b"]["bias"])).min() > 0 and np.abs(np.asarray(attn["sinks"])).min() > 0
-    a = _logits(mla_params, mla_config, TOKENS, mla_absorb=True)
-    m = _logits(mla_params, mla_config, TOKENS, mla_absorb=False)
+    a = logits(mla_params, mla_config, TOKENS, mla_absorb=True)
+    m = logits(mla_params, mla_config, TOKENS, mla_absorb=False)
     np.testing.assert_allclose(a, m, atol=1e-5, rtol=0)
 
 
@@ -106,26 +100,10 @@ def test_mla_decode_matches_full_forward(tiny, calib, mode, kernels):
         params, config, 12, mode, layers=(0, 1), rope_pairs=2, init="pca", calib_tokens=calib
     )
     tokens = np.random.default_rng(4).integers(0, 97, (2, 24)).astype(np.int32)
-    full = _logits(mla_params, mla_config, tokens)
     cache = init_cache(mla_config, 2, 32, jnp.float32)
     assert set(cache["layers"][0]) == ({"c"} if mode == "decompressed" else {"c", "k_rope"})
     assert set(cache["layers"][2]) == {"k", "v"}
-    prompt = np.array([3, 6], np.int32)
-    logits, cache, _ = forward_jit(
-        mla_params, jnp.asarray(tokens[:, :8]), cache, mla_config, lengths=jnp.asarray(prompt)
-    )
-    for b in range(2):
-        np.testing.assert_allclose(
-            np.asarray(logits)[b, : prompt[b]], full[b, : prompt[b]], atol=1e-4, rtol=0
-        )
-    step = jax.jit(
-        lambda p, c, t: forward(p, t, c, mla_config, options=ForwardOptions(decode_kernels=kernels)),
-        donate_argnums=1,
-    )
-    for t in range(24 - prompt.max()):
-        pos = prompt + t
-        logits, cache, _ = step(mla_params, cache, jnp.asarray(tokens[np.arange(2), pos][:, None]))
-        np.testing.assert_allclose(np.asarray(logits)[:, 0], full[np.arange(2), pos], atol=1e-4, rtol=0)
+    assert_decode_matches_full(mla_params, mla_config, tokens, cache, kernels)
 
 
 def test_cache_bytes_formula(tiny):
@@ -179,10 +157,10 @@ def test_partial_no_rope_dims_keep_yarn_mscale(tiny, calib, absorb):
     )
     tokens = calib[:, :1]
     np.testing.assert_allclose(
-        _logits(mla_params, mla_config, tokens, mla_absorb=absorb),
-        _logits(params, config, tokens),
+        logits(mla_params, mla_config, tokens, mla_absorb=absorb),
+        logits(params, config, tokens),
         atol=1e-4,
         rtol=0,
     )
     # Longer sequences do change: the no-RoPE dims really lost their rotation.
-    assert np.abs(_logits(mla_params, mla_config, TOKENS) - _logits(params, config, TOKENS)).max() > 1e-2
+    assert np.abs(logits(mla_params, mla_config, TOKENS) - logits(params, config, TOKENS)).max() > 1e-2

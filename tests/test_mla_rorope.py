@@ -9,12 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptoss_mla_jax import ForwardOptions, forward, forward_jit, init_cache, rope
+from gptoss_mla_jax import ForwardOptions, forward, init_cache, rope
 from gptoss_mla_jax import cache as kv_cache
 from gptoss_mla_jax.cache import accounting, entry_shapes, nbytes, values_per_token
 from gptoss_mla_jax.config import GptOssConfig, MlaConfig
 from gptoss_mla_jax.flash_decode import Launch, Slots, mla_absorbed_decode
 from gptoss_mla_jax.mla import _absorbed
+from tests.mla_checks import assert_decode_matches_full, logits
 from weights.safetensors_io import load_hf
 from weights.to_mla import convert, rorope_mix
 
@@ -31,12 +32,6 @@ def tiny(tiny_hf):
 def calib(tiny):
     config, _ = tiny
     return np.random.default_rng(7).integers(0, config.vocab_size, (4, 32))
-
-
-def _logits(params, config, tokens, **options):
-    return np.asarray(
-        forward_jit(params, jnp.asarray(tokens), None, config, options=ForwardOptions(**options)).logits
-    )
 
 
 def _rorope(tiny, calib, latent_dim, components, init="pca", layers=ALL_LAYERS, fold=1):
@@ -62,10 +57,10 @@ def test_all_components_full_rank_is_exact(tiny, calib, init):
     G, d = config.num_key_value_heads, config.head_dim
     mla_config, mla_params, report = _rorope(tiny, calib, G * d, G, init)
     assert all(abs(row["rope_energy_retained"] - 1) < 1e-6 for row in report)
-    want = _logits(params, config, TOKENS)
+    want = logits(params, config, TOKENS)
     for absorb in (False, True):
         np.testing.assert_allclose(
-            _logits(mla_params, mla_config, TOKENS, mla_absorb=absorb), want, atol=1e-4, rtol=0
+            logits(mla_params, mla_config, TOKENS, mla_absorb=absorb), want, atol=1e-4, rtol=0
         )
 
 
@@ -76,8 +71,8 @@ def test_freqfold_all_components_full_rank_is_exact_with_folded_frequencies(tiny
     G, d = config.num_key_value_heads, config.head_dim
     mla_config, mla_params, _ = _rorope(tiny, calib, G * d, 2 * G, fold=2)
     for absorb in (False, True):
-        got = _logits(mla_params, mla_config, TOKENS, mla_absorb=absorb)
-        assert np.abs(got - _logits(params, config, TOKENS)).max() > 1e-2
+        got = logits(mla_params, mla_config, TOKENS, mla_absorb=absorb)
+        assert np.abs(got - logits(params, config, TOKENS)).max() > 1e-2
     original = rope.inv_freq
     monkeypatch.setattr(rope, "inv_freq", lambda cfg: np.repeat(original(cfg)[::2], 2))
     folded = jax.jit(lambda p, t: forward(p, t, None, config).logits)  # a fresh trace: folded tables
@@ -97,12 +92,12 @@ def test_dropped_components_keep_yarn_mscale(tiny, calib, absorb, fold):
     assert all(0 < row["rope_energy_retained"] < 1 for row in report)
     tokens = calib[:, :1]
     np.testing.assert_allclose(
-        _logits(mla_params, mla_config, tokens, mla_absorb=absorb),
-        _logits(params, config, tokens),
+        logits(mla_params, mla_config, tokens, mla_absorb=absorb),
+        logits(params, config, tokens),
         atol=1e-4,
         rtol=0,
     )
-    changed = _logits(mla_params, mla_config, TOKENS, mla_absorb=absorb) - _logits(params, config, TOKENS)
+    changed = logits(mla_params, mla_config, TOKENS, mla_absorb=absorb) - logits(params, config, TOKENS)
     assert np.abs(changed).max() > 1e-2
 
 
@@ -131,8 +126,8 @@ def test_absorbed_equals_materialized(tiny, calib, fold):
     mla_config, mla_params, _ = _rorope(tiny, calib, 10, 1, layers=(0, 1, 3), fold=fold)
     attn = mla_params["layers"][1]["self_attn"]
     assert np.abs(np.asarray(attn["kv_b"]["bias"])).min() > 0 and np.abs(np.asarray(attn["sinks"])).min() > 0
-    a = _logits(mla_params, mla_config, TOKENS, mla_absorb=True)
-    m = _logits(mla_params, mla_config, TOKENS, mla_absorb=False)
+    a = logits(mla_params, mla_config, TOKENS, mla_absorb=True)
+    m = logits(mla_params, mla_config, TOKENS, mla_absorb=False)
     np.testing.assert_allclose(a, m, atol=1e-5, rtol=0)
 
 
@@ -146,28 +141,12 @@ def test_decode_matches_full_forward(tiny, calib, kernels, fold):
     config = tiny[0]
     mla_config, mla_params, _ = _rorope(tiny, calib, 12, 1, layers=(0, 1), fold=fold)
     tokens = np.random.default_rng(4).integers(0, 97, (2, 24)).astype(np.int32)
-    full = _logits(mla_params, mla_config, tokens)
     cache = init_cache(mla_config, 2, 32, jnp.float32)
     assert {n: x.shape for n, x in cache["layers"][1].items()} == {
         "c": (2, 32, 12),
         "k_rope": (2, 32, 1, config.head_dim // fold),
     }
-    prompt = np.array([3, 6], np.int32)
-    logits, cache, _ = forward_jit(
-        mla_params, jnp.asarray(tokens[:, :8]), cache, mla_config, lengths=jnp.asarray(prompt)
-    )
-    for b in range(2):
-        np.testing.assert_allclose(
-            np.asarray(logits)[b, : prompt[b]], full[b, : prompt[b]], atol=1e-4, rtol=0
-        )
-    step = jax.jit(
-        lambda p, c, t: forward(p, t, c, mla_config, options=ForwardOptions(decode_kernels=kernels)),
-        donate_argnums=1,
-    )
-    for t in range(24 - prompt.max()):
-        pos = prompt + t
-        logits, cache, _ = step(mla_params, cache, jnp.asarray(tokens[np.arange(2), pos][:, None]))
-        np.testing.assert_allclose(np.asarray(logits)[:, 0], full[np.arange(2), pos], atol=1e-4, rtol=0)
+    assert_decode_matches_full(mla_params, mla_config, tokens, cache, kernels)
 
 
 @pytest.mark.parametrize("sliding", [False, True])
