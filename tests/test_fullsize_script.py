@@ -10,6 +10,25 @@ from eval.experiments import fullsize_checkpoint as script
 from weights.hf_layout import hf_tensors
 
 
+@pytest.fixture(scope="module")
+def shared_models():
+    """eval.bench.decode's tiny models (random init and MLA conversion) built once for the runs of this file
+    that time whole models, each run getting the same arrays it would build."""
+    from eval.bench import decode as bench_decode
+
+    build, built = bench_decode.models, {}
+
+    def models(*args, **kwargs):
+        key = repr((args, sorted(kwargs.items())))
+        if key not in built:
+            built[key] = build(*args, **kwargs)
+        return built[key]
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(bench_decode, "models", models)
+        yield
+
+
 def test_written_layout_loads_in_both(tmp_path, monkeypatch):
     info = script.write_checkpoint(str(tmp_path), script.SMOKE)
     assert info["tensors"] == 459 == len(hf_tensors(script.SMOKE, "mxfp4")) and info["shards"] == 3
@@ -33,7 +52,7 @@ def test_written_layout_loads_in_both(tmp_path, monkeypatch):
         assert script._sha(state[name].view(torch.int16).numpy()) == digest, name
 
 
-def test_decode_benchmark_runs_at_a_small_size(tmp_path):
+def test_decode_benchmark_runs_at_a_small_size(shared_models, tmp_path):
     """eval.bench.decode end to end on the tiny demo model: every point measured, MLA's cache smaller."""
     from eval.bench import decode as bench_decode
 
@@ -48,7 +67,7 @@ def test_decode_benchmark_runs_at_a_small_size(tmp_path):
     assert rows[2]["cache_gb"] < rows[0]["cache_gb"]
 
 
-def test_decode_capacity_runs_at_a_small_size(tmp_path):
+def test_decode_capacity_runs_at_a_small_size(shared_models, tmp_path):
     from eval.bench import decode as bench_decode
 
     out = tmp_path / "capacity.json"
@@ -127,7 +146,7 @@ def test_moe_benchmark_runs_at_a_small_size(tmp_path):
         assert row["bytes"] >= row["distinct_experts"] * head["expert_bytes"]
 
 
-def test_decode_profile_runs_at_a_small_size(tmp_path):
+def test_decode_profile_runs_at_a_small_size(shared_models, tmp_path):
     """--profile: kernels per step and busy time from a trace of decode steps (CPU: no GPU streams, so the
     summary is empty but well formed; the GPU run fills it)."""
     from eval.bench import decode as bench_decode
@@ -139,7 +158,7 @@ def test_decode_profile_runs_at_a_small_size(tmp_path):
     assert all(p["wall_ms_per_step"] > 0 and p["kernels_per_step"] >= 0 for p in profile.values())
 
 
-def test_decode_breakdown_runs_at_a_small_size(tmp_path):
+def test_decode_breakdown_runs_at_a_small_size(shared_models, tmp_path):
     """--breakdown times the step, a layer's attention and its MoE, each on jnp and on the kernels, and the
     unembedding, for GQA and MLA."""
     from eval.bench import decode as bench_decode

@@ -6,11 +6,11 @@ import re
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 
 
-def test_readme_python_block_runs(tiny_hf):
+def test_readme_python_block_runs(tiny2_hf):
     blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
     assert blocks, "README has no python block"
     namespace: dict = {}
-    exec(blocks[0].replace("path/to/gpt-oss-folder", tiny_hf[1]), namespace)
+    exec(blocks[0].replace("path/to/gpt-oss-folder", tiny2_hf[1]), namespace)
     vocab = namespace["config"].vocab_size
     assert namespace["logits"].shape == (1, 1, vocab) and int(namespace["cache"]["lengths"][0]) == 5
     assert namespace["both"].shape == (2, 1, 4, vocab)
