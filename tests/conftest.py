@@ -38,6 +38,13 @@ TINY = dict(
 )
 
 
+def pytest_collection_modifyitems(items):
+    """The tests marked slow run first: spread over workers (pytest-xdist, one test handed out at a time:
+    `--maxschedchunk=1` in pyproject.toml), a long test started last would keep one worker busy after the
+    others are done."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)  # stable: otherwise file order
+
+
 def randomize_(model, seed: int) -> None:
     """Overwrite every parameter with random values large enough to matter: nonzero biases and sinks,
     norm weights away from one, expert activations that reach the SwiGLU clamps."""

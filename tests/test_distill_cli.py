@@ -98,6 +98,7 @@ def run_two_processes(files, out, *extra) -> None:
         assert code == 0, f"process {i}:\n{log.read_text()[-3000:]}"
 
 
+@pytest.mark.slow  # started first (tests/conftest.py)
 def test_two_processes_match_one_process_and_resume_collectively(files, tmp_path):
     """Two processes spanning one 8x1 mesh log the same losses as one process with 8 devices, through a
     collective Orbax checkpoint and --resume."""

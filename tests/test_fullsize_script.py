@@ -52,6 +52,7 @@ def test_written_layout_loads_in_both(tmp_path, monkeypatch):
         assert script._sha(state[name].view(torch.int16).numpy()) == digest, name
 
 
+@pytest.mark.slow  # started first (tests/conftest.py)
 def test_decode_benchmark_runs_at_a_small_size(shared_models, tmp_path):
     """eval.bench.decode end to end on the tiny demo model: every point measured, MLA's cache smaller."""
     from eval.bench import decode as bench_decode

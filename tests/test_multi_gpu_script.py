@@ -32,6 +32,7 @@ def test_accumulation_splits_the_global_batch_over_the_data_axis():
         multi_gpu_distill.accumulation("4x1", 2, 2)
 
 
+@pytest.mark.slow  # started first (tests/conftest.py)
 def test_smoke_run_end_to_end(tmp_path):
     # One row per device: the one-device baseline accumulates 2 micro-batches of 1 per update, the 2x1
     # mesh takes the batch of 2 in one step; their losses per update must agree.

@@ -9,6 +9,7 @@ import pytest
 from eval.experiments import quality_study
 
 
+@pytest.mark.slow  # started first (tests/conftest.py)
 def test_study_end_to_end_and_resume(tmp_path):
     out = tmp_path / "study"
     argv = [
