@@ -15,6 +15,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax
+import numpy as np
 import pytest
 
 # float32 parity needs full-precision matmuls (the default may use bf16 passes on accelerators).
@@ -94,3 +95,18 @@ def tiny2_hf(tmp_path_factory):
     compile a model many times (training, kernels) and need one layer of each kind, not four."""
     folder = tmp_path_factory.mktemp("tiny2_hf")
     return make_hf_model(folder, num_hidden_layers=2), str(folder)
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_hf):
+    """(config, params) of `tiny_hf` loaded by our loader, float32: one load per test module."""
+    from weights.safetensors_io import load_hf
+
+    return load_hf(tiny_hf[1], progress=False)
+
+
+@pytest.fixture(scope="module")
+def calib(tiny):
+    """Calibration windows for converting `tiny` to MLA: 4 x 32 random tokens."""
+    config, _ = tiny
+    return np.random.default_rng(7).integers(0, config.vocab_size, (4, 32))

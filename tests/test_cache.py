@@ -9,12 +9,6 @@ from gptoss_mla_jax.cache import init_cache, nbytes
 from gptoss_mla_jax.generation import Sampling, decode_step, generate, kernels_by_default, prefill
 from gptoss_mla_jax.model import ForwardOptions
 from gptoss_mla_jax.model import forward_jit as forward
-from weights.safetensors_io import load_hf
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_hf):
-    return load_hf(tiny_hf[1], progress=False)
 
 
 def test_cache_layout(tiny):

@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 
 from weights.calib import calibration_set, kmeans, select
-from weights.safetensors_io import load_hf
 from weights.to_mla import convert
 
 
@@ -20,11 +19,6 @@ def test_kmeans_finds_separated_clusters():
     np.testing.assert_allclose(np.asarray(centroids)[order], centers[np.argsort(centers[:, 0])], atol=0.05)
     labels = np.asarray(assign).reshape(5, 40)
     assert all(len(set(row)) == 1 for row in labels) and len({row[0] for row in labels}) == 5
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_hf):
-    return load_hf(tiny_hf[1], progress=False)
 
 
 def test_diverse_selection_takes_one_window_per_kind(tiny):

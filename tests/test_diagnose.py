@@ -9,15 +9,9 @@ import pytest
 
 from eval.diagnose import diagnose, main
 from weights.orbax_io import save_checkpoint
-from weights.safetensors_io import load_hf
 from weights.to_mla import convert
 
 WINDOWS = np.random.default_rng(0).integers(0, 97, (4, 16)).astype(np.int32)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_hf):
-    return load_hf(tiny_hf[1], progress=False)
 
 
 def test_statistics_equal_hand_computed_values(tiny):

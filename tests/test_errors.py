@@ -15,11 +15,6 @@ from gptoss_mla_jax.generation import generate
 from weights.safetensors_io import CheckpointError, load_hf
 
 
-@pytest.fixture(scope="module")
-def tiny(tiny_hf):
-    return load_hf(tiny_hf[1], progress=False)
-
-
 def test_token_ids_outside_vocab(tiny):
     config, params = tiny
     with pytest.raises(

@@ -10,20 +10,7 @@ from gptoss_mla_jax import init_cache
 from gptoss_mla_jax.cache import entry_shapes, nbytes, values_per_token
 from gptoss_mla_jax.config import GptOssConfig, MlaConfig
 from tests.mla_checks import assert_decode_matches_full, logits
-from weights.safetensors_io import load_hf
 from weights.to_mla import convert
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_hf):
-    return load_hf(tiny_hf[1], progress=False)
-
-
-@pytest.fixture(scope="module")
-def calib(tiny):
-    config, _ = tiny
-    return np.random.default_rng(7).integers(0, config.vocab_size, (4, 32))
-
 
 TOKENS = np.random.default_rng(3).integers(0, 97, (2, 19))
 

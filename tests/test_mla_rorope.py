@@ -16,22 +16,10 @@ from gptoss_mla_jax.config import GptOssConfig, MlaConfig
 from gptoss_mla_jax.flash_decode import Launch, Slots, mla_absorbed_decode
 from gptoss_mla_jax.mla import _absorbed
 from tests.mla_checks import assert_decode_matches_full, logits
-from weights.safetensors_io import load_hf
 from weights.to_mla import convert, rorope_mix
 
 TOKENS = np.random.default_rng(3).integers(0, 97, (2, 19))
 ALL_LAYERS = (0, 1, 2, 3)
-
-
-@pytest.fixture(scope="module")
-def tiny(tiny_hf):
-    return load_hf(tiny_hf[1], progress=False)
-
-
-@pytest.fixture(scope="module")
-def calib(tiny):
-    config, _ = tiny
-    return np.random.default_rng(7).integers(0, config.vocab_size, (4, 32))
 
 
 def _rorope(tiny, calib, latent_dim, components, init="pca", layers=ALL_LAYERS, fold=1):
