@@ -33,3 +33,34 @@ def assert_decode_matches_full(params, config, tokens: np.ndarray, cache, kernel
         pos = prompt + t
         out, cache, _ = step(params, cache, jnp.asarray(tokens[np.arange(2), pos][:, None]))
         np.testing.assert_allclose(np.asarray(out)[:, 0], full[np.arange(2), pos], atol=1e-4, rtol=0)
+
+
+def assert_exact_at_one_token(student, student_config, params, config, windows, longer, absorb) -> None:
+    """A conversion whose only loss is the rotation some key dims no longer get: one-token sequences (the
+    first token of each of `windows`), where query and key share a position, give the original logits
+    (1e-4), and the `longer` sequences do change (the rotation really is gone)."""
+    first = windows[:, :1]
+    want = logits(params, config, first)
+    np.testing.assert_allclose(
+        logits(student, student_config, first, mla_absorb=absorb), want, atol=1e-4, rtol=0
+    )
+    changed = logits(student, student_config, longer, mla_absorb=absorb) - logits(params, config, longer)
+    assert np.abs(changed).max() > 1e-2
+
+
+def assert_cache_matches_formula(config) -> None:
+    """A bf16 cache of 3 sequences x 40 slots holds exactly the formula's bytes (values per token x slots,
+    sliding layers a window's worth, plus 4-byte lengths) in the entry shapes `entry_shapes` gives."""
+    from gptoss_mla_jax import init_cache
+    from gptoss_mla_jax.cache import entry_shapes, nbytes, values_per_token
+
+    cache = init_cache(config, batch=3, max_len=40, dtype=jnp.bfloat16)
+    layers = range(config.num_hidden_layers)
+    slots = [config.sliding_window if config.is_sliding(i) else 40 for i in layers]
+    assert (
+        nbytes(cache)
+        == sum(3 * s * values_per_token(config, i) * 2 for i, s in zip(layers, slots, strict=True)) + 3 * 4
+    )
+    assert all(
+        cache["layers"][i][n].shape == s for i in layers for n, s in entry_shapes(config, i, 3, 40).items()
+    )

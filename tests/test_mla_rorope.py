@@ -11,11 +11,16 @@ import pytest
 
 from gptoss_mla_jax import ForwardOptions, forward, init_cache, rope
 from gptoss_mla_jax import cache as kv_cache
-from gptoss_mla_jax.cache import accounting, entry_shapes, nbytes, values_per_token
+from gptoss_mla_jax.cache import accounting, values_per_token
 from gptoss_mla_jax.config import GptOssConfig, MlaConfig
 from gptoss_mla_jax.flash_decode import Launch, Slots, mla_absorbed_decode
 from gptoss_mla_jax.mla import _absorbed
-from tests.mla_checks import assert_decode_matches_full, logits
+from tests.mla_checks import (
+    assert_cache_matches_formula,
+    assert_decode_matches_full,
+    assert_exact_at_one_token,
+    logits,
+)
 from weights.to_mla import convert, rorope_mix
 
 TOKENS = np.random.default_rng(3).integers(0, 97, (2, 19))
@@ -78,15 +83,7 @@ def test_dropped_components_keep_yarn_mscale(tiny, calib, absorb, fold):
     width = G * d - d // fold + G * d
     mla_config, mla_params, report = _rorope(tiny, calib, width, 1, "svd", fold=fold)
     assert all(0 < row["rope_energy_retained"] < 1 for row in report)
-    tokens = calib[:, :1]
-    np.testing.assert_allclose(
-        logits(mla_params, mla_config, tokens, mla_absorb=absorb),
-        logits(params, config, tokens),
-        atol=1e-4,
-        rtol=0,
-    )
-    changed = logits(mla_params, mla_config, TOKENS, mla_absorb=absorb) - logits(params, config, TOKENS)
-    assert np.abs(changed).max() > 1e-2
+    assert_exact_at_one_token(mla_params, mla_config, params, config, calib, TOKENS, absorb)
 
 
 @pytest.mark.parametrize("fold", [1, 2])
@@ -182,19 +179,12 @@ def test_cache_bytes_formula(tiny):
     G, d = config.num_key_value_heads, config.head_dim
     mixed = dataclasses.replace(config, mla=MlaConfig("rorope", (1, 2), (12, 5), rope_components=(1, 2)))
     assert [values_per_token(mixed, i) for i in range(4)] == [2 * G * d, 12 + d, 5 + 2 * d, 2 * G * d]
-    cache = init_cache(mixed, batch=3, max_len=40, dtype=jnp.bfloat16)
-    slots = [mixed.sliding_window if mixed.is_sliding(i) else 40 for i in range(4)]
-    formula = sum(3 * s * values_per_token(mixed, i) * 2 for i, s in enumerate(slots)) + 3 * 4
-    assert nbytes(cache) == formula
-    assert all(
-        cache["layers"][i][n].shape == s for i in range(4) for n, s in entry_shapes(mixed, i, 3, 40).items()
-    )
+    assert_cache_matches_formula(mixed)
     rows = accounting(mixed, 1, 40, jnp.bfloat16)["rows"]
     assert rows["full MLA rorope r=12, 1 rope components/pair"]["values_per_token"] == 12 + d
     folded = dataclasses.replace(mixed, mla=dataclasses.replace(mixed.mla, rope_fold=2))
     assert [values_per_token(folded, i) for i in (1, 2)] == [12 + d // 2, 5 + d]
-    formula = sum(3 * s * values_per_token(folded, i) * 2 for i, s in enumerate(slots)) + 3 * 4
-    assert nbytes(init_cache(folded, batch=3, max_len=40, dtype=jnp.bfloat16)) == formula
+    assert_cache_matches_formula(folded)
 
 
 def test_config_round_trip_and_errors(tiny):
