@@ -4,7 +4,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gptoss_mla_jax import ForwardOptions, forward, forward_jit
+from gptoss_mla_jax import ForwardOptions, forward, forward_jit, init_cache
+from gptoss_mla_jax.cache import entry_shapes, nbytes, values_per_token
 
 
 def logits(params, config, tokens, **options) -> np.ndarray:
@@ -51,9 +52,6 @@ def assert_exact_at_one_token(student, student_config, params, config, windows, 
 def assert_cache_matches_formula(config) -> None:
     """A bf16 cache of 3 sequences x 40 slots holds exactly the formula's bytes (values per token x slots,
     sliding layers a window's worth, plus 4-byte lengths) in the entry shapes `entry_shapes` gives."""
-    from gptoss_mla_jax import init_cache
-    from gptoss_mla_jax.cache import entry_shapes, nbytes, values_per_token
-
     cache = init_cache(config, batch=3, max_len=40, dtype=jnp.bfloat16)
     layers = range(config.num_hidden_layers)
     slots = [config.sliding_window if config.is_sliding(i) else 40 for i in layers]
