@@ -21,7 +21,7 @@ import numpy as np
 
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.generation import DEMO_CONFIG, Sampling, generate, request_cuda_graphs
-from gptoss_mla_jax.model import forward, init_params
+from gptoss_mla_jax.model import forward_jit, init_params
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -109,10 +109,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.temperature == 0:
         # The cached decode must agree with recomputing every sequence from scratch without a cache (the
         # forward compiled once per length: op by op it compiles each of its operations per length).
-        full = jax.jit(forward, static_argnums=3)
         agree = all(
             np.array_equal(
-                np.argmax(np.asarray(full(params, jnp.asarray([p + o[:-1]]), None, config)[0][0]), -1)[
+                np.argmax(np.asarray(forward_jit(params, jnp.asarray([p + o[:-1]]), None, config)[0][0]), -1)[
                     len(p) - 1 :
                 ],
                 o,
