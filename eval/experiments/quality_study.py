@@ -40,6 +40,7 @@ import numpy as np
 from tokenizers import Tokenizer
 
 from gptoss_mla_jax.cache import accounting, values_per_token
+from gptoss_mla_jax.config import MlaConfig
 from gptoss_mla_jax.perplexity import perplexity
 from support.corpora import token_windows
 from support.results import write_json
@@ -93,10 +94,14 @@ class StudyMode:
         return cls(mode, size or (ROPE_PAIRS if mode == "partial" else 0), fold)
 
     def rope_values(self, G: int, d: int) -> int:
-        """Cached key values per token that keep RoPE (beside the latent)."""
-        return {"decompressed": 0, "partial": 2 * self.size * G, "rorope": d // self.fold * self.size}[
-            self.rope_mode
-        ]
+        """Cached key values per token that keep RoPE (beside the latent), by `MlaConfig.rope_values` for
+        one layer converted this way (the pairs' indices do not matter, only their count)."""
+        partial, rorope = self.rope_mode == "partial", self.rope_mode == "rorope"
+        mla = MlaConfig(
+            self.rope_mode, (0,), (0,), ((tuple(range(self.size)),) * G,) if partial else (),
+            (self.size,) if rorope else (), self.fold,
+        )  # fmt: skip
+        return mla.rope_values(0, d, G)
 
 
 def latent_dim_for(reduction: float, mode: str, G: int, d: int) -> int:
