@@ -476,7 +476,7 @@ def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, configs, 
     lengths, sinks = jnp.full((batch,), context, jnp.int32), normal(G * R)
     pos = jnp.broadcast_to(jnp.arange(context, dtype=jnp.int32), (batch, context))
     visible, q_pos = pos < lengths[:, None], (lengths - 1)[:, None]
-    programs = batch * (1 if layer == "mla_partial" else G)  # GQA; the MLA modes divide by their head blocks
+    programs = batch * G  # GQA: one per sequence and kv head
     interpret = jax.default_backend() == "cpu"
     if layer == "gqa":
         cache = (normal(batch, context, G, d), normal(batch, context, G, d))
@@ -536,14 +536,12 @@ def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, configs, 
     row["max_abs_reference"] = float(jnp.abs(want).max())
     plans = []
     for launch in configs + head_blocks:
-        if layer == "mla_partial":  # programs per sequence: the head blocks
-            groups = G * R // launch.get("head_block", G * R)
-        elif layer == "mla":  # kv-head groups
-            groups = 1 / flash_decode.kv_heads_per_program(G, R, launch.get("head_block"))
-        else:
-            groups = 1
+        if layer == "mla_partial":  # one program per sequence and head block
+            programs = batch * (G * R // launch.get("head_block", G * R))
+        elif layer == "mla":  # one per sequence and group of kv heads
+            programs = batch * G // flash_decode.kv_heads_per_program(G, R, launch.get("head_block"))
         # the slices decode_plan would pick for this many programs
-        splits, block = flash_decode.plan(context, int(programs * groups), launch["block"])
+        splits, block = flash_decode.plan(context, programs, launch["block"])
         plans.append(launch | dict(splits=splits, block=block))
     make = lambda plan: kernel(dict(plan, interpret=interpret))
     row |= sweep(make, plans, args, want, row["bytes"], copy, repeats)
