@@ -76,7 +76,7 @@ def test_decode_capacity_runs_at_a_small_size(shared_models, tmp_path):
         bench_decode.main(["--smoke", "--capacity", "--partial", "--contexts", "64", "--out", str(out)]) == 0
     )
     rows = json.loads(out.read_text())["capacity"]
-    assert [r["model"] for r in rows] == ["gqa", "mla", "mla_partial"]
+    assert [r["model"] for r in rows] == ["gqa", "mla", "mla_partial", "mla_rorope"]
     # CPU reports no memory limit: the search starts at its bound and the step runs there.
     assert all(r["max_batch_runs"] == r["max_batch_by_bytes"] == bench_decode.MAX_BATCH for r in rows)
     assert rows[1]["per_sequence_gb"] < rows[0]["per_sequence_gb"]

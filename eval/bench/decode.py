@@ -10,7 +10,8 @@
 
 Random weights; experts packed in MXFP4 as gpt-oss ships them (transformers: bf16, its MXFP4 path needs
 kernels from the hub). MLA: the default conversion (decompressed, latent 192, full-attention layers;
-weight-SVD init, which does not change the speed); `--partial` adds partial mode at the same cache size.
+weight-SVD init, which does not change the speed); `--partial` adds the absorbable modes (partial, rorope)
+at the same cache size.
 Each point: the cache holds `context - 1` tokens per sequence and one jitted decode step (the cache
 donated) appends one more; the median of `--repeats` steps after a warm-up (compilation) is reported,
 with tokens/s = batch / step time. Points whose cache does not fit the card are skipped and say so.
@@ -58,10 +59,12 @@ RESERVE = 6e9  # bytes kept free for a step's activations (scores, the MLA layer
 def models(
     config: GptOssConfig, latent_dim: int = DEFAULT_LATENT_DIM, partial: bool = False, only=None
 ) -> dict:
-    """{"gqa": (config, params), "mla": (config, params)[, "mla_partial": ...]}: MLA students of the
-    full-attention layers sharing the GQA weights. "mla" is the default conversion; "mla_partial" keeps
-    2 RoPE pairs per kv head with the latent smaller by the RoPE dims it caches (the same cache per token)
-    and decodes with the absorbed attention over the latent. `only`: the names to build (default all)."""
+    """{"gqa": (config, params), "mla": (config, params)[, "mla_partial": ..., "mla_rorope": ...]}: MLA
+    students of the full-attention layers sharing the GQA weights. "mla" is the default conversion;
+    `partial` adds the two absorbable ones, which decode with the absorbed attention over the latent, each
+    with the latent smaller by the RoPE values it caches (the same cache per token): "mla_partial" keeps 2
+    RoPE pairs per kv head, "mla_rorope" one mixed component per frequency pair (head_dim values shared by
+    every head). `only`: the names to build (default all)."""
     params = jax.block_until_ready(init_params(config, jax.random.key(0), jnp.bfloat16, experts="mxfp4"))
     full = tuple(i for i in range(config.num_hidden_layers) if not config.is_sliding(i))
     out = {"gqa": (config, params)}
@@ -69,13 +72,19 @@ def models(
     if wanted("mla"):
         mla_config, mla_params, _ = convert(params, config, latent_dim, "decompressed", layers=full)
         out["mla"] = (mla_config, jax.block_until_ready(mla_params))
+    calib = np.random.default_rng(0).integers(0, config.vocab_size, (1, 64))  # picks the RoPE pairs / mix
     if partial and wanted("mla_partial"):
-        calib = np.random.default_rng(0).integers(0, config.vocab_size, (1, 64))  # picks the RoPE pairs
         cut = 2 * 2 * config.num_key_value_heads  # 2 pairs = 4 cached dims per kv head
         mla_config, mla_params, _ = convert(
             params, config, latent_dim - cut, "partial", full, rope_pairs=2, calib_tokens=calib
         )
         out["mla_partial"] = (mla_config, jax.block_until_ready(mla_params))
+    if partial and wanted("mla_rorope"):
+        rorope = dict(calib_tokens=calib, rope_components=1)
+        mla_config, mla_params, _ = convert(
+            params, config, latent_dim - config.head_dim, "rorope", full, **rorope
+        )
+        out["mla_rorope"] = (mla_config, jax.block_until_ready(mla_params))
     return {name: model for name, model in out.items() if wanted(name)}
 
 
@@ -600,7 +609,11 @@ def main(argv=None) -> int:
     parser.add_argument("--kernels", action="store_true", help="the Pallas decode kernels vs jnp")
     parser.add_argument("--moe", metavar="BATCHES", help="one layer's MoE at these batches, e.g. 1,8,64")
     parser.add_argument("--profile", metavar="BATCH,CONTEXT", help="profile decode steps on the kernels")
-    parser.add_argument("--partial", action="store_true", help="also MLA in partial mode (absorbed decode)")
+    parser.add_argument(
+        "--partial",
+        action="store_true",
+        help="also the absorbable MLA modes, partial and rorope (absorbed decode)",
+    )
     parser.add_argument(
         "--decode-kernels", choices=("off", "on", "both"), default="off",
         help="steps (and --capacity) attend with the Pallas kernels: off, on, or both side by side",
@@ -632,7 +645,7 @@ def main(argv=None) -> int:
             peer = peer[-1]["rows"] if peer else [{"error": out.stderr[-2000:]}]
         only = args.models.split(",") if args.models else None
         models_ = lambda: (  # the modes timing a whole model build it
-            models(DEMO_CONFIG, 32, args.partial, only)
+            models(DEMO_CONFIG, 48, args.partial, only)
             if args.smoke
             else models(GPT_OSS_20B, partial=args.partial, only=only)
         )
