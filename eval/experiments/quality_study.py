@@ -238,8 +238,8 @@ def plot(result: dict, path: str) -> None:
     worse = lambda ppl: 100 * (ppl / result["teacher_ppl"] - 1)  # % above the teacher's PPL
     fig, axes = plt.subplots(1, len(layer_sets), figsize=(6 * len(layer_sets), 4.5), squeeze=False)
     for ax, layers in zip(axes[0], layer_sets, strict=True):
-        modes = sorted({r["mode"] for r in result["rows"]})
-        for index, (mode, init) in enumerate(itertools.product(modes, ("svd", "pca"))):
+        lines = sorted({(r["mode"], r["init"]) for r in result["rows"]})  # one color each, in every panel
+        for index, (mode, init) in enumerate(lines):
             color = f"C{index % 10}"
             rows = sorted(
                 (r for r in result["rows"] if (r["layers"], r["mode"], r["init"]) == (layers, mode, init)),
@@ -263,7 +263,13 @@ def plot(result: dict, path: str) -> None:
                 ax.plot(*zip(*healed, strict=True), "-o", color=color)
         ax.axhline(3, color="k", lw=0.8, ls=":", label="target: 3% above the teacher")
         ax.set_yscale("symlog", linthresh=0.1)
-        ax.set_ylim(bottom=0)
+        lowest = min(
+            worse(r[stage]["ppl"])
+            for r in result["rows"]
+            for stage in ("converted", "distilled")
+            if stage in r
+        )
+        ax.set_ylim(bottom=min(0.0, 1.5 * lowest))  # a student better than its teacher stays on the plot
         ax.set_xlabel("% less KV cache on the converted layers")
         ax.set_ylabel(
             f"% PPL above the teacher's {result['teacher_ppl']:.2f}\n(dashed: converted, solid: distilled)"
