@@ -107,14 +107,14 @@ def on_flash_kernel(options: ForwardOptions, layer_cache: dict[str, Array] | Non
 
 
 def attend_chunk(
-    q: Float[Array, "B T H d"],
-    k: Float[Array, "B T G d"],
-    v: Float[Array, "B T G d"],
+    q: Float[Array, "B T H dk"],
+    k: Float[Array, "B T G dk"],
+    v: Float[Array, "B T G dv"],
     valid: Bool[Array, "B T"],
     sinks: Float[Array, " H"],
     window: int | None,
     options: ForwardOptions,
-) -> Float[Array, "B T H d"]:
+) -> Float[Array, "B T H dv"]:
     """A chunk without a cache (positions 0..T-1, `valid` its real tokens, right padding only) attending
     to itself on the flash-attention kernel, each device on its own rows on a mesh (`options.mesh`)."""
     interpret = not flash_decode.runs_compiled()

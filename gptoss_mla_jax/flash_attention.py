@@ -110,7 +110,7 @@ def _forward_kernel(q_ref, k_ref, v_ref, len_ref, sink_ref, o_ref, lse_ref, *, k
         return acc * correction[:, None] + pv, m_new, l * correction + p.sum(axis=1)
 
     m = jnp.full((queries,), sink_ref[0] * LOG2E, jnp.float32)  # the sink: exp2(sink - m) = 1
-    acc = jnp.zeros(q_ref.shape, jnp.float32)
+    acc = jnp.zeros(o_ref.shape, jnp.float32)
     lo, hi = _key_range(q_start, queries, keys, window, length)
     acc, m, l = jax.lax.fori_loop(lo, hi, body, (acc, m, jnp.ones((queries,), jnp.float32)))
     o_ref[...] = (acc / l[:, None]).astype(o_ref.dtype)
@@ -148,8 +148,8 @@ def _dkdv_kernel(
 
         return jax.lax.fori_loop(lo, hi, body, carry)
 
-    zeros = jnp.zeros(k_ref.shape, jnp.float32)
-    dk, dv = jax.lax.fori_loop(0, q_ref.shape[1], per_head, (zeros, zeros))
+    zeros = (jnp.zeros(k_ref.shape, jnp.float32), jnp.zeros(v_ref.shape, jnp.float32))
+    dk, dv = jax.lax.fori_loop(0, q_ref.shape[1], per_head, zeros)
     dk_ref[...] = (dk * scale).astype(dk_ref.dtype)
     dv_ref[...] = dv.astype(dv_ref.dtype)
 
@@ -190,7 +190,7 @@ def _whole_spec(length: int, width: int, head):
 
 def _forward(q, k, v, lengths, sinks, window, scale, interpret):
     B, T, H, d = q.shape
-    R = H // k.shape[2]
+    R, width_v = H // k.shape[2], v.shape[3]
     launch = LAUNCH["forward"]
     row_stats = pl.BlockSpec((None, None, launch.queries), lambda i, b, h: (b, h, i))
     out, lse = pl.pallas_call(
@@ -199,12 +199,15 @@ def _forward(q, k, v, lengths, sinks, window, scale, interpret):
         in_specs=[
             _row_spec(launch.queries, d, lambda h: h),
             _whole_spec(T, d, lambda h: h // R),
-            _whole_spec(T, d, lambda h: h // R),
+            _whole_spec(T, width_v, lambda h: h // R),
             pl.BlockSpec((1,), lambda i, b, h: (b,)),
             pl.BlockSpec((1,), lambda i, b, h: (h,)),
         ],
-        out_specs=[_row_spec(launch.queries, d, lambda h: h), row_stats],
-        out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype), jax.ShapeDtypeStruct((B, H, T), jnp.float32)],
+        out_specs=[_row_spec(launch.queries, width_v, lambda h: h), row_stats],
+        out_shape=[
+            jax.ShapeDtypeStruct((B, T, H, width_v), q.dtype),
+            jax.ShapeDtypeStruct((B, H, T), jnp.float32),
+        ],
         compiler_params=triton_launch(launch.warps, launch.stages, interpret),
         interpret=interpret,
         name="flash_attention_forward",
@@ -214,7 +217,7 @@ def _forward(q, k, v, lengths, sinks, window, scale, interpret):
 
 def _backward_kernels(q, k, v, lengths, lse, delta, do, *, window, scale, interpret):
     B, T, H, d = q.shape
-    G = k.shape[2]
+    G, width_v = k.shape[2], v.shape[3]
     R = H // G
     kv = LAUNCH["dkdv"]
     dk, dv = pl.pallas_call(
@@ -222,14 +225,14 @@ def _backward_kernels(q, k, v, lengths, lse, delta, do, *, window, scale, interp
         grid=(T // kv.keys, B, G),
         in_specs=[
             _row_spec(kv.keys, d, lambda g: g),
-            _row_spec(kv.keys, d, lambda g: g),
+            _row_spec(kv.keys, width_v, lambda g: g),
             pl.BlockSpec((None, T, R, d), lambda j, b, g: (b, 0, g, 0)),  # the R query heads of kv head g
-            pl.BlockSpec((None, T, R, d), lambda j, b, g: (b, 0, g, 0)),
+            pl.BlockSpec((None, T, R, width_v), lambda j, b, g: (b, 0, g, 0)),
             pl.BlockSpec((None, R, T), lambda j, b, g: (b, g, 0)),
             pl.BlockSpec((None, R, T), lambda j, b, g: (b, g, 0)),
             pl.BlockSpec((1,), lambda j, b, g: (b,)),
         ],
-        out_specs=[_row_spec(kv.keys, d, lambda g: g), _row_spec(kv.keys, d, lambda g: g)],
+        out_specs=[_row_spec(kv.keys, d, lambda g: g), _row_spec(kv.keys, width_v, lambda g: g)],
         out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
         compiler_params=triton_launch(kv.warps, kv.stages, interpret),
         interpret=interpret,
@@ -242,11 +245,11 @@ def _backward_kernels(q, k, v, lengths, lse, delta, do, *, window, scale, interp
         grid=(T // qb.queries, B, H),
         in_specs=[
             _row_spec(qb.queries, d, lambda h: h),
-            _row_spec(qb.queries, d, lambda h: h),
+            _row_spec(qb.queries, width_v, lambda h: h),
             row_stats,
             row_stats,
             _whole_spec(T, d, lambda h: h // R),
-            _whole_spec(T, d, lambda h: h // R),
+            _whole_spec(T, width_v, lambda h: h // R),
             pl.BlockSpec((1,), lambda i, b, h: (b,)),
         ],
         out_specs=_row_spec(qb.queries, d, lambda h: h),
@@ -290,28 +293,32 @@ def _pad_axis(x: Array, axis: int, size: int) -> Array:
 
 @functools.partial(jax.jit, static_argnames=("window", "interpret"))
 def flash_attention(
-    q: Float[Array, "B T H d"],
-    k: Float[Array, "B T G d"],
-    v: Float[Array, "B T G d"],
+    q: Float[Array, "B T H dk"],
+    k: Float[Array, "B T G dk"],
+    v: Float[Array, "B T G dv"],
     lengths: Int[Array, " B"],
     sinks: Float[Array, " H"],
     window: int | None = None,
     interpret: bool | None = None,
-) -> Float[Array, "B T H d"]:
+) -> Float[Array, "B T H dv"]:
     """Softmax attention with sinks of T queries over the same T tokens' keys and values (key t of row b
     real while t < lengths[b]), causal, within `window` keys if given; differentiable in q, k, v and sinks.
     Equals `attention.attend(q, [(k, v, positions, valid)], positions, sinks, window)` for positions
-    0..T-1 and `valid` the first lengths[b] tokens. `interpret` defaults to the CPU interpreter off the GPU.
+    0..T-1 and `valid` the first lengths[b] tokens: scores scale by the values' width, which keys may exceed
+    (rorope MLA scores a RoPE'd and an unrotated half side by side). `interpret` defaults to the CPU
+    interpreter off the GPU.
     """
     B, T, H, d = q.shape
-    if k.shape != v.shape or k.shape[:2] != (B, T) or H % k.shape[2]:
+    dv = v.shape[3]
+    if k.shape[:3] != v.shape[:3] or k.shape[:2] != (B, T) or k.shape[3] != d or H % k.shape[2]:
         raise ValueError(f"flash_attention: q {q.shape} and k, v {k.shape}, {v.shape} do not fit")
     interpret = jax.default_backend() != "gpu" if interpret is None else interpret
     step = max(max(b.queries, b.keys) for b in LAUNCH.values())
     padded_T = -(-T // step) * step
-    padded_d = max(16, pl.next_power_of_2(d))  # Triton tensors have power-of-two sizes; zero columns add 0
-    q, k, v = (_pad_axis(_pad_axis(x, 1, padded_T), 3, padded_d) for x in (q, k, v.astype(k.dtype)))
+    # Triton tensors have power-of-two sizes; zero columns add 0
+    width = lambda x: max(16, pl.next_power_of_2(x.shape[3]))
+    q, k, v = (_pad_axis(_pad_axis(x, 1, padded_T), 3, width(x)) for x in (q, k, v.astype(k.dtype)))
     out = _attention(
-        q, k, v, lengths.astype(jnp.int32), sinks.astype(jnp.float32), window, d**-0.5, interpret
+        q, k, v, lengths.astype(jnp.int32), sinks.astype(jnp.float32), window, dv**-0.5, interpret
     )
-    return out[:, :T, :, :d]
+    return out[:, :T, :, :dv]

@@ -179,7 +179,7 @@ def attention_mla(
         out = _absorbed(q_rope, q_nope, up, blocks, positions, p["sinks"], window)
     elif on_flash_kernel(options, layer_cache):
         k, v = keys_values(p, new, positions, config, layer)
-        out = _attend_chunk_wide(
+        out = attend_chunk(
             scoring_queries(q, cos, sin, config, layer), k, v, valid, p["sinks"], window, options
         )
     else:
@@ -276,18 +276,6 @@ def keys_values(
         m = config.mla.num_rope_components(layer)
         k_rope = demix(k_rope.reshape(*lat.shape[:2], m, -1), p["rope_mix"], slice(None, m))
     return jnp.concatenate([k_rope.astype(lat.dtype), k_nope.astype(lat.dtype)], axis=-1), v
-
-
-def _attend_chunk_wide(q, k, v, valid, sinks, window, options: ForwardOptions):
-    """`attend_chunk` for keys wider than the values (rorope's 2d): the kernel takes keys and values of one
-    width and scales scores by its inverse root, so the values are zero-padded (their outputs dropped) and
-    the queries carry the factor that brings the scale back to 1/sqrt(d)."""
-    d, width = v.shape[-1], k.shape[-1]
-    if width == d:
-        return attend_chunk(q, k, v, valid, sinks, window, options)
-    q = q * jnp.asarray((width / d) ** 0.5, q.dtype)
-    v = jnp.pad(v, [(0, 0)] * (v.ndim - 1) + [(0, width - d)])
-    return attend_chunk(q, k, v, valid, sinks, window, options)[..., :d]
 
 
 def _at_angle_zero(q: Array, config: GptOssConfig) -> Array:

@@ -1,7 +1,8 @@
 """The Pallas flash-attention kernel (interpret mode, CPU) equals the jnp attention it replaces, float32:
 output and the gradients of q, k, v and the sinks, with grouped heads, sliding windows, right padding and
-lengths off block edges; the whole model (GQA and both MLA modes, per device under a mesh) gives the jnp
-path's logits and gradients; the kernels lower for CUDA at gpt-oss-20b's shapes."""
+lengths off block edges, keys wider than the values (rorope MLA); the whole model (GQA and both MLA modes,
+per device under a mesh) gives the jnp path's logits and gradients; the kernels lower for CUDA at
+gpt-oss-20b's shapes."""
 
 import jax
 import jax.numpy as jnp
@@ -31,18 +32,19 @@ def close(got, want):
 
 
 @pytest.mark.parametrize(
-    "T, H, G, d, window, lengths",
+    "T, H, G, d, dv, window, lengths",
     [
-        (70, 4, 2, 16, None, [70, 45]),  # right padding, T off the block edges
-        (64, 4, 1, 8, 5, [64, 0]),  # a window shorter than a block; a row with no real token
-        (50, 2, 2, 24, 20, [33, 50]),  # head dim not a power of two; a window across block edges
+        (70, 4, 2, 16, 16, None, [70, 45]),  # right padding, T off the block edges
+        (64, 4, 1, 8, 8, 5, [64, 0]),  # a window shorter than a block; a row with no real token
+        (50, 2, 2, 24, 24, 20, [33, 50]),  # head dim not a power of two; a window across block edges
+        (40, 4, 2, 32, 16, 12, [40, 29]),  # keys twice as wide as the values (rorope MLA)
     ],
 )
-def test_kernel_equals_jnp_attention_and_its_gradients(small_blocks, T, H, G, d, window, lengths):
+def test_kernel_equals_jnp_attention_and_its_gradients(small_blocks, T, H, G, d, dv, window, lengths):
     B = len(lengths)
     keys = iter(jax.random.split(jax.random.key(0), 6))
     normal = lambda *shape: jax.random.normal(next(keys), shape, jnp.float32)
-    q, k, v, cotangent = normal(B, T, H, d), normal(B, T, G, d), normal(B, T, G, d), normal(B, T, H, d)
+    q, k, v, cotangent = normal(B, T, H, d), normal(B, T, G, d), normal(B, T, G, dv), normal(B, T, H, dv)
     sinks = normal(H)
     lengths = jnp.asarray(lengths, jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(T), (B, T))
@@ -109,10 +111,11 @@ def test_kernel_per_device_under_a_mesh(tiny_models, small_blocks):
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("window", [None, 128])
-def test_kernels_lower_for_the_gpu_at_gpt_oss_20b_shapes(window):
+@pytest.mark.parametrize("window, dk", [(None, 64), (128, 64), (None, 128)])
+def test_kernels_lower_for_the_gpu_at_gpt_oss_20b_shapes(window, dk):
     """Forward, d(k, v) and d(q) at gpt-oss-20b's attention shapes (64 query heads over 8 kv heads, head
-    dim 64, 2 x 2048 tokens, bf16) lower to Triton for CUDA from this CPU-only machine."""
+    dim 64, 2 x 2048 tokens, bf16; keys of `dk`, 128 for rorope MLA) lower to Triton for CUDA from this
+    CPU-only machine."""
     spec = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
     B, T, H, G, d = 2, 2048, 64, 8, 64
 
@@ -120,6 +123,6 @@ def test_kernels_lower_for_the_gpu_at_gpt_oss_20b_shapes(window):
         out = lambda q, k, v, s: fa.flash_attention(q, k, v, lengths, s, window, interpret=False)
         return jax.grad(lambda *a: out(*a).astype(jnp.float32).sum(), (0, 1, 2, 3))(q, k, v, sinks)
 
-    args = (spec(B, T, H, d), spec(B, T, G, d), spec(B, T, G, d), spec(B, dtype=jnp.int32), spec(H))
+    args = (spec(B, T, H, dk), spec(B, T, G, dk), spec(B, T, G, d), spec(B, dtype=jnp.int32), spec(H))
     lowered = jax.jit(grads).trace(*args).lower(lowering_platforms=("cuda",))
     assert lowered.as_text().count("xla.gpu.triton") == 3  # forward, d(k, v), d(q)
