@@ -1,11 +1,15 @@
-"""Checks the MLA test modules share: whole-sequence logits, and cached decoding against them."""
+"""Checks the MLA test modules share: whole-sequence logits, cached decoding against them, the absorbed and
+materialized attention paths against each other."""
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from gptoss_mla_jax import ForwardOptions, forward, forward_jit, init_cache
+from gptoss_mla_jax.attention import chunk_at
 from gptoss_mla_jax.cache import entry_shapes, nbytes, values_per_token
+from gptoss_mla_jax.mla import attention_mla
+from gptoss_mla_jax.model import attention_inputs
 
 
 def logits(params, config, tokens, **options) -> np.ndarray:
@@ -13,6 +17,23 @@ def logits(params, config, tokens, **options) -> np.ndarray:
     return np.asarray(
         forward_jit(params, jnp.asarray(tokens), None, config, options=ForwardOptions(**options)).logits
     )
+
+
+def assert_absorbed_equals_materialized(params, config, tokens: np.ndarray) -> None:
+    """Each converted layer's attention on the same inputs gives the same output through the absorbed
+    up-projections as through materialized keys and values (float32, 1e-5), and so do the logits (1e-4:
+    the layers after the first carry its rounding, a few ulp, up to 1e-5 of logits near 6 on some CPUs)."""
+    tokens = jnp.asarray(tokens)
+    inputs, chunk = attention_inputs(params, tokens, config), chunk_at(*tokens.shape, config)
+    for i in config.mla.layers:
+        p, sliding = params["layers"][i]["self_attn"], config.is_sliding(i)
+        absorbed, materialized = (
+            attention_mla(p, inputs[i], chunk, None, sliding, config, i, ForwardOptions(mla_absorb=absorb))[0]
+            for absorb in (True, False)
+        )
+        np.testing.assert_allclose(absorbed, materialized, atol=1e-5, rtol=0, err_msg=f"layer {i}")
+    absorbed = logits(params, config, tokens, mla_absorb=True)
+    np.testing.assert_allclose(absorbed, logits(params, config, tokens, mla_absorb=False), atol=1e-4, rtol=0)
 
 
 def assert_decode_matches_full(params, config, tokens: np.ndarray, cache, kernels: bool) -> None:

@@ -16,6 +16,7 @@ from gptoss_mla_jax.config import GptOssConfig, MlaConfig
 from gptoss_mla_jax.flash_decode import Launch, Slots, mla_absorbed_decode
 from gptoss_mla_jax.mla import _absorbed
 from tests.mla_checks import (
+    assert_absorbed_equals_materialized,
     assert_cache_matches_formula,
     assert_decode_matches_full,
     assert_exact_at_one_token,
@@ -111,9 +112,7 @@ def test_absorbed_equals_materialized(tiny, calib, fold):
     mla_config, mla_params, _ = _rorope(tiny, calib, 10, 1, layers=(0, 1, 3), fold=fold)
     attn = mla_params["layers"][1]["self_attn"]
     assert np.abs(np.asarray(attn["kv_b"]["bias"])).min() > 0 and np.abs(np.asarray(attn["sinks"])).min() > 0
-    a = logits(mla_params, mla_config, TOKENS, mla_absorb=True)
-    m = logits(mla_params, mla_config, TOKENS, mla_absorb=False)
-    np.testing.assert_allclose(a, m, atol=1e-5, rtol=0)
+    assert_absorbed_equals_materialized(mla_params, mla_config, TOKENS)
 
 
 @pytest.mark.parametrize(
@@ -159,8 +158,8 @@ def test_kernel_serves_the_shared_rope_key(sliding):
 
 
 def test_flash_attention_prefill_equals_jnp(tiny, calib, monkeypatch):
-    """A chunk without a cache on the flash-attention kernel (keys twice the values' width: zero-padded
-    values, rescaled queries) equals the jnp path, with right padding, float32."""
+    """A chunk without a cache on the flash-attention kernel (keys twice the values' width) equals the jnp
+    path, with right padding, float32."""
     from gptoss_mla_jax import flash_attention as fa
 
     monkeypatch.setitem(fa.LAUNCH, "forward", fa.Blocks(queries=32, keys=16))
