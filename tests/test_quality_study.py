@@ -15,7 +15,7 @@ def test_study_end_to_end_and_resume(tmp_path):
     argv = [
         "--teacher", str(tmp_path / "teacher"), "--data", "stdlib", "--teacher-config", "tiny",
         "--train-steps", "3", "--train-tokens", str(3 * 16 * 65), "--tokenizer-chars", "300000",
-        "--seq-len", "64", "--eval-windows", "4",
+        "--seq-len", "64", "--eval-windows", "4", "--long-seq-len", "128",
         "--calib-tokens", "256", "--distill-steps", "3", "--distill-batch", "2", "--layers", "full",
         "--modes", "partial", "--reductions", "0.75", "--inits", "pca", "--out", str(out),
     ]  # fmt: skip
@@ -28,8 +28,12 @@ def test_study_end_to_end_and_resume(tmp_path):
     # 8 kv heads x 16 dims: GQA caches 256 values per token, the latent 64 - 2 pairs x 2 x 8 heads = 32.
     assert row["latent_dim"] == 32 and row["values_per_token"] == 64 and row["layer_reduction"] == 0.75
     assert 0 < row["model_reduction_32k"] < 0.75  # sliding layers stay GQA
+    # Long windows: twice the training context, as many tokens as the short ones.
+    assert result["long_context"]["seq_len"] == 128 and result["long_context"]["tokens"] == 2 * 128
+    assert result["long_context"]["teacher_ppl"] > 1
     for stage in ("converted", "distilled"):
         assert row[stage]["kl"] > 0 and row[stage]["ppl"] > 1
+        assert row[stage]["long"]["kl"] > 0 and row[stage]["long"]["ppl"] > 1
     assert result["distill_tokens"] == 3 * 2 * 64
     assert "| full | partial | 75.0% / " in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").stat().st_size > 0
@@ -46,6 +50,8 @@ def test_study_end_to_end_and_resume(tmp_path):
     merged = json.loads(out.with_suffix(".json").read_text())["rows"]
     assert [(r["layers"], r["mode"]) for r in merged] == [("full", "partial"), ("all", "rorope1")]
     assert (merged[1]["latent_dim"], merged[1]["rope_values"], merged[1]["values_per_token"]) == (48, 16, 64)
+
+    assert quality_study.main([*argv, "--long-seq-len", "256"]) == 1  # long windows of another length
 
     result["teacher_fingerprint"] = "0" * 64
     out.with_suffix(".json").write_text(json.dumps(result))

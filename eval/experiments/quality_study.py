@@ -10,7 +10,8 @@ back?
 2. Matrix: layers {full, all} x mode {decompressed, partial} x latent sizes giving {50, 75, 87.5}% less
    cache on the converted layers x init {svd, pca}. Each student is converted as a user would (weights.to_mla
    with k-means calibration windows, short ones for sliding layers), scored (held-out PPL, KL to the
-   teacher), healed with train.loop.run on a fixed token budget (the same for every row), scored again.
+   teacher), healed with train.loop.run on a fixed token budget (the same for every row), scored again;
+   each score also at --long-seq-len (default 2048: four times the training context).
 3. OUT.json gets each row as it finishes: conversions first (cheap), then distillation, telling rows first.
    A rerun with the same teacher skips finished rows, so the study spreads over time-limited allocations
    on one machine (eval/experiments/quality_study_gpu.sh); rows of another teacher are refused
@@ -203,13 +204,16 @@ def row_key(row: dict) -> str:
 def table(result: dict) -> str:
     rows = result["rows"]
     teacher = result["teacher_ppl"]
+    long = result.get("long_context")  # studies before it scored only the training context
+    long_len = long["seq_len"] if long else "-"
     lines = [
         f"Teacher PPL {teacher:.3f} on {result['held_out_tokens']} held-out tokens "
         f"({result['device']}); distillation budget {result['distill_tokens']:,} tokens per row.",
         "",
         "| layers | mode | less cache (converted layers / whole model at 32K) | latent r | init "
-        "| PPL converted | PPL distilled | vs teacher | KL converted | KL distilled |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| PPL converted | PPL distilled | vs teacher | KL converted | KL distilled "
+        f"| vs teacher at {long_len} |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         cells = [
@@ -223,6 +227,9 @@ def table(result: dict) -> str:
             f"{r['distilled']['ppl'] / teacher - 1:+.2%}" if "distilled" in r else "",
             f"{r['converted']['kl']:.4f}",
             f"{r['distilled']['kl']:.4f}" if "distilled" in r else "",
+            f"{r['distilled']['long']['ppl'] / long['teacher_ppl'] - 1:+.2%}"
+            if long and "long" in r.get("distilled", {})
+            else "",
         ]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
@@ -295,6 +302,10 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=64)
+    parser.add_argument(
+        "--long-seq-len", type=int, default=2048,
+        help="also score every student on windows this long (as many tokens as the --eval-windows)",
+    )  # fmt: skip
     parser.add_argument("--calib-tokens", type=int, default=16384)
     parser.add_argument("--distill-steps", type=int, default=100)
     parser.add_argument("--distill-batch", type=int, default=8)
@@ -337,6 +348,14 @@ def main(argv=None) -> int:
     held_out = token_windows(
         tokenizer, args.data, args.eval_windows * (args.seq_len + 1), args.seq_len + 1, "test"
     )
+    long_len, long_windows = args.long_seq_len, max(args.eval_windows * args.seq_len // args.long_seq_len, 1)
+    held_out_long = token_windows(tokenizer, args.data, long_windows * (long_len + 1), long_len + 1, "test")
+
+    def scores(student, student_config) -> dict:
+        """Held-out PPL and KL at the training context, and (under "long") at --long-seq-len."""
+        out = score(teacher, config, student, student_config, held_out)
+        return out | {"long": score(teacher, config, student, student_config, held_out_long)}
+
     distill_tokens = args.distill_steps * args.distill_batch * args.seq_len
 
     # Calibration windows and distillation data are made when a row first needs them (a rerun with every
@@ -386,7 +405,20 @@ def main(argv=None) -> int:
             with open(os.path.join(args.teacher, "train_log.json")) as f:
                 result["teacher_train_log"] = json.load(f)
         print(json.dumps(result["cross_check"]), flush=True)
+    if "long_context" not in result:  # also a study begun before long windows were scored
+        result["long_context"] = {
+            "seq_len": long_len,
+            "tokens": int(held_out_long.shape[0] * long_len),
+            "teacher_ppl": score(teacher, config, teacher, config, held_out_long)["ppl"],
+        }
         write_json(f"{args.out}.json", result)
+    elif result["long_context"]["seq_len"] != long_len:
+        print(
+            f"error: {args.out}.json scored long windows of {result['long_context']['seq_len']} tokens; "
+            f"pass --long-seq-len {result['long_context']['seq_len']} or another --out",
+            file=sys.stderr,
+        )
+        return 1
 
     for other in args.merge:
         with open(other) as f:
@@ -435,7 +467,7 @@ def main(argv=None) -> int:
             "values_per_token": values_per_token(student_config, layer),
             "layer_reduction": 1 - values_per_token(student_config, layer) / (2 * G * d),
             "model_reduction_32k": accounting(student_config, 1, LONG_CONTEXT, jnp.bfloat16)["reduction"],
-            "converted": score(teacher, config, student, student_config, held_out),
+            "converted": scores(student, student_config),
             "convert_and_score_seconds": time.perf_counter() - t0,
         }
         result["rows"].append(row)
@@ -448,7 +480,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         student_config, student = student_for(*m)
         healed = heal(teacher, config, student, student_config, sequences(), args)
-        row["distilled"] = score(teacher, config, healed, student_config, held_out)
+        row["distilled"] = scores(healed, student_config)
         row["distill_and_score_seconds"] = time.perf_counter() - t0
         write_json(f"{args.out}.json", result)
         print(json.dumps(row), flush=True)
