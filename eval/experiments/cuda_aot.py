@@ -1,0 +1,183 @@
+"""Compile for an NVIDIA H200 on a machine without a GPU (XLA's deviceless ahead-of-time compilation) and
+read what the GPU would run: the kernels a decode step launches, and the tensor-core instructions in each
+Pallas decode kernel's PTX.
+
+    pip install "jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')"   # the CUDA plugin
+    python -m eval.experiments.cuda_aot --step 1,4096 --out step.json   # kernels per step, by stage and op
+    python -m eval.experiments.cuda_aot --ptx --out ptx.json            # wgmma / mma.sync per decode kernel
+
+The target is `h200_target_config.txtpb` (XLA's GpuTargetConfig: 132 SMs, compute capability 9.0). The
+CUDA plugin needs no driver for this (`JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1` is set here), and the model's
+code is told it runs on a GPU so that it picks the compiled Pallas kernels, as `generate` does there.
+Times are not measured: kernel counts and instruction mixes only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import glob
+import os
+import pathlib
+import re
+import sys
+import tempfile
+
+TARGET = os.path.join(os.path.dirname(__file__), "h200_target_config.txtpb")
+STAGES = ("moe", "attention", "sample")
+
+
+def census(hlo: str) -> dict:
+    """Kernels in the entry computation of optimized GPU HLO text: fusions and custom calls (Pallas' Triton
+    kernels), counted by stage (the `named_scope` in each op's name: moe, attention, sample, other) and by
+    fused computation (numbers stripped)."""
+    entry = hlo[hlo.index("\nENTRY") :]
+    kernels = [line for line in entry.split("\n") if " fusion(" in line or " custom-call(" in line]
+    by_stage, by_op = collections.Counter(), collections.Counter()
+    for line in kernels:
+        op_name = re.search(r'op_name="([^"]+)"', line)
+        scopes = op_name.group(1).split("/") if op_name else []
+        by_stage[next((s for s in STAGES if s in scopes), "other")] += 1
+        called = re.search(r"calls=%?([\w.\-]+)", line) or re.search(r'custom_call_target="([^"]+)"', line)
+        by_op[re.sub(r"[._]\d+", "", called.group(1)) if called else "?"] += 1
+    return {
+        "kernels": len(kernels),
+        "triton_calls": sum("xla.gpu.triton" in line for line in kernels),
+        "by_stage": dict(by_stage.most_common()),
+        "by_op": dict(by_op.most_common()),
+    }
+
+
+def tensor_core_mix(ptx: str) -> dict:
+    """Tensor-core instructions in PTX text by kind and shape ({"wgmma.mma_async...m64n128k16...": 12})."""
+    found = re.findall(r"\b(wgmma\.mma_async[\w.]*|mma\.sync[\w.]*)", ptx)
+    return dict(collections.Counter(found).most_common())
+
+
+def _topology():
+    """The H200 mesh and replicated sharding of a deviceless compile; the model's code then believes it
+    runs on a GPU."""
+    os.environ.setdefault("JAX_SKIP_CUDA_CONSTRAINTS_CHECK", "1")
+    import jax
+    from jax.experimental import topologies
+
+    try:
+        topology = topologies.get_topology_desc(
+            platform="cuda", target_config=pathlib.Path(TARGET).read_text(), topology="1x1x1"
+        )
+    except (NotImplementedError, RuntimeError) as e:
+        raise SystemExit(
+            f"cuda_aot: no CUDA compiler here ({e}); install the CUDA plugin of this JAX: "
+            f'pip install "jax[cuda12]=={jax.__version__}"'
+        ) from None
+    mesh = topologies.make_mesh(topology, (1,), ("x",))
+    jax.default_backend = lambda: "gpu"  # the model picks its compiled kernels by this
+    return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def step_census(batch: int, context: int) -> dict:
+    """One decode step of gpt-oss-20b (MXFP4 experts, bf16 cache of `context` slots, Pallas kernels)."""
+    import jax
+    import jax.numpy as jnp
+
+    from gptoss_mla_jax.cache import init_cache
+    from gptoss_mla_jax.config import GPT_OSS_20B
+    from gptoss_mla_jax.generation import GREEDY, decode_step
+    from gptoss_mla_jax.model import init_params
+
+    placed = _topology()
+    config = GPT_OSS_20B
+    spec = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed), tree)
+    params = spec(jax.eval_shape(lambda: init_params(config, jax.random.key(0), jnp.bfloat16, "mxfp4")))
+    cache = spec(jax.eval_shape(lambda: init_cache(config, batch, context)))
+    key = spec(jax.eval_shape(lambda: jax.random.key(0)))
+    tokens = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=placed)
+    step = jax.jit(lambda p, c, t, k: decode_step(p, c, t, k, config, GREEDY, True), donate_argnums=1)
+    hlo = step.lower(params, cache, tokens, key).compile().as_text()
+    out = census(hlo)
+    out["per_layer"] = {stage: n / config.num_hidden_layers for stage, n in out["by_stage"].items()}
+    return {"batch": batch, "context": context, "layers": config.num_hidden_layers, **out}
+
+
+def ptx_census(batch: int = 64, context: int = 32768) -> dict:
+    """Each Pallas decode kernel at gpt-oss-20b's attention shape (64 query heads over 8 kv heads of 64;
+    decompressed MLA latent 192; absorbed MLA latent 160 + 32 RoPE values), compiled with XLA's dump on:
+    its tensor-core instruction mix."""
+    import jax
+    import jax.numpy as jnp
+
+    placed = _topology()
+    from gptoss_mla_jax import flash_decode, mla
+    from gptoss_mla_jax.config import GPT_OSS_20B, MlaConfig
+
+    B, S, G, R, d, r = batch, context, 8, 8, 64, 192
+    config = dataclasses.replace(GPT_OSS_20B, mla=MlaConfig("decompressed", (1,), (r,)))
+    spec = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype, sharding=placed)
+    slots = lambda lengths: flash_decode.Slots(lengths, None, False)
+    launch = lambda programs: flash_decode.Launch(*flash_decode.plan(S, programs, 64), interpret=False)
+    P = flash_decode.kv_heads_per_program(G, R, None)
+    lengths, sinks = spec(B, dtype=jnp.int32), spec(G * R, dtype=jnp.float32)
+    kernels = {
+        "gqa": (
+            lambda q, k, v, n, s: flash_decode.gqa_decode(q, k, v, slots(n), s, launch(B * G)),
+            (spec(B, G * R, d), spec(B, S, G, d), spec(B, S, G, d), lengths, sinks),
+        ),
+        "mla_decompressed": (
+            lambda q, w, b, c, n, s: flash_decode.mla_decompressed_decode(
+                q, {"kernel": w, "bias": b}, c, slots(n), s, mla.slot_rotations(n, S, False, config),
+                launch(B * G // P),
+            ),
+            (spec(B, G * R, d), spec(r, 2 * G * d), spec(2 * G * d), spec(B, S, r), lengths, sinks),
+        ),
+        "mla_absorbed": (
+            lambda qr, qn, wk, bk, wv, bv, c, kr, n, s: flash_decode.mla_absorbed_decode(
+                qr, qn, (wk, bk, wv, bv), {"c": c, "k_rope": kr}, slots(n), s, launch(B)
+            ),
+            (
+                spec(B, G, R, 4), spec(B, G, R, d - 4), spec(160, G, d - 4), spec(G, d - 4), spec(160, G, d),
+                spec(G, d), spec(B, S, 160), spec(B, S, G, 4), lengths, sinks,
+            ),
+        ),
+    }  # fmt: skip
+    out = {}
+    for name, (fn, args) in kernels.items():
+        with tempfile.TemporaryDirectory() as dump:
+            jax.jit(fn).lower(*args).compile(compiler_options={"xla_dump_to": dump})
+            for path in glob.glob(os.path.join(dump, "*.ptx")):
+                text = pathlib.Path(path).read_text()
+                entry = re.search(r"\.entry (\w+)", text)
+                if entry and not entry.group(1).startswith(
+                    ("loop_", "input_", "gemm_", "fusion", "wrapped_")
+                ):
+                    out[f"{name}/{entry.group(1)}"] = tensor_core_mix(text)
+    return {"batch": batch, "context": context, "kernels": out}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--step", metavar="BATCH,CONTEXT", help="kernels of one decode step")
+    parser.add_argument("--ptx", action="store_true", help="tensor-core instructions of the decode kernels")
+    parser.add_argument("--out", help="write the result as JSON here")
+    args = parser.parse_args(argv)
+    if bool(args.step) == args.ptx:
+        parser.error("pass one of --step BATCH,CONTEXT or --ptx")
+    from support.results import write_json
+
+    if args.step:
+        batch, context = (int(n) for n in args.step.split(","))
+        result = step_census(batch, context)
+    else:
+        result = ptx_census()
+    result["target"] = os.path.basename(TARGET)
+    result["command"] = " ".join(["python -m eval.experiments.cuda_aot", *(argv or sys.argv[1:])])
+    print(result)
+    if args.out:
+        write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""eval.experiments.cuda_aot's readers of compiled GPU code (kernels of optimized HLO, tensor-core
+instructions of PTX) on small samples, and its error where JAX has no CUDA compiler."""
+
+import pytest
+
+from eval.experiments import cuda_aot
+
+HLO = """HloModule jit_step
+
+%fused_reduce.3 (p: f32[8]) -> f32[] {
+  ROOT %r = f32[] reduce(p)
+}
+
+ENTRY %main (a: f32[8]) -> f32[] {
+  %a = f32[8]{0} parameter(0)
+  %input_reduce_fusion.12 = f32[] fusion(%a), kind=kInput, calls=%fused_reduce.3, metadata={op_name="f/moe/r"}
+  %p = f32[8] custom-call(%a), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="f/attention/p"}
+  %loop_add_fusion = f32[8]{0} fusion(%a), kind=kLoop, calls=%fused_add, metadata={op_name="f/add"}
+  ROOT %t = (f32[], f32[8]) tuple(%input_reduce_fusion.12, %p)
+}
+"""
+
+
+def test_census_counts_the_entry_kernels_by_stage_and_op():
+    got = cuda_aot.census(HLO)
+    assert got["kernels"] == 3 and got["triton_calls"] == 1
+    assert got["by_stage"] == {"moe": 1, "attention": 1, "other": 1}
+    assert got["by_op"] == {"fused_reduce": 1, "__gpu$xla.gpu.triton": 1, "fused_add": 1}
+
+
+def test_tensor_core_mix_counts_instructions_by_shape():
+    ptx = """
+    wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%f1}, %rd1, %rd2;
+    wgmma.fence.sync.aligned;
+    wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%f2}, %rd3, %rd4;
+    mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%f3}, {%r1}, {%r2}, {%f4};
+    """
+    assert cuda_aot.tensor_core_mix(ptx) == {
+        "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16": 2,
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32": 1,
+    }
+
+
+def test_without_the_cuda_plugin_it_says_what_to_install():
+    import jax
+
+    if _has_cuda_plugin():
+        pytest.skip("this JAX has a CUDA compiler")
+    backend = jax.default_backend
+    with pytest.raises(SystemExit, match=r'pip install "jax\[cuda12\]=='):
+        cuda_aot.main(["--ptx"])
+    assert jax.default_backend is backend  # the model's view of the backend is left alone
+
+
+def _has_cuda_plugin() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("jax_plugins") is not None
