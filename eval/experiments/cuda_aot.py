@@ -115,7 +115,9 @@ def ptx_census(batch: int = 64, context: int = 32768) -> dict:
     config = dataclasses.replace(GPT_OSS_20B, mla=MlaConfig("decompressed", (1,), (r,)))
     spec = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype, sharding=placed)
     slots = lambda lengths: flash_decode.Slots(lengths, None, False)
-    launch = lambda programs: flash_decode.Launch(*flash_decode.plan(S, programs, 64), interpret=False)
+    launch = lambda programs, **options: flash_decode.Launch(
+        *flash_decode.plan(S, programs, 64), interpret=False, **options
+    )
     P = flash_decode.kv_heads_per_program(G, R, None)
     lengths, sinks = spec(B, dtype=jnp.int32), spec(G * R, dtype=jnp.float32)
     kernels = {
@@ -127,6 +129,13 @@ def ptx_census(batch: int = 64, context: int = 32768) -> dict:
             lambda q, w, b, c, n, s: flash_decode.mla_decompressed_decode(
                 q, {"kernel": w, "bias": b}, c, slots(n), s, mla.slot_rotations(n, S, False, config),
                 launch(B * G // P),
+            ),
+            (spec(B, G * R, d), spec(r, 2 * G * d), spec(2 * G * d), spec(B, S, r), lengths, sinks),
+        ),
+        "mla_decompressed_slot_rows": (
+            lambda q, w, b, c, n, s: flash_decode.mla_decompressed_decode(
+                q, {"kernel": w, "bias": b}, c, slots(n), s, mla.slot_rotations(n, S, False, config),
+                launch(B * G // P, slot_rows=True),
             ),
             (spec(B, G * R, d), spec(r, 2 * G * d), spec(2 * G * d), spec(B, S, r), lengths, sinks),
         ),
