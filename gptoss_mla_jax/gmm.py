@@ -8,10 +8,11 @@ kernels decode tile by tile on chip: no dequantized copy of the experts is ever 
 
 Tiling. Row tiles of `rows` rows are paired with the groups they overlap ((group, tile) pairs, computed
 from `group_sizes` by `tile_map`; a tile that straddles a group boundary is visited once per group and
-each visit stores only its own group's rows). Program (n, i) computes output columns block n of pair i,
-looping over the contraction in steps of `depth` with float32 accumulation. The column blocks are the
-fastest grid axis, so the programs running at once share their row tiles (read once from memory) and
-stream their groups' weights through L2.
+each visit stores only its own group's rows; where every group starts at a multiple of the tile, as the MoE
+lays out decode batches, program i takes tile i and finds its group from the sizes itself). Program (n, i)
+computes output columns block n of pair i, looping over the contraction in steps of `depth` with float32
+accumulation. The column blocks are the fastest grid axis, so the programs running at once share their row
+tiles (read once from memory) and stream their groups' weights through L2.
 
 Backward (`jax.custom_vjp`): d(lhs) is the same kernel against the transposed weights (dense: the
 [G, K, N] array read as [G, N, K]; MXFP4: the packed rows contracted instead of the packed columns);
@@ -185,19 +186,48 @@ class _Site(NamedTuple):
     col_ok: Array
 
 
-def _site(tm_refs, n_groups: int, tiles: Tiles, width: int, cols: int) -> _Site:
-    """Program (n, i): pair i's row tile, output columns [n * cols, (n + 1) * cols) of `width`."""
-    group_ref, tile_ref, start_ref, end_ref = tm_refs
+def _site(map_refs, n_groups: int, tiles: Tiles, width: int, cols: int) -> _Site:
+    """Program (n, i): pair i's row tile, output columns [n * cols, (n + 1) * cols) of `width`. `map_refs`:
+    the `TileMap`, or only the group sizes for groups that start at multiples of the tile (pair i is tile
+    i, and the program finds its group itself: no map to build in XLA, whose small kernels cost a decode
+    step more than their bytes)."""
     n, i = pl.program_id(0), pl.program_id(1)
-    g = group_ref[i]
-    first = tile_ref[i] * tiles.rows
+    if len(map_refs) == 1:
+        first = i * tiles.rows
+        g, start, end = _aligned_group(map_refs[0], n_groups, first)
+    else:
+        group_ref, tile_ref, start_ref, end_ref = map_refs
+        g = group_ref[i]
+        first = tile_ref[i] * tiles.rows
+        last = jnp.minimum(g, n_groups)
+        start, end = start_ref[last], end_ref[last]
     row_ids = first + _iota(tiles.rows)
-    last = jnp.minimum(g, n_groups)
-    mine = (row_ids >= start_ref[last]) & (row_ids < end_ref[last])
+    mine = (row_ids >= start) & (row_ids < end)
     col_ok = n * cols + _iota(cols) < width
     return _Site(
         g, jnp.minimum(g, n_groups - 1), pl.ds(first, tiles.rows), mine, pl.ds(n * cols, cols), col_ok
     )
+
+
+def _aligned_group(sizes_ref, n_groups: int, first) -> tuple[Array, Array, Array]:
+    """(group, its first row, its end) of the row tile starting at `first` when every group starts at a
+    multiple of the tile: a scan of the group sizes (group `n_groups` past them, to the end of the rows)."""
+
+    def body(j, carry):
+        total, g, start, end = carry
+        size = sizes_ref[j]
+        inside = (total <= first) & (first < total + size)
+        return (
+            total + size,
+            jnp.where(inside, j, g),
+            jnp.where(inside, total, start),
+            jnp.where(inside, total + size, end),
+        )
+
+    zero = jnp.int32(0)
+    total, g, start, end = jax.lax.fori_loop(0, n_groups, body, (zero, jnp.int32(n_groups), zero, zero))
+    past = g == n_groups
+    return g, jnp.where(past, total, start), jnp.where(past, jnp.iinfo(jnp.int32).max, end)
 
 
 def _store_tile(out_refs, site: _Site, n_groups: int, compute):
@@ -296,12 +326,14 @@ def _decode(packed: Array, exponents: Array, dtype, interpret: bool) -> tuple[Ar
 # ---- the kernels -------------------------------------------------------------------------------------------
 
 
-def _gmm_kernel(*refs, tiles: Tiles, n_groups: int, transpose_rhs: bool, K: int, N: int, has_bias: bool):
+def _gmm_kernel(
+    *refs, tiles: Tiles, n_groups: int, n_map: int, transpose_rhs: bool, K: int, N: int, has_bias: bool
+):
     """out[tile rows, cols] = lhs[rows] @ rhs[g] (+ bias[g]); rhs [G, K, N], or [G, N, K] when
     `transpose_rhs` (d(lhs): the forward's weights read transposed)."""
-    *tm_refs, lhs_ref, rhs_ref = refs[:6]
-    bias_ref, out_ref = refs[6:] if has_bias else (None, refs[6])
-    site = _site(tm_refs, n_groups, tiles, N, tiles.cols)
+    map_refs, (lhs_ref, rhs_ref, *rest) = refs[:n_map], refs[n_map:]
+    bias_ref, out_ref = rest if has_bias else (None, rest[0])
+    site = _site(map_refs, n_groups, tiles, N, tiles.cols)
     ragged_n, ragged_k = N % tiles.cols != 0, K % tiles.depth != 0
 
     def step(kk, acc):
@@ -317,12 +349,14 @@ def _gmm_kernel(*refs, tiles: Tiles, n_groups: int, transpose_rhs: bool, K: int,
     _store_product(out_ref, bias_ref, site, step, _cdiv(K, tiles.depth), tiles, n_groups, ragged_n)
 
 
-def _mxfp4_kernel(*refs, tiles: Tiles, n_groups: int, K: int, N: int, has_bias: bool, interpret: bool):
+def _mxfp4_kernel(
+    *refs, tiles: Tiles, n_groups: int, n_map: int, K: int, N: int, has_bias: bool, interpret: bool
+):
     """out[tile rows, cols] = lhs[rows] @ W[g]^T (+ bias[g]), W[g] [N, K] packed: lhs comes as its even
     and odd columns [M, K / 2], blocks as [G, N, K / 2] bytes."""
-    *tm_refs, even_ref, odd_ref, blocks_ref, scales_ref = refs[:8]
-    bias_ref, out_ref = refs[8:] if has_bias else (None, refs[8])
-    site = _site(tm_refs, n_groups, tiles, N, tiles.cols)
+    map_refs, (even_ref, odd_ref, blocks_ref, scales_ref, *rest) = refs[:n_map], refs[n_map:]
+    bias_ref, out_ref = rest if has_bias else (None, rest[0])
+    site = _site(map_refs, n_groups, tiles, N, tiles.cols)
     half, groups = tiles.depth // 2, tiles.depth // BLOCK
     ragged = N % tiles.cols != 0 or K % tiles.depth != 0
 
@@ -341,12 +375,12 @@ def _mxfp4_kernel(*refs, tiles: Tiles, n_groups: int, K: int, N: int, has_bias: 
     _store_product(out_ref, bias_ref, site, step, _cdiv(K, tiles.depth), tiles, n_groups, ragged)
 
 
-def _mxfp4_t_kernel(*refs, tiles: Tiles, n_groups: int, K: int, N: int, interpret: bool):
+def _mxfp4_t_kernel(*refs, tiles: Tiles, n_groups: int, n_map: int, K: int, N: int, interpret: bool):
     """d(lhs) of the packed product: out[tile rows, cols] = dout[rows] @ W[g] over W's N rows, written as
     its even and odd columns (two outputs [M, K / 2]); `cols` counts values (cols / 2 bytes)."""
-    *tm_refs, dout_ref, blocks_ref, scales_ref, even_ref, odd_ref = refs
+    map_refs, (dout_ref, blocks_ref, scales_ref, even_ref, odd_ref) = refs[:n_map], refs[n_map:]
     half, groups = tiles.cols // 2, tiles.cols // BLOCK
-    site = _site(tm_refs, n_groups, tiles, K // 2, half)  # columns in bytes: one of each output's
+    site = _site(map_refs, n_groups, tiles, K // 2, half)  # columns in bytes: one of each output's
     kb = pl.program_id(0)
     group_ok = kb * groups + _iota(groups) < K // BLOCK
     ragged = N % tiles.depth != 0 or K % tiles.cols != 0
@@ -419,7 +453,8 @@ def grouped_product(
     rows: int | None = None,
 ) -> Float[Array, "M N"]:
     """lhs @ rhs[g] per group (rhs[g]^T when `transpose_rhs`) in lhs's dtype, float32 sums; forward only
-    (`gmm` is the differentiable one). `launch` overrides `LAUNCH`; `rows` only its row tile."""
+    (`gmm` is the differentiable one). `launch` overrides `LAUNCH`; `rows` only its row tile, for groups
+    that start at multiples of it."""
     M, interpret = lhs.shape[0], _interpret(interpret)
     packed = isinstance(rhs, Mxfp4)
     kind = ("mxfp4" if packed else "gmm") + ("_t" if transpose_rhs else "")
@@ -430,8 +465,10 @@ def grouped_product(
         contract, width = rhs.shape[1:] if not transpose_rhs else rhs.shape[:0:-1]
     tiles = launch or choose_launch(kind, contract, width, M, group_sizes.shape[0], rows)
     x = _pad_rows(lhs, tiles.rows)
-    tm = tile_map(group_sizes, x.shape[0], tiles.rows)
-    n_groups = group_sizes.shape[0]
+    # Groups at multiples of the tile (`rows` given): each program finds its group from the sizes.
+    tm = tile_map(group_sizes, x.shape[0], tiles.rows) if rows is None else (group_sizes,)
+    n_pairs = tm[0].shape[0] if rows is None else x.shape[0] // tiles.rows
+    n_groups, n_map = group_sizes.shape[0], len(tm)
     if packed:
         if (tiles.cols if transpose_rhs else tiles.depth) % BLOCK:
             raise ValueError(
@@ -443,9 +480,9 @@ def grouped_product(
             K = Kg * BLOCK
             half = jax.ShapeDtypeStruct((x.shape[0], K // 2), lhs.dtype)
             kernel = functools.partial(
-                _mxfp4_t_kernel, tiles=tiles, n_groups=n_groups, K=K, N=N_w, interpret=interpret
+                _mxfp4_t_kernel, tiles=tiles, n_groups=n_groups, n_map=n_map, K=K, N=N_w, interpret=interpret
             )
-            grid = (_cdiv(K, tiles.cols), tm.group.shape[0])
+            grid = (_cdiv(K, tiles.cols), n_pairs)
             even, odd = _launch(kernel, grid, (*tm, x, blocks, rhs.scales), (half, half), tiles, interpret)
             out = jnp.stack([even, odd], axis=-1).reshape(x.shape[0], K)
         else:  # lhs [M, K] @ W[g]^T -> [M, N_w]
@@ -460,20 +497,20 @@ def grouped_product(
                 *([bias] if bias is not None else []),
             )
             kernel = functools.partial(
-                _mxfp4_kernel, tiles=tiles, n_groups=n_groups, K=K, N=N, has_bias=bias is not None,
-                interpret=interpret,
+                _mxfp4_kernel, tiles=tiles, n_groups=n_groups, n_map=n_map, K=K, N=N,
+                has_bias=bias is not None, interpret=interpret,
             )  # fmt: skip
             shape = jax.ShapeDtypeStruct((x.shape[0], N), lhs.dtype)
-            out = _launch(kernel, (_cdiv(N, tiles.cols), tm.group.shape[0]), args, shape, tiles, interpret)
+            out = _launch(kernel, (_cdiv(N, tiles.cols), n_pairs), args, shape, tiles, interpret)
     else:
         K, N = (rhs.shape[2], rhs.shape[1]) if transpose_rhs else rhs.shape[1:]
         args = (*tm, x, rhs, *([bias] if bias is not None else []))
         kernel = functools.partial(
-            _gmm_kernel, tiles=tiles, n_groups=n_groups, transpose_rhs=transpose_rhs, K=K, N=N,
+            _gmm_kernel, tiles=tiles, n_groups=n_groups, n_map=n_map, transpose_rhs=transpose_rhs, K=K, N=N,
             has_bias=bias is not None,
         )  # fmt: skip
         shape = jax.ShapeDtypeStruct((x.shape[0], N), lhs.dtype)
-        out = _launch(kernel, (_cdiv(N, tiles.cols), tm.group.shape[0]), args, shape, tiles, interpret)
+        out = _launch(kernel, (_cdiv(N, tiles.cols), n_pairs), args, shape, tiles, interpret)
     return out[:M]
 
 

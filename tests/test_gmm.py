@@ -89,6 +89,26 @@ def test_mxfp4_equals_dequantize_then_ragged_dot(case):
     close(got_vjp(cot)[0], want_vjp(cot)[0])
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["dense", "mxfp4"])
+def test_groups_aligned_to_the_row_tile_find_their_own_tiles(packed):
+    """`rows` given (groups start at multiples of it, as the MoE lays out decode batches): each program
+    finds its group from the sizes; forward and d(lhs) equal ragged_dot, empty groups and rows past the
+    groups included."""
+    sizes_list, K, N = [16, 0, 32, 16, 0], 64, 40
+    lhs, sizes, bias, cot = ragged_case(sizes_list, 16, K, N)
+    rng = np.random.default_rng(4)
+    if packed:
+        blocks = jnp.asarray(rng.integers(0, 256, (5, N, K // 32, 16), dtype=np.uint8))
+        scales = jnp.asarray(rng.integers(117, 136, (5, N, K // 32), dtype=np.uint8))
+        rhs, dense = Mxfp4(blocks, scales), dequantize_experts(blocks, scales, jnp.float32)
+    else:
+        rhs = dense = jnp.asarray(rng.standard_normal((5, K, N)), jnp.float32)
+    got, got_vjp = jax.vjp(lambda l: gmm(l, rhs, sizes, bias, rows=16), lhs)
+    want, want_vjp = jax.vjp(lambda l: with_bias(jax.lax.ragged_dot(l, dense, sizes), sizes_list, bias), lhs)
+    close(got, want)
+    close(got_vjp(cot)[0], want_vjp(cot)[0])
+
+
 def test_tile_map_covers_every_row_once():
     sizes, rows, m = jnp.asarray([0, 1, 17, 0, 40, 5], jnp.int32), 16, 80
     tm = jax.tree.map(np.asarray, tile_map(sizes, m, rows))
@@ -138,6 +158,11 @@ def test_kernels_lower_for_the_gpu_at_gpt_oss_20b_shapes(monkeypatch):
         "mxfp4 gate_up forward": (
             lambda l, bl, sc, s, b: gmm(l, Mxfp4(bl, sc), s, b, interpret=False),
             (spec(M, D), *packed(F, D), sizes, spec(E, F)),
+            1,
+        ),
+        "mxfp4 gate_up forward at a decode batch (groups aligned to the row tile)": (
+            lambda l, bl, sc, s, b: gmm(l, Mxfp4(bl, sc), s, b, interpret=False, rows=16),
+            (spec(64, D), *packed(F, D), sizes, spec(E, F)),
             1,
         ),
         "mxfp4 down d(lhs)": (
