@@ -88,7 +88,9 @@ def pow2_columns(width: int) -> list[pl.Slice]:
     return [pl.ds(sum(bits[:i]), bit) for i, bit in enumerate(bits)]
 
 
-def _visible(start, i, block: int, last, slots: int, sliding: bool, window: int | None, by_slot=False):
+def _visible(
+    start, i, block: int, last, slots: int, sliding: bool, window: int | None, by_slot: bool = False
+):
     """Which of the block's slots [1, block] ([block, 1] `by_slot`) the query sees (ring buffer mapped back
     to positions for sliding layers, as `cache.cached_positions` does)."""
     shape, axis = ((block, 1), 0) if by_slot else ((1, block), 1)
