@@ -465,9 +465,11 @@ def grouped_product(
         contract, width = rhs.shape[1:] if not transpose_rhs else rhs.shape[:0:-1]
     tiles = launch or choose_launch(kind, contract, width, M, group_sizes.shape[0], rows)
     x = _pad_rows(lhs, tiles.rows)
-    # Groups at multiples of the tile (`rows` given): each program finds its group from the sizes.
-    tm = tile_map(group_sizes, x.shape[0], tiles.rows) if rows is None else (group_sizes,)
-    n_pairs = tm[0].shape[0] if rows is None else x.shape[0] // tiles.rows
+    if rows is None:
+        tm = tile_map(group_sizes, x.shape[0], tiles.rows)
+        n_pairs = tm.group.shape[0]
+    else:  # groups at multiples of the tile: program i takes tile i and finds its group from the sizes
+        tm, n_pairs = (group_sizes,), x.shape[0] // tiles.rows
     n_groups, n_map = group_sizes.shape[0], len(tm)
     if packed:
         if (tiles.cols if transpose_rhs else tiles.depth) % BLOCK:

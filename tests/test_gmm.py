@@ -40,6 +40,14 @@ def ragged_case(sizes, extra_rows, K, N, seed=0):
     return lhs, jnp.asarray(sizes, jnp.int32), bias, cot
 
 
+def random_mxfp4(G: int, K: int, N: int, seed: int) -> tuple[Mxfp4, jax.Array]:
+    """Random packed weights W[g] [N, K] (scales 2^-10 .. 2^8) and their exact dequantization [G, K, N]."""
+    rng = np.random.default_rng(seed)
+    blocks = jnp.asarray(rng.integers(0, 256, (G, N, K // 32, 16), dtype=np.uint8))
+    scales = jnp.asarray(rng.integers(117, 136, (G, N, K // 32), dtype=np.uint8))
+    return Mxfp4(blocks, scales), dequantize_experts(blocks, scales, jnp.float32)
+
+
 def with_bias(out, sizes, bias):
     """ragged_dot's output plus each row's group bias (rows past the groups stay zero)."""
     group = np.searchsorted(np.cumsum(sizes), np.arange(out.shape[0]), side="right")
@@ -77,11 +85,8 @@ def test_tgmm_gives_zeros_to_empty_groups():
 def test_mxfp4_equals_dequantize_then_ragged_dot(case):
     K, N = 96, 40  # 3 groups of 32 along K: the 64-wide depth tile ends inside K
     lhs, sizes, bias, cot = ragged_case(*SIZES[case], K, N)
-    G, rng = len(SIZES[case][0]), np.random.default_rng(2)
-    blocks = jnp.asarray(rng.integers(0, 256, (G, N, K // 32, 16), dtype=np.uint8))
-    scales = jnp.asarray(rng.integers(117, 136, (G, N, K // 32), dtype=np.uint8))  # 2^-10 .. 2^8
-    dense = dequantize_experts(blocks, scales, jnp.float32)  # [G, K, N], exact
-    got, got_vjp = jax.vjp(lambda l: gmm(l, Mxfp4(blocks, scales), sizes, bias), lhs)
+    packed, dense = random_mxfp4(len(SIZES[case][0]), K, N, seed=2)
+    got, got_vjp = jax.vjp(lambda l: gmm(l, packed, sizes, bias), lhs)
     want, want_vjp = jax.vjp(
         lambda l: with_bias(jax.lax.ragged_dot(l, dense, sizes), np.asarray(sizes), bias), lhs
     )
@@ -96,13 +101,10 @@ def test_groups_aligned_to_the_row_tile_find_their_own_tiles(packed):
     groups included."""
     sizes_list, K, N = [16, 0, 32, 16, 0], 64, 40
     lhs, sizes, bias, cot = ragged_case(sizes_list, 16, K, N)
-    rng = np.random.default_rng(4)
     if packed:
-        blocks = jnp.asarray(rng.integers(0, 256, (5, N, K // 32, 16), dtype=np.uint8))
-        scales = jnp.asarray(rng.integers(117, 136, (5, N, K // 32), dtype=np.uint8))
-        rhs, dense = Mxfp4(blocks, scales), dequantize_experts(blocks, scales, jnp.float32)
+        rhs, dense = random_mxfp4(5, K, N, seed=4)
     else:
-        rhs = dense = jnp.asarray(rng.standard_normal((5, K, N)), jnp.float32)
+        rhs = dense = jnp.asarray(np.random.default_rng(4).standard_normal((5, K, N)), jnp.float32)
     got, got_vjp = jax.vjp(lambda l: gmm(l, rhs, sizes, bias, rows=16), lhs)
     want, want_vjp = jax.vjp(lambda l: with_bias(jax.lax.ragged_dot(l, dense, sizes), sizes_list, bias), lhs)
     close(got, want)

@@ -80,10 +80,10 @@ def models(
         )
         out["mla_partial"] = (mla_config, jax.block_until_ready(mla_params))
     if partial and wanted("mla_rorope"):
-        rorope = dict(calib_tokens=calib, rope_components=1)
         mla_config, mla_params, _ = convert(
-            params, config, latent_dim - config.head_dim, "rorope", full, **rorope
-        )
+            params, config, latent_dim - config.head_dim, "rorope", full, calib_tokens=calib,
+            rope_components=1,
+        )  # fmt: skip
         out["mla_rorope"] = (mla_config, jax.block_until_ready(mla_params))
     return {name: model for name, model in out.items() if wanted(name)}
 
