@@ -1,14 +1,16 @@
 #!/usr/bin/env bash
 # The quality study within one time-limited allocation: GPU 0 trains the teacher, then rows of the matrix
-# run (full-attention layers converted on GPU 0, all layers on GPU 1; with one GPU, full layers only); the
-# results and the teacher live in $STUDY, so a rerun on the same machine continues where this one stopped.
+# run (full-attention layers converted on GPU 0, all layers on GPU 1; with one GPU, the sets of $LAYER_SETS
+# one after the other); the results and the teacher live in $STUDY, so a rerun on the same machine
+# continues where this one stopped.
 # $STUDY_ARGS goes to every process (e.g. "--teacher-config 20b-attention --modes rorope1,partial8").
 # Distillation needs grain: its wheels in .whl, carried with the call, are installed first.
-#   bash eval/experiments/quality_study_gpu.sh OUT_DIR [SECONDS]
+#   [LAYER_SETS="full all"] bash eval/experiments/quality_study_gpu.sh OUT_DIR [SECONDS]
 set -uo pipefail
 OUT=$1
 BUDGET=${2:-570}
 STUDY=${STUDY:-/tmp/study}
+LAYER_SETS=${LAYER_SETS:-full all}
 END=$((SECONDS + BUDGET))
 mkdir -p "$STUDY" "$OUT"
 if ls .whl/*.whl > /dev/null 2>&1; then
@@ -17,14 +19,20 @@ if ls .whl/*.whl > /dev/null 2>&1; then
 fi
 run() {  # run GPU LAYERS: one process, ending by END
   local left=$((END - SECONDS))
+  [ "$left" -gt 100 ] || return
   CUDA_VISIBLE_DEVICES=$1 timeout $((left - 5)) python -m eval.experiments.quality_study --teacher "$STUDY/teacher" \
     --compile-cache "$STUDY/xla-cache" --time-limit $((left - 80)) --layers "$2" --out "$STUDY/$2" ${STUDY_ARGS:-} \
     >> "$STUDY/$2.log" 2>&1
   cp "$STUDY/$2".* "$OUT/"
 }
+if [ "$(nvidia-smi -L | wc -l)" -lt 2 ]; then
+  for layers in $LAYER_SETS; do run 0 "$layers"; done
+  tail -n 3 "$STUDY"/*.log
+  exit
+fi
+# Two GPUs: GPU 1 takes "all" once GPU 0 has trained the teacher and written the header (cross-check
+# included).
 run 0 full &
-[ "$(nvidia-smi -L | wc -l)" -gt 1 ] || { wait; tail -n 3 "$STUDY"/*.log; exit; }
-# GPU 1 starts once GPU 0 has trained the teacher and written the header (cross-check included).
 (
   while [ ! -f "$STUDY/full.json" ]; do sleep 3; done
   [ -f "$STUDY/all.json" ] || python -c "import json, sys; r = json.load(open(sys.argv[1])); r['rows'] = []; \
