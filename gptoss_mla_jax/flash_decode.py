@@ -45,9 +45,7 @@ class Launch(NamedTuple):
     head, each read `block` slots a step; on the CPU `interpret`er, or compiled for the GPU with `warps` per
     program and `stages` of software pipelining (2: the next block loads while this one is reduced);
     `head_block` query heads per program (None: absorbed MLA all heads in one program, decompressed MLA
-    the fewest whole kv heads that fill a tensor-core tile, `kv_heads_per_program`); `slot_rows`
-    (decompressed MLA): the score and value products laid out with the block's slots as their rows, so
-    that they, like the key rebuild, are 64 rows tall (Hopper's `wgmma`) rather than the query rows' 16."""
+    the fewest whole kv heads that fill a tensor-core tile, `kv_heads_per_program`)."""
 
     splits: int = 8
     block: int = 64
@@ -55,7 +53,6 @@ class Launch(NamedTuple):
     warps: int = 4
     stages: int = 2
     head_block: int | None = None
-    slot_rows: bool = False
 
 
 class Slots(NamedTuple):
@@ -88,13 +85,10 @@ def pow2_columns(width: int) -> list[pl.Slice]:
     return [pl.ds(sum(bits[:i]), bit) for i, bit in enumerate(bits)]
 
 
-def _visible(
-    start, i, block: int, last, slots: int, sliding: bool, window: int | None, by_slot: bool = False
-):
-    """Which of the block's slots [1, block] ([block, 1] `by_slot`) the query sees (ring buffer mapped back
-    to positions for sliding layers, as `cache.cached_positions` does)."""
-    shape, axis = ((block, 1), 0) if by_slot else ((1, block), 1)
-    slot = start + i * block + jax.lax.broadcasted_iota(jnp.int32, shape, axis)
+def _visible(start, i, block: int, last, slots: int, sliding: bool, window: int | None):
+    """Which of the block's slots [1, block] the query sees (ring buffer mapped back to positions for
+    sliding layers, as `cache.cached_positions` does)."""
+    slot = start + i * block + jax.lax.broadcasted_iota(jnp.int32, (1, block), 1)
     pos = last - jax.lax.rem(last - slot + slots, slots) if sliding else slot
     visible = (pos >= 0) & (pos <= last)
     if window is not None:
@@ -102,49 +96,37 @@ def _visible(
     return visible
 
 
-def _online_step(carry, s, visible, values, by_slot: bool = False):
-    """Fold one block of scores [heads, block] and its value columns into (acc [heads, cols], m, l);
-    `by_slot`: scores [block, heads] and acc [cols, heads], every product with the block's slots as rows."""
+def _online_step(carry, s, visible, values):
+    """Fold one block of scores [heads, block] and its value columns into (acc [heads, cols], m, l)."""
     acc, m, l = carry
-    axis, per_head = (0, lambda x: x[None, :]) if by_slot else (1, lambda x: x[:, None])
     s = jnp.where(visible, s, NEG)
-    m_new = jnp.maximum(m, s.max(axis=axis))
-    p = jnp.where(visible, jnp.exp(s - per_head(m_new)), 0.0)
+    m_new = jnp.maximum(m, s.max(axis=1))
+    p = jnp.where(visible, jnp.exp(s - m_new[:, None]), 0.0)
     scale = jnp.exp(m - m_new)
-    f32 = jnp.float32
-    if by_slot:  # v^T p: [cols, block] x [block, heads]
-        product = lambda v: jax.lax.dot_general(
-            v, p.astype(v.dtype), CONTRACT_FIRST, preferred_element_type=f32
-        )
-    else:
-        product = lambda v: jnp.dot(p.astype(v.dtype), v, preferred_element_type=f32)
-    acc = [a * per_head(scale) + product(v) for a, v in zip(acc, values, strict=True)]
-    return acc, m_new, l * scale + p.sum(axis=axis)
+    product = lambda v: jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    acc = [a * scale[:, None] + product(v) for a, v in zip(acc, values, strict=True)]
+    return acc, m_new, l * scale + p.sum(axis=1)
 
 
-def _walk(
-    body, length, start, slots: int, split: int, block: int, heads: int, value_cols, out_refs,
-    by_slot: bool = False,
-):  # fmt: skip
+def _walk(body, length, start, slots: int, split: int, block: int, heads: int, value_cols, out_refs):
     """Run `body` over the slice's occupied blocks (always a prefix [0, min(length, slots)) of the slots,
-    ring buffer or not) and write (acc, m, l); `by_slot`: `body` carries acc as [cols, heads]."""
+    ring buffer or not) and write (acc, m, l)."""
     acc_ref, m_ref, l_ref = out_refs
     blocks = jnp.clip(pl.cdiv(jnp.minimum(length, slots) - start, block), 0, split // block)
     f32 = jnp.float32
     init = (
-        [jnp.zeros((cols.size, heads) if by_slot else (heads, cols.size), f32) for cols in value_cols],
+        [jnp.zeros((heads, cols.size), f32) for cols in value_cols],
         jnp.full((heads,), NEG, f32),
         jnp.zeros((heads,), f32),
     )
     acc, m, l = jax.lax.fori_loop(0, blocks, body, init)
     for cols, a in zip(value_cols, acc, strict=True):
-        acc_ref[:, cols] = a.T if by_slot else a
+        acc_ref[:, cols] = a
     m_ref[...] = m
     l_ref[...] = l
 
 
 CONTRACT_LAST = (((1,), (1,)), ((), ()))  # a [m, k] x b [n, k] -> [m, n]
-CONTRACT_FIRST = (((0,), (0,)), ((), ()))  # a [k, m] x b [k, n] -> [m, n]
 
 
 def _split_kernel(length_ref, *refs, n_keys: int, shared_values: bool, block: int, window, sliding, slots):
@@ -178,14 +160,13 @@ def _split_kernel(length_ref, *refs, n_keys: int, shared_values: bool, block: in
 
 
 def _decompressed_kernel(length_ref, q1_ref, q2_ref, c_ref, w_ref, b_ref, cos_ref, sin_ref, *out_refs,
-                         block: int, window, sliding, slots, slot_rows: bool):  # fmt: skip
+                         block: int, window, sliding, slots):  # fmt: skip
     """Program (b, j, g) of a decompressed MLA layer, for a group g of P kv heads: their keys are rebuilt
     from the latent block in on-chip memory by one product (`k = c W_bk + b_k`, columns [half (2), kv head
     (P), frequency]), rotated by the slots' cos / sin rows, and never written out; the values stay the
     latent (absorbed: `W_bv` is applied after the merge). The queries come block-diagonal ([P x R rows,
     P x half]: each head's half-query in its own kv head's columns), so one score product serves the P kv
-    heads and their R query heads each fill the tensor core's rows that a single kv head would pad.
-    `slot_rows`: scores [block, query rows] and the values' product c^T p, the block's slots as rows."""
+    heads and their R query heads each fill the tensor core's rows that a single kv head would pad."""
     split = c_ref.shape[0]
     start = pl.program_id(1) * split
     length = length_ref[0]
@@ -211,14 +192,11 @@ def _decompressed_kernel(length_ref, q1_ref, q2_ref, c_ref, w_ref, b_ref, cos_re
         cos, sin = per_head(cos_ref[rows, :]), per_head(sin_ref[rows, :])
         rotated = lambda k: k.astype(q1.dtype)  # rotated in float32, multiplied in the cache's dtype
         halves = ((q1, rotated(k1 * cos - k2 * sin)), (q2, rotated(k2 * cos + k1 * sin)))
-        s = sum(
-            jax.lax.dot_general(*((k, q) if slot_rows else (q, k)), CONTRACT_LAST, preferred_element_type=f32)
-            for q, k in halves
-        )
-        visible = _visible(start, i, block, last, slots, sliding, window, by_slot=slot_rows)
-        return _online_step(carry, s, visible, c, by_slot=slot_rows)
+        s = sum(jax.lax.dot_general(q, k, CONTRACT_LAST, preferred_element_type=f32) for q, k in halves)
+        visible = _visible(start, i, block, last, slots, sliding, window)
+        return _online_step(carry, s, visible, c)
 
-    _walk(body, length, start, slots, split, block, q1.shape[0], latent_cols, out_refs, by_slot=slot_rows)
+    _walk(body, length, start, slots, split, block, q1.shape[0], latent_cols, out_refs)
 
 
 def _specs(Hq: int, S: int, splits: int):
@@ -397,9 +375,7 @@ def decompressed_splits(
         .reshape(*x.shape[:-2], G // P, 2 * P * half)
     )
     w = jnp.moveaxis(grouped(w_k.astype(c.dtype)), 1, 0)  # [G / P, r, 2 P half]
-    kernel = functools.partial(
-        _decompressed_kernel, block=block, window=window, sliding=sliding, slots=S, slot_rows=launch.slot_rows
-    )
+    kernel = functools.partial(_decompressed_kernel, block=block, window=window, sliding=sliding, slots=S)
     per_sequence = cos.shape[0] > 1
     rotation = pl.BlockSpec((None, S // splits, half), lambda b, j, g: (b if per_sequence else 0, j, 0))
     in_specs = [

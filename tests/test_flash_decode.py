@@ -128,15 +128,6 @@ def test_decompressed_kernel_kv_heads_per_program(head_block):
         kv_heads_per_program(4, 2, 6)
 
 
-@pytest.mark.parametrize("G, R, slots, splits, block, sliding, lengths", [CASES[0], CASES[2]])
-def test_decompressed_kernel_with_slot_rows(G, R, slots, splits, block, sliding, lengths):
-    """Scores and values with the block's slots as the products' rows (`Launch.slot_rows`): the same
-    attention, ring buffer and two kv heads per program included."""
-    launch = Launch(splits, block, True, slot_rows=True)
-    got, want = decompressed_case(G, R, slots, lengths, sliding, launch)
-    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-
-
 def decompressed_case(G: int, R: int, slots: int, lengths: list[int], sliding: bool, launch: Launch):
     """mla_decompressed_decode on random float32 inputs, and attend over mla.keys_values' answer."""
     d, r = 32, 40
@@ -218,7 +209,7 @@ def test_bad_split_is_refused():
 
 
 @pytest.mark.parametrize("sliding", [False, True])
-@pytest.mark.parametrize("kind", ["gqa", "absorbed", "decompressed", "decompressed_slot_rows"])
+@pytest.mark.parametrize("kind", ["gqa", "absorbed", "decompressed"])
 def test_kernels_lower_for_the_gpu(kind, sliding):
     """Each kernel, at gpt-oss-20b's head shapes in bf16, lowers to Triton for CUDA from this CPU-only
     machine: every op in it has a Pallas-GPU lowering (compiling the Triton IR needs the GPU itself)."""
@@ -244,7 +235,7 @@ def test_kernels_lower_for_the_gpu(kind, sliding):
         )  # the 20b's rope
         fn = lambda q, kernel, bias, c, lengths, sinks: mla_decompressed_decode(
             q, {"kernel": kernel, "bias": bias}, c, Slots(lengths, window, sliding), sinks,
-            slot_rotations(lengths, S, sliding, config), Launch(2, 64, slot_rows=kind.endswith("slot_rows")),
+            slot_rotations(lengths, S, sliding, config), Launch(2, 64),
         )  # fmt: skip
         args = (spec(B, G * R, d), spec(r + G * n2, 2 * G * d), spec(2 * G * d), spec(B, S, r + G * n2))
     lowered = jax.jit(fn).trace(*args, lengths, sinks).lower(lowering_platforms=("cuda",))

@@ -222,7 +222,7 @@ def layer_breakdown(config: GptOssConfig, params, batch: int, context: int, repe
 
 # Launch settings tried at every point: (block, warps, pipeline stages); absorbed MLA also splits its 64
 # heads over 2 or 4 programs, decompressed MLA gives each program 1, 2 or 4 kv heads (query heads per
-# program: `head_block`) or lays its score and value products out with the slots as rows (`slot_rows`).
+# program: `head_block`).
 KERNEL_CONFIGS = [
     dict(block=block, warps=warps, stages=stages)
     for block, warps, stages in ((64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 4, 3), (64, 8, 2), (128, 8, 2))
@@ -233,8 +233,7 @@ HEAD_BLOCKS = {
         dict(block=b, warps=w, stages=s, head_block=h)
         for h in (8, 32)
         for b, w, s in ((64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 2))
-    ]
-    + [dict(block=b, warps=w, stages=2, slot_rows=True) for b, w in ((64, 4), (128, 4), (128, 8))],
+    ],
     "mla_partial": [dict(block=64, warps=4, stages=2, head_block=h) for h in (32, 16)],
 }
 
@@ -262,10 +261,7 @@ def kernel_rows(
             configs=[dict(block=16, warps=4, stages=2)],
             head_blocks={
                 "gqa": [],
-                "mla": [
-                    dict(block=16, warps=4, stages=2, head_block=2),
-                    dict(block=16, warps=4, stages=2, slot_rows=True),
-                ],
+                "mla": [dict(block=16, warps=4, stages=2, head_block=2)],
                 "mla_partial": [dict(block=16, warps=4, stages=2, head_block=2)],
             },
         )

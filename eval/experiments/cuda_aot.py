@@ -132,13 +132,6 @@ def ptx_census(batch: int = 64, context: int = 32768) -> dict:
             ),
             (spec(B, G * R, d), spec(r, 2 * G * d), spec(2 * G * d), spec(B, S, r), lengths, sinks),
         ),
-        "mla_decompressed_slot_rows": (
-            lambda q, w, b, c, n, s: flash_decode.mla_decompressed_decode(
-                q, {"kernel": w, "bias": b}, c, slots(n), s, mla.slot_rotations(n, S, False, config),
-                launch(B * G // P, slot_rows=True),
-            ),
-            (spec(B, G * R, d), spec(r, 2 * G * d), spec(2 * G * d), spec(B, S, r), lengths, sinks),
-        ),
         "mla_absorbed": (
             lambda qr, qn, wk, bk, wv, bv, c, kr, n, s: flash_decode.mla_absorbed_decode(
                 qr, qn, (wk, bk, wv, bv), {"c": c, "k_rope": kr}, slots(n), s, launch(B)
