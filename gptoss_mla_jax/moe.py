@@ -133,33 +133,42 @@ ALIGN = 16
 
 
 def _aligned_slots(
-    sorted_expert: Int[Array, " P"], sizes: Int[Array, " E"], align: int
+    expert: Int[Array, " P"], sizes: Int[Array, " E"], align: int
 ) -> tuple[Int[Array, " P"], Int[Array, " E"], int]:
-    """Where each of the expert-sorted pairs goes when every expert's pairs start at a multiple of `align`
-    rows, the padded group sizes, and the rows that layout needs at most."""
+    """Where each token-expert pair (in token order) goes when every expert's pairs start at a multiple of
+    `align` rows, in token order within an expert; the padded group sizes; and the rows that layout needs
+    at most. A pair's rank among its expert's pairs is counted by comparing all pairs (at most
+    `align` x experts of them), which is one fused kernel where sorting them is several."""
     padded = -(-sizes // align) * align
-    start, first = jnp.cumsum(padded) - padded, jnp.cumsum(sizes) - sizes
-    P = sorted_expert.shape[0]
-    slot = start[sorted_expert] + jnp.arange(P, dtype=jnp.int32) - first[sorted_expert]
-    return slot, padded, P + min(P, sizes.shape[0]) * (align - 1)
+    start = jnp.cumsum(padded) - padded
+    P = expert.shape[0]
+    earlier = jnp.arange(P)[None, :] < jnp.arange(P)[:, None]
+    rank = jnp.sum((expert[None, :] == expert[:, None]) & earlier, axis=1, dtype=jnp.int32)
+    return start[expert] + rank, padded, P + min(P, sizes.shape[0]) * (align - 1)
 
 
 def _grouped_experts(
     e: Params, flat: Float[Array, "N D"], idx: Int[Array, "N k"], config: GptOssConfig, kernel: bool
 ) -> Float[Array, "N k D"]:
-    """Token-expert pairs sorted by expert, each expert's rows multiplied at once: with the Pallas grouped
+    """Token-expert pairs grouped by expert, each expert's rows multiplied at once: with the Pallas grouped
     matmul (`kernel`; MXFP4 experts used packed, biases added in the kernel; at decode batches each
-    expert's rows aligned to the row tile) or ragged_dot."""
+    expert's rows aligned to the row tile, placed without sorting) or ragged_dot."""
     n, k = idx.shape
-    expert = idx.reshape(-1)
+    expert, E = idx.reshape(-1), config.num_local_experts
+    if kernel and n * k <= ALIGN * E:
+        # Counted by comparison, not bincount's scatter: XLA fuses it with the slots' arithmetic.
+        group_sizes = jnp.sum(expert[:, None] == jnp.arange(E), axis=0, dtype=jnp.int32)
+        slot, padded, height = _aligned_slots(expert, group_sizes, ALIGN)
+        rows = jnp.zeros((height, flat.shape[1]), flat.dtype).at[slot].set(jnp.repeat(flat, k, axis=0))
+        y = _expert_products(e, rows, padded, config, ALIGN)[slot]
+        # The rows back in token order as a buffer of their own: fused into the weighted sum that follows,
+        # the gather kept XLA from fusing that sum with the residual add and the next norm (47 more
+        # kernels in a gpt-oss-20b decode step).
+        return jax.lax.optimization_barrier(y).reshape(n, k, -1)
+    group_sizes = jnp.bincount(expert, length=E).astype(jnp.int32)
     order = jnp.argsort(expert, stable=True)
     rows = flat[order // k]
-    group_sizes = jnp.bincount(expert, length=config.num_local_experts).astype(jnp.int32)
-    if kernel and n * k <= ALIGN * config.num_local_experts:
-        slot, padded, height = _aligned_slots(expert[order], group_sizes, ALIGN)
-        rows = jnp.zeros((height, rows.shape[1]), rows.dtype).at[slot].set(rows)
-        y = _expert_products(e, rows, padded, config, ALIGN)[slot]
-    elif kernel:
+    if kernel:
         y = _expert_products(e, rows, group_sizes, config, None)
     else:
         sorted_expert = expert[order]

@@ -163,3 +163,16 @@ def test_decode_step_on_the_kernels_equals_jnp():
     )[0]
     want, got = step(False), step(True)
     np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.abs(want).max()), rtol=0)
+
+
+def test_aligned_slots_place_each_pair_once_in_its_experts_tiles():
+    """The decode layout without sorting: every pair gets its own row; an expert's pairs fill consecutive
+    rows from a multiple of the tile, in token order; each expert's padded size covers them."""
+    from gptoss_mla_jax.moe import _aligned_slots
+
+    expert = jnp.asarray([3, 0, 3, 3, 1, 0, 3, 5], jnp.int32)  # expert 2 and 4 chosen by none
+    sizes = jnp.bincount(expert, length=6).astype(jnp.int32)
+    slot, padded, height = map(np.asarray, _aligned_slots(expert, sizes, 4))
+    np.testing.assert_array_equal(padded, [4, 4, 0, 4, 0, 4])
+    np.testing.assert_array_equal(slot, [8, 0, 9, 10, 4, 1, 11, 12])
+    assert height >= slot.max() + 1 and len(set(slot.tolist())) == len(slot)
