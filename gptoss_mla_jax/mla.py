@@ -47,6 +47,7 @@ from gptoss_mla_jax.attention import (
     attend_chunk,
     decode_plan,
     key_mask,
+    linear,
     on_flash_kernel,
     sink_softmax,
 )
@@ -149,7 +150,7 @@ def attention_mla(
     B, T, _ = x.shape
     H, d = config.num_attention_heads, config.head_dim
     window = config.sliding_window if sliding else None
-    q = (x @ p["q_proj"]["kernel"] + p["q_proj"]["bias"]).reshape(B, T, H, d)
+    q = linear(x, p["q_proj"]).reshape(B, T, H, d)
     new = cache_entries(p, x, cos, sin, config, layer)
     partial = config.mla.partial_rope
 
@@ -185,7 +186,7 @@ def attention_mla(
     else:
         keys = [(*keys_values(p, entries, pos, config, layer), pos, ok) for entries, pos, ok in blocks]
         out = attend(scoring_queries(q, cos, sin, config, layer), keys, positions, p["sinks"], window)
-    out = out.reshape(B, T, H * d) @ p["o_proj"]["kernel"] + p["o_proj"]["bias"]
+    out = linear(out.reshape(B, T, H * d), p["o_proj"])
     return out, new_cache
 
 
@@ -223,19 +224,15 @@ def cache_entries(p: Params, x: Float[Array, "B T D"], cos, sin, config: GptOssC
     """What the cache keeps of each token: {"c": the latent [B,T,r]} and, partial, {"k_rope": the kept
     RoPE key dims after RoPE [B,T,G,2n]}, rorope, {"k_rope": the kept mixed components after RoPE
     [B,T,1,m*d]}."""
-    new = {"c": x @ p["kv_a"]["kernel"]}
+    new = {"c": linear(x, p["kv_a"])}
     if config.mla.rope_mode == "rorope":
         F = config.mla.rope_fold
-        k_rope = (x @ p["k_rope"]["kernel"] + p["k_rope"]["bias"]).reshape(
-            *x.shape[:2], -1, config.head_dim // F
-        )
+        k_rope = linear(x, p["k_rope"]).reshape(*x.shape[:2], -1, config.head_dim // F)
         new["k_rope"] = apply_rope(k_rope, folded(cos, F), folded(sin, F)).reshape(*x.shape[:2], 1, -1)
     if config.mla.rope_mode == "partial":
         keep, _ = rope_dims(config, layer)
         pairs = keep[:, : keep.shape[1] // 2]
-        k_rope = (x @ p["k_rope"]["kernel"] + p["k_rope"]["bias"]).reshape(
-            *x.shape[:2], config.num_key_value_heads, -1
-        )
+        k_rope = linear(x, p["k_rope"]).reshape(*x.shape[:2], config.num_key_value_heads, -1)
         new["k_rope"] = apply_rope(k_rope, _per_head(cos, pairs), _per_head(sin, pairs))
     return new
 

@@ -14,7 +14,8 @@ the Pallas grouped matmul of `gmm` on the GPU (`jax.lax.ragged_dot` elsewhere, w
 densely over all experts), so its FLOPs scale with k, not with the number of experts; at decode (fewer
 token-expert pairs than experts) it gathers the selected experts' weights instead, so a step reads only
 those from memory; a decode step on the kernels (`kernels`) takes the grouped matmul at every batch size,
-each selected expert's packed weights read and decoded once.
+each selected expert's packed weights read and decoded once, and routes decode batches in one Pallas
+program (`routing.decode_routing`: router, top-k, softmax and the grouped layout).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
+from gptoss_mla_jax import routing
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.flash_decode import runs_compiled
 from gptoss_mla_jax.gmm import Mxfp4, gmm
@@ -94,6 +96,14 @@ def moe_sparse(
     them, and more pairs are grouped by expert and multiplied as `grouped` says."""
     flat = x.reshape(-1, x.shape[-1])
     n, k = flat.shape[0], config.num_experts_per_tok
+    if kernels and n <= routing.MAX_TOKENS:  # router and layout in one kernel
+        router = p["router"]
+        weights, _, slot, padded = routing.decode_routing(
+            flat, router["kernel"], router["bias"], k, ALIGN, interpret=not runs_compiled()
+        )
+        y = _aligned_experts(p["experts"], flat, slot, padded, config).reshape(n, k, -1)
+        out = jnp.einsum("nk,nkd->nd", weights.astype(y.dtype), y, preferred_element_type=jnp.float32)
+        return out.astype(x.dtype).reshape(x.shape)
     weights, idx = route(p, flat, config)
     if kernels:
         y = _grouped_experts(p["experts"], flat, idx, config, kernel=True)
@@ -134,17 +144,36 @@ ALIGN = 16
 
 def _aligned_slots(
     expert: Int[Array, " P"], sizes: Int[Array, " E"], align: int
-) -> tuple[Int[Array, " P"], Int[Array, " E"], int]:
+) -> tuple[Int[Array, " P"], Int[Array, " E"]]:
     """Where each token-expert pair (in token order) goes when every expert's pairs start at a multiple of
-    `align` rows, in token order within an expert; the padded group sizes; and the rows that layout needs
-    at most. A pair's rank among its expert's pairs is counted by comparing all pairs (at most
-    `align` x experts of them), which is one fused kernel where sorting them is several."""
+    `align` rows, in token order within an expert, and the padded group sizes (`routing.decode_routing`
+    computes the same in its kernel). A pair's rank among its expert's pairs is counted by comparing all
+    pairs (at most `align` x experts of them), which is one fused kernel where sorting them is several."""
     padded = -(-sizes // align) * align
     start = jnp.cumsum(padded) - padded
     P = expert.shape[0]
     earlier = jnp.arange(P)[None, :] < jnp.arange(P)[:, None]
     rank = jnp.sum((expert[None, :] == expert[:, None]) & earlier, axis=1, dtype=jnp.int32)
-    return start[expert] + rank, padded, P + min(P, sizes.shape[0]) * (align - 1)
+    return start[expert] + rank, padded
+
+
+def _aligned_experts(
+    e: Params,
+    flat: Float[Array, "N D"],
+    slot: Int[Array, " P"],
+    padded: Int[Array, " E"],
+    config: GptOssConfig,
+) -> Float[Array, "P D"]:
+    """The pairs (token-major: pair p is token p // k) through their experts on the grouped matmul, laid
+    out at `slot` with each expert's group of `padded` rows starting at a multiple of ALIGN."""
+    P, k = slot.shape[0], config.num_experts_per_tok
+    height = P + min(P, padded.shape[0]) * (ALIGN - 1)  # the most rows the layout can need
+    rows = jnp.zeros((height, flat.shape[1]), flat.dtype).at[slot].set(jnp.repeat(flat, k, axis=0))
+    y = _expert_products(e, rows, padded, config, ALIGN)[slot]
+    # The rows back in token order as a buffer of their own: fused into the weighted sum that follows, the
+    # gather kept XLA from fusing that sum with the residual add and the next norm (47 more kernels in a
+    # gpt-oss-20b decode step).
+    return jax.lax.optimization_barrier(y)
 
 
 def _grouped_experts(
@@ -158,13 +187,8 @@ def _grouped_experts(
     if kernel and n * k <= ALIGN * E:
         # Counted by comparison, not bincount's scatter: XLA fuses it with the slots' arithmetic.
         group_sizes = jnp.sum(expert[:, None] == jnp.arange(E), axis=0, dtype=jnp.int32)
-        slot, padded, height = _aligned_slots(expert, group_sizes, ALIGN)
-        rows = jnp.zeros((height, flat.shape[1]), flat.dtype).at[slot].set(jnp.repeat(flat, k, axis=0))
-        y = _expert_products(e, rows, padded, config, ALIGN)[slot]
-        # The rows back in token order as a buffer of their own: fused into the weighted sum that follows,
-        # the gather kept XLA from fusing that sum with the residual add and the next norm (47 more
-        # kernels in a gpt-oss-20b decode step).
-        return jax.lax.optimization_barrier(y).reshape(n, k, -1)
+        slot, padded = _aligned_slots(expert, group_sizes, ALIGN)
+        return _aligned_experts(e, flat, slot, padded, config).reshape(n, k, -1)
     group_sizes = jnp.bincount(expert, length=E).astype(jnp.int32)
     order = jnp.argsort(expert, stable=True)
     rows = flat[order // k]

@@ -39,3 +39,16 @@ def test_jit_grad_vmap_on_plain_pytrees(tiny2_hf):
     batched = jax.jit(jax.vmap(lambda p: forward(p, tokens, None, config)[0]))(stacked)
     np.testing.assert_allclose(np.asarray(batched[0]), np.asarray(eager), atol=1e-5)
     assert not np.allclose(np.asarray(batched[1]), np.asarray(eager))
+
+
+def test_linear_of_one_token_is_the_plain_product():
+    """`attention.linear` multiplies a single token as two rows (a matmul on the GPU, not a reduction):
+    the same values as x @ kernel + bias, with and without a bias."""
+    from gptoss_mla_jax.attention import linear
+
+    keys = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(keys[0], (1, 1, 24), jnp.float32)
+    p = {"kernel": jax.random.normal(keys[1], (24, 40)), "bias": jax.random.normal(keys[2], (40,))}
+    np.testing.assert_allclose(linear(x, p), x @ p["kernel"] + p["bias"], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(linear(x, {"kernel": p["kernel"]}), x @ p["kernel"], rtol=1e-6, atol=1e-6)
+    assert linear(jnp.concatenate([x, x]), p).shape == (2, 1, 40)

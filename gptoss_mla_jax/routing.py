@@ -1,0 +1,143 @@
+"""A decode step's expert routing in one Pallas kernel: the router, top-k, the softmax over the chosen k
+and where each token-expert pair goes in the grouped matmul's aligned layout.
+
+`moe.route` followed by the layout's bookkeeping (`moe.aligned_slots`) is about six small XLA kernels per
+layer (router multiply, reduce and bias add, top-k, the padded group sizes, the pairs' ranks): at batch 1
+their launches cost more than the 184 KB of router weights they read. One program does it all here:
+
+- logits `x W + b` with float32 sums rounded to x's dtype before the bias, as `moe.route` computes them;
+- top-k by k rounds of arg-max (ties to the lower expert, as `jax.lax.top_k`), softmax in float32;
+- each pair's row: its expert's pairs start at a multiple of `align` rows (experts in order, each padded
+  up to a multiple of `align`) and keep token order there. A pair's rank among its expert's pairs is the
+  count of earlier tokens that chose that expert (a token's k experts are distinct), a lower-triangular
+  product over the tokens' one-hot choices.
+
+One program holds every token, so this serves decode batches (`MAX_TOKENS`); `moe` keeps its jnp path
+above that. Backend: `pl.pallas_call` with whole-array blocks and masked loads, lowered through Pallas'
+Triton backend on the GPU and run by the CPU interpreter in CI, like the other kernels.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jaxtyping import Array, Float, Int
+
+from gptoss_mla_jax.flash_decode import MIN_ROWS, pl_triton, triton_launch
+
+MAX_TOKENS = 64  # one program holds every token: decode batches up to 64
+DEPTH = 64  # router columns read per step (gpt-oss-20b's 2880 = 45 x 64)
+NEG = -1e30
+
+
+def _iota(shape: tuple[int, ...], axis: int) -> Array:
+    return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
+
+
+def _load(ref, mask):
+    return pl_triton.load(ref, mask=mask, other=0) if pl_triton is not None else jnp.where(mask, ref[...], 0)
+
+
+def _pick(table: Array, index: Array) -> Array:
+    """table[n, index[n]] for a [N, E] table and [N] indices, as a masked sum (no gathers on chip)."""
+    return jnp.sum(jnp.where(_iota(table.shape, 1) == index[:, None], table, 0), axis=1)
+
+
+def _routing_kernel(
+    x_ref, w_ref, b_ref, weights_ref, experts_ref, slot_ref, padded_ref, *, n: int, D: int, E: int, k: int,
+    align: int,
+):  # fmt: skip
+    rows, cols = weights_ref.shape[0], w_ref.shape[1]  # tokens and experts, padded to powers of two
+    rows_ok = _iota((rows, 1), 0) < n
+    experts_ok = _iota((1, cols), 1) < E
+
+    def step(i, acc):
+        depth = pl.ds(i * DEPTH, DEPTH)
+        d_ok = i * DEPTH + _iota((1, DEPTH), 1) < D
+        x = _load(x_ref.at[:, depth], rows_ok & d_ok)
+        w = _load(w_ref.at[depth, :], (i * DEPTH + _iota((DEPTH, 1), 0) < D) & experts_ok)
+        return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
+
+    acc = jax.lax.fori_loop(0, pl.cdiv(D, DEPTH), step, jnp.zeros((rows, cols), jnp.float32))
+    bias = b_ref[...]
+    logits = (acc.astype(x_ref.dtype) + bias[None, :]).astype(jnp.float32)
+    logits = jnp.where(experts_ok, logits, NEG)
+
+    expert_ids = _iota((rows, cols), 1)
+    choice_ids = _iota((rows, weights_ref.shape[1]), 1)
+    top = jnp.zeros(weights_ref.shape, jnp.float32)
+    chosen = jnp.zeros(weights_ref.shape, jnp.int32)
+    onehot = jnp.zeros((rows, cols), jnp.float32)  # which experts each real token chose
+    for j in range(k):
+        best = jnp.max(logits, axis=1)
+        e = jnp.min(jnp.where(logits == best[:, None], expert_ids, cols), axis=1)
+        top = jnp.where(choice_ids == j, best[:, None], top)
+        chosen = jnp.where(choice_ids == j, e[:, None], chosen)
+        hit = expert_ids == e[:, None]
+        onehot = jnp.where(hit & rows_ok, 1.0, onehot)
+        logits = jnp.where(hit, NEG, logits)
+
+    valid = choice_ids < k
+    p = jnp.where(valid, jnp.exp(top - jnp.max(top, axis=1, keepdims=True)), 0.0)
+    weights_ref[...] = p / jnp.sum(p, axis=1, keepdims=True)
+    experts_ref[...] = chosen
+
+    # Layout: experts in order, each from a multiple of `align` rows, tokens in order within an expert.
+    sizes = jnp.sum(onehot, axis=0)  # [E]
+    padded = jnp.ceil(sizes / align) * align
+    before = _iota((cols, cols), 1) < _iota((cols, cols), 0)  # [e, e']: e' < e
+    start = jnp.sum(jnp.where(before, padded[None, :], 0.0), axis=1)
+    earlier = (_iota((rows, rows), 1) < _iota((rows, rows), 0)).astype(jnp.float32)  # [n, n']: n' < n
+    taken = jnp.dot(earlier, onehot, preferred_element_type=jnp.float32)  # [n, e]: earlier tokens' picks
+    slot = jnp.zeros(weights_ref.shape, jnp.int32)
+    for j in range(k):
+        e = jnp.sum(jnp.where(choice_ids == j, chosen, 0), axis=1)
+        row = _pick(jnp.broadcast_to(start[None, :], (rows, cols)), e) + _pick(taken, e)
+        slot = jnp.where(choice_ids == j, row.astype(jnp.int32)[:, None], slot)
+    slot_ref[...] = slot
+    padded_ref[...] = padded.astype(jnp.int32)
+
+
+def _pow2(n: int, least: int = 1) -> int:
+    return max(least, pl.next_power_of_2(n))
+
+
+@functools.partial(jax.jit, static_argnames=("k", "align", "interpret"))
+def decode_routing(
+    x: Float[Array, "N D"],
+    kernel: Float[Array, "D E"],
+    bias: Float[Array, " E"],
+    k: int,
+    align: int,
+    interpret: bool = False,
+) -> tuple[Float[Array, "N k"], Int[Array, "N k"], Int[Array, " Nk"], Int[Array, " E"]]:
+    """(routing weights, experts, each pair's row in the aligned layout [N * k] in token order, the padded
+    group sizes) of N <= MAX_TOKENS tokens; see the module docstring."""
+    n, D = x.shape
+    E = kernel.shape[1]
+    if n > MAX_TOKENS:
+        raise ValueError(f"decode_routing: {n} tokens; one program serves at most {MAX_TOKENS}")
+    rows, cols, kp = _pow2(n, MIN_ROWS), _pow2(E, MIN_ROWS), _pow2(k)
+    whole = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))
+    out_shape = [
+        jax.ShapeDtypeStruct((rows, kp), jnp.float32),
+        jax.ShapeDtypeStruct((rows, kp), jnp.int32),
+        jax.ShapeDtypeStruct((rows, kp), jnp.int32),
+        jax.ShapeDtypeStruct((cols,), jnp.int32),
+    ]
+    # x's block is the tile of `rows` tokens, taller than the n there are: the kernel loads only those
+    # (no padded copy: one XLA kernel less). The router's few experts are padded to the tile in memory.
+    kernel, bias = jnp.pad(kernel, ((0, 0), (0, cols - E))), jnp.pad(bias, (0, cols - E))
+    weights, experts, slot, padded = pl.pallas_call(
+        functools.partial(_routing_kernel, n=n, D=D, E=E, k=k, align=align),
+        grid=(1,),
+        in_specs=[whole((rows, D)), whole(kernel.shape), whole(bias.shape)],
+        out_specs=[whole(s.shape) for s in out_shape],
+        out_shape=out_shape,
+        compiler_params=triton_launch(4, 1, interpret),
+        interpret=interpret,
+    )(x, kernel, bias)
+    return weights[:n, :k], experts[:n, :k], slot[:n, :k].reshape(-1), padded[:E]

@@ -1,0 +1,68 @@
+"""The decode routing kernel (interpreted here) against `moe.route` and the jnp aligned layout, and its
+CUDA lowering at gpt-oss-20b's router shape."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptoss_mla_jax.moe import ALIGN, _aligned_slots
+from gptoss_mla_jax.routing import MAX_TOKENS, decode_routing
+
+
+def reference(x, kernel, bias, k: int, align: int):
+    """moe.route's weights and experts, then the layout as the jnp path computes it."""
+    logits = x @ kernel + bias
+    top, experts = jax.lax.top_k(logits, k)
+    weights = jax.nn.softmax(top.astype(jnp.float32), axis=-1)
+    sizes = jnp.bincount(experts.reshape(-1), length=kernel.shape[1]).astype(jnp.int32)
+    slot, padded = _aligned_slots(experts.reshape(-1), sizes, align)
+    return weights, experts, slot, padded
+
+
+@pytest.mark.parametrize(
+    "tokens, D, E, k, routing",
+    [
+        (1, 2880, 32, 4, "random"),  # gpt-oss-20b's router, batch 1
+        (3, 100, 4, 2, "random"),  # contraction off the 64-column step, experts below the tile
+        (16, 64, 32, 4, "random"),  # the most tokens one program takes
+        (5, 64, 8, 2, "one expert for all"),  # every token picks expert 0
+        (6, 64, 8, 4, "ties"),  # equal logits: the lower experts, as jax.lax.top_k
+    ],
+)
+def test_equals_the_router_and_the_jnp_layout(tokens, D, E, k, routing):
+    keys = jax.random.split(jax.random.key(tokens), 3)
+    x = jax.random.normal(keys[0], (tokens, D), jnp.float32)
+    kernel = jax.random.normal(keys[1], (D, E), jnp.float32) * D**-0.5
+    bias = jax.random.normal(keys[2], (E,), jnp.float32)
+    if routing == "one expert for all":
+        bias = bias.at[0].set(1e4)
+    if routing == "ties":
+        kernel, bias = jnp.zeros_like(kernel), jnp.zeros_like(bias)
+    got = decode_routing(x, kernel, bias, k, ALIGN, interpret=True)
+    want = reference(x, kernel, bias, k, ALIGN)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-6)  # weights
+    for name, g, w in zip(("experts", "slots", "padded sizes"), got[1:], want[1:], strict=True):
+        np.testing.assert_array_equal(g, w, err_msg=name)
+    if routing == "one expert for all":
+        assert (np.asarray(got[1]) == 0).any(axis=1).all()
+    if routing == "ties":
+        np.testing.assert_array_equal(got[1], np.tile(np.arange(k), (tokens, 1)))
+
+
+def test_refuses_more_tokens_than_one_program_serves():
+    x = jnp.zeros((MAX_TOKENS + 1, 64))
+    with pytest.raises(ValueError, match=f"{MAX_TOKENS + 1} tokens; one program serves at most"):
+        decode_routing(x, jnp.zeros((64, 8)), jnp.zeros(8), 2, ALIGN, interpret=True)
+
+
+@pytest.mark.parametrize("tokens", [1, MAX_TOKENS])
+def test_lowers_for_the_gpu_at_gpt_oss_20b_shapes(tokens):
+    """bf16 router of gpt-oss-20b (2880 x 32, top-4) lowers to one Triton kernel for CUDA from this
+    CPU-only machine."""
+    spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
+    fn = lambda x, w, b: decode_routing(x, w, b, 4, ALIGN)
+    lowered = (
+        jax.jit(fn).trace(spec(tokens, 2880), spec(2880, 32), spec(32)).lower(lowering_platforms=("cuda",))
+    )
+    assert lowered.as_text().count("xla.gpu.triton") == 1
