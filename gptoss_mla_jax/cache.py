@@ -129,7 +129,12 @@ def write(
         index = positions
     index = jnp.where(valid, index, slots)
     batch = jnp.arange(entry.shape[0])[:, None]
-    return entry.at[batch, index].set(new.astype(entry.dtype), mode="drop")
+    new = new.astype(entry.dtype)
+    if index.size == 1:
+        # One token written twice (the same value to the same slot): XLA turns a one-row scatter into a
+        # dynamic-update-slice, which cannot fuse the row's producer (RoPE), and a scatter can.
+        batch, index, new = (jnp.concatenate([a, a], axis=1) for a in (batch, index, new))
+    return entry.at[batch, index].set(new, mode="drop")
 
 
 def layer_bytes(config: GptOssConfig, layer: int, batch: int, context: int, dtype=jnp.bfloat16) -> int:

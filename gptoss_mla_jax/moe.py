@@ -171,8 +171,8 @@ def _aligned_experts(
     rows = jnp.zeros((height, flat.shape[1]), flat.dtype).at[slot].set(jnp.repeat(flat, k, axis=0))
     y = _expert_products(e, rows, padded, config, ALIGN)[slot]
     # The rows back in token order as a buffer of their own: fused into the weighted sum that follows, the
-    # gather kept XLA from fusing that sum with the residual add and the next norm (47 more kernels in a
-    # gpt-oss-20b decode step).
+    # gather kept XLA from fusing that sum with the residual add and the next norm (a kernel more per
+    # layer).
     return jax.lax.optimization_barrier(y)
 
 

@@ -99,3 +99,20 @@ def test_kernels_by_default_on_a_gpu_with_a_16_bit_cache(monkeypatch):
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
     assert kernels_by_default(jnp.bfloat16)
     assert not kernels_by_default(jnp.float32)
+
+
+@pytest.mark.parametrize("sliding", [False, True])
+def test_write_of_one_token_sets_only_its_slot(sliding):
+    """A single token (written as two identical rows, a scatter on the GPU) lands in its slot, the ring's
+    slot position % slots on a sliding layer, and nothing else changes; a padded token writes nothing."""
+    from gptoss_mla_jax.cache import write
+
+    entry = jnp.arange(2 * 4 * 3, dtype=jnp.float32).reshape(1, 4, 2, 3) + 100
+    new = -jnp.ones((1, 1, 2, 3))
+    position = jnp.asarray([[5 if sliding else 2]])
+    got = write(entry, new, position, jnp.ones((1, 1), bool), jnp.asarray([6 if sliding else 3]), sliding)
+    want = np.asarray(entry).copy()
+    want[0, 1 if sliding else 2] = -1
+    np.testing.assert_array_equal(got, want)
+    padded = write(entry, new, position, jnp.zeros((1, 1), bool), jnp.asarray([6 if sliding else 3]), sliding)
+    np.testing.assert_array_equal(padded, entry)
