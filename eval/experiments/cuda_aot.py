@@ -4,6 +4,7 @@ Pallas decode kernel's PTX.
 
     pip install "jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')"   # the CUDA plugin
     python -m eval.experiments.cuda_aot --step 1,4096 --out step.json   # kernels per step, by stage and op
+    python -m eval.experiments.cuda_aot --step 64,32768 --model mla     # the same with MLA attention
     python -m eval.experiments.cuda_aot --ptx --out ptx.json            # wgmma / mma.sync per decode kernel
 
 The target is `h200_target_config.txtpb` (XLA's GpuTargetConfig: 132 SMs, compute capability 9.0). The
@@ -76,18 +77,37 @@ def _topology():
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 
 
-def step_census(batch: int, context: int) -> dict:
-    """One decode step of gpt-oss-20b (MXFP4 experts, bf16 cache of `context` slots, Pallas kernels)."""
+MODELS = ("gqa", "mla", "mla_rorope")
+
+
+def model_config(model: str):
+    """gpt-oss-20b as shipped (`gqa`), or its full-attention layers converted to MLA at 192 values per
+    token: `mla` the default (decompressed, latent 192), `mla_rorope` one mixed RoPE component per pair
+    (64 values) and a latent of 128, as `eval.bench.decode` builds them."""
+    from gptoss_mla_jax.config import FULL, GPT_OSS_20B, MlaConfig
+
+    config = GPT_OSS_20B
+    full = tuple(i for i, kind in enumerate(config.layer_types) if kind == FULL)
+    if model == "mla":
+        return dataclasses.replace(config, mla=MlaConfig("decompressed", full, (192,) * len(full)))
+    if model == "mla_rorope":
+        mla = MlaConfig("rorope", full, (128,) * len(full), rope_components=(1,) * len(full))
+        return dataclasses.replace(config, mla=mla)
+    return config
+
+
+def step_census(batch: int, context: int, model: str = "gqa") -> dict:
+    """One decode step of gpt-oss-20b (MXFP4 experts, bf16 cache of `context` slots, Pallas kernels),
+    its attention as `model` says (`model_config`)."""
     import jax
     import jax.numpy as jnp
 
     from gptoss_mla_jax.cache import init_cache
-    from gptoss_mla_jax.config import GPT_OSS_20B
     from gptoss_mla_jax.generation import GREEDY, decode_step
     from gptoss_mla_jax.model import init_params
 
     placed = _topology()
-    config = GPT_OSS_20B
+    config = model_config(model)
     spec = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed), tree)
     params = spec(jax.eval_shape(lambda: init_params(config, jax.random.key(0), jnp.bfloat16, "mxfp4")))
     cache = spec(jax.eval_shape(lambda: init_cache(config, batch, context)))
@@ -97,7 +117,7 @@ def step_census(batch: int, context: int) -> dict:
     hlo = step.lower(params, cache, tokens, key).compile().as_text()
     out = census(hlo)
     out["per_layer"] = {stage: n / config.num_hidden_layers for stage, n in out["by_stage"].items()}
-    return {"batch": batch, "context": context, "layers": config.num_hidden_layers, **out}
+    return {"model": model, "batch": batch, "context": context, "layers": config.num_hidden_layers, **out}
 
 
 def ptx_census(batch: int = 64, context: int = 32768) -> dict:
@@ -161,6 +181,7 @@ def main(argv=None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--step", metavar="BATCH,CONTEXT", help="kernels of one decode step")
+    parser.add_argument("--model", choices=MODELS, default="gqa", help="--step: the attention (model_config)")
     parser.add_argument("--ptx", action="store_true", help="tensor-core instructions of the decode kernels")
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args(argv)
@@ -170,7 +191,7 @@ def main(argv=None) -> int:
 
     if args.step:
         batch, context = (int(n) for n in args.step.split(","))
-        result = step_census(batch, context)
+        result = step_census(batch, context, args.model)
     else:
         result = ptx_census()
     result["target"] = os.path.basename(TARGET)
