@@ -86,7 +86,7 @@ def kernels_by_default(cache_dtype) -> bool:
 
 
 # XLA flags that put every run of a step's kernels, Pallas calls included, into CUDA graphs (command
-# buffers): a batch-1 decode step launches about 900 small kernels, and launched one by one from the host
+# buffers): a batch-1 decode step launches hundreds of small kernels, and launched one by one from the host
 # they leave the GPU idle between them. They take effect only before JAX starts its GPU backend.
 CUDA_GRAPH_FLAGS = (
     "--xla_gpu_graph_min_graph_size=1 "
