@@ -16,6 +16,7 @@ from jaxtyping import Array, Float, Int
 from gptoss_mla_jax import flash_decode
 from gptoss_mla_jax.cache import init_cache
 from gptoss_mla_jax.config import GptOssConfig
+from gptoss_mla_jax.mla import with_up_projections
 from gptoss_mla_jax.model import ForwardOptions, Params, check_tokens, forward
 
 BUCKET = 16  # prompt and cache lengths are padded to multiples of this to limit recompilation
@@ -143,6 +144,7 @@ def generate(
     cache = init_cache(config, B, max_len, cache_dtype)
     decode_kernels = kernels_by_default(cache_dtype) if decode_kernels is None else decode_kernels
 
+    params = with_up_projections(params, config)  # derived once for all the steps
     key = jax.random.key(sampling.seed)
     key, sub = jax.random.split(key)
     token, cache = prefill(params, cache, jnp.asarray(padded), lengths, sub, config, sampling.rule)

@@ -303,10 +303,33 @@ def _partial_queries(q, cos, sin, config: GptOssConfig, layer: int, rope_mix: Ar
     return q_rope, q_nope
 
 
+UP = "up_projections"  # a converted layer's derived entry, `with_up_projections`
+UP_NAMES = ("w_k", "b_k", "w_v", "b_v")
+
+
+def with_up_projections(params: Params, config: GptOssConfig) -> Params:
+    """`params` with each absorbable (partial, rorope) layer's per-kv-head up-projections
+    (`_partial_up_projections`) computed once and kept beside its weights under UP, for a loop of decode
+    steps (`generation.generate`): a step then reads them instead of re-deriving them from `kv_b` (and,
+    rorope, `rope_mix`) in a few small kernels per layer. Nothing else changes; `model.check_params`
+    accepts the entry."""
+    if config.mla is None or not config.mla.partial_rope:
+        return params
+    layers = list(params["layers"])
+    for i in config.mla.layers:
+        attn = layers[i]["self_attn"]
+        up = dict(zip(UP_NAMES, _partial_up_projections(attn, config, i), strict=True))
+        layers[i] = {**layers[i], "self_attn": {**attn, UP: up}}
+    return {**params, "layers": layers}
+
+
 def _partial_up_projections(p: Params, config: GptOssConfig, layer: int):
     """(w_k [r,G,n], b_k [G,n], w_v [r,G,d], b_v [G,d]): `kv_b` split into each kv head's no-RoPE keys
     and values; partial, the dims that lost RoPE (n = d - 2n); rorope, the whole head (n = d), from the
-    latent's GF - m mixed components mixed back per kv head (`demix`)."""
+    latent's GF - m mixed components mixed back per kv head (`demix`). Taken from UP where
+    `with_up_projections` put them."""
+    if UP in p:
+        return tuple(p[UP][name] for name in UP_NAMES)
     G, d = config.num_key_value_heads, config.head_dim
     kv_b, kv_bias = p["kv_b"]["kernel"], p["kv_b"]["bias"]
     k_width = G * d - config.mla.rope_values(layer, d, G)

@@ -30,7 +30,7 @@ from gptoss_mla_jax import cache as kv_cache
 from gptoss_mla_jax.attention import Chunk, attention, chunk_at
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.execution import ForwardOptions, by_rows
-from gptoss_mla_jax.mla import attention_mla, mla_param_shapes
+from gptoss_mla_jax.mla import UP, attention_mla, mla_param_shapes
 from gptoss_mla_jax.moe import moe_dense, moe_sparse
 from gptoss_mla_jax.norm import rms_norm
 
@@ -167,7 +167,8 @@ def check_params(params: Params, config: GptOssConfig) -> None:
             raise ValueError(f"params{name} is missing (expected shape {shape})")
         if tuple(have[path].shape) != shape:
             raise ValueError(f"params{name} has shape {tuple(have[path].shape)}, config expects {shape}")
-    extra = sorted(jax.tree_util.keystr(p) for p in have.keys() - want.keys())
+    derived = lambda path: any(getattr(key, "key", None) == UP for key in path)  # with_up_projections
+    extra = sorted(jax.tree_util.keystr(p) for p in have.keys() - want.keys() if not derived(p))
     if extra:
         raise ValueError(f"params have entries the config does not use: {extra[:5]}")
 

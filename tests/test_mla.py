@@ -141,3 +141,30 @@ def test_partial_no_rope_dims_keep_yarn_mscale(tiny, calib, absorb):
         calib_tokens=calib,
     )
     assert_exact_at_one_token(mla_params, mla_config, params, config, calib, TOKENS, absorb)
+
+
+@pytest.mark.parametrize("mode", ["partial", "rorope"])
+def test_up_projections_derived_once_change_nothing(tiny, calib, mode):
+    """`with_up_projections` (what `generate` gives its decode steps): the params check accepts the derived
+    entry, the original params are untouched, and absorbed and materialized logits equal those that derive
+    the up-projections inside every step (float32; rorope's mixing back is summed in another order outside
+    the jitted forward, a few ulps apart)."""
+    from gptoss_mla_jax.mla import UP, with_up_projections
+    from gptoss_mla_jax.model import check_params
+
+    config, params = tiny
+    extra = {"rope_pairs": 2} if mode == "partial" else {"rope_components": 1}
+    mla_config, mla_params, _ = convert(
+        params, config, 12, mode, layers=(0, 1), init="pca", calib_tokens=calib, **extra
+    )
+    derived = with_up_projections(mla_params, mla_config)
+    check_params(derived, mla_config)
+    assert UP in derived["layers"][1]["self_attn"] and UP not in mla_params["layers"][1]["self_attn"]
+    assert UP not in derived["layers"][2]["self_attn"]  # a GQA layer
+    for absorb in (False, True):
+        np.testing.assert_allclose(
+            logits(derived, mla_config, TOKENS, mla_absorb=absorb),
+            logits(mla_params, mla_config, TOKENS, mla_absorb=absorb),
+            atol=1e-5,
+            rtol=0,
+        )

@@ -41,6 +41,7 @@ from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig, MlaConfig
 from gptoss_mla_jax.execution import ForwardOptions
 from gptoss_mla_jax.flash_decode import Launch, Slots
 from gptoss_mla_jax.generation import DEMO_CONFIG, GREEDY, decode_step, request_cuda_graphs
+from gptoss_mla_jax.mla import with_up_projections
 from gptoss_mla_jax.model import init_params
 from support.results import write_json
 from weights.to_mla import DEFAULT_LATENT_DIM, convert
@@ -64,7 +65,8 @@ def models(
     `partial` adds the two absorbable ones, which decode with the absorbed attention over the latent, each
     with the latent smaller by the RoPE values it caches (the same cache per token): "mla_partial" keeps 2
     RoPE pairs per kv head, "mla_rorope" one mixed component per frequency pair (head_dim values shared by
-    every head). `only`: the names to build (default all)."""
+    every head); those two carry their up-projections derived once, as `generate` gives them to its steps.
+    `only`: the names to build (default all)."""
     params = jax.block_until_ready(init_params(config, jax.random.key(0), jnp.bfloat16, experts="mxfp4"))
     full = tuple(i for i in range(config.num_hidden_layers) if not config.is_sliding(i))
     out = {"gqa": (config, params)}
@@ -78,13 +80,13 @@ def models(
         mla_config, mla_params, _ = convert(
             params, config, latent_dim - cut, "partial", full, rope_pairs=2, calib_tokens=calib
         )
-        out["mla_partial"] = (mla_config, jax.block_until_ready(mla_params))
+        out["mla_partial"] = (mla_config, jax.block_until_ready(with_up_projections(mla_params, mla_config)))
     if partial and wanted("mla_rorope"):
         mla_config, mla_params, _ = convert(
             params, config, latent_dim - config.head_dim, "rorope", full, calib_tokens=calib,
             rope_components=1,
         )  # fmt: skip
-        out["mla_rorope"] = (mla_config, jax.block_until_ready(mla_params))
+        out["mla_rorope"] = (mla_config, jax.block_until_ready(with_up_projections(mla_params, mla_config)))
     return {name: model for name, model in out.items() if wanted(name)}
 
 
