@@ -1,9 +1,9 @@
 """A decode step's expert routing in one Pallas kernel: the router, top-k, the softmax over the chosen k
 and where each token-expert pair goes in the grouped matmul's aligned layout.
 
-`moe.route` followed by the layout's bookkeeping (`moe.aligned_slots`) is about six small XLA kernels per
+`moe.route` followed by the layout's bookkeeping in jnp is about six small XLA kernels per
 layer (router multiply, reduce and bias add, top-k, the padded group sizes, the pairs' ranks): at batch 1
-their launches cost more than the 184 KB of router weights they read. One program does it all here:
+they are mostly launches around 184 KB of router weights. One program does it all here:
 
 - logits `x W + b` with float32 sums rounded to x's dtype before the bias, as `moe.route` computes them;
 - top-k by k rounds of arg-max (ties to the lower expert, as `jax.lax.top_k`), softmax in float32;
