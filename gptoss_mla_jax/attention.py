@@ -140,7 +140,8 @@ def linear(x: Float[Array, "B T In"], p: Params) -> Float[Array, "B T Out"]:
     """x @ kernel (+ bias, where `p` has one). A single token (a decode step at batch 1) is multiplied as
     two rows and the copy dropped: XLA on the GPU lowers a one-row product as a reduction, which it neither
     merges with the other products of the same input (q, k and v: one matmul at two rows) nor fuses with
-    its neighbours as it does a matmul (kernel counts in docs/decode.md)."""
+    its neighbours as it does a matmul. Whether XLA keeps it so is a compiler's choice: the kernel census
+    of a decode step (`eval.experiments.cuda_aot`, docs/decode.md) shows it."""
     rows = x if x.shape[0] * x.shape[1] > 1 else jnp.concatenate([x, x])
     out = rows @ p["kernel"] + p["bias"] if "bias" in p else rows @ p["kernel"]
     return out[: x.shape[0]]

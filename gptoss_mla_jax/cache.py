@@ -120,7 +120,8 @@ def write(
     sliding: bool,
 ) -> Array:
     """Scatter the chunk's rows into the layer's slots; padding (and, for a ring, rows that the chunk
-    itself overwrites) go to an out-of-range index and are dropped, so no slot is written twice."""
+    itself overwrites) go to an out-of-range index and are dropped, so no slot gets two different rows
+    (a single token is written twice, the same row to the same slot)."""
     slots = entry.shape[1]
     if sliding:
         valid = valid & (positions >= new_lengths[:, None] - slots)

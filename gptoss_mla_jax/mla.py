@@ -312,7 +312,8 @@ def with_up_projections(params: Params, config: GptOssConfig) -> Params:
     (`_partial_up_projections`) computed once and kept beside its weights under UP, for a loop of decode
     steps (`generation.generate`): a step then reads them instead of re-deriving them from `kv_b` (and,
     rorope, `rope_mix`) in a few small kernels per layer. Nothing else changes; `model.check_params`
-    accepts the entry."""
+    accepts the entry where this function puts it, with these shapes. For inference only: a forward pass
+    uses the entry instead of `kv_b`, so training such params would leave `kv_b` without gradient."""
     if config.mla is None or not config.mla.partial_rope:
         return params
     layers = list(params["layers"])

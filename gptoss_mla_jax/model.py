@@ -30,7 +30,7 @@ from gptoss_mla_jax import cache as kv_cache
 from gptoss_mla_jax.attention import Chunk, attention, chunk_at
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.execution import ForwardOptions, by_rows
-from gptoss_mla_jax.mla import UP, attention_mla, mla_param_shapes
+from gptoss_mla_jax.mla import UP, attention_mla, mla_param_shapes, with_up_projections
 from gptoss_mla_jax.moe import moe_dense, moe_sparse
 from gptoss_mla_jax.norm import rms_norm
 
@@ -161,16 +161,29 @@ def check_params(params: Params, config: GptOssConfig) -> None:
         )
     want = dict(jax.tree_util.tree_flatten_with_path(expected, is_leaf=is_shape)[0])
     have = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    _check_shapes(want, have)
+    if any(getattr(key, "key", None) == UP for path in have for key in path):
+        # `with_up_projections`' entries: accepted where and as it makes them.
+        layers = [{**layer, "self_attn": _without(layer["self_attn"], UP)} for layer in params["layers"]]
+        made = jax.eval_shape(lambda p: with_up_projections(p, config), {**params, "layers": layers})
+        want = {path: tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(made)[0]}
+        _check_shapes({path: shape for path, shape in want.items() if path in have}, have)
+    extra = sorted(jax.tree_util.keystr(p) for p in have.keys() - want.keys())
+    if extra:
+        raise ValueError(f"params have entries the config does not use: {extra[:5]}")
+
+
+def _without(tree: dict, name: str) -> dict:
+    return {key: value for key, value in tree.items() if key != name}
+
+
+def _check_shapes(want: dict, have: dict) -> None:
     for path, shape in want.items():
         name = jax.tree_util.keystr(path)
         if path not in have:
             raise ValueError(f"params{name} is missing (expected shape {shape})")
         if tuple(have[path].shape) != shape:
             raise ValueError(f"params{name} has shape {tuple(have[path].shape)}, config expects {shape}")
-    derived = lambda path: any(getattr(key, "key", None) == UP for key in path)  # with_up_projections
-    extra = sorted(jax.tree_util.keystr(p) for p in have.keys() - want.keys() if not derived(p))
-    if extra:
-        raise ValueError(f"params have entries the config does not use: {extra[:5]}")
 
 
 def check_tokens(tokens, config: GptOssConfig) -> None:

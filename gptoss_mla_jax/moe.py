@@ -96,7 +96,8 @@ def moe_sparse(
     them, and more pairs are grouped by expert and multiplied as `grouped` says."""
     flat = x.reshape(-1, x.shape[-1])
     n, k = flat.shape[0], config.num_experts_per_tok
-    if kernels and n <= routing.MAX_TOKENS:  # router and layout in one kernel
+    if kernels and n <= routing.MAX_TOKENS and n * k <= ALIGN * config.num_local_experts:
+        # A decode batch's router and aligned layout in one kernel.
         router = p["router"]
         weights, _, slot, padded = routing.decode_routing(
             flat, router["kernel"], router["bias"], k, ALIGN, interpret=not runs_compiled()

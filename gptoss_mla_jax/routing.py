@@ -5,7 +5,8 @@ and where each token-expert pair goes in the grouped matmul's aligned layout.
 layer (router multiply, reduce and bias add, top-k, the padded group sizes, the pairs' ranks): at batch 1
 they are mostly launches around 184 KB of router weights. One program does it all here:
 
-- logits `x W + b` with float32 sums rounded to x's dtype before the bias, as `moe.route` computes them;
+- logits `x W + b` with float32 sums rounded to x's dtype before the bias, as `moe.route` computes them
+  up to the order of the sums (in bf16 a near-tie can rank two experts differently);
 - top-k by k rounds of arg-max (ties to the lower expert, as `jax.lax.top_k`), softmax in float32;
 - each pair's row: its expert's pairs start at a multiple of `align` rows (experts in order, each padded
   up to a multiple of `align`) and keep token order there. A pair's rank among its expert's pairs is the
@@ -29,7 +30,7 @@ from jaxtyping import Array, Float, Int
 from gptoss_mla_jax.flash_decode import MIN_ROWS, pl_triton, triton_launch
 
 MAX_TOKENS = 64  # one program holds every token: decode batches up to 64
-DEPTH = 64  # router columns read per step (gpt-oss-20b's 2880 = 45 x 64)
+DEPTH = 64  # rows of the router's kernel (its contraction) read per step: gpt-oss-20b's 2880 = 45 x 64
 NEG = -1e30
 
 
@@ -58,11 +59,11 @@ def _routing_kernel(
         depth = pl.ds(i * DEPTH, DEPTH)
         d_ok = i * DEPTH + _iota((1, DEPTH), 1) < D
         x = _load(x_ref.at[:, depth], rows_ok & d_ok)
-        w = _load(w_ref.at[depth, :], (i * DEPTH + _iota((DEPTH, 1), 0) < D) & experts_ok)
+        w = _load(w_ref.at[depth, pl.ds(0, cols)], (i * DEPTH + _iota((DEPTH, 1), 0) < D) & experts_ok)
         return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
 
     acc = jax.lax.fori_loop(0, pl.cdiv(D, DEPTH), step, jnp.zeros((rows, cols), jnp.float32))
-    bias = b_ref[...]
+    bias = _load(b_ref, experts_ok.reshape(cols))
     logits = (acc.astype(x_ref.dtype) + bias[None, :]).astype(jnp.float32)
     logits = jnp.where(experts_ok, logits, NEG)
 
@@ -71,6 +72,7 @@ def _routing_kernel(
     top = jnp.zeros(weights_ref.shape, jnp.float32)
     chosen = jnp.zeros(weights_ref.shape, jnp.int32)
     onehot = jnp.zeros((rows, cols), jnp.float32)  # which experts each real token chose
+    picks = []  # each round's expert per token
     for j in range(k):
         best = jnp.max(logits, axis=1)
         e = jnp.min(jnp.where(logits == best[:, None], expert_ids, cols), axis=1)
@@ -79,9 +81,12 @@ def _routing_kernel(
         hit = expert_ids == e[:, None]
         onehot = jnp.where(hit & rows_ok, 1.0, onehot)
         logits = jnp.where(hit, NEG, logits)
+        picks.append(e)
+        if j == 0:
+            largest = best  # the softmax's shift (the columns past k hold no logit)
 
     valid = choice_ids < k
-    p = jnp.where(valid, jnp.exp(top - jnp.max(top, axis=1, keepdims=True)), 0.0)
+    p = jnp.where(valid, jnp.exp(top - largest[:, None]), 0.0)
     weights_ref[...] = p / jnp.sum(p, axis=1, keepdims=True)
     experts_ref[...] = chosen
 
@@ -93,8 +98,7 @@ def _routing_kernel(
     earlier = (_iota((rows, rows), 1) < _iota((rows, rows), 0)).astype(jnp.float32)  # [n, n']: n' < n
     taken = jnp.dot(earlier, onehot, preferred_element_type=jnp.float32)  # [n, e]: earlier tokens' picks
     slot = jnp.zeros(weights_ref.shape, jnp.int32)
-    for j in range(k):
-        e = jnp.sum(jnp.where(choice_ids == j, chosen, 0), axis=1)
+    for j, e in enumerate(picks):
         row = _pick(jnp.broadcast_to(start[None, :], (rows, cols)), e) + _pick(taken, e)
         slot = jnp.where(choice_ids == j, row.astype(jnp.int32)[:, None], slot)
     slot_ref[...] = slot
@@ -115,7 +119,8 @@ def decode_routing(
     interpret: bool = False,
 ) -> tuple[Float[Array, "N k"], Int[Array, "N k"], Int[Array, " Nk"], Int[Array, " E"]]:
     """(routing weights, experts, each pair's row in the aligned layout [N * k] in token order, the padded
-    group sizes) of N <= MAX_TOKENS tokens; see the module docstring."""
+    group sizes) of N <= MAX_TOKENS tokens; see the module docstring. (A NaN row of logits, from NaN inputs,
+    is not detected: its pairs get arbitrary slots, where `jax.lax.top_k` would return the NaN.)"""
     n, D = x.shape
     E = kernel.shape[1]
     if n > MAX_TOKENS:
@@ -128,13 +133,12 @@ def decode_routing(
         jax.ShapeDtypeStruct((rows, kp), jnp.int32),
         jax.ShapeDtypeStruct((cols,), jnp.int32),
     ]
-    # x's block is the tile of `rows` tokens, taller than the n there are: the kernel loads only those
-    # (no padded copy: one XLA kernel less). The router's few experts are padded to the tile in memory.
-    kernel, bias = jnp.pad(kernel, ((0, 0), (0, cols - E))), jnp.pad(bias, (0, cols - E))
+    # The blocks are tiles of `rows` tokens and `cols` experts, larger than the arrays where n or E are
+    # not such tiles: the kernel's masked loads read only what the arrays hold (no padded copies).
     weights, experts, slot, padded = pl.pallas_call(
         functools.partial(_routing_kernel, n=n, D=D, E=E, k=k, align=align),
         grid=(1,),
-        in_specs=[whole((rows, D)), whole(kernel.shape), whole(bias.shape)],
+        in_specs=[whole((rows, D)), whole((D, cols)), whole((cols,))],
         out_specs=[whole(s.shape) for s in out_shape],
         out_shape=out_shape,
         compiler_params=triton_launch(4, 1, interpret),

@@ -161,6 +161,25 @@ def test_up_projections_derived_once_change_nothing(tiny, calib, mode):
     check_params(derived, mla_config)
     assert UP in derived["layers"][1]["self_attn"] and UP not in mla_params["layers"][1]["self_attn"]
     assert UP not in derived["layers"][2]["self_attn"]  # a GQA layer
+    attn = derived["layers"][1]["self_attn"]
+    wrong = {**attn, UP: {**attn[UP], "w_k": attn[UP]["w_k"][:-1]}}
+    with pytest.raises(ValueError, match=r"up_projections'\]\['w_k'\] has shape"):
+        check_params(
+            {
+                **derived,
+                "layers": [
+                    *derived["layers"][:1],
+                    {**derived["layers"][1], "self_attn": wrong},
+                    *derived["layers"][2:],
+                ],
+            },
+            mla_config,
+        )
+    stray = {**derived["layers"][2], "self_attn": {**derived["layers"][2]["self_attn"], UP: attn[UP]}}
+    with pytest.raises(ValueError, match="entries the config does not use"):
+        check_params(
+            {**derived, "layers": [*derived["layers"][:2], stray, *derived["layers"][3:]]}, mla_config
+        )
     for absorb in (False, True):
         np.testing.assert_allclose(
             logits(derived, mla_config, TOKENS, mla_absorb=absorb),

@@ -25,7 +25,9 @@ def reference(x, kernel, bias, k: int, align: int):
     [
         (1, 2880, 32, 4, "random"),  # gpt-oss-20b's router, batch 1
         (3, 100, 4, 2, "random"),  # contraction off the 64-column step, experts below the tile
-        (16, 64, 32, 4, "random"),  # the most tokens one program takes
+        (64, 2880, 32, 4, "random"),  # the most tokens one program takes
+        (37, 200, 20, 3, "random"),  # nothing a power of two: blocks larger than the arrays
+        (3, 64, 40, 3, "far below zero"),  # k off a power of two, logits whose exp underflows
         (5, 64, 8, 2, "one expert for all"),  # every token picks expert 0
         (6, 64, 8, 4, "ties"),  # equal logits: the lower experts, as jax.lax.top_k
     ],
@@ -37,9 +39,12 @@ def test_equals_the_router_and_the_jnp_layout(tokens, D, E, k, routing):
     bias = jax.random.normal(keys[2], (E,), jnp.float32)
     if routing == "one expert for all":
         bias = bias.at[0].set(1e4)
+    if routing == "far below zero":
+        bias = bias - 200
     if routing == "ties":
         kernel, bias = jnp.zeros_like(kernel), jnp.zeros_like(bias)
     got = decode_routing(x, kernel, bias, k, ALIGN, interpret=True)
+    assert np.isfinite(np.asarray(got[0])).all()
     want = reference(x, kernel, bias, k, ALIGN)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-6)  # weights
     for name, g, w in zip(("experts", "slots", "padded sizes"), got[1:], want[1:], strict=True):
@@ -56,13 +61,11 @@ def test_refuses_more_tokens_than_one_program_serves():
         decode_routing(x, jnp.zeros((64, 8)), jnp.zeros(8), 2, ALIGN, interpret=True)
 
 
-@pytest.mark.parametrize("tokens", [1, MAX_TOKENS])
-def test_lowers_for_the_gpu_at_gpt_oss_20b_shapes(tokens):
-    """bf16 router of gpt-oss-20b (2880 x 32, top-4) lowers to one Triton kernel for CUDA from this
-    CPU-only machine."""
+@pytest.mark.parametrize("tokens, E, k", [(1, 32, 4), (MAX_TOKENS, 32, 4), (MAX_TOKENS, 128, 4), (3, 20, 3)])
+def test_lowers_for_the_gpu(tokens, E, k):
+    """bf16 routers of gpt-oss-20b (2880 x 32, top-4), gpt-oss-120b (128 experts) and one of sizes off
+    powers of two lower to one Triton kernel for CUDA from this CPU-only machine."""
     spec = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.bfloat16)
-    fn = lambda x, w, b: decode_routing(x, w, b, 4, ALIGN)
-    lowered = (
-        jax.jit(fn).trace(spec(tokens, 2880), spec(2880, 32), spec(32)).lower(lowering_platforms=("cuda",))
-    )
-    assert lowered.as_text().count("xla.gpu.triton") == 1
+    fn = lambda x, w, b: decode_routing(x, w, b, k, ALIGN)
+    traced = jax.jit(fn).trace(spec(tokens, 2880), spec(2880, E), spec(E))
+    assert traced.lower(lowering_platforms=("cuda",)).as_text().count("xla.gpu.triton") == 1
