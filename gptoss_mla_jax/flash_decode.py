@@ -247,6 +247,12 @@ def triton_launch(warps: int, stages: int, interpret: bool):
     return pl_triton.CompilerParams(num_warps=warps, num_stages=stages)
 
 
+def masked_load(ref, mask=None) -> Array:
+    """A tile of `ref`, zero where `mask` (broadcast to the tile) is False: the kernels' loads of tiles that
+    overhang an array's edge."""
+    return ref[...] if mask is None else pl_triton.load(ref, mask=mask, other=0)
+
+
 def _launch(kernel, in_specs, args, lengths, Hq: int, dv: int, heads: int, launch: Launch):
     """The pallas_call both kernels make: grid (sequence, slice, kv head), B and G read off the first query,
     each sequence's length as the first input, per-slice (acc, m, l) in float32 out, and the padded query

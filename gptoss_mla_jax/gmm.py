@@ -41,7 +41,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int, UInt8
 
-from gptoss_mla_jax.flash_decode import pl_triton, triton_launch
+from gptoss_mla_jax.flash_decode import masked_load, pl_triton, triton_launch
 from gptoss_mla_jax.mxfp4 import BLOCK, e2m1, mx_scale
 
 
@@ -123,11 +123,6 @@ def _cdiv(a: int, b: int) -> int:
 
 def _iota(n: int) -> Array:
     return jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
-
-
-def _load(ref, mask=None):
-    """A tile, zero where `mask` (broadcast to the tile) is False."""
-    return ref[...] if mask is None else pl_triton.load(ref, mask=mask, other=0)
 
 
 def _pad_rows(x: Array, rows: int) -> Array:
@@ -255,7 +250,7 @@ def _store_product(
     def compute():
         acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((tiles.rows, tiles.cols), jnp.float32))
         if bias_ref is not None:
-            bias = _load(bias_ref.at[site.gc, site.cols], site.col_ok if ragged else None)
+            bias = masked_load(bias_ref.at[site.gc, site.cols], site.col_ok if ragged else None)
             acc += bias.astype(jnp.float32)[None, :]
         return [acc]
 
@@ -339,12 +334,14 @@ def _gmm_kernel(
     def step(kk, acc):
         depth = pl.ds(kk * tiles.depth, tiles.depth)
         k_ok = kk * tiles.depth + _iota(tiles.depth) < K
-        x = _load(lhs_ref.at[site.rows, depth], k_ok[None, :] if ragged_k else None)
+        x = masked_load(lhs_ref.at[site.rows, depth], k_ok[None, :] if ragged_k else None)
         if transpose_rhs:
             mask = site.col_ok[:, None] & k_ok[None, :] if ragged_n or ragged_k else None
-            return acc + _dot(x, _load(rhs_ref.at[site.gc, site.cols, depth], mask).astype(x.dtype), (1, 1))
+            return acc + _dot(
+                x, masked_load(rhs_ref.at[site.gc, site.cols, depth], mask).astype(x.dtype), (1, 1)
+            )
         mask = k_ok[:, None] & site.col_ok[None, :] if ragged_n or ragged_k else None
-        return acc + _dot(x, _load(rhs_ref.at[site.gc, depth, site.cols], mask).astype(x.dtype), (1, 0))
+        return acc + _dot(x, masked_load(rhs_ref.at[site.gc, depth, site.cols], mask).astype(x.dtype), (1, 0))
 
     _store_product(out_ref, bias_ref, site, step, _cdiv(K, tiles.depth), tiles, n_groups, ragged_n)
 
@@ -364,12 +361,12 @@ def _mxfp4_kernel(
         byte_ok = kk * half + _iota(half) < K // 2
         group_ok = kk * groups + _iota(groups) < K // BLOCK
         mask = lambda ok: site.col_ok[:, None] & ok[None, :] if ragged else None
-        packed = _load(blocks_ref.at[site.gc, site.cols, pl.ds(kk * half, half)], mask(byte_ok))
-        exponents = _load(scales_ref.at[site.gc, site.cols, pl.ds(kk * groups, groups)], mask(group_ok))
+        packed = masked_load(blocks_ref.at[site.gc, site.cols, pl.ds(kk * half, half)], mask(byte_ok))
+        exponents = masked_load(scales_ref.at[site.gc, site.cols, pl.ds(kk * groups, groups)], mask(group_ok))
         low, high = _decode(packed, exponents, even_ref.dtype, interpret)
         x_mask = byte_ok[None, :] if ragged else None
-        x_even = _load(even_ref.at[site.rows, pl.ds(kk * half, half)], x_mask)
-        x_odd = _load(odd_ref.at[site.rows, pl.ds(kk * half, half)], x_mask)
+        x_even = masked_load(even_ref.at[site.rows, pl.ds(kk * half, half)], x_mask)
+        x_odd = masked_load(odd_ref.at[site.rows, pl.ds(kk * half, half)], x_mask)
         return acc + _dot(x_even, low, (1, 1)) + _dot(x_odd, high, (1, 1))
 
     _store_product(out_ref, bias_ref, site, step, _cdiv(K, tiles.depth), tiles, n_groups, ragged)
@@ -389,10 +386,10 @@ def _mxfp4_t_kernel(*refs, tiles: Tiles, n_groups: int, n_map: int, K: int, N: i
         n_ok = c * tiles.depth + _iota(tiles.depth) < N
         w_rows = pl.ds(c * tiles.depth, tiles.depth)
         mask = lambda ok: n_ok[:, None] & ok[None, :] if ragged else None
-        packed = _load(blocks_ref.at[site.gc, w_rows, site.cols], mask(site.col_ok))
-        exponents = _load(scales_ref.at[site.gc, w_rows, pl.ds(kb * groups, groups)], mask(group_ok))
+        packed = masked_load(blocks_ref.at[site.gc, w_rows, site.cols], mask(site.col_ok))
+        exponents = masked_load(scales_ref.at[site.gc, w_rows, pl.ds(kb * groups, groups)], mask(group_ok))
         low, high = _decode(packed, exponents, dout_ref.dtype, interpret)
-        d = _load(dout_ref.at[site.rows, w_rows], n_ok[None, :] if ragged else None)
+        d = masked_load(dout_ref.at[site.rows, w_rows], n_ok[None, :] if ragged else None)
         return accs[0] + _dot(d, low, (1, 0)), accs[1] + _dot(d, high, (1, 0))
 
     zeros = jnp.zeros((tiles.rows, half), jnp.float32)
@@ -414,8 +411,8 @@ def _tgmm_kernel(start_ref, end_ref, lhs_ref, dout_ref, out_ref, *, tiles: Tiles
     def step(t, acc):
         row_ids = t * tiles.rows + _iota(tiles.rows)
         mine = ((row_ids >= start) & (row_ids < end))[:, None]
-        x = _load(lhs_ref.at[pl.ds(t * tiles.rows, tiles.rows), k_cols], mine & k_ok[None, :])
-        d = _load(dout_ref.at[pl.ds(t * tiles.rows, tiles.rows), n_cols], mine & n_ok[None, :])
+        x = masked_load(lhs_ref.at[pl.ds(t * tiles.rows, tiles.rows), k_cols], mine & k_ok[None, :])
+        d = masked_load(dout_ref.at[pl.ds(t * tiles.rows, tiles.rows), n_cols], mine & n_ok[None, :])
         return acc + _dot(x, d, (0, 0))
 
     last = jnp.where(end > start, (end + tiles.rows - 1) // tiles.rows, start // tiles.rows)

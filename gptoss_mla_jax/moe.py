@@ -96,23 +96,22 @@ def moe_sparse(
     them, and more pairs are grouped by expert and multiplied as `grouped` says."""
     flat = x.reshape(-1, x.shape[-1])
     n, k = flat.shape[0], config.num_experts_per_tok
-    if kernels and n <= routing.MAX_TOKENS and n * k <= ALIGN * config.num_local_experts:
+    if kernels and n <= routing.MAX_TOKENS and _aligns(n, config):
         # A decode batch's router and aligned layout in one kernel.
         router = p["router"]
         weights, _, slot, padded = routing.decode_routing(
             flat, router["kernel"], router["bias"], k, ALIGN, interpret=not runs_compiled()
         )
         y = _aligned_experts(p["experts"], flat, slot, padded, config).reshape(n, k, -1)
-        out = jnp.einsum("nk,nkd->nd", weights.astype(y.dtype), y, preferred_element_type=jnp.float32)
-        return out.astype(x.dtype).reshape(x.shape)
-    weights, idx = route(p, flat, config)
-    if kernels:
-        y = _grouped_experts(p["experts"], flat, idx, config, kernel=True)
-    elif n * k < config.num_local_experts:
-        y = _selected_experts(p["experts"], flat, idx, config)
     else:
-        kernel = grouped == "gmm" or (grouped == "auto" and runs_compiled())
-        y = _grouped_experts(p["experts"], flat, idx, config, kernel)
+        weights, idx = route(p, flat, config)
+        if kernels:
+            y = _grouped_experts(p["experts"], flat, idx, config, kernel=True)
+        elif n * k < config.num_local_experts:
+            y = _selected_experts(p["experts"], flat, idx, config)
+        else:
+            kernel = grouped == "gmm" or (grouped == "auto" and runs_compiled())
+            y = _grouped_experts(p["experts"], flat, idx, config, kernel)
     out = jnp.einsum("nk,nkd->nd", weights.astype(y.dtype), y, preferred_element_type=jnp.float32)
     return out.astype(x.dtype).reshape(x.shape)
 
@@ -141,6 +140,11 @@ def _selected_experts(
 # expert in each tile. (Aligning 32-row tiles at batch 256 doubled the time: an expert's ~32 pairs spill
 # into a second, mostly empty tile.)
 ALIGN = 16
+
+
+def _aligns(n: int, config: GptOssConfig) -> bool:
+    """Whether n tokens' pairs take the aligned layout: at most ALIGN per expert on average."""
+    return n * config.num_experts_per_tok <= ALIGN * config.num_local_experts
 
 
 def _aligned_slots(
@@ -185,7 +189,7 @@ def _grouped_experts(
     expert's rows aligned to the row tile, placed without sorting) or ragged_dot."""
     n, k = idx.shape
     expert, E = idx.reshape(-1), config.num_local_experts
-    if kernel and n * k <= ALIGN * E:
+    if kernel and _aligns(n, config):
         # Counted by comparison, not bincount's scatter: XLA fuses it with the slots' arithmetic.
         group_sizes = jnp.sum(expert[:, None] == jnp.arange(E), axis=0, dtype=jnp.int32)
         slot, padded = _aligned_slots(expert, group_sizes, ALIGN)

@@ -27,7 +27,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int
 
-from gptoss_mla_jax.flash_decode import MIN_ROWS, pl_triton, triton_launch
+from gptoss_mla_jax.flash_decode import MIN_ROWS, masked_load, triton_launch
 
 MAX_TOKENS = 64  # one program holds every token: decode batches up to 64
 DEPTH = 64  # rows of the router's kernel (its contraction) read per step: gpt-oss-20b's 2880 = 45 x 64
@@ -36,10 +36,6 @@ NEG = -1e30
 
 def _iota(shape: tuple[int, ...], axis: int) -> Array:
     return jax.lax.broadcasted_iota(jnp.int32, shape, axis)
-
-
-def _load(ref, mask):
-    return pl_triton.load(ref, mask=mask, other=0) if pl_triton is not None else jnp.where(mask, ref[...], 0)
 
 
 def _pick(table: Array, index: Array) -> Array:
@@ -58,12 +54,12 @@ def _routing_kernel(
     def step(i, acc):
         depth = pl.ds(i * DEPTH, DEPTH)
         d_ok = i * DEPTH + _iota((1, DEPTH), 1) < D
-        x = _load(x_ref.at[:, depth], rows_ok & d_ok)
-        w = _load(w_ref.at[depth, pl.ds(0, cols)], (i * DEPTH + _iota((DEPTH, 1), 0) < D) & experts_ok)
+        x = masked_load(x_ref.at[:, depth], rows_ok & d_ok)
+        w = masked_load(w_ref.at[depth, pl.ds(0, cols)], (i * DEPTH + _iota((DEPTH, 1), 0) < D) & experts_ok)
         return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
 
     acc = jax.lax.fori_loop(0, pl.cdiv(D, DEPTH), step, jnp.zeros((rows, cols), jnp.float32))
-    bias = _load(b_ref, experts_ok.reshape(cols))
+    bias = masked_load(b_ref, experts_ok.reshape(cols))
     logits = (acc.astype(x_ref.dtype) + bias[None, :]).astype(jnp.float32)
     logits = jnp.where(experts_ok, logits, NEG)
 

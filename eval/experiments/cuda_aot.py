@@ -81,17 +81,20 @@ MODELS = ("gqa", "mla", "mla_rorope")
 
 
 def model_config(model: str):
-    """gpt-oss-20b as shipped (`gqa`), or its full-attention layers converted to MLA at 192 values per
-    token: `mla` the default (decompressed, latent 192), `mla_rorope` one mixed RoPE component per pair
-    (64 values) and a latent of 128, as `eval.bench.decode` builds them."""
+    """gpt-oss-20b as shipped (`gqa`), or its full-attention layers converted to MLA at the default 192
+    values per token: `mla` the default conversion (decompressed, that latent), `mla_rorope` one mixed RoPE
+    component per pair (head_dim values) and the rest as latent, as `eval.bench.decode` builds them."""
     from gptoss_mla_jax.config import FULL, GPT_OSS_20B, MlaConfig
+    from weights.to_mla import DEFAULT_LATENT_DIM
 
     config = GPT_OSS_20B
     full = tuple(i for i, kind in enumerate(config.layer_types) if kind == FULL)
     if model == "mla":
-        return dataclasses.replace(config, mla=MlaConfig("decompressed", full, (192,) * len(full)))
+        mla = MlaConfig("decompressed", full, (DEFAULT_LATENT_DIM,) * len(full))
+        return dataclasses.replace(config, mla=mla)
     if model == "mla_rorope":
-        mla = MlaConfig("rorope", full, (128,) * len(full), rope_components=(1,) * len(full))
+        latent = (DEFAULT_LATENT_DIM - config.head_dim,) * len(full)
+        mla = MlaConfig("rorope", full, latent, rope_components=(1,) * len(full))
         return dataclasses.replace(config, mla=mla)
     return config
 
