@@ -189,8 +189,16 @@ def heal(teacher, config, student, student_config, sequences: np.ndarray, args) 
     return assemble_student(teacher, trained, student_config, jnp.float32)
 
 
-def matrix(args) -> list[tuple[str, str, float, str]]:
-    return list(itertools.product(args.layers, args.modes, args.reductions, args.inits))
+def matrix(args, G: int, d: int) -> list[tuple[str, str, float, str]]:
+    """Every (layers, mode, reduction, init) asked for, less the modes whose RoPE values alone fill the
+    cache at that reduction (no latent left), said once each."""
+    rows = []
+    for m in itertools.product(args.layers, args.modes, args.reductions, args.inits):
+        if latent_dim_for(m[2], m[1], G, d) >= 1:
+            rows.append(m)
+        elif m == (args.layers[0], m[1], m[2], args.inits[0]):
+            print(f"skipped: {m[1]} keeps no latent at {m[2]:.2%} less cache", flush=True)
+    return rows
 
 
 def key(layers: str, mode: str, reduction: float, init: str) -> str:
@@ -433,6 +441,7 @@ def main(argv=None) -> int:
         result["rows"] += [r for r in extra["rows"] if row_key(r) not in have]
     rows = {row_key(r): r for r in result["rows"]}
     G, d = config.num_key_value_heads, config.head_dim
+    todo = matrix(args, G, d)
 
     # Kept for the healing phase of the same process: a student shares every leaf but its converted
     # layers' attention with the teacher, so holding one costs little.
@@ -455,7 +464,7 @@ def main(argv=None) -> int:
 
     # Phase 1, every conversion scored (cheap); phase 2, distillation, most telling rows first (high
     # reductions, pca), so a time-limited run leaves the least important ones for later.
-    for m in matrix(args):
+    for m in todo:
         if key(*m) in rows or out_of_time():
             continue
         layers, mode, reduction, init = m
@@ -482,7 +491,7 @@ def main(argv=None) -> int:
         result["rows"].append(row)
         write_json(f"{args.out}.json", result)
         print(json.dumps(row), flush=True)
-    for m in sorted(matrix(args), key=lambda m: (-m[2], m[3] != "pca", m[1], m[0])):
+    for m in sorted(todo, key=lambda m: (-m[2], m[3] != "pca", m[1], m[0])):
         row = rows.get(key(*m))
         if row is None or "distilled" in row or out_of_time():
             continue
@@ -498,7 +507,7 @@ def main(argv=None) -> int:
         write_json(f"{args.out}.json", result)
         print(json.dumps(row), flush=True)
     if result["rows"]:
-        order = {key(*m): i for i, m in enumerate(matrix(args))}
+        order = {key(*m): i for i, m in enumerate(todo)}
         result["rows"].sort(key=lambda r: order.get(row_key(r), len(order)))
         write_json(f"{args.out}.json", result)
         with open(f"{args.out}.md", "w") as f:

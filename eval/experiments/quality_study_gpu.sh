@@ -17,6 +17,15 @@ if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
 fi
+# The teacher is trained by a process of its own with deterministic XLA (no atomics, no timed autotuning), so
+# every fresh machine of the same kind trains the same weights (the results' teacher fingerprint says so)
+# and one study can grow over several allocations; rows are then computed with the usual fast flags.
+if [ ! -d "$STUDY/teacher" ]; then
+  XLA_FLAGS="--xla_gpu_deterministic_ops=true --xla_gpu_autotune_level=0" python -m eval.experiments.quality_study \
+    --teacher "$STUDY/teacher" --time-limit 1 --layers full --out "$STUDY/teacher_header" ${STUDY_ARGS:-} \
+    >> "$STUDY/teacher.log" 2>&1
+  cp "$STUDY/teacher.log" "$OUT/"
+fi
 run() {  # run GPU LAYERS: one process, ending by END
   local left=$((END - SECONDS))
   [ "$left" -gt 100 ] || return
