@@ -206,23 +206,22 @@ def _site(map_refs, n_groups: int, tiles: Tiles, width: int, cols: int) -> _Site
 
 def _aligned_group(sizes_ref, n_groups: int, first) -> tuple[Array, Array, Array]:
     """(group, its first row, its end) of the row tile starting at `first` when every group starts at a
-    multiple of the tile: a scan of the group sizes (group `n_groups` past them, to the end of the rows)."""
+    multiple of the tile (group `n_groups` past them, to the end of the rows). The sizes are read as one
+    vector (`sizes_ref`'s block is `_sizes_block`) and their running sums taken on chip: a scalar load per
+    group, one after the other, would put their memory latencies in series before every program's work."""
+    ids = _iota(_sizes_block(n_groups))
+    sizes = masked_load(sizes_ref, ids < n_groups)
+    ends = jnp.sum(jnp.where(ids[None, :] <= ids[:, None], sizes[None, :], 0), axis=1)  # [g]: sizes <= g
+    done = ends <= first  # groups ending at or before the tile (padding: only once every group is)
+    g = jnp.sum((done & (ids < n_groups)).astype(jnp.int32))
+    start = jnp.max(jnp.where(done, ends, 0))
+    end = jnp.min(jnp.where(done, jnp.iinfo(jnp.int32).max, ends))
+    return g, start, end
 
-    def body(j, carry):
-        total, g, start, end = carry
-        size = sizes_ref[j]
-        inside = (total <= first) & (first < total + size)
-        return (
-            total + size,
-            jnp.where(inside, j, g),
-            jnp.where(inside, total, start),
-            jnp.where(inside, total + size, end),
-        )
 
-    zero = jnp.int32(0)
-    total, g, start, end = jax.lax.fori_loop(0, n_groups, body, (zero, jnp.int32(n_groups), zero, zero))
-    past = g == n_groups
-    return g, jnp.where(past, total, start), jnp.where(past, jnp.iinfo(jnp.int32).max, end)
+def _sizes_block(n_groups: int) -> int:
+    """The group sizes' block: a power of two (a vector on chip), masked past the groups."""
+    return pl.next_power_of_2(n_groups)
 
 
 def _store_tile(out_refs, site: _Site, n_groups: int, compute):
@@ -425,11 +424,16 @@ def _tgmm_kernel(start_ref, end_ref, lhs_ref, dout_ref, out_ref, *, tiles: Tiles
 # ---- launches ----------------------------------------------------------------------------------------------
 
 
-def _launch(kernel, grid, args, out_shape, tiles: Tiles, interpret: bool):
+def _launch(kernel, grid, args, out_shape, tiles: Tiles, interpret: bool, sizes_first: bool = False):
+    """`kernel` over `grid` with every array whole; `sizes_first`: args[0] is the group sizes the
+    programs read for their group (`_aligned_group`), as a power-of-two block."""
+    specs = [_whole(a) for a in args]
+    if sizes_first:
+        specs[0] = pl.BlockSpec((_sizes_block(args[0].shape[0]),), lambda *_: (0,))
     call = pl.pallas_call(
         kernel,
         grid=grid,
-        in_specs=[_whole(a) for a in args],
+        in_specs=specs,
         out_specs=jax.tree.map(_whole, out_shape),
         out_shape=out_shape,
         compiler_params=triton_launch(tiles.warps, tiles.stages, interpret),
@@ -467,7 +471,7 @@ def grouped_product(
         n_pairs = tm.group.shape[0]
     else:  # groups at multiples of the tile: program i takes tile i and finds its group from the sizes
         tm, n_pairs = (group_sizes,), x.shape[0] // tiles.rows
-    n_groups, n_map = group_sizes.shape[0], len(tm)
+    n_groups, n_map, aligned = group_sizes.shape[0], len(tm), rows is not None
     if packed:
         if (tiles.cols if transpose_rhs else tiles.depth) % BLOCK:
             raise ValueError(
@@ -482,7 +486,9 @@ def grouped_product(
                 _mxfp4_t_kernel, tiles=tiles, n_groups=n_groups, n_map=n_map, K=K, N=N_w, interpret=interpret
             )
             grid = (_cdiv(K, tiles.cols), n_pairs)
-            even, odd = _launch(kernel, grid, (*tm, x, blocks, rhs.scales), (half, half), tiles, interpret)
+            even, odd = _launch(
+                kernel, grid, (*tm, x, blocks, rhs.scales), (half, half), tiles, interpret, aligned
+            )
             out = jnp.stack([even, odd], axis=-1).reshape(x.shape[0], K)
         else:  # lhs [M, K] @ W[g]^T -> [M, N_w]
             K, N = lhs.shape[1], N_w
@@ -500,7 +506,7 @@ def grouped_product(
                 has_bias=bias is not None, interpret=interpret,
             )  # fmt: skip
             shape = jax.ShapeDtypeStruct((x.shape[0], N), lhs.dtype)
-            out = _launch(kernel, (_cdiv(N, tiles.cols), n_pairs), args, shape, tiles, interpret)
+            out = _launch(kernel, (_cdiv(N, tiles.cols), n_pairs), args, shape, tiles, interpret, aligned)
     else:
         K, N = (rhs.shape[2], rhs.shape[1]) if transpose_rhs else rhs.shape[1:]
         args = (*tm, x, rhs, *([bias] if bias is not None else []))
@@ -509,7 +515,7 @@ def grouped_product(
             has_bias=bias is not None,
         )  # fmt: skip
         shape = jax.ShapeDtypeStruct((x.shape[0], N), lhs.dtype)
-        out = _launch(kernel, (_cdiv(N, tiles.cols), n_pairs), args, shape, tiles, interpret)
+        out = _launch(kernel, (_cdiv(N, tiles.cols), n_pairs), args, shape, tiles, interpret, aligned)
     return out[:M]
 
 

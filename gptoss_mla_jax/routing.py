@@ -14,12 +14,15 @@ they are mostly launches around 184 KB of router weights. One program does it al
   product over the tokens' one-hot choices.
 
 One program holds every token, so this serves decode batches (`MAX_TOKENS`); `moe` keeps its jnp path
-above that. Backend: `pl.pallas_call` with whole-array blocks and masked loads, lowered through Pallas'
+above that. The router's weights stream through that one program, `RouterLaunch.depth` rows a step with
+`stages` of software pipelining, so the steps' loads overlap instead of each waiting out the memory's
+latency (`LAUNCH`, chosen by `eval.bench.decode --moe`). Backend: `pl.pallas_call` with whole-array blocks and masked loads, lowered through Pallas'
 Triton backend on the GPU and run by the CPU interpreter in CI, like the other kernels.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import jax
@@ -30,8 +33,20 @@ from jaxtyping import Array, Float, Int
 from gptoss_mla_jax.flash_decode import MIN_ROWS, masked_load, triton_launch
 
 MAX_TOKENS = 64  # one program holds every token: decode batches up to 64
-DEPTH = 64  # rows of the router's kernel (its contraction) read per step: gpt-oss-20b's 2880 = 45 x 64
 NEG = -1e30
+
+
+@dataclasses.dataclass(frozen=True)
+class RouterLaunch:
+    """The kernel's launch: `depth` rows of the router's kernel (its contraction) per step, `warps` for the
+    program, `stages` of software pipelining of those steps."""
+
+    depth: int = 256
+    warps: int = 4
+    stages: int = 3
+
+
+LAUNCH = RouterLaunch()
 
 
 def _iota(shape: tuple[int, ...], axis: int) -> Array:
@@ -45,20 +60,19 @@ def _pick(table: Array, index: Array) -> Array:
 
 def _routing_kernel(
     x_ref, w_ref, b_ref, weights_ref, experts_ref, slot_ref, padded_ref, *, n: int, D: int, E: int, k: int,
-    align: int,
+    align: int, depth: int,
 ):  # fmt: skip
     rows, cols = weights_ref.shape[0], w_ref.shape[1]  # tokens and experts, padded to powers of two
     rows_ok = _iota((rows, 1), 0) < n
     experts_ok = _iota((1, cols), 1) < E
 
     def step(i, acc):
-        depth = pl.ds(i * DEPTH, DEPTH)
-        d_ok = i * DEPTH + _iota((1, DEPTH), 1) < D
-        x = masked_load(x_ref.at[:, depth], rows_ok & d_ok)
-        w = masked_load(w_ref.at[depth, pl.ds(0, cols)], (i * DEPTH + _iota((DEPTH, 1), 0) < D) & experts_ok)
+        at = pl.ds(i * depth, depth)
+        x = masked_load(x_ref.at[:, at], rows_ok & (i * depth + _iota((1, depth), 1) < D))
+        w = masked_load(w_ref.at[at, pl.ds(0, cols)], (i * depth + _iota((depth, 1), 0) < D) & experts_ok)
         return acc + jnp.dot(x, w, preferred_element_type=jnp.float32)
 
-    acc = jax.lax.fori_loop(0, pl.cdiv(D, DEPTH), step, jnp.zeros((rows, cols), jnp.float32))
+    acc = jax.lax.fori_loop(0, pl.cdiv(D, depth), step, jnp.zeros((rows, cols), jnp.float32))
     bias = masked_load(b_ref, experts_ok.reshape(cols))
     logits = (acc.astype(x_ref.dtype) + bias[None, :]).astype(jnp.float32)
     logits = jnp.where(experts_ok, logits, NEG)
@@ -105,7 +119,7 @@ def _pow2(n: int, least: int = 1) -> int:
     return max(least, pl.next_power_of_2(n))
 
 
-@functools.partial(jax.jit, static_argnames=("k", "align", "interpret"))
+@functools.partial(jax.jit, static_argnames=("k", "align", "interpret", "launch"))
 def decode_routing(
     x: Float[Array, "N D"],
     kernel: Float[Array, "D E"],
@@ -113,6 +127,7 @@ def decode_routing(
     k: int,
     align: int,
     interpret: bool = False,
+    launch: RouterLaunch = LAUNCH,
 ) -> tuple[Float[Array, "N k"], Int[Array, "N k"], Int[Array, " Nk"], Int[Array, " E"]]:
     """(routing weights, experts, each pair's row in the aligned layout [N * k] in token order, the padded
     group sizes) of N <= MAX_TOKENS tokens; see the module docstring. (A NaN row of logits, from NaN inputs,
@@ -132,12 +147,12 @@ def decode_routing(
     # The blocks are tiles of `rows` tokens and `cols` experts, larger than the arrays where n or E are
     # not such tiles: the kernel's masked loads read only what the arrays hold (no padded copies).
     weights, experts, slot, padded = pl.pallas_call(
-        functools.partial(_routing_kernel, n=n, D=D, E=E, k=k, align=align),
+        functools.partial(_routing_kernel, n=n, D=D, E=E, k=k, align=align, depth=launch.depth),
         grid=(1,),
         in_specs=[whole((rows, D)), whole((D, cols)), whole((cols,))],
         out_specs=[whole(s.shape) for s in out_shape],
         out_shape=out_shape,
-        compiler_params=triton_launch(4, 1, interpret),
+        compiler_params=triton_launch(launch.warps, launch.stages, interpret),
         interpret=interpret,
     )(x, kernel, bias)
     return weights[:n, :k], experts[:n, :k], slot[:n, :k].reshape(-1), padded[:E]

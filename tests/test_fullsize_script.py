@@ -130,7 +130,8 @@ def test_kernel_benchmark_without_the_stock_peer(monkeypatch):
 
 def test_moe_benchmark_runs_at_a_small_size(tmp_path):
     """--moe on the CPU interpreter: per batch, the MoE on the grouped kernel (each launch) equal to the
-    float32 reference, the jnp path timed, and the byte floor counting each distinct selected expert once."""
+    float32 reference, the jnp path timed, the byte floor counting each distinct selected expert once, and the
+routing kernel's launches timed beside the jnp routing, with the same layout."""
     from eval.bench import decode as bench_decode
 
     out = tmp_path / "moe.json"
@@ -145,6 +146,9 @@ def test_moe_benchmark_runs_at_a_small_size(tmp_path):
         assert row["kernel_ms"] > 0 and row["jnp_ms"] > 0
         assert k <= row["distinct_experts"] <= row["pairs"] == k * row["batch"]
         assert row["bytes"] >= row["distinct_experts"] * head["expert_bytes"]
+        # the routing kernel at each launch lays the pairs out as the jnp path does
+        assert row["routing"]["jnp_ms"] > 0 and len(row["routing"]["kernel"]) == 2
+        assert all(c["same_layout"] and c["ms"] > 0 for c in row["routing"]["kernel"])
 
 
 def test_decode_profile_runs_at_a_small_size(shared_models, tmp_path):

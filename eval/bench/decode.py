@@ -34,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eval.bench.timing import timed
-from gptoss_mla_jax import flash_decode, mla
+from gptoss_mla_jax import flash_decode, mla, routing
 from gptoss_mla_jax.attention import attend
 from gptoss_mla_jax.cache import accounting, init_cache
 from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig, MlaConfig
@@ -345,7 +345,17 @@ def sweep(make, settings: list[dict], args, want, nbytes: int, copy: float, repe
 # tried by --moe: (output columns, contraction step, warps, stages); the table's first.
 MOE_LAUNCHES = [
     dict(cols=cols, depth=depth, warps=warps, stages=stages)
-    for cols, depth, warps, stages in ((64, 256, 4, 3), (64, 128, 4, 4), (32, 256, 4, 3), (128, 128, 4, 3))
+    for cols, depth, warps, stages in (
+        (64, 256, 4, 3), (64, 128, 4, 4), (32, 256, 4, 3), (128, 128, 4, 3), (32, 256, 4, 4),
+        (32, 512, 4, 3), (64, 512, 4, 2), (128, 256, 8, 3),
+    )
+]  # fmt: skip
+# Routing kernel launches tried by --moe where it serves the batch (depth, warps, stages): default first.
+ROUTER_LAUNCHES = [
+    dict(depth=depth, warps=warps, stages=stages)
+    for depth, warps, stages in (
+        (256, 4, 3), (64, 4, 1), (128, 4, 4), (256, 8, 3), (512, 4, 2), (512, 8, 3), (1024, 8, 2)
+    )
 ]  # fmt: skip
 
 
@@ -355,12 +365,49 @@ def in_loop(fn, inner: int):
     return jax.jit(lambda p, x: jax.lax.fori_loop(0, inner, lambda _, x: fn(p, x), x))
 
 
+def routing_rows(p, flat, config: GptOssConfig, ms, smoke: bool) -> dict:
+    """A decode batch's routing (router, top-k, softmax, the aligned layout) timed by `ms`: the routing
+    kernel at each of ROUTER_LAUNCHES, and the jnp path (`moe.route` and `moe._aligned_slots`), each
+    result folded into the loop's carry by a product with zero so that no iteration is dead code."""
+    from gptoss_mla_jax.moe import ALIGN, _aligned_slots, route
+
+    k, E = config.num_experts_per_tok, config.num_local_experts
+
+    def carried(fn):
+        def step(p, x):
+            outs = fn(p, x.reshape(x.shape[0], -1))
+            dep = sum(jnp.sum(o.astype(jnp.float32)) for o in outs)
+            return x + (0 * dep).astype(x.dtype)
+
+        return step
+
+    def on_jnp(p, flat):
+        weights, idx = route(p, flat, config)
+        expert = idx.reshape(-1)
+        slot, padded = _aligned_slots(expert, jnp.sum(expert[:, None] == jnp.arange(E), 0, jnp.int32), ALIGN)
+        return weights, slot, padded
+
+    want = jax.jit(on_jnp)(p, flat)
+    out = {"jnp_ms": ms(carried(on_jnp), x=flat[:, None]), "kernel": []}
+    for launch in ROUTER_LAUNCHES[:2] if smoke else ROUTER_LAUNCHES:
+        kernel = functools.partial(
+            lambda p, flat, launch: routing.decode_routing(
+                flat, p["router"]["kernel"], p["router"]["bias"], k, ALIGN,
+                interpret=not flash_decode.runs_compiled(), launch=routing.RouterLaunch(**launch),
+            ), launch=launch,
+        )  # fmt: skip
+        got = jax.jit(kernel)(p, flat)
+        same = bool((got[2] == want[1]).all() & (got[3] == want[2]).all())
+        out["kernel"].append(launch | {"ms": ms(carried(kernel), x=flat[:, None]), "same_layout": same})
+    return out
+
+
 def moe_rows(batches: list[int], repeats: int, smoke: bool, log) -> list[dict]:
     """One layer's MoE in a decode step at each batch, MXFP4 experts: on the kernels (the grouped matmul,
     each launch of MOE_LAUNCHES) and on the jnp path (gather the selected experts, dequantize, multiply),
-    each timed on the device (`in_loop`); the byte floor (the distinct selected experts' packed bytes, read
-    once, over the copy bandwidth); and the kernels' largest difference from the float32 reference on the
-    same routing."""
+    each timed on the device (`in_loop`), and its routing alone (`routing_rows`); the byte floor (the
+    distinct selected experts' packed bytes, read once, over the copy bandwidth); and the kernels' largest
+    difference from the float32 reference on the same routing."""
     from gptoss_mla_jax import gmm as gmm_lib
     from gptoss_mla_jax.gmm import Tiles
     from gptoss_mla_jax.moe import moe_dense, moe_sparse, route
@@ -407,6 +454,8 @@ def moe_rows(batches: list[int], repeats: int, smoke: bool, log) -> list[dict]:
         ran = [c for c in configs if "ms" in c]
         best = min(ran, key=lambda c: c["ms"])
         row |= {"configs": configs, "kernel_ms": best["ms"], "kernel_launch": best}
+        if batch <= routing.MAX_TOKENS:
+            row["routing"] = routing_rows(p, x.reshape(batch, -1), config, ms, smoke)
         row["kernel_over_floor"] = best["ms"] / row["floor_ms"]
         row["max_abs_error"] = max(c["max_abs_error"] for c in ran)
         log(row)
