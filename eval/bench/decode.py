@@ -354,7 +354,7 @@ MOE_LAUNCHES = [
 ROUTER_LAUNCHES = [
     dict(depth=depth, warps=warps, stages=stages)
     for depth, warps, stages in (
-        (256, 4, 3), (64, 4, 1), (128, 4, 4), (256, 8, 3), (512, 4, 2), (512, 8, 3), (1024, 8, 2)
+        (256, 4, 3), (64, 4, 1), (128, 4, 4), (256, 8, 3), (512, 4, 2), (256, 2, 3), (256, 1, 3), (128, 1, 4)
     )
 ]  # fmt: skip
 
@@ -365,21 +365,14 @@ def in_loop(fn, inner: int):
     return jax.jit(lambda p, x: jax.lax.fori_loop(0, inner, lambda _, x: fn(p, x), x))
 
 
-def routing_rows(p, flat, config: GptOssConfig, ms, smoke: bool) -> dict:
-    """A decode batch's routing (router, top-k, softmax, the aligned layout) timed by `ms`: the routing
-    kernel at each of ROUTER_LAUNCHES, and the jnp path (`moe.route` and `moe._aligned_slots`), each
-    result folded into the loop's carry by a product with zero so that no iteration is dead code."""
+def routing_rows(p, flat, config: GptOssConfig, smoke: bool) -> dict:
+    """A decode batch's routing (router, top-k, softmax, the aligned layout), its device time per call
+    (`device_us`): the routing kernel at each of ROUTER_LAUNCHES, and the jnp path (`moe.route` and
+    `moe._aligned_slots`, several XLA kernels) for comparison; each kernel launch's layout checked equal to
+    the jnp path's."""
     from gptoss_mla_jax.moe import ALIGN, _aligned_slots, route
 
     k, E = config.num_experts_per_tok, config.num_local_experts
-
-    def carried(fn):
-        def step(p, x):
-            outs = fn(p, x.reshape(x.shape[0], -1))
-            dep = sum(jnp.sum(o.astype(jnp.float32)) for o in outs)
-            return x + (0 * dep).astype(x.dtype)
-
-        return step
 
     def on_jnp(p, flat):
         weights, idx = route(p, flat, config)
@@ -387,18 +380,21 @@ def routing_rows(p, flat, config: GptOssConfig, ms, smoke: bool) -> dict:
         slot, padded = _aligned_slots(expert, jnp.sum(expert[:, None] == jnp.arange(E), 0, jnp.int32), ALIGN)
         return weights, slot, padded
 
-    want = jax.jit(on_jnp)(p, flat)
-    out = {"jnp_ms": ms(carried(on_jnp), x=flat[:, None]), "kernel": []}
+    on_jnp = jax.jit(on_jnp)
+    want = on_jnp(p, flat)
+    out = {"jnp": device_us(on_jnp, p, flat), "kernel": []}
     for launch in ROUTER_LAUNCHES[:2] if smoke else ROUTER_LAUNCHES:
-        kernel = functools.partial(
-            lambda p, flat, launch: routing.decode_routing(
-                flat, p["router"]["kernel"], p["router"]["bias"], k, ALIGN,
-                interpret=not flash_decode.runs_compiled(), launch=routing.RouterLaunch(**launch),
-            ), launch=launch,
+        kernel = jax.jit(
+            functools.partial(
+                lambda p, flat, tiles: routing.decode_routing(
+                    flat, p["router"]["kernel"], p["router"]["bias"], k, ALIGN,
+                    interpret=not flash_decode.runs_compiled(), launch=tiles,
+                ), tiles=routing.RouterLaunch(**launch),
+            )
         )  # fmt: skip
-        got = jax.jit(kernel)(p, flat)
+        got = kernel(p, flat)
         same = bool((got[2] == want[1]).all() & (got[3] == want[2]).all())
-        out["kernel"].append(launch | {"ms": ms(carried(kernel), x=flat[:, None]), "same_layout": same})
+        out["kernel"].append(launch | device_us(kernel, p, flat) | {"same_layout": same})
     return out
 
 
@@ -446,7 +442,8 @@ def moe_rows(batches: list[int], repeats: int, smoke: bool, log) -> list[dict]:
             try:
                 on_kernels = lambda p, x: moe_sparse(p, x, config, kernels=True)
                 error = float(jnp.abs(jax.jit(on_kernels)(p, x).astype(jnp.float32) - want).max())
-                configs.append(launch | {"ms": ms(on_kernels), "max_abs_error": error})
+                device = device_us(jax.jit(on_kernels), p, x)
+                configs.append(launch | {"ms": ms(on_kernels), "max_abs_error": error, "device": device})
             except Exception as e:  # a launch that does not compile (shared memory) is recorded
                 configs.append(launch | {"error": f"{type(e).__name__}: {e}"[:300]})
             finally:
@@ -455,7 +452,7 @@ def moe_rows(batches: list[int], repeats: int, smoke: bool, log) -> list[dict]:
         best = min(ran, key=lambda c: c["ms"])
         row |= {"configs": configs, "kernel_ms": best["ms"], "kernel_launch": best}
         if batch <= routing.MAX_TOKENS:
-            row["routing"] = routing_rows(p, x.reshape(batch, -1), config, ms, smoke)
+            row["routing"] = routing_rows(p, x.reshape(batch, -1), config, smoke)
         row["kernel_over_floor"] = best["ms"] / row["floor_ms"]
         row["max_abs_error"] = max(c["max_abs_error"] for c in ran)
         log(row)
@@ -463,13 +460,26 @@ def moe_rows(batches: list[int], repeats: int, smoke: bool, log) -> list[dict]:
     return out
 
 
+def traced(run):
+    """`run()` under JAX's profiler: (its wall seconds, the profile)."""
+    import glob
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        jax.profiler.start_trace(folder)
+        t = time.perf_counter()
+        run()
+        wall = time.perf_counter() - t
+        jax.profiler.stop_trace()
+        return wall, jax.profiler.ProfileData.from_file(
+            glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0]
+        )
+
+
 def profile(models_: dict, batch: int, context: int, steps: int) -> dict:
     """A profile of `steps` decode steps on the kernels per model, summarised: kernels launched per step, the
     device's busy time per step (kernels end to end, overlaps counted once) against the wall time, and the
     kernels taking the most time."""
-    import glob
-    import tempfile
-
     out = {}
     for name, (config, params) in models_.items():
         cache = init_cache(config, batch, context)
@@ -480,25 +490,33 @@ def profile(models_: dict, batch: int, context: int, steps: int) -> dict:
                 params, cache, tokens, jax.random.key(0), config, GREEDY, True
             ), params, config,
         )  # fmt: skip
-        tokens, cache = jax.block_until_ready(step(tokens, cache))
-        with tempfile.TemporaryDirectory() as folder:
-            jax.profiler.start_trace(folder)
-            t = time.perf_counter()
+        state = list(jax.block_until_ready(step(tokens, cache)))
+
+        def run(state=state, step=step):
             for _ in range(steps):
-                cache["lengths"] = jnp.full((batch,), context - 1, jnp.int32)
-                tokens, cache = step(tokens, cache)
-            jax.block_until_ready(tokens)
-            wall = time.perf_counter() - t
-            jax.profiler.stop_trace()
-            trace = jax.profiler.ProfileData.from_file(
-                glob.glob(f"{folder}/**/*.xplane.pb", recursive=True)[0]
-            )
+                state[1]["lengths"] = jnp.full((batch,), context - 1, jnp.int32)
+                state[:] = step(*state)
+            jax.block_until_ready(state[0])
+
+        wall, trace = traced(run)
         out[name] = kernel_summary(trace, steps) | {"wall_ms_per_step": 1e3 * wall / steps}
     return out
 
 
-def kernel_summary(trace, steps: int, top: int = 25) -> dict:
-    """Kernel events on the GPU's streams of a profile: count, busy time, and the `top` names by time."""
+def device_us(fn, *args, calls: int = 20) -> dict:
+    """`fn(*args)` (jitted) `calls` times under the profiler: the device's busy microseconds per call and
+    each kernel's (by name): small kernels' own times, which a wall clock buries under dispatch."""
+    jax.block_until_ready(fn(*args))
+    _, trace = traced(lambda: [jax.block_until_ready(fn(*args)) for _ in range(calls)])
+    events = gpu_events(trace)
+    by_name: dict[str, float] = {}
+    for _, duration, name in events:
+        by_name[name[:80]] = by_name.get(name[:80], 0.0) + duration / 1e3 / calls
+    return {"busy_us": busy_ns(events) / 1e3 / calls, "kernels_us": by_name}
+
+
+def gpu_events(trace) -> list[tuple[int, int, str]]:
+    """(start ns, duration ns, name) of the kernels on the GPU's streams of a profile, in start order."""
     events = []
     for plane in trace.planes:
         if not plane.name.startswith("/device:GPU"):
@@ -506,11 +524,22 @@ def kernel_summary(trace, steps: int, top: int = 25) -> dict:
         for line in plane.lines:
             if line.name.startswith("Stream"):
                 events += [(e.start_ns, e.duration_ns, e.name) for e in line.events]
-    events.sort()
+    return sorted(events)
+
+
+def busy_ns(events) -> float:
+    """The union of the events' intervals (overlaps counted once)."""
     busy, end = 0.0, 0.0
-    for start, duration, _ in events:  # union of the intervals
+    for start, duration, _ in events:
         busy += max(0.0, start + duration - max(start, end))
         end = max(end, start + duration)
+    return busy
+
+
+def kernel_summary(trace, steps: int, top: int = 25) -> dict:
+    """Kernel events on the GPU's streams of a profile: count, busy time, and the `top` names by time."""
+    events = gpu_events(trace)
+    busy, end = busy_ns(events), max((start + duration for start, duration, _ in events), default=0.0)
     gaps = sorted(
         ((b[0] - a[0] - a[1], a[2][:60], b[2][:60]) for a, b in itertools.pairwise(events)), reverse=True
     )
