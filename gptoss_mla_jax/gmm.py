@@ -355,36 +355,20 @@ def _mxfp4_kernel(
     site = _site(map_refs, n_groups, tiles, N, tiles.cols)
     half, groups = tiles.depth // 2, tiles.depth // BLOCK
     ragged = N % tiles.cols != 0 or K % tiles.depth != 0
-    steps = _cdiv(K, tiles.depth)
-    # The tile's scale exponents for every step, loaded before the loop (`_exponent_block`): a column's
-    # exponents lie at a stride of K / 32 bytes (90 at gpt-oss's shapes, 2-byte aligned), too narrow for
-    # the asynchronous copies by which Triton pipelines the loop's loads, so a load in each step would wait
-    # out a memory latency every step. Each step picks its own from registers.
-    span = scales_ref.shape[-1]
-    every = masked_load(
-        scales_ref.at[site.gc, site.cols, pl.ds(0, span)],
-        site.col_ok[:, None] & (_iota(span) < K // BLOCK)[None, :],
-    ).reshape(tiles.cols, span // groups, groups)
-    step_ids = jax.lax.broadcasted_iota(jnp.int32, every.shape, 1)
 
     def step(kk, acc):
-        exponents = jnp.sum(jnp.where(step_ids == kk, every.astype(jnp.int32), 0), axis=1)
         byte_ok = kk * half + _iota(half) < K // 2
-        mask = site.col_ok[:, None] & byte_ok[None, :] if ragged else None
-        packed = masked_load(blocks_ref.at[site.gc, site.cols, pl.ds(kk * half, half)], mask)
+        group_ok = kk * groups + _iota(groups) < K // BLOCK
+        mask = lambda ok: site.col_ok[:, None] & ok[None, :] if ragged else None
+        packed = masked_load(blocks_ref.at[site.gc, site.cols, pl.ds(kk * half, half)], mask(byte_ok))
+        exponents = masked_load(scales_ref.at[site.gc, site.cols, pl.ds(kk * groups, groups)], mask(group_ok))
         low, high = _decode(packed, exponents, even_ref.dtype, interpret)
         x_mask = byte_ok[None, :] if ragged else None
         x_even = masked_load(even_ref.at[site.rows, pl.ds(kk * half, half)], x_mask)
         x_odd = masked_load(odd_ref.at[site.rows, pl.ds(kk * half, half)], x_mask)
         return acc + _dot(x_even, low, (1, 1)) + _dot(x_odd, high, (1, 1))
 
-    _store_product(out_ref, bias_ref, site, step, steps, tiles, n_groups, ragged)
-
-
-def _exponent_block(scales_shape: tuple[int, ...], depth: int) -> tuple[int, ...]:
-    """The forward packed kernel's block of the scales [G, N, K / 32]: the exponents of a power-of-two
-    number of contraction steps of `depth` (masked past K), so that a program loads all of its own at once."""
-    return (*scales_shape[:2], pl.next_power_of_2(_cdiv(scales_shape[2] * BLOCK, depth)) * (depth // BLOCK))
+    _store_product(out_ref, bias_ref, site, step, _cdiv(K, tiles.depth), tiles, n_groups, ragged)
 
 
 def _mxfp4_t_kernel(*refs, tiles: Tiles, n_groups: int, n_map: int, K: int, N: int, interpret: bool):
@@ -440,16 +424,12 @@ def _tgmm_kernel(start_ref, end_ref, lhs_ref, dout_ref, out_ref, *, tiles: Tiles
 # ---- launches ----------------------------------------------------------------------------------------------
 
 
-def _origin(ndim: int, *program_ids) -> tuple[int, ...]:
-    return (0,) * ndim
-
-
-def _launch(kernel, grid, args, out_shape, tiles: Tiles, interpret: bool, blocks: dict | None = None):
-    """`kernel` over `grid` with every array whole, or, for the arg indices in `blocks`, as one block of
-    that (larger, power-of-two padded) shape whose loads the kernel masks."""
+def _launch(kernel, grid, args, out_shape, tiles: Tiles, interpret: bool, sizes_first: bool = False):
+    """`kernel` over `grid` with every array whole; `sizes_first`: args[0] is the group sizes the
+    programs read for their group (`_aligned_group`), as a power-of-two block."""
     specs = [_whole(a) for a in args]
-    for i, shape in (blocks or {}).items():
-        specs[i] = pl.BlockSpec(shape, functools.partial(_origin, len(shape)))
+    if sizes_first:
+        specs[0] = pl.BlockSpec((_sizes_block(args[0].shape[0]),), lambda *_: (0,))
     call = pl.pallas_call(
         kernel,
         grid=grid,
@@ -491,16 +471,14 @@ def grouped_product(
         n_pairs = tm.group.shape[0]
     else:  # groups at multiples of the tile: program i takes tile i and finds its group from the sizes
         tm, n_pairs = (group_sizes,), x.shape[0] // tiles.rows
-    n_groups, n_map = group_sizes.shape[0], len(tm)
-    # groups aligned to the tile: the programs read the sizes as one vector (`_aligned_group`)
-    blocks = {0: (_sizes_block(n_groups),)} if rows is not None else {}
+    n_groups, n_map, aligned = group_sizes.shape[0], len(tm), rows is not None
     if packed:
         if (tiles.cols if transpose_rhs else tiles.depth) % BLOCK:
             raise ValueError(
                 f"{kind} launch {tiles}: the packed dimension's tile must be a multiple of {BLOCK}"
             )
         G, N_w, Kg, _ = rhs.blocks.shape
-        packed_rows = rhs.blocks.reshape(G, N_w, Kg * BLOCK // 2)
+        blocks = rhs.blocks.reshape(G, N_w, Kg * BLOCK // 2)
         if transpose_rhs:  # dout [M, N_w] @ W[g] [N_w, K] -> [M, K] as even and odd columns
             K = Kg * BLOCK
             half = jax.ShapeDtypeStruct((x.shape[0], K // 2), lhs.dtype)
@@ -509,7 +487,7 @@ def grouped_product(
             )
             grid = (_cdiv(K, tiles.cols), n_pairs)
             even, odd = _launch(
-                kernel, grid, (*tm, x, packed_rows, rhs.scales), (half, half), tiles, interpret, blocks
+                kernel, grid, (*tm, x, blocks, rhs.scales), (half, half), tiles, interpret, aligned
             )
             out = jnp.stack([even, odd], axis=-1).reshape(x.shape[0], K)
         else:  # lhs [M, K] @ W[g]^T -> [M, N_w]
@@ -519,7 +497,7 @@ def grouped_product(
                 *tm,
                 pairs[..., 0],
                 pairs[..., 1],
-                packed_rows,
+                blocks,
                 rhs.scales,
                 *([bias] if bias is not None else []),
             )
@@ -528,8 +506,7 @@ def grouped_product(
                 has_bias=bias is not None, interpret=interpret,
             )  # fmt: skip
             shape = jax.ShapeDtypeStruct((x.shape[0], N), lhs.dtype)
-            blocks[n_map + 3] = _exponent_block(rhs.scales.shape, tiles.depth)
-            out = _launch(kernel, (_cdiv(N, tiles.cols), n_pairs), args, shape, tiles, interpret, blocks)
+            out = _launch(kernel, (_cdiv(N, tiles.cols), n_pairs), args, shape, tiles, interpret, aligned)
     else:
         K, N = (rhs.shape[2], rhs.shape[1]) if transpose_rhs else rhs.shape[1:]
         args = (*tm, x, rhs, *([bias] if bias is not None else []))
@@ -538,7 +515,7 @@ def grouped_product(
             has_bias=bias is not None,
         )  # fmt: skip
         shape = jax.ShapeDtypeStruct((x.shape[0], N), lhs.dtype)
-        out = _launch(kernel, (_cdiv(N, tiles.cols), n_pairs), args, shape, tiles, interpret, blocks)
+        out = _launch(kernel, (_cdiv(N, tiles.cols), n_pairs), args, shape, tiles, interpret, aligned)
     return out[:M]
 
 
