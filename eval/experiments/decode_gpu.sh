@@ -29,7 +29,7 @@ for stage in ${STAGES//,/ }; do
   case "$stage" in
     check) run bench_moe_check 240 eval.bench.moe --check --tokens 2048 ;;
     moe) run decode_moe 330 eval.bench.decode --moe 1,8,64,256 --repeats 10 ;;
-    profile) run decode_profile 200 eval.bench.decode --profile 1,4096 --partial --repeats 5 ;;
+    profile) run decode_profile 300 eval.bench.decode --profile 1,4096 --partial --repeats 5 ;;
     graphs) run decode_profile_graphs 150 eval.bench.decode --profile 1,4096 --models gqa --repeats 5 --cuda-graphs ;;
     e2e) run decode_e2e 330 eval.bench.decode --decode-kernels on --partial --batches 1,64 --contexts 4096,32768 ;;
     final) run decode_e2e 420 eval.bench.decode --with-transformers --cuda-graphs --decode-kernels on --partial --batches 1,64 --contexts 4096,32768 ;;
