@@ -16,8 +16,9 @@ they are mostly launches around 184 KB of router weights. One program does it al
 One program holds every token, so this serves decode batches (`MAX_TOKENS`); `moe` keeps its jnp path
 above that. The router's weights stream through that one program, `RouterLaunch.depth` rows a step with
 `stages` of software pipelining, so the steps' loads overlap instead of each waiting out the memory's
-latency (`LAUNCH`, chosen by `eval.bench.decode --moe`). Backend: `pl.pallas_call` with whole-array blocks and masked loads, lowered through Pallas'
-Triton backend on the GPU and run by the CPU interpreter in CI, like the other kernels.
+latency (`LAUNCH`, chosen among the candidates `eval.bench.decode --moe` times). Backend: `pl.pallas_call`
+with whole-array blocks and masked loads, lowered through Pallas' Triton backend on the GPU and run by the
+CPU interpreter in CI, like the other kernels.
 """
 
 from __future__ import annotations

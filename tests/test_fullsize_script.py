@@ -130,8 +130,8 @@ def test_kernel_benchmark_without_the_stock_peer(monkeypatch):
 
 def test_moe_benchmark_runs_at_a_small_size(tmp_path):
     """--moe on the CPU interpreter: per batch, the MoE on the grouped kernel (each launch) equal to the
-    float32 reference, the jnp path timed, the byte floor counting each distinct selected expert once, and the
-routing kernel's launches timed beside the jnp routing, with the same layout."""
+    float32 reference, the jnp path timed, the byte floor counting each distinct selected expert once, and
+    the routing kernel's launches timed beside the jnp routing, with the same layout."""
     from eval.bench import decode as bench_decode
 
     out = tmp_path / "moe.json"
