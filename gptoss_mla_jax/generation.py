@@ -17,7 +17,7 @@ from gptoss_mla_jax import flash_decode
 from gptoss_mla_jax.cache import init_cache
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.mla import with_up_projections
-from gptoss_mla_jax.model import ForwardOptions, Params, check_tokens, forward
+from gptoss_mla_jax.model import ForwardOptions, Params, check_tokens, forward, with_aligned_scales
 
 BUCKET = 16  # prompt and cache lengths are padded to multiples of this to limit recompilation
 
@@ -145,6 +145,8 @@ def generate(
     decode_kernels = kernels_by_default(cache_dtype) if decode_kernels is None else decode_kernels
 
     params = with_up_projections(params, config)  # derived once for all the steps
+    if decode_kernels:  # the grouped matmul's pipelined loads of the experts' scales
+        params = with_aligned_scales(params)
     key = jax.random.key(sampling.seed)
     key, sub = jax.random.split(key)
     token, cache = prefill(params, cache, jnp.asarray(padded), lengths, sub, config, sampling.rule)

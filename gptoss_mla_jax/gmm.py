@@ -358,7 +358,9 @@ def _mxfp4_kernel(
 
     def step(kk, acc):
         byte_ok = kk * half + _iota(half) < K // 2
-        group_ok = kk * groups + _iota(groups) < K // BLOCK
+        # To the scales' stored width: exponents past K / 32 (rows padded by `mxfp4.pad_scales`) belong
+        # to masked-out bytes, and a mask constant over aligned runs lets the load be one vector.
+        group_ok = kk * groups + _iota(groups) < scales_ref.shape[-1]
         mask = lambda ok: site.col_ok[:, None] & ok[None, :] if ragged else None
         packed = masked_load(blocks_ref.at[site.gc, site.cols, pl.ds(kk * half, half)], mask(byte_ok))
         exponents = masked_load(scales_ref.at[site.gc, site.cols, pl.ds(kk * groups, groups)], mask(group_ok))

@@ -32,6 +32,7 @@ from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.execution import ForwardOptions, by_rows
 from gptoss_mla_jax.mla import UP, attention_mla, mla_param_shapes, with_up_projections
 from gptoss_mla_jax.moe import moe_dense, moe_sparse
+from gptoss_mla_jax.mxfp4 import aligned_groups, pad_scales
 from gptoss_mla_jax.norm import rms_norm
 
 Params = dict[str, Any]
@@ -161,6 +162,10 @@ def check_params(params: Params, config: GptOssConfig) -> None:
         )
     want = dict(jax.tree_util.tree_flatten_with_path(expected, is_leaf=is_shape)[0])
     have = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    for path, shape in want.items():  # `with_aligned_scales`' padded exponents: accepted as it makes them
+        padded = (*shape[:-1], aligned_groups(shape[-1])) if _is_scales(path) else shape
+        if path in have and tuple(have[path].shape) == padded:
+            want[path] = padded
     _check_shapes(want, have)
     if any(getattr(key, "key", None) == UP for path in have for key in path):
         # `with_up_projections`' entries: accepted where and as it makes them.
@@ -171,6 +176,31 @@ def check_params(params: Params, config: GptOssConfig) -> None:
     extra = sorted(jax.tree_util.keystr(p) for p in have.keys() - want.keys())
     if extra:
         raise ValueError(f"params have entries the config does not use: {extra[:5]}")
+
+
+def _is_scales(path) -> bool:
+    return jax.tree_util.keystr(path).endswith("_scales']")
+
+
+def with_aligned_scales(params: Params) -> Params:
+    """`params` with MXFP4 experts' scale-exponent rows padded to `mxfp4.SCALE_ALIGN` bytes (`pad_scales`),
+    once for a loop of decode steps (`generation.generate` on the kernels): the grouped matmul then loads
+    them with the asynchronous, pipelined copies it uses for the packed bytes. Everything that reads
+    experts takes either layout; `check_params` accepts this one. Dense experts are returned as they are."""
+    if expert_format(params) != "mxfp4":
+        return params
+    pad = lambda path, leaf: pad_scales(leaf) if _is_scales(path) else leaf
+    layers = [
+        {
+            **layer,
+            "mlp": {
+                **layer["mlp"],
+                "experts": jax.tree_util.tree_map_with_path(pad, layer["mlp"]["experts"]),
+            },
+        }
+        for layer in params["layers"]
+    ]
+    return {**params, "layers": layers}
 
 
 def _without(tree: dict, name: str) -> dict:

@@ -42,13 +42,35 @@ def mx_scale(exponent: Array) -> Array:
     return jax.lax.bitcast_convert_type(bits, jnp.float32)
 
 
+# Scale-exponent rows padded to a multiple of this many bytes (`pad_scales`): gpt-oss's 90 exponents per
+# row leave rows 2-byte aligned, too narrow for the asynchronous copies by which the Pallas grouped matmul
+# pipelines its loads, so without padding each step of its loop waits for them.
+SCALE_ALIGN = 16
+
+
+def aligned_groups(groups: int) -> int:
+    """The width of a scale-exponent row of `groups` exponents once padded (`pad_scales`)."""
+    return -(-groups // SCALE_ALIGN) * SCALE_ALIGN
+
+
+def pad_scales(scales: UInt8[Array, "*rows G"]) -> UInt8[Array, "*rows Ga"]:
+    """Scale exponents with each row padded by zeros to `aligned_groups` (the exponents past G scale bytes
+    that are never read). `dequantize` and the grouped matmul take either layout."""
+    pad = aligned_groups(scales.shape[-1]) - scales.shape[-1]
+    return jnp.pad(scales, [(0, 0)] * (scales.ndim - 1) + [(0, pad)])
+
+
 @functools.partial(jax.jit, static_argnames="dtype")
 def dequantize(
     blocks: UInt8[Array, "*rows G 16"], scales: UInt8[Array, "*rows G"], dtype=jnp.bfloat16
 ) -> Array:
-    """[..., G, 16] blocks and [..., G] scales -> values [..., G * 32] in `dtype` (exact in bfloat16).
+    """[..., G, 16] blocks and [..., G] scales (or their rows padded by `pad_scales`) -> values [..., G * 32]
+    in `dtype` (exact in bfloat16).
 
     Jitted, so the integer steps fuse into one elementwise pass instead of materialising each one."""
+    groups = blocks.shape[-2]
+    if scales.shape[-1] == aligned_groups(groups) != groups:
+        scales = scales[..., :groups]
     if blocks.shape[:-1] != scales.shape or blocks.shape[-1] != BLOCK // 2:
         raise ValueError(f"MXFP4 blocks {blocks.shape} and scales {scales.shape} do not pair up")
     blocks = jnp.asarray(blocks, jnp.uint8).astype(jnp.int32)

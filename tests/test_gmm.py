@@ -9,7 +9,7 @@ import pytest
 
 from gptoss_mla_jax import gmm as gmm_lib
 from gptoss_mla_jax.gmm import Mxfp4, Tiles, gmm, grouped_product, tgmm, tile_map
-from gptoss_mla_jax.mxfp4 import dequantize_experts
+from gptoss_mla_jax.mxfp4 import dequantize_experts, pad_scales
 
 # Small tiles, so that groups end inside tiles and span several (the launch table's are for the GPU).
 SMALL = {
@@ -94,17 +94,21 @@ def test_mxfp4_equals_dequantize_then_ragged_dot(case):
     close(got_vjp(cot)[0], want_vjp(cot)[0])
 
 
-@pytest.mark.parametrize("packed", [False, True], ids=["dense", "mxfp4"])
-def test_groups_aligned_to_the_row_tile_find_their_own_tiles(packed):
+@pytest.mark.parametrize("weights", ["dense", "mxfp4", "mxfp4 with padded scales"])
+def test_groups_aligned_to_the_row_tile_find_their_own_tiles(weights):
     """`rows` given (groups start at multiples of it, as the MoE lays out decode batches): each program
     finds its group from the sizes; forward and d(lhs) equal ragged_dot, empty groups and rows past the
-    groups included."""
+    groups included; packed weights also with their scale rows padded as `generate` gives them to the
+    kernels (`mxfp4.pad_scales`)."""
     sizes_list, K, N = [16, 0, 32, 16, 0], 64, 40
     lhs, sizes, bias, cot = ragged_case(sizes_list, 16, K, N)
-    if packed:
-        rhs, dense = random_mxfp4(5, K, N, seed=4)
-    else:
+    if weights == "dense":
         rhs = dense = jnp.asarray(np.random.default_rng(4).standard_normal((5, K, N)), jnp.float32)
+    else:
+        rhs, dense = random_mxfp4(5, K, N, seed=4)
+        if weights == "mxfp4 with padded scales":
+            rhs = Mxfp4(rhs.blocks, pad_scales(rhs.scales))
+            assert rhs.scales.shape[-1] == 16
     got, got_vjp = jax.vjp(lambda l: gmm(l, rhs, sizes, bias, rows=16), lhs)
     want, want_vjp = jax.vjp(lambda l: with_bias(jax.lax.ragged_dot(l, dense, sizes), sizes_list, bias), lhs)
     close(got, want)
@@ -165,6 +169,11 @@ def test_kernels_lower_for_the_gpu_at_gpt_oss_20b_shapes(monkeypatch):
         "mxfp4 gate_up forward at a decode batch (groups aligned to the row tile)": (
             lambda l, bl, sc, s, b: gmm(l, Mxfp4(bl, sc), s, b, interpret=False, rows=16),
             (spec(64, D), *packed(F, D), sizes, spec(E, F)),
+            1,
+        ),
+        "the same with the scale rows padded (mxfp4.pad_scales)": (
+            lambda l, bl, sc, s, b: gmm(l, Mxfp4(bl, sc), s, b, interpret=False, rows=16),
+            (spec(64, D), packed(F, D)[0], spec(E, F, 96, dtype=jnp.uint8), sizes, spec(E, F)),
             1,
         ),
         "mxfp4 down d(lhs)": (

@@ -148,21 +148,35 @@ def test_decode_on_the_grouped_kernel_equals_the_reference(tmp_path, tokens, rou
 
 def test_decode_step_on_the_kernels_equals_jnp():
     """A model with MXFP4 experts: one cached decode step with `decode_kernels` (the attention kernels and
-    the grouped matmul, interpreted) gives the jnp step's logits, float32."""
+    the grouped matmul, interpreted) gives the jnp step's logits, float32; so do both with the experts'
+    scale rows padded as `generate` gives them to the kernels (`with_aligned_scales`, which the params
+    check accepts, and no other width)."""
     from gptoss_mla_jax.cache import init_cache
     from gptoss_mla_jax.generation import DEMO_CONFIG
-    from gptoss_mla_jax.model import ForwardOptions, forward, init_params
+    from gptoss_mla_jax.model import ForwardOptions, check_params, forward, init_params, with_aligned_scales
 
     params = init_params(DEMO_CONFIG, jax.random.key(0), jnp.float32, experts="mxfp4")
+    aligned = with_aligned_scales(params)
     tokens = jax.random.randint(jax.random.key(1), (2, 21), 0, DEMO_CONFIG.vocab_size)
     run = jax.jit(forward, static_argnames=("config", "options"))  # one program each, not op by op
     cache = init_cache(DEMO_CONFIG, 2, 32, jnp.float32)
     _, cache, _ = run(params, tokens[:, :20], cache, config=DEMO_CONFIG)
-    step = lambda kernels: run(
-        params, tokens[:, 20:], cache, config=DEMO_CONFIG, options=ForwardOptions(decode_kernels=kernels)
+    step = lambda p, kernels: run(
+        p, tokens[:, 20:], cache, config=DEMO_CONFIG, options=ForwardOptions(decode_kernels=kernels)
     )[0]
-    want, got = step(False), step(True)
-    np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.abs(want).max()), rtol=0)
+    want = step(params, False)
+    for got in (step(params, True), step(aligned, True), step(aligned, False)):
+        np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.abs(want).max()), rtol=0)
+    experts = aligned["layers"][1]["mlp"]["experts"]
+    assert experts["down_proj_scales"].shape[-1] % 16 == 0
+    check_params(aligned, DEMO_CONFIG)
+    bad = {**experts, "down_proj_scales": experts["down_proj_scales"][..., :-1]}
+    layers = [
+        *aligned["layers"][:1],
+        {**aligned["layers"][1], "mlp": {**aligned["layers"][1]["mlp"], "experts": bad}},
+    ]
+    with pytest.raises(ValueError, match=r"down_proj_scales'\] has shape"):
+        check_params({**aligned, "layers": layers + aligned["layers"][2:]}, DEMO_CONFIG)
 
 
 def test_aligned_slots_place_each_pair_once_in_its_experts_tiles():

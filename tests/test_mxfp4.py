@@ -1,8 +1,9 @@
 import numpy as np
+import pytest
 import torch
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-from gptoss_mla_jax.mxfp4 import FP4_VALUES, dequantize, quantize
+from gptoss_mla_jax.mxfp4 import FP4_VALUES, SCALE_ALIGN, dequantize, pad_scales, quantize
 
 
 def _bits(a) -> np.ndarray:
@@ -51,3 +52,16 @@ def test_quantize_rounds_to_nearest():
     grid = FP4_VALUES[None, None, :] * step[..., None]
     best = np.abs(grid - w[..., None]).min(-1)
     np.testing.assert_allclose(np.abs(back - w), best, atol=1e-7)
+
+
+def test_padded_scale_rows_dequantize_the_same():
+    """Scale rows padded to `SCALE_ALIGN` bytes (`pad_scales`, the kernels' aligned layout) give the same
+    values; any other width is refused."""
+    rng = np.random.default_rng(3)
+    blocks = rng.integers(0, 256, (3, 5, 16), dtype=np.uint8)
+    scales = rng.integers(110, 140, (3, 5), dtype=np.uint8)
+    padded = pad_scales(scales)
+    assert padded.shape == (3, SCALE_ALIGN) and not np.asarray(padded)[:, 5:].any()
+    np.testing.assert_array_equal(_bits(dequantize(blocks, padded)), _bits(dequantize(blocks, scales)))
+    with pytest.raises(ValueError, match="do not pair up"):
+        dequantize(blocks, np.zeros((3, 8), np.uint8))

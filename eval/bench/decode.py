@@ -42,7 +42,7 @@ from gptoss_mla_jax.execution import ForwardOptions
 from gptoss_mla_jax.flash_decode import Launch, Slots
 from gptoss_mla_jax.generation import DEMO_CONFIG, GREEDY, decode_step, request_cuda_graphs
 from gptoss_mla_jax.mla import with_up_projections
-from gptoss_mla_jax.model import init_params
+from gptoss_mla_jax.model import init_params, with_aligned_scales
 from support.results import write_json
 from weights.to_mla import DEFAULT_LATENT_DIM, convert
 
@@ -65,9 +65,11 @@ def models(
     `partial` adds the two absorbable ones, which decode with the absorbed attention over the latent, each
     with the latent smaller by the RoPE values it caches (the same cache per token): "mla_partial" keeps 2
     RoPE pairs per kv head, "mla_rorope" one mixed component per frequency pair (head_dim values shared by
-    every head); those two carry their up-projections derived once, as `generate` gives them to its steps.
-    `only`: the names to build (default all)."""
-    params = jax.block_until_ready(init_params(config, jax.random.key(0), jnp.bfloat16, experts="mxfp4"))
+    every head); those two carry their up-projections derived once, as `generate` gives them to its steps,
+    and every model the experts' scale exponents padded as `generate` gives them to the kernels
+    (`with_aligned_scales`; shared by all the models). `only`: the names to build (default all)."""
+    params = init_params(config, jax.random.key(0), jnp.bfloat16, experts="mxfp4")
+    params = jax.block_until_ready(with_aligned_scales(params))
     full = tuple(i for i in range(config.num_hidden_layers) if not config.is_sliding(i))
     out = {"gqa": (config, params)}
     wanted = lambda name: only is None or name in only
@@ -410,8 +412,8 @@ def moe_rows(batches: list[int], repeats: int, smoke: bool, log) -> list[dict]:
 
     config = DEMO_CONFIG if smoke else GPT_OSS_20B
     one_layer = dataclasses.replace(config, num_hidden_layers=1, layer_types=config.layer_types[:1])
-    p = jax.block_until_ready(init_params(one_layer, jax.random.key(0), jnp.bfloat16, "mxfp4"))
-    p = p["layers"][0]["mlp"]
+    p = init_params(one_layer, jax.random.key(0), jnp.bfloat16, "mxfp4")
+    p = jax.block_until_ready(with_aligned_scales(p))["layers"][0]["mlp"]  # as `generate` pads them
     launches = MOE_LAUNCHES[:2] if smoke else MOE_LAUNCHES
     inner = 2 if smoke else 20
     copy = copy_bandwidth(0.05 if smoke else 4.0)

@@ -108,14 +108,16 @@ def step_census(batch: int, context: int, model: str = "gqa") -> dict:
     from gptoss_mla_jax.cache import init_cache
     from gptoss_mla_jax.generation import GREEDY, decode_step
     from gptoss_mla_jax.mla import with_up_projections
-    from gptoss_mla_jax.model import init_params
+    from gptoss_mla_jax.model import init_params, with_aligned_scales
 
     placed = _topology()
     config = model_config(model)
     spec = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed), tree)
     params = spec(
         jax.eval_shape(
-            lambda: with_up_projections(init_params(config, jax.random.key(0), jnp.bfloat16, "mxfp4"), config)
+            lambda: with_aligned_scales(
+                with_up_projections(init_params(config, jax.random.key(0), jnp.bfloat16, "mxfp4"), config)
+            )
         )
     )
     cache = spec(jax.eval_shape(lambda: init_cache(config, batch, context)))
