@@ -58,13 +58,16 @@ Weights = Float[Array, "G K N"] | Mxfp4
 @dataclasses.dataclass(frozen=True)
 class Tiles:
     """One kernel's launch: an output tile of `rows` x `cols`, `depth` contraction values per step,
-    `warps` per program and `stages` of software pipelining."""
+    `warps` per program and `stages` of software pipelining; `splits` (forward products only): the
+    contraction divided among that many programs per tile, their float32 partial sums added after the
+    kernel, for products with too few tiles to keep the GPU's SMs streaming (decode batches)."""
 
     rows: int = 128
     cols: int = 128
     depth: int = 64
     warps: int = 4
     stages: int = 3
+    splits: int = 1
 
 
 # Launch settings by (kernel, contraction K, output width N; for tgmm the weight's K and N); (kernel, None,
@@ -244,16 +247,24 @@ def _store_product(
     out_ref, bias_ref, site: _Site, step, steps: int, tiles: Tiles, n_groups: int, ragged: bool
 ):
     """The forward kernels' common end: `steps` of `step` summed over the contraction in float32, plus the
-    group's bias, stored into the pair's tile."""
+    group's bias, stored into the pair's tile. With `tiles.splits` > 1, program (n, i, s) sums split s's
+    share of the steps into out[s] (float32; the bias in split 0's)."""
+    split = pl.program_id(2) if tiles.splits > 1 else 0
+    share = _cdiv(steps, tiles.splits)
 
     def compute():
-        acc = jax.lax.fori_loop(0, steps, step, jnp.zeros((tiles.rows, tiles.cols), jnp.float32))
+        zeros = jnp.zeros((tiles.rows, tiles.cols), jnp.float32)
+        if tiles.splits == 1:  # static bounds
+            acc = jax.lax.fori_loop(0, steps, step, zeros)
+        else:
+            acc = jax.lax.fori_loop(split * share, jnp.minimum(split * share + share, steps), step, zeros)
         if bias_ref is not None:
             bias = masked_load(bias_ref.at[site.gc, site.cols], site.col_ok if ragged else None)
-            acc += bias.astype(jnp.float32)[None, :]
+            acc += jnp.where(split == 0, bias.astype(jnp.float32), 0.0)[None, :]
         return [acc]
 
-    _store_tile([out_ref.at[site.rows, site.cols]], site, n_groups, compute)
+    tile = (split, site.rows, site.cols) if tiles.splits > 1 else (site.rows, site.cols)
+    _store_tile([out_ref.at[tile]], site, n_groups, compute)
 
 
 def _dot(a: Array, b: Array, contract: tuple[int, int]) -> Array:
@@ -445,6 +456,20 @@ def _launch(kernel, grid, args, out_shape, tiles: Tiles, interpret: bool, sizes_
         return call(*args)
 
 
+def _forward(
+    kernel, args, shape: tuple[int, int], dtype, n_pairs: int, tiles: Tiles, interpret: bool, aligned
+):
+    """A forward product's launch: grid (column blocks, pairs[, splits]) into `shape` in `dtype`; split
+    contractions land as float32 partial sums, added here."""
+    blocks = _cdiv(shape[1], tiles.cols)
+    if tiles.splits == 1:
+        out = jax.ShapeDtypeStruct(shape, dtype)
+        return _launch(kernel, (blocks, n_pairs), args, out, tiles, interpret, aligned)
+    out = jax.ShapeDtypeStruct((tiles.splits, *shape), jnp.float32)
+    partial = _launch(kernel, (blocks, n_pairs, tiles.splits), args, out, tiles, interpret, aligned)
+    return partial.sum(axis=0).astype(dtype)
+
+
 def grouped_product(
     lhs: Float[Array, "M K"],
     rhs: Weights,
@@ -474,6 +499,8 @@ def grouped_product(
     else:  # groups at multiples of the tile: program i takes tile i and finds its group from the sizes
         tm, n_pairs = (group_sizes,), x.shape[0] // tiles.rows
     n_groups, n_map, aligned = group_sizes.shape[0], len(tm), rows is not None
+    if tiles.splits > 1 and transpose_rhs:
+        raise ValueError(f"{kind} launch {tiles}: only forward products split the contraction")
     if packed:
         if (tiles.cols if transpose_rhs else tiles.depth) % BLOCK:
             raise ValueError(
@@ -507,8 +534,7 @@ def grouped_product(
                 _mxfp4_kernel, tiles=tiles, n_groups=n_groups, n_map=n_map, K=K, N=N,
                 has_bias=bias is not None, interpret=interpret,
             )  # fmt: skip
-            shape = jax.ShapeDtypeStruct((x.shape[0], N), lhs.dtype)
-            out = _launch(kernel, (_cdiv(N, tiles.cols), n_pairs), args, shape, tiles, interpret, aligned)
+            out = _forward(kernel, args, (x.shape[0], N), lhs.dtype, n_pairs, tiles, interpret, aligned)
     else:
         K, N = (rhs.shape[2], rhs.shape[1]) if transpose_rhs else rhs.shape[1:]
         args = (*tm, x, rhs, *([bias] if bias is not None else []))
@@ -516,8 +542,7 @@ def grouped_product(
             _gmm_kernel, tiles=tiles, n_groups=n_groups, n_map=n_map, transpose_rhs=transpose_rhs, K=K, N=N,
             has_bias=bias is not None,
         )  # fmt: skip
-        shape = jax.ShapeDtypeStruct((x.shape[0], N), lhs.dtype)
-        out = _launch(kernel, (_cdiv(N, tiles.cols), n_pairs), args, shape, tiles, interpret, aligned)
+        out = _forward(kernel, args, (x.shape[0], N), lhs.dtype, n_pairs, tiles, interpret, aligned)
     return out[:M]
 
 

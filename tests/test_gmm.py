@@ -115,6 +115,29 @@ def test_groups_aligned_to_the_row_tile_find_their_own_tiles(weights):
     close(got_vjp(cot)[0], want_vjp(cot)[0])
 
 
+@pytest.mark.parametrize("weights", ["dense", "mxfp4"])
+@pytest.mark.parametrize("splits", [2, 3, 5])
+@pytest.mark.parametrize("aligned", [False, True], ids=["tile map", "aligned groups"])
+def test_split_contractions_equal_ragged_dot(weights, splits, aligned):
+    """Forward products whose contraction is divided among `splits` programs per tile (3 steps of 32:
+    shares of 2 and 1, 1 each, and splits past the steps that add only zeros) equal ragged_dot, bias
+    counted once; transposed products refuse to split."""
+    ragged = "zeros, one row, groups ending inside tiles, rows past the groups"
+    (sizes_list, extra), K, N = ([16, 0, 32, 16, 0], 0) if aligned else SIZES[ragged], 96, 40
+    lhs, sizes, bias, _ = ragged_case(sizes_list, extra, K, N)
+    if weights == "dense":
+        rhs = dense = jnp.asarray(
+            np.random.default_rng(6).standard_normal((len(sizes_list), K, N)), jnp.float32
+        )
+    else:
+        rhs, dense = random_mxfp4(len(sizes_list), K, N, seed=6)
+    launch = Tiles(rows=16, cols=16, depth=32, warps=4, stages=3, splits=splits)
+    got = grouped_product(lhs, rhs, sizes, bias, launch=launch, rows=16 if aligned else None)
+    close(got, with_bias(jax.lax.ragged_dot(lhs, dense, sizes), sizes_list, bias))
+    with pytest.raises(ValueError, match="only forward products split"):
+        grouped_product(lhs[:, :N], rhs, sizes, None, transpose_rhs=True, launch=launch)
+
+
 def test_tile_map_covers_every_row_once():
     sizes, rows, m = jnp.asarray([0, 1, 17, 0, 40, 5], jnp.int32), 16, 80
     tm = jax.tree.map(np.asarray, tile_map(sizes, m, rows))
@@ -168,6 +191,13 @@ def test_kernels_lower_for_the_gpu_at_gpt_oss_20b_shapes(monkeypatch):
         ),
         "mxfp4 gate_up forward at a decode batch (groups aligned to the row tile)": (
             lambda l, bl, sc, s, b: gmm(l, Mxfp4(bl, sc), s, b, interpret=False, rows=16),
+            (spec(64, D), *packed(F, D), sizes, spec(E, F)),
+            1,
+        ),
+        "the same with the contraction split among 4 programs per tile": (
+            lambda l, bl, sc, s, b: grouped_product(
+                l, Mxfp4(bl, sc), s, b, interpret=False, rows=16, launch=Tiles(16, 64, 256, 4, 3, splits=4)
+            ),
             (spec(64, D), *packed(F, D), sizes, spec(E, F)),
             1,
         ),
