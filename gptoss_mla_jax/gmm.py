@@ -359,10 +359,14 @@ def _gmm_kernel(
 def _mxfp4_kernel(
     *refs, tiles: Tiles, n_groups: int, n_map: int, K: int, N: int, has_bias: bool, interpret: bool
 ):
-    """out[tile rows, cols] = lhs[rows] @ W[g]^T (+ bias[g]), W[g] [N, K] packed: lhs comes as its even
-    and odd columns [M, K / 2], blocks as [G, N, K / 2] bytes."""
-    map_refs, (even_ref, odd_ref, blocks_ref, scales_ref, *rest) = refs[:n_map], refs[n_map:]
-    bias_ref, out_ref = rest if has_bias else (None, rest[0])
+    """out[tile rows, cols] = lhs[rows] @ W[g]^T (+ bias[g]), W[g] [N, K] packed, blocks as [G, N, K / 2]
+    bytes. The low and high nibbles multiply lhs's even and odd columns: short row tiles (decode,
+    `_splits_lhs_on_chip`) take lhs [M, K] and split each step's tile on chip (a reshape to pairs), which
+    spares a decode step the kernel that splits it; taller ones take the two halves [M, K / 2] as arrays,
+    which their tensor-core operands read straight from shared memory."""
+    inputs, (*bias_refs, out_ref) = refs[: -1 - has_bias], refs[-1 - has_bias :]
+    map_refs, (*lhs_refs, blocks_ref, scales_ref) = inputs[:n_map], inputs[n_map:]
+    bias_ref = bias_refs[0] if has_bias else None
     site = _site(map_refs, n_groups, tiles, N, tiles.cols)
     half, groups = tiles.depth // 2, tiles.depth // BLOCK
     ragged = N % tiles.cols != 0 or K % tiles.depth != 0
@@ -375,13 +379,25 @@ def _mxfp4_kernel(
         mask = lambda ok: site.col_ok[:, None] & ok[None, :] if ragged else None
         packed = masked_load(blocks_ref.at[site.gc, site.cols, pl.ds(kk * half, half)], mask(byte_ok))
         exponents = masked_load(scales_ref.at[site.gc, site.cols, pl.ds(kk * groups, groups)], mask(group_ok))
-        low, high = _decode(packed, exponents, even_ref.dtype, interpret)
-        x_mask = byte_ok[None, :] if ragged else None
-        x_even = masked_load(even_ref.at[site.rows, pl.ds(kk * half, half)], x_mask)
-        x_odd = masked_load(odd_ref.at[site.rows, pl.ds(kk * half, half)], x_mask)
+        low, high = _decode(packed, exponents, lhs_refs[0].dtype, interpret)
+        if len(lhs_refs) == 1:
+            k_ok = kk * tiles.depth + _iota(tiles.depth) < K
+            at = pl.ds(kk * tiles.depth, tiles.depth)
+            x = masked_load(lhs_refs[0].at[site.rows, at], k_ok[None, :] if ragged else None)
+            pairs = jnp.split(x.reshape(tiles.rows, half, 2), 2, axis=2)
+            x_even, x_odd = (a.reshape(tiles.rows, half) for a in pairs)
+        else:
+            at, x_mask = pl.ds(kk * half, half), byte_ok[None, :] if ragged else None
+            x_even, x_odd = (masked_load(ref.at[site.rows, at], x_mask) for ref in lhs_refs)
         return acc + _dot(x_even, low, (1, 1)) + _dot(x_odd, high, (1, 1))
 
     _store_product(out_ref, bias_ref, site, step, _cdiv(K, tiles.depth), tiles, n_groups, ragged)
+
+
+def _splits_lhs_on_chip(tiles: Tiles) -> bool:
+    """Whether the packed forward kernel splits lhs into even and odd columns itself: for short row tiles,
+    whose steps are bound by the weights' bytes, not by the tensor cores (see `_mxfp4_kernel`)."""
+    return tiles.rows <= SMALL_ROWS
 
 
 def _mxfp4_t_kernel(*refs, tiles: Tiles, n_groups: int, n_map: int, K: int, N: int, interpret: bool):
@@ -522,14 +538,8 @@ def grouped_product(
         else:  # lhs [M, K] @ W[g]^T -> [M, N_w]
             K, N = lhs.shape[1], N_w
             pairs = x.reshape(x.shape[0], K // 2, 2)
-            args = (
-                *tm,
-                pairs[..., 0],
-                pairs[..., 1],
-                blocks,
-                rhs.scales,
-                *([bias] if bias is not None else []),
-            )
+            halves = (x,) if _splits_lhs_on_chip(tiles) else (pairs[..., 0], pairs[..., 1])
+            args = (*tm, *halves, blocks, rhs.scales, *([bias] if bias is not None else []))
             kernel = functools.partial(
                 _mxfp4_kernel, tiles=tiles, n_groups=n_groups, n_map=n_map, K=K, N=N,
                 has_bias=bias is not None, interpret=interpret,

@@ -94,6 +94,18 @@ def test_mxfp4_equals_dequantize_then_ragged_dot(case):
     close(got_vjp(cot)[0], want_vjp(cot)[0])
 
 
+@pytest.mark.parametrize("rows", [16, 64], ids=["short tiles: lhs split on chip", "tall tiles: split halves"])
+def test_mxfp4_forward_takes_lhs_either_way(rows):
+    """The packed forward kernel's two ways of getting lhs's even and odd columns agree with ragged_dot."""
+    case = SIZES["zeros, one row, groups ending inside tiles, rows past the groups"]
+    K, N = 96, 40
+    lhs, sizes, bias, _ = ragged_case(*case, K, N)
+    packed, dense = random_mxfp4(len(case[0]), K, N, seed=7)
+    assert gmm_lib._splits_lhs_on_chip(Tiles(rows=rows)) == (rows == 16)
+    got = grouped_product(lhs, packed, sizes, bias, launch=Tiles(rows=rows, cols=16, depth=64))
+    close(got, with_bias(jax.lax.ragged_dot(lhs, dense, sizes), np.asarray(sizes), bias))
+
+
 @pytest.mark.parametrize("weights", ["dense", "mxfp4", "mxfp4 with padded scales"])
 def test_groups_aligned_to_the_row_tile_find_their_own_tiles(weights):
     """`rows` given (groups start at multiples of it, as the MoE lays out decode batches): each program
