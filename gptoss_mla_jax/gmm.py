@@ -537,8 +537,8 @@ def grouped_product(
             out = jnp.stack([even, odd], axis=-1).reshape(x.shape[0], K)
         else:  # lhs [M, K] @ W[g]^T -> [M, N_w]
             K, N = lhs.shape[1], N_w
-            pairs = x.reshape(x.shape[0], K // 2, 2)
-            halves = (x,) if _splits_lhs_on_chip(tiles) else (pairs[..., 0], pairs[..., 1])
+            pairs = lambda: x.reshape(x.shape[0], K // 2, 2)
+            halves = (x,) if _splits_lhs_on_chip(tiles) else (pairs()[..., 0], pairs()[..., 1])
             args = (*tm, *halves, blocks, rhs.scales, *([bias] if bias is not None else []))
             kernel = functools.partial(
                 _mxfp4_kernel, tiles=tiles, n_groups=n_groups, n_map=n_map, K=K, N=N,
