@@ -75,7 +75,9 @@ class Tiles:
 # them at gpt-oss-20b's expert shapes on an H200. Kernels: "gmm" (dense forward), "gmm_t" (dense d(lhs)),
 # "tgmm" (dense d(rhs); rows is the contraction step there), "mxfp4" and "mxfp4_t" (packed forward and
 # d(lhs)); a kind with "_small" appended launches the products whose row tile is at most SMALL_ROWS (decode
-# batches: few rows per group, so the weights' bytes and their decoding set the time, not the tensor cores).
+# batches: few rows per group, so the weights' bytes and their decoding set the time, not the tensor cores),
+# and "_small_wide" those of them whose groups average more than WIDE_GROUP_ROWS rows (decode batches that
+# select every expert: wider, shallower steps read each program's activations for more columns).
 # `grouped_product` shortens the row tile when groups are small (`_fit_rows`).
 LAUNCH: dict[tuple[str, int | None, int | None], Tiles] = {
     ("gmm", None, None): Tiles(rows=128, cols=128, depth=64, warps=4, stages=3),
@@ -89,8 +91,10 @@ LAUNCH: dict[tuple[str, int | None, int | None], Tiles] = {
     ("mxfp4_t", None, None): Tiles(rows=256, cols=64, depth=64, warps=8, stages=3),
     ("gmm_small", None, None): Tiles(rows=16, cols=64, depth=128, warps=4, stages=4),
     ("mxfp4_small", None, None): Tiles(rows=16, cols=64, depth=256, warps=4, stages=3),
+    ("mxfp4_small_wide", None, None): Tiles(rows=16, cols=128, depth=128, warps=4, stages=3),
 }
 SMALL_ROWS = 32
+WIDE_GROUP_ROWS = 16
 
 
 def launch_for(kind: str, K: int, N: int) -> Tiles:
@@ -101,12 +105,15 @@ def launch_for(kind: str, K: int, N: int) -> Tiles:
 
 def choose_launch(kind: str, K: int, N: int, m: int, groups: int, rows: int | None = None) -> Tiles:
     """The launch of a product of `m` rows in `groups` groups: `LAUNCH`'s, its row tile fitted to the rows
-    per group (`_fit_rows`) or set to `rows`, and the "_small" settings where that tile is short."""
+    per group (`_fit_rows`) or set to `rows`, and the "_small" (or "_small_wide") settings where that tile
+    is short."""
     tiles = launch_for(kind, K, N)
     tiles = _fit_rows(tiles, m, groups) if rows is None else dataclasses.replace(tiles, rows=rows)
-    if tiles.rows <= SMALL_ROWS and (f"{kind}_small", None, None) in LAUNCH:
-        return dataclasses.replace(launch_for(f"{kind}_small", K, N), rows=tiles.rows)
-    return tiles
+    if tiles.rows > SMALL_ROWS or (f"{kind}_small", None, None) not in LAUNCH:
+        return tiles
+    wide = _cdiv(m, groups) > WIDE_GROUP_ROWS and (f"{kind}_small_wide", None, None) in LAUNCH
+    short = launch_for(f"{kind}_small_wide" if wide else f"{kind}_small", K, N)
+    return dataclasses.replace(short, rows=tiles.rows)
 
 
 def _fit_rows(tiles: Tiles, m: int, groups: int) -> Tiles:

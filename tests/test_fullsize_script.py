@@ -129,9 +129,10 @@ def test_kernel_benchmark_without_the_stock_peer(monkeypatch):
 
 
 def test_moe_benchmark_runs_at_a_small_size(tmp_path):
-    """--moe on the CPU interpreter: per batch, the MoE on the grouped kernel (each launch) equal to the
-    float32 reference, the jnp path timed, the byte floor counting each distinct selected expert once, and
-    the routing kernel's launches timed beside the jnp routing, with the same layout."""
+    """--moe on the CPU interpreter: per batch, the MoE on the grouped kernel (the table's launch and a
+    swept one) equal to the float32 reference, the jnp path timed, the byte floor counting each distinct
+    selected expert once, and the routing kernel's launches timed beside the jnp routing, with the same
+    layout."""
     from eval.bench import decode as bench_decode
 
     out = tmp_path / "moe.json"
@@ -141,6 +142,7 @@ def test_moe_benchmark_runs_at_a_small_size(tmp_path):
     k = bench_decode.DEMO_CONFIG.num_experts_per_tok
     for row in rows:
         assert len(row["configs"]) == 2 and all("ms" in c for c in row["configs"])
+        assert row["configs"][0]["launch"] == "default"
         # bf16 inputs against the float32 reference: the kernels' bf16 rounding of the activations.
         assert row["max_abs_error"] <= 2e-2 * row["max_abs_reference"]
         assert row["kernel_ms"] > 0 and row["jnp_ms"] > 0

@@ -2,6 +2,8 @@
 ragged group sizes, MXFP4 weights equal dequantize-then-ragged_dot, the whole model on it equals the other
 MoE paths and transformers, and every kernel lowers to Triton for CUDA at gpt-oss-20b's expert shapes."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -177,6 +179,23 @@ def test_row_tiles_follow_the_rows_per_group():
     assert gmm_lib._fit_rows(tall, 16384, 32).rows == 256
 
 
+def test_decode_launches_follow_the_batch(monkeypatch):
+    """The packed products at gpt-oss-20b's decode layouts (32 experts; heights as the MoE lays out the
+    pairs of batches 1, 8, 64 and 256) take the "_small" launch where few experts or few rows per expert
+    are selected and the "_small_wide" one where every expert holds rows; training heights the table's."""
+    monkeypatch.undo()
+    launch = lambda m, rows: gmm_lib.choose_launch("mxfp4", 2880, 5760, m, 32, rows)
+    small = gmm_lib.LAUNCH[("mxfp4_small", None, None)]
+    wide = gmm_lib.LAUNCH[("mxfp4_small_wide", None, None)]
+    assert launch(4 + 4 * 15, 16) == small and launch(32 + 32 * 15, 16) == small
+    assert launch(256 + 32 * 15, 16) == wide
+    assert launch(1024, None) == dataclasses.replace(wide, rows=32)
+    assert launch(16384, None) == gmm_lib.LAUNCH[("mxfp4", None, None)]
+    assert gmm_lib.choose_launch("gmm", 2880, 5760, 1024, 32) == dataclasses.replace(
+        gmm_lib.LAUNCH[("gmm_small", None, None)], rows=32
+    )
+
+
 def test_kernels_lower_for_the_gpu_at_gpt_oss_20b_shapes(monkeypatch):
     """Forward, d(lhs) and d(rhs) at gpt-oss-20b's expert shapes (bf16 and MXFP4, 16,384 pairs) lower to
     Triton for CUDA from this CPU-only machine, with the launch table's settings."""
@@ -204,6 +223,11 @@ def test_kernels_lower_for_the_gpu_at_gpt_oss_20b_shapes(monkeypatch):
         "mxfp4 gate_up forward at a decode batch (groups aligned to the row tile)": (
             lambda l, bl, sc, s, b: gmm(l, Mxfp4(bl, sc), s, b, interpret=False, rows=16),
             (spec(64, D), *packed(F, D), sizes, spec(E, F)),
+            1,
+        ),
+        "mxfp4 gate_up forward at a decode batch of 256 (the wide launch)": (
+            lambda l, bl, sc, s, b: gmm(l, Mxfp4(bl, sc), s, b, interpret=False),
+            (spec(1024, D), *packed(F, D), sizes, spec(E, F)),
             1,
         ),
         "the same with the contraction split among 4 programs per tile": (

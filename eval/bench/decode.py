@@ -344,7 +344,8 @@ def sweep(make, settings: list[dict], args, want, nbytes: int, copy: float, repe
 
 
 # Launch settings of the grouped matmul's decode-batch products ("_small" kinds: row tiles of 16 or 32)
-# tried by --moe: (output columns, contraction step, warps, stages, contraction splits); the table's first.
+# tried by --moe beside the table's own choice: (output columns, contraction step, warps, stages,
+# contraction splits).
 MOE_LAUNCHES = [
     dict(cols=cols, depth=depth, warps=warps, stages=stages, splits=splits)
     for cols, depth, warps, stages, splits in (
@@ -414,7 +415,7 @@ def moe_rows(batches: list[int], repeats: int, smoke: bool, log) -> list[dict]:
     one_layer = dataclasses.replace(config, num_hidden_layers=1, layer_types=config.layer_types[:1])
     p = init_params(one_layer, jax.random.key(0), jnp.bfloat16, "mxfp4")
     p = jax.block_until_ready(with_aligned_scales(p))["layers"][0]["mlp"]  # as `generate` pads them
-    launches = [MOE_LAUNCHES[0], MOE_LAUNCHES[-1]] if smoke else MOE_LAUNCHES  # smoke: one split
+    launches = MOE_LAUNCHES[-1:] if smoke else MOE_LAUNCHES  # smoke: the default and one split
     inner = 2 if smoke else 20
     copy = copy_bandwidth(0.05 if smoke else 4.0)
     expert_bytes = sum(v[0].nbytes for k, v in p["experts"].items())  # one expert: blocks, scales, biases
@@ -437,10 +438,11 @@ def moe_rows(batches: list[int], repeats: int, smoke: bool, log) -> list[dict]:
         ms = lambda fn, x=x: 1e3 * timed(in_loop(fn, inner), p, x, repeats=repeats) / inner
         row["jnp_ms"] = ms(lambda p, x: moe_sparse(p, x, config))
         configs = []
-        for launch in launches:
-            kinds = ("mxfp4_small", "mxfp4_t_small")
-            table = {**gmm_lib.LAUNCH, **{(k, None, None): Tiles(rows=16, **launch) for k in kinds}}
-            original, gmm_lib.LAUNCH = gmm_lib.LAUNCH, table
+        for launch in [None, *launches]:  # None: the launch table's own choice at this batch
+            kinds = ("mxfp4_small", "mxfp4_small_wide", "mxfp4_t_small")
+            swept = {} if launch is None else {(k, None, None): Tiles(rows=16, **launch) for k in kinds}
+            original, gmm_lib.LAUNCH = gmm_lib.LAUNCH, {**gmm_lib.LAUNCH, **swept}
+            launch = launch or {"launch": "default"}
             try:
                 on_kernels = lambda p, x: moe_sparse(p, x, config, kernels=True)
                 error = float(jnp.abs(jax.jit(on_kernels)(p, x).astype(jnp.float32) - want).max())
