@@ -1,5 +1,5 @@
-"""Batched generation with a KV cache: one prefill, then a jitted decode step with the cache donated.
-The command line is `python -m gptoss_mla_jax.generate`."""
+"""Batched generation with a KV cache: one prefill, then decode steps in a loop on the device, up to
+DEVICE_STEPS tokens per call, the cache donated. The command line is `python -m gptoss_mla_jax.generate`."""
 
 from __future__ import annotations
 
@@ -72,9 +72,71 @@ def decode_step(
 ):
     """One token per sequence: append it to the cache and sample the next one (attending with the Pallas
     flash-decoding kernels if `decode_kernels`)."""
+    return _step(params, cache, tokens, key, config, sampling, decode_kernels)
+
+
+def _step(params, cache, tokens, key, config, sampling, decode_kernels):
     options = ForwardOptions(decode_kernels=decode_kernels)
     logits, cache, _ = forward(params, tokens[:, None], cache, config, options=options)
     return sample(logits[:, 0], key, sampling), cache
+
+
+# Tokens per sequence that one `decode_steps` call may produce: the host waits for the device once per call
+# instead of once per token (a batch-1 step of gpt-oss-20b launches hundreds of kernels in a few ms, and
+# the host's dispatch and read-back of each step would otherwise add to every token).
+DEVICE_STEPS = 64
+
+
+class Decoded(NamedTuple):
+    """What `decode_steps` returns: `tokens` [B, steps] (the first `count` columns produced), the last
+    token of each sequence, the key to go on with, which sequences are `done` (produced the eos token),
+    and the cache."""
+
+    tokens: Int[Array, "B S"]
+    count: Int[Array, ""]
+    last: Int[Array, " B"]
+    key: Array
+    done: Array
+    cache: dict
+
+
+@functools.partial(
+    jax.jit, static_argnames=("config", "sampling", "decode_kernels", "steps"), donate_argnames=("cache",)
+)
+def decode_steps(
+    params,
+    cache,
+    tokens: Int[Array, " B"],
+    key,
+    done,
+    limit: Int[Array, ""],
+    eos_id: Int[Array, ""],
+    config: GptOssConfig,
+    sampling: Sampling = GREEDY,
+    decode_kernels: bool = False,
+    steps: int = DEVICE_STEPS,
+) -> Decoded:
+    """Up to `min(limit, steps)` decode steps in one device-side loop, stopping early once every sequence
+    is `done` (has produced `eos_id`; -1: none). Each step draws its key as `generate` always has (split the
+    running key, use the second half), so the tokens equal those of `decode_step` called once per token."""
+    B = tokens.shape[0]
+
+    def running(carry):
+        i, done = carry[0], carry[3]
+        return (i < jnp.minimum(limit, steps)) & ~jnp.all(done)
+
+    def step(carry):
+        i, token, key, done, out, cache = carry
+        key, sub = jax.random.split(key)
+        token, cache = _step(params, cache, token, sub, config, sampling, decode_kernels)
+        out = jax.lax.dynamic_update_slice(out, token[:, None], (0, i))
+        return i + 1, token, key, done | (token == eos_id), out, cache
+
+    out = jnp.zeros((B, steps), jnp.int32)
+    i, token, key, done, out, cache = jax.lax.while_loop(
+        running, step, (jnp.int32(0), tokens, key, done, out, cache)
+    )
+    return Decoded(out, i, token, key, done, cache)
 
 
 def kernels_by_default(cache_dtype) -> bool:
@@ -150,17 +212,18 @@ def generate(
     key = jax.random.key(sampling.seed)
     key, sub = jax.random.split(key)
     token, cache = prefill(params, cache, jnp.asarray(padded), lengths, sub, config, sampling.rule)
-    out = [np.asarray(token)]
-    done = np.zeros(B, bool) if eos_id is None else out[0] == eos_id
-    for _ in range(max_new_tokens - 1):
-        if done.all():
-            break
-        key, sub = jax.random.split(key)
-        token, cache = decode_step(params, cache, token, sub, config, sampling.rule, decode_kernels)
-        out.append(np.asarray(token))
-        if eos_id is not None:
-            done |= out[-1] == eos_id
-    rows = np.stack(out, axis=1)
+    out = [np.asarray(token)[:, None]]
+    eos = jnp.int32(-1 if eos_id is None else eos_id)
+    done = token == eos
+    left = max_new_tokens - 1
+    while left > 0 and not bool(done.all()):
+        run = decode_steps(
+            params, cache, token, key, done, jnp.int32(left), eos, config, sampling.rule, decode_kernels
+        )
+        count = int(run.count)
+        out.append(np.asarray(run.tokens)[:, :count])
+        token, key, done, cache, left = run.last, run.key, run.done, run.cache, left - count
+    rows = np.concatenate(out, axis=1)
     results = []
     for row in rows.tolist():
         if eos_id is not None and eos_id in row:

@@ -6,7 +6,14 @@ import numpy as np
 import pytest
 
 from gptoss_mla_jax.cache import init_cache, nbytes
-from gptoss_mla_jax.generation import Sampling, decode_step, generate, kernels_by_default, prefill
+from gptoss_mla_jax.generation import (
+    Sampling,
+    decode_step,
+    decode_steps,
+    generate,
+    kernels_by_default,
+    prefill,
+)
 from gptoss_mla_jax.model import ForwardOptions
 from gptoss_mla_jax.model import forward_jit as forward
 
@@ -69,6 +76,53 @@ def test_decode_step_donates_the_cache(tiny):
     _, cache = decode_step(params, old, first, key, config)
     assert all(x.is_deleted() for x in jax.tree.leaves(old))
     np.testing.assert_array_equal(np.asarray(cache["lengths"]), [4, 6])
+
+
+def test_device_loop_equals_a_step_per_call(tiny):
+    """decode_steps' loop on the device gives the tokens and cache of one decode_step per token (sampled,
+    each step's key split from the running one), stops at its limit, and stops early at the eos token."""
+    config, params = tiny
+    sampling = Sampling(1.0, 5, 0)
+    started = lambda: prefill(
+        params, init_cache(config, 2, 32, jnp.float32), jnp.zeros((2, 16), jnp.int32), jnp.array([3, 5]),
+        jax.random.key(1), config, sampling,
+    )  # fmt: skip
+    token, cache = started()
+    key, want = jax.random.key(2), []
+    for _ in range(5):
+        key, sub = jax.random.split(key)
+        token, cache = decode_step(params, cache, token, sub, config, sampling)
+        want.append(np.asarray(token))
+    want = np.stack(want, axis=1)
+    token, loop_cache = started()
+    never, done = jnp.int32(-1), jnp.zeros(2, bool)
+    run = decode_steps(
+        params, loop_cache, token, jax.random.key(2), done, jnp.int32(5), never, config, sampling, steps=8
+    )
+    assert int(run.count) == 5 and not run.done.any()
+    np.testing.assert_array_equal(np.asarray(run.tokens)[:, :5], want)
+    np.testing.assert_array_equal(np.asarray(run.last), want[:, -1])
+    for a, b in zip(jax.tree.leaves(run.cache), jax.tree.leaves(cache), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # each sequence's eos at its own step: the loop runs until the later one, here the last of the limit
+    eos = int(want[0, 1])
+    first = [next((j for j in range(5) if row[j] == eos), 4) for row in want]
+    token, loop_cache = started()
+    run = decode_steps(
+        params,
+        loop_cache,
+        token,
+        jax.random.key(2),
+        done,
+        jnp.int32(5),
+        jnp.int32(eos),
+        config,
+        sampling,
+        steps=8,
+    )
+    stop = max(first) + 1
+    assert int(run.count) == stop and bool(run.done[0])
+    np.testing.assert_array_equal(np.asarray(run.tokens)[:, :stop], want[:, :stop])
 
 
 def test_generate_greedy_matches_recomputation(tiny):

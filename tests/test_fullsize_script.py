@@ -54,17 +54,20 @@ def test_written_layout_loads_in_both(tmp_path, monkeypatch):
 
 @pytest.mark.slow  # started first (tests/conftest.py)
 def test_decode_benchmark_runs_at_a_small_size(shared_models, tmp_path):
-    """eval.bench.decode end to end on the tiny demo model: every point measured, MLA's cache smaller."""
+    """eval.bench.decode end to end on the tiny demo model: every point measured (a step per call and
+    per token of a device-side loop), MLA's cache smaller."""
     from eval.bench import decode as bench_decode
 
     out = tmp_path / "decode.json"
     argv = ["--smoke", "--batches", "1,2", "--contexts", "64", "--repeats", "2", "--decode-kernels", "both"]
+    argv += ["--loop-steps", "2"]
     assert bench_decode.main([*argv, "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     assert [(r["model"], r["batch"], r["decode_kernels"]) for r in rows] == [
         (model, batch, kernels) for batch in (1, 2) for model in ("gqa", "mla") for kernels in (False, True)
     ]
     assert all(r["step_ms"] > 0 and len(r["times_ms"]) == 2 for r in rows)
+    assert all(r["loop_steps"] == 2 and r["loop_step_ms"] > 0 and len(r["loop_times_ms"]) == 2 for r in rows)
     assert rows[2]["cache_gb"] < rows[0]["cache_gb"]
 
 

@@ -40,7 +40,7 @@ from gptoss_mla_jax.cache import accounting, init_cache
 from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig, MlaConfig
 from gptoss_mla_jax.execution import ForwardOptions
 from gptoss_mla_jax.flash_decode import Launch, Slots
-from gptoss_mla_jax.generation import DEMO_CONFIG, GREEDY, decode_step, request_cuda_graphs
+from gptoss_mla_jax.generation import DEMO_CONFIG, GREEDY, decode_step, decode_steps, request_cuda_graphs
 from gptoss_mla_jax.mla import with_up_projections
 from gptoss_mla_jax.model import init_params, with_aligned_scales
 from support.results import write_json
@@ -124,11 +124,42 @@ def step_seconds(
     return times
 
 
+def loop_step_seconds(
+    params, config: GptOssConfig, batch: int, context: int, repeats: int, kernels: bool, steps: int
+) -> list[float]:
+    """Seconds per token of `steps` decode steps in one device-side loop (`generation.decode_steps`, as
+    `generate` runs them: the host dispatches and waits once per call), the cache filling up to `context`;
+    one value per call, after a warm-up call."""
+    cache = init_cache(config, batch, context)
+    tokens, key, done = jnp.zeros((batch,), jnp.int32), jax.random.key(0), jnp.zeros((batch,), bool)
+    limit, never = jnp.int32(steps), jnp.int32(-1)
+
+    def run(cache):
+        cache["lengths"] = jnp.full((batch,), context - steps, jnp.int32)  # the calls stay at this context
+        out = decode_steps(params, cache, tokens, key, done, limit, never, config, GREEDY, kernels, steps)
+        return jax.block_until_ready(out).cache
+
+    cache = run(cache)
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        cache = run(cache)
+        times.append((time.perf_counter() - t) / steps)
+    return times
+
+
 def speed(
-    models_: dict, batches: list[int], contexts: list[int], repeats: int, log, kernels=(False,)
+    models_: dict,
+    batches: list[int],
+    contexts: list[int],
+    repeats: int,
+    log,
+    kernels=(False,),
+    loop_steps: int = 0,
 ) -> list[dict]:
     """Step time per context, batch, model and attention path (`kernels`: False = jnp/XLA, True = the
-    Pallas decode kernels)."""
+    Pallas decode kernels): one step per call, and (`loop_steps` > 0) per token of a device-side loop of
+    that many steps."""
     rows = []
     for context, batch, (name, (config, params)), on_kernels in itertools.product(
         contexts, batches, models_.items(), kernels
@@ -145,6 +176,14 @@ def speed(
                     "times_ms": [1e3 * t for t in times],
                 }
                 row["tokens_per_s"] = batch / (row["step_ms"] / 1e3)
+                if loop_steps:
+                    times = loop_step_seconds(params, config, batch, context, repeats, on_kernels, loop_steps)
+                    row |= {
+                        "loop_steps": loop_steps,
+                        "loop_step_ms": 1e3 * float(np.median(times)),
+                        "loop_times_ms": [1e3 * t for t in times],
+                    }
+                    row["loop_tokens_per_s"] = batch / (row["loop_step_ms"] / 1e3)
             except Exception as e:  # out of memory in the step, or a kernel that does not lower
                 row["skipped"] = f"step failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
         rows.append(row)
@@ -708,6 +747,10 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--cuda-graphs", action="store_true", help="steps as CUDA graphs (generation.CUDA_GRAPH_FLAGS)"
     )
+    parser.add_argument(
+        "--loop-steps", type=int, default=0,
+        help="also time each point per token of this many steps in one device-side loop, as generate runs",
+    )  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="a tiny model (CPU check of the script)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -754,7 +797,7 @@ def main(argv=None) -> int:
         else:
             batches = [int(b) for b in args.batches.split(",")]
             kernels = {"off": (False,), "on": (True,), "both": (False, True)}[args.decode_kernels]
-            result["rows"] = speed(models_(), batches, contexts, args.repeats, log, kernels)
+            result["rows"] = speed(models_(), batches, contexts, args.repeats, log, kernels, args.loop_steps)
     result["command"] = " ".join(
         ["python -m eval.bench.decode", *(argv if argv is not None else sys.argv[1:])]
     )
