@@ -12,6 +12,8 @@
 #   capacity   the largest batch that runs at 32K and 128K, on the kernels
 #   mla        the GQA and decompressed-MLA kernels at 32K, every launch (kv heads per program included)
 #   mla_e2e    whole-model steps of GQA and decompressed MLA at 32K on the kernels, as CUDA graphs
+#   loop       e2e per step and per token of a device-side loop of 16 steps (as generate runs), CUDA graphs
+#   loop_while the loop at batch 1 with the while loop itself a command buffer too (WHILE, CONDITIONAL)
 #   bash eval/experiments/decode_gpu.sh OUT_DIR [STAGES]        (default: check,moe,profile,e2e)
 set -uo pipefail
 OUT=${1:?usage: bash eval/experiments/decode_gpu.sh OUT_DIR [STAGES]}
@@ -36,6 +38,14 @@ for stage in ${STAGES//,/ }; do
     kernels) run decode_kernels 400 eval.bench.decode --kernels --batches 1,8,64 --contexts 4096,32768,131072 ;;
     mla) run decode_kernels_mla 330 eval.bench.decode --kernels --models gqa,mla --batches 1,8,64 --contexts 32768 ;;
     mla_e2e) run decode_e2e_mla 240 eval.bench.decode --cuda-graphs --decode-kernels on --models gqa,mla --batches 1,64 --contexts 32768 ;;
+    loop) run decode_e2e_loop 330 eval.bench.decode --cuda-graphs --decode-kernels on --partial \
+      --models gqa,mla,mla_partial --batches 1,64 --contexts 4096,32768 --loop-steps 16 --repeats 5 ;;
+    loop_while) (
+      export XLA_FLAGS="--xla_gpu_graph_min_graph_size=1 \
+--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
+      run decode_e2e_loop_while 200 eval.bench.decode --cuda-graphs --decode-kernels on --models gqa,mla \
+        --batches 1 --contexts 4096,32768 --loop-steps 16 --repeats 5
+    ) ;;
     capacity) run decode_capacity 400 eval.bench.decode --capacity --decode-kernels on --partial --contexts 32768,131072 ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
