@@ -70,6 +70,22 @@ class Tiles:
     splits: int = 1
 
 
+class Glu(NamedTuple):
+    """gpt-oss's clamped SwiGLU over a product's interleaved (gate, up) column pairs, halving its width:
+    `(clip(up, -limit, limit) + 1) * g * sigmoid(alpha * g)` with `g = min(gate, limit)`. A forward product
+    given one applies it to each output tile before storing it (`gmm(..., glu=)`)."""
+
+    alpha: float
+    limit: float
+
+    def __call__(self, gate_up: Float[Array, "... N"]) -> Float[Array, "... N/2"]:
+        pairs = gate_up.reshape(*gate_up.shape[:-1], gate_up.shape[-1] // 2, 2)
+        gate, up = (a.reshape(pairs.shape[:-1]) for a in jnp.split(pairs, 2, axis=-1))
+        gate = jnp.minimum(gate, self.limit)
+        up = jnp.clip(up, -self.limit, self.limit)
+        return (up + 1) * (gate * jax.nn.sigmoid(gate * self.alpha))
+
+
 # Launch settings by (kernel, contraction K, output width N; for tgmm the weight's K and N); (kernel, None,
 # None) is the default for other shapes. The sweep (eval.bench.moe --sweep, results in eval/results) chose
 # them at gpt-oss-20b's expert shapes on an H200. Kernels: "gmm" (dense forward), "gmm_t" (dense d(lhs)),
@@ -251,11 +267,21 @@ def _store_tile(out_refs, site: _Site, n_groups: int, compute):
 
 
 def _store_product(
-    out_ref, bias_ref, site: _Site, step, steps: int, tiles: Tiles, n_groups: int, ragged: bool
+    out_ref,
+    bias_ref,
+    site: _Site,
+    step,
+    steps: int,
+    tiles: Tiles,
+    n_groups: int,
+    ragged: bool,
+    glu: Glu | None,
+    width: int,
 ):
     """The forward kernels' common end: `steps` of `step` summed over the contraction in float32, plus the
-    group's bias, stored into the pair's tile. With `tiles.splits` > 1, program (n, i, s) sums split s's
-    share of the steps into out[s] (float32; the bias in split 0's)."""
+    group's bias, stored into the pair's tile (through `glu` into half as many columns, if given; `width`:
+    the product's). With `tiles.splits` > 1, program (n, i, s) sums split s's share of the steps into
+    out[s] (float32; the bias in split 0's)."""
     split = pl.program_id(2) if tiles.splits > 1 else 0
     share = _cdiv(steps, tiles.splits)
 
@@ -268,10 +294,14 @@ def _store_product(
         if bias_ref is not None:
             bias = masked_load(bias_ref.at[site.gc, site.cols], site.col_ok if ragged else None)
             acc += jnp.where(split == 0, bias.astype(jnp.float32), 0.0)[None, :]
-        return [acc]
+        return [acc if glu is None else glu(acc)]
 
-    tile = (split, site.rows, site.cols) if tiles.splits > 1 else (site.rows, site.cols)
-    _store_tile([out_ref.at[tile]], site, n_groups, compute)
+    out_site = site
+    if glu is not None:  # the tile's column pairs land in half as many output columns
+        n, half = pl.program_id(0), tiles.cols // 2
+        out_site = site._replace(cols=pl.ds(n * half, half), col_ok=n * half + _iota(half) < width // 2)
+    tile = (split, out_site.rows, out_site.cols) if tiles.splits > 1 else (out_site.rows, out_site.cols)
+    _store_tile([out_ref.at[tile]], out_site, n_groups, compute)
 
 
 def _dot(a: Array, b: Array, contract: tuple[int, int]) -> Array:
@@ -339,7 +369,15 @@ def _decode(packed: Array, exponents: Array, dtype, interpret: bool) -> tuple[Ar
 
 
 def _gmm_kernel(
-    *refs, tiles: Tiles, n_groups: int, n_map: int, transpose_rhs: bool, K: int, N: int, has_bias: bool
+    *refs,
+    tiles: Tiles,
+    n_groups: int,
+    n_map: int,
+    transpose_rhs: bool,
+    K: int,
+    N: int,
+    has_bias: bool,
+    glu: Glu | None,
 ):
     """out[tile rows, cols] = lhs[rows] @ rhs[g] (+ bias[g]); rhs [G, K, N], or [G, N, K] when
     `transpose_rhs` (d(lhs): the forward's weights read transposed)."""
@@ -360,11 +398,19 @@ def _gmm_kernel(
         mask = k_ok[:, None] & site.col_ok[None, :] if ragged_n or ragged_k else None
         return acc + _dot(x, masked_load(rhs_ref.at[site.gc, depth, site.cols], mask).astype(x.dtype), (1, 0))
 
-    _store_product(out_ref, bias_ref, site, step, _cdiv(K, tiles.depth), tiles, n_groups, ragged_n)
+    _store_product(out_ref, bias_ref, site, step, _cdiv(K, tiles.depth), tiles, n_groups, ragged_n, glu, N)
 
 
 def _mxfp4_kernel(
-    *refs, tiles: Tiles, n_groups: int, n_map: int, K: int, N: int, has_bias: bool, interpret: bool
+    *refs,
+    tiles: Tiles,
+    n_groups: int,
+    n_map: int,
+    K: int,
+    N: int,
+    has_bias: bool,
+    interpret: bool,
+    glu: Glu | None,
 ):
     """out[tile rows, cols] = lhs[rows] @ W[g]^T (+ bias[g]), W[g] [N, K] packed, blocks as [G, N, K / 2]
     bytes. The low and high nibbles multiply lhs's even and odd columns: short row tiles (decode,
@@ -398,7 +444,7 @@ def _mxfp4_kernel(
             x_even, x_odd = (masked_load(ref.at[site.rows, at], x_mask) for ref in lhs_refs)
         return acc + _dot(x_even, low, (1, 1)) + _dot(x_odd, high, (1, 1))
 
-    _store_product(out_ref, bias_ref, site, step, _cdiv(K, tiles.depth), tiles, n_groups, ragged)
+    _store_product(out_ref, bias_ref, site, step, _cdiv(K, tiles.depth), tiles, n_groups, ragged, glu, N)
 
 
 def _splits_lhs_on_chip(tiles: Tiles) -> bool:
@@ -480,11 +526,11 @@ def _launch(kernel, grid, args, out_shape, tiles: Tiles, interpret: bool, sizes_
 
 
 def _forward(
-    kernel, args, shape: tuple[int, int], dtype, n_pairs: int, tiles: Tiles, interpret: bool, aligned
+    kernel, args, shape: tuple[int, int], dtype, n_pairs: int, tiles: Tiles, interpret: bool, aligned, width
 ):
-    """A forward product's launch: grid (column blocks, pairs[, splits]) into `shape` in `dtype`; split
-    contractions land as float32 partial sums, added here."""
-    blocks = _cdiv(shape[1], tiles.cols)
+    """A forward product's launch: grid (blocks of its `width` columns, pairs[, splits]) into `shape` in
+    `dtype`; split contractions land as float32 partial sums, added here."""
+    blocks = _cdiv(width, tiles.cols)
     if tiles.splits == 1:
         out = jax.ShapeDtypeStruct(shape, dtype)
         return _launch(kernel, (blocks, n_pairs), args, out, tiles, interpret, aligned)
@@ -502,10 +548,11 @@ def grouped_product(
     interpret: bool | None = None,
     launch: Tiles | None = None,
     rows: int | None = None,
+    glu: Glu | None = None,
 ) -> Float[Array, "M N"]:
     """lhs @ rhs[g] per group (rhs[g]^T when `transpose_rhs`) in lhs's dtype, float32 sums; forward only
     (`gmm` is the differentiable one). `launch` overrides `LAUNCH`; `rows` only its row tile, for groups
-    that start at multiples of it."""
+    that start at multiples of it; `glu` applied to the float32 sums (N / 2 outputs)."""
     M, interpret = lhs.shape[0], _interpret(interpret)
     packed = isinstance(rhs, Mxfp4)
     kind = ("mxfp4" if packed else "gmm") + ("_t" if transpose_rhs else "")
@@ -524,6 +571,12 @@ def grouped_product(
     n_groups, n_map, aligned = group_sizes.shape[0], len(tm), rows is not None
     if tiles.splits > 1 and transpose_rhs:
         raise ValueError(f"{kind} launch {tiles}: only forward products split the contraction")
+    if glu is not None and (transpose_rhs or tiles.splits > 1 or width % 2 or tiles.cols % 2):
+        raise ValueError(
+            f"{kind} launch {tiles}, {width} outputs: glu needs an unsplit forward product with an even "
+            "output width and column tile"
+        )
+    out_width = width // 2 if glu is not None else width
     if packed:
         if (tiles.cols if transpose_rhs else tiles.depth) % BLOCK:
             raise ValueError(
@@ -549,17 +602,19 @@ def grouped_product(
             args = (*tm, *halves, blocks, rhs.scales, *([bias] if bias is not None else []))
             kernel = functools.partial(
                 _mxfp4_kernel, tiles=tiles, n_groups=n_groups, n_map=n_map, K=K, N=N,
-                has_bias=bias is not None, interpret=interpret,
+                has_bias=bias is not None, interpret=interpret, glu=glu,
             )  # fmt: skip
-            out = _forward(kernel, args, (x.shape[0], N), lhs.dtype, n_pairs, tiles, interpret, aligned)
+            out_shape = (x.shape[0], out_width)
+            out = _forward(kernel, args, out_shape, lhs.dtype, n_pairs, tiles, interpret, aligned, N)
     else:
         K, N = (rhs.shape[2], rhs.shape[1]) if transpose_rhs else rhs.shape[1:]
         args = (*tm, x, rhs, *([bias] if bias is not None else []))
         kernel = functools.partial(
             _gmm_kernel, tiles=tiles, n_groups=n_groups, n_map=n_map, transpose_rhs=transpose_rhs, K=K, N=N,
-            has_bias=bias is not None,
+            has_bias=bias is not None, glu=glu,
         )  # fmt: skip
-        out = _forward(kernel, args, (x.shape[0], N), lhs.dtype, n_pairs, tiles, interpret, aligned)
+        out_shape = (x.shape[0], out_width)
+        out = _forward(kernel, args, out_shape, lhs.dtype, n_pairs, tiles, interpret, aligned, N)
     return out[:M]
 
 
@@ -589,17 +644,20 @@ def _row_groups(group_sizes: Int[Array, " G"], m: int) -> Int[Array, " M"]:
     return _count_at_or_below(jnp.cumsum(group_sizes), jnp.arange(m, dtype=jnp.int32))
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _gmm(lhs, rhs, group_sizes, bias, interpret, rows):
-    return grouped_product(lhs, rhs, group_sizes, bias, False, interpret, rows=rows)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _gmm(lhs, rhs, group_sizes, bias, interpret, rows, glu):
+    return grouped_product(lhs, rhs, group_sizes, bias, False, interpret, rows=rows, glu=glu)
 
 
-def _gmm_fwd(lhs, rhs, group_sizes, bias, interpret, rows):
-    return _gmm(lhs, rhs, group_sizes, bias, interpret, rows), (lhs, rhs, group_sizes, bias)
+def _gmm_fwd(lhs, rhs, group_sizes, bias, interpret, rows, glu):
+    return _gmm(lhs, rhs, group_sizes, bias, interpret, rows, glu), (lhs, rhs, group_sizes, bias)
 
 
-def _gmm_bwd(interpret, rows, residuals, dout):
+def _gmm_bwd(interpret, rows, glu, residuals, dout):
     lhs, rhs, group_sizes, bias = residuals
+    if glu is not None:  # through the activation, from the product recomputed without it
+        product = grouped_product(lhs, rhs, group_sizes, bias, False, interpret, rows=rows)
+        dout = jax.vjp(lambda p: glu(p.astype(jnp.float32)).astype(dout.dtype), product)[1](dout)[0]
     d_lhs = grouped_product(dout, rhs, group_sizes, None, True, interpret, rows=rows)
     if isinstance(rhs, Mxfp4):  # packed weights are not trainable
         d_rhs = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0), rhs)
@@ -622,14 +680,17 @@ def gmm(
     bias: Float[Array, "G N"] | None = None,
     interpret: bool | None = None,
     rows: int | None = None,
+    glu: Glu | None = None,
 ) -> Float[Array, "M N"]:
     """`jax.lax.ragged_dot(lhs, rhs, group_sizes) + bias[group of each row]` on the Pallas kernels, in
     lhs's dtype with float32 sums, differentiable in lhs, dense rhs and bias. MXFP4 rhs (W[g] [N, K]
     packed) multiplies as its dequantized transpose. `interpret` defaults to the CPU interpreter off
     the GPU. `rows`: the row tile, for groups that start at multiples of it (no tile then mixes groups, so
-    each group's weights are read once per tile of its rows); None fits one to the rows per group."""
+    each group's weights are read once per tile of its rows); None fits one to the rows per group. `glu`:
+    the product's columns go through it on chip, from the float32 sums (N / 2 outputs; the gradient
+    recomputes the product)."""
     K = lhs.shape[1]
     rhs_k = rhs.blocks.shape[2] * BLOCK if isinstance(rhs, Mxfp4) else rhs.shape[1]
     if rhs_k != K:
         raise ValueError(f"gmm: lhs {lhs.shape} has {K} columns, the weights contract over {rhs_k}")
-    return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), bias, _interpret(interpret), rows)
+    return _gmm(lhs, rhs, group_sizes.astype(jnp.int32), bias, _interpret(interpret), rows, glu)

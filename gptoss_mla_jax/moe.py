@@ -29,7 +29,7 @@ from jaxtyping import Array, Float, Int
 from gptoss_mla_jax import routing
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.flash_decode import runs_compiled
-from gptoss_mla_jax.gmm import Mxfp4, gmm
+from gptoss_mla_jax.gmm import Glu, Mxfp4, gmm
 from gptoss_mla_jax.mxfp4 import dequantize, dequantize_experts
 
 Params = dict[str, Any]
@@ -47,11 +47,12 @@ def route(
     return jax.nn.softmax(top_logits.astype(jnp.float32), axis=-1), top_idx
 
 
+def glu(config: GptOssConfig) -> Glu:
+    return Glu(config.swiglu_alpha, config.swiglu_limit)
+
+
 def swiglu(gate_up: Float[Array, "... F2"], config: GptOssConfig) -> Float[Array, "... F"]:
-    gate, up = gate_up[..., 0::2], gate_up[..., 1::2]
-    gate = jnp.minimum(gate, config.swiglu_limit)
-    up = jnp.clip(up, -config.swiglu_limit, config.swiglu_limit)
-    return (up + 1) * (gate * jax.nn.sigmoid(gate * config.swiglu_alpha))
+    return glu(config)(gate_up)
 
 
 def expert_matrices(experts: Params, dtype) -> tuple[Float[Array, "E D F2"], Float[Array, "E F D"]]:
@@ -212,7 +213,13 @@ def _expert_products(
     e: Params, rows: Float[Array, "M D"], group_sizes: Int[Array, " E"], config: GptOssConfig, tile
 ) -> Float[Array, "M D"]:
     """Both expert projections of rows grouped by expert, on the grouped matmul (`tile`: its row tile,
-    for groups starting at multiples of it)."""
+    for groups starting at multiples of it: the decode layout, where the SwiGLU runs in the gate_up
+    product's kernel, a kernel less per layer; elsewhere after it, as its gradient would recompute the
+    product)."""
     weights = lambda name: e[name] if name in e else Mxfp4(e[f"{name}_blocks"], e[f"{name}_scales"])
-    gate_up = gmm(rows, weights("gate_up_proj"), group_sizes, e["gate_up_proj_bias"], rows=tile)
-    return gmm(swiglu(gate_up, config), weights("down_proj"), group_sizes, e["down_proj_bias"], rows=tile)
+    gate_up, bias = weights("gate_up_proj"), e["gate_up_proj_bias"]
+    if tile is None:
+        hidden = swiglu(gmm(rows, gate_up, group_sizes, bias), config)
+    else:
+        hidden = gmm(rows, gate_up, group_sizes, bias, rows=tile, glu=glu(config))
+    return gmm(hidden, weights("down_proj"), group_sizes, e["down_proj_bias"], rows=tile)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gptoss_mla_jax import gmm as gmm_lib
-from gptoss_mla_jax.gmm import Mxfp4, Tiles, gmm, grouped_product, tgmm, tile_map
+from gptoss_mla_jax.gmm import Glu, Mxfp4, Tiles, gmm, grouped_product, tgmm, tile_map
 from gptoss_mla_jax.mxfp4 import dequantize_experts, pad_scales
 
 # Small tiles, so that groups end inside tiles and span several (the launch table's are for the GPU).
@@ -152,6 +152,38 @@ def test_split_contractions_equal_ragged_dot(weights, splits, aligned):
         grouped_product(lhs[:, :N], rhs, sizes, None, transpose_rhs=True, launch=launch)
 
 
+@pytest.mark.parametrize("weights", ["dense", "mxfp4"])
+@pytest.mark.parametrize("aligned", [False, True], ids=["tile map", "aligned groups"])
+def test_glu_on_chip_equals_glu_after_the_product(weights, aligned):
+    """`glu` in the forward kernels (each tile's column pairs into half as many outputs; 40 columns end
+    inside the last 16-column tile) equals it applied to ragged_dot's product, and so do the gradients in
+    lhs and bias; split or transposed products refuse it."""
+    ragged = "zeros, one row, groups ending inside tiles, rows past the groups"
+    (sizes_list, extra), K, N = ([16, 0, 32, 16, 0], 0) if aligned else SIZES[ragged], 64, 40
+    lhs, sizes, bias, _ = ragged_case(sizes_list, extra, K, N)
+    cot = jnp.asarray(np.random.default_rng(9).standard_normal((lhs.shape[0], N // 2)), jnp.float32)
+    if weights == "dense":
+        rhs = dense = jnp.asarray(
+            np.random.default_rng(8).standard_normal((len(sizes_list), K, N)), jnp.float32
+        )
+    else:
+        rhs, dense = random_mxfp4(len(sizes_list), K, N, seed=8)
+        rhs, dense = Mxfp4(rhs.blocks, rhs.scales - 6), dense / 64  # products near the clamp
+    glu = Glu(alpha=1.702, limit=7.0)
+    rows = 16 if aligned else None
+    got, got_vjp = jax.vjp(lambda l, b: gmm(l, rhs, sizes, b, rows=rows, glu=glu), lhs, bias)
+    want, want_vjp = jax.vjp(
+        lambda l, b: glu(with_bias(jax.lax.ragged_dot(l, dense, sizes), sizes_list, b)), lhs, bias
+    )
+    product = with_bias(jax.lax.ragged_dot(lhs, dense, sizes), sizes_list, bias)
+    assert float(product.max()) > glu.limit and float(product.min()) < -glu.limit  # both clamps at work
+    close(got, want)
+    for g, w in zip(got_vjp(cot), want_vjp(cot), strict=True):
+        close(g, w)
+    with pytest.raises(ValueError, match="glu needs an unsplit forward product"):
+        grouped_product(lhs, rhs, sizes, bias, launch=Tiles(16, 16, 32, splits=2), glu=glu)
+
+
 def test_tile_map_covers_every_row_once():
     sizes, rows, m = jnp.asarray([0, 1, 17, 0, 40, 5], jnp.int32), 16, 80
     tm = jax.tree.map(np.asarray, tile_map(sizes, m, rows))
@@ -228,6 +260,13 @@ def test_kernels_lower_for_the_gpu_at_gpt_oss_20b_shapes(monkeypatch):
         "mxfp4 gate_up forward at a decode batch of 256 (the wide launch)": (
             lambda l, bl, sc, s, b: gmm(l, Mxfp4(bl, sc), s, b, interpret=False),
             (spec(1024, D), *packed(F, D), sizes, spec(E, F)),
+            1,
+        ),
+        "the same with the SwiGLU on chip": (
+            lambda l, bl, sc, s, b: gmm(
+                l, Mxfp4(bl, sc), s, b, interpret=False, rows=16, glu=Glu(1.702, 7.0)
+            ),
+            (spec(64, D), *packed(F, D), sizes, spec(E, F)),
             1,
         ),
         "the same with the contraction split among 4 programs per tile": (
