@@ -3,14 +3,16 @@ matrix row is converted, scored, distilled and scored again; a rerun skips finis
 teacher."""
 
 import json
+import shutil
 
+import numpy as np
 import pytest
 
 from eval.experiments import quality_study
 
 
 @pytest.mark.slow  # started first (tests/conftest.py)
-def test_study_end_to_end_and_resume(tmp_path):
+def test_study_end_to_end_and_resume(tmp_path, monkeypatch):
     out = tmp_path / "study"
     argv = [
         "--teacher", str(tmp_path / "teacher"), "--data", "stdlib", "--teacher-config", "tiny",
@@ -41,9 +43,17 @@ def test_study_end_to_end_and_resume(tmp_path):
     assert quality_study.main(argv) == 0  # nothing left to do: the row is kept, not redone
     assert json.loads(out.with_suffix(".json").read_text())["rows"] == [row]
 
+    # The calibration windows are kept beside the results, for the same teacher (a run on a fresh machine
+    # retrains it bit for bit, then reads them instead of choosing them again).
+    saved = np.load(out.with_suffix(".calib.npz"))
+    assert str(saved["teacher_fingerprint"]) == result["teacher_fingerprint"]
+    assert {"windows_full", "windows_sliding"} <= set(saved.files)
+
     # A second run (other layers, rorope keeping 1 mixed component of each frequency pair: 16 RoPE values
-    # and a latent of 48) folded into the first: one table.
+    # and a latent of 48) folded into the first: one table. It reads the first run's windows.
     other = tmp_path / "other"
+    shutil.copy(out.with_suffix(".calib.npz"), other.with_suffix(".calib.npz"))
+    monkeypatch.setattr(quality_study, "calibration_set", lambda *a, **k: pytest.fail("windows chosen again"))
     argv_other = [*argv, "--layers", "all", "--modes", "rorope1", "--out", str(other)]
     assert quality_study.main(argv_other) == 0
     assert quality_study.main([*argv, "--merge", str(other.with_suffix(".json"))]) == 0

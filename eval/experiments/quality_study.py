@@ -369,12 +369,27 @@ def main(argv=None) -> int:
     # Calibration windows and distillation data are made when a row first needs them (a rerun with every
     # row finished needs neither).
     @functools.cache
-    def calib() -> np.ndarray:
+    def calib() -> dict[str, np.ndarray]:
+        path = f"{args.out}.calib.npz"  # kept beside the results: a rerun of the same teacher reads them
+        if os.path.exists(path):
+            with np.load(path) as saved:
+                if (
+                    str(saved["teacher_fingerprint"]) == teacher_id
+                    and int(saved["tokens"]) == args.calib_tokens
+                ):
+                    return {
+                        k.removeprefix("windows_"): saved[k] for k in saved.files if k.startswith("windows_")
+                    }
+            print(f"{path} holds another teacher's or size's windows: choosing them again", flush=True)
         t0 = time.perf_counter()
         pool = args.calib_tokens * POOL_FACTOR
         stream = token_windows(tokenizer, args.data, pool, 1, "validation").reshape(-1)
         windows = calibration_set(teacher, config, stream, args.calib_tokens, "kmeans", args.seq_len)
         print(f"calibration windows chosen in {time.perf_counter() - t0:.0f} s", flush=True)
+        with open(f"{path}.tmp", "wb") as f:
+            arrays = {f"windows_{k}": np.asarray(v) for k, v in windows.items()}
+            np.savez(f, **arrays, teacher_fingerprint=teacher_id, tokens=args.calib_tokens)
+        os.replace(f"{path}.tmp", path)
         return windows
 
     @functools.cache

@@ -4,8 +4,10 @@
 # one after the other); the results and the teacher live in $STUDY, so a rerun on the same machine
 # continues where this one stopped.
 # $STUDY_ARGS goes to every process (e.g. "--teacher-config 20b-attention --modes rorope1,partial8").
+# $RESUME: a folder of an earlier call's results (its OUT_DIR, committed), copied into $STUDY first: the
+# teacher, retrained bit for bit, finds its rows done and its calibration windows chosen (LAYERS.calib.npz).
 # Distillation needs grain: its wheels in .whl, carried with the call, are installed first.
-#   [LAYER_SETS="full all"] bash eval/experiments/quality_study_gpu.sh OUT_DIR [SECONDS]
+#   [LAYER_SETS="full all"] [RESUME=DIR] bash eval/experiments/quality_study_gpu.sh OUT_DIR [SECONDS]
 set -uo pipefail
 OUT=$1
 BUDGET=${2:-570}
@@ -13,6 +15,9 @@ STUDY=${STUDY:-/tmp/study}
 LAYER_SETS=${LAYER_SETS:-full all}
 END=$((SECONDS + BUDGET))
 mkdir -p "$STUDY" "$OUT"
+if [ -n "${RESUME:-}" ]; then
+  cp "$RESUME"/*.json "$RESUME"/*.calib.npz "$STUDY"/ 2> /dev/null || true
+fi
 if ls .whl/*.whl > /dev/null 2>&1; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
