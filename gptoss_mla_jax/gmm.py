@@ -526,17 +526,21 @@ def _launch(kernel, grid, args, out_shape, tiles: Tiles, interpret: bool, sizes_
 
 
 def _forward(
-    kernel, args, shape: tuple[int, int], dtype, n_pairs: int, tiles: Tiles, interpret: bool, aligned, width
+    kernel, args, rows: int, width: int, dtype, n_pairs: int, tiles: Tiles, interpret: bool, aligned, glu
 ):
-    """A forward product's launch: grid (blocks of its `width` columns, pairs[, splits]) into `shape` in
-    `dtype`; split contractions land as float32 partial sums, added here."""
+    """A forward product's launch: grid (blocks of its `width` columns, pairs[, splits]) into [rows, width]
+    in `dtype` (width / 2 through `glu`, which an unsplit kernel applies itself); split contractions land
+    as float32 partial sums, added here (then `glu`)."""
     blocks = _cdiv(width, tiles.cols)
     if tiles.splits == 1:
-        out = jax.ShapeDtypeStruct(shape, dtype)
-        return _launch(kernel, (blocks, n_pairs), args, out, tiles, interpret, aligned)
-    out = jax.ShapeDtypeStruct((tiles.splits, *shape), jnp.float32)
-    partial = _launch(kernel, (blocks, n_pairs, tiles.splits), args, out, tiles, interpret, aligned)
-    return partial.sum(axis=0).astype(dtype)
+        out = jax.ShapeDtypeStruct((rows, width if glu is None else width // 2), dtype)
+        return _launch(
+            functools.partial(kernel, glu=glu), (blocks, n_pairs), args, out, tiles, interpret, aligned
+        )
+    out = jax.ShapeDtypeStruct((tiles.splits, rows, width), jnp.float32)
+    grid, unfused = (blocks, n_pairs, tiles.splits), functools.partial(kernel, glu=None)
+    total = _launch(unfused, grid, args, out, tiles, interpret, aligned).sum(axis=0)
+    return (total if glu is None else glu(total)).astype(dtype)
 
 
 def grouped_product(
@@ -571,12 +575,11 @@ def grouped_product(
     n_groups, n_map, aligned = group_sizes.shape[0], len(tm), rows is not None
     if tiles.splits > 1 and transpose_rhs:
         raise ValueError(f"{kind} launch {tiles}: only forward products split the contraction")
-    if glu is not None and (transpose_rhs or tiles.splits > 1 or width % 2 or tiles.cols % 2):
+    if glu is not None and (transpose_rhs or width % 2 or tiles.cols % 2):
         raise ValueError(
-            f"{kind} launch {tiles}, {width} outputs: glu needs an unsplit forward product with an even "
-            "output width and column tile"
+            f"{kind} launch {tiles}, {width} outputs: glu needs a forward product with an even output width "
+            "and column tile"
         )
-    out_width = width // 2 if glu is not None else width
     if packed:
         if (tiles.cols if transpose_rhs else tiles.depth) % BLOCK:
             raise ValueError(
@@ -602,19 +605,17 @@ def grouped_product(
             args = (*tm, *halves, blocks, rhs.scales, *([bias] if bias is not None else []))
             kernel = functools.partial(
                 _mxfp4_kernel, tiles=tiles, n_groups=n_groups, n_map=n_map, K=K, N=N,
-                has_bias=bias is not None, interpret=interpret, glu=glu,
+                has_bias=bias is not None, interpret=interpret,
             )  # fmt: skip
-            out_shape = (x.shape[0], out_width)
-            out = _forward(kernel, args, out_shape, lhs.dtype, n_pairs, tiles, interpret, aligned, N)
+            out = _forward(kernel, args, x.shape[0], N, lhs.dtype, n_pairs, tiles, interpret, aligned, glu)
     else:
         K, N = (rhs.shape[2], rhs.shape[1]) if transpose_rhs else rhs.shape[1:]
         args = (*tm, x, rhs, *([bias] if bias is not None else []))
         kernel = functools.partial(
-            _gmm_kernel, tiles=tiles, n_groups=n_groups, n_map=n_map, transpose_rhs=transpose_rhs, K=K, N=N,
-            has_bias=bias is not None, glu=glu,
+            _gmm_kernel, tiles=tiles, n_groups=n_groups, n_map=n_map,
+            transpose_rhs=transpose_rhs, K=K, N=N, has_bias=bias is not None,
         )  # fmt: skip
-        out_shape = (x.shape[0], out_width)
-        out = _forward(kernel, args, out_shape, lhs.dtype, n_pairs, tiles, interpret, aligned, N)
+        out = _forward(kernel, args, x.shape[0], N, lhs.dtype, n_pairs, tiles, interpret, aligned, glu)
     return out[:M]
 
 

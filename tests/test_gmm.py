@@ -157,7 +157,8 @@ def test_split_contractions_equal_ragged_dot(weights, splits, aligned):
 def test_glu_on_chip_equals_glu_after_the_product(weights, aligned):
     """`glu` in the forward kernels (each tile's column pairs into half as many outputs; 40 columns end
     inside the last 16-column tile) equals it applied to ragged_dot's product, and so do the gradients in
-    lhs and bias; split or transposed products refuse it."""
+    lhs and bias; split contractions apply it after adding their partial sums; transposed products refuse
+    it."""
     ragged = "zeros, one row, groups ending inside tiles, rows past the groups"
     (sizes_list, extra), K, N = ([16, 0, 32, 16, 0], 0) if aligned else SIZES[ragged], 64, 40
     lhs, sizes, bias, _ = ragged_case(sizes_list, extra, K, N)
@@ -180,8 +181,10 @@ def test_glu_on_chip_equals_glu_after_the_product(weights, aligned):
     close(got, want)
     for g, w in zip(got_vjp(cot), want_vjp(cot), strict=True):
         close(g, w)
-    with pytest.raises(ValueError, match="glu needs an unsplit forward product"):
-        grouped_product(lhs, rhs, sizes, bias, launch=Tiles(16, 16, 32, splits=2), glu=glu)
+    split = grouped_product(lhs, rhs, sizes, bias, launch=Tiles(16, 16, 32, splits=2), rows=rows, glu=glu)
+    close(split, want)  # the partial sums added first, then glu
+    with pytest.raises(ValueError, match="glu needs a forward product"):
+        grouped_product(lhs[:, :N], rhs, sizes, None, transpose_rhs=True, glu=glu)
 
 
 def test_tile_map_covers_every_row_once():
