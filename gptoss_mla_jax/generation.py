@@ -76,6 +76,7 @@ def decode_step(
 
 
 def _step(params, cache, tokens, key, config, sampling, decode_kernels):
+    """`decode_step`'s work, traced inside another computation (`decode_steps`' loop)."""
     options = ForwardOptions(decode_kernels=decode_kernels)
     logits, cache, _ = forward(params, tokens[:, None], cache, config, options=options)
     return sample(logits[:, 0], key, sampling), cache

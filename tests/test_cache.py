@@ -94,32 +94,24 @@ def test_device_loop_equals_a_step_per_call(tiny):
         token, cache = decode_step(params, cache, token, sub, config, sampling)
         want.append(np.asarray(token))
     want = np.stack(want, axis=1)
-    token, loop_cache = started()
-    never, done = jnp.int32(-1), jnp.zeros(2, bool)
-    run = decode_steps(
-        params, loop_cache, token, jax.random.key(2), done, jnp.int32(5), never, config, sampling, steps=8
-    )
+
+    def loop(eos: int):  # from a fresh prefill: at most 5 steps of 8
+        token, cache = started()
+        done, limit = jnp.zeros(2, bool), jnp.int32(5)
+        return decode_steps(
+            params, cache, token, jax.random.key(2), done, limit, jnp.int32(eos), config, sampling, steps=8
+        )
+
+    run = loop(-1)
     assert int(run.count) == 5 and not run.done.any()
     np.testing.assert_array_equal(np.asarray(run.tokens)[:, :5], want)
     np.testing.assert_array_equal(np.asarray(run.last), want[:, -1])
     for a, b in zip(jax.tree.leaves(run.cache), jax.tree.leaves(cache), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    # each sequence's eos at its own step: the loop runs until the later one, here the last of the limit
+    # each sequence's eos at its own step: the loop runs until the later one (or the limit)
     eos = int(want[0, 1])
     first = [next((j for j in range(5) if row[j] == eos), 4) for row in want]
-    token, loop_cache = started()
-    run = decode_steps(
-        params,
-        loop_cache,
-        token,
-        jax.random.key(2),
-        done,
-        jnp.int32(5),
-        jnp.int32(eos),
-        config,
-        sampling,
-        steps=8,
-    )
+    run = loop(eos)
     stop = max(first) + 1
     assert int(run.count) == stop and bool(run.done[0])
     np.testing.assert_array_equal(np.asarray(run.tokens)[:, :stop], want[:, :stop])

@@ -105,47 +105,36 @@ def free_bytes() -> float:
 
 
 def step_seconds(
-    params, config: GptOssConfig, batch: int, context: int, repeats: int, kernels: bool = False
+    params,
+    config: GptOssConfig,
+    batch: int,
+    context: int,
+    repeats: int,
+    kernels: bool = False,
+    loop_steps: int = 0,
 ) -> list[float]:
-    """Seconds of each of `repeats` decode steps at `context` (after one warm-up step), attending with
-    the Pallas kernels if `kernels`."""
+    """Seconds per token of each of `repeats` calls at `context` (after one warm-up call), attending with
+    the Pallas kernels if `kernels`: a call is one decode step, or (`loop_steps` > 0) that many steps in one
+    device-side loop (`generation.decode_steps`, as `generate` runs them: the host dispatches and waits once
+    per call), the cache filling up to `context`."""
+    steps = max(loop_steps, 1)
     cache = init_cache(config, batch, context)
-    cache["lengths"] = jnp.full((batch,), context - 1, jnp.int32)
-    tokens = jnp.zeros((batch,), jnp.int32)
-    key = jax.random.key(0)
-    step = lambda tokens, cache: decode_step(params, cache, tokens, key, config, GREEDY, kernels)
-    tokens, cache = jax.block_until_ready(step(tokens, cache))
+    tokens, key = jnp.zeros((batch,), jnp.int32), jax.random.key(0)
+    if loop_steps:
+        done, limit, never = jnp.zeros((batch,), bool), jnp.int32(steps), jnp.int32(-1)
+
+        def call(tokens, cache):
+            run = decode_steps(params, cache, tokens, key, done, limit, never, config, GREEDY, kernels, steps)
+            return run.last, run.cache
+    else:
+        call = lambda tokens, cache: decode_step(params, cache, tokens, key, config, GREEDY, kernels)
     times = []
-    for _ in range(repeats):
-        cache["lengths"] = jnp.full((batch,), context - 1, jnp.int32)  # stay at this context
+    for _ in range(repeats + 1):  # the first call compiles
+        cache["lengths"] = jnp.full((batch,), context - steps, jnp.int32)  # every call at this context
         t = time.perf_counter()
-        tokens, cache = jax.block_until_ready(step(tokens, cache))
-        times.append(time.perf_counter() - t)
-    return times
-
-
-def loop_step_seconds(
-    params, config: GptOssConfig, batch: int, context: int, repeats: int, kernels: bool, steps: int
-) -> list[float]:
-    """Seconds per token of `steps` decode steps in one device-side loop (`generation.decode_steps`, as
-    `generate` runs them: the host dispatches and waits once per call), the cache filling up to `context`;
-    one value per call, after a warm-up call."""
-    cache = init_cache(config, batch, context)
-    tokens, key, done = jnp.zeros((batch,), jnp.int32), jax.random.key(0), jnp.zeros((batch,), bool)
-    limit, never = jnp.int32(steps), jnp.int32(-1)
-
-    def run(cache):
-        cache["lengths"] = jnp.full((batch,), context - steps, jnp.int32)  # the calls stay at this context
-        out = decode_steps(params, cache, tokens, key, done, limit, never, config, GREEDY, kernels, steps)
-        return jax.block_until_ready(out).cache
-
-    cache = run(cache)
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        cache = run(cache)
+        tokens, cache = jax.block_until_ready(call(tokens, cache))
         times.append((time.perf_counter() - t) / steps)
-    return times
+    return times[1:]
 
 
 def speed(
@@ -177,7 +166,7 @@ def speed(
                 }
                 row["tokens_per_s"] = batch / (row["step_ms"] / 1e3)
                 if loop_steps:
-                    times = loop_step_seconds(params, config, batch, context, repeats, on_kernels, loop_steps)
+                    times = step_seconds(params, config, batch, context, repeats, on_kernels, loop_steps)
                     row |= {
                         "loop_steps": loop_steps,
                         "loop_step_ms": 1e3 * float(np.median(times)),

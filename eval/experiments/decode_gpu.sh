@@ -41,8 +41,8 @@ for stage in ${STAGES//,/ }; do
     loop) run decode_e2e_loop 330 eval.bench.decode --cuda-graphs --decode-kernels on --partial \
       --models gqa,mla,mla_partial --batches 1,64 --contexts 4096,32768 --loop-steps 16 --repeats 5 ;;
     loop_while) (
-      export XLA_FLAGS="--xla_gpu_graph_min_graph_size=1 \
---xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL"
+      XLA_FLAGS="$(python -c 'from gptoss_mla_jax.generation import CUDA_GRAPH_FLAGS as f; print(f)'),WHILE,CONDITIONAL"
+      export XLA_FLAGS
       run decode_e2e_loop_while 200 eval.bench.decode --cuda-graphs --decode-kernels on --models gqa,mla \
         --batches 1 --contexts 4096,32768 --loop-steps 16 --repeats 5
     ) ;;
