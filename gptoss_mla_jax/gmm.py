@@ -666,8 +666,11 @@ def _gmm_bwd(interpret, rows, glu, residuals, dout):
         d_rhs = tgmm(lhs, dout, group_sizes, rhs.dtype, interpret)
     d_bias = None
     if bias is not None:
-        rows_group = _row_groups(group_sizes, dout.shape[0])
-        d_bias = jax.ops.segment_sum(dout.astype(jnp.float32), rows_group, bias.shape[0]).astype(bias.dtype)
+        # Each group's rows summed as a product with the rows' one-hot groups (rows past the groups match
+        # none), not segment_sum: its scatter-add is what XLA's deterministic mode sorts element by element.
+        member = jax.nn.one_hot(_row_groups(group_sizes, dout.shape[0]), bias.shape[0], dtype=dout.dtype)
+        d_bias = jnp.dot(member.T, dout, precision="highest", preferred_element_type=jnp.float32)
+        d_bias = d_bias.astype(bias.dtype)
     return d_lhs, d_rhs, np.zeros(group_sizes.shape, jax.dtypes.float0), d_bias
 
 

@@ -174,8 +174,10 @@ def _aligned_experts(
     out at `slot` with each expert's group of `padded` rows starting at a multiple of ALIGN."""
     P, k = slot.shape[0], config.num_experts_per_tok
     height = P + min(P, padded.shape[0]) * (ALIGN - 1)  # the most rows the layout can need
-    rows = jnp.zeros((height, flat.shape[1]), flat.dtype).at[slot].set(jnp.repeat(flat, k, axis=0))
-    y = _expert_products(e, rows, padded, config, ALIGN)[slot]
+    # Every pair has a slot of its own: unique indices, so the gradient needs no scatter-add of repeats.
+    rows = jnp.zeros((height, flat.shape[1]), flat.dtype)
+    rows = rows.at[slot].set(jnp.repeat(flat, k, axis=0), unique_indices=True)
+    y = _expert_products(e, rows, padded, config, ALIGN).at[slot].get(unique_indices=True)
     # The rows back in token order as a buffer of their own: fused into the weighted sum that follows, the
     # gather kept XLA from fusing that sum with the residual add and the next norm (a kernel more per
     # layer).
@@ -197,7 +199,10 @@ def _grouped_experts(
         return _aligned_experts(e, flat, slot, padded, config).reshape(n, k, -1)
     group_sizes = jnp.bincount(expert, length=E).astype(jnp.int32)
     order = jnp.argsort(expert, stable=True)
-    rows = flat[order // k]
+    # Pairs permuted, not tokens gathered k times: the gradient of a gather with repeated indices is a
+    # scatter-add, which XLA's deterministic mode (reproducible training) sorts element by element; a
+    # permutation's gather and scatter have unique indices and need no sorting.
+    rows = jnp.repeat(flat, k, axis=0).at[order].get(unique_indices=True)
     if kernel:
         y = _expert_products(e, rows, group_sizes, config, None)
     else:
@@ -206,7 +211,7 @@ def _grouped_experts(
         gate_up = jax.lax.ragged_dot(rows, w_gate_up, group_sizes) + e["gate_up_proj_bias"][sorted_expert]
         y = jax.lax.ragged_dot(swiglu(gate_up, config), w_down, group_sizes)
         y = y + e["down_proj_bias"][sorted_expert]
-    return jnp.zeros_like(y).at[order].set(y).reshape(n, k, -1)  # back in token order
+    return jnp.zeros_like(y).at[order].set(y, unique_indices=True).reshape(n, k, -1)  # back in token order
 
 
 def _expert_products(

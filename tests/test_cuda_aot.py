@@ -21,6 +21,13 @@ ENTRY %main (a: f32[8]) -> f32[] {
 """
 
 
+def test_sorts_are_counted_by_their_first_operand():
+    hlo = """  %s.1 = (s32[16777216]{0}, u32[16777216]{0}) sort(%a, %b), dimensions={0}, to_apply=%c
+  %s.2 = (s32[16777216]{0}, f32[16777216]{0}) sort(%d, %e), dimensions={0}, to_apply=%c
+  ROOT %s.3 = f32[8192,8]{1,0} sort(%f), dimensions={1}, to_apply=%g"""
+    assert cuda_aot.sorts(hlo) == {"s32[16777216]": 2, "f32[8192,8]": 1}
+
+
 def test_census_counts_the_entry_kernels_by_stage_and_op():
     got = cuda_aot.census(HLO)
     assert got["kernels"] == 3 and got["triton_calls"] == 1

@@ -66,6 +66,43 @@ def test_sparse_path_only_touches_selected_experts(tiny_hf):
     np.testing.assert_array_equal(touched, np.sort(np.asarray(idx[0])))
 
 
+def _scatters(jaxpr):
+    """Every scatter-family equation of a jaxpr, nested jaxprs (custom_vjp, pjit) included."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name.startswith("scatter"):
+            yield eqn
+        for param in eqn.params.values():
+            for sub in param if isinstance(param, (list, tuple)) else (param,):
+                inner = getattr(sub, "jaxpr", sub)  # a ClosedJaxpr's, or a Jaxpr
+                if hasattr(inner, "eqns"):
+                    yield from _scatters(inner)
+
+
+@pytest.mark.parametrize("tokens", [8, 256])  # the aligned layout and the sorted one
+def test_training_gradient_scatters_only_unique_rows(tiny_hf, tokens):
+    """A scatter-add with repeated indices is what XLA's deterministic mode (a teacher retrained bit for bit)
+    sorts element by element: the grouped matmul's path (the GPU's) must move activation rows only by
+    permutations (unique indices) and sum the biases' groups without scattering."""
+    _, folder = tiny_hf
+    config, params = load_hf(folder, progress=False)
+    p = params["layers"][0]["mlp"]
+    x = np.random.default_rng(4).standard_normal((1, tokens, config.hidden_size))
+    x = jnp.asarray(x, jnp.float32)
+    loss = lambda p, x: moe_sparse(p, x, config, grouped="gmm").sum()
+    jaxpr = jax.make_jaxpr(jax.grad(loss, argnums=(0, 1)))(p, x).jaxpr
+    # Float scatters into rows of activations or into per-expert rows (the router's top-k scatters into
+    # [tokens, experts]: a few values per token, cheap to sort).
+    rows = lambda shape: shape[-1] >= config.hidden_size or shape[0] == config.num_local_experts
+    wide = [
+        e for e in _scatters(jaxpr) if jnp.issubdtype(e.invars[0].aval.dtype, jnp.floating)
+        and rows(e.invars[0].aval.shape)
+    ]  # fmt: skip
+    assert wide, "the grouped path's row permutations should appear as scatters"
+    assert all(e.params["unique_indices"] for e in wide), [
+        str(e) for e in wide if not e.params["unique_indices"]
+    ]
+
+
 def test_swiglu_formula():
     from gptoss_mla_jax.generation import DEMO_CONFIG as config
 

@@ -6,11 +6,13 @@ Pallas decode kernel's PTX.
     python -m eval.experiments.cuda_aot --step 1,4096 --out step.json   # kernels per step, by stage and op
     python -m eval.experiments.cuda_aot --step 64,32768 --model mla     # the same with MLA attention
     python -m eval.experiments.cuda_aot --ptx --out ptx.json            # wgmma / mma.sync per decode kernel
+    python -m eval.experiments.cuda_aot --train-step study              # a teacher's training step, as
+                                                                        # compiled with deterministic ops too
 
 The target is `h200_target_config.txtpb` (XLA's GpuTargetConfig: 132 SMs, compute capability 9.0). The
 CUDA plugin needs no driver for this (`JAX_SKIP_CUDA_CONSTRAINTS_CHECK=1` is set here), and the model's
 code is told it runs on a GPU so that it picks the compiled Pallas kernels, as `generate` does there.
-Times are not measured: kernel counts and instruction mixes only.
+Times are not measured: kernel counts, sorts and instruction mixes only.
 """
 
 from __future__ import annotations
@@ -130,6 +132,44 @@ def step_census(batch: int, context: int, model: str = "gqa") -> dict:
     return {"model": model, "batch": batch, "context": context, "layers": config.num_hidden_layers, **out}
 
 
+def sorts(hlo: str) -> dict[str, int]:
+    """Sort instructions of optimized HLO text by their first operand's shape ({"s32[16777216]": 24})."""
+    found = re.findall(r"= \(?(\w+\[[\d,]*\])[^=]*? sort\(", hlo)
+    return dict(collections.Counter(found).most_common())
+
+
+def train_step_census(preset: str) -> dict:
+    """One step of `train.pretrain` (AdamW, float32, batch 16 x 512) for the config preset, compiled as it
+    is by default and with XLA's deterministic ops (which a teacher retrained bit for bit elsewhere needs,
+    and which sort every scatter-add with repeated indices element by element)."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from gptoss_mla_jax.model import init_params
+    from train.pretrain import CONFIGS, lm_loss
+
+    placed = _topology()
+    config = CONFIGS[preset]
+    spec = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed), tree)
+    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, weight_decay=0.01))
+    params = spec(jax.eval_shape(lambda: init_params(config, jax.random.key(0), jnp.float32)))
+    state = spec(jax.eval_shape(optimizer.init, params))
+
+    def step(params, state, tokens):
+        loss, grads = jax.value_and_grad(lm_loss)(params, tokens, config)
+        updates, state = optimizer.update(grads, state, params)
+        return optax.apply_updates(params, updates), state, loss
+
+    tokens = jax.ShapeDtypeStruct((16, 513), jnp.int32, sharding=placed)
+    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, tokens)
+    out = {"preset": preset}
+    for name, options in (("default", {}), ("deterministic", {"xla_gpu_deterministic_ops": True})):
+        hlo = lowered.compile(compiler_options=options).as_text()
+        out[name] = {"kernels": census(hlo)["kernels"], "sorts": sorts(hlo)}
+    return out
+
+
 def ptx_census(batch: int = 64, context: int = 32768) -> dict:
     """Each Pallas decode kernel at gpt-oss-20b's attention shape (64 query heads over 8 kv heads of 64;
     decompressed MLA latent 192; absorbed MLA latent 160 + 32 RoPE values), compiled with XLA's dump on:
@@ -193,15 +233,18 @@ def main(argv=None) -> int:
     parser.add_argument("--step", metavar="BATCH,CONTEXT", help="kernels of one decode step")
     parser.add_argument("--model", choices=MODELS, default="gqa", help="--step: the attention (model_config)")
     parser.add_argument("--ptx", action="store_true", help="tensor-core instructions of the decode kernels")
+    parser.add_argument("--train-step", metavar="PRESET", help="a train.pretrain preset's training step")
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args(argv)
-    if bool(args.step) == args.ptx:
-        parser.error("pass one of --step BATCH,CONTEXT or --ptx")
+    if sum((bool(args.step), args.ptx, bool(args.train_step))) != 1:
+        parser.error("pass one of --step BATCH,CONTEXT, --ptx or --train-step PRESET")
     from support.results import write_json
 
     if args.step:
         batch, context = (int(n) for n in args.step.split(","))
         result = step_census(batch, context, args.model)
+    elif args.train_step:
+        result = train_step_census(args.train_step)
     else:
         result = ptx_census()
     result["target"] = os.path.basename(TARGET)
