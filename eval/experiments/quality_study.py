@@ -12,13 +12,11 @@ back?
    with k-means calibration windows, short ones for sliding layers), scored (held-out PPL, KL to the
    teacher), healed with train.loop.run on a fixed token budget (the same for every row), scored again;
    each score also at --long-seq-len (default 2048: four times the training context).
-3. OUT.json gets each row as it finishes: conversions first (cheap), then distillation, telling rows first.
-   A rerun with the same teacher skips finished rows, so the study spreads over time-limited allocations
-   on one machine (eval/experiments/quality_study_gpu.sh); rows of another teacher are refused
-   (fingerprint). A teacher
-   retrained elsewhere is not bit-identical unless XLA_FLAGS=--xla_gpu_deterministic_ops=true, which made
-   training 4x slower on an H200 (0.42 vs 0.11 s/step). OUT.md is the table, OUT.png PPL vs cache
-   reduction.
+3. OUT.json gets each row as it finishes, converted and scored, then healed and scored again, telling rows
+   first. A rerun with the same teacher skips finished rows, so the study spreads over time-limited
+   allocations (eval/experiments/quality_study_gpu.sh); rows of another teacher are refused (fingerprint).
+   A teacher retrained elsewhere is bit-identical only under XLA_FLAGS=--xla_gpu_deterministic_ops=true.
+   OUT.md is the table, OUT.png PPL vs cache reduction.
 """
 
 from __future__ import annotations
@@ -458,9 +456,6 @@ def main(argv=None) -> int:
     G, d = config.num_key_value_heads, config.head_dim
     todo = matrix(args, G, d)
 
-    # Kept for the healing phase of the same process: a student shares every leaf but its converted
-    # layers' attention with the teacher, so holding one costs little.
-    @functools.cache
     def student_for(layers, mode, reduction, init):
         latent = latent_dim_for(reduction, mode, G, d)
         layer_ids = parse_layers(layers, config)
@@ -477,48 +472,47 @@ def main(argv=None) -> int:
             return True
         return False
 
-    # Phase 1, every conversion scored (cheap); phase 2, distillation, most telling rows first (high
-    # reductions, pca), so a time-limited run leaves the least important ones for later.
-    for m in todo:
-        if key(*m) in rows or out_of_time():
+    # Row by row, most telling first (high reductions, pca): each converted, scored, healed and scored
+    # again before the next begins, so a time-limited run leaves whole rows done and the least important
+    # ones for later (a conversion costs about as much as its healing on a GPU: compiles dominate both).
+    for m in sorted(todo, key=lambda m: (-m[2], m[3] != "pca", m[1], m[0])):
+        row = rows.get(key(*m))
+        if (row is not None and "distilled" in row) or out_of_time():
             continue
         layers, mode, reduction, init = m
         calib()  # timed on its own
         t0 = time.perf_counter()
         student_config, student = student_for(*m)
         t_converted = time.perf_counter()
-        layer = student_config.mla.layers[0]
-        rows[key(*m)] = row = {
-            "layers": layers,
-            "mode": mode,
-            "reduction": reduction,
-            "init": init,
-            "latent_dim": latent_dim_for(reduction, mode, G, d),
-            "rope_pairs": StudyMode.parse(mode).size if mode.startswith("partial") else 0,
-            "rope_values": StudyMode.parse(mode).rope_values(G, d),
-            "values_per_token": values_per_token(student_config, layer),
-            "layer_reduction": 1 - values_per_token(student_config, layer) / (2 * G * d),
-            "model_reduction_32k": accounting(student_config, 1, LONG_CONTEXT, jnp.bfloat16)["reduction"],
-            "converted": scores(student, student_config),
-            "convert_and_score_seconds": time.perf_counter() - t0,
-            "convert_seconds": t_converted - t0,
-        }
-        result["rows"].append(row)
-        write_json(f"{args.out}.json", result)
-        print(json.dumps(row), flush=True)
-    for m in sorted(todo, key=lambda m: (-m[2], m[3] != "pca", m[1], m[0])):
-        row = rows.get(key(*m))
-        if row is None or "distilled" in row or out_of_time():
-            continue
+        if row is None:
+            layer = student_config.mla.layers[0]
+            rows[key(*m)] = row = {
+                "layers": layers,
+                "mode": mode,
+                "reduction": reduction,
+                "init": init,
+                "latent_dim": latent_dim_for(reduction, mode, G, d),
+                "rope_pairs": StudyMode.parse(mode).size if mode.startswith("partial") else 0,
+                "rope_values": StudyMode.parse(mode).rope_values(G, d),
+                "values_per_token": values_per_token(student_config, layer),
+                "layer_reduction": 1 - values_per_token(student_config, layer) / (2 * G * d),
+                "model_reduction_32k": accounting(student_config, 1, LONG_CONTEXT, jnp.bfloat16)["reduction"],
+                "converted": scores(student, student_config),
+                "convert_and_score_seconds": time.perf_counter() - t0,
+                "convert_seconds": t_converted - t0,
+            }
+            result["rows"].append(row)
+            write_json(f"{args.out}.json", result)
+            print(json.dumps(row), flush=True)
+            if out_of_time():
+                continue
         sequences()  # made once, not timed with a row
         t0 = time.perf_counter()
-        student_config, student = student_for(*m)
-        t_converted = time.perf_counter()
         healed = heal(teacher, config, student, student_config, sequences(), args)
         t_healed = time.perf_counter()
         row["distilled"] = scores(healed, student_config)
         row["distill_and_score_seconds"] = time.perf_counter() - t0
-        row["heal_seconds"] = t_healed - t_converted
+        row["heal_seconds"] = t_healed - t0
         write_json(f"{args.out}.json", result)
         print(json.dumps(row), flush=True)
     if result["rows"]:
