@@ -100,13 +100,11 @@ def lm_loss(params, tokens, config):
     return -jnp.mean(jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1))
 
 
-def train(
-    config: GptOssConfig, windows: np.ndarray, steps: int, batch: int, lr: float, seed: int
-) -> tuple[dict, list]:
-    params = init_params(config, jax.random.key(seed), jnp.float32)
+def training_step(config: GptOssConfig, steps: int, lr: float):
+    """(optimizer, jitted step (params, state, tokens) -> (params, state, loss)) of the recipe: AdamW with
+    warm-up and cosine decay over `steps`, peak `lr`, gradients clipped to norm 1."""
     schedule = optax.warmup_cosine_decay_schedule(0.0, lr, min(100, steps // 10), steps, lr / 10)
     optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(schedule, weight_decay=0.01))
-    state = optimizer.init(params)
 
     @functools.partial(jax.jit, donate_argnums=(0, 1))
     def step(params, state, tokens):
@@ -114,6 +112,15 @@ def train(
         updates, state = optimizer.update(grads, state, params)
         return optax.apply_updates(params, updates), state, loss
 
+    return optimizer, step
+
+
+def train(
+    config: GptOssConfig, windows: np.ndarray, steps: int, batch: int, lr: float, seed: int
+) -> tuple[dict, list]:
+    params = init_params(config, jax.random.key(seed), jnp.float32)
+    optimizer, step = training_step(config, steps, lr)
+    state = optimizer.init(params)
     batches = training_batches(windows, batch, seed, jax.process_index(), jax.process_count())
     losses = []
     t0 = time.perf_counter()

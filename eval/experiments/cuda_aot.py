@@ -139,30 +139,23 @@ def sorts(hlo: str) -> dict[str, int]:
 
 
 def train_step_census(preset: str) -> dict:
-    """One step of `train.pretrain` (AdamW, float32, batch 16 x 512) for the config preset, compiled as it
-    is by default and with XLA's deterministic ops (which a teacher retrained bit for bit elsewhere needs,
-    and which sort every scatter-add with repeated indices element by element)."""
+    """One step of `train.pretrain` (its default recipe's optimizer, batch and window) for the config preset,
+    compiled as it is by default and with XLA's deterministic ops (which a teacher retrained bit for bit
+    elsewhere needs, and which sort every scatter-add with repeated indices element by element)."""
     import jax
     import jax.numpy as jnp
-    import optax
 
     from gptoss_mla_jax.model import init_params
-    from train.pretrain import CONFIGS, lm_loss
+    from train.pretrain import CONFIGS, Recipe, training_step
 
     placed = _topology()
-    config = CONFIGS[preset]
+    config, recipe = CONFIGS[preset], Recipe()
     spec = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed), tree)
-    optimizer = optax.chain(optax.clip_by_global_norm(1.0), optax.adamw(1e-3, weight_decay=0.01))
+    optimizer, step = training_step(config, recipe.steps, recipe.lr)
     params = spec(jax.eval_shape(lambda: init_params(config, jax.random.key(0), jnp.float32)))
     state = spec(jax.eval_shape(optimizer.init, params))
-
-    def step(params, state, tokens):
-        loss, grads = jax.value_and_grad(lm_loss)(params, tokens, config)
-        updates, state = optimizer.update(grads, state, params)
-        return optax.apply_updates(params, updates), state, loss
-
-    tokens = jax.ShapeDtypeStruct((16, 513), jnp.int32, sharding=placed)
-    lowered = jax.jit(step, donate_argnums=(0, 1)).lower(params, state, tokens)
+    tokens = jax.ShapeDtypeStruct((recipe.batch, recipe.seq_len + 1), jnp.int32, sharding=placed)
+    lowered = step.lower(params, state, tokens)
     out = {"preset": preset}
     for name, options in (("default", {}), ("deterministic", {"xla_gpu_deterministic_ops": True})):
         hlo = lowered.compile(compiler_options=options).as_text()
