@@ -47,15 +47,17 @@ def test_kl_goes_down(pair, tmp_path):
     assert (tmp_path / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
-@pytest.mark.parametrize("train", ["mla", "all"])  # "all": the experts' gradients cross the per-row MoE
-def test_meshes_give_the_same_losses(pair, tmp_path, train):
+# "all": the experts' gradients cross the per-row MoE, on the mesh with both axes (the pure data axis is
+# the same code for every trainable set).
+@pytest.mark.parametrize("train, meshes", [("mla", ("8x1", "4x2")), ("all", ("4x2",))], ids=["mla", "all"])
+def test_meshes_give_the_same_losses(pair, tmp_path, train, meshes):
     assert jax.device_count() == 8
     losses = {}
-    for mesh in ("8x1", "4x2", "1x1"):
+    for mesh in (*meshes, "1x1"):
         history = _run(pair, tmp_path / mesh, steps=3, batch=8, mesh=mesh, ckpt_every=100, train=train)
         losses[mesh] = np.array([h["loss"] for h in history])
-    np.testing.assert_allclose(losses["8x1"], losses["1x1"], rtol=1e-5)
-    np.testing.assert_allclose(losses["4x2"], losses["1x1"], rtol=1e-5)
+    for mesh in meshes:
+        np.testing.assert_allclose(losses[mesh], losses["1x1"], rtol=1e-5)
 
 
 def test_resume_sees_the_same_batches_and_losses(pair, tmp_path):

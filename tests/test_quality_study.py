@@ -37,6 +37,7 @@ def test_study_end_to_end_and_resume(tmp_path, monkeypatch):
         assert row[stage]["kl"] > 0 and row[stage]["ppl"] > 1
         assert row[stage]["long"]["kl"] > 0 and row[stage]["long"]["ppl"] > 1
     assert result["distill_tokens"] == 3 * 2 * 64
+    assert result["distill"] == {"steps": 3, "batch": 2, "lr": 1e-3, "seq_len": 64}
     assert "| full | partial | 75.0% / " in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").stat().st_size > 0
 
@@ -62,6 +63,12 @@ def test_study_end_to_end_and_resume(tmp_path, monkeypatch):
     assert (merged[1]["latent_dim"], merged[1]["rope_values"], merged[1]["values_per_token"]) == (48, 16, 64)
 
     assert quality_study.main([*argv, "--long-seq-len", "256"]) == 1  # long windows of another length
+    # Rows healed on another budget are neither added to nor merged into a study's table.
+    assert quality_study.main([*argv, "--distill-seq-len", "128"]) == 1
+    result_other = json.loads(other.with_suffix(".json").read_text())
+    result_other["distill"]["lr"] = 1e-4
+    other.with_suffix(".json").write_text(json.dumps(result_other))
+    assert quality_study.main([*argv, "--merge", str(other.with_suffix(".json"))]) == 1
 
     result["teacher_fingerprint"] = "0" * 64
     out.with_suffix(".json").write_text(json.dumps(result))

@@ -316,6 +316,11 @@ def main(argv=None) -> int:
     parser.add_argument("--distill-steps", type=int, default=100)
     parser.add_argument("--distill-batch", type=int, default=8)
     parser.add_argument("--distill-lr", type=float, default=1e-3)
+    parser.add_argument(
+        "--distill-seq-len", type=int,
+        help="healing windows' length (default --seq-len): longer windows heal the positions past the "
+        "teacher's training context too",
+    )  # fmt: skip
     parser.add_argument("--layers", type=lambda s: s.split(","), default=["full", "all"])
     parser.add_argument(
         "--modes", type=study_modes, default=["decompressed", "partial"],
@@ -362,7 +367,10 @@ def main(argv=None) -> int:
         out = score(teacher, config, student, student_config, held_out)
         return out | {"long": score(teacher, config, student, student_config, held_out_long)}
 
-    distill_tokens = args.distill_steps * args.distill_batch * args.seq_len
+    distill_seq_len = args.distill_seq_len or args.seq_len
+    distill_tokens = args.distill_steps * args.distill_batch * distill_seq_len
+    distill = {"steps": args.distill_steps, "batch": args.distill_batch, "lr": args.distill_lr}
+    distill["seq_len"] = distill_seq_len
 
     # Calibration windows and distillation data are made when a row first needs them (a rerun with every
     # row finished needs neither).
@@ -392,7 +400,7 @@ def main(argv=None) -> int:
 
     @functools.cache
     def sequences() -> np.ndarray:
-        return token_windows(tokenizer, args.data, distill_tokens, args.seq_len + 1, "train")
+        return token_windows(tokenizer, args.data, distill_tokens, distill_seq_len + 1, "train")
 
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     teacher_id = fingerprint(teacher)
@@ -419,7 +427,7 @@ def main(argv=None) -> int:
             "data": args.data,
             "held_out_tokens": int(held_out.shape[0] * (held_out.shape[1] - 1)),
             "calibration_tokens": args.calib_tokens,
-            "distill": {"steps": args.distill_steps, "batch": args.distill_batch, "lr": args.distill_lr},
+            "distill": distill,
             "distill_tokens": distill_tokens,
             "teacher_ppl": teacher_ppl,
             "cross_check": cross_check(teacher, config, tokenizer_dir, held_out, teacher_ppl),
@@ -443,12 +451,26 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 1
+    healed_by = {"seq_len": args.seq_len} | result["distill"]  # studies before it healed at --seq-len
+    if healed_by != distill:
+        flags = {"steps": "--distill-steps", "batch": "--distill-batch", "lr": "--distill-lr"}
+        flags["seq_len"] = "--distill-seq-len"
+        asked = " ".join(f"{flags[k]} {v}" for k, v in healed_by.items() if distill[k] != v)
+        print(
+            f"error: {args.out}.json healed its rows with {asked}; pass that or another --out",
+            file=sys.stderr,
+        )
+        return 1
 
     for other in args.merge:
         with open(other) as f:
             extra = json.load(f)
         if extra["teacher_fingerprint"] != teacher_id:
             print(f"error: --merge {other} holds rows of another teacher", file=sys.stderr)
+            return 1
+        if {"seq_len": args.seq_len} | extra["distill"] != distill:
+            budget = extra["distill"]
+            print(f"error: --merge {other} healed its rows with another budget: {budget}", file=sys.stderr)
             return 1
         have = {row_key(r) for r in result["rows"]}
         result["rows"] += [r for r in extra["rows"] if row_key(r) not in have]

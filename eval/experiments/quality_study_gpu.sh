@@ -6,8 +6,10 @@
 # $STUDY_ARGS goes to every process (e.g. "--teacher-config 20b-attention --modes rorope1,partial8").
 # $RESUME: a folder of an earlier call's results (its OUT_DIR, committed), copied into $STUDY first: the
 # teacher, retrained bit for bit, finds its rows done and its calibration windows chosen (LAYERS.calib.npz).
+# $SUFFIX names the results LAYERS$SUFFIX.* (e.g. "_heal10x" with "--distill-steps 1000" in $STUDY_ARGS): rows
+# healed on another budget or window length, on the same teacher and calibration windows, in one call.
 # Distillation needs grain: its wheels in .whl, carried with the call, are installed first.
-#   [LAYER_SETS="full all"] [RESUME=DIR] bash eval/experiments/quality_study_gpu.sh OUT_DIR [SECONDS]
+#   [LAYER_SETS="full all"] [RESUME=DIR] [SUFFIX=S] bash eval/experiments/quality_study_gpu.sh OUT_DIR [SECONDS]
 set -uo pipefail
 OUT=$1
 BUDGET=${2:-570}
@@ -32,12 +34,13 @@ if [ ! -d "$STUDY/teacher" ]; then
   cp "$STUDY/teacher.log" "$OUT/"
 fi
 run() {  # run GPU LAYERS: one process, ending by END
-  local left=$((END - SECONDS))
+  local left=$((END - SECONDS)) out="$STUDY/$2${SUFFIX:-}"
   [ "$left" -gt 100 ] || return
+  [ -f "$out.calib.npz" ] || [ ! -f "$STUDY/$2.calib.npz" ] || cp "$STUDY/$2.calib.npz" "$out.calib.npz"
   CUDA_VISIBLE_DEVICES=$1 timeout $((left - 5)) python -m eval.experiments.quality_study --teacher "$STUDY/teacher" \
-    --compile-cache "$STUDY/xla-cache" --time-limit $((left - 80)) --layers "$2" --out "$STUDY/$2" ${STUDY_ARGS:-} \
-    >> "$STUDY/$2.log" 2>&1
-  cp "$STUDY/$2".* "$OUT/"
+    --compile-cache "$STUDY/xla-cache" --time-limit $((left - 80)) --layers "$2" --out "$out" ${STUDY_ARGS:-} \
+    >> "$out.log" 2>&1
+  cp "$out".* "$OUT/"
 }
 if [ "$(nvidia-smi -L | wc -l)" -lt 2 ]; then
   for layers in $LAYER_SETS; do run 0 "$layers"; done
@@ -48,9 +51,9 @@ fi
 # included).
 run 0 full &
 (
-  while [ ! -f "$STUDY/full.json" ]; do sleep 3; done
-  [ -f "$STUDY/all.json" ] || python -c "import json, sys; r = json.load(open(sys.argv[1])); r['rows'] = []; \
-json.dump(r, open(sys.argv[2], 'w'))" "$STUDY/full.json" "$STUDY/all.json"
+  while [ ! -f "$STUDY/full${SUFFIX:-}.json" ]; do sleep 3; done
+  [ -f "$STUDY/all${SUFFIX:-}.json" ] || python -c "import json, sys; r = json.load(open(sys.argv[1])); r['rows'] = []; \
+json.dump(r, open(sys.argv[2], 'w'))" "$STUDY/full${SUFFIX:-}.json" "$STUDY/all${SUFFIX:-}.json"
   run 1 all
 ) &
 wait
