@@ -39,6 +39,7 @@ def test_study_end_to_end_and_resume(tmp_path, monkeypatch):
     assert result["distill_tokens"] == 3 * 2 * 64
     assert result["distill"] == {"steps": 3, "batch": 2, "lr": 1e-3, "seq_len": 64}
     assert "| full | partial | 75.0% / " in out.with_suffix(".md").read_text()
+    assert "384 tokens per row in windows of 64 tokens." in out.with_suffix(".md").read_text()
     assert out.with_suffix(".png").stat().st_size > 0
 
     assert quality_study.main(argv) == 0  # nothing left to do: the row is kept, not redone

@@ -212,9 +212,12 @@ def table(result: dict) -> str:
     teacher = result["teacher_ppl"]
     long = result.get("long_context")  # studies before it scored only the training context
     long_len = long["seq_len"] if long else "-"
+    healing_windows = result["distill"].get("seq_len")  # studies before it healed at the training context
+    windows = f" in windows of {healing_windows} tokens" if healing_windows else ""
     lines = [
         f"Teacher PPL {teacher:.3f} on {result['held_out_tokens']} held-out tokens "
-        f"({result['device']}); distillation budget {result['distill_tokens']:,} tokens per row.",
+        f"({result['device']}); distillation budget {result['distill_tokens']:,} tokens per row"
+        f"{windows}.",
         "",
         "| layers | mode | less cache (converted layers / whole model at 32K) | latent r | init "
         "| PPL converted | PPL distilled | vs teacher | KL converted | KL distilled "
