@@ -203,6 +203,11 @@ def key(layers: str, mode: str, reduction: float, init: str) -> str:
     return f"{layers}/{mode}/{reduction}/{init}"
 
 
+def healing(result: dict, seq_len: int) -> dict:
+    """How a study healed its rows; studies before --distill-seq-len healed at the training context."""
+    return {"seq_len": seq_len} | result["distill"]
+
+
 def row_key(row: dict) -> str:
     return key(row["layers"], row["mode"], row["reduction"], row["init"])
 
@@ -454,7 +459,7 @@ def main(argv=None) -> int:
             file=sys.stderr,
         )
         return 1
-    healed_by = {"seq_len": args.seq_len} | result["distill"]  # studies before it healed at --seq-len
+    healed_by = healing(result, args.seq_len)
     if healed_by != distill:
         flags = {"steps": "--distill-steps", "batch": "--distill-batch", "lr": "--distill-lr"}
         flags["seq_len"] = "--distill-seq-len"
@@ -471,7 +476,7 @@ def main(argv=None) -> int:
         if extra["teacher_fingerprint"] != teacher_id:
             print(f"error: --merge {other} holds rows of another teacher", file=sys.stderr)
             return 1
-        if {"seq_len": args.seq_len} | extra["distill"] != distill:
+        if healing(extra, args.seq_len) != distill:
             budget = extra["distill"]
             print(f"error: --merge {other} healed its rows with another budget: {budget}", file=sys.stderr)
             return 1
