@@ -52,10 +52,14 @@ def census(hlo: str) -> dict:
     }
 
 
+def _counted(pattern: str, text: str) -> dict[str, int]:
+    """The matches of `pattern`'s group in `text`, counted, most common first."""
+    return dict(collections.Counter(re.findall(pattern, text)).most_common())
+
+
 def tensor_core_mix(ptx: str) -> dict:
     """Tensor-core instructions in PTX text by kind and shape ({"wgmma.mma_async...m64n128k16...": 12})."""
-    found = re.findall(r"\b(wgmma\.mma_async[\w.]*|mma\.sync[\w.]*)", ptx)
-    return dict(collections.Counter(found).most_common())
+    return _counted(r"\b(wgmma\.mma_async[\w.]*|mma\.sync[\w.]*)", ptx)
 
 
 def _topology():
@@ -134,8 +138,7 @@ def step_census(batch: int, context: int, model: str = "gqa") -> dict:
 
 def sorts(hlo: str) -> dict[str, int]:
     """Sort instructions of optimized HLO text by their first operand's shape ({"s32[16777216]": 24})."""
-    found = re.findall(r"= \(?(\w+\[[\d,]*\])[^=]*? sort\(", hlo)
-    return dict(collections.Counter(found).most_common())
+    return _counted(r"= \(?(\w+\[[\d,]*\])[^=]*? sort\(", hlo)
 
 
 def train_step_census(preset: str) -> dict:

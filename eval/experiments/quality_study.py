@@ -208,6 +208,11 @@ def healing(result: dict, seq_len: int) -> dict:
     return {"seq_len": seq_len} | result["distill"]
 
 
+def healing_flags(healed_by: dict, asked: dict) -> str:
+    """The --distill-* flags that would heal as `healed_by` where `asked` differs ("--distill-lr 0.001")."""
+    return " ".join(f"--distill-{k.replace('_', '-')} {v}" for k, v in healed_by.items() if asked[k] != v)
+
+
 def row_key(row: dict) -> str:
     return key(row["layers"], row["mode"], row["reduction"], row["init"])
 
@@ -461,11 +466,9 @@ def main(argv=None) -> int:
         return 1
     healed_by = healing(result, args.seq_len)
     if healed_by != distill:
-        flags = {"steps": "--distill-steps", "batch": "--distill-batch", "lr": "--distill-lr"}
-        flags["seq_len"] = "--distill-seq-len"
-        asked = " ".join(f"{flags[k]} {v}" for k, v in healed_by.items() if distill[k] != v)
+        flags = healing_flags(healed_by, distill)
         print(
-            f"error: {args.out}.json healed its rows with {asked}; pass that or another --out",
+            f"error: {args.out}.json healed its rows with {flags}; pass that or another --out",
             file=sys.stderr,
         )
         return 1
@@ -476,9 +479,10 @@ def main(argv=None) -> int:
         if extra["teacher_fingerprint"] != teacher_id:
             print(f"error: --merge {other} holds rows of another teacher", file=sys.stderr)
             return 1
-        if healing(extra, args.seq_len) != distill:
-            budget = extra["distill"]
-            print(f"error: --merge {other} healed its rows with another budget: {budget}", file=sys.stderr)
+        extra_healed_by = healing(extra, args.seq_len)
+        if extra_healed_by != distill:
+            flags = healing_flags(extra_healed_by, distill)
+            print(f"error: --merge {other} healed its rows with {flags}", file=sys.stderr)
             return 1
         have = {row_key(r) for r in result["rows"]}
         result["rows"] += [r for r in extra["rows"] if row_key(r) not in have]
