@@ -16,7 +16,8 @@ def test_study_end_to_end_and_resume(tmp_path, monkeypatch):
     out = tmp_path / "study"
     argv = [
         "--teacher", str(tmp_path / "teacher"), "--data", "stdlib", "--teacher-config", "tiny",
-        "--train-steps", "3", "--train-tokens", str(3 * 16 * 65), "--tokenizer-chars", "300000",
+        "--train-steps", "3", "--train-batch", "8", "--train-tokens", str(3 * 8 * 65),
+        "--tokenizer-chars", "300000",
         "--seq-len", "64", "--eval-windows", "4", "--long-seq-len", "128",
         "--calib-tokens", "256", "--distill-steps", "3", "--distill-batch", "2", "--layers", "full",
         "--modes", "partial", "--reductions", "0.75", "--inits", "pca", "--out", str(out),
@@ -25,6 +26,7 @@ def test_study_end_to_end_and_resume(tmp_path, monkeypatch):
     result = json.loads(out.with_suffix(".json").read_text())
     # float32 on both sides: the two implementations agree to rounding.
     assert result["cross_check"]["relative_difference"] < 1e-5
+    assert result["teacher_train_log"]["args"]["batch"] == 8
     (row,) = result["rows"]
     assert (row["layers"], row["mode"], row["init"], row["rope_pairs"]) == ("full", "partial", "pca", 2)
     # 8 kv heads x 16 dims: GQA caches 256 values per token, the latent 64 - 2 pairs x 2 x 8 heads = 32.

@@ -315,6 +315,10 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default="stdlib+python-doc")
     parser.add_argument("--teacher-config", choices=sorted(CONFIGS), default="study")
     parser.add_argument("--train-steps", type=int, default=700)
+    parser.add_argument(
+        "--train-batch", type=int,
+        help="the teacher's sequences per step (train.pretrain's default); fewer, longer ones with --seq-len",
+    )  # fmt: skip
     parser.add_argument("--tokenizer-chars", type=int, default=20_000_000)
     parser.add_argument(
         "--train-tokens", type=int, help="size of the teacher's training stream (train.pretrain's default)"
@@ -365,6 +369,8 @@ def main(argv=None) -> int:
         recipe["--tokenizer-chars"] = args.tokenizer_chars
         if args.train_tokens:
             recipe["--train-tokens"] = args.train_tokens
+        if args.train_batch:
+            recipe["--batch"] = args.train_batch
         pretrain.main([str(x) for item in recipe.items() for x in item])
         print(f"teacher trained in {time.perf_counter() - t_start:.0f} s", flush=True)
     config, teacher, tokenizer_dir = load_model(args.teacher, progress=False)
