@@ -5,7 +5,12 @@ from __future__ import annotations
 import os
 import tempfile
 
-os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
+# Eight simulated CPU devices for the sharding tests. LLVM at -O0: most of the suite's time is XLA compiling
+# small programs that then run once, and -O0 halves the compile time; results move by rounding only (every
+# tolerance here is set by float32 arithmetic, not by one code generator's rounding).
+os.environ.setdefault(
+    "XLA_FLAGS", "--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0"
+)
 # Many tests compile the same tiny models, in both test workers and in the subprocesses of the CLI tests:
 # they share compiled programs through JAX's persistent cache (set before JAX is imported, and inherited).
 os.environ.setdefault(
