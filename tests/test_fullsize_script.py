@@ -140,9 +140,10 @@ def test_moe_benchmark_runs_at_a_small_size(tmp_path):
     from eval.bench import decode as bench_decode
 
     out = tmp_path / "moe.json"
-    assert bench_decode.main(["--moe", "1,3", "--smoke", "--repeats", "1", "--out", str(out)]) == 0
+    # One batch: every launch compiles the interpreted kernels anew; three tokens can share an expert.
+    assert bench_decode.main(["--moe", "3", "--smoke", "--repeats", "1", "--out", str(out)]) == 0
     head, *rows = json.loads(out.read_text())["moe"]
-    assert head["copy_gb_per_s"] > 0 and [r["batch"] for r in rows] == [1, 3]
+    assert head["copy_gb_per_s"] > 0 and [r["batch"] for r in rows] == [3]
     k = bench_decode.DEMO_CONFIG.num_experts_per_tok
     for row in rows:
         assert len(row["configs"]) == 2 and all("ms" in c for c in row["configs"])
