@@ -65,13 +65,17 @@ def test_study_end_to_end_and_resume(tmp_path, monkeypatch):
     assert [(r["layers"], r["mode"]) for r in merged] == [("full", "partial"), ("all", "rorope1")]
     assert (merged[1]["latent_dim"], merged[1]["rope_values"], merged[1]["values_per_token"]) == (48, 16, 64)
 
-    assert quality_study.main([*argv, "--long-seq-len", "256"]) == 1  # long windows of another length
-    # Rows healed on another budget are neither added to nor merged into a study's table.
-    assert quality_study.main([*argv, "--distill-seq-len", "128"]) == 1
-    result_other = json.loads(other.with_suffix(".json").read_text())
-    result_other["distill"]["lr"] = 1e-4
-    other.with_suffix(".json").write_text(json.dumps(result_other))
-    assert quality_study.main([*argv, "--merge", str(other.with_suffix(".json"))]) == 1
+    # Flags that disagree with the written results are refused from the results files alone, before the
+    # teacher is loaded (or trained).
+    with monkeypatch.context() as patched:
+        patched.setattr(quality_study, "load_model", lambda *a, **k: pytest.fail("teacher loaded"))
+        assert quality_study.main([*argv, "--long-seq-len", "256"]) == 1  # long windows of another length
+        # Rows healed on another budget are neither added to nor merged into a study's table.
+        assert quality_study.main([*argv, "--distill-seq-len", "128"]) == 1
+        result_other = json.loads(other.with_suffix(".json").read_text())
+        result_other["distill"]["lr"] = 1e-4
+        other.with_suffix(".json").write_text(json.dumps(result_other))
+        assert quality_study.main([*argv, "--merge", str(other.with_suffix(".json"))]) == 1
 
     result["teacher_fingerprint"] = "0" * 64
     out.with_suffix(".json").write_text(json.dumps(result))

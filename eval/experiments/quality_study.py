@@ -213,6 +213,30 @@ def healing_flags(healed_by: dict, asked: dict) -> str:
     return " ".join(f"--distill-{k.replace('_', '-')} {v}" for k, v in healed_by.items() if asked[k] != v)
 
 
+def settings_conflict(out: str, merge: list[str], long_len: int, seq_len: int, distill: dict) -> str | None:
+    """Why this run's flags cannot add to the study at `out` (or take the --merge files' rows), from the
+    results files alone: their long windows' length or their healing differ. None when they agree."""
+    if os.path.exists(f"{out}.json"):
+        with open(f"{out}.json") as f:
+            result = json.load(f)
+        long = result.get("long_context")  # studies before it scored only the training context
+        if long and long["seq_len"] != long_len:
+            return (
+                f"{out}.json scored long windows of {long['seq_len']} tokens; pass --long-seq-len "
+                f"{long['seq_len']} or another --out"
+            )
+        healed_by = healing(result, seq_len)
+        if healed_by != distill:
+            flags = healing_flags(healed_by, distill)
+            return f"{out}.json healed its rows with {flags}; pass that or another --out"
+    for other in merge:
+        with open(other) as f:
+            healed_by = healing(json.load(f), seq_len)
+        if healed_by != distill:
+            return f"--merge {other} healed its rows with {healing_flags(healed_by, distill)}"
+    return None
+
+
 def row_key(row: dict) -> str:
     return key(row["layers"], row["mode"], row["reduction"], row["init"])
 
@@ -361,6 +385,17 @@ def main(argv=None) -> int:
         jax.config.update("jax_compilation_cache_dir", args.compile_cache)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
 
+    distill_seq_len = args.distill_seq_len or args.seq_len
+    distill_tokens = args.distill_steps * args.distill_batch * distill_seq_len
+    distill = {"steps": args.distill_steps, "batch": args.distill_batch, "lr": args.distill_lr}
+    distill["seq_len"] = distill_seq_len
+    # Flags that disagree with the results already written are refused before any teacher work (training
+    # one takes minutes of a time-limited allocation).
+    conflict = settings_conflict(args.out, args.merge, args.long_seq_len, args.seq_len, distill)
+    if conflict:
+        print(f"error: {conflict}", file=sys.stderr)
+        return 1
+
     if not os.path.exists(args.teacher):
         from train import pretrain
 
@@ -385,11 +420,6 @@ def main(argv=None) -> int:
         """Held-out PPL and KL at the training context, and (under "long") at --long-seq-len."""
         out = score(teacher, config, student, student_config, held_out)
         return out | {"long": score(teacher, config, student, student_config, held_out_long)}
-
-    distill_seq_len = args.distill_seq_len or args.seq_len
-    distill_tokens = args.distill_steps * args.distill_batch * distill_seq_len
-    distill = {"steps": args.distill_steps, "batch": args.distill_batch, "lr": args.distill_lr}
-    distill["seq_len"] = distill_seq_len
 
     # Calibration windows and distillation data are made when a row first needs them (a rerun with every
     # row finished needs neither).
@@ -463,32 +493,12 @@ def main(argv=None) -> int:
             "teacher_ppl": score(teacher, config, teacher, config, held_out_long)["ppl"],
         }
         write_json(f"{args.out}.json", result)
-    elif result["long_context"]["seq_len"] != long_len:
-        print(
-            f"error: {args.out}.json scored long windows of {result['long_context']['seq_len']} tokens; "
-            f"pass --long-seq-len {result['long_context']['seq_len']} or another --out",
-            file=sys.stderr,
-        )
-        return 1
-    healed_by = healing(result, args.seq_len)
-    if healed_by != distill:
-        flags = healing_flags(healed_by, distill)
-        print(
-            f"error: {args.out}.json healed its rows with {flags}; pass that or another --out",
-            file=sys.stderr,
-        )
-        return 1
 
     for other in args.merge:
         with open(other) as f:
             extra = json.load(f)
         if extra["teacher_fingerprint"] != teacher_id:
             print(f"error: --merge {other} holds rows of another teacher", file=sys.stderr)
-            return 1
-        extra_healed_by = healing(extra, args.seq_len)
-        if extra_healed_by != distill:
-            flags = healing_flags(extra_healed_by, distill)
-            print(f"error: --merge {other} healed its rows with {flags}", file=sys.stderr)
             return 1
         have = {row_key(r) for r in result["rows"]}
         result["rows"] += [r for r in extra["rows"] if row_key(r) not in have]
