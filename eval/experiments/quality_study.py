@@ -128,9 +128,11 @@ def fingerprint(params) -> str:
     return digest.hexdigest()
 
 
-def transformers_ppl(hf_dir: str, windows: np.ndarray, batch: int = 8) -> float:
+def transformers_ppl(hf_dir: str, windows: np.ndarray, batch_tokens: int = 4096) -> float:
     """Held-out PPL of an exported checkpoint by transformers' GptOssForCausalLM (float32, eager attention,
-    which implements the sinks), on the same disjoint windows and scored positions as eval.ppl."""
+    which implements the sinks), on the same disjoint windows and scored positions as eval.ppl. Batches
+    hold about `batch_tokens` tokens: eager attention's scores grow with the square of a window's length
+    (64 heads x 4K x 4K in float32 is 4 GiB a window), and JAX keeps most of the GPU."""
     import torch
     import transformers
 
@@ -140,6 +142,7 @@ def transformers_ppl(hf_dir: str, windows: np.ndarray, batch: int = 8) -> float:
     ).to(device)
     model.eval()
     nll, count = 0.0, 0
+    batch = max(1, batch_tokens // (windows.shape[1] - 1))
     with torch.no_grad():
         for i in range(0, len(windows), batch):
             ids = torch.as_tensor(windows[i : i + batch], dtype=torch.long, device=device)
