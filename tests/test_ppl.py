@@ -10,8 +10,10 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from eval.ppl import main
-from gptoss_mla_jax.perplexity import plan_windows
+from gptoss_mla_jax import perplexity as perplexity_module
+from gptoss_mla_jax.perplexity import perplexity, plan_windows
 from support.corpora import iter_texts
+from weights.load import load_model
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +45,19 @@ def test_windows_score_every_token_once():
             if begin > 0:
                 assert first >= min(L - s, end - begin - 1)
         assert seen == list(range(1, n))
+
+
+def test_fewer_windows_than_a_batch_are_not_padded(tiny_hf, monkeypatch):
+    # Two windows with a batch of 8 run as one batch of two: a padding window costs a whole forward.
+    config, params, _ = load_model(tiny_hf[1], progress=False)
+    ids = np.random.default_rng(0).integers(0, config.vocab_size, 32)
+    shapes = []
+    score = perplexity_module._score
+    monkeypatch.setattr(
+        perplexity_module, "_score", lambda *a, **k: shapes.append(a[1].shape) or score(*a, **k)
+    )
+    assert perplexity(params, config, ids, 16, 16, batch=8, progress=False)["tokens"] == 30
+    assert shapes == [(2, 16)]
 
 
 def test_matches_transformers_loss(folder, capsys):
