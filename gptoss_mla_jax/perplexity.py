@@ -9,11 +9,14 @@ per-token KL(teacher || model) come too. The command line is `eval.ppl`.
 from __future__ import annotations
 
 import functools
+import hashlib
 import time
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jaxtyping import Array
 from tqdm.auto import tqdm
 
 from gptoss_mla_jax.model import forward
@@ -36,22 +39,77 @@ def plan_windows(n_tokens: int, max_length: int, stride: int) -> list[tuple[int,
     return [(b, e, max(e - b - t, 1)) for b, e, t in windows]
 
 
-@functools.partial(jax.jit, static_argnames=("config", "teacher_config"))
-def _score(params, tokens, lengths, first, config, teacher=None, teacher_config=None):
-    """Per batch: summed NLL of the scored tokens, their count, and (with a teacher) its NLL and the KL."""
-    logp = jax.nn.log_softmax(forward(params, tokens, None, config)[0][:, :-1], axis=-1)
+@functools.partial(jax.jit, static_argnames=("config",))
+def _log_probs(params, tokens, config):
+    return jax.nn.log_softmax(forward(params, tokens, None, config)[0][:, :-1], axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def _score(params, tokens, lengths, first, config, teacher_log_probs=None):
+    """Per batch: summed NLL of the scored tokens, their count, and (with the teacher's log-probabilities)
+    its NLL and the KL."""
+    logp = _log_probs(params, tokens, config)
     target = tokens[:, 1:]
     pos = jnp.arange(1, tokens.shape[1])[None, :]
     mask = (pos >= first[:, None]) & (pos < lengths[:, None])
     nll = -jnp.take_along_axis(logp, target[..., None], axis=-1)[..., 0]
     out = {"nll": jnp.where(mask, nll, 0).sum(), "count": mask.sum()}
-    if teacher is not None:
-        logq = jax.nn.log_softmax(forward(teacher, tokens, None, teacher_config)[0][:, :-1], axis=-1)
+    if teacher_log_probs is not None:
+        logq = teacher_log_probs
         t_nll = -jnp.take_along_axis(logq, target[..., None], axis=-1)[..., 0]
         kl = (jnp.exp(logq) * (logq - logp)).sum(-1)
         out["teacher_nll"] = jnp.where(mask, t_nll, 0).sum()
         out["kl"] = jnp.where(mask, kl, 0).sum()
     return out
+
+
+class Batches(NamedTuple):
+    """perplexity()'s windows of a token stream in batches: tokens (zero-padded), lengths and first scored
+    position per window."""
+
+    tokens: list[np.ndarray]
+    lengths: list[np.ndarray]
+    first: list[np.ndarray]
+
+
+def batches(ids: np.ndarray, max_length: int, stride: int, batch: int) -> Batches:
+    windows = plan_windows(len(ids), max_length, stride)
+    # Fewer windows than a batch fill a smaller one: padding windows cost a whole forward each (two long
+    # windows in a batch of 8 are four times the work).
+    batch = min(batch, len(windows))
+    out = Batches([], [], [])
+    for i in range(0, len(windows), batch):
+        tokens = np.zeros((batch, max_length), np.int32)
+        lengths, first = np.zeros(batch, np.int32), np.full(batch, max_length, np.int32)
+        for j, (begin, end, start) in enumerate(windows[i : i + batch]):
+            tokens[j, : end - begin] = ids[begin:end]
+            lengths[j], first[j] = end - begin, start
+        out.tokens.append(tokens)
+        out.lengths.append(lengths)
+        out.first.append(first)
+    return out
+
+
+class TeacherLogProbs(NamedTuple):
+    """A teacher's log-probabilities on every batch of perplexity()'s windows of one token stream, computed
+    once (`teacher_log_probs`) for scoring several students on the same windows: each then costs its own
+    forward only. They take batch x window x vocabulary float32 values per batch, so they suit small
+    vocabularies; `perplexity(teacher=(params, config))` computes them batch by batch instead."""
+
+    key: tuple  # (stream digest, max_length, stride, batch): the windows they belong to
+    log_probs: list[Array]
+
+
+def _windows_key(ids: np.ndarray, max_length: int, stride: int, batch: int) -> tuple:
+    return hashlib.sha256(np.asarray(ids, np.int64).tobytes()).hexdigest(), max_length, stride, batch
+
+
+def teacher_log_probs(
+    teacher, teacher_config, ids: np.ndarray, max_length: int, stride: int, batch: int = 8
+) -> TeacherLogProbs:
+    tokens = batches(ids, max_length, stride, batch).tokens
+    log_probs = [_log_probs(teacher, jnp.asarray(t), teacher_config) for t in tokens]
+    return TeacherLogProbs(_windows_key(ids, max_length, stride, batch), log_probs)
 
 
 def perplexity(
@@ -61,27 +119,28 @@ def perplexity(
     max_length: int,
     stride: int,
     batch: int = 8,
-    teacher=None,
+    teacher: tuple | TeacherLogProbs | None = None,
     progress: bool = True,
 ) -> dict:
-    """PPL (and, with `teacher=(params, config)`, the teacher's PPL and mean KL) over the token stream."""
-    windows = plan_windows(len(ids), max_length, stride)
-    # Fewer windows than a batch fill a smaller one: padding windows cost a whole forward each (two long
-    # windows in a batch of 8 are four times the work).
-    batch = min(batch, len(windows))
+    """PPL (and, with `teacher=(params, config)` or its `TeacherLogProbs` on these windows, the teacher's
+    PPL and mean KL) over the token stream."""
+    if isinstance(teacher, TeacherLogProbs) and teacher.key != _windows_key(ids, max_length, stride, batch):
+        raise ValueError(
+            "teacher log-probabilities of other windows: computed for (max_length, stride, batch) = "
+            f"{teacher.key[1:]} and another token stream, asked for {(max_length, stride, batch)}"
+        )
+    planned = batches(ids, max_length, stride, batch)
     totals: dict[str, float] = {}
     t0 = time.perf_counter()
-    for i in tqdm(range(0, len(windows), batch), desc="scoring", unit="batch", disable=not progress):
-        chunk = windows[i : i + batch]
-        tokens = np.zeros((batch, max_length), np.int32)
-        lengths, first = np.zeros(batch, np.int32), np.full(batch, max_length, np.int32)
-        for j, (begin, end, start) in enumerate(chunk):
-            tokens[j, : end - begin] = ids[begin:end]
-            lengths[j], first[j] = end - begin, start
-        t_params, t_config = teacher if teacher else (None, None)
-        out = _score(
-            params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(first), config, t_params, t_config
-        )
+    for i in tqdm(range(len(planned.tokens)), desc="scoring", unit="batch", disable=not progress):
+        tokens = jnp.asarray(planned.tokens[i])
+        logq = None
+        if isinstance(teacher, TeacherLogProbs):
+            logq = teacher.log_probs[i]
+        elif teacher:
+            logq = _log_probs(teacher[0], tokens, teacher[1])
+        lengths, first = jnp.asarray(planned.lengths[i]), jnp.asarray(planned.first[i])
+        out = _score(params, tokens, lengths, first, config, logq)
         for key, value in out.items():
             totals[key] = totals.get(key, 0.0) + float(value)
     seconds = time.perf_counter() - t0

@@ -11,7 +11,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
 from eval.ppl import main
 from gptoss_mla_jax import perplexity as perplexity_module
-from gptoss_mla_jax.perplexity import perplexity, plan_windows
+from gptoss_mla_jax.perplexity import perplexity, plan_windows, teacher_log_probs
 from support.corpora import iter_texts
 from weights.load import load_model
 
@@ -58,6 +58,27 @@ def test_fewer_windows_than_a_batch_are_not_padded(tiny_hf, monkeypatch):
     )
     assert perplexity(params, config, ids, 16, 16, batch=8, progress=False)["tokens"] == 30
     assert shapes == [(2, 16)]
+
+
+def test_teacher_log_probs_computed_once_score_as_the_teacher_does(tiny_hf):
+    # The quality study scores many students against one teacher: its log-probabilities, computed once,
+    # give the same PPL, teacher PPL and KL as the teacher's forward run at every scoring; windows other
+    # than theirs are refused.
+    config, teacher, _ = load_model(tiny_hf[1], progress=False)
+    student = {**teacher, "norm": teacher["norm"] * 1.1}
+    ids = np.random.default_rng(1).integers(0, config.vocab_size, 40)
+    reference = teacher_log_probs(teacher, config, ids, 16, 12, batch=2)
+    once = perplexity(student, config, ids, 16, 12, batch=2, teacher=reference, progress=False)
+    every = perplexity(student, config, ids, 16, 12, batch=2, teacher=(teacher, config), progress=False)
+    assert once["kl"] > 1e-4
+    for key in ("ppl", "teacher_ppl", "kl", "tokens"):
+        assert once[key] == every[key], key
+    with pytest.raises(
+        ValueError, match=r"other windows: computed for \(max_length, stride, batch\) = \(16, 12, 2\)"
+    ):
+        perplexity(student, config, ids, 16, 16, batch=2, teacher=reference, progress=False)
+    with pytest.raises(ValueError, match="other windows"):
+        perplexity(student, config, ids[::-1].copy(), 16, 12, batch=2, teacher=reference, progress=False)
 
 
 def test_matches_transformers_loss(folder, capsys):

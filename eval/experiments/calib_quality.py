@@ -21,7 +21,7 @@ import sys
 import numpy as np
 from tokenizers import Tokenizer
 
-from eval.experiments.quality_study import latent_dim_for, score
+from eval.experiments.quality_study import latent_dim_for, score, teacher_scores
 from support.corpora import corpus_ids
 from train.embedded import embedded_teacher_dir
 from weights.calib import calibration_set
@@ -56,6 +56,7 @@ def main(argv=None) -> int:
     windows = held_out[: len(held_out) // args.long_len * args.long_len].reshape(-1, args.long_len)
     latent = latent_dim_for(0.75, "decompressed", config.num_key_value_heads, config.head_dim)
     layers = tuple(range(config.num_hidden_layers))
+    reference = teacher_scores(teacher, config, windows)
     rows = []
     runs = [("first", 0)] + [(how, s) for how in ("random", "kmeans") for s in range(args.seeds)]
     for how, seed in runs:
@@ -68,7 +69,7 @@ def main(argv=None) -> int:
                 teacher, config, latent, "decompressed", layers, init="pca", calib_tokens=sets
             )
             row = {"selection": how, "seed": seed, "short_sliding_windows": split}
-            row |= score(teacher, config, student, mla_config, windows)
+            row |= score(student, mla_config, windows, reference)
             rows.append(row)
             print(json.dumps(row), flush=True)
     result = {

@@ -40,7 +40,7 @@ from tokenizers import Tokenizer
 
 from gptoss_mla_jax.cache import accounting, values_per_token
 from gptoss_mla_jax.config import MlaConfig
-from gptoss_mla_jax.perplexity import perplexity
+from gptoss_mla_jax.perplexity import TeacherLogProbs, perplexity, teacher_log_probs
 from support.corpora import token_windows
 from support.results import write_json
 from train.loop import DistillOptions, run
@@ -55,19 +55,21 @@ ROPE_PAIRS = 2
 LONG_CONTEXT = 32768  # whole-model cache reduction is reported at this context
 
 
-def score(teacher, teacher_config, student, student_config, windows: np.ndarray) -> dict:
-    """PPL of teacher and student and mean KL(teacher || student) over disjoint held-out windows, with
-    float32 matmuls at full precision (the GPU default would round them to TF32)."""
+def teacher_scores(teacher, config, windows: np.ndarray) -> TeacherLogProbs:
+    """The teacher's log-probabilities on disjoint held-out windows, computed once for every student scored
+    there (the study's vocabulary keeps them small), with float32 matmuls at full precision."""
+    length = windows.shape[1]
+    with jax.default_matmul_precision("highest"):
+        return teacher_log_probs(teacher, config, windows.reshape(-1), length, length)
+
+
+def score(student, student_config, windows: np.ndarray, teacher: TeacherLogProbs) -> dict:
+    """PPL of teacher and student and mean KL(teacher || student) over the windows, with float32 matmuls at
+    full precision (the GPU default would round them to TF32)."""
     length = windows.shape[1]
     with jax.default_matmul_precision("highest"):
         out = perplexity(
-            student,
-            student_config,
-            windows.reshape(-1),
-            length,
-            length,
-            teacher=(teacher, teacher_config),
-            progress=False,
+            student, student_config, windows.reshape(-1), length, length, teacher=teacher, progress=False
         )
     return {"ppl": out["ppl"], "kl": out["kl"], "teacher_ppl": out["teacher_ppl"]}
 
@@ -419,10 +421,14 @@ def main(argv=None) -> int:
     long_len, long_windows = args.long_seq_len, max(args.eval_windows * args.seq_len // args.long_seq_len, 1)
     held_out_long = token_windows(tokenizer, args.data, long_windows * (long_len + 1), long_len + 1, "test")
 
+    @functools.cache
+    def reference(long: bool) -> TeacherLogProbs:
+        return teacher_scores(teacher, config, held_out_long if long else held_out)
+
     def scores(student, student_config) -> dict:
         """Held-out PPL and KL at the training context, and (under "long") at --long-seq-len."""
-        out = score(teacher, config, student, student_config, held_out)
-        return out | {"long": score(teacher, config, student, student_config, held_out_long)}
+        out = score(student, student_config, held_out, reference(False))
+        return out | {"long": score(student, student_config, held_out_long, reference(True))}
 
     # Calibration windows and distillation data are made when a row first needs them (a rerun with every
     # row finished needs neither).
@@ -468,7 +474,7 @@ def main(argv=None) -> int:
             )
             return 1
     if result is None:
-        teacher_ppl = score(teacher, config, teacher, config, held_out)["ppl"]
+        teacher_ppl = score(teacher, config, held_out, reference(False))["ppl"]
         result = {
             "command": " ".join(sys.argv),
             "xla_flags": os.environ.get("XLA_FLAGS", ""),
@@ -493,7 +499,7 @@ def main(argv=None) -> int:
         result["long_context"] = {
             "seq_len": long_len,
             "tokens": int(held_out_long.shape[0] * long_len),
-            "teacher_ppl": score(teacher, config, teacher, config, held_out_long)["ppl"],
+            "teacher_ppl": score(teacher, config, held_out_long, reference(True))["ppl"],
         }
         write_json(f"{args.out}.json", result)
 
