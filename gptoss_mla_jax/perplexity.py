@@ -63,30 +63,23 @@ def _score(params, tokens, lengths, first, config, teacher_log_probs=None):
     return out
 
 
-class Batches(NamedTuple):
-    """perplexity()'s windows of a token stream in batches: tokens (zero-padded), lengths and first scored
-    position per window."""
-
-    tokens: list[np.ndarray]
-    lengths: list[np.ndarray]
-    first: list[np.ndarray]
-
-
-def batches(ids: np.ndarray, max_length: int, stride: int, batch: int) -> Batches:
+def batches(
+    ids: np.ndarray, max_length: int, stride: int, batch: int
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """perplexity()'s windows of a token stream in batches: (tokens zero-padded, lengths, first scored
+    position) per batch."""
     windows = plan_windows(len(ids), max_length, stride)
     # Fewer windows than a batch fill a smaller one: padding windows cost a whole forward each (two long
     # windows in a batch of 8 are four times the work).
     batch = min(batch, len(windows))
-    out = Batches([], [], [])
+    out = []
     for i in range(0, len(windows), batch):
         tokens = np.zeros((batch, max_length), np.int32)
         lengths, first = np.zeros(batch, np.int32), np.full(batch, max_length, np.int32)
         for j, (begin, end, start) in enumerate(windows[i : i + batch]):
             tokens[j, : end - begin] = ids[begin:end]
             lengths[j], first[j] = end - begin, start
-        out.tokens.append(tokens)
-        out.lengths.append(lengths)
-        out.first.append(first)
+        out.append((tokens, lengths, first))
     return out
 
 
@@ -107,8 +100,8 @@ def _windows_key(ids: np.ndarray, max_length: int, stride: int, batch: int) -> t
 def teacher_log_probs(
     teacher, teacher_config, ids: np.ndarray, max_length: int, stride: int, batch: int = 8
 ) -> TeacherLogProbs:
-    tokens = batches(ids, max_length, stride, batch).tokens
-    log_probs = [_log_probs(teacher, jnp.asarray(t), teacher_config) for t in tokens]
+    planned = batches(ids, max_length, stride, batch)
+    log_probs = [_log_probs(teacher, jnp.asarray(tokens), teacher_config) for tokens, _, _ in planned]
     return TeacherLogProbs(_windows_key(ids, max_length, stride, batch), log_probs)
 
 
@@ -132,15 +125,16 @@ def perplexity(
     planned = batches(ids, max_length, stride, batch)
     totals: dict[str, float] = {}
     t0 = time.perf_counter()
-    for i in tqdm(range(len(planned.tokens)), desc="scoring", unit="batch", disable=not progress):
-        tokens = jnp.asarray(planned.tokens[i])
+    for i, (tokens, lengths, first) in enumerate(
+        tqdm(planned, desc="scoring", unit="batch", disable=not progress)
+    ):
+        tokens = jnp.asarray(tokens)
         logq = None
         if isinstance(teacher, TeacherLogProbs):
             logq = teacher.log_probs[i]
         elif teacher:
             logq = _log_probs(teacher[0], tokens, teacher[1])
-        lengths, first = jnp.asarray(planned.lengths[i]), jnp.asarray(planned.first[i])
-        out = _score(params, tokens, lengths, first, config, logq)
+        out = _score(params, tokens, jnp.asarray(lengths), jnp.asarray(first), config, logq)
         for key, value in out.items():
             totals[key] = totals.get(key, 0.0) + float(value)
     seconds = time.perf_counter() - t0
