@@ -187,3 +187,30 @@ def test_up_projections_derived_once_change_nothing(tiny, calib, mode):
             atol=1e-5,
             rtol=0,
         )
+
+
+@pytest.mark.parametrize("mode", ["partial", "rorope"])
+def test_budgets_per_layer(tiny, calib, mode):
+    """Latent width and RoPE budget chosen per layer (a sliding layer with one pair or component, a full one
+    with more): each layer's cache holds its own width, absorbed == materialized, and cached decode equals
+    the full forward; a budget that does not name exactly the converted layers is refused."""
+    config, params = tiny
+    G, d = config.num_key_value_heads, config.head_dim
+    budget = {"rope_pairs": {0: 1, 1: 3}} if mode == "partial" else {"rope_components": {0: 1, 1: 2}}
+    mla_config, mla_params, report = convert(
+        params, config, {0: 10, 1: 14}, mode, layers=(0, 1), init="pca", calib_tokens=calib, **budget
+    )
+    rope_values = [2 * G, 6 * G] if mode == "partial" else [d, 2 * d]
+    assert [values_per_token(mla_config, i) for i in (0, 1)] == [10 + rope_values[0], 14 + rope_values[1]]
+    if mode == "partial":
+        assert [len(row["rope_pairs"][0]) for row in report] == [1, 3]
+    assert_cache_matches_formula(mla_config)
+    assert_absorbed_equals_materialized(mla_params, mla_config, TOKENS)
+    tokens = np.random.default_rng(4).integers(0, 97, (2, 24)).astype(np.int32)
+    assert_decode_matches_full(
+        mla_params, mla_config, tokens, init_cache(mla_config, 2, 32, jnp.float32), False
+    )
+    with pytest.raises(
+        ValueError, match=r"--latent-dim per layer names layers \[0\]; the converted layers are \[0, 1\]"
+    ):
+        convert(params, config, {0: 10}, mode, layers=(0, 1), init="pca", calib_tokens=calib, **budget)

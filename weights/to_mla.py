@@ -207,21 +207,37 @@ def _reconstruction_errors(attn, new, h, w, b, k_width) -> dict[str, float]:
     return out
 
 
+PerLayer = int | dict[int, int]
+
+
+def per_layer(budget: PerLayer, layers: tuple[int, ...], flag: str) -> dict[int, int]:
+    """{layer: n} for every converted layer, from one budget for all or a budget per layer."""
+    if not isinstance(budget, dict):
+        return dict.fromkeys(layers, budget)
+    if set(budget) != set(layers):
+        raise ValueError(
+            f"{flag} per layer names layers {sorted(budget)}; the converted layers are {list(layers)}"
+        )
+    return {int(i): int(n) for i, n in budget.items()}
+
+
 def convert(
     params: Params,
     config: GptOssConfig,
-    latent_dim: int | dict[int, int],
+    latent_dim: PerLayer,
     rope_mode: str = "decompressed",
     layers: tuple[int, ...] | None = None,
-    rope_pairs: int = 0,
+    rope_pairs: PerLayer = 0,
     init: str = "svd",
     calib_tokens: np.ndarray | dict[str, np.ndarray] | None = None,
     progress: bool = False,
-    rope_components: int = 0,
+    rope_components: PerLayer = 0,
     rope_fold: int = 1,
 ) -> tuple[GptOssConfig, Params, list[dict[str, Any]]]:
     """(MLA config, MLA params, per-layer report). Unconverted layers are shared, not copied.
 
+    `latent_dim`, `rope_pairs` and `rope_components` are one budget for every converted layer or a budget
+    per layer ({layer: n}, every converted layer named), so layers whose keys need more RoPE can keep more.
     `calib_tokens`: [N, T] token windows for every layer, or {"full": ..., "sliding": ...} (see
     `weights.calib`) giving sliding-window layers their own windows."""
     if config.mla is not None:
@@ -231,13 +247,15 @@ def convert(
     layers = parse_layers("full", config) if layers is None else tuple(layers)
     if not layers:
         raise ValueError("--layers selects no layer to convert")
-    d = config.head_dim
-    if rope_mode == "partial" and not 1 <= rope_pairs <= d // 2:
+    d, G = config.head_dim, config.num_key_value_heads
+    dims = per_layer(latent_dim, layers, "--latent-dim")
+    n_pairs = per_layer(rope_pairs, layers, "--rope-pairs")
+    components = per_layer(rope_components, layers, "--rope-components")
+    if rope_mode == "partial" and not all(1 <= n <= d // 2 for n in n_pairs.values()):
         raise ValueError(f"--rope-pairs {rope_pairs} must be in 1..{d // 2} (head_dim / 2) for partial mode")
-    G = config.num_key_value_heads
     if rope_mode == "rorope" and (rope_fold < 1 or (d // 2) % rope_fold):
         raise ValueError(f"--rope-fold {rope_fold} must divide the {d // 2} frequency pairs (head_dim / 2)")
-    if rope_mode == "rorope" and not 1 <= rope_components <= G * rope_fold:
+    if rope_mode == "rorope" and not all(1 <= n <= G * rope_fold for n in components.values()):
         raise ValueError(
             f"--rope-components {rope_components} must be in 1..{G * rope_fold} (the kv heads times "
             f"--rope-fold) for rorope mode"
@@ -248,7 +266,6 @@ def convert(
         raise ValueError(
             f"--init {init} / --rope-mode {rope_mode} need calibration tokens (--calib): none given"
         )
-    dims = latent_dim if isinstance(latent_dim, dict) else dict.fromkeys(layers, latent_dim)
     inputs = None
     if needs_calib:  # each layer's attention inputs on its own set (sliding layers: short windows)
         by_set = {id(t): attention_inputs(params, jnp.asarray(t), config) for t in sets.values()}
@@ -258,13 +275,13 @@ def convert(
     pairs = []
     if rope_mode == "partial":
         pairs = [
-            select_rope_pairs(params["layers"][i]["self_attn"], flat(inputs[i]), config, rope_pairs)
+            select_rope_pairs(params["layers"][i]["self_attn"], flat(inputs[i]), config, n_pairs[i])
             for i in layers
         ]
     try:
-        components = (rope_components,) * len(layers) if rope_mode == "rorope" else ()
+        kept = tuple(components[i] for i in layers) if rope_mode == "rorope" else ()
         fold = rope_fold if rope_mode == "rorope" else 1
-        mla = MlaConfig(rope_mode, layers, tuple(dims[i] for i in layers), tuple(pairs), components, fold)
+        mla = MlaConfig(rope_mode, layers, tuple(dims[i] for i in layers), tuple(pairs), kept, fold)
         mla_config = dataclasses.replace(config, mla=mla)
     except ConfigError as e:
         raise ValueError(f"--latent-dim / --rope-pairs / --rope-components: {e}") from None
