@@ -192,8 +192,8 @@ def test_up_projections_derived_once_change_nothing(tiny, calib, mode):
 @pytest.mark.parametrize("mode", ["partial", "rorope"])
 def test_budgets_per_layer(tiny, calib, mode):
     """Latent width and RoPE budget chosen per layer (a sliding layer with one pair or component, a full one
-    with more): each layer's cache holds its own width, absorbed == materialized, and cached decode equals
-    the full forward; a budget that does not name exactly the converted layers is refused."""
+    with more): each layer's cache holds its own width, and cached decode (absorbed) equals the full
+    forward (materialized); a budget that does not name exactly the converted layers is refused."""
     config, params = tiny
     G, d = config.num_key_value_heads, config.head_dim
     budget = {"rope_pairs": {0: 1, 1: 3}} if mode == "partial" else {"rope_components": {0: 1, 1: 2}}
@@ -205,7 +205,6 @@ def test_budgets_per_layer(tiny, calib, mode):
     if mode == "partial":
         assert [len(row["rope_pairs"][0]) for row in report] == [1, 3]
     assert_cache_matches_formula(mla_config)
-    assert_absorbed_equals_materialized(mla_params, mla_config, TOKENS)
     tokens = np.random.default_rng(4).integers(0, 97, (2, 24)).astype(np.int32)
     assert_decode_matches_full(
         mla_params, mla_config, tokens, init_cache(mla_config, 2, 32, jnp.float32), False
