@@ -60,7 +60,9 @@ class Tiles:
     """One kernel's launch: an output tile of `rows` x `cols`, `depth` contraction values per step,
     `warps` per program and `stages` of software pipelining; `splits` (forward products only): the
     contraction divided among that many programs per tile, their float32 partial sums added after the
-    kernel, for products with too few tiles to keep the GPU's SMs streaming (decode batches)."""
+    kernel, for products with too few tiles to keep the GPU's SMs streaming (decode batches);
+    `fill_programs`: a forward product of fewer programs than this splits its contraction in two (the
+    number of programs is the product's tiles, known from the shapes: a decode batch's few experts)."""
 
     rows: int = 128
     cols: int = 128
@@ -68,6 +70,7 @@ class Tiles:
     warps: int = 4
     stages: int = 3
     splits: int = 1
+    fill_programs: int | None = None
 
 
 class Glu(NamedTuple):
@@ -86,6 +89,9 @@ class Glu(NamedTuple):
         return (up + 1) * (gate * jax.nn.sigmoid(gate * self.alpha))
 
 
+# Twice the SMs of an H100 / H200: a grid of fewer programs leaves SMs without a second program to switch to
+# while the first waits on memory (`Tiles.fill_programs`).
+FILL = 264
 # Launch settings by (kernel, contraction K, output width N; for tgmm the weight's K and N); (kernel, None,
 # None) is the default for other shapes. The sweep (eval.bench.moe --sweep, results in eval/results) chose
 # them at gpt-oss-20b's expert shapes on an H200. Kernels: "gmm" (dense forward), "gmm_t" (dense d(lhs)),
@@ -106,7 +112,7 @@ LAUNCH: dict[tuple[str, int | None, int | None], Tiles] = {
     ("mxfp4", 2880, 2880): Tiles(rows=128, cols=64, depth=64, warps=4, stages=3),
     ("mxfp4_t", None, None): Tiles(rows=256, cols=64, depth=64, warps=8, stages=3),
     ("gmm_small", None, None): Tiles(rows=16, cols=64, depth=128, warps=4, stages=4),
-    ("mxfp4_small", None, None): Tiles(rows=16, cols=64, depth=256, warps=4, stages=3),
+    ("mxfp4_small", None, None): Tiles(rows=16, cols=64, depth=256, warps=4, stages=3, fill_programs=FILL),
     ("mxfp4_small_wide", None, None): Tiles(rows=16, cols=128, depth=128, warps=4, stages=3),
 }
 SMALL_ROWS = 32
@@ -573,6 +579,9 @@ def grouped_product(
     else:  # groups at multiples of the tile: program i takes tile i and finds its group from the sizes
         tm, n_pairs = (group_sizes,), x.shape[0] // tiles.rows
     n_groups, n_map, aligned = group_sizes.shape[0], len(tm), rows is not None
+    programs, steps = _cdiv(width, tiles.cols) * n_pairs, _cdiv(contract, tiles.depth)
+    if tiles.splits == 1 and not transpose_rhs and steps > 1 and programs < (tiles.fill_programs or 0):
+        tiles = dataclasses.replace(tiles, splits=2)
     if tiles.splits > 1 and transpose_rhs:
         raise ValueError(f"{kind} launch {tiles}: only forward products split the contraction")
     if glu is not None and (transpose_rhs or width % 2 or tiles.cols % 2):

@@ -152,6 +152,23 @@ def test_split_contractions_equal_ragged_dot(weights, splits, aligned):
         grouped_product(lhs[:, :N], rhs, sizes, None, transpose_rhs=True, launch=launch)
 
 
+@pytest.mark.parametrize("fill, K, split", [(100, 96, True), (8, 96, False), (100, 32, False)])
+def test_products_of_few_programs_split_their_contraction(monkeypatch, fill, K, split):
+    """A launch's `fill_programs`: an aligned forward product of fewer programs (here 3 column tiles x 4
+    row tiles = 12) splits its contraction in two, unless it has a single step (K = 32 at depth 32); the
+    result equals ragged_dot either way."""
+    sizes_list, N = [16, 0, 32, 16, 0], 40
+    lhs, sizes, bias, _ = ragged_case(sizes_list, 0, K, N)
+    rhs, dense = random_mxfp4(len(sizes_list), K, N, seed=5)
+    launched = []
+    forward = gmm_lib._forward
+    monkeypatch.setattr(gmm_lib, "_forward", lambda *a: launched.append(a[6].splits) or forward(*a))
+    launch = Tiles(rows=16, cols=16, depth=32, fill_programs=fill)
+    got = grouped_product(lhs, rhs, sizes, bias, launch=launch, rows=16)
+    assert launched == [2 if split else 1]
+    close(got, with_bias(jax.lax.ragged_dot(lhs, dense, sizes), sizes_list, bias))
+
+
 @pytest.mark.parametrize("weights", ["dense", "mxfp4"])
 @pytest.mark.parametrize("aligned", [False, True], ids=["tile map", "aligned groups"])
 def test_glu_on_chip_equals_glu_after_the_product(weights, aligned):

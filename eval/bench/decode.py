@@ -373,14 +373,26 @@ def sweep(make, settings: list[dict], args, want, nbytes: int, copy: float, repe
 
 # Launch settings of the grouped matmul's decode-batch products ("_small" kinds: row tiles of 16 or 32)
 # tried by --moe beside the table's own choice: (output columns, contraction step, warps, stages,
-# contraction splits).
-MOE_LAUNCHES = [
-    dict(cols=cols, depth=depth, warps=warps, stages=stages, splits=splits)
-    for cols, depth, warps, stages, splits in (
-        (64, 256, 4, 3, 1), (64, 128, 4, 4, 1), (32, 256, 4, 3, 1), (128, 128, 4, 3, 1), (64, 512, 4, 2, 1),
-        (128, 256, 8, 3, 1), (64, 256, 4, 3, 2), (64, 256, 4, 3, 4), (128, 256, 4, 3, 4), (32, 256, 4, 3, 2),
-    )
-]  # fmt: skip
+# contraction splits). "deep": deeper software pipelines (`--moe-launches deep`); at batch 1 a program's 12
+# steps looked as if each waited out a memory latency with two loads ahead, but none of them was faster.
+MOE_LAUNCHES = {
+    name: [
+        dict(cols=cols, depth=depth, warps=warps, stages=stages, splits=splits)
+        for cols, depth, warps, stages, splits in launches
+    ]
+    for name, launches in {
+        "standard": (
+            (64, 256, 4, 3, 1), (64, 128, 4, 4, 1), (32, 256, 4, 3, 1), (128, 128, 4, 3, 1),
+            (64, 512, 4, 2, 1), (128, 256, 8, 3, 1), (64, 256, 4, 3, 2), (64, 256, 4, 3, 4),
+            (128, 256, 4, 3, 4), (32, 256, 4, 3, 2),
+        ),
+        "deep": (
+            (64, 256, 4, 3, 1), (64, 256, 4, 4, 1), (64, 256, 4, 5, 1), (64, 256, 4, 6, 1),
+            (64, 128, 4, 6, 1), (64, 128, 4, 8, 1), (32, 256, 4, 5, 1), (64, 256, 8, 4, 1),
+            (128, 128, 4, 5, 1), (64, 256, 4, 5, 2),
+        ),
+    }.items()
+}  # fmt: skip
 # Routing kernel launches tried by --moe where it serves the batch (depth, warps, stages): default first.
 ROUTER_LAUNCHES = [
     dict(depth=depth, warps=warps, stages=stages)
@@ -423,16 +435,21 @@ def routing_rows(p, flat, config: GptOssConfig, smoke: bool) -> dict:
                 ), tiles=routing.RouterLaunch(**launch),
             )
         )  # fmt: skip
-        got = kernel(p, flat)
+        try:
+            got = kernel(p, flat)
+        except Exception as e:  # a launch that does not compile (shared memory) is recorded
+            out["kernel"].append(launch | {"error": f"{type(e).__name__}: {e}"[:300]})
+            continue
         same = bool((got[2] == want[1]).all() & (got[3] == want[2]).all())
         out["kernel"].append(launch | device_us(kernel, p, flat) | {"same_layout": same})
     return out
 
 
-def moe_rows(batches: list[int], repeats: int, smoke: bool, log) -> list[dict]:
+def moe_rows(batches: list[int], repeats: int, smoke: bool, log, sweep: str = "standard") -> list[dict]:
     """One layer's MoE in a decode step at each batch, MXFP4 experts: on the kernels (the grouped matmul,
-    each launch of MOE_LAUNCHES) and on the jnp path (gather the selected experts, dequantize, multiply),
-    each timed on the device (`in_loop`), and its routing alone (`routing_rows`); the byte floor (the
+    the launch table's choice, then each of MOE_LAUNCHES[sweep]) and on the jnp path (gather the selected
+    experts, dequantize, multiply), each timed on the device (`in_loop`), and its routing alone
+    (`routing_rows`); the byte floor (the
     distinct selected experts' packed bytes, read once, over the copy bandwidth); and the kernels' largest
     difference from the float32 reference on the same routing."""
     from gptoss_mla_jax import gmm as gmm_lib
@@ -443,7 +460,7 @@ def moe_rows(batches: list[int], repeats: int, smoke: bool, log) -> list[dict]:
     one_layer = dataclasses.replace(config, num_hidden_layers=1, layer_types=config.layer_types[:1])
     p = init_params(one_layer, jax.random.key(0), jnp.bfloat16, "mxfp4")
     p = jax.block_until_ready(with_aligned_scales(p))["layers"][0]["mlp"]  # as `generate` pads them
-    launches = MOE_LAUNCHES[-1:] if smoke else MOE_LAUNCHES  # smoke: the default and one split
+    launches = MOE_LAUNCHES[sweep][-1:] if smoke else MOE_LAUNCHES[sweep]  # smoke: the default and one
     inner = 2 if smoke else 20
     copy = copy_bandwidth(0.05 if smoke else 4.0)
     expert_bytes = sum(v[0].nbytes for k, v in p["experts"].items())  # one expert: blocks, scales, biases
@@ -720,6 +737,10 @@ def main(argv=None) -> int:
     parser.add_argument("--breakdown", help="BATCH,CONTEXT: where a decode step's time goes")
     parser.add_argument("--kernels", action="store_true", help="the Pallas decode kernels vs jnp")
     parser.add_argument("--moe", metavar="BATCHES", help="one layer's MoE at these batches, e.g. 1,8,64")
+    parser.add_argument(
+        "--moe-launches", choices=tuple(MOE_LAUNCHES), default="standard",
+        help="--moe: the launches swept beside the launch table's own (MOE_LAUNCHES)",
+    )  # fmt: skip
     parser.add_argument("--profile", metavar="BATCH,CONTEXT", help="profile decode steps on the kernels")
     parser.add_argument(
         "--partial",
@@ -773,7 +794,7 @@ def main(argv=None) -> int:
             result["kernels"] = kernel_rows(batches, contexts, args.repeats, args.smoke, log, layers)
         elif args.moe:
             batches = [int(b) for b in args.moe.split(",")]
-            result["moe"] = moe_rows(batches, args.repeats, args.smoke, log)
+            result["moe"] = moe_rows(batches, args.repeats, args.smoke, log, args.moe_launches)
         elif args.profile:
             batch, context = (int(n) for n in args.profile.split(","))
             result["profile"] = profile(models_(), batch, context, args.repeats)

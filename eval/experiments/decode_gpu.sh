@@ -4,6 +4,7 @@
 # (one file: a device call brings back at most 8).
 #   check      the grouped matmul's bf16 agreement with ragged_dot, MXFP4 (compiled decoding) included
 #   moe        one layer's MoE at batches 1, 8, 64 and 256: kernels (each decode launch) vs jnp vs bytes; routing
+#   moe_b1     the same at batch 1 only
 #   profile    kernels per decode step and where the device time goes, batch 1 x 4K
 #   graphs     the same profile of GQA with XLA's command buffers (CUDA graphs) for every kind of op
 #   e2e        whole-model decode steps on the kernels, GQA and both MLA modes, batches 1 and 64 at 4K / 32K
@@ -14,13 +15,18 @@
 #   mla        the GQA and decompressed-MLA kernels at 32K, every launch (kv heads per program included)
 #   mla_e2e    whole-model steps of GQA and decompressed MLA at 32K on the kernels, as CUDA graphs
 #   loop       e2e per step and per token of a device-side loop of 16 steps (as generate runs), CUDA graphs
-#   loop_while the loop at batch 1 with the while loop itself a command buffer too (WHILE, CONDITIONAL)
+#   loop_b1    the loop at batch 1 for all four models (4K and 32K), CUDA graphs as generate sets them
+#   loop_while loop_b1 with the while loop itself a command buffer too (WHILE, CONDITIONAL)
 #   bash eval/experiments/decode_gpu.sh OUT_DIR [STAGES]        (default: check,moe,profile,e2e)
 set -uo pipefail
 OUT=${1:?usage: bash eval/experiments/decode_gpu.sh OUT_DIR [STAGES]}
 STAGES=${2:-check,moe,profile,e2e}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
+if ls .whl/*.whl > /dev/null 2>&1; then  # wheels the GPU image lacks (jaxtyping), carried with the call
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+  export PYTHONPATH=/tmp/site
+fi
 run() {  # run NAME LIMIT_S MODULE ARGS...: one process, its JSON in OUT/NAME.json, its log appended
   local name=$1 limit=$2 module=$3
   shift 3
@@ -32,6 +38,7 @@ for stage in ${STAGES//,/ }; do
   case "$stage" in
     check) run bench_moe_check 240 eval.bench.moe --check --tokens 2048 ;;
     moe) run decode_moe 330 eval.bench.decode --moe 1,8,64,256 --repeats 10 ;;
+    moe_b1) run decode_moe_b1 150 eval.bench.decode --moe 1 --repeats 10 ;;
     profile) run decode_profile 300 eval.bench.decode --profile 1,4096 --partial --repeats 5 ;;
     graphs) run decode_profile_graphs 150 eval.bench.decode --profile 1,4096 --models gqa --repeats 5 --cuda-graphs ;;
     e2e) run decode_e2e 330 eval.bench.decode --decode-kernels on --partial --batches 1,64 --contexts 4096,32768 ;;
@@ -42,10 +49,12 @@ for stage in ${STAGES//,/ }; do
     mla_e2e) run decode_e2e_mla 240 eval.bench.decode --cuda-graphs --decode-kernels on --models gqa,mla --batches 1,64 --contexts 32768 ;;
     loop) run decode_e2e_loop 330 eval.bench.decode --cuda-graphs --decode-kernels on --partial \
       --models gqa,mla,mla_partial --batches 1,64 --contexts 4096,32768 --loop-steps 16 --repeats 5 ;;
+    loop_b1) run decode_e2e_loop_b1 280 eval.bench.decode --cuda-graphs --decode-kernels on --partial \
+      --batches 1 --contexts 4096,32768 --loop-steps 16 --repeats 5 ;;
     loop_while) (
       XLA_FLAGS="$(python -c 'from gptoss_mla_jax.generation import CUDA_GRAPH_FLAGS as f; print(f)'),WHILE,CONDITIONAL"
       export XLA_FLAGS
-      run decode_e2e_loop_while 200 eval.bench.decode --cuda-graphs --decode-kernels on --models gqa,mla \
+      run decode_e2e_loop_while 280 eval.bench.decode --cuda-graphs --decode-kernels on --partial \
         --batches 1 --contexts 4096,32768 --loop-steps 16 --repeats 5
     ) ;;
     capacity) run decode_capacity 400 eval.bench.decode --capacity --decode-kernels on --partial --contexts 32768,131072 ;;
