@@ -1,5 +1,6 @@
 """eval.experiments.cuda_aot's readers of compiled GPU code (kernels of optimized HLO, tensor-core
-instructions of PTX) on small samples, and its error where JAX has no CUDA compiler."""
+instructions of PTX, registers and the main loop of SASS) on small samples, and its error where JAX has no
+CUDA compiler."""
 
 import pytest
 
@@ -46,6 +47,33 @@ def test_tensor_core_mix_counts_instructions_by_shape():
         "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16": 2,
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32": 1,
     }
+
+
+SASS = """
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_0:
+        /*0010*/                   HMMA.16816.F32.BF16 R4, R8, R12, R4 ;
+        /*0020*/               @P0 BRA `(.L_x_0) ;
+.L_x_1:
+        /*0030*/                   LOP3.LUT R2, R3, 0x80008000, RZ, 0xc0, !PT ;
+        /*0040*/                   HMUL2.BF16_V2 R2, R2, R5 ;
+        /*0050*/              @!P1 PRMT R3, R2, 0x4140, RZ ;
+        /*0060*/                   LOP3.LUT R2, R3, 0x1c001c0, RZ, 0xc0, !PT ;
+        /*0070*/               @P2 BRA `(.L_x_1) ;
+        /*0080*/                   BRA `(.L_x_2) ;
+.L_x_2:
+        /*0090*/                   EXIT ;
+"""
+
+
+def test_main_loop_mix_reads_the_longest_loop():
+    """The longest backward branch's body (not the short loop before it, nor the forward branch after),
+    opcodes without modifiers, predicated ones included."""
+    assert cuda_aot.main_loop_mix(SASS) == {
+        "instructions": 5,
+        "opcodes": {"LOP3": 2, "HMUL2": 1, "PRMT": 1, "BRA": 1},
+    }
+    assert cuda_aot.registers("ptxas info    : Used 167 registers, used 1 barriers") == 167
 
 
 def test_without_the_cuda_plugin_it_says_what_to_install():

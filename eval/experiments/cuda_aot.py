@@ -1,11 +1,13 @@
 """Compile for an NVIDIA H200 on a machine without a GPU (XLA's deviceless ahead-of-time compilation) and
-read what the GPU would run: the kernels a decode step launches, and the tensor-core instructions in each
-Pallas decode kernel's PTX.
+read what the GPU would run: the kernels a decode step launches, the tensor-core instructions in each
+Pallas decode kernel's PTX, and each such kernel's registers and main-loop instructions once assembled.
 
     pip install "jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')"   # the CUDA plugin
     python -m eval.experiments.cuda_aot --step 1,4096 --out step.json   # kernels per step, by stage and op
     python -m eval.experiments.cuda_aot --step 64,32768 --model mla     # the same with MLA attention
     python -m eval.experiments.cuda_aot --ptx --out ptx.json            # wgmma / mma.sync per decode kernel
+    python -m eval.experiments.cuda_aot --sass --out sass.json          # registers, main-loop instructions
+                                                                        # (pip install nvidia-cuda-nvdisasm)
     python -m eval.experiments.cuda_aot --train-step study              # a teacher's training step, as
                                                                         # compiled with deterministic ops too
 
@@ -24,6 +26,8 @@ import glob
 import os
 import pathlib
 import re
+import shutil
+import subprocess
 import sys
 import tempfile
 
@@ -166,16 +170,19 @@ def train_step_census(preset: str) -> dict:
     return out
 
 
-def ptx_census(batch: int = 64, context: int = 32768) -> dict:
-    """Each Pallas decode kernel at gpt-oss-20b's attention shape (64 query heads over 8 kv heads of 64;
-    decompressed MLA latent 192; absorbed MLA latent 160 + 32 RoPE values), compiled with XLA's dump on:
-    its tensor-core instruction mix."""
+def _decode_kernels(batch: int, context: int) -> dict:
+    """The Pallas decode kernels to read, as {name: (function, argument specs)}: the attention kernels at
+    gpt-oss-20b's attention shape (64 query heads over 8 kv heads of 64; decompressed MLA latent 192;
+    absorbed MLA latent 160 + 32 RoPE values) over `context` slots at `batch`, and one layer's MoE on the
+    grouped matmul (MXFP4 experts, the routing kernel and both packed products) at batch 1."""
     import jax
     import jax.numpy as jnp
 
     placed = _topology()
     from gptoss_mla_jax import flash_decode, mla
     from gptoss_mla_jax.config import GPT_OSS_20B, MlaConfig
+    from gptoss_mla_jax.model import init_params, with_aligned_scales
+    from gptoss_mla_jax.moe import moe_sparse
 
     B, S, G, R, d, r = batch, context, 8, 8, 64, 192
     config = dataclasses.replace(GPT_OSS_20B, mla=MlaConfig("decompressed", (1,), (r,)))
@@ -186,7 +193,11 @@ def ptx_census(batch: int = 64, context: int = 32768) -> dict:
     )
     P = flash_decode.kv_heads_per_program(G, R, None)
     lengths, sinks = spec(B, dtype=jnp.int32), spec(G * R, dtype=jnp.float32)
-    kernels = {
+    one_layer = dataclasses.replace(GPT_OSS_20B, num_hidden_layers=1, layer_types=GPT_OSS_20B.layer_types[:1])
+    experts = jax.eval_shape(
+        lambda: with_aligned_scales(init_params(one_layer, jax.random.key(0), jnp.bfloat16, "mxfp4"))
+    )["layers"][0]["mlp"]
+    return {
         "gqa": (
             lambda q, k, v, n, s: flash_decode.gqa_decode(q, k, v, slots(n), s, launch(B * G)),
             (spec(B, G * R, d), spec(B, S, G, d), spec(B, S, G, d), lengths, sinks),
@@ -207,9 +218,23 @@ def ptx_census(batch: int = 64, context: int = 32768) -> dict:
                 spec(G, d), spec(B, S, 160), spec(B, S, G, 4), lengths, sinks,
             ),
         ),
+        "moe_batch1": (
+            lambda p, x: moe_sparse(p, x, GPT_OSS_20B, kernels=True),
+            (
+                jax.tree.map(lambda a: spec(*a.shape, dtype=a.dtype), experts),
+                spec(1, 1, GPT_OSS_20B.hidden_size),
+            ),
+        ),
     }  # fmt: skip
+
+
+def kernel_ptx(batch: int = 64, context: int = 32768) -> dict[str, str]:
+    """The PTX of each Pallas kernel of `_decode_kernels` ({"gqa/_split_kernel": text}), compiled with
+    XLA's dump on."""
+    import jax
+
     out = {}
-    for name, (fn, args) in kernels.items():
+    for name, (fn, args) in _decode_kernels(batch, context).items():
         with tempfile.TemporaryDirectory() as dump:
             jax.jit(fn).lower(*args).compile(compiler_options={"xla_dump_to": dump})
             for path in glob.glob(os.path.join(dump, "*.ptx")):
@@ -218,7 +243,69 @@ def ptx_census(batch: int = 64, context: int = 32768) -> dict:
                 if entry and not entry.group(1).startswith(
                     ("loop_", "input_", "gemm_", "fusion", "wrapped_")
                 ):
-                    out[f"{name}/{entry.group(1)}"] = tensor_core_mix(text)
+                    out[f"{name}/{entry.group(1)}"] = text
+    return out
+
+
+def ptx_census(batch: int = 64, context: int = 32768) -> dict:
+    """Each Pallas decode kernel's tensor-core instruction mix (`kernel_ptx`)."""
+    kernels = {name: tensor_core_mix(text) for name, text in kernel_ptx(batch, context).items()}
+    return {"batch": batch, "context": context, "kernels": kernels}
+
+
+SASS_LINE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
+
+
+def main_loop_mix(sass: str) -> dict:
+    """The instruction mix of the longest loop in `nvdisasm` output (the lines from a label to the last
+    branch back to it): {"instructions": n, "opcodes": {"HMMA": 32, ...}}, opcodes without modifiers."""
+    lines = sass.splitlines()
+    labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^\.(L\w+):", line))}
+    best: list[str] = []
+    for j, line in enumerate(lines):
+        target = re.search(r"BRA `\(\.(L\w+)\)", line)
+        if target and labels.get(target.group(1), j) < j and j - labels[target.group(1)] > len(best):
+            best = lines[labels[target.group(1)] : j + 1]
+    opcodes = collections.Counter(m.group(1) for line in best if (m := SASS_LINE.search(line)))
+    return {"instructions": sum(opcodes.values()), "opcodes": dict(opcodes.most_common())}
+
+
+def registers(ptxas_log: str) -> int:
+    """Registers per thread from `ptxas -v`'s report."""
+    return int(re.search(r"Used (\d+) registers", ptxas_log).group(1))
+
+
+def _tool(name: str, package_bins: tuple[str, ...], install: str) -> str:
+    """The path of CUDA tool `name`: on PATH, or in the bin folder of a pip-installed NVIDIA package."""
+    import importlib.util
+
+    found = shutil.which(name)
+    for package in package_bins:
+        spec = importlib.util.find_spec("nvidia")
+        for root in spec.submodule_search_locations if spec else []:
+            path = os.path.join(root, package, "bin", name)
+            found = found or (path if os.path.exists(path) else None)
+    if found is None:
+        raise SystemExit(f"cuda_aot --sass: no {name} here; install it: pip install {install}")
+    return found
+
+
+def sass_census(batch: int = 64, context: int = 32768) -> dict:
+    """Each Pallas decode kernel assembled for an H200 (`ptxas`, from the CUDA plugin's nvcc package) and
+    disassembled (`nvdisasm`): its registers per thread (they set how many programs share an SM) and the
+    instruction mix of its main loop, per thread and step."""
+    ptxas = _tool("ptxas", ("cuda_nvcc",), '"jax[cuda12]"')
+    nvdisasm = _tool("nvdisasm", ("cu13", "cuda_nvdisasm"), "nvidia-cuda-nvdisasm")
+    out = {}
+    for name, text in kernel_ptx(batch, context).items():
+        with tempfile.TemporaryDirectory() as work:
+            ptx, cubin = os.path.join(work, "k.ptx"), os.path.join(work, "k.cubin")
+            pathlib.Path(ptx).write_text(text)
+            log = subprocess.run(
+                [ptxas, "-arch=sm_90a", "-v", ptx, "-o", cubin], capture_output=True, text=True, check=True
+            )
+            sass = subprocess.run([nvdisasm, cubin], capture_output=True, text=True, check=True).stdout
+        out[name] = {"registers": registers(log.stdout + log.stderr), "main_loop": main_loop_mix(sass)}
     return {"batch": batch, "context": context, "kernels": out}
 
 
@@ -229,11 +316,14 @@ def main(argv=None) -> int:
     parser.add_argument("--step", metavar="BATCH,CONTEXT", help="kernels of one decode step")
     parser.add_argument("--model", choices=MODELS, default="gqa", help="--step: the attention (model_config)")
     parser.add_argument("--ptx", action="store_true", help="tensor-core instructions of the decode kernels")
+    parser.add_argument(
+        "--sass", action="store_true", help="registers and main-loop instructions of the decode kernels"
+    )
     parser.add_argument("--train-step", metavar="PRESET", help="a train.pretrain preset's training step")
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args(argv)
-    if sum((bool(args.step), args.ptx, bool(args.train_step))) != 1:
-        parser.error("pass one of --step BATCH,CONTEXT, --ptx or --train-step PRESET")
+    if sum((bool(args.step), args.ptx, args.sass, bool(args.train_step))) != 1:
+        parser.error("pass one of --step BATCH,CONTEXT, --ptx, --sass or --train-step PRESET")
     from support.results import write_json
 
     if args.step:
@@ -241,6 +331,8 @@ def main(argv=None) -> int:
         result = step_census(batch, context, args.model)
     elif args.train_step:
         result = train_step_census(args.train_step)
+    elif args.sass:
+        result = sass_census()
     else:
         result = ptx_census()
     result["target"] = os.path.basename(TARGET)
