@@ -310,6 +310,11 @@ def test_kernels_lower_for_the_gpu_at_gpt_oss_20b_shapes(monkeypatch):
     for name, (fn, args, calls) in cases.items():
         lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
         assert lowered.as_text().count("xla.gpu.triton") == calls, name
+    # A batch-1 down product (4 experts' tiles x 45 column tiles = 180 programs, under the launch's
+    # fill_programs) splits its contraction in two: float32 halves out of the kernel.
+    down = lambda l, bl, sc, s, b: gmm(l, Mxfp4(bl, sc), s, b, interpret=False, rows=16)
+    lowered = jax.jit(down).trace(spec(64, F // 2), *packed(D, F // 2), sizes, spec(E, D))
+    assert "tensor<2x64x2880xf32>" in lowered.lower(lowering_platforms=("cuda",)).as_text()
 
 
 @pytest.mark.parametrize("experts", ["dense", "mxfp4"])
