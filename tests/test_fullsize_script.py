@@ -182,3 +182,11 @@ def test_decode_breakdown_runs_at_a_small_size(shared_models, tmp_path):
         assert {"step_kernels_ms", "full_layer_attention_kernel_ms", "layer_moe_kernel_ms"} <= set(
             breakdown[model]
         )
+
+
+def test_kernel_counters_run_at_a_small_size():
+    """The Nsight Compute driver runs its kernels (the MoE on the grouped matmul, the decompressed MLA
+    decode kernel) at a tiny size, interpreted."""
+    from eval.experiments import kernel_counters
+
+    assert kernel_counters.main(["--smoke", "--moe", "1,4", "--decompressed", "2,64", "--runs", "1"]) == 0

@@ -1,8 +1,10 @@
 """Decode kernels at gpt-oss-20b shapes, each run a few times after compiling, for a hardware-counter
 profiler to read (Nsight Compute): one layer's MoE on the grouped matmul (MXFP4 experts, decode layout) at
-the given batches, and the decompressed-MLA attention kernel at the given batch x context.
+the given batches, and the decompressed-MLA attention kernel at the given batch x context. `--smoke`: the
+same at a tiny size, interpreted on the CPU (a check of the script).
 
-    ncu --clock-control none -k regex:mxfp4_kernel --set detailed python -m eval.experiments.kernel_counters
+    ncu --clock-control none --section SpeedOfLight --section Occupancy --section WarpStateStats \
+        -k 'regex:mxfp4|decompressed' python3 -m eval.experiments.kernel_counters
 """
 
 from __future__ import annotations
@@ -14,13 +16,13 @@ import jax
 import jax.numpy as jnp
 
 from gptoss_mla_jax import flash_decode
-from gptoss_mla_jax.config import GPT_OSS_20B
+from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig
+from gptoss_mla_jax.generation import DEMO_CONFIG
 from gptoss_mla_jax.model import init_params, with_aligned_scales
 from gptoss_mla_jax.moe import moe_sparse
 
 
-def moe(batches: list[int], runs: int) -> None:
-    config = GPT_OSS_20B
+def moe(batches: list[int], runs: int, config: GptOssConfig = GPT_OSS_20B) -> None:
     one_layer = dataclasses.replace(config, num_hidden_layers=1, layer_types=config.layer_types[:1])
     p = with_aligned_scales(init_params(one_layer, jax.random.key(0), jnp.bfloat16, "mxfp4"))
     p = p["layers"][0]["mlp"]
@@ -31,8 +33,8 @@ def moe(batches: list[int], runs: int) -> None:
             jax.block_until_ready(step(p, x))
 
 
-def decompressed(batch: int, context: int, runs: int) -> None:
-    G, R, d, r = 8, 8, 64, 192
+def decompressed(batch: int, context: int, runs: int, smoke: bool = False) -> None:
+    G, R, d, r = (2, 2, 16, 24) if smoke else (8, 8, 64, 192)
     keys = jax.random.split(jax.random.key(1), 4)
     q = jax.random.normal(keys[0], (batch, G, R, d), jnp.float32)
     c = jax.random.normal(keys[1], (batch, context, r), jnp.bfloat16)
@@ -41,7 +43,7 @@ def decompressed(batch: int, context: int, runs: int) -> None:
     angles = jnp.arange(context, dtype=jnp.float32)[None, :, None] * 1e-3 ** jnp.linspace(0, 1, d // 2)
     lengths = jnp.full((batch,), context, jnp.int32)
     P = flash_decode.kv_heads_per_program(G, R)
-    launch = flash_decode.Launch(*flash_decode.plan(context, batch * G // P))
+    launch = flash_decode.Launch(*flash_decode.plan(context, batch * G // P), interpret=smoke)
     print("decompressed launch", launch, flush=True)
     for _ in range(runs):
         out = flash_decode.decompressed_splits(
@@ -55,11 +57,12 @@ def main(argv=None) -> int:
     parser.add_argument("--moe", default="1,256", help="MoE batches ('' for none)")
     parser.add_argument("--decompressed", default="64,32768", help="BATCH,CONTEXT ('' for none)")
     parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--smoke", action="store_true", help="a tiny model, interpreted (CPU check)")
     args = parser.parse_args(argv)
     if args.moe:
-        moe([int(b) for b in args.moe.split(",")], args.runs)
+        moe([int(b) for b in args.moe.split(",")], args.runs, DEMO_CONFIG if args.smoke else GPT_OSS_20B)
     if args.decompressed:
-        decompressed(*(int(n) for n in args.decompressed.split(",")), args.runs)
+        decompressed(*(int(n) for n in args.decompressed.split(",")), args.runs, args.smoke)
     return 0
 
 
