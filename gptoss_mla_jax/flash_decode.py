@@ -65,10 +65,15 @@ class Slots(NamedTuple):
     sliding: bool = False
 
 
-def plan(slots: int, programs: int, block: int = 64, target: int = 264) -> tuple[int, int] | None:
+# Twice the SMs of an H100 / H200: a grid of fewer programs leaves SMs without a second program to switch to
+# while the first waits on memory (decode grids are split until they reach it).
+FILL_PROGRAMS = 264
+
+
+def plan(slots: int, programs: int, block: int = 64, target: int = FILL_PROGRAMS) -> tuple[int, int] | None:
     """(splits, block) for a cache of `slots` read by `programs` (sequence x kv head) programs: blocks of
-    `block` slots (halved down to 16 until one divides), and enough slices to give ~`target` programs
-    (twice the SMs of an H100 / H200). None when `slots` is not a multiple of 16."""
+    `block` slots (halved down to 16 until one divides), and enough slices to give ~`target` programs.
+    None when `slots` is not a multiple of 16."""
     block = next((b for b in (block, block // 2, block // 4, 32, 16) if b >= 16 and slots % b == 0), None)
     if block is None:
         return None

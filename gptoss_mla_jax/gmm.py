@@ -41,7 +41,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 from jaxtyping import Array, Float, Int, UInt8
 
-from gptoss_mla_jax.flash_decode import masked_load, pl_triton, triton_launch
+from gptoss_mla_jax.flash_decode import FILL_PROGRAMS, masked_load, pl_triton, triton_launch
 from gptoss_mla_jax.mxfp4 import BLOCK, e2m1, mx_scale
 
 
@@ -89,9 +89,6 @@ class Glu(NamedTuple):
         return (up + 1) * (gate * jax.nn.sigmoid(gate * self.alpha))
 
 
-# Twice the SMs of an H100 / H200: a grid of fewer programs leaves SMs without a second program to switch to
-# while the first waits on memory (`Tiles.fill_programs`).
-FILL = 264
 # Launch settings by (kernel, contraction K, output width N; for tgmm the weight's K and N); (kernel, None,
 # None) is the default for other shapes. The sweep (eval.bench.moe --sweep, results in eval/results) chose
 # them at gpt-oss-20b's expert shapes on an H200. Kernels: "gmm" (dense forward), "gmm_t" (dense d(lhs)),
@@ -112,7 +109,9 @@ LAUNCH: dict[tuple[str, int | None, int | None], Tiles] = {
     ("mxfp4", 2880, 2880): Tiles(rows=128, cols=64, depth=64, warps=4, stages=3),
     ("mxfp4_t", None, None): Tiles(rows=256, cols=64, depth=64, warps=8, stages=3),
     ("gmm_small", None, None): Tiles(rows=16, cols=64, depth=128, warps=4, stages=4),
-    ("mxfp4_small", None, None): Tiles(rows=16, cols=64, depth=256, warps=4, stages=3, fill_programs=FILL),
+    ("mxfp4_small", None, None): Tiles(
+        rows=16, cols=64, depth=256, warps=4, stages=3, fill_programs=FILL_PROGRAMS
+    ),
     ("mxfp4_small_wide", None, None): Tiles(rows=16, cols=128, depth=128, warps=4, stages=3),
 }
 SMALL_ROWS = 32

@@ -445,21 +445,26 @@ def routing_rows(p, flat, config: GptOssConfig, smoke: bool) -> dict:
     return out
 
 
+def moe_layer(config: GptOssConfig) -> dict:
+    """One layer's MoE parameters (random, MXFP4 experts) as `generate` hands them to the kernels: scale
+    rows padded (`with_aligned_scales`)."""
+    one_layer = dataclasses.replace(config, num_hidden_layers=1, layer_types=config.layer_types[:1])
+    params = with_aligned_scales(init_params(one_layer, jax.random.key(0), jnp.bfloat16, "mxfp4"))
+    return params["layers"][0]["mlp"]
+
+
 def moe_rows(batches: list[int], repeats: int, smoke: bool, log, sweep: str = "standard") -> list[dict]:
     """One layer's MoE in a decode step at each batch, MXFP4 experts: on the kernels (the grouped matmul,
     the launch table's choice, then each of MOE_LAUNCHES[sweep]) and on the jnp path (gather the selected
     experts, dequantize, multiply), each timed on the device (`in_loop`), and its routing alone
-    (`routing_rows`); the byte floor (the
-    distinct selected experts' packed bytes, read once, over the copy bandwidth); and the kernels' largest
-    difference from the float32 reference on the same routing."""
+    (`routing_rows`); the byte floor (the distinct selected experts' packed bytes, read once, over the copy
+    bandwidth); and the kernels' largest difference from the float32 reference on the same routing."""
     from gptoss_mla_jax import gmm as gmm_lib
     from gptoss_mla_jax.gmm import Tiles
     from gptoss_mla_jax.moe import moe_dense, moe_sparse, route
 
     config = DEMO_CONFIG if smoke else GPT_OSS_20B
-    one_layer = dataclasses.replace(config, num_hidden_layers=1, layer_types=config.layer_types[:1])
-    p = init_params(one_layer, jax.random.key(0), jnp.bfloat16, "mxfp4")
-    p = jax.block_until_ready(with_aligned_scales(p))["layers"][0]["mlp"]  # as `generate` pads them
+    p = jax.block_until_ready(moe_layer(config))
     launches = MOE_LAUNCHES[sweep][-1:] if smoke else MOE_LAUNCHES[sweep]  # smoke: the default and one
     inner = 2 if smoke else 20
     copy = copy_bandwidth(0.05 if smoke else 4.0)

@@ -179,9 +179,9 @@ def _decode_kernels(batch: int, context: int) -> dict:
     import jax.numpy as jnp
 
     placed = _topology()
+    from eval.bench.decode import moe_layer
     from gptoss_mla_jax import flash_decode, mla
     from gptoss_mla_jax.config import GPT_OSS_20B, MlaConfig
-    from gptoss_mla_jax.model import init_params, with_aligned_scales
     from gptoss_mla_jax.moe import moe_sparse
 
     B, S, G, R, d, r = batch, context, 8, 8, 64, 192
@@ -193,10 +193,7 @@ def _decode_kernels(batch: int, context: int) -> dict:
     )
     P = flash_decode.kv_heads_per_program(G, R, None)
     lengths, sinks = spec(B, dtype=jnp.int32), spec(G * R, dtype=jnp.float32)
-    one_layer = dataclasses.replace(GPT_OSS_20B, num_hidden_layers=1, layer_types=GPT_OSS_20B.layer_types[:1])
-    experts = jax.eval_shape(
-        lambda: with_aligned_scales(init_params(one_layer, jax.random.key(0), jnp.bfloat16, "mxfp4"))
-    )["layers"][0]["mlp"]
+    experts = jax.eval_shape(lambda: moe_layer(GPT_OSS_20B))
     return {
         "gqa": (
             lambda q, k, v, n, s: flash_decode.gqa_decode(q, k, v, slots(n), s, launch(B * G)),
@@ -279,12 +276,10 @@ def _tool(name: str, package_bins: tuple[str, ...], install: str) -> str:
     """The path of CUDA tool `name`: on PATH, or in the bin folder of a pip-installed NVIDIA package."""
     import importlib.util
 
-    found = shutil.which(name)
-    for package in package_bins:
-        spec = importlib.util.find_spec("nvidia")
-        for root in spec.submodule_search_locations if spec else []:
-            path = os.path.join(root, package, "bin", name)
-            found = found or (path if os.path.exists(path) else None)
+    spec = importlib.util.find_spec("nvidia")
+    roots = spec.submodule_search_locations if spec else []
+    paths = [os.path.join(root, package, "bin", name) for package in package_bins for root in roots]
+    found = shutil.which(name) or next((path for path in paths if os.path.exists(path)), None)
     if found is None:
         raise SystemExit(f"cuda_aot --sass: no {name} here; install it: pip install {install}")
     return found

@@ -10,22 +10,19 @@ same at a tiny size, interpreted on the CPU (a check of the script).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 
 import jax
 import jax.numpy as jnp
 
+from eval.bench.decode import moe_layer
 from gptoss_mla_jax import flash_decode
 from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig
 from gptoss_mla_jax.generation import DEMO_CONFIG
-from gptoss_mla_jax.model import init_params, with_aligned_scales
 from gptoss_mla_jax.moe import moe_sparse
 
 
 def moe(batches: list[int], runs: int, config: GptOssConfig = GPT_OSS_20B) -> None:
-    one_layer = dataclasses.replace(config, num_hidden_layers=1, layer_types=config.layer_types[:1])
-    p = with_aligned_scales(init_params(one_layer, jax.random.key(0), jnp.bfloat16, "mxfp4"))
-    p = p["layers"][0]["mlp"]
+    p = moe_layer(config)
     step = jax.jit(lambda p, x: moe_sparse(p, x, config, kernels=True))
     for batch in batches:
         x = jax.random.normal(jax.random.key(batch), (batch, 1, config.hidden_size), jnp.bfloat16)
