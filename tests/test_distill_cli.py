@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from train.distill import main
+from train.loop import logged_rows
 from weights.orbax_io import restore_checkpoint, save_checkpoint
 from weights.safetensors_io import load_hf
 from weights.to_mla import convert
@@ -60,7 +61,7 @@ def test_sigkill_mid_run_then_resume_logs_the_same_losses(files, tmp_path):
     )
     metrics, deadline = cut / "metrics.jsonl", time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if metrics.exists() and any(json.loads(x)["step"] >= 25 for x in metrics.read_text().splitlines()):
+        if metrics.exists() and any(row["step"] >= 25 for row in logged_rows(metrics)):
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.002)
@@ -71,6 +72,14 @@ def test_sigkill_mid_run_then_resume_logs_the_same_losses(files, tmp_path):
 
     assert main(args(files, cut, "--steps", "60", "--ckpt-every", "10", "--resume")) == 0
     assert losses(cut) == losses(tmp_path / "ref")  # every step once, bitwise equal
+
+
+def test_a_metrics_line_cut_off_mid_write_is_not_read(tmp_path):
+    """A run killed (or read) while writing its metrics leaves a last line without its newline: resume and
+    live readers take the whole lines only."""
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"step": 1, "loss": 0.5}\n{"step": 2, "loss": 0.25}\n{"step": 3, "lo')
+    assert logged_rows(path) == [{"step": 1, "loss": 0.5}, {"step": 2, "loss": 0.25}]
 
 
 def free_port() -> int:

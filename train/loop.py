@@ -185,11 +185,10 @@ def run(
     kept_rows = []
     if start and os.path.exists(metrics_path):
         # Rows logged after the checkpoint by the run that died are logged again by this one.
-        with open(metrics_path) as f:
-            kept_rows = [line for line in f if json.loads(line)["step"] <= start]
+        kept_rows = [row for row in logged_rows(metrics_path) if row["step"] <= start]
     if primary:
         with open(metrics_path, "w") as f:
-            f.writelines(kept_rows)
+            f.writelines(json.dumps(row) + "\n" for row in kept_rows)
     step_flops = distill_step_flops(teacher_config, student_config, seq_len - 1, batch, TRAIN_SETS[train])
     peak = peak_flops()
     history = []
@@ -266,6 +265,13 @@ def summarize(history, wall_s, step_flops, peak, mesh, train, loss) -> dict:
     return summary
 
 
+def logged_rows(metrics_path: str) -> list[dict]:
+    """The rows of a run's metrics.jsonl that were written whole: a last line without its newline is one
+    that a killed run (or a run still writing, seen by a reader) did not finish."""
+    with open(metrics_path) as f:
+        return [json.loads(line) for line in f if line.endswith("\n")]
+
+
 def plot_curves(metrics_path: str, png_path: str) -> None:
     """Loss terms, learning rate, gradient norm and held-out perplexity against the step."""
     import matplotlib
@@ -273,8 +279,7 @@ def plot_curves(metrics_path: str, png_path: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    with open(metrics_path) as f:
-        rows = [json.loads(line) for line in f]
+    rows = logged_rows(metrics_path)
     panels = [("loss", ["loss", "kl", "hidden"]), ("lr", ["lr"]), ("grad norm", ["grad_norm"])]
     if any("student_ppl" in r for r in rows):
         panels.append(("held-out student PPL", ["student_ppl"]))
