@@ -315,7 +315,7 @@ def _dot(a: Array, b: Array, contract: tuple[int, int]) -> Array:
     )
 
 
-def _e2m1_asm(nibble: str) -> str:
+def _e2m1_asm(nibble: str, folded: bool) -> str:
     """PTX (sm_90) for `elementwise_inline_asm` with pack=4: $2 holds 4 packed bytes, $3 / $4 the bf16
     scales of bytes (0, 1) / (2, 3); out: the values of their "low" or "high" nibbles ($0: bytes 0-1, $1:
     bytes 2-3), bf16x2 each. (One call per nibble: Pallas lowers a single result per call.)
@@ -323,8 +323,9 @@ def _e2m1_asm(nibble: str) -> str:
     prmt spreads two bytes to the two halves of a word, so one shift-and-mask pair moves both nibbles' sign
     bit to bf16's sign and their 3 magnitude bits to its lowest 2 exponent bits and top mantissa bit: that
     is the code's value times 2^-126 (E2M1's 0.5 lands on bf16's subnormal 2^-127, which bf16x2 arithmetic
-    keeps), and two bf16x2 multiplies apply 2^126 and the block's scale, both exact. About 4 instructions
-    per value, where decoding through float8 and its conversions costs several times that."""
+    keeps), and bf16x2 multiplies apply 2^126 and the block's scale, both exact: two of them, or, `folded`,
+    one by the scale times 2^126 (a bf16 only for exponents up to `mxfp4.FOLDABLE_EXPONENT`). About 4
+    instructions per value, where decoding through float8 and its conversions costs several times that."""
     sign_shift, magnitude_shift = {"low": (12, 6), "high": (8, 2)}[nibble]
     lines = ["{", ".reg .b32 z, w, a, b, bias;", "mov.b32 z, 0;", "mov.b32 bias, 0x7E807E80;"]
     for out, (select, scale) in enumerate(((0x4140, "$3"), (0x4342, "$4"))):
@@ -335,21 +336,25 @@ def _e2m1_asm(nibble: str) -> str:
             f"shl.b32 b, w, {magnitude_shift};",
             "and.b32 b, b, 0x01C001C0;",
             "or.b32 a, a, b;",
-            "mul.rn.bf16x2 a, a, bias;",
+            *([] if folded else ["mul.rn.bf16x2 a, a, bias;"]),
             f"mul.rn.bf16x2 ${out}, a, {scale};",
         ]
     return "\n".join([*lines, "}"])
 
 
-E2M1_ASM = {nibble: _e2m1_asm(nibble) for nibble in ("low", "high")}
+E2M1_ASM = {
+    (nibble, folded): _e2m1_asm(nibble, folded) for nibble in ("low", "high") for folded in (False, True)
+}
 
 
-def _decode(packed: Array, exponents: Array, dtype, interpret: bool) -> tuple[Array, Array]:
+def _decode(packed: Array, exponents: Array, dtype, interpret: bool, foldable=None) -> tuple[Array, Array]:
     """A packed tile [r, c / 2] bytes with its scale exponents [r, c / 32] -> (low, high) nibbles as
     values [r, c / 2] each in `dtype`: the tile's even and odd columns, exact.
 
-    Compiled for bfloat16, the bytes decode in inline PTX (`E2M1_ASM`); interpreted (and for other dtypes)
-    by jnp arithmetic on the codes (`mxfp4.e2m1`), which gives the same values."""
+    Compiled for bfloat16, the bytes decode in inline PTX (`E2M1_ASM`), with one multiply per pair of
+    values less where `foldable` (the flag `mxfp4.pad_scales` leaves in the padding: every exponent of the
+    tensor at most `mxfp4.FOLDABLE_EXPONENT`; None: no flag); interpreted (and for other dtypes) by jnp
+    arithmetic on the codes (`mxfp4.e2m1`), which gives the same values."""
     r, half = packed.shape
     expand = lambda a: jnp.broadcast_to(a[:, :, None], (r, half // (BLOCK // 2), BLOCK // 2)).reshape(r, half)
     exponents = exponents.astype(jnp.int32)
@@ -357,17 +362,26 @@ def _decode(packed: Array, exponents: Array, dtype, interpret: bool) -> tuple[Ar
         scale = expand(mx_scale(exponents))
         codes = packed.astype(jnp.int32)
         return (e2m1(codes & 0xF) * scale).astype(dtype), (e2m1(codes >> 4) * scale).astype(dtype)
-    scale_bits = jnp.where(exponents > 0, exponents << 7, 0x40).astype(jnp.uint16)  # 2^(e - 127) in bf16
-    scale = expand(jax.lax.bitcast_convert_type(scale_bits, jnp.bfloat16))
-    result = jax.ShapeDtypeStruct(packed.shape, jnp.bfloat16)
-    decode = lambda nibble: pl_triton.elementwise_inline_asm(
-        E2M1_ASM[nibble],
-        args=[packed, scale],
-        constraints="=r,=r,r,r,r",
-        pack=4,
-        result_shape_dtypes=[result],
-    )[0]
-    return decode("low"), decode("high")
+
+    def decode(folded: bool):
+        if folded:  # 2^(e - 1): the scale times 2^126 (2^-1 for exponent 0, whose scale is 2^-127)
+            bits = jnp.where(exponents > 0, (exponents + 126) << 7, 0x3F00)
+        else:  # 2^(e - 127)
+            bits = jnp.where(exponents > 0, exponents << 7, 0x40)
+        scale = expand(jax.lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.bfloat16))
+        result = jax.ShapeDtypeStruct(packed.shape, jnp.bfloat16)
+        nibble = lambda name: pl_triton.elementwise_inline_asm(
+            E2M1_ASM[name, folded],
+            args=[packed, scale],
+            constraints="=r,=r,r,r,r",
+            pack=4,
+            result_shape_dtypes=[result],
+        )[0]
+        return nibble("low"), nibble("high")
+
+    if foldable is None:
+        return decode(False)
+    return jax.lax.cond(foldable, lambda: decode(True), lambda: decode(False))
 
 
 # ---- the kernels -------------------------------------------------------------------------------------------
@@ -428,6 +442,8 @@ def _mxfp4_kernel(
     site = _site(map_refs, n_groups, tiles, N, tiles.cols)
     half, groups = tiles.depth // 2, tiles.depth // BLOCK
     ragged = N % tiles.cols != 0 or K % tiles.depth != 0
+    # Scale rows padded by `mxfp4.pad_scales` carry its flag in their first pad byte.
+    foldable = scales_ref[0, 0, K // BLOCK] != 0 if scales_ref.shape[-1] > K // BLOCK else None
 
     def step(kk, acc):
         byte_ok = kk * half + _iota(half) < K // 2
@@ -437,7 +453,7 @@ def _mxfp4_kernel(
         mask = lambda ok: site.col_ok[:, None] & ok[None, :] if ragged else None
         packed = masked_load(blocks_ref.at[site.gc, site.cols, pl.ds(kk * half, half)], mask(byte_ok))
         exponents = masked_load(scales_ref.at[site.gc, site.cols, pl.ds(kk * groups, groups)], mask(group_ok))
-        low, high = _decode(packed, exponents, lhs_refs[0].dtype, interpret)
+        low, high = _decode(packed, exponents, lhs_refs[0].dtype, interpret, foldable)
         if len(lhs_refs) == 1:
             k_ok = kk * tiles.depth + _iota(tiles.depth) < K
             at = pl.ds(kk * tiles.depth, tiles.depth)

@@ -185,7 +185,8 @@ def _is_scales(path) -> bool:
 def with_aligned_scales(params: Params) -> Params:
     """`params` with MXFP4 experts' scale-exponent rows padded to `mxfp4.SCALE_ALIGN` bytes (`pad_scales`),
     once for a loop of decode steps (`generation.generate` on the kernels): the grouped matmul then loads
-    them with the asynchronous, pipelined copies it uses for the packed bytes. Everything that reads
+    them with the asynchronous, pipelined copies it uses for the packed bytes, and the padding's flag lets
+    it decode with one multiply per pair of values less (`mxfp4.FOLDABLE_EXPONENT`). Everything that reads
     experts takes either layout; `check_params` accepts this one. Dense experts are returned as they are."""
     if expert_format(params) != "mxfp4":
         return params

@@ -46,6 +46,10 @@ def mx_scale(exponent: Array) -> Array:
 # row leave rows 2-byte aligned, too narrow for the asynchronous copies by which the Pallas grouped matmul
 # pipelines its loads, so without padding each step of its loop waits for them.
 SCALE_ALIGN = 16
+# The largest exponent whose scale times 2^126 is a bfloat16 (2^(e - 1) <= 2^127): a block maximum under
+# 16. The compiled kernels decode a tensor whose exponents are all at most this with one multiply per pair
+# of values instead of two (`gmm.E2M1_ASM`); trained weights' blocks are far smaller.
+FOLDABLE_EXPONENT = 128
 
 
 def aligned_groups(groups: int) -> int:
@@ -54,10 +58,16 @@ def aligned_groups(groups: int) -> int:
 
 
 def pad_scales(scales: UInt8[Array, "*rows G"]) -> UInt8[Array, "*rows Ga"]:
-    """Scale exponents with each row padded by zeros to `aligned_groups` (the exponents past G scale bytes
-    that are never read). `dequantize` and the grouped matmul take either layout."""
+    """Scale exponents with each row padded to `aligned_groups`. The padding is never read as exponents:
+    its first byte in every row says whether all of the tensor's exponents are at most `FOLDABLE_EXPONENT`
+    (1) or not (0), the rest are zeros; rows that need no padding are returned as they are (and carry no
+    such flag). `dequantize` and the grouped matmul take either layout."""
     pad = aligned_groups(scales.shape[-1]) - scales.shape[-1]
-    return jnp.pad(scales, [(0, 0)] * (scales.ndim - 1) + [(0, pad)])
+    if pad == 0:
+        return scales
+    foldable = (jnp.max(scales) <= FOLDABLE_EXPONENT).astype(jnp.uint8)
+    tail = jnp.zeros((*scales.shape[:-1], pad), jnp.uint8).at[..., 0].set(foldable)
+    return jnp.concatenate([jnp.asarray(scales, jnp.uint8), tail], axis=-1)
 
 
 @functools.partial(jax.jit, static_argnames="dtype")

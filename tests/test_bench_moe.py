@@ -27,10 +27,10 @@ def test_benchmark_rows():
 
 def test_check_agrees_with_ragged_dot():
     """bf16 inputs against ragged_dot in float32: the kernel's error is bf16 rounding, as large as bf16
-    ragged_dot's own, for every stage and both weight formats."""
+    ragged_dot's own, for every stage and every weight format."""
     rows = bench.check(16)
     by_path = {(r["projection"], r["weights"], r["path"]): r for r in rows}
-    assert len(by_path) == 8
+    assert len(by_path) == 12  # 2 projections x (bf16, mxfp4, mxfp4 with padded scale rows) x 2 paths
     for (projection, weights, path), row in by_path.items():
         if path != "gmm":
             continue
@@ -46,3 +46,18 @@ def test_sweep_reports_the_best_setting(monkeypatch):
     results = bench.sweep(16, repeats=1, kinds=("gmm",))
     assert set(results) == {"gmm/gate_up", "gmm/down"}
     assert all("ms" in r for rows in results.values() for r in rows)
+
+
+def test_decode_variants_experiment_runs_and_agrees(tmp_path):
+    """`eval.experiments.mxfp4_decode_variants --smoke`: the variants the interpreter can run (with and
+    without the folded decoding, each launch) give the same MoE output, and the routing times are there."""
+    import json
+
+    from eval.experiments import mxfp4_decode_variants
+
+    out = tmp_path / "variants.json"
+    assert mxfp4_decode_variants.main(["--smoke", "--batches", "1", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert {r["variant"] for r in result["rows"]} == {"two_multiplies", "folded"}
+    assert all(r["same_as_first"] for r in result["rows"]), result["rows"]
+    assert {"router_logits_xla", "routing_kernel_over_256_rows"} <= result.keys()

@@ -1,7 +1,7 @@
 """The inline PTX that decodes MXFP4 bytes in the grouped matmul's compiled kernels (`gmm.E2M1_ASM`),
 executed by a small interpreter of its six instructions: every byte, with scales from subnormal to large,
-gives the E2M1 values times the scale exactly (the GPU run of `eval.bench.moe --check` checks the hardware
-against the dequantized product)."""
+gives the E2M1 values times the scale exactly, both ways it runs (the GPU run of `eval.bench.moe --check`
+checks the hardware against the dequantized product)."""
 
 import struct
 
@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from gptoss_mla_jax.gmm import E2M1_ASM
-from gptoss_mla_jax.mxfp4 import FP4_VALUES
+from gptoss_mla_jax.mxfp4 import FOLDABLE_EXPONENT, FP4_VALUES
 
 
 def bf16_value(bits: int) -> float:
@@ -52,17 +52,33 @@ def run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
     return regs
 
 
-@pytest.mark.parametrize("exponent", [0, 1, 100, 117, 127, 136, 200])
+EXPONENTS = [0, 1, 100, 117, 127, 128, 136, 200]
+
+
+@pytest.mark.parametrize(
+    "exponent, folded",
+    [(e, False) for e in EXPONENTS] + [(e, True) for e in EXPONENTS if e <= FOLDABLE_EXPONENT],
+)
 @pytest.mark.parametrize("nibble", ["low", "high"])
-def test_every_byte_decodes_to_its_value_times_the_scale(nibble, exponent):
+def test_every_byte_decodes_to_its_value_times_the_scale(nibble, exponent, folded):
+    """Both ways: two multiplies (2^126, then the scale), or one by the scale times 2^126 (`folded`, for
+    exponents up to `FOLDABLE_EXPONENT`, as the kernels' scales are then given)."""
     scale_bits = exponent << 7 if exponent else 0x40  # 2^(exponent - 127) in bfloat16
     scale = bf16_value(scale_bits)
+    if folded:
+        scale_bits = (exponent + 126) << 7 if exponent else 0x3F00  # 2^(exponent - 1)
     pair = scale_bits | (scale_bits << 16)
     for first in range(0, 256, 4):
         packed = [first, first + 1, first + 2, first + 3]
         word = sum(b << (8 * i) for i, b in enumerate(packed))
-        regs = run_ptx(E2M1_ASM[nibble], {"$2": word, "$3": pair, "$4": pair})
+        regs = run_ptx(E2M1_ASM[nibble, folded], {"$2": word, "$3": pair, "$4": pair})
         got = [bf16_value(regs[r] >> s) for r in ("$0", "$1") for s in (0, 16)]
         codes = [b & 0xF if nibble == "low" else b >> 4 for b in packed]
         want = [float(FP4_VALUES[c]) * scale for c in codes]
         assert np.array_equal(np.signbit(got), np.signbit(want)) and got == want, (packed, got, want)
+
+
+def test_past_the_foldable_exponents_the_scale_times_2_to_126_is_no_bfloat16():
+    """Why the folded decoding stops at `FOLDABLE_EXPONENT`: one exponent more and 2^(e - 1) overflows."""
+    assert bf16_value((FOLDABLE_EXPONENT + 126) << 7) == 2.0 ** (FOLDABLE_EXPONENT - 1)
+    assert np.isinf(bf16_value((FOLDABLE_EXPONENT + 1 + 126) << 7))

@@ -296,7 +296,7 @@ def test_kernels_lower_for_the_gpu_at_gpt_oss_20b_shapes(monkeypatch):
             (spec(64, D), *packed(F, D), sizes, spec(E, F)),
             1,
         ),
-        "the same with the scale rows padded (mxfp4.pad_scales)": (
+        "mxfp4 gate_up forward with the scale rows padded (mxfp4.pad_scales)": (
             lambda l, bl, sc, s, b: gmm(l, Mxfp4(bl, sc), s, b, interpret=False, rows=16),
             (spec(64, D), packed(F, D)[0], spec(E, F, 96, dtype=jnp.uint8), sizes, spec(E, F)),
             1,
@@ -310,6 +310,11 @@ def test_kernels_lower_for_the_gpu_at_gpt_oss_20b_shapes(monkeypatch):
     for name, (fn, args, calls) in cases.items():
         lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
         assert lowered.as_text().count("xla.gpu.triton") == calls, name
+        # Packed forward products decode with two bf16x2 multiplies per output word (2 nibbles x 2 words);
+        # with padded scale rows also the folded way, one multiply, chosen by the rows' flag on chip.
+        if "mxfp4" in name and "d(lhs)" not in name:
+            want = 4 * (2 + 1) if "padded" in name else 4 * 2
+            assert lowered.as_text().count("mul.rn.bf16x2") == want, name
     # A batch-1 down product (4 experts' tiles x 45 column tiles = 180 programs, under the launch's
     # fill_programs) splits its contraction in two: float32 halves out of the kernel.
     down = lambda l, bl, sc, s, b: gmm(l, Mxfp4(bl, sc), s, b, interpret=False, rows=16)

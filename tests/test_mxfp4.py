@@ -3,7 +3,7 @@ import pytest
 import torch
 from transformers.integrations.mxfp4 import convert_moe_packed_tensors
 
-from gptoss_mla_jax.mxfp4 import FP4_VALUES, SCALE_ALIGN, dequantize, pad_scales, quantize
+from gptoss_mla_jax.mxfp4 import FOLDABLE_EXPONENT, FP4_VALUES, SCALE_ALIGN, dequantize, pad_scales, quantize
 
 
 def _bits(a) -> np.ndarray:
@@ -61,7 +61,21 @@ def test_padded_scale_rows_dequantize_the_same():
     blocks = rng.integers(0, 256, (3, 5, 16), dtype=np.uint8)
     scales = rng.integers(110, 140, (3, 5), dtype=np.uint8)
     padded = pad_scales(scales)
-    assert padded.shape == (3, SCALE_ALIGN) and not np.asarray(padded)[:, 5:].any()
+    assert padded.shape == (3, SCALE_ALIGN) and not np.asarray(padded)[:, 5:].any()  # exponents past 128
     np.testing.assert_array_equal(_bits(dequantize(blocks, padded)), _bits(dequantize(blocks, scales)))
     with pytest.raises(ValueError, match="do not pair up"):
         dequantize(blocks, np.zeros((3, 8), np.uint8))
+
+
+@pytest.mark.parametrize("largest, flag", [(FOLDABLE_EXPONENT, 1), (FOLDABLE_EXPONENT + 1, 0)])
+def test_padded_rows_flag_whether_every_exponent_of_the_tensor_folds(largest, flag):
+    """The first pad byte of every row: 1 when all the tensor's exponents are at most FOLDABLE_EXPONENT
+    (the kernels then fold 2^126 into the scales), else 0; the other pad bytes zero. Rows that need no
+    padding stay as they are."""
+    scales = np.full((2, 3, 90), 120, np.uint8)
+    scales[1, 2, 7] = largest
+    padded = np.asarray(pad_scales(scales))
+    assert padded.shape == (2, 3, 96)
+    np.testing.assert_array_equal(padded[..., :90], scales)
+    assert (padded[..., 90] == flag).all() and not padded[..., 91:].any()
+    assert pad_scales(scales[..., :32]).shape == (2, 3, 32)

@@ -30,7 +30,7 @@ from eval.bench.timing import run_header, timed
 from gptoss_mla_jax import gmm as gmm_lib
 from gptoss_mla_jax.config import GPT_OSS_20B
 from gptoss_mla_jax.gmm import Mxfp4, Tiles, gmm, grouped_product, tgmm
-from gptoss_mla_jax.mxfp4 import dequantize_experts
+from gptoss_mla_jax.mxfp4 import dequantize_experts, pad_scales
 from support.results import write_json
 
 E, TOP_K, D = GPT_OSS_20B.num_local_experts, GPT_OSS_20B.num_experts_per_tok, GPT_OSS_20B.hidden_size
@@ -130,18 +130,22 @@ def relative_errors(got, want) -> dict:
 
 def check(tokens: int) -> list[dict]:
     """bf16 gmm and bf16 ragged_dot, each against ragged_dot on float32 copies of the same inputs: forward,
-    d(lhs) and d(rhs), skewed routing (a group boundary inside tiles, one large group)."""
+    d(lhs) and d(rhs), skewed routing (a group boundary inside tiles, one large group); MXFP4 weights with
+    the checkpoint's scale rows and with them padded (`mxfp4.pad_scales`)."""
     rows = []
-    for projection, packed in itertools.product(PROJECTIONS, (False, True)):
+    for projection, weights in itertools.product(PROJECTIONS, ("bf16", "mxfp4", "mxfp4 padded")):
+        packed = weights != "bf16"
         lhs, w, sizes, cot = inputs(tokens, projection, packed, skewed=True, seed=1)
         wd = dense_of(w)
+        if weights == "mxfp4 padded":  # scale rows as `generate` gives them: the compiled folded decoding
+            w = Mxfp4(w.blocks, pad_scales(w.scales))
         exact = functools.partial(jax.lax.ragged_dot, group_sizes=sizes, precision="highest")
         ref_out, ref_vjp = jax.vjp(exact, lhs.astype(jnp.float32), wd.astype(jnp.float32))
         ref = (ref_out, *ref_vjp(cot.astype(jnp.float32)))
         for path in ("gmm", "ragged_dot"):
             fn = jax.jit(products(path)["forward+d_lhs+d_rhs"])
             out, (d_lhs, d_rhs) = fn(lhs, w if path == "gmm" else wd, sizes, cot)
-            row = {"tokens": tokens, "projection": projection, "weights": "mxfp4" if packed else "bf16",
+            row = {"tokens": tokens, "projection": projection, "weights": weights,
                    "path": path, "forward": relative_errors(out, ref[0]),
                    "d_lhs": relative_errors(d_lhs, ref[1])}  # fmt: skip
             if not packed:

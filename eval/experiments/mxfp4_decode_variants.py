@@ -1,0 +1,149 @@
+"""Ways to decode MXFP4 bytes in the grouped matmul's compiled kernels, timed against each other on one
+layer's MoE at decode batches (gpt-oss-20b's shape, scale rows padded as `generate` gives them):
+
+- "two_multiplies": the codes' bits placed as bf16 values times 2^-126, then 2^126 and the block's scale
+  applied as two bf16x2 multiplies (the kernels' way before the folded decoding);
+- "folded": one multiply by the scale times 2^126 (what `gmm.E2M1_ASM[..., True]` does now, for tensors
+  whose exponents are at most `mxfp4.FOLDABLE_EXPONENT`);
+- "byte_order", "byte_order_folded": the same with each 4 packed bytes stored in the order (0, 2, 1, 3),
+  so that a word's two bytes that decode into one bf16x2 word lie 16 bits apart and need no `prmt` to be
+  spread. Not elementwise: it relies on each inline-asm call getting 4 consecutive bytes of a row, which
+  every output's equality with the first variant's checks on the GPU.
+
+The folded way is taken or not by the scale rows' flag (`mxfp4.pad_scales`), the byte order by replacing
+`gmm.E2M1_ASM` and storing the blocks so, so each variant times exactly the kernels `moe_sparse` launches;
+every output must equal the first variant's bit for bit. Also: the routing's fixed cost (the routing kernel
+over a contraction of 256 rows against 2880) and XLA's router product alone.
+
+    python -m eval.experiments.mxfp4_decode_variants --out eval/results/mxfp4_decode_variants_h200.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+
+from gptoss_mla_jax import gmm
+
+# (bytes stored in the order 0, 2, 1, 3; the 2^126 folded into the scale)
+VARIANTS = {
+    "two_multiplies": (False, False),
+    "folded": (False, True),
+    "byte_order": (True, False),
+    "byte_order_folded": (True, True),
+}
+# Byte order (0, 2, 1, 3): a word holds bytes 0 and 1 at bits 0-7 and 16-23, bytes 2 and 3 at 8-15 and
+# 24-31. Per output word ($0: bytes 0-1, $1: bytes 2-3): the left shifts (negative: right) that move the
+# nibbles' sign bits to 15 / 31 and their magnitudes to bits 6-8 / 22-24.
+ORDERED_SHIFTS = {"low": ((12, 6), (4, -2)), "high": ((8, 2), (0, -6))}
+
+
+def _shift(dst: str, k: int) -> str:
+    return (
+        f"shl.b32 {dst}, $2, {k};" if k > 0 else f"shr.b32 {dst}, $2, {-k};" if k else f"mov.b32 {dst}, $2;"
+    )
+
+
+def variant_asm(nibble: str, folded: bool) -> str:
+    """`gmm.E2M1_ASM[nibble, folded]` for bytes stored in the order (0, 2, 1, 3)."""
+    lines = ["{", ".reg .b32 a, b, bias;", "mov.b32 bias, 0x7E807E80;"]
+    for out, ((sign, magnitude), scale) in enumerate(zip(ORDERED_SHIFTS[nibble], ("$3", "$4"), strict=True)):
+        lines += [_shift("a", sign), "and.b32 a, a, 0x80008000;", _shift("b", magnitude)]
+        lines += ["and.b32 b, b, 0x01C001C0;", "or.b32 a, a, b;"]
+        lines += [] if folded else ["mul.rn.bf16x2 a, a, bias;"]
+        lines += [f"mul.rn.bf16x2 ${out}, a, {scale};"]
+    return "\n".join([*lines, "}"])
+
+
+def stored_order(packed):
+    """Bytes (0, 1, 2, 3) of every 4 along the last axis as (0, 2, 1, 3) (its own inverse)."""
+    q = packed.reshape(*packed.shape[:-1], packed.shape[-1] // 4, 4)
+    return q[..., jnp.array([0, 2, 1, 3])].reshape(packed.shape)
+
+
+def variant_params(p, byte_order: bool, folded: bool):
+    """One layer's MoE parameters for a variant: the blocks in the variant's byte order, and the scale
+    rows' flag (`mxfp4.pad_scales`) saying whether the kernels fold."""
+    experts = dict(p["experts"])
+    for name, value in p["experts"].items():
+        if name.endswith("_blocks") and byte_order:
+            experts[name] = stored_order(value.reshape(*value.shape[:-2], -1)).reshape(value.shape)
+        flag_at = (
+            p["experts"][name.replace("_scales", "_blocks")].shape[-2] if name.endswith("_scales") else 0
+        )
+        if name.endswith("_scales") and value.shape[-1] > flag_at:  # rows padded: they carry the flag
+            experts[name] = value.at[..., flag_at].set(int(folded))
+    return {**p, "experts": experts}
+
+
+def main(argv=None) -> int:
+    from eval.bench.decode import device_us, moe_layer
+    from eval.bench.timing import run_header
+    from gptoss_mla_jax import flash_decode, routing
+    from gptoss_mla_jax.config import GPT_OSS_20B
+    from gptoss_mla_jax.generation import DEMO_CONFIG
+    from gptoss_mla_jax.gmm import Tiles
+    from gptoss_mla_jax.moe import ALIGN, moe_sparse
+    from support.results import write_json
+
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--batches", default="1,8,64")
+    parser.add_argument("--smoke", action="store_true", help="the demo config, on the CPU interpreter")
+    args = parser.parse_args(argv)
+    config = DEMO_CONFIG if args.smoke else GPT_OSS_20B
+    p = jax.block_until_ready(moe_layer(config))
+    experts = p["experts"]
+    ordered = {k: stored_order(v.reshape(*v.shape[:-2], -1)).reshape(v.shape) for k, v in experts.items()}
+    ordered = {**p, "experts": {**experts, **{k: v for k, v in ordered.items() if k.endswith("_blocks")}}}
+    out = {**run_header("eval.experiments.mxfp4_decode_variants", argv), "rows": []}
+    launches = [None, dict(cols=64, depth=128, warps=4, stages=4)]  # None: the launch table's
+    saved_asm, saved_launch = gmm.E2M1_ASM, gmm.LAUNCH
+    # The byte order's decoding exists only as inline PTX: not on the CPU interpreter.
+    variants = {k: v for k, v in VARIANTS.items() if not (args.smoke and v[0])}
+    for batch in [int(b) for b in args.batches.split(",")]:
+        x = jax.random.normal(jax.random.key(batch), (batch, 1, config.hidden_size), jnp.bfloat16)
+        first = None
+        for (name, (byte_order, folded)), launch in ((v, lt) for v in variants.items() for lt in launches):
+            row = {"batch": batch, "variant": name, "launch": launch or "default"}
+            if launch is not None:
+                swept = Tiles(rows=16, **launch)
+                gmm.LAUNCH = {
+                    **saved_launch,
+                    **{(k, None, None): swept for k in ("mxfp4_small", "mxfp4_small_wide")},
+                }
+            if byte_order:
+                gmm.E2M1_ASM = {key: variant_asm(*key) for key in saved_asm}
+            try:
+                fn = jax.jit(lambda p, x: moe_sparse(p, x, config, kernels=True))
+                params = variant_params(p, byte_order, folded)
+                y = fn(params, x)
+                first = y if first is None else first
+                row |= {"same_as_first": bool((y == first).all())} | device_us(fn, params, x)
+            except Exception as e:  # a variant that does not compile is recorded
+                row["error"] = f"{type(e).__name__}: {e}"[:400]
+            finally:
+                gmm.E2M1_ASM, gmm.LAUNCH = saved_asm, saved_launch
+            print(json.dumps(row)[:600], flush=True)
+            out["rows"].append(row)
+    x, router = jax.random.normal(jax.random.key(1), (1, config.hidden_size), jnp.bfloat16), p["router"]
+    out["router_logits_xla"] = device_us(jax.jit(lambda r, x: x @ r["kernel"] + r["bias"]), router, x)
+    for rows in (config.hidden_size, 256):
+        kernel = jax.jit(
+            lambda r, x, rows=rows: routing.decode_routing(
+                x[:, :rows], r["kernel"][:rows], r["bias"], config.num_experts_per_tok, ALIGN,
+                interpret=not flash_decode.runs_compiled(),
+            )
+        )  # fmt: skip
+        out[f"routing_kernel_over_{rows}_rows"] = device_us(kernel, router, x)
+    write_json(args.out, out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
