@@ -76,6 +76,24 @@ def _routing_kernel(
     acc = jax.lax.fori_loop(0, pl.cdiv(D, depth), step, jnp.zeros((rows, cols), jnp.float32))
     bias = masked_load(b_ref, experts_ok.reshape(cols))
     logits = (acc.astype(x_ref.dtype) + bias[None, :]).astype(jnp.float32)
+    _choose(logits, rows_ok, experts_ok, weights_ref, experts_ref, slot_ref, padded_ref, k=k, align=align)
+
+
+def _logits_kernel(
+    logits_ref, weights_ref, experts_ref, slot_ref, padded_ref, *, n: int, E: int, k: int, align: int
+):
+    rows, cols = weights_ref.shape[0], padded_ref.shape[0]
+    rows_ok = _iota((rows, 1), 0) < n
+    experts_ok = _iota((1, cols), 1) < E
+    logits = masked_load(logits_ref, rows_ok & experts_ok).astype(jnp.float32)
+    _choose(logits, rows_ok, experts_ok, weights_ref, experts_ref, slot_ref, padded_ref, k=k, align=align)
+
+
+def _choose(
+    logits, rows_ok, experts_ok, weights_ref, experts_ref, slot_ref, padded_ref, *, k: int, align: int
+):
+    """Top-k of the float32 logits [rows, cols], the softmax over them and the aligned layout, stored."""
+    rows, cols = logits.shape
     logits = jnp.where(experts_ok, logits, NEG)
 
     expert_ids = _iota((rows, cols), 1)
@@ -134,7 +152,24 @@ def decode_routing(
     group sizes) of N <= MAX_TOKENS tokens; see the module docstring. (A NaN row of logits, from NaN inputs,
     is not detected: its pairs get arbitrary slots, where `jax.lax.top_k` would return the NaN.)"""
     n, D = x.shape
-    E = kernel.shape[1]
+    kernel_fn = functools.partial(
+        _routing_kernel, n=n, D=D, E=kernel.shape[1], k=k, align=align, depth=launch.depth
+    )
+    blocks = lambda rows, cols: [(rows, D), (D, cols), (cols,)]
+    return _launch(kernel_fn, blocks, (x, kernel, bias), n, kernel.shape[1], k, launch, interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "align", "interpret"))
+def routing_of_logits(
+    logits: Float[Array, "N E"], k: int, align: int, interpret: bool = False
+) -> tuple[Float[Array, "N k"], Int[Array, "N k"], Int[Array, " Nk"], Int[Array, " E"]]:
+    """`decode_routing` from the router's logits (x W + b in x's dtype, as `moe.route` computes them)."""
+    n, E = logits.shape
+    kernel_fn = functools.partial(_logits_kernel, n=n, E=E, k=k, align=align)
+    return _launch(kernel_fn, lambda rows, cols: [(rows, cols)], (logits,), n, E, k, LAUNCH, interpret)
+
+
+def _launch(kernel_fn, blocks, args, n: int, E: int, k: int, launch: RouterLaunch, interpret: bool):
     if n > MAX_TOKENS:
         raise ValueError(f"decode_routing: {n} tokens; one program serves at most {MAX_TOKENS}")
     rows, cols, kp = _pow2(n, MIN_ROWS), _pow2(E, MIN_ROWS), _pow2(k)
@@ -148,12 +183,12 @@ def decode_routing(
     # The blocks are tiles of `rows` tokens and `cols` experts, larger than the arrays where n or E are
     # not such tiles: the kernel's masked loads read only what the arrays hold (no padded copies).
     weights, experts, slot, padded = pl.pallas_call(
-        functools.partial(_routing_kernel, n=n, D=D, E=E, k=k, align=align, depth=launch.depth),
+        kernel_fn,
         grid=(1,),
-        in_specs=[whole((rows, D)), whole((D, cols)), whole((cols,))],
+        in_specs=[whole(shape) for shape in blocks(rows, cols)],
         out_specs=[whole(s.shape) for s in out_shape],
         out_shape=out_shape,
         compiler_params=triton_launch(launch.warps, launch.stages, interpret),
         interpret=interpret,
-    )(x, kernel, bias)
+    )(*args)
     return weights[:n, :k], experts[:n, :k], slot[:n, :k].reshape(-1), padded[:E]

@@ -69,3 +69,17 @@ def test_lowers_for_the_gpu(tokens, E, k):
     fn = lambda x, w, b: decode_routing(x, w, b, k, ALIGN)
     traced = jax.jit(fn).trace(spec(tokens, 2880), spec(2880, E), spec(E))
     assert traced.lower(lowering_platforms=("cuda",)).as_text().count("xla.gpu.triton") == 1
+
+
+def test_routing_of_logits_equals_the_fused_kernel():
+    """The routing kernel fed XLA's router logits (`routing_of_logits`, the split the decode-variants
+    experiment times) gives the fused kernel's weights, experts and layout."""
+    from gptoss_mla_jax.routing import routing_of_logits
+
+    rng = np.random.default_rng(5)
+    x = jnp.asarray(rng.standard_normal((5, 64)), jnp.float32)
+    kernel, bias = jnp.asarray(rng.standard_normal((64, 8)), jnp.float32), jnp.asarray(rng.standard_normal(8))
+    fused = decode_routing(x, kernel, bias, 2, ALIGN, interpret=True)
+    split = routing_of_logits(x @ kernel + bias, 2, ALIGN, interpret=True)
+    for a, b in zip(fused, split, strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)

@@ -83,6 +83,7 @@ def main(argv=None) -> int:
     from eval.bench.decode import device_us, moe_layer
     from eval.bench.timing import run_header
     from gptoss_mla_jax import flash_decode, routing
+    from gptoss_mla_jax.attention import linear
     from gptoss_mla_jax.config import GPT_OSS_20B
     from gptoss_mla_jax.generation import DEMO_CONFIG
     from gptoss_mla_jax.gmm import Tiles
@@ -131,16 +132,39 @@ def main(argv=None) -> int:
                 gmm.E2M1_ASM, gmm.LAUNCH = saved_asm, saved_launch
             print(json.dumps(row)[:600], flush=True)
             out["rows"].append(row)
-    x, router = jax.random.normal(jax.random.key(1), (1, config.hidden_size), jnp.bfloat16), p["router"]
+    router, k = p["router"], config.num_experts_per_tok
+    interpret = not flash_decode.runs_compiled()
+    x = jax.random.normal(jax.random.key(1), (1, config.hidden_size), jnp.bfloat16)
     out["router_logits_xla"] = device_us(jax.jit(lambda r, x: x @ r["kernel"] + r["bias"]), router, x)
     for rows in (config.hidden_size, 256):
         kernel = jax.jit(
             lambda r, x, rows=rows: routing.decode_routing(
-                x[:, :rows], r["kernel"][:rows], r["bias"], config.num_experts_per_tok, ALIGN,
-                interpret=not flash_decode.runs_compiled(),
+                x[:, :rows], r["kernel"][:rows], r["bias"], k, ALIGN, interpret=interpret
             )
-        )  # fmt: skip
+        )
         out[f"routing_kernel_over_{rows}_rows"] = device_us(kernel, router, x)
+    # The router's product by XLA (a single token as two rows, `attention.linear`), then top-k and the
+    # layout in the kernel, against the one kernel that does all of it.
+    fused = jax.jit(
+        lambda r, x: routing.decode_routing(x, r["kernel"], r["bias"], k, ALIGN, interpret=interpret)
+    )
+    split = jax.jit(
+        lambda r, x: routing.routing_of_logits(linear(x[:, None], r)[:, 0], k, ALIGN, interpret=interpret)
+    )
+    out["routing_split"] = []
+    for batch in (1, 8, 64):
+        x = jax.random.normal(jax.random.key(batch), (batch, config.hidden_size), jnp.bfloat16)
+        same = all(
+            bool((a == b).all()) for a, b in zip(fused(router, x)[2:], split(router, x)[2:], strict=True)
+        )
+        row = {
+            "batch": batch,
+            "same_layout": same,
+            "fused": device_us(fused, router, x),
+            "split": device_us(split, router, x),
+        }
+        print(json.dumps(row)[:600], flush=True)
+        out["routing_split"].append(row)
     write_json(args.out, out)
     return 0
 
