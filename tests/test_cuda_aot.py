@@ -73,6 +73,8 @@ def test_main_loop_mix_reads_the_longest_loop():
         "instructions": 5,
         "opcodes": {"LOP3": 2, "HMUL2": 1, "PRMT": 1, "BRA": 1},
     }
+    assert cuda_aot.other_loops(SASS, least=2) == [{"instructions": 2, "opcodes": {"HMMA": 1, "BRA": 1}}]
+    assert cuda_aot.other_loops(SASS) == []
     assert cuda_aot.registers("ptxas info    : Used 167 registers, used 1 barriers") == 167
 
 

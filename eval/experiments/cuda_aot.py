@@ -253,18 +253,39 @@ def ptx_census(batch: int = 64, context: int = 32768) -> dict:
 SASS_LINE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)")
 
 
-def main_loop_mix(sass: str) -> dict:
-    """The instruction mix of the longest loop in `nvdisasm` output (the lines from a label to the last
-    branch back to it): {"instructions": n, "opcodes": {"HMMA": 32, ...}}, opcodes without modifiers."""
+def _loops(sass: str) -> list[list[str]]:
+    """The bodies of the loops in `nvdisasm` output (each from a label to the last branch back to it),
+    longest first."""
     lines = sass.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^\.(L\w+):", line))}
-    best: list[str] = []
+    ends: dict[str, int] = {}
     for j, line in enumerate(lines):
         target = re.search(r"BRA `\(\.(L\w+)\)", line)
-        if target and labels.get(target.group(1), j) < j and j - labels[target.group(1)] > len(best):
-            best = lines[labels[target.group(1)] : j + 1]
-    opcodes = collections.Counter(m.group(1) for line in best if (m := SASS_LINE.search(line)))
+        if target and labels.get(target.group(1), j) < j:
+            ends[target.group(1)] = j
+    return sorted((lines[labels[label] : j + 1] for label, j in ends.items()), key=len, reverse=True)
+
+
+def _opcodes(body: list[str]) -> collections.Counter:
+    return collections.Counter(m.group(1) for line in body if (m := SASS_LINE.search(line)))
+
+
+def _mix(body: list[str]) -> dict:
+    opcodes = collections.Counter(m.group(1) for line in body if (m := SASS_LINE.search(line)))
     return {"instructions": sum(opcodes.values()), "opcodes": dict(opcodes.most_common())}
+
+
+def main_loop_mix(sass: str) -> dict:
+    """The instruction mix of the longest loop in `nvdisasm` output: {"instructions": n, "opcodes":
+    {"HMMA": 32, ...}}, opcodes without modifiers."""
+    loops = _loops(sass)
+    return _mix(loops[0] if loops else [])
+
+
+def other_loops(sass: str, least: int = 16) -> list[dict]:
+    """The mixes of the other loops of at least `least` instructions, longest first: a kernel whose loop
+    the compiler unswitched on a flag (the packed products' folded decoding) has one loop per way."""
+    return [mix for mix in map(_mix, _loops(sass)[1:]) if mix["instructions"] >= least]
 
 
 def registers(ptxas_log: str) -> int:
@@ -300,7 +321,11 @@ def sass_census(batch: int = 64, context: int = 32768) -> dict:
                 [ptxas, "-arch=sm_90a", "-v", ptx, "-o", cubin], capture_output=True, text=True, check=True
             )
             sass = subprocess.run([nvdisasm, cubin], capture_output=True, text=True, check=True).stdout
-        out[name] = {"registers": registers(log.stdout + log.stderr), "main_loop": main_loop_mix(sass)}
+        out[name] = {
+            "registers": registers(log.stdout + log.stderr),
+            "main_loop": main_loop_mix(sass),
+            "other_loops": other_loops(sass),
+        }
     return {"batch": batch, "context": context, "kernels": out}
 
 
