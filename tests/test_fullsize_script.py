@@ -72,6 +72,29 @@ def test_decode_benchmark_runs_at_a_small_size(shared_models, tmp_path):
     assert rows[2]["cache_gb"] < rows[0]["cache_gb"]
 
 
+def test_a_decode_benchmark_cut_short_keeps_the_rows_it_finished(shared_models, tmp_path, monkeypatch):
+    """Killed during its second point (here: interrupted), the benchmark's --out file already holds the
+    first point's row, marked incomplete; a finished run overwrites it with the whole result."""
+    from eval.bench import decode as bench_decode
+
+    calls, step = [], bench_decode.step_seconds
+
+    def interrupted_second_point(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 1:
+            raise KeyboardInterrupt
+        return step(*args, **kwargs)
+
+    monkeypatch.setattr(bench_decode, "step_seconds", interrupted_second_point)
+    out = tmp_path / "decode.json"
+    argv = ["--smoke", "--batches", "1", "--contexts", "32", "--repeats", "1", "--out", str(out)]
+    with pytest.raises(KeyboardInterrupt):
+        bench_decode.main(argv)
+    partial = json.loads(out.read_text())
+    assert partial["complete"] is False and [r["model"] for r in partial["rows_so_far"]] == ["gqa"]
+    assert partial["command"].startswith("python -m eval.bench.decode --smoke")
+
+
 def test_decode_capacity_runs_at_a_small_size(shared_models, tmp_path):
     from eval.bench import decode as bench_decode
 

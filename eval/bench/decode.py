@@ -773,7 +773,15 @@ def main(argv=None) -> int:
     if args.cuda_graphs:
         request_cuda_graphs()
     contexts = [int(c) for c in args.contexts.split(",")]
-    log = lambda row: print(json.dumps(row), flush=True)
+    command = " ".join(["python -m eval.bench.decode", *(argv if argv is not None else sys.argv[1:])])
+    done: list[dict] = []
+
+    def log(row: dict) -> None:
+        print(json.dumps(row), flush=True)
+        if args.out:  # a run cut short (a device call's time limit) keeps the rows it finished
+            done.append(row)
+            write_json(args.out, {"command": command, "complete": False, "rows_so_far": done})
+
     if args.transformers:
         result = {"rows": [transformers_step(c, args.repeats) for c in contexts]}
     else:
@@ -814,9 +822,7 @@ def main(argv=None) -> int:
             batches = [int(b) for b in args.batches.split(",")]
             kernels = {"off": (False,), "on": (True,), "both": (False, True)}[args.decode_kernels]
             result["rows"] = speed(models_(), batches, contexts, args.repeats, log, kernels, args.loop_steps)
-    result["command"] = " ".join(
-        ["python -m eval.bench.decode", *(argv if argv is not None else sys.argv[1:])]
-    )
+    result["command"] = command
     print(json.dumps(result), flush=True)
     if args.out:
         write_json(args.out, result)
