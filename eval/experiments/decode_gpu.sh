@@ -16,7 +16,9 @@
 #   mla        the GQA and decompressed-MLA kernels at 32K, every launch (kv heads per program included)
 #   mla_e2e    whole-model steps of GQA and decompressed MLA at 32K on the kernels, as CUDA graphs
 #   loop       e2e per step and per token of a device-side loop of 16 steps (as generate runs), CUDA graphs
-#   loop_b1    the loop at batch 1 for all four models (4K and 32K), CUDA graphs as generate sets them
+#   loop_b1    the loop at batch 1 for all four models (4K and 32K), CUDA graphs as generate sets them (about
+#              12 minutes: more than one device call holds; the points it finished are in its JSON)
+#   loop_b1_4k, loop_b1_32k   the same at one context, each within one device call
 #   loop_while loop_b1 with the while loop itself a command buffer too (WHILE, CONDITIONAL)
 #   bash eval/experiments/decode_gpu.sh OUT_DIR [STAGES]        (default: check,moe,profile,e2e)
 set -uo pipefail
@@ -53,6 +55,9 @@ for stage in ${STAGES//,/ }; do
       --models gqa,mla,mla_partial --batches 1,64 --contexts 4096,32768 --loop-steps 16 --repeats 5 ;;
     loop_b1) run decode_e2e_loop_b1 280 eval.bench.decode --cuda-graphs --decode-kernels on --partial \
       --batches 1 --contexts 4096,32768 --loop-steps 16 --repeats 5 ;;
+    loop_b1_4k|loop_b1_32k) run "decode_e2e_$stage" 480 eval.bench.decode --cuda-graphs --decode-kernels on \
+      --partial --batches 1 --contexts "$([ "$stage" = loop_b1_4k ] && echo 4096 || echo 32768)" \
+      --loop-steps 16 --repeats 5 ;;
     loop_while) (
       XLA_FLAGS="$(python -c 'from gptoss_mla_jax.generation import CUDA_GRAPH_FLAGS as f; print(f)'),WHILE,CONDITIONAL"
       export XLA_FLAGS
