@@ -66,7 +66,7 @@ def test_every_byte_decodes_to_its_value_times_the_scale(nibble, exponent, folde
     scale_bits = exponent << 7 if exponent else 0x40  # 2^(exponent - 127) in bfloat16
     scale = bf16_value(scale_bits)
     if folded:
-        scale_bits = (exponent + 126) << 7 if exponent else 0x3F00  # 2^(exponent - 1)
+        scale_bits = (exponent + 126) << 7  # 2^(exponent - 1), as the kernels build it
     pair = scale_bits | (scale_bits << 16)
     for first in range(0, 256, 4):
         packed = [first, first + 1, first + 2, first + 3]
