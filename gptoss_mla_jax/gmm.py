@@ -364,10 +364,8 @@ def _decode(packed: Array, exponents: Array, dtype, interpret: bool, foldable=No
         return (e2m1(codes & 0xF) * scale).astype(dtype), (e2m1(codes >> 4) * scale).astype(dtype)
 
     def decode(folded: bool):
-        if folded:  # 2^(e - 1): the scale times 2^126 (exponent 0 included: 2^-127 times 2^126)
-            bits = (exponents + 126) << 7
-        else:  # 2^(e - 127)
-            bits = jnp.where(exponents > 0, exponents << 7, 0x40)
+        # Folded: 2^(e - 1), the scale times 2^126 (exponent 0 too: 2^-127 times 2^126); else 2^(e - 127).
+        bits = (exponents + 126) << 7 if folded else jnp.where(exponents > 0, exponents << 7, 0x40)
         scale = expand(jax.lax.bitcast_convert_type(bits.astype(jnp.uint16), jnp.bfloat16))
         result = jax.ShapeDtypeStruct(packed.shape, jnp.bfloat16)
         nibble = lambda name: pl_triton.elementwise_inline_asm(
