@@ -266,10 +266,6 @@ def _loops(sass: str) -> list[list[str]]:
     return sorted((lines[labels[label] : j + 1] for label, j in ends.items()), key=len, reverse=True)
 
 
-def _opcodes(body: list[str]) -> collections.Counter:
-    return collections.Counter(m.group(1) for line in body if (m := SASS_LINE.search(line)))
-
-
 def _mix(body: list[str]) -> dict:
     opcodes = collections.Counter(m.group(1) for line in body if (m := SASS_LINE.search(line)))
     return {"instructions": sum(opcodes.values()), "opcodes": dict(opcodes.most_common())}

@@ -65,17 +65,16 @@ def stored_order(packed):
 
 
 def variant_params(p, byte_order: bool, folded: bool):
-    """One layer's MoE parameters for a variant: the blocks in the variant's byte order, and the scale
-    rows' flag (`mxfp4.pad_scales`) saying whether the kernels fold."""
+    """One layer's MoE parameters for a variant: the blocks in the variant's byte order, and the padded
+    scale rows' flag (`mxfp4.pad_scales`, in the first byte past the exponents) saying whether to fold."""
     experts = dict(p["experts"])
     for name, value in p["experts"].items():
         if name.endswith("_blocks") and byte_order:
-            experts[name] = stored_order(value.reshape(*value.shape[:-2], -1)).reshape(value.shape)
-        flag_at = (
-            p["experts"][name.replace("_scales", "_blocks")].shape[-2] if name.endswith("_scales") else 0
-        )
-        if name.endswith("_scales") and value.shape[-1] > flag_at:  # rows padded: they carry the flag
-            experts[name] = value.at[..., flag_at].set(int(folded))
+            experts[name] = stored_order(value)  # 16 bytes a block: groups of 4 never straddle blocks
+        elif name.endswith("_scales"):
+            groups = p["experts"][name.replace("_scales", "_blocks")].shape[-2]
+            if value.shape[-1] > groups:
+                experts[name] = value.at[..., groups].set(int(folded))
     return {**p, "experts": experts}
 
 
@@ -99,18 +98,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     config = DEMO_CONFIG if args.smoke else GPT_OSS_20B
     p = jax.block_until_ready(moe_layer(config))
-    experts = p["experts"]
-    ordered = {k: stored_order(v.reshape(*v.shape[:-2], -1)).reshape(v.shape) for k, v in experts.items()}
-    ordered = {**p, "experts": {**experts, **{k: v for k, v in ordered.items() if k.endswith("_blocks")}}}
     out = {**run_header("eval.experiments.mxfp4_decode_variants", argv), "rows": []}
     launches = [None, dict(cols=64, depth=128, warps=4, stages=4)]  # None: the launch table's
     saved_asm, saved_launch = gmm.E2M1_ASM, gmm.LAUNCH
     # The byte order's decoding exists only as inline PTX: not on the CPU interpreter.
     variants = {k: v for k, v in VARIANTS.items() if not (args.smoke and v[0])}
+    params_of = {name: variant_params(p, *ways) for name, ways in variants.items()}
     for batch in [int(b) for b in args.batches.split(",")]:
         x = jax.random.normal(jax.random.key(batch), (batch, 1, config.hidden_size), jnp.bfloat16)
         first = None
-        for (name, (byte_order, folded)), launch in ((v, lt) for v in variants.items() for lt in launches):
+        for (name, (byte_order, _)), launch in ((v, lt) for v in variants.items() for lt in launches):
             row = {"batch": batch, "variant": name, "launch": launch or "default"}
             if launch is not None:
                 swept = Tiles(rows=16, **launch)
@@ -122,7 +119,7 @@ def main(argv=None) -> int:
                 gmm.E2M1_ASM = {key: variant_asm(*key) for key in saved_asm}
             try:
                 fn = jax.jit(lambda p, x: moe_sparse(p, x, config, kernels=True))
-                params = variant_params(p, byte_order, folded)
+                params = params_of[name]
                 y = fn(params, x)
                 first = y if first is None else first
                 row |= {"same_as_first": bool((y == first).all())} | device_us(fn, params, x)
