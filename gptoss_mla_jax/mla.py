@@ -293,8 +293,12 @@ def _partial_queries(q, cos, sin, config: GptOssConfig, layer: int, rope_mix: Ar
     if config.mla.rope_mode == "rorope":
         F, m = config.mla.rope_fold, config.mla.num_rope_components(layer)
         roped = apply_rope(q, folded(cos, F, expand=True), folded(sin, F, expand=True))
-        roped = roped.reshape(B, T, G, H // G, 2, d // (2 * F), F)
-        q_rope = jnp.einsum("btgrcqi,qjgi->btgrjcq", roped, rope_mix[:, :m].astype(q.dtype))
+        roped = roped.reshape(B, T, G, H // G, 1, 2, d // (2 * F), F)
+        # U[q, j, g, i] as [G, 1, m, 1, Q, F], applied as a broadcast product summed over i: written as an
+        # einsum it is a dot whose batch-major output XLA transposes back to heads-major in a kernel of its
+        # own (eval.experiments.cuda_aot's census)
+        mixing = jnp.transpose(rope_mix[:, :m], (2, 1, 0, 3))[:, None, :, None].astype(jnp.float32)
+        q_rope = (roped.astype(jnp.float32) * mixing).sum(-1).astype(q.dtype)
         return q_rope.reshape(B, T, G, H // G, m * d // F), _at_angle_zero(qg, config)
     roped = apply_rope(q, cos, sin).reshape(qg.shape)
     keep, nope = rope_dims(config, layer)
