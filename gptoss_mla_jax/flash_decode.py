@@ -70,17 +70,44 @@ class Slots(NamedTuple):
 FILL_PROGRAMS = 264
 
 
-def plan(slots: int, programs: int, block: int = 64, target: int = FILL_PROGRAMS) -> tuple[int, int] | None:
+# The most per-slice state a plan may write, as a share of the cache bytes the slices read: each slice
+# writes float32 sums for every query head it serves (acc, m, l), which `combine` reads back. None: slices
+# until the grid fills (FILL_PROGRAMS) whatever their state. Absorbed MLA's state per slice is its 64 heads'
+# sums over the latent, so at batch 1 x 32K the grid's 512 slices write 1.7x the cache.
+STATE_SHARE: float | None = None
+
+
+def plan(
+    slots: int, programs: int, block: int = 64, target: int = FILL_PROGRAMS, most_splits: int | None = None
+) -> tuple[int, int] | None:
     """(splits, block) for a cache of `slots` read by `programs` (sequence x kv head) programs: blocks of
-    `block` slots (halved down to 16 until one divides), and enough slices to give ~`target` programs.
-    None when `slots` is not a multiple of 16."""
+    `block` slots (halved down to 16 until one divides), and enough slices to give ~`target` programs,
+    at most `most_splits`. None when `slots` is not a multiple of 16."""
     block = next((b for b in (block, block // 2, block // 4, 32, 16) if b >= 16 and slots % b == 0), None)
     if block is None:
         return None
     blocks, splits = slots // block, 1
-    while blocks % (2 * splits) == 0 and programs * splits < target:
+    while blocks % (2 * splits) == 0 and programs * splits < target and 2 * splits <= (most_splits or blocks):
         splits *= 2
     return splits, block
+
+
+def absorbed_split(
+    batch: int, slots: int, heads: int, slot_bytes: int, latent: int, share: float | None = None
+) -> tuple[int | None, int | None]:
+    """(query heads per program, most slices) for absorbed MLA's kernel over `slots` of `slot_bytes` each,
+    whose slices each write `heads` x (latent + 2) float32 sums. `share` None: all heads in one program,
+    slices unbounded (the grid fills by slices alone). Else the slices whose state stays within `share` of
+    the cache's bytes, and the heads split over programs (each then reads the latent block through L2),
+    halving down to MIN_ROWS, until the grid would fill."""
+    if share is None:
+        return None, None
+    state = heads * (latent + 2) * 4
+    most = 1 << max(0, int(share * slots * slot_bytes / state).bit_length() - 1)
+    head_block = heads
+    while head_block > MIN_ROWS and batch * (heads // head_block) * most < FILL_PROGRAMS:
+        head_block //= 2
+    return (None if head_block == heads else head_block), most
 
 
 def pow2_columns(width: int) -> list[pl.Slice]:

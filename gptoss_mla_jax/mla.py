@@ -33,6 +33,7 @@ and, for partial, "k_rope": [B, S, G, 2n], for rorope "k_rope": [B, S, 1, m*d/F]
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import jax.numpy as jnp
@@ -169,8 +170,19 @@ def attention_mla(
 
     absorb = T == 1 if options.mla_absorb is None else options.mla_absorb
     G = config.num_key_value_heads
-    programs = B * (1 if partial else G // flash_decode.kv_heads_per_program(G, H // G))
-    steps = decode_plan(options.decode_kernels and T == 1, new_cache, "c", programs)
+    head_block, most_splits = None, None
+    if partial and new_cache is not None:  # absorbed: one program per sequence and block of query heads
+        slot_bytes = sum(math.prod(x.shape[2:]) * x.dtype.itemsize for x in new_cache.values())
+        head_block, most_splits = flash_decode.absorbed_split(
+            B, new_cache["c"].shape[1], H, slot_bytes, new_cache["c"].shape[-1], flash_decode.STATE_SHARE
+        )
+        programs = B * H // (head_block or H)
+    else:  # decompressed: one per sequence and group of kv heads
+        programs = B * G // flash_decode.kv_heads_per_program(G, H // G)
+    steps = decode_plan(
+        options.decode_kernels and T == 1, new_cache, "c", programs, most_splits=most_splits,
+        head_block=head_block,
+    )  # fmt: skip
     if steps is not None:
         slots = flash_decode.Slots(new_lengths, config.sliding_window if sliding else None, sliding)
         out = _kernel_decode(p, q, chunk, new_cache, slots, config, layer, steps)

@@ -13,13 +13,17 @@ from gptoss_mla_jax import cache as kv_cache
 from gptoss_mla_jax.attention import attend
 from gptoss_mla_jax.config import GPT_OSS_20B, MlaConfig
 from gptoss_mla_jax.flash_decode import (
+    FILL_PROGRAMS,
+    MIN_ROWS,
     Launch,
     Slots,
+    absorbed_split,
     combine,
     gqa_decode,
     kv_heads_per_program,
     mla_absorbed_decode,
     mla_decompressed_decode,
+    plan,
     pow2_columns,
 )
 from gptoss_mla_jax.generation import DEMO_CONFIG
@@ -180,6 +184,35 @@ def test_pow2_columns():
     assert [(c.start, c.size) for c in pow2_columns(192)] == [(0, 128), (128, 64)]
     assert [(c.start, c.size) for c in pow2_columns(64)] == [(0, 64)]
     assert sum(c.size for c in pow2_columns(200)) == 200
+
+
+def test_plan_fills_the_grid_within_its_bound():
+    """Slices double until the grid has FILL_PROGRAMS programs, the slots run out of blocks, or the bound."""
+    assert plan(32768, 1) == (512, 64)  # 512 blocks of 64 slots, one block a slice
+    assert plan(32768, 8, 128) == (64, 128)  # 8 x 64 programs: past FILL_PROGRAMS
+    assert plan(32768, 1, most_splits=64) == (64, 64)
+    assert plan(32768, 1, most_splits=100) == (64, 64)  # powers of two only
+    assert plan(4096, 64) == (8, 64) and plan(4096, 512) == (1, 64)
+    assert plan(96, 1) == (1, 32)  # blocks shrink to divide the slots; 3 blocks do not halve
+    assert plan(40, 1) is None  # not a multiple of 16
+
+
+@pytest.mark.parametrize("share", [1.0, 0.25, 1e-9])
+@pytest.mark.parametrize(("batch", "slots"), [(1, 4096), (1, 32768), (8, 32768), (64, 131072)])
+def test_absorbed_split_keeps_the_slices_state_within_its_share(batch, slots, share):
+    """gpt-oss-20b's absorbed layer (64 heads, latent 160 plus 32 RoPE values a slot, bf16): the most
+    slices whose float32 sums stay within `share` of the cache (one more would not), and the heads split
+    (down to MIN_ROWS a program) only while the grid is short of FILL_PROGRAMS."""
+    heads, latent, slot_bytes = 64, 160, 192 * 2
+    head_block, most = absorbed_split(batch, slots, heads, slot_bytes, latent, share)
+    state, cache = heads * (latent + 2) * 4, slots * slot_bytes
+    assert most == 1 or most * state <= share * cache < 2 * most * state
+    rows = head_block or heads
+    assert MIN_ROWS <= rows <= heads and heads % rows == 0
+    programs = batch * heads // rows * most
+    assert rows == MIN_ROWS or programs >= FILL_PROGRAMS
+    assert head_block is None or programs // 2 < FILL_PROGRAMS  # split no further than the grid needs
+    assert absorbed_split(batch, slots, heads, slot_bytes, latent, None) == (None, None)
 
 
 def test_combine_counts_the_sink_once():

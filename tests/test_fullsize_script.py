@@ -72,6 +72,48 @@ def test_decode_benchmark_runs_at_a_small_size(shared_models, tmp_path):
     assert rows[2]["cache_gb"] < rows[0]["cache_gb"]
 
 
+def test_decode_benchmark_times_each_state_share(shared_models, tmp_path, monkeypatch):
+    """--state-shares: the points are timed once per share, each with flash_decode.STATE_SHARE set while
+    its steps are traced, and the default restored after."""
+    from eval.bench import decode as bench_decode
+    from gptoss_mla_jax import flash_decode
+
+    seen = []
+    monkeypatch.setattr(flash_decode, "STATE_SHARE", None)
+    monkeypatch.setattr(
+        bench_decode, "step_seconds", lambda *args, **kwargs: seen.append(flash_decode.STATE_SHARE) or [1e-3]
+    )
+    out = tmp_path / "share.json"
+    argv = ["--smoke", "--batches", "1", "--contexts", "64", "--repeats", "1", "--decode-kernels", "on"]
+    argv += ["--partial", "--models", "mla_partial", "--state-shares", "none,0.25", "--out", str(out)]
+    assert bench_decode.main(argv) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["model"], r["state_share"], r["step_ms"]) for r in rows] == [
+        ("mla_partial", "none", 1.0), ("mla_partial", "0.25", 1.0)
+    ]  # fmt: skip
+    assert seen == [None, 0.25] and flash_decode.STATE_SHARE is None
+
+
+def test_decode_splits_experiment_runs_at_a_small_size(tmp_path):
+    """eval.experiments.decode_splits on the CPU interpreter: per kernel, the grid starts at the model's
+    own launch, every setting agrees with the jnp path (bf16), and the state bytes are the kernel's
+    outputs, in proportion to the slices."""
+    from eval.experiments import decode_splits
+
+    out = tmp_path / "splits.json"
+    assert decode_splits.main(["--smoke", "--contexts", "256", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["complete"] and [r["layer"] for r in result["rows"]] == list(decode_splits.LAYERS)
+    for row in result["rows"]:
+        first, *rest = row["configs"]
+        assert first["planned"] and first["head_block"] is None and rest
+        for config in row["configs"]:
+            assert "error" not in config and config["max_abs_error"] <= 2**-6 * row["max_abs_reference"]
+        whole = [c for c in row["configs"] if c["head_block"] is None]
+        assert [c["state_bytes"] for c in whole] == sorted((c["state_bytes"] for c in whole), reverse=True)
+        assert whole[0]["state_bytes"] == whole[-1]["state_bytes"] * whole[0]["splits"] // whole[-1]["splits"]
+
+
 def test_a_decode_benchmark_cut_short_keeps_the_rows_it_finished(shared_models, tmp_path, monkeypatch):
     """Killed during its second point (here: interrupted), the benchmark's --out file already holds the
     first point's row, marked incomplete; a finished run overwrites it with the whole result."""

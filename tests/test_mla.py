@@ -6,7 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from gptoss_mla_jax import init_cache
+from gptoss_mla_jax import flash_decode, init_cache
 from gptoss_mla_jax.cache import values_per_token
 from gptoss_mla_jax.config import GptOssConfig, MlaConfig
 from tests.mla_checks import (
@@ -95,6 +95,25 @@ def test_mla_decode_matches_full_forward(tiny, calib, mode, kernels):
     assert set(cache["layers"][0]) == ({"c"} if mode == "decompressed" else {"c", "k_rope"})
     assert set(cache["layers"][2]) == {"k", "v"}
     assert_decode_matches_full(mla_params, mla_config, tokens, cache, kernels)
+
+
+def test_absorbed_decode_within_a_state_share(tiny, calib, monkeypatch):
+    """With the slices' state bounded (`flash_decode.STATE_SHARE` 0: one slice), the absorbed kernel's
+    decode still equals the full forward, and its launches take the bound (128 slots: 2 slices without)."""
+    config, params = tiny
+    mla_config, mla_params, _ = convert(
+        params, config, 12, "partial", layers=(0, 1), rope_pairs=2, init="pca", calib_tokens=calib
+    )
+    launches = []
+    real = flash_decode.mla_absorbed_decode
+    monkeypatch.setattr(flash_decode, "mla_absorbed_decode", lambda *a: launches.append(a[-1]) or real(*a))
+    monkeypatch.setattr(flash_decode, "STATE_SHARE", 0.0)
+    tokens = np.random.default_rng(4).integers(0, 97, (2, 24)).astype(np.int32)
+    assert_decode_matches_full(
+        mla_params, mla_config, tokens, init_cache(mla_config, 2, 128, jnp.float32), True
+    )
+    assert launches and {launch.splits for launch in launches} == {1}
+    assert flash_decode.plan(128, 2) == (2, 64)
 
 
 def test_cache_bytes_formula(tiny):

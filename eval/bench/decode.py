@@ -28,6 +28,8 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -614,28 +616,47 @@ def kernel_summary(trace, steps: int, top: int = 25) -> dict:
     }
 
 
-def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, configs, head_blocks, dtype) -> dict:
+class KernelCase(NamedTuple):
+    """One layer's decode attention at one point: its inputs (`args`), the kernel's function of a launch
+    (`kernel(Launch) -> fn(*args)`), the jnp path it replaces (`reference(*args)`), the cache's bytes, and
+    JAX's stock peer where there is one."""
+
+    args: tuple
+    kernel: Callable
+    reference: Callable
+    cache_bytes: int
+    peers: dict
+
+
+def kernel_case(layer: str, batch: int, context: int, G, R, d, n2, r, dtype) -> KernelCase:
+    """Random inputs of `layer` (gqa; mla: decompressed, latent r + G n2; mla_partial: latent r plus n2
+    RoPE values per kv head; mla_rorope: one RoPE key of d values that every head reads plus a latent of
+    r + G n2 - d, the same cache size) over full caches of `context` slots, every sequence at full length."""
     keys = iter(jax.random.split(jax.random.key(0), 10))
     normal = lambda *shape: jax.random.normal(next(keys), shape, dtype)
     lengths, sinks = jnp.full((batch,), context, jnp.int32), normal(G * R)
     pos = jnp.broadcast_to(jnp.arange(context, dtype=jnp.int32), (batch, context))
     visible, q_pos = pos < lengths[:, None], (lengths - 1)[:, None]
-    programs = batch * G  # GQA: one per sequence and kv head
-    interpret = jax.default_backend() == "cpu"
+    slots = Slots(lengths)
     if layer == "gqa":
         cache = (normal(batch, context, G, d), normal(batch, context, G, d))
         args = (normal(batch, G * R, d), *cache)
-        kernel = lambda plan: (
-            lambda q, k, v: flash_decode.gqa_decode(q, k, v, Slots(lengths), sinks, Launch(**plan))
-        )
+        kernel = lambda launch: lambda q, k, v: flash_decode.gqa_decode(q, k, v, slots, sinks, launch)
         reference = lambda q, k, v: attend(q[:, None], [(k, v, pos, visible)], q_pos, sinks, None)[:, 0]
-        splits, block = flash_decode.plan(context, programs, max(c["block"] for c in configs))
+        splits, block = flash_decode.plan(context, batch * G, 128)  # GQA's launch in the model
         stock_gqa = lambda q, k, v: decode_attention.gqa(
-            q, k, v, kv_seq_len=lengths, block_k=block, k_splits=splits, interpret=interpret
+            q,
+            k,
+            v,
+            kv_seq_len=lengths,
+            block_k=block,
+            k_splits=splits,
+            interpret=jax.default_backend() == "cpu",
         )
         # a JAX without pallas.ops.gpu: the table goes on without the peer
         peers = {} if decode_attention is None else {"stock_gqa": stock_gqa}
-    elif layer == "mla":
+        return KernelCase(args, kernel, reference, sum(x.nbytes for x in cache), peers)
+    if layer == "mla":
         config = dataclasses.replace(
             GPT_OSS_20B, num_attention_heads=G * R, num_key_value_heads=G, head_dim=d,
             mla=MlaConfig("decompressed", (1,), (r + G * n2,)),
@@ -644,52 +665,60 @@ def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, configs, 
         cache = (normal(batch, context, r + G * n2),)
         args = (normal(batch, G * R, d), *cache)
         rotations = lambda: mla.slot_rotations(lengths, context, False, config)  # in the step, as in forward
-        kernel = lambda plan: (
-            lambda q, c: flash_decode.mla_decompressed_decode(
-                q, kv_b, c, Slots(lengths), sinks, rotations(), Launch(**plan)
-            )
+        kernel = lambda launch: (
+            lambda q, c: flash_decode.mla_decompressed_decode(q, kv_b, c, slots, sinks, rotations(), launch)
         )
         reference = lambda q, c: attend(
             q[:, None], [(*mla.keys_values({"kv_b": kv_b}, {"c": c}, pos, config, 1), pos, visible)], q_pos,
             sinks, None,
         )[:, 0]  # fmt: skip
-        peers = {}
+        return KernelCase(args, kernel, reference, cache[0].nbytes, {})
+    if layer == "mla_rorope":  # one shared key of one mixed component (d values), the same cache size
+        r, n2, rope_heads, n = r + G * n2 - d, d, 1, d
     else:
-        weights = (normal(r, G, d - n2), normal(G, d - n2), normal(r, G, d), normal(G, d))
-        cache = (normal(batch, context, r), normal(batch, context, G, n2))
-        args = (normal(batch, G, R, n2), normal(batch, G, R, d - n2), *cache)
-        kernel = lambda plan: (
-            lambda q_rope, q_nope, c, k_rope: flash_decode.mla_absorbed_decode(
-                q_rope,
-                q_nope,
-                weights,
-                {"c": c, "k_rope": k_rope},
-                Slots(lengths),
-                sinks,
-                Launch(**plan),
-            )
+        rope_heads, n = G, d - n2
+    weights = (normal(r, G, n), normal(G, n), normal(r, G, d), normal(G, d))
+    cache = (normal(batch, context, r), normal(batch, context, rope_heads, n2))
+    args = (normal(batch, G, R, n2), normal(batch, G, R, n), *cache)
+    kernel = lambda launch: (
+        lambda q_rope, q_nope, c, k_rope: flash_decode.mla_absorbed_decode(
+            q_rope, q_nope, weights, {"c": c, "k_rope": k_rope}, slots, sinks, launch
         )
-        reference = lambda q_rope, q_nope, c, k_rope: mla._absorbed(
-            q_rope[:, None], q_nope[:, None], weights, [({"c": c, "k_rope": k_rope}, pos, visible)], q_pos,
-            sinks, None,
-        )[:, 0]  # fmt: skip
-        peers = {}
-    want = jax.jit(reference)(*args).astype(jnp.float32)
+    )
+    reference = lambda q_rope, q_nope, c, k_rope: mla._absorbed(
+        q_rope[:, None], q_nope[:, None], weights, [({"c": c, "k_rope": k_rope}, pos, visible)], q_pos,
+        sinks, None,
+    )[:, 0]  # fmt: skip
+    return KernelCase(args, kernel, reference, sum(x.nbytes for x in cache), {})
+
+
+def kernel_programs(layer: str, batch: int, G: int, R: int, head_block: int | None) -> int:
+    """The programs per cache slice a layer's kernel runs (what `flash_decode.plan` fills the GPU with): GQA
+    one per sequence and kv head, decompressed MLA one per sequence and group of kv heads, absorbed MLA one
+    per sequence and block of query heads (all heads by default)."""
+    if layer == "gqa":
+        return batch * G
+    if layer == "mla":
+        return batch * G // flash_decode.kv_heads_per_program(G, R, head_block)
+    return batch * (G * R // (head_block or G * R))
+
+
+def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, configs, head_blocks, dtype) -> dict:
+    case = kernel_case(layer, batch, context, G, R, d, n2, r, dtype)
+    want = jax.jit(case.reference)(*case.args).astype(jnp.float32)
     row = {"layer": layer, "batch": batch, "context": context, "dtype": jnp.dtype(dtype).name}
-    row["bytes"] = int(sum(x.nbytes for x in cache))
+    row["bytes"] = case.cache_bytes
     row["max_abs_reference"] = float(jnp.abs(want).max())
     plans = []
     for launch in configs + head_blocks:
-        if layer == "mla_partial":  # one program per sequence and head block
-            programs = batch * (G * R // launch.get("head_block", G * R))
-        elif layer == "mla":  # one per sequence and group of kv heads
-            programs = batch * G // flash_decode.kv_heads_per_program(G, R, launch.get("head_block"))
+        programs = kernel_programs(layer, batch, G, R, launch.get("head_block"))
         # the slices decode_plan would pick for this many programs
         splits, block = flash_decode.plan(context, programs, launch["block"])
         plans.append(launch | dict(splits=splits, block=block))
-    make = lambda plan: kernel(dict(plan, interpret=interpret))
-    row |= sweep(make, plans, args, want, row["bytes"], copy, repeats)
-    return row | path_times({"jnp": reference, **peers}, args, row["bytes"], copy, repeats)
+    interpret = jax.default_backend() == "cpu"
+    make = lambda plan: case.kernel(Launch(**plan, interpret=interpret))
+    row |= sweep(make, plans, case.args, want, row["bytes"], copy, repeats)
+    return row | path_times({"jnp": case.reference, **case.peers}, case.args, row["bytes"], copy, repeats)
 
 
 def transformers_step(context: int, repeats: int) -> dict:
@@ -767,6 +796,11 @@ def main(argv=None) -> int:
         "--loop-steps", type=int, default=0,
         help="also time each point per token of this many steps in one device-side loop, as generate runs",
     )  # fmt: skip
+    parser.add_argument(
+        "--state-shares", default="none",
+        help="steps with absorbed MLA's slices bounded by their state (flash_decode.STATE_SHARE), each of "
+        "these in turn, e.g. none,0.25 (none: unbounded, the default)",
+    )  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="a tiny model (CPU check of the script)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -821,7 +855,14 @@ def main(argv=None) -> int:
         else:
             batches = [int(b) for b in args.batches.split(",")]
             kernels = {"off": (False,), "on": (True,), "both": (False, True)}[args.decode_kernels]
-            result["rows"] = speed(models_(), batches, contexts, args.repeats, log, kernels, args.loop_steps)
+            built, result["rows"], default = models_(), [], flash_decode.STATE_SHARE
+            for share in args.state_shares.split(","):
+                flash_decode.STATE_SHARE = None if share == "none" else float(share)
+                jax.clear_caches()  # the share is read when a step is traced
+                tag = lambda row, share=share: log(row | {"state_share": share})
+                rows = speed(built, batches, contexts, args.repeats, tag, kernels, args.loop_steps)
+                result["rows"] += [row | {"state_share": share} for row in rows]
+            flash_decode.STATE_SHARE = default
     result["command"] = command
     print(json.dumps(result), flush=True)
     if args.out:

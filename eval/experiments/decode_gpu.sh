@@ -20,6 +20,10 @@
 #              12 minutes: more than one device call holds; the points it finished are in its JSON)
 #   loop_b1_4k, loop_b1_32k   the same at one context, each within one device call
 #   loop_while loop_b1 with the while loop itself a command buffer too (WHILE, CONDITIONAL)
+#   splits     each attention kernel at batch 1 (4K, 32K) over a grid of cache slices and head blocks, by
+#              device busy time, beside each setting's per-slice state bytes; splits_b8 the same at 8 x 32K
+#   share      the absorbed models' loop at 1 x 32K without and with the slices' state bounded (SHARE,
+#              default 0.25), in one process
 #   bash eval/experiments/decode_gpu.sh OUT_DIR [STAGES]        (default: check,moe,profile,e2e)
 set -uo pipefail
 OUT=${1:?usage: bash eval/experiments/decode_gpu.sh OUT_DIR [STAGES]}
@@ -64,6 +68,11 @@ for stage in ${STAGES//,/ }; do
       run decode_e2e_loop_while 280 eval.bench.decode --cuda-graphs --decode-kernels on --partial \
         --batches 1 --contexts 4096,32768 --loop-steps 16 --repeats 5
     ) ;;
+    splits) run decode_splits 330 eval.experiments.decode_splits --batches 1 --contexts 4096,32768 ;;
+    splits_b8) run decode_splits_b8 200 eval.experiments.decode_splits --batches 8 --contexts 32768 ;;
+    share) run decode_e2e_share 480 eval.bench.decode --cuda-graphs --decode-kernels on --partial \
+      --models mla_partial,mla_rorope --batches 1 --contexts 32768 --loop-steps 16 --repeats 5 \
+      --state-shares "none,${SHARE:-0.25}" ;;
     capacity) run decode_capacity 400 eval.bench.decode --capacity --decode-kernels on --partial --contexts 32768,131072 ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac

@@ -1,0 +1,131 @@
+"""How finely a flash-decoding kernel should split the cache at small batches, timed on the device.
+
+`flash_decode.plan` splits a sequence's cache slots into slices until the grid has about twice the SMs'
+programs. Each slice writes float32 partial sums for every query head it serves (acc, m, l) that the
+combine reads back: for absorbed MLA at batch 1 x 32K the plan's 512 slices of 64 slots write 21 MB for a
+12.6 MB cache, read back once more by the combine. Fewer slices write less but leave SMs idle, unless the
+heads are split over programs instead (absorbed MLA: `head_block`; its programs then share each latent
+block through L2). This times every attention kernel of the model (GQA, decompressed MLA, absorbed
+partial and rorope MLA; gpt-oss-20b's shapes, the converted layers at 192 values per token) over a grid of
+slice counts around the plan's and of head blocks, by the device's busy time per call (the kernel, the
+combine of its slices and the up-projection after it: a wall clock buries a few microseconds under
+dispatch), beside each setting's state bytes. Every setting's output is checked against the jnp path.
+
+    python -m eval.experiments.decode_splits --batches 1 --contexts 4096,32768 --out splits.json
+    python -m eval.experiments.decode_splits --smoke         # the CPU interpreter, tiny shapes (no times)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import jax
+import jax.numpy as jnp
+
+from eval.bench.decode import device_us, kernel_case, kernel_programs
+from gptoss_mla_jax import flash_decode
+from gptoss_mla_jax.flash_decode import Launch
+from support.results import write_json
+
+LAYERS = ("gqa", "mla", "mla_partial", "mla_rorope")
+# gpt-oss-20b's attention; the converted layers at 192 values per token (partial: latent 160 plus 2 RoPE
+# pairs per kv head; rorope and decompressed derive theirs from the same numbers, `kernel_case`).
+SHAPE = dict(G=8, R=8, d=64, n2=4, r=160)
+SMOKE_SHAPE = dict(G=2, R=8, d=16, n2=4, r=24)
+# The model's launches (attention.attention, mla.attention_mla): GQA reads 128 slots a step, MLA 64.
+BLOCKS = {"gqa": 128, "mla": 64, "mla_partial": 64, "mla_rorope": 64}
+# Query heads per program tried: None is the model's (absorbed: all heads; decompressed: the fewest whole kv
+# heads that fill 16 rows).
+HEAD_BLOCKS = {"gqa": (None,), "mla": (None,), "mla_partial": (None, 32, 16), "mla_rorope": (None, 32, 16)}
+SMOKE_HEAD_BLOCKS = {"gqa": (None,), "mla": (None,), "mla_partial": (None, 8), "mla_rorope": (None, 8)}
+# Slice counts tried: the plan's times these factors (where the slots divide so).
+SPLIT_FACTORS = (2, 1, 1 / 2, 1 / 4, 1 / 8, 1 / 32)
+
+
+def _pallas_outputs(jaxpr):
+    """The output avals of every pallas_call in a jaxpr and the jaxprs inside it."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "pallas_call":
+            yield from (v.aval for v in eqn.outvars)
+        for param in eqn.params.values():
+            inner = getattr(param, "jaxpr", param)  # a ClosedJaxpr's, or a Jaxpr
+            if hasattr(inner, "eqns"):
+                yield from _pallas_outputs(inner)
+
+
+def slice_state(fn, args) -> int:
+    """Bytes of the per-slice state `fn` (one attention call) has its kernel write and its combine read
+    back: the kernel's outputs, read off the traced call."""
+    return sum(aval.size * aval.dtype.itemsize for aval in _pallas_outputs(jax.make_jaxpr(fn)(*args).jaxpr))
+
+
+def settings(layer: str, batch: int, context: int, shape: dict, head_blocks) -> list[dict]:
+    """The grid of one point: per head block, the plan's slices times SPLIT_FACTORS that divide the slots;
+    the model's own launch first."""
+    out = []
+    for head_block in head_blocks[layer]:
+        programs = kernel_programs(layer, batch, shape["G"], shape["R"], head_block)
+        planned, block = flash_decode.plan(context, programs, BLOCKS[layer])
+        for factor in SPLIT_FACTORS:
+            splits = int(planned * factor)
+            if splits >= 1 and context % (splits * block) == 0:
+                out.append(dict(splits=splits, block=block, head_block=head_block, planned=factor == 1))
+    return sorted(out, key=lambda s: not (s["planned"] and s["head_block"] is None))
+
+
+def point(layer: str, batch: int, context: int, smoke: bool) -> dict:
+    shape = SMOKE_SHAPE if smoke else SHAPE
+    case = kernel_case(layer, batch, context, dtype=jnp.bfloat16, **shape)
+    want = jax.jit(case.reference)(*case.args).astype(jnp.float32)
+    interpret = jax.default_backend() == "cpu"
+    row = {"layer": layer, "batch": batch, "context": context, "cache_bytes": case.cache_bytes, "configs": []}
+    for setting in settings(layer, batch, context, shape, SMOKE_HEAD_BLOCKS if smoke else HEAD_BLOCKS):
+        launch = Launch(setting["splits"], setting["block"], interpret, head_block=setting["head_block"])
+        fn = jax.jit(case.kernel(launch))
+        entry = setting | {"state_bytes": slice_state(fn, case.args)}
+        try:
+            entry["max_abs_error"] = float(jnp.abs(fn(*case.args).astype(jnp.float32) - want).max())
+            if not interpret:
+                entry |= device_us(fn, *case.args)
+        except Exception as e:  # more shared memory than the card has, say: recorded, the grid goes on
+            entry["error"] = f"{type(e).__name__}: {e}"[:500]
+        row["configs"].append(entry)
+    timed = [c for c in row["configs"] if "busy_us" in c]
+    if timed:
+        best = min(timed, key=lambda c: c["busy_us"])
+        row["best"] = {k: best[k] for k in ("splits", "block", "head_block", "busy_us", "state_bytes")}
+        row["planned_busy_us"] = row["configs"][0].get("busy_us")
+    row["max_abs_reference"] = float(jnp.abs(want).max())
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--layers", default=",".join(LAYERS))
+    parser.add_argument("--batches", default="1")
+    parser.add_argument("--contexts", default="4096,32768")
+    parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter (no times)")
+    parser.add_argument("--out", help="write the rows as JSON here (after every point)")
+    args = parser.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",")]
+    contexts = [int(c) for c in args.contexts.split(",")]
+    result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": [], "complete": False}
+    for context in contexts:
+        for batch in batches:
+            for layer in args.layers.split(","):
+                result["rows"].append(point(layer, batch, context, args.smoke))
+                row = result["rows"][-1]
+                print(json.dumps({k: v for k, v in row.items() if k != "configs"}), flush=True)
+                if args.out:
+                    write_json(args.out, result)
+    result["complete"] = True
+    if args.out:
+        write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
