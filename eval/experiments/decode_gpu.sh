@@ -6,7 +6,7 @@
 #   moe        one layer's MoE at batches 1, 8, 64 and 256: kernels (each decode launch) vs jnp vs bytes; routing
 #   moe_b1     the same at batch 1 only
 #   variants   the MXFP4 decoding's variants timed against each other on one layer's MoE (batches 1, 8, 64)
-#   profile    kernels per decode step and where the device time goes, batch 1 x 4K
+#   profile    kernels per decode step and where the device time goes, batch 1 x 4K; profile_32k at 1 x 32K
 #   graphs     the same profile of GQA with XLA's command buffers (CUDA graphs) for every kind of op
 #   e2e        whole-model decode steps on the kernels, GQA and both MLA modes, batches 1 and 64 at 4K / 32K
 #   final      e2e as CUDA graphs, per call and per token of a 16-step device loop, with transformers' model
@@ -48,6 +48,7 @@ for stage in ${STAGES//,/ }; do
     moe_b1) run decode_moe_b1 150 eval.bench.decode --moe 1 --repeats 10 ;;
     variants) run mxfp4_decode_variants 150 eval.experiments.mxfp4_decode_variants ;;
     profile) run decode_profile 300 eval.bench.decode --profile 1,4096 --partial --repeats 5 ;;
+    profile_32k) run decode_profile_32k 300 eval.bench.decode --profile 1,32768 --partial --repeats 5 ;;
     graphs) run decode_profile_graphs 150 eval.bench.decode --profile 1,4096 --models gqa --repeats 5 --cuda-graphs ;;
     e2e) run decode_e2e 330 eval.bench.decode --decode-kernels on --partial --batches 1,64 --contexts 4096,32768 ;;
     final) run decode_e2e 560 eval.bench.decode --with-transformers --cuda-graphs --decode-kernels on --partial \
