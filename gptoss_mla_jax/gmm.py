@@ -545,20 +545,26 @@ def _launch(kernel, grid, args, out_shape, tiles: Tiles, interpret: bool, sizes_
 
 
 def _forward(
-    kernel, args, rows: int, width: int, dtype, n_pairs: int, tiles: Tiles, interpret: bool, aligned, glu
-):
+    kernel, args, rows: int, width: int, dtype, n_pairs: int, tiles: Tiles, interpret: bool, aligned, glu,
+    partials: bool = False,
+):  # fmt: skip
     """A forward product's launch: grid (blocks of its `width` columns, pairs[, splits]) into [rows, width]
     in `dtype` (width / 2 through `glu`, which an unsplit kernel applies itself); split contractions land
-    as float32 partial sums, added here (then `glu`)."""
+    as float32 partial sums, added here (then `glu`), or (`partials`) returned as they are, [splits, rows,
+    width] ([1, rows, width] in `dtype` unsplit)."""
     blocks = _cdiv(width, tiles.cols)
     if tiles.splits == 1:
         out = jax.ShapeDtypeStruct((rows, width if glu is None else width // 2), dtype)
-        return _launch(
+        product = _launch(
             functools.partial(kernel, glu=glu), (blocks, n_pairs), args, out, tiles, interpret, aligned
         )
+        return product[None] if partials else product
     out = jax.ShapeDtypeStruct((tiles.splits, rows, width), jnp.float32)
     grid, unfused = (blocks, n_pairs, tiles.splits), functools.partial(kernel, glu=None)
-    total = _launch(unfused, grid, args, out, tiles, interpret, aligned).sum(axis=0)
+    product = _launch(unfused, grid, args, out, tiles, interpret, aligned)
+    if partials:
+        return product
+    total = product.sum(axis=0)
     return (total if glu is None else glu(total)).astype(dtype)
 
 
@@ -572,10 +578,13 @@ def grouped_product(
     launch: Tiles | None = None,
     rows: int | None = None,
     glu: Glu | None = None,
-) -> Float[Array, "M N"]:
+    partials: bool = False,
+) -> Float[Array, "M N"] | Float[Array, "S M N"]:
     """lhs @ rhs[g] per group (rhs[g]^T when `transpose_rhs`) in lhs's dtype, float32 sums; forward only
     (`gmm` is the differentiable one). `launch` overrides `LAUNCH`; `rows` only its row tile, for groups
-    that start at multiples of it; `glu` applied to the float32 sums (N / 2 outputs)."""
+    that start at multiples of it; `glu` applied to the float32 sums (N / 2 outputs). `partials` (a forward
+    product without `glu`): the S contraction splits' float32 sums [S, M', N] (M' >= M rows, padded to the
+    row tile) left for the caller to add (S = 1: [1, M', N] in lhs's dtype)."""
     M, interpret = lhs.shape[0], _interpret(interpret)
     packed = isinstance(rhs, Mxfp4)
     kind = ("mxfp4" if packed else "gmm") + ("_t" if transpose_rhs else "")
@@ -597,6 +606,8 @@ def grouped_product(
         tiles = dataclasses.replace(tiles, splits=2)
     if tiles.splits > 1 and transpose_rhs:
         raise ValueError(f"{kind} launch {tiles}: only forward products split the contraction")
+    if partials and (glu is not None or transpose_rhs):
+        raise ValueError(f"{kind}: only a forward product without glu returns its partial sums")
     if glu is not None and (transpose_rhs or width % 2 or tiles.cols % 2):
         raise ValueError(
             f"{kind} launch {tiles}, {width} outputs: glu needs a forward product with an even output width "
@@ -629,7 +640,9 @@ def grouped_product(
                 _mxfp4_kernel, tiles=tiles, n_groups=n_groups, n_map=n_map, K=K, N=N,
                 has_bias=bias is not None, interpret=interpret,
             )  # fmt: skip
-            out = _forward(kernel, args, x.shape[0], N, lhs.dtype, n_pairs, tiles, interpret, aligned, glu)
+            out = _forward(
+                kernel, args, x.shape[0], N, lhs.dtype, n_pairs, tiles, interpret, aligned, glu, partials
+            )
     else:
         K, N = (rhs.shape[2], rhs.shape[1]) if transpose_rhs else rhs.shape[1:]
         args = (*tm, x, rhs, *([bias] if bias is not None else []))
@@ -637,8 +650,10 @@ def grouped_product(
             _gmm_kernel, tiles=tiles, n_groups=n_groups, n_map=n_map,
             transpose_rhs=transpose_rhs, K=K, N=N, has_bias=bias is not None,
         )  # fmt: skip
-        out = _forward(kernel, args, x.shape[0], N, lhs.dtype, n_pairs, tiles, interpret, aligned, glu)
-    return out[:M]
+        out = _forward(
+            kernel, args, x.shape[0], N, lhs.dtype, n_pairs, tiles, interpret, aligned, glu, partials
+        )
+    return out if partials else out[:M]
 
 
 def tgmm(

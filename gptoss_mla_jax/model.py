@@ -27,11 +27,13 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from gptoss_mla_jax import cache as kv_cache
+from gptoss_mla_jax.add_norm import add_norm
 from gptoss_mla_jax.attention import Chunk, attention, chunk_at
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.execution import ForwardOptions, by_rows
+from gptoss_mla_jax.flash_decode import runs_compiled
 from gptoss_mla_jax.mla import UP, attention_mla, mla_param_shapes, with_up_projections
-from gptoss_mla_jax.moe import moe_dense, moe_sparse
+from gptoss_mla_jax.moe import expert_rows, moe_dense, moe_sparse
 from gptoss_mla_jax.mxfp4 import aligned_groups, pad_scales
 from gptoss_mla_jax.norm import rms_norm
 
@@ -258,11 +260,17 @@ def decoder_layer(
     config: GptOssConfig,
     i: int,
     options: ForwardOptions = ForwardOptions(),
+    h: Float[Array, "B T D"] | None = None,
+    next_norm: Float[Array, " D"] | None = None,
 ) -> tuple[Float[Array, "B T D"], dict[str, Array] | None, dict[str, Float[Array, "B T D"]]]:
     """One pre-norm block: (new residual stream, updated layer cache, {"attn_input": the attention's normed
     input, "attn_output": what the attention adds to the residual stream, "moe_input": the MoE's normed
-    input})."""
-    h = rms_norm(x, layer["input_layernorm"], config.rms_norm_eps)
+    input}). A decode step on the kernels (`fuses_norms`) passes `h`, the attention's normed input that the
+    layer before computed, and `next_norm`, the weight of the norm after this layer (the next layer's
+    input norm, or the final norm): each residual add then runs in one kernel with the norm after it
+    (`add_norm`; the MoE's weighted sum too), and seen["next_input"] is that norm's output."""
+    eps = config.rms_norm_eps
+    h = rms_norm(x, layer["input_layernorm"], eps) if h is None else h
     args = (layer["self_attn"], h, chunk, layer_cache, config.is_sliding(i), config)
     single = options.decode_kernels and h.shape[1] == 1
     if config.is_mla(i):
@@ -271,8 +279,17 @@ def decoder_layer(
     else:
         with jax.named_scope("attention"):
             a, layer_cache = attention(*args, options=options)
+    if next_norm is not None:
+        fused = lambda x, delta, weight: tuple(
+            y.reshape(x.shape)
+            for y in add_norm(x.reshape(-1, x.shape[-1]), delta, weight, eps, not runs_compiled())
+        )
+        x, m = fused(x, a.reshape(-1, a.shape[-1]), layer["post_attention_layernorm"])
+        with jax.named_scope("moe"):
+            x, h_next = fused(x, expert_rows(layer["mlp"], m, config), next_norm)
+        return x, layer_cache, {"attn_input": h, "attn_output": a, "moe_input": m, "next_input": h_next}
     x = x + a
-    m = rms_norm(x, layer["post_attention_layernorm"], config.rms_norm_eps)
+    m = rms_norm(x, layer["post_attention_layernorm"], eps)
     with jax.named_scope("moe"):
         if options.moe == "dense":
             x = x + moe_dense(layer["mlp"], m, config)
@@ -282,6 +299,12 @@ def decoder_layer(
             sharding = options.activation_sharding
             x = x + by_rows(moe, sharding)(layer["mlp"], m)
     return x, layer_cache, {"attn_input": h, "attn_output": a, "moe_input": m}
+
+
+def fuses_norms(options: ForwardOptions, T: int) -> bool:
+    """Whether a step of T tokens per sequence ends each residual add in one kernel with the norm after it
+    (`add_norm`): a decode step on the kernels, its MoE the sparse one, on one device's rows (no mesh)."""
+    return options.decode_kernels and T == 1 and options.moe == "sparse" and options.mesh is None
 
 
 def attention_inputs(params: Params, tokens: Int[Array, "B T"], config: GptOssConfig) -> list[Array]:
@@ -323,15 +346,20 @@ def forward(
     pin = (lambda x: x) if sharding is None else (lambda x: jax.lax.with_sharding_constraint(x, sharding))
     x = pin(embed(params, tokens))
     new_layers, attention_outputs = [], []
-    for i, layer in enumerate(params["layers"]):
+    layers, fused = params["layers"], fuses_norms(options, T)
+    h = rms_norm(x, layers[0]["input_layernorm"], config.rms_norm_eps) if fused else None
+    for i, layer in enumerate(layers):
         layer_cache = cache["layers"][i] if cache is not None else None
         block = functools.partial(decoder_layer, config=config, i=i, options=options)
         block = jax.checkpoint(block) if options.remat else block
-        x, layer_cache, seen = block(layer, x, chunk=chunk, layer_cache=layer_cache)
-        x = pin(x)
+        next_norm = (
+            (layers[i + 1]["input_layernorm"] if i + 1 < len(layers) else params["norm"]) if fused else None
+        )
+        x, layer_cache, seen = block(layer, x, chunk=chunk, layer_cache=layer_cache, h=h, next_norm=next_norm)
+        x, h = pin(x), seen.get("next_input")
         new_layers.append(layer_cache)
         attention_outputs.append(seen["attn_output"])
-    logits = unembed(params, rms_norm(x, params["norm"], config.rms_norm_eps), config)
+    logits = unembed(params, h if fused else rms_norm(x, params["norm"], config.rms_norm_eps), config)
     new_cache = None
     if cache is not None:
         new_lengths = start + n_new

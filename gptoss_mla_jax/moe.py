@@ -27,9 +27,10 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from gptoss_mla_jax import routing
+from gptoss_mla_jax.add_norm import ExpertRows
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.flash_decode import runs_compiled
-from gptoss_mla_jax.gmm import Glu, Mxfp4, gmm
+from gptoss_mla_jax.gmm import Glu, Mxfp4, gmm, grouped_product
 from gptoss_mla_jax.mxfp4 import dequantize, dequantize_experts
 
 Params = dict[str, Any]
@@ -97,12 +98,9 @@ def moe_sparse(
     them, and more pairs are grouped by expert and multiplied as `grouped` says."""
     flat = x.reshape(-1, x.shape[-1])
     n, k = flat.shape[0], config.num_experts_per_tok
-    if kernels and n <= routing.MAX_TOKENS and _aligns(n, config):
+    if kernels and _routed_in_kernel(n, config):
         # A decode batch's router and aligned layout in one kernel.
-        router = p["router"]
-        weights, _, slot, padded = routing.decode_routing(
-            flat, router["kernel"], router["bias"], k, ALIGN, interpret=not runs_compiled()
-        )
+        weights, slot, padded = _decode_routing(p, flat, config)
         y = _aligned_experts(p["experts"], flat, slot, padded, config).reshape(n, k, -1)
     else:
         weights, idx = route(p, flat, config)
@@ -115,6 +113,40 @@ def moe_sparse(
             y = _grouped_experts(p["experts"], flat, idx, config, kernel)
     out = jnp.einsum("nk,nkd->nd", weights.astype(y.dtype), y, preferred_element_type=jnp.float32)
     return out.astype(x.dtype).reshape(x.shape)
+
+
+def expert_rows(p: Params, x: Float[Array, "B T D"], config: GptOssConfig) -> ExpertRows:
+    """A decode step's MoE on the kernels up to its weighted sum (`moe_sparse(..., kernels=True)` is
+    `add_norm.moe_delta` of this): the down product's rows, its contraction splits' partial sums not yet
+    added, and each token's slots and routing weights, for `add_norm.add_norm` to finish with the residual
+    add and the next norm in one kernel."""
+    flat = x.reshape(-1, x.shape[-1])
+    n, k = flat.shape[0], config.num_experts_per_tok
+    if _routed_in_kernel(n, config):
+        # The routing's tiles as the kernel stores them: a Pallas consumer would read copies cut from them.
+        weights, slot, padded = _decode_routing(p, flat, config, tiles=True)
+        rows = _aligned_rows(p["experts"], flat, slot[:n, :k].reshape(-1), padded, config)
+        product = _expert_products(p["experts"], rows, padded, config, ALIGN, partials=True)
+        return ExpertRows(product, slot, weights)
+    weights, idx = route(p, flat, config)
+    y = _grouped_experts(p["experts"], flat, idx, config, kernel=True)
+    return ExpertRows(y.reshape(1, n * k, -1), jnp.arange(n * k, dtype=jnp.int32).reshape(n, k), weights)
+
+
+def _routed_in_kernel(n: int, config: GptOssConfig) -> bool:
+    """Whether n tokens' routing and aligned layout come from the routing kernel."""
+    return n <= routing.MAX_TOKENS and _aligns(n, config)
+
+
+def _decode_routing(p: Params, flat: Float[Array, "N D"], config: GptOssConfig, tiles: bool = False):
+    """(routing weights, each pair's slot, padded group sizes) from the routing kernel (`tiles`: as
+    `routing.decode_routing` says)."""
+    router = p["router"]
+    weights, _, slot, padded = routing.decode_routing(
+        flat, router["kernel"], router["bias"], config.num_experts_per_tok, ALIGN, not runs_compiled(),
+        tiles=tiles,
+    )  # fmt: skip
+    return weights, slot, padded
 
 
 def _selected_experts(
@@ -172,16 +204,27 @@ def _aligned_experts(
 ) -> Float[Array, "P D"]:
     """The pairs (token-major: pair p is token p // k) through their experts on the grouped matmul, laid
     out at `slot` with each expert's group of `padded` rows starting at a multiple of ALIGN."""
-    P, k = slot.shape[0], config.num_experts_per_tok
-    height = P + min(P, padded.shape[0]) * (ALIGN - 1)  # the most rows the layout can need
-    # Every pair has a slot of its own: unique indices, so the gradient needs no scatter-add of repeats.
-    rows = jnp.zeros((height, flat.shape[1]), flat.dtype)
-    rows = rows.at[slot].set(jnp.repeat(flat, k, axis=0), unique_indices=True)
+    rows = _aligned_rows(e, flat, slot, padded, config)
     y = _expert_products(e, rows, padded, config, ALIGN).at[slot].get(unique_indices=True)
     # The rows back in token order as a buffer of their own: fused into the weighted sum that follows, the
     # gather kept XLA from fusing that sum with the residual add and the next norm (a kernel more per
     # layer).
     return jax.lax.optimization_barrier(y)
+
+
+def _aligned_rows(
+    e: Params,
+    flat: Float[Array, "N D"],
+    slot: Int[Array, " P"],
+    padded: Int[Array, " E"],
+    config: GptOssConfig,
+) -> Float[Array, "M D"]:
+    """Each pair's token row placed at its slot of the aligned layout (rows of padding zero)."""
+    P, k = slot.shape[0], config.num_experts_per_tok
+    height = P + min(P, padded.shape[0]) * (ALIGN - 1)  # the most rows the layout can need
+    # Every pair has a slot of its own: unique indices, so the gradient needs no scatter-add of repeats.
+    rows = jnp.zeros((height, flat.shape[1]), flat.dtype)
+    return rows.at[slot].set(jnp.repeat(flat, k, axis=0), unique_indices=True)
 
 
 def _grouped_experts(
@@ -215,16 +258,21 @@ def _grouped_experts(
 
 
 def _expert_products(
-    e: Params, rows: Float[Array, "M D"], group_sizes: Int[Array, " E"], config: GptOssConfig, tile
-) -> Float[Array, "M D"]:
+    e: Params, rows: Float[Array, "M D"], group_sizes: Int[Array, " E"], config: GptOssConfig, tile,
+    partials: bool = False,
+) -> Float[Array, "M D"] | Float[Array, "S M D"]:  # fmt: skip
     """Both expert projections of rows grouped by expert, on the grouped matmul (`tile`: its row tile,
     for groups starting at multiples of it: the decode layout, where the SwiGLU runs in the gate_up
     product's kernel, a kernel less per layer; elsewhere after it, as its gradient would recompute the
-    product)."""
+    product). `partials` (forward only): the down product's contraction splits' sums not yet added
+    (`gmm.grouped_product`)."""
     weights = lambda name: e[name] if name in e else Mxfp4(e[f"{name}_blocks"], e[f"{name}_scales"])
     gate_up, bias = weights("gate_up_proj"), e["gate_up_proj_bias"]
     if tile is None:
         hidden = swiglu(gmm(rows, gate_up, group_sizes, bias), config)
     else:
         hidden = gmm(rows, gate_up, group_sizes, bias, rows=tile, glu=glu(config))
-    return gmm(hidden, weights("down_proj"), group_sizes, e["down_proj_bias"], rows=tile)
+    down, down_bias = weights("down_proj"), e["down_proj_bias"]
+    if partials:
+        return grouped_product(hidden, down, group_sizes, down_bias, rows=tile, partials=True)
+    return gmm(hidden, down, group_sizes, down_bias, rows=tile)

@@ -138,7 +138,7 @@ def _pow2(n: int, least: int = 1) -> int:
     return max(least, pl.next_power_of_2(n))
 
 
-@functools.partial(jax.jit, static_argnames=("k", "align", "interpret", "launch"))
+@functools.partial(jax.jit, static_argnames=("k", "align", "interpret", "launch", "tiles"))
 def decode_routing(
     x: Float[Array, "N D"],
     kernel: Float[Array, "D E"],
@@ -147,16 +147,20 @@ def decode_routing(
     align: int,
     interpret: bool = False,
     launch: RouterLaunch = LAUNCH,
+    tiles: bool = False,
 ) -> tuple[Float[Array, "N k"], Int[Array, "N k"], Int[Array, " Nk"], Int[Array, " E"]]:
     """(routing weights, experts, each pair's row in the aligned layout [N * k] in token order, the padded
     group sizes) of N <= MAX_TOKENS tokens; see the module docstring. (A NaN row of logits, from NaN inputs,
-    is not detected: its pairs get arbitrary slots, where `jax.lax.top_k` would return the NaN.)"""
+    is not detected: its pairs get arbitrary slots, where `jax.lax.top_k` would return the NaN.) `tiles`:
+    the weights, experts and slots as the kernel stores them, [rows, kp] tiles of at least N tokens and k
+    choices (a choice past k weighs 0 and its slot is 0), for a Pallas consumer, which would otherwise
+    read copies cut from them."""
     n, D = x.shape
     kernel_fn = functools.partial(
         _routing_kernel, n=n, D=D, E=kernel.shape[1], k=k, align=align, depth=launch.depth
     )
     blocks = lambda rows, cols: [(rows, D), (D, cols), (cols,)]
-    return _launch(kernel_fn, blocks, (x, kernel, bias), n, kernel.shape[1], k, launch, interpret)
+    return _launch(kernel_fn, blocks, (x, kernel, bias), n, kernel.shape[1], k, launch, interpret, tiles)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "align", "interpret"))
@@ -169,7 +173,17 @@ def routing_of_logits(
     return _launch(kernel_fn, lambda rows, cols: [(rows, cols)], (logits,), n, E, k, LAUNCH, interpret)
 
 
-def _launch(kernel_fn, blocks, args, n: int, E: int, k: int, launch: RouterLaunch, interpret: bool):
+def _launch(
+    kernel_fn,
+    blocks,
+    args,
+    n: int,
+    E: int,
+    k: int,
+    launch: RouterLaunch,
+    interpret: bool,
+    tiles: bool = False,
+):
     if n > MAX_TOKENS:
         raise ValueError(f"decode_routing: {n} tokens; one program serves at most {MAX_TOKENS}")
     rows, cols, kp = _pow2(n, MIN_ROWS), _pow2(E, MIN_ROWS), _pow2(k)
@@ -191,4 +205,6 @@ def _launch(kernel_fn, blocks, args, n: int, E: int, k: int, launch: RouterLaunc
         compiler_params=triton_launch(launch.warps, launch.stages, interpret),
         interpret=interpret,
     )(*args)
+    if tiles:
+        return weights, experts, slot, padded[:E]
     return weights[:n, :k], experts[:n, :k], slot[:n, :k].reshape(-1), padded[:E]

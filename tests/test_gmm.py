@@ -135,7 +135,8 @@ def test_groups_aligned_to_the_row_tile_find_their_own_tiles(weights):
 def test_split_contractions_equal_ragged_dot(weights, splits, aligned):
     """Forward products whose contraction is divided among `splits` programs per tile (3 steps of 32:
     shares of 2 and 1, 1 each, and splits past the steps that add only zeros) equal ragged_dot, bias
-    counted once; transposed products refuse to split."""
+    counted once, and so do their float32 partial sums added afterwards (`partials`); transposed products
+    refuse to split."""
     ragged = "zeros, one row, groups ending inside tiles, rows past the groups"
     (sizes_list, extra), K, N = ([16, 0, 32, 16, 0], 0) if aligned else SIZES[ragged], 96, 40
     lhs, sizes, bias, _ = ragged_case(sizes_list, extra, K, N)
@@ -148,6 +149,14 @@ def test_split_contractions_equal_ragged_dot(weights, splits, aligned):
     launch = Tiles(rows=16, cols=16, depth=32, warps=4, stages=3, splits=splits)
     got = grouped_product(lhs, rhs, sizes, bias, launch=launch, rows=16 if aligned else None)
     close(got, with_bias(jax.lax.ragged_dot(lhs, dense, sizes), sizes_list, bias))
+    parts = grouped_product(lhs, rhs, sizes, bias, launch=launch, rows=16 if aligned else None, partials=True)
+    assert parts.shape[0] == splits and parts.dtype == jnp.float32
+    close(parts.sum(axis=0)[: lhs.shape[0]], got)
+    whole = grouped_product(lhs, rhs, sizes, bias, launch=Tiles(rows=16, cols=16, depth=32), partials=True)
+    assert whole.shape[0] == 1 and whole.dtype == lhs.dtype
+    close(whole[0, : lhs.shape[0]], got)
+    with pytest.raises(ValueError, match="only a forward product without glu returns its partial sums"):
+        grouped_product(lhs, rhs, sizes, bias, launch=launch, glu=Glu(1.7, 7.0), partials=True)
     with pytest.raises(ValueError, match="only forward products split"):
         grouped_product(lhs[:, :N], rhs, sizes, None, transpose_rhs=True, launch=launch)
 

@@ -1,0 +1,120 @@
+"""A decode step's residual add and the RMSNorm after it, in one Pallas kernel.
+
+Between a decode step's large products sit small XLA kernels that each cost a launch and a memory latency
+more than their bytes: after the attention, the residual add, the norm's reduction and the norm applied;
+after the MoE, the gather of each token's expert rows (adding the down product's contraction splits), the
+weighted sum with the residual add, the next layer's norm's reduction and the norm applied. `add_norm`
+does each of those runs in one program per token: `x' = x + delta` rounded to x's dtype, and `h =
+weight * x' / rms(x')` (float32 inside, as `norm.rms_norm`), where `delta` is an array, or the MoE's
+output before its weighted sum (`ExpertRows`): `delta[n] = sum_j weights[n, j] rows[slot[n, j]]`, the
+rows first summed over the contraction splits, rows and weights rounded to x's dtype, the sum taken in
+float32 and rounded to x's dtype, as `moe.moe_sparse` computes it. The model's decode steps on the
+kernels run both residual adds of every layer through it (`model.fuses_norms`), each layer ending with
+the next layer's input norm (the last with the final norm).
+
+Backend: `pl.pallas_call` with whole-array blocks and masked loads, lowered through Pallas' Triton backend
+on the GPU and run by the CPU interpreter in CI, like the other kernels (a row is one power-of-two tensor:
+gpt-oss-20b's 2,880 values in a masked 4,096).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+from jaxtyping import Array, Float, Int
+
+from gptoss_mla_jax.flash_decode import masked_load, pl_triton, triton_launch
+from gptoss_mla_jax.norm import rms_norm
+
+
+class ExpertRows(NamedTuple):
+    """The MoE's output before its weighted sum: the grouped matmul's `rows` [S, M, D] (its S contraction
+    splits' float32 partial sums, or S = 1), which the product rounds to the activations' dtype once
+    summed; token n's pairs at rows `slot[n]`, weighed by `weights[n]`. Both may be tiles larger than the
+    tokens and their k choices, as the routing kernel stores them: a column past a token's choices weighs
+    0 and points at a real row."""
+
+    rows: Float[Array, "S M D"]
+    slot: Int[Array, "Nt kt"]
+    weights: Float[Array, "Nt kt"]
+
+
+def moe_delta(rows: ExpertRows, n: int, dtype) -> Float[Array, "N D"]:
+    """What the MoE adds to the residual stream of n tokens in `dtype` (the activations'), in jnp: the
+    reference of the kernel's weighted sum."""
+    f32 = jnp.float32
+    y = rows.rows.sum(axis=0, dtype=f32).astype(dtype)[rows.slot[:n]]
+    weights = rows.weights[:n].astype(dtype).astype(f32)
+    return jnp.einsum("nk,nkd->nd", weights, y.astype(f32)).astype(dtype)
+
+
+def add_norm_reference(
+    x: Float[Array, "N D"], delta: Float[Array, "N D"] | ExpertRows, weight: Float[Array, " D"], eps: float
+) -> tuple[Float[Array, "N D"], Float[Array, "N D"]]:
+    """(x + delta, its RMSNorm times `weight`) in jnp, as the model computes them off the kernel."""
+    if isinstance(delta, ExpertRows):
+        delta = moe_delta(delta, x.shape[0], x.dtype)
+    x = x + delta
+    return x, rms_norm(x, weight, eps)
+
+
+def _add_norm_kernel(*refs, D: int, eps: float, k: int | None, splits: int):
+    """Program n: token n's row."""
+    if k is None:
+        x_ref, delta_ref, w_ref, x_out, h_out = refs
+    else:
+        x_ref, rows_ref, slot_ref, weights_ref, w_ref, x_out, h_out = refs
+    f32, n = jnp.float32, pl.program_id(0)
+    width = pl.next_power_of_2(D)
+    ok = jax.lax.broadcasted_iota(jnp.int32, (width,), 0) < D
+    row = lambda ref, *at: masked_load(ref.at[(*at, pl.ds(0, width))], ok).astype(f32)
+    dtype = x_out.dtype
+    rounded = lambda a: a.astype(dtype).astype(f32)
+    if k is None:
+        delta = row(delta_ref, n)
+    else:
+        delta = jnp.zeros((width,), f32)
+        for j in range(k):
+            at = slot_ref[n, j]
+            y = sum(row(rows_ref, jnp.int32(s), at) for s in range(splits))
+            delta += rounded(weights_ref[n, j]) * rounded(y)
+    x = rounded(row(x_ref, n) + rounded(delta))
+    mean_square = jnp.sum(jnp.where(ok, x * x, 0.0)) / D
+    h = row(w_ref) * (x * jax.lax.rsqrt(mean_square + eps))
+    pl_triton.store(x_out.at[n, pl.ds(0, width)], x.astype(dtype), mask=ok)
+    pl_triton.store(h_out.at[n, pl.ds(0, width)], h.astype(h_out.dtype), mask=ok)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "interpret"))
+def add_norm(
+    x: Float[Array, "N D"],
+    delta: Float[Array, "N D"] | ExpertRows,
+    weight: Float[Array, " D"],
+    eps: float,
+    interpret: bool = False,
+) -> tuple[Float[Array, "N D"], Float[Array, "N D"]]:
+    """(x + delta, its RMSNorm times `weight`), both in x's dtype, by one program per token; see the module
+    docstring. `interpret`: the CPU interpreter."""
+    N, D = x.shape
+    if isinstance(delta, ExpertRows):
+        k, splits = delta.weights.shape[1], delta.rows.shape[0]
+        args = (x, delta.rows, delta.slot, delta.weights, weight)
+    else:
+        k, splits, args = None, 1, (x, delta, weight)
+    whole = lambda a: pl.BlockSpec(a.shape, lambda n: (0,) * a.ndim)
+    out_shape = [jax.ShapeDtypeStruct((N, D), x.dtype)] * 2
+    kernel = functools.partial(_add_norm_kernel, D=D, eps=eps, k=k, splits=splits)
+    x_new, h = pl.pallas_call(
+        kernel,
+        grid=(N,),
+        in_specs=[whole(a) for a in args],
+        out_specs=[whole(s) for s in out_shape],
+        out_shape=out_shape,
+        compiler_params=triton_launch(4, 1, interpret),
+        interpret=interpret,
+    )(*args)
+    return x_new, h

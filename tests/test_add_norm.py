@@ -1,0 +1,88 @@
+"""The residual add + RMSNorm kernel (interpreted here) against jnp, the MoE's weighted sum in it, its CUDA
+lowering at gpt-oss-20b's width, and a decode step on the kernels running every residual add through it."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptoss_mla_jax.add_norm import ExpertRows, add_norm, add_norm_reference
+
+
+def case(N: int, D: int, dtype, seed: int = 0):
+    keys = jax.random.split(jax.random.key(seed), 3)
+    x = jax.random.normal(keys[0], (N, D), dtype) * 3
+    delta = jax.random.normal(keys[1], (N, D), dtype)
+    weight = 1 + jax.random.normal(keys[2], (D,), dtype) * 0.1
+    return x, delta, weight
+
+
+def expert_rows(N: int, D: int, k: int, splits: int, dtype, seed: int = 1) -> ExpertRows:
+    """The down product's rows (S split partials in float32, or one in `dtype`) in a layout of more rows
+    than pairs, token n's k pairs scattered over it, softmax routing weights."""
+    keys = jax.random.split(jax.random.key(seed), 3)
+    M = 16 * (N * k // 16 + 2)
+    rows = jax.random.normal(keys[0], (splits, M, D), jnp.float32 if splits > 1 else dtype)
+    slot = jax.random.permutation(keys[1], M)[: N * k].astype(jnp.int32).reshape(N, k)
+    return ExpertRows(rows, slot, jax.nn.softmax(jax.random.normal(keys[2], (N, k)), axis=-1))
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("N, D", [(1, 2880), (5, 100), (2, 64)])
+@pytest.mark.parametrize("delta", ["array", "experts", "expert splits"])
+def test_equals_the_residual_add_and_rms_norm(dtype, N, D, delta):
+    """x + delta and its norm: float32 to 1e-6 (sums in another order), bfloat16 bit for bit (every rounding
+    where the jnp path rounds); delta an array or the MoE's rows before their weighted sum (one product or
+    contraction splits to add first), a width off a power of two (masked in a tensor of 4,096 / 128)."""
+    x, d, weight = case(N, D, dtype)
+    if delta != "array":
+        d = expert_rows(N, D, 4, 2 if delta == "expert splits" else 1, dtype)
+    got = add_norm(x, d, weight, 1e-5, interpret=True)
+    want = add_norm_reference(x, d, weight, 1e-5)
+    for g, w in zip(got, want, strict=True):
+        assert g.shape == w.shape and g.dtype == w.dtype == dtype
+        if dtype == jnp.float32:
+            np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-6 * float(jnp.abs(w).max()))
+        else:
+            np.testing.assert_array_equal(np.asarray(g, np.float32), np.asarray(w, np.float32))
+
+
+def test_lowers_for_the_gpu_at_gpt_oss_20b_width():
+    """Both forms, bf16 at 2,880 values a token, lower to Triton for CUDA from this CPU-only machine."""
+    spec = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
+    N, D, M, k = 1, 2880, 64, 4
+    x, weight = spec(N, D), spec(D)
+    plain = lambda x, delta, weight: add_norm(x, delta, weight, 1e-5)
+    moe = lambda x, rows, slot, routing, weight: add_norm(x, ExpertRows(rows, slot, routing), weight, 1e-5)
+    for fn, args in (
+        (plain, (x, spec(N, D), weight)),
+        (moe, (x, spec(2, M, D, dtype=jnp.float32), spec(16, k, dtype=jnp.int32), spec(16, k), weight)),
+    ):
+        lowered = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+        assert lowered.as_text().count("xla.gpu.triton") == 1
+
+
+def test_decode_step_adds_through_the_kernel(monkeypatch):
+    """A decode step on the kernels (MXFP4 experts, float32) takes both residual adds of every layer
+    through `add_norm`, the MoE's weighted sum in the second, and gives the jnp step's logits; a prefill
+    does not."""
+    from gptoss_mla_jax import model
+    from gptoss_mla_jax.cache import init_cache
+    from gptoss_mla_jax.generation import DEMO_CONFIG
+
+    calls = []
+    real = model.add_norm
+    spy = lambda x, delta, *a: calls.append(isinstance(delta, ExpertRows)) or real(x, delta, *a)
+    monkeypatch.setattr(model, "add_norm", spy)
+    params = model.init_params(DEMO_CONFIG, jax.random.key(0), jnp.float32, experts="mxfp4")
+    tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, DEMO_CONFIG.vocab_size)
+    _, cache, _ = model.forward(
+        params, tokens[:, :8], init_cache(DEMO_CONFIG, 2, 16, jnp.float32), DEMO_CONFIG
+    )
+    assert calls == []
+    step = lambda kernels: model.forward(
+        params, tokens[:, 8:], cache, DEMO_CONFIG, options=model.ForwardOptions(decode_kernels=kernels)
+    )[0]
+    want, got = step(False), step(True)
+    assert calls == [False, True] * DEMO_CONFIG.num_hidden_layers  # after the attention, after the MoE
+    np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.abs(want).max()), rtol=0)
