@@ -301,10 +301,17 @@ def decoder_layer(
     return x, layer_cache, {"attn_input": h, "attn_output": a, "moe_input": m}
 
 
+# Decode steps on the kernels end each residual add in one kernel with the norm after it (`add_norm`);
+# False: XLA's kernels (read when a step is traced; `eval.bench.decode --fused-norms` times both).
+FUSE_NORMS = True
+
+
 def fuses_norms(options: ForwardOptions, T: int) -> bool:
     """Whether a step of T tokens per sequence ends each residual add in one kernel with the norm after it
     (`add_norm`): a decode step on the kernels, its MoE the sparse one, on one device's rows (no mesh)."""
-    return options.decode_kernels and T == 1 and options.moe == "sparse" and options.mesh is None
+    return (
+        FUSE_NORMS and options.decode_kernels and T == 1 and options.moe == "sparse" and options.mesh is None
+    )
 
 
 def attention_inputs(params: Params, tokens: Int[Array, "B T"], config: GptOssConfig) -> list[Array]:

@@ -72,26 +72,30 @@ def test_decode_benchmark_runs_at_a_small_size(shared_models, tmp_path):
     assert rows[2]["cache_gb"] < rows[0]["cache_gb"]
 
 
-def test_decode_benchmark_times_each_state_share(shared_models, tmp_path, monkeypatch):
-    """--state-shares: the points are timed once per share, each with flash_decode.STATE_SHARE set while
-    its steps are traced, and the default restored after."""
+def test_decode_benchmark_times_each_setting(shared_models, tmp_path, monkeypatch):
+    """--state-shares and --fused-norms: the points are timed once per pair of settings, each with
+    flash_decode.STATE_SHARE and model.FUSE_NORMS set while its steps are traced, the defaults restored
+    after."""
     from eval.bench import decode as bench_decode
     from gptoss_mla_jax import flash_decode
+    from gptoss_mla_jax import model as model_lib
 
     seen = []
     monkeypatch.setattr(flash_decode, "STATE_SHARE", None)
-    monkeypatch.setattr(
-        bench_decode, "step_seconds", lambda *args, **kwargs: seen.append(flash_decode.STATE_SHARE) or [1e-3]
-    )
+    monkeypatch.setattr(model_lib, "FUSE_NORMS", True)
+    timed = lambda *args, **kwargs: seen.append((flash_decode.STATE_SHARE, model_lib.FUSE_NORMS)) or [1e-3]
+    monkeypatch.setattr(bench_decode, "step_seconds", timed)
     out = tmp_path / "share.json"
     argv = ["--smoke", "--batches", "1", "--contexts", "64", "--repeats", "1", "--decode-kernels", "on"]
-    argv += ["--partial", "--models", "mla_partial", "--state-shares", "none,0.25", "--out", str(out)]
-    assert bench_decode.main(argv) == 0
+    argv += ["--partial", "--models", "mla_partial", "--state-shares", "none,0.25", "--fused-norms", "on,off"]
+    assert bench_decode.main([*argv, "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    assert [(r["model"], r["state_share"], r["step_ms"]) for r in rows] == [
-        ("mla_partial", "none", 1.0), ("mla_partial", "0.25", 1.0)
-    ]  # fmt: skip
-    assert seen == [None, 0.25] and flash_decode.STATE_SHARE is None
+    settings = [("none", "on"), ("none", "off"), ("0.25", "on"), ("0.25", "off")]
+    assert [(r["model"], r["state_share"], r["fused_norms"], r["step_ms"]) for r in rows] == [
+        ("mla_partial", *setting, 1.0) for setting in settings
+    ]
+    assert seen == [(None, True), (None, False), (0.25, True), (0.25, False)]
+    assert flash_decode.STATE_SHARE is None and model_lib.FUSE_NORMS
 
 
 def test_decode_splits_experiment_runs_at_a_small_size(tmp_path):

@@ -37,6 +37,7 @@ import numpy as np
 
 from eval.bench.timing import timed
 from gptoss_mla_jax import flash_decode, mla, routing
+from gptoss_mla_jax import model as model_lib
 from gptoss_mla_jax.attention import attend
 from gptoss_mla_jax.cache import accounting, init_cache
 from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig, MlaConfig
@@ -801,6 +802,11 @@ def main(argv=None) -> int:
         help="steps with absorbed MLA's slices bounded by their state (flash_decode.STATE_SHARE), each of "
         "these in turn, e.g. none,0.25 (none: unbounded, the default)",
     )  # fmt: skip
+    parser.add_argument(
+        "--fused-norms", default="on",
+        help="steps with each residual add fused with its norm (model.FUSE_NORMS), each of these in turn: "
+        "on, off or on,off",
+    )  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="a tiny model (CPU check of the script)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -855,14 +861,17 @@ def main(argv=None) -> int:
         else:
             batches = [int(b) for b in args.batches.split(",")]
             kernels = {"off": (False,), "on": (True,), "both": (False, True)}[args.decode_kernels]
-            built, result["rows"], default = models_(), [], flash_decode.STATE_SHARE
-            for share in args.state_shares.split(","):
+            built, result["rows"] = models_(), []
+            defaults = flash_decode.STATE_SHARE, model_lib.FUSE_NORMS
+            for share, fused in itertools.product(args.state_shares.split(","), args.fused_norms.split(",")):
                 flash_decode.STATE_SHARE = None if share == "none" else float(share)
-                jax.clear_caches()  # the share is read when a step is traced
-                tag = lambda row, share=share: log(row | {"state_share": share})
+                model_lib.FUSE_NORMS = fused == "on"
+                jax.clear_caches()  # both are read when a step is traced
+                setting = {"state_share": share, "fused_norms": fused}
+                tag = lambda row, setting=setting: log(row | setting)
                 rows = speed(built, batches, contexts, args.repeats, tag, kernels, args.loop_steps)
-                result["rows"] += [row | {"state_share": share} for row in rows]
-            flash_decode.STATE_SHARE = default
+                result["rows"] += [row | setting for row in rows]
+            flash_decode.STATE_SHARE, model_lib.FUSE_NORMS = defaults
     result["command"] = command
     print(json.dumps(result), flush=True)
     if args.out:
