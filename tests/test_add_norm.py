@@ -1,6 +1,8 @@
 """The residual add + RMSNorm kernel (interpreted here) against jnp, the MoE's weighted sum in it, its CUDA
 lowering at gpt-oss-20b's width, and a decode step on the kernels running every residual add through it."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,3 +88,19 @@ def test_decode_step_adds_through_the_kernel(monkeypatch):
     want, got = step(False), step(True)
     assert calls == [False, True] * DEMO_CONFIG.num_hidden_layers  # after the attention, after the MoE
     np.testing.assert_allclose(got, want, atol=1e-5 * float(jnp.abs(want).max()), rtol=0)
+
+
+def test_gpu_check_runs_on_the_interpreter(tmp_path):
+    """eval.experiments.add_norm_check on the CPU interpreter (no device times): both forms within one bf16
+    step of XLA's path (which may keep float32 between ops where jnp rounds), and the demo model's decode
+    step with the fused adds within a few bf16 steps of the step without, choosing the same tokens."""
+    from eval.experiments import add_norm_check
+
+    out = tmp_path / "check.json"
+    assert add_norm_check.main(["--batches", "2", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [(r["tokens"], r["form"]) for r in result["kernel"]] == [(2, "plain"), (2, "moe")]
+    for row in result["kernel"]:
+        assert "kernel" not in row and row["max_abs_error_h"] <= 2**-7 * row["max_abs_h"]
+    (step,) = result["step"]
+    assert step["same_top_token"] and step["max_abs_logit_difference"] <= 2**-5 * step["max_abs_logit"]

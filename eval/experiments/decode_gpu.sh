@@ -24,7 +24,8 @@
 #              device busy time, beside each setting's per-slice state bytes; splits_b8 the same at 8 x 32K
 #   share      the absorbed models' loop at 1 x 32K without and with the slices' state bounded (SHARE,
 #              default 0.25), in one process
-#   fused      GQA's loop at 1 x 4K and 64 x 4K with the residual adds fused with their norms and without
+#   fused      the fused residual add + norm kernel against XLA's path (agreement, device time), then
+#              GQA's loop at 1 x 4K and 64 x 4K with the residual adds fused with their norms and without
 #   bash eval/experiments/decode_gpu.sh OUT_DIR [STAGES]        (default: check,moe,profile,e2e)
 set -uo pipefail
 OUT=${1:?usage: bash eval/experiments/decode_gpu.sh OUT_DIR [STAGES]}
@@ -75,7 +76,8 @@ for stage in ${STAGES//,/ }; do
     share) run decode_e2e_share 480 eval.bench.decode --cuda-graphs --decode-kernels on --partial \
       --models mla_partial,mla_rorope --batches 1 --contexts 32768 --loop-steps 16 --repeats 5 \
       --state-shares "none,${SHARE:-0.25}" ;;
-    fused) run decode_e2e_fused 480 eval.bench.decode --cuda-graphs --decode-kernels on --models gqa \
+    fused) run add_norm_check 150 eval.experiments.add_norm_check
+      run decode_e2e_fused 420 eval.bench.decode --cuda-graphs --decode-kernels on --models gqa \
       --batches 1,64 --contexts 4096 --loop-steps 16 --repeats 5 --fused-norms on,off ;;
     capacity) run decode_capacity 400 eval.bench.decode --capacity --decode-kernels on --partial --contexts 32768,131072 ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
