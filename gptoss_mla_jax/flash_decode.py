@@ -383,7 +383,7 @@ def _block_diagonal(q: Float[Array, "B G R half"], P: int) -> Float[Array, "B Gp
 def decompressed_splits(
     q: Float[Array, "B G R d"],
     c: Float[Array, "B S r"],
-    key_up: tuple[Float[Array, "r G d"], Float[Array, "G d"]],
+    key_up: tuple[Float[Array, "Gp r PD"], Float[Array, "Gp PD"]],
     rotations: tuple[Float[Array, "Bc S half"], Float[Array, "Bc S half"]],
     lengths: Int[Array, " B"],
     window: int | None = None,
@@ -391,10 +391,11 @@ def decompressed_splits(
     launch: Launch = Launch(),
 ) -> tuple[Float[Array, "B Gp J PR r"], Float[Array, "B Gp J PR"], Float[Array, "B Gp J PR"]]:
     """`attention_splits` for a decompressed MLA layer: queries (RoPE applied, scale in) against keys
-    rebuilt on chip from the latent c by `key_up` (W_bk, b_k); the values are c (the caller applies W_bv
-    after `combine`). Each program serves P = `kv_heads_per_program` kv heads (Gp = G / P groups of P x R
-    query heads, kv-head-major). `rotations`: `rope.cos_sin` of the slots' positions, per sequence (Bc = B)
-    or shared (Bc = 1). Products in the cache's dtype, RoPE and sums in float32."""
+    rebuilt on chip from the latent c by `key_up` (W_bk, b_k in the layout of `grouped_key_up`); the values
+    are c (the caller applies W_bv after `combine`). Each program serves P = `kv_heads_per_program` kv heads
+    (Gp = G / P groups of P x R query heads, kv-head-major). `rotations`: `rope.cos_sin` of the slots'
+    positions, per sequence (Bc = B) or shared (Bc = 1). Products in the cache's dtype, RoPE and sums in
+    float32."""
     (w_k, b_k), (cos, sin) = key_up, rotations
     G, R, d = q.shape[1:]
     S, r = c.shape[1:]
@@ -402,17 +403,14 @@ def decompressed_splits(
     _check_split(S, splits, block)
     half = d // 2
     P = kv_heads_per_program(G, R, launch.head_block)
+    if w_k.shape[0] != G // P:
+        raise ValueError(
+            f"key up-projection grouped for {G // w_k.shape[0]} kv heads a program, the launch has {P}"
+        )
     q = q.astype(c.dtype)
     q1, q2 = (_pad_heads(_block_diagonal(part, P)) for part in (q[..., :half], q[..., half:]))
     Hq = q1.shape[2]
     cache, query = _specs(Hq, S, splits)
-    # Columns [half (2), kv head (P), frequency]: one product rebuilds the group's keys, split in halves.
-    grouped = lambda x: (
-        x.reshape(*x.shape[:-2], G // P, P, 2, half)
-        .swapaxes(-3, -2)
-        .reshape(*x.shape[:-2], G // P, 2 * P * half)
-    )
-    w = jnp.moveaxis(grouped(w_k.astype(c.dtype)), 1, 0)  # [G / P, r, 2 P half]
     kernel = functools.partial(_decompressed_kernel, block=block, window=window, sliding=sliding, slots=S)
     per_sequence = cos.shape[0] > 1
     rotation = pl.BlockSpec((None, S // splits, half), lambda b, j, g: (b if per_sequence else 0, j, 0))
@@ -421,8 +419,21 @@ def decompressed_splits(
         pl.BlockSpec((None, r, 2 * P * half), lambda b, j, g: (g, 0, 0)),
         pl.BlockSpec((None, 2 * P * half), lambda b, j, g: (g, 0)), rotation, rotation,
     ]  # fmt: skip
-    args = (q1, q2, c, w, grouped(b_k), cos.astype(jnp.float32), sin.astype(jnp.float32))
+    args = (q1, q2, c, w_k, b_k, cos.astype(jnp.float32), sin.astype(jnp.float32))
     return _launch(kernel, in_specs, args, lengths, Hq, r, P * R, launch)
+
+
+def grouped_key_up(
+    w_k: Float[Array, "r G d"], b_k: Float[Array, "G d"], P: int, dtype
+) -> tuple[Float[Array, "Gp r PD"], Float[Array, "Gp PD"]]:
+    """A decompressed layer's key up-projection (W_bk, b_k) in its kernel's layout for P kv heads a program:
+    per group of P kv heads, columns [half (2), kv head (P), frequency], so that one product rebuilds the
+    group's keys split in their rotary halves; the weights in `dtype` (the cache's)."""
+    G, d = w_k.shape[1:]
+    grouped = lambda x: (
+        x.reshape(*x.shape[:-2], G // P, P, 2, d // 2).swapaxes(-3, -2).reshape(*x.shape[:-2], G // P, P * d)
+    )
+    return jnp.moveaxis(grouped(w_k.astype(dtype)), 1, 0), grouped(b_k)
 
 
 def combine(
@@ -510,19 +521,23 @@ def mla_decompressed_decode(
     sinks: Float[Array, " H"],
     rotations: tuple[Float[Array, "Bc S half"], Float[Array, "Bc S half"]],
     launch: Launch = Launch(),
+    key_up: tuple[Array, Array] | None = None,
 ) -> Float[Array, "B H d"]:
     """One decode query per sequence (RoPE applied, as `mla.scoring_queries` gives it) over a
     decompressed layer's latent cache c that already holds the step's token: the attention output per
     head, as `attend` over `mla.keys_values` computes it, without writing K or V to memory.
     `kv_b`: the layer's up-projection {kernel [r, 2Gd], bias [2Gd]} (keys, then values); `rotations`:
-    the slots' cos / sin (`mla.slot_rotations`)."""
+    the slots' cos / sin (`mla.slot_rotations`); `key_up`: the keys' part in the kernel's layout
+    (`grouped_key_up`) where the caller derived it once for many steps (None: derived here)."""
     B, H, d = q.shape
     r = c.shape[-1]
     G = kv_b["kernel"].shape[1] // (2 * d)
     w = kv_b["kernel"].reshape(r, 2, G, d)
     bias = kv_b["bias"].reshape(2, G, d)
+    if key_up is None:
+        key_up = grouped_key_up(w[:, 0], bias[0], kv_heads_per_program(G, H // G, launch.head_block), c.dtype)
     qg = (q.astype(jnp.float32) * d**-0.5).reshape(B, G, H // G, d)
-    acc, m, l = decompressed_splits(qg, c, (w[:, 0], bias[0]), rotations, *slots, launch)
+    acc, m, l = decompressed_splits(qg, c, key_up, rotations, *slots, launch)
     latent, mass = combine(acc, m, l, sinks)  # [B, G / P, P R, r], [B, G / P, P R]
     latent, mass = latent.reshape(B, G, H // G, r), mass.reshape(B, G, H // G)
     f32 = jnp.float32

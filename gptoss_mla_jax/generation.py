@@ -16,7 +16,7 @@ from jaxtyping import Array, Float, Int
 from gptoss_mla_jax import flash_decode
 from gptoss_mla_jax.cache import init_cache
 from gptoss_mla_jax.config import GptOssConfig
-from gptoss_mla_jax.mla import with_up_projections
+from gptoss_mla_jax.mla import decode_key_layers, with_decode_keys, with_up_projections
 from gptoss_mla_jax.model import ForwardOptions, Params, check_tokens, forward, with_aligned_scales
 
 BUCKET = 16  # prompt and cache lengths are padded to multiples of this to limit recompilation
@@ -121,6 +121,10 @@ def decode_steps(
     is `done` (has produced `eos_id`; -1: none). Each step draws its key as `generate` always has (split the
     running key, use the second half), so the tokens equal those of `decode_step` called once per token."""
     B = tokens.shape[0]
+    keyed = decode_key_layers(config)
+    if decode_kernels and keyed:  # derived once for the loop's steps, not inside it
+        c = cache["layers"][keyed[0]]["c"]
+        params = with_decode_keys(params, config, c.shape[1], c.dtype)
 
     def running(carry):
         i, done = carry[0], carry[3]

@@ -213,10 +213,50 @@ def _kernel_decode(
             q_rope[:, 0], q_nope[:, 0], _partial_up_projections(p, config, layer), cache, slots, p["sinks"],
             launch,
         )[:, None]  # fmt: skip
+    derived = p.get(DECODE_KEYS)
+    if derived is None or slots.sliding:
+        rotations = slot_rotations(slots.lengths, cache["c"].shape[1], slots.sliding, config)
+        key_up = None
+    else:  # derived once for the steps of a device loop (`with_decode_keys`)
+        rotations, key_up = (derived["cos"], derived["sin"]), (derived["kernel"], derived["bias"])
     return flash_decode.mla_decompressed_decode(
         scoring_queries(q, chunk.cos, chunk.sin, config, layer)[:, 0], p["kv_b"], cache["c"], slots,
-        p["sinks"], slot_rotations(slots.lengths, cache["c"].shape[1], slots.sliding, config), launch,
+        p["sinks"], rotations, launch, key_up,
     )[:, None]  # fmt: skip
+
+
+DECODE_KEYS = "decode_keys"  # a decompressed full-attention layer's derived entry, `with_decode_keys`
+
+
+def decode_key_layers(config: GptOssConfig) -> list[int]:
+    """The layers `with_decode_keys` derives for: decompressed, full attention (slot = position)."""
+    if config.mla is None or config.mla.rope_mode != "decompressed":
+        return []
+    return [i for i in config.mla.layers if not config.is_sliding(i)]
+
+
+def with_decode_keys(params: Params, config: GptOssConfig, slots: int, dtype) -> Params:
+    """`params` with what a decode step on the kernels derives for each decompressed full-attention layer
+    computed once, under DECODE_KEYS: the slots' cos / sin for a cache of `slots` (`slot_rotations`: one
+    table, shared by the layers) and the key up-projection in the kernel's layout for a cache of `dtype`
+    (`flash_decode.grouped_key_up`, at the default launch's kv heads a program). `generation.decode_steps`
+    adds it before its loop: XLA keeps both in the loop otherwise (2 x slots x head_dim / 2 float32 values
+    written and read a layer a step, 8 MB at 32K, and a copy of the layer's key weights). For inference
+    only, like `with_up_projections`."""
+    layers = list(params["layers"])
+    if not decode_key_layers(config):
+        return params
+    cos, sin = slot_rotations(jnp.zeros((1,), jnp.int32), slots, False, config)
+    G, d = config.num_key_value_heads, config.head_dim
+    P = flash_decode.kv_heads_per_program(G, config.num_attention_heads // G)
+    for i in decode_key_layers(config):
+        attn = layers[i]["self_attn"]
+        r = attn["kv_b"]["kernel"].shape[0]
+        w = attn["kv_b"]["kernel"].reshape(r, 2, G, d)[:, 0]
+        kernel, bias = flash_decode.grouped_key_up(w, attn["kv_b"]["bias"].reshape(2, G, d)[0], P, dtype)
+        derived = {"cos": cos, "sin": sin, "kernel": kernel, "bias": bias}
+        layers[i] = {**layers[i], "self_attn": {**attn, DECODE_KEYS: derived}}
+    return {**params, "layers": layers}
 
 
 def slot_rotations(

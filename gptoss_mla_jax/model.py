@@ -32,7 +32,14 @@ from gptoss_mla_jax.attention import Chunk, attention, chunk_at
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.execution import ForwardOptions, by_rows
 from gptoss_mla_jax.flash_decode import runs_compiled
-from gptoss_mla_jax.mla import UP, attention_mla, mla_param_shapes, with_up_projections
+from gptoss_mla_jax.mla import (
+    DECODE_KEYS,
+    UP,
+    attention_mla,
+    mla_param_shapes,
+    with_decode_keys,
+    with_up_projections,
+)
 from gptoss_mla_jax.moe import expert_rows, moe_dense, moe_sparse
 from gptoss_mla_jax.mxfp4 import aligned_groups, pad_scales
 from gptoss_mla_jax.norm import rms_norm
@@ -169,10 +176,20 @@ def check_params(params: Params, config: GptOssConfig) -> None:
         if path in have and tuple(have[path].shape) == padded:
             want[path] = padded
     _check_shapes(want, have)
-    if any(getattr(key, "key", None) == UP for path in have for key in path):
-        # `with_up_projections`' entries: accepted where and as it makes them.
-        layers = [{**layer, "self_attn": _without(layer["self_attn"], UP)} for layer in params["layers"]]
-        made = jax.eval_shape(lambda p: with_up_projections(p, config), {**params, "layers": layers})
+    if {getattr(key, "key", None) for path in have for key in path} & {UP, DECODE_KEYS}:
+        # `with_up_projections`' and `with_decode_keys`' entries: accepted where and as they make them.
+        attn = lambda layer: _without(_without(layer["self_attn"], UP), DECODE_KEYS)
+        layers = [{**layer, "self_attn": attn(layer)} for layer in params["layers"]]
+        tables = [layer["self_attn"].get(DECODE_KEYS) for layer in params["layers"]]
+        table = next((t for t in tables if t is not None), None)
+
+        def derive(p):
+            p = with_up_projections(p, config)
+            if table is None:
+                return p
+            return with_decode_keys(p, config, table["cos"].shape[1], table["kernel"].dtype)
+
+        made = jax.eval_shape(derive, {**params, "layers": layers})
         want = {path: tuple(leaf.shape) for path, leaf in jax.tree_util.tree_flatten_with_path(made)[0]}
         _check_shapes({path: shape for path, shape in want.items() if path in have}, have)
     extra = sorted(jax.tree_util.keystr(p) for p in have.keys() - want.keys())

@@ -97,6 +97,61 @@ def test_mla_decode_matches_full_forward(tiny, calib, mode, kernels):
     assert_decode_matches_full(mla_params, mla_config, tokens, cache, kernels)
 
 
+def test_device_loop_derives_the_decompressed_keys_once(tiny, calib, monkeypatch):
+    """A device loop of decode steps on the kernels (decompressed MLA, layer 1 full) derives the full
+    layer's slot rotations and grouped key weights once, before its loop (`with_decode_keys`), and its
+    steps read them: the tokens and cache equal those of one step per call, which derives them each step;
+    check_params accepts the entries as made and refuses one of another shape."""
+    import jax
+
+    from gptoss_mla_jax.generation import GREEDY, decode_step, decode_steps
+    from gptoss_mla_jax.mla import DECODE_KEYS, with_decode_keys
+    from gptoss_mla_jax.model import check_params, forward
+
+    config, params = tiny
+    mla_config, mla_params, _ = convert(
+        params, config, 12, "decompressed", layers=(0, 1), init="pca", calib_tokens=calib
+    )
+    key_ups = []
+    real = flash_decode.mla_decompressed_decode
+    spy = lambda *args: key_ups.append(args[-1] is not None) or real(*args)
+    monkeypatch.setattr(flash_decode, "mla_decompressed_decode", spy)
+    prompt = np.random.default_rng(5).integers(0, 97, (2, 20)).astype(np.int32)
+    started = lambda: forward(
+        mla_params, jnp.asarray(prompt), init_cache(mla_config, 2, 32, jnp.float32), mla_config
+    )
+    _, cache, _ = started()
+    token, want = jnp.asarray(prompt[:, -1]), []
+    for _ in range(3):
+        token, cache = decode_step(mla_params, cache, token, jax.random.key(0), mla_config, GREEDY, True)
+        want.append(np.asarray(token))
+    assert key_ups and not any(key_ups)  # one step per call: derived in the step
+    key_ups.clear()
+    _, fresh, _ = started()
+    run = decode_steps(
+        mla_params, fresh, jnp.asarray(prompt[:, -1]), jax.random.key(0), jnp.zeros(2, bool), jnp.int32(3),
+        jnp.int32(-1), mla_config, GREEDY, True, 3,
+    )  # fmt: skip
+    assert True in key_ups  # the full layer's steps read the derived entry (the sliding one derives its own)
+    np.testing.assert_array_equal(np.asarray(run.tokens), np.stack(want, axis=1))
+    for a, b in zip(jax.tree.leaves(run.cache), jax.tree.leaves(cache), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6, atol=1e-6)
+    derived = with_decode_keys(mla_params, mla_config, 32, jnp.float32)
+    assert (
+        DECODE_KEYS in derived["layers"][1]["self_attn"]
+        and DECODE_KEYS not in derived["layers"][0]["self_attn"]
+    )
+    check_params(derived, mla_config)
+    table = derived["layers"][1]["self_attn"][DECODE_KEYS]
+    layers = list(derived["layers"])
+    layers[1] = {
+        **layers[1],
+        "self_attn": {**layers[1]["self_attn"], DECODE_KEYS: {**table, "cos": table["cos"][:, :16]}},
+    }
+    with pytest.raises(ValueError, match="decode_keys"):
+        check_params({**derived, "layers": layers}, mla_config)
+
+
 def test_absorbed_decode_within_a_state_share(tiny, calib, monkeypatch):
     """With the slices' state bounded (`flash_decode.STATE_SHARE` 0: one slice), the absorbed kernel's
     decode still equals the full forward, and its launches take the bound (128 slots: 2 slices without)."""

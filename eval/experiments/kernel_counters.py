@@ -43,8 +43,9 @@ def decompressed(batch: int, context: int, runs: int, smoke: bool = False) -> No
     launch = flash_decode.Launch(*flash_decode.plan(context, batch * G // P), interpret=smoke)
     print("decompressed launch", launch, flush=True)
     for _ in range(runs):
+        key_up = flash_decode.grouped_key_up(w, b, P, c.dtype)
         out = flash_decode.decompressed_splits(
-            q, c, (w, b), (jnp.cos(angles), jnp.sin(angles)), lengths, launch=launch
+            q, c, key_up, (jnp.cos(angles), jnp.sin(angles)), lengths, launch=launch
         )
         jax.block_until_ready(out)
 
