@@ -35,8 +35,9 @@ class ExpertRows(NamedTuple):
     """The MoE's output before its weighted sum: the grouped matmul's `rows` [S, M, D] (its S contraction
     splits' float32 partial sums, or S = 1), which the product rounds to the activations' dtype once
     summed; token n's pairs at rows `slot[n]`, weighed by `weights[n]`. Both may be tiles larger than the
-    tokens and their k choices, as the routing kernel stores them: a column past a token's choices weighs
-    0 and points at a real row."""
+    tokens and their k choices, as the routing kernel stores them: a real token's column past its choices
+    weighs 0 and points at a real row; the rows past the tokens are never read (their slots may point past
+    the rows)."""
 
     rows: Float[Array, "S M D"]
     slot: Int[Array, "Nt kt"]

@@ -99,13 +99,17 @@ def absorbed_split(
     whose slices each write `heads` x (latent + 2) float32 sums. `share` None: all heads in one program,
     slices unbounded (the grid fills by slices alone). Else the slices whose state stays within `share` of
     the cache's bytes, and the heads split over programs (each then reads the latent block through L2),
-    halving down to MIN_ROWS, until the grid would fill."""
+    halved while they halve evenly and keep MIN_ROWS a program, until the grid would fill."""
     if share is None:
         return None, None
     state = heads * (latent + 2) * 4
     most = 1 << max(0, int(share * slots * slot_bytes / state).bit_length() - 1)
     head_block = heads
-    while head_block > MIN_ROWS and batch * (heads // head_block) * most < FILL_PROGRAMS:
+    while (
+        head_block % 2 == 0
+        and head_block // 2 >= MIN_ROWS
+        and batch * (heads // head_block) * most < FILL_PROGRAMS
+    ):
         head_block //= 2
     return (None if head_block == heads else head_block), most
 

@@ -215,6 +215,15 @@ def test_absorbed_split_keeps_the_slices_state_within_its_share(batch, slots, sh
     assert absorbed_split(batch, slots, heads, slot_bytes, latent, None) == (None, None)
 
 
+@pytest.mark.parametrize("heads", [36, 48, 50, 96])
+def test_absorbed_split_keeps_head_blocks_whole_and_tall(heads):
+    """Heads other than gpt-oss's 64: blocks that divide the heads and keep MIN_ROWS rows (36 -> 18,
+    50 -> 25), however short the grid."""
+    head_block, _ = absorbed_split(1, 32768, heads, 384, 160, 1e-9)
+    rows = head_block or heads
+    assert heads % rows == 0 and rows >= MIN_ROWS and rows < heads
+
+
 def test_combine_counts_the_sink_once():
     """Two slices, each with one token of score 0, and a sink of 0: three equal weights."""
     acc = jnp.array([[1.0, 0.0], [0.0, 1.0]]).reshape(1, 1, 2, 1, 2)  # [B, G, J, Hq, dv]

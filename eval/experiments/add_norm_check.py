@@ -6,7 +6,9 @@ norm) and the MoE form (the down product's rows gathered by slot, its two contra
 weighted sum, the add and the norm), each compiled against the jitted jnp reference (`add_norm_reference`,
 which XLA runs as its own kernels): the largest difference of each output and both device busy times
 (profiler). Then a decode step of the demo model on the kernels with the fused adds and without
-(`model.FUSE_NORMS`), bf16: the largest logit difference, which should be a few bf16 steps.
+(`model.FUSE_NORMS`), bf16: the largest logit difference and whether the same tokens win. Both paths
+round differently (XLA may keep float32 between ops where the kernel rounds to bf16 as the jnp code is
+written), so a near-tie in the routing can flip an expert and move a logit by more than a few bf16 steps.
 
     python -m eval.experiments.add_norm_check --out eval/results/add_norm_check_h200.json
 """

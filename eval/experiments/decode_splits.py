@@ -56,7 +56,7 @@ def _pallas_outputs(jaxpr):
 
 def slice_state(fn, args) -> int:
     """Bytes of the per-slice state `fn` (one attention call) has its kernel write and its combine read
-    back: the kernel's outputs, read off the traced call."""
+    back: the kernel's outputs, read off the traced call (query rows padded to 16 included, as written)."""
     return sum(aval.size * aval.dtype.itemsize for aval in _pallas_outputs(jax.make_jaxpr(fn)(*args).jaxpr))
 
 
@@ -66,7 +66,12 @@ def settings(layer: str, batch: int, context: int, shape: dict, head_blocks) -> 
     out = []
     for head_block in head_blocks[layer]:
         programs = kernel_programs(layer, batch, shape["G"], shape["R"], head_block)
-        planned, block = flash_decode.plan(context, programs, BLOCKS[layer])
+        steps = flash_decode.plan(context, programs, BLOCKS[layer])
+        if steps is None:
+            raise ValueError(
+                f"--contexts: {context} slots, not a multiple of 16; the kernels split no such cache"
+            )
+        planned, block = steps
         for factor in SPLIT_FACTORS:
             splits = int(planned * factor)
             if splits >= 1 and context % (splits * block) == 0:
