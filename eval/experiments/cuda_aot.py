@@ -173,14 +173,16 @@ def train_step_census(preset: str) -> dict:
 def _decode_kernels(batch: int, context: int) -> dict:
     """The Pallas decode kernels to read, as {name: (function, argument specs)}: the attention kernels at
     gpt-oss-20b's attention shape (64 query heads over 8 kv heads of 64; decompressed MLA latent 192;
-    absorbed MLA latent 160 + 32 RoPE values) over `context` slots at `batch`, and one layer's MoE on the
-    grouped matmul (MXFP4 experts, the routing kernel and both packed products) at batch 1."""
+    absorbed MLA latent 160 + 32 RoPE values) over `context` slots at `batch`, one layer's MoE on the
+    grouped matmul (MXFP4 experts, the routing kernel and both packed products) at batch 1, and the fused
+    residual add + norm after the MoE at batch 1 (its rows in two contraction splits)."""
     import jax
     import jax.numpy as jnp
 
     placed = _topology()
     from eval.bench.decode import moe_layer
     from gptoss_mla_jax import flash_decode, mla
+    from gptoss_mla_jax.add_norm import ExpertRows, add_norm
     from gptoss_mla_jax.config import GPT_OSS_20B, MlaConfig
     from gptoss_mla_jax.moe import moe_sparse
 
@@ -220,6 +222,13 @@ def _decode_kernels(batch: int, context: int) -> dict:
             (
                 jax.tree.map(lambda a: spec(*a.shape, dtype=a.dtype), experts),
                 spec(1, 1, GPT_OSS_20B.hidden_size),
+            ),
+        ),
+        "add_norm_batch1": (
+            lambda x, rows, slot, weights, w: add_norm(x, ExpertRows(rows, slot, weights), w, 1e-5),
+            (
+                spec(1, GPT_OSS_20B.hidden_size), spec(2, 64, GPT_OSS_20B.hidden_size, dtype=jnp.float32),
+                spec(16, 4, dtype=jnp.int32), spec(16, 4, dtype=jnp.float32), spec(GPT_OSS_20B.hidden_size),
             ),
         ),
     }  # fmt: skip
