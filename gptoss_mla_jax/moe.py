@@ -125,7 +125,7 @@ def expert_rows(p: Params, x: Float[Array, "B T D"], config: GptOssConfig) -> Ex
     if _routed_in_kernel(n, config):
         # The routing's tiles as the kernel stores them: a Pallas consumer would read copies cut from them.
         weights, slot, padded = _decode_routing(p, flat, config, tiles=True)
-        rows = _aligned_rows(p["experts"], flat, slot[:n, :k].reshape(-1), padded, config)
+        rows = _aligned_rows(flat, slot[:n, :k].reshape(-1), padded.shape[0], k)
         product = _expert_products(p["experts"], rows, padded, config, ALIGN, partials=True)
         return ExpertRows(product, slot, weights)
     weights, idx = route(p, flat, config)
@@ -204,7 +204,7 @@ def _aligned_experts(
 ) -> Float[Array, "P D"]:
     """The pairs (token-major: pair p is token p // k) through their experts on the grouped matmul, laid
     out at `slot` with each expert's group of `padded` rows starting at a multiple of ALIGN."""
-    rows = _aligned_rows(e, flat, slot, padded, config)
+    rows = _aligned_rows(flat, slot, padded.shape[0], config.num_experts_per_tok)
     y = _expert_products(e, rows, padded, config, ALIGN).at[slot].get(unique_indices=True)
     # The rows back in token order as a buffer of their own: fused into the weighted sum that follows, the
     # gather kept XLA from fusing that sum with the residual add and the next norm (a kernel more per
@@ -213,15 +213,12 @@ def _aligned_experts(
 
 
 def _aligned_rows(
-    e: Params,
-    flat: Float[Array, "N D"],
-    slot: Int[Array, " P"],
-    padded: Int[Array, " E"],
-    config: GptOssConfig,
+    flat: Float[Array, "N D"], slot: Int[Array, " P"], experts: int, k: int
 ) -> Float[Array, "M D"]:
-    """Each pair's token row placed at its slot of the aligned layout (rows of padding zero)."""
-    P, k = slot.shape[0], config.num_experts_per_tok
-    height = P + min(P, padded.shape[0]) * (ALIGN - 1)  # the most rows the layout can need
+    """Each of the token rows' k pairs placed at its slot of the aligned layout over `experts` experts
+    (rows of padding zero)."""
+    P = slot.shape[0]
+    height = P + min(P, experts) * (ALIGN - 1)  # the most rows the layout can need
     # Every pair has a slot of its own: unique indices, so the gradient needs no scatter-add of repeats.
     rows = jnp.zeros((height, flat.shape[1]), flat.dtype)
     return rows.at[slot].set(jnp.repeat(flat, k, axis=0), unique_indices=True)
