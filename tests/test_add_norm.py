@@ -78,11 +78,10 @@ def test_decode_step_adds_through_the_kernel(monkeypatch):
     monkeypatch.setattr(model, "add_norm", spy)
     params = model.init_params(DEMO_CONFIG, jax.random.key(0), jnp.float32, experts="mxfp4")
     tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, DEMO_CONFIG.vocab_size)
-    _, cache, _ = model.forward(
-        params, tokens[:, :8], init_cache(DEMO_CONFIG, 2, 16, jnp.float32), DEMO_CONFIG
-    )
+    run = jax.jit(model.forward, static_argnames=("config", "options"))  # traced once: the spy sees each call
+    _, cache, _ = run(params, tokens[:, :8], init_cache(DEMO_CONFIG, 2, 16, jnp.float32), DEMO_CONFIG)
     assert calls == []
-    step = lambda kernels: model.forward(
+    step = lambda kernels: run(
         params, tokens[:, 8:], cache, DEMO_CONFIG, options=model.ForwardOptions(decode_kernels=kernels)
     )[0]
     want, got = step(False), step(True)

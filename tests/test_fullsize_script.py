@@ -87,14 +87,14 @@ def test_decode_benchmark_times_each_setting(shared_models, tmp_path, monkeypatc
     monkeypatch.setattr(bench_decode, "step_seconds", timed)
     out = tmp_path / "share.json"
     argv = ["--smoke", "--batches", "1", "--contexts", "64", "--repeats", "1", "--decode-kernels", "on"]
-    argv += ["--partial", "--models", "mla_partial", "--state-shares", "none,0.25", "--fused-norms", "on,off"]
+    argv += ["--state-shares", "none,0.25", "--fused-norms", "on,off"]  # the shared models: gqa, mla
     assert bench_decode.main([*argv, "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     settings = [("none", "on"), ("none", "off"), ("0.25", "on"), ("0.25", "off")]
     assert [(r["model"], r["state_share"], r["fused_norms"], r["step_ms"]) for r in rows] == [
-        ("mla_partial", *setting, 1.0) for setting in settings
+        (model, *setting, 1.0) for setting in settings for model in ("gqa", "mla")
     ]
-    assert seen == [(None, True), (None, False), (0.25, True), (0.25, False)]
+    assert seen == [(share, fused) for share in (None, 0.25) for fused in (True, False) for _ in range(2)]
     assert flash_decode.STATE_SHARE is None and model_lib.FUSE_NORMS
 
 

@@ -117,7 +117,8 @@ def test_device_loop_derives_the_decompressed_keys_once(tiny, calib, monkeypatch
     spy = lambda *args: key_ups.append(args[-1] is not None) or real(*args)
     monkeypatch.setattr(flash_decode, "mla_decompressed_decode", spy)
     prompt = np.random.default_rng(5).integers(0, 97, (2, 20)).astype(np.int32)
-    started = lambda: forward(
+    prefill = jax.jit(forward, static_argnames="config")
+    started = lambda: prefill(
         mla_params, jnp.asarray(prompt), init_cache(mla_config, 2, 32, jnp.float32), mla_config
     )
     _, cache, _ = started()
