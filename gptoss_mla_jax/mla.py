@@ -243,9 +243,9 @@ def with_decode_keys(params: Params, config: GptOssConfig, slots: int, dtype) ->
     adds it before its loop: XLA keeps both in the loop otherwise (2 x slots x head_dim / 2 float32 values
     written and read a layer a step, 8 MB at 32K, and a copy of the layer's key weights). For inference
     only, like `with_up_projections`."""
-    layers = list(params["layers"])
     if not decode_key_layers(config):
         return params
+    layers = list(params["layers"])
     cos, sin = slot_rotations(jnp.zeros((1,), jnp.int32), slots, False, config)
     G, d = config.num_key_value_heads, config.head_dim
     P = flash_decode.kv_heads_per_program(G, config.num_attention_heads // G)
