@@ -12,6 +12,11 @@ float32 and rounded to x's dtype, as `moe.moe_sparse` computes it. The model's d
 kernels run both residual adds of every layer through it (`model.fuses_norms`), each layer ending with
 the next layer's input norm (the last with the final norm).
 
+`add_norm_routed` also starts the MoE's routing after the attention's add: each token's normed row times
+the router's kernel, split over programs by slices of the contraction, whose float32 partial sums the
+routing kernel adds (`routing.routing_of_logits`). Streamed through the routing kernel's one program, the
+router's 184 KB took about half of its 9 us a layer.
+
 Backend: `pl.pallas_call` with whole-array blocks and masked loads, lowered through Pallas' Triton backend
 on the GPU and run by the CPU interpreter in CI, like the other kernels (a row is one power-of-two tensor:
 gpt-oss-20b's 2,880 values in a masked 4,096).
@@ -63,21 +68,22 @@ def add_norm_reference(
     return x, rms_norm(x, weight, eps)
 
 
-def _add_norm_kernel(*refs, D: int, eps: float, k: int | None, splits: int):
-    """Program n: token n's row."""
-    if k is None:
-        x_ref, delta_ref, w_ref, x_out, h_out = refs
-    else:
-        x_ref, rows_ref, slot_ref, weights_ref, w_ref, x_out, h_out = refs
+def _add_norm_kernel(*refs, D: int, eps: float, k: int | None, splits: int, depth: int | None):
+    """Program n (and s, with the router): token n's row (and the router's rows from s * depth)."""
+    inputs = 3 if k is None else 5  # x, the delta's arrays, the norm's weight; then the router, if any
+    x_ref, *delta_refs, w_ref = refs[:inputs]
+    router_ref, outs = (refs[inputs], refs[inputs + 1 :]) if depth is not None else (None, refs[inputs:])
     f32, n = jnp.float32, pl.program_id(0)
     width = pl.next_power_of_2(D)
     ok = jax.lax.broadcasted_iota(jnp.int32, (width,), 0) < D
     row = lambda ref, *at: masked_load(ref.at[(*at, pl.ds(0, width))], ok).astype(f32)
-    dtype = x_out.dtype
-    rounded = lambda a: a.astype(dtype).astype(f32)
+    dtype, h_dtype = outs[0].dtype, outs[1].dtype
+    rounded = lambda a, dtype=dtype: a.astype(dtype).astype(f32)
     if k is None:
+        (delta_ref,) = delta_refs
         delta = row(delta_ref, n)
     else:
+        rows_ref, slot_ref, weights_ref = delta_refs
         delta = jnp.zeros((width,), f32)
         for j in range(k):
             at = slot_ref[n, j]
@@ -85,9 +91,67 @@ def _add_norm_kernel(*refs, D: int, eps: float, k: int | None, splits: int):
             delta += rounded(weights_ref[n, j]) * rounded(y)
     x = rounded(row(x_ref, n) + rounded(delta))
     mean_square = jnp.sum(jnp.where(ok, x * x, 0.0)) / D
-    h = row(w_ref) * (x * jax.lax.rsqrt(mean_square + eps))
-    pl_triton.store(x_out.at[n, pl.ds(0, width)], x.astype(dtype), mask=ok)
-    pl_triton.store(h_out.at[n, pl.ds(0, width)], h.astype(h_out.dtype), mask=ok)
+    scale = jax.lax.rsqrt(mean_square + eps)
+    h = row(w_ref) * (x * scale)
+
+    def store():
+        pl_triton.store(outs[0].at[n, pl.ds(0, width)], x.astype(dtype), mask=ok)
+        pl_triton.store(outs[1].at[n, pl.ds(0, width)], h.astype(h_dtype), mask=ok)
+
+    if depth is None:
+        store()
+        return
+    pl.when(pl.program_id(1) == 0)(store)
+    # The router's rows [s * depth, (s + 1) * depth) times the same rows of h, as the jnp path rounds it: a
+    # register tensor cannot be sliced at a program's offset, so they are recomputed from the inputs.
+    start = pl.program_id(1) * depth
+    part_ok = start + jax.lax.broadcasted_iota(jnp.int32, (depth,), 0) < D
+    part = lambda ref, *at: masked_load(ref.at[(*at, pl.ds(start, depth))], part_ok).astype(f32)
+    x_part = rounded(part(x_ref, n) + rounded(part(delta_ref, n)))
+    h_part = rounded(part(w_ref) * (x_part * scale), h_dtype)
+    E = router_ref.shape[1]
+    cols = pl.next_power_of_2(E)
+    cols_ok = jax.lax.broadcasted_iota(jnp.int32, (cols,), 0) < E
+    w = masked_load(router_ref.at[pl.ds(start, depth), pl.ds(0, cols)], part_ok[:, None] & cols_ok[None, :])
+    logits = jnp.sum(h_part[:, None] * w.astype(f32), axis=0)
+    pl_triton.store(outs[2].at[pl.program_id(1), n, pl.ds(0, cols)], logits, mask=cols_ok)
+
+
+# Router rows per program of `add_norm_routed`: gpt-oss-20b's 2,880 in 12 programs per token.
+ROUTER_DEPTH = 256
+
+
+def _call(x, delta, weight, eps: float, interpret: bool, router=None):
+    N, D = x.shape
+    if isinstance(delta, ExpertRows):
+        k, splits = delta.weights.shape[1], delta.rows.shape[0]
+        args = (x, delta.rows, delta.slot, delta.weights, weight)
+    else:
+        k, splits, args = None, 1, (x, delta, weight)
+    out_shape = [jax.ShapeDtypeStruct((N, D), x.dtype)] * 2
+    grid, depth = (N,), None
+    if router is not None:
+        if k is not None:
+            raise ValueError(
+                "add_norm_routed: the router's product follows the attention's add, not the MoE's"
+            )
+        if router.shape[0] != D:
+            raise ValueError(f"add_norm_routed: router kernel {router.shape}, x has {D} values a token")
+        depth = min(ROUTER_DEPTH, pl.next_power_of_2(D))
+        grid = (N, pl.cdiv(D, depth))
+        args = (*args, router)
+        out_shape.append(jax.ShapeDtypeStruct((grid[1], N, router.shape[1]), jnp.float32))
+    whole = lambda a: pl.BlockSpec(a.shape, lambda *program: (0,) * a.ndim)
+    kernel = functools.partial(_add_norm_kernel, D=D, eps=eps, k=k, splits=splits, depth=depth)
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=[whole(a) for a in args],
+        out_specs=[whole(s) for s in out_shape],
+        out_shape=out_shape,
+        compiler_params=triton_launch(4, 1, interpret),
+        interpret=interpret,
+    )(*args)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "interpret"))
@@ -100,22 +164,21 @@ def add_norm(
 ) -> tuple[Float[Array, "N D"], Float[Array, "N D"]]:
     """(x + delta, its RMSNorm times `weight`), both in x's dtype, by one program per token; see the module
     docstring. `interpret`: the CPU interpreter."""
-    N, D = x.shape
-    if isinstance(delta, ExpertRows):
-        k, splits = delta.weights.shape[1], delta.rows.shape[0]
-        args = (x, delta.rows, delta.slot, delta.weights, weight)
-    else:
-        k, splits, args = None, 1, (x, delta, weight)
-    whole = lambda a: pl.BlockSpec(a.shape, lambda n: (0,) * a.ndim)
-    out_shape = [jax.ShapeDtypeStruct((N, D), x.dtype)] * 2
-    kernel = functools.partial(_add_norm_kernel, D=D, eps=eps, k=k, splits=splits)
-    x_new, h = pl.pallas_call(
-        kernel,
-        grid=(N,),
-        in_specs=[whole(a) for a in args],
-        out_specs=[whole(s) for s in out_shape],
-        out_shape=out_shape,
-        compiler_params=triton_launch(4, 1, interpret),
-        interpret=interpret,
-    )(*args)
+    x_new, h = _call(x, delta, weight, eps, interpret)
     return x_new, h
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "interpret"))
+def add_norm_routed(
+    x: Float[Array, "N D"],
+    delta: Float[Array, "N D"],
+    weight: Float[Array, " D"],
+    router: Float[Array, "D E"],
+    eps: float,
+    interpret: bool = False,
+) -> tuple[Float[Array, "N D"], Float[Array, "N D"], Float[Array, "S N E"]]:
+    """`add_norm`, and the router's product h @ router as S float32 partial sums over slices of its
+    contraction (`ROUTER_DEPTH` rows each, one program per slice and token), for the routing kernel to add
+    (`routing.routing_of_logits`): the router's 184 KB then stream through S programs instead of one."""
+    x_new, h, partials = _call(x, delta, weight, eps, interpret, router)
+    return x_new, h, partials

@@ -27,7 +27,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from gptoss_mla_jax import cache as kv_cache
-from gptoss_mla_jax.add_norm import add_norm
+from gptoss_mla_jax.add_norm import add_norm, add_norm_routed
 from gptoss_mla_jax.attention import Chunk, attention, chunk_at
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.execution import ForwardOptions, by_rows
@@ -40,7 +40,7 @@ from gptoss_mla_jax.mla import (
     with_decode_keys,
     with_up_projections,
 )
-from gptoss_mla_jax.moe import expert_rows, moe_dense, moe_sparse
+from gptoss_mla_jax.moe import expert_rows, moe_dense, moe_sparse, routed_in_kernel
 from gptoss_mla_jax.mxfp4 import aligned_groups, pad_scales
 from gptoss_mla_jax.norm import rms_norm
 
@@ -297,13 +297,18 @@ def decoder_layer(
         with jax.named_scope("attention"):
             a, layer_cache = attention(*args, options=options)
     if next_norm is not None:
-        fused = lambda x, delta, weight: tuple(
-            y.reshape(x.shape)
-            for y in add_norm(x.reshape(-1, x.shape[-1]), delta, weight, eps, not runs_compiled())
-        )
-        x, m = fused(x, a.reshape(-1, a.shape[-1]), layer["post_attention_layernorm"])
+        rows = lambda y: y.reshape(-1, y.shape[-1])
+        interpret = not runs_compiled()
+        weight = layer["post_attention_layernorm"]
+        if FUSED_NORMS == "router" and routed_in_kernel(rows(x).shape[0], config):
+            router = layer["mlp"]["router"]["kernel"]
+            *added, partials = add_norm_routed(rows(x), rows(a), weight, router, eps, interpret)
+        else:
+            added, partials = add_norm(rows(x), rows(a), weight, eps, interpret), None
+        x, m = (y.reshape(x.shape) for y in added)
         with jax.named_scope("moe"):
-            x, h_next = fused(x, expert_rows(layer["mlp"], m, config), next_norm)
+            moe_rows = expert_rows(layer["mlp"], m, config, partials)
+            x, h_next = (y.reshape(x.shape) for y in add_norm(rows(x), moe_rows, next_norm, eps, interpret))
         return x, layer_cache, {"attn_input": h, "attn_output": a, "moe_input": m, "next_input": h_next}
     x = x + a
     m = rms_norm(x, layer["post_attention_layernorm"], eps)
@@ -318,16 +323,22 @@ def decoder_layer(
     return x, layer_cache, {"attn_input": h, "attn_output": a, "moe_input": m}
 
 
-# Decode steps on the kernels end each residual add in one kernel with the norm after it (`add_norm`);
-# False: XLA's kernels (read when a step is traced; `eval.bench.decode --fused-norms` times both).
-FUSE_NORMS = True
+# Decode steps on the kernels end each residual add in one kernel with the norm after it (`add_norm`), the
+# one before the MoE also taking the router's product ("router", `add_norm_routed`; "norms": without it);
+# "off": XLA's kernels. Read when a step is traced; `eval.bench.decode --fused-norms` times each.
+FusedNorms = Literal["router", "norms", "off"]
+FUSED_NORMS: FusedNorms = "router"
 
 
 def fuses_norms(options: ForwardOptions, T: int) -> bool:
     """Whether a step of T tokens per sequence ends each residual add in one kernel with the norm after it
     (`add_norm`): a decode step on the kernels, its MoE the sparse one, on one device's rows (no mesh)."""
     return (
-        FUSE_NORMS and options.decode_kernels and T == 1 and options.moe == "sparse" and options.mesh is None
+        FUSED_NORMS != "off"
+        and options.decode_kernels
+        and T == 1
+        and options.moe == "sparse"
+        and options.mesh is None
     )
 
 

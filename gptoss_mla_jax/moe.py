@@ -98,7 +98,7 @@ def moe_sparse(
     them, and more pairs are grouped by expert and multiplied as `grouped` says."""
     flat = x.reshape(-1, x.shape[-1])
     n, k = flat.shape[0], config.num_experts_per_tok
-    if kernels and _routed_in_kernel(n, config):
+    if kernels and routed_in_kernel(n, config):
         # A decode batch's router and aligned layout in one kernel.
         weights, slot, padded = _decode_routing(p, flat, config)
         y = _aligned_experts(p["experts"], flat, slot, padded, config).reshape(n, k, -1)
@@ -115,16 +115,27 @@ def moe_sparse(
     return out.astype(x.dtype).reshape(x.shape)
 
 
-def expert_rows(p: Params, x: Float[Array, "B T D"], config: GptOssConfig) -> ExpertRows:
+def expert_rows(
+    p: Params,
+    x: Float[Array, "B T D"],
+    config: GptOssConfig,
+    router_partials: Float[Array, "S N E"] | None = None,
+) -> ExpertRows:
     """A decode step's MoE on the kernels up to its weighted sum (`moe_sparse(..., kernels=True)` is
     `add_norm.moe_delta` of this): the down product's rows, its contraction splits' partial sums not yet
     added, and each token's slots and routing weights, for `add_norm.add_norm` to finish with the residual
-    add and the next norm in one kernel."""
+    add and the next norm in one kernel. `router_partials`: the router's product x W already taken, as
+    partial sums (`add_norm.add_norm_routed`; for n tokens that `routed_in_kernel`)."""
     flat = x.reshape(-1, x.shape[-1])
     n, k = flat.shape[0], config.num_experts_per_tok
-    if _routed_in_kernel(n, config):
+    if routed_in_kernel(n, config):
         # The routing's tiles as the kernel stores them: a Pallas consumer would read copies cut from them.
-        weights, slot, padded = _decode_routing(p, flat, config, tiles=True)
+        if router_partials is None:
+            weights, slot, padded = _decode_routing(p, flat, config, tiles=True)
+        else:
+            weights, _, slot, padded = routing.routing_of_logits(
+                router_partials, p["router"]["bias"], k, ALIGN, flat.dtype, not runs_compiled(), tiles=True
+            )
         rows = _aligned_rows(flat, slot[:n, :k].reshape(-1), padded.shape[0], k)
         product = _expert_products(p["experts"], rows, padded, config, ALIGN, partials=True)
         return ExpertRows(product, slot, weights)
@@ -133,7 +144,7 @@ def expert_rows(p: Params, x: Float[Array, "B T D"], config: GptOssConfig) -> Ex
     return ExpertRows(y.reshape(1, n * k, -1), jnp.arange(n * k, dtype=jnp.int32).reshape(n, k), weights)
 
 
-def _routed_in_kernel(n: int, config: GptOssConfig) -> bool:
+def routed_in_kernel(n: int, config: GptOssConfig) -> bool:
     """Whether n tokens' routing and aligned layout come from the routing kernel."""
     return n <= routing.MAX_TOKENS and _aligns(n, config)
 

@@ -14,7 +14,10 @@ they are mostly launches around 184 KB of router weights. One program does it al
   product over the tokens' one-hot choices.
 
 One program holds every token, so this serves decode batches (`MAX_TOKENS`); `moe` keeps its jnp path
-above that. The router's weights stream through that one program, `RouterLaunch.depth` rows a step with
+above that. `routing_of_logits` starts from the router's product instead, given as partial sums over
+slices of its contraction: the model's decode steps take that product in the kernel of the residual add
+before the MoE (`add_norm.add_norm_routed`, over many programs), so the router's weights need not stream
+through this one. The router's weights stream through that one program, `RouterLaunch.depth` rows a step with
 `stages` of software pipelining, so the steps' loads overlap instead of each waiting out the memory's
 latency (`LAUNCH`, chosen among the candidates `eval.bench.decode --moe` times). Backend: `pl.pallas_call`
 with whole-array blocks and masked loads, lowered through Pallas' Triton backend on the GPU and run by the
@@ -80,12 +83,16 @@ def _routing_kernel(
 
 
 def _logits_kernel(
-    logits_ref, weights_ref, experts_ref, slot_ref, padded_ref, *, n: int, E: int, k: int, align: int
-):
-    rows, cols = weights_ref.shape[0], padded_ref.shape[0]
+    partials_ref, b_ref, weights_ref, experts_ref, slot_ref, padded_ref, *, n: int, S: int, E: int, k: int,
+    align: int, dtype,
+):  # fmt: skip
+    splits, rows, cols = partials_ref.shape  # partial sums, tokens and experts, padded to powers of two
     rows_ok = _iota((rows, 1), 0) < n
     experts_ok = _iota((1, cols), 1) < E
-    logits = masked_load(logits_ref, rows_ok & experts_ok).astype(jnp.float32)
+    ok = (_iota((splits, 1, 1), 0) < S) & (rows_ok & experts_ok)[None]
+    summed = jnp.sum(masked_load(partials_ref, ok).astype(jnp.float32), axis=0)
+    bias = masked_load(b_ref, experts_ok.reshape(cols))
+    logits = (summed.astype(dtype) + bias[None, :]).astype(jnp.float32)
     _choose(logits, rows_ok, experts_ok, weights_ref, experts_ref, slot_ref, padded_ref, k=k, align=align)
 
 
@@ -163,14 +170,24 @@ def decode_routing(
     return _launch(kernel_fn, blocks, (x, kernel, bias), n, kernel.shape[1], k, launch, interpret, tiles)
 
 
-@functools.partial(jax.jit, static_argnames=("k", "align", "interpret"))
+@functools.partial(jax.jit, static_argnames=("k", "align", "dtype", "interpret", "tiles"))
 def routing_of_logits(
-    logits: Float[Array, "N E"], k: int, align: int, interpret: bool = False
+    partials: Float[Array, "S N E"],
+    bias: Float[Array, " E"],
+    k: int,
+    align: int,
+    dtype,
+    interpret: bool = False,
+    tiles: bool = False,
 ) -> tuple[Float[Array, "N k"], Int[Array, "N k"], Int[Array, " Nk"], Int[Array, " E"]]:
-    """`decode_routing` from the router's logits (x W + b in x's dtype, as `moe.route` computes them)."""
-    n, E = logits.shape
-    kernel_fn = functools.partial(_logits_kernel, n=n, E=E, k=k, align=align)
-    return _launch(kernel_fn, lambda rows, cols: [(rows, cols)], (logits,), n, E, k, LAUNCH, interpret)
+    """`decode_routing` from the router's product x W given as S partial sums over slices of its
+    contraction (`add_norm.add_norm_routed`'s; S = 1: the product itself): the logits are their sum rounded
+    to `dtype` (the activations') plus the bias, as `moe.route` computes them up to the order of the
+    sums."""
+    S, n, E = partials.shape
+    kernel_fn = functools.partial(_logits_kernel, n=n, S=S, E=E, k=k, align=align, dtype=dtype)
+    blocks = lambda rows, cols: [(_pow2(S), rows, cols), (cols,)]
+    return _launch(kernel_fn, blocks, (partials, bias), n, E, k, LAUNCH, interpret, tiles)
 
 
 def _launch(

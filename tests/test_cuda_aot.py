@@ -76,6 +76,9 @@ def test_main_loop_mix_reads_the_longest_loop():
     assert cuda_aot.other_loops(SASS, least=2) == [{"instructions": 2, "opcodes": {"HMMA": 1, "BRA": 1}}]
     assert cuda_aot.other_loops(SASS) == []
     assert cuda_aot.registers("ptxas info    : Used 167 registers, used 1 barriers") == 167
+    log = "Function properties for k\n 24 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads"
+    assert cuda_aot.spilled_bytes(log) == 20
+    assert cuda_aot.spilled_bytes("    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads") == 0
 
 
 def test_without_the_cuda_plugin_it_says_what_to_install():

@@ -74,7 +74,7 @@ def test_decode_benchmark_runs_at_a_small_size(shared_models, tmp_path):
 
 def test_decode_benchmark_times_each_setting(shared_models, tmp_path, monkeypatch):
     """--state-shares and --fused-norms: the points are timed once per pair of settings, each with
-    flash_decode.STATE_SHARE and model.FUSE_NORMS set while its steps are traced, the defaults restored
+    flash_decode.STATE_SHARE and model.FUSED_NORMS set while its steps are traced, the defaults restored
     after."""
     from eval.bench import decode as bench_decode
     from gptoss_mla_jax import flash_decode
@@ -82,20 +82,20 @@ def test_decode_benchmark_times_each_setting(shared_models, tmp_path, monkeypatc
 
     seen = []
     monkeypatch.setattr(flash_decode, "STATE_SHARE", None)
-    monkeypatch.setattr(model_lib, "FUSE_NORMS", True)
-    timed = lambda *args, **kwargs: seen.append((flash_decode.STATE_SHARE, model_lib.FUSE_NORMS)) or [1e-3]
+    monkeypatch.setattr(model_lib, "FUSED_NORMS", "router")
+    timed = lambda *args, **kwargs: seen.append((flash_decode.STATE_SHARE, model_lib.FUSED_NORMS)) or [1e-3]
     monkeypatch.setattr(bench_decode, "step_seconds", timed)
     out = tmp_path / "share.json"
     argv = ["--smoke", "--batches", "1", "--contexts", "64", "--repeats", "1", "--decode-kernels", "on"]
-    argv += ["--state-shares", "none,0.25", "--fused-norms", "on,off"]  # the shared models: gqa, mla
+    argv += ["--state-shares", "none,0.25", "--fused-norms", "norms,off"]  # the shared models: gqa, mla
     assert bench_decode.main([*argv, "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
-    settings = [("none", "on"), ("none", "off"), ("0.25", "on"), ("0.25", "off")]
+    settings = [("none", "norms"), ("none", "off"), ("0.25", "norms"), ("0.25", "off")]
     assert [(r["model"], r["state_share"], r["fused_norms"], r["step_ms"]) for r in rows] == [
         (model, *setting, 1.0) for setting in settings for model in ("gqa", "mla")
     ]
-    assert seen == [(share, fused) for share in (None, 0.25) for fused in (True, False) for _ in range(2)]
-    assert flash_decode.STATE_SHARE is None and model_lib.FUSE_NORMS
+    assert seen == [(share, fused) for share in (None, 0.25) for fused in ("norms", "off") for _ in range(2)]
+    assert flash_decode.STATE_SHARE is None and model_lib.FUSED_NORMS == "router"
 
 
 def test_decode_splits_experiment_runs_at_a_small_size(tmp_path):

@@ -71,15 +71,33 @@ def test_lowers_for_the_gpu(tokens, E, k):
     assert traced.lower(lowering_platforms=("cuda",)).as_text().count("xla.gpu.triton") == 1
 
 
-def test_routing_of_logits_equals_the_fused_kernel():
-    """The routing kernel fed XLA's router logits (`routing_of_logits`, the split the decode-variants
-    experiment times) gives the fused kernel's weights, experts and layout."""
+@pytest.mark.parametrize("splits", [1, 3])
+def test_routing_of_logits_equals_the_fused_kernel(splits):
+    """The routing kernel fed the router's product as partial sums over slices of its contraction
+    (`routing_of_logits`: one, XLA's product; three, padded to a tile of four, as `add_norm_routed` gives
+    twelve at gpt-oss-20b's width) gives the fused kernel's weights, experts and layout."""
     from gptoss_mla_jax.routing import routing_of_logits
 
     rng = np.random.default_rng(5)
-    x = jnp.asarray(rng.standard_normal((5, 64)), jnp.float32)
-    kernel, bias = jnp.asarray(rng.standard_normal((64, 8)), jnp.float32), jnp.asarray(rng.standard_normal(8))
+    x = jnp.asarray(rng.standard_normal((5, 96)), jnp.float32)
+    kernel, bias = jnp.asarray(rng.standard_normal((96, 8)), jnp.float32), jnp.asarray(rng.standard_normal(8))
     fused = decode_routing(x, kernel, bias, 2, ALIGN, interpret=True)
-    split = routing_of_logits(x @ kernel + bias, 2, ALIGN, interpret=True)
-    for a, b in zip(fused, split, strict=True):
-        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-6)
+    partials = jnp.stack(
+        [a @ w for a, w in zip(jnp.split(x, splits, 1), jnp.split(kernel, splits), strict=True)]
+    )
+    split = routing_of_logits(partials, bias, 2, ALIGN, jnp.float32, interpret=True)
+    np.testing.assert_allclose(split[0], fused[0], rtol=1e-6, atol=1e-6)  # sums in another order
+    for a, b in zip(fused[1:], split[1:], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_routing_of_logits_rounds_the_sum_before_the_bias():
+    """bf16 activations: the partial sums' total is rounded to bf16 and the bias added in bf16, as x @ W + b
+    in bf16 (`moe.route`) rounds; experts that differ only below the rounding tie and go to the lower."""
+    from gptoss_mla_jax.routing import routing_of_logits
+
+    partials = jnp.asarray([[[1.0, 1.0 + 2**-10, 0.5, 3.0]], [[0.0, 0.0, 0.0, -3.0]]], jnp.float32)
+    bias = jnp.zeros(4, jnp.bfloat16)
+    weights, experts, _, _ = routing_of_logits(partials, bias, 2, ALIGN, jnp.bfloat16, interpret=True)
+    np.testing.assert_array_equal(experts, [[0, 1]])  # 1 + 2^-10 rounds to 1 in bf16: a tie, lower first
+    np.testing.assert_allclose(weights, [[0.5, 0.5]])

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -803,13 +803,17 @@ def main(argv=None) -> int:
         "these in turn, e.g. none,0.25 (none: unbounded, the default)",
     )  # fmt: skip
     parser.add_argument(
-        "--fused-norms", default="on",
-        help="steps with each residual add fused with its norm (model.FUSE_NORMS), each of these in turn: "
-        "on, off or on,off",
+        "--fused-norms", default="router",
+        help="steps with each residual add fused with its norm (model.FUSED_NORMS: router, the one before "
+        "the MoE with the router's product; norms, without; off), each of these in turn, e.g. "
+        "router,norms,off",
     )  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="a tiny model (CPU check of the script)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
+    unknown = set(args.fused_norms.split(",")) - set(get_args(model_lib.FusedNorms))
+    if unknown:
+        parser.error(f"--fused-norms: {sorted(unknown)} not among {get_args(model_lib.FusedNorms)}")
     if args.cuda_graphs:
         request_cuda_graphs()
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -862,16 +866,16 @@ def main(argv=None) -> int:
             batches = [int(b) for b in args.batches.split(",")]
             kernels = {"off": (False,), "on": (True,), "both": (False, True)}[args.decode_kernels]
             built, result["rows"] = models_(), []
-            defaults = flash_decode.STATE_SHARE, model_lib.FUSE_NORMS
+            defaults = flash_decode.STATE_SHARE, model_lib.FUSED_NORMS
             for share, fused in itertools.product(args.state_shares.split(","), args.fused_norms.split(",")):
                 flash_decode.STATE_SHARE = None if share == "none" else float(share)
-                model_lib.FUSE_NORMS = fused == "on"
+                model_lib.FUSED_NORMS = fused
                 jax.clear_caches()  # both are read when a step is traced
                 setting = {"state_share": share, "fused_norms": fused}
                 tag = lambda row, setting=setting: log(row | setting)
                 rows = speed(built, batches, contexts, args.repeats, tag, kernels, args.loop_steps)
                 result["rows"] += [row | setting for row in rows]
-            flash_decode.STATE_SHARE, model_lib.FUSE_NORMS = defaults
+            flash_decode.STATE_SHARE, model_lib.FUSED_NORMS = defaults
     result["command"] = command
     print(json.dumps(result), flush=True)
     if args.out:

@@ -5,8 +5,11 @@ Per batch (1, 8, 64 tokens of 2,880 bf16 values): the plain form (after the atte
 norm) and the MoE form (the down product's rows gathered by slot, its two contraction splits added, the
 weighted sum, the add and the norm), each compiled against the jitted jnp reference (`add_norm_reference`,
 which XLA runs as its own kernels): the largest difference of each output and both device busy times
-(profiler). Then a decode step of the demo model on the kernels with the fused adds and without
-(`model.FUSE_NORMS`), bf16: the largest logit difference and whether the same tokens win. Both paths
+(profiler). Then the add before the MoE and the routing kernel with the router's product taken in the
+add's kernel (`add_norm_routed`, `routing_of_logits`) and without (`add_norm`, `decode_routing`): whether
+both route alike, and both pairs' device time. Then a decode step of the demo model on the kernels with
+each setting of `model.FUSED_NORMS`, bf16: the largest logit difference from the step without the fused
+adds and whether the same tokens win. Both paths
 round differently (XLA may keep float32 between ops where the kernel rounds to bf16 as the jnp code is
 written), so a near-tie in the routing can flip an expert and move a logit by more than a few bf16 steps.
 
@@ -17,17 +20,20 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import get_args
 
 import jax
 import jax.numpy as jnp
 
 from eval.bench.decode import device_us
 from gptoss_mla_jax import model as model_lib
-from gptoss_mla_jax.add_norm import ExpertRows, add_norm, add_norm_reference
+from gptoss_mla_jax.add_norm import ExpertRows, add_norm, add_norm_reference, add_norm_routed
 from gptoss_mla_jax.flash_decode import runs_compiled
+from gptoss_mla_jax.moe import ALIGN
+from gptoss_mla_jax.routing import decode_routing, routing_of_logits
 from support.results import write_json
 
-D, K, EPS = 2880, 4, 1e-5
+D, E, K, EPS = 2880, 32, 4, 1e-5
 
 
 def inputs(N: int, seed: int = 0):
@@ -70,29 +76,66 @@ def kernel_rows(batches) -> list[dict]:
     return out
 
 
+def router_rows(batches) -> list[dict]:
+    """The add before the MoE and the routing as the model runs them with the router's product in the add's
+    kernel (`add_norm_routed`, then `routing_of_logits` on its partial sums) and without (`add_norm`, then
+    `decode_routing`): whether both route alike, and the device busy time of each pair of kernels."""
+    interpret = not runs_compiled()
+    keys = jax.random.split(jax.random.key(7), 2)
+    router = D**-0.5 * jax.random.normal(keys[0], (D, E), jnp.bfloat16)
+    bias = jax.random.normal(keys[1], (E,), jnp.bfloat16)
+
+    def split(x, d, w):
+        x, h, partials = add_norm_routed(x, d, w, router, EPS, interpret)
+        return x, h, routing_of_logits(partials, bias, K, ALIGN, x.dtype, interpret, tiles=True)
+
+    def whole(x, d, w):
+        x, h = add_norm(x, d, w, EPS, interpret)
+        return x, h, decode_routing(h, router, bias, K, ALIGN, interpret, tiles=True)
+
+    out = []
+    for N in batches:
+        x, delta, weight, _ = inputs(N)
+        fns = {"routed": jax.jit(split), "plain": jax.jit(whole)}
+        (*a, ra), (*b, rb) = (fn(x, delta, weight) for fn in fns.values())
+        row = {"tokens": N, "same_x_h": all(bool((p == q).all()) for p, q in zip(a, b, strict=True))}
+        row["max_abs_weight_difference"] = float(jnp.abs(ra[0][:N, :K] - rb[0][:N, :K]).max())
+        row["same_experts"] = bool((ra[1][:N, :K] == rb[1][:N, :K]).all())
+        row["same_slots"] = bool((ra[2][:N, :K] == rb[2][:N, :K]).all())
+        if not interpret:
+            row |= {f"{name}_us": device_us(fn, x, delta, weight) for name, fn in fns.items()}
+        print(json.dumps(row), flush=True)
+        out.append(row)
+    return out
+
+
 def step_rows(batches) -> list[dict]:
-    """The demo model's decode step on the kernels, bf16, with the fused adds and without."""
+    """The demo model's decode step on the kernels, bf16, with the fused adds (with the router's product in
+    the first and without) and without them."""
     from gptoss_mla_jax.cache import init_cache
     from gptoss_mla_jax.generation import DEMO_CONFIG as config
 
     params = model_lib.with_aligned_scales(
         model_lib.init_params(config, jax.random.key(0), jnp.bfloat16, experts="mxfp4")
     )
-    out = []
+    out, default = [], model_lib.FUSED_NORMS
     for B in batches:
         tokens = jax.random.randint(jax.random.key(B), (B, 33), 0, config.vocab_size)
         cache = init_cache(config, B, 64)
         _, cache, _ = model_lib.forward_jit(params, tokens[:, :32], cache, config)
         logits = {}
-        for fused in (True, False):
-            model_lib.FUSE_NORMS = fused
+        for setting in get_args(model_lib.FusedNorms):
+            model_lib.FUSED_NORMS = setting
             jax.clear_caches()  # read when the step is traced
             options = model_lib.ForwardOptions(decode_kernels=True)
-            logits[fused] = model_lib.forward_jit(params, tokens[:, 32:], cache, config, options=options)[0]
-        model_lib.FUSE_NORMS = True
-        row = {"batch": B, "max_abs_logit": float(jnp.abs(logits[False]).max())}
-        row["max_abs_logit_difference"] = float(jnp.abs(logits[True] - logits[False]).max())
-        row["same_top_token"] = bool((logits[True].argmax(-1) == logits[False].argmax(-1)).all())
+            logits[setting] = model_lib.forward_jit(params, tokens[:, 32:], cache, config, options=options)[0]
+        model_lib.FUSED_NORMS = default
+        row = {"batch": B, "max_abs_logit": float(jnp.abs(logits["off"]).max())}
+        for setting in ("router", "norms"):
+            row[f"max_abs_logit_difference_{setting}"] = float(jnp.abs(logits[setting] - logits["off"]).max())
+            row[f"same_top_token_{setting}"] = bool(
+                (logits[setting].argmax(-1) == logits["off"].argmax(-1)).all()
+            )
         print(json.dumps(row), flush=True)
         out.append(row)
     return out
@@ -108,6 +151,7 @@ def main(argv=None) -> int:
     batches = [int(b) for b in args.batches.split(",")]
     result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
     result["kernel"] = kernel_rows(batches)
+    result["router"] = router_rows(batches)
     result["step"] = step_rows(batches)
     if args.out:
         write_json(args.out, result)

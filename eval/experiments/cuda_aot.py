@@ -174,19 +174,24 @@ def _decode_kernels(batch: int, context: int) -> dict:
     """The Pallas decode kernels to read, as {name: (function, argument specs)}: the attention kernels at
     gpt-oss-20b's attention shape (64 query heads over 8 kv heads of 64; decompressed MLA latent 192;
     absorbed MLA latent 160 + 32 RoPE values) over `context` slots at `batch`, one layer's MoE on the
-    grouped matmul (MXFP4 experts, the routing kernel and both packed products) at batch 1, and the fused
-    residual add + norm after the MoE at batch 1 (its rows in two contraction splits)."""
+    grouped matmul (MXFP4 experts, the routing kernel and both packed products) at batch 1, the fused
+    residual add + norm after the MoE at batch 1 (its rows in two contraction splits), and at batch 1 the
+    one before the MoE with the router's product (`add_norm_routed`) and the routing kernel fed by it."""
     import jax
     import jax.numpy as jnp
 
     placed = _topology()
+    from jax.experimental import pallas as pl
+
     from eval.bench.decode import moe_layer
     from gptoss_mla_jax import flash_decode, mla
-    from gptoss_mla_jax.add_norm import ExpertRows, add_norm
+    from gptoss_mla_jax.add_norm import ROUTER_DEPTH, ExpertRows, add_norm, add_norm_routed
     from gptoss_mla_jax.config import GPT_OSS_20B, MlaConfig
-    from gptoss_mla_jax.moe import moe_sparse
+    from gptoss_mla_jax.moe import ALIGN, moe_sparse
+    from gptoss_mla_jax.routing import routing_of_logits
 
     B, S, G, R, d, r = batch, context, 8, 8, 64, 192
+    D, E = GPT_OSS_20B.hidden_size, GPT_OSS_20B.num_local_experts
     config = dataclasses.replace(GPT_OSS_20B, mla=MlaConfig("decompressed", (1,), (r,)))
     spec = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype, sharding=placed)
     slots = lambda lengths: flash_decode.Slots(lengths, None, False)
@@ -230,6 +235,14 @@ def _decode_kernels(batch: int, context: int) -> dict:
                 spec(1, GPT_OSS_20B.hidden_size), spec(2, 64, GPT_OSS_20B.hidden_size, dtype=jnp.float32),
                 spec(16, 4, dtype=jnp.int32), spec(16, 4, dtype=jnp.float32), spec(GPT_OSS_20B.hidden_size),
             ),
+        ),
+        "add_norm_routed_batch1": (
+            lambda x, delta, w, router: add_norm_routed(x, delta, w, router, 1e-5),
+            (spec(1, D), spec(1, D), spec(D), spec(D, E)),
+        ),
+        "routing_of_logits_batch1": (
+            lambda partials, bias: routing_of_logits(partials, bias, 4, ALIGN, jnp.bfloat16, tiles=True),
+            (spec(pl.cdiv(D, ROUTER_DEPTH), 1, E, dtype=jnp.float32), spec(E)),
         ),
     }  # fmt: skip
 
@@ -298,6 +311,11 @@ def registers(ptxas_log: str) -> int:
     return int(re.search(r"Used (\d+) registers", ptxas_log).group(1))
 
 
+def spilled_bytes(ptxas_log: str) -> int:
+    """Bytes of registers spilled to local memory (stores plus loads) in `ptxas -v`'s report."""
+    return sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", ptxas_log))
+
+
 def _tool(name: str, package_bins: tuple[str, ...], install: str) -> str:
     """The path of CUDA tool `name`: on PATH, or in the bin folder of a pip-installed NVIDIA package."""
     import importlib.util
@@ -313,8 +331,8 @@ def _tool(name: str, package_bins: tuple[str, ...], install: str) -> str:
 
 def sass_census(batch: int = 64, context: int = 32768) -> dict:
     """Each Pallas decode kernel assembled for an H200 (`ptxas`, from the CUDA plugin's nvcc package) and
-    disassembled (`nvdisasm`): its registers per thread (they set how many programs share an SM) and the
-    instruction mix of its main loop, per thread and step."""
+    disassembled (`nvdisasm`): its registers per thread (they set how many programs share an SM), the bytes
+    it spills, and the instruction mix of its main loop, per thread and step."""
     ptxas = _tool("ptxas", ("cuda_nvcc",), '"jax[cuda12]"')
     nvdisasm = _tool("nvdisasm", ("cu13", "cuda_nvdisasm"), "nvidia-cuda-nvdisasm")
     out = {}
@@ -328,6 +346,7 @@ def sass_census(batch: int = 64, context: int = 32768) -> dict:
             sass = subprocess.run([nvdisasm, cubin], capture_output=True, text=True, check=True).stdout
         out[name] = {
             "registers": registers(log.stdout + log.stderr),
+            "spilled_bytes": spilled_bytes(log.stdout + log.stderr),
             "main_loop": main_loop_mix(sass),
             "other_loops": other_loops(sass),
         }

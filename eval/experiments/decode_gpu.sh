@@ -24,8 +24,10 @@
 #              device busy time, beside each setting's per-slice state bytes; splits_b8 the same at 8 x 32K
 #   share      the absorbed models' loop at 1 x 32K without and with the slices' state bounded (SHARE,
 #              default 0.25), in one process
-#   fused      the fused residual add + norm kernel against XLA's path (agreement, device time), then
-#              GQA's loop at 1 x 4K and 64 x 4K with the residual adds fused with their norms and without
+#   fused      the fused residual add + norm kernel against XLA's path (agreement, device time), the
+#              router's product in it against the routing kernel's own, then GQA's loop at 1 x 4K and
+#              64 x 4K with the residual adds fused with their norms (with the router's product, without)
+#              and not fused
 #   bash eval/experiments/decode_gpu.sh OUT_DIR [STAGES]        (default: check,moe,profile,e2e)
 set -uo pipefail
 OUT=${1:?usage: bash eval/experiments/decode_gpu.sh OUT_DIR [STAGES]}
@@ -78,7 +80,7 @@ for stage in ${STAGES//,/ }; do
       --state-shares "none,${SHARE:-0.25}" ;;
     fused) run add_norm_check 150 eval.experiments.add_norm_check
       run decode_e2e_fused 420 eval.bench.decode --cuda-graphs --decode-kernels on --models gqa \
-      --batches 1,64 --contexts 4096 --loop-steps 16 --repeats 5 --fused-norms on,off ;;
+      --batches 1,64 --contexts 4096 --loop-steps 16 --repeats 5 --fused-norms router,norms,off ;;
     capacity) run decode_capacity 400 eval.bench.decode --capacity --decode-kernels on --partial --contexts 32768,131072 ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
