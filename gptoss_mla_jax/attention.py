@@ -18,6 +18,7 @@ from gptoss_mla_jax import cache as kv_cache
 from gptoss_mla_jax import flash_attention, flash_decode
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.execution import ForwardOptions, by_rows
+from gptoss_mla_jax.matvec import matvec
 from gptoss_mla_jax.rope import apply_rope, cos_sin
 
 Params = dict[str, Any]
@@ -143,24 +144,47 @@ def decode_plan(
     return None if steps is None else flash_decode.Launch(*steps, interpret, head_block=head_block)
 
 
-def linear(x: Float[Array, "B T In"], p: Params) -> Float[Array, "B T Out"]:
-    """x @ kernel (+ bias, where `p` has one). A single token (a decode step at batch 1) is multiplied as
-    two rows and the copy dropped: XLA on the GPU lowers a one-row product as a reduction, which it neither
-    merges with the other products of the same input (q, k and v: one matmul at two rows) nor fuses with
-    its neighbours as it does a matmul. Whether XLA keeps it so is a compiler's choice: the kernel census
-    of a decode step (`eval.experiments.cuda_aot`, docs/decode.md) shows it."""
+# A single token's projections on a decode step on the kernels run on `matvec` (False: XLA's GEMM at two
+# rows). Read when a step is traced; `eval.bench.decode --matvec on,off` times both.
+MATVEC = True
+
+
+def on_matvec(options: ForwardOptions, x: Float[Array, "B T D"]) -> bool:
+    """Whether the projections of `x` run on the `matvec` kernel: a decode step on the kernels of one
+    token (batch 1), on one device (no mesh)."""
+    return MATVEC and options.decode_kernels and x.shape[0] * x.shape[1] == 1 and options.mesh is None
+
+
+def linears(x: Float[Array, "B T In"], ps: list[Params], one_row_kernel: bool = False) -> list[Array]:
+    """x @ kernel (+ bias, where it has one) for each p of `ps`, in x's dtype. `one_row_kernel` (a single
+    token: `on_matvec`): all of them in one launch of the `matvec` kernel, the float32 sums rounded to x's
+    dtype before the bias as XLA's product rounds them. Otherwise a single token is multiplied as two rows
+    and the copy dropped: XLA on the GPU lowers a one-row product as a reduction, which it neither merges
+    with the other products of the same input (q, k and v: one matmul at two rows) nor fuses with its
+    neighbours as it does a matmul. Whether XLA keeps it so is a compiler's choice: the kernel census of a
+    decode step (`eval.experiments.cuda_aot`, docs/decode.md) shows it."""
+    bias = lambda y, p: y + p["bias"] if "bias" in p else y
+    if one_row_kernel:
+        sums = matvec(x.reshape(-1), tuple(p["kernel"] for p in ps), not flash_decode.runs_compiled())
+        rounded = [s.sum(axis=0).astype(x.dtype) for s in sums]
+        return [bias(y, p).reshape(*x.shape[:2], -1) for y, p in zip(rounded, ps, strict=True)]
     rows = x if x.shape[0] * x.shape[1] > 1 else jnp.concatenate([x, x])
-    out = rows @ p["kernel"] + p["bias"] if "bias" in p else rows @ p["kernel"]
-    return out[: x.shape[0]]
+    return [bias(rows @ p["kernel"], p)[: x.shape[0]] for p in ps]
 
 
-def project_qkv(p: Params, x: Float[Array, "B T D"], cos, sin, config: GptOssConfig):
-    """q [B,T,H,d] and k, v [B,T,G,d] with RoPE applied to q and k."""
+def linear(x: Float[Array, "B T In"], p: Params, one_row_kernel: bool = False) -> Float[Array, "B T Out"]:
+    """x @ kernel (+ bias, where `p` has one); see `linears`."""
+    return linears(x, [p], one_row_kernel)[0]
+
+
+def project_qkv(p: Params, x: Float[Array, "B T D"], cos, sin, config: GptOssConfig, one_row_kernel=False):
+    """q [B,T,H,d] and k, v [B,T,G,d] with RoPE applied to q and k (`one_row_kernel`: see `linears`)."""
     B, T, _ = x.shape
     d = config.head_dim
-    q = linear(x, p["q_proj"]).reshape(B, T, config.num_attention_heads, d)
-    k = linear(x, p["k_proj"]).reshape(B, T, config.num_key_value_heads, d)
-    v = linear(x, p["v_proj"]).reshape(B, T, config.num_key_value_heads, d)
+    q, k, v = linears(x, [p["q_proj"], p["k_proj"], p["v_proj"]], one_row_kernel)
+    q = q.reshape(B, T, config.num_attention_heads, d)
+    k = k.reshape(B, T, config.num_key_value_heads, d)
+    v = v.reshape(B, T, config.num_key_value_heads, d)
     return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
 
@@ -179,7 +203,7 @@ def attention(
     flash-attention kernel for chunks without a cache (`attention`), the Pallas flash-decoding kernel for a
     single-token step (`decode_kernels`)."""
     positions, valid, cos, sin, lengths = chunk
-    q, k, v = project_qkv(p, x, cos, sin, config)
+    q, k, v = project_qkv(p, x, cos, sin, config, on_matvec(options, x))
     window = config.sliding_window if sliding else None
     blocks = [(k, v, positions, valid)]
     new_cache = None
@@ -205,5 +229,5 @@ def attention(
         out = out[:, None]
     else:
         out = attend(q, blocks, positions, p["sinks"], window)
-    out = linear(out.reshape(B, T, -1), p["o_proj"])
+    out = linear(out.reshape(B, T, -1), p["o_proj"], on_matvec(options, x))
     return out, new_cache

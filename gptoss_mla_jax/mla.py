@@ -49,7 +49,9 @@ from gptoss_mla_jax.attention import (
     decode_plan,
     key_mask,
     linear,
+    linears,
     on_flash_kernel,
+    on_matvec,
     sink_softmax,
 )
 from gptoss_mla_jax.config import GptOssConfig
@@ -151,8 +153,11 @@ def attention_mla(
     B, T, _ = x.shape
     H, d = config.num_attention_heads, config.head_dim
     window = config.sliding_window if sliding else None
-    q = linear(x, p["q_proj"]).reshape(B, T, H, d)
-    new = cache_entries(p, x, cos, sin, config, layer)
+    one_row_kernel = on_matvec(options, x)
+    names = ["q_proj", *projected_entries(config)]
+    projected = dict(zip(names, linears(x, [p[name] for name in names], one_row_kernel), strict=True))
+    q = projected["q_proj"].reshape(B, T, H, d)
+    new = cache_entries(p, x, cos, sin, config, layer, projected)
     partial = config.mla.partial_rope
 
     # Key blocks as (entries, positions, valid): the cached tokens (if any), then this chunk.
@@ -198,7 +203,7 @@ def attention_mla(
     else:
         keys = [(*keys_values(p, entries, pos, config, layer), pos, ok) for entries, pos, ok in blocks]
         out = attend(scoring_queries(q, cos, sin, config, layer), keys, positions, p["sinks"], window)
-    out = linear(out.reshape(B, T, H * d), p["o_proj"])
+    out = linear(out.reshape(B, T, H * d), p["o_proj"], one_row_kernel)
     return out, new_cache
 
 
@@ -272,19 +277,30 @@ def slot_rotations(
     return cos_sin(positions, config)
 
 
-def cache_entries(p: Params, x: Float[Array, "B T D"], cos, sin, config: GptOssConfig, layer: int) -> dict:
+def projected_entries(config: GptOssConfig) -> list[str]:
+    """The projections of a token that `cache_entries` keeps: the latent's, and the RoPE key's (partial,
+    rorope)."""
+    return ["kv_a"] if config.mla.rope_mode == "decompressed" else ["kv_a", "k_rope"]
+
+
+def cache_entries(
+    p: Params, x: Float[Array, "B T D"], cos, sin, config: GptOssConfig, layer: int, projected=None
+) -> dict:
     """What the cache keeps of each token: {"c": the latent [B,T,r]} and, partial, {"k_rope": the kept
     RoPE key dims after RoPE [B,T,G,2n]}, rorope, {"k_rope": the kept mixed components after RoPE
-    [B,T,1,m*d]}."""
-    new = {"c": linear(x, p["kv_a"])}
+    [B,T,1,m*d]}. `projected`: x's `projected_entries` already computed, by name."""
+    names = projected_entries(config)
+    if projected is None:
+        projected = dict(zip(names, linears(x, [p[name] for name in names]), strict=True))
+    new = {"c": projected["kv_a"]}
     if config.mla.rope_mode == "rorope":
         F = config.mla.rope_fold
-        k_rope = linear(x, p["k_rope"]).reshape(*x.shape[:2], -1, config.head_dim // F)
+        k_rope = projected["k_rope"].reshape(*x.shape[:2], -1, config.head_dim // F)
         new["k_rope"] = apply_rope(k_rope, folded(cos, F), folded(sin, F)).reshape(*x.shape[:2], 1, -1)
     if config.mla.rope_mode == "partial":
         keep, _ = rope_dims(config, layer)
         pairs = keep[:, : keep.shape[1] // 2]
-        k_rope = linear(x, p["k_rope"]).reshape(*x.shape[:2], config.num_key_value_heads, -1)
+        k_rope = projected["k_rope"].reshape(*x.shape[:2], config.num_key_value_heads, -1)
         new["k_rope"] = apply_rope(k_rope, _per_head(cos, pairs), _per_head(sin, pairs))
     return new
 

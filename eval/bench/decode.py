@@ -36,6 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eval.bench.timing import timed
+from gptoss_mla_jax import attention as attention_lib
 from gptoss_mla_jax import flash_decode, mla, routing
 from gptoss_mla_jax import model as model_lib
 from gptoss_mla_jax.attention import attend
@@ -808,12 +809,19 @@ def main(argv=None) -> int:
         "the MoE with the router's product; norms, without; off), each of these in turn, e.g. "
         "router,norms,off",
     )  # fmt: skip
+    parser.add_argument(
+        "--matvec", default="on",
+        help="steps with a single token's projections on the matvec kernel (attention.MATVEC), each of "
+        "these in turn: on, off or on,off",
+    )  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="a tiny model (CPU check of the script)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     unknown = set(args.fused_norms.split(",")) - set(get_args(model_lib.FusedNorms))
     if unknown:
         parser.error(f"--fused-norms: {sorted(unknown)} not among {get_args(model_lib.FusedNorms)}")
+    if set(args.matvec.split(",")) - {"on", "off"}:
+        parser.error(f"--matvec: {args.matvec!r}; on, off or on,off")
     if args.cuda_graphs:
         request_cuda_graphs()
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -866,16 +874,19 @@ def main(argv=None) -> int:
             batches = [int(b) for b in args.batches.split(",")]
             kernels = {"off": (False,), "on": (True,), "both": (False, True)}[args.decode_kernels]
             built, result["rows"] = models_(), []
-            defaults = flash_decode.STATE_SHARE, model_lib.FUSED_NORMS
-            for share, fused in itertools.product(args.state_shares.split(","), args.fused_norms.split(",")):
+            defaults = flash_decode.STATE_SHARE, model_lib.FUSED_NORMS, attention_lib.MATVEC
+            for share, fused, matvec in itertools.product(
+                args.state_shares.split(","), args.fused_norms.split(","), args.matvec.split(",")
+            ):
                 flash_decode.STATE_SHARE = None if share == "none" else float(share)
                 model_lib.FUSED_NORMS = fused
-                jax.clear_caches()  # both are read when a step is traced
-                setting = {"state_share": share, "fused_norms": fused}
+                attention_lib.MATVEC = matvec == "on"
+                jax.clear_caches()  # all three are read when a step is traced
+                setting = {"state_share": share, "fused_norms": fused, "matvec": matvec}
                 tag = lambda row, setting=setting: log(row | setting)
                 rows = speed(built, batches, contexts, args.repeats, tag, kernels, args.loop_steps)
                 result["rows"] += [row | setting for row in rows]
-            flash_decode.STATE_SHARE, model_lib.FUSED_NORMS = defaults
+            flash_decode.STATE_SHARE, model_lib.FUSED_NORMS, attention_lib.MATVEC = defaults
     result["command"] = command
     print(json.dumps(result), flush=True)
     if args.out:

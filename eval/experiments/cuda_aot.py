@@ -176,7 +176,8 @@ def _decode_kernels(batch: int, context: int) -> dict:
     absorbed MLA latent 160 + 32 RoPE values) over `context` slots at `batch`, one layer's MoE on the
     grouped matmul (MXFP4 experts, the routing kernel and both packed products) at batch 1, the fused
     residual add + norm after the MoE at batch 1 (its rows in two contraction splits), and at batch 1 the
-    one before the MoE with the router's product (`add_norm_routed`) and the routing kernel fed by it."""
+    one before the MoE with the router's product (`add_norm_routed`) and the routing kernel fed by it, and
+    the one-row projections (`matvec`: q / k / v, o_proj)."""
     import jax
     import jax.numpy as jnp
 
@@ -187,6 +188,7 @@ def _decode_kernels(batch: int, context: int) -> dict:
     from gptoss_mla_jax import flash_decode, mla
     from gptoss_mla_jax.add_norm import ROUTER_DEPTH, ExpertRows, add_norm, add_norm_routed
     from gptoss_mla_jax.config import GPT_OSS_20B, MlaConfig
+    from gptoss_mla_jax.matvec import matvec
     from gptoss_mla_jax.moe import ALIGN, moe_sparse
     from gptoss_mla_jax.routing import routing_of_logits
 
@@ -240,6 +242,11 @@ def _decode_kernels(batch: int, context: int) -> dict:
             lambda x, delta, w, router: add_norm_routed(x, delta, w, router, 1e-5),
             (spec(1, D), spec(1, D), spec(D), spec(D, E)),
         ),
+        "matvec_qkv": (
+            lambda x, q, k, v: matvec(x, (q, k, v)),
+            (spec(D), spec(D, G * R * d), spec(D, G * d), spec(D, G * d)),
+        ),
+        "matvec_o_proj": (lambda x, o: matvec(x, (o,)), (spec(G * R * d), spec(G * R * d, D))),
         "routing_of_logits_batch1": (
             lambda partials, bias: routing_of_logits(partials, bias, 4, ALIGN, jnp.bfloat16, tiles=True),
             (spec(pl.cdiv(D, ROUTER_DEPTH), 1, E, dtype=jnp.float32), spec(E)),

@@ -28,6 +28,8 @@
 #              router's product in it against the routing kernel's own, then GQA's loop at 1 x 4K and
 #              64 x 4K with the residual adds fused with their norms (with the router's product, without)
 #              and not fused
+#   matvec     the one-row projection kernel against XLA's product (agreement, device time) and over a
+#              sweep of launches, then the loop at 1 x 4K of GQA and MLA with it and without
 #   bash eval/experiments/decode_gpu.sh OUT_DIR [STAGES]        (default: check,moe,profile,e2e)
 set -uo pipefail
 OUT=${1:?usage: bash eval/experiments/decode_gpu.sh OUT_DIR [STAGES]}
@@ -81,6 +83,9 @@ for stage in ${STAGES//,/ }; do
     fused) run add_norm_check 150 eval.experiments.add_norm_check
       run decode_e2e_fused 420 eval.bench.decode --cuda-graphs --decode-kernels on --models gqa \
       --batches 1,64 --contexts 4096 --loop-steps 16 --repeats 5 --fused-norms router,norms,off ;;
+    matvec) run matvec_check 300 eval.experiments.matvec_check --sweep
+      run decode_e2e_matvec 280 eval.bench.decode --cuda-graphs --decode-kernels on --models gqa,mla \
+      --batches 1 --contexts 4096 --loop-steps 16 --repeats 5 --matvec on,off ;;
     capacity) run decode_capacity 400 eval.bench.decode --capacity --decode-kernels on --partial --contexts 32768,131072 ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac

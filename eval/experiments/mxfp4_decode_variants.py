@@ -146,7 +146,9 @@ def main(argv=None) -> int:
         lambda r, x: routing.decode_routing(x, r["kernel"], r["bias"], k, ALIGN, interpret=interpret)
     )
     split = jax.jit(
-        lambda r, x: routing.routing_of_logits(linear(x[:, None], r)[:, 0], k, ALIGN, interpret=interpret)
+        lambda r, x: routing.routing_of_logits(
+            linear(x[:, None], {"kernel": r["kernel"]})[:, 0][None], r["bias"], k, ALIGN, x.dtype, interpret
+        )
     )
     out["routing_split"] = []
     for batch in (1, 8, 64):
