@@ -218,8 +218,13 @@ def attention(
         }
     B, T = x.shape[:2]
     # Blocks of 128 slots: GQA's fastest at >= 32K on an H200 (eval/results/decode_kernels_h200.json).
+    G, R = config.num_key_value_heads, config.num_attention_heads // config.num_key_value_heads
     steps = decode_plan(
-        options.decode_kernels and T == 1, new_cache, "k", B * config.num_key_value_heads, 128
+        options.decode_kernels and T == 1,
+        new_cache,
+        "k",
+        flash_decode.programs_per_slice("gqa", B, G, R),
+        128,
     )
     if on_flash_kernel(options, layer_cache):
         out = attend_chunk(q, k, v, valid, p["sinks"], window, options)

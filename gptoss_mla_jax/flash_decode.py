@@ -24,7 +24,7 @@ steps.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -374,6 +374,21 @@ def kv_heads_per_program(G: int, R: int, head_block: int | None = None) -> int:
     while P * R < MIN_ROWS and G % (2 * P) == 0:
         P *= 2
     return P
+
+
+KernelKind = Literal["gqa", "decompressed", "absorbed"]
+
+
+def programs_per_slice(kind: KernelKind, B: int, G: int, R: int, head_block: int | None = None) -> int:
+    """The programs a decode kernel runs per slice of the cache (what `plan` fills the GPU with) for B
+    sequences of G kv heads with R query heads each: GQA one per sequence and kv head, decompressed MLA one
+    per sequence and group of kv heads (`kv_heads_per_program`), absorbed MLA one per sequence and block of
+    `head_block` query heads (default all)."""
+    if kind == "gqa":
+        return B * G
+    if kind == "decompressed":
+        return B * G // kv_heads_per_program(G, R, head_block)
+    return B * (G * R // (head_block or G * R))
 
 
 def _block_diagonal(q: Float[Array, "B G R half"], P: int) -> Float[Array, "B Gp PR Phalf"]:

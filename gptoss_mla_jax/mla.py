@@ -181,9 +181,9 @@ def attention_mla(
         head_block, most_splits = flash_decode.absorbed_split(
             B, new_cache["c"].shape[1], H, slot_bytes, new_cache["c"].shape[-1], flash_decode.STATE_SHARE
         )
-        programs = B * H // (head_block or H)
+        programs = flash_decode.programs_per_slice("absorbed", B, G, H // G, head_block)
     else:  # decompressed: one per sequence and group of kv heads
-        programs = B * G // flash_decode.kv_heads_per_program(G, H // G)
+        programs = flash_decode.programs_per_slice("decompressed", B, G, H // G)
     steps = decode_plan(
         options.decode_kernels and T == 1, new_cache, "c", programs, most_splits=most_splits,
         head_block=head_block,

@@ -25,6 +25,7 @@ from gptoss_mla_jax.flash_decode import (
     mla_decompressed_decode,
     plan,
     pow2_columns,
+    programs_per_slice,
 )
 from gptoss_mla_jax.generation import DEMO_CONFIG
 from gptoss_mla_jax.mla import _absorbed, keys_values, slot_rotations
@@ -130,6 +131,16 @@ def test_decompressed_kernel_kv_heads_per_program(head_block):
     assert kv_heads_per_program(8, 8) == 2 and kv_heads_per_program(1, 20) == 1
     with pytest.raises(ValueError, match="head_block 6: not a power-of-two number of whole kv heads"):
         kv_heads_per_program(4, 2, 6)
+
+
+def test_programs_per_slice_at_gpt_oss_20b_heads():
+    """Per cache slice, 8 kv heads of 8 query heads at batch 2: GQA a program per kv head, decompressed MLA
+    per two kv heads (16 query rows fill a tensor-core tile), absorbed MLA per sequence, or per block of
+    16 query heads."""
+    assert programs_per_slice("gqa", 2, 8, 8) == 16
+    assert programs_per_slice("decompressed", 2, 8, 8) == 8
+    assert programs_per_slice("absorbed", 2, 8, 8) == 2
+    assert programs_per_slice("absorbed", 2, 8, 8, head_block=16) == 8
 
 
 def decompressed_case(G: int, R: int, slots: int, lengths: list[int], sliding: bool, launch: Launch):

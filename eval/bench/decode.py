@@ -695,14 +695,10 @@ def kernel_case(layer: str, batch: int, context: int, G, R, d, n2, r, dtype) -> 
 
 
 def kernel_programs(layer: str, batch: int, G: int, R: int, head_block: int | None) -> int:
-    """The programs per cache slice a layer's kernel runs (what `flash_decode.plan` fills the GPU with): GQA
-    one per sequence and kv head, decompressed MLA one per sequence and group of kv heads, absorbed MLA one
-    per sequence and block of query heads (all heads by default)."""
-    if layer == "gqa":
-        return batch * G
-    if layer == "mla":
-        return batch * G // flash_decode.kv_heads_per_program(G, R, head_block)
-    return batch * (G * R // (head_block or G * R))
+    """The programs per cache slice the model runs `layer`'s kernel with (gqa, mla: decompressed, else
+    absorbed; `flash_decode.programs_per_slice`)."""
+    kind = {"gqa": "gqa", "mla": "decompressed"}.get(layer, "absorbed")
+    return flash_decode.programs_per_slice(kind, batch, G, R, head_block)
 
 
 def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, configs, head_blocks, dtype) -> dict:
