@@ -7,7 +7,7 @@ position i sees keys i - window + 1 .. i (`window` keys including itself).
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -19,6 +19,7 @@ from gptoss_mla_jax import flash_attention, flash_decode
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.execution import ForwardOptions, by_rows
 from gptoss_mla_jax.matvec import matvec
+from gptoss_mla_jax.qkv_finish import finish_qkv
 from gptoss_mla_jax.rope import apply_rope, cos_sin
 
 Params = dict[str, Any]
@@ -144,15 +145,18 @@ def decode_plan(
     return None if steps is None else flash_decode.Launch(*steps, interpret, head_block=head_block)
 
 
-# A single token's projections on a decode step on the kernels run on `matvec` (False: XLA's GEMM at two
-# rows). Read when a step is traced; `eval.bench.decode --matvec on,off` times both.
-MATVEC = True
+# A single token's decode step on the kernels: its projections on `matvec`, and a GQA layer's query, key
+# and value finished from their sums by `qkv_finish` ("finish"), or by XLA ("matvec"); "off": XLA's GEMM at
+# two rows. Read when a step is traced; `eval.bench.decode --one-token finish,matvec,off` times each.
+OneToken = Literal["finish", "matvec", "off"]
+ONE_TOKEN: OneToken = "finish"
 
 
 def on_matvec(options: ForwardOptions, x: Float[Array, "B T D"]) -> bool:
     """Whether the projections of `x` run on the `matvec` kernel: a decode step on the kernels of one
     token (batch 1), on one device (no mesh)."""
-    return MATVEC and options.decode_kernels and x.shape[0] * x.shape[1] == 1 and options.mesh is None
+    single = options.decode_kernels and x.shape[0] * x.shape[1] == 1 and options.mesh is None
+    return ONE_TOKEN != "off" and single
 
 
 def linears(x: Float[Array, "B T In"], ps: list[Params], one_row_kernel: bool = False) -> list[Array]:
@@ -203,8 +207,17 @@ def attention(
     flash-attention kernel for chunks without a cache (`attention`), the Pallas flash-decoding kernel for a
     single-token step (`decode_kernels`)."""
     positions, valid, cos, sin, lengths = chunk
-    q, k, v = project_qkv(p, x, cos, sin, config, on_matvec(options, x))
+    B, T = x.shape[:2]
+    G, R = config.num_key_value_heads, config.num_attention_heads // config.num_key_value_heads
     window = config.sliding_window if sliding else None
+    # Blocks of 128 slots: GQA's fastest at >= 32K on an H200 (eval/results/decode_kernels_h200.json).
+    programs = flash_decode.programs_per_slice("gqa", B, G, R)
+    steps = decode_plan(options.decode_kernels and T == 1, layer_cache, "k", programs, 128)
+    one_token = on_matvec(options, x)
+    if one_token and ONE_TOKEN == "finish" and steps is not None:
+        out, new_cache = _one_token_decode(p, x, chunk, layer_cache, sliding, config, steps)
+        return linear(out.reshape(B, T, -1), p["o_proj"], one_token), new_cache
+    q, k, v = project_qkv(p, x, cos, sin, config, one_token)
     blocks = [(k, v, positions, valid)]
     new_cache = None
     if layer_cache is not None:
@@ -216,16 +229,6 @@ def attention(
             name: kv_cache.write(layer_cache[name], new, positions, valid, new_lengths, sliding)
             for name, new in (("k", k), ("v", v))
         }
-    B, T = x.shape[:2]
-    # Blocks of 128 slots: GQA's fastest at >= 32K on an H200 (eval/results/decode_kernels_h200.json).
-    G, R = config.num_key_value_heads, config.num_attention_heads // config.num_key_value_heads
-    steps = decode_plan(
-        options.decode_kernels and T == 1,
-        new_cache,
-        "k",
-        flash_decode.programs_per_slice("gqa", B, G, R),
-        128,
-    )
     if on_flash_kernel(options, layer_cache):
         out = attend_chunk(q, k, v, valid, p["sinks"], window, options)
     elif steps is not None:
@@ -234,5 +237,29 @@ def attention(
         out = out[:, None]
     else:
         out = attend(q, blocks, positions, p["sinks"], window)
-    out = linear(out.reshape(B, T, -1), p["o_proj"], on_matvec(options, x))
+    out = linear(out.reshape(B, T, -1), p["o_proj"], one_token)
     return out, new_cache
+
+
+def _one_token_decode(
+    p: Params, x: Float[Array, "1 1 D"], chunk: Chunk, layer_cache: dict[str, Array], sliding: bool,
+    config: GptOssConfig, launch: flash_decode.Launch,
+) -> tuple[Float[Array, "1 1 H d"], dict[str, Array]]:  # fmt: skip
+    """A batch-1 decode step's GQA attention on the kernels: q / k / v on `matvec`, finished and written
+    into the cache by `qkv_finish`, attended by the flash-decoding kernel; (the output per head, the
+    updated cache)."""
+    positions, valid, cos, sin, lengths = chunk
+    new_lengths = lengths + valid.sum(axis=1, dtype=jnp.int32)
+    slot = kv_cache.slot_index(positions, valid, new_lengths, layer_cache["k"].shape[1], sliding)
+    ps = [p["q_proj"], p["k_proj"], p["v_proj"]]
+    interpret = not flash_decode.runs_compiled()
+    sums = matvec(x.reshape(-1), tuple(q["kernel"] for q in ps), interpret)
+    biases = tuple(q["bias"] for q in ps)
+    tile, k, v = finish_qkv(
+        sums, biases, cos[0, 0], sin[0, 0], slot.reshape(1), layer_cache["k"], layer_cache["v"], interpret
+    )
+    window = config.sliding_window if sliding else None
+    slots = flash_decode.Slots(new_lengths, window, sliding)
+    R = config.num_attention_heads // config.num_key_value_heads
+    out = flash_decode.gqa_decode_groups(tile, R, k, v, slots, p["sinks"], launch)
+    return out[:, None].astype(x.dtype), {"k": k, "v": v}

@@ -111,6 +111,20 @@ def cached_positions(
     return pos, (pos >= 0) & (pos <= last)
 
 
+def slot_index(
+    positions: Int[Array, "B T"], valid: Bool[Array, "B T"], new_lengths, slots: int, sliding: bool
+) -> Int[Array, "B T"]:
+    """The slot each of a chunk's tokens goes to in a layer's cache of `slots`; padding (and, for a ring,
+    tokens that the chunk itself overwrites) get the out-of-range index `slots`, to be dropped, so no slot
+    gets two different rows."""
+    if sliding:
+        valid = valid & (positions >= new_lengths[:, None] - slots)
+        index = jnp.mod(positions, slots)
+    else:
+        index = positions
+    return jnp.where(valid, index, slots)
+
+
 def write(
     entry: Array,
     new: Array,
@@ -119,16 +133,9 @@ def write(
     new_lengths,
     sliding: bool,
 ) -> Array:
-    """Scatter the chunk's rows into the layer's slots; padding (and, for a ring, rows that the chunk
-    itself overwrites) go to an out-of-range index and are dropped, so no slot gets two different rows
-    (a single token is written twice, the same row to the same slot)."""
-    slots = entry.shape[1]
-    if sliding:
-        valid = valid & (positions >= new_lengths[:, None] - slots)
-        index = jnp.mod(positions, slots)
-    else:
-        index = positions
-    index = jnp.where(valid, index, slots)
+    """Scatter the chunk's rows into the layer's slots (`slot_index`); a single token is written twice, the
+    same row to the same slot."""
+    index = slot_index(positions, valid, new_lengths, entry.shape[1], sliding)
     batch = jnp.arange(entry.shape[0])[:, None]
     new = new.astype(entry.dtype)
     if index.size == 1:

@@ -100,8 +100,10 @@ def moe_sparse(
     n, k = flat.shape[0], config.num_experts_per_tok
     if kernels and routed_in_kernel(n, config):
         # A decode batch's router and aligned layout in one kernel.
-        weights, slot, padded = _decode_routing(p, flat, config)
-        y = _aligned_experts(p["experts"], flat, slot, padded, config).reshape(n, k, -1)
+        routed = _decode_routing(p, flat, config)
+        rows = _gathered_rows(flat, routed.row_token)
+        y = _aligned_experts(p["experts"], rows, routed.slot, routed.padded, config).reshape(n, k, -1)
+        weights = routed.weights
     else:
         weights, idx = route(p, flat, config)
         if kernels:
@@ -131,14 +133,15 @@ def expert_rows(
     if routed_in_kernel(n, config):
         # The routing's tiles as the kernel stores them: a Pallas consumer would read copies cut from them.
         if router_partials is None:
-            weights, slot, padded = _decode_routing(p, flat, config, tiles=True)
+            routed = _decode_routing(p, flat, config, tiles=True)
         else:
-            weights, _, slot, padded = routing.routing_of_logits(
+            routed = routing.routing_of_logits(
                 router_partials, p["router"]["bias"], k, ALIGN, flat.dtype, not runs_compiled(), tiles=True
             )
-        rows = _aligned_rows(flat, slot[:n, :k].reshape(-1), padded.shape[0], k)
-        product = _expert_products(p["experts"], rows, padded, config, ALIGN, partials=True)
-        return ExpertRows(product, slot, weights)
+        height = routing.layout_rows(n, k, config.num_local_experts, ALIGN)
+        rows = _gathered_rows(flat, routed.row_token[:height])
+        product = _expert_products(p["experts"], rows, routed.padded, config, ALIGN, partials=True)
+        return ExpertRows(product, routed.slot, routed.weights)
     weights, idx = route(p, flat, config)
     y = _grouped_experts(p["experts"], flat, idx, config, kernel=True)
     return ExpertRows(y.reshape(1, n * k, -1), jnp.arange(n * k, dtype=jnp.int32).reshape(n, k), weights)
@@ -149,15 +152,22 @@ def routed_in_kernel(n: int, config: GptOssConfig) -> bool:
     return n <= routing.MAX_TOKENS and _aligns(n, config)
 
 
-def _decode_routing(p: Params, flat: Float[Array, "N D"], config: GptOssConfig, tiles: bool = False):
-    """(routing weights, each pair's slot, padded group sizes) from the routing kernel (`tiles`: as
-    `routing.decode_routing` says)."""
+def _decode_routing(
+    p: Params, flat: Float[Array, "N D"], config: GptOssConfig, tiles: bool = False
+) -> routing.Routing:
+    """The routing kernel's `routing.Routing` of `flat` (`tiles`: as `routing.decode_routing` says)."""
     router = p["router"]
-    weights, _, slot, padded = routing.decode_routing(
+    return routing.decode_routing(
         flat, router["kernel"], router["bias"], config.num_experts_per_tok, ALIGN, not runs_compiled(),
         tiles=tiles,
     )  # fmt: skip
-    return weights, slot, padded
+
+
+def _gathered_rows(flat: Float[Array, "N D"], row_token: Int[Array, " M"]) -> Float[Array, "M D"]:
+    """The aligned layout's rows gathered from the tokens' (`routing.Routing.row_token`; -1: a row of
+    zeros). One XLA kernel, where the scatter of `_aligned_rows` took a buffer of zeros copied for each
+    layer of a device loop, and the scatter."""
+    return jnp.where(row_token[:, None] >= 0, flat[jnp.maximum(row_token, 0)], 0).astype(flat.dtype)
 
 
 def _selected_experts(
@@ -208,14 +218,14 @@ def _aligned_slots(
 
 def _aligned_experts(
     e: Params,
-    flat: Float[Array, "N D"],
+    rows: Float[Array, "M D"],
     slot: Int[Array, " P"],
     padded: Int[Array, " E"],
     config: GptOssConfig,
 ) -> Float[Array, "P D"]:
     """The pairs (token-major: pair p is token p // k) through their experts on the grouped matmul, laid
-    out at `slot` with each expert's group of `padded` rows starting at a multiple of ALIGN."""
-    rows = _aligned_rows(flat, slot, padded.shape[0], config.num_experts_per_tok)
+    out at `slot` (`rows`, `_aligned_rows`) with each expert's group of `padded` rows starting at a multiple
+    of ALIGN."""
     y = _expert_products(e, rows, padded, config, ALIGN).at[slot].get(unique_indices=True)
     # The rows back in token order as a buffer of their own: fused into the weighted sum that follows, the
     # gather kept XLA from fusing that sum with the residual add and the next norm (a kernel more per
@@ -228,8 +238,7 @@ def _aligned_rows(
 ) -> Float[Array, "M D"]:
     """Each of the token rows' k pairs placed at its slot of the aligned layout over `experts` experts
     (rows of padding zero)."""
-    P = slot.shape[0]
-    height = P + min(P, experts) * (ALIGN - 1)  # the most rows the layout can need
+    height = routing.layout_rows(flat.shape[0], k, experts, ALIGN)  # the most rows the layout can need
     # Every pair has a slot of its own: unique indices, so the gradient needs no scatter-add of repeats.
     rows = jnp.zeros((height, flat.shape[1]), flat.dtype)
     return rows.at[slot].set(jnp.repeat(flat, k, axis=0), unique_indices=True)
@@ -247,7 +256,8 @@ def _grouped_experts(
         # Counted by comparison, not bincount's scatter: XLA fuses it with the slots' arithmetic.
         group_sizes = jnp.sum(expert[:, None] == jnp.arange(E), axis=0, dtype=jnp.int32)
         slot, padded = _aligned_slots(expert, group_sizes, ALIGN)
-        return _aligned_experts(e, flat, slot, padded, config).reshape(n, k, -1)
+        rows = _aligned_rows(flat, slot, E, k)
+        return _aligned_experts(e, rows, slot, padded, config).reshape(n, k, -1)
     group_sizes = jnp.bincount(expert, length=E).astype(jnp.int32)
     order = jnp.argsort(expert, stable=True)
     # Pairs permuted, not tokens gathered k times: the gradient of a gather with repeated indices is a

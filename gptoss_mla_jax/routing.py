@@ -11,7 +11,10 @@ they are mostly launches around 184 KB of router weights. One program does it al
 - each pair's row: its expert's pairs start at a multiple of `align` rows (experts in order, each padded
   up to a multiple of `align`) and keep token order there. A pair's rank among its expert's pairs is the
   count of earlier tokens that chose that expert (a token's k experts are distinct), a lower-triangular
-  product over the tokens' one-hot choices.
+  product over the tokens' one-hot choices;
+- the layout the other way round: each row's token, or -1 for padding (`Routing.row_token`), so that the
+  rows are gathered from the tokens' in one XLA kernel, where scattering the tokens into them took a
+  buffer of zeros, copied for each layer, and the scatter.
 
 One program holds every token, so this serves decode batches (`MAX_TOKENS`); `moe` keeps its jnp path
 above that. `routing_of_logits` starts from the router's product instead, given as partial sums over
@@ -28,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -37,6 +41,7 @@ from jaxtyping import Array, Float, Int
 from gptoss_mla_jax.flash_decode import MIN_ROWS, masked_load, triton_launch
 
 MAX_TOKENS = 64  # one program holds every token: decode batches up to 64
+ROW_CHUNK_PAIRS = 8192  # rows x pairs compared at once for `Routing.row_token` (64 a thread at 4 warps)
 NEG = -1e30
 
 
@@ -63,8 +68,8 @@ def _pick(table: Array, index: Array) -> Array:
 
 
 def _routing_kernel(
-    x_ref, w_ref, b_ref, weights_ref, experts_ref, slot_ref, padded_ref, *, n: int, D: int, E: int, k: int,
-    align: int, depth: int,
+    x_ref, w_ref, b_ref, weights_ref, experts_ref, slot_ref, padded_ref, row_token_ref, *, n: int, D: int,
+    E: int, k: int, align: int, depth: int,
 ):  # fmt: skip
     rows, cols = weights_ref.shape[0], w_ref.shape[1]  # tokens and experts, padded to powers of two
     rows_ok = _iota((rows, 1), 0) < n
@@ -79,12 +84,13 @@ def _routing_kernel(
     acc = jax.lax.fori_loop(0, pl.cdiv(D, depth), step, jnp.zeros((rows, cols), jnp.float32))
     bias = masked_load(b_ref, experts_ok.reshape(cols))
     logits = (acc.astype(x_ref.dtype) + bias[None, :]).astype(jnp.float32)
-    _choose(logits, rows_ok, experts_ok, weights_ref, experts_ref, slot_ref, padded_ref, k=k, align=align)
+    outs = (weights_ref, experts_ref, slot_ref, padded_ref, row_token_ref)
+    _choose(logits, rows_ok, experts_ok, *outs, k=k, align=align)
 
 
 def _logits_kernel(
-    partials_ref, b_ref, weights_ref, experts_ref, slot_ref, padded_ref, *, n: int, S: int, E: int, k: int,
-    align: int, dtype,
+    partials_ref, b_ref, weights_ref, experts_ref, slot_ref, padded_ref, row_token_ref, *, n: int, S: int,
+    E: int, k: int, align: int, dtype,
 ):  # fmt: skip
     splits, rows, cols = partials_ref.shape  # partial sums, tokens and experts, padded to powers of two
     rows_ok = _iota((rows, 1), 0) < n
@@ -93,12 +99,14 @@ def _logits_kernel(
     summed = jnp.sum(masked_load(partials_ref, ok).astype(jnp.float32), axis=0)
     bias = masked_load(b_ref, experts_ok.reshape(cols))
     logits = (summed.astype(dtype) + bias[None, :]).astype(jnp.float32)
-    _choose(logits, rows_ok, experts_ok, weights_ref, experts_ref, slot_ref, padded_ref, k=k, align=align)
+    outs = (weights_ref, experts_ref, slot_ref, padded_ref, row_token_ref)
+    _choose(logits, rows_ok, experts_ok, *outs, k=k, align=align)
 
 
 def _choose(
-    logits, rows_ok, experts_ok, weights_ref, experts_ref, slot_ref, padded_ref, *, k: int, align: int
-):
+    logits, rows_ok, experts_ok, weights_ref, experts_ref, slot_ref, padded_ref, row_token_ref, *, k: int,
+    align: int,
+):  # fmt: skip
     """Top-k of the float32 logits [rows, cols], the softmax over them and the aligned layout, stored."""
     rows, cols = logits.shape
     logits = jnp.where(experts_ok, logits, NEG)
@@ -139,10 +147,45 @@ def _choose(
         slot = jnp.where(choice_ids == j, row.astype(jnp.int32)[:, None], slot)
     slot_ref[...] = slot
     padded_ref[...] = padded.astype(jnp.int32)
+    # The layout's rows the other way round: each row's token, or -1 for a row of padding; compared with
+    # every pair a chunk of rows at a time, so that a chunk's comparisons stay in registers.
+    pairs = rows * slot.shape[1]
+    real = (rows_ok & (choice_ids < k)).reshape(1, pairs)
+    slots, token = slot.reshape(1, pairs), _iota((rows, slot.shape[1]), 0).reshape(1, pairs)
+    chunk = min(row_token_ref.shape[0], max(1, ROW_CHUNK_PAIRS // pairs))
+
+    def rows_of_chunk(c, carry):
+        hit = (c * chunk + _iota((chunk, 1), 0) == slots) & real
+        row_token_ref[pl.ds(c * chunk, chunk)] = jnp.sum(jnp.where(hit, token + 1, 0), axis=1) - 1
+        return carry
+
+    jax.lax.fori_loop(0, row_token_ref.shape[0] // chunk, rows_of_chunk, 0)
 
 
 def _pow2(n: int, least: int = 1) -> int:
     return max(least, pl.next_power_of_2(n))
+
+
+def layout_rows(n: int, k: int, E: int, align: int) -> int:
+    """The most rows the aligned layout of n tokens' k pairs over E experts can need: every pair, and up to
+    `align` - 1 rows of padding after each expert that any pair chose."""
+    P = n * k
+    return P + min(P, E) * (align - 1)
+
+
+class Routing(NamedTuple):
+    """`decode_routing`'s result: each token's routing `weights` and `experts` [N, k], each pair's `slot`
+    in the aligned layout [N * k] in token order, the `padded` group sizes [E], and `row_token`, each of
+    the layout's `layout_rows` rows' token (-1: padding), which gathers the layout's rows from the tokens'.
+    With `tiles`, the first three as the kernel stores them, [rows, kp] tiles of at least N tokens and k
+    choices (a choice past k weighs 0 and its slot is 0), and `row_token` over a power-of-two tile of
+    rows."""
+
+    weights: Float[Array, "N k"]
+    experts: Int[Array, "N k"]
+    slot: Int[Array, " Nk"]
+    padded: Int[Array, " E"]
+    row_token: Int[Array, " M"]
 
 
 @functools.partial(jax.jit, static_argnames=("k", "align", "interpret", "launch", "tiles"))
@@ -155,19 +198,16 @@ def decode_routing(
     interpret: bool = False,
     launch: RouterLaunch = LAUNCH,
     tiles: bool = False,
-) -> tuple[Float[Array, "N k"], Int[Array, "N k"], Int[Array, " Nk"], Int[Array, " E"]]:
-    """(routing weights, experts, each pair's row in the aligned layout [N * k] in token order, the padded
-    group sizes) of N <= MAX_TOKENS tokens; see the module docstring. (A NaN row of logits, from NaN inputs,
-    is not detected: its pairs get arbitrary slots, where `jax.lax.top_k` would return the NaN.) `tiles`:
-    the weights, experts and slots as the kernel stores them, [rows, kp] tiles of at least N tokens and k
-    choices (a choice past k weighs 0 and its slot is 0), for a Pallas consumer, which would otherwise
-    read copies cut from them."""
+) -> Routing:
+    """The `Routing` of N <= MAX_TOKENS tokens; see the module docstring. (A NaN row of logits, from NaN
+    inputs, is not detected: its pairs get arbitrary slots, where `jax.lax.top_k` would return the NaN.)
+    `tiles`: the outputs as the kernel stores them (`Routing`), for a Pallas consumer, which would
+    otherwise read copies cut from them."""
     n, D = x.shape
-    kernel_fn = functools.partial(
-        _routing_kernel, n=n, D=D, E=kernel.shape[1], k=k, align=align, depth=launch.depth
-    )
+    E = kernel.shape[1]
+    kernel_fn = functools.partial(_routing_kernel, n=n, D=D, E=E, k=k, align=align, depth=launch.depth)
     blocks = lambda rows, cols: [(rows, D), (D, cols), (cols,)]
-    return _launch(kernel_fn, blocks, (x, kernel, bias), n, kernel.shape[1], k, launch, interpret, tiles)
+    return _launch(kernel_fn, blocks, (x, kernel, bias), n, E, k, align, launch, interpret, tiles)
 
 
 @functools.partial(jax.jit, static_argnames=("k", "align", "dtype", "interpret", "tiles"))
@@ -179,7 +219,7 @@ def routing_of_logits(
     dtype,
     interpret: bool = False,
     tiles: bool = False,
-) -> tuple[Float[Array, "N k"], Int[Array, "N k"], Int[Array, " Nk"], Int[Array, " E"]]:
+) -> Routing:
     """`decode_routing` from the router's product x W given as S partial sums over slices of its
     contraction (`add_norm.add_norm_routed`'s; S = 1: the product itself): the logits are their sum rounded
     to `dtype` (the activations') plus the bias, as `moe.route` computes them up to the order of the
@@ -187,7 +227,7 @@ def routing_of_logits(
     S, n, E = partials.shape
     kernel_fn = functools.partial(_logits_kernel, n=n, S=S, E=E, k=k, align=align, dtype=dtype)
     blocks = lambda rows, cols: [(_pow2(S), rows, cols), (cols,)]
-    return _launch(kernel_fn, blocks, (partials, bias), n, E, k, LAUNCH, interpret, tiles)
+    return _launch(kernel_fn, blocks, (partials, bias), n, E, k, align, LAUNCH, interpret, tiles)
 
 
 def _launch(
@@ -197,23 +237,26 @@ def _launch(
     n: int,
     E: int,
     k: int,
+    align: int,
     launch: RouterLaunch,
     interpret: bool,
     tiles: bool = False,
-):
+) -> Routing:
     if n > MAX_TOKENS:
         raise ValueError(f"decode_routing: {n} tokens; one program serves at most {MAX_TOKENS}")
     rows, cols, kp = _pow2(n, MIN_ROWS), _pow2(E, MIN_ROWS), _pow2(k)
+    height = layout_rows(n, k, E, align)
     whole = lambda shape: pl.BlockSpec(shape, lambda i: (0,) * len(shape))
     out_shape = [
         jax.ShapeDtypeStruct((rows, kp), jnp.float32),
         jax.ShapeDtypeStruct((rows, kp), jnp.int32),
         jax.ShapeDtypeStruct((rows, kp), jnp.int32),
         jax.ShapeDtypeStruct((cols,), jnp.int32),
+        jax.ShapeDtypeStruct((_pow2(height),), jnp.int32),
     ]
     # The blocks are tiles of `rows` tokens and `cols` experts, larger than the arrays where n or E are
     # not such tiles: the kernel's masked loads read only what the arrays hold (no padded copies).
-    weights, experts, slot, padded = pl.pallas_call(
+    weights, experts, slot, padded, row_token = pl.pallas_call(
         kernel_fn,
         grid=(1,),
         in_specs=[whole(shape) for shape in blocks(rows, cols)],
@@ -223,5 +266,5 @@ def _launch(
         interpret=interpret,
     )(*args)
     if tiles:
-        return weights, experts, slot, padded[:E]
-    return weights[:n, :k], experts[:n, :k], slot[:n, :k].reshape(-1), padded[:E]
+        return Routing(weights, experts, slot, padded[:E], row_token)
+    return Routing(weights[:n, :k], experts[:n, :k], slot[:n, :k].reshape(-1), padded[:E], row_token[:height])

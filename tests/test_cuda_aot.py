@@ -17,6 +17,7 @@ ENTRY %main (a: f32[8]) -> f32[] {
   %input_reduce_fusion.12 = f32[] fusion(%a), kind=kInput, calls=%fused_reduce.3, metadata={op_name="f/moe/r"}
   %p = f32[8] custom-call(%a), custom_call_target="__gpu$xla.gpu.triton", metadata={op_name="f/attention/p"}
   %loop_add_fusion = f32[8]{0} fusion(%a), kind=kLoop, calls=%fused_add, metadata={op_name="f/add"}
+  %copy.2 = f32[8]{0} copy(%loop_add_fusion)
   ROOT %t = (f32[], f32[8]) tuple(%input_reduce_fusion.12, %p)
 }
 """
@@ -31,7 +32,7 @@ def test_sorts_are_counted_by_their_first_operand():
 
 def test_census_counts_the_entry_kernels_by_stage_and_op():
     got = cuda_aot.census(HLO)
-    assert got["kernels"] == 3 and got["triton_calls"] == 1
+    assert got["kernels"] == 3 and got["triton_calls"] == 1 and got["copies"] == 1
     assert got["by_stage"] == {"moe": 1, "attention": 1, "other": 1}
     assert got["by_op"] == {"fused_reduce": 1, "__gpu$xla.gpu.triton": 1, "fused_add": 1}
 

@@ -73,9 +73,9 @@ def test_decode_benchmark_runs_at_a_small_size(shared_models, tmp_path):
 
 
 def test_decode_benchmark_times_each_setting(shared_models, tmp_path, monkeypatch):
-    """--state-shares, --fused-norms and --matvec: the points are timed once per combination of settings,
-    each with flash_decode.STATE_SHARE, model.FUSED_NORMS and attention.MATVEC set while its steps are
-    traced, the defaults restored after; a setting none of them knows is refused."""
+    """--state-shares, --fused-norms and --one-token: the points are timed once per combination of
+    settings, each with flash_decode.STATE_SHARE, model.FUSED_NORMS and attention.ONE_TOKEN set while its
+    steps are traced, the defaults restored after; a setting none of them knows is refused."""
     from eval.bench import decode as bench_decode
     from gptoss_mla_jax import attention, flash_decode
     from gptoss_mla_jax import model as model_lib
@@ -83,24 +83,26 @@ def test_decode_benchmark_times_each_setting(shared_models, tmp_path, monkeypatc
     seen = []
     monkeypatch.setattr(flash_decode, "STATE_SHARE", None)
     monkeypatch.setattr(model_lib, "FUSED_NORMS", "router")
-    monkeypatch.setattr(attention, "MATVEC", True)
-    switches = lambda: (flash_decode.STATE_SHARE, model_lib.FUSED_NORMS, attention.MATVEC)
+    monkeypatch.setattr(attention, "ONE_TOKEN", "finish")
+    switches = lambda: (flash_decode.STATE_SHARE, model_lib.FUSED_NORMS, attention.ONE_TOKEN)
     monkeypatch.setattr(
         bench_decode, "step_seconds", lambda *args, **kwargs: seen.append(switches()) or [1e-3]
     )
     out = tmp_path / "share.json"
     argv = ["--smoke", "--batches", "1", "--contexts", "64", "--repeats", "1", "--decode-kernels", "on"]
-    argv += ["--state-shares", "none,0.25", "--fused-norms", "norms,off", "--matvec", "off"]  # gqa, mla
+    argv += ["--state-shares", "none,0.25", "--fused-norms", "norms,off", "--one-token", "matvec"]  # gqa, mla
     assert bench_decode.main([*argv, "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     settings = [("none", "norms"), ("none", "off"), ("0.25", "norms"), ("0.25", "off")]
-    assert [(r["model"], r["state_share"], r["fused_norms"], r["matvec"], r["step_ms"]) for r in rows] == [
-        (model, *setting, "off", 1.0) for setting in settings for model in ("gqa", "mla")
+    assert [(r["model"], r["state_share"], r["fused_norms"], r["one_token"], r["step_ms"]) for r in rows] == [
+        (model, *setting, "matvec", 1.0) for setting in settings for model in ("gqa", "mla")
     ]
-    want = [(share, fused, False) for share in (None, 0.25) for fused in ("norms", "off") for _ in range(2)]
+    want = [
+        (share, fused, "matvec") for share in (None, 0.25) for fused in ("norms", "off") for _ in range(2)
+    ]
     assert seen == want
-    assert switches() == (None, "router", True)
-    for flag, value in (("--fused-norms", "on"), ("--matvec", "yes")):
+    assert switches() == (None, "router", "finish")
+    for flag, value in (("--fused-norms", "on"), ("--one-token", "on")):
         with pytest.raises(SystemExit):
             bench_decode.main(["--smoke", flag, value])
 

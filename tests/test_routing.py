@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from gptoss_mla_jax.moe import ALIGN, _aligned_slots
-from gptoss_mla_jax.routing import MAX_TOKENS, decode_routing
+from gptoss_mla_jax.routing import MAX_TOKENS, decode_routing, layout_rows
 
 
 def reference(x, kernel, bias, k: int, align: int):
@@ -47,8 +47,12 @@ def test_equals_the_router_and_the_jnp_layout(tokens, D, E, k, routing):
     assert np.isfinite(np.asarray(got[0])).all()
     want = reference(x, kernel, bias, k, ALIGN)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-6)  # weights
-    for name, g, w in zip(("experts", "slots", "padded sizes"), got[1:], want[1:], strict=True):
+    for name, g, w in zip(("experts", "slots", "padded sizes"), got[1:4], want[1:], strict=True):
         np.testing.assert_array_equal(g, w, err_msg=name)
+    # Each row of the layout: the token whose pair sits there, -1 elsewhere.
+    row_token = np.full(layout_rows(tokens, k, E, ALIGN), -1)
+    row_token[np.asarray(want[2])] = np.arange(tokens * k) // k
+    np.testing.assert_array_equal(got.row_token, row_token)
     if routing == "one expert for all":
         assert (np.asarray(got[1]) == 0).any(axis=1).all()
     if routing == "ties":
@@ -98,6 +102,6 @@ def test_routing_of_logits_rounds_the_sum_before_the_bias():
 
     partials = jnp.asarray([[[1.0, 1.0 + 2**-10, 0.5, 3.0]], [[0.0, 0.0, 0.0, -3.0]]], jnp.float32)
     bias = jnp.zeros(4, jnp.bfloat16)
-    weights, experts, _, _ = routing_of_logits(partials, bias, 2, ALIGN, jnp.bfloat16, interpret=True)
+    weights, experts, *_ = routing_of_logits(partials, bias, 2, ALIGN, jnp.bfloat16, interpret=True)
     np.testing.assert_array_equal(experts, [[0, 1]])  # 1 + 2^-10 rounds to 1 in bf16: a tie, lower first
     np.testing.assert_allclose(weights, [[0.5, 0.5]])

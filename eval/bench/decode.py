@@ -806,9 +806,10 @@ def main(argv=None) -> int:
         "router,norms,off",
     )  # fmt: skip
     parser.add_argument(
-        "--matvec", default="on",
-        help="steps with a single token's projections on the matvec kernel (attention.MATVEC), each of "
-        "these in turn: on, off or on,off",
+        "--one-token", default="finish",
+        help="batch-1 steps with the projections on the matvec kernel and GQA's q / k / v finished by the "
+        "qkv_finish kernel (attention.ONE_TOKEN: finish; matvec, without the finishing kernel; off), each of "
+        "these in turn, e.g. finish,matvec,off",
     )  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="a tiny model (CPU check of the script)")
     parser.add_argument("--out", help="write the results as JSON here")
@@ -816,8 +817,9 @@ def main(argv=None) -> int:
     unknown = set(args.fused_norms.split(",")) - set(get_args(model_lib.FusedNorms))
     if unknown:
         parser.error(f"--fused-norms: {sorted(unknown)} not among {get_args(model_lib.FusedNorms)}")
-    if set(args.matvec.split(",")) - {"on", "off"}:
-        parser.error(f"--matvec: {args.matvec!r}; on, off or on,off")
+    unknown = set(args.one_token.split(",")) - set(get_args(attention_lib.OneToken))
+    if unknown:
+        parser.error(f"--one-token: {sorted(unknown)} not among {get_args(attention_lib.OneToken)}")
     if args.cuda_graphs:
         request_cuda_graphs()
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -870,19 +872,19 @@ def main(argv=None) -> int:
             batches = [int(b) for b in args.batches.split(",")]
             kernels = {"off": (False,), "on": (True,), "both": (False, True)}[args.decode_kernels]
             built, result["rows"] = models_(), []
-            defaults = flash_decode.STATE_SHARE, model_lib.FUSED_NORMS, attention_lib.MATVEC
-            for share, fused, matvec in itertools.product(
-                args.state_shares.split(","), args.fused_norms.split(","), args.matvec.split(",")
+            defaults = flash_decode.STATE_SHARE, model_lib.FUSED_NORMS, attention_lib.ONE_TOKEN
+            for share, fused, one_token in itertools.product(
+                args.state_shares.split(","), args.fused_norms.split(","), args.one_token.split(",")
             ):
                 flash_decode.STATE_SHARE = None if share == "none" else float(share)
                 model_lib.FUSED_NORMS = fused
-                attention_lib.MATVEC = matvec == "on"
+                attention_lib.ONE_TOKEN = one_token
                 jax.clear_caches()  # all three are read when a step is traced
-                setting = {"state_share": share, "fused_norms": fused, "matvec": matvec}
+                setting = {"state_share": share, "fused_norms": fused, "one_token": one_token}
                 tag = lambda row, setting=setting: log(row | setting)
                 rows = speed(built, batches, contexts, args.repeats, tag, kernels, args.loop_steps)
                 result["rows"] += [row | setting for row in rows]
-            flash_decode.STATE_SHARE, model_lib.FUSED_NORMS, attention_lib.MATVEC = defaults
+            flash_decode.STATE_SHARE, model_lib.FUSED_NORMS, attention_lib.ONE_TOKEN = defaults
     result["command"] = command
     print(json.dumps(result), flush=True)
     if args.out:

@@ -50,6 +50,9 @@ def census(hlo: str) -> dict:
         by_op[re.sub(r"[._]\d+", "", called.group(1)) if called else "?"] += 1
     return {
         "kernels": len(kernels),
+        # Buffer copies (a device memcpy each), not counted as kernels above: e.g. a buffer of zeros that
+        # each layer's in-place scatter needs a copy of.
+        "copies": len(re.findall(r"= \S+ copy\(", entry)),
         "triton_calls": sum("xla.gpu.triton" in line for line in kernels),
         "by_stage": dict(by_stage.most_common()),
         "by_op": dict(by_op.most_common()),
@@ -176,8 +179,10 @@ def _decode_kernels(batch: int, context: int) -> dict:
     absorbed MLA latent 160 + 32 RoPE values) over `context` slots at `batch`, one layer's MoE on the
     grouped matmul (MXFP4 experts, the routing kernel and both packed products) at batch 1, the fused
     residual add + norm after the MoE at batch 1 (its rows in two contraction splits), and at batch 1 the
-    one before the MoE with the router's product (`add_norm_routed`) and the routing kernel fed by it, and
-    the one-row projections (`matvec`: q / k / v, o_proj)."""
+    one before the MoE with the router's product (`add_norm_routed`) and the routing kernel fed by it (at
+    batches 1 and 64), and
+    the one-row projections (`matvec`: q / k / v, o_proj) and the finishing of GQA's (`qkv_finish`, over a
+    cache of `context` slots)."""
     import jax
     import jax.numpy as jnp
 
@@ -190,6 +195,7 @@ def _decode_kernels(batch: int, context: int) -> dict:
     from gptoss_mla_jax.config import GPT_OSS_20B, MlaConfig
     from gptoss_mla_jax.matvec import matvec
     from gptoss_mla_jax.moe import ALIGN, moe_sparse
+    from gptoss_mla_jax.qkv_finish import finish_qkv
     from gptoss_mla_jax.routing import routing_of_logits
 
     B, S, G, R, d, r = batch, context, 8, 8, 64, 192
@@ -247,10 +253,21 @@ def _decode_kernels(batch: int, context: int) -> dict:
             (spec(D), spec(D, G * R * d), spec(D, G * d), spec(D, G * d)),
         ),
         "matvec_o_proj": (lambda x, o: matvec(x, (o,)), (spec(G * R * d), spec(G * R * d, D))),
-        "routing_of_logits_batch1": (
-            lambda partials, bias: routing_of_logits(partials, bias, 4, ALIGN, jnp.bfloat16, tiles=True),
-            (spec(pl.cdiv(D, ROUTER_DEPTH), 1, E, dtype=jnp.float32), spec(E)),
+        "qkv_finish": (
+            lambda sums, biases, cos, sin, slot, k, v: finish_qkv(sums, biases, cos, sin, slot, k, v),
+            (
+                tuple(spec(22, n, dtype=jnp.float32) for n in (G * R * d, G * d, G * d)),
+                (spec(G * R * d), spec(G * d), spec(G * d)), spec(d // 2, dtype=jnp.float32),
+                spec(d // 2, dtype=jnp.float32), spec(1, dtype=jnp.int32), spec(1, S, G, d), spec(1, S, G, d),
+            ),
         ),
+        **{
+            f"routing_of_logits_batch{n}": (
+                lambda partials, bias: routing_of_logits(partials, bias, 4, ALIGN, jnp.bfloat16, tiles=True),
+                (spec(pl.cdiv(D, ROUTER_DEPTH), n, E, dtype=jnp.float32), spec(E)),
+            )
+            for n in (1, 64)
+        },
     }  # fmt: skip
 
 

@@ -29,7 +29,8 @@
 #              64 x 4K with the residual adds fused with their norms (with the router's product, without)
 #              and not fused
 #   matvec     the one-row projection kernel against XLA's product (agreement, device time) and over a
-#              sweep of launches, then the loop at 1 x 4K of GQA and MLA with it and without
+#              sweep of launches, then the loop at 1 x 4K of GQA and MLA with it and GQA's q / k / v
+#              finishing kernel, with it alone, and with neither
 #   bash eval/experiments/decode_gpu.sh OUT_DIR [STAGES]        (default: check,moe,profile,e2e)
 set -uo pipefail
 OUT=${1:?usage: bash eval/experiments/decode_gpu.sh OUT_DIR [STAGES]}
@@ -85,7 +86,7 @@ for stage in ${STAGES//,/ }; do
       --batches 1,64 --contexts 4096 --loop-steps 16 --repeats 5 --fused-norms router,norms,off ;;
     matvec) run matvec_check 300 eval.experiments.matvec_check --sweep
       run decode_e2e_matvec 280 eval.bench.decode --cuda-graphs --decode-kernels on --models gqa,mla \
-      --batches 1 --contexts 4096 --loop-steps 16 --repeats 5 --matvec on,off ;;
+      --batches 1 --contexts 4096 --loop-steps 16 --repeats 5 --one-token finish,matvec,off ;;
     capacity) run decode_capacity 400 eval.bench.decode --capacity --decode-kernels on --partial --contexts 32768,131072 ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
