@@ -37,6 +37,22 @@ def test_census_counts_the_entry_kernels_by_stage_and_op():
     assert got["by_op"] == {"fused_reduce": 1, "__gpu$xla.gpu.triton": 1, "fused_add": 1}
 
 
+def test_census_of_a_loop_body():
+    """`while_body` finds the entry's while loop's body, which `census` then counts instead of the entry."""
+    hlo = HLO.replace(
+        "ENTRY %main",
+        """%body.7 (t: (f32[8])) -> (f32[8]) {
+  %f = f32[8]{0} fusion(%t), kind=kLoop, calls=%fused_add, metadata={op_name="f/moe/a"}
+  %c = f32[8]{0} copy(%f)
+  ROOT %r = (f32[8]) tuple(%c)
+}
+
+ENTRY %main""",
+    ).replace("  ROOT %t = ", "  %w = (f32[8]) while(%x), condition=%cond.3, body=%body.7\n  ROOT %t = ")
+    got = cuda_aot.census(hlo, cuda_aot.while_body(hlo))
+    assert got["kernels"] == 1 and got["copies"] == 1 and got["by_stage"] == {"moe": 1}
+
+
 def test_tensor_core_mix_counts_instructions_by_shape():
     ptx = """
     wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 {%f1}, %rd1, %rd2;

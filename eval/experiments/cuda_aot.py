@@ -5,6 +5,7 @@ Pallas decode kernel's PTX, and each such kernel's registers and main-loop instr
     pip install "jax[cuda12]==$(python -c 'import jax; print(jax.__version__)')"   # the CUDA plugin
     python -m eval.experiments.cuda_aot --step 1,4096 --out step.json   # kernels per step, by stage and op
     python -m eval.experiments.cuda_aot --step 64,32768 --model mla     # the same with MLA attention
+    python -m eval.experiments.cuda_aot --step 1,4096 --loop            # the body of generate's device loop
     python -m eval.experiments.cuda_aot --ptx --out ptx.json            # wgmma / mma.sync per decode kernel
     python -m eval.experiments.cuda_aot --sass --out sass.json          # registers, main-loop instructions
                                                                         # (pip install nvidia-cuda-nvdisasm)
@@ -35,11 +36,26 @@ TARGET = os.path.join(os.path.dirname(__file__), "h200_target_config.txtpb")
 STAGES = ("moe", "attention", "sample")
 
 
-def census(hlo: str) -> dict:
-    """Kernels in the entry computation of optimized GPU HLO text: fusions and custom calls (Pallas' Triton
-    kernels), counted by stage (the `named_scope` in each op's name: moe, attention, sample, other) and by
-    fused computation (numbers stripped)."""
+def computation(hlo: str, name: str) -> str:
+    """The text of computation `name` (as HLO text names it, without the %) of optimized HLO text."""
+    start = re.search(rf"^%?{re.escape(name)} .*\{{$", hlo, re.MULTILINE)
+    if start is None:
+        raise ValueError(f"no computation {name} in the HLO")
+    return hlo[start.start() : hlo.index("\n}", start.end()) + 2]
+
+
+def while_body(hlo: str) -> str:
+    """The body of the entry computation's first while loop."""
     entry = hlo[hlo.index("\nENTRY") :]
+    return computation(hlo, re.search(r" while\(.*?body=%?([\w.\-]+)", entry).group(1))
+
+
+def census(hlo: str, body: str | None = None) -> dict:
+    """Kernels in the entry computation of optimized GPU HLO text (or in `body`, a computation's text, such
+    as a loop's body): fusions and custom calls (Pallas' Triton kernels), counted by stage (the
+    `named_scope` in each op's name: moe, attention, sample, other) and by fused computation (numbers
+    stripped)."""
+    entry = hlo[hlo.index("\nENTRY") :] if body is None else body
     kernels = [line for line in entry.split("\n") if " fusion(" in line or " custom-call(" in line]
     by_stage, by_op = collections.Counter(), collections.Counter()
     for line in kernels:
@@ -112,14 +128,15 @@ def model_config(model: str):
     return config
 
 
-def step_census(batch: int, context: int, model: str = "gqa") -> dict:
+def step_census(batch: int, context: int, model: str = "gqa", loop: bool = False) -> dict:
     """One decode step of gpt-oss-20b (MXFP4 experts, bf16 cache of `context` slots, Pallas kernels),
-    its attention as `model` says (`model_config`)."""
+    its attention as `model` says (`model_config`). `loop`: the body of `generation.decode_steps`' device
+    loop instead, as `generate` runs the steps (what it derives once for the loop hoisted out of it)."""
     import jax
     import jax.numpy as jnp
 
     from gptoss_mla_jax.cache import init_cache
-    from gptoss_mla_jax.generation import GREEDY, decode_step
+    from gptoss_mla_jax.generation import GREEDY, decode_step, decode_steps
     from gptoss_mla_jax.mla import with_up_projections
     from gptoss_mla_jax.model import init_params, with_aligned_scales
 
@@ -136,11 +153,30 @@ def step_census(batch: int, context: int, model: str = "gqa") -> dict:
     cache = spec(jax.eval_shape(lambda: init_cache(config, batch, context)))
     key = spec(jax.eval_shape(lambda: jax.random.key(0)))
     tokens = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=placed)
-    step = jax.jit(lambda p, c, t, k: decode_step(p, c, t, k, config, GREEDY, True), donate_argnums=1)
-    hlo = step.lower(params, cache, tokens, key).compile().as_text()
-    out = census(hlo)
+    if loop:
+        scalar = lambda dtype, *shape: jax.ShapeDtypeStruct(shape, dtype, sharding=placed)
+        steps = jax.jit(
+            lambda p, c, t, k, done, limit, eos: decode_steps(
+                p, c, t, k, done, limit, eos, config, GREEDY, True
+            ),
+            donate_argnums=1,
+        )
+        args = (tokens, key, scalar(jnp.bool_, batch), scalar(jnp.int32), scalar(jnp.int32))
+        hlo = steps.lower(params, cache, *args).compile().as_text()
+        out = census(hlo, while_body(hlo))
+    else:
+        step = jax.jit(lambda p, c, t, k: decode_step(p, c, t, k, config, GREEDY, True), donate_argnums=1)
+        out = census(step.lower(params, cache, tokens, key).compile().as_text())
     out["per_layer"] = {stage: n / config.num_hidden_layers for stage, n in out["by_stage"].items()}
-    return {"model": model, "batch": batch, "context": context, "layers": config.num_hidden_layers, **out}
+    where = {"loop": "decode_steps' loop body"} if loop else {}
+    return {
+        "model": model,
+        "batch": batch,
+        "context": context,
+        "layers": config.num_hidden_layers,
+        **where,
+        **out,
+    }
 
 
 def sorts(hlo: str) -> dict[str, int]:
@@ -382,6 +418,9 @@ def main(argv=None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--step", metavar="BATCH,CONTEXT", help="kernels of one decode step")
+    parser.add_argument(
+        "--loop", action="store_true", help="--step: the body of generate's device loop of decode steps"
+    )
     parser.add_argument("--model", choices=MODELS, default="gqa", help="--step: the attention (model_config)")
     parser.add_argument("--ptx", action="store_true", help="tensor-core instructions of the decode kernels")
     parser.add_argument(
@@ -396,7 +435,7 @@ def main(argv=None) -> int:
 
     if args.step:
         batch, context = (int(n) for n in args.step.split(","))
-        result = step_census(batch, context, args.model)
+        result = step_census(batch, context, args.model, args.loop)
     elif args.train_step:
         result = train_step_census(args.train_step)
     elif args.sass:
