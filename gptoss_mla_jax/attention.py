@@ -147,9 +147,11 @@ def decode_plan(
 
 # A single token's decode step on the kernels: its projections on `matvec`, and a GQA layer's query, key
 # and value finished from their sums by `qkv_finish` ("finish"), or by XLA ("matvec"); "off": XLA's GEMM at
-# two rows. Read when a step is traced; `eval.bench.decode --one-token finish,matvec,off` times each.
+# two rows, the default: on an H200 "finish" was 0.16 ms a token faster for GQA at 1 x 4K but 0.10-0.12 ms
+# slower for the decompressed MLA model at 1 x 32K (docs/decode.md). Read when a step is traced;
+# `eval.bench.decode --one-token finish,matvec,off` times each.
 OneToken = Literal["finish", "matvec", "off"]
-ONE_TOKEN: OneToken = "finish"
+ONE_TOKEN: OneToken = "off"
 
 
 def on_matvec(options: ForwardOptions, x: Float[Array, "B T D"]) -> bool:
@@ -256,8 +258,9 @@ def _one_token_decode(
     sums = matvec(x.reshape(-1), tuple(q["kernel"] for q in ps), interpret)
     biases = tuple(q["bias"] for q in ps)
     tile, k, v = finish_qkv(
-        sums, biases, cos[0, 0], sin[0, 0], slot.reshape(1), layer_cache["k"], layer_cache["v"], interpret
-    )
+        sums, biases, cos[0, 0], sin[0, 0], slot.reshape(1), layer_cache["k"], layer_cache["v"], x.dtype,
+        interpret,
+    )  # fmt: skip
     window = config.sliding_window if sliding else None
     slots = flash_decode.Slots(new_lengths, window, sliding)
     R = config.num_attention_heads // config.num_key_value_heads

@@ -31,15 +31,14 @@ from gptoss_mla_jax.flash_decode import FILL_PROGRAMS, masked_load, pl_triton, t
 class MatvecLaunch(NamedTuple):
     """`depth` contraction rows a step, `columns` output columns a program, `warps` for a program and
     `stages` of software pipelining; the contraction split into slices of whole steps so that the launch
-    has about `programs` programs. The default's programs are four an SM of an H200, as many as its
-    registers hold at 4 warps (about 120 a thread, `eval.experiments.cuda_aot --sass`): a program's loads of
-    one step are in flight together, and more programs keep more bytes in flight."""
+    has about `programs` programs: two an SM of an H200 by default, the fastest for q / k / v in the sweep of
+    `eval.experiments.matvec_check --sweep` (eval/results/matvec_sweep_h200.json)."""
 
     depth: int = 32
     columns: int = 256
     warps: int = 4
     stages: int = 3
-    programs: int = 2 * FILL_PROGRAMS
+    programs: int = FILL_PROGRAMS
 
 
 LAUNCH = MatvecLaunch()

@@ -65,7 +65,7 @@ def _finish_kernel(
         pl_triton.store(v_out.at[first, slot, pl.ds(g, 1), pl.ds(0, d)], v.astype(v_out.dtype))
 
 
-@functools.partial(jax.jit, static_argnames=("interpret",))
+@functools.partial(jax.jit, static_argnames=("dtype", "interpret"))
 def finish_qkv(
     sums: tuple[Float[Array, "S Hd"], Float[Array, "S Gd"], Float[Array, "S Gd"]],
     biases: tuple[Float[Array, " Hd"], Float[Array, " Gd"], Float[Array, " Gd"]],
@@ -74,13 +74,15 @@ def finish_qkv(
     slot: Int[Array, " 1"],
     k_cache: Float[Array, "1 slots G d"],
     v_cache: Float[Array, "1 slots G d"],
+    dtype,
     interpret: bool = False,
 ) -> tuple[Float[Array, "1 G Rp d"], Float[Array, "1 slots G d"], Float[Array, "1 slots G d"]]:
-    """(the attention kernel's query tile [1, G, Rp, d]: each kv head's R query heads RoPE'd and scaled,
-    zero rows up to Rp = max(16, R) a power of two; the caches with the token's key (RoPE'd) and value at
-    `slot`) of one token from its q / k / v projections' partial sums [S, N] (`matvec`) and biases, in the
-    biases' dtype (the activations'); see the module docstring. `cos` / `sin`: the token's RoPE table
-    (`rope.cos_sin`); `slot`: its slot (`cache.slot_index`; `slots` drops it)."""
+    """(the attention kernel's query tile [1, G, Rp, d]: each kv head's R query heads RoPE'd and scaled, zero
+    rows up to Rp = max(16, R) a power of two; the caches with the token's key (RoPE'd) and value at
+    `slot`) of one token from its q / k / v projections' partial sums [S, N] (`matvec`) and biases,
+    rounded to `dtype` (the activations') as `attention.linears` rounds them; see the module docstring.
+    `cos` / `sin`: the token's RoPE table (`rope.cos_sin`); `slot`: its slot (`cache.slot_index`; `slots`
+    drops it)."""
     G, d = k_cache.shape[2:]
     H = sums[0].shape[1] // d
     R = H // G
@@ -97,7 +99,7 @@ def finish_qkv(
     )
     whole = lambda a: pl.BlockSpec(a.shape, lambda g: (0,) * a.ndim)
     out_shape = [jax.ShapeDtypeStruct((1, G, Rp, d), k_cache.dtype), k_cache, v_cache]
-    kernel = functools.partial(_finish_kernel, R=R, dtype=biases[0].dtype)
+    kernel = functools.partial(_finish_kernel, R=R, dtype=dtype)
     return tuple(
         pl.pallas_call(
             kernel,

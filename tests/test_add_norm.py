@@ -55,7 +55,7 @@ def test_equals_the_residual_add_and_rms_norm(dtype, N, D, delta):
 def test_routed_form_adds_the_router_product(dtype, N, D, E):
     """`add_norm_routed`: x + delta and its norm as `add_norm` gives them (bit for bit), and the router's
     product of that norm as float32 partial sums, one per 256 rows of the contraction (gpt-oss-20b's 2,880
-    in 12, the last of 64 rows; 600 in 3; 64 in one short slice), adding up to h @ router (the rounded h,
+    in 12, the last of 64 rows; 600 in 3; 64 in one slice of 64), adding up to h @ router (the rounded h,
     in float64) to 1e-6 of the largest logit; experts off a power of two."""
     x, delta, weight = case(N, D, dtype)
     router = D**-0.5 * jax.random.normal(jax.random.key(3), (D, E), dtype)

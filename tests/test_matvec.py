@@ -48,8 +48,8 @@ def test_contraction_slices_cover_it_in_whole_steps(K, blocks):
     slices, rows = contraction_slices(K, blocks)
     assert rows % LAUNCH.depth == 0 and (slices - 1) * rows < K <= slices * rows
     steps = -(-K // LAUNCH.depth)
-    assert slices <= MOST_SLICES
-    assert slices == steps or slices * blocks >= LAUNCH.programs // 2 or slices > MOST_SLICES // 2
+    wanted = min(steps, MOST_SLICES, -(-LAUNCH.programs // blocks))
+    assert slices <= wanted and rows == -(-steps // wanted) * LAUNCH.depth
 
 
 def test_refuses_kernels_that_do_not_take_x():
@@ -83,6 +83,20 @@ def test_linears_round_as_the_product_does():
             np.testing.assert_allclose(got, want, rtol=step, atol=step)
 
 
+def with_random_biases(params, seed: int = 7):
+    """`params` with every projection's bias random (`init_params` makes them zero), so that steps on the
+    kernels add them where the jnp path does."""
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(params)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    biased = [
+        0.1 * jax.random.normal(k, leaf.shape, leaf.dtype)
+        if jax.tree_util.keystr(path).endswith("['bias']")
+        else leaf
+        for (path, leaf), k in zip(leaves, keys, strict=True)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, biased)
+
+
 def _mla(config, mode: str):
     from gptoss_mla_jax.config import MlaConfig
 
@@ -98,9 +112,10 @@ def _mla(config, mode: str):
 
 @pytest.mark.parametrize("kind", ["gqa", "decompressed", "partial", "rorope"])
 def test_decode_step_at_batch_one_projects_on_the_kernel(monkeypatch, kind):
-    """A batch-1 decode step on the kernels (float32) runs its projections on `matvec`: q / k / v in one
-    launch and o_proj in another on GQA layers, q with the cached projections in one on converted ones, and
-    gives the jnp step's logits; a step of two sequences does not."""
+    """A batch-1 decode step on the kernels (float32, random biases) with `attention.ONE_TOKEN` "matvec" runs
+    its projections on `matvec`: q / k / v in one launch and o_proj in another on GQA layers, q with the
+    cached projections in one on converted ones, and gives the jnp step's logits; a step of two sequences
+    does not."""
     from gptoss_mla_jax import model
     from gptoss_mla_jax.cache import init_cache
     from gptoss_mla_jax.generation import DEMO_CONFIG
@@ -112,7 +127,8 @@ def test_decode_step_at_batch_one_projects_on_the_kernel(monkeypatch, kind):
     monkeypatch.setattr(
         attention, "matvec", lambda x, kernels, *a: calls.append(len(kernels)) or real(x, kernels, *a)
     )
-    params = model.init_params(config, jax.random.key(0), jnp.float32, experts="mxfp4")
+    monkeypatch.setattr(attention, "ONE_TOKEN", "matvec")
+    params = with_random_biases(model.init_params(config, jax.random.key(0), jnp.float32, experts="mxfp4"))
     if kind != "gqa":
         params = with_up_projections(params, config)
     tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, config.vocab_size)

@@ -62,7 +62,7 @@ def test_equals_the_jnp_path(dtype, S, G, R, d, slot):
     """The query tile and both caches: float32 to 1e-6, bfloat16 bit for bit (every rounding where the jnp
     path rounds)."""
     sums, biases, cos, sin, caches = case(S, G, R, d, 64, dtype)
-    got = finish_qkv(sums, biases, cos, sin, jnp.full((1,), slot), *caches, interpret=True)
+    got = finish_qkv(sums, biases, cos, sin, jnp.full((1,), slot), *caches, dtype, interpret=True)
     want = reference(sums, biases, cos, sin, slot, caches, R)
     for name, g, w in zip(("query tile", "k cache", "v cache"), got, want, strict=True):
         assert g.shape == w.shape and g.dtype == w.dtype, name
@@ -76,14 +76,14 @@ def test_equals_the_jnp_path(dtype, S, G, R, d, slot):
 
 
 def test_lowers_for_the_gpu_with_the_caches_in_place():
-    """gpt-oss-20b's attention shape (64 query heads over 8 kv heads of 64, 22 slices, a 4K cache), bf16,
+    """gpt-oss-20b's attention shape (64 query heads over 8 kv heads of 64, 23 slices, a 4K cache), bf16,
     lowers to one Triton kernel for CUDA from this CPU-only machine, its caches aliased to its outputs."""
     spec = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
     f32 = jnp.float32
-    sums = (spec(22, 4096, dtype=f32), spec(22, 512, dtype=f32), spec(22, 512, dtype=f32))
+    sums = (spec(23, 4096, dtype=f32), spec(23, 512, dtype=f32), spec(23, 512, dtype=f32))
     biases = (spec(4096), spec(512), spec(512))
     cache = spec(1, 4096, 8, 64)
-    fn = lambda sums, biases, cos, sin, slot, k, v: finish_qkv(sums, biases, cos, sin, slot, k, v)
+    fn = lambda sums, biases, cos, sin, slot, k, v: finish_qkv(sums, biases, cos, sin, slot, k, v, k.dtype)
     args = (sums, biases, spec(32, dtype=f32), spec(32, dtype=f32), spec(1, dtype=jnp.int32), cache, cache)
     text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("xla.gpu.triton") == 1 and "output_operand_aliases" in text
@@ -91,20 +91,20 @@ def test_lowers_for_the_gpu_with_the_caches_in_place():
 
 @pytest.mark.parametrize("kind", ["gqa", "decompressed"])
 def test_decode_step_at_batch_one_finishes_on_the_kernel(monkeypatch, kind):
-    """A batch-1 decode step on the kernels (float32) finishes every GQA layer's q / k / v on the kernel
-    (a converted model's sliding layers too), gives the jnp step's logits and the same cache, for each
-    `attention.ONE_TOKEN` setting; "matvec" and "off" do not use it."""
+    """A batch-1 decode step on the kernels (float32, random biases) finishes every GQA layer's q / k / v on
+    the kernel (a converted model's sliding layers too), gives the jnp step's logits and the same
+    cache, for each `attention.ONE_TOKEN` setting; "matvec" and "off" do not use it."""
     from gptoss_mla_jax import model
     from gptoss_mla_jax.cache import init_cache
     from gptoss_mla_jax.generation import DEMO_CONFIG
     from gptoss_mla_jax.mla import with_up_projections
-    from tests.test_matvec import _mla
+    from tests.test_matvec import _mla, with_random_biases
 
     config = DEMO_CONFIG if kind == "gqa" else _mla(DEMO_CONFIG, kind)
     calls = []
     real = attention.finish_qkv
     monkeypatch.setattr(attention, "finish_qkv", lambda *a: calls.append(1) or real(*a))
-    params = model.init_params(config, jax.random.key(0), jnp.float32, experts="mxfp4")
+    params = with_random_biases(model.init_params(config, jax.random.key(0), jnp.float32, experts="mxfp4"))
     if kind != "gqa":
         params = with_up_projections(params, config)
     tokens = jax.random.randint(jax.random.key(1), (1, 21), 0, config.vocab_size)

@@ -800,13 +800,13 @@ def main(argv=None) -> int:
         "these in turn, e.g. none,0.25 (none: unbounded, the default)",
     )  # fmt: skip
     parser.add_argument(
-        "--fused-norms", default="router",
+        "--fused-norms", default=model_lib.FUSED_NORMS,
         help="steps with each residual add fused with its norm (model.FUSED_NORMS: router, the one before "
         "the MoE with the router's product; norms, without; off), each of these in turn, e.g. "
         "router,norms,off",
     )  # fmt: skip
     parser.add_argument(
-        "--one-token", default="finish",
+        "--one-token", default=attention_lib.ONE_TOKEN,
         help="batch-1 steps with the projections on the matvec kernel and GQA's q / k / v finished by the "
         "qkv_finish kernel (attention.ONE_TOKEN: finish; matvec, without the finishing kernel; off), each of "
         "these in turn, e.g. finish,matvec,off",

@@ -68,7 +68,7 @@ def census(hlo: str, body: str | None = None) -> dict:
         "kernels": len(kernels),
         # Buffer copies (a device memcpy each), not counted as kernels above: e.g. a buffer of zeros that
         # each layer's in-place scatter needs a copy of.
-        "copies": len(re.findall(r"= \S+ copy\(", entry)),
+        "copies": len(re.findall(r"= .+? copy(?:-start)?\(", entry)),
         "triton_calls": sum("xla.gpu.triton" in line for line in kernels),
         "by_stage": dict(by_stage.most_common()),
         "by_op": dict(by_op.most_common()),
@@ -290,9 +290,11 @@ def _decode_kernels(batch: int, context: int) -> dict:
         ),
         "matvec_o_proj": (lambda x, o: matvec(x, (o,)), (spec(G * R * d), spec(G * R * d, D))),
         "qkv_finish": (
-            lambda sums, biases, cos, sin, slot, k, v: finish_qkv(sums, biases, cos, sin, slot, k, v),
+            lambda sums, biases, cos, sin, slot, k, v: finish_qkv(
+                sums, biases, cos, sin, slot, k, v, k.dtype
+            ),
             (
-                tuple(spec(22, n, dtype=jnp.float32) for n in (G * R * d, G * d, G * d)),
+                tuple(spec(23, n, dtype=jnp.float32) for n in (G * R * d, G * d, G * d)),
                 (spec(G * R * d), spec(G * d), spec(G * d)), spec(d // 2, dtype=jnp.float32),
                 spec(d // 2, dtype=jnp.float32), spec(1, dtype=jnp.int32), spec(1, S, G, d), spec(1, S, G, d),
             ),

@@ -30,6 +30,7 @@
 #              and not fused
 #   ab         GQA's loop at 1 x 4K over every setting of the batch-1 kernels: the one-token kernels (finish,
 #              matvec, off) by the fused norms (router, norms, off), in one process
+#   matvec_sweep  the first half of matvec alone
 #   matvec     the one-row projection kernel against XLA's product (agreement, device time) and over a
 #              sweep of launches, then the loop at 1 x 4K of GQA and MLA with it and GQA's q / k / v
 #              finishing kernel, with it alone, and with neither
@@ -88,6 +89,7 @@ for stage in ${STAGES//,/ }; do
       --batches 1,64 --contexts 4096 --loop-steps 16 --repeats 5 --fused-norms router,norms,off ;;
     ab) run decode_e2e_ab 540 eval.bench.decode --cuda-graphs --decode-kernels on --models gqa --batches 1 \
       --contexts 4096 --loop-steps 16 --repeats 5 --one-token finish,matvec,off --fused-norms router,norms,off ;;
+    matvec_sweep) run matvec_check 400 eval.experiments.matvec_check --sweep ;;
     matvec) run matvec_check 300 eval.experiments.matvec_check --sweep
       run decode_e2e_matvec 280 eval.bench.decode --cuda-graphs --decode-kernels on --models gqa,mla \
       --batches 1 --contexts 4096 --loop-steps 16 --repeats 5 --one-token finish,matvec,off ;;

@@ -39,7 +39,7 @@ SWEEP = [
     MatvecLaunch(depth, columns, 4, stages, LAUNCH.programs)
     for depth, columns, stages in itertools.product((16, 32, 64), (128, 256, 512), (2, 3, 4))
     if depth * columns <= 16384  # a step's tile: at most 128 float32 accumulators a thread
-] + [LAUNCH._replace(warps=8), LAUNCH._replace(programs=132), LAUNCH._replace(programs=264)]
+] + [LAUNCH._replace(warps=8), LAUNCH._replace(programs=132), LAUNCH._replace(programs=528)]
 
 
 def weights(K: int, widths, seed: int = 0) -> list[dict]:
