@@ -30,6 +30,7 @@
 #              and not fused
 #   ab         GQA's loop at 1 x 4K over every setting of the batch-1 kernels: the one-token kernels (finish,
 #              matvec, off) by the fused norms (router, norms, off), in one process
+#   ab_one_token  GQA and MLA at 1 x 4K and 1 x 32K with the one-token kernels and without, in one process
 #   matvec_sweep  the first half of matvec alone
 #   matvec     the one-row projection kernel against XLA's product (agreement, device time) and over a
 #              sweep of launches, then the loop at 1 x 4K of GQA and MLA with it and GQA's q / k / v
@@ -89,6 +90,8 @@ for stage in ${STAGES//,/ }; do
       --batches 1,64 --contexts 4096 --loop-steps 16 --repeats 5 --fused-norms router,norms,off ;;
     ab) run decode_e2e_ab 540 eval.bench.decode --cuda-graphs --decode-kernels on --models gqa --batches 1 \
       --contexts 4096 --loop-steps 16 --repeats 5 --one-token finish,matvec,off --fused-norms router,norms,off ;;
+    ab_one_token) run decode_e2e_ab_one_token 400 eval.bench.decode --cuda-graphs --decode-kernels on \
+      --models gqa,mla --batches 1 --contexts 4096,32768 --loop-steps 16 --repeats 5 --one-token finish,off ;;
     matvec_sweep) run matvec_check 400 eval.experiments.matvec_check --sweep ;;
     matvec) run matvec_check 300 eval.experiments.matvec_check --sweep
       run decode_e2e_matvec 280 eval.bench.decode --cuda-graphs --decode-kernels on --models gqa,mla \
