@@ -171,11 +171,16 @@ def linears(x: Float[Array, "B T In"], ps: list[Params], one_row_kernel: bool = 
     decode step (`eval.experiments.cuda_aot`, docs/decode.md) shows it."""
     bias = lambda y, p: y + p["bias"] if "bias" in p else y
     if one_row_kernel:
-        sums = matvec(x.reshape(-1), tuple(p["kernel"] for p in ps), not flash_decode.runs_compiled())
+        sums = _matvec_sums(x, ps)
         rounded = [s.sum(axis=0).astype(x.dtype) for s in sums]
         return [bias(y, p).reshape(*x.shape[:2], -1) for y, p in zip(rounded, ps, strict=True)]
     rows = x if x.shape[0] * x.shape[1] > 1 else jnp.concatenate([x, x])
     return [bias(rows @ p["kernel"], p)[: x.shape[0]] for p in ps]
+
+
+def _matvec_sums(x: Float[Array, "1 1 In"], ps: list[Params]) -> tuple[Float[Array, "S _"], ...]:
+    """The one token's products with each p's kernel as `matvec`'s float32 partial sums."""
+    return matvec(x.reshape(-1), tuple(p["kernel"] for p in ps), not flash_decode.runs_compiled())
 
 
 def linear(x: Float[Array, "B T In"], p: Params, one_row_kernel: bool = False) -> Float[Array, "B T Out"]:
@@ -254,12 +259,10 @@ def _one_token_decode(
     new_lengths = lengths + valid.sum(axis=1, dtype=jnp.int32)
     slot = kv_cache.slot_index(positions, valid, new_lengths, layer_cache["k"].shape[1], sliding)
     ps = [p["q_proj"], p["k_proj"], p["v_proj"]]
-    interpret = not flash_decode.runs_compiled()
-    sums = matvec(x.reshape(-1), tuple(q["kernel"] for q in ps), interpret)
     biases = tuple(q["bias"] for q in ps)
     tile, k, v = finish_qkv(
-        sums, biases, cos[0, 0], sin[0, 0], slot.reshape(1), layer_cache["k"], layer_cache["v"], x.dtype,
-        interpret,
+        _matvec_sums(x, ps), biases, cos[0, 0], sin[0, 0], slot.reshape(1), layer_cache["k"],
+        layer_cache["v"], x.dtype, not flash_decode.runs_compiled(),
     )  # fmt: skip
     window = config.sliding_window if sliding else None
     slots = flash_decode.Slots(new_lengths, window, sliding)

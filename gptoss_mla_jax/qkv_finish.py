@@ -34,29 +34,29 @@ def _finish_kernel(
     f32, g, first = jnp.float32, pl.program_id(0), jnp.int32(0)  # the one sequence
     S, d = q_ref.shape[0], q_ref.shape[-1]
     Sp, Rp, half = pl.next_power_of_2(S), q_out.shape[2], d // 2
-    iota = lambda n, axis=0, shape=None: jax.lax.broadcasted_iota(jnp.int32, shape or (n,), axis)
+    iota = lambda n: jax.lax.broadcasted_iota(jnp.int32, (n,), 0)
     rounded = lambda a: a.astype(dtype).astype(f32)
     s_ok = iota(Sp) < S
     cos, sin = cos_ref[...].astype(f32), sin_ref[...].astype(f32)
 
-    def finished(sums_ref, bias_ref, heads, rows: int, rows_ok, cols):
+    def finished(sums_ref, bias_ref, heads, rows_ok, cols):
         """Rows `heads` of columns `cols`: the sums over the slices rounded, plus the bias, rounded."""
         mask = s_ok[:, None, None] & rows_ok[None, :, None]
         total = jnp.sum(masked_load(sums_ref.at[pl.ds(0, Sp), heads, cols], mask), axis=0)
         bias = masked_load(bias_ref.at[heads, cols], rows_ok[:, None]).astype(f32)
-        return rounded(rounded(total) + bias)  # [rows, len(cols)]
+        return rounded(rounded(total) + bias)  # [len(heads), len(cols)]
 
-    def roped(sums_ref, bias_ref, heads, rows: int, rows_ok):
-        x1, x2 = (finished(sums_ref, bias_ref, heads, rows, rows_ok, pl.ds(c, half)) for c in (0, half))
+    def roped(sums_ref, bias_ref, heads, rows_ok):
+        x1, x2 = (finished(sums_ref, bias_ref, heads, rows_ok, pl.ds(c, half)) for c in (0, half))
         return rounded(x1 * cos - x2 * sin), rounded(x2 * cos + x1 * sin)
 
     q_ok = iota(Rp) < R
-    for part, c in zip(roped(q_ref, qb_ref, pl.ds(g * R, Rp), Rp, q_ok), (0, half), strict=True):
+    for part, c in zip(roped(q_ref, qb_ref, pl.ds(g * R, Rp), q_ok), (0, half), strict=True):
         q_out[first, g, :, pl.ds(c, half)] = (part * d**-0.5).astype(q_out.dtype)
     one = iota(1) < 1
     slot = slot_ref[0]
-    k_parts = roped(k_ref, kb_ref, pl.ds(g, 1), 1, one)
-    v = finished(v_ref, vb_ref, pl.ds(g, 1), 1, one, pl.ds(0, d))
+    k_parts = roped(k_ref, kb_ref, pl.ds(g, 1), one)
+    v = finished(v_ref, vb_ref, pl.ds(g, 1), one, pl.ds(0, d))
 
     @pl.when(slot < k_out.shape[1])
     def _():
