@@ -14,8 +14,8 @@ the next layer's input norm (the last with the final norm).
 
 `add_norm_routed` also starts the MoE's routing after the attention's add: each token's normed row times
 the router's kernel, split over programs by slices of the contraction, whose float32 partial sums the
-routing kernel adds (`routing.routing_of_logits`). Streamed through the routing kernel's one program, the
-router's 184 KB took about half of its 9 us a layer.
+routing kernel adds (`routing.routing_of_logits`), instead of the router's weights streaming through the
+routing kernel's one program, which took about half of its time (docs/decode.md).
 
 Backend: `pl.pallas_call` with whole-array blocks and masked loads, lowered through Pallas' Triton backend
 on the GPU and run by the CPU interpreter in CI, like the other kernels (a row is one power-of-two tensor:

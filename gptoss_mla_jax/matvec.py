@@ -1,8 +1,8 @@
 """One token's projections (a decode step at batch 1) in one Pallas kernel, as float32 partial sums.
 
 XLA on the GPU lowers a one-row product as a reduction, so `attention.linear` multiplies a single token as
-two rows, a copy kernel in front of each product, and XLA's GEMM then reads the weights at about 2.5 TB/s
-(q / k / v: 12 us a layer for 29.5 MB). Here the token's row multiplies each weight matrix once as it
+two rows, a copy kernel in front of each product, and XLA's GEMM then reads the weights well below the
+card's bandwidth (docs/decode.md). Here the token's row multiplies each weight matrix once as it
 streams by: the programs split the output columns into blocks of `MatvecLaunch.columns` and the
 contraction into slices, enough of them to fill the card (`MatvecLaunch.programs`); each program reads
 its [depth, columns] tiles of the weights with software pipelining, accumulates `x[:, None] * w`
