@@ -93,8 +93,9 @@ class Glu(NamedTuple):
 # None) is the default for other shapes. The sweep (eval.bench.moe --sweep, results in eval/results) chose
 # them at gpt-oss-20b's expert shapes on an H200. Kernels: "gmm" (dense forward), "gmm_t" (dense d(lhs)),
 # "tgmm" (dense d(rhs); rows is the contraction step there), "mxfp4" and "mxfp4_t" (packed forward and
-# d(lhs)); a kind with "_small" appended launches the products whose row tile is at most SMALL_ROWS (decode
-# batches: few rows per group, so the weights' bytes and their decoding set the time, not the tensor cores),
+# d(lhs)); a kind with "_small" appended launches the products whose row tile is at most SMALL_ROWS or whose
+# groups are aligned to the tile (decode batches: few rows per group, so the weights' bytes and their
+# decoding set the time, not the tensor cores),
 # and "_small_wide" those of them whose groups average more than WIDE_GROUP_ROWS rows (decode batches that
 # select every expert: wider, shallower steps read each program's activations for more columns).
 # `grouped_product` shortens the row tile when groups are small (`_fit_rows`).
@@ -127,10 +128,11 @@ def launch_for(kind: str, K: int, N: int) -> Tiles:
 def choose_launch(kind: str, K: int, N: int, m: int, groups: int, rows: int | None = None) -> Tiles:
     """The launch of a product of `m` rows in `groups` groups: `LAUNCH`'s, its row tile fitted to the rows
     per group (`_fit_rows`) or set to `rows`, and the "_small" (or "_small_wide") settings where that tile
-    is short."""
+    is short or set (`rows`: groups aligned to it, a decode batch's layout, whose every tile decodes its
+    expert's weights for few rows)."""
     tiles = launch_for(kind, K, N)
     tiles = _fit_rows(tiles, m, groups) if rows is None else dataclasses.replace(tiles, rows=rows)
-    if tiles.rows > SMALL_ROWS or (f"{kind}_small", None, None) not in LAUNCH:
+    if (rows is None and tiles.rows > SMALL_ROWS) or (f"{kind}_small", None, None) not in LAUNCH:
         return tiles
     wide = _cdiv(m, groups) > WIDE_GROUP_ROWS and (f"{kind}_small_wide", None, None) in LAUNCH
     short = launch_for(f"{kind}_small_wide" if wide else f"{kind}_small", K, N)
@@ -466,10 +468,11 @@ def _mxfp4_kernel(
     _store_product(out_ref, bias_ref, site, step, _cdiv(K, tiles.depth), tiles, n_groups, ragged, glu, N)
 
 
-def _splits_lhs_on_chip(tiles: Tiles) -> bool:
-    """Whether the packed forward kernel splits lhs into even and odd columns itself: for short row tiles,
-    whose steps are bound by the weights' bytes, not by the tensor cores (see `_mxfp4_kernel`)."""
-    return tiles.rows <= SMALL_ROWS
+def _splits_lhs_on_chip(tiles: Tiles, aligned: bool) -> bool:
+    """Whether the packed forward kernel splits lhs into even and odd columns itself: for short row tiles
+    and decode layouts (`aligned`), whose steps are bound by the weights' bytes, not by the tensor cores (see
+    `_mxfp4_kernel`)."""
+    return aligned or tiles.rows <= SMALL_ROWS
 
 
 def _mxfp4_t_kernel(*refs, tiles: Tiles, n_groups: int, n_map: int, K: int, N: int, interpret: bool):
@@ -634,7 +637,7 @@ def grouped_product(
         else:  # lhs [M, K] @ W[g]^T -> [M, N_w]
             K, N = lhs.shape[1], N_w
             pairs = lambda: x.reshape(x.shape[0], K // 2, 2)
-            halves = (x,) if _splits_lhs_on_chip(tiles) else (pairs()[..., 0], pairs()[..., 1])
+            halves = (x,) if _splits_lhs_on_chip(tiles, aligned) else (pairs()[..., 0], pairs()[..., 1])
             args = (*tm, *halves, blocks, rhs.scales, *([bias] if bias is not None else []))
             kernel = functools.partial(
                 _mxfp4_kernel, tiles=tiles, n_groups=n_groups, n_map=n_map, K=K, N=N,

@@ -102,7 +102,8 @@ def moe_sparse(
         # A decode batch's router and aligned layout in one kernel.
         routed = _decode_routing(p, flat, config)
         rows = _gathered_rows(flat, routed.row_token)
-        y = _aligned_experts(p["experts"], rows, routed.slot, routed.padded, config).reshape(n, k, -1)
+        align = layout_align(n, config)
+        y = _aligned_experts(p["experts"], rows, routed.slot, routed.padded, config, align).reshape(n, k, -1)
         weights = routed.weights
     else:
         weights, idx = route(p, flat, config)
@@ -132,15 +133,16 @@ def expert_rows(
     n, k = flat.shape[0], config.num_experts_per_tok
     if routed_in_kernel(n, config):
         # The routing's tiles as the kernel stores them: a Pallas consumer would read copies cut from them.
+        align = layout_align(n, config)
         if router_partials is None:
             routed = _decode_routing(p, flat, config, tiles=True)
         else:
             routed = routing.routing_of_logits(
-                router_partials, p["router"]["bias"], k, ALIGN, flat.dtype, not runs_compiled(), tiles=True
+                router_partials, p["router"]["bias"], k, align, flat.dtype, not runs_compiled(), tiles=True
             )
-        height = routing.layout_rows(n, k, config.num_local_experts, ALIGN)
+        height = routing.layout_rows(n, k, config.num_local_experts, align)
         rows = _gathered_rows(flat, routed.row_token[:height])
-        product = _expert_products(p["experts"], rows, routed.padded, config, ALIGN, partials=True)
+        product = _expert_products(p["experts"], rows, routed.padded, config, align, partials=True)
         return ExpertRows(product, routed.slot, routed.weights)
     weights, idx = route(p, flat, config)
     y = _grouped_experts(p["experts"], flat, idx, config, kernel=True)
@@ -149,16 +151,16 @@ def expert_rows(
 
 def routed_in_kernel(n: int, config: GptOssConfig) -> bool:
     """Whether n tokens' routing and aligned layout come from the routing kernel."""
-    return n <= routing.MAX_TOKENS and _aligns(n, config)
+    return n <= routing.MAX_TOKENS and layout_align(n, config) is not None
 
 
 def _decode_routing(
     p: Params, flat: Float[Array, "N D"], config: GptOssConfig, tiles: bool = False
 ) -> routing.Routing:
     """The routing kernel's `routing.Routing` of `flat` (`tiles`: as `routing.decode_routing` says)."""
-    router = p["router"]
+    router, align = p["router"], layout_align(flat.shape[0], config)
     return routing.decode_routing(
-        flat, router["kernel"], router["bias"], config.num_experts_per_tok, ALIGN, not runs_compiled(),
+        flat, router["kernel"], router["bias"], config.num_experts_per_tok, align, not runs_compiled(),
         tiles=tiles,
     )  # fmt: skip
 
@@ -188,17 +190,22 @@ def _selected_experts(
     return jnp.einsum(spec, swiglu(gate_up, config), w_down) + experts["down_proj_bias"][idx]
 
 
-# At decode batches (at most ALIGN token-expert pairs per expert on average) the kernel path lays each
-# expert's pairs out from a multiple of ALIGN rows, the grouped matmul's row tile there: no tile then mixes
-# experts, so each selected expert's weights are read and decoded once per step rather than once for every
-# expert in each tile. (Aligning 32-row tiles at batch 256 doubled the time: an expert's ~32 pairs spill
-# into a second, mostly empty tile.)
+# At decode batches the kernel path lays each expert's pairs out from a multiple of a row tile, the grouped
+# matmul's row tile there (`layout_align`): no tile then mixes experts, so each selected expert's weights
+# are read and decoded once per step rather than once for every expert in each tile. The tile is at least
+# twice the pairs an expert gets on average, so that few experts spill into a second, mostly empty tile,
+# which decodes their weights again (32-row tiles at batch 256, about 32 pairs an expert, took twice the
+# time of batch 64's 16-row ones); past MAX_ALIGN rows (prefill) the pairs are sorted instead.
 ALIGN = 16
+MAX_ALIGN = 64
 
 
-def _aligns(n: int, config: GptOssConfig) -> bool:
-    """Whether n tokens' pairs take the aligned layout: at most ALIGN per expert on average."""
-    return n * config.num_experts_per_tok <= ALIGN * config.num_local_experts
+def layout_align(n: int, config: GptOssConfig) -> int | None:
+    """The row tile that n tokens' pairs are aligned to: the smallest power of two from ALIGN that is at
+    least twice the pairs an expert gets on average, or None past MAX_ALIGN (the sorted layout)."""
+    mean = -(-n * config.num_experts_per_tok // config.num_local_experts)
+    align = max(ALIGN, 1 << (2 * mean - 1).bit_length())
+    return align if align <= MAX_ALIGN else None
 
 
 def _aligned_slots(
@@ -222,11 +229,12 @@ def _aligned_experts(
     slot: Int[Array, " P"],
     padded: Int[Array, " E"],
     config: GptOssConfig,
+    align: int,
 ) -> Float[Array, "P D"]:
     """The pairs (token-major: pair p is token p // k) through their experts on the grouped matmul, laid
     out at `slot` (`rows`, `_aligned_rows`) with each expert's group of `padded` rows starting at a multiple
-    of ALIGN."""
-    y = _expert_products(e, rows, padded, config, ALIGN).at[slot].get(unique_indices=True)
+    of `align`."""
+    y = _expert_products(e, rows, padded, config, align).at[slot].get(unique_indices=True)
     # The rows back in token order as a buffer of their own: fused into the weighted sum that follows, the
     # gather kept XLA from fusing that sum with the residual add and the next norm (a kernel more per
     # layer).
@@ -234,11 +242,11 @@ def _aligned_experts(
 
 
 def _aligned_rows(
-    flat: Float[Array, "N D"], slot: Int[Array, " P"], experts: int, k: int
+    flat: Float[Array, "N D"], slot: Int[Array, " P"], experts: int, k: int, align: int
 ) -> Float[Array, "M D"]:
-    """Each of the token rows' k pairs placed at its slot of the aligned layout over `experts` experts
-    (rows of padding zero)."""
-    height = routing.layout_rows(flat.shape[0], k, experts, ALIGN)  # the most rows the layout can need
+    """Each of the token rows' k pairs placed at its slot of the layout aligned to `align` rows over
+    `experts` experts (rows of padding zero)."""
+    height = routing.layout_rows(flat.shape[0], k, experts, align)  # the most rows the layout can need
     # Every pair has a slot of its own: unique indices, so the gradient needs no scatter-add of repeats.
     rows = jnp.zeros((height, flat.shape[1]), flat.dtype)
     return rows.at[slot].set(jnp.repeat(flat, k, axis=0), unique_indices=True)
@@ -252,12 +260,13 @@ def _grouped_experts(
     expert's rows aligned to the row tile, placed without sorting) or ragged_dot."""
     n, k = idx.shape
     expert, E = idx.reshape(-1), config.num_local_experts
-    if kernel and _aligns(n, config):
+    align = layout_align(n, config)
+    if kernel and align is not None:
         # Counted by comparison, not bincount's scatter: XLA fuses it with the slots' arithmetic.
         group_sizes = jnp.sum(expert[:, None] == jnp.arange(E), axis=0, dtype=jnp.int32)
-        slot, padded = _aligned_slots(expert, group_sizes, ALIGN)
-        rows = _aligned_rows(flat, slot, E, k)
-        return _aligned_experts(e, rows, slot, padded, config).reshape(n, k, -1)
+        slot, padded = _aligned_slots(expert, group_sizes, align)
+        rows = _aligned_rows(flat, slot, E, k, align)
+        return _aligned_experts(e, rows, slot, padded, config, align).reshape(n, k, -1)
     group_sizes = jnp.bincount(expert, length=E).astype(jnp.int32)
     order = jnp.argsort(expert, stable=True)
     # Pairs permuted, not tokens gathered k times: the gradient of a gather with repeated indices is a

@@ -103,7 +103,8 @@ def test_mxfp4_forward_takes_lhs_either_way(rows):
     K, N = 96, 40
     lhs, sizes, bias, _ = ragged_case(*case, K, N)
     packed, dense = random_mxfp4(len(case[0]), K, N, seed=7)
-    assert gmm_lib._splits_lhs_on_chip(Tiles(rows=rows)) == (rows == 16)
+    assert gmm_lib._splits_lhs_on_chip(Tiles(rows=rows), aligned=False) == (rows == 16)
+    assert gmm_lib._splits_lhs_on_chip(Tiles(rows=rows), aligned=True)
     got = grouped_product(lhs, packed, sizes, bias, launch=Tiles(rows=rows, cols=16, depth=64))
     close(got, with_bias(jax.lax.ragged_dot(lhs, dense, sizes), np.asarray(sizes), bias))
 
@@ -250,6 +251,7 @@ def test_decode_launches_follow_the_batch(monkeypatch):
     wide = gmm_lib.LAUNCH[("mxfp4_small_wide", None, None)]
     assert launch(4 + 4 * 15, 16) == small and launch(32 + 32 * 15, 16) == small
     assert launch(256 + 32 * 15, 16) == wide
+    assert launch(1024 + 32 * 63, 64) == dataclasses.replace(wide, rows=64)  # batch 256's layout
     assert launch(1024, None) == dataclasses.replace(wide, rows=32)
     assert launch(16384, None) == gmm_lib.LAUNCH[("mxfp4", None, None)]
     assert gmm_lib.choose_launch("gmm", 2880, 5760, 1024, 32) == dataclasses.replace(

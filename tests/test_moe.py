@@ -157,7 +157,9 @@ def test_decode_gathers_only_the_selected_experts(tmp_path):
         (1, "learned"),  # batch 1: k groups of one row, each aligned to its own row tile
         (5, "one expert for all"),  # every token picks expert 0: a group of 5 rows, most experts empty
         (6, "learned"),  # 12 pairs over 4 experts: aligned to row tiles of 16
-        (40, "learned"),  # 80 pairs over 4 experts: past the alignment threshold, tiles shared by experts
+        (20, "learned"),  # 40 pairs over 4 experts: aligned to row tiles of 32
+        (40, "learned"),  # 80 pairs over 4 experts: aligned to row tiles of 64
+        (80, "learned"),  # 160 pairs over 4 experts: past the alignment threshold, tiles shared by experts
     ],
 )
 def test_decode_on_the_grouped_kernel_equals_the_reference(tmp_path, tokens, routing):
@@ -226,3 +228,14 @@ def test_aligned_slots_place_each_pair_once_in_its_experts_tiles():
     slot, padded = map(np.asarray, _aligned_slots(expert, sizes, 4))
     np.testing.assert_array_equal(padded, [4, 4, 0, 4, 0, 4])
     np.testing.assert_array_equal(slot, [8, 0, 9, 10, 4, 1, 11, 12])
+
+
+def test_layout_align_follows_the_pairs_per_expert():
+    """gpt-oss-20b's decode batches (32 experts, 4 a token): tiles of 16 rows up to batch 64 (the routing
+    kernel's), then at least twice an expert's average pairs, and the sorted layout past 64-row tiles."""
+    from gptoss_mla_jax.config import GPT_OSS_20B
+    from gptoss_mla_jax.moe import layout_align, routed_in_kernel
+
+    aligns = {n: layout_align(n, GPT_OSS_20B) for n in (1, 8, 64, 65, 128, 129, 256, 257, 4096)}
+    assert aligns == {1: 16, 8: 16, 64: 16, 65: 32, 128: 32, 129: 64, 256: 64, 257: None, 4096: None}
+    assert routed_in_kernel(64, GPT_OSS_20B) and not routed_in_kernel(65, GPT_OSS_20B)

@@ -39,6 +39,7 @@ from eval.bench.timing import timed
 from gptoss_mla_jax import attention as attention_lib
 from gptoss_mla_jax import flash_decode, mla, routing
 from gptoss_mla_jax import model as model_lib
+from gptoss_mla_jax import moe as moe_lib
 from gptoss_mla_jax.attention import attend
 from gptoss_mla_jax.cache import accounting, init_cache
 from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig, MlaConfig
@@ -418,14 +419,15 @@ def routing_rows(p, flat, config: GptOssConfig, smoke: bool) -> dict:
     (`device_us`): the routing kernel at each of ROUTER_LAUNCHES, and the jnp path (`moe.route` and
     `moe._aligned_slots`, several XLA kernels) for comparison; each kernel launch's layout checked equal to
     the jnp path's."""
-    from gptoss_mla_jax.moe import ALIGN, _aligned_slots, route
+    from gptoss_mla_jax.moe import _aligned_slots, layout_align, route
 
     k, E = config.num_experts_per_tok, config.num_local_experts
+    align = layout_align(flat.shape[0], config)
 
     def on_jnp(p, flat):
         weights, idx = route(p, flat, config)
         expert = idx.reshape(-1)
-        slot, padded = _aligned_slots(expert, jnp.sum(expert[:, None] == jnp.arange(E), 0, jnp.int32), ALIGN)
+        slot, padded = _aligned_slots(expert, jnp.sum(expert[:, None] == jnp.arange(E), 0, jnp.int32), align)
         return weights, slot, padded
 
     on_jnp = jax.jit(on_jnp)
@@ -435,7 +437,7 @@ def routing_rows(p, flat, config: GptOssConfig, smoke: bool) -> dict:
         kernel = jax.jit(
             functools.partial(
                 lambda p, flat, tiles: routing.decode_routing(
-                    flat, p["router"]["kernel"], p["router"]["bias"], k, ALIGN,
+                    flat, p["router"]["kernel"], p["router"]["bias"], k, align,
                     interpret=not flash_decode.runs_compiled(), launch=tiles,
                 ), tiles=routing.RouterLaunch(**launch),
             )
@@ -774,6 +776,11 @@ def main(argv=None) -> int:
         "--moe-launches", choices=tuple(MOE_LAUNCHES), default="standard",
         help="--moe: the launches swept beside the launch table's own (MOE_LAUNCHES)",
     )  # fmt: skip
+    parser.add_argument(
+        "--max-aligns", default=str(moe_lib.MAX_ALIGN),
+        help="--moe: with the decode layout's row tile at most each of these in turn (moe.MAX_ALIGN; a batch "
+        "whose tile would be taller takes the sorted layout), e.g. 64,16",
+    )  # fmt: skip
     parser.add_argument("--profile", metavar="BATCH,CONTEXT", help="profile decode steps on the kernels")
     parser.add_argument(
         "--partial",
@@ -857,8 +864,14 @@ def main(argv=None) -> int:
             layers = only or ("gqa", "mla", "mla_partial")
             result["kernels"] = kernel_rows(batches, contexts, args.repeats, args.smoke, log, layers)
         elif args.moe:
-            batches = [int(b) for b in args.moe.split(",")]
-            result["moe"] = moe_rows(batches, args.repeats, args.smoke, log, args.moe_launches)
+            batches, result["moe"] = [int(b) for b in args.moe.split(",")], []
+            for max_align in (int(a) for a in args.max_aligns.split(",")):
+                default, moe_lib.MAX_ALIGN = moe_lib.MAX_ALIGN, max_align  # read when a step is traced
+                jax.clear_caches()
+                tag = lambda row, max_align=max_align: log(row | {"max_align": max_align})
+                rows = moe_rows(batches, args.repeats, args.smoke, tag, args.moe_launches)
+                result["moe"] += [row | {"max_align": max_align} for row in rows]
+                moe_lib.MAX_ALIGN = default
         elif args.profile:
             batch, context = (int(n) for n in args.profile.split(","))
             result["profile"] = profile(models_(), batch, context, args.repeats)

@@ -213,12 +213,11 @@ def _decode_kernels(batch: int, context: int) -> dict:
     """The Pallas decode kernels to read, as {name: (function, argument specs)}: the attention kernels at
     gpt-oss-20b's attention shape (64 query heads over 8 kv heads of 64; decompressed MLA latent 192;
     absorbed MLA latent 160 + 32 RoPE values) over `context` slots at `batch`, one layer's MoE on the
-    grouped matmul (MXFP4 experts, the routing kernel and both packed products) at batch 1, the fused
-    residual add + norm after the MoE at batch 1 (its rows in two contraction splits), and at batch 1 the
-    one before the MoE with the router's product (`add_norm_routed`) and the routing kernel fed by it (at
-    batches 1 and 64), and
-    the one-row projections (`matvec`: q / k / v, o_proj) and the finishing of GQA's (`qkv_finish`, over a
-    cache of `context` slots)."""
+    grouped matmul (MXFP4 experts, the routing kernel and both packed products) at batches 1 and 256, the
+    fused residual add + norm after the MoE at batch 1 (its rows in two contraction splits), and at batch 1
+    the one before the MoE with the router's product (`add_norm_routed`) and the routing kernel fed by it
+    (at batches 1 and 64), and the one-row projections (`matvec`: q / k / v, o_proj) and the finishing of
+    GQA's (`qkv_finish`, over a cache of `context` slots)."""
     import jax
     import jax.numpy as jnp
 
@@ -266,13 +265,16 @@ def _decode_kernels(batch: int, context: int) -> dict:
                 spec(G, d), spec(B, S, 160), spec(B, S, G, 4), lengths, sinks,
             ),
         ),
-        "moe_batch1": (
-            lambda p, x: moe_sparse(p, x, GPT_OSS_20B, kernels=True),
-            (
-                jax.tree.map(lambda a: spec(*a.shape, dtype=a.dtype), experts),
-                spec(1, 1, GPT_OSS_20B.hidden_size),
-            ),
-        ),
+        **{
+            f"moe_batch{n}": (
+                lambda p, x: moe_sparse(p, x, GPT_OSS_20B, kernels=True),
+                (
+                    jax.tree.map(lambda a: spec(*a.shape, dtype=a.dtype), experts),
+                    spec(n, 1, GPT_OSS_20B.hidden_size),
+                ),
+            )
+            for n in (1, 256)
+        },
         "add_norm_batch1": (
             lambda x, rows, slot, weights, w: add_norm(x, ExpertRows(rows, slot, weights), w, 1e-5),
             (

@@ -5,6 +5,8 @@
 #   check      the grouped matmul's bf16 agreement with ragged_dot, MXFP4 (compiled decoding) included
 #   moe        one layer's MoE at batches 1, 8, 64 and 256: kernels (each decode launch) vs jnp vs bytes; routing
 #   moe_b1     the same at batch 1 only
+#   moe_wide   the same at batches 128 and 256, the layout's row tile up to 64 rows (the default) against up to
+#              16 (128: 32-row tiles against 16; 256: 64-row tiles against the sorted layout)
 #   variants   the MXFP4 decoding's variants timed against each other on one layer's MoE (batches 1, 8, 64)
 #   profile    kernels per decode step and where the device time goes, batch 1 x 4K; profile_32k at 1 x 32K
 #   graphs     the same profile of GQA with XLA's command buffers (CUDA graphs) for every kind of op
@@ -57,6 +59,7 @@ for stage in ${STAGES//,/ }; do
     check) run bench_moe_check 240 eval.bench.moe --check --tokens 2048 ;;
     moe) run decode_moe 330 eval.bench.decode --moe 1,8,64,256 --repeats 10 ;;
     moe_b1) run decode_moe_b1 150 eval.bench.decode --moe 1 --repeats 10 ;;
+    moe_wide) run decode_moe_wide 400 eval.bench.decode --moe 128,256 --max-aligns 64,16 --repeats 10 ;;
     variants) run mxfp4_decode_variants 150 eval.experiments.mxfp4_decode_variants ;;
     profile) run decode_profile 300 eval.bench.decode --profile 1,4096 --partial --repeats 5 ;;
     profile_32k) run decode_profile_32k 300 eval.bench.decode --profile 1,32768 --partial --repeats 5 ;;
