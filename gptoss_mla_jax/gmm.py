@@ -322,22 +322,24 @@ def _e2m1_asm(nibble: str, folded: bool) -> str:
     scales of bytes (0, 1) / (2, 3); out: the values of their "low" or "high" nibbles ($0: bytes 0-1, $1:
     bytes 2-3), bf16x2 each. (One call per nibble: Pallas lowers a single result per call.)
 
-    prmt spreads two bytes to the two halves of a word, so one shift-and-mask pair moves both nibbles' sign
-    bit to bf16's sign and their 3 magnitude bits to its lowest 2 exponent bits and top mantissa bit: that
-    is the code's value times 2^-126 (E2M1's 0.5 lands on bf16's subnormal 2^-127, which bf16x2 arithmetic
-    keeps), and bf16x2 multiplies apply 2^126 and the block's scale, both exact: two of them, or, `folded`,
-    one by the scale times 2^126 (a bf16 only for exponents up to `mxfp4.FOLDABLE_EXPONENT`). About 4
-    instructions per value, where decoding through float8 and its conversions costs several times that."""
-    sign_shift, magnitude_shift = {"low": (12, 6), "high": (8, 2)}[nibble]
-    lines = ["{", ".reg .b32 z, w, a, b, bias;", "mov.b32 z, 0;", "mov.b32 bias, 0x7E807E80;"]
+    A mask keeps the 4 bytes' low (or high) nibbles, and prmt spreads two bytes to the two halves of a
+    word; one integer multiply by 2^a + 2^b adds two shifted copies of each nibble (disjoint bits, so no
+    carries), whose sign bit lands on bf16's and whose 3 magnitude bits on its lowest 2 exponent bits and
+    top mantissa bit, and a second mask keeps those: the code's value times 2^-126 (E2M1's 0.5 lands on
+    bf16's subnormal 2^-127, which bf16x2 arithmetic keeps). bf16x2 multiplies apply 2^126 and the block's
+    scale, both exact: two of them, or, `folded`, one by the scale times 2^126 (a bf16 only for exponents
+    up to `mxfp4.FOLDABLE_EXPONENT`). Nine instructions per 4 values, folded."""
+    # (nibble mask, multiplier): the sign bit (nibble bit 3) to bit 15, magnitude bits 0-2 to bits 6-8.
+    mask, multiplier = {"low": (0x0F0F0F0F, (1 << 12) + (1 << 6)), "high": (0xF0F0F0F0, (1 << 8) + (1 << 2))}[
+        nibble
+    ]
+    lines = ["{", ".reg .b32 z, n, w, a, bias;", "mov.b32 z, 0;", "mov.b32 bias, 0x7E807E80;"]
+    lines.append(f"and.b32 n, $2, {mask:#010x};")
     for out, (select, scale) in enumerate(((0x4140, "$3"), (0x4342, "$4"))):
         lines += [
-            f"prmt.b32 w, $2, z, {select:#x};",  # bytes 2 out and 2 out + 1 at bits 0-7 and 16-23
-            f"shl.b32 a, w, {sign_shift};",
-            "and.b32 a, a, 0x80008000;",
-            f"shl.b32 b, w, {magnitude_shift};",
-            "and.b32 b, b, 0x01C001C0;",
-            "or.b32 a, a, b;",
+            f"prmt.b32 w, n, z, {select:#x};",  # bytes 2 out and 2 out + 1 at bits 0-7 and 16-23
+            f"mul.lo.u32 a, w, {multiplier:#x};",
+            "and.b32 a, a, 0x81C081C0;",
             *([] if folded else ["mul.rn.bf16x2 a, a, bias;"]),
             f"mul.rn.bf16x2 ${out}, a, {scale};",
         ]

@@ -1,5 +1,5 @@
 """The inline PTX that decodes MXFP4 bytes in the grouped matmul's compiled kernels (`gmm.E2M1_ASM`),
-executed by a small interpreter of its six instructions: every byte, with scales from subnormal to large,
+executed by a small interpreter of its instructions: every byte, with scales from subnormal to large,
 gives the E2M1 values times the scale exactly, both ways it runs (the GPU run of `eval.bench.moe --check`
 checks the hardware against the dequantized product)."""
 
@@ -8,6 +8,7 @@ import struct
 import numpy as np
 import pytest
 
+from eval.experiments.mxfp4_decode_variants import shifts_asm
 from gptoss_mla_jax.gmm import E2M1_ASM
 from gptoss_mla_jax.mxfp4 import FOLDABLE_EXPONENT, FP4_VALUES
 
@@ -40,6 +41,8 @@ def run_ptx(asm: str, operands: dict[str, int]) -> dict[str, int]:
             out = a[0] & a[1]
         elif op == "or.b32":
             out = a[0] | a[1]
+        elif op == "mul.lo.u32":
+            out = a[0] * a[1]
         elif op == "prmt.b32":
             pool = (a[0] & 0xFFFFFFFF) | ((a[1] & 0xFFFFFFFF) << 32)
             out = sum(((pool >> (8 * ((a[2] >> (4 * i)) & 7))) & 0xFF) << (8 * i) for i in range(4))
@@ -60,9 +63,12 @@ EXPONENTS = [0, 1, 100, 117, 127, 128, 136, 200]
     [(e, False) for e in EXPONENTS] + [(e, True) for e in EXPONENTS if e <= FOLDABLE_EXPONENT],
 )
 @pytest.mark.parametrize("nibble", ["low", "high"])
-def test_every_byte_decodes_to_its_value_times_the_scale(nibble, exponent, folded):
+@pytest.mark.parametrize("way", ["kernels", "shifts"])
+def test_every_byte_decodes_to_its_value_times_the_scale(nibble, exponent, folded, way):
     """Both ways: two multiplies (2^126, then the scale), or one by the scale times 2^126 (`folded`, for
-    exponents up to `FOLDABLE_EXPONENT`, as the kernels' scales are then given)."""
+    exponents up to `FOLDABLE_EXPONENT`, as the kernels' scales are then given); the kernels' PTX and the
+    shifts variant that `eval.experiments.mxfp4_decode_variants` times beside it."""
+    asm = E2M1_ASM[nibble, folded] if way == "kernels" else shifts_asm(nibble, folded)
     scale_bits = exponent << 7 if exponent else 0x40  # 2^(exponent - 127) in bfloat16
     scale = bf16_value(scale_bits)
     if folded:
@@ -71,7 +77,7 @@ def test_every_byte_decodes_to_its_value_times_the_scale(nibble, exponent, folde
     for first in range(0, 256, 4):
         packed = [first, first + 1, first + 2, first + 3]
         word = sum(b << (8 * i) for i, b in enumerate(packed))
-        regs = run_ptx(E2M1_ASM[nibble, folded], {"$2": word, "$3": pair, "$4": pair})
+        regs = run_ptx(asm, {"$2": word, "$3": pair, "$4": pair})
         got = [bf16_value(regs[r] >> s) for r in ("$0", "$1") for s in (0, 16)]
         codes = [b & 0xF if nibble == "low" else b >> 4 for b in packed]
         want = [float(FP4_VALUES[c]) * scale for c in codes]

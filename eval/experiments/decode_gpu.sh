@@ -60,7 +60,7 @@ for stage in ${STAGES//,/ }; do
     moe) run decode_moe 330 eval.bench.decode --moe 1,8,64,256 --repeats 10 ;;
     moe_b1) run decode_moe_b1 150 eval.bench.decode --moe 1 --repeats 10 ;;
     moe_wide) run decode_moe_wide 400 eval.bench.decode --moe 128,256 --max-aligns 64,16 --repeats 10 ;;
-    variants) run mxfp4_decode_variants 150 eval.experiments.mxfp4_decode_variants ;;
+    variants) run mxfp4_decode_variants 240 eval.experiments.mxfp4_decode_variants ;;
     profile) run decode_profile 300 eval.bench.decode --profile 1,4096 --partial --repeats 5 ;;
     profile_32k) run decode_profile_32k 300 eval.bench.decode --profile 1,32768 --partial --repeats 5 ;;
     graphs) run decode_profile_graphs 150 eval.bench.decode --profile 1,4096 --models gqa --repeats 5 --cuda-graphs ;;
