@@ -851,6 +851,7 @@ def main(argv=None) -> int:
             )  # fmt: skip
             peer = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
             peer = peer[-1]["rows"] if peer else [{"error": out.stderr[-2000:]}]
+            log({"transformers_rows": peer})  # kept by a run that its time limit cuts short
         only = args.models.split(",") if args.models else None
         models_ = lambda: (  # the modes timing a whole model build it
             models(DEMO_CONFIG, 48, args.partial, only)

@@ -13,6 +13,7 @@
 #   e2e        whole-model decode steps on the kernels, GQA and both MLA modes, batches 1 and 64 at 4K / 32K
 #   final      e2e as CUDA graphs, per call and per token of a 16-step device loop, with transformers' model
 #              (batch 1 x 4K) in the same run (a call of its own)
+#   peer       final's transformers model and GQA at 1 x 4K only, in one run
 #   kernels    each attention decode kernel against its jnp path
 #   capacity   the largest batch that runs at 32K and 128K, on the kernels
 #   mla        the GQA and decompressed-MLA kernels at 32K, every launch (kv heads per program included)
@@ -67,6 +68,8 @@ for stage in ${STAGES//,/ }; do
     e2e) run decode_e2e 330 eval.bench.decode --decode-kernels on --partial --batches 1,64 --contexts 4096,32768 ;;
     final) run decode_e2e 560 eval.bench.decode --with-transformers --cuda-graphs --decode-kernels on --partial \
       --batches 1,64 --contexts 4096,32768 --loop-steps 16 --repeats 5 ;;
+    peer) run decode_e2e_peer 400 eval.bench.decode --with-transformers --cuda-graphs --decode-kernels on \
+      --models gqa --batches 1 --contexts 4096 --loop-steps 16 --repeats 5 ;;
     kernels) run decode_kernels 400 eval.bench.decode --kernels --batches 1,8,64 --contexts 4096,32768,131072 ;;
     mla) run decode_kernels_mla 330 eval.bench.decode --kernels --models gqa,mla --batches 1,8,64 --contexts 32768 ;;
     mla_e2e) run decode_e2e_mla 240 eval.bench.decode --cuda-graphs --decode-kernels on --models gqa,mla --batches 1,64 --contexts 32768 ;;
