@@ -269,7 +269,8 @@ def logged_rows(metrics_path: str) -> list[dict]:
     """The rows of a run's metrics.jsonl that were written whole: a last line without its newline is one
     that a killed run (or a run still writing, seen by a reader) did not finish."""
     with open(metrics_path) as f:
-        return [json.loads(line) for line in f if line.endswith("\n")]
+        text = f.read()  # read at once: lines iterated while the run appends can end mid-row and go on later
+    return [json.loads(line) for line in text.split("\n")[:-1]]
 
 
 def plot_curves(metrics_path: str, png_path: str) -> None:
