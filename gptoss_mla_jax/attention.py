@@ -147,8 +147,8 @@ def decode_plan(
 
 # A single token's decode step on the kernels: its projections on `matvec`, and a GQA layer's query, key
 # and value finished from their sums by `qkv_finish` ("finish"), or by XLA ("matvec"); "off": XLA's GEMM at
-# two rows, the default: on an H200 "finish" was faster for GQA at 1 x 4K but slower for the decompressed
-# MLA model at 1 x 32K (docs/decode.md). Read when a step is traced;
+# two rows, the default: on an H200 "finish" was slower than it for GQA and the decompressed MLA model at
+# 1 x 4K and 1 x 32K in one process (docs/decode.md). Read when a step is traced;
 # `eval.bench.decode --one-token finish,matvec,off` times each.
 OneToken = Literal["finish", "matvec", "off"]
 ONE_TOKEN: OneToken = "off"

@@ -22,6 +22,7 @@
 #   loop_b1    the loop at batch 1 for all four models (4K and 32K), CUDA graphs as generate sets them (about
 #              12 minutes: more than one device call holds; the points it finished are in its JSON)
 #   loop_b1_4k, loop_b1_32k   the same at one context, each within one device call
+#   loop_64x32k  the loop at 64 x 32K for all four models
 #   loop_while loop_b1 with the while loop itself a command buffer too (WHILE, CONDITIONAL)
 #   splits     each attention kernel at batch 1 (4K, 32K) over a grid of cache slices and head blocks, by
 #              device busy time, beside each setting's per-slice state bytes; splits_b8 the same at 8 x 32K
@@ -80,6 +81,8 @@ for stage in ${STAGES//,/ }; do
     loop_b1_4k|loop_b1_32k) run "decode_e2e_$stage" 480 eval.bench.decode --cuda-graphs --decode-kernels on \
       --partial --batches 1 --contexts "$([ "$stage" = loop_b1_4k ] && echo 4096 || echo 32768)" \
       --loop-steps 16 --repeats 5 ;;
+    loop_64x32k) run decode_e2e_loop_64x32k 300 eval.bench.decode --cuda-graphs --decode-kernels on --partial \
+      --batches 64 --contexts 32768 --loop-steps 16 --repeats 5 ;;
     loop_while) (
       XLA_FLAGS="$(python -c 'from gptoss_mla_jax.generation import CUDA_GRAPH_FLAGS as f; print(f)'),WHILE,CONDITIONAL"
       export XLA_FLAGS
