@@ -15,7 +15,8 @@ densely over all experts), so its FLOPs scale with k, not with the number of exp
 token-expert pairs than experts) it gathers the selected experts' weights instead, so a step reads only
 those from memory; a decode step on the kernels (`kernels`) takes the grouped matmul at every batch size,
 each selected expert's packed weights read and decoded once, and routes decode batches in one Pallas
-program (`routing.decode_routing`: router, top-k, softmax and the grouped layout).
+program (`routing.decode_routing`: router, top-k, softmax and the grouped layout): `expert_rows`, whose
+rows the model's decode step sums with its residual add in one kernel (`add_norm`) and `moe_sparse` in jnp.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
 from gptoss_mla_jax import routing
-from gptoss_mla_jax.add_norm import ExpertRows
+from gptoss_mla_jax.add_norm import ExpertRows, moe_delta
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.flash_decode import runs_compiled
 from gptoss_mla_jax.gmm import Glu, Mxfp4, gmm, grouped_product
@@ -98,22 +99,14 @@ def moe_sparse(
     them, and more pairs are grouped by expert and multiplied as `grouped` says."""
     flat = x.reshape(-1, x.shape[-1])
     n, k = flat.shape[0], config.num_experts_per_tok
-    if kernels and routed_in_kernel(n, config):
-        # A decode batch's router and aligned layout in one kernel.
-        routed = _decode_routing(p, flat, config)
-        rows = _gathered_rows(flat, routed.row_token)
-        align = layout_align(n, config)
-        y = _aligned_experts(p["experts"], rows, routed.slot, routed.padded, config, align).reshape(n, k, -1)
-        weights = routed.weights
+    if kernels:  # the decode step's MoE of `expert_rows`, summed in jnp rather than in `add_norm`'s kernel
+        return moe_delta(expert_rows(p, x, config), n, x.dtype).reshape(x.shape)
+    weights, idx = route(p, flat, config)
+    if n * k < config.num_local_experts:
+        y = _selected_experts(p["experts"], flat, idx, config)
     else:
-        weights, idx = route(p, flat, config)
-        if kernels:
-            y = _grouped_experts(p["experts"], flat, idx, config, kernel=True)
-        elif n * k < config.num_local_experts:
-            y = _selected_experts(p["experts"], flat, idx, config)
-        else:
-            kernel = grouped == "gmm" or (grouped == "auto" and runs_compiled())
-            y = _grouped_experts(p["experts"], flat, idx, config, kernel)
+        kernel = grouped == "gmm" or (grouped == "auto" and runs_compiled())
+        y = _grouped_experts(p["experts"], flat, idx, config, kernel)
     out = jnp.einsum("nk,nkd->nd", weights.astype(y.dtype), y, preferred_element_type=jnp.float32)
     return out.astype(x.dtype).reshape(x.shape)
 
@@ -135,7 +128,7 @@ def expert_rows(
         # The routing's tiles as the kernel stores them: a Pallas consumer would read copies cut from them.
         align = layout_align(n, config)
         if router_partials is None:
-            routed = _decode_routing(p, flat, config, tiles=True)
+            routed = _decode_routing(p, flat, config)
         else:
             routed = routing.routing_of_logits(
                 router_partials, p["router"]["bias"], k, align, flat.dtype, not runs_compiled(), tiles=True
@@ -154,14 +147,12 @@ def routed_in_kernel(n: int, config: GptOssConfig) -> bool:
     return n <= routing.MAX_TOKENS and layout_align(n, config) is not None
 
 
-def _decode_routing(
-    p: Params, flat: Float[Array, "N D"], config: GptOssConfig, tiles: bool = False
-) -> routing.Routing:
-    """The routing kernel's `routing.Routing` of `flat` (`tiles`: as `routing.decode_routing` says)."""
+def _decode_routing(p: Params, flat: Float[Array, "N D"], config: GptOssConfig) -> routing.Routing:
+    """The routing kernel's `routing.Routing` of `flat`, as tiles (`routing.decode_routing`)."""
     router, align = p["router"], layout_align(flat.shape[0], config)
     return routing.decode_routing(
         flat, router["kernel"], router["bias"], config.num_experts_per_tok, align, not runs_compiled(),
-        tiles=tiles,
+        tiles=True,
     )  # fmt: skip
 
 
