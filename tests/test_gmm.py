@@ -293,6 +293,13 @@ def test_kernels_lower_for_the_gpu_at_gpt_oss_20b_shapes(monkeypatch):
             (spec(1024, D), *packed(F, D), sizes, spec(E, F)),
             1,
         ),
+        "the same in batch 256's layout (groups aligned to 64-row tiles)": (
+            lambda l, bl, sc, s, b: gmm(
+                l, Mxfp4(bl, sc), s, b, interpret=False, rows=64, glu=Glu(1.702, 7.0)
+            ),
+            (spec(1024 + 32 * 63, D), *packed(F, D), sizes, spec(E, F)),
+            1,
+        ),
         "the same with the SwiGLU on chip": (
             lambda l, bl, sc, s, b: gmm(
                 l, Mxfp4(bl, sc), s, b, interpret=False, rows=16, glu=Glu(1.702, 7.0)
