@@ -205,7 +205,7 @@ def _aligned_slots(
     """Where each token-expert pair (in token order) goes when every expert's pairs start at a multiple of
     `align` rows, in token order within an expert, and the padded group sizes (`routing.decode_routing`
     computes the same in its kernel). A pair's rank among its expert's pairs is counted by comparing all
-    pairs (at most `align` x experts of them), which is one fused kernel where sorting them is several."""
+    pairs (a decode batch's few hundred), which is one fused kernel where sorting them is several."""
     padded = -(-sizes // align) * align
     start = jnp.cumsum(padded) - padded
     P = expert.shape[0]

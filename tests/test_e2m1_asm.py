@@ -74,8 +74,9 @@ def test_every_byte_decodes_to_its_value_times_the_scale(nibble, exponent, folde
     if folded:
         scale_bits = (exponent + 126) << 7  # 2^(exponent - 1), as the kernels build it
     pair = scale_bits | (scale_bits << 16)
-    for first in range(0, 256, 4):
-        packed = [first, first + 1, first + 2, first + 3]
+    # Every byte at every position of the word, beside neighbours that differ from it in other bits.
+    quads = [[b, b ^ 0x55, b ^ 0xAA, b ^ 0xFF] for b in range(256)]
+    for packed in (quad[i:] + quad[:i] for quad in quads for i in range(4)):
         word = sum(b << (8 * i) for i, b in enumerate(packed))
         regs = run_ptx(asm, {"$2": word, "$3": pair, "$4": pair})
         got = [bf16_value(regs[r] >> s) for r in ("$0", "$1") for s in (0, 16)]

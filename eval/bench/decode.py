@@ -512,7 +512,7 @@ def moe_rows(batches: list[int], repeats: int, smoke: bool, log, sweep: str = "s
         ran = [c for c in configs if "ms" in c]
         best = min(ran, key=lambda c: c["ms"])
         row |= {"configs": configs, "kernel_ms": best["ms"], "kernel_launch": best}
-        if batch <= routing.MAX_TOKENS:
+        if moe_lib.routed_in_kernel(batch, config):
             row["routing"] = routing_rows(p, x.reshape(batch, -1), config, smoke)
         row["kernel_over_floor"] = best["ms"] / row["floor_ms"]
         row["max_abs_error"] = max(c["max_abs_error"] for c in ran)
@@ -870,9 +870,11 @@ def main(argv=None) -> int:
                 default, moe_lib.MAX_ALIGN = moe_lib.MAX_ALIGN, max_align  # read when a step is traced
                 jax.clear_caches()
                 tag = lambda row, max_align=max_align: log(row | {"max_align": max_align})
-                rows = moe_rows(batches, args.repeats, args.smoke, tag, args.moe_launches)
+                try:
+                    rows = moe_rows(batches, args.repeats, args.smoke, tag, args.moe_launches)
+                finally:
+                    moe_lib.MAX_ALIGN = default
                 result["moe"] += [row | {"max_align": max_align} for row in rows]
-                moe_lib.MAX_ALIGN = default
         elif args.profile:
             batch, context = (int(n) for n in args.profile.split(","))
             result["profile"] = profile(models_(), batch, context, args.repeats)
