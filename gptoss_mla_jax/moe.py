@@ -126,12 +126,14 @@ def expert_rows(
     n, k = flat.shape[0], config.num_experts_per_tok
     if routed_in_kernel(n, config):
         # The routing's tiles as the kernel stores them: a Pallas consumer would read copies cut from them.
-        align = layout_align(n, config)
+        align, router, interpret = layout_align(n, config), p["router"], not runs_compiled()
         if router_partials is None:
-            routed = _decode_routing(p, flat, config)
+            routed = routing.decode_routing(
+                flat, router["kernel"], router["bias"], k, align, interpret, tiles=True
+            )
         else:
             routed = routing.routing_of_logits(
-                router_partials, p["router"]["bias"], k, align, flat.dtype, not runs_compiled(), tiles=True
+                router_partials, router["bias"], k, align, flat.dtype, interpret, tiles=True
             )
         height = routing.layout_rows(n, k, config.num_local_experts, align)
         rows = _gathered_rows(flat, routed.row_token[:height])
@@ -145,15 +147,6 @@ def expert_rows(
 def routed_in_kernel(n: int, config: GptOssConfig) -> bool:
     """Whether n tokens' routing and aligned layout come from the routing kernel."""
     return n <= routing.MAX_TOKENS and layout_align(n, config) is not None
-
-
-def _decode_routing(p: Params, flat: Float[Array, "N D"], config: GptOssConfig) -> routing.Routing:
-    """The routing kernel's `routing.Routing` of `flat`, as tiles (`routing.decode_routing`)."""
-    router, align = p["router"], layout_align(flat.shape[0], config)
-    return routing.decode_routing(
-        flat, router["kernel"], router["bias"], config.num_experts_per_tok, align, not runs_compiled(),
-        tiles=True,
-    )  # fmt: skip
 
 
 def _gathered_rows(flat: Float[Array, "N D"], row_token: Int[Array, " M"]) -> Float[Array, "M D"]:
