@@ -20,6 +20,7 @@ with tokens/s = batch / step time. Points whose cache does not fit the card are 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -406,6 +407,21 @@ ROUTER_LAUNCHES = [
         (512, 4, 3), (256, 4, 5), (512, 8, 3), (1024, 4, 2), (1024, 8, 3),
     )
 ]  # fmt: skip
+
+
+@contextlib.contextmanager
+def switched(*settings: tuple[object, str, object]):
+    """Module switches that a step reads when it is traced, each (module, name, value), set for the block
+    (compiled steps dropped, so that they are traced anew) and restored after it, whatever happens."""
+    saved = [(module, name, getattr(module, name)) for module, name, _ in settings]
+    for module, name, value in settings:
+        setattr(module, name, value)
+    jax.clear_caches()
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
 
 
 def in_loop(fn, inner: int):
@@ -867,13 +883,9 @@ def main(argv=None) -> int:
         elif args.moe:
             batches, result["moe"] = [int(b) for b in args.moe.split(",")], []
             for max_align in (int(a) for a in args.max_aligns.split(",")):
-                default, moe_lib.MAX_ALIGN = moe_lib.MAX_ALIGN, max_align  # read when a step is traced
-                jax.clear_caches()
                 tag = lambda row, max_align=max_align: log(row | {"max_align": max_align})
-                try:
+                with switched((moe_lib, "MAX_ALIGN", max_align)):
                     rows = moe_rows(batches, args.repeats, args.smoke, tag, args.moe_launches)
-                finally:
-                    moe_lib.MAX_ALIGN = default
                 result["moe"] += [row | {"max_align": max_align} for row in rows]
         elif args.profile:
             batch, context = (int(n) for n in args.profile.split(","))
@@ -888,19 +900,18 @@ def main(argv=None) -> int:
             batches = [int(b) for b in args.batches.split(",")]
             kernels = {"off": (False,), "on": (True,), "both": (False, True)}[args.decode_kernels]
             built, result["rows"] = models_(), []
-            defaults = flash_decode.STATE_SHARE, model_lib.FUSED_NORMS, attention_lib.ONE_TOKEN
             for share, fused, one_token in itertools.product(
                 args.state_shares.split(","), args.fused_norms.split(","), args.one_token.split(",")
             ):
-                flash_decode.STATE_SHARE = None if share == "none" else float(share)
-                model_lib.FUSED_NORMS = fused
-                attention_lib.ONE_TOKEN = one_token
-                jax.clear_caches()  # all three are read when a step is traced
                 setting = {"state_share": share, "fused_norms": fused, "one_token": one_token}
                 tag = lambda row, setting=setting: log(row | setting)
-                rows = speed(built, batches, contexts, args.repeats, tag, kernels, args.loop_steps)
+                with switched(
+                    (flash_decode, "STATE_SHARE", None if share == "none" else float(share)),
+                    (model_lib, "FUSED_NORMS", fused),
+                    (attention_lib, "ONE_TOKEN", one_token),
+                ):
+                    rows = speed(built, batches, contexts, args.repeats, tag, kernels, args.loop_steps)
                 result["rows"] += [row | setting for row in rows]
-            flash_decode.STATE_SHARE, model_lib.FUSED_NORMS, attention_lib.ONE_TOKEN = defaults
     result["command"] = command
     print(json.dumps(result), flush=True)
     if args.out:
