@@ -55,6 +55,18 @@ class Mxfp4(NamedTuple):
 Weights = Float[Array, "G K N"] | Mxfp4
 
 
+class LayoutRows(NamedTuple):
+    """A decode layout of `height` rows left in the tokens' array: row i is `tokens[row_token[i]]`, and a row
+    of padding (`row_token[i]` = -1) any token's row: the products of padding rows are never read, so the
+    kernels need not mask them. `row_token` may run past `height` (a kernel's power-of-two tile of it, read
+    as it is stored). A forward product of an aligned layout in row tiles of at most `GATHER_ROWS` reads its
+    tiles from `tokens` itself, so that no copy of the layout is written (`grouped_product`)."""
+
+    tokens: Float[Array, "N K"]
+    row_token: Int[Array, " R"]
+    height: int
+
+
 @dataclasses.dataclass(frozen=True)
 class Tiles:
     """One kernel's launch: an output tile of `rows` x `cols`, `depth` contraction values per step,
@@ -117,6 +129,11 @@ LAUNCH: dict[tuple[str, int | None, int | None], Tiles] = {
 }
 SMALL_ROWS = 32
 WIDE_GROUP_ROWS = 16
+# The tallest row tile whose kernel gathers `LayoutRows` itself. A gathered tile's loads hold a row address
+# for each vector and pipeline stage: 64-row tiles (batch 256's layout) took 206 registers a thread against
+# 158 (two programs an SM instead of three; `eval.experiments.cuda_aot --sass`), 16-row ones 157 against
+# 156, so taller tiles take rows that XLA gathered first.
+GATHER_ROWS = 16
 
 
 def launch_for(kind: str, K: int, N: int) -> Tiles:
@@ -255,6 +272,19 @@ def _aligned_group(sizes_ref, n_groups: int, first) -> tuple[Array, Array, Array
 def _sizes_block(n_groups: int) -> int:
     """The group sizes' block: a power of two (a vector on chip), masked past the groups."""
     return pl.next_power_of_2(n_groups)
+
+
+def _lhs_tile(lhs_ref, tokens, site: _Site, start, width: int, limit: int, ragged: bool) -> Array:
+    """lhs's tile of the pair's rows and `width` columns from `start` (zero at and past column `limit` where
+    `ragged`): lhs[site.rows], or, given the rows' `tokens` (`LayoutRows`: lhs holds the tokens), the
+    tokens' rows gathered."""
+    cols = start + _iota(width)
+    if tokens is None:
+        return masked_load(
+            lhs_ref.at[site.rows, pl.ds(start, width)], (cols < limit)[None, :] if ragged else None
+        )
+    mask = jnp.broadcast_to((cols < limit)[None, :], (tokens.shape[0], width)) if ragged else None
+    return masked_load(lhs_ref.at[tokens[:, None], cols[None, :]], mask)
 
 
 def _store_tile(out_refs, site: _Site, n_groups: int, compute):
@@ -399,18 +429,22 @@ def _gmm_kernel(
     N: int,
     has_bias: bool,
     glu: Glu | None,
+    gathered: bool = False,
 ):
     """out[tile rows, cols] = lhs[rows] @ rhs[g] (+ bias[g]); rhs [G, K, N], or [G, N, K] when
-    `transpose_rhs` (d(lhs): the forward's weights read transposed)."""
-    map_refs, (lhs_ref, rhs_ref, *rest) = refs[:n_map], refs[n_map:]
+    `transpose_rhs` (d(lhs): the forward's weights read transposed). `gathered`: lhs is followed by each
+    row's token (`LayoutRows`)."""
+    map_refs, (lhs_ref, *rest) = refs[:n_map], refs[n_map:]
+    token_ref, (rhs_ref, *rest) = (rest[0], rest[1:]) if gathered else (None, rest)
     bias_ref, out_ref = rest if has_bias else (None, rest[0])
     site = _site(map_refs, n_groups, tiles, N, tiles.cols)
+    tokens = None if token_ref is None else jnp.maximum(token_ref[site.rows], 0)  # padding: token 0's row
     ragged_n, ragged_k = N % tiles.cols != 0, K % tiles.depth != 0
 
     def step(kk, acc):
         depth = pl.ds(kk * tiles.depth, tiles.depth)
         k_ok = kk * tiles.depth + _iota(tiles.depth) < K
-        x = masked_load(lhs_ref.at[site.rows, depth], k_ok[None, :] if ragged_k else None)
+        x = _lhs_tile(lhs_ref, tokens, site, kk * tiles.depth, tiles.depth, K, ragged_k)
         if transpose_rhs:
             mask = site.col_ok[:, None] & k_ok[None, :] if ragged_n or ragged_k else None
             return acc + _dot(
@@ -432,16 +466,20 @@ def _mxfp4_kernel(
     has_bias: bool,
     interpret: bool,
     glu: Glu | None,
+    gathered: bool = False,
 ):
     """out[tile rows, cols] = lhs[rows] @ W[g]^T (+ bias[g]), W[g] [N, K] packed, blocks as [G, N, K / 2]
     bytes. The low and high nibbles multiply lhs's even and odd columns: short row tiles (decode,
     `_splits_lhs_on_chip`) take lhs [M, K] and split each step's tile on chip (a reshape to pairs), which
-    spares a decode step the kernel that splits it; taller ones take the two halves [M, K / 2] as arrays,
-    which their tensor-core operands read straight from shared memory."""
+    spares a decode step the kernel that splits it (`gathered`: lhs [N, K] followed by each row's token,
+    `LayoutRows`); taller ones take the two halves [M, K / 2] as arrays, which their tensor-core operands
+    read straight from shared memory."""
     inputs, (*bias_refs, out_ref) = refs[: -1 - has_bias], refs[-1 - has_bias :]
     map_refs, (*lhs_refs, blocks_ref, scales_ref) = inputs[:n_map], inputs[n_map:]
+    token_ref, lhs_refs = (lhs_refs[1], lhs_refs[:1]) if gathered else (None, lhs_refs)
     bias_ref = bias_refs[0] if has_bias else None
     site = _site(map_refs, n_groups, tiles, N, tiles.cols)
+    tokens = None if token_ref is None else jnp.maximum(token_ref[site.rows], 0)  # padding: token 0's row
     half, groups = tiles.depth // 2, tiles.depth // BLOCK
     ragged = N % tiles.cols != 0 or K % tiles.depth != 0
     # Scale rows padded by `mxfp4.pad_scales` carry its flag in their first pad byte.
@@ -457,9 +495,7 @@ def _mxfp4_kernel(
         exponents = masked_load(scales_ref.at[site.gc, site.cols, pl.ds(kk * groups, groups)], mask(group_ok))
         low, high = _decode(packed, exponents, lhs_refs[0].dtype, interpret, foldable)
         if len(lhs_refs) == 1:
-            k_ok = kk * tiles.depth + _iota(tiles.depth) < K
-            at = pl.ds(kk * tiles.depth, tiles.depth)
-            x = masked_load(lhs_refs[0].at[site.rows, at], k_ok[None, :] if ragged else None)
+            x = _lhs_tile(lhs_refs[0], tokens, site, kk * tiles.depth, tiles.depth, K, ragged)
             pairs = jnp.split(x.reshape(tiles.rows, half, 2), 2, axis=2)
             x_even, x_odd = (a.reshape(tiles.rows, half) for a in pairs)
         else:
@@ -574,7 +610,7 @@ def _forward(
 
 
 def grouped_product(
-    lhs: Float[Array, "M K"],
+    lhs: Float[Array, "M K"] | LayoutRows,
     rhs: Weights,
     group_sizes: Int[Array, " G"],
     bias: Float[Array, "G N"] | None = None,
@@ -587,24 +623,37 @@ def grouped_product(
 ) -> Float[Array, "M N"] | Float[Array, "S M N"]:
     """lhs @ rhs[g] per group (rhs[g]^T when `transpose_rhs`) in lhs's dtype, float32 sums; forward only
     (`gmm` is the differentiable one). `launch` overrides `LAUNCH`; `rows` only its row tile, for groups
-    that start at multiples of it; `glu` applied to the float32 sums (N / 2 outputs). `partials` (a forward
-    product without `glu`): the S contraction splits' float32 sums [S, M', N] (M' >= M rows, padded to the
-    row tile) left for the caller to add (S = 1: [1, M', N] in lhs's dtype)."""
-    M, interpret = lhs.shape[0], _interpret(interpret)
+    that start at multiples of it (then lhs may be `LayoutRows`, gathered by a forward product's kernel);
+    `glu` applied to the float32 sums (N / 2 outputs). `partials` (a forward product without `glu`): the S
+    contraction splits' float32 sums [S, M', N] (M' >= M rows, padded to the row tile) left for the caller
+    to add (S = 1: [1, M', N] in lhs's dtype)."""
+    gathered = isinstance(lhs, LayoutRows)
+    x, interpret = lhs.tokens if gathered else lhs, _interpret(interpret)
+    M = lhs.height if gathered else x.shape[0]
     packed = isinstance(rhs, Mxfp4)
     kind = ("mxfp4" if packed else "gmm") + ("_t" if transpose_rhs else "")
+    if gathered and (rows is None or transpose_rhs):
+        raise ValueError(f"{kind}: only a forward product of a layout aligned to `rows` gathers LayoutRows")
     if packed:
         shape = rhs.blocks.shape[1], rhs.blocks.shape[2] * BLOCK  # [N, K] of W[g]
         contract, width = shape[::-1] if not transpose_rhs else shape
     else:
         contract, width = rhs.shape[1:] if not transpose_rhs else rhs.shape[:0:-1]
     tiles = launch or choose_launch(kind, contract, width, M, group_sizes.shape[0], rows)
-    x = _pad_rows(lhs, tiles.rows)
+    height = _cdiv(M, tiles.rows) * tiles.rows  # the product's rows, padded to the row tile
+    if gathered and tiles.rows > GATHER_ROWS:  # the layout's rows gathered by XLA first
+        x, gathered = x[jnp.maximum(lhs.row_token[:M], 0)], False
+    if gathered:  # the rows' tokens, padding rows (-1) to the tile if they end before it
+        pad = max(0, height - lhs.row_token.shape[0])
+        lead = (x, jnp.pad(lhs.row_token.astype(jnp.int32), (0, pad), constant_values=-1))
+    else:
+        x = _pad_rows(x, tiles.rows)
+        lead = (x,)
     if rows is None:
-        tm = tile_map(group_sizes, x.shape[0], tiles.rows)
+        tm = tile_map(group_sizes, height, tiles.rows)
         n_pairs = tm.group.shape[0]
     else:  # groups at multiples of the tile: program i takes tile i and finds its group from the sizes
-        tm, n_pairs = (group_sizes,), x.shape[0] // tiles.rows
+        tm, n_pairs = (group_sizes,), height // tiles.rows
     n_groups, n_map, aligned = group_sizes.shape[0], len(tm), rows is not None
     programs, steps = _cdiv(width, tiles.cols) * n_pairs, _cdiv(contract, tiles.depth)
     if tiles.splits == 1 and not transpose_rhs and steps > 1 and programs < (tiles.fill_programs or 0):
@@ -618,6 +667,7 @@ def grouped_product(
             f"{kind} launch {tiles}, {width} outputs: glu needs a forward product with an even output width "
             "and column tile"
         )
+    bias_args = [bias] if bias is not None else []
     if packed:
         if (tiles.cols if transpose_rhs else tiles.depth) % BLOCK:
             raise ValueError(
@@ -627,7 +677,7 @@ def grouped_product(
         blocks = rhs.blocks.reshape(G, N_w, Kg * BLOCK // 2)
         if transpose_rhs:  # dout [M, N_w] @ W[g] [N_w, K] -> [M, K] as even and odd columns
             K = Kg * BLOCK
-            half = jax.ShapeDtypeStruct((x.shape[0], K // 2), lhs.dtype)
+            half = jax.ShapeDtypeStruct((height, K // 2), x.dtype)
             kernel = functools.partial(
                 _mxfp4_t_kernel, tiles=tiles, n_groups=n_groups, n_map=n_map, K=K, N=N_w, interpret=interpret
             )
@@ -635,29 +685,28 @@ def grouped_product(
             even, odd = _launch(
                 kernel, grid, (*tm, x, blocks, rhs.scales), (half, half), tiles, interpret, aligned
             )
-            out = jnp.stack([even, odd], axis=-1).reshape(x.shape[0], K)
+            out = jnp.stack([even, odd], axis=-1).reshape(height, K)
         else:  # lhs [M, K] @ W[g]^T -> [M, N_w]
-            K, N = lhs.shape[1], N_w
-            pairs = lambda: x.reshape(x.shape[0], K // 2, 2)
-            halves = (x,) if _splits_lhs_on_chip(tiles, aligned) else (pairs()[..., 0], pairs()[..., 1])
-            args = (*tm, *halves, blocks, rhs.scales, *([bias] if bias is not None else []))
+            K, N = x.shape[1], N_w
+            if not (gathered or _splits_lhs_on_chip(tiles, aligned)):
+                pairs = x.reshape(height, K // 2, 2)
+                lead = (pairs[..., 0], pairs[..., 1])
             kernel = functools.partial(
                 _mxfp4_kernel, tiles=tiles, n_groups=n_groups, n_map=n_map, K=K, N=N,
-                has_bias=bias is not None, interpret=interpret,
+                has_bias=bias is not None, interpret=interpret, gathered=gathered,
             )  # fmt: skip
+            args = (*tm, *lead, blocks, rhs.scales, *bias_args)
             out = _forward(
-                kernel, args, x.shape[0], N, lhs.dtype, n_pairs, tiles, interpret, aligned, glu, partials
+                kernel, args, height, N, x.dtype, n_pairs, tiles, interpret, aligned, glu, partials
             )
     else:
         K, N = (rhs.shape[2], rhs.shape[1]) if transpose_rhs else rhs.shape[1:]
-        args = (*tm, x, rhs, *([bias] if bias is not None else []))
         kernel = functools.partial(
             _gmm_kernel, tiles=tiles, n_groups=n_groups, n_map=n_map,
-            transpose_rhs=transpose_rhs, K=K, N=N, has_bias=bias is not None,
+            transpose_rhs=transpose_rhs, K=K, N=N, has_bias=bias is not None, gathered=gathered,
         )  # fmt: skip
-        out = _forward(
-            kernel, args, x.shape[0], N, lhs.dtype, n_pairs, tiles, interpret, aligned, glu, partials
-        )
+        args = (*tm, *lead, rhs, *bias_args)
+        out = _forward(kernel, args, height, N, x.dtype, n_pairs, tiles, interpret, aligned, glu, partials)
     return out if partials else out[:M]
 
 

@@ -31,7 +31,7 @@ from gptoss_mla_jax import routing
 from gptoss_mla_jax.add_norm import ExpertRows, moe_delta
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.flash_decode import runs_compiled
-from gptoss_mla_jax.gmm import Glu, Mxfp4, gmm, grouped_product
+from gptoss_mla_jax.gmm import Glu, LayoutRows, Mxfp4, gmm, grouped_product
 from gptoss_mla_jax.mxfp4 import dequantize, dequantize_experts
 
 Params = dict[str, Any]
@@ -121,12 +121,19 @@ def expert_rows(
     `add_norm.moe_delta` of this): the down product's rows, its contraction splits' partial sums not yet
     added, and each token's slots and routing weights, for `add_norm.add_norm` to finish with the residual
     add and the next norm in one kernel. `router_partials`: the router's product x W already taken, as
-    partial sums (`add_norm.add_norm_routed`; for n tokens that `routed_in_kernel`)."""
+    partial sums (`add_norm.add_norm_routed`; for n tokens that `routed_in_kernel`). The aligned layout's
+    rows are never written out: the gate_up product's kernel reads them from the tokens (`LayoutRows`)."""
     flat = x.reshape(-1, x.shape[-1])
-    n, k = flat.shape[0], config.num_experts_per_tok
+    n, k, E = flat.shape[0], config.num_experts_per_tok, config.num_local_experts
+    align = layout_align(n, config)
+    if align is None:  # past decode batches: the pairs sorted by expert
+        weights, idx = route(p, flat, config)
+        y = _grouped_experts(p["experts"], flat, idx, config, kernel=True)
+        return ExpertRows(y.reshape(1, n * k, -1), jnp.arange(n * k, dtype=jnp.int32).reshape(n, k), weights)
+    height = routing.layout_rows(n, k, E, align)
     if routed_in_kernel(n, config):
         # The routing's tiles as the kernel stores them: a Pallas consumer would read copies cut from them.
-        align, router, interpret = layout_align(n, config), p["router"], not runs_compiled()
+        router, interpret = p["router"], not runs_compiled()
         if router_partials is None:
             routed = routing.decode_routing(
                 flat, router["kernel"], router["bias"], k, align, interpret, tiles=True
@@ -135,25 +142,21 @@ def expert_rows(
             routed = routing.routing_of_logits(
                 router_partials, router["bias"], k, align, flat.dtype, interpret, tiles=True
             )
-        height = routing.layout_rows(n, k, config.num_local_experts, align)
-        rows = _gathered_rows(flat, routed.row_token[:height])
-        product = _expert_products(p["experts"], rows, routed.padded, config, align, partials=True)
-        return ExpertRows(product, routed.slot, routed.weights)
-    weights, idx = route(p, flat, config)
-    y = _grouped_experts(p["experts"], flat, idx, config, kernel=True)
-    return ExpertRows(y.reshape(1, n * k, -1), jnp.arange(n * k, dtype=jnp.int32).reshape(n, k), weights)
+        slot, padded, weights, row_token = routed.slot, routed.padded, routed.weights, routed.row_token
+    else:  # more tokens than the routing kernel holds: the same layout in jnp
+        weights, idx = route(p, flat, config)
+        expert = idx.reshape(-1)
+        slot, padded = _aligned_slots(expert, jnp.sum(expert[:, None] == jnp.arange(E), axis=0), align)
+        row_token = jnp.full((height,), -1, jnp.int32).at[slot].set(jnp.arange(n * k, dtype=jnp.int32) // k)
+        slot = slot.reshape(n, k)
+    rows = LayoutRows(flat, row_token, height)
+    product = _expert_products(p["experts"], rows, padded, config, align, partials=True)
+    return ExpertRows(product, slot, weights)
 
 
 def routed_in_kernel(n: int, config: GptOssConfig) -> bool:
     """Whether n tokens' routing and aligned layout come from the routing kernel."""
     return n <= routing.MAX_TOKENS and layout_align(n, config) is not None
-
-
-def _gathered_rows(flat: Float[Array, "N D"], row_token: Int[Array, " M"]) -> Float[Array, "M D"]:
-    """The aligned layout's rows gathered from the tokens' (`routing.Routing.row_token`; -1: a row of
-    zeros). One XLA kernel, where the scatter of `_aligned_rows` took a buffer of zeros copied for each
-    layer of a device loop, and the scatter."""
-    return jnp.where(row_token[:, None] >= 0, flat[jnp.maximum(row_token, 0)], 0).astype(flat.dtype)
 
 
 def _selected_experts(
@@ -269,20 +272,21 @@ def _grouped_experts(
 
 
 def _expert_products(
-    e: Params, rows: Float[Array, "M D"], group_sizes: Int[Array, " E"], config: GptOssConfig, tile,
-    partials: bool = False,
+    e: Params, rows: Float[Array, "M D"] | LayoutRows, group_sizes: Int[Array, " E"], config: GptOssConfig,
+    tile, partials: bool = False,
 ) -> Float[Array, "M D"] | Float[Array, "S M D"]:  # fmt: skip
     """Both expert projections of rows grouped by expert, on the grouped matmul (`tile`: its row tile,
     for groups starting at multiples of it: the decode layout, where the SwiGLU runs in the gate_up
     product's kernel, a kernel less per layer; elsewhere after it, as its gradient would recompute the
-    product). `partials` (forward only): the down product's contraction splits' sums not yet added
-    (`gmm.grouped_product`)."""
+    product). `partials` (forward only, as `LayoutRows` are): the down product's contraction splits' sums
+    not yet added (`gmm.grouped_product`)."""
     weights = lambda name: e[name] if name in e else Mxfp4(e[f"{name}_blocks"], e[f"{name}_scales"])
     gate_up, bias = weights("gate_up_proj"), e["gate_up_proj_bias"]
     if tile is None:
         hidden = swiglu(gmm(rows, gate_up, group_sizes, bias), config)
     else:
-        hidden = gmm(rows, gate_up, group_sizes, bias, rows=tile, glu=glu(config))
+        product = grouped_product if isinstance(rows, LayoutRows) else gmm
+        hidden = product(rows, gate_up, group_sizes, bias, rows=tile, glu=glu(config))
     down, down_bias = weights("down_proj"), e["down_proj_bias"]
     if partials:
         return grouped_product(hidden, down, group_sizes, down_bias, rows=tile, partials=True)

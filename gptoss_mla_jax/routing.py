@@ -13,8 +13,8 @@ they are mostly launches around 184 KB of router weights. One program does it al
   count of earlier tokens that chose that expert (a token's k experts are distinct), a lower-triangular
   product over the tokens' one-hot choices;
 - the layout the other way round: each row's token, or -1 for padding (`Routing.row_token`), so that the
-  rows are gathered from the tokens' in one XLA kernel, where scattering the tokens into them took a
-  buffer of zeros, copied for each layer, and the scatter.
+  grouped matmul's kernel reads the rows from the tokens' (`gmm.LayoutRows`) and no copy of the layout is
+  written.
 
 One program holds every token, so this serves decode batches (`MAX_TOKENS`); `moe` keeps its jnp path
 above that. `routing_of_logits` starts from the router's product instead, given as partial sums over
@@ -168,15 +168,16 @@ def _pow2(n: int, least: int = 1) -> int:
 
 def layout_rows(n: int, k: int, E: int, align: int) -> int:
     """The most rows the aligned layout of n tokens' k pairs over E experts can need: every pair, and up to
-    `align` - 1 rows of padding after each expert that any pair chose."""
+    `align` - 1 rows of padding after each expert that any pair chose, rounded down to a multiple of
+    `align` (every expert's rows are one), so that the grouped matmul's row tiles cover it exactly."""
     P = n * k
-    return P + min(P, E) * (align - 1)
+    return (P + min(P, E) * (align - 1)) // align * align
 
 
 class Routing(NamedTuple):
     """`decode_routing`'s result: each token's routing `weights` and `experts` [N, k], each pair's `slot`
     in the aligned layout [N * k] in token order, the `padded` group sizes [E], and `row_token`, each of
-    the layout's `layout_rows` rows' token (-1: padding), which gathers the layout's rows from the tokens'.
+    the layout's `layout_rows` rows' token (-1: padding), the layout's rows read from the tokens'.
     With `tiles`, the first three as the kernel stores them, [rows, kp] tiles of at least N tokens and k
     choices (a choice past k weighs 0 and its slot is 0), and `row_token` over a power-of-two tile of
     rows."""

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from gptoss_mla_jax.moe import moe_dense, moe_sparse, route, swiglu
+from gptoss_mla_jax.moe import layout_align, moe_dense, moe_sparse, route, routed_in_kernel, swiglu
 from gptoss_mla_jax.mxfp4 import quantize
 from weights.safetensors_io import load_hf
 
@@ -152,20 +152,22 @@ def test_decode_gathers_only_the_selected_experts(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "tokens, routing",
+    "tokens, routing, experts, layout",
     [
-        (1, "learned"),  # batch 1: k groups of one row, each aligned to its own row tile
-        (5, "one expert for all"),  # every token picks expert 0: a group of 5 rows, most experts empty
-        (6, "learned"),  # 12 pairs over 4 experts: aligned to row tiles of 16
-        (20, "learned"),  # 40 pairs over 4 experts: aligned to row tiles of 32
-        (40, "learned"),  # 80 pairs over 4 experts: aligned to row tiles of 64
-        (80, "learned"),  # 160 pairs over 4 experts: past the alignment threshold, tiles shared by experts
+        (1, "learned", 4, "routing kernel"),  # batch 1: k groups of one row, each aligned to its own row tile
+        (5, "one expert for all", 4, "routing kernel"),  # every token picks expert 0: most experts empty
+        (6, "learned", 4, "routing kernel"),  # 12 pairs over 4 experts: aligned to row tiles of 16
+        (20, "learned", 4, "routing kernel"),  # 40 pairs over 4 experts: aligned to row tiles of 32
+        (40, "learned", 4, "routing kernel"),  # 80 pairs over 4 experts: aligned to row tiles of 64
+        (72, "learned", 16, "aligned in jnp"),  # more tokens than the routing kernel holds
+        (80, "learned", 4, "sorted"),  # 160 pairs over 4 experts: past the alignment, tiles shared by experts
     ],
 )
-def test_decode_on_the_grouped_kernel_equals_the_reference(tmp_path, tokens, routing):
+def test_decode_on_the_grouped_kernel_equals_the_reference(tmp_path, tokens, routing, experts, layout):
     """A decode step's MoE on the kernels (`kernels`: the grouped matmul at every batch size, interpreted
-    here), MXFP4 experts: equal to moe_dense in float32 whatever the routing."""
-    make_hf_model(tmp_path, num_local_experts=4, intermediate_size=32)
+    here, the aligned layouts' rows gathered from the tokens in the kernel), MXFP4 experts: equal to
+    moe_dense in float32 whatever the routing."""
+    make_hf_model(tmp_path, num_local_experts=experts, intermediate_size=32)
     config, params = load_hf(str(tmp_path), progress=False)
     p = params["layers"][0]["mlp"]
     if routing == "one expert for all":
@@ -183,6 +185,8 @@ def test_decode_on_the_grouped_kernel_equals_the_reference(tmp_path, tokens, rou
     want = np.asarray(moe_dense(q, x, config))
     got = np.asarray(moe_sparse(q, x, config, kernels=True))
     np.testing.assert_allclose(got, want, atol=1e-5 * np.abs(want).max(), rtol=0)
+    kernel = "routing kernel" if routed_in_kernel(tokens, config) else "aligned in jnp"
+    assert layout == ("sorted" if layout_align(tokens, config) is None else kernel)
 
 
 def test_decode_step_on_the_kernels_equals_jnp():
@@ -228,6 +232,24 @@ def test_aligned_slots_place_each_pair_once_in_its_experts_tiles():
     slot, padded = map(np.asarray, _aligned_slots(expert, sizes, 4))
     np.testing.assert_array_equal(padded, [4, 4, 0, 4, 0, 4])
     np.testing.assert_array_equal(slot, [8, 0, 9, 10, 4, 1, 11, 12])
+
+
+def test_layout_rows_bound_every_layout_in_whole_tiles():
+    """`routing.layout_rows` is a multiple of the tile and holds every layout of n tokens' k pairs (random
+    choices, and one pair per expert, which fills it exactly)."""
+    from gptoss_mla_jax.moe import _aligned_slots
+    from gptoss_mla_jax.routing import layout_rows
+
+    rng = np.random.default_rng(0)
+    for n, k, E, align in [(1, 4, 32, 16), (8, 4, 32, 16), (64, 4, 32, 16), (256, 4, 32, 64), (7, 2, 4, 32)]:
+        height = layout_rows(n, k, E, align)
+        assert height % align == 0
+        choices = [rng.permutation(E)[:k] for _ in range(n)]
+        for expert in (np.concatenate(choices), np.arange(min(n * k, E))):
+            expert = jnp.asarray(expert, jnp.int32)
+            slot, padded = _aligned_slots(expert, jnp.bincount(expert, length=E).astype(jnp.int32), align)
+            assert int(padded.sum()) <= height and int(slot.max()) < height
+    assert int(padded.sum()) == height  # one pair for each of the 4 experts: 4 whole tiles
 
 
 def test_layout_align_follows_the_pairs_per_expert():
