@@ -55,10 +55,15 @@ class Mxfp4(NamedTuple):
 Weights = Float[Array, "G K N"] | Mxfp4
 
 
-class LayoutRows(NamedTuple):
-    """A decode layout of `height` rows left in the tokens' array: row i is `tokens[row_token[i]]`, and a row
-    of padding (`row_token[i]` = -1) any token's row: the products of padding rows are never read, so the
-    kernels need not mask them. `row_token` may run past `height` (a kernel's power-of-two tile of it, read
+@functools.partial(
+    jax.tree_util.register_dataclass, data_fields=["tokens", "row_token"], meta_fields=["height"]
+)
+@dataclasses.dataclass(frozen=True)
+class LayoutRows:
+    """A decode layout of `height` rows (static) left in the tokens' array: row i is `tokens[row_token[i]]`,
+    and a row of padding (`row_token[i]` = -1) any token's row: the products of padding rows are never read,
+    so the kernels need not mask them (an index past the tokens, as the routing kernel gives a NaN token's
+    pairs, is clamped to them). `row_token` may run past `height` (a kernel's power-of-two tile of it, read
     as it is stored). A forward product of an aligned layout in row tiles of at most `GATHER_ROWS` reads its
     tiles from `tokens` itself, so that no copy of the layout is written (`grouped_product`)."""
 
@@ -130,8 +135,8 @@ LAUNCH: dict[tuple[str, int | None, int | None], Tiles] = {
 SMALL_ROWS = 32
 WIDE_GROUP_ROWS = 16
 # The tallest row tile whose kernel gathers `LayoutRows` itself. A gathered tile's loads hold a row address
-# for each vector and pipeline stage: 64-row tiles (batch 256's layout) took 206 registers a thread against
-# 158 (two programs an SM instead of three; `eval.experiments.cuda_aot --sass`), 16-row ones 157 against
+# for each vector and pipeline stage: 64-row tiles (batch 256's layout) took 216 registers a thread against
+# 158 (two programs an SM instead of three; `eval.experiments.cuda_aot --sass`), 16-row ones 133 against
 # 156, so taller tiles take rows that XLA gathered first.
 GATHER_ROWS = 16
 
@@ -272,6 +277,12 @@ def _aligned_group(sizes_ref, n_groups: int, first) -> tuple[Array, Array, Array
 def _sizes_block(n_groups: int) -> int:
     """The group sizes' block: a power of two (a vector on chip), masked past the groups."""
     return pl.next_power_of_2(n_groups)
+
+
+def _row_tokens(token_ref, site: _Site, n_tokens: int) -> Array:
+    """The pair's rows' tokens (`LayoutRows.row_token`), clamped to the `n_tokens` tokens: padding (-1) reads
+    token 0's row, and no index reads past them."""
+    return jnp.clip(token_ref[site.rows], 0, n_tokens - 1)
 
 
 def _lhs_tile(lhs_ref, tokens, site: _Site, start, width: int, limit: int, ragged: bool) -> Array:
@@ -438,7 +449,7 @@ def _gmm_kernel(
     token_ref, (rhs_ref, *rest) = (rest[0], rest[1:]) if gathered else (None, rest)
     bias_ref, out_ref = rest if has_bias else (None, rest[0])
     site = _site(map_refs, n_groups, tiles, N, tiles.cols)
-    tokens = None if token_ref is None else jnp.maximum(token_ref[site.rows], 0)  # padding: token 0's row
+    tokens = None if token_ref is None else _row_tokens(token_ref, site, lhs_ref.shape[0])
     ragged_n, ragged_k = N % tiles.cols != 0, K % tiles.depth != 0
 
     def step(kk, acc):
@@ -479,7 +490,7 @@ def _mxfp4_kernel(
     token_ref, lhs_refs = (lhs_refs[1], lhs_refs[:1]) if gathered else (None, lhs_refs)
     bias_ref = bias_refs[0] if has_bias else None
     site = _site(map_refs, n_groups, tiles, N, tiles.cols)
-    tokens = None if token_ref is None else jnp.maximum(token_ref[site.rows], 0)  # padding: token 0's row
+    tokens = None if token_ref is None else _row_tokens(token_ref, site, lhs_refs[0].shape[0])
     half, groups = tiles.depth // 2, tiles.depth // BLOCK
     ragged = N % tiles.cols != 0 or K % tiles.depth != 0
     # Scale rows padded by `mxfp4.pad_scales` carry its flag in their first pad byte.
@@ -641,12 +652,14 @@ def grouped_product(
         contract, width = rhs.shape[1:] if not transpose_rhs else rhs.shape[:0:-1]
     tiles = launch or choose_launch(kind, contract, width, M, group_sizes.shape[0], rows)
     height = _cdiv(M, tiles.rows) * tiles.rows  # the product's rows, padded to the row tile
-    if gathered and tiles.rows > GATHER_ROWS:  # the layout's rows gathered by XLA first
-        x, gathered = x[jnp.maximum(lhs.row_token[:M], 0)], False
     if gathered:  # the rows' tokens, padding rows (-1) to the tile if they end before it
-        pad = max(0, height - lhs.row_token.shape[0])
-        lead = (x, jnp.pad(lhs.row_token.astype(jnp.int32), (0, pad), constant_values=-1))
-    else:
+        row_token = jnp.pad(
+            lhs.row_token.astype(jnp.int32), (0, max(0, height - lhs.row_token.shape[0])), constant_values=-1
+        )
+        lead = (x, row_token)
+    if gathered and tiles.rows > GATHER_ROWS:  # the layout's rows gathered by XLA first
+        x, gathered = x[jnp.clip(row_token[:height], 0, x.shape[0] - 1)], False
+    if not gathered:
         x = _pad_rows(x, tiles.rows)
         lead = (x,)
     if rows is None:

@@ -156,6 +156,15 @@ def test_layout_rows_equal_the_gathered_layout(weights, glu, tile, sizes_list):
     product = lambda lhs: grouped_product(lhs, rhs, sizes, bias, rows=tile, glu=glu)
     want = product(layout)
     np.testing.assert_array_equal(product(LayoutRows(tokens, row_token, 45)), want)
+    # The gather is the kernel's on short tiles: no gather in the jaxpr around the Pallas call.
+    jaxpr = str(jax.make_jaxpr(product)(LayoutRows(tokens, row_token, 45)))
+    assert ("gather" in jaxpr) == (tile > 16)
+    # A shorter list of the rows' tokens is padding past its end; indices past the tokens are clamped to them.
+    short, wild = row_token[:20], row_token.at[3].set(1000)
+    np.testing.assert_array_equal(
+        product(LayoutRows(tokens, short, 45)), product(layout.at[20:].set(tokens[0]))
+    )
+    np.testing.assert_array_equal(product(LayoutRows(tokens, wild, 45)), product(layout.at[3].set(tokens[8])))
     # The rows' tokens as a longer tile, rows past the layout's height not read.
     longer = jnp.pad(row_token, (0, 19), constant_values=3)
     np.testing.assert_array_equal(product(LayoutRows(tokens, longer, 45)), want)

@@ -159,7 +159,8 @@ def test_decode_gathers_only_the_selected_experts(tmp_path):
         (6, "learned", 4, "routing kernel"),  # 12 pairs over 4 experts: aligned to row tiles of 16
         (20, "learned", 4, "routing kernel"),  # 40 pairs over 4 experts: aligned to row tiles of 32
         (40, "learned", 4, "routing kernel"),  # 80 pairs over 4 experts: aligned to row tiles of 64
-        (72, "learned", 16, "aligned in jnp"),  # more tokens than the routing kernel holds
+        (72, "learned", 16, "aligned in jnp"),  # more tokens than the routing kernel: 32-row tiles
+        (72, "learned", 64, "aligned in jnp"),  # likewise in 16-row tiles, the rows gathered in the kernel
         (80, "learned", 4, "sorted"),  # 160 pairs over 4 experts: past the alignment, tiles shared by experts
     ],
 )
@@ -245,7 +246,9 @@ def test_layout_rows_bound_every_layout_in_whole_tiles():
         height = layout_rows(n, k, E, align)
         assert height % align == 0
         choices = [rng.permutation(E)[:k] for _ in range(n)]
-        for expert in (np.concatenate(choices), np.arange(min(n * k, E))):
+        m, P = min(n * k, E), n * k  # worst case: every chosen expert but one holds a single pair
+        worst = np.concatenate([np.arange(m - 1), np.full(P - m + 1, m - 1)])
+        for expert in (np.concatenate(choices), np.arange(m), worst):
             expert = jnp.asarray(expert, jnp.int32)
             slot, padded = _aligned_slots(expert, jnp.bincount(expert, length=E).astype(jnp.int32), align)
             assert int(padded.sum()) <= height and int(slot.max()) < height
