@@ -73,35 +73,46 @@ def test_decode_benchmark_runs_at_a_small_size(shared_models, tmp_path):
 
 
 def test_decode_benchmark_times_each_setting(shared_models, tmp_path, monkeypatch):
-    """--state-shares, --fused-norms and --one-token: the points are timed once per combination of
-    settings, each with flash_decode.STATE_SHARE, model.FUSED_NORMS and attention.ONE_TOKEN set while its
-    steps are traced, the defaults restored after; a setting none of them knows is refused."""
+    """--state-shares, --fused-norms, --one-token and --gather-rows: the points are timed once per
+    combination of settings, each with flash_decode.STATE_SHARE, model.FUSED_NORMS, attention.ONE_TOKEN and
+    gmm.GATHER_ROWS set while its steps are traced, the defaults restored after; a setting none of them
+    knows is refused."""
     from eval.bench import decode as bench_decode
     from gptoss_mla_jax import attention, flash_decode
+    from gptoss_mla_jax import gmm as gmm_lib
     from gptoss_mla_jax import model as model_lib
 
     seen = []
     monkeypatch.setattr(flash_decode, "STATE_SHARE", None)
     monkeypatch.setattr(model_lib, "FUSED_NORMS", "router")
     monkeypatch.setattr(attention, "ONE_TOKEN", "finish")
-    switches = lambda: (flash_decode.STATE_SHARE, model_lib.FUSED_NORMS, attention.ONE_TOKEN)
+    monkeypatch.setattr(gmm_lib, "GATHER_ROWS", 16)
+    switches = lambda: (
+        flash_decode.STATE_SHARE,
+        model_lib.FUSED_NORMS,
+        attention.ONE_TOKEN,
+        gmm_lib.GATHER_ROWS,
+    )
     monkeypatch.setattr(
         bench_decode, "step_seconds", lambda *args, **kwargs: seen.append(switches()) or [1e-3]
     )
     out = tmp_path / "share.json"
     argv = ["--smoke", "--batches", "1", "--contexts", "64", "--repeats", "1", "--decode-kernels", "on"]
     argv += ["--state-shares", "none,0.25", "--fused-norms", "norms,off", "--one-token", "matvec"]  # gqa, mla
+    argv += ["--gather-rows", "0"]
     assert bench_decode.main([*argv, "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     settings = [("none", "norms"), ("none", "off"), ("0.25", "norms"), ("0.25", "off")]
-    assert [(r["model"], r["state_share"], r["fused_norms"], r["one_token"], r["step_ms"]) for r in rows] == [
-        (model, *setting, "matvec", 1.0) for setting in settings for model in ("gqa", "mla")
+    got = [
+        (r["model"], r["state_share"], r["fused_norms"], r["one_token"], r["gather_rows"], r["step_ms"])
+        for r in rows
     ]
+    assert got == [(model, *setting, "matvec", 0, 1.0) for setting in settings for model in ("gqa", "mla")]
     want = [
-        (share, fused, "matvec") for share in (None, 0.25) for fused in ("norms", "off") for _ in range(2)
+        (share, fused, "matvec", 0) for share in (None, 0.25) for fused in ("norms", "off") for _ in range(2)
     ]
     assert seen == want
-    assert switches() == (None, "router", "finish")
+    assert switches() == (None, "router", "finish", 16)
     for flag, value in (("--fused-norms", "on"), ("--one-token", "on")):
         with pytest.raises(SystemExit):
             bench_decode.main(["--smoke", flag, value])
@@ -215,18 +226,19 @@ def test_moe_benchmark_runs_at_a_small_size(tmp_path):
     swept one) equal to the float32 reference, the jnp path timed, the byte floor counting each distinct
     selected expert once, and the routing kernel's launches timed beside the jnp routing, with the same
     layout; once for each bound of the layout's row tile asked for (8: below every tile, the sorted layout,
-    which the routing kernel does not serve)."""
+    which the routing kernel does not serve), the layout's rows gathered by XLA (`--gather-rows 0`)."""
     from eval.bench import decode as bench_decode
 
     out = tmp_path / "moe.json"
     # One batch: every launch compiles the interpreted kernels anew; three tokens can share an expert.
-    argv = ["--moe", "3", "--max-aligns", "64,8", "--smoke", "--repeats", "1", "--out", str(out)]
+    argv = ["--moe", "3", "--max-aligns", "64,8", "--gather-rows", "0", "--smoke", "--repeats", "1"]
+    argv += ["--out", str(out)]
     assert bench_decode.main(argv) == 0
     head, *rows = json.loads(out.read_text())["moe"]
     assert head["copy_gb_per_s"] > 0
     k = bench_decode.DEMO_CONFIG.num_experts_per_tok
     rows = [row for row in rows if "copy_gb_per_s" not in row]  # each setting's head row
-    assert [(r["batch"], r["max_align"]) for r in rows] == [(3, 64), (3, 8)]
+    assert [(r["batch"], r["max_align"], r["gather_rows"]) for r in rows] == [(3, 64, 0), (3, 8, 0)]
     for row in rows:
         assert len(row["configs"]) == 2 and all("ms" in c for c in row["configs"])
         assert row["configs"][0]["launch"] == "default"

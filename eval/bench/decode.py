@@ -39,6 +39,7 @@ import numpy as np
 from eval.bench.timing import timed
 from gptoss_mla_jax import attention as attention_lib
 from gptoss_mla_jax import flash_decode, mla, routing
+from gptoss_mla_jax import gmm as gmm_lib
 from gptoss_mla_jax import model as model_lib
 from gptoss_mla_jax import moe as moe_lib
 from gptoss_mla_jax.attention import attend
@@ -482,7 +483,6 @@ def moe_rows(batches: list[int], repeats: int, smoke: bool, log, sweep: str = "s
     experts, dequantize, multiply), each timed on the device (`in_loop`), and its routing alone
     (`routing_rows`); the byte floor (the distinct selected experts' packed bytes, read once, over the copy
     bandwidth); and the kernels' largest difference from the float32 reference on the same routing."""
-    from gptoss_mla_jax import gmm as gmm_lib
     from gptoss_mla_jax.gmm import Tiles
     from gptoss_mla_jax.moe import moe_dense, moe_sparse, route
 
@@ -797,6 +797,11 @@ def main(argv=None) -> int:
         help="--moe: with the decode layout's row tile at most each of these in turn (moe.MAX_ALIGN; a batch "
         "whose tile would be taller takes the sorted layout), e.g. 64,16",
     )  # fmt: skip
+    parser.add_argument(
+        "--gather-rows", default=str(gmm_lib.GATHER_ROWS),
+        help="steps and --moe with the MoE's decode layout read from the tokens by the gate_up kernel on row "
+        "tiles of up to each of these in turn (gmm.GATHER_ROWS; 0: gathered by XLA before it), e.g. 16,0",
+    )  # fmt: skip
     parser.add_argument("--profile", metavar="BATCH,CONTEXT", help="profile decode steps on the kernels")
     parser.add_argument(
         "--partial",
@@ -882,11 +887,14 @@ def main(argv=None) -> int:
             result["kernels"] = kernel_rows(batches, contexts, args.repeats, args.smoke, log, layers)
         elif args.moe:
             batches, result["moe"] = [int(b) for b in args.moe.split(",")], []
-            for max_align in (int(a) for a in args.max_aligns.split(",")):
-                tag = lambda row, max_align=max_align: log(row | {"max_align": max_align})
-                with switched((moe_lib, "MAX_ALIGN", max_align)):
+            for max_align, gather in itertools.product(
+                (int(a) for a in args.max_aligns.split(",")), (int(g) for g in args.gather_rows.split(","))
+            ):
+                setting = {"max_align": max_align, "gather_rows": gather}
+                tag = lambda row, setting=setting: log(row | setting)
+                with switched((moe_lib, "MAX_ALIGN", max_align), (gmm_lib, "GATHER_ROWS", gather)):
                     rows = moe_rows(batches, args.repeats, args.smoke, tag, args.moe_launches)
-                result["moe"] += [row | {"max_align": max_align} for row in rows]
+                result["moe"] += [row | setting for row in rows]
         elif args.profile:
             batch, context = (int(n) for n in args.profile.split(","))
             result["profile"] = profile(models_(), batch, context, args.repeats)
@@ -900,15 +908,22 @@ def main(argv=None) -> int:
             batches = [int(b) for b in args.batches.split(",")]
             kernels = {"off": (False,), "on": (True,), "both": (False, True)}[args.decode_kernels]
             built, result["rows"] = models_(), []
-            for share, fused, one_token in itertools.product(
-                args.state_shares.split(","), args.fused_norms.split(","), args.one_token.split(",")
-            ):
-                setting = {"state_share": share, "fused_norms": fused, "one_token": one_token}
+            for share, fused, one_token, gather in itertools.product(
+                args.state_shares.split(","), args.fused_norms.split(","), args.one_token.split(","),
+                (int(g) for g in args.gather_rows.split(",")),
+            ):  # fmt: skip
+                setting = {
+                    "state_share": share,
+                    "fused_norms": fused,
+                    "one_token": one_token,
+                    "gather_rows": gather,
+                }
                 tag = lambda row, setting=setting: log(row | setting)
                 with switched(
                     (flash_decode, "STATE_SHARE", None if share == "none" else float(share)),
                     (model_lib, "FUSED_NORMS", fused),
                     (attention_lib, "ONE_TOKEN", one_token),
+                    (gmm_lib, "GATHER_ROWS", gather),
                 ):
                     rows = speed(built, batches, contexts, args.repeats, tag, kernels, args.loop_steps)
                 result["rows"] += [row | setting for row in rows]
