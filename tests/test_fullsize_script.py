@@ -226,7 +226,8 @@ def test_moe_benchmark_runs_at_a_small_size(tmp_path):
     swept one) equal to the float32 reference, the jnp path timed, the byte floor counting each distinct
     selected expert once, and the routing kernel's launches timed beside the jnp routing, with the same
     layout; once for each bound of the layout's row tile asked for (8: below every tile, the sorted layout,
-    which the routing kernel does not serve), the layout's rows gathered by XLA (`--gather-rows 0`)."""
+    which the routing kernel does not serve), the layout's rows gathered by XLA (`--gather-rows 0`); and,
+    where the routing kernel serves the batch, the MoE as the decode step runs it."""
     from eval.bench import decode as bench_decode
 
     out = tmp_path / "moe.json"
@@ -250,6 +251,11 @@ def test_moe_benchmark_runs_at_a_small_size(tmp_path):
     # the routing kernel at each launch lays the pairs out as the jnp path does
     routed = rows[0]["routing"]["kernel"]
     assert len(routed) == 2 and all(c["same_layout"] for c in routed) and "routing" not in rows[1]
+    # and the MoE as the decode step runs it, routed from the router's product
+    stepped = rows[0]["stepped"]
+    assert stepped["ms"] > 0 and stepped["device"]["busy_us"] >= 0
+    assert stepped["max_abs_error"] <= 2e-2 * rows[0]["max_abs_reference"]
+    assert "stepped" not in rows[1]
 
 
 def test_decode_profile_runs_at_a_small_size(shared_models, tmp_path):

@@ -530,11 +530,28 @@ def moe_rows(batches: list[int], repeats: int, smoke: bool, log, sweep: str = "s
         row |= {"configs": configs, "kernel_ms": best["ms"], "kernel_launch": best}
         if moe_lib.routed_in_kernel(batch, config):
             row["routing"] = routing_rows(p, x.reshape(batch, -1), config, smoke)
+            row["stepped"] = stepped_moe(p, x, config, ms, want)
         row["kernel_over_floor"] = best["ms"] / row["floor_ms"]
         row["max_abs_error"] = max(c["max_abs_error"] for c in ran)
         log(row)
         out.append(row)
     return out
+
+
+def stepped_moe(p, x, config: GptOssConfig, ms, want) -> dict:
+    """The MoE as a decode step on the kernels runs it: routed from the router's product, which the step
+    takes in the kernel of the residual add before it (`add_norm.add_norm_routed`; here given, not timed),
+    the rows' weighted sum as `add_norm` takes it; timed by `ms` and by the device's busy time, and its
+    largest difference from `want` (the float32 reference)."""
+    from gptoss_mla_jax.add_norm import moe_delta
+
+    flat = x.reshape(-1, x.shape[-1])
+    partials = jnp.dot(flat, p["router"]["kernel"], preferred_element_type=jnp.float32)[None]
+    fn = lambda p, x: moe_delta(moe_lib.expert_rows(p, x, config, partials), flat.shape[0], x.dtype).reshape(
+        x.shape
+    )
+    error = float(jnp.abs(jax.jit(fn)(p, x).astype(jnp.float32) - want).max())
+    return {"ms": ms(fn), "max_abs_error": error, "device": device_us(jax.jit(fn), p, x)}
 
 
 def traced(run):
