@@ -139,6 +139,14 @@ WIDE_GROUP_ROWS = 16
 # 158 (two programs an SM instead of three; `eval.experiments.cuda_aot --sass`), 16-row ones 133 against
 # 156, so taller tiles take rows that XLA gathered first.
 GATHER_ROWS = 16
+# The tallest row tile of a decode layout (groups aligned to the tile) whose packed forward product splits
+# lhs into even and odd columns on chip (tiles that gather `LayoutRows` do regardless); taller ones take the
+# halves as two arrays that XLA makes, which their `wgmma` reads from shared memory, so the tile is never in
+# registers: batch 256's 64-row tiles need 128 registers a thread for gate_up and 134 for down that way,
+# against 158 and 168 split on chip (four programs an SM instead of three; `eval.experiments.cuda_aot
+# --sass`), at the cost of XLA's split of the down product's input. Not yet timed: every decode tile
+# splits on chip until it is (`eval.bench.decode --moe 128,256 --split-rows 64,16`).
+SPLIT_ROWS = 64
 
 
 def launch_for(kind: str, K: int, N: int) -> Tiles:
@@ -519,9 +527,9 @@ def _mxfp4_kernel(
 
 def _splits_lhs_on_chip(tiles: Tiles, aligned: bool) -> bool:
     """Whether the packed forward kernel splits lhs into even and odd columns itself: for short row tiles
-    and decode layouts (`aligned`), whose steps are bound by the weights' bytes, not by the tensor cores (see
-    `_mxfp4_kernel`)."""
-    return aligned or tiles.rows <= SMALL_ROWS
+    and decode layouts (`aligned`) in tiles of up to `SPLIT_ROWS`, whose steps are bound by the weights'
+    bytes, not by the tensor cores (see `_mxfp4_kernel`)."""
+    return tiles.rows <= (SPLIT_ROWS if aligned else SMALL_ROWS)
 
 
 def _mxfp4_t_kernel(*refs, tiles: Tiles, n_groups: int, n_map: int, K: int, N: int, interpret: bool):

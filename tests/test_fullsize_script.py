@@ -226,20 +226,25 @@ def test_moe_benchmark_runs_at_a_small_size(tmp_path):
     swept one) equal to the float32 reference, the jnp path timed, the byte floor counting each distinct
     selected expert once, and the routing kernel's launches timed beside the jnp routing, with the same
     layout; once for each bound of the layout's row tile asked for (8: below every tile, the sorted layout,
-    which the routing kernel does not serve), the layout's rows gathered by XLA (`--gather-rows 0`); and,
+    which the routing kernel does not serve), the layout's rows gathered by XLA and given to the products as
+    halves (`--gather-rows 0 --split-rows 0`); and,
     where the routing kernel serves the batch, the MoE as the decode step runs it."""
     from eval.bench import decode as bench_decode
 
     out = tmp_path / "moe.json"
     # One batch: every launch compiles the interpreted kernels anew; three tokens can share an expert.
-    argv = ["--moe", "3", "--max-aligns", "64,8", "--gather-rows", "0", "--smoke", "--repeats", "1"]
+    argv = ["--moe", "3", "--max-aligns", "64,8", "--gather-rows", "0", "--split-rows", "0", "--smoke"]
+    argv += ["--repeats", "1"]
     argv += ["--out", str(out)]
     assert bench_decode.main(argv) == 0
     head, *rows = json.loads(out.read_text())["moe"]
     assert head["copy_gb_per_s"] > 0
     k = bench_decode.DEMO_CONFIG.num_experts_per_tok
     rows = [row for row in rows if "copy_gb_per_s" not in row]  # each setting's head row
-    assert [(r["batch"], r["max_align"], r["gather_rows"]) for r in rows] == [(3, 64, 0), (3, 8, 0)]
+    assert [(r["batch"], r["max_align"], r["gather_rows"], r["split_rows"]) for r in rows] == [
+        (3, 64, 0, 0),
+        (3, 8, 0, 0),
+    ]
     for row in rows:
         assert len(row["configs"]) == 2 and all("ms" in c for c in row["configs"])
         assert row["configs"][0]["launch"] == "default"

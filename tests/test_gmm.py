@@ -104,17 +104,22 @@ def test_mxfp4_forward_takes_lhs_either_way(rows):
     lhs, sizes, bias, _ = ragged_case(*case, K, N)
     packed, dense = random_mxfp4(len(case[0]), K, N, seed=7)
     assert gmm_lib._splits_lhs_on_chip(Tiles(rows=rows), aligned=False) == (rows == 16)
-    assert gmm_lib._splits_lhs_on_chip(Tiles(rows=rows), aligned=True)
+    assert gmm_lib._splits_lhs_on_chip(Tiles(rows=rows), aligned=True) == (rows <= gmm_lib.SPLIT_ROWS)
     got = grouped_product(lhs, packed, sizes, bias, launch=Tiles(rows=rows, cols=16, depth=64))
     close(got, with_bias(jax.lax.ragged_dot(lhs, dense, sizes), np.asarray(sizes), bias))
 
 
-@pytest.mark.parametrize("weights", ["dense", "mxfp4", "mxfp4 with padded scales"])
-def test_groups_aligned_to_the_row_tile_find_their_own_tiles(weights):
+@pytest.mark.parametrize(
+    "weights, split_rows",
+    [("dense", 64), ("mxfp4", 64), ("mxfp4 with padded scales", 64), ("mxfp4", 0)],
+    ids=["dense", "mxfp4", "mxfp4 with padded scales", "mxfp4, lhs as halves"],
+)
+def test_groups_aligned_to_the_row_tile_find_their_own_tiles(weights, split_rows, monkeypatch):
     """`rows` given (groups start at multiples of it, as the MoE lays out decode batches): each program
     finds its group from the sizes; forward and d(lhs) equal ragged_dot, empty groups and rows past the
     groups included; packed weights also with their scale rows padded as `generate` gives them to the
-    kernels (`mxfp4.pad_scales`)."""
+    kernels (`mxfp4.pad_scales`), and with lhs split on chip or given as halves (`gmm.SPLIT_ROWS`)."""
+    monkeypatch.setattr(gmm_lib, "SPLIT_ROWS", split_rows)
     sizes_list, K, N = [16, 0, 32, 16, 0], 64, 40
     lhs, sizes, bias, cot = ragged_case(sizes_list, 16, K, N)
     if weights == "dense":

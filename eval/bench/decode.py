@@ -820,6 +820,11 @@ def main(argv=None) -> int:
         help="steps and --moe with the MoE's decode layout read from the tokens by the gate_up kernel on row "
         "tiles of up to each of these in turn (gmm.GATHER_ROWS; 0: gathered by XLA before it), e.g. 16,0",
     )  # fmt: skip
+    parser.add_argument(
+        "--split-rows", default=str(gmm_lib.SPLIT_ROWS),
+        help="--moe with the packed products of decode layouts splitting lhs on chip on row tiles of up to "
+        "each of these in turn (gmm.SPLIT_ROWS; taller tiles take halves that XLA makes), e.g. 64,16",
+    )  # fmt: skip
     parser.add_argument("--profile", metavar="BATCH,CONTEXT", help="profile decode steps on the kernels")
     parser.add_argument(
         "--partial",
@@ -905,12 +910,19 @@ def main(argv=None) -> int:
             result["kernels"] = kernel_rows(batches, contexts, args.repeats, args.smoke, log, layers)
         elif args.moe:
             batches, result["moe"] = [int(b) for b in args.moe.split(",")], []
-            for max_align, gather in itertools.product(
-                (int(a) for a in args.max_aligns.split(",")), (int(g) for g in args.gather_rows.split(","))
+            for max_align, gather, split in itertools.product(
+                *(
+                    [int(v) for v in values.split(",")]
+                    for values in (args.max_aligns, args.gather_rows, args.split_rows)
+                )
             ):
-                setting = {"max_align": max_align, "gather_rows": gather}
+                setting = {"max_align": max_align, "gather_rows": gather, "split_rows": split}
                 tag = lambda row, setting=setting: log(row | setting)
-                with switched((moe_lib, "MAX_ALIGN", max_align), (gmm_lib, "GATHER_ROWS", gather)):
+                with switched(
+                    (moe_lib, "MAX_ALIGN", max_align),
+                    (gmm_lib, "GATHER_ROWS", gather),
+                    (gmm_lib, "SPLIT_ROWS", split),
+                ):
                     rows = moe_rows(batches, args.repeats, args.smoke, tag, args.moe_launches)
                 result["moe"] += [row | setting for row in rows]
         elif args.profile:

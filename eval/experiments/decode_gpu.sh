@@ -8,6 +8,8 @@
 #   moe_wide   the same at batches 128 and 256, the layout's row tile up to 64 rows (the default) against up to
 #              16 (128: 32-row tiles against 16; 256: 64-row tiles against the sorted layout)
 #   variants   the MXFP4 decoding's variants timed against each other on one layer's MoE (batches 1, 8, 64)
+#   halves     one layer's MoE at batches 128 and 256 with lhs split on chip by the packed products (the
+#              default) and given as halves that XLA makes to their 32- and 64-row tiles (gmm.SPLIT_ROWS)
 #   gather     one layer's MoE at batches 1, 8 and 64 with the layout's rows read from the tokens by the gate_up
 #              kernel (gmm.GATHER_ROWS, the default) and gathered by XLA before it, in one process; then GQA's
 #              and MLA's loop at 1 x 4K likewise
@@ -66,6 +68,7 @@ for stage in ${STAGES//,/ }; do
     moe_b1) run decode_moe_b1 150 eval.bench.decode --moe 1 --repeats 10 ;;
     moe_wide) run decode_moe_wide 400 eval.bench.decode --moe 128,256 --max-aligns 64,16 --repeats 10 ;;
     variants) run mxfp4_decode_variants 240 eval.experiments.mxfp4_decode_variants ;;
+    halves) run decode_moe_halves 300 eval.bench.decode --moe 128,256 --split-rows 64,16 --repeats 10 ;;
     gather) run decode_moe_gather 240 eval.bench.decode --moe 1,8,64 --gather-rows 16,0 --repeats 10
       run decode_e2e_gather 320 eval.bench.decode --cuda-graphs --decode-kernels on --models gqa,mla \
       --batches 1 --contexts 4096 --loop-steps 16 --repeats 5 --gather-rows 16,0 ;;
