@@ -147,7 +147,11 @@ def expert_rows(
         weights, idx = route(p, flat, config)
         expert = idx.reshape(-1)
         slot, padded = _aligned_slots(expert, jnp.sum(expert[:, None] == jnp.arange(E), axis=0), align)
-        row_token = jnp.full((height,), -1, jnp.int32).at[slot].set(jnp.arange(n * k, dtype=jnp.int32) // k)
+        # Each row's token by comparing every row with every pair (one fused reduction), not by a scatter
+        # into a buffer of -1, which XLA would copy for each layer of a device loop.
+        token = jnp.arange(n * k, dtype=jnp.int32) // k
+        hit = slot[None, :] == jnp.arange(height, dtype=slot.dtype)[:, None]
+        row_token = jnp.sum(jnp.where(hit, token[None, :] + 1, 0), axis=1, dtype=jnp.int32) - 1
         slot = slot.reshape(n, k)
     rows = LayoutRows(flat, row_token, height)
     product = _expert_products(p["experts"], rows, padded, config, align, partials=True)
