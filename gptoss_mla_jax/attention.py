@@ -165,16 +165,17 @@ def linears(x: Float[Array, "B T In"], ps: list[Params], one_row_kernel: bool = 
     """x @ kernel (+ bias, where it has one) for each p of `ps`, in x's dtype. `one_row_kernel` (a single
     token: `on_matvec`): all of them in one launch of the `matvec` kernel, the float32 sums rounded to x's
     dtype before the bias as XLA's product rounds them. Otherwise a single token is multiplied as two rows
-    and the copy dropped: XLA on the GPU lowers a one-row product as a reduction, which it neither merges
-    with the other products of the same input (q, k and v: one matmul at two rows) nor fuses with its
-    neighbours as it does a matmul. Whether XLA keeps it so is a compiler's choice: the kernel census of a
-    decode step (`eval.experiments.cuda_aot`, docs/decode.md) shows it."""
+    (its row broadcast, which XLA takes into the product's kernel, where a concatenation of two copies was
+    a kernel of its own) and the copy dropped: XLA on the GPU lowers a one-row product as a reduction, which
+    it neither merges with the other products of the same input (q, k and v: one matmul at two rows) nor
+    fuses with its neighbours as it does a matmul. Whether XLA keeps it so is a compiler's choice: the kernel
+    census of a decode step (`eval.experiments.cuda_aot`, docs/decode.md) shows it."""
     bias = lambda y, p: y + p["bias"] if "bias" in p else y
     if one_row_kernel:
         sums = _matvec_sums(x, ps)
         rounded = [s.sum(axis=0).astype(x.dtype) for s in sums]
         return [bias(y, p).reshape(*x.shape[:2], -1) for y, p in zip(rounded, ps, strict=True)]
-    rows = x if x.shape[0] * x.shape[1] > 1 else jnp.concatenate([x, x])
+    rows = x if x.shape[0] * x.shape[1] > 1 else jnp.broadcast_to(x, (2, *x.shape[1:]))
     return [bias(rows @ p["kernel"], p)[: x.shape[0]] for p in ps]
 
 
