@@ -175,7 +175,7 @@ def linears(x: Float[Array, "B T In"], ps: list[Params], one_row_kernel: bool = 
         sums = _matvec_sums(x, ps)
         rounded = [s.sum(axis=0).astype(x.dtype) for s in sums]
         return [bias(y, p).reshape(*x.shape[:2], -1) for y, p in zip(rounded, ps, strict=True)]
-    rows = x if x.shape[0] * x.shape[1] > 1 else jnp.broadcast_to(x, (2, *x.shape[1:]))
+    rows = x if x.shape[0] * x.shape[1] != 1 else jnp.broadcast_to(x, (2, *x.shape[1:]))
     return [bias(rows @ p["kernel"], p)[: x.shape[0]] for p in ps]
 
 

@@ -548,9 +548,12 @@ def stepped_moe(p, x, config: GptOssConfig, ms, want) -> dict:
 
     flat = x.reshape(-1, x.shape[-1])
     partials = jnp.dot(flat, p["router"]["kernel"], preferred_element_type=jnp.float32)[None]
-    fn = lambda p, x: moe_delta(moe_lib.expert_rows(p, x, config, partials), flat.shape[0], x.dtype).reshape(
-        x.shape
-    )
+
+    def fn(p, x):
+        # Tied to this call's input, so that a loop of calls (`in_loop`) cannot hoist the routing out of it.
+        x, given = jax.lax.optimization_barrier((x, partials))
+        return moe_delta(moe_lib.expert_rows(p, x, config, given), flat.shape[0], x.dtype).reshape(x.shape)
+
     error = float(jnp.abs(jax.jit(fn)(p, x).astype(jnp.float32) - want).max())
     return {"ms": ms(fn), "max_abs_error": error, "device": device_us(jax.jit(fn), p, x)}
 
