@@ -664,10 +664,11 @@ def grouped_product(
         row_token = jnp.pad(
             lhs.row_token.astype(jnp.int32), (0, max(0, height - lhs.row_token.shape[0])), constant_values=-1
         )
+        if tiles.rows > GATHER_ROWS:  # the layout's rows gathered by XLA first
+            x, gathered = x[jnp.clip(row_token[:height], 0, x.shape[0] - 1)], False
+    if gathered:
         lead = (x, row_token)
-    if gathered and tiles.rows > GATHER_ROWS:  # the layout's rows gathered by XLA first
-        x, gathered = x[jnp.clip(row_token[:height], 0, x.shape[0] - 1)], False
-    if not gathered:
+    else:
         x = _pad_rows(x, tiles.rows)
         lead = (x,)
     if rows is None:

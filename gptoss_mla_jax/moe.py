@@ -146,7 +146,7 @@ def expert_rows(
     else:  # more tokens than the routing kernel holds: the same layout in jnp
         weights, idx = route(p, flat, config)
         expert = idx.reshape(-1)
-        slot, padded = _aligned_slots(expert, jnp.sum(expert[:, None] == jnp.arange(E), axis=0), align)
+        slot, padded = _aligned_slots(expert, E, align)
         # Each row's token by comparing every row with every pair (one fused reduction), not by a scatter
         # into a buffer of -1, which XLA would copy for each layer of a device loop.
         token = jnp.arange(n * k, dtype=jnp.int32) // k
@@ -200,12 +200,14 @@ def layout_align(n: int, config: GptOssConfig) -> int | None:
 
 
 def _aligned_slots(
-    expert: Int[Array, " P"], sizes: Int[Array, " E"], align: int
+    expert: Int[Array, " P"], experts: int, align: int
 ) -> tuple[Int[Array, " P"], Int[Array, " E"]]:
-    """Where each token-expert pair (in token order) goes when every expert's pairs start at a multiple of
-    `align` rows, in token order within an expert, and the padded group sizes (`routing.decode_routing`
-    computes the same in its kernel). A pair's rank among its expert's pairs is counted by comparing all
-    pairs (a decode batch's few hundred), which is one fused kernel where sorting them is several."""
+    """Where each token-expert pair (in token order) goes when every one of the `experts` experts' pairs
+    start at a multiple of `align` rows, in token order within an expert, and the padded group sizes
+    (`routing.decode_routing` computes the same in its kernel). The group sizes and a pair's rank among its
+    expert's pairs are counted by comparing all pairs (a decode batch's few hundred), not by bincount's
+    scatter or a sort: XLA fuses the comparisons with the slots' arithmetic."""
+    sizes = jnp.sum(expert[:, None] == jnp.arange(experts), axis=0, dtype=jnp.int32)
     padded = -(-sizes // align) * align
     start = jnp.cumsum(padded) - padded
     P = expert.shape[0]
@@ -253,9 +255,7 @@ def _grouped_experts(
     expert, E = idx.reshape(-1), config.num_local_experts
     align = layout_align(n, config)
     if kernel and align is not None:
-        # Counted by comparison, not bincount's scatter: XLA fuses it with the slots' arithmetic.
-        group_sizes = jnp.sum(expert[:, None] == jnp.arange(E), axis=0, dtype=jnp.int32)
-        slot, padded = _aligned_slots(expert, group_sizes, align)
+        slot, padded = _aligned_slots(expert, E, align)
         rows = _aligned_rows(flat, slot, E, k, align)
         return _aligned_experts(e, rows, slot, padded, config, align).reshape(n, k, -1)
     group_sizes = jnp.bincount(expert, length=E).astype(jnp.int32)

@@ -444,7 +444,7 @@ def routing_rows(p, flat, config: GptOssConfig, smoke: bool) -> dict:
     def on_jnp(p, flat):
         weights, idx = route(p, flat, config)
         expert = idx.reshape(-1)
-        slot, padded = _aligned_slots(expert, jnp.sum(expert[:, None] == jnp.arange(E), 0, jnp.int32), align)
+        slot, padded = _aligned_slots(expert, E, align)
         return weights, slot, padded
 
     on_jnp = jax.jit(on_jnp)
