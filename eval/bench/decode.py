@@ -542,8 +542,8 @@ def stepped_moe(p, x, config: GptOssConfig, ms, want) -> dict:
     """The MoE as a decode step on the kernels runs it: routed from the router's product, which the step
     takes in the kernel of the residual add before it (`add_norm.add_norm_routed`; here given, not timed),
     the rows' weighted sum in jnp (`add_norm.moe_delta`; the step takes it in the kernel of the residual add
-    after it); timed by `ms` and by the device's busy time, and its
-    largest difference from `want` (the float32 reference)."""
+    after it); timed by `ms` and by the device's busy time, and its largest difference from `want` (the
+    float32 reference)."""
     from gptoss_mla_jax.add_norm import moe_delta
 
     flat = x.reshape(-1, x.shape[-1])
