@@ -10,7 +10,8 @@ each head's sink logit exactly once. Two kernels share that walk:
     latent c through their absorbed queries `W_bk[g]^T q_nope` plus their own kv head's RoPE keys (mla.py,
     "Decode absorbs the up-projections"); the values are the latent itself, up-projected after the merge;
 - keys rebuilt on chip (`decompressed_splits`, `mla_decompressed_decode`): MLA decompressed, the keys
-  `RoPE(c W_bk[g] + b_k[g])` computed from the latent block and never written out, values absorbed.
+  `RoPE(c W_bk[g] + b_k[g])` computed from the latent block and never written out, values absorbed (also
+  written for Pallas Mosaic GPU, `flash_decode_mosaic`, chosen by `DECOMPRESSED_KERNEL`).
 Slots past a sequence's length are not read (ragged lengths: blocks after the last occupied slot are
 skipped); ring-buffer slots of sliding layers map back to positions as in `cache.cached_positions` and the
 window masks them.
@@ -548,6 +549,25 @@ def mla_absorbed_decode(
     return out.reshape(B, G * R, -1).astype(q_nope.dtype)
 
 
+# The kernel of a decompressed MLA layer's decode: "triton" (`decompressed_splits`, this file's pallas_call)
+# or "mosaic" (`flash_decode_mosaic`: Pallas Mosaic GPU, every product a wgmma), which takes a 16-bit cache
+# in blocks of a multiple of 64 slots (other calls keep "triton"). Read when a step is traced; not yet timed
+# on a GPU: `eval.bench.decode --kernels --models mla,mla_mosaic` and `--decompressed-kernels triton,mosaic`.
+DecompressedKernel = Literal["triton", "mosaic"]
+DECOMPRESSED_KERNEL: DecompressedKernel = "triton"
+
+
+def decompressed_kernel(dtype, launch: Launch):
+    """The `decompressed_splits` that a cache of `dtype` decodes on at `launch`: DECOMPRESSED_KERNEL's,
+    where it runs them."""
+    if DECOMPRESSED_KERNEL == "mosaic":
+        from gptoss_mla_jax import flash_decode_mosaic  # built on this module: imported where chosen
+
+        if flash_decode_mosaic.runs(dtype, launch):
+            return flash_decode_mosaic.decompressed_splits
+    return decompressed_splits
+
+
 def mla_decompressed_decode(
     q: Float[Array, "B H d"],
     kv_b: dict[str, Array],
@@ -572,7 +592,7 @@ def mla_decompressed_decode(
     if key_up is None:
         key_up = grouped_key_up(w[:, 0], bias[0], kv_heads_per_program(G, H // G, launch.head_block), c.dtype)
     qg = (q.astype(jnp.float32) * d**-0.5).reshape(B, G, H // G, d)
-    acc, m, l = decompressed_splits(qg, c, key_up, rotations, *slots, launch)
+    acc, m, l = decompressed_kernel(c.dtype, launch)(qg, c, key_up, rotations, *slots, launch)
     latent, mass = combine(acc, m, l, sinks)  # [B, G / P, P R, r], [B, G / P, P R]
     latent, mass = latent.reshape(B, G, H // G, r), mass.reshape(B, G, H // G)
     f32 = jnp.float32

@@ -73,10 +73,10 @@ def test_decode_benchmark_runs_at_a_small_size(shared_models, tmp_path):
 
 
 def test_decode_benchmark_times_each_setting(shared_models, tmp_path, monkeypatch):
-    """--state-shares, --fused-norms, --one-token and --gather-rows: the points are timed once per
-    combination of settings, each with flash_decode.STATE_SHARE, model.FUSED_NORMS, attention.ONE_TOKEN and
-    gmm.GATHER_ROWS set while its steps are traced, the defaults restored after; a setting none of them
-    knows is refused."""
+    """--state-shares, --fused-norms, --one-token, --gather-rows and --decompressed-kernels: the points are
+    timed once per combination of settings, each with flash_decode.STATE_SHARE, model.FUSED_NORMS,
+    attention.ONE_TOKEN, gmm.GATHER_ROWS and flash_decode.DECOMPRESSED_KERNEL set while its steps are traced,
+    the defaults restored after; a setting none of them knows is refused."""
     from eval.bench import decode as bench_decode
     from gptoss_mla_jax import attention, flash_decode
     from gptoss_mla_jax import gmm as gmm_lib
@@ -87,11 +87,13 @@ def test_decode_benchmark_times_each_setting(shared_models, tmp_path, monkeypatc
     monkeypatch.setattr(model_lib, "FUSED_NORMS", "router")
     monkeypatch.setattr(attention, "ONE_TOKEN", "finish")
     monkeypatch.setattr(gmm_lib, "GATHER_ROWS", 16)
+    monkeypatch.setattr(flash_decode, "DECOMPRESSED_KERNEL", "triton")
     switches = lambda: (
         flash_decode.STATE_SHARE,
         model_lib.FUSED_NORMS,
         attention.ONE_TOKEN,
         gmm_lib.GATHER_ROWS,
+        flash_decode.DECOMPRESSED_KERNEL,
     )
     monkeypatch.setattr(
         bench_decode, "step_seconds", lambda *args, **kwargs: seen.append(switches()) or [1e-3]
@@ -99,21 +101,24 @@ def test_decode_benchmark_times_each_setting(shared_models, tmp_path, monkeypatc
     out = tmp_path / "share.json"
     argv = ["--smoke", "--batches", "1", "--contexts", "64", "--repeats", "1", "--decode-kernels", "on"]
     argv += ["--state-shares", "none,0.25", "--fused-norms", "norms,off", "--one-token", "matvec"]  # gqa, mla
-    argv += ["--gather-rows", "0"]
+    argv += ["--gather-rows", "0", "--decompressed-kernels", "mosaic"]
     assert bench_decode.main([*argv, "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     settings = [("none", "norms"), ("none", "off"), ("0.25", "norms"), ("0.25", "off")]
-    got = [
-        (r["model"], r["state_share"], r["fused_norms"], r["one_token"], r["gather_rows"], r["step_ms"])
-        for r in rows
+    keys = ("model", "state_share", "fused_norms", "one_token", "gather_rows", "decompressed_kernel")
+    got = [(*(r[k] for k in keys), r["step_ms"]) for r in rows]
+    assert got == [
+        (model, *setting, "matvec", 0, "mosaic", 1.0) for setting in settings for model in ("gqa", "mla")
     ]
-    assert got == [(model, *setting, "matvec", 0, 1.0) for setting in settings for model in ("gqa", "mla")]
     want = [
-        (share, fused, "matvec", 0) for share in (None, 0.25) for fused in ("norms", "off") for _ in range(2)
+        (share, fused, "matvec", 0, "mosaic")
+        for share in (None, 0.25)
+        for fused in ("norms", "off")
+        for _ in range(2)
     ]
     assert seen == want
-    assert switches() == (None, "router", "finish", 16)
-    for flag, value in (("--fused-norms", "on"), ("--one-token", "on")):
+    assert switches() == (None, "router", "finish", 16, "triton")
+    for flag, value in (("--fused-norms", "on"), ("--one-token", "on"), ("--decompressed-kernels", "cuda")):
         with pytest.raises(SystemExit):
             bench_decode.main(["--smoke", flag, value])
 
@@ -206,6 +211,20 @@ def test_kernel_benchmark_runs_at_a_small_size(tmp_path):
         assert row["kernel_ms"] > 0 and row["jnp_ms"] > 0
     assert rows[0]["stock_gqa_ms"] > 0
     assert [c.get("head_block") for c in rows[-1]["configs"]] == [None, 2]  # absorbed MLA's heads split too
+
+
+def test_kernel_benchmark_times_the_mosaic_gpu_kernel():
+    """The `mla_mosaic` layer of --kernels: decompressed MLA on the Mosaic GPU kernel (interpreted here, at
+    a shape it takes: 64-slot blocks, rows of whole swizzles), agreeing with the jnp path in bf16 as the
+    Triton kernel's row does, the switch restored after."""
+    from eval.bench import decode as bench_decode
+    from gptoss_mla_jax import flash_decode
+
+    rows = bench_decode.kernel_rows([1], [128], 1, True, lambda row: None, ("mla_mosaic",))
+    [row] = [r for r in rows if "layer" in r]
+    assert "error" not in row, row
+    assert row["max_abs_error"] <= 2**-6 * row["max_abs_reference"]
+    assert flash_decode.DECOMPRESSED_KERNEL == "triton"
 
 
 def test_kernel_benchmark_without_the_stock_peer(monkeypatch):

@@ -274,7 +274,12 @@ HEAD_BLOCKS = {
         for b, w, s in ((64, 4, 2), (64, 4, 3), (64, 8, 2), (128, 8, 2))
     ],
     "mla_partial": [dict(block=64, warps=4, stages=2, head_block=h) for h in (32, 16)],
+    "mla_mosaic": [],
 }
+# The Mosaic GPU decompressed kernel (`flash_decode_mosaic`): warps and stages are its own, and one program
+# of 64-slot blocks takes 200 KB of an H200 SM's shared memory (128-slot blocks or four kv heads would not
+# fit).
+MOSAIC_CONFIGS = [dict(block=64, warps=4, stages=2)]
 
 
 def kernel_rows(
@@ -289,7 +294,8 @@ def kernel_rows(
     (flash_decode) against the jnp path it replaces: GQA (64 heads over 8 kv heads of 64; also JAX's stock
     Pallas `gqa` decode kernel, which has no sinks), decompressed MLA (the default conversion, latent 192:
     keys rebuilt on chip) and absorbed partial-mode MLA (latent 160 + 2 RoPE pairs per kv head; both 80.9%
-    less cache). Time, and bytes of cache read over the card's copy bandwidth."""
+    less cache); `mla_mosaic` (asked for by name): decompressed MLA on its Mosaic GPU kernel. Time, and bytes
+    of cache read over the card's copy bandwidth."""
     shape = (
         dict(
             G=2,
@@ -302,22 +308,32 @@ def kernel_rows(
                 "gqa": [],
                 "mla": [dict(block=16, warps=4, stages=2, head_block=2)],
                 "mla_partial": [dict(block=16, warps=4, stages=2, head_block=2)],
+                "mla_mosaic": [],
             },
         )
         if smoke
         else dict(G=8, R=8, d=64, n2=4, r=160, configs=KERNEL_CONFIGS, head_blocks=HEAD_BLOCKS)
     )
-    shape_of = lambda layer: shape | dict(head_blocks=shape["head_blocks"][layer])
+    # the Mosaic GPU kernel's smallest shape: 64-slot blocks, rows of whole 128-byte swizzles
+    mosaic = dict(configs=MOSAIC_CONFIGS) | (dict(G=2, R=8, d=64, n2=0, r=64) if smoke else {})
+    shape_of = lambda layer: (
+        shape | dict(head_blocks=shape["head_blocks"][layer]) | (mosaic if layer == "mla_mosaic" else {})
+    )
     copy = copy_bandwidth(0.05 if smoke else 4.0)
     rows = [{"copy_gb_per_s": copy / 1e9}]
     # Agreement in float32 first (one small point per kernel, where bf16 rounding does not blur a bug),
     # then the bf16 speed table. In float32, block 128 with 3 stages asks an H200 for more shared memory
     # than it has; that setting's failure is recorded and the others run.
-    check = [(layer, 2, min(contexts), jnp.float32) for layer in layers]
+    check = [(layer, 2, min(contexts), jnp.float32) for layer in layers if layer != "mla_mosaic"]  # 16-bit
     points = [(layer, b, c, jnp.bfloat16) for c, b, layer in itertools.product(contexts, batches, layers)]
     for layer, batch, context, dtype in check + points:
         try:
-            rows.append(kernel_point(layer, batch, context, repeats, copy, dtype=dtype, **shape_of(layer)))
+            with switched(
+                *([(flash_decode, "DECOMPRESSED_KERNEL", "mosaic")] if layer == "mla_mosaic" else [])
+            ):
+                rows.append(
+                    kernel_point(layer, batch, context, repeats, copy, dtype=dtype, **shape_of(layer))
+                )
         except Exception as e:  # a lowering failure or an OOM is a result too: say which and go on
             rows.append(
                 {
@@ -697,7 +713,7 @@ def kernel_case(layer: str, batch: int, context: int, G, R, d, n2, r, dtype) -> 
         # a JAX without pallas.ops.gpu: the table goes on without the peer
         peers = {} if decode_attention is None else {"stock_gqa": stock_gqa}
         return KernelCase(args, kernel, reference, sum(x.nbytes for x in cache), peers)
-    if layer == "mla":
+    if layer in ("mla", "mla_mosaic"):  # mla_mosaic: the same on DECOMPRESSED_KERNEL "mosaic"
         config = dataclasses.replace(
             GPT_OSS_20B, num_attention_heads=G * R, num_key_value_heads=G, head_dim=d,
             mla=MlaConfig("decompressed", (1,), (r + G * n2,)),
@@ -736,7 +752,7 @@ def kernel_case(layer: str, batch: int, context: int, G, R, d, n2, r, dtype) -> 
 def kernel_programs(layer: str, batch: int, G: int, R: int, head_block: int | None) -> int:
     """The programs per cache slice the model runs `layer`'s kernel with (gqa, mla: decompressed, else
     absorbed; `flash_decode.programs_per_slice`)."""
-    kind = {"gqa": "gqa", "mla": "decompressed"}.get(layer, "absorbed")
+    kind = {"gqa": "gqa", "mla": "decompressed", "mla_mosaic": "decompressed"}.get(layer, "absorbed")
     return flash_decode.programs_per_slice(kind, batch, G, R, head_block)
 
 
@@ -865,6 +881,11 @@ def main(argv=None) -> int:
         "qkv_finish kernel (attention.ONE_TOKEN: finish; matvec, without the finishing kernel; off), each of "
         "these in turn, e.g. finish,matvec,off",
     )  # fmt: skip
+    parser.add_argument(
+        "--decompressed-kernels", default=flash_decode.DECOMPRESSED_KERNEL,
+        help="steps with the decompressed MLA layers' decode on the Triton or the Mosaic GPU kernel "
+        "(flash_decode.DECOMPRESSED_KERNEL), each of these in turn, e.g. triton,mosaic",
+    )  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="a tiny model (CPU check of the script)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -874,6 +895,11 @@ def main(argv=None) -> int:
     unknown = set(args.one_token.split(",")) - set(get_args(attention_lib.OneToken))
     if unknown:
         parser.error(f"--one-token: {sorted(unknown)} not among {get_args(attention_lib.OneToken)}")
+    unknown = set(args.decompressed_kernels.split(",")) - set(get_args(flash_decode.DecompressedKernel))
+    if unknown:
+        parser.error(
+            f"--decompressed-kernels: {sorted(unknown)} not among {get_args(flash_decode.DecompressedKernel)}"
+        )
     if args.cuda_graphs:
         request_cuda_graphs()
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -941,15 +967,16 @@ def main(argv=None) -> int:
             batches = [int(b) for b in args.batches.split(",")]
             kernels = {"off": (False,), "on": (True,), "both": (False, True)}[args.decode_kernels]
             built, result["rows"] = models_(), []
-            for share, fused, one_token, gather in itertools.product(
+            for share, fused, one_token, gather, decompressed in itertools.product(
                 args.state_shares.split(","), args.fused_norms.split(","), args.one_token.split(","),
-                (int(g) for g in args.gather_rows.split(",")),
+                (int(g) for g in args.gather_rows.split(",")), args.decompressed_kernels.split(","),
             ):  # fmt: skip
                 setting = {
                     "state_share": share,
                     "fused_norms": fused,
                     "one_token": one_token,
                     "gather_rows": gather,
+                    "decompressed_kernel": decompressed,
                 }
                 tag = lambda row, setting=setting: log(row | setting)
                 with switched(
@@ -957,6 +984,7 @@ def main(argv=None) -> int:
                     (model_lib, "FUSED_NORMS", fused),
                     (attention_lib, "ONE_TOKEN", one_token),
                     (gmm_lib, "GATHER_ROWS", gather),
+                    (flash_decode, "DECOMPRESSED_KERNEL", decompressed),
                 ):
                     rows = speed(built, batches, contexts, args.repeats, tag, kernels, args.loop_steps)
                 result["rows"] += [row | setting for row in rows]

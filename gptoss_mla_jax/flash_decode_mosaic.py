@@ -1,0 +1,260 @@
+"""Decompressed-MLA flash-decoding in Pallas Mosaic GPU: `decompressed_splits` of `flash_decode` (same
+arguments, same per-slice (acc, m, l)), written for Hopper's warpgroup tensor cores instead of Triton.
+
+Program (b, j, g) serves sequence b, slice j of the cache slots and the group g of P kv heads
+(`flash_decode.kv_heads_per_program`). Per block of `block` slots (only the blocks up to the sequence's
+length, as `flash_decode._walk`), with the next block's latent and rotary rows already loading by TMA into
+the other of two SMEM buffers:
+- keys `c W_bk + b_k` for both rotary halves (columns [P kv heads x frequency] each) by wgmma from SMEM,
+  rotated in float32 by the slots' cos / sin, rounded to the cache dtype and stored transposed in SMEM;
+- scores: the block-diagonal queries (P x R real rows padded to the 64 rows of a wgmma) times the keys;
+- the online softmax of `flash_decode._online_step` with its masks (ring buffer and window included); p
+  rounded to the cache dtype into SMEM; acc = acc * alpha + p c by wgmma (the values are the latent).
+Where the FLOPs go, per block of 64 slots at gpt-oss-20b's shape (r = 192, P x half = 64): the key rebuild
+2 x 64 x 192 x 128 = 3.1 MFLOP, the scores 2 x 64 x 128 x 64 = 1.0 MFLOP (a quarter on real rows), p c
+2 x 64 x 64 x 192 = 1.6 MFLOP: the rebuild dominates, against 24 KB of latent read.
+
+Every wgmma operand is in SMEM (the interpreter runs no register operand), all with one swizzle (wgmma
+requires both operands' to match). Three operations need a different spelling when lowered for CUDA and
+when run by the Mosaic GPU interpreter, because no one spelling does both on JAX 0.10: the transposed
+store of the keys (lowering: a transposed view of the SMEM ref and the registers cast to the transposed
+wgmma layout; the interpreter rejects both the view and the cast, but runs `x.T`, which does not lower),
+the slot iota of the masks and the load of the key bias as a row vector (lowering needs their layouts
+given, which the interpreter cannot translate; a plain load of 64 floats does not lower). The
+interpreter runs when `launch.interpret`; the caches must be 16-bit (bf16 or f16).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from jaxtyping import Array, Float, Int
+
+from gptoss_mla_jax.flash_decode import NEG, Launch, _block_diagonal, _check_split, kv_heads_per_program
+
+ROWS = 64  # a wgmma's M: the query rows (P x R real) and the slots of a block are padded / tiled to it
+
+
+def runs(dtype, launch: Launch) -> bool:
+    """Whether this kernel runs a cache of `dtype` at `launch`: 16-bit, blocks of whole wgmma rows."""
+    return jnp.dtype(dtype).itemsize == 2 and launch.block % ROWS == 0
+
+
+def _interpret_params():
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return InterpretGPUParams()
+
+
+def _spellings(interpret: bool):
+    """(store_transposed(ref, x): ref = x^T, iota(shape, dim), columns(ref): a row vector laid out along
+    the columns of a wgmma result) for the interpreter or the CUDA lowering."""
+    if interpret:
+
+        def columns(ref):
+            return ref[...]
+
+        def store_transposed(ref, x):
+            ref[...] = x.T
+
+        def iota(shape, dim):
+            return lax.broadcasted_iota(jnp.int32, shape, dim)
+
+    else:
+
+        def store_transposed(ref, x):
+            plgpu.transpose_ref(ref, (1, 0))[...] = plgpu.layout_cast(x, plgpu.Layout.WGMMA_TRANSPOSED)
+
+        def iota(shape, dim):
+            return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+        def columns(ref):
+            return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(0))
+
+    return store_transposed, iota, columns
+
+
+def _swizzle(*minor_bytes: int) -> int:
+    """The widest swizzle (bytes) that every SMEM operand's rows hold whole."""
+    swizzle = next((s for s in (128, 64, 32) if all(b % s == 0 for b in minor_bytes)), None)
+    if swizzle is None:
+        raise ValueError(f"rows of {minor_bytes} bytes: wgmma operands need rows of a multiple of 32 bytes")
+    return swizzle
+
+
+def _tiles(dtype, swizzle: int):
+    bits = jnp.dtype(dtype).itemsize * 8
+    return (plgpu.TilingTransform((8, 8 * swizzle // bits)), plgpu.SwizzleTransform(swizzle))
+
+
+def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
+            *, block: int, split: int, slots: int, window, sliding: bool, per_sequence: bool,
+            interpret: bool, swizzle: int):  # fmt: skip
+    """Program (b, j, g): see the module docstring. q_g [B, Gp, 2, M, N] (N = P x half, the rotary halves'
+    block-diagonal queries), w_g [Gp, 2, r, N], b_g [Gp, 2, N], cos_g / sin_g [Bc, S, N] (tiled across
+    the P heads), acc_g [B, Gp, J, P x R, r], m_g / l_g [B, Gp, J, M]."""
+    store_transposed, iota, columns = _spellings(interpret)
+    b, j, g = lax.axis_index("b"), lax.axis_index("j"), lax.axis_index("g")
+    bc = b if per_sequence else 0
+    M, N = q_g.shape[-2:]
+    r = c_g.shape[-1]
+    dtype = c_g.dtype
+    f32 = jnp.float32
+    length = len_g[b, 0]
+    last = length - 1  # the query's position: the step's own token is already in the cache
+    start = j * split
+    # `_walk`'s block count: the slice's blocks before min(length, slots)
+    occupied = jnp.maximum(jnp.minimum(length, slots) - start, 0)
+    n_blocks = jnp.minimum(lax.div(occupied + (block - 1), block), split // block)
+    wide = lambda v, shape, dim: lax.broadcast_in_dim(v, shape, (dim,))  # keepdims does not lower
+
+    def product(a_s, b_s, shape, more=()):
+        def run(acc):
+            plgpu.wgmma(acc, a_s, b_s)
+            for a2, b2 in more:
+                plgpu.wgmma(acc, a2, b2)
+            plgpu.wgmma_wait(0)
+            return acc[...]
+
+        return pl.run_scoped(run, plgpu.ACC(shape, f32))
+
+    def scope(q_s, w_s, bias_s, c_s, cos_s, sin_s, k1_s, k2_s, p_s, ready, loaded):
+        plgpu.copy_gmem_to_smem(q_g.at[b, g], q_s, ready)
+        plgpu.copy_gmem_to_smem(w_g.at[g], w_s, ready)
+        plgpu.copy_gmem_to_smem(b_g.at[g], bias_s, ready)
+
+        def fetch(t, buf):  # block t's latent and rotary rows into buffer `buf`, arriving on loaded[buf]
+            rows = pl.ds(start + t * block, block)
+            plgpu.copy_gmem_to_smem(c_g.at[b, rows], c_s.at[buf], loaded.at[buf])
+            plgpu.copy_gmem_to_smem(cos_g.at[bc, rows], cos_s.at[buf], loaded.at[buf])
+            plgpu.copy_gmem_to_smem(sin_g.at[bc, rows], sin_s.at[buf], loaded.at[buf])
+
+        @pl.when(n_blocks > 0)
+        def _():
+            fetch(0, 0)
+
+        plgpu.barrier_wait(ready)
+        bias1 = wide(columns(bias_s.at[0]), (block, N), 1)
+        bias2 = wide(columns(bias_s.at[1]), (block, N), 1)
+        # loop carries start from an accumulator's zeros (they have the wgmma layout; jnp.zeros does not)
+        zeros = pl.run_scoped(lambda acc: acc[...], plgpu.ACC((M, r), f32))
+        init = (zeros, jnp.max(zeros, axis=1) + NEG, jnp.sum(zeros, axis=1))
+
+        def step(t, carry):
+            acc, m, l = carry
+            buf = lax.rem(t, 2)
+
+            @pl.when(t + 1 < n_blocks)
+            def _():  # the other buffer was last read by step t - 1, whose wgmmas it waited for
+                fetch(t + 1, 1 - buf)
+
+            plgpu.barrier_wait(loaded.at[buf])
+            c = c_s.at[buf]
+            k1 = product(c, w_s.at[0], (block, N)) + bias1
+            k2 = product(c, w_s.at[1], (block, N)) + bias2
+            cos, sin = cos_s[buf], sin_s[buf]
+            store_transposed(k1_s, (k1 * cos - k2 * sin).astype(dtype))
+            store_transposed(k2_s, (k2 * cos + k1 * sin).astype(dtype))
+            plgpu.commit_smem()
+            s = product(q_s.at[0], k1_s, (M, block), more=[(q_s.at[1], k2_s)])
+            slot = start + t * block + iota((M, block), 1)
+            pos = last - lax.rem(last - slot + slots, slots) if sliding else slot
+            visible = (pos >= 0) & (pos <= last)
+            if window is not None:
+                visible &= pos > last - window
+            s = jnp.where(visible, s, NEG)
+            m_new = jnp.maximum(m, jnp.max(s, axis=1))
+            p = jnp.where(visible, jnp.exp(s - wide(m_new, (M, block), 0)), 0.0)
+            alpha = jnp.exp(m - m_new)
+            p_s[...] = p.astype(dtype)
+            plgpu.commit_smem()
+            acc = acc * wide(alpha, (M, r), 0) + product(p_s, c, (M, r))
+            return acc, m_new, l * alpha + jnp.sum(p, axis=1)
+
+        return lax.fori_loop(0, n_blocks, step, init)
+
+    K = lambda *shape: plgpu.SMEM(shape, dtype, transforms=_tiles(dtype, swizzle))
+    F = lambda *shape: plgpu.SMEM(shape, f32, transforms=_tiles(f32, swizzle))
+    acc, m, l = pl.run_scoped(
+        scope, K(2, M, N), K(2, r, N), plgpu.SMEM((2, N), f32), K(2, block, r), F(2, block, N),
+        F(2, block, N), K(N, block), K(N, block), K(M, block), plgpu.Barrier(num_arrivals=3),
+        plgpu.Barrier(num_arrivals=3, num_barriers=2),
+    )  # fmt: skip
+    m_g[b, g, j] = m
+    l_g[b, g, j] = l
+    heads = acc_g.shape[-2]
+
+    def write(o_s):  # the P x R real rows only, by TMA from SMEM (the buffers above are released)
+        o_s[...] = acc
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_s.at[pl.ds(0, heads)], acc_g.at[b, g, j])
+        plgpu.wait_smem_to_gmem(0)
+
+    pl.run_scoped(write, F(M, r))
+
+
+@functools.partial(jax.jit, static_argnames=("window", "sliding", "launch"))
+def decompressed_splits(
+    q: Float[Array, "B G R d"],
+    c: Float[Array, "B S r"],
+    key_up: tuple[Float[Array, "Gp r PD"], Float[Array, "Gp PD"]],
+    rotations: tuple[Float[Array, "Bc S half"], Float[Array, "Bc S half"]],
+    lengths: Int[Array, " B"],
+    window: int | None = None,
+    sliding: bool = False,
+    launch: Launch = Launch(),
+) -> tuple[Float[Array, "B Gp J PR r"], Float[Array, "B Gp J PR"], Float[Array, "B Gp J PR"]]:
+    """`flash_decode.decompressed_splits` as a Mosaic GPU kernel: per group of P kv heads and slice of the
+    slots, (sum_t e^(s_t - m) c_t, m, sum_t e^(s_t - m)) over keys rebuilt on chip from the latent c by
+    `key_up` (`grouped_key_up`'s layout) and rotated by `rotations`. Products in the cache's dtype (bf16 or
+    f16), RoPE and sums in float32. `launch.block` must be a multiple of 64 (a wgmma's rows)."""
+    (w_k, b_k), (cos, sin) = key_up, rotations
+    B, G, R, d = q.shape
+    S, r = c.shape[1:]
+    splits, block = launch.splits, launch.block
+    _check_split(S, splits, block)
+    if jnp.dtype(c.dtype).itemsize != 2:
+        raise ValueError(
+            f"the Mosaic GPU decompressed-MLA kernel needs a 16-bit cache (bf16, f16), not {c.dtype}"
+        )
+    if block % ROWS:
+        raise ValueError(f"block {block}: the Mosaic GPU kernel reads blocks of a multiple of {ROWS} slots")
+    half = d // 2
+    P = kv_heads_per_program(G, R, launch.head_block)
+    if w_k.shape[0] != G // P:
+        raise ValueError(
+            f"key up-projection grouped for {G // w_k.shape[0]} kv heads a program, the launch has {P}"
+        )
+    N, Gp, heads = P * half, G // P, P * R
+    M = -(-heads // ROWS) * ROWS
+    swizzle = _swizzle(2 * N, 2 * r, 2 * block, 4 * N)
+    q = q.astype(c.dtype)
+    parts = [_block_diagonal(part, P) for part in (q[..., :half], q[..., half:])]  # [B, Gp, PR, N] each
+    queries = jnp.pad(jnp.stack(parts, axis=2), ((0, 0),) * 3 + ((0, M - heads), (0, 0)))
+    w = w_k.astype(c.dtype).reshape(Gp, r, 2, N).transpose(0, 2, 1, 3)  # [Gp, 2 halves, r, N]
+    bias = b_k.astype(jnp.float32).reshape(Gp, 2, N)
+    # cos / sin tiled across the P heads' columns once here (a register array cannot be tiled along its
+    # columns in the kernel); shared by every group and, for Bc = 1, every sequence (read through L2)
+    tiled = lambda x: jnp.tile(x.astype(jnp.float32), (1, 1, P))
+    kernel = functools.partial(
+        _kernel, block=block, split=S // splits, slots=S, window=window, sliding=sliding,
+        per_sequence=cos.shape[0] > 1, interpret=launch.interpret, swizzle=swizzle,
+    )  # fmt: skip
+    f32 = jnp.float32
+    out_type = (
+        jax.ShapeDtypeStruct((B, Gp, splits, heads, r), f32),
+        jax.ShapeDtypeStruct((B, Gp, splits, M), f32),
+        jax.ShapeDtypeStruct((B, Gp, splits, M), f32),
+    )
+    call = plgpu.kernel(
+        kernel, out_type=out_type, grid=(B, splits, Gp), grid_names=("b", "j", "g"),
+        interpret=_interpret_params() if launch.interpret else None,
+    )  # fmt: skip
+    lengths = lengths.astype(jnp.int32).reshape(B, 1)
+    acc, m, l = call(lengths, queries, w, bias, c, tiled(cos), tiled(sin))
+    return acc, m[..., :heads], l[..., :heads]

@@ -1,0 +1,229 @@
+"""The Mosaic GPU decompressed-MLA decode kernel (flash_decode_mosaic): run by the Mosaic GPU interpreter on
+the CPU, its per-slice (acc, m, l) equal a jnp walk that rounds where it does (keys once after RoPE, p
+before its product with the latent), and merged by `flash_decode.combine` they equal float32 attention
+within the bound those roundings allow; lowered for CUDA from the CPU at gpt-oss-20b's decode shape."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptoss_mla_jax import flash_decode_mosaic
+from gptoss_mla_jax.flash_decode import (
+    NEG,
+    Launch,
+    _block_diagonal,
+    _online_step,
+    _visible,
+    combine,
+    grouped_key_up,
+    kv_heads_per_program,
+)
+
+BF16_ULP = 2.0**-8  # bf16's relative spacing: one rounding is off by at most half of it
+
+
+def inputs(G, R, d, r, slots, lengths, per_sequence=False, dtype=jnp.bfloat16, seed=0):
+    """Scaled queries [B, G, R, d], latent cache, grouped key up-projection, the slots' cos / sin, lengths."""
+    B, half = len(lengths), d // 2
+    keys = iter(jax.random.split(jax.random.key(seed), 6))
+    normal = lambda *shape: jax.random.normal(next(keys), shape, jnp.float32)
+    q = normal(B, G, R, d) * d**-0.5
+    c = normal(B, slots, r).astype(dtype)
+    w_k, b_k = normal(r, G, d) * r**-0.5, normal(G, d) * 0.3
+    key_up = grouped_key_up(w_k, b_k, kv_heads_per_program(G, R), dtype)
+    angles = normal(B if per_sequence else 1, slots, half) * 3.0
+    return q, c, key_up, (jnp.cos(angles), jnp.sin(angles)), jnp.asarray(lengths, jnp.int32)
+
+
+def rebuilt(q, c, key_up, rotations, P):
+    """Block-diagonal queries [B, Gp, PR, N] x 2 halves and the rotated keys [B, Gp, S, N] x 2, rounded
+    to the cache dtype as the kernel rounds them."""
+    (w_k, b_k), (cos, sin) = key_up, rotations
+    half = q.shape[-1] // 2
+    qs = [_block_diagonal(part.astype(c.dtype), P) for part in (q[..., :half], q[..., half:])]
+    k = jnp.einsum("bsl,glc->bgsc", c, w_k, preferred_element_type=jnp.float32) + b_k[None, :, None]
+    k1, k2 = jnp.split(k, 2, axis=-1)
+    cos, sin = (jnp.tile(x, (1, 1, P))[:, None] for x in (cos, sin))
+    keys = [(k1 * cos - k2 * sin).astype(c.dtype), (k2 * cos + k1 * sin).astype(c.dtype)]
+    return qs, keys
+
+
+def walked(q, c, key_up, rotations, lengths, window, sliding, launch):
+    """The slices' (acc, m, l) by `flash_decode`'s own online step and masks, block by block in jnp."""
+    B, G, R, _ = q.shape
+    S, r = c.shape[1:]
+    P = kv_heads_per_program(G, R)
+    (q1, q2), (k1, k2) = rebuilt(q, c, key_up, rotations, P)
+    splits, block = launch.splits, launch.block
+    split = S // splits
+    f32 = jnp.float32
+    step = jax.vmap(lambda carry, s, visible, v: _online_step(carry, s, visible, [v]), (0, 0, None, None))
+    slices = []  # per (b, j): (acc [Gp, PR, r], m, l)
+    for b in range(B):
+        length = int(lengths[b])
+        for j in range(splits):
+            start = j * split
+            blocks = int(np.clip(-(-(min(length, S) - start) // block), 0, split // block))
+            m = jnp.full((G // P, P * R), NEG, f32)
+            carry = ([jnp.zeros((G // P, P * R, r), f32)], m, jnp.zeros_like(m))
+            for i in range(blocks):
+                rows = slice(start + i * block, start + (i + 1) * block)
+                s = sum(
+                    jnp.einsum("gqn,gsn->gqs", qh[b], kh[b, :, rows], preferred_element_type=f32)
+                    for qh, kh in ((q1, k1), (q2, k2))
+                )
+                visible = _visible(start, i, block, length - 1, S, sliding, window)
+                carry = step(carry, s, visible, c[b, rows])
+            (acc,), m, l = carry
+            slices.append((acc, m, l))
+    # [B, J, Gp, ...] -> [B, Gp, J, ...]
+    stacked = (jnp.stack(x).reshape(B, splits, *x[0].shape) for x in zip(*slices, strict=True))
+    return tuple(jnp.swapaxes(x, 1, 2) for x in stacked)
+
+
+CASES = {
+    # ragged, length 1 (its second slice sees no slot), a full cache; 70 is off the block edges
+    "ragged": dict(G=2, R=8, d=64, r=64, slots=256, lengths=[1, 70, 256], launch=Launch(2, 64, True)),
+    # several slices of gpt-oss's latent width, per-sequence rotations
+    "splits": dict(G=2, R=8, d=64, r=192, slots=512, lengths=[130, 511], launch=Launch(4, 64, True),
+                   per_sequence=True),
+    # one kv head a program (N = 32 columns: a 64-byte swizzle), blocks of 128
+    "one_head": dict(G=2, R=16, d=64, r=64, slots=256, lengths=[200, 5], launch=Launch(2, 128, True)),
+    # the ring buffer of a sliding layer, wrapped, with a window shorter than the cache
+    "sliding": dict(G=2, R=8, d=64, r=64, slots=256, lengths=[50, 300, 1000], launch=Launch(2, 64, True),
+                    window=100, sliding=True),
+}  # fmt: skip
+
+
+def close(got, want, tight, loose, rtol_tight=0.0, rtol_loose=0.0):
+    """Every element within the `loose` bound (a rounding moved by one step), and all but 1% within the
+    `tight` one (float32 sums in another order)."""
+    got, want = np.asarray(got), np.asarray(want)
+    np.testing.assert_allclose(got, want, rtol=rtol_loose, atol=loose)
+    beyond = np.abs(got - want) > tight + rtol_tight * np.abs(want)
+    assert beyond.mean() <= 0.01, f"{beyond.sum()} of {beyond.size} past {tight} (+ {rtol_tight} relative)"
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_slices_equal_the_jnp_walk(name):
+    """acc, m, l per slice, against a walk rounding at the same points: the products' float32 sums only
+    differ in order (1e-5 relative bounds it), which may move a rounding of a key or of p by one bf16 step.
+    One p's step moves acc by at most BF16_ULP x max|c| (p <= 1); one key's moves a score by
+    |q_i| x ulp(k_i) (< 1e-2 here), so m by as much and l by as much relatively."""
+    case = dict(CASES[name])
+    launch, window, sliding = case.pop("launch"), case.pop("window", None), case.pop("sliding", False)
+    args = inputs(**case)
+    got = flash_decode_mosaic.decompressed_splits(*args, window, sliding, launch)
+    want = walked(*args, window, sliding, launch)
+    scale = float(jnp.abs(args[1].astype(jnp.float32)).max())
+    close(got[0], want[0], 1e-5 * scale, BF16_ULP * scale)
+    close(got[1], want[1], 1e-5, 1e-2)
+    close(got[2], want[2], 1e-5, 1e-5, rtol_tight=1e-5, rtol_loose=1e-2)
+    empty = np.asarray(want[2] == 0)  # slices that saw no slot: m stays NEG, l and acc 0
+    if name == "ragged":
+        assert empty.any()
+    np.testing.assert_array_equal(np.asarray(got[1])[empty], np.float32(NEG))
+    np.testing.assert_array_equal(np.asarray(got[2])[empty], 0.0)
+    np.testing.assert_array_equal(np.asarray(got[0])[empty], 0.0)
+
+
+def test_merged_slices_equal_float32_attention():
+    """`combine` over the kernel's slices, with sinks, against attention in float32 on the same bf16 cache
+    (keys and p unrounded). Rounding each key to bf16 moves a score by at most ulp/2 x sum_i |q_i k_i|
+    (`bound`), which moves each weight by a factor within exp(+-2 bound); rounding p adds BF16_ULP / 2."""
+    G, R, d, r, slots, lengths = 4, 8, 64, 128, 256, [1, 100, 256]
+    launch = Launch(2, 64, True)
+    q, c, key_up, (cos, sin), lengths_ = inputs(G, R, d, r, slots, lengths, seed=1)
+    sinks = jax.random.normal(jax.random.key(2), (G * R,))
+    acc, m, l = flash_decode_mosaic.decompressed_splits(q, c, key_up, (cos, sin), lengths_, launch=launch)
+    latent, mass = combine(acc, m, l, sinks)
+
+    P, half, f32 = kv_heads_per_program(G, R), d // 2, jnp.float32
+    w_k, b_k = key_up
+    k = jnp.einsum("bsl,glc->bgsc", c, w_k, preferred_element_type=f32) + b_k[None, :, None]
+    k1, k2 = (x.reshape(*x.shape[:3], P, half) for x in jnp.split(k, 2, axis=-1))  # [B, Gp, S, P, half]
+    cos, sin = cos[:, None, :, None], sin[:, None, :, None]
+    keys = jnp.concatenate([k1 * cos - k2 * sin, k2 * cos + k1 * sin], axis=-1)  # [B, Gp, S, P, d]
+    queries = q.reshape(q.shape[0], G // P, P, R, d)
+    terms = jnp.einsum("bgprd,bgspd->bgprsd", queries, keys)
+    scores, bound = terms.sum(-1), 0.5 * BF16_ULP * jnp.abs(terms).sum(-1)
+    visible = jnp.arange(slots)[None, :] < lengths_[:, None]
+    scores = jnp.where(visible[:, None, None, None], scores, -jnp.inf)
+    s_sink = sinks.reshape(1, G // P, P, R)
+    top = jnp.maximum(scores.max(-1), s_sink)
+    weights = jnp.exp(scores - top[..., None])
+    total = weights.sum(-1) + jnp.exp(s_sink - top)
+    want_latent = jnp.einsum("bgprs,bsl->bgprl", weights, c.astype(f32)) / total[..., None]
+    want_latent = want_latent.reshape(latent.shape)
+    want_mass = (weights.sum(-1) / total).reshape(mass.shape)
+
+    shift = float(jnp.where(visible[:, None, None, None], bound, 0).max())
+    drift = np.expm1(2 * shift) + BF16_ULP / 2  # the most any weight may move, relatively
+    scale = float(jnp.abs(c.astype(f32)).max())
+    np.testing.assert_allclose(latent, want_latent, rtol=0, atol=2 * drift * scale)
+    np.testing.assert_allclose(mass, want_mass, rtol=0, atol=2 * drift)
+    assert drift < 0.05  # a bound that still says something
+
+
+@pytest.mark.parametrize(("window", "sliding"), [(None, False), (128, True)])
+def test_lowers_for_cuda_at_gpt_oss_20b_shape(window, sliding):
+    """gpt-oss-20b's decode step (8 kv heads of 8 query heads, head dim 64, latent 192) over 4096 slots of
+    a bf16 cache in 16 slices, batch 2: the kernel lowers for CUDA from the CPU."""
+    B, G, R, d, r, S = 2, 8, 8, 64, 192, 4096
+    P, f32, bf16 = kv_heads_per_program(G, R), jnp.float32, jnp.bfloat16
+    spec = jax.ShapeDtypeStruct
+    args = (
+        spec((B, G, R, d), f32), spec((B, S, r), bf16),
+        (spec((G // P, r, P * d), bf16), spec((G // P, P * d), f32)),
+        (spec((1, S, d // 2), f32), spec((1, S, d // 2), f32)), spec((B,), jnp.int32),
+    )  # fmt: skip
+    launch = Launch(16, 64, interpret=False)
+    lowered = jax.jit(
+        flash_decode_mosaic.decompressed_splits, static_argnames=("window", "sliding", "launch")
+    )
+    text = lowered.trace(*args, window=window, sliding=sliding, launch=launch)
+    text = text.lower(lowering_platforms=("cuda",)).as_text()
+    assert "mosaic_gpu" in text
+
+
+def test_rejects_what_it_cannot_run():
+    """A float32 cache (its wgmma would be tf32, whose B operand must be K-major) and blocks shorter than
+    a wgmma's 64 rows are refused with what to change."""
+    args = inputs(2, 8, 64, 64, 128, [5])
+    f32_args = (args[0], args[1].astype(jnp.float32), *args[2:])
+    with pytest.raises(ValueError, match=r"16-bit cache.*float32"):
+        flash_decode_mosaic.decompressed_splits(*f32_args, launch=Launch(2, 64, True))
+    with pytest.raises(ValueError, match="block 32"):
+        flash_decode_mosaic.decompressed_splits(*args, launch=Launch(2, 32, True))
+
+
+def test_model_decode_takes_it_where_it_runs(monkeypatch):
+    """`flash_decode.DECOMPRESSED_KERNEL = "mosaic"`: a decompressed layer's decode
+    (`mla_decompressed_decode`, what the model calls) runs on this kernel for a 16-bit cache in 64-slot
+    blocks, and gives the Triton kernel's output (both interpreted, the same rounding points: within two
+    bf16 steps of the largest); a float32 cache or shorter blocks keep the Triton kernel."""
+    from gptoss_mla_jax import flash_decode
+
+    G, R, d, r, S = 2, 8, 64, 64, 256
+    keys = iter(jax.random.split(jax.random.key(3), 6))
+    normal = lambda *shape: jax.random.normal(next(keys), shape, jnp.float32)
+    q, c = normal(2, G * R, d).astype(jnp.bfloat16), normal(2, S, r).astype(jnp.bfloat16)
+    kv_b = {"kernel": normal(r, 2 * G * d) * r**-0.5, "bias": normal(2 * G * d) * 0.3}
+    angles = normal(1, S, d // 2) * 3.0
+    slots = flash_decode.Slots(jnp.array([70, 256], jnp.int32))
+    sinks, launch = normal(G * R), Launch(2, 64, True)
+    decode = lambda launch, c=c: flash_decode.mla_decompressed_decode(
+        q, kv_b, c, slots, sinks, (jnp.cos(angles), jnp.sin(angles)), launch
+    )
+    triton = np.asarray(decode(launch), np.float32)
+    calls = []
+    real = flash_decode_mosaic.decompressed_splits
+    monkeypatch.setattr(flash_decode_mosaic, "decompressed_splits", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(flash_decode, "DECOMPRESSED_KERNEL", "mosaic")
+    mosaic = np.asarray(decode(launch), np.float32)
+    assert calls == [1]
+    np.testing.assert_allclose(mosaic, triton, rtol=0, atol=2 * BF16_ULP * np.abs(triton).max())
+    decode(Launch(2, 32, True))
+    decode(launch, c.astype(jnp.float32))
+    assert calls == [1]  # neither ran here
