@@ -5,23 +5,31 @@ Program (b, j, g) serves sequence b, slice j of the cache slots and the group g 
 (`flash_decode.kv_heads_per_program`). Per block of `block` slots (only the blocks up to the sequence's
 length, as `flash_decode._walk`), with the next block's latent and rotary rows already loading by TMA into
 the other of two SMEM buffers:
-- keys `c W_bk + b_k` for both rotary halves (columns [P kv heads x frequency] each) by wgmma from SMEM,
-  rotated in float32 by the slots' cos / sin, rounded to the cache dtype and stored transposed in SMEM;
-- scores: the block-diagonal queries (P x R real rows padded to the 64 rows of a wgmma) times the keys;
+- keys `c W_bk + b_k` as 2P pieces [block, half], one per kv head and rotary half, each by its own wgmma
+  from SMEM (n = half); each head's pair rotated in float32 by the slots' cos / sin [block, half], one table
+  for all P heads (the caller's [Bc, S, half], one TMA copy each per block, nothing tiled across the
+  heads), rounded to the cache dtype and stored transposed in SMEM, a [half, block] buffer per piece;
+- scores: the sum over the 2P pieces of query piece [64, half] (the piece's kv head's columns of the
+  block-diagonal queries: its R real rows, the rest zeros) times the piece's keys, in one accumulator;
 - the online softmax of `flash_decode._online_step` with its masks (ring buffer and window included); p
   rounded to the cache dtype into SMEM; acc = acc * alpha + p c by wgmma (the values are the latent).
-Where the FLOPs go, per block of 64 slots at gpt-oss-20b's shape (r = 192, P x half = 64): the key rebuild
-2 x 64 x 192 x 128 = 3.1 MFLOP, the scores 2 x 64 x 128 x 64 = 1.0 MFLOP (a quarter on real rows), p c
-2 x 64 x 64 x 192 = 1.6 MFLOP: the rebuild dominates, against 24 KB of latent read.
+Where the FLOPs go, per block of 64 slots at gpt-oss-20b's shape (r = 192, P = 2, half = 32): the key
+rebuild 4 x 2 x 64 x 192 x 32 = 3.1 MFLOP, the scores 4 x 2 x 64 x 32 x 64 = 1.0 MFLOP (an eighth on
+nonzero query entries), p c 2 x 64 x 64 x 192 = 1.6 MFLOP: the rebuild dominates, against 24 KB of latent
+and 16 KB of cos / sin read (per slot 384 and 256 bytes).
+SMEM per program there (`block` = 64): queries 16 KB, W_bk 48 KB, latent 2 x 24 KB, cos / sin 2 x 2 x 8 KB,
+keys 16 KB, p 8 KB, bias and barriers: 175,128 bytes as Mosaic GPU counts them, so one program per SM on
+an H100 / H200 (227 KB a block, 228 KB an SM): its one warpgroup hides the loads by the double buffer alone.
 
 Every wgmma operand is in SMEM (the interpreter runs no register operand), all with one swizzle (wgmma
-requires both operands' to match). Three operations need a different spelling when lowered for CUDA and
-when run by the Mosaic GPU interpreter, because no one spelling does both on JAX 0.10: the transposed
-store of the keys (lowering: a transposed view of the SMEM ref and the registers cast to the transposed
-wgmma layout; the interpreter rejects both the view and the cast, but runs `x.T`, which does not lower),
-the slot iota of the masks and the load of the key bias as a row vector (lowering needs their layouts
-given, which the interpreter cannot translate; a plain load of 64 floats does not lower). The
-interpreter runs when `launch.interpret`; the caches must be 16-bit (bf16 or f16).
+requires both operands' to match): a piece's rows of half = 32 bf16 hold 64 bytes, so 64-byte swizzles
+throughout. Three operations need a different spelling when lowered for CUDA and when run by the Mosaic
+GPU interpreter, because no one spelling does both on JAX 0.10: the transposed store of the keys
+(lowering: a transposed view of the SMEM ref and the registers cast to the transposed wgmma layout; the
+interpreter rejects both the view and the cast, but runs `x.T`, which does not lower), the slot iota of
+the masks and the load of the key bias as a row vector (lowering needs their layouts given, which the
+interpreter cannot translate; a plain load of the floats does not lower).
+The interpreter runs when `launch.interpret`; the caches must be 16-bit (bf16 or f16).
 """
 
 from __future__ import annotations
@@ -51,7 +59,7 @@ def _interpret_params():
     return InterpretGPUParams()
 
 
-def _spellings(interpret: bool):
+def spellings(interpret: bool):
     """(store_transposed(ref, x): ref = x^T, iota(shape, dim), columns(ref): a row vector laid out along
     the columns of a wgmma result) for the interpreter or the CUDA lowering."""
     if interpret:
@@ -95,13 +103,15 @@ def _tiles(dtype, swizzle: int):
 def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
             *, block: int, split: int, slots: int, window, sliding: bool, per_sequence: bool,
             interpret: bool, swizzle: int):  # fmt: skip
-    """Program (b, j, g): see the module docstring. q_g [B, Gp, 2, M, N] (N = P x half, the rotary halves'
-    block-diagonal queries), w_g [Gp, 2, r, N], b_g [Gp, 2, N], cos_g / sin_g [Bc, S, N] (tiled across
-    the P heads), acc_g [B, Gp, J, P x R, r], m_g / l_g [B, Gp, J, M]."""
-    store_transposed, iota, columns = _spellings(interpret)
+    """Program (b, j, g): see the module docstring. The 2P pieces i = h P + p (rotary half h, kv head p):
+    q_g [B, Gp, 2P, M, half] (piece i: the columns of kv head p of half h's block-diagonal queries),
+    w_g [Gp, 2P, r, half], b_g [Gp, 2P, half], cos_g / sin_g [Bc, S, half] (one row of frequencies a slot,
+    shared by the P heads), acc_g [B, Gp, J, P x R, r], m_g / l_g [B, Gp, J, M]."""
+    store_transposed, iota, columns = spellings(interpret)
     b, j, g = lax.axis_index("b"), lax.axis_index("j"), lax.axis_index("g")
     bc = b if per_sequence else 0
-    M, N = q_g.shape[-2:]
+    pieces, M, half = q_g.shape[-3:]
+    P = pieces // 2
     r = c_g.shape[-1]
     dtype = c_g.dtype
     f32 = jnp.float32
@@ -113,17 +123,29 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
     n_blocks = jnp.minimum(lax.div(occupied + (block - 1), block), split // block)
     wide = lambda v, shape, dim: lax.broadcast_in_dim(v, shape, (dim,))  # keepdims does not lower
 
-    def product(a_s, b_s, shape, more=()):
+    def products(pairs, shape):
+        """[a @ b for a, b in pairs], each into its own accumulator, all issued before one wait."""
+
+        def run(*accs):
+            for acc, (a_s, b_s) in zip(accs, pairs, strict=True):
+                plgpu.wgmma(acc, a_s, b_s)
+            plgpu.wgmma_wait(0)
+            return [acc[...] for acc in accs]
+
+        return pl.run_scoped(run, *[plgpu.ACC(shape, f32) for _ in pairs])
+
+    def summed(pairs, shape):
+        """sum(a @ b for a, b in pairs) in one accumulator."""
+
         def run(acc):
-            plgpu.wgmma(acc, a_s, b_s)
-            for a2, b2 in more:
-                plgpu.wgmma(acc, a2, b2)
+            for a_s, b_s in pairs:
+                plgpu.wgmma(acc, a_s, b_s)
             plgpu.wgmma_wait(0)
             return acc[...]
 
         return pl.run_scoped(run, plgpu.ACC(shape, f32))
 
-    def scope(q_s, w_s, bias_s, c_s, cos_s, sin_s, k1_s, k2_s, p_s, ready, loaded):
+    def scope(q_s, w_s, bias_s, c_s, cos_s, sin_s, k_s, p_s, ready, loaded):
         plgpu.copy_gmem_to_smem(q_g.at[b, g], q_s, ready)
         plgpu.copy_gmem_to_smem(w_g.at[g], w_s, ready)
         plgpu.copy_gmem_to_smem(b_g.at[g], bias_s, ready)
@@ -139,8 +161,7 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
             fetch(0, 0)
 
         plgpu.barrier_wait(ready)
-        bias1 = wide(columns(bias_s.at[0]), (block, N), 1)
-        bias2 = wide(columns(bias_s.at[1]), (block, N), 1)
+        bias = [wide(columns(bias_s.at[i]), (block, half), 1) for i in range(pieces)]
         # loop carries start from an accumulator's zeros (they have the wgmma layout; jnp.zeros does not)
         zeros = pl.run_scoped(lambda acc: acc[...], plgpu.ACC((M, r), f32))
         init = (zeros, jnp.max(zeros, axis=1) + NEG, jnp.sum(zeros, axis=1))
@@ -155,13 +176,16 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
 
             plgpu.barrier_wait(loaded.at[buf])
             c = c_s.at[buf]
-            k1 = product(c, w_s.at[0], (block, N)) + bias1
-            k2 = product(c, w_s.at[1], (block, N)) + bias2
-            cos, sin = cos_s[buf], sin_s[buf]
-            store_transposed(k1_s, (k1 * cos - k2 * sin).astype(dtype))
-            store_transposed(k2_s, (k2 * cos + k1 * sin).astype(dtype))
+            # every kv head's two rotary halves [block, half], each by its own wgmma (n = half)
+            k = products([(c, w_s.at[i]) for i in range(pieces)], (block, half))
+            k = [k_i + bias_i for k_i, bias_i in zip(k, bias, strict=True)]
+            cos, sin = cos_s[buf], sin_s[buf]  # [block, half]: the same table rotates every head
+            for p in range(P):
+                k1, k2 = k[p], k[P + p]
+                store_transposed(k_s.at[p], (k1 * cos - k2 * sin).astype(dtype))
+                store_transposed(k_s.at[P + p], (k2 * cos + k1 * sin).astype(dtype))
             plgpu.commit_smem()
-            s = product(q_s.at[0], k1_s, (M, block), more=[(q_s.at[1], k2_s)])
+            s = summed([(q_s.at[i], k_s.at[i]) for i in range(pieces)], (M, block))
             slot = start + t * block + iota((M, block), 1)
             pos = last - lax.rem(last - slot + slots, slots) if sliding else slot
             visible = (pos >= 0) & (pos <= last)
@@ -173,7 +197,7 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
             alpha = jnp.exp(m - m_new)
             p_s[...] = p.astype(dtype)
             plgpu.commit_smem()
-            acc = acc * wide(alpha, (M, r), 0) + product(p_s, c, (M, r))
+            acc = acc * wide(alpha, (M, r), 0) + summed([(p_s, c)], (M, r))
             return acc, m_new, l * alpha + jnp.sum(p, axis=1)
 
         return lax.fori_loop(0, n_blocks, step, init)
@@ -181,9 +205,9 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
     K = lambda *shape: plgpu.SMEM(shape, dtype, transforms=_tiles(dtype, swizzle))
     F = lambda *shape: plgpu.SMEM(shape, f32, transforms=_tiles(f32, swizzle))
     acc, m, l = pl.run_scoped(
-        scope, K(2, M, N), K(2, r, N), plgpu.SMEM((2, N), f32), K(2, block, r), F(2, block, N),
-        F(2, block, N), K(N, block), K(N, block), K(M, block), plgpu.Barrier(num_arrivals=3),
-        plgpu.Barrier(num_arrivals=3, num_barriers=2),
+        scope, K(pieces, M, half), K(pieces, r, half), plgpu.SMEM((pieces, half), f32), K(2, block, r),
+        F(2, block, half), F(2, block, half), K(pieces, half, block), K(M, block),
+        plgpu.Barrier(num_arrivals=3), plgpu.Barrier(num_arrivals=3, num_barriers=2),
     )  # fmt: skip
     m_g[b, g, j] = m
     l_g[b, g, j] = l
@@ -230,17 +254,18 @@ def decompressed_splits(
         raise ValueError(
             f"key up-projection grouped for {G // w_k.shape[0]} kv heads a program, the launch has {P}"
         )
-    N, Gp, heads = P * half, G // P, P * R
+    Gp, heads = G // P, P * R
     M = -(-heads // ROWS) * ROWS
-    swizzle = _swizzle(2 * N, 2 * r, 2 * block, 4 * N)
+    swizzle = _swizzle(2 * half, 2 * r, 2 * block, 4 * half)
     q = q.astype(c.dtype)
-    parts = [_block_diagonal(part, P) for part in (q[..., :half], q[..., half:])]  # [B, Gp, PR, N] each
-    queries = jnp.pad(jnp.stack(parts, axis=2), ((0, 0),) * 3 + ((0, M - heads), (0, 0)))
-    w = w_k.astype(c.dtype).reshape(Gp, r, 2, N).transpose(0, 2, 1, 3)  # [Gp, 2 halves, r, N]
-    bias = b_k.astype(jnp.float32).reshape(Gp, 2, N)
-    # cos / sin tiled across the P heads' columns once here (a register array cannot be tiled along its
-    # columns in the kernel); shared by every group and, for Bc = 1, every sequence (read through L2)
-    tiled = lambda x: jnp.tile(x.astype(jnp.float32), (1, 1, P))
+    # the 2P query pieces [M, half], i = h P + p: kv head p's columns of half h's block-diagonal queries
+    # (its R rows real, the others zero), so that the scores are the sum of the pieces' products
+    parts = [_block_diagonal(part, P) for part in (q[..., :half], q[..., half:])]  # [B, Gp, PR, P half]
+    pieces = jnp.stack(parts, axis=2).reshape(B, Gp, 2, heads, P, half).transpose(0, 1, 2, 4, 3, 5)
+    queries = jnp.pad(pieces.reshape(B, Gp, 2 * P, heads, half), ((0, 0),) * 3 + ((0, M - heads), (0, 0)))
+    # `grouped_key_up`'s columns [half (2), kv head (P), frequency] cut into the 2P pieces' [r, half]
+    w = w_k.astype(c.dtype).reshape(Gp, r, 2 * P, half).transpose(0, 2, 1, 3)  # [Gp, 2P, r, half]
+    bias = b_k.astype(jnp.float32).reshape(Gp, 2 * P, half)
     kernel = functools.partial(
         _kernel, block=block, split=S // splits, slots=S, window=window, sliding=sliding,
         per_sequence=cos.shape[0] > 1, interpret=launch.interpret, swizzle=swizzle,
@@ -256,5 +281,5 @@ def decompressed_splits(
         interpret=_interpret_params() if launch.interpret else None,
     )  # fmt: skip
     lengths = lengths.astype(jnp.int32).reshape(B, 1)
-    acc, m, l = call(lengths, queries, w, bias, c, tiled(cos), tiled(sin))
+    acc, m, l = call(lengths, queries, w, bias, c, cos.astype(f32), sin.astype(f32))  # untiled: [Bc, S, half]
     return acc, m[..., :heads], l[..., :heads]
