@@ -171,7 +171,8 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
             buf = lax.rem(t, 2)
 
             @pl.when(t + 1 < n_blocks)
-            def _():  # the other buffer was last read by step t - 1, whose wgmmas it waited for
+            def _():  # the other buffer was last read in step t - 1: its wgmmas were waited for, and its
+                # cos / sin loads came before its commit_smem, a warpgroup barrier, so every warp is past them
                 fetch(t + 1, 1 - buf)
 
             plgpu.barrier_wait(loaded.at[buf])
