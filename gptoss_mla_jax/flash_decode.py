@@ -359,6 +359,17 @@ def _check_split(S: int, splits: int, block: int) -> None:
         raise ValueError(f"cache of {S} slots: not a multiple of splits x block = {splits} x {block}")
 
 
+def key_groups(G: int, R: int, w_k: Array, launch: Launch) -> int:
+    """P, the kv heads a decompressed-MLA program serves at `launch` (`kv_heads_per_program`), checked
+    against the groups `w_k` (`grouped_key_up`'s layout) was derived for."""
+    P = kv_heads_per_program(G, R, launch.head_block)
+    if w_k.shape[0] != G // P:
+        raise ValueError(
+            f"key up-projection grouped for {G // w_k.shape[0]} kv heads a program, the launch has {P}"
+        )
+    return P
+
+
 def kv_heads_per_program(G: int, R: int, head_block: int | None = None) -> int:
     """P, the kv heads a decompressed-MLA program serves: `head_block` query heads' worth when given, else
     the fewest that fill the tensor core's MIN_ROWS rows with real query heads (R per kv head), at most G;
@@ -422,11 +433,7 @@ def decompressed_splits(
     splits, block = launch.splits, launch.block
     _check_split(S, splits, block)
     half = d // 2
-    P = kv_heads_per_program(G, R, launch.head_block)
-    if w_k.shape[0] != G // P:
-        raise ValueError(
-            f"key up-projection grouped for {G // w_k.shape[0]} kv heads a program, the launch has {P}"
-        )
+    P = key_groups(G, R, w_k, launch)
     q = q.astype(c.dtype)
     q1, q2 = (_pad_heads(_block_diagonal(part, P)) for part in (q[..., :half], q[..., half:]))
     Hq = q1.shape[2]

@@ -43,7 +43,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxtyping import Array, Float, Int
 
-from gptoss_mla_jax.flash_decode import NEG, Launch, _block_diagonal, _check_split, kv_heads_per_program
+from gptoss_mla_jax.flash_decode import NEG, Launch, _block_diagonal, _check_split, key_groups
 
 ROWS = 64  # a wgmma's M: the query rows (P x R real) and the slots of a block are padded / tiled to it
 
@@ -250,11 +250,7 @@ def decompressed_splits(
     if block % ROWS:
         raise ValueError(f"block {block}: the Mosaic GPU kernel reads blocks of a multiple of {ROWS} slots")
     half = d // 2
-    P = kv_heads_per_program(G, R, launch.head_block)
-    if w_k.shape[0] != G // P:
-        raise ValueError(
-            f"key up-projection grouped for {G // w_k.shape[0]} kv heads a program, the launch has {P}"
-        )
+    P = key_groups(G, R, w_k, launch)
     Gp, heads = G // P, P * R
     M = -(-heads // ROWS) * ROWS
     swizzle = _swizzle(2 * half, 2 * r, 2 * block, 4 * half)
