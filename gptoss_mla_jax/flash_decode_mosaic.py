@@ -161,7 +161,8 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
             fetch(0, 0)
 
         plgpu.barrier_wait(ready)
-        bias = [wide(columns(bias_s.at[i]), (block, half), 1) for i in range(pieces)]
+        # the bias rows broadcast in each step, not held across the loop: 2P x 16 registers a thread
+        bias = lambda i: wide(columns(bias_s.at[i]), (block, half), 1)
         # loop carries start from an accumulator's zeros (they have the wgmma layout; jnp.zeros does not)
         zeros = pl.run_scoped(lambda acc: acc[...], plgpu.ACC((M, r), f32))
         init = (zeros, jnp.max(zeros, axis=1) + NEG, jnp.sum(zeros, axis=1))
@@ -179,7 +180,7 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
             c = c_s.at[buf]
             # every kv head's two rotary halves [block, half], each by its own wgmma (n = half)
             k = products([(c, w_s.at[i]) for i in range(pieces)], (block, half))
-            k = [k_i + bias_i for k_i, bias_i in zip(k, bias, strict=True)]
+            k = [k_i + bias(i) for i, k_i in enumerate(k)]
             cos, sin = cos_s[buf], sin_s[buf]  # [block, half]: the same table rotates every head
             for p in range(P):
                 k1, k2 = k[p], k[P + p]
