@@ -25,6 +25,7 @@ steps.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Literal, NamedTuple
 
 import jax
@@ -557,22 +558,25 @@ def mla_absorbed_decode(
 
 
 # The kernel of a decompressed MLA layer's decode: "triton" (`decompressed_splits`, this file's pallas_call)
-# or "mosaic" (`flash_decode_mosaic`: Pallas Mosaic GPU, every product a wgmma), which takes a 16-bit cache
-# in blocks of a multiple of 64 slots (other calls keep "triton"). Read when a step is traced; not yet timed
-# on a GPU: `eval.bench.decode --kernels --models mla,mla_mosaic` and `--decompressed-kernels triton,mosaic`.
-DecompressedKernel = Literal["triton", "mosaic"]
+# or `flash_decode_mosaic` (Pallas Mosaic GPU, every product a wgmma): "mosaic" at the launch's warps (4: one
+# warpgroup a program, the model's launch), "mosaic2" with two warpgroups (8 warps) sharing each program's
+# blocks. Mosaic GPU takes a 16-bit cache in blocks of a multiple of 64 slots (other calls keep "triton").
+# Read when a step is traced; not yet timed on a GPU: `eval.bench.decode --kernels --models mla,mla_mosaic`
+# and `--decompressed-kernels triton,mosaic,mosaic2`.
+DecompressedKernel = Literal["triton", "mosaic", "mosaic2"]
 DECOMPRESSED_KERNEL: DecompressedKernel = "triton"
 
 
-def decompressed_kernel(dtype, launch: Launch):
-    """The `decompressed_splits` that a cache of `dtype` decodes on at `launch`: DECOMPRESSED_KERNEL's,
-    where it runs them."""
-    if DECOMPRESSED_KERNEL == "mosaic":
+def decompressed_kernel(dtype, launch: Launch) -> tuple[Callable, Launch]:
+    """The `decompressed_splits` that a cache of `dtype` decodes on at `launch`, and the launch it takes:
+    DECOMPRESSED_KERNEL's, where it runs them."""
+    if DECOMPRESSED_KERNEL != "triton":
         from gptoss_mla_jax import flash_decode_mosaic  # built on this module: imported where chosen
 
-        if flash_decode_mosaic.runs(dtype, launch):
-            return flash_decode_mosaic.decompressed_splits
-    return decompressed_splits
+        mosaic = launch._replace(warps=8) if DECOMPRESSED_KERNEL == "mosaic2" else launch
+        if flash_decode_mosaic.runs(dtype, mosaic):
+            return flash_decode_mosaic.decompressed_splits, mosaic
+    return decompressed_splits, launch
 
 
 def mla_decompressed_decode(
@@ -599,7 +603,8 @@ def mla_decompressed_decode(
     if key_up is None:
         key_up = grouped_key_up(w[:, 0], bias[0], kv_heads_per_program(G, H // G, launch.head_block), c.dtype)
     qg = (q.astype(jnp.float32) * d**-0.5).reshape(B, G, H // G, d)
-    acc, m, l = decompressed_kernel(c.dtype, launch)(qg, c, key_up, rotations, *slots, launch)
+    splits, launch = decompressed_kernel(c.dtype, launch)
+    acc, m, l = splits(qg, c, key_up, rotations, *slots, launch)
     latent, mass = combine(acc, m, l, sinks)  # [B, G / P, P R, r], [B, G / P, P R]
     latent, mass = latent.reshape(B, G, H // G, r), mass.reshape(B, G, H // G)
     f32 = jnp.float32

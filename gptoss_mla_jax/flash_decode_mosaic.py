@@ -3,8 +3,7 @@ arguments, same per-slice (acc, m, l)), written for Hopper's warpgroup tensor co
 
 Program (b, j, g) serves sequence b, slice j of the cache slots and the group g of P kv heads
 (`flash_decode.kv_heads_per_program`). Per block of `block` slots (only the blocks up to the sequence's
-length, as `flash_decode._walk`), with the next block's latent and rotary rows already loading by TMA into
-the other of two SMEM buffers:
+length, as `flash_decode._walk`), its latent and rotary rows loaded by TMA:
 - keys `c W_bk + b_k` as 2P pieces [block, half], one per kv head and rotary half, each by its own wgmma
   from SMEM (n = half); each head's pair rotated in float32 by the slots' cos / sin [block, half], one table
   for all P heads (the caller's [Bc, S, half], one TMA copy each per block, nothing tiled across the
@@ -13,13 +12,30 @@ the other of two SMEM buffers:
   block-diagonal queries: its R real rows, the rest zeros) times the piece's keys, in one accumulator;
 - the online softmax of `flash_decode._online_step` with its masks (ring buffer and window included); p
   rounded to the cache dtype into SMEM; acc = acc * alpha + p c by wgmma (the values are the latent).
+Each step waits for its wgmmas, so a warpgroup's tensor cores idle while it rotates keys or takes the
+softmax. `launch.warps` picks how a program runs the slice's blocks:
+- 4: one warpgroup walks them all, the next block's latent and rotary rows loading into the other of two
+  SMEM buffers while it computes;
+- 8: two warpgroups, warpgroup w the blocks w, w + 2, ..., so that one's RoPE and softmax overlap the
+  other's wgmmas. They share the queries and W_bk (loaded once); each has its own latent, cos / sin, keys
+  and p buffers and its own (acc, m, l), and one buffer of latent and of cos / sin: its next block's cos /
+  sin load once its RoPE has read them, its latent once p c is done, while the other warpgroup computes.
+  At the end warpgroup 1 hands its (acc, m, l) to warpgroup 0 through SMEM, which merges the two as
+  `flash_decode.combine` merges slices (m the larger, acc and l each rescaled by e^(m_w - m)) and writes the
+  slice's state: the outputs are the same as at 4 warps, up to where p is rounded (against each
+  warpgroup's own running max).
 Where the FLOPs go, per block of 64 slots at gpt-oss-20b's shape (r = 192, P = 2, half = 32): the key
 rebuild 4 x 2 x 64 x 192 x 32 = 3.1 MFLOP, the scores 4 x 2 x 64 x 32 x 64 = 1.0 MFLOP (an eighth on
 nonzero query entries), p c 2 x 64 x 64 x 192 = 1.6 MFLOP: the rebuild dominates, against 24 KB of latent
 and 16 KB of cos / sin read (per slot 384 and 256 bytes).
-SMEM per program there (`block` = 64): queries 16 KB, W_bk 48 KB, latent 2 x 24 KB, cos / sin 2 x 2 x 8 KB,
-keys 16 KB, p 8 KB, bias and barriers: 175,128 bytes as Mosaic GPU counts them, so one program per SM on
-an H100 / H200 (227 KB a block, 228 KB an SM): its one warpgroup hides the loads by the double buffer alone.
+SMEM per program there (`block` = 64), as Mosaic GPU counts it (each buffer aligned to 1 KB, 2 KB of
+reduction scratch, 8 bytes a barrier), against 227 KB a block (228 KB an SM) on an H100 / H200, so one
+program per SM either way:
+- 4 warps: queries 16 KB, W_bk 48 KB, bias 1 KB, latent 2 x 24 KB, cos / sin 2 x 2 x 8 KB, keys 16 KB,
+  p 8 KB: 175,144 bytes;
+- 8 warps: the same shared 65 KB, then per warpgroup latent 24 KB, cos / sin 2 x 8 KB, keys 16 KB, p 8 KB:
+  199,728 bytes (double buffers there would take 281,680). The merge's buffers (acc 48 KB twice, m, l)
+  reuse the walk's.
 
 Every wgmma operand is in SMEM (the interpreter runs no register operand), all with one swizzle (wgmma
 requires both operands' to match): a piece's rows of half = 32 bf16 hold 64 bytes, so 64-byte swizzles
@@ -27,8 +43,9 @@ throughout. Three operations need a different spelling when lowered for CUDA and
 GPU interpreter, because no one spelling does both on JAX 0.10: the transposed store of the keys
 (lowering: a transposed view of the SMEM ref and the registers cast to the transposed wgmma layout; the
 interpreter rejects both the view and the cast, but runs `x.T`, which does not lower), the slot iota of
-the masks and the load of the key bias as a row vector (lowering needs their layouts given, which the
-interpreter cannot translate; a plain load of the floats does not lower).
+the masks and the loads of vectors along a wgmma result's columns or rows (the key bias; at 8 warps the
+other warpgroup's m and l): lowering needs their layouts given, which the interpreter cannot translate,
+and a plain load of the floats does not lower.
 The interpreter runs when `launch.interpret`; the caches must be 16-bit (bf16 or f16).
 """
 
@@ -46,11 +63,13 @@ from jaxtyping import Array, Float, Int
 from gptoss_mla_jax.flash_decode import NEG, Launch, _block_diagonal, _check_split, key_groups
 
 ROWS = 64  # a wgmma's M: the query rows (P x R real) and the slots of a block are padded / tiled to it
+CONSUMERS = {4: 1, 8: 2}  # `Launch.warps` -> the warpgroups of a program, each a share of its blocks
+THREADS = "wg"  # the warpgroup axis of a program of several
 
 
 def runs(dtype, launch: Launch) -> bool:
     """Whether this kernel runs a cache of `dtype` at `launch`: 16-bit, blocks of whole wgmma rows."""
-    return jnp.dtype(dtype).itemsize == 2 and launch.block % ROWS == 0
+    return jnp.dtype(dtype).itemsize == 2 and launch.block % ROWS == 0 and launch.warps in CONSUMERS
 
 
 def _interpret_params():
@@ -61,11 +80,14 @@ def _interpret_params():
 
 def spellings(interpret: bool):
     """(store_transposed(ref, x): ref = x^T, iota(shape, dim), columns(ref): a row vector laid out along
-    the columns of a wgmma result) for the interpreter or the CUDA lowering."""
+    the columns of a wgmma result, rows(ref): a column vector laid out along its rows) for the interpreter
+    or the CUDA lowering."""
     if interpret:
 
         def columns(ref):
             return ref[...]
+
+        rows = columns
 
         def store_transposed(ref, x):
             ref[...] = x.T
@@ -84,7 +106,10 @@ def spellings(interpret: bool):
         def columns(ref):
             return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(0))
 
-    return store_transposed, iota, columns
+        def rows(ref):
+            return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1))
+
+    return store_transposed, iota, columns, rows
 
 
 def _swizzle(*minor_bytes: int) -> int:
@@ -102,12 +127,13 @@ def _tiles(dtype, swizzle: int):
 
 def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
             *, block: int, split: int, slots: int, window, sliding: bool, per_sequence: bool,
-            interpret: bool, swizzle: int):  # fmt: skip
+            interpret: bool, swizzle: int, consumers: int):  # fmt: skip
     """Program (b, j, g): see the module docstring. The 2P pieces i = h P + p (rotary half h, kv head p):
     q_g [B, Gp, 2P, M, half] (piece i: the columns of kv head p of half h's block-diagonal queries),
     w_g [Gp, 2P, r, half], b_g [Gp, 2P, half], cos_g / sin_g [Bc, S, half] (one row of frequencies a slot,
-    shared by the P heads), acc_g [B, Gp, J, P x R, r], m_g / l_g [B, Gp, J, M]."""
-    store_transposed, iota, columns = spellings(interpret)
+    shared by the P heads), acc_g [B, Gp, J, P x R, r], m_g / l_g [B, Gp, J, M]. `consumers` warpgroups
+    (1 or 2) share the slice's blocks."""
+    store_transposed, iota, columns, rows = spellings(interpret)
     b, j, g = lax.axis_index("b"), lax.axis_index("j"), lax.axis_index("g")
     bc = b if per_sequence else 0
     pieces, M, half = q_g.shape[-3:]
@@ -121,6 +147,11 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
     # `_walk`'s block count: the slice's blocks before min(length, slots)
     occupied = jnp.maximum(jnp.minimum(length, slots) - start, 0)
     n_blocks = jnp.minimum(lax.div(occupied + (block - 1), block), split // block)
+    # warpgroup w takes the slice's blocks w, w + consumers, ...: `mine` of them
+    w = lax.axis_index(THREADS) if consumers > 1 else 0
+    mine = lax.div(n_blocks - w + (consumers - 1), consumers)
+    depth = 2 if consumers == 1 else 1  # latent / rotary buffers a warpgroup (see the module docstring)
+    shared = dict(collective_axes=THREADS) if consumers > 1 else {}  # one allocation for all warpgroups
     wide = lambda v, shape, dim: lax.broadcast_in_dim(v, shape, (dim,))  # keepdims does not lower
 
     def products(pairs, shape):
@@ -145,50 +176,78 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
 
         return pl.run_scoped(run, plgpu.ACC(shape, f32))
 
-    def scope(q_s, w_s, bias_s, c_s, cos_s, sin_s, k_s, p_s, ready, loaded):
-        plgpu.copy_gmem_to_smem(q_g.at[b, g], q_s, ready)
-        plgpu.copy_gmem_to_smem(w_g.at[g], w_s, ready)
-        plgpu.copy_gmem_to_smem(b_g.at[g], bias_s, ready)
+    def scope(q_s, w_s, bias_s, c_s, cos_s, sin_s, k_s, p_s, ready, latent_in, rotary_in):
+        """The slice's blocks of this warpgroup: its (acc, m, l). c_s / cos_s / sin_s and their barriers
+        hold `depth` buffers a warpgroup, k_s `pieces` and p_s one. Only its own warpgroup waits on a buffer's
+        barrier (the interpreter wants every phase of a barrier seen by each thread that waits on it);
+        every warpgroup waits once on `ready`."""
 
-        def fetch(t, buf):  # block t's latent and rotary rows into buffer `buf`, arriving on loaded[buf]
-            rows = pl.ds(start + t * block, block)
-            plgpu.copy_gmem_to_smem(c_g.at[b, rows], c_s.at[buf], loaded.at[buf])
-            plgpu.copy_gmem_to_smem(cos_g.at[bc, rows], cos_s.at[buf], loaded.at[buf])
-            plgpu.copy_gmem_to_smem(sin_g.at[bc, rows], sin_s.at[buf], loaded.at[buf])
+        @pl.when(w == 0)
+        def _():  # every warpgroup reads the queries and W_bk: loaded once
+            plgpu.copy_gmem_to_smem(q_g.at[b, g], q_s, ready)
+            plgpu.copy_gmem_to_smem(w_g.at[g], w_s, ready)
+            plgpu.copy_gmem_to_smem(b_g.at[g], bias_s, ready)
 
-        @pl.when(n_blocks > 0)
+        buffer = lambda u: w * depth + lax.rem(u, depth)  # of this warpgroup's u-th block
+        first = lambda u: start + (w + u * consumers) * block  # that block's first slot
+
+        def fetch_latent(u):
+            rows_u, i = pl.ds(first(u), block), buffer(u)
+            plgpu.copy_gmem_to_smem(c_g.at[b, rows_u], c_s.at[i], latent_in.at[i])
+
+        def fetch_rotary(u):
+            rows_u, i = pl.ds(first(u), block), buffer(u)
+            plgpu.copy_gmem_to_smem(cos_g.at[bc, rows_u], cos_s.at[i], rotary_in.at[i])
+            plgpu.copy_gmem_to_smem(sin_g.at[bc, rows_u], sin_s.at[i], rotary_in.at[i])
+
+        @pl.when(mine > 0)
         def _():
-            fetch(0, 0)
+            fetch_latent(0)
+            fetch_rotary(0)
 
         plgpu.barrier_wait(ready)
         # the bias rows broadcast in each step, not held across the loop: 2P x 16 registers a thread
         bias = lambda i: wide(columns(bias_s.at[i]), (block, half), 1)
+        keys = lambda i: k_s.at[w * pieces + i]
+        p_w = p_s.at[w]
         # loop carries start from an accumulator's zeros (they have the wgmma layout; jnp.zeros does not)
         zeros = pl.run_scoped(lambda acc: acc[...], plgpu.ACC((M, r), f32))
         init = (zeros, jnp.max(zeros, axis=1) + NEG, jnp.sum(zeros, axis=1))
 
-        def step(t, carry):
+        def step(u, carry):
+            """This warpgroup's u-th block, the slice's block w + u x consumers."""
             acc, m, l = carry
-            buf = lax.rem(t, 2)
+            buf = buffer(u)
+            more = u + 1 < mine
+            if depth == 2:
 
-            @pl.when(t + 1 < n_blocks)
-            def _():  # the other buffer was last read in step t - 1: its wgmmas were waited for, and its
-                # cos / sin loads came before its commit_smem, a warpgroup barrier, so every warp is past them
-                fetch(t + 1, 1 - buf)
+                @pl.when(more)
+                def _():  # the other buffer was last read in step u - 1: its wgmmas were waited for, and
+                    # its cos / sin loads came before its commit_smem, a warpgroup barrier, so every warp is
+                    # past them
+                    fetch_latent(u + 1)
+                    fetch_rotary(u + 1)
 
-            plgpu.barrier_wait(loaded.at[buf])
+            plgpu.barrier_wait(latent_in.at[buf])
             c = c_s.at[buf]
             # every kv head's two rotary halves [block, half], each by its own wgmma (n = half)
             k = products([(c, w_s.at[i]) for i in range(pieces)], (block, half))
             k = [k_i + bias(i) for i, k_i in enumerate(k)]
+            plgpu.barrier_wait(rotary_in.at[buf])
             cos, sin = cos_s[buf], sin_s[buf]  # [block, half]: the same table rotates every head
             for p in range(P):
                 k1, k2 = k[p], k[P + p]
-                store_transposed(k_s.at[p], (k1 * cos - k2 * sin).astype(dtype))
-                store_transposed(k_s.at[P + p], (k2 * cos + k1 * sin).astype(dtype))
+                store_transposed(keys(p), (k1 * cos - k2 * sin).astype(dtype))
+                store_transposed(keys(P + p), (k2 * cos + k1 * sin).astype(dtype))
             plgpu.commit_smem()
-            s = summed([(q_s.at[i], k_s.at[i]) for i in range(pieces)], (M, block))
-            slot = start + t * block + iota((M, block), 1)
+            if depth == 1:
+
+                @pl.when(more)
+                def _():  # the one buffer's cos / sin were read before commit_smem's warpgroup barrier
+                    fetch_rotary(u + 1)
+
+            s = summed([(q_s.at[i], keys(i)) for i in range(pieces)], (M, block))
+            slot = first(u) + iota((M, block), 1)
             pos = last - lax.rem(last - slot + slots, slots) if sliding else slot
             visible = (pos >= 0) & (pos <= last)
             if window is not None:
@@ -197,31 +256,70 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
             m_new = jnp.maximum(m, jnp.max(s, axis=1))
             p = jnp.where(visible, jnp.exp(s - wide(m_new, (M, block), 0)), 0.0)
             alpha = jnp.exp(m - m_new)
-            p_s[...] = p.astype(dtype)
+            p_w[...] = p.astype(dtype)
             plgpu.commit_smem()
-            acc = acc * wide(alpha, (M, r), 0) + summed([(p_s, c)], (M, r))
+            acc = acc * wide(alpha, (M, r), 0) + summed([(p_w, c)], (M, r))
+            if depth == 1:
+
+                @pl.when(more)
+                def _():  # the one latent buffer's last reader, p c, was waited for
+                    fetch_latent(u + 1)
+
             return acc, m_new, l * alpha + jnp.sum(p, axis=1)
 
-        return lax.fori_loop(0, n_blocks, step, init)
+        return lax.fori_loop(0, mine, step, init)
 
     K = lambda *shape: plgpu.SMEM(shape, dtype, transforms=_tiles(dtype, swizzle))
     F = lambda *shape: plgpu.SMEM(shape, f32, transforms=_tiles(f32, swizzle))
+    n = consumers * depth
     acc, m, l = pl.run_scoped(
-        scope, K(pieces, M, half), K(pieces, r, half), plgpu.SMEM((pieces, half), f32), K(2, block, r),
-        F(2, block, half), F(2, block, half), K(pieces, half, block), K(M, block),
-        plgpu.Barrier(num_arrivals=3), plgpu.Barrier(num_arrivals=3, num_barriers=2),
+        scope, K(pieces, M, half), K(pieces, r, half), plgpu.SMEM((pieces, half), f32), K(n, block, r),
+        F(n, block, half), F(n, block, half), K(consumers * pieces, half, block), K(consumers, M, block),
+        plgpu.Barrier(num_arrivals=3), plgpu.Barrier(num_arrivals=1, num_barriers=n),
+        plgpu.Barrier(num_arrivals=2, num_barriers=n), **shared,
     )  # fmt: skip
-    m_g[b, g, j] = m
-    l_g[b, g, j] = l
     heads = acc_g.shape[-2]
 
-    def write(o_s):  # the P x R real rows only, by TMA from SMEM (the buffers above are released)
-        o_s[...] = acc
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(o_s.at[pl.ds(0, heads)], acc_g.at[b, g, j])
-        plgpu.wait_smem_to_gmem(0)
+    def finish(o_s, *exchange):
+        """Warpgroup 0 writes the slice's (acc, m, l), the P x R real rows of acc by TMA from o_s; with two,
+        warpgroup 1's state first joins its through SMEM (`exchange`). These buffers reuse those of `scope`,
+        which the other warpgroup may still be reading: Mosaic GPU opens a run_scoped of several warpgroups
+        with a barrier of them all (the interpreter's allocations never overlap)."""
 
-    pl.run_scoped(write, F(M, r))
+        def write(acc, m, l):
+            m_g[b, g, j] = m
+            l_g[b, g, j] = l
+            o_s[...] = acc
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_s.at[pl.ds(0, heads)], acc_g.at[b, g, j])
+            plgpu.wait_smem_to_gmem(0)
+
+        if not exchange:
+            write(acc, m, l)
+            return
+        acc_s, m_s, l_s, stored = exchange
+
+        @pl.when(w == 1)
+        def _():
+            acc_s[...] = acc
+            m_s[...] = m
+            l_s[...] = l
+            plgpu.barrier_arrive(stored)  # each thread's arrival releases its stores above
+
+        @pl.when(w == 0)
+        def _():  # flash-decoding's merge of two slices; two that saw no slot keep m = NEG, l = acc = 0
+            plgpu.barrier_wait(stored)
+            m1 = rows(m_s)
+            m_new = jnp.maximum(m, m1)
+            alpha, alpha1 = jnp.exp(m - m_new), jnp.exp(m1 - m_new)
+            scale = lambda x: wide(x, (M, r), 0)
+            write(acc * scale(alpha) + acc_s[...] * scale(alpha1), m_new, l * alpha + rows(l_s) * alpha1)
+
+    if consumers == 1:
+        pl.run_scoped(finish, F(M, r))
+    else:
+        vector = plgpu.SMEM((M,), f32)
+        pl.run_scoped(finish, F(M, r), F(M, r), vector, vector, plgpu.Barrier(num_arrivals=1), **shared)
 
 
 @functools.partial(jax.jit, static_argnames=("window", "sliding", "launch"))
@@ -238,7 +336,8 @@ def decompressed_splits(
     """`flash_decode.decompressed_splits` as a Mosaic GPU kernel: per group of P kv heads and slice of the
     slots, (sum_t e^(s_t - m) c_t, m, sum_t e^(s_t - m)) over keys rebuilt on chip from the latent c by
     `key_up` (`grouped_key_up`'s layout) and rotated by `rotations`. Products in the cache's dtype (bf16 or
-    f16), RoPE and sums in float32. `launch.block` must be a multiple of 64 (a wgmma's rows)."""
+    f16), RoPE and sums in float32. `launch.block` must be a multiple of 64 (a wgmma's rows), `launch.warps`
+    4 (one warpgroup a program) or 8 (two, each a share of the blocks)."""
     (w_k, b_k), (cos, sin) = key_up, rotations
     B, G, R, d = q.shape
     S, r = c.shape[1:]
@@ -250,6 +349,11 @@ def decompressed_splits(
         )
     if block % ROWS:
         raise ValueError(f"block {block}: the Mosaic GPU kernel reads blocks of a multiple of {ROWS} slots")
+    if launch.warps not in CONSUMERS:
+        raise ValueError(
+            f"warps {launch.warps}: the Mosaic GPU kernel runs 4 (one warpgroup a program) or 8 (two)"
+        )
+    consumers = CONSUMERS[launch.warps]
     half = d // 2
     P = key_groups(G, R, w_k, launch)
     Gp, heads = G // P, P * R
@@ -266,7 +370,7 @@ def decompressed_splits(
     bias = b_k.astype(jnp.float32).reshape(Gp, 2 * P, half)
     kernel = functools.partial(
         _kernel, block=block, split=S // splits, slots=S, window=window, sliding=sliding,
-        per_sequence=cos.shape[0] > 1, interpret=launch.interpret, swizzle=swizzle,
+        per_sequence=cos.shape[0] > 1, interpret=launch.interpret, swizzle=swizzle, consumers=consumers,
     )  # fmt: skip
     f32 = jnp.float32
     out_type = (
@@ -277,6 +381,7 @@ def decompressed_splits(
     call = plgpu.kernel(
         kernel, out_type=out_type, grid=(B, splits, Gp), grid_names=("b", "j", "g"),
         interpret=_interpret_params() if launch.interpret else None,
+        **(dict(num_threads=consumers, thread_name=THREADS) if consumers > 1 else {}),
     )  # fmt: skip
     lengths = lengths.astype(jnp.int32).reshape(B, 1)
     acc, m, l = call(lengths, queries, w, bias, c, cos.astype(f32), sin.astype(f32))  # untiled: [Bc, S, half]

@@ -1,7 +1,10 @@
 """The Mosaic GPU decompressed-MLA decode kernel (flash_decode_mosaic): run by the Mosaic GPU interpreter on
 the CPU, its per-slice (acc, m, l) equal a jnp walk that rounds where it does (keys once after RoPE, p
 before its product with the latent), and merged by `flash_decode.combine` they equal float32 attention
-within the bound those roundings allow; lowered for CUDA from the CPU at gpt-oss-20b's decode shape."""
+within the bound those roundings allow; lowered for CUDA from the CPU at gpt-oss-20b's decode shape. Each
+at `Launch.warps` 4 (one warpgroup a program) and 8 (two, each a share of the slice's blocks)."""
+
+import threading
 
 import jax
 import jax.numpy as jnp
@@ -21,6 +24,29 @@ from gptoss_mla_jax.flash_decode import (
 )
 
 BF16_ULP = 2.0**-8  # bf16's relative spacing: one rounding is off by at most half of it
+
+
+@pytest.fixture
+def warpgroups_compiled_once(monkeypatch):
+    """The interpreter runs a program of several warpgroups as threads, each of which compiles the kernel's
+    body anew for every program of the grid (JAX 0.10's `thread_map._run_jaxpr`: ~2 s a compile, and host
+    callbacks keep it out of the persistent cache); here each body compiles once and every thread runs it.
+    Where that private function is gone the tests run as they are, only slower."""
+    from jax._src.pallas.mosaic.interpret import thread_map
+
+    if not hasattr(thread_map, "_run_jaxpr"):
+        return
+    compiled, lock = {}, threading.Lock()
+
+    def run(jaxpr, consts, *args):
+        key = (id(jaxpr), *((np.shape(x), x.dtype) for x in jax.tree.leaves((consts, args))))
+        with lock:  # the threads run concurrently after it: they wait on each other's barriers
+            if key not in compiled:
+                body = jax.jit(lambda consts, *args: jax.core.eval_jaxpr(jaxpr, consts, *args))
+                compiled[key] = jaxpr, body.trace(consts, *args).lower().compile()  # the jaxpr keeps its id
+        compiled[key][1](consts, *args)
+
+    monkeypatch.setattr(thread_map, "_run_jaxpr", run)
 
 
 def inputs(G, R, d, r, slots, lengths, per_sequence=False, dtype=jnp.bfloat16, seed=0):
@@ -50,13 +76,16 @@ def rebuilt(q, c, key_up, rotations, P):
 
 
 def walked(q, c, key_up, rotations, lengths, window, sliding, launch):
-    """The slices' (acc, m, l) by `flash_decode`'s own online step and masks, block by block in jnp."""
+    """The slices' (acc, m, l) by `flash_decode`'s own online step and masks, block by block in jnp; at
+    `launch.warps` 8 as the kernel's two warpgroups walk them (blocks 0, 2, ... and 1, 3, ...), their two
+    states then merged."""
     B, G, R, _ = q.shape
     S, r = c.shape[1:]
     P = kv_heads_per_program(G, R)
     (q1, q2), (k1, k2) = rebuilt(q, c, key_up, rotations, P)
     splits, block = launch.splits, launch.block
     split = S // splits
+    consumers = launch.warps // 4
     f32 = jnp.float32
     step = jax.vmap(lambda carry, s, visible, v: _online_step(carry, s, visible, [v]), (0, 0, None, None))
     slices = []  # per (b, j): (acc [Gp, PR, r], m, l)
@@ -65,17 +94,26 @@ def walked(q, c, key_up, rotations, lengths, window, sliding, launch):
         for j in range(splits):
             start = j * split
             blocks = int(np.clip(-(-(min(length, S) - start) // block), 0, split // block))
-            m = jnp.full((G // P, P * R), NEG, f32)
-            carry = ([jnp.zeros((G // P, P * R, r), f32)], m, jnp.zeros_like(m))
-            for i in range(blocks):
-                rows = slice(start + i * block, start + (i + 1) * block)
-                s = sum(
-                    jnp.einsum("gqn,gsn->gqs", qh[b], kh[b, :, rows], preferred_element_type=f32)
-                    for qh, kh in ((q1, k1), (q2, k2))
-                )
-                visible = _visible(start, i, block, length - 1, S, sliding, window)
-                carry = step(carry, s, visible, c[b, rows])
-            (acc,), m, l = carry
+            states = []
+            for first in range(consumers):
+                m = jnp.full((G // P, P * R), NEG, f32)
+                carry = ([jnp.zeros((G // P, P * R, r), f32)], m, jnp.zeros_like(m))
+                for i in range(first, blocks, consumers):
+                    rows = slice(start + i * block, start + (i + 1) * block)
+                    s = sum(
+                        jnp.einsum("gqn,gsn->gqs", qh[b], kh[b, :, rows], preferred_element_type=f32)
+                        for qh, kh in ((q1, k1), (q2, k2))
+                    )
+                    visible = _visible(start, i, block, length - 1, S, sliding, window)
+                    carry = step(carry, s, visible, c[b, rows])
+                (acc,), m, l = carry
+                states.append((acc, m, l))
+            acc, m, l = states[0]
+            for acc_w, m_w, l_w in states[1:]:  # the kernel's merge: both rescaled to the larger max
+                top = jnp.maximum(m, m_w)
+                alpha, alpha_w = jnp.exp(m - top), jnp.exp(m_w - top)
+                acc = acc * alpha[..., None] + acc_w * alpha_w[..., None]
+                m, l = top, l * alpha + l_w * alpha_w
             slices.append((acc, m, l))
     # [B, J, Gp, ...] -> [B, Gp, J, ...]
     stacked = (jnp.stack(x).reshape(B, splits, *x[0].shape) for x in zip(*slices, strict=True))
@@ -93,6 +131,8 @@ CASES = {
     # the ring buffer of a sliding layer, wrapped, with a window shorter than the cache
     "sliding": dict(G=2, R=8, d=64, r=64, slots=256, lengths=[50, 300, 1000], launch=Launch(2, 64, True),
                     window=100, sliding=True),
+    # slices of 3, 0, 4, 1 blocks: at 8 warps, warpgroup shares of 2 + 1, none, 2 + 2, 1 + 0
+    "shares": dict(G=2, R=8, d=64, r=64, slots=512, lengths=[150, 300], launch=Launch(2, 64, True)),
 }  # fmt: skip
 
 
@@ -105,14 +145,17 @@ def close(got, want, tight, loose, rtol_tight=0.0, rtol_loose=0.0):
     assert beyond.mean() <= 0.01, f"{beyond.sum()} of {beyond.size} past {tight} (+ {rtol_tight} relative)"
 
 
+@pytest.mark.parametrize("warps", [4, 8])
 @pytest.mark.parametrize("name", list(CASES))
-def test_slices_equal_the_jnp_walk(name):
-    """acc, m, l per slice, against a walk rounding at the same points: the products' float32 sums only
-    differ in order (1e-5 relative bounds it), which may move a rounding of a key or of p by one bf16 step.
-    One p's step moves acc by at most BF16_ULP x max|c| (p <= 1); one key's moves a score by
-    |q_i| x ulp(k_i) (< 1e-2 here), so m by as much and l by as much relatively."""
+def test_slices_equal_the_jnp_walk(name, warps, warpgroups_compiled_once):
+    """acc, m, l per slice, against a walk rounding at the same points (at 8 warps each warpgroup's share
+    of the blocks walked apart, then merged): the products' float32 sums only differ in order (1e-5
+    relative bounds it), which may move a rounding of a key or of p by one bf16 step. One p's step moves
+    acc by at most BF16_ULP x max|c| (p <= 1); one key's moves a score by |q_i| x ulp(k_i) (< 1e-2 here),
+    so m by as much and l by as much relatively."""
     case = dict(CASES[name])
     launch, window, sliding = case.pop("launch"), case.pop("window", None), case.pop("sliding", False)
+    launch = launch._replace(warps=warps)
     args = inputs(**case)
     got = flash_decode_mosaic.decompressed_splits(*args, window, sliding, launch)
     want = walked(*args, window, sliding, launch)
@@ -121,19 +164,20 @@ def test_slices_equal_the_jnp_walk(name):
     close(got[1], want[1], 1e-5, 1e-2)
     close(got[2], want[2], 1e-5, 1e-5, rtol_tight=1e-5, rtol_loose=1e-2)
     empty = np.asarray(want[2] == 0)  # slices that saw no slot: m stays NEG, l and acc 0
-    if name == "ragged":
+    if name in ("ragged", "shares"):
         assert empty.any()
     np.testing.assert_array_equal(np.asarray(got[1])[empty], np.float32(NEG))
     np.testing.assert_array_equal(np.asarray(got[2])[empty], 0.0)
     np.testing.assert_array_equal(np.asarray(got[0])[empty], 0.0)
 
 
-def test_merged_slices_equal_float32_attention():
+@pytest.mark.parametrize("warps", [4, 8])
+def test_merged_slices_equal_float32_attention(warps, warpgroups_compiled_once):
     """`combine` over the kernel's slices, with sinks, against attention in float32 on the same bf16 cache
     (keys and p unrounded). Rounding each key to bf16 moves a score by at most ulp/2 x sum_i |q_i k_i|
     (`bound`), which moves each weight by a factor within exp(+-2 bound); rounding p adds BF16_ULP / 2."""
     G, R, d, r, slots, lengths = 4, 8, 64, 128, 256, [1, 100, 256]
-    launch = Launch(2, 64, True)
+    launch = Launch(2, 64, True, warps=warps)
     q, c, key_up, (cos, sin), lengths_ = inputs(G, R, d, r, slots, lengths, seed=1)
     sinks = jax.random.normal(jax.random.key(2), (G * R,))
     acc, m, l = flash_decode_mosaic.decompressed_splits(q, c, key_up, (cos, sin), lengths_, launch=launch)
@@ -166,10 +210,13 @@ def test_merged_slices_equal_float32_attention():
     assert drift < 0.05  # a bound that still says something
 
 
+@pytest.mark.parametrize("warps", [4, 8])
 @pytest.mark.parametrize(("window", "sliding"), [(None, False), (128, True)])
-def test_lowers_for_cuda_at_gpt_oss_20b_shape(window, sliding):
+def test_lowers_for_cuda_at_gpt_oss_20b_shape(window, sliding, warps):
     """gpt-oss-20b's decode step (8 kv heads of 8 query heads, head dim 64, latent 192) over 4096 slots of
-    a bf16 cache in 16 slices, batch 2: the kernel lowers for CUDA from the CPU."""
+    a bf16 cache in 16 slices, batch 2: the kernel lowers for CUDA from the CPU, one warpgroup a program or
+    two, within the 227 KB of shared memory a block that Mosaic GPU checks its count against when it lowers
+    (no device to ask here)."""
     B, G, R, d, r, S = 2, 8, 8, 64, 192, 4096
     P, f32, bf16 = kv_heads_per_program(G, R), jnp.float32, jnp.bfloat16
     spec = jax.ShapeDtypeStruct
@@ -178,7 +225,7 @@ def test_lowers_for_cuda_at_gpt_oss_20b_shape(window, sliding):
         (spec((G // P, r, P * d), bf16), spec((G // P, P * d), f32)),
         (spec((1, S, d // 2), f32), spec((1, S, d // 2), f32)), spec((B,), jnp.int32),
     )  # fmt: skip
-    launch = Launch(16, 64, interpret=False)
+    launch = Launch(16, 64, interpret=False, warps=warps)
     lowered = jax.jit(
         flash_decode_mosaic.decompressed_splits, static_argnames=("window", "sliding", "launch")
     )
@@ -188,21 +235,24 @@ def test_lowers_for_cuda_at_gpt_oss_20b_shape(window, sliding):
 
 
 def test_rejects_what_it_cannot_run():
-    """A float32 cache (its wgmma would be tf32, whose B operand must be K-major) and blocks shorter than
-    a wgmma's 64 rows are refused with what to change."""
+    """A float32 cache (its wgmma would be tf32, whose B operand must be K-major), blocks shorter than a
+    wgmma's 64 rows and warps other than one or two warpgroups' are refused with what to change."""
     args = inputs(2, 8, 64, 64, 128, [5])
     f32_args = (args[0], args[1].astype(jnp.float32), *args[2:])
     with pytest.raises(ValueError, match=r"16-bit cache.*float32"):
         flash_decode_mosaic.decompressed_splits(*f32_args, launch=Launch(2, 64, True))
     with pytest.raises(ValueError, match="block 32"):
         flash_decode_mosaic.decompressed_splits(*args, launch=Launch(2, 32, True))
+    with pytest.raises(ValueError, match="warps 6"):
+        flash_decode_mosaic.decompressed_splits(*args, launch=Launch(2, 64, True, warps=6))
+    assert not flash_decode_mosaic.runs(jnp.bfloat16, Launch(2, 64, True, warps=6))
 
 
-def test_model_decode_takes_it_where_it_runs(monkeypatch):
-    """`flash_decode.DECOMPRESSED_KERNEL = "mosaic"`: a decompressed layer's decode
-    (`mla_decompressed_decode`, what the model calls) runs on this kernel for a 16-bit cache in 64-slot
-    blocks, and gives the Triton kernel's output (both interpreted, the same rounding points: within two
-    bf16 steps of the largest); a float32 cache or shorter blocks keep the Triton kernel."""
+def test_model_decode_takes_it_where_it_runs(monkeypatch, warpgroups_compiled_once):
+    """`flash_decode.DECOMPRESSED_KERNEL = "mosaic"` (or "mosaic2": two warpgroups): a decompressed layer's
+    decode (`mla_decompressed_decode`, what the model calls) runs on this kernel for a 16-bit cache in
+    64-slot blocks, and gives the Triton kernel's output (both interpreted, the same rounding points:
+    within two bf16 steps of the largest); a float32 cache or shorter blocks keep the Triton kernel."""
     from gptoss_mla_jax import flash_decode
 
     G, R, d, r, S = 2, 8, 64, 64, 256
@@ -217,13 +267,15 @@ def test_model_decode_takes_it_where_it_runs(monkeypatch):
         q, kv_b, c, slots, sinks, (jnp.cos(angles), jnp.sin(angles)), launch
     )
     triton = np.asarray(decode(launch), np.float32)
-    calls = []
+    calls = []  # the warps of each launch the Mosaic GPU kernel ran at
     real = flash_decode_mosaic.decompressed_splits
-    monkeypatch.setattr(flash_decode_mosaic, "decompressed_splits", lambda *a: calls.append(1) or real(*a))
-    monkeypatch.setattr(flash_decode, "DECOMPRESSED_KERNEL", "mosaic")
-    mosaic = np.asarray(decode(launch), np.float32)
-    assert calls == [1]
-    np.testing.assert_allclose(mosaic, triton, rtol=0, atol=2 * BF16_ULP * np.abs(triton).max())
+    spy = lambda *a: calls.append(a[-1].warps) or real(*a)
+    monkeypatch.setattr(flash_decode_mosaic, "decompressed_splits", spy)
+    for kernel, warps in (("mosaic", 4), ("mosaic2", 8)):  # "mosaic2": two warpgroups a program
+        monkeypatch.setattr(flash_decode, "DECOMPRESSED_KERNEL", kernel)
+        mosaic = np.asarray(decode(launch), np.float32)
+        assert calls[-1] == warps
+        np.testing.assert_allclose(mosaic, triton, rtol=0, atol=2 * BF16_ULP * np.abs(triton).max())
     decode(Launch(2, 32, True))
     decode(launch, c.astype(jnp.float32))
-    assert calls == [1]  # neither ran here
+    assert calls == [4, 8]  # neither ran here

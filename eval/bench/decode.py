@@ -276,10 +276,10 @@ HEAD_BLOCKS = {
     "mla_partial": [dict(block=64, warps=4, stages=2, head_block=h) for h in (32, 16)],
     "mla_mosaic": [],
 }
-# The Mosaic GPU decompressed kernel (`flash_decode_mosaic`): warps and stages are its own, and one program
-# of 64-slot blocks takes 200 KB of an H200 SM's shared memory (128-slot blocks or four kv heads would not
-# fit).
-MOSAIC_CONFIGS = [dict(block=64, warps=4, stages=2)]
+# The Mosaic GPU decompressed kernel (`flash_decode_mosaic`): one warpgroup a program (4 warps) or two that
+# share its blocks (8); 64-slot blocks (a program of 128-slot blocks or four kv heads would not fit an H200
+# SM's shared memory); its pipeline is its own (stages unused).
+MOSAIC_CONFIGS = [dict(block=64, warps=4, stages=2), dict(block=64, warps=8, stages=2)]
 
 
 def kernel_rows(
@@ -883,8 +883,9 @@ def main(argv=None) -> int:
     )  # fmt: skip
     parser.add_argument(
         "--decompressed-kernels", default=flash_decode.DECOMPRESSED_KERNEL,
-        help="steps with the decompressed MLA layers' decode on the Triton or the Mosaic GPU kernel "
-        "(flash_decode.DECOMPRESSED_KERNEL), each of these in turn, e.g. triton,mosaic",
+        help="steps with the decompressed MLA layers' decode on the Triton or the Mosaic GPU kernel, the "
+        "latter with one or two warpgroups a program (flash_decode.DECOMPRESSED_KERNEL: triton, mosaic, "
+        "mosaic2), each of these in turn, e.g. triton,mosaic,mosaic2",
     )  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="a tiny model (CPU check of the script)")
     parser.add_argument("--out", help="write the results as JSON here")

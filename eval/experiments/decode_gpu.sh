@@ -44,9 +44,9 @@
 #   matvec     the one-row projection kernel against XLA's product (agreement, device time) and over a
 #              sweep of launches, then the loop at 1 x 4K of GQA and MLA with it and GQA's q / k / v
 #              finishing kernel, with it alone, and with neither
-#   mosaic     the Mosaic GPU probe on this JAX, then decompressed MLA's Triton and Mosaic GPU kernels at 32K
-#              (batches 1, 8, 64; agreement with the jnp path and time, one process)
-#   mosaic_e2e the decompressed MLA model's loop at 1 x 32K and 64 x 32K on either kernel, in one process
+#   mosaic     the Mosaic GPU probe on this JAX, then decompressed MLA's Triton and Mosaic GPU kernels (one and
+#              two warpgroups a program) at 32K (batches 1, 8, 64; agreement with the jnp path and time)
+#   mosaic_e2e the decompressed MLA model's loop at 1 x 32K and 64 x 32K on each kernel, in one process
 #   bash eval/experiments/decode_gpu.sh OUT_DIR [STAGES]        (default: check,moe,profile,e2e)
 set -uo pipefail
 OUT=${1:?usage: bash eval/experiments/decode_gpu.sh OUT_DIR [STAGES]}
@@ -122,7 +122,7 @@ for stage in ${STAGES//,/ }; do
       run decode_kernels_mosaic 420 eval.bench.decode --kernels --models mla,mla_mosaic --batches 1,8,64 \
         --contexts 32768 ;;
     mosaic_e2e) run decode_e2e_mosaic 500 eval.bench.decode --cuda-graphs --decode-kernels on --models mla \
-      --batches 1,64 --contexts 32768 --loop-steps 16 --repeats 5 --decompressed-kernels triton,mosaic ;;
+      --batches 1,64 --contexts 32768 --loop-steps 16 --repeats 5 --decompressed-kernels triton,mosaic,mosaic2 ;;
     capacity) run decode_capacity 400 eval.bench.decode --capacity --decode-kernels on --partial --contexts 32768,131072 ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
