@@ -14,7 +14,8 @@ The way around it that `flash_decode_mosaic` takes: every operand plain, and an 
 computes stored transposed into shared memory (`transposed_store`: `(a @ b)^T @ c`), for which the CUDA
 lowering and the interpreter each accept a spelling of their own (`flash_decode_mosaic.spellings`); the
 row reports the lowering of the one and the interpreter's result of the other, and
-`checkable_with_a_transposed_store` whether both hold.
+`checkable_with_a_transposed_store` whether both hold. On a GPU every row also runs its kernel compiled
+(`compiled_max_abs_difference`): the numbers of the lowered spellings, which the interpreter never runs.
 """
 
 from __future__ import annotations
@@ -113,52 +114,48 @@ def cause(e: Exception) -> str:
     return f"{type(e).__name__}: {lines[-1] if lines else ''}"[:300]
 
 
-def probe(transposed: bool) -> dict:
-    keys = jax.random.split(jax.random.key(0))
-    a, b = (jax.random.normal(key, (N, N), jnp.bfloat16) for key in keys)
-    row = {"operand": "transposed" if transposed else "plain"}
+def check(row: dict, make, args, want) -> dict:
+    """`row` with what this JAX does with the kernel `make(interpret)` on `args`: whether it lowers for
+    CUDA (no GPU needed), on a GPU the compiled kernel's largest difference from `want`, and whether the
+    Mosaic GPU interpreter runs it, with its largest difference."""
     try:
-        jax.jit(matmul_kernel(transposed, None)).trace(a, b).lower(lowering_platforms=("cuda",))
+        jax.jit(make(None)).trace(*args).lower(lowering_platforms=("cuda",))
         row["lowers_for_cuda"] = True
     except Exception as e:  # the finding is the failure: name it
         row["lowers_for_cuda"], row["lowering_error"] = False, cause(e)
+    if row["lowers_for_cuda"] and jax.default_backend() == "gpu":  # the lowered spelling's own numbers
+        try:
+            row["compiled_max_abs_difference"] = float(jnp.abs(make(None)(*args) - want).max())
+        except Exception as e:
+            row["compiled_error"] = cause(e)
     params = interpreter()
     if params is None:
         row["interpreted"], row["interpreter_error"] = False, "no Mosaic GPU interpreter in this JAX"
         return row
-    want = jnp.dot(a.astype(jnp.float32), (b.T if transposed else b).astype(jnp.float32))
     try:
-        got = matmul_kernel(transposed, params)(a, b)
+        got = make(params)(*args)
         row["interpreted"] = True
         row["max_abs_difference"] = float(jnp.abs(got - want).max())
     except Exception as e:
         row["interpreted"], row["interpreter_error"] = False, failed(e)
     return row
+
+
+def probe(transposed: bool) -> dict:
+    keys = jax.random.split(jax.random.key(0))
+    a, b = (jax.random.normal(key, (N, N), jnp.bfloat16) for key in keys)
+    want = jnp.dot(a.astype(jnp.float32), (b.T if transposed else b).astype(jnp.float32))
+    row = {"operand": "transposed" if transposed else "plain"}
+    return check(row, lambda interpret: matmul_kernel(transposed, interpret), (a, b), want)
 
 
 def probe_transposed_store() -> dict:
     keys = jax.random.split(jax.random.key(1), 3)
     a, b, c = (jax.random.normal(key, (N, N), jnp.bfloat16) * 0.3 for key in keys)
-    row = {"operand": "transposed_store"}
-    try:
-        jax.jit(transposed_store_kernel(None)).trace(a, b, c).lower(lowering_platforms=("cuda",))
-        row["lowers_for_cuda"] = True
-    except Exception as e:
-        row["lowers_for_cuda"], row["lowering_error"] = False, cause(e)
-    params = interpreter()
-    if params is None:
-        row["interpreted"], row["interpreter_error"] = False, "no Mosaic GPU interpreter in this JAX"
-        return row
     f32 = jnp.float32
     stored = jnp.dot(a.astype(f32), b.astype(f32)).astype(jnp.bfloat16)
     want = jnp.dot(stored.astype(f32).T, c.astype(f32))
-    try:
-        got = transposed_store_kernel(params)(a, b, c)
-        row["interpreted"] = True
-        row["max_abs_difference"] = float(jnp.abs(got - want).max())
-    except Exception as e:
-        row["interpreted"], row["interpreter_error"] = False, failed(e)
-    return row
+    return check({"operand": "transposed_store"}, transposed_store_kernel, (a, b, c), want)
 
 
 def _holds(row: dict) -> bool:
