@@ -560,21 +560,22 @@ def mla_absorbed_decode(
 # The kernel of a decompressed MLA layer's decode: "triton" (`decompressed_splits`, this file's pallas_call)
 # or `flash_decode_mosaic` (Pallas Mosaic GPU, every product a wgmma): "mosaic" at the launch's warps (4: one
 # warpgroup a program, the model's launch), "mosaic2" with two warpgroups (8 warps) sharing each program's
-# blocks. Mosaic GPU takes a 16-bit cache in blocks of a multiple of 64 slots (other calls keep "triton").
+# blocks. Mosaic GPU takes a 16-bit cache in blocks of a multiple of 64 slots whose program fits an SM's
+# shared memory (`flash_decode_mosaic.runs`; other calls keep "triton").
 # Read when a step is traced; not yet timed on a GPU: `eval.bench.decode --kernels --models mla,mla_mosaic`
 # and `--decompressed-kernels triton,mosaic,mosaic2`.
 DecompressedKernel = Literal["triton", "mosaic", "mosaic2"]
 DECOMPRESSED_KERNEL: DecompressedKernel = "triton"
 
 
-def decompressed_kernel(dtype, launch: Launch) -> tuple[Callable, Launch]:
-    """The `decompressed_splits` that a cache of `dtype` decodes on at `launch`, and the launch it takes:
-    DECOMPRESSED_KERNEL's, where it runs them."""
+def decompressed_kernel(q: Array, c: Array, launch: Launch) -> tuple[Callable, Launch]:
+    """The `decompressed_splits` that queries q [B, G, R, d] over the latent cache c [B, S, r] decode on at
+    `launch`, and the launch it takes: DECOMPRESSED_KERNEL's, where it runs them."""
     if DECOMPRESSED_KERNEL != "triton":
         from gptoss_mla_jax import flash_decode_mosaic  # built on this module: imported where chosen
 
         mosaic = launch._replace(warps=8) if DECOMPRESSED_KERNEL == "mosaic2" else launch
-        if flash_decode_mosaic.runs(dtype, mosaic):
+        if flash_decode_mosaic.runs(q.shape, c.dtype, c.shape[-1], mosaic):
             return flash_decode_mosaic.decompressed_splits, mosaic
     return decompressed_splits, launch
 
@@ -603,7 +604,7 @@ def mla_decompressed_decode(
     if key_up is None:
         key_up = grouped_key_up(w[:, 0], bias[0], kv_heads_per_program(G, H // G, launch.head_block), c.dtype)
     qg = (q.astype(jnp.float32) * d**-0.5).reshape(B, G, H // G, d)
-    splits, launch = decompressed_kernel(c.dtype, launch)
+    splits, launch = decompressed_kernel(qg, c, launch)
     acc, m, l = splits(qg, c, key_up, rotations, *slots, launch)
     latent, mass = combine(acc, m, l, sinks)  # [B, G / P, P R, r], [B, G / P, P R]
     latent, mass = latent.reshape(B, G, H // G, r), mass.reshape(B, G, H // G)

@@ -60,16 +60,48 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxtyping import Array, Float, Int
 
-from gptoss_mla_jax.flash_decode import NEG, Launch, _block_diagonal, _check_split, key_groups
+from gptoss_mla_jax.flash_decode import (
+    NEG,
+    Launch,
+    _block_diagonal,
+    _check_split,
+    key_groups,
+    kv_heads_per_program,
+)
 
 ROWS = 64  # a wgmma's M: the query rows (P x R real) and the slots of a block are padded / tiled to it
 CONSUMERS = {4: 1, 8: 2}  # `Launch.warps` -> the warpgroups of a program, each a share of its blocks
 THREADS = "wg"  # the warpgroup axis of a program of several
 
 
-def runs(dtype, launch: Launch) -> bool:
-    """Whether this kernel runs a cache of `dtype` at `launch`: 16-bit, blocks of whole wgmma rows."""
-    return jnp.dtype(dtype).itemsize == 2 and launch.block % ROWS == 0 and launch.warps in CONSUMERS
+SMEM_BYTES = 232_448  # the shared memory a program may take on an H100 / H200 (227 KB)
+
+
+def smem_bytes(r: int, half: int, P: int, R: int, block: int, consumers: int) -> int:
+    """A program's shared memory as Mosaic GPU counts it (each buffer aligned to 1 KB, 2 KB of reduction
+    scratch, 8 bytes a barrier), for a latent of r, P kv heads of R query heads and rotary halves of
+    `half`, blocks of `block` slots and `consumers` warpgroups: the buffers of `_kernel`'s walk, which
+    outweigh its merge's."""
+    aligned = lambda n: -(-n // 1024) * 1024
+    pieces, M, depth = 2 * P, -(-(P * R) // ROWS) * ROWS, 2 if consumers == 1 else 1
+    buffers = consumers * depth  # of latent and of cos / sin, each warpgroup's
+    sizes = [
+        pieces * M * half * 2, pieces * r * half * 2, pieces * half * 4,  # queries, W_bk, bias (shared)
+        buffers * block * r * 2, buffers * block * half * 4, buffers * block * half * 4,  # latent, cos, sin
+        consumers * pieces * half * block * 2, consumers * M * block * 2,  # keys, p
+    ]  # fmt: skip
+    barriers = 1 + 2 * buffers + (consumers > 1)  # ready; latent and rotary arrivals; the merge's hand-off
+    return sum(map(aligned, sizes)) + 2048 + 8 * barriers
+
+
+def runs(q_shape: tuple[int, ...], dtype, r: int, launch: Launch) -> bool:
+    """Whether this kernel runs queries of `q_shape` [B, G, R, d] over a latent cache of `dtype` and width
+    r at `launch`: 16-bit, blocks of whole wgmma rows, 4 or 8 warps, and a program within SMEM_BYTES."""
+    _, G, R, d = q_shape
+    if jnp.dtype(dtype).itemsize != 2 or launch.block % ROWS or launch.warps not in CONSUMERS:
+        return False
+    P = kv_heads_per_program(G, R, launch.head_block)
+    return smem_bytes(r, d // 2, P, R, launch.block, CONSUMERS[launch.warps]) <= SMEM_BYTES
 
 
 def _interpret_params():
@@ -356,6 +388,11 @@ def decompressed_splits(
     consumers = CONSUMERS[launch.warps]
     half = d // 2
     P = key_groups(G, R, w_k, launch)
+    if (smem := smem_bytes(r, half, P, R, block, consumers)) > SMEM_BYTES:
+        raise ValueError(
+            f"block {block}, warps {launch.warps}, {P} kv heads a program: {smem:,} bytes of shared memory, "
+            f"more than a program's {SMEM_BYTES:,} (shorter blocks, 4 warps or fewer kv heads fit)"
+        )
     Gp, heads = G // P, P * R
     M = -(-heads // ROWS) * ROWS
     swizzle = _swizzle(2 * half, 2 * r, 2 * block, 4 * half)

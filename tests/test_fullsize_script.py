@@ -213,18 +213,28 @@ def test_kernel_benchmark_runs_at_a_small_size(tmp_path):
     assert [c.get("head_block") for c in rows[-1]["configs"]] == [None, 2]  # absorbed MLA's heads split too
 
 
-def test_kernel_benchmark_times_the_mosaic_gpu_kernel():
+def test_kernel_benchmark_times_the_mosaic_gpu_kernel(monkeypatch):
     """The `mla_mosaic` layer of --kernels: decompressed MLA on the Mosaic GPU kernel (interpreted here, at
-    a shape it takes: 64-slot blocks, rows of whole swizzles), agreeing with the jnp path in bf16 as the
-    Triton kernel's row does, the switch restored after."""
+    a shape it takes: 64-slot blocks, rows of whole swizzles), one warpgroup a program and two, each launch
+    run on it (not on Triton's kernel) and agreeing with the jnp path in bf16 as the Triton kernel's row
+    does; a launch it does not run is an error of that launch; the switch restored after."""
     from eval.bench import decode as bench_decode
-    from gptoss_mla_jax import flash_decode
+    from gptoss_mla_jax import flash_decode, flash_decode_mosaic
 
+    ran = []  # the warps of each launch the Mosaic GPU kernel ran at
+    real = flash_decode_mosaic.decompressed_splits
+    monkeypatch.setattr(
+        flash_decode_mosaic, "decompressed_splits", lambda *a: ran.append(a[-1].warps) or real(*a)
+    )
     rows = bench_decode.kernel_rows([1], [128], 1, True, lambda row: None, ("mla_mosaic",))
     [row] = [r for r in rows if "layer" in r]
-    assert "error" not in row, row
+    assert "error" not in row and all("error" not in c for c in row["configs"]), row
+    assert sorted(set(ran)) == [4, 8]
     assert row["max_abs_error"] <= 2**-6 * row["max_abs_reference"]
     assert flash_decode.DECOMPRESSED_KERNEL == "triton"
+    monkeypatch.setattr(bench_decode, "MOSAIC_CONFIGS", [dict(block=64, warps=6, stages=2)])
+    rows = bench_decode.kernel_rows([1], [128], 1, True, lambda row: None, ("mla_mosaic",))
+    assert "does not run" in next(r for r in rows if "layer" in r)["error"]
 
 
 def test_kernel_benchmark_without_the_stock_peer(monkeypatch):

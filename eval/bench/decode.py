@@ -38,7 +38,7 @@ import numpy as np
 
 from eval.bench.timing import timed
 from gptoss_mla_jax import attention as attention_lib
-from gptoss_mla_jax import flash_decode, mla, routing
+from gptoss_mla_jax import flash_decode, flash_decode_mosaic, mla, routing
 from gptoss_mla_jax import gmm as gmm_lib
 from gptoss_mla_jax import model as model_lib
 from gptoss_mla_jax import moe as moe_lib
@@ -725,6 +725,16 @@ def kernel_case(layer: str, batch: int, context: int, G, R, d, n2, r, dtype) -> 
         kernel = lambda launch: (
             lambda q, c: flash_decode.mla_decompressed_decode(q, kv_b, c, slots, sinks, rotations(), launch)
         )
+        if (
+            layer == "mla_mosaic"
+        ):  # a launch the Mosaic GPU kernel does not run is an error, not Triton's time
+            triton = kernel
+
+            def kernel(launch):
+                if not flash_decode_mosaic.runs((batch, G, R, d), dtype, r + G * n2, launch):
+                    raise ValueError(f"the Mosaic GPU kernel does not run {launch} at this shape")
+                return triton(launch)
+
         reference = lambda q, c: attend(
             q[:, None], [(*mla.keys_values({"kv_b": kv_b}, {"c": c}, pos, config, 1), pos, visible)], q_pos,
             sinks, None,
@@ -885,7 +895,8 @@ def main(argv=None) -> int:
         "--decompressed-kernels", default=flash_decode.DECOMPRESSED_KERNEL,
         help="steps with the decompressed MLA layers' decode on the Triton or the Mosaic GPU kernel, the "
         "latter with one or two warpgroups a program (flash_decode.DECOMPRESSED_KERNEL: triton, mosaic, "
-        "mosaic2), each of these in turn, e.g. triton,mosaic,mosaic2",
+        "mosaic2; a step the Mosaic GPU kernel does not run, e.g. of a float32 cache or of blocks not of 64 "
+        "slots, keeps Triton's), each of these in turn, e.g. triton,mosaic,mosaic2",
     )  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="a tiny model (CPU check of the script)")
     parser.add_argument("--out", help="write the results as JSON here")

@@ -47,8 +47,10 @@ def interpreter():
 def failed(e: Exception) -> str:
     """An interpreted kernel's failure, named (`cause`), after clearing the interpreter's state: a kernel
     that stopped midway leaves its barriers allocated, which the next interpreted kernel would trip on."""
-    from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import reset_gpu_interpret_mode_state
-
+    try:  # private in JAX 0.10.2, like the interpreter's parameters
+        from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import reset_gpu_interpret_mode_state
+    except ImportError:
+        return cause(e)
     reset_gpu_interpret_mode_state()
     return cause(e)
 
