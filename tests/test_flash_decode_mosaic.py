@@ -24,6 +24,8 @@ from gptoss_mla_jax.flash_decode import (
 )
 
 BF16_ULP = 2.0**-8  # bf16's relative spacing: one rounding is off by at most half of it
+# The kernel compiled where a GPU is (`decode_gpu.sh OUT mosaic` runs this file there), else interpreted.
+INTERPRET = jax.default_backend() != "gpu"
 
 
 @pytest.fixture
@@ -122,17 +124,17 @@ def walked(q, c, key_up, rotations, lengths, window, sliding, launch):
 
 CASES = {
     # ragged, length 1 (its second slice sees no slot), a full cache; 70 is off the block edges
-    "ragged": dict(G=2, R=8, d=64, r=64, slots=256, lengths=[1, 70, 256], launch=Launch(2, 64, True)),
+    "ragged": dict(G=2, R=8, d=64, r=64, slots=256, lengths=[1, 70, 256], launch=Launch(2, 64, INTERPRET)),
     # several slices of gpt-oss's latent width, per-sequence rotations
-    "splits": dict(G=2, R=8, d=64, r=192, slots=512, lengths=[130, 511], launch=Launch(4, 64, True),
+    "splits": dict(G=2, R=8, d=64, r=192, slots=512, lengths=[130, 511], launch=Launch(4, 64, INTERPRET),
                    per_sequence=True),
     # one kv head a program (N = 32 columns: a 64-byte swizzle), blocks of 128
-    "one_head": dict(G=2, R=16, d=64, r=64, slots=256, lengths=[200, 5], launch=Launch(2, 128, True)),
+    "one_head": dict(G=2, R=16, d=64, r=64, slots=256, lengths=[200, 5], launch=Launch(2, 128, INTERPRET)),
     # the ring buffer of a sliding layer, wrapped, with a window shorter than the cache
-    "sliding": dict(G=2, R=8, d=64, r=64, slots=256, lengths=[50, 300, 1000], launch=Launch(2, 64, True),
+    "sliding": dict(G=2, R=8, d=64, r=64, slots=256, lengths=[50, 300, 1000], launch=Launch(2, 64, INTERPRET),
                     window=100, sliding=True),
     # slices of 3, 0, 4, 1 blocks: at 8 warps, warpgroup shares of 2 + 1, none, 2 + 2, 1 + 0
-    "shares": dict(G=2, R=8, d=64, r=64, slots=512, lengths=[150, 300], launch=Launch(2, 64, True)),
+    "shares": dict(G=2, R=8, d=64, r=64, slots=512, lengths=[150, 300], launch=Launch(2, 64, INTERPRET)),
 }  # fmt: skip
 
 
@@ -184,7 +186,7 @@ def test_merged_slices_equal_float32_attention(warps, warpgroups_compiled_once):
     p adds ulp/2 to the weights of the latent's sum (l sums p unrounded); float32 sums in another order add
     1e-5 relatively. The bound is tight enough to see a block of 64 slots left out of a sequence."""
     G, R, d, r, slots, lengths = 4, 8, 64, 128, 256, [1, 100, 256]
-    launch = Launch(2, 64, True, warps=warps)
+    launch = Launch(2, 64, INTERPRET, warps=warps)
     q, c, key_up, (cos, sin), lengths_ = inputs(G, R, d, r, slots, lengths, seed=1)
     sinks = jax.random.normal(jax.random.key(2), (G * R,))
     acc, m, l = flash_decode_mosaic.decompressed_splits(q, c, key_up, (cos, sin), lengths_, launch=launch)
@@ -257,11 +259,11 @@ def test_rejects_what_it_cannot_run():
     args = inputs(2, 8, 64, 64, 128, [5])
     f32_args = (args[0], args[1].astype(jnp.float32), *args[2:])
     with pytest.raises(ValueError, match=r"16-bit cache.*float32"):
-        flash_decode_mosaic.decompressed_splits(*f32_args, launch=Launch(2, 64, True))
+        flash_decode_mosaic.decompressed_splits(*f32_args, launch=Launch(2, 64, INTERPRET))
     with pytest.raises(ValueError, match="block 32"):
-        flash_decode_mosaic.decompressed_splits(*args, launch=Launch(2, 32, True))
+        flash_decode_mosaic.decompressed_splits(*args, launch=Launch(2, 32, INTERPRET))
     with pytest.raises(ValueError, match="warps 6"):
-        flash_decode_mosaic.decompressed_splits(*args, launch=Launch(2, 64, True, warps=6))
+        flash_decode_mosaic.decompressed_splits(*args, launch=Launch(2, 64, INTERPRET, warps=6))
     runs = lambda launch, dtype=jnp.bfloat16: flash_decode_mosaic.runs((1, 8, 8, 64), dtype, 192, launch)
     assert runs(Launch(2, 64)) and runs(Launch(2, 64, warps=8))
     assert (
@@ -270,7 +272,7 @@ def test_rejects_what_it_cannot_run():
     assert not runs(Launch(2, 128)) and not runs(Launch(2, 128, warps=8))  # past an SM's shared memory
     gpt_oss = inputs(8, 8, 64, 192, 256, [5])
     with pytest.raises(ValueError, match="block 128, warps 4, 2 kv heads a program: 281,640 bytes"):
-        flash_decode_mosaic.decompressed_splits(*gpt_oss, launch=Launch(2, 128, True))
+        flash_decode_mosaic.decompressed_splits(*gpt_oss, launch=Launch(2, 128, INTERPRET))
 
 
 @pytest.mark.parametrize(
@@ -316,7 +318,7 @@ def test_model_decode_takes_it_where_it_runs(monkeypatch, warpgroups_compiled_on
     kv_b = {"kernel": normal(r, 2 * G * d) * r**-0.5, "bias": normal(2 * G * d) * 0.3}
     angles = normal(1, S, d // 2) * 3.0
     slots = flash_decode.Slots(jnp.array([70, 256], jnp.int32))
-    sinks, launch = normal(G * R), Launch(2, 64, True)
+    sinks, launch = normal(G * R), Launch(2, 64, INTERPRET)
     decode = lambda launch, c=c: flash_decode.mla_decompressed_decode(
         q, kv_b, c, slots, sinks, (jnp.cos(angles), jnp.sin(angles)), launch
     )
@@ -330,6 +332,6 @@ def test_model_decode_takes_it_where_it_runs(monkeypatch, warpgroups_compiled_on
         mosaic = np.asarray(decode(launch), np.float32)
         assert calls[-1] == warps
         np.testing.assert_allclose(mosaic, triton, rtol=0, atol=2 * BF16_ULP * np.abs(triton).max())
-    decode(Launch(2, 32, True))
+    decode(Launch(2, 32, INTERPRET))
     decode(launch, c.astype(jnp.float32))
     assert calls == [4, 8]  # neither ran here

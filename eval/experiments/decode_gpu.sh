@@ -44,8 +44,9 @@
 #   matvec     the one-row projection kernel against XLA's product (agreement, device time) and over a
 #              sweep of launches, then the loop at 1 x 4K of GQA and MLA with it and GQA's q / k / v
 #              finishing kernel, with it alone, and with neither
-#   mosaic     the Mosaic GPU probe on this JAX, then decompressed MLA's Triton and Mosaic GPU kernels (one and
-#              two warpgroups a program) at 32K (batches 1, 8, 64; agreement with the jnp path and time)
+#   mosaic     the Mosaic GPU probe on this JAX, the Mosaic GPU kernel's tests compiled (pytest, carried in
+#              .whl), then decompressed MLA's Triton and Mosaic GPU kernels (one and two warpgroups a
+#              program) at 32K (batches 1, 8, 64; agreement with the jnp path and time)
 #   mosaic_e2e the decompressed MLA model's loop at 1 x 32K and 64 x 32K on each kernel, in one process
 #   bash eval/experiments/decode_gpu.sh OUT_DIR [STAGES]        (default: check,moe,profile,e2e)
 set -uo pipefail
@@ -119,6 +120,9 @@ for stage in ${STAGES//,/ }; do
       --batches 1 --contexts 4096 --loop-steps 16 --repeats 5 --one-token finish,matvec,off ;;
     mosaic)
       run mosaic_gpu_probe 90 eval.experiments.mosaic_gpu_probe
+      echo "==> mosaic_tests: the Mosaic GPU kernel's tests, compiled" >> "$OUT/decode_gpu.log"
+      timeout 240 python -m pytest -q -o addopts="" -p no:cacheprovider tests/test_flash_decode_mosaic.py \
+        >> "$OUT/decode_gpu.log" 2>&1 || echo "mosaic_tests: exit $?" | tee -a "$OUT/decode_gpu.log"
       run decode_kernels_mosaic 420 eval.bench.decode --kernels --models mla,mla_mosaic --batches 1,8,64 \
         --contexts 32768 ;;
     mosaic_e2e) run decode_e2e_mosaic 500 eval.bench.decode --cuda-graphs --decode-kernels on --models mla \
