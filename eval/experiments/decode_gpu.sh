@@ -46,7 +46,8 @@
 #              finishing kernel, with it alone, and with neither
 #   mosaic     the Mosaic GPU probe on this JAX, the Mosaic GPU kernel's tests compiled (pytest, carried in
 #              .whl), then decompressed MLA's Triton and Mosaic GPU kernels (one and two warpgroups a
-#              program) at 32K (batches 1, 8, 64; agreement with the jnp path and time)
+#              program) at 64 x 32K (agreement with the jnp path and time), within one device call
+#   mosaic_small the two kernels likewise at batches 1 and 8 (32K)
 #   mosaic_e2e the decompressed MLA model's loop at 1 x 32K and 64 x 32K on each kernel, in one process
 #   bash eval/experiments/decode_gpu.sh OUT_DIR [STAGES]        (default: check,moe,profile,e2e)
 set -uo pipefail
@@ -123,8 +124,10 @@ for stage in ${STAGES//,/ }; do
       echo "==> mosaic_tests: the Mosaic GPU kernel's tests, compiled" >> "$OUT/decode_gpu.log"
       timeout 240 python -m pytest -q -o addopts="" -p no:cacheprovider tests/test_flash_decode_mosaic.py \
         >> "$OUT/decode_gpu.log" 2>&1 || echo "mosaic_tests: exit $?" | tee -a "$OUT/decode_gpu.log"
-      run decode_kernels_mosaic 420 eval.bench.decode --kernels --models mla,mla_mosaic --batches 1,8,64 \
+      run decode_kernels_mosaic 300 eval.bench.decode --kernels --models mla,mla_mosaic --batches 64 \
         --contexts 32768 ;;
+    mosaic_small) run decode_kernels_mosaic_small 400 eval.bench.decode --kernels --models mla,mla_mosaic \
+      --batches 1,8 --contexts 32768 ;;
     mosaic_e2e) run decode_e2e_mosaic 500 eval.bench.decode --cuda-graphs --decode-kernels on --models mla \
       --batches 1,64 --contexts 32768 --loop-steps 16 --repeats 5 --decompressed-kernels triton,mosaic,mosaic2 ;;
     capacity) run decode_capacity 400 eval.bench.decode --capacity --decode-kernels on --partial --contexts 32768,131072 ;;
