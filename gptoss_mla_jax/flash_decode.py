@@ -456,12 +456,14 @@ def grouped_key_up(
 ) -> tuple[Float[Array, "Gp r PD"], Float[Array, "Gp PD"]]:
     """A decompressed layer's key up-projection (W_bk, b_k) in its kernel's layout for P kv heads a program:
     per group of P kv heads, columns [half (2), kv head (P), frequency], so that one product rebuilds the
-    group's keys split in their rotary halves; the weights in `dtype` (the cache's)."""
+    group's keys split in their rotary halves; the weights in `dtype` (the cache's), the bias in float32
+    (both kernels add it to float32 sums: converted here, where a decode loop derives it once, not in each
+    step)."""
     G, d = w_k.shape[1:]
     grouped = lambda x: (
         x.reshape(*x.shape[:-2], G // P, P, 2, d // 2).swapaxes(-3, -2).reshape(*x.shape[:-2], G // P, P * d)
     )
-    return jnp.moveaxis(grouped(w_k.astype(dtype)), 1, 0), grouped(b_k)
+    return jnp.moveaxis(grouped(w_k.astype(dtype)), 1, 0), grouped(b_k.astype(jnp.float32))
 
 
 def combine(

@@ -162,7 +162,8 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
             interpret: bool, swizzle: int, consumers: int):  # fmt: skip
     """Program (b, j, g): see the module docstring. The 2P pieces i = h P + p (rotary half h, kv head p):
     q_g [B, Gp, 2P, M, half] (piece i: the columns of kv head p of half h's block-diagonal queries),
-    w_g [Gp, 2P, r, half], b_g [Gp, 2P, half], cos_g / sin_g [Bc, S, half] (one row of frequencies a slot,
+    w_g [Gp, r, 2P x half], b_g [Gp, 2P x half] (`grouped_key_up`'s layout: piece i its columns
+    [i half, (i + 1) half)), cos_g / sin_g [Bc, S, half] (one row of frequencies a slot,
     shared by the P heads), acc_g [B, Gp, J, P x R, r], m_g / l_g [B, Gp, J, M]. `consumers` warpgroups
     (1 or 2) share the slice's blocks."""
     store_transposed, iota, columns, rows = spellings(interpret)
@@ -217,8 +218,10 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
         @pl.when(w == 0)
         def _():  # every warpgroup reads the queries and W_bk: loaded once
             plgpu.copy_gmem_to_smem(q_g.at[b, g], q_s, ready)
-            plgpu.copy_gmem_to_smem(w_g.at[g], w_s, ready)
-            plgpu.copy_gmem_to_smem(b_g.at[g], bias_s, ready)
+            for i in range(pieces):  # piece i: columns [i half, (i + 1) half) of `grouped_key_up`'s layout
+                cols = pl.ds(i * half, half)
+                plgpu.copy_gmem_to_smem(w_g.at[g, :, cols], w_s.at[i], ready)
+                plgpu.copy_gmem_to_smem(b_g.at[g, cols], bias_s.at[i], ready)
 
         buffer = lambda u: w * depth + lax.rem(u, depth)  # of this warpgroup's u-th block
         first = lambda u: start + (w + u * consumers) * block  # that block's first slot
@@ -307,7 +310,7 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
     acc, m, l = pl.run_scoped(
         scope, K(pieces, M, half), K(pieces, r, half), plgpu.SMEM((pieces, half), f32), K(n, block, r),
         F(n, block, half), F(n, block, half), K(consumers * pieces, half, block), K(consumers, M, block),
-        plgpu.Barrier(num_arrivals=3), plgpu.Barrier(num_arrivals=1, num_barriers=n),
+        plgpu.Barrier(num_arrivals=1 + 2 * pieces), plgpu.Barrier(num_arrivals=1, num_barriers=n),
         plgpu.Barrier(num_arrivals=2, num_barriers=n), **shared,
     )  # fmt: skip
     heads = acc_g.shape[-2]
@@ -403,8 +406,6 @@ def decompressed_splits(
     pieces = jnp.stack(parts, axis=2).reshape(B, Gp, 2, heads, P, half).transpose(0, 1, 2, 4, 3, 5)
     queries = jnp.pad(pieces.reshape(B, Gp, 2 * P, heads, half), ((0, 0),) * 3 + ((0, M - heads), (0, 0)))
     # `grouped_key_up`'s columns [half (2), kv head (P), frequency] cut into the 2P pieces' [r, half]
-    w = w_k.astype(c.dtype).reshape(Gp, r, 2 * P, half).transpose(0, 2, 1, 3)  # [Gp, 2P, r, half]
-    bias = b_k.astype(jnp.float32).reshape(Gp, 2 * P, half)
     kernel = functools.partial(
         _kernel, block=block, split=S // splits, slots=S, window=window, sliding=sliding,
         per_sequence=cos.shape[0] > 1, interpret=launch.interpret, swizzle=swizzle, consumers=consumers,
@@ -421,5 +422,8 @@ def decompressed_splits(
         **(dict(num_threads=consumers, thread_name=THREADS) if consumers > 1 else {}),
     )  # fmt: skip
     lengths = lengths.astype(jnp.int32).reshape(B, 1)
-    acc, m, l = call(lengths, queries, w, bias, c, cos.astype(f32), sin.astype(f32))  # untiled: [Bc, S, half]
+    # W_bk and b_k as `grouped_key_up` lays them out (the kernel copies each piece's columns): no XLA
+    # kernel a step re-lays them out, the tables untiled [Bc, S, half]
+    w_k, b_k = w_k.astype(c.dtype), b_k.astype(f32)  # as `grouped_key_up` gives them: no XLA kernel
+    acc, m, l = call(lengths, queries, w_k, b_k, c, cos.astype(f32), sin.astype(f32))
     return acc, m[..., :heads], l[..., :heads]

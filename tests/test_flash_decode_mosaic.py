@@ -51,14 +51,15 @@ def warpgroups_compiled_once(monkeypatch):
     monkeypatch.setattr(thread_map, "_run_jaxpr", run)
 
 
-def inputs(G, R, d, r, slots, lengths, per_sequence=False, dtype=jnp.bfloat16, seed=0):
-    """Scaled queries [B, G, R, d], latent cache, grouped key up-projection, the slots' cos / sin, lengths."""
+def inputs(G, R, d, r, slots, lengths, per_sequence=False, dtype=jnp.bfloat16, seed=0, bias=jnp.float32):
+    """Scaled queries [B, G, R, d], latent cache, grouped key up-projection (its bias in `bias`, the model's
+    parameters' dtype), the slots' cos / sin, lengths."""
     B, half = len(lengths), d // 2
     keys = iter(jax.random.split(jax.random.key(seed), 6))
     normal = lambda *shape: jax.random.normal(next(keys), shape, jnp.float32)
     q = normal(B, G, R, d) * d**-0.5
     c = normal(B, slots, r).astype(dtype)
-    w_k, b_k = normal(r, G, d) * r**-0.5, normal(G, d) * 0.3
+    w_k, b_k = normal(r, G, d) * r**-0.5, (normal(G, d) * 0.3).astype(bias)
     key_up = grouped_key_up(w_k, b_k, kv_heads_per_program(G, R), dtype)
     angles = normal(B if per_sequence else 1, slots, half) * 3.0
     return q, c, key_up, (jnp.cos(angles), jnp.sin(angles)), jnp.asarray(lengths, jnp.int32)
@@ -125,9 +126,9 @@ def walked(q, c, key_up, rotations, lengths, window, sliding, launch):
 CASES = {
     # ragged, length 1 (its second slice sees no slot), a full cache; 70 is off the block edges
     "ragged": dict(G=2, R=8, d=64, r=64, slots=256, lengths=[1, 70, 256], launch=Launch(2, 64, INTERPRET)),
-    # several slices of gpt-oss's latent width, per-sequence rotations
+    # several slices of gpt-oss's latent width, per-sequence rotations, a bf16 key bias (as bf16 params)
     "splits": dict(G=2, R=8, d=64, r=192, slots=512, lengths=[130, 511], launch=Launch(4, 64, INTERPRET),
-                   per_sequence=True),
+                   per_sequence=True, bias=jnp.bfloat16),
     # one kv head a program (N = 32 columns: a 64-byte swizzle), blocks of 128
     "one_head": dict(G=2, R=16, d=64, r=64, slots=256, lengths=[200, 5], launch=Launch(2, 128, INTERPRET)),
     # the ring buffer of a sliding layer, wrapped, with a window shorter than the cache
@@ -234,13 +235,13 @@ def test_lowers_for_cuda_at_gpt_oss_20b_shape(window, sliding, warps):
     """gpt-oss-20b's decode step (8 kv heads of 8 query heads, head dim 64, latent 192) over 4096 slots of
     a bf16 cache in 16 slices, batch 2: the kernel lowers for CUDA from the CPU, one warpgroup a program or
     two, within the 227 KB of shared memory a block that Mosaic GPU checks its count against when it lowers
-    (no device to ask here)."""
+    (no device to ask here); the key bias float32, or bf16 (as the model's bf16 parameters give it)."""
     B, G, R, d, r, S = 2, 8, 8, 64, 192, 4096
     P, f32, bf16 = kv_heads_per_program(G, R), jnp.float32, jnp.bfloat16
     spec = jax.ShapeDtypeStruct
     args = (
         spec((B, G, R, d), f32), spec((B, S, r), bf16),
-        (spec((G // P, r, P * d), bf16), spec((G // P, P * d), f32)),
+        (spec((G // P, r, P * d), bf16), spec((G // P, P * d), bf16 if sliding else f32)),
         (spec((1, S, d // 2), f32), spec((1, S, d // 2), f32)), spec((B,), jnp.int32),
     )  # fmt: skip
     launch = Launch(16, 64, interpret=False, warps=warps)
