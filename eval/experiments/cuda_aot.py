@@ -426,6 +426,10 @@ def main(argv=None) -> int:
         "--loop", action="store_true", help="--step: the body of generate's device loop of decode steps"
     )
     parser.add_argument("--model", choices=MODELS, default="gqa", help="--step: the attention (model_config)")
+    parser.add_argument(
+        "--decompressed-kernel", choices=("triton", "mosaic", "mosaic2"), default="triton",
+        help="--step --model mla: the decompressed layers' decode kernel (flash_decode.DECOMPRESSED_KERNEL)",
+    )  # fmt: skip
     parser.add_argument("--ptx", action="store_true", help="tensor-core instructions of the decode kernels")
     parser.add_argument(
         "--sass", action="store_true", help="registers and main-loop instructions of the decode kernels"
@@ -438,8 +442,12 @@ def main(argv=None) -> int:
     from support.results import write_json
 
     if args.step:
+        from gptoss_mla_jax import flash_decode
+
         batch, context = (int(n) for n in args.step.split(","))
+        flash_decode.DECOMPRESSED_KERNEL = args.decompressed_kernel
         result = step_census(batch, context, args.model, args.loop)
+        result["decompressed_kernel"] = args.decompressed_kernel
     elif args.train_step:
         result = train_step_census(args.train_step)
     elif args.sass:
