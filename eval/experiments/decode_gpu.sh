@@ -122,9 +122,9 @@ for stage in ${STAGES//,/ }; do
     mosaic)
       run mosaic_gpu_probe 90 eval.experiments.mosaic_gpu_probe
       echo "==> mosaic_tests: the Mosaic GPU kernel's tests, compiled" >> "$OUT/decode_gpu.log"
-      timeout 240 python -m pytest -q -o addopts="" -p no:cacheprovider tests/test_flash_decode_mosaic.py \
+      timeout 180 python -m pytest -q -o addopts="" -p no:cacheprovider tests/test_flash_decode_mosaic.py \
         >> "$OUT/decode_gpu.log" 2>&1 || echo "mosaic_tests: exit $?" | tee -a "$OUT/decode_gpu.log"
-      run decode_kernels_mosaic 300 eval.bench.decode --kernels --models mla,mla_mosaic --batches 64 \
+      run decode_kernels_mosaic 280 eval.bench.decode --kernels --models mla,mla_mosaic --batches 64 \
         --contexts 32768 ;;
     mosaic_small) run decode_kernels_mosaic_small 400 eval.bench.decode --kernels --models mla,mla_mosaic \
       --batches 1,8 --contexts 32768 ;;
