@@ -123,15 +123,27 @@ def pow2_columns(width: int) -> list[pl.Slice]:
     return [pl.ds(sum(bits[:i]), bit) for i, bit in enumerate(bits)]
 
 
-def _visible(start, i, block: int, last, slots: int, sliding: bool, window: int | None):
-    """Which of the block's slots [1, block] the query sees (ring buffer mapped back to positions for
-    sliding layers, as `cache.cached_positions` does)."""
-    slot = start + i * block + jax.lax.broadcasted_iota(jnp.int32, (1, block), 1)
+def visible_slots(slot: Array, last, slots: int, sliding: bool, window: int | None) -> Array:
+    """Which of the cache's `slot`s (an array of slot indices, any shape) the query at position `last`
+    sees (ring buffer mapped back to positions for sliding layers, as `cache.cached_positions` does)."""
     pos = last - jax.lax.rem(last - slot + slots, slots) if sliding else slot
     visible = (pos >= 0) & (pos <= last)
     if window is not None:
         visible &= pos > last - window
     return visible
+
+
+def _visible(start, i, block: int, last, slots: int, sliding: bool, window: int | None):
+    """Which of the block's slots [1, block] the query sees (`visible_slots`)."""
+    slot = start + i * block + jax.lax.broadcasted_iota(jnp.int32, (1, block), 1)
+    return visible_slots(slot, last, slots, sliding, window)
+
+
+def slice_blocks(length, start, slots: int, split: int, block: int):
+    """The blocks a slice of `split` slots from `start` walks: those before min(length, slots), the slots
+    that hold tokens (always a prefix, ring buffer or not)."""
+    occupied = jnp.maximum(jnp.minimum(length, slots) - start, 0)
+    return jnp.minimum(jax.lax.div(occupied + (block - 1), block), split // block)
 
 
 def _online_step(carry, s, visible, values):
@@ -150,7 +162,7 @@ def _walk(body, length, start, slots: int, split: int, block: int, heads: int, v
     """Run `body` over the slice's occupied blocks (always a prefix [0, min(length, slots)) of the slots,
     ring buffer or not) and write (acc, m, l)."""
     acc_ref, m_ref, l_ref = out_refs
-    blocks = jnp.clip(pl.cdiv(jnp.minimum(length, slots) - start, block), 0, split // block)
+    blocks = slice_blocks(length, start, slots, split, block)
     f32 = jnp.float32
     init = (
         [jnp.zeros((heads, cols.size), f32) for cols in value_cols],

@@ -67,10 +67,13 @@ from gptoss_mla_jax.flash_decode import (
     _check_split,
     key_groups,
     kv_heads_per_program,
+    slice_blocks,
+    visible_slots,
 )
 
 ROWS = 64  # a wgmma's M: the query rows (P x R real) and the slots of a block are padded / tiled to it
 CONSUMERS = {4: 1, 8: 2}  # `Launch.warps` -> the warpgroups of a program, each a share of its blocks
+DEPTH = {1: 2, 2: 1}  # warpgroups -> their latent / rotary buffers each (see the module docstring)
 THREADS = "wg"  # the warpgroup axis of a program of several
 
 
@@ -83,7 +86,7 @@ def smem_bytes(r: int, half: int, P: int, R: int, block: int, consumers: int) ->
     `half`, blocks of `block` slots and `consumers` warpgroups: the buffers of `_kernel`'s walk, which
     outweigh its merge's."""
     aligned = lambda n: -(-n // 1024) * 1024
-    pieces, M, depth = 2 * P, -(-(P * R) // ROWS) * ROWS, 2 if consumers == 1 else 1
+    pieces, M, depth = 2 * P, -(-(P * R) // ROWS) * ROWS, DEPTH[consumers]
     buffers = consumers * depth  # of latent and of cos / sin, each warpgroup's
     sizes = [
         pieces * M * half * 2, pieces * r * half * 2, pieces * half * 4,  # queries, W_bk, bias (shared)
@@ -94,14 +97,33 @@ def smem_bytes(r: int, half: int, P: int, R: int, block: int, consumers: int) ->
     return sum(map(aligned, sizes)) + 2048 + 8 * barriers
 
 
-def runs(q_shape: tuple[int, ...], dtype, r: int, launch: Launch) -> bool:
-    """Whether this kernel runs queries of `q_shape` [B, G, R, d] over a latent cache of `dtype` and width
-    r at `launch`: 16-bit, blocks of whole wgmma rows, 4 or 8 warps, and a program within SMEM_BYTES."""
+def refusal(q_shape: tuple[int, ...], dtype, r: int, launch: Launch) -> str | None:
+    """Why this kernel does not run queries of `q_shape` [B, G, R, d] over a latent cache of `dtype` and
+    width r at `launch`, with what to change (None: it runs them): a 16-bit cache, blocks of whole wgmma
+    rows, 4 or 8 warps, and a program within SMEM_BYTES."""
     _, G, R, d = q_shape
-    if jnp.dtype(dtype).itemsize != 2 or launch.block % ROWS or launch.warps not in CONSUMERS:
-        return False
+    block, warps = launch.block, launch.warps
+    if jnp.dtype(dtype).itemsize != 2:
+        return (
+            f"the Mosaic GPU decompressed-MLA kernel needs a 16-bit cache (bf16, f16), not {jnp.dtype(dtype)}"
+        )
+    if block % ROWS:
+        return f"block {block}: the Mosaic GPU kernel reads blocks of a multiple of {ROWS} slots"
+    if warps not in CONSUMERS:
+        return f"warps {warps}: the Mosaic GPU kernel runs 4 (one warpgroup a program) or 8 (two)"
     P = kv_heads_per_program(G, R, launch.head_block)
-    return smem_bytes(r, d // 2, P, R, launch.block, CONSUMERS[launch.warps]) <= SMEM_BYTES
+    if (smem := smem_bytes(r, d // 2, P, R, block, CONSUMERS[warps])) > SMEM_BYTES:
+        return (
+            f"block {block}, warps {warps}, {P} kv heads a program: {smem:,} bytes of shared memory, more "
+            f"than a program's {SMEM_BYTES:,} (shorter blocks, 4 warps or fewer kv heads fit)"
+        )
+    return None
+
+
+def runs(q_shape: tuple[int, ...], dtype, r: int, launch: Launch) -> bool:
+    """Whether this kernel runs queries of `q_shape` over a latent cache of `dtype` and width r at
+    `launch` (`refusal`)."""
+    return refusal(q_shape, dtype, r, launch) is None
 
 
 def _interpret_params():
@@ -177,13 +199,11 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
     length = len_g[b, 0]
     last = length - 1  # the query's position: the step's own token is already in the cache
     start = j * split
-    # `_walk`'s block count: the slice's blocks before min(length, slots)
-    occupied = jnp.maximum(jnp.minimum(length, slots) - start, 0)
-    n_blocks = jnp.minimum(lax.div(occupied + (block - 1), block), split // block)
+    n_blocks = slice_blocks(length, start, slots, split, block)
     # warpgroup w takes the slice's blocks w, w + consumers, ...: `mine` of them
     w = lax.axis_index(THREADS) if consumers > 1 else 0
     mine = lax.div(n_blocks - w + (consumers - 1), consumers)
-    depth = 2 if consumers == 1 else 1  # latent / rotary buffers a warpgroup (see the module docstring)
+    depth = DEPTH[consumers]
     shared = dict(collective_axes=THREADS) if consumers > 1 else {}  # one allocation for all warpgroups
     wide = lambda v, shape, dim: lax.broadcast_in_dim(v, shape, (dim,))  # keepdims does not lower
 
@@ -282,11 +302,7 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
                     fetch_rotary(u + 1)
 
             s = summed([(q_s.at[i], keys(i)) for i in range(pieces)], (M, block))
-            slot = first(u) + iota((M, block), 1)
-            pos = last - lax.rem(last - slot + slots, slots) if sliding else slot
-            visible = (pos >= 0) & (pos <= last)
-            if window is not None:
-                visible &= pos > last - window
+            visible = visible_slots(first(u) + iota((M, block), 1), last, slots, sliding, window)
             s = jnp.where(visible, s, NEG)
             m_new = jnp.maximum(m, jnp.max(s, axis=1))
             p = jnp.where(visible, jnp.exp(s - wide(m_new, (M, block), 0)), 0.0)
@@ -378,24 +394,11 @@ def decompressed_splits(
     S, r = c.shape[1:]
     splits, block = launch.splits, launch.block
     _check_split(S, splits, block)
-    if jnp.dtype(c.dtype).itemsize != 2:
-        raise ValueError(
-            f"the Mosaic GPU decompressed-MLA kernel needs a 16-bit cache (bf16, f16), not {c.dtype}"
-        )
-    if block % ROWS:
-        raise ValueError(f"block {block}: the Mosaic GPU kernel reads blocks of a multiple of {ROWS} slots")
-    if launch.warps not in CONSUMERS:
-        raise ValueError(
-            f"warps {launch.warps}: the Mosaic GPU kernel runs 4 (one warpgroup a program) or 8 (two)"
-        )
+    if (reason := refusal(q.shape, c.dtype, r, launch)) is not None:
+        raise ValueError(reason)
     consumers = CONSUMERS[launch.warps]
     half = d // 2
     P = key_groups(G, R, w_k, launch)
-    if (smem := smem_bytes(r, half, P, R, block, consumers)) > SMEM_BYTES:
-        raise ValueError(
-            f"block {block}, warps {launch.warps}, {P} kv heads a program: {smem:,} bytes of shared memory, "
-            f"more than a program's {SMEM_BYTES:,} (shorter blocks, 4 warps or fewer kv heads fit)"
-        )
     Gp, heads = G // P, P * R
     M = -(-heads // ROWS) * ROWS
     swizzle = _swizzle(2 * half, 2 * r, 2 * block, 4 * half)
