@@ -725,14 +725,14 @@ def kernel_case(layer: str, batch: int, context: int, G, R, d, n2, r, dtype) -> 
         kernel = lambda launch: (
             lambda q, c: flash_decode.mla_decompressed_decode(q, kv_b, c, slots, sinks, rotations(), launch)
         )
-        if (
-            layer == "mla_mosaic"
-        ):  # a launch the Mosaic GPU kernel does not run is an error, not Triton's time
+        # mla_mosaic: a launch the Mosaic GPU kernel does not run is an error, not Triton's time
+        if layer == "mla_mosaic":
             triton = kernel
 
             def kernel(launch):
-                if not flash_decode_mosaic.runs((batch, G, R, d), dtype, r + G * n2, launch):
-                    raise ValueError(f"the Mosaic GPU kernel does not run {launch} at this shape")
+                reason = flash_decode_mosaic.refusal((batch, G, R, d), dtype, r + G * n2, launch)
+                if reason is not None:
+                    raise ValueError(f"the Mosaic GPU kernel does not run {launch}: {reason}")
                 return triton(launch)
 
         reference = lambda q, c: attend(
@@ -901,17 +901,14 @@ def main(argv=None) -> int:
     parser.add_argument("--smoke", action="store_true", help="a tiny model (CPU check of the script)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
-    unknown = set(args.fused_norms.split(",")) - set(get_args(model_lib.FusedNorms))
-    if unknown:
-        parser.error(f"--fused-norms: {sorted(unknown)} not among {get_args(model_lib.FusedNorms)}")
-    unknown = set(args.one_token.split(",")) - set(get_args(attention_lib.OneToken))
-    if unknown:
-        parser.error(f"--one-token: {sorted(unknown)} not among {get_args(attention_lib.OneToken)}")
-    unknown = set(args.decompressed_kernels.split(",")) - set(get_args(flash_decode.DecompressedKernel))
-    if unknown:
-        parser.error(
-            f"--decompressed-kernels: {sorted(unknown)} not among {get_args(flash_decode.DecompressedKernel)}"
-        )
+    for flag, values, kinds in (
+        ("--fused-norms", args.fused_norms, model_lib.FusedNorms),
+        ("--one-token", args.one_token, attention_lib.OneToken),
+        ("--decompressed-kernels", args.decompressed_kernels, flash_decode.DecompressedKernel),
+    ):  # each a module switch's values, comma-separated
+        unknown = set(values.split(",")) - set(get_args(kinds))
+        if unknown:
+            parser.error(f"{flag}: {sorted(unknown)} not among {get_args(kinds)}")
     if args.cuda_graphs:
         request_cuda_graphs()
     contexts = [int(c) for c in args.contexts.split(",")]
