@@ -50,9 +50,22 @@ def failed(e: Exception) -> str:
     try:  # private in JAX 0.10.2, like the interpreter's parameters
         from jax._src.pallas.mosaic_gpu.interpret.interpret_pallas_call import reset_gpu_interpret_mode_state
     except ImportError:
-        return cause(e)
-    reset_gpu_interpret_mode_state()
+        reset_gpu_interpret_mode_state = None
+    if reset_gpu_interpret_mode_state is not None:
+        reset_gpu_interpret_mode_state()
     return cause(e)
+
+
+def product(lhs, rhs):
+    """lhs @ rhs of two 64 x 64 SMEM tiles by one wgmma, in a float32 accumulator of its own scope (the
+    interpreter refuses registers mixed with SMEM)."""
+
+    def multiply(acc):
+        plgpu.wgmma(acc, lhs, rhs)
+        plgpu.wgmma_wait(0)
+        return acc[...]
+
+    return pl.run_scoped(multiply, plgpu.ACC((N, N), jnp.float32))
 
 
 def matmul_kernel(transposed: bool, interpret):
@@ -63,14 +76,7 @@ def matmul_kernel(transposed: bool, interpret):
             plgpu.copy_gmem_to_smem(a_gmem, a_smem, barrier)
             plgpu.copy_gmem_to_smem(b_gmem, b_smem, barrier)
             plgpu.barrier_wait(barrier)
-
-            def multiply(acc):  # its own scope: the interpreter refuses registers mixed with SMEM
-                rhs = plgpu.transpose_ref(b_smem, (1, 0)) if transposed else b_smem
-                plgpu.wgmma(acc, a_smem, rhs)
-                plgpu.wgmma_wait(0)
-                return acc[...]
-
-            out_gmem[...] = pl.run_scoped(multiply, plgpu.ACC((N, N), jnp.float32))
+            out_gmem[...] = product(a_smem, plgpu.transpose_ref(b_smem, (1, 0)) if transposed else b_smem)
 
         tile = plgpu.SMEM((N, N), jnp.bfloat16, transforms=TILES)
         pl.run_scoped(in_smem, tile, tile, plgpu.Barrier(num_arrivals=2))
@@ -90,15 +96,6 @@ def transposed_store_kernel(interpret):
             for gmem, smem in ((a_gmem, a_smem), (b_gmem, b_smem), (c_gmem, c_smem)):
                 plgpu.copy_gmem_to_smem(gmem, smem, barrier)
             plgpu.barrier_wait(barrier)
-
-            def product(lhs, rhs):
-                def multiply(acc):
-                    plgpu.wgmma(acc, lhs, rhs)
-                    plgpu.wgmma_wait(0)
-                    return acc[...]
-
-                return pl.run_scoped(multiply, plgpu.ACC((N, N), jnp.float32))
-
             store_transposed(t_smem, product(a_smem, b_smem).astype(jnp.bfloat16))
             plgpu.commit_smem()
             out_gmem[...] = product(t_smem, c_smem)
