@@ -229,6 +229,21 @@ def test_merged_slices_equal_float32_attention(warps, warpgroups_compiled_once):
     assert np.any(np.abs(latent - short[0]) > short[2])
 
 
+def lowered_for_cuda(G, R, r, S, launch, bias=jnp.float32, window=None, sliding=False, B=2, d=64):
+    """The kernel lowered for CUDA from the CPU, for B sequences of G kv heads of R query heads (head dim
+    d) over a bf16 latent cache of S slots and width r, its key bias in `bias`."""
+    P, f32, bf16, spec = kv_heads_per_program(G, R), jnp.float32, jnp.bfloat16, jax.ShapeDtypeStruct
+    args = (
+        spec((B, G, R, d), f32), spec((B, S, r), bf16),
+        (spec((G // P, r, P * d), bf16), spec((G // P, P * d), bias)),
+        (spec((1, S, d // 2), f32), spec((1, S, d // 2), f32)), spec((B,), jnp.int32),
+    )  # fmt: skip
+    traced = flash_decode_mosaic.decompressed_splits.trace(
+        *args, window=window, sliding=sliding, launch=launch
+    )
+    return traced.lower(lowering_platforms=("cuda",))
+
+
 @pytest.mark.parametrize("warps", [4, 8])
 @pytest.mark.parametrize(("window", "sliding"), [(None, False), (128, True)])
 def test_lowers_for_cuda_at_gpt_oss_20b_shape(window, sliding, warps):
@@ -236,20 +251,9 @@ def test_lowers_for_cuda_at_gpt_oss_20b_shape(window, sliding, warps):
     a bf16 cache in 16 slices, batch 2: the kernel lowers for CUDA from the CPU, one warpgroup a program or
     two, within the 227 KB of shared memory a block that Mosaic GPU checks its count against when it lowers
     (no device to ask here); the key bias float32, or bf16 (as the model's bf16 parameters give it)."""
-    B, G, R, d, r, S = 2, 8, 8, 64, 192, 4096
-    P, f32, bf16 = kv_heads_per_program(G, R), jnp.float32, jnp.bfloat16
-    spec = jax.ShapeDtypeStruct
-    args = (
-        spec((B, G, R, d), f32), spec((B, S, r), bf16),
-        (spec((G // P, r, P * d), bf16), spec((G // P, P * d), bf16 if sliding else f32)),
-        (spec((1, S, d // 2), f32), spec((1, S, d // 2), f32)), spec((B,), jnp.int32),
-    )  # fmt: skip
+    bias = jnp.bfloat16 if sliding else jnp.float32
     launch = Launch(16, 64, interpret=False, warps=warps)
-    lowered = jax.jit(
-        flash_decode_mosaic.decompressed_splits, static_argnames=("window", "sliding", "launch")
-    )
-    text = lowered.trace(*args, window=window, sliding=sliding, launch=launch)
-    text = text.lower(lowering_platforms=("cuda",)).as_text()
+    text = lowered_for_cuda(8, 8, 192, 4096, launch, bias, window, sliding).as_text()
     assert "mosaic_gpu" in text
 
 
@@ -286,23 +290,15 @@ def test_shared_memory_count_is_mosaic_gpus(G, R, r, block, warps, monkeypatch):
     when it lowers the kernel (read off its refusal under a limit of 0 bytes)."""
     from jax.experimental.mosaic.gpu import core as mosaic_core
 
-    d, S, P = 64, 512, kv_heads_per_program(G, R)
-    spec, f32, bf16 = jax.ShapeDtypeStruct, jnp.float32, jnp.bfloat16
-    args = (
-        spec((2, G, R, d), f32), spec((2, S, r), bf16),
-        (spec((G // P, r, P * d), bf16), spec((G // P, P * d), f32)),
-        (spec((1, S, d // 2), f32), spec((1, S, d // 2), f32)), spec((2,), jnp.int32),
-    )  # fmt: skip
-    count = flash_decode_mosaic.smem_bytes(r, d // 2, P, R, block, flash_decode_mosaic.CONSUMERS[warps])
-    lowered = jax.jit(
-        flash_decode_mosaic.decompressed_splits, static_argnames=("window", "sliding", "launch")
-    )
+    P = kv_heads_per_program(G, R)
+    half = 64 // 2  # `lowered_for_cuda`'s head dim, halved
+    count = flash_decode_mosaic.smem_bytes(r, half, P, R, block, flash_decode_mosaic.CONSUMERS[warps])
     monkeypatch.setattr(flash_decode_mosaic, "SMEM_BYTES", 1 << 30)  # past the wrapper's own check
     with (
         mosaic_core.artificial_shared_memory_limit(0),
         pytest.raises(Exception, match=f"smem_bytes={count} "),
     ):
-        lowered.trace(*args, launch=Launch(2, block, warps=warps)).lower(lowering_platforms=("cuda",))
+        lowered_for_cuda(G, R, r, 512, Launch(2, block, warps=warps))
 
 
 def test_model_decode_takes_it_where_it_runs(monkeypatch, warpgroups_compiled_once):
