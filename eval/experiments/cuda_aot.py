@@ -31,6 +31,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from typing import get_args
 
 TARGET = os.path.join(os.path.dirname(__file__), "h200_target_config.txtpb")
 STAGES = ("moe", "attention", "sample")
@@ -426,8 +427,10 @@ def main(argv=None) -> int:
         "--loop", action="store_true", help="--step: the body of generate's device loop of decode steps"
     )
     parser.add_argument("--model", choices=MODELS, default="gqa", help="--step: the attention (model_config)")
+    from gptoss_mla_jax.flash_decode import DecompressedKernel
+
     parser.add_argument(
-        "--decompressed-kernel", choices=("triton", "mosaic", "mosaic2"), default="triton",
+        "--decompressed-kernel", choices=get_args(DecompressedKernel), default="triton",
         help="--step --model mla: the decompressed layers' decode kernel (flash_decode.DECOMPRESSED_KERNEL)",
     )  # fmt: skip
     parser.add_argument("--ptx", action="store_true", help="tensor-core instructions of the decode kernels")
