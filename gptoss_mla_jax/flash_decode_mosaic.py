@@ -4,8 +4,9 @@ arguments, same per-slice (acc, m, l)), written for Hopper's warpgroup tensor co
 Program (b, j, g) serves sequence b, slice j of the cache slots and the group g of P kv heads
 (`flash_decode.kv_heads_per_program`). Per block of `block` slots (only the blocks up to the sequence's
 length, as `flash_decode._walk`), its latent and rotary rows loaded by TMA:
-- keys `c W_bk + b_k` as 2P pieces [block, half], one per kv head and rotary half, each by its own wgmma
-  from SMEM (n = half); each head's pair rotated in float32 by the slots' cos / sin [block, half], one table
+- keys `c W_bk + b_k` [block, 2P x half] by one wgmma from SMEM (n = 2P x half, so that the latent block
+  is read from SMEM once, not once a piece), cut in registers into 2P pieces [block, half], one per kv head
+  and rotary half; each head's pair rotated in float32 by the slots' cos / sin [block, half], one table
   for all P heads (the caller's [Bc, S, half], one TMA copy each per block, nothing tiled across the
   heads), rounded to the cache dtype and stored transposed in SMEM, a [half, block] buffer per piece;
 - scores: the sum over the 2P pieces of query piece [64, half] (the piece's kv head's columns of the
@@ -37,9 +38,13 @@ program per SM either way:
   199,728 bytes (double buffers there would take 281,680). The merge's buffers (acc 48 KB twice, m, l)
   reuse the walk's.
 
-Every wgmma operand is in SMEM (the interpreter runs no register operand), all with one swizzle (wgmma
-requires both operands' to match): a piece's rows of half = 32 bf16 hold 64 bytes, so 64-byte swizzles
-throughout. Three operations need a different spelling when lowered for CUDA and when run by the Mosaic
+Every wgmma operand is in SMEM (the interpreter runs no register operand), each with the widest swizzle
+its rows hold whole and that of the other operand of its products (wgmma requires a product's two to
+match): the query pieces and keys, rows of half = 32 bf16, 64 bytes; the latent, W_bk and p, 128 bytes.
+A wgmma reads its operands from SMEM for every instruction, so the rebuild as one product of n = 2P x half
+reads 24 KB of latent and 48 KB of W_bk a block, where four products of n = half would read the latent
+four times (144 KB).
+Three operations need a different spelling when lowered for CUDA and when run by the Mosaic
 GPU interpreter, because no one spelling does both on JAX 0.10: the transposed store of the keys
 (lowering: a transposed view of the SMEM ref and the registers cast to the transposed wgmma layout; the
 interpreter rejects both the view and the cast, but runs `x.T`, which does not lower), the slot iota of
@@ -181,13 +186,14 @@ def _tiles(dtype, swizzle: int):
 
 def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
             *, block: int, split: int, slots: int, window, sliding: bool, per_sequence: bool,
-            interpret: bool, swizzle: int, consumers: int):  # fmt: skip
+            interpret: bool, swizzles: tuple[int, int], consumers: int):  # fmt: skip
     """Program (b, j, g): see the module docstring. The 2P pieces i = h P + p (rotary half h, kv head p):
     q_g [B, Gp, 2P, M, half] (piece i: the columns of kv head p of half h's block-diagonal queries),
     w_g [Gp, r, 2P x half], b_g [Gp, 2P x half] (`grouped_key_up`'s layout: piece i its columns
     [i half, (i + 1) half)), cos_g / sin_g [Bc, S, half] (one row of frequencies a slot,
     shared by the P heads), acc_g [B, Gp, J, P x R, r], m_g / l_g [B, Gp, J, M]. `consumers` warpgroups
-    (1 or 2) share the slice's blocks."""
+    (1 or 2) share the slice's blocks. `swizzles`: of the scores' operands (query pieces, keys) and of the
+    latent's products' (latent, W_bk, p)."""
     store_transposed, iota, columns, rows = spellings(interpret)
     b, j, g = lax.axis_index("b"), lax.axis_index("j"), lax.axis_index("g")
     bc = b if per_sequence else 0
@@ -206,17 +212,6 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
     depth = DEPTH[consumers]
     shared = dict(collective_axes=THREADS) if consumers > 1 else {}  # one allocation for all warpgroups
     wide = lambda v, shape, dim: lax.broadcast_in_dim(v, shape, (dim,))  # keepdims does not lower
-
-    def products(pairs, shape):
-        """[a @ b for a, b in pairs], each into its own accumulator, all issued before one wait."""
-
-        def run(*accs):
-            for acc, (a_s, b_s) in zip(accs, pairs, strict=True):
-                plgpu.wgmma(acc, a_s, b_s)
-            plgpu.wgmma_wait(0)
-            return [acc[...] for acc in accs]
-
-        return pl.run_scoped(run, *[plgpu.ACC(shape, f32) for _ in pairs])
 
     def summed(pairs, shape):
         """sum(a @ b for a, b in pairs) in one accumulator."""
@@ -238,10 +233,8 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
         @pl.when(w == 0)
         def _():  # every warpgroup reads the queries and W_bk: loaded once
             plgpu.copy_gmem_to_smem(q_g.at[b, g], q_s, ready)
-            for i in range(pieces):  # piece i: columns [i half, (i + 1) half) of `grouped_key_up`'s layout
-                cols = pl.ds(i * half, half)
-                plgpu.copy_gmem_to_smem(w_g.at[g, :, cols], w_s.at[i], ready)
-                plgpu.copy_gmem_to_smem(b_g.at[g, cols], bias_s.at[i], ready)
+            plgpu.copy_gmem_to_smem(w_g.at[g], w_s, ready)
+            plgpu.copy_gmem_to_smem(b_g.at[g], bias_s, ready)
 
         buffer = lambda u: w * depth + lax.rem(u, depth)  # of this warpgroup's u-th block
         first = lambda u: start + (w + u * consumers) * block  # that block's first slot
@@ -261,8 +254,8 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
             fetch_rotary(0)
 
         plgpu.barrier_wait(ready)
-        # the bias rows broadcast in each step, not held across the loop: 2P x 16 registers a thread
-        bias = lambda i: wide(columns(bias_s.at[i]), (block, half), 1)
+        # the bias row broadcast in each step, not held across the loop: 2P x 16 registers a thread
+        bias = lambda: wide(columns(bias_s), (block, pieces * half), 1)
         keys = lambda i: k_s.at[w * pieces + i]
         p_w = p_s.at[w]
         # loop carries start from an accumulator's zeros (they have the wgmma layout; jnp.zeros does not)
@@ -285,9 +278,9 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
 
             plgpu.barrier_wait(latent_in.at[buf])
             c = c_s.at[buf]
-            # every kv head's two rotary halves [block, half], each by its own wgmma (n = half)
-            k = products([(c, w_s.at[i]) for i in range(pieces)], (block, half))
-            k = [k_i + bias(i) for i, k_i in enumerate(k)]
+            # every kv head's two rotary halves by one wgmma, then cut into the 2P pieces [block, half]
+            k = summed([(c, w_s)], (block, pieces * half)) + bias()
+            k = [k[:, i * half : (i + 1) * half] for i in range(pieces)]
             plgpu.barrier_wait(rotary_in.at[buf])
             cos, sin = cos_s[buf], sin_s[buf]  # [block, half]: the same table rotates every head
             for p in range(P):
@@ -320,13 +313,15 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
 
         return lax.fori_loop(0, mine, step, init)
 
-    K = lambda *shape: plgpu.SMEM(shape, dtype, transforms=_tiles(dtype, swizzle))
-    F = lambda *shape: plgpu.SMEM(shape, f32, transforms=_tiles(f32, swizzle))
+    narrow, wide_swizzle = swizzles
+    K = lambda *shape: plgpu.SMEM(shape, dtype, transforms=_tiles(dtype, narrow))  # the scores' operands
+    L = lambda *shape: plgpu.SMEM(shape, dtype, transforms=_tiles(dtype, wide_swizzle))  # the latent's
+    F = lambda *shape: plgpu.SMEM(shape, f32, transforms=_tiles(f32, narrow))
     n = consumers * depth
     acc, m, l = pl.run_scoped(
-        scope, K(pieces, M, half), K(pieces, r, half), plgpu.SMEM((pieces, half), f32), K(n, block, r),
-        F(n, block, half), F(n, block, half), K(consumers * pieces, half, block), K(consumers, M, block),
-        plgpu.Barrier(num_arrivals=1 + 2 * pieces), plgpu.Barrier(num_arrivals=1, num_barriers=n),
+        scope, K(pieces, M, half), L(r, pieces * half), plgpu.SMEM((pieces * half,), f32), L(n, block, r),
+        F(n, block, half), F(n, block, half), K(consumers * pieces, half, block), L(consumers, M, block),
+        plgpu.Barrier(num_arrivals=3), plgpu.Barrier(num_arrivals=1, num_barriers=n),
         plgpu.Barrier(num_arrivals=2, num_barriers=n), **shared,
     )  # fmt: skip
     heads = acc_g.shape[-2]
@@ -401,17 +396,18 @@ def decompressed_splits(
     P = key_groups(G, R, w_k, launch)
     Gp, heads = G // P, P * R
     M = -(-heads // ROWS) * ROWS
-    swizzle = _swizzle(2 * half, 2 * r, 2 * block, 4 * half)
+    # the scores' operands (query pieces' rows of half, keys' of block), the latent's products' (the
+    # latent's rows of r, W_bk's of 2P half, p's of block)
+    swizzles = _swizzle(2 * half, 2 * block), _swizzle(2 * r, 4 * P * half, 2 * block)
     q = q.astype(c.dtype)
     # the 2P query pieces [M, half], i = h P + p: kv head p's columns of half h's block-diagonal queries
     # (its R rows real, the others zero), so that the scores are the sum of the pieces' products
     parts = [_block_diagonal(part, P) for part in (q[..., :half], q[..., half:])]  # [B, Gp, PR, P half]
     pieces = jnp.stack(parts, axis=2).reshape(B, Gp, 2, heads, P, half).transpose(0, 1, 2, 4, 3, 5)
     queries = jnp.pad(pieces.reshape(B, Gp, 2 * P, heads, half), ((0, 0),) * 3 + ((0, M - heads), (0, 0)))
-    # `grouped_key_up`'s columns [half (2), kv head (P), frequency] cut into the 2P pieces' [r, half]
     kernel = functools.partial(
         _kernel, block=block, split=S // splits, slots=S, window=window, sliding=sliding,
-        per_sequence=cos.shape[0] > 1, interpret=launch.interpret, swizzle=swizzle, consumers=consumers,
+        per_sequence=cos.shape[0] > 1, interpret=launch.interpret, swizzles=swizzles, consumers=consumers,
     )  # fmt: skip
     f32 = jnp.float32
     out_type = (
@@ -425,7 +421,7 @@ def decompressed_splits(
         **(dict(num_threads=consumers, thread_name=THREADS) if consumers > 1 else {}),
     )  # fmt: skip
     lengths = lengths.astype(jnp.int32).reshape(B, 1)
-    # W_bk and b_k as `grouped_key_up` lays them out (the kernel copies each piece's columns): no XLA
+    # W_bk and b_k as `grouped_key_up` lays them out (the kernel copies them whole): no XLA
     # kernel a step re-lays them out, the tables untiled [Bc, S, half]
     w_k, b_k = w_k.astype(c.dtype), b_k.astype(f32)  # as `grouped_key_up` gives them: no XLA kernel
     acc, m, l = call(lengths, queries, w_k, b_k, c, cos.astype(f32), sin.astype(f32))
