@@ -49,6 +49,9 @@
 #              program) at 64 x 32K (agreement with the jnp path and time), within one device call
 #   mosaic_small the two kernels likewise at batches 1 and 8 (32K)
 #   mosaic_e2e the decompressed MLA model's loop at 1 x 32K and 64 x 32K on each kernel, in one process
+#   mosaic_64x32k  what one device call holds of the target: the Mosaic GPU kernel at 64 x 32K (both modes,
+#              agreement with the jnp path and time), the decompressed MLA model's loop there on each
+#              kernel (one process) and GQA's (another)
 #   bash eval/experiments/decode_gpu.sh OUT_DIR [STAGES]        (default: check,moe,profile,e2e)
 set -uo pipefail
 OUT=${1:?usage: bash eval/experiments/decode_gpu.sh OUT_DIR [STAGES]}
@@ -130,6 +133,12 @@ for stage in ${STAGES//,/ }; do
       --batches 1,8 --contexts 32768 ;;
     mosaic_e2e) run decode_e2e_mosaic 500 eval.bench.decode --cuda-graphs --decode-kernels on --models mla \
       --batches 1,64 --contexts 32768 --loop-steps 16 --repeats 5 --decompressed-kernels triton,mosaic,mosaic2 ;;
+    mosaic_64x32k) run decode_kernels_mosaic_64x32k 150 eval.bench.decode --kernels --models mla_mosaic \
+        --batches 64 --contexts 32768
+      run decode_e2e_mosaic_64x32k 280 eval.bench.decode --cuda-graphs --decode-kernels on --models mla \
+        --batches 64 --contexts 32768 --loop-steps 16 --repeats 5 --decompressed-kernels triton,mosaic,mosaic2
+      run decode_e2e_gqa_64x32k 150 eval.bench.decode --cuda-graphs --decode-kernels on --models gqa \
+        --batches 64 --contexts 32768 --loop-steps 16 --repeats 5 ;;
     capacity) run decode_capacity 400 eval.bench.decode --capacity --decode-kernels on --partial --contexts 32768,131072 ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
