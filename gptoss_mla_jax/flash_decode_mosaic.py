@@ -418,6 +418,8 @@ def decompressed_splits(
     call = plgpu.kernel(
         kernel, out_type=out_type, grid=(B, splits, Gp), grid_names=("b", "j", "g"),
         interpret=_interpret_params() if launch.interpret else None,
+        # exp as a scaled exp2 (Triton's kernels take exp likewise), not the exact expf
+        compiler_params=plgpu.CompilerParams(approx_math=True),
         **(dict(num_threads=consumers, thread_name=THREADS) if consumers > 1 else {}),
     )  # fmt: skip
     lengths = lengths.astype(jnp.int32).reshape(B, 1)
