@@ -11,7 +11,8 @@ length, as `flash_decode._walk`), its latent and rotary rows loaded by TMA:
   heads), rounded to the cache dtype and stored transposed in SMEM, a [half, block] buffer per piece;
 - scores: the sum over the 2P pieces of query piece [64, half] (the piece's kv head's columns of the
   block-diagonal queries: its R real rows, the rest zeros) times the piece's keys, in one accumulator;
-- the online softmax of `flash_decode._online_step` with its masks (ring buffer and window included); p
+- the online softmax of `flash_decode._online_step` with its masks (ring buffer and window included; a
+  cache with neither masks only each warpgroup's last block, the others' slots all below the length); p
   rounded to the cache dtype into SMEM; acc = acc * alpha + p c by wgmma (the values are the latent).
 Each step waits for its wgmmas, so a warpgroup's tensor cores idle while it rotates keys or takes the
 softmax. `launch.warps` picks how a program runs the slice's blocks:
@@ -262,8 +263,9 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
         zeros = pl.run_scoped(lambda acc: acc[...], plgpu.ACC((M, r), f32))
         init = (zeros, jnp.max(zeros, axis=1) + NEG, jnp.sum(zeros, axis=1))
 
-        def step(u, carry):
-            """This warpgroup's u-th block, the slice's block w + u x consumers."""
+        def step(u, carry, masked=True):
+            """This warpgroup's u-th block, the slice's block w + u x consumers; `masked`: some of its
+            slots may be hidden from the query."""
             acc, m, l = carry
             buf = buffer(u)
             more = u + 1 < mine
@@ -295,10 +297,13 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
                     fetch_rotary(u + 1)
 
             s = summed([(q_s.at[i], keys(i)) for i in range(pieces)], (M, block))
-            visible = visible_slots(first(u) + iota((M, block), 1), last, slots, sliding, window)
-            s = jnp.where(visible, s, NEG)
+            if masked:
+                visible = visible_slots(first(u) + iota((M, block), 1), last, slots, sliding, window)
+                s = jnp.where(visible, s, NEG)
             m_new = jnp.maximum(m, jnp.max(s, axis=1))
-            p = jnp.where(visible, jnp.exp(s - wide(m_new, (M, block), 0)), 0.0)
+            p = jnp.exp(s - wide(m_new, (M, block), 0))
+            if masked:
+                p = jnp.where(visible, p, 0.0)
             alpha = jnp.exp(m - m_new)
             p_w[...] = p.astype(dtype)
             plgpu.commit_smem()
@@ -311,7 +316,13 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
 
             return acc, m_new, l * alpha + jnp.sum(p, axis=1)
 
-        return lax.fori_loop(0, mine, step, init)
+        if sliding or window is not None:
+            return lax.fori_loop(0, mine, step, init)
+        # a cache of positions 0, 1, ... with no window: of the slots a slice walks (those below the
+        # length), only its last block's can be hidden, so a warpgroup masks only its own last block
+        last_block = jnp.maximum(mine - 1, 0)
+        carry = lax.fori_loop(0, last_block, functools.partial(step, masked=False), init)
+        return lax.fori_loop(last_block, mine, step, carry)
 
     narrow, wide_swizzle = swizzles
     K = lambda *shape: plgpu.SMEM(shape, dtype, transforms=_tiles(dtype, narrow))  # the scores' operands
