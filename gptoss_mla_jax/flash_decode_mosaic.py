@@ -83,6 +83,9 @@ DEPTH = {1: 2, 2: 1}  # warpgroups -> their latent / rotary buffers each (see th
 THREADS = "wg"  # the warpgroup axis of a program of several
 
 
+# exp as a scaled exp2 (Triton's kernels take exp likewise), not the exact expf; `mosaic_profile` adds the
+# in-kernel profiler, which times the block loop's named scopes
+COMPILER_PARAMS = plgpu.CompilerParams(approx_math=True)
 SMEM_BYTES = 232_448  # the shared memory a program may take on an H100 / H200 (227 KB)
 
 
@@ -278,36 +281,42 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
                     fetch_latent(u + 1)
                     fetch_rotary(u + 1)
 
-            plgpu.barrier_wait(latent_in.at[buf])
+            with jax.named_scope("latent_wait"):
+                plgpu.barrier_wait(latent_in.at[buf])
             c = c_s.at[buf]
-            # every kv head's two rotary halves by one wgmma, then cut into the 2P pieces [block, half]
-            k = summed([(c, w_s)], (block, pieces * half)) + bias()
-            k = [k[:, i * half : (i + 1) * half] for i in range(pieces)]
-            plgpu.barrier_wait(rotary_in.at[buf])
-            cos, sin = cos_s[buf], sin_s[buf]  # [block, half]: the same table rotates every head
-            for p in range(P):
-                k1, k2 = k[p], k[P + p]
-                store_transposed(keys(p), (k1 * cos - k2 * sin).astype(dtype))
-                store_transposed(keys(P + p), (k2 * cos + k1 * sin).astype(dtype))
-            plgpu.commit_smem()
+            with jax.named_scope("rebuild"):  # every kv head's two rotary halves by one wgmma, then cut
+                k = summed([(c, w_s)], (block, pieces * half)) + bias()  # into the 2P pieces [block, half]
+                k = [k[:, i * half : (i + 1) * half] for i in range(pieces)]
+            with jax.named_scope("rotary_wait"):
+                plgpu.barrier_wait(rotary_in.at[buf])
+            with jax.named_scope("rope"):
+                cos, sin = cos_s[buf], sin_s[buf]  # [block, half]: the same table rotates every head
+                for p in range(P):
+                    k1, k2 = k[p], k[P + p]
+                    store_transposed(keys(p), (k1 * cos - k2 * sin).astype(dtype))
+                    store_transposed(keys(P + p), (k2 * cos + k1 * sin).astype(dtype))
+                plgpu.commit_smem()
             if depth == 1:
 
                 @pl.when(more)
                 def _():  # the one buffer's cos / sin were read before commit_smem's warpgroup barrier
                     fetch_rotary(u + 1)
 
-            s = summed([(q_s.at[i], keys(i)) for i in range(pieces)], (M, block))
-            if masked:
-                visible = visible_slots(first(u) + iota((M, block), 1), last, slots, sliding, window)
-                s = jnp.where(visible, s, NEG)
-            m_new = jnp.maximum(m, jnp.max(s, axis=1))
-            p = jnp.exp(s - wide(m_new, (M, block), 0))
-            if masked:
-                p = jnp.where(visible, p, 0.0)
-            alpha = jnp.exp(m - m_new)
-            p_w[...] = p.astype(dtype)
-            plgpu.commit_smem()
-            acc = acc * wide(alpha, (M, r), 0) + summed([(p_w, c)], (M, r))
+            with jax.named_scope("scores"):
+                s = summed([(q_s.at[i], keys(i)) for i in range(pieces)], (M, block))
+            with jax.named_scope("softmax"):
+                if masked:
+                    visible = visible_slots(first(u) + iota((M, block), 1), last, slots, sliding, window)
+                    s = jnp.where(visible, s, NEG)
+                m_new = jnp.maximum(m, jnp.max(s, axis=1))
+                p = jnp.exp(s - wide(m_new, (M, block), 0))
+                if masked:
+                    p = jnp.where(visible, p, 0.0)
+                alpha = jnp.exp(m - m_new)
+                p_w[...] = p.astype(dtype)
+                plgpu.commit_smem()
+            with jax.named_scope("values"):
+                acc = acc * wide(alpha, (M, r), 0) + summed([(p_w, c)], (M, r))
             if depth == 1:
 
                 @pl.when(more)
@@ -429,8 +438,7 @@ def decompressed_splits(
     call = plgpu.kernel(
         kernel, out_type=out_type, grid=(B, splits, Gp), grid_names=("b", "j", "g"),
         interpret=_interpret_params() if launch.interpret else None,
-        # exp as a scaled exp2 (Triton's kernels take exp likewise), not the exact expf
-        compiler_params=plgpu.CompilerParams(approx_math=True),
+        compiler_params=COMPILER_PARAMS,
         **(dict(num_threads=consumers, thread_name=THREADS) if consumers > 1 else {}),
     )  # fmt: skip
     lengths = lengths.astype(jnp.int32).reshape(B, 1)

@@ -1,0 +1,154 @@
+"""Where the Mosaic GPU decompressed-MLA decode kernel's time goes (`flash_decode_mosaic`), on a GPU.
+
+gpt-oss-20b's decode attention (8 kv heads of 8 query heads, head dim 64, latent 192, bf16 cache of full
+sequences) at each `--points` batch x context, the slices `flash_decode.plan` gives:
+- the time of the Triton kernel (`flash_decode.decompressed_splits`) and of the Mosaic GPU one at 4 and 8
+  warps, in one process (median of `--repeats` after a warm-up);
+- at `--profile` (one batch x context), Mosaic GPU's in-kernel profiler over the kernel's named scopes
+  (latent_wait, rebuild, rotary_wait, rope, scores, softmax, values): the SM cycles a warpgroup spends in
+  each per block of 64 slots, and the rest of its loop (outside any scope).
+
+    python -m eval.experiments.mosaic_profile [--points 8,32768,64,32768] [--profile 8,32768] [--out F]
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import dataclasses
+import glob
+import json
+import os
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+from eval.bench.timing import run_header, timed
+from gptoss_mla_jax import flash_decode, flash_decode_mosaic
+from gptoss_mla_jax.flash_decode import Launch
+from support.results import write_json
+
+G, R, D, LATENT = 8, 8, 64, 192  # gpt-oss-20b's kv heads, query heads each, head dim; the latent's width
+SCOPES = ("latent_wait", "rebuild", "rotary_wait", "rope", "scores", "softmax", "values")
+
+
+def inputs(batch: int, context: int, seed: int = 0):
+    """Scaled queries, bf16 latent cache, grouped key up-projection (bf16, float32 bias), shared cos / sin,
+    full lengths: `decompressed_splits`'s arguments."""
+    P = flash_decode.kv_heads_per_program(G, R)
+    keys = iter(jax.random.split(jax.random.key(seed), 5))
+    normal = lambda *shape: jax.random.normal(next(keys), shape, jnp.float32)
+    q = normal(batch, G, R, D) * D**-0.5
+    c = normal(batch, context, LATENT).astype(jnp.bfloat16)
+    w_k = (normal(G // P, LATENT, P * D) * LATENT**-0.5).astype(jnp.bfloat16)
+    b_k = normal(G // P, P * D)
+    angles = jnp.arange(context)[None, :, None] * 10_000.0 ** (-jnp.arange(D // 2) / (D // 2))
+    lengths = jnp.full((batch,), context, jnp.int32)
+    return q, c, (w_k, b_k), (jnp.cos(angles), jnp.sin(angles)), lengths
+
+
+def launch_of(batch: int, context: int, warps: int) -> Launch:
+    """The launch the model gives decompressed MLA's kernel at this point (`flash_decode.plan`)."""
+    programs = flash_decode.programs_per_slice("decompressed", batch, G, R, None)
+    splits, block = flash_decode.plan(context, programs, 64)
+    return Launch(splits, block, warps=warps)
+
+
+def times(batch: int, context: int, repeats: int) -> dict:
+    """Milliseconds of each kernel on the same inputs."""
+    args = inputs(batch, context)
+    kernels = {
+        "triton": (flash_decode.decompressed_splits, launch_of(batch, context, 4)),
+        "mosaic": (flash_decode_mosaic.decompressed_splits, launch_of(batch, context, 4)),
+        "mosaic2": (flash_decode_mosaic.decompressed_splits, launch_of(batch, context, 8)),
+    }
+    row = {"batch": batch, "context": context, "splits": launch_of(batch, context, 4).splits}
+    for name, (fn, launch) in kernels.items():
+        try:
+            row[f"{name}_ms"] = 1e3 * timed(jax.jit(lambda *a, fn=fn, launch=launch: fn(*a, launch=launch)),
+                                            *args, repeats=repeats)  # fmt: skip
+        except Exception as e:  # a kernel that fails to compile is a result too
+            row[f"{name}_error"] = f"{type(e).__name__}: {e}"[:1500]
+    return row
+
+
+def summary(trace: dict) -> dict:
+    """Per warpgroup trace (tid), the cycles in each scope, per block (one `rebuild` a block), and the
+    loop's cycles outside every scope, averaged over the traces."""
+    spent, blocks, spans = collections.defaultdict(float), 0, 0.0
+    by_tid = collections.defaultdict(list)
+    for event in trace["traceEvents"]:
+        by_tid[event["tid"]].append(event)
+    for events in by_tid.values():
+        open_at = {}
+        for event in events:  # ts: the SM's %clock / 1e3 (the profiler's own unit)
+            if event["ph"] == "B":
+                open_at[event["name"]] = event["ts"]
+            else:
+                spent[event["name"]] += 1e3 * (event["ts"] - open_at.pop(event["name"]))
+                blocks += event["name"] == "rebuild"
+        spans += 1e3 * (events[-1]["ts"] - events[0]["ts"])
+    n = max(blocks, 1)
+    per_block = {name: spent[name] / n for name in SCOPES if name in spent}
+    return {
+        "warpgroup_traces": len(by_tid),
+        "blocks": blocks,
+        "cycles_per_block": per_block,
+        "cycles_per_block_in_scopes": sum(per_block.values()),
+        "cycles_per_block_first_to_last_event": spans / n,
+    }
+
+
+def profiled(batch: int, context: int, warps: int, space: int) -> dict:
+    """One call of the Mosaic GPU kernel with its profiler on (`space` events a warpgroup), summarised."""
+    with tempfile.TemporaryDirectory() as folder:
+        params = dataclasses.replace(
+            flash_decode_mosaic.COMPILER_PARAMS, profile_space=space, profile_dir=folder
+        )
+        saved, flash_decode_mosaic.COMPILER_PARAMS = flash_decode_mosaic.COMPILER_PARAMS, params
+        try:
+            jax.clear_caches()
+            launch = launch_of(batch, context, warps)
+            out = flash_decode_mosaic.decompressed_splits(*inputs(batch, context), launch=launch)
+            jax.block_until_ready(out)
+            jax.effects_barrier()  # the profile is written by a host callback
+        finally:
+            flash_decode_mosaic.COMPILER_PARAMS = saved
+            jax.clear_caches()
+        (path,) = glob.glob(os.path.join(folder, "*trace.json"))
+        with open(path) as f:
+            return {"batch": batch, "context": context, "warps": warps} | summary(json.load(f))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--points", default="8,32768,64,32768", help="batch,context pairs to time")
+    parser.add_argument("--profile", default="8,32768", help="batch,context to profile ('' for none)")
+    parser.add_argument("--space", type=int, default=512, help="profiler events a warpgroup (shared memory)")
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--out", help="write the result as JSON here")
+    args = parser.parse_args(argv)
+    numbers = [int(n) for n in args.points.split(",")]
+    result = run_header("eval.experiments.mosaic_profile", argv) | {"times": [], "profiles": []}
+    for batch, context in zip(numbers[::2], numbers[1::2], strict=True):
+        result["times"].append(times(batch, context, args.repeats))
+        print(result["times"][-1], flush=True)
+    if args.profile:
+        batch, context = (int(n) for n in args.profile.split(","))
+        for warps in (4, 8):
+            try:
+                result["profiles"].append(profiled(batch, context, warps, args.space))
+            except Exception as e:
+                result["profiles"].append({"warps": warps, "error": f"{type(e).__name__}: {e}"[:1500]})
+            print(result["profiles"][-1], flush=True)
+    if args.out:
+        write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
