@@ -50,8 +50,8 @@
 #   mosaic_small the two kernels likewise at batches 1 and 8 (32K)
 #   mosaic_e2e the decompressed MLA model's loop at 1 x 32K and 64 x 32K on each kernel, in one process
 #   mosaic_profile  the Triton and Mosaic GPU kernels timed at 8 x 32K and 64 x 32K in one process, the
-#              Mosaic GPU kernel's cycles per block in each phase (its in-kernel profiler, 8 x 32K), then its
-#              tests compiled
+#              Mosaic GPU kernel's cycles per block in each phase (its in-kernel profiler, 8 x 32K) and ptxas's
+#              registers and spills for it, then its tests compiled
 #   mosaic_64x32k  what one device call holds of the target: the Mosaic GPU kernel at 64 x 32K (both modes,
 #              agreement with the jnp path and time), the decompressed MLA model's loop there on each
 #              kernel (one process) and GQA's (another)
@@ -136,7 +136,7 @@ for stage in ${STAGES//,/ }; do
       --batches 1,8 --contexts 32768 ;;
     mosaic_e2e) run decode_e2e_mosaic 500 eval.bench.decode --cuda-graphs --decode-kernels on --models mla \
       --batches 1,64 --contexts 32768 --loop-steps 16 --repeats 5 --decompressed-kernels triton,mosaic,mosaic2 ;;
-    mosaic_profile) run mosaic_profile 240 eval.experiments.mosaic_profile
+    mosaic_profile) MOSAIC_GPU_DUMP_PTXAS=1 run mosaic_profile 240 eval.experiments.mosaic_profile  # + registers
       echo "==> mosaic_tests: the Mosaic GPU kernel's tests, compiled" >> "$OUT/decode_gpu.log"
       timeout 150 python -m pytest -q -o addopts="" -p no:cacheprovider tests/test_flash_decode_mosaic.py \
         >> "$OUT/decode_gpu.log" 2>&1 || echo "mosaic_tests: exit $?" | tee -a "$OUT/decode_gpu.log" ;;
