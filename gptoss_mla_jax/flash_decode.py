@@ -573,11 +573,11 @@ def mla_absorbed_decode(
 
 # The kernel of a decompressed MLA layer's decode: "triton" (`decompressed_splits`, this file's pallas_call)
 # or `flash_decode_mosaic` (Pallas Mosaic GPU, every product a wgmma): "mosaic" at the launch's warps (4: one
-# warpgroup a program, the model's launch), "mosaic2" with two warpgroups (8 warps) sharing each program's
-# blocks. Mosaic GPU takes a 16-bit cache in blocks of a multiple of 64 slots whose program fits an SM's
-# shared memory (`flash_decode_mosaic.runs`; other calls keep "triton").
-# Read when a step is traced; not yet timed on a GPU: `eval.bench.decode --kernels --models mla,mla_mosaic`
-# and `--decompressed-kernels triton,mosaic,mosaic2`.
+# warpgroup a program, the model's launch), "mosaic2" with two warpgroups (8 warps), one making the keys
+# and the other attending. Mosaic GPU takes a 16-bit cache in blocks of a multiple of 64 slots whose program
+# fits an SM's shared memory (`flash_decode_mosaic.runs`; other calls keep "triton").
+# Read when a step is traced; "triton" is the fastest measured (docs/decode.md): `eval.bench.decode
+# --kernels --models mla,mla_mosaic` and `--decompressed-kernels triton,mosaic,mosaic2`.
 DecompressedKernel = Literal["triton", "mosaic", "mosaic2"]
 DECOMPRESSED_KERNEL: DecompressedKernel = "triton"
 

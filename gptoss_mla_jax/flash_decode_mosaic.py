@@ -12,20 +12,18 @@ length, as `flash_decode._walk`), its latent and rotary rows loaded by TMA:
 - scores: the sum over the 2P pieces of query piece [64, half] (the piece's kv head's columns of the
   block-diagonal queries: its R real rows, the rest zeros) times the piece's keys, in one accumulator;
 - the online softmax of `flash_decode._online_step` with its masks (ring buffer and window included; a
-  cache with neither masks only each warpgroup's last block, the others' slots all below the length); p
+  cache with neither masks only the slice's last block, the others' slots all below the length); p
   rounded to the cache dtype into SMEM; acc = acc * alpha + p c by wgmma (the values are the latent).
 Each step waits for its wgmmas, so a warpgroup's tensor cores idle while it rotates keys or takes the
 softmax. `launch.warps` picks how a program runs the slice's blocks:
-- 4: one warpgroup walks them all, the next block's latent and rotary rows loading into the other of two
-  SMEM buffers while it computes;
-- 8: two warpgroups, warpgroup w the blocks w, w + 2, ..., so that one's RoPE and softmax overlap the
-  other's wgmmas. They share the queries and W_bk (loaded once); each has its own latent, cos / sin, keys
-  and p buffers and its own (acc, m, l), and one buffer of latent and of cos / sin: its next block's cos /
-  sin load once its RoPE has read them, its latent once p c is done, while the other warpgroup computes.
-  At the end warpgroup 1 hands its (acc, m, l) to warpgroup 0 through SMEM, which merges the two as
-  `flash_decode.combine` merges slices (m the larger, acc and l each rescaled by e^(m_w - m)) and writes the
-  slice's state: the outputs are the same as at 4 warps, up to where p is rounded (against each
-  warpgroup's own running max).
+- 4: one warpgroup does all, the next block's latent loading into the other of two SMEM buffers while it
+  computes, the tables two blocks ahead;
+- 8: two warpgroups with roles (as FlashMLA's), so that one's RoPE overlaps the other's products and
+  softmax and each holds half the registers: warpgroup 0 issues the loads and makes each block's keys
+  (rebuild, RoPE, store) into one of two key sets, warpgroup 1 scores them, takes the softmax and p c and
+  writes the slice's state. The latent sits in a ring of three buffers, each block's loaded two ahead once
+  warpgroup 1's p c has freed its buffer; a key set is reused once warpgroup 1's scores have read it;
+  barriers pass each hand-off (keys ready, keys freed, latent freed). The outputs equal those at 4 warps.
 Where the FLOPs go, per block of 64 slots at gpt-oss-20b's shape (r = 192, P = 2, half = 32): the key
 rebuild 4 x 2 x 64 x 192 x 32 = 3.1 MFLOP, the scores 4 x 2 x 64 x 32 x 64 = 1.0 MFLOP (an eighth on
 nonzero query entries), p c 2 x 64 x 64 x 192 = 1.6 MFLOP: the rebuild dominates, against 24 KB of latent
@@ -35,9 +33,8 @@ reduction scratch, 8 bytes a barrier), against 227 KB a block (228 KB an SM) on 
 program per SM either way:
 - 4 warps: queries 16 KB, W_bk 48 KB, bias 1 KB, latent 2 x 24 KB, cos / sin 2 x 2 x 8 KB, keys 16 KB,
   p 8 KB: 175,144 bytes;
-- 8 warps: the same shared 65 KB, then per warpgroup latent 24 KB, cos / sin 2 x 8 KB, keys 16 KB, p 8 KB:
-  199,728 bytes (double buffers there would take 281,680). The merge's buffers (acc 48 KB twice, m, l)
-  reuse the walk's.
+- 8 warps: the same but the latent 3 x 24 KB and the keys 2 x 16 KB: 216,168 bytes.
+The write of acc (48 KB) reuses the walk's buffers.
 
 Every wgmma operand is in SMEM (the interpreter runs no register operand), each with the widest swizzle
 its rows hold whole and that of the other operand of its products (wgmma requires a product's two to
@@ -78,8 +75,9 @@ from gptoss_mla_jax.flash_decode import (
 )
 
 ROWS = 64  # a wgmma's M: the query rows (P x R real) and the slots of a block are padded / tiled to it
-CONSUMERS = {4: 1, 8: 2}  # `Launch.warps` -> the warpgroups of a program, each a share of its blocks
-DEPTH = {1: 2, 2: 1}  # warpgroups -> their latent / rotary buffers each (see the module docstring)
+CONSUMERS = {4: 1, 8: 2}  # `Launch.warps` -> the warpgroups of a program
+# warpgroups -> buffers of the latent, of cos / sin and sets of keys (see the module docstring)
+RINGS = {1: (2, 2, 1), 2: (3, 2, 2)}
 THREADS = "wg"  # the warpgroup axis of a program of several
 
 
@@ -93,16 +91,17 @@ def smem_bytes(r: int, half: int, P: int, R: int, block: int, consumers: int) ->
     """A program's shared memory as Mosaic GPU counts it (each buffer aligned to 1 KB, 2 KB of reduction
     scratch, 8 bytes a barrier), for a latent of r, P kv heads of R query heads and rotary halves of
     `half`, blocks of `block` slots and `consumers` warpgroups: the buffers of `_kernel`'s walk, which
-    outweigh its merge's."""
+    outweigh those of its write."""
     aligned = lambda n: -(-n // 1024) * 1024
-    pieces, M, depth = 2 * P, -(-(P * R) // ROWS) * ROWS, DEPTH[consumers]
-    buffers = consumers * depth  # of latent and of cos / sin, each warpgroup's
+    pieces, M = 2 * P, -(-(P * R) // ROWS) * ROWS
+    latents, tables, key_sets = RINGS[consumers]
     sizes = [
-        pieces * M * half * 2, pieces * r * half * 2, pieces * half * 4,  # queries, W_bk, bias (shared)
-        buffers * block * r * 2, buffers * block * half * 4, buffers * block * half * 4,  # latent, cos, sin
-        consumers * pieces * half * block * 2, consumers * M * block * 2,  # keys, p
+        pieces * M * half * 2, pieces * r * half * 2, pieces * half * 4,  # queries, W_bk, bias
+        latents * block * r * 2, tables * block * half * 4, tables * block * half * 4,  # latent, cos, sin
+        key_sets * pieces * half * block * 2, M * block * 2,  # keys, p
     ]  # fmt: skip
-    barriers = 1 + 2 * buffers + (consumers > 1)  # ready; latent and rotary arrivals; the merge's hand-off
+    # ready; latent and rotary arrivals; with two warpgroups, latent freed, keys ready and keys freed
+    barriers = 1 + latents + tables + (consumers > 1) * (latents + 2 * key_sets)
     return sum(map(aligned, sizes)) + 2048 + 8 * barriers
 
 
@@ -143,14 +142,11 @@ def _interpret_params():
 
 def spellings(interpret: bool):
     """(store_transposed(ref, x): ref = x^T, iota(shape, dim), columns(ref): a row vector laid out along
-    the columns of a wgmma result, rows(ref): a column vector laid out along its rows) for the interpreter
-    or the CUDA lowering."""
+    the columns of a wgmma result) for the interpreter or the CUDA lowering."""
     if interpret:
 
         def columns(ref):
             return ref[...]
-
-        rows = columns
 
         def store_transposed(ref, x):
             ref[...] = x.T
@@ -169,10 +165,7 @@ def spellings(interpret: bool):
         def columns(ref):
             return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(0))
 
-        def rows(ref):
-            return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(1))
-
-    return store_transposed, iota, columns, rows
+    return store_transposed, iota, columns
 
 
 def _swizzle(*minor_bytes: int) -> int:
@@ -195,10 +188,10 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
     q_g [B, Gp, 2P, M, half] (piece i: the columns of kv head p of half h's block-diagonal queries),
     w_g [Gp, r, 2P x half], b_g [Gp, 2P x half] (`grouped_key_up`'s layout: piece i its columns
     [i half, (i + 1) half)), cos_g / sin_g [Bc, S, half] (one row of frequencies a slot,
-    shared by the P heads), acc_g [B, Gp, J, P x R, r], m_g / l_g [B, Gp, J, M]. `consumers` warpgroups
-    (1 or 2) share the slice's blocks. `swizzles`: of the scores' operands (query pieces, keys) and of the
-    latent's products' (latent, W_bk, p)."""
-    store_transposed, iota, columns, rows = spellings(interpret)
+    shared by the P heads), acc_g [B, Gp, J, P x R, r], m_g / l_g [B, Gp, J, M]. `consumers` warpgroups:
+    1 does all, of 2 the first makes the keys and the second attends. `swizzles`: of the scores' operands
+    (query pieces, keys) and of the latent's products' (latent, W_bk, p)."""
+    store_transposed, iota, columns = spellings(interpret)
     b, j, g = lax.axis_index("b"), lax.axis_index("j"), lax.axis_index("g")
     bc = b if per_sequence else 0
     pieces, M, half = q_g.shape[-3:]
@@ -209,13 +202,12 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
     length = len_g[b, 0]
     last = length - 1  # the query's position: the step's own token is already in the cache
     start = j * split
-    n_blocks = slice_blocks(length, start, slots, split, block)
-    # warpgroup w takes the slice's blocks w, w + consumers, ...: `mine` of them
+    n = slice_blocks(length, start, slots, split, block)
     w = lax.axis_index(THREADS) if consumers > 1 else 0
-    mine = lax.div(n_blocks - w + (consumers - 1), consumers)
-    depth = DEPTH[consumers]
+    latents, tables, key_sets = RINGS[consumers]
     shared = dict(collective_axes=THREADS) if consumers > 1 else {}  # one allocation for all warpgroups
     wide = lambda v, shape, dim: lax.broadcast_in_dim(v, shape, (dim,))  # keepdims does not lower
+    first = lambda u: start + u * block  # block u's first slot
 
     def summed(pairs, shape):
         """sum(a @ b for a, b in pairs) in one accumulator."""
@@ -228,82 +220,94 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
 
         return pl.run_scoped(run, plgpu.ACC(shape, f32))
 
-    def scope(q_s, w_s, bias_s, c_s, cos_s, sin_s, k_s, p_s, ready, latent_in, rotary_in):
-        """The slice's blocks of this warpgroup: its (acc, m, l). c_s / cos_s / sin_s and their barriers
-        hold `depth` buffers a warpgroup, k_s `pieces` and p_s one. Only its own warpgroup waits on a buffer's
-        barrier (the interpreter wants every phase of a barrier seen by each thread that waits on it);
-        every warpgroup waits once on `ready`."""
-
-        @pl.when(w == 0)
-        def _():  # every warpgroup reads the queries and W_bk: loaded once
-            plgpu.copy_gmem_to_smem(q_g.at[b, g], q_s, ready)
-            plgpu.copy_gmem_to_smem(w_g.at[g], w_s, ready)
-            plgpu.copy_gmem_to_smem(b_g.at[g], bias_s, ready)
-
-        buffer = lambda u: w * depth + lax.rem(u, depth)  # of this warpgroup's u-th block
-        first = lambda u: start + (w + u * consumers) * block  # that block's first slot
+    def scope(q_s, w_s, bias_s, c_s, cos_s, sin_s, k_s, p_s, ready, latent_in, rotary_in, *handoff):
+        """The slice's (acc, m, l), in the attending warpgroup. Block u's latent in c_s's buffer u % latents,
+        its cos / sin in u % tables, its keys in k_s's set u % key_sets; `handoff` (two warpgroups): the
+        barriers by which the attending warpgroup frees a latent buffer and a key set and the keys' maker
+        says a key set is ready. Each barrier's phases are all waited for, each by one warpgroup (as the
+        interpreter wants): an arrival happens only where a wait will see it."""
 
         def fetch_latent(u):
-            rows_u, i = pl.ds(first(u), block), buffer(u)
-            plgpu.copy_gmem_to_smem(c_g.at[b, rows_u], c_s.at[i], latent_in.at[i])
+            i = lax.rem(u, latents)
+            plgpu.copy_gmem_to_smem(c_g.at[b, pl.ds(first(u), block)], c_s.at[i], latent_in.at[i])
 
         def fetch_rotary(u):
-            rows_u, i = pl.ds(first(u), block), buffer(u)
+            rows_u, i = pl.ds(first(u), block), lax.rem(u, tables)
             plgpu.copy_gmem_to_smem(cos_g.at[bc, rows_u], cos_s.at[i], rotary_in.at[i])
             plgpu.copy_gmem_to_smem(sin_g.at[bc, rows_u], sin_s.at[i], rotary_in.at[i])
 
-        @pl.when(mine > 0)
-        def _():
-            fetch_latent(0)
-            fetch_rotary(0)
+        @pl.when(w == 0)
+        def _():  # the queries and W_bk, loaded once; the first blocks' latent and tables
+            plgpu.copy_gmem_to_smem(q_g.at[b, g], q_s, ready)
+            plgpu.copy_gmem_to_smem(w_g.at[g], w_s, ready)
+            plgpu.copy_gmem_to_smem(b_g.at[g], bias_s, ready)
+            for u in range(max(latents - 1, tables)):
+                if u < latents - 1:
+                    pl.when(u < n)(functools.partial(fetch_latent, u))
+                if u < tables:
+                    pl.when(u < n)(functools.partial(fetch_rotary, u))
 
         plgpu.barrier_wait(ready)
-        # the bias row broadcast in each step, not held across the loop: 2P x 16 registers a thread
-        bias = lambda: wide(columns(bias_s), (block, pieces * half), 1)
-        keys = lambda i: k_s.at[w * pieces + i]
-        p_w = p_s.at[w]
-        # loop carries start from an accumulator's zeros (they have the wgmma layout; jnp.zeros does not)
-        zeros = pl.run_scoped(lambda acc: acc[...], plgpu.ACC((M, r), f32))
-        init = (zeros, jnp.max(zeros, axis=1) + NEG, jnp.sum(zeros, axis=1))
+        keys = lambda u, i: k_s.at[lax.rem(u, key_sets) * pieces + i]
+        if handoff:
+            latent_free, keys_ready, keys_free = handoff
 
-        def step(u, carry, masked=True):
-            """This warpgroup's u-th block, the slice's block w + u x consumers; `masked`: some of its
-            slots may be hidden from the query."""
-            acc, m, l = carry
-            buf = buffer(u)
-            more = u + 1 < mine
-            if depth == 2:
-
-                @pl.when(more)
-                def _():  # the other buffer was last read in step u - 1: its wgmmas were waited for, and
-                    # its cos / sin loads came before its commit_smem, a warpgroup barrier, so every warp is
-                    # past them
-                    fetch_latent(u + 1)
-                    fetch_rotary(u + 1)
-
+        def make_keys(u):
+            """Block u's keys, rebuilt, rotated, rounded and stored transposed in its key set; then the
+            loads that the buffers it read free."""
             with jax.named_scope("latent_wait"):
-                plgpu.barrier_wait(latent_in.at[buf])
-            c = c_s.at[buf]
+                plgpu.barrier_wait(latent_in.at[lax.rem(u, latents)])
             with jax.named_scope("rebuild"):  # every kv head's two rotary halves by one wgmma, then cut
-                k = summed([(c, w_s)], (block, pieces * half)) + bias()  # into the 2P pieces [block, half]
+                k = summed([(c_s.at[lax.rem(u, latents)], w_s)], (block, pieces * half))  # into the 2P
+                k = k + wide(columns(bias_s), (block, pieces * half), 1)  # pieces [block, half]
                 k = [k[:, i * half : (i + 1) * half] for i in range(pieces)]
             with jax.named_scope("rotary_wait"):
-                plgpu.barrier_wait(rotary_in.at[buf])
+                plgpu.barrier_wait(rotary_in.at[lax.rem(u, tables)])
+                if handoff:
+
+                    @pl.when(u >= key_sets)
+                    def _():  # the set's last keys were scored
+                        plgpu.barrier_wait(keys_free.at[lax.rem(u, key_sets)])
+
             with jax.named_scope("rope"):
-                cos, sin = cos_s[buf], sin_s[buf]  # [block, half]: the same table rotates every head
+                cos, sin = cos_s[lax.rem(u, tables)], sin_s[lax.rem(u, tables)]  # [block, half]: all heads
                 for p in range(P):
                     k1, k2 = k[p], k[P + p]
-                    store_transposed(keys(p), (k1 * cos - k2 * sin).astype(dtype))
-                    store_transposed(keys(P + p), (k2 * cos + k1 * sin).astype(dtype))
-                plgpu.commit_smem()
-            if depth == 1:
+                    store_transposed(keys(u, p), (k1 * cos - k2 * sin).astype(dtype))
+                    store_transposed(keys(u, P + p), (k2 * cos + k1 * sin).astype(dtype))
+                plgpu.commit_smem()  # a warpgroup barrier too: every thread has read the tables
+                if handoff:
+                    plgpu.barrier_arrive(keys_ready.at[lax.rem(u, key_sets)])
 
-                @pl.when(more)
-                def _():  # the one buffer's cos / sin were read before commit_smem's warpgroup barrier
-                    fetch_rotary(u + 1)
+            @pl.when(u + tables < n)
+            def _():
+                fetch_rotary(u + tables)
 
+            if handoff:  # block u + 2's latent into block u - 1's buffer once its p c is done
+
+                @pl.when(u + latents - 1 < n)
+                def _():
+                    @pl.when(u >= 1)
+                    def _():
+                        plgpu.barrier_wait(latent_free.at[lax.rem(u - 1, latents)])
+
+                    fetch_latent(u + latents - 1)
+
+        def attend(u, carry, masked=True):
+            """Block u's scores, online softmax and p c folded into (acc, m, l); `masked`: some of its slots
+            may be hidden from the query."""
+            acc, m, l = carry
+            if handoff:
+                with jax.named_scope("keys_wait"):
+                    plgpu.barrier_wait(keys_ready.at[lax.rem(u, key_sets)])
             with jax.named_scope("scores"):
-                s = summed([(q_s.at[i], keys(i)) for i in range(pieces)], (M, block))
+                s = summed([(q_s.at[i], keys(u, i)) for i in range(pieces)], (M, block))
+                if handoff:
+
+                    @pl.when(u + key_sets < n)
+                    def _():
+                        plgpu.barrier_arrive(keys_free.at[lax.rem(u, key_sets)])
+
             with jax.named_scope("softmax"):
                 if masked:
                     visible = visible_slots(first(u) + iota((M, block), 1), last, slots, sliding, window)
@@ -313,46 +317,67 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
                 if masked:
                     p = jnp.where(visible, p, 0.0)
                 alpha = jnp.exp(m - m_new)
-                p_w[...] = p.astype(dtype)
+                p_s[...] = p.astype(dtype)
                 plgpu.commit_smem()
             with jax.named_scope("values"):
-                acc = acc * wide(alpha, (M, r), 0) + summed([(p_w, c)], (M, r))
-            if depth == 1:
+                if handoff:  # long complete (its keys are made from it), but seen here by this warpgroup too
+                    plgpu.barrier_wait(latent_in.at[lax.rem(u, latents)])
+                acc = acc * wide(alpha, (M, r), 0) + summed([(p_s, c_s.at[lax.rem(u, latents)])], (M, r))
+                if handoff:
 
-                @pl.when(more)
-                def _():  # the one latent buffer's last reader, p c, was waited for
-                    fetch_latent(u + 1)
+                    @pl.when(u + latents < n)
+                    def _():
+                        plgpu.barrier_arrive(latent_free.at[lax.rem(u, latents)])
 
             return acc, m_new, l * alpha + jnp.sum(p, axis=1)
 
-        if sliding or window is not None:
-            return lax.fori_loop(0, mine, step, init)
-        # a cache of positions 0, 1, ... with no window: of the slots a slice walks (those below the
-        # length), only its last block's can be hidden, so a warpgroup masks only its own last block
-        last_block = jnp.maximum(mine - 1, 0)
-        carry = lax.fori_loop(0, last_block, functools.partial(step, masked=False), init)
-        return lax.fori_loop(last_block, mine, step, carry)
+        # loop carries start from an accumulator's zeros (they have the wgmma layout; jnp.zeros does not)
+        zeros = pl.run_scoped(lambda acc: acc[...], plgpu.ACC((M, r), f32))
+        init = (zeros, jnp.max(zeros, axis=1) + NEG, jnp.sum(zeros, axis=1))
+
+        def walk(step, count):
+            """(acc, m, l) over blocks 0 .. count - 1. On a cache of positions 0, 1, ... with no window only
+            the last block can hold slots past the length (the slice walks those below it): the others
+            skip the masks."""
+            if sliding or window is not None:
+                return lax.fori_loop(0, count, step, init)
+            last_block = jnp.maximum(count - 1, 0)
+            carry = lax.fori_loop(0, last_block, functools.partial(step, masked=False), init)
+            return lax.fori_loop(last_block, count, step, carry)
+
+        if not handoff:
+
+            def step(u, carry, masked=True):
+                @pl.when(u + 1 < n)
+                def _():  # the other buffer's last reader, p c of block u - 1, was waited for
+                    fetch_latent(u + 1)
+
+                make_keys(u)
+                return attend(u, carry, masked)
+
+            return walk(step, n)
+        pl.loop(0, jnp.where(w == 0, n, 0))(make_keys)
+        return walk(attend, jnp.where(w == 1, n, 0))
 
     narrow, wide_swizzle = swizzles
     K = lambda *shape: plgpu.SMEM(shape, dtype, transforms=_tiles(dtype, narrow))  # the scores' operands
     L = lambda *shape: plgpu.SMEM(shape, dtype, transforms=_tiles(dtype, wide_swizzle))  # the latent's
     F = lambda *shape: plgpu.SMEM(shape, f32, transforms=_tiles(f32, narrow))
-    n = consumers * depth
+    barriers = lambda count, arrivals=1: plgpu.Barrier(num_arrivals=arrivals, num_barriers=count)
+    handoff = [barriers(latents), barriers(key_sets), barriers(key_sets)] if consumers > 1 else []
     acc, m, l = pl.run_scoped(
-        scope, K(pieces, M, half), L(r, pieces * half), plgpu.SMEM((pieces * half,), f32), L(n, block, r),
-        F(n, block, half), F(n, block, half), K(consumers * pieces, half, block), L(consumers, M, block),
-        plgpu.Barrier(num_arrivals=3), plgpu.Barrier(num_arrivals=1, num_barriers=n),
-        plgpu.Barrier(num_arrivals=2, num_barriers=n), **shared,
+        scope, K(pieces, M, half), L(r, pieces * half), plgpu.SMEM((pieces * half,), f32),
+        L(latents, block, r), F(tables, block, half), F(tables, block, half),
+        K(key_sets * pieces, half, block), L(M, block), plgpu.Barrier(num_arrivals=3), barriers(latents),
+        barriers(tables, 2), *handoff, **shared,
     )  # fmt: skip
     heads = acc_g.shape[-2]
 
-    def finish(o_s, *exchange):
-        """Warpgroup 0 writes the slice's (acc, m, l), the P x R real rows of acc by TMA from o_s; with two,
-        warpgroup 1's state first joins its through SMEM (`exchange`). These buffers reuse those of `scope`,
-        which the other warpgroup may still be reading: Mosaic GPU opens a run_scoped of several warpgroups
-        with a barrier of them all (the interpreter's allocations never overlap)."""
+    def write(o_s):
+        """The slice's (acc, m, l), the P x R real rows of acc by TMA from o_s (which reuses `scope`'s
+        buffers: Mosaic GPU opens a run_scoped of several warpgroups with a barrier of them all)."""
 
-        def write(acc, m, l):
+        def attending():
             m_g[b, g, j] = m
             l_g[b, g, j] = l
             o_s[...] = acc
@@ -360,32 +385,12 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
             plgpu.copy_smem_to_gmem(o_s.at[pl.ds(0, heads)], acc_g.at[b, g, j])
             plgpu.wait_smem_to_gmem(0)
 
-        if not exchange:
-            write(acc, m, l)
-            return
-        acc_s, m_s, l_s, stored = exchange
+        if consumers == 1:
+            attending()
+        else:
+            pl.when(w == 1)(attending)
 
-        @pl.when(w == 1)
-        def _():
-            acc_s[...] = acc
-            m_s[...] = m
-            l_s[...] = l
-            plgpu.barrier_arrive(stored)  # each thread's arrival releases its stores above
-
-        @pl.when(w == 0)
-        def _():  # flash-decoding's merge of two slices; two that saw no slot keep m = NEG, l = acc = 0
-            plgpu.barrier_wait(stored)
-            m1 = rows(m_s)
-            m_new = jnp.maximum(m, m1)
-            alpha, alpha1 = jnp.exp(m - m_new), jnp.exp(m1 - m_new)
-            scale = lambda x: wide(x, (M, r), 0)
-            write(acc * scale(alpha) + acc_s[...] * scale(alpha1), m_new, l * alpha + rows(l_s) * alpha1)
-
-    if consumers == 1:
-        pl.run_scoped(finish, F(M, r))
-    else:
-        vector = plgpu.SMEM((M,), f32)
-        pl.run_scoped(finish, F(M, r), F(M, r), vector, vector, plgpu.Barrier(num_arrivals=1), **shared)
+    pl.run_scoped(write, F(M, r), **shared)
 
 
 @functools.partial(jax.jit, static_argnames=("window", "sliding", "launch"))
@@ -403,7 +408,7 @@ def decompressed_splits(
     slots, (sum_t e^(s_t - m) c_t, m, sum_t e^(s_t - m)) over keys rebuilt on chip from the latent c by
     `key_up` (`grouped_key_up`'s layout) and rotated by `rotations`. Products in the cache's dtype (bf16 or
     f16), RoPE and sums in float32. `launch.block` must be a multiple of 64 (a wgmma's rows), `launch.warps`
-    4 (one warpgroup a program) or 8 (two, each a share of the blocks)."""
+    4 (one warpgroup a program) or 8 (two: one makes the keys, the other attends)."""
     (w_k, b_k), (cos, sin) = key_up, rotations
     B, G, R, d = q.shape
     S, r = c.shape[1:]

@@ -2,7 +2,7 @@
 the CPU, its per-slice (acc, m, l) equal a jnp walk that rounds where it does (keys once after RoPE, p
 before its product with the latent), and merged by `flash_decode.combine` they equal float32 attention
 within the bound those roundings allow; lowered for CUDA from the CPU at gpt-oss-20b's decode shape. Each
-at `Launch.warps` 4 (one warpgroup a program) and 8 (two, each a share of the slice's blocks)."""
+at `Launch.warps` 4 (one warpgroup a program) and 8 (two: one makes the keys, the other attends)."""
 
 import threading
 
@@ -79,16 +79,14 @@ def rebuilt(q, c, key_up, rotations, P):
 
 
 def walked(q, c, key_up, rotations, lengths, window, sliding, launch):
-    """The slices' (acc, m, l) by `flash_decode`'s own online step and masks, block by block in jnp; at
-    `launch.warps` 8 as the kernel's two warpgroups walk them (blocks 0, 2, ... and 1, 3, ...), their two
-    states then merged."""
+    """The slices' (acc, m, l) by `flash_decode`'s own online step and masks, block by block in jnp (at
+    `launch.warps` 8 as at 4: one warpgroup attends to every block, the other makes the keys)."""
     B, G, R, _ = q.shape
     S, r = c.shape[1:]
     P = kv_heads_per_program(G, R)
     (q1, q2), (k1, k2) = rebuilt(q, c, key_up, rotations, P)
     splits, block = launch.splits, launch.block
     split = S // splits
-    consumers = launch.warps // 4
     f32 = jnp.float32
     step = jax.vmap(lambda carry, s, visible, v: _online_step(carry, s, visible, [v]), (0, 0, None, None))
     slices = []  # per (b, j): (acc [Gp, PR, r], m, l)
@@ -97,26 +95,17 @@ def walked(q, c, key_up, rotations, lengths, window, sliding, launch):
         for j in range(splits):
             start = j * split
             blocks = int(np.clip(-(-(min(length, S) - start) // block), 0, split // block))
-            states = []
-            for first in range(consumers):
-                m = jnp.full((G // P, P * R), NEG, f32)
-                carry = ([jnp.zeros((G // P, P * R, r), f32)], m, jnp.zeros_like(m))
-                for i in range(first, blocks, consumers):
-                    rows = slice(start + i * block, start + (i + 1) * block)
-                    s = sum(
-                        jnp.einsum("gqn,gsn->gqs", qh[b], kh[b, :, rows], preferred_element_type=f32)
-                        for qh, kh in ((q1, k1), (q2, k2))
-                    )
-                    visible = _visible(start, i, block, length - 1, S, sliding, window)
-                    carry = step(carry, s, visible, c[b, rows])
-                (acc,), m, l = carry
-                states.append((acc, m, l))
-            acc, m, l = states[0]
-            for acc_w, m_w, l_w in states[1:]:  # the kernel's merge: both rescaled to the larger max
-                top = jnp.maximum(m, m_w)
-                alpha, alpha_w = jnp.exp(m - top), jnp.exp(m_w - top)
-                acc = acc * alpha[..., None] + acc_w * alpha_w[..., None]
-                m, l = top, l * alpha + l_w * alpha_w
+            m = jnp.full((G // P, P * R), NEG, f32)
+            carry = ([jnp.zeros((G // P, P * R, r), f32)], m, jnp.zeros_like(m))
+            for i in range(blocks):
+                rows = slice(start + i * block, start + (i + 1) * block)
+                s = sum(
+                    jnp.einsum("gqn,gsn->gqs", qh[b], kh[b, :, rows], preferred_element_type=f32)
+                    for qh, kh in ((q1, k1), (q2, k2))
+                )
+                visible = _visible(start, i, block, length - 1, S, sliding, window)
+                carry = step(carry, s, visible, c[b, rows])
+            (acc,), m, l = carry
             slices.append((acc, m, l))
     # [B, J, Gp, ...] -> [B, Gp, J, ...]
     stacked = (jnp.stack(x).reshape(B, splits, *x[0].shape) for x in zip(*slices, strict=True))
@@ -134,8 +123,8 @@ CASES = {
     # the ring buffer of a sliding layer, wrapped, with a window shorter than the cache
     "sliding": dict(G=2, R=8, d=64, r=64, slots=256, lengths=[50, 300, 1000], launch=Launch(2, 64, INTERPRET),
                     window=100, sliding=True),
-    # slices of 3, 0, 4, 1 blocks: at 8 warps, warpgroup shares of 2 + 1, none, 2 + 2, 1 + 0
-    "shares": dict(G=2, R=8, d=64, r=64, slots=512, lengths=[150, 300], launch=Launch(2, 64, INTERPRET)),
+    # slices of 3, 0, 4, 1 blocks: the latent's ring of 3 buffers and the keys' of 2 come round again
+    "rings": dict(G=2, R=8, d=64, r=64, slots=512, lengths=[150, 300], launch=Launch(2, 64, INTERPRET)),
 }  # fmt: skip
 
 
@@ -151,12 +140,11 @@ def close(got, want, tight, loose, rtol_tight=0.0, rtol_loose=0.0):
 @pytest.mark.parametrize("warps", [4, 8])
 @pytest.mark.parametrize("name", list(CASES))
 def test_slices_equal_the_jnp_walk(name, warps, warpgroups_compiled_once):
-    """acc, m, l per slice, against a walk rounding at the same points (at 8 warps each warpgroup's share
-    of the blocks walked apart, then merged): the products' float32 sums only differ in order (1e-5
-    relative bounds it), which may move a rounding of a key or of p by one bf16 step. One p's step moves
-    acc by at most BF16_ULP x max|c| (p <= 1); one key's moves a score by |q_i| x ulp(k_i) (`key_step`, the
-    largest over the case's queries and keys), so m by as much and l by as much relatively. Each element
-    stays within those bounds, and all but 1% within the float32 one."""
+    """acc, m, l per slice, against a walk rounding at the same points: the products' float32 sums only
+    differ in order (1e-5 relative bounds it), which may move a rounding of a key or of p by one bf16 step.
+    One p's step moves acc by at most BF16_ULP x max|c| (p <= 1); one key's moves a score by |q_i| x
+    ulp(k_i) (`key_step`, the largest over the case's queries and keys), so m by as much and l by as much
+    relatively. Each element stays within those bounds, and all but 1% within the float32 one."""
     case = dict(CASES[name])
     launch, window, sliding = case.pop("launch"), case.pop("window", None), case.pop("sliding", False)
     launch = launch._replace(warps=warps)
@@ -171,7 +159,7 @@ def test_slices_equal_the_jnp_walk(name, warps, warpgroups_compiled_once):
     close(got[1], want[1], 1e-5, key_step)
     close(got[2], want[2], 1e-5, 1e-5, rtol_tight=1e-5, rtol_loose=np.expm1(key_step))
     empty = np.asarray(want[2] == 0)  # slices that saw no slot: m stays NEG, l and acc 0
-    if name in ("ragged", "shares"):
+    if name in ("ragged", "rings"):
         assert empty.any()
     np.testing.assert_array_equal(np.asarray(got[1])[empty], np.float32(NEG))
     np.testing.assert_array_equal(np.asarray(got[2])[empty], 0.0)
