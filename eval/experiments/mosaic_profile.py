@@ -5,8 +5,8 @@ sequences) at each `--points` batch x context, the slices `flash_decode.plan` gi
 - the time of the Triton kernel (`flash_decode.decompressed_splits`) and of the Mosaic GPU one at 4 and 8
   warps, in one process (median of `--repeats` after a warm-up);
 - at `--profile` (one batch x context), Mosaic GPU's in-kernel profiler over the kernel's named scopes
-  (latent_wait, rebuild, rotary_wait, rope, scores, softmax, values): the SM cycles a warpgroup spends in
-  each per block of 64 slots, and the rest of its loop (outside any scope).
+  (latent_wait, rebuild, rotary_wait, rope, keys_wait, scores, softmax, values): per warpgroup of a
+  program, the SM cycles it spends in each per block of 64 slots, and its whole trace's per block.
 
     python -m eval.experiments.mosaic_profile [--points 8,32768,64,32768] [--profile 8,32768] [--out F]
 """
@@ -31,7 +31,7 @@ from gptoss_mla_jax.flash_decode import Launch
 from support.results import write_json
 
 G, R, D, LATENT = 8, 8, 64, 192  # gpt-oss-20b's kv heads, query heads each, head dim; the latent's width
-SCOPES = ("latent_wait", "rebuild", "rotary_wait", "rope", "scores", "softmax", "values")
+SCOPES = ("latent_wait", "rebuild", "rotary_wait", "rope", "keys_wait", "scores", "softmax", "values")
 
 
 def inputs(batch: int, context: int, seed: int = 0):
@@ -74,31 +74,35 @@ def times(batch: int, context: int, repeats: int) -> dict:
     return row
 
 
-def summary(trace: dict) -> dict:
-    """Per warpgroup trace (tid), the cycles in each scope, per block (one `rebuild` a block), and the
-    loop's cycles outside every scope, averaged over the traces."""
-    spent, blocks, spans = collections.defaultdict(float), 0, 0.0
+def summary(trace: dict, warpgroups: int) -> dict:
+    """Per warpgroup of a program (at 8 warps 0 makes the keys, 1 attends): the SM cycles it spends in
+    each scope and from its first event to its last, per block of the slice (one `rebuild` a block),
+    averaged over the programs."""
     by_tid = collections.defaultdict(list)
     for event in trace["traceEvents"]:
         by_tid[event["tid"]].append(event)
-    for events in by_tid.values():
+    blocks = sum(e["name"] == "rebuild" and e["ph"] == "E" for e in trace["traceEvents"])
+    rows = [{"warpgroup": w, "cycles_per_block": collections.defaultdict(float), "span": 0.0} for w in
+            range(warpgroups)]  # fmt: skip
+    for tid, events in by_tid.items():
+        row = rows[(tid - 1) % warpgroups]  # the profiler numbers a program's warpgroup traces in a row
         open_at = {}
         for event in events:  # ts: the SM's %clock / 1e3 (the profiler's own unit)
             if event["ph"] == "B":
                 open_at[event["name"]] = event["ts"]
             else:
-                spent[event["name"]] += 1e3 * (event["ts"] - open_at.pop(event["name"]))
-                blocks += event["name"] == "rebuild"
-        spans += 1e3 * (events[-1]["ts"] - events[0]["ts"])
+                row["cycles_per_block"][event["name"]] += 1e3 * (event["ts"] - open_at.pop(event["name"]))
+        row["span"] += 1e3 * (events[-1]["ts"] - events[0]["ts"])
     n = max(blocks, 1)
-    per_block = {name: spent[name] / n for name in SCOPES if name in spent}
-    return {
-        "warpgroup_traces": len(by_tid),
-        "blocks": blocks,
-        "cycles_per_block": per_block,
-        "cycles_per_block_in_scopes": sum(per_block.values()),
-        "cycles_per_block_first_to_last_event": spans / n,
-    }
+    out = []
+    for row in rows:
+        per_block = {
+            name: row["cycles_per_block"][name] / n for name in SCOPES if name in row["cycles_per_block"]
+        }
+        span = row["span"] / n
+        out.append({"warpgroup": row["warpgroup"], "cycles_per_block": per_block,
+                    "in_scopes": sum(per_block.values()), "first_to_last_event": span})  # fmt: skip
+    return {"blocks": blocks, "warpgroups": out}
 
 
 def profiled(batch: int, context: int, warps: int, space: int) -> dict:
@@ -119,7 +123,7 @@ def profiled(batch: int, context: int, warps: int, space: int) -> dict:
             jax.clear_caches()
         (path,) = glob.glob(os.path.join(folder, "*trace.json"))
         with open(path) as f:
-            return {"batch": batch, "context": context, "warps": warps} | summary(json.load(f))
+            return {"batch": batch, "context": context, "warps": warps} | summary(json.load(f), warps // 4)
 
 
 def main(argv=None) -> int:
@@ -128,7 +132,10 @@ def main(argv=None) -> int:
     )
     parser.add_argument("--points", default="8,32768,64,32768", help="batch,context pairs to time")
     parser.add_argument("--profile", default="8,32768", help="batch,context to profile ('' for none)")
-    parser.add_argument("--space", type=int, default=512, help="profiler events a warpgroup (shared memory)")
+    # 16 bytes of shared memory a unit a warpgroup: at 8 warps 448 fits beside the kernel's 216,168 bytes
+    parser.add_argument(
+        "--space", type=int, default=448, help="the profiler's space a warpgroup (events / 2)"
+    )
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args(argv)
