@@ -224,8 +224,8 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
         """The slice's (acc, m, l), in the attending warpgroup. Block u's latent in c_s's buffer u % latents,
         its cos / sin in u % tables, its keys in k_s's set u % key_sets; `handoff` (two warpgroups): the
         barriers by which the attending warpgroup frees a latent buffer and a key set and the keys' maker
-        says a key set is ready. Each barrier's phases are all waited for, each by one warpgroup (as the
-        interpreter wants): an arrival happens only where a wait will see it."""
+        says a key set is ready. A warpgroup that waits on a barrier waits on every phase of it (as the
+        interpreter wants), and an arrival happens only where a wait will see it."""
 
         def fetch_latent(u):
             i = lax.rem(u, latents)
@@ -283,7 +283,9 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
             def _():
                 fetch_rotary(u + tables)
 
-            if handoff:  # block u + 2's latent into block u - 1's buffer once its p c is done
+            if handoff:  # block u + 2's latent into block u - 1's buffer once its p c is done: this wait
+                # also keeps latent_in at most a phase ahead of warpgroup 1's own wait on it (a deeper
+                # prefetch would need another)
 
                 @pl.when(u + latents - 1 < n)
                 def _():
