@@ -276,9 +276,9 @@ HEAD_BLOCKS = {
     "mla_partial": [dict(block=64, warps=4, stages=2, head_block=h) for h in (32, 16)],
     "mla_mosaic": [],
 }
-# The Mosaic GPU decompressed kernel (`flash_decode_mosaic`): one warpgroup a program (4 warps) or two that
-# share its blocks (8); 64-slot blocks (a program of 128-slot blocks or four kv heads would not fit an H200
-# SM's shared memory); its pipeline is its own (stages unused).
+# The Mosaic GPU decompressed kernel (`flash_decode_mosaic`): one warpgroup a program (4 warps) or two, one
+# making the keys and one attending (8); 64-slot blocks (a program of 128-slot blocks or four kv heads would
+# not fit an H200 SM's shared memory); its pipeline is its own (stages unused).
 MOSAIC_CONFIGS = [dict(block=64, warps=4, stages=2), dict(block=64, warps=8, stages=2)]
 
 
