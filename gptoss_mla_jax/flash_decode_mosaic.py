@@ -46,9 +46,8 @@ Three operations need a different spelling when lowered for CUDA and when run by
 GPU interpreter, because no one spelling does both on JAX 0.10: the transposed store of the keys
 (lowering: a transposed view of the SMEM ref and the registers cast to the transposed wgmma layout; the
 interpreter rejects both the view and the cast, but runs `x.T`, which does not lower), the slot iota of
-the masks and the loads of vectors along a wgmma result's columns or rows (the key bias; at 8 warps the
-other warpgroup's m and l): lowering needs their layouts given, which the interpreter cannot translate,
-and a plain load of the floats does not lower.
+the masks and the load of a vector along a wgmma result's columns (the key bias): lowering needs their
+layouts given, which the interpreter cannot translate, and a plain load of the floats does not lower.
 The interpreter runs when `launch.interpret`; the caches must be 16-bit (bf16 or f16).
 """
 
