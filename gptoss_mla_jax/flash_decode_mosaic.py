@@ -247,36 +247,37 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
                     pl.when(u < n)(functools.partial(fetch_rotary, u))
 
         plgpu.barrier_wait(ready)
-        keys = lambda u, i: k_s.at[lax.rem(u, key_sets) * pieces + i]
+        keys = lambda key_set, i: k_s.at[key_set * pieces + i]  # piece i of a key set
         if handoff:
             latent_free, keys_ready, keys_free = handoff
 
         def make_keys(u):
             """Block u's keys, rebuilt, rotated, rounded and stored transposed in its key set; then the
             loads that the buffers it read free."""
+            latent, table, key_set = lax.rem(u, latents), lax.rem(u, tables), lax.rem(u, key_sets)
             with jax.named_scope("latent_wait"):
-                plgpu.barrier_wait(latent_in.at[lax.rem(u, latents)])
+                plgpu.barrier_wait(latent_in.at[latent])
             with jax.named_scope("rebuild"):  # every kv head's two rotary halves by one wgmma, then cut
-                k = summed([(c_s.at[lax.rem(u, latents)], w_s)], (block, pieces * half))  # into the 2P
-                k = k + wide(columns(bias_s), (block, pieces * half), 1)  # pieces [block, half]
+                k = summed([(c_s.at[latent], w_s)], (block, pieces * half))  # into the 2P pieces
+                k = k + wide(columns(bias_s), (block, pieces * half), 1)  # [block, half]
                 k = [k[:, i * half : (i + 1) * half] for i in range(pieces)]
             with jax.named_scope("rotary_wait"):
-                plgpu.barrier_wait(rotary_in.at[lax.rem(u, tables)])
+                plgpu.barrier_wait(rotary_in.at[table])
                 if handoff:
 
                     @pl.when(u >= key_sets)
                     def _():  # the set's last keys were scored
-                        plgpu.barrier_wait(keys_free.at[lax.rem(u, key_sets)])
+                        plgpu.barrier_wait(keys_free.at[key_set])
 
             with jax.named_scope("rope"):
-                cos, sin = cos_s[lax.rem(u, tables)], sin_s[lax.rem(u, tables)]  # [block, half]: all heads
+                cos, sin = cos_s[table], sin_s[table]  # [block, half]: the same table rotates every head
                 for p in range(P):
                     k1, k2 = k[p], k[P + p]
-                    store_transposed(keys(u, p), (k1 * cos - k2 * sin).astype(dtype))
-                    store_transposed(keys(u, P + p), (k2 * cos + k1 * sin).astype(dtype))
+                    store_transposed(keys(key_set, p), (k1 * cos - k2 * sin).astype(dtype))
+                    store_transposed(keys(key_set, P + p), (k2 * cos + k1 * sin).astype(dtype))
                 plgpu.commit_smem()  # a warpgroup barrier too: every thread has read the tables
                 if handoff:
-                    plgpu.barrier_arrive(keys_ready.at[lax.rem(u, key_sets)])
+                    plgpu.barrier_arrive(keys_ready.at[key_set])
 
             @pl.when(u + tables < n)
             def _():
@@ -298,16 +299,17 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
             """Block u's scores, online softmax and p c folded into (acc, m, l); `masked`: some of its slots
             may be hidden from the query."""
             acc, m, l = carry
+            latent, key_set = lax.rem(u, latents), lax.rem(u, key_sets)
             if handoff:
                 with jax.named_scope("keys_wait"):
-                    plgpu.barrier_wait(keys_ready.at[lax.rem(u, key_sets)])
+                    plgpu.barrier_wait(keys_ready.at[key_set])
             with jax.named_scope("scores"):
-                s = summed([(q_s.at[i], keys(u, i)) for i in range(pieces)], (M, block))
+                s = summed([(q_s.at[i], keys(key_set, i)) for i in range(pieces)], (M, block))
                 if handoff:
 
                     @pl.when(u + key_sets < n)
                     def _():
-                        plgpu.barrier_arrive(keys_free.at[lax.rem(u, key_sets)])
+                        plgpu.barrier_arrive(keys_free.at[key_set])
 
             with jax.named_scope("softmax"):
                 if masked:
@@ -322,13 +324,13 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
                 plgpu.commit_smem()
             with jax.named_scope("values"):
                 if handoff:  # long complete (its keys are made from it), but seen here by this warpgroup too
-                    plgpu.barrier_wait(latent_in.at[lax.rem(u, latents)])
-                acc = acc * wide(alpha, (M, r), 0) + summed([(p_s, c_s.at[lax.rem(u, latents)])], (M, r))
+                    plgpu.barrier_wait(latent_in.at[latent])
+                acc = acc * wide(alpha, (M, r), 0) + summed([(p_s, c_s.at[latent])], (M, r))
                 if handoff:
 
                     @pl.when(u + latents < n)
                     def _():
-                        plgpu.barrier_arrive(latent_free.at[lax.rem(u, latents)])
+                        plgpu.barrier_arrive(latent_free.at[latent])
 
             return acc, m_new, l * alpha + jnp.sum(p, axis=1)
 
@@ -448,8 +450,8 @@ def decompressed_splits(
         **(dict(num_threads=consumers, thread_name=THREADS) if consumers > 1 else {}),
     )  # fmt: skip
     lengths = lengths.astype(jnp.int32).reshape(B, 1)
-    # W_bk and b_k as `grouped_key_up` lays them out (the kernel copies them whole): no XLA
-    # kernel a step re-lays them out, the tables untiled [Bc, S, half]
-    w_k, b_k = w_k.astype(c.dtype), b_k.astype(f32)  # as `grouped_key_up` gives them: no XLA kernel
+    # W_bk and b_k as `grouped_key_up` lays them out (the kernel copies them whole; the conversions are
+    # no-ops on its output): no XLA kernel a step re-lays them out; the tables untiled [Bc, S, half]
+    w_k, b_k = w_k.astype(c.dtype), b_k.astype(f32)
     acc, m, l = call(lengths, queries, w_k, b_k, c, cos.astype(f32), sin.astype(f32))
     return acc, m[..., :heads], l[..., :heads]

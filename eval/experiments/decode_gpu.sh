@@ -72,6 +72,11 @@ run() {  # run NAME LIMIT_S MODULE ARGS...: one process, its JSON in OUT/NAME.js
   timeout "$limit" python -m "$module" "$@" --out "$OUT/$name.json" >> "$OUT/decode_gpu.log" 2>&1 \
     || echo "$name: exit $?" | tee -a "$OUT/decode_gpu.log"
 }
+mosaic_tests() {  # mosaic_tests LIMIT_S: the Mosaic GPU kernel's tests, compiled (pytest carried in .whl)
+  echo "==> mosaic_tests: the Mosaic GPU kernel's tests, compiled" >> "$OUT/decode_gpu.log"
+  timeout "$1" python -m pytest -q -o addopts="" -p no:cacheprovider tests/test_flash_decode_mosaic.py \
+    >> "$OUT/decode_gpu.log" 2>&1 || echo "mosaic_tests: exit $?" | tee -a "$OUT/decode_gpu.log"
+}
 for stage in ${STAGES//,/ }; do
   case "$stage" in
     check) run bench_moe_check 240 eval.bench.moe --check --tokens 2048 ;;
@@ -127,9 +132,7 @@ for stage in ${STAGES//,/ }; do
       --batches 1 --contexts 4096 --loop-steps 16 --repeats 5 --one-token finish,matvec,off ;;
     mosaic)
       run mosaic_gpu_probe 90 eval.experiments.mosaic_gpu_probe
-      echo "==> mosaic_tests: the Mosaic GPU kernel's tests, compiled" >> "$OUT/decode_gpu.log"
-      timeout 180 python -m pytest -q -o addopts="" -p no:cacheprovider tests/test_flash_decode_mosaic.py \
-        >> "$OUT/decode_gpu.log" 2>&1 || echo "mosaic_tests: exit $?" | tee -a "$OUT/decode_gpu.log"
+      mosaic_tests 180
       run decode_kernels_mosaic 280 eval.bench.decode --kernels --models mla,mla_mosaic --batches 64 \
         --contexts 32768 ;;
     mosaic_small) run decode_kernels_mosaic_small 400 eval.bench.decode --kernels --models mla,mla_mosaic \
@@ -137,9 +140,7 @@ for stage in ${STAGES//,/ }; do
     mosaic_e2e) run decode_e2e_mosaic 500 eval.bench.decode --cuda-graphs --decode-kernels on --models mla \
       --batches 1,64 --contexts 32768 --loop-steps 16 --repeats 5 --decompressed-kernels triton,mosaic,mosaic2 ;;
     mosaic_profile) MOSAIC_GPU_DUMP_PTXAS=1 run mosaic_profile 240 eval.experiments.mosaic_profile  # + registers
-      echo "==> mosaic_tests: the Mosaic GPU kernel's tests, compiled" >> "$OUT/decode_gpu.log"
-      timeout 150 python -m pytest -q -o addopts="" -p no:cacheprovider tests/test_flash_decode_mosaic.py \
-        >> "$OUT/decode_gpu.log" 2>&1 || echo "mosaic_tests: exit $?" | tee -a "$OUT/decode_gpu.log" ;;
+      mosaic_tests 150 ;;
     mosaic_64x32k) run decode_kernels_mosaic_64x32k 150 eval.bench.decode --kernels --models mla_mosaic \
         --batches 64 --contexts 32768
       run decode_e2e_mosaic_64x32k 280 eval.bench.decode --cuda-graphs --decode-kernels on --models mla \
