@@ -8,12 +8,14 @@ length, as `flash_decode._walk`), its latent and rotary rows loaded by TMA:
   is read from SMEM once, not once a piece), cut in registers into 2P pieces [block, half], one per kv head
   and rotary half; each head's pair rotated in float32 by the slots' cos / sin [block, half], one table
   for all P heads (the caller's [Bc, S, half], one TMA copy each per block, nothing tiled across the
-  heads), rounded to the cache dtype and stored transposed in SMEM, a [half, block] buffer per piece;
+  heads), rounded to the cache dtype and stored in SMEM, a [block, half] buffer per piece;
 - scores: the sum over the 2P pieces of query piece [64, half] (the piece's kv head's columns of the
-  block-diagonal queries: its R real rows, the rest zeros) times the piece's keys, in one accumulator;
+  block-diagonal queries: its R real rows, the rest zeros) times the piece's keys transposed (wgmma reads
+  the buffer through a transposed view, as JAX's Mosaic GPU attention reads K), in one accumulator;
 - the online softmax of `flash_decode._online_step` with its masks (ring buffer and window included; a
   cache with neither masks only the slice's last block, the others' slots all below the length); p
-  rounded to the cache dtype into SMEM; acc = acc * alpha + p c by wgmma (the values are the latent).
+  rounded to the cache dtype; acc = acc * alpha + p c by one wgmma that takes p from registers and
+  accumulates into the scaled acc (the values are the latent), so no second accumulator and no p in SMEM.
 Each step waits for its wgmmas, so a warpgroup's tensor cores idle while it rotates keys or takes the
 softmax. `launch.warps` picks how a program runs the slice's blocks:
 - 4: one warpgroup does all, the next block's latent loading into the other of two SMEM buffers while it
@@ -31,22 +33,22 @@ and 16 KB of cos / sin read (per slot 384 and 256 bytes).
 SMEM per program there (`block` = 64), as Mosaic GPU counts it (each buffer aligned to 1 KB, 2 KB of
 reduction scratch, 8 bytes a barrier), against 227 KB a block (228 KB an SM) on an H100 / H200, so one
 program per SM either way:
-- 4 warps: queries 16 KB, W_bk 48 KB, bias 1 KB, latent 2 x 24 KB, cos / sin 2 x 2 x 8 KB, keys 16 KB,
-  p 8 KB: 175,144 bytes;
-- 8 warps: the same but the latent 3 x 24 KB and the keys 2 x 16 KB: 216,168 bytes.
+- 4 warps: queries 16 KB, W_bk 48 KB, bias 1 KB, latent 2 x 24 KB, cos / sin 2 x 2 x 8 KB, keys 16 KB:
+  166,952 bytes;
+- 8 warps: the same but the latent 3 x 24 KB and the keys 2 x 16 KB: 207,976 bytes.
 The write of acc (48 KB) reuses the walk's buffers.
 
-Every wgmma operand is in SMEM (the interpreter runs no register operand), each with the widest swizzle
-its rows hold whole and that of the other operand of its products (wgmma requires a product's two to
-match): the query pieces and keys, rows of half = 32 bf16, 64 bytes; the latent, W_bk and p, 128 bytes.
-A wgmma reads its operands from SMEM for every instruction, so the rebuild as one product of n = 2P x half
-reads 24 KB of latent and 48 KB of W_bk a block, where four products of n = half would read the latent
-four times (144 KB).
-Three operations need a different spelling when lowered for CUDA and when run by the Mosaic
-GPU interpreter, because no one spelling does both on JAX 0.10: the transposed store of the keys
-(lowering: a transposed view of the SMEM ref and the registers cast to the transposed wgmma layout; the
-interpreter rejects both the view and the cast, but runs `x.T`, which does not lower), the slot iota of
-the masks and the load of a vector along a wgmma result's columns (the key bias): lowering needs their
+Every SMEM operand has the widest swizzle its rows hold whole and that of the other operand of its
+products (wgmma requires a product's two to match): the query pieces and keys, rows of half = 32 bf16,
+64 bytes; the latent and W_bk, 128 bytes. A wgmma reads its SMEM operands for every instruction, so the
+rebuild as one product of n = 2P x half reads 24 KB of latent and 48 KB of W_bk a block, where four
+products of n = half would read the latent four times (144 KB).
+Four operations need a different spelling when lowered for CUDA and when run by the Mosaic GPU
+interpreter, because no one spelling does both on JAX 0.10 (`Spelling`): the keys' transposed operand
+(the interpreter rejects a transposed view, so it stores the keys transposed, [half, block], by `x.T`,
+which does not lower, and reads them plain), p c (the interpreter runs no register operand and no
+`run_state`, so it takes p through an SMEM buffer of its own and adds a second accumulator), the slot iota
+of the masks and the load of a vector along a wgmma result's columns (the key bias): lowering needs their
 layouts given, which the interpreter cannot translate, and a plain load of the floats does not lower.
 The interpreter runs when `launch.interpret`; the caches must be 16-bit (bf16 or f16).
 """
@@ -54,6 +56,8 @@ The interpreter runs when `launch.interpret`; the caches must be 16-bit (bf16 or
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -97,7 +101,7 @@ def smem_bytes(r: int, half: int, P: int, R: int, block: int, consumers: int) ->
     sizes = [
         pieces * M * half * 2, pieces * r * half * 2, pieces * half * 4,  # queries, W_bk, bias
         latents * block * r * 2, tables * block * half * 4, tables * block * half * 4,  # latent, cos, sin
-        key_sets * pieces * half * block * 2, M * block * 2,  # keys, p
+        key_sets * pieces * half * block * 2,  # keys
     ]  # fmt: skip
     # ready; latent and rotary arrivals; with two warpgroups, latent freed, keys ready and keys freed
     barriers = 1 + latents + tables + (consumers > 1) * (latents + 2 * key_sets)
@@ -139,32 +143,69 @@ def _interpret_params():
     return InterpretGPUParams()
 
 
-def spellings(interpret: bool):
-    """(store_transposed(ref, x): ref = x^T, iota(shape, dim), columns(ref): a row vector laid out along
-    the columns of a wgmma result) for the interpreter or the CUDA lowering."""
+class Spelling(NamedTuple):
+    """The operations that the CUDA lowering and the Mosaic GPU interpreter each spell their own way (the
+    module docstring says why), as the kernel uses them."""
+
+    keys_shape: Callable  # (half, block) -> a key piece's SMEM buffer: [block, half], or [half, block]
+    store_keys: Callable  # (ref, keys [block, half]) stores a piece's keys into its buffer
+    key_operand: Callable  # ref -> the piece's keys as a wgmma's B operand [half, block]
+    add_products: Callable  # (acc, p, c_ref, p_s) -> acc + p @ c by wgmma, p from registers or through p_s
+    iota: Callable  # (shape, dim) -> an int32 iota along dim, laid out as a wgmma result
+    columns: Callable  # ref -> a row vector laid out along the columns of a wgmma result
+
+
+def spellings(interpret: bool) -> Spelling:
+    """`Spelling` for the interpreter or the CUDA lowering."""
     if interpret:
 
-        def columns(ref):
-            return ref[...]
-
-        def store_transposed(ref, x):
+        def keys_transposed(ref, x):
             ref[...] = x.T
 
-        def iota(shape, dim):
-            return lax.broadcasted_iota(jnp.int32, shape, dim)
+        def add_products(acc, p, c_ref, p_s):
+            p_s[...] = p
+            plgpu.commit_smem()
+            return acc + _summed([(p_s, c_ref)], acc.shape)
 
-    else:
+        return Spelling(
+            keys_shape=lambda half, block: (half, block),
+            store_keys=keys_transposed,
+            key_operand=lambda ref: ref,
+            add_products=add_products,
+            iota=lambda shape, dim: lax.broadcasted_iota(jnp.int32, shape, dim),
+            columns=lambda ref: ref[...],
+        )
 
-        def store_transposed(ref, x):
-            plgpu.transpose_ref(ref, (1, 0))[...] = plgpu.layout_cast(x, plgpu.Layout.WGMMA_TRANSPOSED)
+    def keys_plain(ref, x):
+        ref[...] = x
 
-        def iota(shape, dim):
-            return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+    def add_products(acc, p, c_ref, p_s):
+        def run(acc_ref):
+            plgpu.wgmma(acc_ref, p, c_ref)
+            plgpu.wgmma_wait(0)
 
-        def columns(ref):
-            return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(0))
+        return pl.run_state(run)(plgpu.ACC.init(acc))
 
-    return store_transposed, iota, columns
+    return Spelling(
+        keys_shape=lambda half, block: (block, half),
+        store_keys=keys_plain,
+        key_operand=lambda ref: plgpu.transpose_ref(ref, (1, 0)),
+        add_products=add_products,
+        iota=lambda shape, dim: plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA),
+        columns=lambda ref: plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(0)),
+    )
+
+
+def _summed(pairs, shape):
+    """sum(a @ b for a, b in pairs) in one float32 accumulator, by wgmma."""
+
+    def run(acc):
+        for a_s, b_s in pairs:
+            plgpu.wgmma(acc, a_s, b_s)
+        plgpu.wgmma_wait(0)
+        return acc[...]
+
+    return pl.run_scoped(run, plgpu.ACC(shape, jnp.float32))
 
 
 def _swizzle(*minor_bytes: int) -> int:
@@ -190,7 +231,7 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
     shared by the P heads), acc_g [B, Gp, J, P x R, r], m_g / l_g [B, Gp, J, M]. `consumers` warpgroups:
     1 does all, of 2 the first makes the keys and the second attends. `swizzles`: of the scores' operands
     (query pieces, keys) and of the latent's products' (latent, W_bk, p)."""
-    store_transposed, iota, columns = spellings(interpret)
+    spelling = spellings(interpret)
     b, j, g = lax.axis_index("b"), lax.axis_index("j"), lax.axis_index("g")
     bc = b if per_sequence else 0
     pieces, M, half = q_g.shape[-3:]
@@ -208,18 +249,7 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
     wide = lambda v, shape, dim: lax.broadcast_in_dim(v, shape, (dim,))  # keepdims does not lower
     first = lambda u: start + u * block  # block u's first slot
 
-    def summed(pairs, shape):
-        """sum(a @ b for a, b in pairs) in one accumulator."""
-
-        def run(acc):
-            for a_s, b_s in pairs:
-                plgpu.wgmma(acc, a_s, b_s)
-            plgpu.wgmma_wait(0)
-            return acc[...]
-
-        return pl.run_scoped(run, plgpu.ACC(shape, f32))
-
-    def scope(q_s, w_s, bias_s, c_s, cos_s, sin_s, k_s, p_s, ready, latent_in, rotary_in, *handoff):
+    def scope(q_s, w_s, bias_s, c_s, cos_s, sin_s, k_s, ready, latent_in, rotary_in, *handoff, p_s=None):
         """The slice's (acc, m, l), in the attending warpgroup. Block u's latent in c_s's buffer u % latents,
         its cos / sin in u % tables, its keys in k_s's set u % key_sets; `handoff` (two warpgroups): the
         barriers by which the attending warpgroup frees a latent buffer and a key set and the keys' maker
@@ -258,8 +288,8 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
             with jax.named_scope("latent_wait"):
                 plgpu.barrier_wait(latent_in.at[latent])
             with jax.named_scope("rebuild"):  # every kv head's two rotary halves by one wgmma, then cut
-                k = summed([(c_s.at[latent], w_s)], (block, pieces * half))  # into the 2P pieces
-                k = k + wide(columns(bias_s), (block, pieces * half), 1)  # [block, half]
+                k = _summed([(c_s.at[latent], w_s)], (block, pieces * half))  # into the 2P pieces
+                k = k + wide(spelling.columns(bias_s), (block, pieces * half), 1)  # [block, half]
                 k = [k[:, i * half : (i + 1) * half] for i in range(pieces)]
             with jax.named_scope("rotary_wait"):
                 plgpu.barrier_wait(rotary_in.at[table])
@@ -273,8 +303,8 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
                 cos, sin = cos_s[table], sin_s[table]  # [block, half]: the same table rotates every head
                 for p in range(P):
                     k1, k2 = k[p], k[P + p]
-                    store_transposed(keys(key_set, p), (k1 * cos - k2 * sin).astype(dtype))
-                    store_transposed(keys(key_set, P + p), (k2 * cos + k1 * sin).astype(dtype))
+                    spelling.store_keys(keys(key_set, p), (k1 * cos - k2 * sin).astype(dtype))
+                    spelling.store_keys(keys(key_set, P + p), (k2 * cos + k1 * sin).astype(dtype))
                 plgpu.commit_smem()  # a warpgroup barrier too: every thread has read the tables
                 if handoff:
                     plgpu.barrier_arrive(keys_ready.at[key_set])
@@ -304,7 +334,8 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
                 with jax.named_scope("keys_wait"):
                     plgpu.barrier_wait(keys_ready.at[key_set])
             with jax.named_scope("scores"):
-                s = summed([(q_s.at[i], keys(key_set, i)) for i in range(pieces)], (M, block))
+                pairs = [(q_s.at[i], spelling.key_operand(keys(key_set, i))) for i in range(pieces)]
+                s = _summed(pairs, (M, block))
                 if handoff:
 
                     @pl.when(u + key_sets < n)
@@ -313,19 +344,20 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
 
             with jax.named_scope("softmax"):
                 if masked:
-                    visible = visible_slots(first(u) + iota((M, block), 1), last, slots, sliding, window)
+                    visible = visible_slots(
+                        first(u) + spelling.iota((M, block), 1), last, slots, sliding, window
+                    )
                     s = jnp.where(visible, s, NEG)
                 m_new = jnp.maximum(m, jnp.max(s, axis=1))
                 p = jnp.exp(s - wide(m_new, (M, block), 0))
                 if masked:
                     p = jnp.where(visible, p, 0.0)
                 alpha = jnp.exp(m - m_new)
-                p_s[...] = p.astype(dtype)
-                plgpu.commit_smem()
             with jax.named_scope("values"):
                 if handoff:  # long complete (its keys are made from it), but seen here by this warpgroup too
                     plgpu.barrier_wait(latent_in.at[latent])
-                acc = acc * wide(alpha, (M, r), 0) + summed([(p_s, c_s.at[latent])], (M, r))
+                acc = acc * wide(alpha, (M, r), 0)
+                acc = spelling.add_products(acc, p.astype(dtype), c_s.at[latent], p_s)
                 if handoff:
 
                     @pl.when(u + latents < n)
@@ -368,11 +400,12 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
     F = lambda *shape: plgpu.SMEM(shape, f32, transforms=_tiles(f32, narrow))
     barriers = lambda count, arrivals=1: plgpu.Barrier(num_arrivals=arrivals, num_barriers=count)
     handoff = [barriers(latents), barriers(key_sets), barriers(key_sets)] if consumers > 1 else []
+    p_buffer = {"p_s": L(M, block)} if interpret else {}  # the interpreter's p c takes p from SMEM
     acc, m, l = pl.run_scoped(
         scope, K(pieces, M, half), L(r, pieces * half), plgpu.SMEM((pieces * half,), f32),
         L(latents, block, r), F(tables, block, half), F(tables, block, half),
-        K(key_sets * pieces, half, block), L(M, block), plgpu.Barrier(num_arrivals=3), barriers(latents),
-        barriers(tables, 2), *handoff, **shared,
+        K(key_sets * pieces, *spelling.keys_shape(half, block)), plgpu.Barrier(num_arrivals=3),
+        barriers(latents), barriers(tables, 2), *handoff, **shared, **p_buffer,
     )  # fmt: skip
     heads = acc_g.shape[-2]
 

@@ -10,12 +10,13 @@ transposed operand, and for each reports whether it lowers for CUDA here (no GPU
 Mosaic GPU interpreter reproduces `a @ b` (or `a @ b.T`). On JAX 0.10.2 both lower, the plain one
 interprets exactly and the transposed one fails in the interpreter (`port_checkable_in_ci` false).
 
-The way around it that `flash_decode_mosaic` takes: every operand plain, and an intermediate the kernel
-computes stored transposed into shared memory (`transposed_store`: `(a @ b)^T @ c`), for which the CUDA
-lowering and the interpreter each accept a spelling of their own (`flash_decode_mosaic.spellings`); the
-row reports the lowering of the one and the interpreter's result of the other, and
-`checkable_with_a_transposed_store` whether both hold. On a GPU every row also runs its kernel compiled
-(`compiled_max_abs_difference`): the numbers of the lowered spellings, which the interpreter never runs.
+The way around it that `flash_decode_mosaic` takes: an intermediate the kernel computes and reads
+transposed (its keys) is stored and handed to wgmma by a spelling of each mode's own
+(`flash_decode_mosaic.spellings`: the lowering stores it plain and reads it through the transposed view,
+the interpreter stores it transposed and reads it plain); the `keys` row reports the lowering of the one
+and the interpreter's result of the other, and `checkable_with_spellings` whether both hold. On a GPU
+every row also runs its kernel compiled (`compiled_max_abs_difference`): the numbers of the lowered
+spellings, which the interpreter never runs.
 """
 
 from __future__ import annotations
@@ -84,21 +85,22 @@ def matmul_kernel(transposed: bool, interpret):
     return plgpu.kernel(body, out_type=jax.ShapeDtypeStruct((N, N), jnp.float32), interpret=interpret)
 
 
-def transposed_store_kernel(interpret):
-    """(a @ b)^T @ c for 64 x 64 bf16 inputs: a @ b by wgmma, rounded to bf16 and stored transposed into
-    shared memory by the spelling of `flash_decode_mosaic.spellings` for this mode, then a plain wgmma."""
+def keys_kernel(interpret):
+    """c @ (a @ b)^T for 64 x 64 bf16 inputs: a @ b by wgmma, rounded to bf16 and stored as
+    `flash_decode_mosaic` stores its keys in this mode, then read back transposed as a wgmma's B operand
+    by that mode's spelling."""
     from gptoss_mla_jax.flash_decode_mosaic import spellings
 
-    store_transposed = spellings(interpret is not None)[0]
+    spelling = spellings(interpret is not None)
 
     def body(a_gmem, b_gmem, c_gmem, out_gmem):
         def in_smem(a_smem, b_smem, c_smem, t_smem, barrier):
             for gmem, smem in ((a_gmem, a_smem), (b_gmem, b_smem), (c_gmem, c_smem)):
                 plgpu.copy_gmem_to_smem(gmem, smem, barrier)
             plgpu.barrier_wait(barrier)
-            store_transposed(t_smem, product(a_smem, b_smem).astype(jnp.bfloat16))
+            spelling.store_keys(t_smem, product(a_smem, b_smem).astype(jnp.bfloat16))
             plgpu.commit_smem()
-            out_gmem[...] = product(t_smem, c_smem)
+            out_gmem[...] = product(c_smem, spelling.key_operand(t_smem))
 
         tile = plgpu.SMEM((N, N), jnp.bfloat16, transforms=TILES)
         pl.run_scoped(in_smem, tile, tile, tile, tile, plgpu.Barrier(num_arrivals=3))
@@ -148,13 +150,13 @@ def probe(transposed: bool) -> dict:
     return check(row, lambda interpret: matmul_kernel(transposed, interpret), (a, b), want)
 
 
-def probe_transposed_store() -> dict:
+def probe_keys() -> dict:
     keys = jax.random.split(jax.random.key(1), 3)
     a, b, c = (jax.random.normal(key, (N, N), jnp.bfloat16) * 0.3 for key in keys)
     f32 = jnp.float32
     stored = jnp.dot(a.astype(f32), b.astype(f32)).astype(jnp.bfloat16)
-    want = jnp.dot(stored.astype(f32).T, c.astype(f32))
-    return check({"operand": "transposed_store"}, transposed_store_kernel, (a, b, c), want)
+    want = jnp.dot(c.astype(f32), stored.astype(f32).T)
+    return check({"operand": "keys"}, keys_kernel, (a, b, c), want)
 
 
 def _holds(row: dict) -> bool:
@@ -168,11 +170,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args(argv)
     result = {"jax": jax.__version__, "wgmma": [probe(False), probe(True)]}
-    result["transposed_store"] = probe_transposed_store()
+    result["keys"] = probe_keys()
     result["port_checkable_in_ci"] = all(_holds(row) for row in result["wgmma"])
-    result["checkable_with_a_transposed_store"] = _holds(result["wgmma"][0]) and _holds(
-        result["transposed_store"]
-    )
+    result["checkable_with_spellings"] = _holds(result["wgmma"][0]) and _holds(result["keys"])
     print(json.dumps(result, indent=1))
     if args.out:
         write_json(args.out, result)
