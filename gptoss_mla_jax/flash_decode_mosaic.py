@@ -21,11 +21,12 @@ softmax. `launch.warps` picks how a program runs the slice's blocks:
 - 4: one warpgroup does all, the next block's latent loading into the other of two SMEM buffers while it
   computes, the tables two blocks ahead;
 - 8: two warpgroups with roles (as FlashMLA's), so that one's RoPE overlaps the other's products and
-  softmax and each holds half the registers: warpgroup 0 issues the loads and makes each block's keys
-  (rebuild, RoPE, store) into one of two key sets, warpgroup 1 scores them, takes the softmax and p c and
-  writes the slice's state. The latent sits in a ring of three buffers, each block's loaded two ahead once
-  warpgroup 1's p c has freed its buffer; a key set is reused once warpgroup 1's scores have read it;
-  barriers pass each hand-off (keys ready, keys freed, latent freed). The outputs equal those at 4 warps.
+  softmax and each holds half the registers: warpgroup 0 makes each block's keys (rebuild, RoPE, store)
+  into one of two key sets, warpgroup 1 scores them, takes the softmax and p c, issues the loads (a
+  block's tables once its keys are ready, the latent of three blocks on once its p c is done: the latent
+  sits in a ring of three buffers) and writes the slice's state; a key set is reused once warpgroup 1's
+  scores have read it; barriers pass each hand-off (keys ready, keys freed). The outputs equal those at
+  4 warps.
 Where the FLOPs go, per block of 64 slots at gpt-oss-20b's shape (r = 192, P = 2, half = 32): the key
 rebuild 4 x 2 x 64 x 192 x 32 = 3.1 MFLOP, the scores 4 x 2 x 64 x 32 x 64 = 1.0 MFLOP (an eighth on
 nonzero query entries), p c 2 x 64 x 64 x 192 = 1.6 MFLOP: the rebuild dominates, against 24 KB of latent
@@ -35,7 +36,7 @@ reduction scratch, 8 bytes a barrier), against 227 KB a block (228 KB an SM) on 
 program per SM either way:
 - 4 warps: queries 16 KB, W_bk 48 KB, bias 1 KB, latent 2 x 24 KB, cos / sin 2 x 2 x 8 KB, keys 16 KB:
   166,952 bytes;
-- 8 warps: the same but the latent 3 x 24 KB and the keys 2 x 16 KB: 207,976 bytes.
+- 8 warps: the same but the latent 3 x 24 KB and the keys 2 x 16 KB: 207,952 bytes.
 The write of acc (48 KB) reuses the walk's buffers.
 
 Every SMEM operand has the widest swizzle its rows hold whole and that of the other operand of its
@@ -103,8 +104,8 @@ def smem_bytes(r: int, half: int, P: int, R: int, block: int, consumers: int) ->
         latents * block * r * 2, tables * block * half * 4, tables * block * half * 4,  # latent, cos, sin
         key_sets * pieces * half * block * 2,  # keys
     ]  # fmt: skip
-    # ready; latent and rotary arrivals; with two warpgroups, latent freed, keys ready and keys freed
-    barriers = 1 + latents + tables + (consumers > 1) * (latents + 2 * key_sets)
+    # ready; latent and rotary arrivals; with two warpgroups, keys ready and keys freed
+    barriers = 1 + latents + tables + (consumers > 1) * 2 * key_sets
     return sum(map(aligned, sizes)) + 2048 + 8 * barriers
 
 
@@ -252,9 +253,10 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
     def scope(q_s, w_s, bias_s, c_s, cos_s, sin_s, k_s, ready, latent_in, rotary_in, *handoff, p_s=None):
         """The slice's (acc, m, l), in the attending warpgroup. Block u's latent in c_s's buffer u % latents,
         its cos / sin in u % tables, its keys in k_s's set u % key_sets; `handoff` (two warpgroups): the
-        barriers by which the attending warpgroup frees a latent buffer and a key set and the keys' maker
-        says a key set is ready. A warpgroup that waits on a barrier waits on every phase of it (as the
-        interpreter wants), and an arrival happens only where a wait will see it."""
+        barriers by which the keys' maker says a key set is ready and the attending warpgroup frees it; the
+        attending warpgroup then loads the tables, and after its p c the latent, into the buffers the block
+        freed. A warpgroup that waits on a barrier waits on every phase of it (as the interpreter wants), and
+        an arrival happens only where a wait will see it."""
 
         def fetch_latent(u):
             i = lax.rem(u, latents)
@@ -270,8 +272,9 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
             plgpu.copy_gmem_to_smem(q_g.at[b, g], q_s, ready)
             plgpu.copy_gmem_to_smem(w_g.at[g], w_s, ready)
             plgpu.copy_gmem_to_smem(b_g.at[g], bias_s, ready)
-            for u in range(max(latents - 1, tables)):
-                if u < latents - 1:
+            ahead = latents if handoff else latents - 1  # one warpgroup loads block u + 1's during block u
+            for u in range(max(ahead, tables)):
+                if u < ahead:
                     pl.when(u < n)(functools.partial(fetch_latent, u))
                 if u < tables:
                     pl.when(u < n)(functools.partial(fetch_rotary, u))
@@ -279,11 +282,11 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
         plgpu.barrier_wait(ready)
         keys = lambda key_set, i: k_s.at[key_set * pieces + i]  # piece i of a key set
         if handoff:
-            latent_free, keys_ready, keys_free = handoff
+            keys_ready, keys_free = handoff
 
         def make_keys(u):
-            """Block u's keys, rebuilt, rotated, rounded and stored transposed in its key set; then the
-            loads that the buffers it read free."""
+            """Block u's keys, rebuilt, rotated, rounded and stored in its key set; with one warpgroup, then
+            block u + 2's tables into the buffer it read."""
             latent, table, key_set = lax.rem(u, latents), lax.rem(u, tables), lax.rem(u, key_sets)
             with jax.named_scope("latent_wait"):
                 plgpu.barrier_wait(latent_in.at[latent])
@@ -309,21 +312,11 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
                 if handoff:
                     plgpu.barrier_arrive(keys_ready.at[key_set])
 
-            @pl.when(u + tables < n)
-            def _():
-                fetch_rotary(u + tables)
+            if not handoff:  # (with two, the attending warpgroup loads them)
 
-            if handoff:  # block u + 2's latent into block u - 1's buffer once its p c is done: this wait
-                # also keeps latent_in at most a phase ahead of warpgroup 1's own wait on it (a deeper
-                # prefetch would need another)
-
-                @pl.when(u + latents - 1 < n)
+                @pl.when(u + tables < n)
                 def _():
-                    @pl.when(u >= 1)
-                    def _():
-                        plgpu.barrier_wait(latent_free.at[lax.rem(u - 1, latents)])
-
-                    fetch_latent(u + latents - 1)
+                    fetch_rotary(u + tables)
 
         def attend(u, carry, masked=True):
             """Block u's scores, online softmax and p c folded into (acc, m, l); `masked`: some of its slots
@@ -333,6 +326,11 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
             if handoff:
                 with jax.named_scope("keys_wait"):
                     plgpu.barrier_wait(keys_ready.at[key_set])
+
+                @pl.when(u + tables < n)
+                def _():  # the keys' maker has read block u's tables
+                    fetch_rotary(u + tables)
+
             with jax.named_scope("scores"):
                 pairs = [(q_s.at[i], spelling.key_operand(keys(key_set, i))) for i in range(pieces)]
                 s = _summed(pairs, (M, block))
@@ -361,8 +359,8 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
                 if handoff:
 
                     @pl.when(u + latents < n)
-                    def _():
-                        plgpu.barrier_arrive(latent_free.at[latent])
+                    def _():  # p c was the buffer's last reader, the keys' rebuild long before it
+                        fetch_latent(u + latents)
 
             return acc, m_new, l * alpha + jnp.sum(p, axis=1)
 
@@ -399,7 +397,7 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
     L = lambda *shape: plgpu.SMEM(shape, dtype, transforms=_tiles(dtype, wide_swizzle))  # the latent's
     F = lambda *shape: plgpu.SMEM(shape, f32, transforms=_tiles(f32, narrow))
     barriers = lambda count, arrivals=1: plgpu.Barrier(num_arrivals=arrivals, num_barriers=count)
-    handoff = [barriers(latents), barriers(key_sets), barriers(key_sets)] if consumers > 1 else []
+    handoff = [barriers(key_sets), barriers(key_sets)] if consumers > 1 else []
     p_buffer = {"p_s": L(M, block)} if interpret else {}  # the interpreter's p c takes p from SMEM
     acc, m, l = pl.run_scoped(
         scope, K(pieces, M, half), L(r, pieces * half), plgpu.SMEM((pieces * half,), f32),
