@@ -49,7 +49,7 @@
 #              program) at 64 x 32K (agreement with the jnp path and time), within one device call
 #   mosaic_small the two kernels likewise at batches 1 and 8 (32K)
 #   mosaic_e2e the decompressed MLA model's loop at 1 x 32K and 64 x 32K on each kernel, in one process
-#   mosaic2_e2e the decompressed MLA model's loop at 8 x 32K and 64 x 32K on Triton and on two warpgroups
+#   mosaic2_e2e the decompressed MLA model's loop at batches 1, 8, 64 x 4K and 32K on Triton and on two warpgroups
 #   mosaic_profile  the Triton and Mosaic GPU kernels timed at 8 x 32K and 64 x 32K in one process, the
 #              Mosaic GPU kernel's cycles per block in each phase (its in-kernel profiler, 8 x 32K) and ptxas's
 #              registers and spills for it, then its tests compiled
@@ -140,8 +140,8 @@ for stage in ${STAGES//,/ }; do
       --batches 1,8 --contexts 32768 ;;
     mosaic_e2e) run decode_e2e_mosaic 500 eval.bench.decode --cuda-graphs --decode-kernels on --models mla \
       --batches 1,64 --contexts 32768 --loop-steps 16 --repeats 5 --decompressed-kernels triton,mosaic,mosaic2 ;;
-    mosaic2_e2e) run decode_e2e_mosaic2 450 eval.bench.decode --cuda-graphs --decode-kernels on --models mla \
-      --batches 8,64 --contexts 32768 --loop-steps 16 --repeats 5 --decompressed-kernels triton,mosaic2 ;;
+    mosaic2_e2e) run decode_e2e_mosaic2 540 eval.bench.decode --cuda-graphs --decode-kernels on --models mla \
+      --batches 1,8,64 --contexts 4096,32768 --loop-steps 16 --repeats 5 --decompressed-kernels triton,mosaic2 ;;
     mosaic_profile) MOSAIC_GPU_DUMP_PTXAS=1 run mosaic_profile 240 eval.experiments.mosaic_profile  # + registers
       mosaic_tests 150 ;;
     mosaic_64x32k) run decode_kernels_mosaic_64x32k 150 eval.bench.decode --kernels --models mla_mosaic \
