@@ -576,10 +576,10 @@ def mla_absorbed_decode(
 # warpgroup a program, the model's launch), "mosaic2" with two warpgroups (8 warps), one making the keys
 # and the other attending. Mosaic GPU takes a 16-bit cache in blocks of a multiple of 64 slots whose program
 # fits an SM's shared memory (`flash_decode_mosaic.runs`; other calls keep "triton").
-# Read when a step is traced; "triton" is the fastest measured (docs/decode.md): `eval.bench.decode
-# --kernels --models mla,mla_mosaic` and `--decompressed-kernels triton,mosaic,mosaic2`.
+# Read when a step is traced; "mosaic2" is the fastest measured in the model's decode loop (docs/decode.md):
+# `eval.bench.decode --kernels --models mla,mla_mosaic` and `--decompressed-kernels triton,mosaic,mosaic2`.
 DecompressedKernel = Literal["triton", "mosaic", "mosaic2"]
-DECOMPRESSED_KERNEL: DecompressedKernel = "triton"
+DECOMPRESSED_KERNEL: DecompressedKernel = "mosaic2"
 
 
 def decompressed_kernel(q: Array, c: Array, launch: Launch) -> tuple[Callable, Launch]:

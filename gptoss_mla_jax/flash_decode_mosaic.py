@@ -112,7 +112,7 @@ def smem_bytes(r: int, half: int, P: int, R: int, block: int, consumers: int) ->
 def refusal(q_shape: tuple[int, ...], dtype, r: int, launch: Launch) -> str | None:
     """Why this kernel does not run queries of `q_shape` [B, G, R, d] over a latent cache of `dtype` and
     width r at `launch`, with what to change (None: it runs them): a 16-bit cache, blocks of whole wgmma
-    rows, 4 or 8 warps, and a program within SMEM_BYTES."""
+    rows, 4 or 8 warps, operands whose rows hold a whole swizzle, and a program within SMEM_BYTES."""
     _, G, R, d = q_shape
     block, warps = launch.block, launch.warps
     if jnp.dtype(dtype).itemsize != 2:
@@ -124,6 +124,10 @@ def refusal(q_shape: tuple[int, ...], dtype, r: int, launch: Launch) -> str | No
     if warps not in CONSUMERS:
         return f"warps {warps}: the Mosaic GPU kernel runs 4 (one warpgroup a program) or 8 (two)"
     P = kv_heads_per_program(G, R, launch.head_block)
+    try:
+        _swizzles(r, d // 2, P, block)
+    except ValueError as e:
+        return f"head dim {d}, latent width {r}: {e} (a head dim of a multiple of 32 and a width of 16 fit)"
     if (smem := smem_bytes(r, d // 2, P, R, block, CONSUMERS[warps])) > SMEM_BYTES:
         return (
             f"block {block}, warps {warps}, {P} kv heads a program: {smem:,} bytes of shared memory, more "
@@ -215,6 +219,12 @@ def _swizzle(*minor_bytes: int) -> int:
     if swizzle is None:
         raise ValueError(f"rows of {minor_bytes} bytes: wgmma operands need rows of a multiple of 32 bytes")
     return swizzle
+
+
+def _swizzles(r: int, half: int, P: int, block: int) -> tuple[int, int]:
+    """The swizzles of the scores' operands (query pieces' rows of half, keys' of block) and of the
+    latent's products' (the latent's rows of r, W_bk's of 2P half, p's of block), in bf16 / f16."""
+    return _swizzle(2 * half, 2 * block), _swizzle(2 * r, 4 * P * half, 2 * block)
 
 
 def _tiles(dtype, swizzle: int):
@@ -455,9 +465,7 @@ def decompressed_splits(
     P = key_groups(G, R, w_k, launch)
     Gp, heads = G // P, P * R
     M = -(-heads // ROWS) * ROWS
-    # the scores' operands (query pieces' rows of half, keys' of block), the latent's products' (the
-    # latent's rows of r, W_bk's of 2P half, p's of block)
-    swizzles = _swizzle(2 * half, 2 * block), _swizzle(2 * r, 4 * P * half, 2 * block)
+    swizzles = _swizzles(r, half, P, block)
     q = q.astype(c.dtype)
     # the 2P query pieces [M, half], i = h P + p: kv head p's columns of half h's block-diagonal queries
     # (its R rows real, the others zero), so that the scores are the sum of the pieces' products

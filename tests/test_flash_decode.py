@@ -264,8 +264,9 @@ def test_bad_split_is_refused():
 @pytest.mark.parametrize("sliding", [False, True])
 @pytest.mark.parametrize("kind", ["gqa", "absorbed", "decompressed"])
 def test_kernels_lower_for_the_gpu(kind, sliding):
-    """Each kernel, at gpt-oss-20b's head shapes in bf16, lowers to Triton for CUDA from this CPU-only
-    machine: every op in it has a Pallas-GPU lowering (compiling the Triton IR needs the GPU itself)."""
+    """Each kernel, at gpt-oss-20b's head shapes in bf16, lowers for CUDA from this CPU-only machine: every
+    op in it has a Pallas-GPU lowering (compiling the IR needs the GPU itself). GQA and absorbed MLA lower
+    to Triton, decompressed MLA to its default kernel in Mosaic GPU (`flash_decode.DECOMPRESSED_KERNEL`)."""
     B, G, R, d, S, r, n2 = 2, 8, 8, 64, 256, 160, 4
     spec = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
     lengths, sinks = spec(B, dtype=jnp.int32), spec(G * R, dtype=jnp.float32)
@@ -291,5 +292,6 @@ def test_kernels_lower_for_the_gpu(kind, sliding):
             slot_rotations(lengths, S, sliding, config), Launch(2, 64),
         )  # fmt: skip
         args = (spec(B, G * R, d), spec(r + G * n2, 2 * G * d), spec(2 * G * d), spec(B, S, r + G * n2))
-    lowered = jax.jit(fn).trace(*args, lengths, sinks).lower(lowering_platforms=("cuda",))
-    assert lowered.as_text().count("xla.gpu.triton") == 1
+    text = jax.jit(fn).trace(*args, lengths, sinks).lower(lowering_platforms=("cuda",)).as_text()
+    mosaic = kind == "decompressed"
+    assert (text.count("xla.gpu.triton"), text.count("mosaic_gpu_v2")) == ((0, 1) if mosaic else (1, 0))

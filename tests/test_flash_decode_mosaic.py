@@ -247,7 +247,8 @@ def test_lowers_for_cuda_at_gpt_oss_20b_shape(window, sliding, warps):
 
 def test_rejects_what_it_cannot_run():
     """A float32 cache (its wgmma would be tf32, whose B operand must be K-major), blocks shorter than a
-    wgmma's 64 rows, warps other than one or two warpgroups' and programs past an SM's shared memory are
+    wgmma's 64 rows, warps other than one or two warpgroups', rotary halves of less than a 32-byte swizzle
+    and programs past an SM's shared memory are
     refused with what to change, and `runs` says so beforehand (the model's decode then keeps Triton)."""
     args = inputs(2, 8, 64, 64, 128, [5])
     f32_args = (args[0], args[1].astype(jnp.float32), *args[2:])
@@ -263,6 +264,11 @@ def test_rejects_what_it_cannot_run():
         not runs(Launch(2, 64, warps=6)) and not runs(Launch(2, 32)) and not runs(Launch(2, 64), jnp.float32)
     )
     assert not runs(Launch(2, 128)) and not runs(Launch(2, 128, warps=8))  # past an SM's shared memory
+    assert not flash_decode_mosaic.runs((1, 8, 8, 16), jnp.bfloat16, 192, Launch(2, 64))  # rows of 16 bytes
+    with pytest.raises(ValueError, match="head dim 16, latent width 64: rows of"):
+        flash_decode_mosaic.decompressed_splits(
+            *inputs(2, 8, 16, 64, 128, [5]), launch=Launch(2, 64, INTERPRET)
+        )
     gpt_oss = inputs(8, 8, 64, 192, 256, [5])
     with pytest.raises(ValueError, match="block 128, warps 4, 2 kv heads a program: 265,256 bytes"):
         flash_decode_mosaic.decompressed_splits(*gpt_oss, launch=Launch(2, 128, INTERPRET))

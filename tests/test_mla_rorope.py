@@ -159,7 +159,8 @@ def test_kernel_serves_the_shared_rope_key(sliding):
 
 def test_flash_attention_prefill_equals_jnp(tiny, calib, monkeypatch):
     """A chunk without a cache on the flash-attention kernel (keys twice the values' width) equals the jnp
-    path, with right padding, float32."""
+    path, with right padding, float32: within 1e-5 of the logits' scale (float32 sums in another order err
+    relative to the terms summed, not to a small logit they sum to)."""
     from gptoss_mla_jax import flash_attention as fa
 
     monkeypatch.setitem(fa.LAUNCH, "forward", fa.Blocks(queries=32, keys=16))
@@ -170,7 +171,8 @@ def test_flash_attention_prefill_equals_jnp(tiny, calib, monkeypatch):
             mla_params, tokens, None, mla_config, jnp.array([19, 11]), ForwardOptions(attention=impl)
         ).logits
     )
-    np.testing.assert_allclose(run("flash"), run("jnp"), rtol=1e-5, atol=1e-5)
+    want = run("jnp")
+    np.testing.assert_allclose(run("flash"), want, rtol=1e-5, atol=1e-5 * float(jnp.abs(want).max()))
 
 
 def test_cache_bytes_formula(tiny):

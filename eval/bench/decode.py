@@ -326,10 +326,16 @@ def kernel_rows(
     # than it has; that setting's failure is recorded and the others run.
     check = [(layer, 2, min(contexts), jnp.float32) for layer in layers if layer != "mla_mosaic"]  # 16-bit
     points = [(layer, b, c, jnp.bfloat16) for c, b, layer in itertools.product(contexts, batches, layers)]
+    # "mla" on the Triton kernel, "mla_mosaic" on Mosaic GPU's at each of MOSAIC_CONFIGS' warps
+    kernel_choice = {"mla": "triton", "mla_mosaic": "mosaic"}
     for layer, batch, context, dtype in check + points:
         try:
             with switched(
-                *([(flash_decode, "DECOMPRESSED_KERNEL", "mosaic")] if layer == "mla_mosaic" else [])
+                *(
+                    [(flash_decode, "DECOMPRESSED_KERNEL", kernel_choice[layer])]
+                    if layer in kernel_choice
+                    else []
+                )
             ):
                 rows.append(
                     kernel_point(layer, batch, context, repeats, copy, dtype=dtype, **shape_of(layer))
