@@ -576,19 +576,24 @@ def mla_absorbed_decode(
 # warpgroup a program, the model's launch), "mosaic2" with two warpgroups (8 warps), one making the keys
 # and the other attending. Mosaic GPU takes a 16-bit cache in blocks of a multiple of 64 slots whose program
 # fits an SM's shared memory (`flash_decode_mosaic.runs`; other calls keep "triton").
-# Read when a step is traced; "mosaic2" is the fastest measured in the model's decode loop (docs/decode.md):
-# `eval.bench.decode --kernels --models mla,mla_mosaic` and `--decompressed-kernels triton,mosaic,mosaic2`.
-DecompressedKernel = Literal["triton", "mosaic", "mosaic2"]
-DECOMPRESSED_KERNEL: DecompressedKernel = "mosaic2"
+# Read when a step is traced; "auto" takes "mosaic2" where the kernels are compiled, the fastest measured in
+# the model's decode loop (docs/decode.md: `eval.bench.decode --decompressed-kernels triton,mosaic2`), and
+# "triton" where they are interpreted (the Mosaic GPU interpreter runs a program's warpgroups as threads,
+# far slower than Triton's; tests that check it choose it by name).
+DecompressedKernel = Literal["auto", "triton", "mosaic", "mosaic2"]
+DECOMPRESSED_KERNEL: DecompressedKernel = "auto"
 
 
 def decompressed_kernel(q: Array, c: Array, launch: Launch) -> tuple[Callable, Launch]:
     """The `decompressed_splits` that queries q [B, G, R, d] over the latent cache c [B, S, r] decode on at
     `launch`, and the launch it takes: DECOMPRESSED_KERNEL's, where it runs them."""
-    if DECOMPRESSED_KERNEL != "triton":
+    kernel = DECOMPRESSED_KERNEL
+    if kernel == "auto":
+        kernel = "triton" if launch.interpret else "mosaic2"
+    if kernel != "triton":
         from gptoss_mla_jax import flash_decode_mosaic  # built on this module: imported where chosen
 
-        mosaic = launch._replace(warps=8) if DECOMPRESSED_KERNEL == "mosaic2" else launch
+        mosaic = launch._replace(warps=8) if kernel == "mosaic2" else launch
         if flash_decode_mosaic.runs(q.shape, c.dtype, c.shape[-1], mosaic):
             return flash_decode_mosaic.decompressed_splits, mosaic
     return decompressed_splits, launch

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import tempfile
+import threading
+import types
 
 # Eight simulated CPU devices for the sharding tests. LLVM at -O0: most of the suite's time is XLA compiling
 # small programs that then run once, and -O0 halves the compile time; results move by rounding only (every
@@ -115,3 +117,29 @@ def calib(tiny):
     """Calibration windows for converting `tiny` to MLA: 4 x 32 random tokens."""
     config, _ = tiny
     return np.random.default_rng(7).integers(0, config.vocab_size, (4, 32))
+
+
+@pytest.fixture
+def warpgroups_compiled_once(monkeypatch):
+    """The interpreter runs a program of several warpgroups as threads, each of which compiles the kernel's
+    body anew for every program of the grid (JAX 0.10's `thread_map._run_jaxpr`; host callbacks keep it
+    out of the persistent cache); here each body compiles once and every thread runs it.
+    Where that private function is gone the tests run as they are, only slower. The threads' ids are made
+    NumPy scalars: a jnp scalar made inside the host callback that starts the threads dispatches an XLA
+    computation from within a running one, which can deadlock the CPU client (seen under load on 2 cores)."""
+    from jax._src.pallas.mosaic.interpret import thread_map
+
+    if not hasattr(thread_map, "_run_jaxpr"):
+        return
+    monkeypatch.setattr(thread_map, "jnp", types.SimpleNamespace(int32=np.int32))
+    compiled, lock = {}, threading.Lock()
+
+    def run(jaxpr, consts, *args):
+        key = (id(jaxpr), *((np.shape(x), x.dtype) for x in jax.tree.leaves((consts, args))))
+        with lock:  # the threads run concurrently after it: they wait on each other's barriers
+            if key not in compiled:
+                body = jax.jit(lambda consts, *args: jax.core.eval_jaxpr(jaxpr, consts, *args))
+                compiled[key] = jaxpr, body.trace(consts, *args).lower().compile()  # the jaxpr keeps its id
+        compiled[key][1](consts, *args)
+
+    monkeypatch.setattr(thread_map, "_run_jaxpr", run)

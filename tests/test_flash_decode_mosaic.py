@@ -4,8 +4,6 @@ before its product with the latent), and merged by `flash_decode.combine` they e
 within the bound those roundings allow; lowered for CUDA from the CPU at gpt-oss-20b's decode shape. Each
 at `Launch.warps` 4 (one warpgroup a program) and 8 (two: one makes the keys, the other attends)."""
 
-import threading
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -26,29 +24,6 @@ from gptoss_mla_jax.flash_decode import (
 BF16_ULP = 2.0**-8  # bf16's relative spacing: one rounding is off by at most half of it
 # The kernel compiled where a GPU is (`decode_gpu.sh OUT mosaic` runs this file there), else interpreted.
 INTERPRET = jax.default_backend() != "gpu"
-
-
-@pytest.fixture
-def warpgroups_compiled_once(monkeypatch):
-    """The interpreter runs a program of several warpgroups as threads, each of which compiles the kernel's
-    body anew for every program of the grid (JAX 0.10's `thread_map._run_jaxpr`; host callbacks keep it
-    out of the persistent cache); here each body compiles once and every thread runs it.
-    Where that private function is gone the tests run as they are, only slower."""
-    from jax._src.pallas.mosaic.interpret import thread_map
-
-    if not hasattr(thread_map, "_run_jaxpr"):
-        return
-    compiled, lock = {}, threading.Lock()
-
-    def run(jaxpr, consts, *args):
-        key = (id(jaxpr), *((np.shape(x), x.dtype) for x in jax.tree.leaves((consts, args))))
-        with lock:  # the threads run concurrently after it: they wait on each other's barriers
-            if key not in compiled:
-                body = jax.jit(lambda consts, *args: jax.core.eval_jaxpr(jaxpr, consts, *args))
-                compiled[key] = jaxpr, body.trace(consts, *args).lower().compile()  # the jaxpr keeps its id
-        compiled[key][1](consts, *args)
-
-    monkeypatch.setattr(thread_map, "_run_jaxpr", run)
 
 
 def inputs(G, R, d, r, slots, lengths, per_sequence=False, dtype=jnp.bfloat16, seed=0, bias=jnp.float32):

@@ -213,7 +213,7 @@ def test_kernel_benchmark_runs_at_a_small_size(tmp_path):
     assert [c.get("head_block") for c in rows[-1]["configs"]] == [None, 2]  # absorbed MLA's heads split too
 
 
-def test_kernel_benchmark_times_the_mosaic_gpu_kernel(monkeypatch):
+def test_kernel_benchmark_times_the_mosaic_gpu_kernel(monkeypatch, warpgroups_compiled_once):
     """The `mla_mosaic` layer of --kernels: decompressed MLA on the Mosaic GPU kernel (interpreted here, at
     a shape it takes: 64-slot blocks, rows of whole swizzles), one warpgroup a program and two, each launch
     run on it (not on Triton's kernel) and agreeing with the jnp path in bf16 as the Triton kernel's row

@@ -900,9 +900,9 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--decompressed-kernels", default=flash_decode.DECOMPRESSED_KERNEL,
         help="steps with the decompressed MLA layers' decode on the Triton or the Mosaic GPU kernel, the "
-        "latter with one or two warpgroups a program (flash_decode.DECOMPRESSED_KERNEL: triton, mosaic, "
-        "mosaic2; a step the Mosaic GPU kernel does not run, e.g. of a float32 cache or of blocks not of 64 "
-        "slots, keeps Triton's), each of these in turn, e.g. triton,mosaic,mosaic2",
+        "latter with one or two warpgroups a program (flash_decode.DECOMPRESSED_KERNEL: auto, which is "
+        "mosaic2 where compiled; triton, mosaic, mosaic2; a step the Mosaic GPU kernel does not run, e.g. of "
+        "a float32 cache or of blocks not of 64 slots, keeps Triton's), each in turn, e.g. triton,mosaic2",
     )  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="a tiny model (CPU check of the script)")
     parser.add_argument("--out", help="write the results as JSON here")
