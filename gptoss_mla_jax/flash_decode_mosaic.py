@@ -223,7 +223,8 @@ def _swizzle(*minor_bytes: int) -> int:
 
 def _swizzles(r: int, half: int, P: int, block: int) -> tuple[int, int]:
     """The swizzles of the scores' operands (query pieces' rows of half, keys' of block) and of the
-    latent's products' (the latent's rows of r, W_bk's of 2P half, p's of block), in bf16 / f16."""
+    latent's products' (the latent's rows of r, W_bk's of 2P half, and the interpreter's p's of block),
+    in bf16 / f16."""
     return _swizzle(2 * half, 2 * block), _swizzle(2 * r, 4 * P * half, 2 * block)
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import tempfile
 import threading
-import types
 
 # Eight simulated CPU devices for the sharding tests. LLVM at -O0: most of the suite's time is XLA compiling
 # small programs that then run once, and -O0 halves the compile time; results move by rounding only (every
@@ -119,6 +118,17 @@ def calib(tiny):
     return np.random.default_rng(7).integers(0, config.vocab_size, (4, 32))
 
 
+class _NumpyThreadIds:
+    """jax.numpy for JAX's thread_map, but int32 NumPy's (`warpgroups_compiled_once`)."""
+
+    int32 = np.int32
+
+    def __getattr__(self, name):
+        import jax.numpy as jnp
+
+        return getattr(jnp, name)
+
+
 @pytest.fixture
 def warpgroups_compiled_once(monkeypatch):
     """The interpreter runs a program of several warpgroups as threads, each of which compiles the kernel's
@@ -131,7 +141,7 @@ def warpgroups_compiled_once(monkeypatch):
 
     if not hasattr(thread_map, "_run_jaxpr"):
         return
-    monkeypatch.setattr(thread_map, "jnp", types.SimpleNamespace(int32=np.int32))
+    monkeypatch.setattr(thread_map, "jnp", _NumpyThreadIds())
     compiled, lock = {}, threading.Lock()
 
     def run(jaxpr, consts, *args):

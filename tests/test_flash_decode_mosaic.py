@@ -223,8 +223,8 @@ def test_lowers_for_cuda_at_gpt_oss_20b_shape(window, sliding, warps):
 def test_rejects_what_it_cannot_run():
     """A float32 cache (its wgmma would be tf32, whose B operand must be K-major), blocks shorter than a
     wgmma's 64 rows, warps other than one or two warpgroups', rotary halves of less than a 32-byte swizzle
-    and programs past an SM's shared memory are
-    refused with what to change, and `runs` says so beforehand (the model's decode then keeps Triton)."""
+    and programs past an SM's shared memory are refused with what to change, and `runs` says so beforehand
+    (the model's decode then keeps Triton)."""
     args = inputs(2, 8, 64, 64, 128, [5])
     f32_args = (args[0], args[1].astype(jnp.float32), *args[2:])
     with pytest.raises(ValueError, match=r"16-bit cache.*float32"):
