@@ -163,7 +163,10 @@ def speed(
         row = {"model": name, "batch": batch, "context": context, "decode_kernels": on_kernels}
         row["cache_gb"] = cache_bytes(config, batch, context) / 1e9
         if row["cache_gb"] * 1e9 > free_bytes() - RESERVE:
-            row["skipped"] = f"cache {row['cache_gb']:.1f} GB does not fit ({free_bytes() / 1e9:.1f} free)"
+            row["skipped"] = (
+                f"cache {row['cache_gb']:.1f} GB does not fit ({free_bytes() / 1e9:.1f} free; JAX takes "
+                "XLA_PYTHON_CLIENT_MEM_FRACTION of the card, 0.75 unless set)"
+            )
         else:
             try:
                 times = step_seconds(params, config, batch, context, repeats, on_kernels)
@@ -948,6 +951,7 @@ def main(argv=None) -> int:
         )
         result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "transformers_rows": peer}
         result["xla_flags"] = os.environ.get("XLA_FLAGS", "")
+        result["mem_fraction"] = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "")
         if args.kernels:
             batches = [int(b) for b in args.batches.split(",")]
             layers = only or ("gqa", "mla", "mla_partial")
