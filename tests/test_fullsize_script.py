@@ -70,6 +70,33 @@ def test_decode_benchmark_runs_at_a_small_size(shared_models, tmp_path):
     assert all(r["step_ms"] > 0 and len(r["times_ms"]) == 2 for r in rows)
     assert all(r["loop_steps"] == 2 and r["loop_step_ms"] > 0 and len(r["loop_times_ms"]) == 2 for r in rows)
     assert rows[2]["cache_gb"] < rows[0]["cache_gb"]
+    # each point beside its byte floor: its step's unavoidable bytes over the run's copy bandwidth
+    assert all(r["floor_ms"] > 0 and r["step_over_floor"] == r["step_ms"] / r["floor_ms"] for r in rows)
+    assert all(r["loop_over_floor"] == r["loop_step_ms"] / r["floor_ms"] for r in rows)
+    assert all(r["step_gb"] > r["cache_gb"] for r in rows)
+
+
+def test_step_bytes_counts_each_weight_once_and_the_cache():
+    """A step's byte floor: the cache, every weight but the embedding (the batch's rows) and the experts
+    (those the batch selects on average under uniform routing), counted by hand on the demo model."""
+    import jax
+
+    from eval.bench import decode as bench_decode
+    from gptoss_mla_jax.generation import DEMO_CONFIG as config
+    from gptoss_mla_jax.model import init_params
+
+    params = jax.eval_shape(lambda: init_params(config, jax.random.key(0), jnp.bfloat16, experts="mxfp4"))
+    E, k, D, V = config.num_local_experts, config.num_experts_per_tok, config.hidden_size, config.vocab_size
+    layer = params["layers"][0]
+    size = lambda tree: sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(tree))
+    experts = size(layer["mlp"]["experts"]) * config.num_hidden_layers
+    others = size(params) - size(params["embed_tokens"]) - experts
+    assert params["embed_tokens"].shape == (V, D)
+    for batch, context in ((1, 64), (3, 100)):
+        selected = E * (1 - (1 - k / E) ** batch)  # experts a batch selects on average
+        want = bench_decode.cache_bytes(config, batch, context) + others + batch * D * 2
+        assert bench_decode.step_bytes(config, params, batch, context) == int(want + experts * selected / E)
+    assert selected < E and bench_decode.step_bytes(config, params, 1, 64) < size(params)
 
 
 def test_decode_benchmark_times_each_setting(shared_models, tmp_path, monkeypatch):

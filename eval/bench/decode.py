@@ -25,6 +25,7 @@ import dataclasses
 import functools
 import itertools
 import json
+import math
 import os
 import subprocess
 import sys
@@ -103,6 +104,26 @@ def cache_bytes(config: GptOssConfig, batch: int, context: int) -> int:
     return accounting(config, batch, context, jnp.bfloat16)["total_bytes"]
 
 
+def step_bytes(config: GptOssConfig, params, batch: int, context: int) -> int:
+    """The bytes a decode step of `batch` tokens at `context` cannot avoid reading: every weight once but
+    the embedding (only the batch's rows) and the experts (per layer only those the batch selects, as many
+    as uniform routing selects on average, E (1 - (1 - k / E)^batch)), and the whole cache (bf16). Over the
+    copy bandwidth, the step's byte floor."""
+    E, k = config.num_local_experts, config.num_experts_per_tok
+    selected = E * (1 - (1 - k / E) ** batch)
+    total, experts = cache_bytes(config, batch, context), 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        names = [getattr(key, "key", None) for key in path]
+        nbytes = math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize  # arrays or their shapes
+        if names[0] == "embed_tokens":
+            total += batch * nbytes // leaf.shape[0]
+        elif "experts" in names:
+            experts += nbytes
+        else:
+            total += nbytes
+    return int(total + experts * selected / E)
+
+
 def free_bytes() -> float:
     """Device memory not in use (unbounded where the backend does not say, e.g. CPU)."""
     stats = jax.local_devices()[0].memory_stats() or {}
@@ -152,16 +173,21 @@ def speed(
     log,
     kernels=(False,),
     loop_steps: int = 0,
+    copy: float | None = None,
 ) -> list[dict]:
     """Step time per context, batch, model and attention path (`kernels`: False = jnp/XLA, True = the
     Pallas decode kernels): one step per call, and (`loop_steps` > 0) per token of a device-side loop of
-    that many steps."""
+    that many steps; beside each, with the card's `copy` bandwidth (bytes / s), the step's byte floor
+    (`step_bytes`) and the times over it."""
     rows = []
     for context, batch, (name, (config, params)), on_kernels in itertools.product(
         contexts, batches, models_.items(), kernels
     ):
         row = {"model": name, "batch": batch, "context": context, "decode_kernels": on_kernels}
         row["cache_gb"] = cache_bytes(config, batch, context) / 1e9
+        row["step_gb"] = step_bytes(config, params, batch, context) / 1e9
+        if copy:
+            row["floor_ms"] = 1e3 * row["step_gb"] * 1e9 / copy
         if row["cache_gb"] * 1e9 > free_bytes() - RESERVE:
             row["skipped"] = (
                 f"cache {row['cache_gb']:.1f} GB does not fit ({free_bytes() / 1e9:.1f} free; JAX takes "
@@ -175,6 +201,8 @@ def speed(
                     "times_ms": [1e3 * t for t in times],
                 }
                 row["tokens_per_s"] = batch / (row["step_ms"] / 1e3)
+                if copy:
+                    row["step_over_floor"] = row["step_ms"] / row["floor_ms"]
                 if loop_steps:
                     times = step_seconds(params, config, batch, context, repeats, on_kernels, loop_steps)
                     row |= {
@@ -183,6 +211,8 @@ def speed(
                         "loop_times_ms": [1e3 * t for t in times],
                     }
                     row["loop_tokens_per_s"] = batch / (row["loop_step_ms"] / 1e3)
+                    if copy:
+                        row["loop_over_floor"] = row["loop_step_ms"] / row["floor_ms"]
             except Exception as e:  # out of memory in the step, or a kernel that does not lower
                 row["skipped"] = f"step failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
         rows.append(row)
@@ -986,6 +1016,8 @@ def main(argv=None) -> int:
             batches = [int(b) for b in args.batches.split(",")]
             kernels = {"off": (False,), "on": (True,), "both": (False, True)}[args.decode_kernels]
             built, result["rows"] = models_(), []
+            copy = copy_bandwidth(0.05 if args.smoke else 4.0)
+            result["copy_gb_per_s"] = copy / 1e9
             for share, fused, one_token, gather, decompressed in itertools.product(
                 args.state_shares.split(","), args.fused_norms.split(","), args.one_token.split(","),
                 (int(g) for g in args.gather_rows.split(",")), args.decompressed_kernels.split(","),
@@ -1005,7 +1037,7 @@ def main(argv=None) -> int:
                     (gmm_lib, "GATHER_ROWS", gather),
                     (flash_decode, "DECOMPRESSED_KERNEL", decompressed),
                 ):
-                    rows = speed(built, batches, contexts, args.repeats, tag, kernels, args.loop_steps)
+                    rows = speed(built, batches, contexts, args.repeats, tag, kernels, args.loop_steps, copy)
                 result["rows"] += [row | setting for row in rows]
     result["command"] = command
     print(json.dumps(result), flush=True)
