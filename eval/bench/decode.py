@@ -453,6 +453,7 @@ MOE_LAUNCHES = {
             (64, 128, 4, 6, 1), (64, 128, 4, 8, 1), (32, 256, 4, 5, 1), (64, 256, 8, 4, 1),
             (128, 128, 4, 5, 1), (64, 256, 4, 5, 2),
         ),
+        "none": (),  # the launch table's own only: A/B runs of layouts
     }.items()
 }  # fmt: skip
 # Routing kernel launches tried by --moe where it serves the batch (depth, warps, stages): default first.

@@ -13,6 +13,9 @@
 #   gather     one layer's MoE at batches 1, 8 and 64 with the layout's rows read from the tokens by the gate_up
 #              kernel (gmm.GATHER_ROWS, the default) and gathered by XLA before it, in one process
 #   gather_e2e GQA's and MLA's loop at 1 x 4K likewise
+#   layouts    one layer's MoE at batches 1-256 on the launch table's own launches only, with its rows read
+#              from the tokens by gate_up and gathered by XLA (gmm.GATHER_ROWS 16, 0), each with lhs split on
+#              chip and given as halves (gmm.SPLIT_ROWS 64, 16), in one process
 #   profile    kernels per decode step and where the device time goes, batch 1 x 4K; profile_32k at 1 x 32K
 #   graphs     the same profile of GQA with XLA's command buffers (CUDA graphs) for every kind of op
 #   e2e        whole-model decode steps on the kernels, GQA and both MLA modes, batches 1 and 64 at 4K / 32K
@@ -89,6 +92,8 @@ for stage in ${STAGES//,/ }; do
     variants) run mxfp4_decode_variants 240 eval.experiments.mxfp4_decode_variants ;;
     halves) run decode_moe_halves 400 eval.bench.decode --moe 128,256 --split-rows 64,16 --repeats 10 ;;
     gather) run decode_moe_gather 450 eval.bench.decode --moe 1,8,64 --gather-rows 16,0 --repeats 10 ;;
+    layouts) run decode_moe_layouts 400 eval.bench.decode --moe 1,8,64,128,256 --gather-rows 16,0 \
+      --split-rows 64,16 --moe-launches none --repeats 10 ;;
     gather_e2e) run decode_e2e_gather 400 eval.bench.decode --cuda-graphs --decode-kernels on --models gqa,mla \
       --batches 1 --contexts 4096 --loop-steps 16 --repeats 5 --gather-rows 16,0 ;;
     profile) run decode_profile 300 eval.bench.decode --profile 1,4096 --partial --repeats 5 ;;
