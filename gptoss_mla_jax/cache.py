@@ -152,6 +152,46 @@ def layer_bytes(config: GptOssConfig, layer: int, batch: int, context: int, dtyp
     return batch * slots * values_per_token(config, layer) * jnp.dtype(dtype).itemsize
 
 
+def free_device_bytes() -> float:
+    """Bytes the default device can still allocate: its limit (on a GPU, the share of the card JAX takes,
+    XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 unless set) less what is in use; unbounded where the backend does
+    not say (CPU)."""
+    stats = jax.local_devices()[0].memory_stats() or {}
+    if "bytes_limit" not in stats:
+        return float("inf")
+    return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+
+
+def total_bytes(config: GptOssConfig, batch: int, context: int, dtype=jnp.bfloat16) -> int:
+    """Bytes the whole cache takes for `batch` sequences of `context` tokens (`layer_bytes` summed)."""
+    return sum(layer_bytes(config, i, batch, context, dtype) for i in range(config.num_hidden_layers))
+
+
+def check_fits(config: GptOssConfig, batch: int, max_len: int, dtype) -> None:
+    """Refuse, before allocating it, a cache of `batch` sequences of `max_len` tokens that the device has no
+    room for, saying how many tokens a sequence could have and which setting gives JAX more of the card."""
+    need, free = total_bytes(config, batch, max_len, dtype), free_device_bytes()
+    if need <= free:
+        return
+    fits, over = 0, max_len  # the longest sequences that fit: bytes grow with the tokens
+    while over - fits > 1:
+        mid = (fits + over) // 2
+        fits, over = (mid, over) if total_bytes(config, batch, mid, dtype) <= free else (fits, mid)
+    raise ValueError(
+        f"a KV cache of {batch} sequences x {max_len} tokens ({jnp.dtype(dtype).name}) needs {_size(need)} "
+        f"and the device has {_size(free)} free: at most {fits} tokens a sequence fit (shorter prompts or "
+        "max_new_tokens, fewer prompts), or let JAX take more of the GPU (XLA_PYTHON_CLIENT_MEM_FRACTION, "
+        "0.75 unless set)"
+    )
+
+
+def _size(nbytes: float) -> str:
+    unit, scale = next(
+        (u, s) for u, s in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("bytes", 1)) if nbytes >= s
+    )
+    return f"{nbytes / scale:.2f} {unit}" if scale > 1 else f"{int(nbytes)} bytes"
+
+
 def nbytes(cache: Cache) -> int:
     return sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
 
@@ -181,7 +221,7 @@ def accounting(config: GptOssConfig, batch: int, context: int, dtype) -> dict:
         row["layers"] += 1
         row["bytes"] += layer_bytes(config, i, batch, context, dtype)
     total = sum(r["bytes"] for r in rows.values())
-    base = sum(layer_bytes(original, i, batch, context, dtype) for i in range(config.num_hidden_layers))
+    base = total_bytes(original, batch, context, dtype)
     return {
         "batch": batch,
         "context": context,

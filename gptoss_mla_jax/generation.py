@@ -14,7 +14,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from gptoss_mla_jax import flash_decode
-from gptoss_mla_jax.cache import init_cache
+from gptoss_mla_jax.cache import check_fits, init_cache
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.mla import decode_key_layers, with_decode_keys, with_up_projections
 from gptoss_mla_jax.model import ForwardOptions, Params, check_tokens, forward, with_aligned_scales
@@ -208,6 +208,7 @@ def generate(
     lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
     max_len = min(_round_up(longest + max_new_tokens, BUCKET), config.max_position_embeddings)
     cache_dtype = cache_dtype or params["embed_tokens"].dtype
+    check_fits(config, B, max_len, cache_dtype)
     cache = init_cache(config, B, max_len, cache_dtype)
     decode_kernels = kernels_by_default(cache_dtype) if decode_kernels is None else decode_kernels
 

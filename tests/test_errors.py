@@ -41,6 +41,22 @@ def test_prompt_longer_than_context(tiny):
         forward(params, jnp.zeros((1, 20), jnp.int32), init_cache(config, 1, 16), config)
 
 
+def test_cache_larger_than_the_device_is_refused_before_it_is_allocated(tiny, monkeypatch):
+    """generate checks the cache against the device's free memory first and says what fits and which
+    setting gives JAX more of a GPU (the CPU reports no limit: the check is patched in here)."""
+    from gptoss_mla_jax import cache as cache_lib
+
+    config, params = tiny
+    need = cache_lib.total_bytes(config, 2, 48, jnp.float32)  # two prompts of 7 tokens + 40, in 16s: 48
+    fits = max(n for n in range(1, 48) if cache_lib.total_bytes(config, 2, n, jnp.float32) <= need // 2)
+    monkeypatch.setattr(cache_lib, "free_device_bytes", lambda: need // 2)
+    with pytest.raises(ValueError, match=rf"2 sequences x 48 tokens \(float32\) needs {need / 1e3:.2f} KB "
+                       rf".* at most {fits} tokens .*XLA_PYTHON_CLIENT_MEM_FRACTION"):  # fmt: skip
+        generate(params, config, [[1] * 7, [2] * 7], 40)
+    monkeypatch.setattr(cache_lib, "free_device_bytes", lambda: need)
+    assert len(generate(params, config, [[1] * 7, [2] * 7], 2)[0]) == 2  # room for exactly the cache
+
+
 def test_cache_overflow_under_jit_is_nan(tiny):
     config, params = tiny
     step = jax.jit(forward, static_argnums=3)

@@ -44,7 +44,7 @@ from gptoss_mla_jax import gmm as gmm_lib
 from gptoss_mla_jax import model as model_lib
 from gptoss_mla_jax import moe as moe_lib
 from gptoss_mla_jax.attention import attend
-from gptoss_mla_jax.cache import accounting, init_cache
+from gptoss_mla_jax.cache import accounting, free_device_bytes, init_cache
 from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig, MlaConfig
 from gptoss_mla_jax.execution import ForwardOptions
 from gptoss_mla_jax.flash_decode import Launch, Slots
@@ -124,14 +124,6 @@ def step_bytes(config: GptOssConfig, params, batch: int, context: int) -> int:
     return int(total + experts * selected / E)
 
 
-def free_bytes() -> float:
-    """Device memory not in use (unbounded where the backend does not say, e.g. CPU)."""
-    stats = jax.local_devices()[0].memory_stats() or {}
-    if "bytes_limit" not in stats:
-        return float("inf")
-    return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-
-
 def step_seconds(
     params,
     config: GptOssConfig,
@@ -188,9 +180,9 @@ def speed(
         row["step_gb"] = step_bytes(config, params, batch, context) / 1e9
         if copy:
             row["floor_ms"] = 1e3 * row["step_gb"] * 1e9 / copy
-        if row["cache_gb"] * 1e9 > free_bytes() - RESERVE:
+        if row["cache_gb"] * 1e9 > (free := free_device_bytes()) - RESERVE:
             row["skipped"] = (
-                f"cache {row['cache_gb']:.1f} GB does not fit ({free_bytes() / 1e9:.1f} free; JAX takes "
+                f"cache {row['cache_gb']:.1f} GB does not fit ({free / 1e9:.1f} free; JAX takes "
                 "XLA_PYTHON_CLIENT_MEM_FRACTION of the card, 0.75 unless set)"
             )
         else:
@@ -227,7 +219,7 @@ def capacity(models_: dict, contexts: list[int], log, kernels: bool = False) -> 
     for context in contexts:
         for name, (config, params) in models_.items():
             per_sequence = cache_bytes(config, 1, context)
-            free = free_bytes()
+            free = free_device_bytes()
             fits = (free - RESERVE) // per_sequence if free != float("inf") else MAX_BATCH
             batch = int(min(fits, MAX_BATCH))
             row = {"model": name, "context": context, "max_batch_by_bytes": batch, "decode_kernels": kernels}
