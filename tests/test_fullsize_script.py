@@ -82,6 +82,7 @@ def test_step_bytes_counts_each_weight_once_and_the_cache():
     import jax
 
     from eval.bench import decode as bench_decode
+    from gptoss_mla_jax.cache import total_bytes
     from gptoss_mla_jax.generation import DEMO_CONFIG as config
     from gptoss_mla_jax.model import init_params
 
@@ -94,7 +95,7 @@ def test_step_bytes_counts_each_weight_once_and_the_cache():
     assert params["embed_tokens"].shape == (V, D)
     for batch, context in ((1, 64), (3, 100)):
         selected = E * (1 - (1 - k / E) ** batch)  # experts a batch selects on average
-        want = bench_decode.cache_bytes(config, batch, context) + others + batch * D * 2
+        want = total_bytes(config, batch, context) + others + batch * D * 2
         assert bench_decode.step_bytes(config, params, batch, context) == int(want + experts * selected / E)
     assert selected < E and bench_decode.step_bytes(config, params, 1, 64) < size(params)
 

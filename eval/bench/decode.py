@@ -44,7 +44,7 @@ from gptoss_mla_jax import gmm as gmm_lib
 from gptoss_mla_jax import model as model_lib
 from gptoss_mla_jax import moe as moe_lib
 from gptoss_mla_jax.attention import attend
-from gptoss_mla_jax.cache import accounting, free_device_bytes, init_cache
+from gptoss_mla_jax.cache import free_device_bytes, init_cache, total_bytes
 from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig, MlaConfig
 from gptoss_mla_jax.execution import ForwardOptions
 from gptoss_mla_jax.flash_decode import Launch, Slots
@@ -100,10 +100,6 @@ def models(
     return {name: model for name, model in out.items() if wanted(name)}
 
 
-def cache_bytes(config: GptOssConfig, batch: int, context: int) -> int:
-    return accounting(config, batch, context, jnp.bfloat16)["total_bytes"]
-
-
 def step_bytes(config: GptOssConfig, params, batch: int, context: int) -> int:
     """The bytes a decode step of `batch` tokens at `context` cannot avoid reading: every weight once but
     the embedding (only the batch's rows) and the experts (per layer only those the batch selects, as many
@@ -111,7 +107,7 @@ def step_bytes(config: GptOssConfig, params, batch: int, context: int) -> int:
     copy bandwidth, the step's byte floor."""
     E, k = config.num_local_experts, config.num_experts_per_tok
     selected = E * (1 - (1 - k / E) ** batch)
-    total, experts = cache_bytes(config, batch, context), 0
+    total, experts = total_bytes(config, batch, context), 0
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         names = [getattr(key, "key", None) for key in path]
         nbytes = math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize  # arrays or their shapes
@@ -176,7 +172,7 @@ def speed(
         contexts, batches, models_.items(), kernels
     ):
         row = {"model": name, "batch": batch, "context": context, "decode_kernels": on_kernels}
-        row["cache_gb"] = cache_bytes(config, batch, context) / 1e9
+        row["cache_gb"] = total_bytes(config, batch, context) / 1e9
         row["step_gb"] = step_bytes(config, params, batch, context) / 1e9
         if copy:
             row["floor_ms"] = 1e3 * row["step_gb"] * 1e9 / copy
@@ -218,7 +214,7 @@ def capacity(models_: dict, contexts: list[int], log, kernels: bool = False) -> 
     rows = []
     for context in contexts:
         for name, (config, params) in models_.items():
-            per_sequence = cache_bytes(config, 1, context)
+            per_sequence = total_bytes(config, 1, context)
             free = free_device_bytes()
             fits = (free - RESERVE) // per_sequence if free != float("inf") else MAX_BATCH
             batch = int(min(fits, MAX_BATCH))
