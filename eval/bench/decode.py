@@ -300,7 +300,7 @@ HEAD_BLOCKS = {
 # The Mosaic GPU decompressed kernel (`flash_decode_mosaic`): one warpgroup a program (4 warps) or two, one
 # making the keys and one attending (8); 64-slot blocks (a program of 128-slot blocks or four kv heads would
 # not fit an H200 SM's shared memory); its pipeline is its own (stages unused).
-MOSAIC_CONFIGS = [dict(block=64, warps=4, stages=2), dict(block=64, warps=8, stages=2)]
+MOSAIC_CONFIGS = [dict(block=64, warps=w, stages=2) for w in (4, 8, 12)]
 
 
 def kernel_rows(
@@ -922,9 +922,10 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--decompressed-kernels", default=flash_decode.DECOMPRESSED_KERNEL,
         help="steps with the decompressed MLA layers' decode on the Triton or the Mosaic GPU kernel, the "
-        "latter with one or two warpgroups a program (flash_decode.DECOMPRESSED_KERNEL: auto, which is "
-        "mosaic2 where compiled; triton, mosaic, mosaic2; a step the Mosaic GPU kernel does not run, e.g. of "
-        "a float32 cache or of blocks not of 64 slots, keeps Triton's), each in turn, e.g. triton,mosaic2",
+        "latter with one, two or three warpgroups a program (flash_decode.DECOMPRESSED_KERNEL: auto, which "
+        "is mosaic2 where compiled; triton, mosaic, mosaic2, mosaic3; a step the Mosaic GPU kernel does not "
+        "run, e.g. of a float32 cache or of blocks not of 64 slots, keeps Triton's), each in turn, e.g. "
+        "triton,mosaic2",
     )  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="a tiny model (CPU check of the script)")
     parser.add_argument("--out", help="write the results as JSON here")

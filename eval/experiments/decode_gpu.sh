@@ -58,6 +58,9 @@
 #   mosaic_profile  the Triton and Mosaic GPU kernels timed at 8 x 32K and 64 x 32K in one process, the
 #              Mosaic GPU kernel's cycles per block in each phase (its in-kernel profiler, 8 x 32K) and ptxas's
 #              registers and spills for it, then its tests compiled
+#   mosaic3    the Mosaic GPU kernel's tests compiled (three warpgroups included), its launches at 64 x 32K
+#              against the jnp path (agreement, time), then the decompressed MLA model's loop at 8 and
+#              64 x 32K on two and on three warpgroups, in one process
 #   mosaic_64x32k  what one device call holds of the target: the Mosaic GPU kernel at 64 x 32K (both modes,
 #              agreement with the jnp path and time), the decompressed MLA model's loop there on each
 #              kernel (one process) and GQA's (another)
@@ -153,6 +156,11 @@ for stage in ${STAGES//,/ }; do
       --batches 1,8,64 --contexts 4096,32768 --loop-steps 16 --repeats 5 --decompressed-kernels triton,mosaic2 ;;
     mosaic_profile) MOSAIC_GPU_DUMP_PTXAS=1 run mosaic_profile 240 eval.experiments.mosaic_profile  # + registers
       mosaic_tests 150 ;;
+    mosaic3) mosaic_tests 200
+      run decode_kernels_mosaic3_64x32k 150 eval.bench.decode --kernels --models mla_mosaic --batches 64 \
+        --contexts 32768
+      run decode_e2e_mosaic3 240 eval.bench.decode --cuda-graphs --decode-kernels on --models mla \
+        --batches 8,64 --contexts 32768 --loop-steps 16 --repeats 5 --decompressed-kernels mosaic2,mosaic3 ;;
     mosaic_64x32k) run decode_kernels_mosaic_64x32k 150 eval.bench.decode --kernels --models mla_mosaic \
         --batches 64 --contexts 32768
       run decode_e2e_mosaic_64x32k 280 eval.bench.decode --cuda-graphs --decode-kernels on --models mla \
