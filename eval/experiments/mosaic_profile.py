@@ -2,11 +2,12 @@
 
 gpt-oss-20b's decode attention (8 kv heads of 8 query heads, head dim 64, latent 192, bf16 cache of full
 sequences) at each `--points` batch x context, the slices `flash_decode.plan` gives:
-- the time of the Triton kernel (`flash_decode.decompressed_splits`) and of the Mosaic GPU one at 4 and 8
-  warps, in one process (median of `--repeats` after a warm-up);
+- the time of the Triton kernel (`flash_decode.decompressed_splits`) and of the Mosaic GPU one at 4, 8 and
+  12 warps, in one process (median of `--repeats` after a warm-up);
 - at `--profile` (one batch x context), Mosaic GPU's in-kernel profiler over the kernel's named scopes
   (latent_wait, rebuild, rotary_wait, rope, keys_wait, scores, softmax, values): per warpgroup of a
-  program, the SM cycles it spends in each per block of 64 slots, and its whole trace's per block.
+  program, the SM cycles it spends in each per block of 64 slots, and its whole trace's per block (the
+  profiler's buffer cut to the shared memory the program leaves, `space_for`).
 
     python -m eval.experiments.mosaic_profile [--points 8,32768,64,32768] [--profile 8,32768] [--out F]
 """
@@ -63,6 +64,7 @@ def times(batch: int, context: int, repeats: int) -> dict:
         "triton": (flash_decode.decompressed_splits, launch_of(batch, context, 4)),
         "mosaic": (flash_decode_mosaic.decompressed_splits, launch_of(batch, context, 4)),
         "mosaic2": (flash_decode_mosaic.decompressed_splits, launch_of(batch, context, 8)),
+        "mosaic3": (flash_decode_mosaic.decompressed_splits, launch_of(batch, context, 12)),
     }
     row = {"batch": batch, "context": context, "splits": launch_of(batch, context, 4).splits}
     for name, (fn, launch) in kernels.items():
@@ -74,8 +76,18 @@ def times(batch: int, context: int, repeats: int) -> dict:
     return row
 
 
+def space_for(launch: Launch, space: int) -> int:
+    """`space` (the profiler's events / 2 a warpgroup, 16 bytes each in shared memory), or as much as fits
+    beside the program's own shared memory."""
+    warpgroups = flash_decode_mosaic.CONSUMERS[launch.warps]
+    P = flash_decode.kv_heads_per_program(G, R)
+    own = flash_decode_mosaic.smem_bytes(LATENT, D // 2, P, R, launch.block, warpgroups)
+    return min(space, (flash_decode_mosaic.SMEM_BYTES - own) // (16 * warpgroups))
+
+
 def summary(trace: dict, warpgroups: int) -> dict:
-    """Per warpgroup of a program (at 8 warps 0 makes the keys, 1 attends): the SM cycles it spends in
+    """Per warpgroup of a program (at 8 warps 0 makes the keys, 1 attends; at 12 warps 0 and 1 make them,
+    2 attends): the SM cycles it spends in
     each scope and from its first event to its last, per block of the slice (one `rebuild` a block),
     averaged over the programs."""
     by_tid = collections.defaultdict(list)
@@ -107,14 +119,14 @@ def summary(trace: dict, warpgroups: int) -> dict:
 
 def profiled(batch: int, context: int, warps: int, space: int) -> dict:
     """One call of the Mosaic GPU kernel with its profiler on (`space` events a warpgroup), summarised."""
+    launch = launch_of(batch, context, warps)
     with tempfile.TemporaryDirectory() as folder:
         params = dataclasses.replace(
-            flash_decode_mosaic.COMPILER_PARAMS, profile_space=space, profile_dir=folder
+            flash_decode_mosaic.COMPILER_PARAMS, profile_space=space_for(launch, space), profile_dir=folder
         )
         saved, flash_decode_mosaic.COMPILER_PARAMS = flash_decode_mosaic.COMPILER_PARAMS, params
         try:
             jax.clear_caches()
-            launch = launch_of(batch, context, warps)
             out = flash_decode_mosaic.decompressed_splits(*inputs(batch, context), launch=launch)
             jax.block_until_ready(out)
             jax.effects_barrier()  # the profile is written by a host callback
@@ -146,7 +158,7 @@ def main(argv=None) -> int:
         print(result["times"][-1], flush=True)
     if args.profile:
         batch, context = (int(n) for n in args.profile.split(","))
-        for warps in (4, 8):
+        for warps in (4, 8, 12):
             try:
                 result["profiles"].append(profiled(batch, context, warps, args.space))
             except Exception as e:
