@@ -154,7 +154,7 @@ for stage in ${STAGES//,/ }; do
       --batches 1,64 --contexts 32768 --loop-steps 16 --repeats 5 --decompressed-kernels triton,mosaic,mosaic2 ;;
     mosaic2_e2e) run decode_e2e_mosaic2 540 eval.bench.decode --cuda-graphs --decode-kernels on --models mla \
       --batches 1,8,64 --contexts 4096,32768 --loop-steps 16 --repeats 5 --decompressed-kernels triton,mosaic2 ;;
-    mosaic_profile) MOSAIC_GPU_DUMP_PTXAS=1 run mosaic_profile 240 eval.experiments.mosaic_profile  # + registers
+    mosaic_profile) MOSAIC_GPU_DUMP_PTXAS=1 run mosaic_profile 330 eval.experiments.mosaic_profile  # + registers
       mosaic_tests 150 ;;
     mosaic3) mosaic_tests 200
       run decode_kernels_mosaic3_64x32k 150 eval.bench.decode --kernels --models mla_mosaic --batches 64 \
