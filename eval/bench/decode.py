@@ -159,9 +159,9 @@ def speed(
     contexts: list[int],
     repeats: int,
     log,
+    copy: float,
     kernels=(False,),
     loop_steps: int = 0,
-    copy: float | None = None,
 ) -> list[dict]:
     """Step time per context, batch, model and attention path (`kernels`: False = jnp/XLA, True = the
     Pallas decode kernels): one step per call, and (`loop_steps` > 0) per token of a device-side loop of
@@ -174,8 +174,7 @@ def speed(
         row = {"model": name, "batch": batch, "context": context, "decode_kernels": on_kernels}
         row["cache_gb"] = total_bytes(config, batch, context) / 1e9
         row["step_gb"] = step_bytes(config, params, batch, context) / 1e9
-        if copy:
-            row["floor_ms"] = 1e3 * row["step_gb"] * 1e9 / copy
+        row["floor_ms"] = 1e3 * row["step_gb"] * 1e9 / copy
         if row["cache_gb"] * 1e9 > (free := free_device_bytes()) - RESERVE:
             row["skipped"] = (
                 f"cache {row['cache_gb']:.1f} GB does not fit ({free / 1e9:.1f} free; JAX takes "
@@ -189,8 +188,7 @@ def speed(
                     "times_ms": [1e3 * t for t in times],
                 }
                 row["tokens_per_s"] = batch / (row["step_ms"] / 1e3)
-                if copy:
-                    row["step_over_floor"] = row["step_ms"] / row["floor_ms"]
+                row["step_over_floor"] = row["step_ms"] / row["floor_ms"]
                 if loop_steps:
                     times = step_seconds(params, config, batch, context, repeats, on_kernels, loop_steps)
                     row |= {
@@ -199,8 +197,7 @@ def speed(
                         "loop_times_ms": [1e3 * t for t in times],
                     }
                     row["loop_tokens_per_s"] = batch / (row["loop_step_ms"] / 1e3)
-                    if copy:
-                        row["loop_over_floor"] = row["loop_step_ms"] / row["floor_ms"]
+                    row["loop_over_floor"] = row["loop_step_ms"] / row["floor_ms"]
             except Exception as e:  # out of memory in the step, or a kernel that does not lower
                 row["skipped"] = f"step failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
         rows.append(row)
@@ -1027,7 +1024,7 @@ def main(argv=None) -> int:
                     (gmm_lib, "GATHER_ROWS", gather),
                     (flash_decode, "DECOMPRESSED_KERNEL", decompressed),
                 ):
-                    rows = speed(built, batches, contexts, args.repeats, tag, kernels, args.loop_steps, copy)
+                    rows = speed(built, batches, contexts, args.repeats, tag, copy, kernels, args.loop_steps)
                 result["rows"] += [row | setting for row in rows]
     result["command"] = command
     print(json.dumps(result), flush=True)
