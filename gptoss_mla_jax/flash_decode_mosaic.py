@@ -30,7 +30,8 @@ softmax. `launch.warps` picks how a program runs the slice's blocks:
 - 12: three warpgroups, two making the keys of alternate blocks (each its own key set and table buffer)
   and the third attending as at 8 warps, so that the keys' RoPE, latency-bound with one warp per
   scheduler, runs twice over; each role's work sits in a branch of its own that sets its registers
-  (`plgpu.set_max_registers`: the makers give theirs to the attending warpgroup's accumulator), which
+  (`plgpu.set_max_registers`: the makers give theirs to the attending warpgroup's accumulator, within the
+  registers the program was launched with), which
   writes acc out itself, through a float32 buffer of STAGE_COLUMNS columns at a time. A maker waits on
   the arrival of every block's latent, its own and the other's (a warpgroup waits on every phase).
 Where the FLOPs go, per block of 64 slots at gpt-oss-20b's shape (r = 192, P = 2, half = 32): the key
@@ -90,9 +91,19 @@ CONSUMERS = {4: 1, 8: 2, 12: 3}  # `Launch.warps` -> the warpgroups of a program
 # warpgroups -> buffers of the latent, of cos / sin and sets of keys (see the module docstring); with three,
 # each of the two key makers always uses the same table buffer and key set
 RINGS = {1: (2, 2, 1), 2: (3, 2, 2), 3: (3, 2, 2)}
-# Registers a thread with three warpgroups (`plgpu.set_max_registers`; 512 in all for the three, 64K an SM):
-# the key makers give up what the attending warpgroup's accumulator needs
-MAKER_REGISTERS, ATTENDER_REGISTERS = 152, 208
+
+
+def launch_registers(warps: int) -> int:
+    """The registers a thread of a program of `warps` warps starts with: the SM's 64K shared by its threads,
+    in multiples of 8 (168 at 12 warps). `set_max_registers` only moves registers between a program's
+    warpgroups: an increase waits until the others' decreases free enough, so the totals must fit these
+    or the program hangs."""
+    return 65536 // (32 * warps) // 8 * 8
+
+
+# Registers a thread with three warpgroups (`plgpu.set_max_registers`): the two key makers give up what the
+# attending warpgroup's accumulator needs, 2 x 144 + 216 = 3 x `launch_registers(12)`
+MAKER_REGISTERS, ATTENDER_REGISTERS = 144, 216
 STAGE_COLUMNS = 64  # with three warpgroups, acc leaves through a float32 buffer of this many columns
 THREADS = "wg"  # the warpgroup axis of a program of several
 

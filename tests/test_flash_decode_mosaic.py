@@ -220,6 +220,17 @@ def test_lowers_for_cuda_at_gpt_oss_20b_shape(window, sliding, warps):
     assert "mosaic_gpu" in text
 
 
+def test_three_warpgroups_registers_fit_their_launch():
+    """At 12 warps the roles' `set_max_registers` (two key makers, one attending warpgroup) fit the 168
+    registers a thread that the program launches with: an increase past what the decreases free waits
+    forever (the interpreter does not model registers, so only this count catches it), and each is a
+    multiple of 8 within setmaxnreg's 24-256."""
+    maker, attender = flash_decode_mosaic.MAKER_REGISTERS, flash_decode_mosaic.ATTENDER_REGISTERS
+    assert flash_decode_mosaic.launch_registers(12) == 168
+    assert 2 * maker + attender <= 3 * flash_decode_mosaic.launch_registers(12)
+    assert all(n % 8 == 0 and 24 <= n <= 256 for n in (maker, attender)) and maker < 168 < attender
+
+
 def test_rejects_what_it_cannot_run():
     """A float32 cache (its wgmma would be tf32, whose B operand must be K-major), blocks shorter than a
     wgmma's 64 rows, warps other than one or two warpgroups', rotary halves of less than a 32-byte swizzle
