@@ -58,9 +58,8 @@
 #   mosaic_profile  the Triton and Mosaic GPU kernels timed at 8 x 32K and 64 x 32K in one process, the
 #              Mosaic GPU kernel's cycles per block in each phase (its in-kernel profiler, 8 x 32K) and ptxas's
 #              registers and spills for it, then its tests compiled
-#   mosaic3    the Mosaic GPU kernel's tests compiled (three warpgroups included), its launches at 64 x 32K
-#              against the jnp path (agreement, time), then the decompressed MLA model's loop at 8 and
-#              64 x 32K on two and on three warpgroups, in one process
+#   mosaic3    the Mosaic GPU kernel's tests at three warpgroups compiled, then the decompressed MLA model's
+#              loop at 64 x 32K on two and on three warpgroups, in one process
 #   mosaic_64x32k  what one device call holds of the target: the Mosaic GPU kernel at 64 x 32K (both modes,
 #              agreement with the jnp path and time), the decompressed MLA model's loop there on each
 #              kernel (one process) and GQA's (another)
@@ -81,9 +80,11 @@ run() {  # run NAME LIMIT_S MODULE ARGS...: one process, its JSON in OUT/NAME.js
   timeout "$limit" python -m "$module" "$@" --out "$OUT/$name.json" >> "$OUT/decode_gpu.log" 2>&1 \
     || echo "$name: exit $?" | tee -a "$OUT/decode_gpu.log"
 }
-mosaic_tests() {  # mosaic_tests LIMIT_S: the Mosaic GPU kernel's tests, compiled (pytest carried in .whl)
-  echo "==> mosaic_tests: the Mosaic GPU kernel's tests, compiled" >> "$OUT/decode_gpu.log"
-  timeout "$1" python -m pytest -q -o addopts="" -p no:cacheprovider tests/test_flash_decode_mosaic.py \
+mosaic_tests() {  # mosaic_tests LIMIT_S [PYTEST ARGS]: the Mosaic GPU kernel's tests, compiled (pytest in .whl)
+  local limit=$1
+  shift
+  echo "==> mosaic_tests: the Mosaic GPU kernel's tests, compiled $*" >> "$OUT/decode_gpu.log"
+  timeout "$limit" python -m pytest -q -o addopts="" -p no:cacheprovider tests/test_flash_decode_mosaic.py "$@" \
     >> "$OUT/decode_gpu.log" 2>&1 || echo "mosaic_tests: exit $?" | tee -a "$OUT/decode_gpu.log"
 }
 for stage in ${STAGES//,/ }; do
@@ -156,11 +157,9 @@ for stage in ${STAGES//,/ }; do
       --batches 1,8,64 --contexts 4096,32768 --loop-steps 16 --repeats 5 --decompressed-kernels triton,mosaic2 ;;
     mosaic_profile) MOSAIC_GPU_DUMP_PTXAS=1 run mosaic_profile 330 eval.experiments.mosaic_profile  # + registers
       mosaic_tests 150 ;;
-    mosaic3) mosaic_tests 200
-      run decode_kernels_mosaic3_64x32k 150 eval.bench.decode --kernels --models mla_mosaic --batches 64 \
-        --contexts 32768
+    mosaic3) mosaic_tests 150 -k "12 or model_decode"
       run decode_e2e_mosaic3 240 eval.bench.decode --cuda-graphs --decode-kernels on --models mla \
-        --batches 8,64 --contexts 32768 --loop-steps 16 --repeats 5 --decompressed-kernels mosaic2,mosaic3 ;;
+        --batches 64 --contexts 32768 --loop-steps 16 --repeats 5 --decompressed-kernels mosaic2,mosaic3 ;;
     mosaic_64x32k) run decode_kernels_mosaic_64x32k 150 eval.bench.decode --kernels --models mla_mosaic \
         --batches 64 --contexts 32768
       run decode_e2e_mosaic_64x32k 280 eval.bench.decode --cuda-graphs --decode-kernels on --models mla \
