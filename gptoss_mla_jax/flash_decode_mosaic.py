@@ -219,7 +219,7 @@ def spellings(interpret: bool) -> Spelling:
     return Spelling(
         keys_shape=lambda half, block: (block, half),
         store_keys=keys_plain,
-        key_operand=lambda ref: plgpu.transpose_ref(ref, (1, 0)),
+        key_operand=lambda ref: ref.transpose((1, 0)),
         add_products=add_products,
         iota=lambda shape, dim: plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA),
         columns=lambda ref: plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(0)),
