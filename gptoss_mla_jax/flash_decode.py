@@ -575,8 +575,8 @@ def mla_absorbed_decode(
 # or `flash_decode_mosaic` (Pallas Mosaic GPU, every product a wgmma): "mosaic" at the launch's warps (4: one
 # warpgroup a program, the model's launch), "mosaic2" with two warpgroups (8 warps), one making the keys
 # and the other attending, "mosaic3" with three (12 warps), two making the keys of alternate blocks and the
-# third attending with the registers they give up (2.4x slower than "mosaic2", docs/decode.md). Mosaic GPU
-# takes a 16-bit cache in blocks of a multiple of 64 slots whose program fits an SM's shared memory
+# third attending with the registers they give up (not the default: docs/decode.md). Mosaic GPU takes a
+# 16-bit cache in blocks of a multiple of 64 slots whose program fits an SM's shared memory
 # (`flash_decode_mosaic.runs`; other calls keep "triton").
 # Read when a step is traced; "auto" takes "mosaic2" where the kernels are compiled, the fastest measured in
 # the model's decode loop (docs/decode.md: `eval.bench.decode --decompressed-kernels triton,mosaic2`), and

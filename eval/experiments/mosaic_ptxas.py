@@ -1,0 +1,210 @@
+"""The Mosaic GPU decompressed-MLA decode kernel (`flash_decode_mosaic`) assembled for Hopper (sm_90a) on a
+machine without a GPU: ptxas's report of each launch, its registers a thread, the bytes it spills and
+whether it serializes the wgmmas for want of registers (what makes a kernel slow that no interpreter
+shows).
+
+    pip install --target .cuda-tools nvidia-cuda-nvcc-cu12 \\
+        "jax-cuda12-pjrt==$(python -c 'import jax; print(jax.__version__)')"
+    python -m eval.experiments.mosaic_ptxas [--warps 4,8,12] [--registers 144,216 ...] [--out F]
+
+JAX lowers the kernel for CUDA on the CPU (as CI does), at gpt-oss-20b's decode shape and the launch the
+model gives it at 64 x 32K (full layers; sliding ones too), and the CUDA plugin's `MosaicGpuCompile` (the
+entry JAX's PyTorch bridge calls) runs Mosaic GPU's pipeline down to PTX and ptxas, whose report
+`MOSAIC_GPU_DUMP_PTXAS` prints. Two things a GPU machine gives the plugin are stood in for: the driver's
+answer to which device this is (a libcuda.so.1 built here by the C compiler, answering compute capability
+9.0 to the two questions the plugin asks) and LLVM's NVPTX target, which the plugin's XLA compiler
+registers when it starts (its four `LLVMInitializeNVPTX*` functions, called at their addresses in the
+plugin's symbol table, read by binutils' `nm`). Loading the assembled kernel onto a device then fails,
+after the report. `--registers MAKER,ATTENDER` assembles the three-warpgroup launch with those
+`set_max_registers` counts in place of `flash_decode_mosaic`'s (ptxas allocates each role's code within
+its count).
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import functools
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+
+from eval.experiments.cuda_aot import registers, spilled_bytes
+from eval.experiments.mosaic_profile import LATENT, D, G, R, launch_of
+from gptoss_mla_jax import flash_decode, flash_decode_mosaic
+
+TOOLS = ".cuda-tools"
+INSTALL = f'pip install --target {TOOLS} nvidia-cuda-nvcc-cu12 "jax-cuda12-pjrt=={jax.__version__}"'
+NVPTX_INIT = ("TargetInfo", "Target", "TargetMC", "AsmPrinter")  # LLVMInitializeNVPTX*, in this order
+# A stand-in driver: one device of compute capability 9.0 (attributes 75 / 76: major / minor), all the
+# plugin asks before it compiles
+DRIVER = r"""
+int cuCtxGetDevice(int *device) { *device = 0; return 0; }
+int cuDeviceGetAttribute(int *value, int attribute, int device) {
+  *value = attribute == 75 ? 9 : 0;
+  return 0;
+}
+"""
+
+
+def serialized(ptxas_log: str) -> bool:
+    """Whether ptxas serialized the wgmmas for want of registers (its C7512 performance note)."""
+    return "wgmma.mma_async instructions are serialized" in ptxas_log
+
+
+def report(ptxas_log: str) -> dict:
+    """Registers a thread, bytes spilled (stores plus loads) and serialized wgmmas from ptxas's report."""
+    return {
+        "registers": registers(ptxas_log),
+        "spilled_bytes": spilled_bytes(ptxas_log),
+        "wgmma_serialized": serialized(ptxas_log),
+    }
+
+
+def paths(tools: str) -> tuple[str, str]:
+    """The CUDA plugin's library and the CUDA compiler's root (ptxas, libdevice) under `tools`, or what to
+    install."""
+    plugin = os.path.join(tools, "jax_plugins", "xla_cuda12", "xla_cuda_plugin.so")
+    cuda = os.path.join(tools, "nvidia", "cuda_nvcc")
+    missing = [p for p in (plugin, os.path.join(cuda, "bin", "ptxas")) if not os.path.exists(p)]
+    if missing:
+        raise SystemExit(f"mosaic_ptxas: no {', '.join(missing)}; install them: {INSTALL}")
+    versions = [n for n in os.listdir(tools) if n.startswith("jax_cuda12_pjrt-")]
+    if versions and f"jax_cuda12_pjrt-{jax.__version__}.dist-info" not in versions:
+        raise SystemExit(
+            f"mosaic_ptxas: {tools} holds {versions[0]}, not this JAX's {jax.__version__}: {INSTALL}"
+        )
+    return plugin, cuda
+
+
+def symbols(library: str) -> dict[str, int]:
+    """Offsets of MosaicGpuCompile and the NVPTX target's initializers in the plugin's symbol table."""
+    if shutil.which("nm") is None:
+        raise SystemExit("mosaic_ptxas: needs binutils' nm to read the CUDA plugin's symbol table")
+    wanted = {"MosaicGpuCompile", *(f"LLVMInitializeNVPTX{n}" for n in NVPTX_INIT)}
+    found = {}
+    for line in subprocess.run(
+        ["nm", library], capture_output=True, text=True, check=True
+    ).stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 3 and parts[2] in wanted:
+            found[parts[2]] = int(parts[0], 16)
+    if missing := wanted - found.keys():
+        raise SystemExit(f"mosaic_ptxas: {library} has no {sorted(missing)} (another plugin build?)")
+    return found
+
+
+@functools.cache
+def compiler(tools: str):
+    """`MosaicGpuCompile` of the plugin, ready to assemble on this machine (the module docstring)."""
+    plugin, cuda = paths(tools)
+    if shutil.which("cc") is None:
+        raise SystemExit("mosaic_ptxas: needs a C compiler (cc) to build the stand-in driver")
+    work = tempfile.mkdtemp(prefix="mosaic_ptxas_")
+    source, driver = os.path.join(work, "driver.c"), os.path.join(work, "libcuda.so.1")
+    with open(source, "w") as f:
+        f.write(DRIVER)
+    subprocess.run(["cc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", driver, source], check=True)
+    ctypes.CDLL(driver, mode=ctypes.RTLD_GLOBAL)  # the plugin's dlopen("libcuda.so.1") finds it loaded
+    os.environ["MOSAIC_GPU_CUDA_ROOT"] = os.path.abspath(cuda)
+    os.environ["MOSAIC_GPU_DUMP_PTXAS"] = "1"
+    library = ctypes.CDLL(os.path.abspath(plugin))
+    offsets = symbols(plugin)
+    base = ctypes.cast(library.MosaicGpuCompile, ctypes.c_void_p).value - offsets["MosaicGpuCompile"]
+    for name in NVPTX_INIT:
+        ctypes.CFUNCTYPE(None)(base + offsets[f"LLVMInitializeNVPTX{name}"])()
+    compile_ = library.MosaicGpuCompile
+    compile_.argtypes, compile_.restype = [ctypes.c_char_p, ctypes.c_int], ctypes.c_void_p
+    return compile_
+
+
+def module(launch: flash_decode.Launch, batch: int, context: int, sliding: bool) -> bytes:
+    """The Mosaic GPU module JAX lowers for CUDA for the kernel at `launch` over a bf16 cache of `context`
+    slots (a sliding layer's window of 128 when `sliding`)."""
+    from jax.experimental.mosaic.gpu import core as mosaic_core
+
+    P = flash_decode.kv_heads_per_program(G, R)
+    spec = jax.ShapeDtypeStruct
+    f32, bf16 = jnp.float32, jnp.bfloat16
+    args = (
+        spec((batch, G, R, D), f32), spec((batch, context, LATENT), bf16),
+        (spec((G // P, LATENT, P * D), bf16), spec((G // P, P * D), f32)),
+        (spec((1, context, D // 2), f32), spec((1, context, D // 2), f32)), spec((batch,), jnp.int32),
+    )  # fmt: skip
+    window = dict(window=128, sliding=True) if sliding else {}
+    jax.clear_caches()  # trace again: `flash_decode_mosaic`'s register counts are read when it is traced
+    mosaic_core.KNOWN_KERNELS.clear()  # the lowering's record of its modules, by hash: this one alone
+    traced = flash_decode_mosaic.decompressed_splits.trace(*args, launch=launch, **window)
+    traced.lower(lowering_platforms=("cuda",))
+    (kernel,) = mosaic_core.KNOWN_KERNELS
+    return mosaic_core.KNOWN_KERNELS[kernel]
+
+
+def assemble(asm: bytes, tools: str) -> str:
+    """ptxas's report for a Mosaic GPU module (what the plugin prints while it compiles, read off this
+    process's stdout and stderr)."""
+    compile_ = compiler(tools)
+    with tempfile.TemporaryFile() as log:
+        sys.stdout.flush(), sys.stderr.flush()
+        saved = [os.dup(1), os.dup(2)]
+        os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
+        try:
+            compile_(asm, len(asm))  # assembles, then fails to load onto a device there is not
+        finally:
+            os.dup2(saved[0], 1), os.dup2(saved[1], 2)
+            list(map(os.close, saved))
+        log.seek(0)
+        text = log.read().decode(errors="replace")
+    if "Used" not in text:
+        raise RuntimeError(f"mosaic_ptxas: ptxas gave no report; the plugin said:\n{text[-4000:]}")
+    return "\n".join(line for line in text.splitlines() if line.startswith("ptxas"))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--warps", default="4,8,12", help="the launches' warps (1, 2, 3 warpgroups)")
+    parser.add_argument(
+        "--registers", action="append", default=[], metavar="MAKER,ATTENDER",
+        help="12 warps: also assemble with these set_max_registers counts (repeatable)",
+    )  # fmt: skip
+    parser.add_argument("--point", default="64,32768", help="batch,context whose launch is assembled")
+    parser.add_argument("--tools", default=TOOLS, help="where the CUDA plugin and nvcc are installed")
+    parser.add_argument("--out", help="write the result as JSON here")
+    args = parser.parse_args(argv)
+    batch, context = (int(n) for n in args.point.split(","))
+    defaults = (flash_decode_mosaic.MAKER_REGISTERS, flash_decode_mosaic.ATTENDER_REGISTERS)
+    asked = [tuple(int(n) for n in r.split(",")) for r in args.registers]
+    splits = [None] + [split for split in dict.fromkeys(asked) if split != defaults]  # None: the defaults
+    rows = []
+    for warps in (int(w) for w in args.warps.split(",")):
+        for split in splits if warps == 12 else [None]:
+            counts = split or defaults
+            flash_decode_mosaic.MAKER_REGISTERS, flash_decode_mosaic.ATTENDER_REGISTERS = counts
+            for sliding in (False, True):
+                launch = launch_of(batch, context, warps)
+                log = assemble(module(launch, batch, context, sliding), args.tools)
+                row = {"warps": warps, "sliding": sliding, "splits": launch.splits, "block": launch.block}
+                row |= {"set_max_registers": list(counts)} if warps == 12 else {}
+                rows.append(row | report(log))
+                print(rows[-1], flush=True)
+    flash_decode_mosaic.MAKER_REGISTERS, flash_decode_mosaic.ATTENDER_REGISTERS = defaults
+    result = {
+        "jax": jax.__version__, "target": "sm_90a", "batch": batch, "context": context, "rows": rows,
+        "command": " ".join(["python -m eval.experiments.mosaic_ptxas", *(argv or sys.argv[1:])]),
+    }  # fmt: skip
+    if args.out:
+        from support.results import write_json
+
+        write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
