@@ -45,3 +45,25 @@ def test_lowers_one_module_a_launch_with_the_register_counts_given(monkeypatch):
 def test_names_what_to_install(tmp_path):
     with pytest.raises(SystemExit, match=r"pip install --target .cuda-tools .*jax-cuda12-pjrt=="):
         mosaic_ptxas.paths(str(tmp_path))
+
+
+def test_reads_each_loop_in_code_order_without_the_barrier_retries():
+    """Loops in the order of the code with their wgmmas; a barrier wait's retry, which ptxas places after
+    the exit and branches back into the body, makes no loop; loops of 8 instructions or fewer are left
+    out."""
+    body = "".join(
+        f"        /*{0x100 + 16 * i:04x}*/                   FMUL R{i}, R{i}, R{i} ;\n" for i in range(8)
+    )
+    sass = f"""\
+.L_x_0:
+        /*0010*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR52].tnspB, RZ, !UPT ;
+{body}        /*0200*/               @P0 BRA `(.L_x_0) ;
+.L_x_1:
+        /*0210*/                   SYNCS.PHASECHK.TRANS64.TRYWAIT P1, [UR4], R3 ;
+        /*0220*/               @P2 BRA `(.L_x_1) ;
+        /*0230*/                   EXIT ;
+        /*0240*/                   BRA `(.L_x_0) ;
+"""
+    assert mosaic_ptxas.loops(sass) == [
+        {"instructions": 10, "hgmma": 1, "opcodes": {"FMUL": 8, "HGMMA": 1, "BRA": 1}}
+    ]

@@ -342,11 +342,13 @@ SASS_LINE = re.compile(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)
 
 def _loops(sass: str) -> list[list[str]]:
     """The bodies of the loops in `nvdisasm` output (each from a label to the last branch back to it),
-    longest first."""
+    longest first. Branches placed after the function's last EXIT are not loops of its body: ptxas puts a
+    barrier wait's retry there, jumping back to the wait (Mosaic GPU kernels)."""
     lines = sass.splitlines()
     labels = {m.group(1): i for i, line in enumerate(lines) if (m := re.match(r"^\.(L\w+):", line))}
+    exits = [i for i, line in enumerate(lines) if SASS_LINE.search(line) and " EXIT" in line]
     ends: dict[str, int] = {}
-    for j, line in enumerate(lines):
+    for j, line in enumerate(lines[: exits[-1] if exits else len(lines)]):
         target = re.search(r"BRA `\(\.(L\w+)\)", line)
         if target and labels.get(target.group(1), j) < j:
             ends[target.group(1)] = j

@@ -5,7 +5,7 @@ shows).
 
     pip install --target .cuda-tools nvidia-cuda-nvcc-cu12 \\
         "jax-cuda12-pjrt==$(python -c 'import jax; print(jax.__version__)')"
-    python -m eval.experiments.mosaic_ptxas [--warps 4,8,12] [--registers 144,216 ...] [--out F]
+    python -m eval.experiments.mosaic_ptxas [--warps 4,8,12] [--registers 144,216 ...] [--sass] [--out F]
 
 JAX lowers the kernel for CUDA on the CPU (as CI does), at gpt-oss-20b's decode shape and the launch the
 model gives it at 64 x 32K (full layers; sliding ones too), and the CUDA plugin's `MosaicGpuCompile` (the
@@ -17,7 +17,8 @@ registers when it starts (its four `LLVMInitializeNVPTX*` functions, called at t
 plugin's symbol table, read by binutils' `nm`). Loading the assembled kernel onto a device then fails,
 after the report. `--registers MAKER,ATTENDER` assembles the three-warpgroup launch with those
 `set_max_registers` counts in place of `flash_decode_mosaic`'s (ptxas allocates each role's code within
-its count).
+its count). `--sass` adds the instruction mix of each loop of the assembled kernel (`MOSAIC_GPU_DUMP_SASS`,
+disassembled by nvdisasm, installed with the others): per block of slots, what each role's loop issues.
 """
 
 from __future__ import annotations
@@ -34,12 +35,15 @@ import tempfile
 import jax
 import jax.numpy as jnp
 
-from eval.experiments.cuda_aot import registers, spilled_bytes
+from eval.experiments.cuda_aot import _loops, _mix, registers, spilled_bytes
 from eval.experiments.mosaic_profile import LATENT, D, G, R, launch_of
 from gptoss_mla_jax import flash_decode, flash_decode_mosaic
 
 TOOLS = ".cuda-tools"
-INSTALL = f'pip install --target {TOOLS} nvidia-cuda-nvcc-cu12 "jax-cuda12-pjrt=={jax.__version__}"'
+INSTALL = (
+    f"pip install --target {TOOLS} nvidia-cuda-nvcc-cu12 nvidia-cuda-nvdisasm "
+    f'"jax-cuda12-pjrt=={jax.__version__}"'
+)
 NVPTX_INIT = ("TargetInfo", "Target", "TargetMC", "AsmPrinter")  # LLVMInitializeNVPTX*, in this order
 # A stand-in driver: one device of compute capability 9.0 (attributes 75 / 76: major / minor), all the
 # plugin asks before it compiles
@@ -57,8 +61,10 @@ def serialized(ptxas_log: str) -> bool:
     return "wgmma.mma_async instructions are serialized" in ptxas_log
 
 
-def report(ptxas_log: str) -> dict:
-    """Registers a thread, bytes spilled (stores plus loads) and serialized wgmmas from ptxas's report."""
+def report(log: str) -> dict:
+    """Registers a thread, bytes spilled (stores plus loads) and serialized wgmmas from ptxas's report
+    (the lines of `log` that are ptxas's)."""
+    ptxas_log = "\n".join(line for line in log.splitlines() if line.startswith("ptxas"))
     return {
         "registers": registers(ptxas_log),
         "spilled_bytes": spilled_bytes(ptxas_log),
@@ -66,12 +72,27 @@ def report(ptxas_log: str) -> dict:
     }
 
 
-def paths(tools: str) -> tuple[str, str]:
-    """The CUDA plugin's library and the CUDA compiler's root (ptxas, libdevice) under `tools`, or what to
-    install."""
+def loops(sass: str) -> list[dict]:
+    """Each loop of the kernel's SASS in the order of the code: its instructions and wgmmas (HGMMA), and
+    its ten commonest opcodes."""
+    lines = sass.splitlines()
+    bodies = sorted(_loops(sass), key=lambda body: lines.index(body[0]))
+    mixes = [_mix(body) for body in bodies]
+    return [
+        {"instructions": m["instructions"], "hgmma": m["opcodes"].get("HGMMA", 0),
+         "opcodes": dict(list(m["opcodes"].items())[:10])}
+        for m in mixes if m["instructions"] > 8
+    ]  # fmt: skip
+
+
+def paths(tools: str, sass: bool = False) -> tuple[str, str, str | None]:
+    """The CUDA plugin's library, ptxas's package (ptxas, libdevice) and, with `sass`, nvdisasm under
+    `tools`, or what to install."""
     plugin = os.path.join(tools, "jax_plugins", "xla_cuda12", "xla_cuda_plugin.so")
     cuda = os.path.join(tools, "nvidia", "cuda_nvcc")
-    missing = [p for p in (plugin, os.path.join(cuda, "bin", "ptxas")) if not os.path.exists(p)]
+    disassembler = os.path.join(tools, "nvidia", "cu13", "bin", "nvdisasm") if sass else None
+    wanted = [plugin, os.path.join(cuda, "bin", "ptxas")] + [disassembler] * sass
+    missing = [p for p in wanted if not os.path.exists(p)]
     if missing:
         raise SystemExit(f"mosaic_ptxas: no {', '.join(missing)}; install them: {INSTALL}")
     versions = [n for n in os.listdir(tools) if n.startswith("jax_cuda12_pjrt-")]
@@ -79,7 +100,7 @@ def paths(tools: str) -> tuple[str, str]:
         raise SystemExit(
             f"mosaic_ptxas: {tools} holds {versions[0]}, not this JAX's {jax.__version__}: {INSTALL}"
         )
-    return plugin, cuda
+    return plugin, cuda, disassembler
 
 
 def symbols(library: str) -> dict[str, int]:
@@ -100,9 +121,10 @@ def symbols(library: str) -> dict[str, int]:
 
 
 @functools.cache
-def compiler(tools: str):
-    """`MosaicGpuCompile` of the plugin, ready to assemble on this machine (the module docstring)."""
-    plugin, cuda = paths(tools)
+def compiler(tools: str, sass: bool = False):
+    """`MosaicGpuCompile` of the plugin, ready to assemble on this machine (the module docstring); with
+    `sass` it prints the kernel's SASS too."""
+    plugin, cuda, disassembler = paths(tools, sass)
     if shutil.which("cc") is None:
         raise SystemExit("mosaic_ptxas: needs a C compiler (cc) to build the stand-in driver")
     work = tempfile.mkdtemp(prefix="mosaic_ptxas_")
@@ -111,8 +133,16 @@ def compiler(tools: str):
         f.write(DRIVER)
     subprocess.run(["cc", "-shared", "-fPIC", "-Wl,-soname,libcuda.so.1", "-o", driver, source], check=True)
     ctypes.CDLL(driver, mode=ctypes.RTLD_GLOBAL)  # the plugin's dlopen("libcuda.so.1") finds it loaded
-    os.environ["MOSAIC_GPU_CUDA_ROOT"] = os.path.abspath(cuda)
+    # a CUDA root as the plugin looks for one: ptxas, libdevice and nvdisasm, from their packages
+    root = os.path.join(work, "cuda")
+    os.makedirs(os.path.join(root, "bin"))
+    links = {"bin/ptxas": os.path.join(cuda, "bin", "ptxas"), "nvvm": os.path.join(cuda, "nvvm")}
+    for name, target in (links | ({"bin/nvdisasm": disassembler} if sass else {})).items():
+        os.symlink(os.path.abspath(target), os.path.join(root, name))
+    os.environ["MOSAIC_GPU_CUDA_ROOT"] = root
     os.environ["MOSAIC_GPU_DUMP_PTXAS"] = "1"
+    if sass:
+        os.environ["MOSAIC_GPU_DUMP_SASS"] = "1"
     library = ctypes.CDLL(os.path.abspath(plugin))
     offsets = symbols(plugin)
     base = ctypes.cast(library.MosaicGpuCompile, ctypes.c_void_p).value - offsets["MosaicGpuCompile"]
@@ -145,10 +175,10 @@ def module(launch: flash_decode.Launch, batch: int, context: int, sliding: bool)
     return mosaic_core.KNOWN_KERNELS[kernel]
 
 
-def assemble(asm: bytes, tools: str) -> str:
-    """ptxas's report for a Mosaic GPU module (what the plugin prints while it compiles, read off this
-    process's stdout and stderr)."""
-    compile_ = compiler(tools)
+def assemble(asm: bytes, tools: str, sass: bool = False) -> str:
+    """What the plugin prints while it compiles a Mosaic GPU module, read off this process's stdout and
+    stderr: ptxas's report and, with `sass`, the kernel's SASS."""
+    compile_ = compiler(tools, sass)
     with tempfile.TemporaryFile() as log:
         sys.stdout.flush(), sys.stderr.flush()
         saved = [os.dup(1), os.dup(2)]
@@ -162,7 +192,7 @@ def assemble(asm: bytes, tools: str) -> str:
         text = log.read().decode(errors="replace")
     if "Used" not in text:
         raise RuntimeError(f"mosaic_ptxas: ptxas gave no report; the plugin said:\n{text[-4000:]}")
-    return "\n".join(line for line in text.splitlines() if line.startswith("ptxas"))
+    return text
 
 
 def main(argv=None) -> int:
@@ -176,6 +206,7 @@ def main(argv=None) -> int:
     )  # fmt: skip
     parser.add_argument("--point", default="64,32768", help="batch,context whose launch is assembled")
     parser.add_argument("--tools", default=TOOLS, help="where the CUDA plugin and nvcc are installed")
+    parser.add_argument("--sass", action="store_true", help="each loop's instruction mix too (nvdisasm)")
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args(argv)
     batch, context = (int(n) for n in args.point.split(","))
@@ -189,11 +220,15 @@ def main(argv=None) -> int:
             flash_decode_mosaic.MAKER_REGISTERS, flash_decode_mosaic.ATTENDER_REGISTERS = counts
             for sliding in (False, True):
                 launch = launch_of(batch, context, warps)
-                log = assemble(module(launch, batch, context, sliding), args.tools)
+                log = assemble(module(launch, batch, context, sliding), args.tools, args.sass)
                 row = {"warps": warps, "sliding": sliding, "splits": launch.splits, "block": launch.block}
                 row |= {"set_max_registers": list(counts)} if warps == 12 else {}
-                rows.append(row | report(log))
-                print(rows[-1], flush=True)
+                rows.append(row | report(log) | ({"loops": loops(log)} if args.sass else {}))
+                print({k: v for k, v in rows[-1].items() if k != "loops"}, flush=True)
+                for loop in rows[-1].get("loops", []):
+                    print(
+                        "  loop:", loop["instructions"], "instructions,", loop["hgmma"], "wgmmas", flush=True
+                    )
     flash_decode_mosaic.MAKER_REGISTERS, flash_decode_mosaic.ATTENDER_REGISTERS = defaults
     result = {
         "jax": jax.__version__, "target": "sm_90a", "batch": batch, "context": context, "rows": rows,
