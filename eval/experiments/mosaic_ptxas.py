@@ -3,8 +3,7 @@ machine without a GPU: ptxas's report of each launch, its registers a thread, th
 whether it serializes the wgmmas for want of registers (what makes a kernel slow that no interpreter
 shows).
 
-    pip install --target .cuda-tools nvidia-cuda-nvcc-cu12 \\
-        "jax-cuda12-pjrt==$(python -c 'import jax; print(jax.__version__)')"
+    python -m eval.experiments.mosaic_ptxas --install    # the CUDA plugin, ptxas, nvdisasm into .cuda-tools
     python -m eval.experiments.mosaic_ptxas [--warps 4,8,12] [--registers 144,216 ...] [--sass] [--out F]
 
 JAX lowers the kernel for CUDA on the CPU (as CI does), at gpt-oss-20b's decode shape and the launch the
@@ -19,6 +18,7 @@ after the report. `--registers MAKER,ATTENDER` assembles the three-warpgroup lau
 `set_max_registers` counts in place of `flash_decode_mosaic`'s (ptxas allocates each role's code within
 its count). `--sass` adds the instruction mix of each loop of the assembled kernel (`MOSAIC_GPU_DUMP_SASS`,
 disassembled by nvdisasm, installed with the others): per block of slots, what each role's loop issues.
+CI runs it on the model's launches (tests/test_mosaic_ptxas.py): no spills, no serialized wgmmas.
 """
 
 from __future__ import annotations
@@ -39,11 +39,14 @@ from eval.experiments.cuda_aot import _loops, _mix, registers, spilled_bytes
 from eval.experiments.mosaic_profile import LATENT, D, G, R, launch_of
 from gptoss_mla_jax import flash_decode, flash_decode_mosaic
 
-TOOLS = ".cuda-tools"
-INSTALL = (
-    f"pip install --target {TOOLS} nvidia-cuda-nvcc-cu12 nvidia-cuda-nvdisasm "
-    f'"jax-cuda12-pjrt=={jax.__version__}"'
+TOOLS = os.path.join(os.path.dirname(__file__), "..", "..", ".cuda-tools")  # the repository's, git-ignored
+# ptxas and libdevice, nvdisasm, and the CUDA plugin of this JAX (its Mosaic GPU compiler)
+PACKAGES = (
+    "nvidia-cuda-nvcc-cu12==12.9.86",
+    "nvidia-cuda-nvdisasm==13.5.37",
+    f"jax-cuda12-pjrt=={jax.__version__}",
 )
+INSTALL = "python -m eval.experiments.mosaic_ptxas --install"
 NVPTX_INIT = ("TargetInfo", "Target", "TargetMC", "AsmPrinter")  # LLVMInitializeNVPTX*, in this order
 # A stand-in driver: one device of compute capability 9.0 (attributes 75 / 76: major / minor), all the
 # plugin asks before it compiles
@@ -98,9 +101,21 @@ def paths(tools: str, sass: bool = False) -> tuple[str, str, str | None]:
     versions = [n for n in os.listdir(tools) if n.startswith("jax_cuda12_pjrt-")]
     if versions and f"jax_cuda12_pjrt-{jax.__version__}.dist-info" not in versions:
         raise SystemExit(
-            f"mosaic_ptxas: {tools} holds {versions[0]}, not this JAX's {jax.__version__}: {INSTALL}"
+            f"mosaic_ptxas: {tools} holds {versions[0]}, not this JAX's {jax.__version__}: "
+            f"remove it, then {INSTALL}"
         )
     return plugin, cuda, disassembler
+
+
+def install(tools: str) -> None:
+    """PACKAGES into `tools` (a folder of their own: the CUDA plugin must not be where JAX looks for
+    plugins, or every JAX process here would try to start it), unless they are there."""
+    try:
+        paths(tools, sass=True)
+    except SystemExit:
+        command = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", tools, *PACKAGES]
+        subprocess.run(command, check=True)
+        paths(tools, sass=True)
 
 
 def symbols(library: str) -> dict[str, int]:
@@ -206,9 +221,13 @@ def main(argv=None) -> int:
     )  # fmt: skip
     parser.add_argument("--point", default="64,32768", help="batch,context whose launch is assembled")
     parser.add_argument("--tools", default=TOOLS, help="where the CUDA plugin and nvcc are installed")
+    parser.add_argument("--install", action="store_true", help="install them there (pip), then stop")
     parser.add_argument("--sass", action="store_true", help="each loop's instruction mix too (nvdisasm)")
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args(argv)
+    if args.install:
+        install(args.tools)
+        return 0
     batch, context = (int(n) for n in args.point.split(","))
     defaults = (flash_decode_mosaic.MAKER_REGISTERS, flash_decode_mosaic.ATTENDER_REGISTERS)
     asked = [tuple(int(n) for n in r.split(",")) for r in args.registers]
