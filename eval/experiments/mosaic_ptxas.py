@@ -39,7 +39,7 @@ from eval.experiments.cuda_aot import _loops, _mix, registers, spilled_bytes
 from eval.experiments.mosaic_profile import LATENT, D, G, R, launch_of
 from gptoss_mla_jax import flash_decode, flash_decode_mosaic
 
-TOOLS = os.path.join(os.path.dirname(__file__), "..", "..", ".cuda-tools")  # the repository's, git-ignored
+TOOLS = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", ".cuda-tools"))  # git-ignored
 # ptxas and libdevice, nvdisasm, and the CUDA plugin of this JAX (its Mosaic GPU compiler)
 PACKAGES = (
     "nvidia-cuda-nvcc-cu12==12.9.86",
