@@ -408,9 +408,10 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
         def walk(step, count):
             """(acc, m, l) over blocks 0 .. count - 1. On a cache of positions 0, 1, ... with no window only
             the last block can hold slots past the length (the slice walks those below it): the others
-            skip the masks. The carries start here, in the attending warpgroup's code, from an
-            accumulator's zeros (they have the wgmma layout; jnp.zeros does not): made before the roles'
-            branches, they would stay live through the key makers' code and take its registers."""
+            skip the masks. The carries start here, from an accumulator's zeros (they have the wgmma
+            layout; jnp.zeros does not): with three warpgroups this is the attending one's code, and made
+            before the roles' branches they would stay live through the key makers' code and take its
+            registers."""
             zeros = pl.run_scoped(lambda acc: acc[...], plgpu.ACC((M, r), f32))
             init = (zeros, jnp.max(zeros, axis=1) + NEG, jnp.sum(zeros, axis=1))
             if sliding or window is not None:

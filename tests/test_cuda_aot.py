@@ -98,6 +98,8 @@ def test_main_loop_mix_reads_the_longest_loop():
     log = "Function properties for k\n 24 bytes stack frame, 8 bytes spill stores, 12 bytes spill loads"
     assert cuda_aot.spilled_bytes(log) == 20
     assert cuda_aot.spilled_bytes("    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads") == 0
+    warned = "ptxas warning : Registers are spilled ..., 8 bytes spill stores, 12 bytes spill loads\n" + log
+    assert cuda_aot.spilled_bytes(warned) == 20  # the warning repeats the properties line's counts
 
 
 def test_without_the_cuda_plugin_it_says_what_to_install():

@@ -379,8 +379,11 @@ def registers(ptxas_log: str) -> int:
 
 
 def spilled_bytes(ptxas_log: str) -> int:
-    """Bytes of registers spilled to local memory (stores plus loads) in `ptxas -v`'s report."""
-    return sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", ptxas_log))
+    """Bytes of registers spilled to local memory (stores plus loads) in `ptxas -v`'s report of one
+    kernel: its function properties line (`N bytes stack frame, N bytes spill stores, N bytes spill
+    loads`), which a warning line may repeat (so the largest line, not the sum)."""
+    lines = re.findall(r"(\d+) bytes spill stores, (\d+) bytes spill loads", ptxas_log)
+    return max((int(stores) + int(loads) for stores, loads in lines), default=0)
 
 
 def _tool(name: str, package_bins: tuple[str, ...], install: str) -> str:

@@ -6,24 +6,26 @@ shows).
     python -m eval.experiments.mosaic_ptxas --install    # the CUDA plugin, ptxas, nvdisasm into .cuda-tools
     python -m eval.experiments.mosaic_ptxas [--warps 4,8,12] [--registers 144,216 ...] [--sass] [--out F]
 
-JAX lowers the kernel for CUDA on the CPU (as CI does), at gpt-oss-20b's decode shape and the launch the
-model gives it at 64 x 32K (full layers; sliding ones too), and the CUDA plugin's `MosaicGpuCompile` (the
-entry JAX's PyTorch bridge calls) runs Mosaic GPU's pipeline down to PTX and ptxas, whose report
-`MOSAIC_GPU_DUMP_PTXAS` prints. Two things a GPU machine gives the plugin are stood in for: the driver's
-answer to which device this is (a libcuda.so.1 built here by the C compiler, answering compute capability
-9.0 to the two questions the plugin asks) and LLVM's NVPTX target, which the plugin's XLA compiler
-registers when it starts (its four `LLVMInitializeNVPTX*` functions, called at their addresses in the
-plugin's symbol table, read by binutils' `nm`). Loading the assembled kernel onto a device then fails,
-after the report. `--registers MAKER,ATTENDER` assembles the three-warpgroup launch with those
-`set_max_registers` counts in place of `flash_decode_mosaic`'s (ptxas allocates each role's code within
-its count). `--sass` adds the instruction mix of each loop of the assembled kernel (`MOSAIC_GPU_DUMP_SASS`,
-disassembled by nvdisasm, installed with the others): per block of slots, what each role's loop issues.
-CI runs it on the model's launches (tests/test_mosaic_ptxas.py): no spills, no serialized wgmmas.
+JAX lowers the kernel for CUDA on the CPU (as CI does), at gpt-oss-20b's decode shape and the launches the
+model gives it at batch 64 (a full layer's cache of 32K slots, a sliding layer's ring of 128), and the
+CUDA plugin's `MosaicGpuCompile` (the entry JAX's PyTorch bridge calls) runs Mosaic GPU's pipeline down
+to PTX and ptxas, whose report `MOSAIC_GPU_DUMP_PTXAS` prints. Two things a GPU machine gives the plugin
+are stood in for: the driver's answer to which device this is (a libcuda.so.1 built here by the C
+compiler, answering compute capability 9.0 to the two questions the plugin asks) and LLVM's NVPTX target,
+which the plugin's XLA compiler registers when it starts (its four `LLVMInitializeNVPTX*` functions,
+called at their addresses in the plugin's symbol table, read by binutils' `nm`). Loading the assembled
+kernel onto a device then fails, after the report. `--registers MAKER,ATTENDER` assembles the
+three-warpgroup launch with those `set_max_registers` counts in place of `flash_decode_mosaic`'s (ptxas
+allocates each role's code within its count). `--sass` adds the instruction mix of each loop of the
+assembled kernel (`MOSAIC_GPU_DUMP_SASS`, disassembled by nvdisasm, installed with the others): per block
+of slots, what each role's loop issues. CI runs it on the model's launches (tests/test_mosaic_ptxas.py):
+no spills, no serialized wgmmas.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import ctypes
 import functools
 import os
@@ -47,6 +49,7 @@ PACKAGES = (
     f"jax-cuda12-pjrt=={jax.__version__}",
 )
 INSTALL = "python -m eval.experiments.mosaic_ptxas --install"
+WINDOW = 128  # gpt-oss-20b's sliding window: a sliding layer's ring of slots
 NVPTX_INIT = ("TargetInfo", "Target", "TargetMC", "AsmPrinter")  # LLVMInitializeNVPTX*, in this order
 # A stand-in driver: one device of compute capability 9.0 (attributes 75 / 76: major / minor), all the
 # plugin asks before it compiles
@@ -65,13 +68,11 @@ def serialized(ptxas_log: str) -> bool:
 
 
 def report(log: str) -> dict:
-    """Registers a thread, bytes spilled (stores plus loads) and serialized wgmmas from ptxas's report
-    (the lines of `log` that are ptxas's)."""
-    ptxas_log = "\n".join(line for line in log.splitlines() if line.startswith("ptxas"))
+    """Registers a thread, bytes spilled (stores plus loads) and serialized wgmmas from ptxas's report."""
     return {
-        "registers": registers(ptxas_log),
-        "spilled_bytes": spilled_bytes(ptxas_log),
-        "wgmma_serialized": serialized(ptxas_log),
+        "registers": registers(log),
+        "spilled_bytes": spilled_bytes(log),
+        "wgmma_serialized": serialized(log),
     }
 
 
@@ -99,20 +100,21 @@ def paths(tools: str, sass: bool = False) -> tuple[str, str, str | None]:
     if missing:
         raise SystemExit(f"mosaic_ptxas: no {', '.join(missing)}; install them: {INSTALL}")
     versions = [n for n in os.listdir(tools) if n.startswith("jax_cuda12_pjrt-")]
-    if versions and f"jax_cuda12_pjrt-{jax.__version__}.dist-info" not in versions:
+    if versions != [f"jax_cuda12_pjrt-{jax.__version__}.dist-info"]:
         raise SystemExit(
-            f"mosaic_ptxas: {tools} holds {versions[0]}, not this JAX's {jax.__version__}: "
-            f"remove it, then {INSTALL}"
+            f"mosaic_ptxas: {tools} holds {versions}, not this JAX's plugin {jax.__version__}: {INSTALL}"
         )
     return plugin, cuda, disassembler
 
 
 def install(tools: str) -> None:
     """PACKAGES into `tools` (a folder of their own: the CUDA plugin must not be where JAX looks for
-    plugins, or every JAX process here would try to start it), unless they are there."""
+    plugins, or every JAX process here would try to start it), unless all are there. Anything else there
+    goes first: pip's --target keeps a folder it finds (another JAX's plugin, a partial install)."""
     try:
         paths(tools, sass=True)
     except SystemExit:
+        shutil.rmtree(tools, ignore_errors=True)
         command = [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", tools, *PACKAGES]
         subprocess.run(command, check=True)
         paths(tools, sass=True)
@@ -143,6 +145,7 @@ def compiler(tools: str, sass: bool = False):
     if shutil.which("cc") is None:
         raise SystemExit("mosaic_ptxas: needs a C compiler (cc) to build the stand-in driver")
     work = tempfile.mkdtemp(prefix="mosaic_ptxas_")
+    atexit.register(shutil.rmtree, work, ignore_errors=True)
     source, driver = os.path.join(work, "driver.c"), os.path.join(work, "libcuda.so.1")
     with open(source, "w") as f:
         f.write(DRIVER)
@@ -163,14 +166,15 @@ def compiler(tools: str, sass: bool = False):
     base = ctypes.cast(library.MosaicGpuCompile, ctypes.c_void_p).value - offsets["MosaicGpuCompile"]
     for name in NVPTX_INIT:
         ctypes.CFUNCTYPE(None)(base + offsets[f"LLVMInitializeNVPTX{name}"])()
-    compile_ = library.MosaicGpuCompile
+    compile_, unload = library.MosaicGpuCompile, library.MosaicGpuUnload
     compile_.argtypes, compile_.restype = [ctypes.c_char_p, ctypes.c_int], ctypes.c_void_p
-    return compile_
+    unload.argtypes = [ctypes.c_void_p]
+    return compile_, unload, work
 
 
 def module(launch: flash_decode.Launch, batch: int, context: int, sliding: bool) -> bytes:
     """The Mosaic GPU module JAX lowers for CUDA for the kernel at `launch` over a bf16 cache of `context`
-    slots (a sliding layer's window of 128 when `sliding`)."""
+    slots, a sliding layer's ring (window WINDOW) when `sliding`."""
     from jax.experimental.mosaic.gpu import core as mosaic_core
 
     P = flash_decode.kv_heads_per_program(G, R)
@@ -181,8 +185,9 @@ def module(launch: flash_decode.Launch, batch: int, context: int, sliding: bool)
         (spec((G // P, LATENT, P * D), bf16), spec((G // P, P * D), f32)),
         (spec((1, context, D // 2), f32), spec((1, context, D // 2), f32)), spec((batch,), jnp.int32),
     )  # fmt: skip
-    window = dict(window=128, sliding=True) if sliding else {}
-    jax.clear_caches()  # trace again: `flash_decode_mosaic`'s register counts are read when it is traced
+    window = dict(window=WINDOW, sliding=True) if sliding else {}
+    # trace again: `flash_decode_mosaic`'s register counts are read when it is traced
+    flash_decode_mosaic.decompressed_splits.clear_cache()
     mosaic_core.KNOWN_KERNELS.clear()  # the lowering's record of its modules, by hash: this one alone
     traced = flash_decode_mosaic.decompressed_splits.trace(*args, launch=launch, **window)
     traced.lower(lowering_platforms=("cuda",))
@@ -192,14 +197,18 @@ def module(launch: flash_decode.Launch, batch: int, context: int, sliding: bool)
 
 def assemble(asm: bytes, tools: str, sass: bool = False) -> str:
     """What the plugin prints while it compiles a Mosaic GPU module, read off this process's stdout and
-    stderr: ptxas's report and, with `sass`, the kernel's SASS."""
-    compile_ = compiler(tools, sass)
-    with tempfile.TemporaryFile() as log:
+    stderr (through a file in the work folder, which stays there if the plugin aborts the process):
+    ptxas's report and, with `sass`, the kernel's SASS."""
+    compile_, unload, work = compiler(tools, sass)
+    path = os.path.join(work, "plugin.log")
+    with open(path, "w+b") as log:
         sys.stdout.flush(), sys.stderr.flush()
         saved = [os.dup(1), os.dup(2)]
         os.dup2(log.fileno(), 1), os.dup2(log.fileno(), 2)
         try:
-            compile_(asm, len(asm))  # assembles, then fails to load onto a device there is not
+            kernel = compile_(asm, len(asm))  # assembles, then fails to load onto a device there is not
+            if kernel:
+                unload(kernel)
         finally:
             os.dup2(saved[0], 1), os.dup2(saved[1], 2)
             list(map(os.close, saved))
@@ -237,9 +246,9 @@ def main(argv=None) -> int:
         for split in splits if warps == 12 else [None]:
             counts = split or defaults
             flash_decode_mosaic.MAKER_REGISTERS, flash_decode_mosaic.ATTENDER_REGISTERS = counts
-            for sliding in (False, True):
-                launch = launch_of(batch, context, warps)
-                log = assemble(module(launch, batch, context, sliding), args.tools, args.sass)
+            for sliding, slots in ((False, context), (True, WINDOW)):
+                launch = launch_of(batch, slots, warps)
+                log = assemble(module(launch, batch, slots, sliding), args.tools, args.sass)
                 row = {"warps": warps, "sliding": sliding, "splits": launch.splits, "block": launch.block}
                 row |= {"set_max_registers": list(counts)} if warps == 12 else {}
                 rows.append(row | report(log) | ({"loops": loops(log)} if args.sass else {}))
