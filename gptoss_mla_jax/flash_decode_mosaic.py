@@ -27,13 +27,12 @@ softmax. `launch.warps` picks how a program runs the slice's blocks:
   sits in a ring of three buffers) and writes the slice's state; a key set is reused once warpgroup 1's
   scores have read it; barriers pass each hand-off (keys ready, keys freed). The outputs equal those at
   4 warps.
-- 12: three warpgroups, two making the keys of alternate blocks (each its own key set and table buffer)
-  and the third attending as at 8 warps, so that the keys' RoPE, latency-bound with one warp per
-  scheduler, runs twice over; each role's work sits in a branch of its own that sets its registers
-  (`plgpu.set_max_registers`: the makers give theirs to the attending warpgroup's accumulator, within the
-  registers the program was launched with), which
-  writes acc out itself, through a float32 buffer of STAGE_COLUMNS columns at a time. A maker waits on
-  the arrival of every block's latent, its own and the other's (a warpgroup waits on every phase).
+- 12: three warpgroups, two making the keys of alternate blocks (each its own key set, table buffer and
+  latent-arrival barriers, `latent_barriers`) and the third attending as at 8 warps, so that the keys'
+  RoPE, latency-bound with one warp per scheduler, runs twice over; each role's work sits in a branch of
+  its own that sets its registers (`plgpu.set_max_registers`: the makers give theirs to the attending
+  warpgroup's accumulator, within the registers the program was launched with), which writes acc out
+  itself, through a float32 buffer of STAGE_COLUMNS columns at a time.
 Where the FLOPs go, per block of 64 slots at gpt-oss-20b's shape (r = 192, P = 2, half = 32): the key
 rebuild 4 x 2 x 64 x 192 x 32 = 3.1 MFLOP, the scores 4 x 2 x 64 x 32 x 64 = 1.0 MFLOP (an eighth on
 nonzero query entries), p c 2 x 64 x 64 x 192 = 1.6 MFLOP: the rebuild dominates, against 24 KB of latent
@@ -44,7 +43,7 @@ program per SM either way:
 - 4 warps: queries 16 KB, W_bk 48 KB, bias 1 KB, latent 2 x 24 KB, cos / sin 2 x 2 x 8 KB, keys 16 KB:
   166,952 bytes;
 - 8 warps: the same but the latent 3 x 24 KB and the keys 2 x 16 KB: 207,952 bytes;
-- 12 warps: the same and acc's staging buffer, 16 KB: 224,336 bytes.
+- 12 warps: the same, acc's staging buffer (16 KB) and three more barriers: 224,360 bytes.
 The write of acc (48 KB) reuses the walk's buffers.
 
 Every SMEM operand has the widest swizzle its rows hold whole and that of the other operand of its
@@ -93,6 +92,15 @@ CONSUMERS = {4: 1, 8: 2, 12: 3}  # `Launch.warps` -> the warpgroups of a program
 RINGS = {1: (2, 2, 1), 2: (3, 2, 2), 3: (3, 2, 2)}
 
 
+def latent_barriers(consumers: int) -> int:
+    """Barriers of the latent's arrivals: one a buffer, and with three warpgroups one a buffer and key maker
+    (block u's is u % this), so that each maker waits on its own blocks' arrivals only. A warpgroup tracks
+    a barrier's phase by counting its waits: one waiting on the other maker's blocks too could fall two
+    phases behind (the attending warpgroup done with both makers' next blocks and the buffer loaded again)
+    and then wait for a phase that never comes."""
+    return RINGS[consumers][0] * (2 if consumers == 3 else 1)
+
+
 def launch_registers(warps: int) -> int:
     """The registers a thread of a program of `warps` warps starts with: the SM's 64K shared by its threads,
     in multiples of 8 (168 at 12 warps). `set_max_registers` only moves registers between a program's
@@ -128,7 +136,7 @@ def smem_bytes(r: int, half: int, P: int, R: int, block: int, consumers: int) ->
         key_sets * pieces * half * block * 2,  # keys
     ] + [M * STAGE_COLUMNS * 4] * (consumers == 3)  # fmt: skip
     # ready; latent and rotary arrivals; with two warpgroups, keys ready and keys freed
-    barriers = 1 + latents + tables + (consumers > 1) * 2 * key_sets
+    barriers = 1 + latent_barriers(consumers) + tables + (consumers > 1) * 2 * key_sets
     return sum(map(aligned, sizes)) + 2048 + 8 * barriers
 
 
@@ -299,9 +307,11 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
         an arrival happens only where a wait will see it. With three, the attending warpgroup writes the
         slice's state itself (through o_s) and nothing is returned."""
 
+        arrived = lambda u: latent_in.at[lax.rem(u, latent_in.shape[0])]  # block u's latent's arrival
+
         def fetch_latent(u):
             i = lax.rem(u, latents)
-            plgpu.copy_gmem_to_smem(c_g.at[b, pl.ds(first(u), block)], c_s.at[i], latent_in.at[i])
+            plgpu.copy_gmem_to_smem(c_g.at[b, pl.ds(first(u), block)], c_s.at[i], arrived(u))
 
         def fetch_rotary(u):
             rows_u, i = pl.ds(first(u), block), lax.rem(u, tables)
@@ -330,7 +340,7 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
             block u + 2's tables into the buffer it read."""
             latent, table, key_set = lax.rem(u, latents), lax.rem(u, tables), lax.rem(u, key_sets)
             with jax.named_scope("latent_wait"):
-                plgpu.barrier_wait(latent_in.at[latent])
+                plgpu.barrier_wait(arrived(u))
             with jax.named_scope("rebuild"):  # every kv head's two rotary halves by one wgmma, then cut
                 k = _summed([(c_s.at[latent], w_s)], (block, pieces * half))  # into the 2P pieces
                 k = k + wide(spelling.columns(bias_s), (block, pieces * half), 1)  # [block, half]
@@ -394,7 +404,7 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
                 alpha = jnp.exp(m - m_new)
             with jax.named_scope("values"):
                 if handoff:  # long complete (its keys are made from it), but seen here by this warpgroup too
-                    plgpu.barrier_wait(latent_in.at[latent])
+                    plgpu.barrier_wait(arrived(u))
                 acc = acc * wide(alpha, (M, r), 0)
                 acc = spelling.add_products(acc, p.astype(dtype), c_s.at[latent], p_s)
                 if handoff:
@@ -440,14 +450,9 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
         def _():
             plgpu.set_max_registers(MAKER_REGISTERS, action="decrease")
 
-            @pl.loop(0, n)
-            def _(u):  # its own blocks' keys; of the others' only their latent's arrival (every phase seen)
-                mine = lax.rem(u, makers) == w
-                pl.when(mine)(lambda: make_keys(u))
-
-                @pl.when(jnp.logical_not(mine))
-                def _():
-                    plgpu.barrier_wait(latent_in.at[lax.rem(u, latents)])
+            @pl.loop(w, n, step=makers)
+            def _(u):  # its own blocks' keys: their latent arrivals, key set and table buffer are its own
+                make_keys(u)
 
         @pl.when(w == attender)
         def _():
@@ -479,7 +484,7 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
         scope, K(pieces, M, half), L(r, pieces * half), plgpu.SMEM((pieces * half,), f32),
         L(latents, block, r), F(tables, block, half), F(tables, block, half),
         K(key_sets * pieces, *spelling.keys_shape(half, block)), plgpu.Barrier(num_arrivals=3),
-        barriers(latents), barriers(tables, 2), *handoff, **shared, **p_buffer, **stage,
+        barriers(latent_barriers(consumers)), barriers(tables, 2), *handoff, **shared, **p_buffer, **stage,
     )  # fmt: skip
     if consumers == 3:
         return
