@@ -92,13 +92,19 @@ CONSUMERS = {4: 1, 8: 2, 12: 3}  # `Launch.warps` -> the warpgroups of a program
 RINGS = {1: (2, 2, 1), 2: (3, 2, 2), 3: (3, 2, 2)}
 
 
+def key_makers(consumers: int) -> int:
+    """The warpgroups of a program that make keys (warpgroups 0 .. this - 1): all of one, else all but the
+    attending last one."""
+    return max(consumers - 1, 1)
+
+
 def latent_barriers(consumers: int) -> int:
-    """Barriers of the latent's arrivals: one a buffer, and with three warpgroups one a buffer and key maker
-    (block u's is u % this), so that each maker waits on its own blocks' arrivals only. A warpgroup tracks
-    a barrier's phase by counting its waits: one waiting on the other maker's blocks too could fall two
-    phases behind (the attending warpgroup done with both makers' next blocks and the buffer loaded again)
-    and then wait for a phase that never comes."""
-    return RINGS[consumers][0] * (2 if consumers == 3 else 1)
+    """Barriers of the latent's arrivals: one a buffer and key maker (block u's is u % this), so that each
+    maker waits on its own blocks' arrivals only. A warpgroup tracks a barrier's phase by counting its
+    waits: one waiting on the other maker's blocks too could fall two phases behind (the attending
+    warpgroup done with both makers' next blocks and the buffer loaded again) and then wait for a phase that
+    never comes."""
+    return RINGS[consumers][0] * key_makers(consumers)
 
 
 def launch_registers(warps: int) -> int:
@@ -289,7 +295,7 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
     start = j * split
     n = slice_blocks(length, start, slots, split, block)
     w = lax.axis_index(THREADS) if consumers > 1 else 0
-    makers, attender = max(consumers - 1, 1), consumers - 1  # warpgroups 0 .. makers - 1 make keys
+    makers, attender = key_makers(consumers), consumers - 1
     latents, tables, key_sets = RINGS[consumers]
     shared = dict(collective_axes=THREADS) if consumers > 1 else {}  # one allocation for all warpgroups
     wide = lambda v, shape, dim: lax.broadcast_in_dim(v, shape, (dim,))  # keepdims does not lower

@@ -35,10 +35,9 @@ import sys
 import tempfile
 
 import jax
-import jax.numpy as jnp
 
 from eval.experiments.cuda_aot import _loops, _mix, registers, spilled_bytes
-from eval.experiments.mosaic_profile import LATENT, D, G, R, launch_of
+from eval.experiments.mosaic_profile import inputs, launch_of
 from gptoss_mla_jax import flash_decode, flash_decode_mosaic
 
 TOOLS = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", ".cuda-tools"))  # git-ignored
@@ -177,14 +176,7 @@ def module(launch: flash_decode.Launch, batch: int, context: int, sliding: bool)
     slots, a sliding layer's ring (window WINDOW) when `sliding`."""
     from jax.experimental.mosaic.gpu import core as mosaic_core
 
-    P = flash_decode.kv_heads_per_program(G, R)
-    spec = jax.ShapeDtypeStruct
-    f32, bf16 = jnp.float32, jnp.bfloat16
-    args = (
-        spec((batch, G, R, D), f32), spec((batch, context, LATENT), bf16),
-        (spec((G // P, LATENT, P * D), bf16), spec((G // P, P * D), f32)),
-        (spec((1, context, D // 2), f32), spec((1, context, D // 2), f32)), spec((batch,), jnp.int32),
-    )  # fmt: skip
+    args = jax.eval_shape(functools.partial(inputs, batch, context))  # the profiler's, as shapes
     window = dict(window=WINDOW, sliding=True) if sliding else {}
     # trace again: `flash_decode_mosaic`'s register counts are read when it is traced
     flash_decode_mosaic.decompressed_splits.clear_cache()
