@@ -55,23 +55,6 @@ class Mxfp4(NamedTuple):
 Weights = Float[Array, "G K N"] | Mxfp4
 
 
-@functools.partial(
-    jax.tree_util.register_dataclass, data_fields=["tokens", "row_token"], meta_fields=["height"]
-)
-@dataclasses.dataclass(frozen=True)
-class LayoutRows:
-    """A decode layout of `height` rows (static) left in the tokens' array: row i is `tokens[row_token[i]]`,
-    and a row of padding (`row_token[i]` = -1) any token's row: the products of padding rows are never read,
-    so the kernels need not mask them (an index past the tokens, as the routing kernel gives a NaN token's
-    pairs, is clamped to them). `row_token` may run past `height` (a kernel's power-of-two tile of it, read
-    as it is stored). A forward product of an aligned layout in row tiles of at most `GATHER_ROWS` reads its
-    tiles from `tokens` itself, so that no copy of the layout is written (`grouped_product`)."""
-
-    tokens: Float[Array, "N K"]
-    row_token: Int[Array, " R"]
-    height: int
-
-
 @dataclasses.dataclass(frozen=True)
 class Tiles:
     """One kernel's launch: an output tile of `rows` x `cols`, `depth` contraction values per step,
@@ -134,18 +117,12 @@ LAUNCH: dict[tuple[str, int | None, int | None], Tiles] = {
 }
 SMALL_ROWS = 32
 WIDE_GROUP_ROWS = 16
-# The tallest row tile whose kernel gathers `LayoutRows` itself. A gathered tile's loads hold a row address
-# for each vector and pipeline stage: 64-row tiles (batch 256's layout) took 216 registers a thread against
-# 158 (two programs an SM instead of three; `eval.experiments.cuda_aot --sass`), 16-row ones 133 against
-# 156, so taller tiles take rows that XLA gathered first.
-GATHER_ROWS = 16
 # The tallest row tile of a decode layout (groups aligned to the tile) whose packed forward product splits
-# lhs into even and odd columns on chip (tiles that gather `LayoutRows` do regardless); taller ones take the
-# halves as two arrays that XLA makes, which their `wgmma` reads from shared memory, so the tile is never in
-# registers: batch 256's 64-row tiles need 128 registers a thread for gate_up and 134 for down that way,
-# against 158 and 168 split on chip (four programs an SM instead of three; `eval.experiments.cuda_aot
-# --sass`), at the cost of XLA's split of the down product's input. Not yet timed: every decode tile
-# splits on chip until it is (`eval.bench.decode --moe 128,256 --split-rows 64,16`).
+# lhs into even and odd columns on chip; taller ones take the halves as two arrays that XLA makes, which
+# their `wgmma` reads from shared memory. Halves would spare batch 256's 64-row tiles registers (four
+# programs an SM instead of three) but cost XLA's split of each input, and measured slower at batches 128
+# and 256 (`eval.bench.decode --moe 128,256 --split-rows 64,16`, docs/decode.md), so every decode tile
+# splits on chip.
 SPLIT_ROWS = 64
 
 
@@ -287,23 +264,11 @@ def _sizes_block(n_groups: int) -> int:
     return pl.next_power_of_2(n_groups)
 
 
-def _row_tokens(token_ref, site: _Site, n_tokens: int) -> Array:
-    """The pair's rows' tokens (`LayoutRows.row_token`), clamped to the `n_tokens` tokens: padding (-1) reads
-    token 0's row, and no index reads past them."""
-    return jnp.clip(token_ref[site.rows], 0, n_tokens - 1)
-
-
-def _lhs_tile(lhs_ref, tokens, site: _Site, start, width: int, limit: int, ragged: bool) -> Array:
+def _lhs_tile(lhs_ref, site: _Site, start, width: int, limit: int, ragged: bool) -> Array:
     """lhs's tile of the pair's rows and `width` columns from `start` (zero at and past column `limit` where
-    `ragged`): lhs[site.rows], or, given the rows' `tokens` (`LayoutRows`: lhs holds the tokens), the
-    tokens' rows gathered."""
-    cols = start + _iota(width)
-    if tokens is None:
-        return masked_load(
-            lhs_ref.at[site.rows, pl.ds(start, width)], (cols < limit)[None, :] if ragged else None
-        )
-    mask = jnp.broadcast_to((cols < limit)[None, :], (tokens.shape[0], width)) if ragged else None
-    return masked_load(lhs_ref.at[tokens[:, None], cols[None, :]], mask)
+    `ragged`)."""
+    mask = (start + _iota(width) < limit)[None, :] if ragged else None
+    return masked_load(lhs_ref.at[site.rows, pl.ds(start, width)], mask)
 
 
 def _store_tile(out_refs, site: _Site, n_groups: int, compute):
@@ -448,22 +413,18 @@ def _gmm_kernel(
     N: int,
     has_bias: bool,
     glu: Glu | None,
-    gathered: bool = False,
 ):
     """out[tile rows, cols] = lhs[rows] @ rhs[g] (+ bias[g]); rhs [G, K, N], or [G, N, K] when
-    `transpose_rhs` (d(lhs): the forward's weights read transposed). `gathered`: lhs is followed by each
-    row's token (`LayoutRows`)."""
-    map_refs, (lhs_ref, *rest) = refs[:n_map], refs[n_map:]
-    token_ref, (rhs_ref, *rest) = (rest[0], rest[1:]) if gathered else (None, rest)
+    `transpose_rhs` (d(lhs): the forward's weights read transposed)."""
+    map_refs, (lhs_ref, rhs_ref, *rest) = refs[:n_map], refs[n_map:]
     bias_ref, out_ref = rest if has_bias else (None, rest[0])
     site = _site(map_refs, n_groups, tiles, N, tiles.cols)
-    tokens = None if token_ref is None else _row_tokens(token_ref, site, lhs_ref.shape[0])
     ragged_n, ragged_k = N % tiles.cols != 0, K % tiles.depth != 0
 
     def step(kk, acc):
         depth = pl.ds(kk * tiles.depth, tiles.depth)
         k_ok = kk * tiles.depth + _iota(tiles.depth) < K
-        x = _lhs_tile(lhs_ref, tokens, site, kk * tiles.depth, tiles.depth, K, ragged_k)
+        x = _lhs_tile(lhs_ref, site, kk * tiles.depth, tiles.depth, K, ragged_k)
         if transpose_rhs:
             mask = site.col_ok[:, None] & k_ok[None, :] if ragged_n or ragged_k else None
             return acc + _dot(
@@ -485,20 +446,16 @@ def _mxfp4_kernel(
     has_bias: bool,
     interpret: bool,
     glu: Glu | None,
-    gathered: bool = False,
 ):
     """out[tile rows, cols] = lhs[rows] @ W[g]^T (+ bias[g]), W[g] [N, K] packed, blocks as [G, N, K / 2]
     bytes. The low and high nibbles multiply lhs's even and odd columns: short row tiles (decode,
     `_splits_lhs_on_chip`) take lhs [M, K] and split each step's tile on chip (a reshape to pairs), which
-    spares a decode step the kernel that splits it (`gathered`: lhs [N, K] followed by each row's token,
-    `LayoutRows`); taller ones take the two halves [M, K / 2] as arrays, which their tensor-core operands
-    read straight from shared memory."""
+    spares a decode step the kernel that splits it; taller ones take the two halves [M, K / 2] as arrays,
+    which their tensor-core operands read straight from shared memory."""
     inputs, (*bias_refs, out_ref) = refs[: -1 - has_bias], refs[-1 - has_bias :]
     map_refs, (*lhs_refs, blocks_ref, scales_ref) = inputs[:n_map], inputs[n_map:]
-    token_ref, lhs_refs = (lhs_refs[1], lhs_refs[:1]) if gathered else (None, lhs_refs)
     bias_ref = bias_refs[0] if has_bias else None
     site = _site(map_refs, n_groups, tiles, N, tiles.cols)
-    tokens = None if token_ref is None else _row_tokens(token_ref, site, lhs_refs[0].shape[0])
     half, groups = tiles.depth // 2, tiles.depth // BLOCK
     ragged = N % tiles.cols != 0 or K % tiles.depth != 0
     # Scale rows padded by `mxfp4.pad_scales` carry its flag in their first pad byte.
@@ -514,7 +471,7 @@ def _mxfp4_kernel(
         exponents = masked_load(scales_ref.at[site.gc, site.cols, pl.ds(kk * groups, groups)], mask(group_ok))
         low, high = _decode(packed, exponents, lhs_refs[0].dtype, interpret, foldable)
         if len(lhs_refs) == 1:
-            x = _lhs_tile(lhs_refs[0], tokens, site, kk * tiles.depth, tiles.depth, K, ragged)
+            x = _lhs_tile(lhs_refs[0], site, kk * tiles.depth, tiles.depth, K, ragged)
             pairs = jnp.split(x.reshape(tiles.rows, half, 2), 2, axis=2)
             x_even, x_odd = (a.reshape(tiles.rows, half) for a in pairs)
         else:
@@ -629,7 +586,7 @@ def _forward(
 
 
 def grouped_product(
-    lhs: Float[Array, "M K"] | LayoutRows,
+    lhs: Float[Array, "M K"],
     rhs: Weights,
     group_sizes: Int[Array, " G"],
     bias: Float[Array, "G N"] | None = None,
@@ -642,17 +599,12 @@ def grouped_product(
 ) -> Float[Array, "M N"] | Float[Array, "S M N"]:
     """lhs @ rhs[g] per group (rhs[g]^T when `transpose_rhs`) in lhs's dtype, float32 sums; forward only
     (`gmm` is the differentiable one). `launch` overrides `LAUNCH`; `rows` only its row tile, for groups
-    that start at multiples of it (then lhs may be `LayoutRows`, gathered by a forward product's kernel);
-    `glu` applied to the float32 sums (N / 2 outputs). `partials` (a forward product without `glu`): the S
-    contraction splits' float32 sums [S, M', N] (M' >= M rows, padded to the row tile) left for the caller
-    to add (S = 1: [1, M', N] in lhs's dtype)."""
-    gathered = isinstance(lhs, LayoutRows)
-    x, interpret = lhs.tokens if gathered else lhs, _interpret(interpret)
-    M = lhs.height if gathered else x.shape[0]
+    that start at multiples of it; `glu` applied to the float32 sums (N / 2 outputs). `partials` (a
+    forward product without `glu`): the S contraction splits' float32 sums [S, M', N] (M' >= M rows,
+    padded to the row tile) left for the caller to add (S = 1: [1, M', N] in lhs's dtype)."""
+    interpret, M = _interpret(interpret), lhs.shape[0]
     packed = isinstance(rhs, Mxfp4)
     kind = ("mxfp4" if packed else "gmm") + ("_t" if transpose_rhs else "")
-    if gathered and (rows is None or transpose_rhs):
-        raise ValueError(f"{kind}: only a forward product of a layout aligned to `rows` gathers LayoutRows")
     if packed:
         shape = rhs.blocks.shape[1], rhs.blocks.shape[2] * BLOCK  # [N, K] of W[g]
         contract, width = shape[::-1] if not transpose_rhs else shape
@@ -660,17 +612,8 @@ def grouped_product(
         contract, width = rhs.shape[1:] if not transpose_rhs else rhs.shape[:0:-1]
     tiles = launch or choose_launch(kind, contract, width, M, group_sizes.shape[0], rows)
     height = _cdiv(M, tiles.rows) * tiles.rows  # the product's rows, padded to the row tile
-    if gathered:  # the rows' tokens, padding rows (-1) to the tile if they end before it
-        row_token = jnp.pad(
-            lhs.row_token.astype(jnp.int32), (0, max(0, height - lhs.row_token.shape[0])), constant_values=-1
-        )
-        if tiles.rows > GATHER_ROWS:  # the layout's rows gathered by XLA first
-            x, gathered = x[jnp.clip(row_token[:height], 0, x.shape[0] - 1)], False
-    if gathered:
-        lead = (x, row_token)
-    else:
-        x = _pad_rows(x, tiles.rows)
-        lead = (x,)
+    x = _pad_rows(lhs, tiles.rows)
+    lead = (x,)
     if rows is None:
         tm = tile_map(group_sizes, height, tiles.rows)
         n_pairs = tm.group.shape[0]
@@ -710,12 +653,12 @@ def grouped_product(
             out = jnp.stack([even, odd], axis=-1).reshape(height, K)
         else:  # lhs [M, K] @ W[g]^T -> [M, N_w]
             K, N = x.shape[1], N_w
-            if not (gathered or _splits_lhs_on_chip(tiles, aligned)):
+            if not _splits_lhs_on_chip(tiles, aligned):
                 pairs = x.reshape(height, K // 2, 2)
                 lead = (pairs[..., 0], pairs[..., 1])
             kernel = functools.partial(
                 _mxfp4_kernel, tiles=tiles, n_groups=n_groups, n_map=n_map, K=K, N=N,
-                has_bias=bias is not None, interpret=interpret, gathered=gathered,
+                has_bias=bias is not None, interpret=interpret,
             )  # fmt: skip
             args = (*tm, *lead, blocks, rhs.scales, *bias_args)
             out = _forward(
@@ -725,7 +668,7 @@ def grouped_product(
         K, N = (rhs.shape[2], rhs.shape[1]) if transpose_rhs else rhs.shape[1:]
         kernel = functools.partial(
             _gmm_kernel, tiles=tiles, n_groups=n_groups, n_map=n_map,
-            transpose_rhs=transpose_rhs, K=K, N=N, has_bias=bias is not None, gathered=gathered,
+            transpose_rhs=transpose_rhs, K=K, N=N, has_bias=bias is not None,
         )  # fmt: skip
         args = (*tm, *lead, rhs, *bias_args)
         out = _forward(kernel, args, height, N, x.dtype, n_pairs, tiles, interpret, aligned, glu, partials)

@@ -31,7 +31,7 @@ from gptoss_mla_jax import routing
 from gptoss_mla_jax.add_norm import ExpertRows, moe_delta
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.flash_decode import runs_compiled
-from gptoss_mla_jax.gmm import Glu, LayoutRows, Mxfp4, gmm, grouped_product
+from gptoss_mla_jax.gmm import Glu, Mxfp4, gmm, grouped_product
 from gptoss_mla_jax.mxfp4 import dequantize, dequantize_experts
 
 Params = dict[str, Any]
@@ -122,7 +122,8 @@ def expert_rows(
     added, and each token's slots and routing weights, for `add_norm.add_norm` to finish with the residual
     add and the next norm in one kernel. `router_partials`: the router's product x W already taken, as
     partial sums (`add_norm.add_norm_routed`; for n tokens that `routed_in_kernel`). The aligned layout's
-    rows are never written out: the gate_up product's kernel reads them from the tokens (`LayoutRows`)."""
+    rows are gathered from the tokens by XLA (one small kernel): loaded by the gate_up product's kernel
+    instead, row by row, they measured slower at every decode batch (docs/decode.md)."""
     flat = x.reshape(-1, x.shape[-1])
     n, k, E = flat.shape[0], config.num_experts_per_tok, config.num_local_experts
     align = layout_align(n, config)
@@ -153,7 +154,8 @@ def expert_rows(
         hit = slot[None, :] == jnp.arange(height, dtype=slot.dtype)[:, None]
         row_token = jnp.sum(jnp.where(hit, token[None, :] + 1, 0), axis=1, dtype=jnp.int32) - 1
         slot = slot.reshape(n, k)
-    rows = LayoutRows(flat, row_token, height)
+    # A padding row (-1) reads token 0's row (its products are never read); no index reads past the tokens.
+    rows = flat[jnp.clip(row_token[:height], 0, n - 1)]
     product = _expert_products(p["experts"], rows, padded, config, align, partials=True)
     return ExpertRows(product, slot, weights)
 
@@ -276,20 +278,20 @@ def _grouped_experts(
 
 
 def _expert_products(
-    e: Params, rows: Float[Array, "M D"] | LayoutRows, group_sizes: Int[Array, " E"], config: GptOssConfig,
+    e: Params, rows: Float[Array, "M D"], group_sizes: Int[Array, " E"], config: GptOssConfig,
     tile, partials: bool = False,
 ) -> Float[Array, "M D"] | Float[Array, "S M D"]:  # fmt: skip
     """Both expert projections of rows grouped by expert, on the grouped matmul (`tile`: its row tile,
     for groups starting at multiples of it: the decode layout, where the SwiGLU runs in the gate_up
     product's kernel, a kernel less per layer; elsewhere after it, as its gradient would recompute the
-    product). `partials` (forward only, as `LayoutRows` are): the down product's contraction splits' sums
+    product). `partials` (forward only: the decode step's): the down product's contraction splits' sums
     not yet added (`gmm.grouped_product`)."""
     weights = lambda name: e[name] if name in e else Mxfp4(e[f"{name}_blocks"], e[f"{name}_scales"])
     gate_up, bias = weights("gate_up_proj"), e["gate_up_proj_bias"]
     if tile is None:
         hidden = swiglu(gmm(rows, gate_up, group_sizes, bias), config)
     else:
-        product = grouped_product if isinstance(rows, LayoutRows) else gmm
+        product = grouped_product if partials else gmm
         hidden = product(rows, gate_up, group_sizes, bias, rows=tile, glu=glu(config))
     down, down_bias = weights("down_proj"), e["down_proj_bias"]
     if partials:

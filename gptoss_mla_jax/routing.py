@@ -12,9 +12,8 @@ they are mostly launches around 184 KB of router weights. One program does it al
   up to a multiple of `align`) and keep token order there. A pair's rank among its expert's pairs is the
   count of earlier tokens that chose that expert (a token's k experts are distinct), a lower-triangular
   product over the tokens' one-hot choices;
-- the layout the other way round: each row's token, or -1 for padding (`Routing.row_token`), so that the
-  grouped matmul's kernel reads the rows from the tokens' (`gmm.LayoutRows`) and no copy of the layout is
-  written.
+- the layout the other way round: each row's token, or -1 for padding (`Routing.row_token`), from which
+  one gather makes the layout's rows (`moe.expert_rows`), with no scatter into a zeroed buffer.
 
 One program holds every token, so this serves decode batches (`MAX_TOKENS`); `moe` keeps its jnp path
 above that. `routing_of_logits` starts from the router's product instead, given as partial sums over
@@ -177,7 +176,7 @@ def layout_rows(n: int, k: int, E: int, align: int) -> int:
 class Routing(NamedTuple):
     """`decode_routing`'s result: each token's routing `weights` and `experts` [N, k], each pair's `slot`
     in the aligned layout [N * k] in token order, the `padded` group sizes [E], and `row_token`, each of
-    the layout's `layout_rows` rows' token (-1: padding), the layout's rows read from the tokens'.
+    the layout's `layout_rows` rows' token (-1: padding), the layout's rows gathered from the tokens by it.
     With `tiles`, the first three as the kernel stores them, [rows, kp] tiles of at least N tokens and k
     choices (a choice past k weighs 0 and its slot is 0), and `row_token` over a power-of-two tile of
     rows."""

@@ -101,26 +101,23 @@ def test_step_bytes_counts_each_weight_once_and_the_cache():
 
 
 def test_decode_benchmark_times_each_setting(shared_models, tmp_path, monkeypatch):
-    """--state-shares, --fused-norms, --one-token, --gather-rows and --decompressed-kernels: the points are
-    timed once per combination of settings, each with flash_decode.STATE_SHARE, model.FUSED_NORMS,
-    attention.ONE_TOKEN, gmm.GATHER_ROWS and flash_decode.DECOMPRESSED_KERNEL set while its steps are traced,
-    the defaults restored after; a setting none of them knows is refused."""
+    """--state-shares, --fused-norms, --one-token and --decompressed-kernels: the points are timed once per
+    combination of settings, each with flash_decode.STATE_SHARE, model.FUSED_NORMS, attention.ONE_TOKEN and
+    flash_decode.DECOMPRESSED_KERNEL set while its steps are traced, the defaults restored after; a setting
+    none of them knows is refused."""
     from eval.bench import decode as bench_decode
     from gptoss_mla_jax import attention, flash_decode
-    from gptoss_mla_jax import gmm as gmm_lib
     from gptoss_mla_jax import model as model_lib
 
     seen = []
     monkeypatch.setattr(flash_decode, "STATE_SHARE", None)
     monkeypatch.setattr(model_lib, "FUSED_NORMS", "router")
     monkeypatch.setattr(attention, "ONE_TOKEN", "finish")
-    monkeypatch.setattr(gmm_lib, "GATHER_ROWS", 16)
     monkeypatch.setattr(flash_decode, "DECOMPRESSED_KERNEL", "triton")
     switches = lambda: (
         flash_decode.STATE_SHARE,
         model_lib.FUSED_NORMS,
         attention.ONE_TOKEN,
-        gmm_lib.GATHER_ROWS,
         flash_decode.DECOMPRESSED_KERNEL,
     )
     monkeypatch.setattr(
@@ -129,23 +126,23 @@ def test_decode_benchmark_times_each_setting(shared_models, tmp_path, monkeypatc
     out = tmp_path / "share.json"
     argv = ["--smoke", "--batches", "1", "--contexts", "64", "--repeats", "1", "--decode-kernels", "on"]
     argv += ["--state-shares", "none,0.25", "--fused-norms", "norms,off", "--one-token", "matvec"]  # gqa, mla
-    argv += ["--gather-rows", "0", "--decompressed-kernels", "mosaic"]
+    argv += ["--decompressed-kernels", "mosaic"]
     assert bench_decode.main([*argv, "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     settings = [("none", "norms"), ("none", "off"), ("0.25", "norms"), ("0.25", "off")]
-    keys = ("model", "state_share", "fused_norms", "one_token", "gather_rows", "decompressed_kernel")
+    keys = ("model", "state_share", "fused_norms", "one_token", "decompressed_kernel")
     got = [(*(r[k] for k in keys), r["step_ms"]) for r in rows]
     assert got == [
-        (model, *setting, "matvec", 0, "mosaic", 1.0) for setting in settings for model in ("gqa", "mla")
+        (model, *setting, "matvec", "mosaic", 1.0) for setting in settings for model in ("gqa", "mla")
     ]
     want = [
-        (share, fused, "matvec", 0, "mosaic")
+        (share, fused, "matvec", "mosaic")
         for share in (None, 0.25)
         for fused in ("norms", "off")
         for _ in range(2)
     ]
     assert seen == want
-    assert switches() == (None, "router", "finish", 16, "triton")
+    assert switches() == (None, "router", "finish", "triton")
     for flag, value in (("--fused-norms", "on"), ("--one-token", "on"), ("--decompressed-kernels", "cuda")):
         with pytest.raises(SystemExit):
             bench_decode.main(["--smoke", flag, value])
@@ -284,14 +281,14 @@ def test_moe_benchmark_runs_at_a_small_size(tmp_path):
     swept one) equal to the float32 reference, the jnp path timed, the byte floor counting each distinct
     selected expert once, and the routing kernel's launches timed beside the jnp routing, with the same
     layout; once for each bound of the layout's row tile asked for (8: below every tile, the sorted layout,
-    which the routing kernel does not serve), the layout's rows gathered by XLA and given to the products as
-    halves (`--gather-rows 0 --split-rows 0`); and,
+    which the routing kernel does not serve), the layout's rows given to the packed products as halves
+    (`--split-rows 0`); and,
     where the routing kernel serves the batch, the MoE as the decode step runs it."""
     from eval.bench import decode as bench_decode
 
     out = tmp_path / "moe.json"
     # One batch: every launch compiles the interpreted kernels anew; three tokens can share an expert.
-    argv = ["--moe", "3", "--max-aligns", "64,8", "--gather-rows", "0", "--split-rows", "0", "--smoke"]
+    argv = ["--moe", "3", "--max-aligns", "64,8", "--split-rows", "0", "--smoke"]
     argv += ["--repeats", "1"]
     argv += ["--out", str(out)]
     assert bench_decode.main(argv) == 0
@@ -299,10 +296,7 @@ def test_moe_benchmark_runs_at_a_small_size(tmp_path):
     assert head["copy_gb_per_s"] > 0
     k = bench_decode.DEMO_CONFIG.num_experts_per_tok
     rows = [row for row in rows if "copy_gb_per_s" not in row]  # each setting's head row
-    assert [(r["batch"], r["max_align"], r["gather_rows"], r["split_rows"]) for r in rows] == [
-        (3, 64, 0, 0),
-        (3, 8, 0, 0),
-    ]
+    assert [(r["batch"], r["max_align"], r["split_rows"]) for r in rows] == [(3, 64, 0), (3, 8, 0)]
     for row in rows:
         assert len(row["configs"]) == 2 and all("ms" in c for c in row["configs"])
         assert row["configs"][0]["launch"] == "default"

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from gptoss_mla_jax import gmm as gmm_lib
-from gptoss_mla_jax.gmm import Glu, LayoutRows, Mxfp4, Tiles, gmm, grouped_product, tgmm, tile_map
+from gptoss_mla_jax.gmm import Glu, Mxfp4, Tiles, gmm, grouped_product, tgmm, tile_map
 from gptoss_mla_jax.mxfp4 import dequantize_experts, pad_scales
 
 # Small tiles, so that groups end inside tiles and span several (the launch table's are for the GPU).
@@ -136,49 +136,6 @@ def test_groups_aligned_to_the_row_tile_find_their_own_tiles(weights, split_rows
 
 
 @pytest.mark.parametrize("weights", ["dense", "mxfp4"])
-@pytest.mark.parametrize("glu", [None, Glu(1.702, 7.0)], ids=["product", "glu on chip"])
-@pytest.mark.parametrize(
-    "tile, sizes_list", [(16, [16, 0, 16, 13]), (32, [32, 0, 13])], ids=["gathered on chip", "by XLA"]
-)
-def test_layout_rows_equal_the_gathered_layout(weights, glu, tile, sizes_list):
-    """`LayoutRows` (a decode layout left in the tokens' array): a forward product gives what the same
-    product of the gathered layout gives, exactly, its kernel gathering each row from its token on row tiles
-    of up to `GATHER_ROWS` (padding rows, -1, read token 0's row) and XLA before it on taller ones; the
-    layout's height need not be a multiple of the tile (here 45 rows, K and N ragged)."""
-    assert (tile <= gmm_lib.GATHER_ROWS) == (tile == 16)
-    K, N = 40, 40
-    rng = np.random.default_rng(7)
-    tokens = jnp.asarray(rng.standard_normal((9, K)), jnp.float32)
-    row_token = jnp.asarray(np.where(rng.random(45) < 0.2, -1, rng.integers(0, 9, 45)), jnp.int32)
-    sizes = jnp.asarray(sizes_list, jnp.int32)
-    bias = jnp.asarray(rng.standard_normal((len(sizes_list), N)), jnp.float32)
-    if weights == "dense":
-        rhs = jnp.asarray(rng.standard_normal((len(sizes_list), K, N)), jnp.float32)
-    else:
-        rhs, _ = random_mxfp4(len(sizes_list), 64, N, seed=8)
-        tokens = jnp.pad(tokens, ((0, 0), (0, 64 - K)))
-    layout = tokens[jnp.maximum(row_token, 0)]
-    product = lambda lhs: grouped_product(lhs, rhs, sizes, bias, rows=tile, glu=glu)
-    want = product(layout)
-    np.testing.assert_array_equal(product(LayoutRows(tokens, row_token, 45)), want)
-    # The gather is the kernel's on short tiles: no gather in the jaxpr around the Pallas call.
-    jaxpr = str(jax.make_jaxpr(product)(LayoutRows(tokens, row_token, 45)))
-    assert ("gather" in jaxpr) == (tile > 16)
-    # A shorter list of the rows' tokens is padding past its end; indices past the tokens are clamped to them.
-    short, wild = row_token[:20], row_token.at[3].set(1000)
-    np.testing.assert_array_equal(
-        product(LayoutRows(tokens, short, 45)), product(layout.at[20:].set(tokens[0]))
-    )
-    np.testing.assert_array_equal(product(LayoutRows(tokens, wild, 45)), product(layout.at[3].set(tokens[8])))
-    # The rows' tokens as a longer tile, rows past the layout's height not read.
-    longer = jnp.pad(row_token, (0, 19), constant_values=3)
-    np.testing.assert_array_equal(product(LayoutRows(tokens, longer, 45)), want)
-    if glu is None:  # and as the down product's partial sums
-        partial = lambda lhs: grouped_product(lhs, rhs, sizes, bias, rows=tile, partials=True)
-        np.testing.assert_array_equal(partial(LayoutRows(tokens, row_token, 45)), partial(layout))
-
-
-@pytest.mark.parametrize("weights", ["dense", "mxfp4"])
 @pytest.mark.parametrize("splits", [2, 3, 5])
 @pytest.mark.parametrize("aligned", [False, True], ids=["tile map", "aligned groups"])
 def test_split_contractions_equal_ragged_dot(weights, splits, aligned):
@@ -280,9 +237,6 @@ def test_refusals():
     packed = Mxfp4(jnp.zeros((1, 16, 2, 16), jnp.uint8), jnp.zeros((1, 16, 2), jnp.uint8))
     with pytest.raises(ValueError, match="multiple of 32"):
         grouped_product(jnp.zeros((8, 64)), packed, sizes, launch=Tiles(16, 16, 16))
-    layout = LayoutRows(jnp.zeros((2, 48)), jnp.zeros(8, jnp.int32), 8)
-    with pytest.raises(ValueError, match="only a forward product of a layout aligned to `rows` gathers"):
-        grouped_product(layout, jnp.zeros((1, 48, 16)), sizes)
 
 
 def test_row_tiles_follow_the_rows_per_group():
@@ -349,13 +303,6 @@ def test_kernels_lower_for_the_gpu_at_gpt_oss_20b_shapes(monkeypatch):
                 l, Mxfp4(bl, sc), s, b, interpret=False, rows=64, glu=Glu(1.702, 7.0)
             ),
             (spec(1024 + 32 * 63, D), *packed(F, D), sizes, spec(E, F)),
-            1,
-        ),
-        "the same with the layout's rows gathered from the tokens on chip (LayoutRows)": (
-            lambda l, t, bl, sc, s, b: grouped_product(
-                LayoutRows(l, t, 64), Mxfp4(bl, sc), s, b, interpret=False, rows=16, glu=Glu(1.702, 7.0)
-            ),
-            (spec(1, D), spec(64, dtype=jnp.int32), *packed(F, D), sizes, spec(E, F)),
             1,
         ),
         "the same with the SwiGLU on chip": (

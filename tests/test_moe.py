@@ -160,13 +160,13 @@ def test_decode_gathers_only_the_selected_experts(tmp_path):
         (20, "learned", 4, "routing kernel"),  # 40 pairs over 4 experts: aligned to row tiles of 32
         (40, "learned", 4, "routing kernel"),  # 80 pairs over 4 experts: aligned to row tiles of 64
         (72, "learned", 16, "aligned in jnp"),  # more tokens than the routing kernel: 32-row tiles
-        (72, "learned", 64, "aligned in jnp"),  # likewise in 16-row tiles, the rows gathered in the kernel
+        (72, "learned", 64, "aligned in jnp"),  # likewise in 16-row tiles
         (80, "learned", 4, "sorted"),  # 160 pairs over 4 experts: past the alignment, tiles shared by experts
     ],
 )
 def test_decode_on_the_grouped_kernel_equals_the_reference(tmp_path, tokens, routing, experts, layout):
     """A decode step's MoE on the kernels (`kernels`: the grouped matmul at every batch size, interpreted
-    here, the aligned layouts' rows gathered from the tokens in the kernel), MXFP4 experts: equal to
+    here, the aligned layouts' rows gathered from the tokens, padding rows included), MXFP4 experts: equal to
     moe_dense in float32 whatever the routing."""
     make_hf_model(tmp_path, num_local_experts=experts, intermediate_size=32)
     config, params = load_hf(str(tmp_path), progress=False)

@@ -870,11 +870,6 @@ def main(argv=None) -> int:
         "whose tile would be taller takes the sorted layout), e.g. 64,16",
     )  # fmt: skip
     parser.add_argument(
-        "--gather-rows", default=str(gmm_lib.GATHER_ROWS),
-        help="steps and --moe with the MoE's decode layout read from the tokens by the gate_up kernel on row "
-        "tiles of up to each of these in turn (gmm.GATHER_ROWS; 0: gathered by XLA before it), e.g. 16,0",
-    )  # fmt: skip
-    parser.add_argument(
         "--split-rows", default=str(gmm_lib.SPLIT_ROWS),
         help="--moe with the packed products of decode layouts splitting lhs on chip on row tiles of up to "
         "each of these in turn (gmm.SPLIT_ROWS; taller tiles take halves that XLA makes), e.g. 64,16",
@@ -975,19 +970,12 @@ def main(argv=None) -> int:
             result["kernels"] = kernel_rows(batches, contexts, args.repeats, args.smoke, log, layers)
         elif args.moe:
             batches, result["moe"] = [int(b) for b in args.moe.split(",")], []
-            for max_align, gather, split in itertools.product(
-                *(
-                    [int(v) for v in values.split(",")]
-                    for values in (args.max_aligns, args.gather_rows, args.split_rows)
-                )
+            for max_align, split in itertools.product(
+                *([int(v) for v in values.split(",")] for values in (args.max_aligns, args.split_rows))
             ):
-                setting = {"max_align": max_align, "gather_rows": gather, "split_rows": split}
+                setting = {"max_align": max_align, "split_rows": split}
                 tag = lambda row, setting=setting: log(row | setting)
-                with switched(
-                    (moe_lib, "MAX_ALIGN", max_align),
-                    (gmm_lib, "GATHER_ROWS", gather),
-                    (gmm_lib, "SPLIT_ROWS", split),
-                ):
+                with switched((moe_lib, "MAX_ALIGN", max_align), (gmm_lib, "SPLIT_ROWS", split)):
                     rows = moe_rows(batches, args.repeats, args.smoke, tag, args.moe_launches)
                 result["moe"] += [row | setting for row in rows]
         elif args.profile:
@@ -1005,15 +993,14 @@ def main(argv=None) -> int:
             built, result["rows"] = models_(), []
             copy = copy_bandwidth(0.05 if args.smoke else 4.0)
             result["copy_gb_per_s"] = copy / 1e9
-            for share, fused, one_token, gather, decompressed in itertools.product(
+            for share, fused, one_token, decompressed in itertools.product(
                 args.state_shares.split(","), args.fused_norms.split(","), args.one_token.split(","),
-                (int(g) for g in args.gather_rows.split(",")), args.decompressed_kernels.split(","),
+                args.decompressed_kernels.split(","),
             ):  # fmt: skip
                 setting = {
                     "state_share": share,
                     "fused_norms": fused,
                     "one_token": one_token,
-                    "gather_rows": gather,
                     "decompressed_kernel": decompressed,
                 }
                 tag = lambda row, setting=setting: log(row | setting)
@@ -1021,7 +1008,6 @@ def main(argv=None) -> int:
                     (flash_decode, "STATE_SHARE", None if share == "none" else float(share)),
                     (model_lib, "FUSED_NORMS", fused),
                     (attention_lib, "ONE_TOKEN", one_token),
-                    (gmm_lib, "GATHER_ROWS", gather),
                     (flash_decode, "DECOMPRESSED_KERNEL", decompressed),
                 ):
                     rows = speed(built, batches, contexts, args.repeats, tag, copy, kernels, args.loop_steps)

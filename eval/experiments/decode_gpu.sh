@@ -8,13 +8,7 @@
 #   moe_wide   the same at batches 128 and 256, the layout's row tile up to 64 rows (the default) against up to
 #              16 (128: 32-row tiles against 16; 256: 64-row tiles against the sorted layout)
 #   variants   the MXFP4 decoding's variants timed against each other on one layer's MoE (batches 1, 8, 64)
-#   halves     one layer's MoE at batches 128 and 256 with lhs split on chip by the packed products (the
-#              default) and given as halves that XLA makes to their 32- and 64-row tiles (gmm.SPLIT_ROWS)
-#   gather     one layer's MoE at batches 1, 8 and 64 with the layout's rows read from the tokens by the gate_up
-#              kernel (gmm.GATHER_ROWS, the default) and gathered by XLA before it, in one process
-#   gather_e2e GQA's and MLA's loop at 1 x 4K likewise
-#   layouts    one layer's MoE at batches 1-256 on the launch table's own launches only, with its rows read
-#              from the tokens by gate_up and gathered by XLA (gmm.GATHER_ROWS 16, 0), each with lhs split on
+#   layouts    one layer's MoE at batches 1-256 on the launch table's own launches only, with lhs split on
 #              chip and given as halves (gmm.SPLIT_ROWS 64, 16), in one process
 #   profile    kernels per decode step and where the device time goes, batch 1 x 4K; profile_32k at 1 x 32K
 #   graphs     the same profile of GQA with XLA's command buffers (CUDA graphs) for every kind of op
@@ -95,12 +89,8 @@ for stage in ${STAGES//,/ }; do
     moe_b1) run decode_moe_b1 150 eval.bench.decode --moe 1 --repeats 10 ;;
     moe_wide) run decode_moe_wide 400 eval.bench.decode --moe 128,256 --max-aligns 64,16 --repeats 10 ;;
     variants) run mxfp4_decode_variants 240 eval.experiments.mxfp4_decode_variants ;;
-    halves) run decode_moe_halves 400 eval.bench.decode --moe 128,256 --split-rows 64,16 --repeats 10 ;;
-    gather) run decode_moe_gather 450 eval.bench.decode --moe 1,8,64 --gather-rows 16,0 --repeats 10 ;;
-    layouts) run decode_moe_layouts 400 eval.bench.decode --moe 1,8,64,128,256 --gather-rows 16,0 \
-      --split-rows 64,16 --moe-launches none --repeats 10 ;;
-    gather_e2e) run decode_e2e_gather 400 eval.bench.decode --cuda-graphs --decode-kernels on --models gqa,mla \
-      --batches 1 --contexts 4096 --loop-steps 16 --repeats 5 --gather-rows 16,0 ;;
+    layouts) run decode_moe_layouts 300 eval.bench.decode --moe 1,8,64,128,256 --split-rows 64,16 \
+      --moe-launches none --repeats 10 ;;
     profile) run decode_profile 300 eval.bench.decode --profile 1,4096 --partial --repeats 5 ;;
     profile_32k) run decode_profile_32k 300 eval.bench.decode --profile 1,32768 --partial --repeats 5 ;;
     graphs) run decode_profile_graphs 150 eval.bench.decode --profile 1,4096 --models gqa --repeats 5 --cuda-graphs ;;
