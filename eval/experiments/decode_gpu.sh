@@ -27,6 +27,7 @@
 #   loop_64x32k  the loop at 64 x 32K for all four models
 #   gqa_mla_64x32k  GQA's and the default MLA's loop at 64 x 32K in one process, JAX given 97% of the card
 #              (GQA's 51.7 GB cache then fits an 80 GB H100 beside the model)
+#   gqa_mla_b1 GQA's and the default MLA's loop at 1 x 4K and 1 x 32K in one process
 #   loop_while loop_b1 with the while loop itself a command buffer too (WHILE, CONDITIONAL)
 #   splits     each attention kernel at batch 1 (4K, 32K) over a grid of cache slices and head blocks, by
 #              device busy time, beside each setting's per-slice state bytes; splits_b8 the same at 8 x 32K
@@ -113,6 +114,8 @@ for stage in ${STAGES//,/ }; do
       --batches 64 --contexts 32768 --loop-steps 16 --repeats 5 ;;
     gqa_mla_64x32k) XLA_PYTHON_CLIENT_MEM_FRACTION=0.97 run decode_e2e_gqa_mla_64x32k 300 eval.bench.decode \
       --cuda-graphs --decode-kernels on --models gqa,mla --batches 64 --contexts 32768 --loop-steps 16 --repeats 5 ;;
+    gqa_mla_b1) run decode_e2e_gqa_mla_b1 300 eval.bench.decode --cuda-graphs --decode-kernels on \
+      --models gqa,mla --batches 1 --contexts 4096,32768 --loop-steps 16 --repeats 5 ;;
     loop_while) (
       XLA_FLAGS="$(python -c 'from gptoss_mla_jax.generation import CUDA_GRAPH_FLAGS as f; print(f)'),WHILE,CONDITIONAL"
       export XLA_FLAGS
