@@ -7,7 +7,7 @@ position i sees keys i - window + 1 .. i (`window` keys including itself).
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -18,8 +18,6 @@ from gptoss_mla_jax import cache as kv_cache
 from gptoss_mla_jax import flash_attention, flash_decode
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.execution import ForwardOptions, by_rows
-from gptoss_mla_jax.matvec import matvec
-from gptoss_mla_jax.qkv_finish import finish_qkv
 from gptoss_mla_jax.rope import apply_rope, cos_sin
 
 Params = dict[str, Any]
@@ -145,55 +143,28 @@ def decode_plan(
     return None if steps is None else flash_decode.Launch(*steps, interpret, head_block=head_block)
 
 
-# A single token's decode step on the kernels: its projections on `matvec`, and a GQA layer's query, key
-# and value finished from their sums by `qkv_finish` ("finish"), or by XLA ("matvec"); "off": XLA's GEMM at
-# two rows, the default: on an H200 "finish" was slower than it for GQA and the decompressed MLA model at
-# 1 x 4K and 1 x 32K in one process (docs/decode.md). Read when a step is traced;
-# `eval.bench.decode --one-token finish,matvec,off` times each.
-OneToken = Literal["finish", "matvec", "off"]
-ONE_TOKEN: OneToken = "off"
-
-
-def on_matvec(options: ForwardOptions, x: Float[Array, "B T D"]) -> bool:
-    """Whether the projections of `x` run on the `matvec` kernel: a decode step on the kernels of one
-    token (batch 1), on one device (no mesh)."""
-    single = options.decode_kernels and x.shape[0] * x.shape[1] == 1 and options.mesh is None
-    return ONE_TOKEN != "off" and single
-
-
-def linears(x: Float[Array, "B T In"], ps: list[Params], one_row_kernel: bool = False) -> list[Array]:
-    """x @ kernel (+ bias, where it has one) for each p of `ps`, in x's dtype. `one_row_kernel` (a single
-    token: `on_matvec`): all of them in one launch of the `matvec` kernel, the float32 sums rounded to x's
-    dtype before the bias as XLA's product rounds them. Otherwise a single token is multiplied as two rows
-    (its row broadcast, which XLA takes into the product's kernel, where a concatenation of two copies was
-    a kernel of its own) and the copy dropped: XLA on the GPU lowers a one-row product as a reduction, which
-    it neither merges with the other products of the same input (q, k and v: one matmul at two rows) nor
-    fuses with its neighbours as it does a matmul. Whether XLA keeps it so is a compiler's choice: the kernel
-    census of a decode step (`eval.experiments.cuda_aot`, docs/decode.md) shows it."""
+def linears(x: Float[Array, "B T In"], ps: list[Params]) -> list[Array]:
+    """x @ kernel (+ bias, where it has one) for each p of `ps`, in x's dtype. A single token is multiplied
+    as two rows (its row broadcast, which XLA takes into the product's kernel, where a concatenation of two
+    copies was a kernel of its own) and the copy dropped: XLA on the GPU lowers a one-row product as a
+    reduction, which it neither merges with the other products of the same input (q, k and v: one matmul at
+    two rows) nor fuses with its neighbours as it does a matmul. Whether XLA keeps it so is a compiler's
+    choice: the kernel census of a decode step (`eval.experiments.cuda_aot`, docs/decode.md) shows it."""
     bias = lambda y, p: y + p["bias"] if "bias" in p else y
-    if one_row_kernel:
-        sums = _matvec_sums(x, ps)
-        rounded = [s.sum(axis=0).astype(x.dtype) for s in sums]
-        return [bias(y, p).reshape(*x.shape[:2], -1) for y, p in zip(rounded, ps, strict=True)]
     rows = x if x.shape[0] * x.shape[1] != 1 else jnp.broadcast_to(x, (2, *x.shape[1:]))
     return [bias(rows @ p["kernel"], p)[: x.shape[0]] for p in ps]
 
 
-def _matvec_sums(x: Float[Array, "1 1 In"], ps: list[Params]) -> tuple[Float[Array, "S _"], ...]:
-    """The one token's products with each p's kernel as `matvec`'s float32 partial sums."""
-    return matvec(x.reshape(-1), tuple(p["kernel"] for p in ps), not flash_decode.runs_compiled())
-
-
-def linear(x: Float[Array, "B T In"], p: Params, one_row_kernel: bool = False) -> Float[Array, "B T Out"]:
+def linear(x: Float[Array, "B T In"], p: Params) -> Float[Array, "B T Out"]:
     """x @ kernel (+ bias, where `p` has one); see `linears`."""
-    return linears(x, [p], one_row_kernel)[0]
+    return linears(x, [p])[0]
 
 
-def project_qkv(p: Params, x: Float[Array, "B T D"], cos, sin, config: GptOssConfig, one_row_kernel=False):
-    """q [B,T,H,d] and k, v [B,T,G,d] with RoPE applied to q and k (`one_row_kernel`: see `linears`)."""
+def project_qkv(p: Params, x: Float[Array, "B T D"], cos, sin, config: GptOssConfig):
+    """q [B,T,H,d] and k, v [B,T,G,d] with RoPE applied to q and k."""
     B, T, _ = x.shape
     d = config.head_dim
-    q, k, v = linears(x, [p["q_proj"], p["k_proj"], p["v_proj"]], one_row_kernel)
+    q, k, v = linears(x, [p["q_proj"], p["k_proj"], p["v_proj"]])
     q = q.reshape(B, T, config.num_attention_heads, d)
     k = k.reshape(B, T, config.num_key_value_heads, d)
     v = v.reshape(B, T, config.num_key_value_heads, d)
@@ -221,11 +192,7 @@ def attention(
     # Blocks of 128 slots: GQA's fastest at >= 32K on an H200 (eval/results/decode_kernels_h200.json).
     programs = flash_decode.programs_per_slice("gqa", B, G, R)
     steps = decode_plan(options.decode_kernels and T == 1, layer_cache, "k", programs, 128)
-    one_token = on_matvec(options, x)
-    if one_token and ONE_TOKEN == "finish" and steps is not None:
-        out, new_cache = _one_token_decode(p, x, chunk, layer_cache, sliding, config, steps)
-        return linear(out.reshape(B, T, -1), p["o_proj"], one_token), new_cache
-    q, k, v = project_qkv(p, x, cos, sin, config, one_token)
+    q, k, v = project_qkv(p, x, cos, sin, config)
     blocks = [(k, v, positions, valid)]
     new_cache = None
     if layer_cache is not None:
@@ -245,28 +212,5 @@ def attention(
         out = out[:, None]
     else:
         out = attend(q, blocks, positions, p["sinks"], window)
-    out = linear(out.reshape(B, T, -1), p["o_proj"], one_token)
+    out = linear(out.reshape(B, T, -1), p["o_proj"])
     return out, new_cache
-
-
-def _one_token_decode(
-    p: Params, x: Float[Array, "1 1 D"], chunk: Chunk, layer_cache: dict[str, Array], sliding: bool,
-    config: GptOssConfig, launch: flash_decode.Launch,
-) -> tuple[Float[Array, "1 1 H d"], dict[str, Array]]:  # fmt: skip
-    """A batch-1 decode step's GQA attention on the kernels: q / k / v on `matvec`, finished and written
-    into the cache by `qkv_finish`, attended by the flash-decoding kernel; (the output per head, the
-    updated cache)."""
-    positions, valid, cos, sin, lengths = chunk
-    new_lengths = lengths + valid.sum(axis=1, dtype=jnp.int32)
-    slot = kv_cache.slot_index(positions, valid, new_lengths, layer_cache["k"].shape[1], sliding)
-    ps = [p["q_proj"], p["k_proj"], p["v_proj"]]
-    biases = tuple(q["bias"] for q in ps)
-    tile, k, v = finish_qkv(
-        _matvec_sums(x, ps), biases, cos[0, 0], sin[0, 0], slot.reshape(1), layer_cache["k"],
-        layer_cache["v"], x.dtype, not flash_decode.runs_compiled(),
-    )  # fmt: skip
-    window = config.sliding_window if sliding else None
-    slots = flash_decode.Slots(new_lengths, window, sliding)
-    R = config.num_attention_heads // config.num_key_value_heads
-    out = flash_decode.gqa_decode_groups(tile, R, k, v, slots, p["sinks"], launch)
-    return out[:, None].astype(x.dtype), {"k": k, "v": v}

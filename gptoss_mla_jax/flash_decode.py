@@ -507,25 +507,9 @@ def gqa_decode(
     B, H, d = q.shape
     G = k.shape[2]
     qg = (q.astype(jnp.float32) * d**-0.5).reshape(B, G, H // G, d)
-    return gqa_decode_groups(qg, H // G, k, v, slots, sinks, launch).astype(q.dtype)
-
-
-def gqa_decode_groups(
-    qg: Float[Array, "B G Rq d"],
-    R: int,
-    k: Float[Array, "B S G d"],
-    v: Float[Array, "B S G d"],
-    slots: Slots,
-    sinks: Float[Array, " H"],
-    launch: Launch = Launch(),
-) -> Float[Array, "B H d"]:
-    """`gqa_decode` from the queries already scaled and grouped by kv head, R heads each, maybe as the
-    kernel's tile of Rq >= R rows (the rows past R zero, as `qkv_finish.finish_qkv` makes them): the
-    attention output per head in float32."""
-    B, G, _, d = qg.shape
-    acc, m, l = attention_splits((qg,), jnp.zeros((B, G, R), jnp.float32), (k,), v, *slots, launch)
+    acc, m, l = attention_splits((qg,), jnp.zeros((B, G, H // G), jnp.float32), (k,), v, *slots, launch)
     out, _ = combine(acc, m, l, sinks)
-    return out.reshape(B, G * R, d)
+    return out.reshape(B, H, d).astype(q.dtype)
 
 
 def mla_absorbed_decode(

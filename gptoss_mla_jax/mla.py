@@ -51,7 +51,6 @@ from gptoss_mla_jax.attention import (
     linear,
     linears,
     on_flash_kernel,
-    on_matvec,
     sink_softmax,
 )
 from gptoss_mla_jax.config import GptOssConfig
@@ -153,9 +152,8 @@ def attention_mla(
     B, T, _ = x.shape
     H, d = config.num_attention_heads, config.head_dim
     window = config.sliding_window if sliding else None
-    one_row_kernel = on_matvec(options, x)
     names = ["q_proj", *projected_entries(config)]
-    projected = dict(zip(names, linears(x, [p[name] for name in names], one_row_kernel), strict=True))
+    projected = dict(zip(names, linears(x, [p[name] for name in names]), strict=True))
     q = projected["q_proj"].reshape(B, T, H, d)
     new = cache_entries(p, x, cos, sin, config, layer, projected)
     partial = config.mla.partial_rope
@@ -203,7 +201,7 @@ def attention_mla(
     else:
         keys = [(*keys_values(p, entries, pos, config, layer), pos, ok) for entries, pos, ok in blocks]
         out = attend(scoring_queries(q, cos, sin, config, layer), keys, positions, p["sinks"], window)
-    out = linear(out.reshape(B, T, H * d), p["o_proj"], one_row_kernel)
+    out = linear(out.reshape(B, T, H * d), p["o_proj"])
     return out, new_cache
 
 

@@ -101,23 +101,20 @@ def test_step_bytes_counts_each_weight_once_and_the_cache():
 
 
 def test_decode_benchmark_times_each_setting(shared_models, tmp_path, monkeypatch):
-    """--state-shares, --fused-norms, --one-token and --decompressed-kernels: the points are timed once per
-    combination of settings, each with flash_decode.STATE_SHARE, model.FUSED_NORMS, attention.ONE_TOKEN and
-    flash_decode.DECOMPRESSED_KERNEL set while its steps are traced, the defaults restored after; a setting
-    none of them knows is refused."""
+    """--state-shares, --fused-norms and --decompressed-kernels: the points are timed once per combination
+    of settings, each with flash_decode.STATE_SHARE, model.FUSED_NORMS and flash_decode.DECOMPRESSED_KERNEL
+    set while its steps are traced, the defaults restored after; a setting none of them knows is refused."""
     from eval.bench import decode as bench_decode
-    from gptoss_mla_jax import attention, flash_decode
+    from gptoss_mla_jax import flash_decode
     from gptoss_mla_jax import model as model_lib
 
     seen = []
     monkeypatch.setattr(flash_decode, "STATE_SHARE", None)
     monkeypatch.setattr(model_lib, "FUSED_NORMS", "router")
-    monkeypatch.setattr(attention, "ONE_TOKEN", "finish")
     monkeypatch.setattr(flash_decode, "DECOMPRESSED_KERNEL", "triton")
     switches = lambda: (
         flash_decode.STATE_SHARE,
         model_lib.FUSED_NORMS,
-        attention.ONE_TOKEN,
         flash_decode.DECOMPRESSED_KERNEL,
     )
     monkeypatch.setattr(
@@ -125,25 +122,20 @@ def test_decode_benchmark_times_each_setting(shared_models, tmp_path, monkeypatc
     )
     out = tmp_path / "share.json"
     argv = ["--smoke", "--batches", "1", "--contexts", "64", "--repeats", "1", "--decode-kernels", "on"]
-    argv += ["--state-shares", "none,0.25", "--fused-norms", "norms,off", "--one-token", "matvec"]  # gqa, mla
+    argv += ["--state-shares", "none,0.25", "--fused-norms", "norms,off"]  # gqa, mla
     argv += ["--decompressed-kernels", "mosaic"]
     assert bench_decode.main([*argv, "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     settings = [("none", "norms"), ("none", "off"), ("0.25", "norms"), ("0.25", "off")]
-    keys = ("model", "state_share", "fused_norms", "one_token", "decompressed_kernel")
+    keys = ("model", "state_share", "fused_norms", "decompressed_kernel")
     got = [(*(r[k] for k in keys), r["step_ms"]) for r in rows]
-    assert got == [
-        (model, *setting, "matvec", "mosaic", 1.0) for setting in settings for model in ("gqa", "mla")
-    ]
+    assert got == [(model, *setting, "mosaic", 1.0) for setting in settings for model in ("gqa", "mla")]
     want = [
-        (share, fused, "matvec", "mosaic")
-        for share in (None, 0.25)
-        for fused in ("norms", "off")
-        for _ in range(2)
+        (share, fused, "mosaic") for share in (None, 0.25) for fused in ("norms", "off") for _ in range(2)
     ]
     assert seen == want
-    assert switches() == (None, "router", "finish", "triton")
-    for flag, value in (("--fused-norms", "on"), ("--one-token", "on"), ("--decompressed-kernels", "cuda")):
+    assert switches() == (None, "router", "triton")
+    for flag, value in (("--fused-norms", "on"), ("--decompressed-kernels", "cuda")):
         with pytest.raises(SystemExit):
             bench_decode.main(["--smoke", flag, value])
 

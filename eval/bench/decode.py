@@ -38,7 +38,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from eval.bench.timing import timed
-from gptoss_mla_jax import attention as attention_lib
 from gptoss_mla_jax import flash_decode, flash_decode_mosaic, mla, routing
 from gptoss_mla_jax import gmm as gmm_lib
 from gptoss_mla_jax import model as model_lib
@@ -906,12 +905,6 @@ def main(argv=None) -> int:
         "router,norms,off",
     )  # fmt: skip
     parser.add_argument(
-        "--one-token", default=attention_lib.ONE_TOKEN,
-        help="batch-1 steps with the projections on the matvec kernel and GQA's q / k / v finished by the "
-        "qkv_finish kernel (attention.ONE_TOKEN: finish; matvec, without the finishing kernel; off), each of "
-        "these in turn, e.g. finish,matvec,off",
-    )  # fmt: skip
-    parser.add_argument(
         "--decompressed-kernels", default=flash_decode.DECOMPRESSED_KERNEL,
         help="steps with the decompressed MLA layers' decode on the Triton or the Mosaic GPU kernel, the "
         "latter with one, two or three warpgroups a program (flash_decode.DECOMPRESSED_KERNEL: auto, which "
@@ -924,7 +917,6 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     for flag, values, kinds in (
         ("--fused-norms", args.fused_norms, model_lib.FusedNorms),
-        ("--one-token", args.one_token, attention_lib.OneToken),
         ("--decompressed-kernels", args.decompressed_kernels, flash_decode.DecompressedKernel),
     ):  # each a module switch's values, comma-separated
         unknown = set(values.split(",")) - set(get_args(kinds))
@@ -993,21 +985,20 @@ def main(argv=None) -> int:
             built, result["rows"] = models_(), []
             copy = copy_bandwidth(0.05 if args.smoke else 4.0)
             result["copy_gb_per_s"] = copy / 1e9
-            for share, fused, one_token, decompressed in itertools.product(
-                args.state_shares.split(","), args.fused_norms.split(","), args.one_token.split(","),
+            for share, fused, decompressed in itertools.product(
+                args.state_shares.split(","),
+                args.fused_norms.split(","),
                 args.decompressed_kernels.split(","),
-            ):  # fmt: skip
+            ):
                 setting = {
                     "state_share": share,
                     "fused_norms": fused,
-                    "one_token": one_token,
                     "decompressed_kernel": decompressed,
                 }
                 tag = lambda row, setting=setting: log(row | setting)
                 with switched(
                     (flash_decode, "STATE_SHARE", None if share == "none" else float(share)),
                     (model_lib, "FUSED_NORMS", fused),
-                    (attention_lib, "ONE_TOKEN", one_token),
                     (flash_decode, "DECOMPRESSED_KERNEL", decompressed),
                 ):
                     rows = speed(built, batches, contexts, args.repeats, tag, copy, kernels, args.loop_steps)

@@ -217,8 +217,7 @@ def _decode_kernels(batch: int, context: int) -> dict:
     grouped matmul (MXFP4 experts, the routing kernel and both packed products) at batches 1 and 256, the
     fused residual add + norm after the MoE at batch 1 (its rows in two contraction splits), and at batch 1
     the one before the MoE with the router's product (`add_norm_routed`) and the routing kernel fed by it
-    (at batches 1 and 64), and the one-row projections (`matvec`: q / k / v, o_proj) and the finishing of
-    GQA's (`qkv_finish`, over a cache of `context` slots)."""
+    (at batches 1 and 64)."""
     import jax
     import jax.numpy as jnp
 
@@ -229,9 +228,7 @@ def _decode_kernels(batch: int, context: int) -> dict:
     from gptoss_mla_jax import flash_decode, mla
     from gptoss_mla_jax.add_norm import ROUTER_DEPTH, ExpertRows, add_norm, add_norm_routed
     from gptoss_mla_jax.config import GPT_OSS_20B, MlaConfig
-    from gptoss_mla_jax.matvec import matvec
     from gptoss_mla_jax.moe import ALIGN, moe_sparse
-    from gptoss_mla_jax.qkv_finish import finish_qkv
     from gptoss_mla_jax.routing import routing_of_logits
 
     B, S, G, R, d, r = batch, context, 8, 8, 64, 192
@@ -286,21 +283,6 @@ def _decode_kernels(batch: int, context: int) -> dict:
         "add_norm_routed_batch1": (
             lambda x, delta, w, router: add_norm_routed(x, delta, w, router, 1e-5),
             (spec(1, D), spec(1, D), spec(D), spec(D, E)),
-        ),
-        "matvec_qkv": (
-            lambda x, q, k, v: matvec(x, (q, k, v)),
-            (spec(D), spec(D, G * R * d), spec(D, G * d), spec(D, G * d)),
-        ),
-        "matvec_o_proj": (lambda x, o: matvec(x, (o,)), (spec(G * R * d), spec(G * R * d, D))),
-        "qkv_finish": (
-            lambda sums, biases, cos, sin, slot, k, v: finish_qkv(
-                sums, biases, cos, sin, slot, k, v, k.dtype
-            ),
-            (
-                tuple(spec(23, n, dtype=jnp.float32) for n in (G * R * d, G * d, G * d)),
-                (spec(G * R * d), spec(G * d), spec(G * d)), spec(d // 2, dtype=jnp.float32),
-                spec(d // 2, dtype=jnp.float32), spec(1, dtype=jnp.int32), spec(1, S, G, d), spec(1, S, G, d),
-            ),
         ),
         **{
             f"routing_of_logits_batch{n}": (

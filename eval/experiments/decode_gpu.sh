@@ -37,13 +37,6 @@
 #              router's product in it against the routing kernel's own, then GQA's loop at 1 x 4K and
 #              64 x 4K with the residual adds fused with their norms (with the router's product, without)
 #              and not fused
-#   ab         GQA's loop at 1 x 4K over every setting of the batch-1 kernels: the one-token kernels (finish,
-#              matvec, off) by the fused norms (router, norms, off), in one process
-#   ab_one_token  GQA and MLA at 1 x 4K and 1 x 32K with the one-token kernels and without, in one process
-#   matvec_sweep  the first half of matvec alone
-#   matvec     the one-row projection kernel against XLA's product (agreement, device time) and over a
-#              sweep of launches, then the loop at 1 x 4K of GQA and MLA with it and GQA's q / k / v
-#              finishing kernel, with it alone, and with neither
 #   mosaic     the Mosaic GPU probe on this JAX, the Mosaic GPU kernel's tests compiled (pytest, carried in
 #              .whl), then decompressed MLA's Triton and Mosaic GPU kernels (one and two warpgroups a
 #              program) at 64 x 32K (agreement with the jnp path and time), within one device call
@@ -130,14 +123,6 @@ for stage in ${STAGES//,/ }; do
     fused) run add_norm_check 150 eval.experiments.add_norm_check
       run decode_e2e_fused 420 eval.bench.decode --cuda-graphs --decode-kernels on --models gqa \
       --batches 1,64 --contexts 4096 --loop-steps 16 --repeats 5 --fused-norms router,norms,off ;;
-    ab) run decode_e2e_ab 540 eval.bench.decode --cuda-graphs --decode-kernels on --models gqa --batches 1 \
-      --contexts 4096 --loop-steps 16 --repeats 5 --one-token finish,matvec,off --fused-norms router,norms,off ;;
-    ab_one_token) run decode_e2e_ab_one_token 400 eval.bench.decode --cuda-graphs --decode-kernels on \
-      --models gqa,mla --batches 1 --contexts 4096,32768 --loop-steps 16 --repeats 5 --one-token finish,off ;;
-    matvec_sweep) run matvec_check 400 eval.experiments.matvec_check --sweep ;;
-    matvec) run matvec_check 300 eval.experiments.matvec_check --sweep
-      run decode_e2e_matvec 280 eval.bench.decode --cuda-graphs --decode-kernels on --models gqa,mla \
-      --batches 1 --contexts 4096 --loop-steps 16 --repeats 5 --one-token finish,matvec,off ;;
     mosaic)
       run mosaic_gpu_probe 90 eval.experiments.mosaic_gpu_probe
       mosaic_tests 180
