@@ -558,15 +558,14 @@ def mla_absorbed_decode(
 # The kernel of a decompressed MLA layer's decode: "triton" (`decompressed_splits`, this file's pallas_call)
 # or `flash_decode_mosaic` (Pallas Mosaic GPU, every product a wgmma): "mosaic" at the launch's warps (4: one
 # warpgroup a program, the model's launch), "mosaic2" with two warpgroups (8 warps), one making the keys
-# and the other attending, "mosaic3" with three (12 warps), two making the keys of alternate blocks and the
-# third attending with the registers they give up (not the default: docs/decode.md). Mosaic GPU takes a
+# and the other attending. Mosaic GPU takes a
 # 16-bit cache in blocks of a multiple of 64 slots whose program fits an SM's shared memory
 # (`flash_decode_mosaic.runs`; other calls keep "triton").
 # Read when a step is traced; "auto" takes "mosaic2" where the kernels are compiled, the fastest measured in
 # the model's decode loop (docs/decode.md: `eval.bench.decode --decompressed-kernels triton,mosaic2`), and
 # "triton" where they are interpreted (the Mosaic GPU interpreter runs a program's warpgroups as threads,
 # far slower than Triton's; tests that check it choose it by name).
-DecompressedKernel = Literal["auto", "triton", "mosaic", "mosaic2", "mosaic3"]
+DecompressedKernel = Literal["auto", "triton", "mosaic", "mosaic2"]
 DECOMPRESSED_KERNEL: DecompressedKernel = "auto"
 
 
@@ -579,7 +578,7 @@ def decompressed_kernel(q: Array, c: Array, launch: Launch) -> tuple[Callable, L
     if kernel != "triton":
         from gptoss_mla_jax import flash_decode_mosaic  # built on this module: imported where chosen
 
-        mosaic = launch._replace(warps={"mosaic2": 8, "mosaic3": 12}.get(kernel, launch.warps))
+        mosaic = launch._replace(warps=8 if kernel == "mosaic2" else launch.warps)
         if flash_decode_mosaic.runs(q.shape, c.dtype, c.shape[-1], mosaic):
             return flash_decode_mosaic.decompressed_splits, mosaic
     return decompressed_splits, launch

@@ -26,13 +26,7 @@ softmax. `launch.warps` picks how a program runs the slice's blocks:
   block's tables once its keys are ready, the latent of three blocks on once its p c is done: the latent
   sits in a ring of three buffers) and writes the slice's state; a key set is reused once warpgroup 1's
   scores have read it; barriers pass each hand-off (keys ready, keys freed). The outputs equal those at
-  4 warps.
-- 12: three warpgroups, two making the keys of alternate blocks (each its own key set, table buffer and
-  latent-arrival barriers, `latent_barriers`) and the third attending as at 8 warps, so that the keys'
-  RoPE, latency-bound with one warp per scheduler, runs twice over; each role's work sits in a branch of
-  its own that sets its registers (`plgpu.set_max_registers`: the makers give theirs to the attending
-  warpgroup's accumulator, within the registers the program was launched with), which writes acc out
-  itself, through a float32 buffer of STAGE_COLUMNS columns at a time.
+  4 warps. (A third warpgroup making the keys of alternate blocks measured slower: docs/decode.md.)
 Where the FLOPs go, per block of 64 slots at gpt-oss-20b's shape (r = 192, P = 2, half = 32): the key
 rebuild 4 x 2 x 64 x 192 x 32 = 3.1 MFLOP, the scores 4 x 2 x 64 x 32 x 64 = 1.0 MFLOP (an eighth on
 nonzero query entries), p c 2 x 64 x 64 x 192 = 1.6 MFLOP: the rebuild dominates, against 24 KB of latent
@@ -42,8 +36,7 @@ reduction scratch, 8 bytes a barrier), against 227 KB a block (228 KB an SM) on 
 program per SM either way:
 - 4 warps: queries 16 KB, W_bk 48 KB, bias 1 KB, latent 2 x 24 KB, cos / sin 2 x 2 x 8 KB, keys 16 KB:
   166,952 bytes;
-- 8 warps: the same but the latent 3 x 24 KB and the keys 2 x 16 KB: 207,952 bytes;
-- 12 warps: the same, acc's staging buffer (16 KB) and three more barriers: 224,360 bytes.
+- 8 warps: the same but the latent 3 x 24 KB and the keys 2 x 16 KB: 207,952 bytes.
 The write of acc (48 KB) reuses the walk's buffers.
 
 Every SMEM operand has the widest swizzle its rows hold whole and that of the other operand of its
@@ -86,39 +79,10 @@ from gptoss_mla_jax.flash_decode import (
 )
 
 ROWS = 64  # a wgmma's M: the query rows (P x R real) and the slots of a block are padded / tiled to it
-CONSUMERS = {4: 1, 8: 2, 12: 3}  # `Launch.warps` -> the warpgroups of a program
-# warpgroups -> buffers of the latent, of cos / sin and sets of keys (see the module docstring); with three,
-# each of the two key makers always uses the same table buffer and key set
-RINGS = {1: (2, 2, 1), 2: (3, 2, 2), 3: (3, 2, 2)}
-
-
-def key_makers(consumers: int) -> int:
-    """The warpgroups of a program that make keys (warpgroups 0 .. this - 1): all of one, else all but the
-    attending last one."""
-    return max(consumers - 1, 1)
-
-
-def latent_barriers(consumers: int) -> int:
-    """Barriers of the latent's arrivals: one a buffer and key maker (block u's is u % this), so that each
-    maker waits on its own blocks' arrivals only. A warpgroup tracks a barrier's phase by counting its
-    waits: one waiting on the other maker's blocks too could fall two phases behind (the attending
-    warpgroup done with both makers' next blocks and the buffer loaded again) and then wait for a phase that
-    never comes."""
-    return RINGS[consumers][0] * key_makers(consumers)
-
-
-def launch_registers(warps: int) -> int:
-    """The registers a thread of a program of `warps` warps starts with: the SM's 64K shared by its threads,
-    in multiples of 8 (168 at 12 warps). `set_max_registers` only moves registers between a program's
-    warpgroups: an increase waits until the others' decreases free enough, so the totals must fit these
-    or the program hangs."""
-    return 65536 // (32 * warps) // 8 * 8
-
-
-# Registers a thread with three warpgroups (`plgpu.set_max_registers`): the two key makers give up what the
-# attending warpgroup's accumulator needs, 2 x 144 + 216 = 3 x `launch_registers(12)`
-MAKER_REGISTERS, ATTENDER_REGISTERS = 144, 216
-STAGE_COLUMNS = 64  # with three warpgroups, acc leaves through a float32 buffer of this many columns
+CONSUMERS = {4: 1, 8: 2}  # `Launch.warps` -> the warpgroups of a program
+# warpgroups -> buffers of the latent (each with its arrival barrier), of cos / sin and sets of keys (see
+# the module docstring)
+RINGS = {1: (2, 2, 1), 2: (3, 2, 2)}
 THREADS = "wg"  # the warpgroup axis of a program of several
 
 
@@ -140,9 +104,9 @@ def smem_bytes(r: int, half: int, P: int, R: int, block: int, consumers: int) ->
         pieces * M * half * 2, pieces * r * half * 2, pieces * half * 4,  # queries, W_bk, bias
         latents * block * r * 2, tables * block * half * 4, tables * block * half * 4,  # latent, cos, sin
         key_sets * pieces * half * block * 2,  # keys
-    ] + [M * STAGE_COLUMNS * 4] * (consumers == 3)  # fmt: skip
+    ]  # fmt: skip
     # ready; latent and rotary arrivals; with two warpgroups, keys ready and keys freed
-    barriers = 1 + latent_barriers(consumers) + tables + (consumers > 1) * 2 * key_sets
+    barriers = 1 + latents + tables + (consumers > 1) * 2 * key_sets
     return sum(map(aligned, sizes)) + 2048 + 8 * barriers
 
 
@@ -159,9 +123,7 @@ def refusal(q_shape: tuple[int, ...], dtype, r: int, launch: Launch) -> str | No
     if block % ROWS:
         return f"block {block}: the Mosaic GPU kernel reads blocks of a multiple of {ROWS} slots"
     if warps not in CONSUMERS:
-        return f"warps {warps}: the Mosaic GPU kernel runs 4 (one warpgroup a program), 8 (two) or 12 (three)"
-    if CONSUMERS[warps] == 3 and r % STAGE_COLUMNS:
-        return f"latent width {r}: three warpgroups write acc in columns of {STAGE_COLUMNS} (8 warps fit)"
+        return f"warps {warps}: the Mosaic GPU kernel runs 4 (one warpgroup a program) or 8 (two)"
     P = kv_heads_per_program(G, R, launch.head_block)
     try:
         _swizzles(r, d // 2, P, block)
@@ -295,25 +257,23 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
     start = j * split
     n = slice_blocks(length, start, slots, split, block)
     w = lax.axis_index(THREADS) if consumers > 1 else 0
-    makers, attender = key_makers(consumers), consumers - 1
+    attender = consumers - 1
     latents, tables, key_sets = RINGS[consumers]
     shared = dict(collective_axes=THREADS) if consumers > 1 else {}  # one allocation for all warpgroups
     wide = lambda v, shape, dim: lax.broadcast_in_dim(v, shape, (dim,))  # keepdims does not lower
     first = lambda u: start + u * block  # block u's first slot
     heads = acc_g.shape[-2]
 
-    def scope(
-        q_s, w_s, bias_s, c_s, cos_s, sin_s, k_s, ready, latent_in, rotary_in, *handoff, p_s=None, o_s=None
-    ):
-        """The slice's (acc, m, l), in the attending warpgroup. Block u's latent in c_s's buffer u % latents,
-        its cos / sin in u % tables, its keys in k_s's set u % key_sets; `handoff` (two or three warpgroups):
-        the barriers by which a keys' maker says a key set is ready and the attending warpgroup frees it; the
-        attending warpgroup then loads the tables, and after its p c the latent, into the buffers the block
-        freed. A warpgroup that waits on a barrier waits on every phase of it (as the interpreter wants), and
-        an arrival happens only where a wait will see it. With three, the attending warpgroup writes the
-        slice's state itself (through o_s) and nothing is returned."""
+    def scope(q_s, w_s, bias_s, c_s, cos_s, sin_s, k_s, ready, latent_in, rotary_in, *handoff, p_s=None):
+        """The slice's (acc, m, l), in the attending warpgroup. Block u's latent in c_s's buffer u % latents
+        (its arrival on latent_in's barrier of the same index), its cos / sin in u % tables, its keys in
+        k_s's set u % key_sets; `handoff` (two warpgroups): the barriers by which the keys' maker says a key
+        set is ready and the attending warpgroup frees it; the attending warpgroup then loads the tables,
+        and after its p c the latent, into the buffers the block freed. A warpgroup that waits on a barrier
+        waits on every phase of it (as the interpreter wants), and an arrival happens only where a wait will
+        see it."""
 
-        arrived = lambda u: latent_in.at[lax.rem(u, latent_in.shape[0])]  # block u's latent's arrival
+        arrived = lambda u: latent_in.at[lax.rem(u, latents)]  # block u's latent's arrival
 
         def fetch_latent(u):
             i = lax.rem(u, latents)
@@ -424,10 +384,8 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
         def walk(step, count):
             """(acc, m, l) over blocks 0 .. count - 1. On a cache of positions 0, 1, ... with no window only
             the last block can hold slots past the length (the slice walks those below it): the others
-            skip the masks. The carries start here, from an accumulator's zeros (they have the wgmma
-            layout; jnp.zeros does not): with three warpgroups this is the attending one's code, and made
-            before the roles' branches they would stay live through the key makers' code and take its
-            registers."""
+            skip the masks. The carries start from an accumulator's zeros (they have the wgmma layout;
+            jnp.zeros does not)."""
             zeros = pl.run_scoped(lambda acc: acc[...], plgpu.ACC((M, r), f32))
             init = (zeros, jnp.max(zeros, axis=1) + NEG, jnp.sum(zeros, axis=1))
             if sliding or window is not None:
@@ -447,36 +405,17 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
                 return attend(u, carry, masked)
 
             return walk(step, n)
-        if consumers == 2:
-            pl.loop(0, jnp.where(w == 0, n, 0))(make_keys)
-            return walk(attend, jnp.where(w == 1, n, 0))
+        pl.loop(0, jnp.where(w == 0, n, 0))(make_keys)
+        return walk(attend, jnp.where(w == 1, n, 0))
 
-        # Three: each role's whole work in a branch of its own, so that its registers can be set
-        @pl.when(w < makers)
-        def _():
-            plgpu.set_max_registers(MAKER_REGISTERS, action="decrease")
-
-            @pl.loop(w, n, step=makers)
-            def _(u):  # its own blocks' keys: their latent arrivals, key set and table buffer are its own
-                make_keys(u)
-
-        @pl.when(w == attender)
-        def _():
-            plgpu.set_max_registers(ATTENDER_REGISTERS, action="increase")
-            write(*walk(attend, n), o_s, staged=True)
-
-    def write(acc, m, l, o_s, staged=False):
-        """The slice's (acc, m, l) from the attending warpgroup, the P x R real rows of acc by TMA from o_s:
-        whole, or (`staged`) in turns of STAGE_COLUMNS columns."""
+    def write(acc, m, l, o_s):
+        """The slice's (acc, m, l) from the attending warpgroup, acc's P x R real rows by TMA from o_s."""
         m_g[b, g, j] = m
         l_g[b, g, j] = l
-        for c in range(0, r, STAGE_COLUMNS) if staged else [None]:
-            part = acc if c is None else acc[:, c : c + STAGE_COLUMNS]
-            o_s[...] = part
-            plgpu.commit_smem()
-            out = acc_g.at[b, g, j] if c is None else acc_g.at[b, g, j, :, pl.ds(c, STAGE_COLUMNS)]
-            plgpu.copy_smem_to_gmem(o_s.at[pl.ds(0, heads)], out)
-            plgpu.wait_smem_to_gmem(0)
+        o_s[...] = acc
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(o_s.at[pl.ds(0, heads)], acc_g.at[b, g, j])
+        plgpu.wait_smem_to_gmem(0)
 
     narrow, wide_swizzle = swizzles
     K = lambda *shape: plgpu.SMEM(shape, dtype, transforms=_tiles(dtype, narrow))  # the scores' operands
@@ -485,15 +424,12 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
     barriers = lambda count, arrivals=1: plgpu.Barrier(num_arrivals=arrivals, num_barriers=count)
     handoff = [barriers(key_sets), barriers(key_sets)] if consumers > 1 else []
     p_buffer = {"p_s": L(M, block)} if interpret else {}  # the interpreter's p c takes p from SMEM
-    stage = {"o_s": F(M, STAGE_COLUMNS)} if consumers == 3 else {}  # the attending branch writes acc
     result = pl.run_scoped(
         scope, K(pieces, M, half), L(r, pieces * half), plgpu.SMEM((pieces * half,), f32),
         L(latents, block, r), F(tables, block, half), F(tables, block, half),
         K(key_sets * pieces, *spelling.keys_shape(half, block)), plgpu.Barrier(num_arrivals=3),
-        barriers(latent_barriers(consumers)), barriers(tables, 2), *handoff, **shared, **p_buffer, **stage,
+        barriers(latents), barriers(tables, 2), *handoff, **shared, **p_buffer,
     )  # fmt: skip
-    if consumers == 3:
-        return
 
     def write_whole(o_s):
         """acc through o_s, which reuses `scope`'s buffers (Mosaic GPU opens a run_scoped of several

@@ -907,8 +907,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--decompressed-kernels", default=flash_decode.DECOMPRESSED_KERNEL,
         help="steps with the decompressed MLA layers' decode on the Triton or the Mosaic GPU kernel, the "
-        "latter with one, two or three warpgroups a program (flash_decode.DECOMPRESSED_KERNEL: auto, which "
-        "is mosaic2 where compiled; triton, mosaic, mosaic2, mosaic3; a step the Mosaic GPU kernel does not "
+        "latter with one or two warpgroups a program (flash_decode.DECOMPRESSED_KERNEL: auto, which "
+        "is mosaic2 where compiled; triton, mosaic, mosaic2; a step the Mosaic GPU kernel does not "
         "run, e.g. of a float32 cache or of blocks not of 64 slots, keeps Triton's), each in turn, e.g. "
         "triton,mosaic2",
     )  # fmt: skip

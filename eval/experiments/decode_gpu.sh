@@ -46,9 +46,6 @@
 #   mosaic_profile  the Triton and Mosaic GPU kernels timed at 8 x 32K and 64 x 32K in one process, the
 #              Mosaic GPU kernel's cycles per block in each phase (its in-kernel profiler, 8 x 32K) and ptxas's
 #              registers and spills for it, then its tests compiled
-#   mosaic3    the Mosaic GPU kernel's tests at three warpgroups compiled, then GQA's and the decompressed
-#              MLA model's loop at 64 x 32K with MLA on two and on three warpgroups (GQA timed beside each),
-#              in one process given 97% of the card
 #   mosaic_64x32k  what one device call holds of the target: the Mosaic GPU kernel at 64 x 32K (both modes,
 #              agreement with the jnp path and time), the decompressed MLA model's loop there on each
 #              kernel (one process) and GQA's (another)
@@ -136,10 +133,6 @@ for stage in ${STAGES//,/ }; do
       --batches 1,8,64 --contexts 4096,32768 --loop-steps 16 --repeats 5 --decompressed-kernels triton,mosaic2 ;;
     mosaic_profile) MOSAIC_GPU_DUMP_PTXAS=1 run mosaic_profile 330 eval.experiments.mosaic_profile  # + registers
       mosaic_tests 150 ;;
-    mosaic3) mosaic_tests 150 -k "12 or model_decode"
-      XLA_PYTHON_CLIENT_MEM_FRACTION=0.97 run decode_e2e_mosaic3 300 eval.bench.decode --cuda-graphs \
-        --decode-kernels on --models gqa,mla --batches 64 --contexts 32768 --loop-steps 16 --repeats 5 \
-        --decompressed-kernels mosaic2,mosaic3 ;;
     mosaic_64x32k) run decode_kernels_mosaic_64x32k 150 eval.bench.decode --kernels --models mla_mosaic \
         --batches 64 --contexts 32768
       run decode_e2e_mosaic_64x32k 280 eval.bench.decode --cuda-graphs --decode-kernels on --models mla \

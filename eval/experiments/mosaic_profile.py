@@ -2,8 +2,8 @@
 
 gpt-oss-20b's decode attention (8 kv heads of 8 query heads, head dim 64, latent 192, bf16 cache of full
 sequences) at each `--points` batch x context, the slices `flash_decode.plan` gives:
-- the time of the Triton kernel (`flash_decode.decompressed_splits`) and of the Mosaic GPU one at 4, 8 and
-  12 warps, in one process (median of `--repeats` after a warm-up);
+- the time of the Triton kernel (`flash_decode.decompressed_splits`) and of the Mosaic GPU one at 4 and 8
+  warps, in one process (median of `--repeats` after a warm-up);
 - at `--profile` (one batch x context), Mosaic GPU's in-kernel profiler over the kernel's named scopes
   (latent_wait, rebuild, rotary_wait, rope, keys_wait, scores, softmax, values): per warpgroup of a
   program, the SM cycles it spends in each per block of 64 slots, and its whole trace's per block (the
@@ -64,7 +64,6 @@ def times(batch: int, context: int, repeats: int) -> dict:
         "triton": (flash_decode.decompressed_splits, launch_of(batch, context, 4)),
         "mosaic": (flash_decode_mosaic.decompressed_splits, launch_of(batch, context, 4)),
         "mosaic2": (flash_decode_mosaic.decompressed_splits, launch_of(batch, context, 8)),
-        "mosaic3": (flash_decode_mosaic.decompressed_splits, launch_of(batch, context, 12)),
     }
     row = {"batch": batch, "context": context, "splits": launch_of(batch, context, 4).splits}
     for name, (fn, launch) in kernels.items():
@@ -86,8 +85,8 @@ def space_for(launch: Launch, space: int) -> int:
 
 
 def summary(trace: dict, warpgroups: int) -> dict:
-    """Per warpgroup of a program (at 8 warps 0 makes the keys, 1 attends; at 12 warps 0 and 1 make them,
-    2 attends): the SM cycles it spends in each scope and from its first event to its last, per block of
+    """Per warpgroup of a program (at 8 warps 0 makes the keys, 1 attends): the SM cycles it spends in
+    each scope and from its first event to its last, per block of
     the slice (one `rebuild` a block), averaged over the programs."""
     by_tid = collections.defaultdict(list)
     for event in trace["traceEvents"]:

@@ -4,7 +4,7 @@ whether it serializes the wgmmas for want of registers (what makes a kernel slow
 shows).
 
     python -m eval.experiments.mosaic_ptxas --install    # the CUDA plugin, ptxas, nvdisasm into .cuda-tools
-    python -m eval.experiments.mosaic_ptxas [--warps 4,8,12] [--registers 144,216 ...] [--sass] [--out F]
+    python -m eval.experiments.mosaic_ptxas [--warps 4,8] [--sass] [--out F]
 
 JAX lowers the kernel for CUDA on the CPU (as CI does), at gpt-oss-20b's decode shape and the launches the
 model gives it at batch 64 (a full layer's cache of 32K slots, a sliding layer's ring of 128), and the
@@ -14,9 +14,7 @@ are stood in for: the driver's answer to which device this is (a libcuda.so.1 bu
 compiler, answering compute capability 9.0 to the two questions the plugin asks) and LLVM's NVPTX target,
 which the plugin's XLA compiler registers when it starts (its four `LLVMInitializeNVPTX*` functions,
 called at their addresses in the plugin's symbol table, read by binutils' `nm`). Loading the assembled
-kernel onto a device then fails, after the report. `--registers MAKER,ATTENDER` assembles the
-three-warpgroup launch with those `set_max_registers` counts in place of `flash_decode_mosaic`'s (ptxas
-allocates each role's code within its count). `--sass` adds the instruction mix of each loop of the
+kernel onto a device then fails, after the report. `--sass` adds the instruction mix of each loop of the
 assembled kernel (`MOSAIC_GPU_DUMP_SASS`, disassembled by nvdisasm, installed with the others): per block
 of slots, what each role's loop issues. CI runs it on the model's launches (tests/test_mosaic_ptxas.py):
 no spills, no serialized wgmmas.
@@ -178,8 +176,7 @@ def module(launch: flash_decode.Launch, batch: int, context: int, sliding: bool)
 
     args = jax.eval_shape(functools.partial(inputs, batch, context))  # the profiler's, as shapes
     window = dict(window=WINDOW, sliding=True) if sliding else {}
-    # trace again: `flash_decode_mosaic`'s register counts are read when it is traced
-    flash_decode_mosaic.decompressed_splits.clear_cache()
+    flash_decode_mosaic.decompressed_splits.clear_cache()  # traced again, at this launch
     mosaic_core.KNOWN_KERNELS.clear()  # the lowering's record of its modules, by hash: this one alone
     traced = flash_decode_mosaic.decompressed_splits.trace(*args, launch=launch, **window)
     traced.lower(lowering_platforms=("cuda",))
@@ -215,11 +212,7 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument("--warps", default="4,8,12", help="the launches' warps (1, 2, 3 warpgroups)")
-    parser.add_argument(
-        "--registers", action="append", default=[], metavar="MAKER,ATTENDER",
-        help="12 warps: also assemble with these set_max_registers counts (repeatable)",
-    )  # fmt: skip
+    parser.add_argument("--warps", default="4,8", help="the launches' warps (1, 2 warpgroups)")
     parser.add_argument("--point", default="64,32768", help="batch,context whose launch is assembled")
     parser.add_argument("--tools", default=TOOLS, help="where the CUDA plugin and nvcc are installed")
     parser.add_argument("--install", action="store_true", help="install them there (pip), then stop")
@@ -230,26 +223,16 @@ def main(argv=None) -> int:
         install(args.tools)
         return 0
     batch, context = (int(n) for n in args.point.split(","))
-    defaults = (flash_decode_mosaic.MAKER_REGISTERS, flash_decode_mosaic.ATTENDER_REGISTERS)
-    asked = [tuple(int(n) for n in r.split(",")) for r in args.registers]
-    splits = [None] + [split for split in dict.fromkeys(asked) if split != defaults]  # None: the defaults
     rows = []
     for warps in (int(w) for w in args.warps.split(",")):
-        for split in splits if warps == 12 else [None]:
-            counts = split or defaults
-            flash_decode_mosaic.MAKER_REGISTERS, flash_decode_mosaic.ATTENDER_REGISTERS = counts
-            for sliding, slots in ((False, context), (True, WINDOW)):
-                launch = launch_of(batch, slots, warps)
-                log = assemble(module(launch, batch, slots, sliding), args.tools, args.sass)
-                row = {"warps": warps, "sliding": sliding, "splits": launch.splits, "block": launch.block}
-                row |= {"set_max_registers": list(counts)} if warps == 12 else {}
-                rows.append(row | report(log) | ({"loops": loops(log)} if args.sass else {}))
-                print({k: v for k, v in rows[-1].items() if k != "loops"}, flush=True)
-                for loop in rows[-1].get("loops", []):
-                    print(
-                        "  loop:", loop["instructions"], "instructions,", loop["hgmma"], "wgmmas", flush=True
-                    )
-    flash_decode_mosaic.MAKER_REGISTERS, flash_decode_mosaic.ATTENDER_REGISTERS = defaults
+        for sliding, slots in ((False, context), (True, WINDOW)):
+            launch = launch_of(batch, slots, warps)
+            log = assemble(module(launch, batch, slots, sliding), args.tools, args.sass)
+            row = {"warps": warps, "sliding": sliding, "splits": launch.splits, "block": launch.block}
+            rows.append(row | report(log) | ({"loops": loops(log)} if args.sass else {}))
+            print({k: v for k, v in rows[-1].items() if k != "loops"}, flush=True)
+            for loop in rows[-1].get("loops", []):
+                print("  loop:", loop["instructions"], "instructions,", loop["hgmma"], "wgmmas", flush=True)
     result = {
         "jax": jax.__version__, "target": "sm_90a", "batch": batch, "context": context, "rows": rows,
         "command": " ".join(["python -m eval.experiments.mosaic_ptxas", *(argv or sys.argv[1:])]),
