@@ -296,7 +296,7 @@ HEAD_BLOCKS = {
 # The Mosaic GPU decompressed kernel (`flash_decode_mosaic`): one warpgroup a program (4 warps) or two, one
 # making the keys and one attending (8); 64-slot blocks (a program of 128-slot blocks or four kv heads would
 # not fit an H200 SM's shared memory); its pipeline is its own (stages unused).
-MOSAIC_CONFIGS = [dict(block=64, warps=w, stages=2) for w in (4, 8, 12)]
+MOSAIC_CONFIGS = [dict(block=64, warps=w, stages=2) for w in (4, 8)]
 
 
 def kernel_rows(

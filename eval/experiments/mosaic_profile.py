@@ -156,7 +156,7 @@ def main(argv=None) -> int:
         print(result["times"][-1], flush=True)
     if args.profile:
         batch, context = (int(n) for n in args.profile.split(","))
-        for warps in (4, 8, 12):
+        for warps in (4, 8):
             try:
                 result["profiles"].append(profiled(batch, context, warps, args.space))
             except Exception as e:
