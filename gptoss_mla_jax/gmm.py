@@ -266,8 +266,12 @@ def _sizes_block(n_groups: int) -> int:
 
 def _lhs_tile(lhs_ref, site: _Site, start, width: int, limit: int, ragged: bool) -> Array:
     """lhs's tile of the pair's rows and `width` columns from `start` (zero at and past column `limit` where
-    `ragged`)."""
+    `ragged`). An lhs of one row stands for every row (`grouped_product(..., broadcast=)`; any other lhs is
+    padded to whole row tiles): its row, loaded once and repeated."""
     mask = (start + _iota(width) < limit)[None, :] if ragged else None
+    if lhs_ref.shape[0] == 1:
+        row = masked_load(lhs_ref.at[pl.ds(0, 1), pl.ds(start, width)], mask)
+        return jnp.broadcast_to(row, (site.rows.size, width))
     return masked_load(lhs_ref.at[site.rows, pl.ds(start, width)], mask)
 
 
@@ -596,15 +600,24 @@ def grouped_product(
     rows: int | None = None,
     glu: Glu | None = None,
     partials: bool = False,
+    broadcast: int | None = None,
 ) -> Float[Array, "M N"] | Float[Array, "S M N"]:
     """lhs @ rhs[g] per group (rhs[g]^T when `transpose_rhs`) in lhs's dtype, float32 sums; forward only
     (`gmm` is the differentiable one). `launch` overrides `LAUNCH`; `rows` only its row tile, for groups
     that start at multiples of it; `glu` applied to the float32 sums (N / 2 outputs). `partials` (a
     forward product without `glu`): the S contraction splits' float32 sums [S, M', N] (M' >= M rows,
-    padded to the row tile) left for the caller to add (S = 1: [1, M', N] in lhs's dtype)."""
-    interpret, M = _interpret(interpret), lhs.shape[0]
+    padded to the row tile) left for the caller to add (S = 1: [1, M', N] in lhs's dtype). `broadcast`:
+    lhs is one row [1, K] standing for M = `broadcast` rows (a forward product of an aligned layout that
+    splits lhs on chip: one token's decode layout, whose every row, padding included, may be its row),
+    which the kernel loads as one row, so no copy of the rows is made."""
+    interpret, M = _interpret(interpret), lhs.shape[0] if broadcast is None else broadcast
     packed = isinstance(rhs, Mxfp4)
     kind = ("mxfp4" if packed else "gmm") + ("_t" if transpose_rhs else "")
+    if broadcast is not None and (lhs.shape[0] != 1 or rows is None or transpose_rhs):
+        raise ValueError(
+            f"{kind}: broadcast takes lhs of one row (not {lhs.shape[0]}) into a forward product of a layout "
+            "aligned to `rows`"
+        )
     if packed:
         shape = rhs.blocks.shape[1], rhs.blocks.shape[2] * BLOCK  # [N, K] of W[g]
         contract, width = shape[::-1] if not transpose_rhs else shape
@@ -612,7 +625,7 @@ def grouped_product(
         contract, width = rhs.shape[1:] if not transpose_rhs else rhs.shape[:0:-1]
     tiles = launch or choose_launch(kind, contract, width, M, group_sizes.shape[0], rows)
     height = _cdiv(M, tiles.rows) * tiles.rows  # the product's rows, padded to the row tile
-    x = _pad_rows(lhs, tiles.rows)
+    x = lhs if broadcast is not None else _pad_rows(lhs, tiles.rows)
     lead = (x,)
     if rows is None:
         tm = tile_map(group_sizes, height, tiles.rows)
@@ -654,6 +667,10 @@ def grouped_product(
         else:  # lhs [M, K] @ W[g]^T -> [M, N_w]
             K, N = x.shape[1], N_w
             if not _splits_lhs_on_chip(tiles, aligned):
+                if broadcast is not None:
+                    raise ValueError(
+                        f"{kind} launch {tiles}: broadcast needs a row tile that splits lhs on chip"
+                    )
                 pairs = x.reshape(height, K // 2, 2)
                 lead = (pairs[..., 0], pairs[..., 1])
             kernel = functools.partial(

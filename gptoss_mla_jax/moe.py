@@ -123,7 +123,8 @@ def expert_rows(
     add and the next norm in one kernel. `router_partials`: the router's product x W already taken, as
     partial sums (`add_norm.add_norm_routed`; for n tokens that `routed_in_kernel`). The aligned layout's
     rows are gathered from the tokens by XLA (one small kernel): loaded by the gate_up product's kernel
-    instead, row by row, they measured slower at every decode batch (docs/decode.md)."""
+    instead, row by row, they measured slower (docs/decode.md). One token's rows are all its row, which the
+    kernel reads once (`grouped_product(..., broadcast=)`): no gather."""
     flat = x.reshape(-1, x.shape[-1])
     n, k, E = flat.shape[0], config.num_experts_per_tok, config.num_local_experts
     align = layout_align(n, config)
@@ -155,8 +156,9 @@ def expert_rows(
         row_token = jnp.sum(jnp.where(hit, token[None, :] + 1, 0), axis=1, dtype=jnp.int32) - 1
         slot = slot.reshape(n, k)
     # A padding row (-1) reads token 0's row (its products are never read); no index reads past the tokens.
-    rows = flat[jnp.clip(row_token[:height], 0, n - 1)]
-    product = _expert_products(p["experts"], rows, padded, config, align, partials=True)
+    rows = flat if n == 1 else flat[jnp.clip(row_token[:height], 0, n - 1)]
+    one_token = height if n == 1 else None
+    product = _expert_products(p["experts"], rows, padded, config, align, partials=True, broadcast=one_token)
     return ExpertRows(product, slot, weights)
 
 
@@ -279,20 +281,25 @@ def _grouped_experts(
 
 def _expert_products(
     e: Params, rows: Float[Array, "M D"], group_sizes: Int[Array, " E"], config: GptOssConfig,
-    tile, partials: bool = False,
+    tile, partials: bool = False, broadcast: int | None = None,
 ) -> Float[Array, "M D"] | Float[Array, "S M D"]:  # fmt: skip
     """Both expert projections of rows grouped by expert, on the grouped matmul (`tile`: its row tile,
     for groups starting at multiples of it: the decode layout, where the SwiGLU runs in the gate_up
     product's kernel, a kernel less per layer; elsewhere after it, as its gradient would recompute the
     product). `partials` (forward only: the decode step's): the down product's contraction splits' sums
-    not yet added (`gmm.grouped_product`)."""
+    not yet added (`gmm.grouped_product`); `broadcast`: rows is one token's row standing for that many
+    rows of the layout (there, every row is its row)."""
     weights = lambda name: e[name] if name in e else Mxfp4(e[f"{name}_blocks"], e[f"{name}_scales"])
     gate_up, bias = weights("gate_up_proj"), e["gate_up_proj_bias"]
     if tile is None:
         hidden = swiglu(gmm(rows, gate_up, group_sizes, bias), config)
     else:
-        product = grouped_product if partials else gmm
-        hidden = product(rows, gate_up, group_sizes, bias, rows=tile, glu=glu(config))
+        if partials:
+            hidden = grouped_product(
+                rows, gate_up, group_sizes, bias, rows=tile, glu=glu(config), broadcast=broadcast
+            )
+        else:
+            hidden = gmm(rows, gate_up, group_sizes, bias, rows=tile, glu=glu(config))
     down, down_bias = weights("down_proj"), e["down_proj_bias"]
     if partials:
         return grouped_product(hidden, down, group_sizes, down_bias, rows=tile, partials=True)

@@ -136,6 +136,42 @@ def test_groups_aligned_to_the_row_tile_find_their_own_tiles(weights, split_rows
 
 
 @pytest.mark.parametrize("weights", ["dense", "mxfp4"])
+@pytest.mark.parametrize("glu", [None, Glu(1.702, 7.0)], ids=["product", "glu on chip"])
+def test_one_row_broadcast_equals_its_copies(weights, glu):
+    """`broadcast`: lhs of one row standing for every row of an aligned layout (one token's decode layout)
+    gives exactly what the rows copied out give, K and N ragged, the layout's height not a multiple of the
+    tile, an empty group included; as partial sums too. Refused where it cannot hold: lhs of more rows, a
+    product without aligned rows, d(lhs), or a launch that takes lhs as halves."""
+    K, N, sizes_list = 40, 40, [16, 0, 16, 13]
+    rng = np.random.default_rng(11)
+    token = jnp.asarray(rng.standard_normal((1, K)), jnp.float32)
+    sizes = jnp.asarray(sizes_list, jnp.int32)
+    bias = jnp.asarray(rng.standard_normal((len(sizes_list), N)), jnp.float32)
+    if weights == "dense":
+        rhs = jnp.asarray(rng.standard_normal((len(sizes_list), K, N)), jnp.float32)
+    else:
+        rhs, _ = random_mxfp4(len(sizes_list), 64, N, seed=12)
+        token = jnp.pad(token, ((0, 0), (0, 64 - K)))
+    product = lambda lhs, **kw: grouped_product(lhs, rhs, sizes, bias, rows=16, glu=glu, **kw)
+    want = product(jnp.broadcast_to(token, (45, token.shape[1])))
+    np.testing.assert_array_equal(product(token, broadcast=45), want)
+    if glu is None:
+        partial = lambda lhs, **kw: grouped_product(lhs, rhs, sizes, bias, rows=16, partials=True, **kw)
+        np.testing.assert_array_equal(
+            partial(token, broadcast=45), partial(jnp.broadcast_to(token, (45, token.shape[1])))
+        )
+    with pytest.raises(ValueError, match="broadcast takes lhs of one row \\(not 2\\)"):
+        grouped_product(jnp.concatenate([token, token]), rhs, sizes, rows=16, broadcast=45)
+    with pytest.raises(ValueError, match="aligned to `rows`"):
+        grouped_product(token, rhs, sizes, broadcast=45)
+    if weights == "mxfp4":
+        with pytest.raises(ValueError, match="broadcast needs a row tile that splits lhs on chip"):
+            grouped_product(
+                token, rhs, sizes, rows=16, broadcast=45, launch=Tiles(rows=128, cols=16, depth=64)
+            )
+
+
+@pytest.mark.parametrize("weights", ["dense", "mxfp4"])
 @pytest.mark.parametrize("splits", [2, 3, 5])
 @pytest.mark.parametrize("aligned", [False, True], ids=["tile map", "aligned groups"])
 def test_split_contractions_equal_ragged_dot(weights, splits, aligned):
@@ -303,6 +339,13 @@ def test_kernels_lower_for_the_gpu_at_gpt_oss_20b_shapes(monkeypatch):
                 l, Mxfp4(bl, sc), s, b, interpret=False, rows=64, glu=Glu(1.702, 7.0)
             ),
             (spec(1024 + 32 * 63, D), *packed(F, D), sizes, spec(E, F)),
+            1,
+        ),
+        "the same with one token's row for every row (broadcast)": (
+            lambda l, bl, sc, s, b: grouped_product(
+                l, Mxfp4(bl, sc), s, b, interpret=False, rows=16, glu=Glu(1.702, 7.0), broadcast=64
+            ),
+            (spec(1, D), *packed(F, D), sizes, spec(E, F)),
             1,
         ),
         "the same with the SwiGLU on chip": (
