@@ -558,9 +558,8 @@ def mla_absorbed_decode(
 # The kernel of a decompressed MLA layer's decode: "triton" (`decompressed_splits`, this file's pallas_call)
 # or `flash_decode_mosaic` (Pallas Mosaic GPU, every product a wgmma): "mosaic" at the launch's warps (4: one
 # warpgroup a program, the model's launch), "mosaic2" with two warpgroups (8 warps), one making the keys
-# and the other attending. Mosaic GPU takes a
-# 16-bit cache in blocks of a multiple of 64 slots whose program fits an SM's shared memory
-# (`flash_decode_mosaic.runs`; other calls keep "triton").
+# and the other attending. Mosaic GPU takes a 16-bit cache in blocks of a multiple of 64 slots whose program
+# fits an SM's shared memory (`flash_decode_mosaic.runs`; other calls keep "triton").
 # Read when a step is traced; "auto" takes "mosaic2" where the kernels are compiled, the fastest measured in
 # the model's decode loop (docs/decode.md: `eval.bench.decode --decompressed-kernels triton,mosaic2`), and
 # "triton" where they are interpreted (the Mosaic GPU interpreter runs a program's warpgroups as threads,

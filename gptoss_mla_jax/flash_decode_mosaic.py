@@ -273,11 +273,9 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
         waits on every phase of it (as the interpreter wants), and an arrival happens only where a wait will
         see it."""
 
-        arrived = lambda u: latent_in.at[lax.rem(u, latents)]  # block u's latent's arrival
-
         def fetch_latent(u):
             i = lax.rem(u, latents)
-            plgpu.copy_gmem_to_smem(c_g.at[b, pl.ds(first(u), block)], c_s.at[i], arrived(u))
+            plgpu.copy_gmem_to_smem(c_g.at[b, pl.ds(first(u), block)], c_s.at[i], latent_in.at[i])
 
         def fetch_rotary(u):
             rows_u, i = pl.ds(first(u), block), lax.rem(u, tables)
@@ -306,7 +304,7 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
             block u + 2's tables into the buffer it read."""
             latent, table, key_set = lax.rem(u, latents), lax.rem(u, tables), lax.rem(u, key_sets)
             with jax.named_scope("latent_wait"):
-                plgpu.barrier_wait(arrived(u))
+                plgpu.barrier_wait(latent_in.at[latent])
             with jax.named_scope("rebuild"):  # every kv head's two rotary halves by one wgmma, then cut
                 k = _summed([(c_s.at[latent], w_s)], (block, pieces * half))  # into the 2P pieces
                 k = k + wide(spelling.columns(bias_s), (block, pieces * half), 1)  # [block, half]
@@ -370,7 +368,7 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
                 alpha = jnp.exp(m - m_new)
             with jax.named_scope("values"):
                 if handoff:  # long complete (its keys are made from it), but seen here by this warpgroup too
-                    plgpu.barrier_wait(arrived(u))
+                    plgpu.barrier_wait(latent_in.at[latent])
                 acc = acc * wide(alpha, (M, r), 0)
                 acc = spelling.add_products(acc, p.astype(dtype), c_s.at[latent], p_s)
                 if handoff:

@@ -293,13 +293,12 @@ def _expert_products(
     gate_up, bias = weights("gate_up_proj"), e["gate_up_proj_bias"]
     if tile is None:
         hidden = swiglu(gmm(rows, gate_up, group_sizes, bias), config)
+    elif partials:
+        hidden = grouped_product(
+            rows, gate_up, group_sizes, bias, rows=tile, glu=glu(config), broadcast=broadcast
+        )
     else:
-        if partials:
-            hidden = grouped_product(
-                rows, gate_up, group_sizes, bias, rows=tile, glu=glu(config), broadcast=broadcast
-            )
-        else:
-            hidden = gmm(rows, gate_up, group_sizes, bias, rows=tile, glu=glu(config))
+        hidden = gmm(rows, gate_up, group_sizes, bias, rows=tile, glu=glu(config))
     down, down_bias = weights("down_proj"), e["down_proj_bias"]
     if partials:
         return grouped_product(hidden, down, group_sizes, down_bias, rows=tile, partials=True)

@@ -176,7 +176,7 @@ def layout_rows(n: int, k: int, E: int, align: int) -> int:
 class Routing(NamedTuple):
     """`decode_routing`'s result: each token's routing `weights` and `experts` [N, k], each pair's `slot`
     in the aligned layout [N * k] in token order, the `padded` group sizes [E], and `row_token`, each of
-    the layout's `layout_rows` rows' token (-1: padding), the layout's rows gathered from the tokens by it.
+    the layout's `layout_rows` rows' token (-1: padding), by which the layout's rows are gathered.
     With `tiles`, the first three as the kernel stores them, [rows, kp] tiles of at least N tokens and k
     choices (a choice past k weighs 0 and its slot is 0), and `row_token` over a power-of-two tile of
     rows."""

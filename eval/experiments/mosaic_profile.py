@@ -86,8 +86,8 @@ def space_for(launch: Launch, space: int) -> int:
 
 def summary(trace: dict, warpgroups: int) -> dict:
     """Per warpgroup of a program (at 8 warps 0 makes the keys, 1 attends): the SM cycles it spends in
-    each scope and from its first event to its last, per block of
-    the slice (one `rebuild` a block), averaged over the programs."""
+    each scope and from its first event to its last, per block of the slice (one `rebuild` a block),
+    averaged over the programs."""
     by_tid = collections.defaultdict(list)
     for event in trace["traceEvents"]:
         by_tid[event["tid"]].append(event)
