@@ -6,15 +6,13 @@ the rows of lhs are sorted by group, group g's rows are multiplied by rhs[g], an
 checkpoint's packed orientation ([G, N, K / 32, 16] bytes, [G, N, K / 32] scale exponents), which the
 kernels decode tile by tile on chip: no dequantized copy of the experts is ever written.
 
-Tiling. Row tiles of `rows` rows are paired with the groups they overlap ((group, tile) pairs, computed from
-`group_sizes` by `tile_map`; a tile that straddles a group boundary is visited once per group and each visit
-stores only its own group's rows). An aligned layout (`rows=`, as the MoE lays out decode batches) starts each
-group at the first multiple of the tile after the previous group's rows: program i takes tile i, finds its
-group from the sizes itself and stores zeros in the rows of padding, and a tile taller than `MMA_ROWS`
-multiplies its rows in parts of that many, skipping the parts that hold none of its group's rows. Program
-(n, i) computes output columns block n of pair i, looping over the contraction in steps of `depth` with
-float32 accumulation. The column blocks are the fastest grid axis, so the programs running at once share their
-row tiles (read once from memory) and stream their groups' weights through L2.
+Tiling. Row tiles of `rows` rows are paired with the groups they overlap ((group, tile) pairs, computed
+from `group_sizes` by `tile_map`; a tile that straddles a group boundary is visited once per group and
+each visit stores only its own group's rows; where every group starts at a multiple of the tile, as the MoE
+lays out decode batches, program i takes tile i and finds its group from the sizes itself). Program (n, i)
+computes output columns block n of pair i, looping over the contraction in steps of `depth` with float32
+accumulation. The column blocks are the fastest grid axis, so the programs running at once share their row
+tiles (read once from memory) and stream their groups' weights through L2.
 
 Backward (`jax.custom_vjp`): d(lhs) is the same kernel against the transposed weights (dense: the
 [G, K, N] array read as [G, N, K]; MXFP4: the packed rows contracted instead of the packed columns);
@@ -126,12 +124,6 @@ WIDE_GROUP_ROWS = 16
 # and 256 (`eval.bench.decode --moe 128,256 --split-rows 64,16`, docs/decode.md), so every decode tile
 # splits on chip.
 SPLIT_ROWS = 64
-# An aligned layout's row tile taller than this multiplies in parts of this many rows (the tensor cores'
-# smallest), each only where it holds some of the group's rows: the tile is sized for an expert's share of
-# a decode batch, and an expert that gets fewer pairs than the tile leaves whole parts of padding, whose
-# products a single tall product would take anyway. The weights are still decoded once per tile. 0: the
-# whole tile as one product.
-MMA_ROWS = 16
 
 
 def launch_for(kind: str, K: int, N: int) -> Tiles:
@@ -213,85 +205,58 @@ def tile_map(group_sizes: Int[Array, " G"], m: int, rows: int) -> TileMap:
     return TileMap(group, first[g] + i - (pair_end - count)[g], starts, ends)
 
 
-def group_bounds(
-    group_sizes: Int[Array, " G"], rows: int | None = None
-) -> tuple[Int[Array, " G"], Int[Array, " G"]]:
-    """Each group's rows [start, end): one group after another, or (`rows`: an aligned layout) each from the
-    first multiple of `rows` after the previous group's rows."""
-    sizes = group_sizes.astype(jnp.int32)
-    spans = sizes if rows is None else -(-sizes // rows) * rows
-    start = jnp.cumsum(spans) - spans
-    return start, start + sizes
-
-
 def _whole(a) -> pl.BlockSpec:
     return pl.BlockSpec(a.shape, lambda *_: (0,) * a.ndim)
 
 
 class _Site(NamedTuple):
     """Where a program of the row-tile kernels works: its pair's group (`g`; `gc` clamped to a real group
-    for reading weights), the `height` rows from `first`, the group's rows [start, end), its output columns,
-    and whether the layout is aligned (groups at multiples of the tile: the tile's other rows are padding)."""
+    for reading weights), row slice, which of those rows are its group's, and its output columns."""
 
     g: Array
     gc: Array
-    first: Array
-    height: int
-    start: Array
-    end: Array
+    rows: pl.Slice
+    mine: Array
     cols: pl.Slice
     col_ok: Array
-    aligned: bool
-
-    @property
-    def rows(self) -> pl.Slice:
-        return pl.ds(self.first, self.height)
-
-    @property
-    def mine(self) -> Array:
-        row_ids = self.first + _iota(self.height)
-        return (row_ids >= self.start) & (row_ids < self.end)
-
-    def part(self, i: int, height: int) -> _Site:
-        """Rows [i * height, (i + 1) * height) of the tile."""
-        return self._replace(first=self.first + i * height, height=height)
 
 
 def _site(map_refs, n_groups: int, tiles: Tiles, width: int, cols: int) -> _Site:
     """Program (n, i): pair i's row tile, output columns [n * cols, (n + 1) * cols) of `width`. `map_refs`:
-    the `TileMap`, or only the group sizes of an aligned layout (pair i is tile i, and the program finds
-    its group itself: no map to build in XLA, whose small kernels cost a decode step more than their
-    bytes)."""
+    the `TileMap`, or only the group sizes for groups that start at multiples of the tile (pair i is tile
+    i, and the program finds its group itself: no map to build in XLA, whose small kernels cost a decode
+    step more than their bytes)."""
     n, i = pl.program_id(0), pl.program_id(1)
     if len(map_refs) == 1:
         first = i * tiles.rows
-        g, start, end = _aligned_group(map_refs[0], n_groups, first, tiles.rows)
+        g, start, end = _aligned_group(map_refs[0], n_groups, first)
     else:
         group_ref, tile_ref, start_ref, end_ref = map_refs
         g = group_ref[i]
         first = tile_ref[i] * tiles.rows
         last = jnp.minimum(g, n_groups)
         start, end = start_ref[last], end_ref[last]
+    row_ids = first + _iota(tiles.rows)
+    mine = (row_ids >= start) & (row_ids < end)
     col_ok = n * cols + _iota(cols) < width
-    gc = jnp.minimum(g, n_groups - 1)
-    return _Site(g, gc, first, tiles.rows, start, end, pl.ds(n * cols, cols), col_ok, len(map_refs) == 1)
+    return _Site(
+        g, jnp.minimum(g, n_groups - 1), pl.ds(first, tiles.rows), mine, pl.ds(n * cols, cols), col_ok
+    )
 
 
-def _aligned_group(sizes_ref, n_groups: int, first, rows: int) -> tuple[Array, Array, Array]:
-    """(group, its first row, its end) of the row tile starting at `first` in an aligned layout: each group
-    from the first multiple of `rows` after the previous group's rows (group `n_groups` past them, to the
-    end of the rows). The sizes are read as one vector (`sizes_ref`'s block is `_sizes_block`) and their
-    running sums taken on chip: a scalar load per group, one after the other, would put their memory
-    latencies in series before every program's work."""
+def _aligned_group(sizes_ref, n_groups: int, first) -> tuple[Array, Array, Array]:
+    """(group, its first row, its end) of the row tile starting at `first` when every group starts at a
+    multiple of the tile (group `n_groups` past them, to the end of the rows). The sizes are read as one
+    vector (`sizes_ref`'s block is `_sizes_block`) and their running sums taken on chip: a scalar load per
+    group, one after the other, would put their memory latencies in series before every program's work."""
     ids = _iota(_sizes_block(n_groups))
     sizes = masked_load(sizes_ref, ids < n_groups)
-    spans = (sizes + rows - 1) // rows * rows
-    ends = jnp.sum(jnp.where(ids[None, :] <= ids[:, None], spans[None, :], 0), axis=1)  # [g]: spans <= g
+    ends = jnp.sum(jnp.where(ids[None, :] <= ids[:, None], sizes[None, :], 0), axis=1)  # [g]: sizes <= g
     done = ends <= first  # groups ending at or before the tile (padding: only once every group is)
     g = jnp.sum((done & (ids < n_groups)).astype(jnp.int32))
     start = jnp.max(jnp.where(done, ends, 0))
-    size = jnp.sum(jnp.where(ids == g, sizes, 0))
-    return g, start, jnp.where(g < n_groups, start + size, jnp.iinfo(jnp.int32).max)
+    end = jnp.min(jnp.where(done, jnp.iinfo(jnp.int32).max, ends))
+    return g, start, end
 
 
 def _sizes_block(n_groups: int) -> int:
@@ -300,50 +265,37 @@ def _sizes_block(n_groups: int) -> int:
 
 
 def _lhs_tile(lhs_ref, site: _Site, start, width: int, limit: int, ragged: bool) -> Array:
-    """lhs's tile of the site's rows and `width` columns from `start` (zero at and past column `limit` where
+    """lhs's tile of the pair's rows and `width` columns from `start` (zero at and past column `limit` where
     `ragged`). An lhs of one row stands for every row (`grouped_product(..., broadcast=)`; any other lhs is
     padded to whole row tiles): its row, loaded once and repeated."""
     mask = (start + _iota(width) < limit)[None, :] if ragged else None
     if lhs_ref.shape[0] == 1:
         row = masked_load(lhs_ref.at[pl.ds(0, 1), pl.ds(start, width)], mask)
-        return jnp.broadcast_to(row, (site.height, width))
+        return jnp.broadcast_to(row, (site.rows.size, width))
     return masked_load(lhs_ref.at[site.rows, pl.ds(start, width)], mask)
 
 
-def _store_tile(out_refs, sites: list[_Site], n_groups: int, compute):
-    """Each output tile from `compute()` (one tile per ref, each at its site's rows): the group's rows of
-    it, and zeros in an aligned layout's rows of padding; zeros for the rows past the groups; nothing for
-    an empty pair."""
+def _store_tile(out_refs, site: _Site, n_groups: int, compute):
+    """The pair's group's rows of each output tile from `compute()` (one tile per ref), or zeros for the
+    rows past the groups; nothing for an empty pair."""
+    mask = site.mine[:, None] & site.col_ok[None, :]
 
-    def masks(site: _Site) -> Array:
-        return (True if site.aligned else site.mine[:, None]) & site.col_ok[None, :]
-
-    @pl.when(sites[0].g < n_groups)
+    @pl.when(site.g < n_groups)
     def _():
-        for ref, site, tile in zip(out_refs, sites, compute(), strict=True):
-            tile = jnp.where(site.mine[:, None], tile, 0) if site.aligned else tile
-            pl_triton.store(ref, tile.astype(ref.dtype), mask=masks(site))
+        for ref, tile in zip(out_refs, compute(), strict=True):
+            pl_triton.store(ref, tile.astype(ref.dtype), mask=mask)
 
-    @pl.when(sites[0].g == n_groups)
+    @pl.when(site.g == n_groups)
     def _():
-        for ref, site in zip(out_refs, sites, strict=True):
-            pl_triton.store(ref, jnp.zeros(ref.shape, ref.dtype), mask=masks(site))
-
-
-def _parts(site: _Site) -> list[_Site]:
-    """The row parts a forward program multiplies one by one: an aligned layout's tile taller than
-    `MMA_ROWS` in parts of that many rows, else the whole tile."""
-    if not site.aligned or not MMA_ROWS or site.height <= MMA_ROWS:
-        return [site]
-    return [site.part(i, MMA_ROWS) for i in range(site.height // MMA_ROWS)]
+        for ref in out_refs:
+            pl_triton.store(ref, jnp.zeros(ref.shape, ref.dtype), mask=mask)
 
 
 def _store_product(
     out_ref,
     bias_ref,
     site: _Site,
-    weights,
-    multiply,
+    step,
     steps: int,
     tiles: Tiles,
     n_groups: int,
@@ -351,46 +303,30 @@ def _store_product(
     glu: Glu | None,
     width: int,
 ):
-    """The forward kernels' common loop and end: per contraction step kk, `weights(kk)` (the step's weight
-    tile, loaded or decoded once) and for each row part (`_parts`) holding some of the group's rows
-    `multiply(kk, part, weights, acc)`, the part's float32 sum `acc` plus its product (added in that
-    order, which Triton folds into the tensor cores' accumulation), over the `steps`; plus the group's bias,
-    stored into the part's rows (through `glu` into half as many columns, if given; `width`: the
-    product's). With `tiles.splits` > 1, program (n, i, s) sums split s's share of the steps into out[s]
-    (float32; the bias in split 0's)."""
+    """The forward kernels' common end: `steps` of `step` summed over the contraction in float32, plus the
+    group's bias, stored into the pair's tile (through `glu` into half as many columns, if given; `width`:
+    the product's). With `tiles.splits` > 1, program (n, i, s) sums split s's share of the steps into
+    out[s] (float32; the bias in split 0's)."""
     split = pl.program_id(2) if tiles.splits > 1 else 0
     share = _cdiv(steps, tiles.splits)
-    parts = _parts(site)
-
-    def step(kk, accs):
-        w = weights(kk)
-
-        def add(part: _Site, acc: Array) -> Array:
-            if len(parts) == 1:
-                return multiply(kk, part, w, acc)
-            return jax.lax.cond(part.first < part.end, lambda: multiply(kk, part, w, acc), lambda: acc)
-
-        return tuple(add(part, acc) for part, acc in zip(parts, accs, strict=True))
 
     def compute():
-        zeros = tuple(jnp.zeros((part.height, tiles.cols), jnp.float32) for part in parts)
+        zeros = jnp.zeros((tiles.rows, tiles.cols), jnp.float32)
         if tiles.splits == 1:  # static bounds
-            accs = jax.lax.fori_loop(0, steps, step, zeros)
+            acc = jax.lax.fori_loop(0, steps, step, zeros)
         else:
-            accs = jax.lax.fori_loop(split * share, jnp.minimum(split * share + share, steps), step, zeros)
+            acc = jax.lax.fori_loop(split * share, jnp.minimum(split * share + share, steps), step, zeros)
         if bias_ref is not None:
             bias = masked_load(bias_ref.at[site.gc, site.cols], site.col_ok if ragged else None)
-            bias = jnp.where(split == 0, bias.astype(jnp.float32), 0.0)[None, :]
-            accs = tuple(acc + bias for acc in accs)
-        return [acc if glu is None else glu(acc) for acc in accs]
+            acc += jnp.where(split == 0, bias.astype(jnp.float32), 0.0)[None, :]
+        return [acc if glu is None else glu(acc)]
 
-    stored = parts
+    out_site = site
     if glu is not None:  # the tile's column pairs land in half as many output columns
         n, half = pl.program_id(0), tiles.cols // 2
-        halved = dict(cols=pl.ds(n * half, half), col_ok=n * half + _iota(half) < width // 2)
-        stored = [part._replace(**halved) for part in parts]
-    lead = (split,) if tiles.splits > 1 else ()
-    _store_tile([out_ref.at[(*lead, part.rows, part.cols)] for part in stored], stored, n_groups, compute)
+        out_site = site._replace(cols=pl.ds(n * half, half), col_ok=n * half + _iota(half) < width // 2)
+    tile = (split, out_site.rows, out_site.cols) if tiles.splits > 1 else (out_site.rows, out_site.cols)
+    _store_tile([out_ref.at[tile]], out_site, n_groups, compute)
 
 
 def _dot(a: Array, b: Array, contract: tuple[int, int]) -> Array:
@@ -489,21 +425,19 @@ def _gmm_kernel(
     site = _site(map_refs, n_groups, tiles, N, tiles.cols)
     ragged_n, ragged_k = N % tiles.cols != 0, K % tiles.depth != 0
 
-    def weights(kk):
+    def step(kk, acc):
         depth = pl.ds(kk * tiles.depth, tiles.depth)
         k_ok = kk * tiles.depth + _iota(tiles.depth) < K
+        x = _lhs_tile(lhs_ref, site, kk * tiles.depth, tiles.depth, K, ragged_k)
         if transpose_rhs:
             mask = site.col_ok[:, None] & k_ok[None, :] if ragged_n or ragged_k else None
-            return masked_load(rhs_ref.at[site.gc, site.cols, depth], mask).astype(lhs_ref.dtype)
+            return acc + _dot(
+                x, masked_load(rhs_ref.at[site.gc, site.cols, depth], mask).astype(x.dtype), (1, 1)
+            )
         mask = k_ok[:, None] & site.col_ok[None, :] if ragged_n or ragged_k else None
-        return masked_load(rhs_ref.at[site.gc, depth, site.cols], mask).astype(lhs_ref.dtype)
+        return acc + _dot(x, masked_load(rhs_ref.at[site.gc, depth, site.cols], mask).astype(x.dtype), (1, 0))
 
-    def multiply(kk, part: _Site, w, acc):
-        x = _lhs_tile(lhs_ref, part, kk * tiles.depth, tiles.depth, K, ragged_k)
-        return acc + _dot(x, w, (1, 1) if transpose_rhs else (1, 0))
-
-    steps = _cdiv(K, tiles.depth)
-    _store_product(out_ref, bias_ref, site, weights, multiply, steps, tiles, n_groups, ragged_n, glu, N)
+    _store_product(out_ref, bias_ref, site, step, _cdiv(K, tiles.depth), tiles, n_groups, ragged_n, glu, N)
 
 
 def _mxfp4_kernel(
@@ -531,7 +465,7 @@ def _mxfp4_kernel(
     # Scale rows padded by `mxfp4.pad_scales` carry its flag in their first pad byte.
     foldable = scales_ref[0, 0, K // BLOCK] != 0 if scales_ref.shape[-1] > K // BLOCK else None
 
-    def weights(kk):  # the step's packed tile decoded: W's values at lhs's even and odd columns
+    def step(kk, acc):
         byte_ok = kk * half + _iota(half) < K // 2
         # To the scales' stored width: exponents past K / 32 (rows padded by `mxfp4.pad_scales`) belong
         # to masked-out bytes, and a mask constant over aligned runs lets the load be one vector.
@@ -539,23 +473,17 @@ def _mxfp4_kernel(
         mask = lambda ok: site.col_ok[:, None] & ok[None, :] if ragged else None
         packed = masked_load(blocks_ref.at[site.gc, site.cols, pl.ds(kk * half, half)], mask(byte_ok))
         exponents = masked_load(scales_ref.at[site.gc, site.cols, pl.ds(kk * groups, groups)], mask(group_ok))
-        return _decode(packed, exponents, lhs_refs[0].dtype, interpret, foldable)
-
-    def multiply(kk, part: _Site, w, acc):
-        low, high = w
+        low, high = _decode(packed, exponents, lhs_refs[0].dtype, interpret, foldable)
         if len(lhs_refs) == 1:
-            x = _lhs_tile(lhs_refs[0], part, kk * tiles.depth, tiles.depth, K, ragged)
-            pairs = jnp.split(x.reshape(part.height, half, 2), 2, axis=2)
-            x_even, x_odd = (a.reshape(part.height, half) for a in pairs)
+            x = _lhs_tile(lhs_refs[0], site, kk * tiles.depth, tiles.depth, K, ragged)
+            pairs = jnp.split(x.reshape(tiles.rows, half, 2), 2, axis=2)
+            x_even, x_odd = (a.reshape(tiles.rows, half) for a in pairs)
         else:
-            x_mask = (kk * half + _iota(half) < K // 2)[None, :] if ragged else None
-            x_even, x_odd = (
-                masked_load(ref.at[part.rows, pl.ds(kk * half, half)], x_mask) for ref in lhs_refs
-            )
+            at, x_mask = pl.ds(kk * half, half), byte_ok[None, :] if ragged else None
+            x_even, x_odd = (masked_load(ref.at[site.rows, at], x_mask) for ref in lhs_refs)
         return acc + _dot(x_even, low, (1, 1)) + _dot(x_odd, high, (1, 1))
 
-    steps = _cdiv(K, tiles.depth)
-    _store_product(out_ref, bias_ref, site, weights, multiply, steps, tiles, n_groups, ragged, glu, N)
+    _store_product(out_ref, bias_ref, site, step, _cdiv(K, tiles.depth), tiles, n_groups, ragged, glu, N)
 
 
 def _splits_lhs_on_chip(tiles: Tiles, aligned: bool) -> bool:
@@ -588,7 +516,7 @@ def _mxfp4_t_kernel(*refs, tiles: Tiles, n_groups: int, n_map: int, K: int, N: i
     zeros = jnp.zeros((tiles.rows, half), jnp.float32)
     compute = lambda: jax.lax.fori_loop(0, _cdiv(N, tiles.depth), step, (zeros, zeros))
     _store_tile(
-        [even_ref.at[site.rows, site.cols], odd_ref.at[site.rows, site.cols]], [site] * 2, n_groups, compute
+        [even_ref.at[site.rows, site.cols], odd_ref.at[site.rows, site.cols]], site, n_groups, compute
     )
 
 
@@ -675,9 +603,8 @@ def grouped_product(
     broadcast: int | None = None,
 ) -> Float[Array, "M N"] | Float[Array, "S M N"]:
     """lhs @ rhs[g] per group (rhs[g]^T when `transpose_rhs`) in lhs's dtype, float32 sums; forward only
-    (`gmm` is the differentiable one). `launch` overrides `LAUNCH`; `rows` only its row tile, for an
-    aligned layout (each group from the first multiple of it after the previous group's rows; the rows
-    between come out zero); `glu` applied to the float32 sums (N / 2 outputs). `partials` (a
+    (`gmm` is the differentiable one). `launch` overrides `LAUNCH`; `rows` only its row tile, for groups
+    that start at multiples of it; `glu` applied to the float32 sums (N / 2 outputs). `partials` (a
     forward product without `glu`): the S contraction splits' float32 sums [S, M', N] (M' >= M rows,
     padded to the row tile) left for the caller to add (S = 1: [1, M', N] in lhs's dtype). `broadcast`:
     lhs is one row [1, K] standing for M = `broadcast` rows (a forward product of an aligned layout that
@@ -772,25 +699,23 @@ def tgmm(
     dtype,
     interpret: bool | None = None,
     launch: Tiles | None = None,
-    rows: int | None = None,
 ) -> Float[Array, "G K N"]:
     """Per group g, lhs[g's rows]^T @ dout[g's rows] (the weight gradient of `gmm`), float32 sums; a group
-    with no rows gets zeros. `rows`: the groups' rows are an aligned layout (`group_bounds`)."""
+    with no rows gets zeros."""
     interpret = _interpret(interpret)
     tiles = launch or launch_for("tgmm", lhs.shape[1], dout.shape[1])
     x, d = _pad_rows(lhs, tiles.rows), _pad_rows(dout, tiles.rows)
     G, (K, N) = group_sizes.shape[0], (lhs.shape[1], dout.shape[1])
+    tm = tile_map(group_sizes, x.shape[0], tiles.rows)
     kernel = functools.partial(_tgmm_kernel, tiles=tiles, K=K, N=N)
     grid = (_cdiv(N, tiles.cols), _cdiv(K, tiles.cols), G)
     shape = jax.ShapeDtypeStruct((G, K, N), dtype)
-    return _launch(kernel, grid, (*group_bounds(group_sizes, rows), x, d), shape, tiles, interpret)
+    return _launch(kernel, grid, (tm.start, tm.end, x, d), shape, tiles, interpret)
 
 
-def _row_groups(start: Int[Array, " G"], end: Int[Array, " G"], m: int) -> Int[Array, " M"]:
-    """Each of m rows' group, given the groups' rows [start, end) (G for rows in none)."""
-    row = jnp.arange(m, dtype=jnp.int32)[:, None]
-    inside = (row >= start[None, :]) & (row < end[None, :])
-    return jnp.where(inside.any(axis=1), jnp.argmax(inside, axis=1), start.shape[0]).astype(jnp.int32)
+def _row_groups(group_sizes: Int[Array, " G"], m: int) -> Int[Array, " M"]:
+    """Each row's group (G for rows past the groups)."""
+    return _count_at_or_below(jnp.cumsum(group_sizes), jnp.arange(m, dtype=jnp.int32))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
@@ -811,13 +736,12 @@ def _gmm_bwd(interpret, rows, glu, residuals, dout):
     if isinstance(rhs, Mxfp4):  # packed weights are not trainable
         d_rhs = jax.tree.map(lambda a: np.zeros(a.shape, jax.dtypes.float0), rhs)
     else:
-        d_rhs = tgmm(lhs, dout, group_sizes, rhs.dtype, interpret, rows=rows)
+        d_rhs = tgmm(lhs, dout, group_sizes, rhs.dtype, interpret)
     d_bias = None
     if bias is not None:
         # Each group's rows summed as a product with the rows' one-hot groups (rows past the groups match
         # none), not segment_sum: its scatter-add is what XLA's deterministic mode sorts element by element.
-        groups = _row_groups(*group_bounds(group_sizes, rows), dout.shape[0])
-        member = jax.nn.one_hot(groups, bias.shape[0], dtype=dout.dtype)
+        member = jax.nn.one_hot(_row_groups(group_sizes, dout.shape[0]), bias.shape[0], dtype=dout.dtype)
         d_bias = jnp.dot(member.T, dout, precision="highest", preferred_element_type=jnp.float32)
         d_bias = d_bias.astype(bias.dtype)
     return d_lhs, d_rhs, np.zeros(group_sizes.shape, jax.dtypes.float0), d_bias
@@ -838,9 +762,8 @@ def gmm(
     """`jax.lax.ragged_dot(lhs, rhs, group_sizes) + bias[group of each row]` on the Pallas kernels, in
     lhs's dtype with float32 sums, differentiable in lhs, dense rhs and bias. MXFP4 rhs (W[g] [N, K]
     packed) multiplies as its dequantized transpose. `interpret` defaults to the CPU interpreter off
-    the GPU. `rows`: the row tile, for an aligned layout (each group from the first multiple of it after the
-    previous group's rows, the rows between zero in the output: no tile then mixes groups, so each group's
-    weights are read once per tile of its rows); None fits one to the rows per group. `glu`:
+    the GPU. `rows`: the row tile, for groups that start at multiples of it (no tile then mixes groups, so
+    each group's weights are read once per tile of its rows); None fits one to the rows per group. `glu`:
     the product's columns go through it on chip, from the float32 sums (N / 2 outputs; the gradient
     recomputes the product)."""
     K = lhs.shape[1]

@@ -144,11 +144,11 @@ def expert_rows(
             routed = routing.routing_of_logits(
                 router_partials, router["bias"], k, align, flat.dtype, interpret, tiles=True
             )
-        slot, sizes, weights, row_token = routed.slot, routed.sizes, routed.weights, routed.row_token
+        slot, padded, weights, row_token = routed.slot, routed.padded, routed.weights, routed.row_token
     else:  # more tokens than the routing kernel holds: the same layout in jnp
         weights, idx = route(p, flat, config)
         expert = idx.reshape(-1)
-        slot, sizes = _aligned_slots(expert, E, align)
+        slot, padded = _aligned_slots(expert, E, align)
         # Each row's token by comparing every row with every pair (one fused reduction), not by a scatter
         # into a buffer of -1, which XLA would copy for each layer of a device loop.
         token = jnp.arange(n * k, dtype=jnp.int32) // k
@@ -158,7 +158,7 @@ def expert_rows(
     # A padding row (-1) reads token 0's row (its products are never read); no index reads past the tokens.
     rows = flat if n == 1 else flat[jnp.clip(row_token[:height], 0, n - 1)]
     one_token = height if n == 1 else None
-    product = _expert_products(p["experts"], rows, sizes, config, align, partials=True, broadcast=one_token)
+    product = _expert_products(p["experts"], rows, padded, config, align, partials=True, broadcast=one_token)
     return ExpertRows(product, slot, weights)
 
 
@@ -207,31 +207,31 @@ def _aligned_slots(
     expert: Int[Array, " P"], experts: int, align: int
 ) -> tuple[Int[Array, " P"], Int[Array, " E"]]:
     """Where each token-expert pair (in token order) goes when every one of the `experts` experts' pairs
-    start at a multiple of `align` rows, in token order within an expert, and the group sizes (each
-    expert's pairs; `routing.decode_routing` computes the same in its kernel). The group sizes and a
-    pair's rank among its expert's pairs are counted by comparing all pairs (a decode batch's few
-    hundred), not by bincount's scatter or a sort: XLA fuses the comparisons with the slots' arithmetic."""
+    start at a multiple of `align` rows, in token order within an expert, and the padded group sizes
+    (`routing.decode_routing` computes the same in its kernel). The group sizes and a pair's rank among its
+    expert's pairs are counted by comparing all pairs (a decode batch's few hundred), not by bincount's
+    scatter or a sort: XLA fuses the comparisons with the slots' arithmetic."""
     sizes = jnp.sum(expert[:, None] == jnp.arange(experts), axis=0, dtype=jnp.int32)
     padded = -(-sizes // align) * align
     start = jnp.cumsum(padded) - padded
     P = expert.shape[0]
     earlier = jnp.arange(P)[None, :] < jnp.arange(P)[:, None]
     rank = jnp.sum((expert[None, :] == expert[:, None]) & earlier, axis=1, dtype=jnp.int32)
-    return start[expert] + rank, sizes
+    return start[expert] + rank, padded
 
 
 def _aligned_experts(
     e: Params,
     rows: Float[Array, "M D"],
     slot: Int[Array, " P"],
-    sizes: Int[Array, " E"],
+    padded: Int[Array, " E"],
     config: GptOssConfig,
     align: int,
 ) -> Float[Array, "P D"]:
     """The pairs (token-major: pair p is token p // k) through their experts on the grouped matmul, laid
-    out at `slot` (`rows`, `_aligned_rows`) with each expert's group of `sizes` rows starting at a multiple
+    out at `slot` (`rows`, `_aligned_rows`) with each expert's group of `padded` rows starting at a multiple
     of `align`."""
-    y = _expert_products(e, rows, sizes, config, align).at[slot].get(unique_indices=True)
+    y = _expert_products(e, rows, padded, config, align).at[slot].get(unique_indices=True)
     # The rows back in token order as a buffer of their own: fused into the weighted sum that follows, the
     # gather kept XLA from fusing that sum with the residual add and the next norm (a kernel more per
     # layer).
@@ -259,9 +259,9 @@ def _grouped_experts(
     expert, E = idx.reshape(-1), config.num_local_experts
     align = layout_align(n, config)
     if kernel and align is not None:
-        slot, sizes = _aligned_slots(expert, E, align)
+        slot, padded = _aligned_slots(expert, E, align)
         rows = _aligned_rows(flat, slot, E, k, align)
-        return _aligned_experts(e, rows, slot, sizes, config, align).reshape(n, k, -1)
+        return _aligned_experts(e, rows, slot, padded, config, align).reshape(n, k, -1)
     group_sizes = jnp.bincount(expert, length=E).astype(jnp.int32)
     order = jnp.argsort(expert, stable=True)
     # Pairs permuted, not tokens gathered k times: the gradient of a gather with repeated indices is a

@@ -2,7 +2,7 @@
 and where each token-expert pair goes in the grouped matmul's aligned layout.
 
 `moe.route` followed by the layout's bookkeeping in jnp is about six small XLA kernels per
-layer (router multiply, reduce and bias add, top-k, the group sizes, the pairs' ranks): at batch 1
+layer (router multiply, reduce and bias add, top-k, the padded group sizes, the pairs' ranks): at batch 1
 they are mostly launches around 184 KB of router weights. One program does it all here:
 
 - logits `x W + b` with float32 sums rounded to x's dtype before the bias, as `moe.route` computes them
@@ -67,7 +67,7 @@ def _pick(table: Array, index: Array) -> Array:
 
 
 def _routing_kernel(
-    x_ref, w_ref, b_ref, weights_ref, experts_ref, slot_ref, sizes_ref, row_token_ref, *, n: int, D: int,
+    x_ref, w_ref, b_ref, weights_ref, experts_ref, slot_ref, padded_ref, row_token_ref, *, n: int, D: int,
     E: int, k: int, align: int, depth: int,
 ):  # fmt: skip
     rows, cols = weights_ref.shape[0], w_ref.shape[1]  # tokens and experts, padded to powers of two
@@ -83,12 +83,12 @@ def _routing_kernel(
     acc = jax.lax.fori_loop(0, pl.cdiv(D, depth), step, jnp.zeros((rows, cols), jnp.float32))
     bias = masked_load(b_ref, experts_ok.reshape(cols))
     logits = (acc.astype(x_ref.dtype) + bias[None, :]).astype(jnp.float32)
-    outs = (weights_ref, experts_ref, slot_ref, sizes_ref, row_token_ref)
+    outs = (weights_ref, experts_ref, slot_ref, padded_ref, row_token_ref)
     _choose(logits, rows_ok, experts_ok, *outs, k=k, align=align)
 
 
 def _logits_kernel(
-    partials_ref, b_ref, weights_ref, experts_ref, slot_ref, sizes_ref, row_token_ref, *, n: int, S: int,
+    partials_ref, b_ref, weights_ref, experts_ref, slot_ref, padded_ref, row_token_ref, *, n: int, S: int,
     E: int, k: int, align: int, dtype,
 ):  # fmt: skip
     splits, rows, cols = partials_ref.shape  # partial sums, tokens and experts, padded to powers of two
@@ -98,12 +98,12 @@ def _logits_kernel(
     summed = jnp.sum(masked_load(partials_ref, ok).astype(jnp.float32), axis=0)
     bias = masked_load(b_ref, experts_ok.reshape(cols))
     logits = (summed.astype(dtype) + bias[None, :]).astype(jnp.float32)
-    outs = (weights_ref, experts_ref, slot_ref, sizes_ref, row_token_ref)
+    outs = (weights_ref, experts_ref, slot_ref, padded_ref, row_token_ref)
     _choose(logits, rows_ok, experts_ok, *outs, k=k, align=align)
 
 
 def _choose(
-    logits, rows_ok, experts_ok, weights_ref, experts_ref, slot_ref, sizes_ref, row_token_ref, *, k: int,
+    logits, rows_ok, experts_ok, weights_ref, experts_ref, slot_ref, padded_ref, row_token_ref, *, k: int,
     align: int,
 ):  # fmt: skip
     """Top-k of the float32 logits [rows, cols], the softmax over them and the aligned layout, stored."""
@@ -145,7 +145,7 @@ def _choose(
         row = _pick(jnp.broadcast_to(start[None, :], (rows, cols)), e) + _pick(taken, e)
         slot = jnp.where(choice_ids == j, row.astype(jnp.int32)[:, None], slot)
     slot_ref[...] = slot
-    sizes_ref[...] = sizes.astype(jnp.int32)
+    padded_ref[...] = padded.astype(jnp.int32)
     # The layout's rows the other way round: each row's token, or -1 for a row of padding; compared with
     # every pair a chunk of rows at a time, so that a chunk's comparisons stay in registers.
     pairs = rows * slot.shape[1]
@@ -175,8 +175,7 @@ def layout_rows(n: int, k: int, E: int, align: int) -> int:
 
 class Routing(NamedTuple):
     """`decode_routing`'s result: each token's routing `weights` and `experts` [N, k], each pair's `slot`
-    in the aligned layout [N * k] in token order, the group `sizes` [E] (each expert's pairs), and
-    `row_token`, each of
+    in the aligned layout [N * k] in token order, the `padded` group sizes [E], and `row_token`, each of
     the layout's `layout_rows` rows' token (-1: padding), by which the layout's rows are gathered.
     With `tiles`, the first three as the kernel stores them, [rows, kp] tiles of at least N tokens and k
     choices (a choice past k weighs 0 and its slot is 0), and `row_token` over a power-of-two tile of
@@ -185,7 +184,7 @@ class Routing(NamedTuple):
     weights: Float[Array, "N k"]
     experts: Int[Array, "N k"]
     slot: Int[Array, " Nk"]
-    sizes: Int[Array, " E"]
+    padded: Int[Array, " E"]
     row_token: Int[Array, " M"]
 
 
@@ -257,7 +256,7 @@ def _launch(
     ]
     # The blocks are tiles of `rows` tokens and `cols` experts, larger than the arrays where n or E are
     # not such tiles: the kernel's masked loads read only what the arrays hold (no padded copies).
-    weights, experts, slot, sizes, row_token = pl.pallas_call(
+    weights, experts, slot, padded, row_token = pl.pallas_call(
         kernel_fn,
         grid=(1,),
         in_specs=[whole(shape) for shape in blocks(rows, cols)],
@@ -267,5 +266,5 @@ def _launch(
         interpret=interpret,
     )(*args)
     if tiles:
-        return Routing(weights, experts, slot, sizes[:E], row_token)
-    return Routing(weights[:n, :k], experts[:n, :k], slot[:n, :k].reshape(-1), sizes[:E], row_token[:height])
+        return Routing(weights, experts, slot, padded[:E], row_token)
+    return Routing(weights[:n, :k], experts[:n, :k], slot[:n, :k].reshape(-1), padded[:E], row_token[:height])

@@ -135,51 +135,6 @@ def test_groups_aligned_to_the_row_tile_find_their_own_tiles(weights, split_rows
     close(got_vjp(cot)[0], want_vjp(cot)[0])
 
 
-def aligned_reference(lhs, dense, bias, sizes: list[int], rows: int):
-    """The aligned layout's product in jnp: group g's rows (from the first multiple of `rows` after the
-    previous group's) times its weights plus its bias; every other row zero."""
-    out, start = jnp.zeros((lhs.shape[0], dense.shape[2]), jnp.float32), 0
-    for g, size in enumerate(sizes):
-        out = out.at[start : start + size].set(lhs[start : start + size] @ dense[g] + bias[g])
-        start += -(-size // rows) * rows
-    return out
-
-
-@pytest.mark.parametrize("weights", ["dense", "mxfp4"])
-@pytest.mark.parametrize("mma_rows", [16, 0], ids=["in parts of 16 rows", "whole tiles"])
-@pytest.mark.parametrize("splits", [1, 2])
-def test_aligned_layouts_skip_their_padding(weights, mma_rows, splits, monkeypatch):
-    """An aligned layout of groups that do not fill their 64-row tiles (5 rows, none, 64, 17, 1: parts of
-    16 rows holding none of a group's rows, a group ending inside a part, a full tile) with random rows of
-    padding between them: the forward product, split or not, equals each group's rows through its
-    weights with zeros elsewhere, multiplied in parts (`gmm.MMA_ROWS`) or as whole tiles; and so do the
-    gradients in lhs, bias and dense weights, which the padding rows do not touch."""
-    monkeypatch.setattr(gmm_lib, "MMA_ROWS", mma_rows)
-    sizes_list, rows, K, N = [5, 0, 64, 17, 1], 64, 64, 40
-    height = 5 * rows  # the groups' four tiles and one past them
-    rng = np.random.default_rng(13)
-    lhs = jnp.asarray(rng.standard_normal((height, K)), jnp.float32)
-    bias = jnp.asarray(rng.standard_normal((len(sizes_list), N)), jnp.float32)
-    cot = jnp.asarray(rng.standard_normal((height, N)), jnp.float32)
-    if weights == "dense":
-        rhs = dense = jnp.asarray(rng.standard_normal((len(sizes_list), K, N)), jnp.float32)
-    else:
-        rhs, dense = random_mxfp4(len(sizes_list), K, N, seed=14)
-    sizes = jnp.asarray(sizes_list, jnp.int32)
-    launch = Tiles(rows=rows, cols=16, depth=32, splits=splits)
-    want = aligned_reference(lhs, dense, bias, sizes_list, rows)
-    close(grouped_product(lhs, rhs, sizes, bias, launch=launch, rows=rows), want)
-    if splits > 1:
-        return
-    trained = (lhs, bias) if weights == "mxfp4" else (lhs, bias, rhs)
-    ours = lambda l, b, *r: gmm(l, r[0] if r else rhs, sizes, b, rows=rows)
-    theirs = lambda l, b, *r: aligned_reference(l, r[0] if r else dense, b, sizes_list, rows)
-    got, got_vjp = jax.vjp(ours, *trained)
-    close(got, want)
-    for g, w in zip(got_vjp(cot), jax.vjp(theirs, *trained)[1](cot), strict=True):
-        close(g, w)
-
-
 @pytest.mark.parametrize("weights", ["dense", "mxfp4"])
 @pytest.mark.parametrize("glu", [None, Glu(1.702, 7.0)], ids=["product", "glu on chip"])
 def test_one_row_broadcast_equals_its_copies(weights, glu):

@@ -225,12 +225,12 @@ def test_decode_step_on_the_kernels_equals_jnp():
 
 def test_aligned_slots_place_each_pair_once_in_its_experts_tiles():
     """The decode layout without sorting: every pair gets its own row; an expert's pairs fill consecutive
-    rows from a multiple of the tile, in token order; the sizes count each expert's pairs."""
+    rows from a multiple of the tile, in token order; each expert's padded size covers them."""
     from gptoss_mla_jax.moe import _aligned_slots
 
     expert = jnp.asarray([3, 0, 3, 3, 1, 0, 3, 5], jnp.int32)  # expert 2 and 4 chosen by none
-    slot, sizes = map(np.asarray, _aligned_slots(expert, 6, 4))
-    np.testing.assert_array_equal(sizes, [2, 1, 0, 4, 0, 1])
+    slot, padded = map(np.asarray, _aligned_slots(expert, 6, 4))
+    np.testing.assert_array_equal(padded, [4, 4, 0, 4, 0, 4])
     np.testing.assert_array_equal(slot, [8, 0, 9, 10, 4, 1, 11, 12])
 
 
@@ -249,10 +249,9 @@ def test_layout_rows_bound_every_layout_in_whole_tiles():
         worst = np.concatenate([np.arange(m - 1), np.full(P - m + 1, m - 1)])
         for expert in (np.concatenate(choices), np.arange(m), worst):
             expert = jnp.asarray(expert, jnp.int32)
-            slot, sizes = _aligned_slots(expert, E, align)
-            spans = -(-sizes // align) * align  # each expert's rows and padding
-            assert int(spans.sum()) <= height and int(slot.max()) < height
-    assert int(spans.sum()) == height  # one pair for each of the 4 experts: 4 whole tiles
+            slot, padded = _aligned_slots(expert, E, align)
+            assert int(padded.sum()) <= height and int(slot.max()) < height
+    assert int(padded.sum()) == height  # one pair for each of the 4 experts: 4 whole tiles
 
 
 def test_layout_align_follows_the_pairs_per_expert():

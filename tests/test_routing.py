@@ -15,8 +15,8 @@ def reference(x, kernel, bias, k: int, align: int):
     logits = x @ kernel + bias
     top, experts = jax.lax.top_k(logits, k)
     weights = jax.nn.softmax(top.astype(jnp.float32), axis=-1)
-    slot, sizes = _aligned_slots(experts.reshape(-1), kernel.shape[1], align)
-    return weights, experts, slot, sizes
+    slot, padded = _aligned_slots(experts.reshape(-1), kernel.shape[1], align)
+    return weights, experts, slot, padded
 
 
 @pytest.mark.parametrize(
@@ -46,7 +46,7 @@ def test_equals_the_router_and_the_jnp_layout(tokens, D, E, k, routing):
     assert np.isfinite(np.asarray(got[0])).all()
     want = reference(x, kernel, bias, k, ALIGN)
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6, atol=1e-6)  # weights
-    for name, g, w in zip(("experts", "slots", "sizes"), got[1:4], want[1:], strict=True):
+    for name, g, w in zip(("experts", "slots", "padded sizes"), got[1:4], want[1:], strict=True):
         np.testing.assert_array_equal(g, w, err_msg=name)
     # Each row of the layout: the token whose pair sits there, -1 elsewhere.
     row_token = np.full(layout_rows(tokens, k, E, ALIGN), -1)

@@ -7,11 +7,10 @@
 #   moe_b1     the same at batch 1 only
 #   moe_wide   the same at batches 128 and 256, the layout's row tile up to 64 rows (the default) against up to
 #              16 (128: 32-row tiles against 16; 256: 64-row tiles against the sorted layout)
+#   moe_wide_sweep  one layer's MoE at batches 128 and 256, the launch table's launch and the standard sweep
 #   variants   the MXFP4 decoding's variants timed against each other on one layer's MoE (batches 1, 8, 64)
 #   layouts    one layer's MoE at batches 1-256 on the launch table's own launches only, with lhs split on
 #              chip and given as halves (gmm.SPLIT_ROWS 64, 16), in one process
-#   parts      one layer's MoE at batches 128 and 256 with the layout's row tiles multiplied in parts of 16 rows
-#              (gmm.MMA_ROWS, the default) and whole, in one process; parts_sweep: batch 256's launches swept
 #   profile    kernels per decode step and where the device time goes, batch 1 x 4K; profile_32k at 1 x 32K
 #   graphs     the same profile of GQA with XLA's command buffers (CUDA graphs) for every kind of op
 #   e2e        whole-model decode steps on the kernels, GQA and both MLA modes, batches 1 and 64 at 4K / 32K
@@ -81,11 +80,10 @@ for stage in ${STAGES//,/ }; do
     moe) run decode_moe 330 eval.bench.decode --moe 1,8,64,256 --repeats 10 ;;
     moe_b1) run decode_moe_b1 150 eval.bench.decode --moe 1 --repeats 10 ;;
     moe_wide) run decode_moe_wide 400 eval.bench.decode --moe 128,256 --max-aligns 64,16 --repeats 10 ;;
+    moe_wide_sweep) run decode_moe_wide_sweep 420 eval.bench.decode --moe 128,256 --repeats 10 ;;
     variants) run mxfp4_decode_variants 240 eval.experiments.mxfp4_decode_variants ;;
     layouts) run decode_moe_layouts 300 eval.bench.decode --moe 1,8,64,128,256 --split-rows 64,16 \
       --moe-launches none --repeats 10 ;;
-    parts) run decode_moe_parts 300 eval.bench.decode --moe 128,256 --mma-rows 16,0 --moe-launches none --repeats 10 ;;
-    parts_sweep) run decode_moe_parts_sweep 300 eval.bench.decode --moe 256 --repeats 10 ;;
     profile) run decode_profile 300 eval.bench.decode --profile 1,4096 --partial --repeats 5 ;;
     profile_32k) run decode_profile_32k 300 eval.bench.decode --profile 1,32768 --partial --repeats 5 ;;
     graphs) run decode_profile_graphs 150 eval.bench.decode --profile 1,4096 --models gqa --repeats 5 --cuda-graphs ;;
