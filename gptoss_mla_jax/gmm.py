@@ -124,10 +124,6 @@ WIDE_GROUP_ROWS = 16
 # and 256 (`eval.bench.decode --moe 128,256 --split-rows 64,16`, docs/decode.md), so every decode tile
 # splits on chip.
 SPLIT_ROWS = 64
-# Aligned layouts' packed forward products on row tiles of at least this many rows (0: none) multiply
-# W[g] @ lhs^T, [cols, rows], and store its transpose: the decoded weights are then the tensor cores' first
-# operand, which `wgmma` takes from registers, so they need no trip through shared memory.
-TRANSPOSED_ROWS = 0
 
 
 def launch_for(kind: str, K: int, N: int) -> Tiles:
@@ -306,7 +302,6 @@ def _store_product(
     ragged: bool,
     glu: Glu | None,
     width: int,
-    transposed: bool = False,
 ):
     """The forward kernels' common end: `steps` of `step` summed over the contraction in float32, plus the
     group's bias, stored into the pair's tile (through `glu` into half as many columns, if given; `width`:
@@ -316,12 +311,11 @@ def _store_product(
     share = _cdiv(steps, tiles.splits)
 
     def compute():
-        zeros = jnp.zeros((tiles.cols, tiles.rows) if transposed else (tiles.rows, tiles.cols), jnp.float32)
+        zeros = jnp.zeros((tiles.rows, tiles.cols), jnp.float32)
         if tiles.splits == 1:  # static bounds
             acc = jax.lax.fori_loop(0, steps, step, zeros)
         else:
             acc = jax.lax.fori_loop(split * share, jnp.minimum(split * share + share, steps), step, zeros)
-        acc = acc.T if transposed else acc
         if bias_ref is not None:
             bias = masked_load(bias_ref.at[site.gc, site.cols], site.col_ok if ragged else None)
             acc += jnp.where(split == 0, bias.astype(jnp.float32), 0.0)[None, :]
@@ -468,7 +462,6 @@ def _mxfp4_kernel(
     site = _site(map_refs, n_groups, tiles, N, tiles.cols)
     half, groups = tiles.depth // 2, tiles.depth // BLOCK
     ragged = N % tiles.cols != 0 or K % tiles.depth != 0
-    transposed = len(map_refs) == 1 and 0 < TRANSPOSED_ROWS <= tiles.rows
     # Scale rows padded by `mxfp4.pad_scales` carry its flag in their first pad byte.
     foldable = scales_ref[0, 0, K // BLOCK] != 0 if scales_ref.shape[-1] > K // BLOCK else None
 
@@ -488,12 +481,9 @@ def _mxfp4_kernel(
         else:
             at, x_mask = pl.ds(kk * half, half), byte_ok[None, :] if ragged else None
             x_even, x_odd = (masked_load(ref.at[site.rows, at], x_mask) for ref in lhs_refs)
-        if transposed:
-            return acc + _dot(low, x_even, (1, 1)) + _dot(high, x_odd, (1, 1))
         return acc + _dot(x_even, low, (1, 1)) + _dot(x_odd, high, (1, 1))
 
-    steps = _cdiv(K, tiles.depth)
-    _store_product(out_ref, bias_ref, site, step, steps, tiles, n_groups, ragged, glu, N, transposed)
+    _store_product(out_ref, bias_ref, site, step, _cdiv(K, tiles.depth), tiles, n_groups, ragged, glu, N)
 
 
 def _splits_lhs_on_chip(tiles: Tiles, aligned: bool) -> bool:

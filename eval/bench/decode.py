@@ -873,11 +873,6 @@ def main(argv=None) -> int:
         help="--moe with the packed products of decode layouts splitting lhs on chip on row tiles of up to "
         "each of these in turn (gmm.SPLIT_ROWS; taller tiles take halves that XLA makes), e.g. 64,16",
     )  # fmt: skip
-    parser.add_argument(
-        "--transposed-rows", default=str(gmm_lib.TRANSPOSED_ROWS),
-        help="--moe with the packed products of decode layouts on row tiles of at least each of these many "
-        "rows in turn multiplying W @ lhs^T (gmm.TRANSPOSED_ROWS; 0: none), e.g. 0,16",
-    )  # fmt: skip
     parser.add_argument("--profile", metavar="BATCH,CONTEXT", help="profile decode steps on the kernels")
     parser.add_argument(
         "--partial",
@@ -967,16 +962,12 @@ def main(argv=None) -> int:
             result["kernels"] = kernel_rows(batches, contexts, args.repeats, args.smoke, log, layers)
         elif args.moe:
             batches, result["moe"] = [int(b) for b in args.moe.split(",")], []
-            options = (args.max_aligns, args.split_rows, args.transposed_rows)
-            for max_align, split, transposed in itertools.product(
-                *([int(v) for v in values.split(",")] for values in options)
+            for max_align, split in itertools.product(
+                *([int(v) for v in values.split(",")] for values in (args.max_aligns, args.split_rows))
             ):
-                setting = {"max_align": max_align, "split_rows": split, "transposed_rows": transposed}
+                setting = {"max_align": max_align, "split_rows": split}
                 tag = lambda row, setting=setting: log(row | setting)
-                with switched(
-                    (moe_lib, "MAX_ALIGN", max_align), (gmm_lib, "SPLIT_ROWS", split),
-                    (gmm_lib, "TRANSPOSED_ROWS", transposed),
-                ):  # fmt: skip
+                with switched((moe_lib, "MAX_ALIGN", max_align), (gmm_lib, "SPLIT_ROWS", split)):
                     rows = moe_rows(batches, args.repeats, args.smoke, tag, args.moe_launches)
                 result["moe"] += [row | setting for row in rows]
         elif args.profile:
