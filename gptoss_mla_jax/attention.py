@@ -133,12 +133,14 @@ def decode_plan(
     block: int = 64,
     most_splits: int | None = None,
     head_block: int | None = None,
+    target: int = flash_decode.FILL_PROGRAMS,
 ) -> flash_decode.Launch | None:
     """The flash-decoding kernel's launch when this step runs on it: asked for, one token per sequence, a
-    cache whose slot count the kernel can split (`flash_decode.plan`); else None (the jnp path)."""
+    cache whose slot count the kernel can split (`flash_decode.plan`, slices until about `target` programs);
+    else None (the jnp path)."""
     if not decode_kernels or new_cache is None or new_cache[entry].shape[1] == 0:
         return None
-    steps = flash_decode.plan(new_cache[entry].shape[1], programs, block, most_splits=most_splits)
+    steps = flash_decode.plan(new_cache[entry].shape[1], programs, block, target, most_splits)
     interpret = jax.default_backend() != "gpu"
     return None if steps is None else flash_decode.Launch(*steps, interpret, head_block=head_block)
 

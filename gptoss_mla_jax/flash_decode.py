@@ -70,6 +70,10 @@ class Slots(NamedTuple):
 # Twice the SMs of an H100 / H200: a grid of fewer programs leaves SMs without a second program to switch to
 # while the first waits on memory (decode grids are split until they reach it).
 FILL_PROGRAMS = 264
+# The MLA kernels' grids (absorbed and decompressed) fill at one program an SM: a program holds most of an
+# SM's shared memory, so a second one waits for the first instead of overlapping it, and slicing the cache
+# twice as finely only adds state to write and combine (docs/decode.md, "Slices of the cache").
+MLA_FILL_PROGRAMS = 132
 
 
 # The most per-slice state a plan may write, as a share of the cache bytes the slices read: each slice
@@ -101,7 +105,8 @@ def absorbed_split(
     whose slices each write `heads` x (latent + 2) float32 sums. `share` None: all heads in one program,
     slices unbounded (the grid fills by slices alone). Else the slices whose state stays within `share` of
     the cache's bytes, and the heads split over programs (each then reads the latent block through L2),
-    halved while they halve evenly and keep MIN_ROWS a program, until the grid would fill."""
+    halved while they halve evenly and keep MIN_ROWS a program, until the grid would fill
+    (`MLA_FILL_PROGRAMS`)."""
     if share is None:
         return None, None
     state = heads * (latent + 2) * 4
@@ -110,7 +115,7 @@ def absorbed_split(
     while (
         head_block % 2 == 0
         and head_block // 2 >= MIN_ROWS
-        and batch * (heads // head_block) * most < FILL_PROGRAMS
+        and batch * (heads // head_block) * most < MLA_FILL_PROGRAMS
     ):
         head_block //= 2
     return (None if head_block == heads else head_block), most
@@ -402,6 +407,11 @@ def kv_heads_per_program(G: int, R: int, head_block: int | None = None) -> int:
 
 
 KernelKind = Literal["gqa", "decompressed", "absorbed"]
+
+
+def fill_programs(kind: KernelKind) -> int:
+    """The programs `plan` fills a decode kernel's grid with: GQA's two an SM, the MLA kernels' one."""
+    return FILL_PROGRAMS if kind == "gqa" else MLA_FILL_PROGRAMS
 
 
 def programs_per_slice(kind: KernelKind, B: int, G: int, R: int, head_block: int | None = None) -> int:

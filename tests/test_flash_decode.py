@@ -15,10 +15,12 @@ from gptoss_mla_jax.config import GPT_OSS_20B, MlaConfig
 from gptoss_mla_jax.flash_decode import (
     FILL_PROGRAMS,
     MIN_ROWS,
+    MLA_FILL_PROGRAMS,
     Launch,
     Slots,
     absorbed_split,
     combine,
+    fill_programs,
     gqa_decode,
     kv_heads_per_program,
     mla_absorbed_decode,
@@ -208,12 +210,23 @@ def test_plan_fills_the_grid_within_its_bound():
     assert plan(40, 1) is None  # not a multiple of 16
 
 
+def test_mla_kernels_fill_the_grid_at_one_program_an_sm():
+    """GQA's grid fills at two programs an SM, the MLA kernels' at one (`fill_programs`): at 1 x 32K
+    absorbed MLA (one program a sequence) takes 256 slices, not 512; at 64 x 32K decompressed MLA (4
+    programs a sequence, two kv heads each) one slice, not two."""
+    assert fill_programs("gqa") == FILL_PROGRAMS == 2 * MLA_FILL_PROGRAMS
+    assert fill_programs("absorbed") == fill_programs("decompressed") == MLA_FILL_PROGRAMS
+    assert plan(32768, 1, target=fill_programs("absorbed")) == (256, 64)
+    assert plan(32768, 256, target=fill_programs("decompressed")) == (1, 64)
+    assert plan(32768, 256, target=fill_programs("gqa")) == (2, 64)
+
+
 @pytest.mark.parametrize("share", [1.0, 0.25, 1e-9])
 @pytest.mark.parametrize(("batch", "slots"), [(1, 4096), (1, 32768), (8, 32768), (64, 131072)])
 def test_absorbed_split_keeps_the_slices_state_within_its_share(batch, slots, share):
     """gpt-oss-20b's absorbed layer (64 heads, latent 160 plus 32 RoPE values a slot, bf16): the most
     slices whose float32 sums stay within `share` of the cache (one more would not), and the heads split
-    (down to MIN_ROWS a program) only while the grid is short of FILL_PROGRAMS."""
+    (down to MIN_ROWS a program) only while the grid is short of MLA_FILL_PROGRAMS."""
     heads, latent, slot_bytes = 64, 160, 192 * 2
     head_block, most = absorbed_split(batch, slots, heads, slot_bytes, latent, share)
     state, cache = heads * (latent + 2) * 4, slots * slot_bytes
@@ -221,8 +234,8 @@ def test_absorbed_split_keeps_the_slices_state_within_its_share(batch, slots, sh
     rows = head_block or heads
     assert MIN_ROWS <= rows <= heads and heads % rows == 0
     programs = batch * heads // rows * most
-    assert rows == MIN_ROWS or programs >= FILL_PROGRAMS
-    assert head_block is None or programs // 2 < FILL_PROGRAMS  # split no further than the grid needs
+    assert rows == MIN_ROWS or programs >= MLA_FILL_PROGRAMS
+    assert head_block is None or programs // 2 < MLA_FILL_PROGRAMS  # split no further than the grid needs
     assert absorbed_split(batch, slots, heads, slot_bytes, latent, None) == (None, None)
 
 

@@ -783,11 +783,19 @@ def kernel_case(layer: str, batch: int, context: int, G, R, d, n2, r, dtype) -> 
     return KernelCase(args, kernel, reference, sum(x.nbytes for x in cache), {})
 
 
+def kernel_kind(layer: str) -> flash_decode.KernelKind:
+    """The kind of decode kernel the model runs `layer` on (gqa, mla: decompressed, else absorbed)."""
+    return {"gqa": "gqa", "mla": "decompressed", "mla_mosaic": "decompressed"}.get(layer, "absorbed")
+
+
 def kernel_programs(layer: str, batch: int, G: int, R: int, head_block: int | None) -> int:
-    """The programs per cache slice the model runs `layer`'s kernel with (gqa, mla: decompressed, else
-    absorbed; `flash_decode.programs_per_slice`)."""
-    kind = {"gqa": "gqa", "mla": "decompressed", "mla_mosaic": "decompressed"}.get(layer, "absorbed")
-    return flash_decode.programs_per_slice(kind, batch, G, R, head_block)
+    """The programs per cache slice the model runs `layer`'s kernel with (`programs_per_slice`)."""
+    return flash_decode.programs_per_slice(kernel_kind(layer), batch, G, R, head_block)
+
+
+def kernel_plan(layer: str, context: int, programs: int, block: int) -> tuple[int, int] | None:
+    """The (slices, block) the model's `decode_plan` picks for `layer`'s kernel over `context` slots."""
+    return flash_decode.plan(context, programs, block, flash_decode.fill_programs(kernel_kind(layer)))
 
 
 def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, configs, head_blocks, dtype) -> dict:
@@ -800,7 +808,7 @@ def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, configs, 
     for launch in configs + head_blocks:
         programs = kernel_programs(layer, batch, G, R, launch.get("head_block"))
         # the slices decode_plan would pick for this many programs
-        splits, block = flash_decode.plan(context, programs, launch["block"])
+        splits, block = kernel_plan(layer, context, programs, launch["block"])
         plans.append(launch | dict(splits=splits, block=block))
     interpret = jax.default_backend() == "cpu"
     make = lambda plan: case.kernel(Launch(**plan, interpret=interpret))
@@ -899,6 +907,11 @@ def main(argv=None) -> int:
         "these in turn, e.g. none,0.25 (none: unbounded, the default)",
     )  # fmt: skip
     parser.add_argument(
+        "--mla-fill-programs", default=str(flash_decode.MLA_FILL_PROGRAMS),
+        help="steps with the MLA kernels' cache slices filling the grid to about each of these many programs "
+        "in turn (flash_decode.MLA_FILL_PROGRAMS), e.g. 132,264",
+    )  # fmt: skip
+    parser.add_argument(
         "--fused-norms", default=model_lib.FUSED_NORMS,
         help="steps with each residual add fused with its norm (model.FUSED_NORMS: router, the one before "
         "the MoE with the router's product; norms, without; off), each of these in turn, e.g. "
@@ -985,19 +998,22 @@ def main(argv=None) -> int:
             built, result["rows"] = models_(), []
             copy = copy_bandwidth(0.05 if args.smoke else 4.0)
             result["copy_gb_per_s"] = copy / 1e9
-            for share, fused, decompressed in itertools.product(
+            for share, fill, fused, decompressed in itertools.product(
                 args.state_shares.split(","),
+                [int(n) for n in args.mla_fill_programs.split(",")],
                 args.fused_norms.split(","),
                 args.decompressed_kernels.split(","),
             ):
                 setting = {
                     "state_share": share,
+                    "mla_fill_programs": fill,
                     "fused_norms": fused,
                     "decompressed_kernel": decompressed,
                 }
                 tag = lambda row, setting=setting: log(row | setting)
                 with switched(
                     (flash_decode, "STATE_SHARE", None if share == "none" else float(share)),
+                    (flash_decode, "MLA_FILL_PROGRAMS", fill),
                     (model_lib, "FUSED_NORMS", fused),
                     (flash_decode, "DECOMPRESSED_KERNEL", decompressed),
                 ):

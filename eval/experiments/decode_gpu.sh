@@ -32,6 +32,10 @@
 #   loop_while loop_b1 with the while loop itself a command buffer too (WHILE, CONDITIONAL)
 #   splits     each attention kernel at batch 1 (4K, 32K) over a grid of cache slices and head blocks, by
 #              device busy time, beside each setting's per-slice state bytes; splits_b8 the same at 8 x 32K
+#   splits_b64 the same at 64 x 32K
+#   mla_fill   the MLA models' loop with their kernels' grids filled to about 132 programs (one an SM,
+#              flash_decode.MLA_FILL_PROGRAMS) and 264: decompressed and partial at 1 x 4K and 1 x 32K, then
+#              both at 64 x 32K (JAX given 97% of the card), each in one process
 #   share      the absorbed models' loop at 1 x 32K without and with the slices' state bounded (SHARE,
 #              default 0.25), in one process
 #   fused      the fused residual add + norm kernel against XLA's path (agreement, device time), the
@@ -116,6 +120,14 @@ for stage in ${STAGES//,/ }; do
     ) ;;
     splits) run decode_splits 330 eval.experiments.decode_splits --batches 1 --contexts 4096,32768 ;;
     splits_b8) run decode_splits_b8 200 eval.experiments.decode_splits --batches 8 --contexts 32768 ;;
+    splits_b64) run decode_splits_b64 200 eval.experiments.decode_splits --batches 64 --contexts 32768 ;;
+    mla_fill)
+      run decode_e2e_mla_fill_b1 260 eval.bench.decode --cuda-graphs --decode-kernels on --partial \
+        --models mla,mla_partial --batches 1 --contexts 4096,32768 --loop-steps 16 --repeats 5 \
+        --mla-fill-programs 132,264
+      XLA_PYTHON_CLIENT_MEM_FRACTION=0.97 run decode_e2e_mla_fill_64x32k 280 eval.bench.decode --cuda-graphs \
+        --decode-kernels on --partial --models mla,mla_partial --batches 64 --contexts 32768 --loop-steps 16 --repeats 5 \
+        --mla-fill-programs 132,264 ;;
     share) run decode_e2e_share 480 eval.bench.decode --cuda-graphs --decode-kernels on --partial \
       --models mla_partial,mla_rorope --batches 1 --contexts 32768 --loop-steps 16 --repeats 5 \
       --state-shares "none,${SHARE:-0.25}" ;;
