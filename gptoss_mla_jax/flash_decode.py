@@ -78,8 +78,9 @@ MLA_FILL_PROGRAMS = 132
 
 # The most per-slice state a plan may write, as a share of the cache bytes the slices read: each slice
 # writes float32 sums for every query head it serves (acc, m, l), which `combine` reads back. None: slices
-# until the grid fills (FILL_PROGRAMS) whatever their state. Absorbed MLA's state per slice is its 64 heads'
-# sums over the latent, so at batch 1 x 32K the grid's 512 slices write 1.7x the cache.
+# until the grid fills (`fill_programs`) whatever their state. Absorbed MLA's state per slice is its 64
+# heads' sums over the latent, so at batch 1 x 32K the grid's 256 slices write 0.84x the cache; splitting
+# the heads over programs instead measured slower at 32K (docs/decode.md).
 STATE_SHARE: float | None = None
 
 
