@@ -70,9 +70,10 @@ class Slots(NamedTuple):
 # Twice the SMs of an H100 / H200: a grid of fewer programs leaves SMs without a second program to switch to
 # while the first waits on memory (decode grids are split until they reach it).
 FILL_PROGRAMS = 264
-# The MLA kernels' grids (absorbed and decompressed) fill at one program an SM: a program holds most of an
-# SM's shared memory, so a second one waits for the first instead of overlapping it, and slicing the cache
-# twice as finely only adds state to write and combine (docs/decode.md, "Slices of the cache").
+# The MLA kernels' grids (absorbed and decompressed) fill at one program an SM: each of their programs serves
+# many query heads, so its slice's state is large, and slicing the cache twice as finely to reach two
+# programs an SM measured slower, the state written and combined growing with the slices (docs/decode.md,
+# "Slices of the cache").
 MLA_FILL_PROGRAMS = 132
 
 
