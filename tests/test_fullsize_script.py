@@ -235,7 +235,7 @@ def test_kernel_benchmark_times_the_mosaic_gpu_kernel(monkeypatch, warpgroups_co
     a shape it takes: 64-slot blocks, rows of whole swizzles), one warpgroup a program and two, each launch
     run on it (not on Triton's kernel) and agreeing with the jnp path in bf16 as the Triton kernel's row
     does; a launch it does not run is an error of that launch; the switch restored after."""
-    from eval.bench import decode as bench_decode
+    from eval.bench import decode_kernels
     from gptoss_mla_jax import flash_decode, flash_decode_mosaic
 
     ran = []  # the warps of each launch the Mosaic GPU kernel ran at
@@ -244,24 +244,24 @@ def test_kernel_benchmark_times_the_mosaic_gpu_kernel(monkeypatch, warpgroups_co
     monkeypatch.setattr(
         flash_decode_mosaic, "decompressed_splits", lambda *a: ran.append(a[-1].warps) or real(*a)
     )
-    rows = bench_decode.kernel_rows([1], [128], 1, True, lambda row: None, ("mla_mosaic",))
+    rows = decode_kernels.kernel_rows([1], [128], 1, True, lambda row: None, ("mla_mosaic",))
     [row] = [r for r in rows if "layer" in r]
     assert "error" not in row and all("error" not in c for c in row["configs"]), row
     assert sorted(set(ran)) == [4, 8]
     assert row["max_abs_error"] <= 2**-6 * row["max_abs_reference"]
     assert kernel_before == flash_decode.DECOMPRESSED_KERNEL
-    monkeypatch.setattr(bench_decode, "MOSAIC_CONFIGS", [dict(block=64, warps=6, stages=2)])
-    rows = bench_decode.kernel_rows([1], [128], 1, True, lambda row: None, ("mla_mosaic",))
+    monkeypatch.setattr(decode_kernels, "MOSAIC_CONFIGS", [dict(block=64, warps=6, stages=2)])
+    rows = decode_kernels.kernel_rows([1], [128], 1, True, lambda row: None, ("mla_mosaic",))
     assert "does not run" in next(r for r in rows if "layer" in r)["error"]
 
 
 def test_kernel_benchmark_without_the_stock_peer(monkeypatch):
     """A JAX without pallas.ops.gpu (deprecated in 0.11): the GQA row is measured without its peer."""
-    from eval.bench import decode as bench_decode
+    from eval.bench import decode_kernels
 
-    monkeypatch.setattr(bench_decode, "decode_attention", None)
+    monkeypatch.setattr(decode_kernels, "decode_attention", None)
     launch = [dict(block=16, warps=4, stages=2)]
-    row = bench_decode.kernel_point(
+    row = decode_kernels.kernel_point(
         "gqa", 1, 64, 1, 1e9, G=2, R=2, d=16, n2=4, r=24, configs=launch, head_blocks=[], dtype=jnp.float32
     )
     assert row["max_abs_error"] <= 1e-5 * row["max_abs_reference"] and row["jnp_ms"] > 0

@@ -25,7 +25,7 @@ from typing import get_args
 import jax
 import jax.numpy as jnp
 
-from eval.bench.decode import device_us
+from eval.bench.timing import device_us
 from gptoss_mla_jax import model as model_lib
 from gptoss_mla_jax.add_norm import ExpertRows, add_norm, add_norm_reference, add_norm_routed
 from gptoss_mla_jax.flash_decode import runs_compiled

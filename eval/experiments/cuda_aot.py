@@ -224,7 +224,7 @@ def _decode_kernels(batch: int, context: int) -> dict:
     placed = _topology()
     from jax.experimental import pallas as pl
 
-    from eval.bench.decode import moe_layer
+    from eval.bench.decode_moe import moe_layer
     from gptoss_mla_jax import flash_decode, mla
     from gptoss_mla_jax.add_norm import ROUTER_DEPTH, ExpertRows, add_norm, add_norm_routed
     from gptoss_mla_jax.config import GPT_OSS_20B, MlaConfig

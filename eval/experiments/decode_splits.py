@@ -24,7 +24,8 @@ import json
 import jax
 import jax.numpy as jnp
 
-from eval.bench.decode import device_us, kernel_case, kernel_plan, kernel_programs
+from eval.bench.decode_kernels import kernel_case, kernel_plan, kernel_programs
+from eval.bench.timing import device_us
 from gptoss_mla_jax.flash_decode import Launch
 from support.results import write_json
 

@@ -14,7 +14,7 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from eval.bench.decode import moe_layer
+from eval.bench.decode_moe import moe_layer
 from gptoss_mla_jax import flash_decode
 from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig
 from gptoss_mla_jax.generation import DEMO_CONFIG

@@ -103,8 +103,8 @@ def variant_params(p, asm: str, folded: bool):
 
 
 def main(argv=None) -> int:
-    from eval.bench.decode import device_us, moe_layer
-    from eval.bench.timing import run_header
+    from eval.bench.decode_moe import moe_layer
+    from eval.bench.timing import device_us, run_header
     from gptoss_mla_jax import flash_decode, routing
     from gptoss_mla_jax.attention import linear
     from gptoss_mla_jax.config import GPT_OSS_20B
