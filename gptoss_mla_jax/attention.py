@@ -129,18 +129,18 @@ def decode_plan(
     decode_kernels: bool,
     new_cache: dict[str, Array] | None,
     entry: str,
+    kind: flash_decode.KernelKind,
     programs: int,
     block: int = 64,
     most_splits: int | None = None,
     head_block: int | None = None,
-    target: int = flash_decode.FILL_PROGRAMS,
 ) -> flash_decode.Launch | None:
-    """The flash-decoding kernel's launch when this step runs on it: asked for, one token per sequence, a
-    cache whose slot count the kernel can split (`flash_decode.plan`, slices until about `target` programs);
-    else None (the jnp path)."""
+    """The `kind` flash-decoding kernel's launch when this step runs on it: asked for, one token per
+    sequence, a cache whose slot count the kernel can split (`flash_decode.plan_for`); else None (the jnp
+    path)."""
     if not decode_kernels or new_cache is None or new_cache[entry].shape[1] == 0:
         return None
-    steps = flash_decode.plan(new_cache[entry].shape[1], programs, block, target, most_splits)
+    steps = flash_decode.plan_for(kind, new_cache[entry].shape[1], programs, block, most_splits)
     interpret = jax.default_backend() != "gpu"
     return None if steps is None else flash_decode.Launch(*steps, interpret, head_block=head_block)
 
@@ -193,7 +193,7 @@ def attention(
     window = config.sliding_window if sliding else None
     # Blocks of 128 slots: GQA's fastest at >= 32K on an H200 (eval/results/decode_kernels_h200.json).
     programs = flash_decode.programs_per_slice("gqa", B, G, R)
-    steps = decode_plan(options.decode_kernels and T == 1, layer_cache, "k", programs, 128)
+    steps = decode_plan(options.decode_kernels and T == 1, layer_cache, "k", "gqa", programs, 128)
     q, k, v = project_qkv(p, x, cos, sin, config)
     blocks = [(k, v, positions, valid)]
     new_cache = None

@@ -68,12 +68,12 @@ class Slots(NamedTuple):
 
 
 # Twice the SMs of an H100 / H200: a grid of fewer programs leaves SMs without a second program to switch to
-# while the first waits on memory (decode grids are split until they reach it).
+# while the first waits on memory (GQA's decode grids are split until they reach it: 512 programs at
+# gpt-oss's power-of-two shapes).
 FILL_PROGRAMS = 264
-# The MLA kernels' grids (absorbed and decompressed) fill at one program an SM: each of their programs serves
-# many query heads, so its slice's state is large, and slicing the cache twice as finely to reach two
-# programs an SM measured slower, the state written and combined growing with the slices (docs/decode.md,
-# "Slices of the cache").
+# The SMs: the MLA kernels' grids (absorbed and decompressed) are split only until they reach it (256
+# programs at gpt-oss's shapes). Each of their programs serves many query heads, and slicing the cache
+# twice as finely, to GQA's fill, measured slower (docs/decode.md, "Slices of the cache").
 MLA_FILL_PROGRAMS = 132
 
 
@@ -108,7 +108,7 @@ def absorbed_split(
     slices unbounded (the grid fills by slices alone). Else the slices whose state stays within `share` of
     the cache's bytes, and the heads split over programs (each then reads the latent block through L2),
     halved while they halve evenly and keep MIN_ROWS a program, until the grid would fill
-    (`MLA_FILL_PROGRAMS`)."""
+    (`fill_programs`)."""
     if share is None:
         return None, None
     state = heads * (latent + 2) * 4
@@ -117,7 +117,7 @@ def absorbed_split(
     while (
         head_block % 2 == 0
         and head_block // 2 >= MIN_ROWS
-        and batch * (heads // head_block) * most < MLA_FILL_PROGRAMS
+        and batch * (heads // head_block) * most < fill_programs("absorbed")
     ):
         head_block //= 2
     return (None if head_block == heads else head_block), most
@@ -412,8 +412,16 @@ KernelKind = Literal["gqa", "decompressed", "absorbed"]
 
 
 def fill_programs(kind: KernelKind) -> int:
-    """The programs `plan` fills a decode kernel's grid with: GQA's two an SM, the MLA kernels' one."""
+    """The programs a decode kernel's grid is split until it reaches (`plan`'s target): twice the SMs for
+    GQA, the SMs for the MLA kernels."""
     return FILL_PROGRAMS if kind == "gqa" else MLA_FILL_PROGRAMS
+
+
+def plan_for(
+    kind: KernelKind, slots: int, programs: int, block: int = 64, most_splits: int | None = None
+) -> tuple[int, int] | None:
+    """The (splits, block) the model's decode steps launch a `kind` kernel with: `plan` to the kind's fill."""
+    return plan(slots, programs, block, fill_programs(kind), most_splits)
 
 
 def programs_per_slice(kind: KernelKind, B: int, G: int, R: int, head_block: int | None = None) -> int:

@@ -179,11 +179,11 @@ def attention_mla(
         head_block, most_splits = flash_decode.absorbed_split(
             B, new_cache["c"].shape[1], H, slot_bytes, new_cache["c"].shape[-1], flash_decode.STATE_SHARE
         )
-    kind = "absorbed" if partial else "decompressed"  # decompressed: one per sequence and group of kv heads
+    kind = "absorbed" if partial else "decompressed"  # decompressed: one program per group of kv heads
     programs = flash_decode.programs_per_slice(kind, B, G, H // G, head_block)
     steps = decode_plan(
-        options.decode_kernels and T == 1, new_cache, "c", programs, most_splits=most_splits,
-        head_block=head_block, target=flash_decode.fill_programs(kind),
+        options.decode_kernels and T == 1, new_cache, "c", kind, programs, most_splits=most_splits,
+        head_block=head_block,
     )  # fmt: skip
     if steps is not None:
         slots = flash_decode.Slots(new_lengths, config.sliding_window if sliding else None, sliding)

@@ -26,6 +26,7 @@ from gptoss_mla_jax.flash_decode import (
     mla_absorbed_decode,
     mla_decompressed_decode,
     plan,
+    plan_for,
     pow2_columns,
     programs_per_slice,
 )
@@ -210,15 +211,16 @@ def test_plan_fills_the_grid_within_its_bound():
     assert plan(40, 1) is None  # not a multiple of 16
 
 
-def test_mla_kernels_fill_the_grid_at_one_program_an_sm():
-    """GQA's grid fills at two programs an SM, the MLA kernels' at one (`fill_programs`): at 1 x 32K
-    absorbed MLA (one program a sequence) takes 256 slices, not 512; at 64 x 32K decompressed MLA (4
-    programs a sequence, two kv heads each) one slice, not two."""
+def test_mla_kernels_split_until_the_sms():
+    """GQA's grid is split until it has twice the SMs' programs, the MLA kernels' until the SMs'
+    (`fill_programs`, `plan_for`): at 1 x 32K absorbed MLA (one program a sequence) takes 256 slices, not
+    512; at 64 x 32K decompressed MLA (4 programs a sequence, two kv heads each) one slice, where GQA's 256
+    programs would take two."""
     assert fill_programs("gqa") == FILL_PROGRAMS == 2 * MLA_FILL_PROGRAMS
     assert fill_programs("absorbed") == fill_programs("decompressed") == MLA_FILL_PROGRAMS
-    assert plan(32768, 1, target=fill_programs("absorbed")) == (256, 64)
-    assert plan(32768, 256, target=fill_programs("decompressed")) == (1, 64)
-    assert plan(32768, 256, target=fill_programs("gqa")) == (2, 64)
+    assert plan_for("absorbed", 32768, 1) == (256, 64) and plan(32768, 1) == (512, 64)
+    assert plan_for("decompressed", 32768, 256) == (1, 64)
+    assert plan_for("gqa", 32768, 256) == (2, 64)
 
 
 @pytest.mark.parametrize("share", [1.0, 0.25, 1e-9])

@@ -408,6 +408,8 @@ def main(argv=None) -> int:
         unknown = set(values.split(",")) - set(get_args(kinds))
         if unknown:
             parser.error(f"{flag}: {sorted(unknown)} not among {get_args(kinds)}")
+    if not all(n.isdigit() and int(n) > 0 for n in args.mla_fill_programs.split(",")):
+        parser.error(f"--mla-fill-programs: {args.mla_fill_programs!r} is not a list of positive integers")
     if args.cuda_graphs:
         request_cuda_graphs()
     contexts = [int(c) for c in args.contexts.split(",")]

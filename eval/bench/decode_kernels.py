@@ -196,7 +196,7 @@ def kernel_case(layer: str, batch: int, context: int, G, R, d, n2, r, dtype) -> 
         args = (normal(batch, G * R, d), *cache)
         kernel = lambda launch: lambda q, k, v: flash_decode.gqa_decode(q, k, v, slots, sinks, launch)
         reference = lambda q, k, v: attend(q[:, None], [(k, v, pos, visible)], q_pos, sinks, None)[:, 0]
-        splits, block = flash_decode.plan(context, batch * G, 128)  # GQA's launch in the model
+        splits, block = flash_decode.plan_for("gqa", context, batch * G, 128)  # GQA's launch in the model
         stock_gqa = lambda q, k, v: decode_attention.gqa(
             q,
             k,
@@ -267,7 +267,7 @@ def kernel_programs(layer: str, batch: int, G: int, R: int, head_block: int | No
 
 def kernel_plan(layer: str, context: int, programs: int, block: int) -> tuple[int, int] | None:
     """The (slices, block) the model's `decode_plan` picks for `layer`'s kernel over `context` slots."""
-    return flash_decode.plan(context, programs, block, flash_decode.fill_programs(kernel_kind(layer)))
+    return flash_decode.plan_for(kernel_kind(layer), context, programs, block)
 
 
 def kernel_point(layer, batch, context, repeats, copy, G, R, d, n2, r, configs, head_blocks, dtype) -> dict:

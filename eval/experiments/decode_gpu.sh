@@ -33,8 +33,8 @@
 #   splits     each attention kernel at batch 1 (4K, 32K) over a grid of cache slices and head blocks, by
 #              device busy time, beside each setting's per-slice state bytes; splits_b8 the same at 8 x 32K
 #   splits_b64 the same at 64 x 32K
-#   mla_fill   the MLA models' loop with their kernels' grids filled to about 132 programs (one an SM,
-#              flash_decode.MLA_FILL_PROGRAMS) and 264: decompressed and partial at 1 x 4K and 1 x 32K, then
+#   mla_fill   the MLA models' loop with their kernels' grids split until 132 programs (the SMs,
+#              flash_decode.MLA_FILL_PROGRAMS) and until 264: decompressed and partial at 1 x 4K and 1 x 32K, then
 #              both at 64 x 32K (JAX given 97% of the card), each in one process
 #   share      the absorbed models' loop at 1 x 32K without and with the slices' state bounded (SHARE,
 #              default 0.25), in one process

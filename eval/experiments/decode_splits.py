@@ -1,16 +1,16 @@
 """How finely a flash-decoding kernel should split the cache at small batches, timed on the device.
 
-`flash_decode.plan` splits a sequence's cache slots into slices until the grid has about twice the SMs'
-programs (GQA; the MLA kernels' about one an SM, `flash_decode.fill_programs`). Each slice writes float32
-partial sums for every query head it serves (acc, m, l) that the combine reads back: for absorbed MLA at batch
-1 x 32K 512 slices of 64 slots write 21 MB for a 12.6 MB cache, read back once more by the combine.
+`flash_decode.plan` splits a sequence's cache slots into slices until the grid has twice the SMs' programs
+(GQA) or the SMs' (the MLA kernels; `flash_decode.fill_programs`). Each slice writes float32 partial sums for
+every query head it serves (acc, m, l) that the combine reads back: for absorbed MLA at batch 1 x 32K 512
+slices of 64 slots would write 21 MB for a 12.6 MB cache (its plan takes 256, 10.6 MB).
 Fewer slices write less but leave SMs idle, unless the heads are split over programs instead (absorbed MLA:
 `head_block`; its programs then share each latent block through L2). This times every attention kernel of the
 model (GQA, decompressed MLA, absorbed partial and rorope MLA; gpt-oss-20b's shapes, the converted layers at
 192 values per token) over a grid of slice counts around the plan's and of head blocks, by the device's busy
 time per call (the kernel, the combine of its slices and the up-projection after it: a wall clock buries a few
-microseconds under dispatch), beside each setting's state bytes. Every setting's output is checked against the
-jnp path.
+microseconds under dispatch), beside each setting's state bytes (read off the Triton kernels' outputs: the
+Mosaic GPU decompressed kernel's are not counted, 0). Every setting's output is checked against the jnp path.
 
     python -m eval.experiments.decode_splits --batches 1 --contexts 4096,32768 --out splits.json
     python -m eval.experiments.decode_splits --smoke         # the CPU interpreter, tiny shapes (no times)

@@ -40,7 +40,9 @@ def decompressed(batch: int, context: int, runs: int, smoke: bool = False) -> No
     angles = jnp.arange(context, dtype=jnp.float32)[None, :, None] * 1e-3 ** jnp.linspace(0, 1, d // 2)
     lengths = jnp.full((batch,), context, jnp.int32)
     P = flash_decode.kv_heads_per_program(G, R)
-    launch = flash_decode.Launch(*flash_decode.plan(context, batch * G // P), interpret=smoke)
+    launch = flash_decode.Launch(
+        *flash_decode.plan_for("decompressed", context, batch * G // P), interpret=smoke
+    )
     print("decompressed launch", launch, flush=True)
     for _ in range(runs):
         key_up = flash_decode.grouped_key_up(w, b, P, c.dtype)

@@ -51,9 +51,9 @@ def inputs(batch: int, context: int, seed: int = 0):
 
 
 def launch_of(batch: int, context: int, warps: int) -> Launch:
-    """The launch the model gives decompressed MLA's kernel at this point (`flash_decode.plan`)."""
+    """The launch the model gives decompressed MLA's kernel at this point (`flash_decode.plan_for`)."""
     programs = flash_decode.programs_per_slice("decompressed", batch, G, R, None)
-    splits, block = flash_decode.plan(context, programs, 64)
+    splits, block = flash_decode.plan_for("decompressed", context, programs, 64)
     return Launch(splits, block, warps=warps)
 
 
