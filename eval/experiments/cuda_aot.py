@@ -236,27 +236,28 @@ def _decode_kernels(batch: int, context: int) -> dict:
     config = dataclasses.replace(GPT_OSS_20B, mla=MlaConfig("decompressed", (1,), (r,)))
     spec = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype, sharding=placed)
     slots = lambda lengths: flash_decode.Slots(lengths, None, False)
-    launch = lambda kind, programs, **options: flash_decode.Launch(
-        *flash_decode.plan_for(kind, S, programs, 64), interpret=False, **options
+    launch = lambda kind, **options: flash_decode.Launch(  # the model's launch of a `kind` kernel
+        *flash_decode.plan_for(kind, S, flash_decode.programs_per_slice(kind, B, G, R), 64),
+        interpret=False,
+        **options,
     )
-    P = flash_decode.kv_heads_per_program(G, R, None)
     lengths, sinks = spec(B, dtype=jnp.int32), spec(G * R, dtype=jnp.float32)
     experts = jax.eval_shape(lambda: moe_layer(GPT_OSS_20B))
     return {
         "gqa": (
-            lambda q, k, v, n, s: flash_decode.gqa_decode(q, k, v, slots(n), s, launch("gqa", B * G)),
+            lambda q, k, v, n, s: flash_decode.gqa_decode(q, k, v, slots(n), s, launch("gqa")),
             (spec(B, G * R, d), spec(B, S, G, d), spec(B, S, G, d), lengths, sinks),
         ),
         "mla_decompressed": (
             lambda q, w, b, c, n, s: flash_decode.mla_decompressed_decode(
                 q, {"kernel": w, "bias": b}, c, slots(n), s, mla.slot_rotations(n, S, False, config),
-                launch("decompressed", B * G // P),
+                launch("decompressed"),
             ),
             (spec(B, G * R, d), spec(r, 2 * G * d), spec(2 * G * d), spec(B, S, r), lengths, sinks),
         ),
         "mla_absorbed": (
             lambda qr, qn, wk, bk, wv, bv, c, kr, n, s: flash_decode.mla_absorbed_decode(
-                qr, qn, (wk, bk, wv, bv), {"c": c, "k_rope": kr}, slots(n), s, launch("absorbed", B)
+                qr, qn, (wk, bk, wv, bv), {"c": c, "k_rope": kr}, slots(n), s, launch("absorbed")
             ),
             (
                 spec(B, G, R, 4), spec(B, G, R, d - 4), spec(160, G, d - 4), spec(G, d - 4), spec(160, G, d),

@@ -41,7 +41,10 @@ def decompressed(batch: int, context: int, runs: int, smoke: bool = False) -> No
     lengths = jnp.full((batch,), context, jnp.int32)
     P = flash_decode.kv_heads_per_program(G, R)
     launch = flash_decode.Launch(
-        *flash_decode.plan_for("decompressed", context, batch * G // P), interpret=smoke
+        *flash_decode.plan_for(
+            "decompressed", context, flash_decode.programs_per_slice("decompressed", batch, G, R)
+        ),
+        interpret=smoke,
     )
     print("decompressed launch", launch, flush=True)
     for _ in range(runs):
