@@ -17,7 +17,15 @@ from gptoss_mla_jax import flash_decode
 from gptoss_mla_jax.cache import check_fits, init_cache
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.mla import decode_key_layers, with_decode_keys, with_up_projections
-from gptoss_mla_jax.model import ForwardOptions, Params, check_tokens, forward, with_aligned_scales
+from gptoss_mla_jax.model import (
+    ForwardOptions,
+    Params,
+    check_tokens,
+    forward,
+    with_aligned_scales,
+    with_wide_experts,
+)
+from gptoss_mla_jax.moe import wide_batch
 
 BUCKET = 16  # prompt and cache lengths are padded to multiples of this to limit recompilation
 
@@ -215,6 +223,8 @@ def generate(
     params = with_up_projections(params, config)  # derived once for all the steps
     if decode_kernels:  # the grouped matmul's pipelined loads of the experts' scales
         params = with_aligned_scales(params)
+    if decode_kernels and flash_decode.runs_compiled() and wide_batch(B, config):
+        params = with_wide_experts(params, config)
     key = jax.random.key(sampling.seed)
     key, sub = jax.random.split(key)
     token, cache = prefill(params, cache, jnp.asarray(padded), lengths, sub, config, sampling.rule)

@@ -27,6 +27,7 @@ from flax import nnx
 from jaxtyping import Array, Float, Int
 
 from gptoss_mla_jax import cache as kv_cache
+from gptoss_mla_jax import gmm_mosaic
 from gptoss_mla_jax.add_norm import add_norm, add_norm_routed
 from gptoss_mla_jax.attention import Chunk, attention, chunk_at
 from gptoss_mla_jax.config import GptOssConfig
@@ -40,7 +41,7 @@ from gptoss_mla_jax.mla import (
     with_decode_keys,
     with_up_projections,
 )
-from gptoss_mla_jax.moe import expert_rows, moe_dense, moe_sparse, routed_in_kernel
+from gptoss_mla_jax.moe import WIDE, expert_rows, moe_dense, moe_sparse, routed_in_kernel
 from gptoss_mla_jax.mxfp4 import aligned_groups, pad_scales
 from gptoss_mla_jax.norm import rms_norm
 
@@ -170,7 +171,12 @@ def check_params(params: Params, config: GptOssConfig) -> None:
             f"params have {len(params.get('layers', []))} layers, config says {config.num_hidden_layers}"
         )
     want = dict(jax.tree_util.tree_flatten_with_path(expected, is_leaf=is_shape)[0])
-    have = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    # `with_wide_experts`' entries are made from the experts checked here
+    have = {
+        path: leaf
+        for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
+        if WIDE not in {getattr(key, "key", None) for key in path}
+    }
     for path, shape in want.items():  # `with_aligned_scales`' padded exponents: accepted as it makes them
         padded = (*shape[:-1], aligned_groups(shape[-1])) if _is_scales(path) else shape
         if path in have and tuple(have[path].shape) == padded:
@@ -219,6 +225,25 @@ def with_aligned_scales(params: Params) -> Params:
             },
         }
         for layer in params["layers"]
+    ]
+    return {**params, "layers": layers}
+
+
+def with_wide_experts(params: Params, config: GptOssConfig) -> Params:
+    """`params` with each layer's MXFP4 experts also laid out for the wide-batch kernel (`gmm_mosaic.prepare`,
+    under `moe.WIDE`), once for a loop of decode steps of at least `moe.WIDE_MEAN_PAIRS` pairs an expert
+    (`generation.generate` on the GPU). The layout holds the experts' bytes a second time (the other
+    paths, prefill's among them, read the checkpoint's); params it cannot take (dense experts, shapes the
+    kernel refuses, exponents past its decoding) are returned as they are. Call it outside jit: whether
+    the kernel can decode the weights is read from their values."""
+    prepared = [
+        gmm_mosaic.prepare(layer["mlp"]["experts"], config.intermediate_size) for layer in params["layers"]
+    ]
+    if any(wide is None for wide in prepared):
+        return params
+    layers = [
+        {**layer, "mlp": {**layer["mlp"], "experts": {**layer["mlp"]["experts"], WIDE: wide}}}
+        for layer, wide in zip(params["layers"], prepared, strict=True)
     ]
     return {**params, "layers": layers}
 

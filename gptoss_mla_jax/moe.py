@@ -17,6 +17,8 @@ those from memory; a decode step on the kernels (`kernels`) takes the grouped ma
 each selected expert's packed weights read and decoded once, and routes decode batches in one Pallas
 program (`routing.decode_routing`: router, top-k, softmax and the grouped layout): `expert_rows`, whose
 rows the model's decode step sums with its residual add in one kernel (`add_norm`) and `moe_sparse` in jnp.
+Wide decode batches (`wide_batch`) whose experts carry the Mosaic GPU kernel's layout (`WIDE`, made by
+`model.with_wide_experts`) take that kernel instead (`gmm_mosaic`: 32-row tiles, the products transposed).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, Float, Int
 
-from gptoss_mla_jax import routing
+from gptoss_mla_jax import gmm_mosaic, routing
 from gptoss_mla_jax.add_norm import ExpertRows, moe_delta
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.flash_decode import runs_compiled
@@ -35,6 +37,11 @@ from gptoss_mla_jax.gmm import Glu, Mxfp4, gmm, grouped_product
 from gptoss_mla_jax.mxfp4 import dequantize, dequantize_experts
 
 Params = dict[str, Any]
+WIDE = "wide"  # an MLP's experts' entry of `gmm_mosaic.WideExperts`, made by `model.with_wide_experts`
+# The fewest token-expert pairs an expert gets on average for which a decode step takes the wide-batch
+# kernel where its experts carry its layout: 16 and more (batch 128 and up at gpt-oss's top 4 of 32),
+# where its products measured faster than the grouped matmul's (docs/decode.md)
+WIDE_MEAN_PAIRS = 16
 # How grouped token-expert pairs are multiplied: "auto" takes the Pallas kernel on a GPU that can lower it
 # and ragged_dot elsewhere; "gmm" the kernel everywhere (interpreted, slowly, off the GPU).
 Grouped = Literal["auto", "gmm", "ragged_dot"]
@@ -127,6 +134,8 @@ def expert_rows(
     kernel reads once (`grouped_product(..., broadcast=)`): no gather."""
     flat = x.reshape(-1, x.shape[-1])
     n, k, E = flat.shape[0], config.num_experts_per_tok, config.num_local_experts
+    if WIDE in p["experts"] and wide_batch(n, config) and flat.dtype == jnp.bfloat16:
+        return _wide_rows(p, flat, p["experts"][WIDE], config)
     align = layout_align(n, config)
     if align is None:  # past decode batches: the pairs sorted by expert
         weights, idx = route(p, flat, config)
@@ -146,20 +155,60 @@ def expert_rows(
             )
         slot, padded, weights, row_token = routed.slot, routed.padded, routed.weights, routed.row_token
     else:  # more tokens than the routing kernel holds: the same layout in jnp
-        weights, idx = route(p, flat, config)
-        expert = idx.reshape(-1)
-        slot, padded = _aligned_slots(expert, E, align)
-        # Each row's token by comparing every row with every pair (one fused reduction), not by a scatter
-        # into a buffer of -1, which XLA would copy for each layer of a device loop.
-        token = jnp.arange(n * k, dtype=jnp.int32) // k
-        hit = slot[None, :] == jnp.arange(height, dtype=slot.dtype)[:, None]
-        row_token = jnp.sum(jnp.where(hit, token[None, :] + 1, 0), axis=1, dtype=jnp.int32) - 1
-        slot = slot.reshape(n, k)
+        slot, padded, weights, row_token = _jnp_layout(p, flat, config, align, height)
     # A padding row (-1) reads token 0's row (its products are never read); no index reads past the tokens.
     rows = flat if n == 1 else flat[jnp.clip(row_token[:height], 0, n - 1)]
     one_token = height if n == 1 else None
     product = _expert_products(p["experts"], rows, padded, config, align, partials=True, broadcast=one_token)
     return ExpertRows(product, slot, weights)
+
+
+def _jnp_layout(
+    p: Params, flat: Float[Array, "N D"], config: GptOssConfig, align: int, height: int
+) -> tuple[Int[Array, "N k"], Int[Array, " E"], Float[Array, "N k"], Int[Array, " H"]]:
+    """n tokens' routing and their pairs' layout aligned to `align` rows in jnp (what the routing kernel
+    computes for up to `routing.MAX_TOKENS`): each token's slots, the padded group sizes, the routing
+    weights and each of the layout's `height` rows' token (-1: padding)."""
+    n, k, E = flat.shape[0], config.num_experts_per_tok, config.num_local_experts
+    weights, idx = route(p, flat, config)
+    slot, padded = _aligned_slots(idx.reshape(-1), E, align)
+    # Each row's token by comparing every row with every pair (one fused reduction), not by a scatter
+    # into a buffer of -1, which XLA would copy for each layer of a device loop.
+    token = jnp.arange(n * k, dtype=jnp.int32) // k
+    hit = slot[None, :] == jnp.arange(height, dtype=slot.dtype)[:, None]
+    row_token = jnp.sum(jnp.where(hit, token[None, :] + 1, 0), axis=1, dtype=jnp.int32) - 1
+    return slot.reshape(n, k), padded, weights, row_token
+
+
+def wide_batch(n: int, config: GptOssConfig) -> bool:
+    """Whether a decode batch of n tokens takes the wide-batch kernel where its experts carry its layout."""
+    return n * config.num_experts_per_tok >= WIDE_MEAN_PAIRS * config.num_local_experts
+
+
+def _wide_rows(
+    p: Params, flat: Float[Array, "N D"], wide: gmm_mosaic.WideExperts, config: GptOssConfig
+) -> ExpertRows:
+    """`expert_rows` on the wide-batch kernel (`gmm_mosaic`): the layout aligned to its 32-row tiles and
+    gathered by XLA (one kernel), gate_up with its SwiGLU, whose output (transposed) is down's input as it
+    is, and down's output transposed back for the weighted sum."""
+    n, k, E = flat.shape[0], config.num_experts_per_tok, config.num_local_experts
+    tile = gmm_mosaic.ROWS
+    height = routing.layout_rows(n, k, E, tile)
+    slot, padded, weights, row_token = _jnp_layout(p, flat, config, tile, height)
+    rows = flat[jnp.clip(row_token, 0, n - 1)]  # a padding row reads token 0's row
+    tiles_end = jnp.cumsum(padded // tile)
+    tile_expert = jnp.sum(tiles_end[None, :] <= jnp.arange(height // tile)[:, None], axis=1, dtype=jnp.int32)
+    interpret = not runs_compiled()
+    hidden = gmm_mosaic.product_t(
+        rows, tile_expert, wide.gate_up, wide.gate_up_bias, glu=glu(config),
+        launch=gmm_mosaic.LAUNCH["gate_up"], interpret=interpret,
+    )  # fmt: skip
+    out = gmm_mosaic.product_t(
+        hidden, tile_expert, wide.down, wide.down_bias, transposed=True, launch=gmm_mosaic.LAUNCH["down"],
+        interpret=interpret,
+    )  # fmt: skip
+    # transposed by a kernel of its own: read transposed by the weighted sum's gather, it cost twice that
+    return ExpertRows(jax.lax.optimization_barrier(out.T)[None], slot, weights)
 
 
 def routed_in_kernel(n: int, config: GptOssConfig) -> bool:

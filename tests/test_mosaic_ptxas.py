@@ -1,7 +1,7 @@
 """eval.experiments.mosaic_ptxas: its reading of ptxas's report (a real one, verbatim: a three-warpgroup
 variant of the kernel whose loop carries stayed live through its key makers' code) and of the SASS's loops,
 the Mosaic GPU module it lowers for each launch, what it asks to install when the tools are missing, and,
-with them, the model's launches assembled without spills."""
+with them, the model's launches (and the wide-batch MXFP4 kernel's) assembled without spills."""
 
 import json
 import subprocess
@@ -67,6 +67,19 @@ def test_model_launches_neither_spill_nor_serialize_wgmmas(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
     assert [(row["warps"], row["sliding"], row["splits"]) for row in rows] == [(8, False, 1), (8, True, 1)]
+    assert all(row["spilled_bytes"] == 0 and not row["wgmma_serialized"] for row in rows), rows
+
+
+def test_wide_moe_kernel_neither_spills_nor_serializes_wgmmas(tmp_path):
+    """The wide-batch MXFP4 kernel (`gmm_mosaic`) at its launches for gpt-oss-20b's two expert products,
+    batch 256, assembled for sm_90a: no spills, no serialized wgmmas (its decoded weights are wgmma's
+    register operand; registers a program hold how many programs an SM runs)."""
+    out = tmp_path / "ptxas.json"
+    command = [sys.executable, "-m", "eval.experiments.mosaic_ptxas", "--moe", "--out", str(out)]
+    run = subprocess.run(command, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [row["product"] for row in rows] == ["gate_up", "down"]
     assert all(row["spilled_bytes"] == 0 and not row["wgmma_serialized"] for row in rows), rows
 
 

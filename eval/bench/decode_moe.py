@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eval.bench.timing import copy_bandwidth, device_us, in_loop, timed
-from gptoss_mla_jax import flash_decode, routing
+from gptoss_mla_jax import flash_decode, gmm_mosaic, routing
 from gptoss_mla_jax import gmm as gmm_lib
 from gptoss_mla_jax import moe as moe_lib
 from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig
@@ -102,7 +102,8 @@ def moe_layer(config: GptOssConfig) -> dict:
 
 def moe_rows(batches: list[int], repeats: int, smoke: bool, log, sweep: str = "standard") -> list[dict]:
     """One layer's MoE in a decode step at each batch, MXFP4 experts: on the kernels (the grouped matmul,
-    the launch table's choice, then each of MOE_LAUNCHES[sweep]) and on the jnp path (gather the selected
+    the launch table's choice, then each of MOE_LAUNCHES[sweep]; on the GPU, at batches that take it, the
+    wide-batch kernel, launch "wide") and on the jnp path (gather the selected
     experts, dequantize, multiply), each timed on the device (`in_loop`), and its routing alone
     (`routing_rows`); the byte floor (the distinct selected experts' packed bytes, read once, over the copy
     bandwidth); and the kernels' largest difference from the float32 reference on the same routing."""
@@ -111,6 +112,9 @@ def moe_rows(batches: list[int], repeats: int, smoke: bool, log, sweep: str = "s
 
     config = DEMO_CONFIG if smoke else GPT_OSS_20B
     p = jax.block_until_ready(moe_layer(config))
+    compiled = flash_decode.runs_compiled()
+    wide = gmm_mosaic.prepare(p["experts"], config.intermediate_size) if compiled else None
+    p_wide = None if wide is None else {**p, "experts": {**p["experts"], moe_lib.WIDE: wide}}
     launches = MOE_LAUNCHES[sweep][-1:] if smoke else MOE_LAUNCHES[sweep]  # smoke: the default and one
     inner = 2 if smoke else 20
     copy = copy_bandwidth(0.05 if smoke else 4.0)
@@ -148,6 +152,12 @@ def moe_rows(batches: list[int], repeats: int, smoke: bool, log, sweep: str = "s
                 configs.append(launch | {"error": f"{type(e).__name__}: {e}"[:300]})
             finally:
                 gmm_lib.LAUNCH = original
+        if p_wide is not None and moe_lib.wide_batch(batch, config):  # the wide-batch kernel's layout
+            on_wide = lambda p, x: moe_sparse(p, x, config, kernels=True)
+            error = float(jnp.abs(jax.jit(on_wide)(p_wide, x).astype(jnp.float32) - want).max())
+            device = device_us(jax.jit(on_wide), p_wide, x)
+            wide_ms = 1e3 * timed(in_loop(on_wide, inner), p_wide, x, repeats=repeats) / inner
+            configs.append({"launch": "wide", "ms": wide_ms, "max_abs_error": error, "device": device})
         ran = [c for c in configs if "ms" in c]
         best = min(ran, key=lambda c: c["ms"])
         row |= {"configs": configs, "kernel_ms": best["ms"], "kernel_launch": best}

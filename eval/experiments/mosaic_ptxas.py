@@ -5,6 +5,7 @@ shows).
 
     python -m eval.experiments.mosaic_ptxas --install    # the CUDA plugin, ptxas, nvdisasm into .cuda-tools
     python -m eval.experiments.mosaic_ptxas [--warps 4,8] [--sass] [--out F]
+    python -m eval.experiments.mosaic_ptxas --moe [--sass]    # the wide-batch MXFP4 kernel's products
 
 JAX lowers the kernel for CUDA on the CPU (as CI does), at gpt-oss-20b's decode shape and the launches the
 model gives it at batch 64 (a full layer's cache of 32K slots, a sliding layer's ring of 128), and the
@@ -33,6 +34,7 @@ import sys
 import tempfile
 
 import jax
+import jax.numpy as jnp
 
 from eval.experiments.cuda_aot import _loops, _mix, registers, spilled_bytes
 from eval.experiments.mosaic_profile import inputs, launch_of
@@ -184,6 +186,39 @@ def module(launch: flash_decode.Launch, batch: int, context: int, sliding: bool)
     return mosaic_core.KNOWN_KERNELS[kernel]
 
 
+def moe_module(product: str, batch: int = 256) -> bytes:
+    """The Mosaic GPU module of the wide-batch MXFP4 kernel (`gmm_mosaic`) for one of gpt-oss-20b's expert
+    products ("gate_up", with its SwiGLU, or "down") at its launch table's launch, over batch's layout of
+    32-row tiles (`routing.layout_rows`)."""
+    from jax.experimental.mosaic.gpu import core as mosaic_core
+
+    from gptoss_mla_jax import gmm_mosaic, routing
+    from gptoss_mla_jax.config import GPT_OSS_20B
+    from gptoss_mla_jax.moe import glu
+
+    config, spec = GPT_OSS_20B, jax.ShapeDtypeStruct
+    D, F, E, k = (
+        config.hidden_size,
+        config.intermediate_size,
+        config.num_local_experts,
+        config.num_experts_per_tok,
+    )
+    M = routing.layout_rows(batch, k, E, gmm_mosaic.ROWS)
+    launch = gmm_mosaic.LAUNCH[product]
+    K, N, transposed = (D, 2 * F, False) if product == "gate_up" else (F, D, True)
+    packed = gmm_mosaic.Packed(
+        spec((E, N // launch.cols, K // 64, launch.cols, 8), jnp.uint32), spec((E, K // 32, N), jnp.uint8)
+    )
+    mosaic_core.KNOWN_KERNELS.clear()
+    gmm_mosaic.product_t.trace(
+        spec((K, M) if transposed else (M, K), jnp.bfloat16), spec((M // gmm_mosaic.ROWS,), jnp.int32),
+        packed, spec((E, N), jnp.float32), glu=glu(config) if product == "gate_up" else None,
+        transposed=transposed, launch=launch,
+    ).lower(lowering_platforms=("cuda",))  # fmt: skip
+    (kernel,) = mosaic_core.KNOWN_KERNELS
+    return mosaic_core.KNOWN_KERNELS[kernel]
+
+
 def assemble(asm: bytes, tools: str, sass: bool = False) -> str:
     """What the plugin prints while it compiles a Mosaic GPU module, read off this process's stdout and
     stderr (through a file in the work folder, which stays there if the plugin aborts the process):
@@ -217,6 +252,10 @@ def main(argv=None) -> int:
     parser.add_argument("--tools", default=TOOLS, help="where the CUDA plugin and nvcc are installed")
     parser.add_argument("--install", action="store_true", help="install them there (pip), then stop")
     parser.add_argument("--sass", action="store_true", help="each loop's instruction mix too (nvdisasm)")
+    parser.add_argument(
+        "--moe", action="store_true",
+        help="the wide-batch MXFP4 kernel's two products at batch 256 instead (gmm_mosaic)",
+    )  # fmt: skip
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args(argv)
     if args.install:
@@ -224,7 +263,11 @@ def main(argv=None) -> int:
         return 0
     batch, context = (int(n) for n in args.point.split(","))
     rows = []
-    for warps in (int(w) for w in args.warps.split(",")):
+    for product in ("gate_up", "down") if args.moe else ():
+        log = assemble(moe_module(product), args.tools, args.sass)
+        rows.append({"product": product} | report(log) | ({"loops": loops(log)} if args.sass else {}))
+        print({k: v for k, v in rows[-1].items() if k != "loops"}, flush=True)
+    for warps in (int(w) for w in args.warps.split(",")) if not args.moe else ():
         for sliding, slots in ((False, context), (True, WINDOW)):
             launch = launch_of(batch, slots, warps)
             log = assemble(module(launch, batch, slots, sliding), args.tools, args.sass)

@@ -1,0 +1,411 @@
+"""The MoE's MXFP4 expert products at wide decode batches as a Pallas Mosaic GPU kernel, transposed: each
+program multiplies one expert's weight tile, decoded into registers, by the activations of one row tile of
+the aligned layout, `out^T[cols, rows] = W[e][cols] @ x^T[:, rows]`.
+
+Why transposed. Hopper's `wgmma` takes its A operand from registers: the decoded weights go there straight
+from the decoding, with no round trip through shared memory, and the activations' rows become the
+product's n, which may be 32 (a wgmma's m is at least 64). At batch 256 an expert gets about 32 of the
+1,024 token-expert pairs, so 32-row tiles of the layout (`ROWS`) multiply half the padding rows of the
+Triton kernel's 64-row ones, and read half the activations.
+
+Layouts, prepared once (`prepare`):
+- the packed bytes repacked by halves: in each run of 64 contraction values (two scale blocks), byte j
+  holds value j in its low nibble and value 32 + j in its high one, so that a step's low nibbles multiply
+  the activations' columns [64s, 64s + 32) and its high nibbles the next 32, each half under one scale,
+  with the activations as they are (the checkpoint's pairs, 2j and 2j + 1, would split them into even and
+  odd columns, a transposing copy that XLA took 1 ms for at batch 256); then each 32-byte piece reordered
+  so that the 8 bytes a thread decodes for the wgmma register layout's columns (2q + 8j + t for lane
+  q = lane % 4, j < 4, t < 2) lie together (`permute_bytes`), as 32-bit words, tiled [G, N / cols,
+  K / 64, cols, 8] so that a program's step reads one contiguous tile (`pack`; against the rows read in
+  place, tiling took a tenth off the product);
+- the scale exponents transposed, [G, K / 32, N]: a step's are two rows of the program's columns;
+- gate_up's rows reordered (`glu_rows`) so that each program's tile holds 64 outputs' gates, then their
+  ups, its SwiGLU taken in the epilogue.
+
+The activations come as the layout's rows x [M, K] (gate_up: gathered from the tokens) or transposed,
+x^T [K, M] (down: gate_up's output as this kernel writes it, out^T); a wgmma reads either from shared
+memory (x's tiles through a transposed view).
+
+Decoding: the grouped matmul's inline PTX (`gmm.E2M1_ASM`, folded), per word of 4 packed bytes: a mask
+keeps the low (or high) nibbles, `prmt` spreads two bytes to a word's halves, one integer multiply moves
+each nibble's sign and magnitude bits into place (the value times 2^-126) and one bf16x2 multiply by the
+block's scale times 2^126 (2^(e - 1), a bf16 for exponents up to `mxfp4.FOLDABLE_EXPONENT`; `prepare`
+refuses experts with larger ones) makes the values exact: nine instructions per 4 values.
+
+Each step waits for its products before the next decoding: a register operand must not change while its
+wgmma runs, and ptxas reuses the registers of an issued wgmma for the next step's values (with the wait
+one step later, outputs came out wrong on the GPU). The overlap comes from the programs an SM holds
+(90-122 registers a thread, 44-60 KB of shared memory: several programs an SM), their loads `stages`
+steps ahead by TMA.
+
+A tile whose expert is G (past the layout's rows in use) does nothing. Interpreted (CI), the decoding is
+jnp arithmetic on the codes (`mxfp4.e2m1`), and the weights and x's tiles go through shared memory, x's
+transposed (the Mosaic GPU interpreter runs no register operand and no transposed view).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+from jaxtyping import Array, Float, Int, UInt8, UInt32
+
+from gptoss_mla_jax.gmm import E2M1_ASM
+from gptoss_mla_jax.mxfp4 import BLOCK, FOLDABLE_EXPONENT, e2m1
+
+ROWS = 32  # the activations' rows a program multiplies: a wgmma's n, the layout's row tile
+PIECE = 64  # weight rows a wgmma multiplies (its m)
+STEP_BYTES = 32  # packed bytes of a weight row per step: 64 contraction values, two scale blocks
+WORDS = STEP_BYTES // 4
+SWIZZLE = 64  # bytes: the activations' tiles [STEP_BYTES values, ROWS] and the interpreter's weights
+
+
+@dataclasses.dataclass(frozen=True)
+class Launch:
+    """A product's launch: `cols` weight rows a program (a multiple of 64; gate_up's a multiple of 128,
+    half gates, half ups), `stages` steps of loads in flight."""
+
+    cols: int = 128
+    stages: int = 4
+
+
+# Chosen at gpt-oss-20b's shapes on an H100 in a sweep of program widths and stages (docs/decode.md)
+LAUNCH = {"gate_up": Launch(cols=128, stages=4), "down": Launch(cols=192, stages=4)}
+
+
+class Packed(NamedTuple):
+    """One product's experts as the kernel reads them (`pack`, `exponents`): words [G, N / cols, K / 64,
+    cols, 8] and exponents [G, K / 32, N]."""
+
+    words: UInt32[Array, "G Nc S C W"]
+    exponents: UInt8[Array, "G Kg N"]
+
+
+class WideExperts(NamedTuple):
+    """Both products' experts and biases for the kernel (`prepare`): gate_up's rows in `glu_rows`' order."""
+
+    gate_up: Packed
+    gate_up_bias: Float[Array, "G N"]
+    down: Packed
+    down_bias: Float[Array, "G D"]
+
+
+def permute_bytes(blocks: UInt8[Array, "... K2"]) -> UInt8[Array, "... K2"]:
+    """Each 32-byte piece of the last axis reordered, new[8q + 2j + t] = old[8j + 2q + t] (its own
+    inverse): a thread's bytes of the wgmma register layout together (the module docstring)."""
+    *lead, K2 = blocks.shape
+    pieces = blocks.reshape(*lead, K2 // STEP_BYTES, 4, 4, 2)
+    return jnp.swapaxes(pieces, -3, -2).reshape(*lead, K2)
+
+
+def by_halves(blocks: UInt8[Array, "... Kg 16"]) -> UInt8[Array, "... K2"]:
+    """The checkpoint's packed bytes (byte j of a block: values 2j, 2j + 1) repacked so that byte j of each
+    run of 64 values holds values j (low nibble) and 32 + j (high)."""
+    *lead, Kg, _ = blocks.shape
+    pairs = blocks.reshape(*lead, Kg // 2, 32)
+    values = jnp.stack([pairs & 0xF, pairs >> 4], axis=-1).reshape(*lead, Kg // 2, 64)
+    return (values[..., :32] | (values[..., 32:] << 4)).reshape(*lead, Kg * 16)
+
+
+def pack(blocks: UInt8[Array, "G N Kg 16"], cols: int) -> UInt32[Array, "G Nc S C W"]:
+    """The checkpoint's packed bytes as the kernel reads them: by halves (`by_halves`), permuted
+    (`permute_bytes`), as words, each program's step a contiguous tile of `cols` rows."""
+    G, N, Kg, _ = blocks.shape
+    words = jax.lax.bitcast_convert_type(permute_bytes(by_halves(blocks)).reshape(G, N, -1, 4), jnp.uint32)
+    steps = Kg * 16 // STEP_BYTES
+    return words.reshape(G, N // cols, cols, steps, WORDS).transpose(0, 1, 3, 2, 4)
+
+
+def exponents(scales: UInt8[Array, "G N Ga"], K: int) -> UInt8[Array, "G Kg N"]:
+    """Scale exponents [G, N, K / 32] (or their rows padded by `mxfp4.pad_scales`) -> [G, K / 32, N]."""
+    return jnp.swapaxes(scales[..., : K // BLOCK], 1, 2)
+
+
+def glu_rows(F: int, cols: int) -> np.ndarray:
+    """gate_up's row order for the kernel: program n's `cols` rows are the gates of outputs [n cols / 2,
+    (n + 1) cols / 2), then their ups (the checkpoint interleaves gate 2j and up 2j + 1 of output j)."""
+    j = np.arange(F).reshape(-1, cols // 2)
+    return np.concatenate([2 * j, 2 * j + 1], axis=1).reshape(-1)
+
+
+def refusal(K: int, N: int, launch: Launch, glu: bool) -> str | None:
+    """Why the kernel does not run a product of K contraction values into N outputs at `launch` (None: it
+    does)."""
+    if K % (2 * STEP_BYTES):
+        return f"contraction {K}: the wide-batch MXFP4 kernel takes steps of {2 * STEP_BYTES} values"
+    if launch.cols % (2 * PIECE if glu else PIECE) or N % launch.cols:
+        need = "a multiple of 128 (64 gates, 64 ups)" if glu else "a multiple of 64"
+        return f"{N} outputs in programs of {launch.cols} rows: the rows must divide them and be {need}"
+    if launch.stages < 2:
+        return f"stages {launch.stages}: the kernel loads at least one step ahead"
+    return None
+
+
+def prepare(experts: dict, F: int) -> WideExperts | None:
+    """The experts of one layer (`model` names: MXFP4 `*_blocks`, `*_scales`, float biases) laid out for
+    the kernel at `LAUNCH`, or None where it cannot run them: dense experts, shapes it refuses, or a scale
+    exponent above `mxfp4.FOLDABLE_EXPONENT` (its one-multiply decoding)."""
+    if "gate_up_proj_blocks" not in experts:
+        return None
+    gate_up_blocks, down_blocks = experts["gate_up_proj_blocks"], experts["down_proj_blocks"]
+    _, N2, Kg, _ = gate_up_blocks.shape
+    K = Kg * BLOCK
+    D = down_blocks.shape[1]
+    if (
+        refusal(K, N2, LAUNCH["gate_up"], glu=True) is not None
+        or refusal(F, D, LAUNCH["down"], glu=False) is not None
+        or N2 != 2 * F
+        or F % (LAUNCH["gate_up"].cols // 2)
+    ):
+        return None
+    largest = max(int(jnp.max(experts[f"{name}_scales"])) for name in ("gate_up_proj", "down_proj"))
+    if largest > FOLDABLE_EXPONENT:
+        return None
+    order = glu_rows(F, LAUNCH["gate_up"].cols)
+    gate_up = Packed(
+        pack(gate_up_blocks[:, order], LAUNCH["gate_up"].cols),
+        exponents(experts["gate_up_proj_scales"][:, order], K),
+    )
+    down = Packed(pack(down_blocks, LAUNCH["down"].cols), exponents(experts["down_proj_scales"], F))
+    f32 = jnp.float32
+    return WideExperts(
+        gate_up,
+        experts["gate_up_proj_bias"][:, order].astype(f32),
+        down,
+        experts["down_proj_bias"].astype(f32),
+    )
+
+
+# ---- decoding ------------------------------------------------------------------------------------------
+
+
+def _decoded_in_registers(words, scales, rows: int):
+    """The words [rows, 8] (wgmma register layout: a thread's 2 words of a row are its 8 bytes) and the
+    low and high nibbles' scales broadcast to [rows, 32] -> their values [rows, 32] bf16, in the wgmma
+    register layout: register (r, j) of a thread holds its columns 8j + 2q, + 1, decoded from bytes
+    2j, 2j + 1 of its 8 (word j // 2)."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import llvm, vector
+    from jax.experimental.mosaic import gpu as mgpu
+    from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+    layout = plgpu.Layout.WGMMA
+    values = plgpu.ShapeDtypeStruct((rows, STEP_BYTES), jnp.bfloat16, layout=layout)
+
+    @plgpu.inline_mgpu(arg_types=(layout, (layout, layout)), return_type=(values, values))
+    def decode(_, words_fa, scale_fas):
+        i32 = ir.IntegerType.get_signless(32)
+        pair = ir.VectorType.get((2,), ir.BF16Type.get())
+        both = ir.Type.parse("!llvm.struct<(i32, i32)>")
+        shape = scale_fas[0].registers.shape
+        low, high = np.empty(shape, dtype=object), np.empty(shape, dtype=object)
+        for index in np.ndindex(words_fa.registers.shape):
+            for w in range(2):  # word w: columns j = 2w, 2w + 1
+                word = vector.extract(words_fa.registers[index], [], [w])
+                at = [(index[0], j, *index[2:]) for j in (2 * w, 2 * w + 1)]
+                for name, out, scale_fa in (("low", low, scale_fas[0]), ("high", high, scale_fas[1])):
+                    scale = mgpu_utils.bitcast(scale_fa.registers[at[0]], i32)
+                    # the grouped matmul's decoding, both pairs of the word under one scale
+                    asm = E2M1_ASM[name, True]
+                    result = llvm.inline_asm(both, [word, scale, scale], asm, "=r,=r,r,r,r")
+                    for k in range(2):
+                        out[at[k]] = mgpu_utils.bitcast(llvm.extractvalue(i32, result, [k]), pair)
+        array = lambda regs: mgpu.FragmentedArray(
+            _registers=regs, _layout=scale_fas[0].layout, _is_signed=None
+        )
+        return array(low), array(high)
+
+    return decode(words, tuple(scales))
+
+
+def _decoded(words, exps, rows: int, interpret: bool):
+    """A step's weights: words [rows, 8] and the two blocks' exponents [rows] each -> the step's first and
+    second 32 contraction values [rows, 32] each in bf16 (its low and high nibbles)."""
+    # 2^(e - 1): the block's scale times 2^126, which the decoding's 2^-126 cancels
+    scales = [lax.bitcast_convert_type((e.astype(jnp.int16) + 126) << 7, jnp.bfloat16) for e in exps]
+    wide = [lax.broadcast_in_dim(s, (rows, STEP_BYTES), (0,)) for s in scales]
+    if not interpret:
+        return _decoded_in_registers(words, wide, rows)
+    packed = permute_bytes(lax.bitcast_convert_type(words, jnp.uint8).reshape(rows, STEP_BYTES))
+    codes = packed.astype(jnp.int32)
+    return [
+        (e2m1(c) * (scale.astype(jnp.float32) * 2.0**-126)).astype(jnp.bfloat16)
+        for c, scale in ((codes & 0xF, wide[0]), (codes >> 4, wide[1]))
+    ]
+
+
+# ---- the kernel ----------------------------------------------------------------------------------------
+
+
+def _tiles(dtype) -> tuple:
+    bits = jnp.dtype(dtype).itemsize * 8
+    return (plgpu.TilingTransform((8, 8 * SWIZZLE // bits)), plgpu.SwizzleTransform(SWIZZLE))
+
+
+def _kernel(expert_g, x_g, words_g, exps_g, bias_g, out_g, *, cols: int, steps: int, stages: int,
+            glu, transposed: bool, interpret: bool):  # fmt: skip
+    """Program (n, i): out^T[n's outputs, tile i's rows] through tile i's expert; x_g [M, K], or [K, M]
+    where `transposed`, words_g [G, N / cols, steps, cols, 8], exps_g [G, K / 32, N], bias_g [G, N]
+    float32, out_g [N or N / 2, M]."""
+    n, i = lax.axis_index("n"), lax.axis_index("i")
+    e = expert_g[i]
+    G = words_g.shape[0]
+    rows, cols_n = pl.ds(i * ROWS, ROWS), pl.ds(n * cols, cols)
+    pieces = cols // PIECE
+    f32, bf16 = jnp.float32, jnp.bfloat16
+
+    def scope(first_s, second_s, words_s, exps_s, bias_s, loaded, ready, *interpreted):
+        def fetch(s):  # step s's activations (its two runs of 32 values) and its weights
+            slot = lax.rem(s, stages)
+            for half, x_s in enumerate((first_s, second_s)):
+                values = pl.ds(2 * s * STEP_BYTES + half * STEP_BYTES, STEP_BYTES)
+                tile = x_g.at[values, rows] if transposed else x_g.at[rows, values]
+                plgpu.copy_gmem_to_smem(tile, x_s.at[slot], loaded.at[slot])
+            plgpu.copy_gmem_to_smem(words_g.at[e, n, s], words_s.at[slot], loaded.at[slot])
+
+        plgpu.copy_gmem_to_smem(exps_g.at[e, :, cols_n], exps_s, ready)
+        plgpu.copy_gmem_to_smem(bias_g.at[e, cols_n], bias_s, ready)
+        for s in range(min(stages - 1, steps)):
+            fetch(s)
+        plgpu.barrier_wait(ready)
+
+        def walk(acc_refs):
+            @pl.loop(0, steps)
+            def _(s):
+                slot = lax.rem(s, stages)
+                plgpu.barrier_wait(loaded.at[slot])
+                operands = [x_s.at[slot] for x_s in (first_s, second_s)]  # [32 values, ROWS] each
+                if not transposed and interpret:  # the interpreter's copies of x's tiles, transposed
+                    for x_s, x_t_s in zip((first_s, second_s), interpreted[2:], strict=True):
+                        x_t_s[...] = x_s[slot].T
+                    plgpu.commit_smem()
+                    operands = interpreted[2:]
+                elif not transposed:
+                    operands = [ref.transpose((1, 0)) for ref in operands]
+                for p, acc_ref in enumerate(acc_refs):
+                    mine = pl.ds(p * PIECE, PIECE)
+                    if interpret:
+                        words = words_s[slot, mine]
+                        exps = [exps_s[2 * s + b, mine] for b in range(2)]
+                    else:
+                        words = plgpu.load(words_s.at[slot, mine], (), layout=plgpu.Layout.WGMMA)
+                        exps = [
+                            plgpu.load(exps_s.at[2 * s + b, mine], (), layout=plgpu.Layout.WGMMA.reduce(1))
+                            for b in range(2)
+                        ]
+                    low, high = _decoded(words, exps, PIECE, interpret)
+                    if interpret:  # no register operand there: the values through shared memory
+                        low_s, high_s = interpreted[:2]
+                        low_s[...], high_s[...] = low, high
+                        plgpu.commit_smem()
+                        low, high = low_s, high_s
+                    plgpu.wgmma(acc_ref, low, operands[0])
+                    plgpu.wgmma(acc_ref, high, operands[1])
+                # every product done before the next step's decoding may take their registers
+                plgpu.wgmma_wait(0)
+
+                @pl.when(s + stages - 1 < steps)
+                def _():
+                    fetch(s + stages - 1)
+
+            return [ref[...] for ref in acc_refs]
+
+        sums = pl.run_scoped(walk, [plgpu.ACC((PIECE, ROWS), f32) for _ in range(pieces)])
+        if interpret:
+            bias = [bias_s[pl.ds(p * PIECE, PIECE)] for p in range(pieces)]
+        else:
+            bias = [
+                plgpu.load(bias_s.at[pl.ds(p * PIECE, PIECE)], (), layout=plgpu.Layout.WGMMA.reduce(1))
+                for p in range(pieces)
+            ]
+        sums = [acc + lax.broadcast_in_dim(b, (PIECE, ROWS), (0,)) for acc, b in zip(sums, bias, strict=True)]
+        if glu is None:
+            return sums
+        gates, ups = sums[: pieces // 2], sums[pieces // 2 :]
+        return [_swiglu(g, u, glu) for g, u in zip(gates, ups, strict=True)]
+
+    x_shape = (STEP_BYTES, ROWS) if transposed else (ROWS, STEP_BYTES)
+    x_tile = plgpu.SMEM((stages, *x_shape), x_g.dtype, transforms=_tiles(x_g.dtype))
+    interpreted = []
+    if interpret:  # the weights' values, then x's tiles transposed
+        interpreted = [plgpu.SMEM((PIECE, STEP_BYTES), bf16, transforms=_tiles(bf16))] * 2
+        interpreted += [plgpu.SMEM((STEP_BYTES, ROWS), bf16, transforms=_tiles(bf16))] * 2
+
+    @pl.when(e < G)
+    def _():
+        outs = pl.run_scoped(
+            scope, x_tile, x_tile, plgpu.SMEM((stages, cols, WORDS), jnp.uint32),
+            plgpu.SMEM((exps_g.shape[1], cols), jnp.uint8), plgpu.SMEM((cols,), f32),
+            plgpu.Barrier(num_arrivals=3, num_barriers=stages), plgpu.Barrier(num_arrivals=2), *interpreted,
+        )  # fmt: skip
+        width = len(outs) * PIECE
+
+        def write(o_s):
+            for p, out in enumerate(outs):
+                o_s[pl.ds(p * PIECE, PIECE)] = out.astype(o_s.dtype)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(o_s, out_g.at[pl.ds(n * width, width), rows])
+            plgpu.wait_smem_to_gmem(0)
+
+        pl.run_scoped(write, plgpu.SMEM((width, ROWS), out_g.dtype))
+
+
+def _swiglu(gate, up, glu):
+    """gpt-oss's clamped SwiGLU (`gmm.Glu`) on float32 tiles, its sigmoid as 1 / (1 + e^-x)."""
+    gate = jnp.minimum(gate, glu.limit)
+    up = jnp.minimum(jnp.maximum(up, -glu.limit), glu.limit)
+    return (up + 1.0) * gate / (1.0 + jnp.exp(-glu.alpha * gate))
+
+
+@functools.partial(jax.jit, static_argnames=("glu", "transposed", "launch", "interpret"))
+def product_t(
+    x: Float[Array, "M K"] | Float[Array, "K M"],
+    tile_expert: Int[Array, " T"],
+    packed: Packed,
+    bias: Float[Array, "G N"],
+    glu=None,
+    transposed: bool = False,
+    launch: Launch = Launch(),
+    interpret: bool = False,
+) -> Float[Array, "No M"]:
+    """out^T [N, M] (N / 2 with `glu`, a `gmm.Glu`) of the aligned layout's rows x [M, K] (x^T [K, M] where
+    `transposed`; M a multiple of `ROWS`, bf16) through tile t's expert `tile_expert[t]` (G: no expert,
+    its rows left unwritten), weights `packed` (`pack` at `launch.cols`), plus `bias` [G, N] (in `packed`'s
+    row order), in bf16 with float32 sums."""
+    K, M = x.shape if transposed else x.shape[::-1]
+    _, tiles_n, steps, cols, _ = packed.words.shape
+    N = tiles_n * cols
+    if (reason := refusal(K, N, launch, glu is not None)) is not None or cols != launch.cols:
+        raise ValueError(reason or f"weights packed for programs of {cols} rows, launch {launch}")
+    if x.dtype != jnp.bfloat16:
+        raise ValueError(f"x in {x.dtype}: the wide-batch MXFP4 kernel decodes to bf16 and takes bf16 x")
+    if M % ROWS or tile_expert.shape[0] != M // ROWS or steps != K // (2 * STEP_BYTES):
+        raise ValueError(
+            f"x {x.shape} (transposed: {transposed}), {tile_expert.shape[0]} tiles, weights "
+            f"{packed.words.shape}: rows must be {ROWS}-row tiles, one expert a tile, and the weights' steps "
+            "K / 64"
+        )
+    kernel = functools.partial(
+        _kernel, cols=cols, steps=steps, stages=launch.stages, glu=glu, transposed=transposed,
+        interpret=interpret,
+    )  # fmt: skip
+    interpret_params = None
+    if interpret:
+        from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+        interpret_params = InterpretGPUParams()
+    call = plgpu.kernel(
+        kernel,
+        out_type=jax.ShapeDtypeStruct((N // 2 if glu is not None else N, M), x.dtype),
+        grid=(tiles_n, M // ROWS),
+        grid_names=("n", "i"),
+        interpret=interpret_params,
+    )
+    return call(tile_expert.astype(jnp.int32), x, packed.words, packed.exponents, bias.astype(jnp.float32))

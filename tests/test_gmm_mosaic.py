@@ -1,0 +1,171 @@
+"""The wide-batch MXFP4 kernel (`gmm_mosaic`) in the Mosaic GPU interpreter against float32 products of the
+dequantized experts: both orientations of the activations, two program widths, the SwiGLU epilogue, tiles
+of one expert throughout, experts no tile chooses and empty tiles; its layouts; what `prepare` refuses;
+the MoE's decode rows on it against the grouped matmul's; and its lowering for CUDA at gpt-oss-20b's
+shapes. Outputs are bf16: each within bf16's rounding (2^-8 of its value) of the float32 reference, plus
+float32's summation-order error."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gptoss_mla_jax import gmm_mosaic as gm
+from gptoss_mla_jax import moe
+from gptoss_mla_jax.config import GPT_OSS_20B
+from gptoss_mla_jax.generation import DEMO_CONFIG
+from gptoss_mla_jax.gmm import Glu
+from gptoss_mla_jax.model import check_params, init_params, with_wide_experts
+from gptoss_mla_jax.mxfp4 import FOLDABLE_EXPONENT, dequantize
+
+G, K, N = 3, 128, 256
+GLU = Glu(1.702, 7.0)
+
+
+@pytest.fixture(scope="module")
+def experts():
+    keys = jax.random.split(jax.random.key(0), 4)
+    blocks = jax.random.bits(keys[0], (G, N, K // 32, 16), jnp.uint8)
+    # exponents from far below 127 to the largest the one-multiply decoding takes
+    scales = jax.random.randint(keys[1], (G, N, K // 32), 100, FOLDABLE_EXPONENT + 1).astype(jnp.uint8)
+    bias = jax.random.normal(keys[2], (G, N))
+    return blocks, scales, bias, dequantize(blocks, scales, jnp.float32)
+
+
+def reference(x, w, bias, tile_expert):
+    """float32 rows of x through their tile's expert, [M, N]; rows of empty tiles (expert G) as NaN."""
+    row_expert = np.repeat(np.asarray(tile_expert), gm.ROWS)
+    clamped = np.minimum(row_expert, G - 1)
+    out = jnp.einsum("mk,mnk->mn", x.astype(jnp.float32), w[clamped], precision="highest") + bias[clamped]
+    return jnp.where((row_expert < G)[:, None], out, jnp.nan)
+
+
+def assert_bf16_close(got, want):
+    """got (bf16) within bf16's rounding of want (float32), on want's rows that are not NaN."""
+    got, want = np.asarray(got, np.float32), np.asarray(want)
+    real = ~np.isnan(want).any(axis=1)
+    bound = 2.0**-8 * np.abs(want[real]) + 1e-5 * np.abs(want[real]).max()
+    assert np.all(np.abs(got[real] - want[real]) <= bound), np.abs(got[real] - want[real]).max()
+
+
+# expert 1 for every tile; experts 2 then 0 (1 chosen by none); an empty tile (G) between real ones
+TILES = {"one_expert": [1, 1, 1], "some_experts": [2, 2, 0], "empty_tile": [0, G, 2, 1]}
+
+
+@pytest.mark.parametrize("tiles", TILES)
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("launch", [gm.Launch(64, 2), gm.Launch(128, 3)])
+def test_product_equals_float32_reference(experts, tiles, transposed, launch):
+    blocks, scales, bias, w = experts
+    tile_expert = jnp.asarray(TILES[tiles], jnp.int32)
+    M = tile_expert.shape[0] * gm.ROWS
+    x = jax.random.normal(jax.random.key(len(tiles)), (M, K)).astype(jnp.bfloat16)
+    packed = gm.Packed(gm.pack(blocks, launch.cols), gm.exponents(scales, K))
+    operand = x.T if transposed else x
+    out = gm.product_t(
+        operand, tile_expert, packed, bias, transposed=transposed, launch=launch, interpret=True
+    )
+    assert out.shape == (N, M) and out.dtype == jnp.bfloat16
+    assert_bf16_close(out.T, reference(x, w, bias, tile_expert))
+
+
+def test_swiglu_epilogue_takes_gates_and_ups_from_one_program(experts):
+    """gate_up's rows in `glu_rows`' order: each program's SwiGLU of its outputs, in the natural order."""
+    blocks, scales, bias, w = experts
+    tile_expert = jnp.asarray([2, 0], jnp.int32)
+    x = jax.random.normal(jax.random.key(7), (2 * gm.ROWS, K)).astype(jnp.bfloat16)
+    order = gm.glu_rows(N // 2, 128)
+    packed = gm.Packed(gm.pack(blocks[:, order], 128), gm.exponents(scales[:, order], K))
+    out = gm.product_t(
+        x, tile_expert, packed, bias[:, order], glu=GLU, launch=gm.Launch(128, 2), interpret=True
+    )
+    assert out.shape == (N // 2, 2 * gm.ROWS)
+    assert_bf16_close(out.T, GLU(reference(x, w, bias, tile_expert)))
+
+
+def test_layouts():
+    """glu_rows: gates then ups of each program's outputs, every row once; permute_bytes: its own inverse;
+    by_halves: byte j of a run of 64 values holds values j and 32 + j."""
+    order = gm.glu_rows(256, 128)
+    assert sorted(order) == list(range(512))
+    assert list(order[:3]) == [0, 2, 4] and list(order[64:67]) == [1, 3, 5] and order[128] == 128
+    b = jnp.arange(64, dtype=jnp.uint8).reshape(1, 64)
+    assert jnp.array_equal(gm.permute_bytes(gm.permute_bytes(b)), b)
+    assert list(np.asarray(gm.permute_bytes(b))[0, :4]) == [0, 1, 8, 9]
+    pairs = jnp.asarray(np.arange(32) % 16 | ((np.arange(32) + 3) % 16) << 4, jnp.uint8).reshape(2, 16)
+    values = np.stack([np.asarray(pairs).ravel() & 15, np.asarray(pairs).ravel() >> 4], -1).ravel()  # 64
+    halves = np.asarray(gm.by_halves(pairs))
+    assert list(halves & 15) == list(values[:32]) and list(halves >> 4) == list(values[32:])
+
+
+def test_refuses_what_it_cannot_run(experts):
+    blocks, scales, bias, _ = experts
+    packed = gm.Packed(gm.pack(blocks, 64), gm.exponents(scales, K))
+    x = jnp.zeros((gm.ROWS, K), jnp.bfloat16)
+    with pytest.raises(ValueError, match="takes bf16 x"):
+        gm.product_t(x.astype(jnp.float32), jnp.zeros(1, jnp.int32), packed, bias, launch=gm.Launch(64, 2))
+    with pytest.raises(ValueError, match="packed for programs of 64 rows"):
+        gm.product_t(x, jnp.zeros(1, jnp.int32), packed, bias, launch=gm.Launch(128, 2))
+    with pytest.raises(ValueError, match="one expert a tile"):
+        gm.product_t(x[:16], jnp.zeros(1, jnp.int32), packed, bias, launch=gm.Launch(64, 2))
+    assert "multiple of 128" in gm.refusal(K, N, gm.Launch(64, 2), glu=True)
+    assert "steps of 64" in gm.refusal(96, N, gm.Launch(64, 2), glu=False)
+
+
+WIDE_CONFIG = dataclasses.replace(
+    DEMO_CONFIG, hidden_size=192, intermediate_size=128, num_local_experts=4, num_hidden_layers=1,
+    layer_types=DEMO_CONFIG.layer_types[:1],
+)  # fmt: skip  # shapes the kernel's launches take: D a multiple of 192, 2F of 128
+
+
+def test_prepare_refuses_what_the_kernel_cannot_decode():
+    params = init_params(WIDE_CONFIG, jax.random.key(0), jnp.bfloat16, "mxfp4")
+    experts = params["layers"][0]["mlp"]["experts"]
+    assert gm.prepare(experts, WIDE_CONFIG.intermediate_size) is not None
+    large = experts["down_proj_scales"].at[0, 0, 0].set(FOLDABLE_EXPONENT + 1)
+    assert gm.prepare({**experts, "down_proj_scales": large}, WIDE_CONFIG.intermediate_size) is None
+    dense = init_params(WIDE_CONFIG, jax.random.key(0), jnp.bfloat16, "dense")
+    assert with_wide_experts(dense, WIDE_CONFIG) is dense
+    small = init_params(DEMO_CONFIG, jax.random.key(0), jnp.bfloat16, "mxfp4")  # D = 128: no launch divides
+    assert with_wide_experts(small, DEMO_CONFIG) is small
+
+
+def test_decode_rows_equal_the_grouped_matmuls(monkeypatch):
+    """A decode batch of 32 tokens (16 pairs an expert: `moe.wide_batch`) through one layer's MoE on the
+    kernels: with the experts' wide layout (`with_wide_experts`, accepted by `check_params`) the rows come
+    from this kernel (both products), and equal the grouped matmul's within bf16."""
+    params = init_params(WIDE_CONFIG, jax.random.key(0), jnp.bfloat16, "mxfp4")
+    wide = with_wide_experts(params, WIDE_CONFIG)
+    check_params(wide, WIDE_CONFIG)
+    p, p_wide = params["layers"][0]["mlp"], wide["layers"][0]["mlp"]
+    assert moe.WIDE in p_wide["experts"] and moe.wide_batch(32, WIDE_CONFIG)
+    x = jax.random.normal(jax.random.key(1), (32, 1, WIDE_CONFIG.hidden_size), jnp.bfloat16)
+    calls, product_t = [], gm.product_t
+    monkeypatch.setattr(gm, "product_t", lambda *a, **kw: calls.append(kw) or product_t(*a, **kw))
+    got = moe.moe_sparse(p_wide, x, WIDE_CONFIG, kernels=True).astype(jnp.float32)
+    assert [kw.get("transposed", False) for kw in calls] == [False, True]  # gate_up on x, down on its out^T
+    monkeypatch.setattr(gm, "product_t", product_t)
+    want = moe.moe_sparse(p, x, WIDE_CONFIG, kernels=True).astype(jnp.float32)
+    assert float(jnp.abs(got - want).max()) <= 2.0**-7 * float(jnp.abs(want).max())
+
+
+@pytest.mark.parametrize("product", ["gate_up", "down"])
+def test_lowers_for_cuda_at_gpt_oss_20b_shape(product):
+    """Batch 256's layout (2,016 rows) through gpt-oss-20b's experts at the launch table's launches:
+    lowered for CUDA from the CPU (no device here: Mosaic GPU's lowering, not ptxas)."""
+    D, F, E = GPT_OSS_20B.hidden_size, GPT_OSS_20B.intermediate_size, GPT_OSS_20B.num_local_experts
+    launch = gm.LAUNCH[product]
+    K, N, transposed = (D, 2 * F, False) if product == "gate_up" else (F, D, True)
+    M, spec = 2016, jax.ShapeDtypeStruct
+    packed = gm.Packed(
+        spec((E, N // launch.cols, K // 64, launch.cols, 8), jnp.uint32), spec((E, K // 32, N), jnp.uint8)
+    )
+    x = spec((K, M) if transposed else (M, K), jnp.bfloat16)
+    glu = GLU if product == "gate_up" else None
+    traced = gm.product_t.trace(
+        x, spec((M // gm.ROWS,), jnp.int32), packed, spec((E, N), jnp.float32), glu=glu,
+        transposed=transposed, launch=launch,
+    )  # fmt: skip
+    assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
