@@ -216,8 +216,6 @@ def generate(
     lengths = jnp.asarray([len(p) for p in prompts], jnp.int32)
     max_len = min(_round_up(longest + max_new_tokens, BUCKET), config.max_position_embeddings)
     cache_dtype = cache_dtype or params["embed_tokens"].dtype
-    check_fits(config, B, max_len, cache_dtype)
-    cache = init_cache(config, B, max_len, cache_dtype)
     decode_kernels = kernels_by_default(cache_dtype) if decode_kernels is None else decode_kernels
 
     params = with_up_projections(params, config)  # derived once for all the steps
@@ -225,6 +223,8 @@ def generate(
         params = with_aligned_scales(params)
     if decode_kernels and flash_decode.runs_compiled() and wide_batch(B, config):
         params = with_wide_experts(params, config)
+    check_fits(config, B, max_len, cache_dtype)  # in what the derived parameters left free
+    cache = init_cache(config, B, max_len, cache_dtype)
     key = jax.random.key(sampling.seed)
     key, sub = jax.random.split(key)
     token, cache = prefill(params, cache, jnp.asarray(padded), lengths, sub, config, sampling.rule)
