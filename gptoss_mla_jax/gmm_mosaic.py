@@ -12,12 +12,12 @@ Layouts, prepared once (`prepare`):
 - the packed bytes repacked by halves: in each run of 64 contraction values (two scale blocks), byte j
   holds value j in its low nibble and value 32 + j in its high one, so that a step's low nibbles multiply
   the activations' columns [64s, 64s + 32) and its high nibbles the next 32, each half under one scale,
-  with the activations as they are (the checkpoint's pairs, 2j and 2j + 1, would split them into even and
-  odd columns, a transposing copy that XLA took 1 ms for at batch 256); then each 32-byte piece reordered
-  so that the 8 bytes a thread decodes for the wgmma register layout's columns (2q + 8j + t for lane
-  q = lane % 4, j < 4, t < 2) lie together (`permute_bytes`), as 32-bit words, tiled [G, N / cols,
-  K / 64, cols, 8] so that a program's step reads one contiguous tile (`pack`; against the rows read in
-  place, tiling took a tenth off the product);
+  with the activations as they are (the checkpoint's pairs, 2j and 2j + 1, would need them split into even
+  and odd columns, a transposing copy that XLA makes slowly: docs/decode.md); then each 32-byte piece
+  reordered so that the 8 bytes a thread decodes for the wgmma register layout's columns (2q + 8j + t
+  for lane q = lane % 4, j < 4, t < 2) lie together (`permute_bytes`), as 32-bit words, tiled [G,
+  N / cols, K / 64, cols, 8] so that a program's step reads one contiguous tile (`pack`; faster than
+  reading 32-byte pieces of the rows in place);
 - the scale exponents transposed, [G, K / 32, N]: a step's are two rows of the program's columns;
 - gate_up's rows reordered (`glu_rows`) so that each program's tile holds 64 outputs' gates, then their
   ups, its SwiGLU taken in the epilogue.
