@@ -46,7 +46,7 @@ from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig
 from gptoss_mla_jax.execution import ForwardOptions
 from gptoss_mla_jax.generation import DEMO_CONFIG, GREEDY, decode_step, decode_steps, request_cuda_graphs
 from gptoss_mla_jax.mla import with_up_projections
-from gptoss_mla_jax.model import init_params, with_aligned_scales
+from gptoss_mla_jax.model import init_params, with_aligned_scales, with_wide_experts
 from support.results import write_json
 from weights.to_mla import DEFAULT_LATENT_DIM, convert
 
@@ -66,9 +66,13 @@ def models(
     RoPE pairs per kv head, "mla_rorope" one mixed component per frequency pair (head_dim values shared by
     every head); those two carry their up-projections derived once, as `generate` gives them to its steps,
     and every model the experts' scale exponents padded as `generate` gives them to the kernels
-    (`with_aligned_scales`; shared by all the models). `only`: the names to build (default all)."""
+    (`with_aligned_scales`; shared by all the models) and, on the GPU, the experts' wide-batch layout as
+    `generate` gives it to batches of 128 and up (`with_wide_experts`). `only`: the names to build (default
+    all)."""
     params = init_params(config, jax.random.key(0), jnp.bfloat16, experts="mxfp4")
     params = jax.block_until_ready(with_aligned_scales(params))
+    if flash_decode.runs_compiled():  # the wide-batch layout, read by batches that take it (MLA's too)
+        params = jax.block_until_ready(with_wide_experts(params, config))
     full = tuple(i for i in range(config.num_hidden_layers) if not config.is_sliding(i))
     out = {"gqa": (config, params)}
     wanted = lambda name: only is None or name in only
