@@ -65,6 +65,7 @@ PIECE = 64  # weight rows a wgmma multiplies (its m)
 STEP_BYTES = 32  # packed bytes of a weight row per step: 64 contraction values, two scale blocks
 WORDS = STEP_BYTES // 4
 SWIZZLE = 64  # bytes: the activations' tiles [STEP_BYTES values, ROWS] and the interpreter's weights
+BOX = 256  # the most elements a TMA copy takes along a dimension
 
 
 @dataclasses.dataclass(frozen=True)
@@ -257,8 +258,9 @@ def _kernel(expert_g, x_g, words_g, exps_g, bias_g, out_g, *, cols: int, steps: 
     n, i = lax.axis_index("n"), lax.axis_index("i")
     e = expert_g[i]
     G = words_g.shape[0]
-    rows, cols_n = pl.ds(i * ROWS, ROWS), pl.ds(n * cols, cols)
+    rows = pl.ds(i * ROWS, ROWS)
     pieces = cols // PIECE
+    boxes = [pl.ds(a, min(BOX, cols - a)) for a in range(0, cols, BOX)]  # TMA copies of the columns
     f32, bf16 = jnp.float32, jnp.bfloat16
 
     def scope(first_s, second_s, words_s, exps_s, bias_s, loaded, ready, *interpreted):
@@ -268,10 +270,13 @@ def _kernel(expert_g, x_g, words_g, exps_g, bias_g, out_g, *, cols: int, steps: 
                 values = pl.ds(2 * s * STEP_BYTES + half * STEP_BYTES, STEP_BYTES)
                 tile = x_g.at[values, rows] if transposed else x_g.at[rows, values]
                 plgpu.copy_gmem_to_smem(tile, x_s.at[slot], loaded.at[slot])
-            plgpu.copy_gmem_to_smem(words_g.at[e, n, s], words_s.at[slot], loaded.at[slot])
+            for box in boxes:
+                plgpu.copy_gmem_to_smem(words_g.at[e, n, s, box], words_s.at[slot, box], loaded.at[slot])
 
-        plgpu.copy_gmem_to_smem(exps_g.at[e, :, cols_n], exps_s, ready)
-        plgpu.copy_gmem_to_smem(bias_g.at[e, cols_n], bias_s, ready)
+        for box in boxes:  # the program's exponents and biases
+            part = pl.ds(n * cols + box.start, box.size)
+            plgpu.copy_gmem_to_smem(exps_g.at[e, :, part], exps_s[box.start // BOX], ready)
+            plgpu.copy_gmem_to_smem(bias_g.at[e, part], bias_s.at[box], ready)
         for s in range(min(stages - 1, steps)):
             fetch(s)
         plgpu.barrier_wait(ready)
@@ -291,13 +296,15 @@ def _kernel(expert_g, x_g, words_g, exps_g, bias_g, out_g, *, cols: int, steps: 
                     operands = [ref.transpose((1, 0)) for ref in operands]
                 for p, acc_ref in enumerate(acc_refs):
                     mine = pl.ds(p * PIECE, PIECE)
+                    # the piece's exponents, in its copy's buffer (a column cut of one is not contiguous)
+                    box_exps, at = exps_s[p * PIECE // BOX], pl.ds(p * PIECE % BOX, PIECE)
                     if interpret:
                         words = words_s[slot, mine]
-                        exps = [exps_s[2 * s + b, mine] for b in range(2)]
+                        exps = [box_exps[2 * s + b, at] for b in range(2)]
                     else:
                         words = plgpu.load(words_s.at[slot, mine], (), layout=plgpu.Layout.WGMMA)
                         exps = [
-                            plgpu.load(exps_s.at[2 * s + b, mine], (), layout=plgpu.Layout.WGMMA.reduce(1))
+                            plgpu.load(box_exps.at[2 * s + b, at], (), layout=plgpu.Layout.WGMMA.reduce(1))
                             for b in range(2)
                         ]
                     low, high = _decoded(words, exps, PIECE, interpret)
@@ -342,8 +349,9 @@ def _kernel(expert_g, x_g, words_g, exps_g, bias_g, out_g, *, cols: int, steps: 
     def _():
         outs = pl.run_scoped(
             scope, x_tile, x_tile, plgpu.SMEM((stages, cols, WORDS), jnp.uint32),
-            plgpu.SMEM((exps_g.shape[1], cols), jnp.uint8), plgpu.SMEM((cols,), f32),
-            plgpu.Barrier(num_arrivals=3, num_barriers=stages), plgpu.Barrier(num_arrivals=2), *interpreted,
+            [plgpu.SMEM((exps_g.shape[1], box.size), jnp.uint8) for box in boxes], plgpu.SMEM((cols,), f32),
+            plgpu.Barrier(num_arrivals=2 + len(boxes), num_barriers=stages),
+            plgpu.Barrier(num_arrivals=2 * len(boxes)), *interpreted,
         )  # fmt: skip
         width = len(outs) * PIECE
 
@@ -351,7 +359,9 @@ def _kernel(expert_g, x_g, words_g, exps_g, bias_g, out_g, *, cols: int, steps: 
             for p, out in enumerate(outs):
                 o_s[pl.ds(p * PIECE, PIECE)] = out.astype(o_s.dtype)
             plgpu.commit_smem()
-            plgpu.copy_smem_to_gmem(o_s, out_g.at[pl.ds(n * width, width), rows])
+            for a in range(0, width, BOX):
+                part = pl.ds(a, min(BOX, width - a))
+                plgpu.copy_smem_to_gmem(o_s.at[part], out_g.at[pl.ds(n * width + a, part.size), rows])
             plgpu.wait_smem_to_gmem(0)
 
         pl.run_scoped(write, plgpu.SMEM((width, ROWS), out_g.dtype))

@@ -71,6 +71,28 @@ def test_product_equals_float32_reference(experts, tiles, transposed, launch):
     assert_bf16_close(out.T, reference(x, w, bias, tile_expert))
 
 
+def test_programs_wider_than_a_copy():
+    """Programs of 384 weight rows, more than a TMA copy takes (`gm.BOX`): their words, exponents and biases
+    come in two copies each, with the SwiGLU's gates and ups three pieces each."""
+    keys = jax.random.split(jax.random.key(3), 4)
+    blocks = jax.random.bits(keys[0], (2, 384, K // 32, 16), jnp.uint8)
+    scales = jax.random.randint(keys[1], (2, 384, K // 32), 110, FOLDABLE_EXPONENT + 1).astype(jnp.uint8)
+    bias = jax.random.normal(keys[2], (2, 384))
+    tile_expert = jnp.asarray([1, 0], jnp.int32)
+    x = jax.random.normal(keys[3], (2 * gm.ROWS, K)).astype(jnp.bfloat16)
+    w = dequantize(blocks, scales, jnp.float32)
+    row_expert = np.repeat(np.asarray(tile_expert), gm.ROWS)
+    want = (
+        jnp.einsum("mk,mnk->mn", x.astype(jnp.float32), w[row_expert], precision="highest") + bias[row_expert]
+    )
+    order = gm.glu_rows(192, 384)
+    packed = gm.Packed(gm.pack(blocks[:, order], 384), gm.exponents(scales[:, order], K))
+    out = gm.product_t(
+        x, tile_expert, packed, bias[:, order], glu=GLU, launch=gm.Launch(384, 2), interpret=True
+    )
+    assert_bf16_close(out.T, GLU(want))
+
+
 def test_swiglu_epilogue_takes_gates_and_ups_from_one_program(experts):
     """gate_up's rows in `glu_rows`' order: each program's SwiGLU of its outputs, in the natural order."""
     blocks, scales, bias, w = experts

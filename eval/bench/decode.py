@@ -35,7 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from eval.bench.decode_kernels import kernel_rows
-from eval.bench.decode_moe import MOE_LAUNCHES, moe_rows
+from eval.bench.decode_moe import MOE_LAUNCHES, WIDE_LAUNCHES, moe_rows
 from eval.bench.timing import copy_bandwidth, kernel_summary, switched, timed, traced
 from gptoss_mla_jax import flash_decode
 from gptoss_mla_jax import gmm as gmm_lib
@@ -349,6 +349,10 @@ def main(argv=None) -> int:
         help="--moe: the launches swept beside the launch table's own (MOE_LAUNCHES)",
     )  # fmt: skip
     parser.add_argument(
+        "--wide-launches", choices=tuple(WIDE_LAUNCHES), default="default",
+        help="--moe: the wide-batch kernel's launches tried where a batch takes it (WIDE_LAUNCHES)",
+    )  # fmt: skip
+    parser.add_argument(
         "--max-aligns", default=str(moe_lib.MAX_ALIGN),
         help="--moe: with the decode layout's row tile at most each of these in turn (moe.MAX_ALIGN; a batch "
         "whose tile would be taller takes the sorted layout), e.g. 64,16",
@@ -460,7 +464,9 @@ def main(argv=None) -> int:
                 setting = {"max_align": max_align, "split_rows": split}
                 tag = lambda row, setting=setting: log(row | setting)
                 with switched((moe_lib, "MAX_ALIGN", max_align), (gmm_lib, "SPLIT_ROWS", split)):
-                    rows = moe_rows(batches, args.repeats, args.smoke, tag, args.moe_launches)
+                    rows = moe_rows(
+                        batches, args.repeats, args.smoke, tag, args.moe_launches, args.wide_launches
+                    )
                 result["moe"] += [row | setting for row in rows]
         elif args.profile:
             batch, context = (int(n) for n in args.profile.split(","))

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from eval.bench.timing import copy_bandwidth, device_us, in_loop, timed
+from eval.bench.timing import copy_bandwidth, device_us, in_loop, switched, timed
 from gptoss_mla_jax import flash_decode, gmm_mosaic, routing
 from gptoss_mla_jax import gmm as gmm_lib
 from gptoss_mla_jax import moe as moe_lib
@@ -100,7 +100,37 @@ def moe_layer(config: GptOssConfig) -> dict:
     return params["layers"][0]["mlp"]
 
 
-def moe_rows(batches: list[int], repeats: int, smoke: bool, log, sweep: str = "standard") -> list[dict]:
+# The wide-batch kernel's launches tried by --moe (`--wide-launches`): (gate_up, down) programs' weight rows
+# and stages; "default" the launch table's (`gmm_mosaic.LAUNCH`) alone. Programs of 384 / 320 rows read the
+# activations' tiles once for more weights (a third / three fifths of the L2 reads per weight of 128 / 192)
+# but hold 218 / 188 registers a thread (two programs an SM; `mosaic_ptxas`).
+WIDE_LAUNCHES = {
+    "default": [None],
+    "sweep": [
+        None, ((128, 3), (192, 3)), ((128, 5), (192, 5)), ((384, 3), (320, 4)), ((384, 4), (320, 3)),
+        ((384, 2), (320, 2)),
+    ],
+}  # fmt: skip
+
+
+def _wide_params(p, config: GptOssConfig, launches) -> tuple[dict | None, dict]:
+    """One layer's MoE parameters with the experts' wide-batch layout at `launches` ((gate_up, down) as
+    (rows, stages); None: the launch table's; None where the kernel is not compiled here), and that
+    launch table, which the step must be traced under (`gmm_mosaic.LAUNCH`)."""
+    table = gmm_mosaic.LAUNCH
+    if launches is not None:
+        names = ("gate_up", "down")
+        table = {name: gmm_mosaic.Launch(*launch) for name, launch in zip(names, launches, strict=True)}
+    if not flash_decode.runs_compiled():
+        return None, table
+    with switched((gmm_mosaic, "LAUNCH", table)):
+        wide = gmm_mosaic.prepare(p["experts"], config.intermediate_size)
+    return (None if wide is None else {**p, "experts": {**p["experts"], moe_lib.WIDE: wide}}), table
+
+
+def moe_rows(
+    batches: list[int], repeats: int, smoke: bool, log, sweep: str = "standard", wide_sweep: str = "default"
+) -> list[dict]:
     """One layer's MoE in a decode step at each batch, MXFP4 experts: on the kernels (the grouped matmul,
     the launch table's choice, then each of MOE_LAUNCHES[sweep]; on the GPU, at batches that take it, the
     wide-batch kernel, launch "wide") and on the jnp path (gather the selected
@@ -112,9 +142,7 @@ def moe_rows(batches: list[int], repeats: int, smoke: bool, log, sweep: str = "s
 
     config = DEMO_CONFIG if smoke else GPT_OSS_20B
     p = jax.block_until_ready(moe_layer(config))
-    compiled = flash_decode.runs_compiled()
-    wide = gmm_mosaic.prepare(p["experts"], config.intermediate_size) if compiled else None
-    p_wide = None if wide is None else {**p, "experts": {**p["experts"], moe_lib.WIDE: wide}}
+    wides = [_wide_params(p, config, launches) for launches in WIDE_LAUNCHES[wide_sweep]]
     launches = MOE_LAUNCHES[sweep][-1:] if smoke else MOE_LAUNCHES[sweep]  # smoke: the default and one
     inner = 2 if smoke else 20
     copy = copy_bandwidth(0.05 if smoke else 4.0)
@@ -152,12 +180,20 @@ def moe_rows(batches: list[int], repeats: int, smoke: bool, log, sweep: str = "s
                 configs.append(launch | {"error": f"{type(e).__name__}: {e}"[:300]})
             finally:
                 gmm_lib.LAUNCH = original
-        if p_wide is not None and moe_lib.wide_batch(batch, config):  # the wide-batch kernel's layout
+        for p_wide, table in wides:  # the wide-batch kernel where the batch takes it
+            if p_wide is None or not moe_lib.wide_batch(batch, config):
+                continue
             on_wide = lambda p, x: moe_sparse(p, x, config, kernels=True)
-            error = float(jnp.abs(jax.jit(on_wide)(p_wide, x).astype(jnp.float32) - want).max())
-            device = device_us(jax.jit(on_wide), p_wide, x)
-            wide_ms = 1e3 * timed(in_loop(on_wide, inner), p_wide, x, repeats=repeats) / inner
-            configs.append({"launch": "wide", "ms": wide_ms, "max_abs_error": error, "device": device})
+            named = {name: [launch.cols, launch.stages] for name, launch in table.items()}
+            try:
+                with switched((gmm_mosaic, "LAUNCH", table)):
+                    error = float(jnp.abs(jax.jit(on_wide)(p_wide, x).astype(jnp.float32) - want).max())
+                    device = device_us(jax.jit(on_wide), p_wide, x)
+                    wide_ms = 1e3 * timed(in_loop(on_wide, inner), p_wide, x, repeats=repeats) / inner
+                configs.append({"launch": "wide", "wide": named, "ms": wide_ms, "max_abs_error": error,
+                                "device": device})  # fmt: skip
+            except Exception as e:  # a launch that does not compile (shared memory) is recorded
+                configs.append({"launch": "wide", "wide": named, "error": f"{type(e).__name__}: {e}"[:300]})
         ran = [c for c in configs if "ms" in c]
         best = min(ran, key=lambda c: c["ms"])
         row |= {"configs": configs, "kernel_ms": best["ms"], "kernel_launch": best}

@@ -186,10 +186,10 @@ def module(launch: flash_decode.Launch, batch: int, context: int, sliding: bool)
     return mosaic_core.KNOWN_KERNELS[kernel]
 
 
-def moe_module(product: str, batch: int = 256) -> bytes:
+def moe_module(product: str, batch: int = 256, launch=None) -> bytes:
     """The Mosaic GPU module of the wide-batch MXFP4 kernel (`gmm_mosaic`) for one of gpt-oss-20b's expert
-    products ("gate_up", with its SwiGLU, or "down") at its launch table's launch, over batch's layout of
-    32-row tiles (`routing.layout_rows`)."""
+    products ("gate_up", with its SwiGLU, or "down") at `launch` (default: its launch table's), over batch's
+    layout of 32-row tiles (`routing.layout_rows`)."""
     from jax.experimental.mosaic.gpu import core as mosaic_core
 
     from gptoss_mla_jax import gmm_mosaic, routing
@@ -204,7 +204,7 @@ def moe_module(product: str, batch: int = 256) -> bytes:
         config.num_experts_per_tok,
     )
     M = routing.layout_rows(batch, k, E, gmm_mosaic.ROWS)
-    launch = gmm_mosaic.LAUNCH[product]
+    launch = launch or gmm_mosaic.LAUNCH[product]
     K, N, transposed = (D, 2 * F, False) if product == "gate_up" else (F, D, True)
     packed = gmm_mosaic.Packed(
         spec((E, N // launch.cols, K // 64, launch.cols, 8), jnp.uint32), spec((E, K // 32, N), jnp.uint8)
