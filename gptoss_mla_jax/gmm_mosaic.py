@@ -38,7 +38,10 @@ one step later, outputs came out wrong on the GPU). The overlap comes from the p
 (90-122 registers a thread, 44-60 KB of shared memory: several programs an SM), their loads `stages`
 steps ahead by TMA.
 
-A tile whose expert is G (past the layout's rows in use) does nothing. Interpreted (CI), the decoding is
+The output is out^T [N, M], or out [M, N] with `Launch.rows_out` (the sums stored transposed into shared
+memory element by element, `_store_transposed`). Programs wider than a TMA copy (`BOX`) take their
+words, exponents, biases and outputs in several copies. A tile whose expert is G (past the layout's rows
+in use) does nothing. Interpreted (CI), the decoding is
 jnp arithmetic on the codes (`mxfp4.e2m1`), and the weights and x's tiles go through shared memory, x's
 transposed (the Mosaic GPU interpreter runs no register operand and no transposed view).
 """
@@ -71,10 +74,13 @@ BOX = 256  # the most elements a TMA copy takes along a dimension
 @dataclasses.dataclass(frozen=True)
 class Launch:
     """A product's launch: `cols` weight rows a program (a multiple of 64; gate_up's a multiple of 128,
-    half gates, half ups), `stages` steps of loads in flight."""
+    half gates, half ups), `stages` steps of loads in flight; `rows_out`: the output written as out
+    [M, N] (each program's sums stored transposed into shared memory, element by element, then copied by
+    TMA) instead of out^T [N, M]."""
 
     cols: int = 128
     stages: int = 4
+    rows_out: bool = False
 
 
 # Chosen at gpt-oss-20b's shapes on an H100 in a sweep of program widths and stages (docs/decode.md)
@@ -251,10 +257,10 @@ def _tiles(dtype) -> tuple:
 
 
 def _kernel(expert_g, x_g, words_g, exps_g, bias_g, out_g, *, cols: int, steps: int, stages: int,
-            glu, transposed: bool, interpret: bool):  # fmt: skip
+            glu, transposed: bool, rows_out: bool, interpret: bool):  # fmt: skip
     """Program (n, i): out^T[n's outputs, tile i's rows] through tile i's expert; x_g [M, K], or [K, M]
     where `transposed`, words_g [G, N / cols, steps, cols, 8], exps_g [G, K / 32, N], bias_g [G, N]
-    float32, out_g [N or N / 2, M]."""
+    float32, out_g [N or N / 2, M] ([M, N or N / 2] where `rows_out`)."""
     n, i = lax.axis_index("n"), lax.axis_index("i")
     e = expert_g[i]
     G = words_g.shape[0]
@@ -354,17 +360,53 @@ def _kernel(expert_g, x_g, words_g, exps_g, bias_g, out_g, *, cols: int, steps: 
             plgpu.Barrier(num_arrivals=2 * len(boxes)), *interpreted,
         )  # fmt: skip
         width = len(outs) * PIECE
+        parts = [pl.ds(a, min(BOX, width - a)) for a in range(0, width, BOX)]  # the output's TMA copies
 
         def write(o_s):
             for p, out in enumerate(outs):
                 o_s[pl.ds(p * PIECE, PIECE)] = out.astype(o_s.dtype)
             plgpu.commit_smem()
-            for a in range(0, width, BOX):
-                part = pl.ds(a, min(BOX, width - a))
-                plgpu.copy_smem_to_gmem(o_s.at[part], out_g.at[pl.ds(n * width + a, part.size), rows])
+            for part in parts:
+                plgpu.copy_smem_to_gmem(
+                    o_s.at[part], out_g.at[pl.ds(n * width + part.start, part.size), rows]
+                )
             plgpu.wait_smem_to_gmem(0)
 
-        pl.run_scoped(write, plgpu.SMEM((width, ROWS), out_g.dtype))
+        def write_rows(*o_s):  # a buffer [ROWS, copy's columns] per copy: column cuts are not contiguous
+            for p, out in enumerate(outs):
+                part = p * PIECE // BOX
+                at = pl.ds(p * PIECE % BOX, PIECE)
+                if interpret:
+                    o_s[part][:, at] = out.astype(out_g.dtype).T
+                else:
+                    _store_transposed(out.astype(out_g.dtype), o_s[part].at[:, at])
+            plgpu.commit_smem()
+            for part, o_part in zip(parts, o_s, strict=True):
+                plgpu.copy_smem_to_gmem(o_part, out_g.at[rows, pl.ds(n * width + part.start, part.size)])
+            plgpu.wait_smem_to_gmem(0)
+
+        if rows_out:
+            pl.run_scoped(write_rows, *[plgpu.SMEM((ROWS, part.size), out_g.dtype) for part in parts])
+        else:
+            pl.run_scoped(write, plgpu.SMEM((width, ROWS), out_g.dtype))
+
+
+def _store_transposed(values, ref):
+    """values [64, ROWS] (wgmma register layout) into ref [ROWS, 64] transposed, element by element."""
+    from jax._src.lib.mlir import ir
+    from jax._src.lib.mlir.dialects import arith, memref, vector
+
+    @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.RefType()), return_type=None)
+    def store(_, values_fa, ref_memref):
+        index = ir.IndexType.get()
+        for reg, (r, c) in zip(
+            values_fa.registers.flat, values_fa.layout.thread_idxs(values_fa.shape), strict=True
+        ):
+            for k in range(ir.VectorType(reg.type).shape[0]):  # the register's consecutive columns
+                column = arith.addi(c, arith.constant(index, k))
+                memref.store(vector.extract(reg, [], [k]), ref_memref, [column, r])
+
+    store(values, ref)
 
 
 def _swiglu(gate, up, glu):
@@ -384,11 +426,11 @@ def product_t(
     transposed: bool = False,
     launch: Launch = Launch(),
     interpret: bool = False,
-) -> Float[Array, "No M"]:
-    """out^T [N, M] (N / 2 with `glu`, a `gmm.Glu`) of the aligned layout's rows x [M, K] (x^T [K, M] where
-    `transposed`; M a multiple of `ROWS`, bf16) through tile t's expert `tile_expert[t]` (G: no expert,
-    its rows left unwritten), weights `packed` (`pack` at `launch.cols`), plus `bias` [G, N] (in `packed`'s
-    row order), in bf16 with float32 sums."""
+) -> Float[Array, "No M"] | Float[Array, "M No"]:
+    """out^T [N, M] (N / 2 with `glu`, a `gmm.Glu`; out [M, N] at a launch with `rows_out`) of the aligned
+    layout's rows x [M, K] (x^T [K, M] where `transposed`; M a multiple of `ROWS`, bf16) through tile t's
+    expert `tile_expert[t]` (G: no expert, its rows left unwritten), weights `packed` (`pack` at
+    `launch.cols`), plus `bias` [G, N] (in `packed`'s row order), in bf16 with float32 sums."""
     K, M = x.shape if transposed else x.shape[::-1]
     _, tiles_n, steps, cols, _ = packed.words.shape
     N = tiles_n * cols
@@ -402,9 +444,10 @@ def product_t(
             f"{packed.words.shape}: rows must be {ROWS}-row tiles, one expert a tile, and the weights' steps "
             "K / 64"
         )
+    width = N // 2 if glu is not None else N
     kernel = functools.partial(
         _kernel, cols=cols, steps=steps, stages=launch.stages, glu=glu, transposed=transposed,
-        interpret=interpret,
+        rows_out=launch.rows_out, interpret=interpret,
     )  # fmt: skip
     interpret_params = None
     if interpret:
@@ -413,7 +456,7 @@ def product_t(
         interpret_params = InterpretGPUParams()
     call = plgpu.kernel(
         kernel,
-        out_type=jax.ShapeDtypeStruct((N // 2 if glu is not None else N, M), x.dtype),
+        out_type=jax.ShapeDtypeStruct((M, width) if launch.rows_out else (width, M), x.dtype),
         grid=(tiles_n, M // ROWS),
         grid_names=("n", "i"),
         interpret=interpret_params,

@@ -190,7 +190,7 @@ def _wide_rows(
 ) -> ExpertRows:
     """`expert_rows` on the wide-batch kernel (`gmm_mosaic`): the layout aligned to its 32-row tiles and
     gathered by XLA (one kernel), gate_up with its SwiGLU, whose output (transposed) is down's input as it
-    is, and down's output transposed back for the weighted sum."""
+    is, and down's output as rows (transposed back for the weighted sum unless its launch writes rows)."""
     n, k, E = flat.shape[0], config.num_experts_per_tok, config.num_local_experts
     tile = gmm_mosaic.ROWS
     height = routing.layout_rows(n, k, E, tile)
@@ -198,17 +198,19 @@ def _wide_rows(
     rows = flat[jnp.clip(row_token, 0, n - 1)]  # a padding row reads token 0's row
     tiles_end = jnp.cumsum(padded // tile)
     tile_expert = jnp.sum(tiles_end[None, :] <= jnp.arange(height // tile)[:, None], axis=1, dtype=jnp.int32)
-    interpret = not runs_compiled()
+    interpret, launch = not runs_compiled(), gmm_mosaic.LAUNCH
     hidden = gmm_mosaic.product_t(
-        rows, tile_expert, wide.gate_up, wide.gate_up_bias, glu=glu(config),
-        launch=gmm_mosaic.LAUNCH["gate_up"], interpret=interpret,
-    )  # fmt: skip
-    out = gmm_mosaic.product_t(
-        hidden, tile_expert, wide.down, wide.down_bias, transposed=True, launch=gmm_mosaic.LAUNCH["down"],
+        rows, tile_expert, wide.gate_up, wide.gate_up_bias, glu=glu(config), launch=launch["gate_up"],
         interpret=interpret,
     )  # fmt: skip
-    # transposed by a kernel of its own: read transposed by the weighted sum's gather, it cost twice that
-    return ExpertRows(jax.lax.optimization_barrier(out.T)[None], slot, weights)
+    out = gmm_mosaic.product_t(
+        hidden, tile_expert, wide.down, wide.down_bias, transposed=True, launch=launch["down"],
+        interpret=interpret,
+    )  # fmt: skip
+    if not launch["down"].rows_out:
+        # transposed by a kernel of its own: read transposed by the weighted sum's gather, it cost more
+        out = jax.lax.optimization_barrier(out.T)
+    return ExpertRows(out[None], slot, weights)
 
 
 def routed_in_kernel(n: int, config: GptOssConfig) -> bool:

@@ -56,7 +56,7 @@ TILES = {"one_expert": [1, 1, 1], "some_experts": [2, 2, 0], "empty_tile": [0, G
 
 @pytest.mark.parametrize("tiles", TILES)
 @pytest.mark.parametrize("transposed", [False, True])
-@pytest.mark.parametrize("launch", [gm.Launch(64, 2), gm.Launch(128, 3)])
+@pytest.mark.parametrize("launch", [gm.Launch(64, 2), gm.Launch(128, 3), gm.Launch(128, 2, rows_out=True)])
 def test_product_equals_float32_reference(experts, tiles, transposed, launch):
     blocks, scales, bias, w = experts
     tile_expert = jnp.asarray(TILES[tiles], jnp.int32)
@@ -67,8 +67,9 @@ def test_product_equals_float32_reference(experts, tiles, transposed, launch):
     out = gm.product_t(
         operand, tile_expert, packed, bias, transposed=transposed, launch=launch, interpret=True
     )
-    assert out.shape == (N, M) and out.dtype == jnp.bfloat16
-    assert_bf16_close(out.T, reference(x, w, bias, tile_expert))
+    out = out if launch.rows_out else out.T
+    assert out.shape == (M, N) and out.dtype == jnp.bfloat16
+    assert_bf16_close(out, reference(x, w, bias, tile_expert))
 
 
 def test_programs_wider_than_a_copy():
@@ -154,10 +155,14 @@ def test_prepare_refuses_what_the_kernel_cannot_decode():
     assert with_wide_experts(small, DEMO_CONFIG) is small
 
 
-def test_decode_rows_equal_the_grouped_matmuls(monkeypatch):
+@pytest.mark.parametrize("rows_out", [False, True])
+def test_decode_rows_equal_the_grouped_matmuls(monkeypatch, rows_out):
     """A decode batch of 32 tokens (16 pairs an expert: `moe.wide_batch`) through one layer's MoE on the
     kernels: with the experts' wide layout (`with_wide_experts`, accepted by `check_params`) the rows come
-    from this kernel (both products), and equal the grouped matmul's within bf16."""
+    from this kernel (both products), and equal the grouped matmul's within bf16, down's output written as
+    rows or transposed."""
+    down = dataclasses.replace(gm.LAUNCH["down"], rows_out=rows_out)
+    monkeypatch.setattr(gm, "LAUNCH", {**gm.LAUNCH, "down": down})
     params = init_params(WIDE_CONFIG, jax.random.key(0), jnp.bfloat16, "mxfp4")
     wide = with_wide_experts(params, WIDE_CONFIG)
     check_params(wide, WIDE_CONFIG)

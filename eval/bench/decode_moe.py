@@ -100,15 +100,16 @@ def moe_layer(config: GptOssConfig) -> dict:
     return params["layers"][0]["mlp"]
 
 
-# The wide-batch kernel's launches tried by --moe (`--wide-launches`): (gate_up, down) programs' weight rows
-# and stages; "default" the launch table's (`gmm_mosaic.LAUNCH`) alone. Programs of 384 / 320 rows read the
-# activations' tiles once for more weights (a third / three fifths of the L2 reads per weight of 128 / 192)
-# but hold 218 / 188 registers a thread (two programs an SM; `mosaic_ptxas`).
+# The wide-batch kernel's launches tried by --moe (`--wide-launches`): (gate_up, down) programs' weight rows,
+# stages and (down) whether it writes rows (`gmm_mosaic.Launch`); "default" the launch table's alone.
+# Programs of 384 / 320 rows read the activations' tiles once for more weights (a third / three fifths of
+# the L2 reads per weight of 128 / 192) but hold 218 / 188 registers a thread (two programs an SM;
+# `mosaic_ptxas`); down written as rows spares the weighted sum its transposed read.
 WIDE_LAUNCHES = {
     "default": [None],
     "sweep": [
-        None, ((128, 3), (192, 3)), ((128, 5), (192, 5)), ((384, 3), (320, 4)), ((384, 4), (320, 3)),
-        ((384, 2), (320, 2)),
+        None, ((128, 4), (192, 4, True)), ((128, 3), (192, 3)), ((128, 5), (192, 5)), ((384, 3), (320, 4)),
+        ((384, 4), (320, 3)), ((384, 3), (320, 4, True)),
     ],
 }  # fmt: skip
 
@@ -184,7 +185,7 @@ def moe_rows(
             if p_wide is None or not moe_lib.wide_batch(batch, config):
                 continue
             on_wide = lambda p, x: moe_sparse(p, x, config, kernels=True)
-            named = {name: [launch.cols, launch.stages] for name, launch in table.items()}
+            named = {name: dataclasses.astuple(launch) for name, launch in table.items()}
             try:
                 with switched((gmm_mosaic, "LAUNCH", table)):
                     error = float(jnp.abs(jax.jit(on_wide)(p_wide, x).astype(jnp.float32) - want).max())
