@@ -155,10 +155,11 @@ def refusal(K: int, N: int, launch: Launch, glu: bool) -> str | None:
     return None
 
 
-def prepare(experts: dict, F: int) -> WideExperts | None:
+def prepare(experts: dict, F: int, decodable: bool | None = None) -> WideExperts | None:
     """The experts of one layer (`model` names: MXFP4 `*_blocks`, `*_scales`, float biases) laid out for
     the kernel at `LAUNCH`, or None where it cannot run them: dense experts, shapes it refuses, or a scale
-    exponent above `mxfp4.FOLDABLE_EXPONENT` (its one-multiply decoding)."""
+    exponent above `mxfp4.FOLDABLE_EXPONENT` (its one-multiply decoding), which it reads from the values
+    unless `decodable` says (abstract experts: a compile without weights)."""
     if "gate_up_proj_blocks" not in experts:
         return None
     gate_up_blocks, down_blocks = experts["gate_up_proj_blocks"], experts["down_proj_blocks"]
@@ -172,8 +173,10 @@ def prepare(experts: dict, F: int) -> WideExperts | None:
         or F % (LAUNCH["gate_up"].cols // 2)
     ):
         return None
-    largest = max(int(jnp.max(experts[f"{name}_scales"])) for name in ("gate_up_proj", "down_proj"))
-    if largest > FOLDABLE_EXPONENT:
+    if decodable is None:
+        largest = max(int(jnp.max(experts[f"{name}_scales"])) for name in ("gate_up_proj", "down_proj"))
+        decodable = largest <= FOLDABLE_EXPONENT
+    if not decodable:
         return None
     order = glu_rows(F, LAUNCH["gate_up"].cols)
     gate_up = Packed(

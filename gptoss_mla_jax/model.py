@@ -229,16 +229,16 @@ def with_aligned_scales(params: Params) -> Params:
     return {**params, "layers": layers}
 
 
-def with_wide_experts(params: Params, config: GptOssConfig) -> Params:
+def with_wide_experts(params: Params, config: GptOssConfig, decodable: bool | None = None) -> Params:
     """`params` with each layer's MXFP4 experts also laid out for the wide-batch kernel (`gmm_mosaic.prepare`,
     under `moe.WIDE`), once for a loop of decode steps of at least `moe.WIDE_MEAN_PAIRS` pairs an expert
     (`generation.generate` on the GPU). The layout holds the experts' bytes a second time (the other
     paths, prefill's among them, read the checkpoint's); params it cannot take (dense experts, shapes the
     kernel refuses, exponents past its decoding) are returned as they are. Call it outside jit: whether
-    the kernel can decode the weights is read from their values."""
-    prepared = [
-        gmm_mosaic.prepare(layer["mlp"]["experts"], config.intermediate_size) for layer in params["layers"]
-    ]
+    the kernel can decode the weights is read from their values, unless `decodable` says
+    (`gmm_mosaic.prepare`)."""
+    F = config.intermediate_size
+    prepared = [gmm_mosaic.prepare(layer["mlp"]["experts"], F, decodable) for layer in params["layers"]]
     if any(wide is None for wide in prepared):
         return params
     layers = [

@@ -129,28 +129,33 @@ def model_config(model: str):
     return config
 
 
-def step_census(batch: int, context: int, model: str = "gqa", loop: bool = False) -> dict:
+def step_census(batch: int, context: int, model: str = "gqa", loop: bool = False, wide: bool = True) -> dict:
     """One decode step of gpt-oss-20b (MXFP4 experts, bf16 cache of `context` slots, Pallas kernels),
     its attention as `model` says (`model_config`). `loop`: the body of `generation.decode_steps`' device
-    loop instead, as `generate` runs the steps (what it derives once for the loop hoisted out of it)."""
+    loop instead, as `generate` runs the steps (what it derives once for the loop hoisted out of it).
+    `wide`: the experts' wide-batch layout where the batch takes it, as `generate` gives it (its kernel is
+    Mosaic GPU's, whose deviceless compile needs the host symbols that a CPU-only install of the CUDA plugin
+    lacks; without it, the grouped matmul's kernels)."""
     import jax
     import jax.numpy as jnp
 
     from gptoss_mla_jax.cache import init_cache
     from gptoss_mla_jax.generation import GREEDY, decode_step, decode_steps
     from gptoss_mla_jax.mla import with_up_projections
-    from gptoss_mla_jax.model import init_params, with_aligned_scales
+    from gptoss_mla_jax.model import init_params, with_aligned_scales, with_wide_experts
+    from gptoss_mla_jax.moe import wide_batch
 
     placed = _topology()
     config = model_config(model)
     spec = lambda tree: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=placed), tree)
-    params = spec(
-        jax.eval_shape(
-            lambda: with_aligned_scales(
-                with_up_projections(init_params(config, jax.random.key(0), jnp.bfloat16, "mxfp4"), config)
-            )
-        )
-    )
+
+    def made():  # as `generate` derives them: the wide-batch kernel's layout where the batch takes it
+        params = init_params(config, jax.random.key(0), jnp.bfloat16, "mxfp4")
+        params = with_aligned_scales(with_up_projections(params, config))
+        wanted = wide and wide_batch(batch, config)
+        return with_wide_experts(params, config, decodable=True) if wanted else params
+
+    params = spec(jax.eval_shape(made))
     cache = spec(jax.eval_shape(lambda: init_cache(config, batch, context)))
     key = spec(jax.eval_shape(lambda: jax.random.key(0)))
     tokens = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=placed)
@@ -421,6 +426,10 @@ def main(argv=None) -> int:
         "--decompressed-kernel", choices=get_args(DecompressedKernel), default="triton",
         help="--step --model mla: the decompressed layers' decode kernel (flash_decode.DECOMPRESSED_KERNEL)",
     )  # fmt: skip
+    parser.add_argument(
+        "--no-wide", action="store_true",
+        help="--step: batches of 128 and up on the grouped matmul, not the wide-batch kernel generate takes",
+    )  # fmt: skip
     parser.add_argument("--ptx", action="store_true", help="tensor-core instructions of the decode kernels")
     parser.add_argument(
         "--sass", action="store_true", help="registers and main-loop instructions of the decode kernels"
@@ -437,7 +446,7 @@ def main(argv=None) -> int:
 
         batch, context = (int(n) for n in args.step.split(","))
         flash_decode.DECOMPRESSED_KERNEL = args.decompressed_kernel
-        result = step_census(batch, context, args.model, args.loop)
+        result = step_census(batch, context, args.model, args.loop, wide=not args.no_wide)
         result["decompressed_kernel"] = args.decompressed_kernel
     elif args.train_step:
         result = train_step_census(args.train_step)
