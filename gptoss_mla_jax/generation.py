@@ -14,7 +14,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from gptoss_mla_jax import flash_decode
-from gptoss_mla_jax.cache import check_fits, init_cache
+from gptoss_mla_jax.cache import check_fits, free_device_bytes, init_cache, total_bytes
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.mla import decode_key_layers, with_decode_keys, with_up_projections
 from gptoss_mla_jax.model import (
@@ -22,6 +22,7 @@ from gptoss_mla_jax.model import (
     Params,
     check_tokens,
     forward,
+    wide_experts_bytes,
     with_aligned_scales,
     with_wide_experts,
 )
@@ -222,7 +223,10 @@ def generate(
     if decode_kernels:  # the grouped matmul's pipelined loads of the experts' scales
         params = with_aligned_scales(params)
     if decode_kernels and flash_decode.runs_compiled() and wide_batch(B, config):
-        params = with_wide_experts(params, config)
+        # the wide-batch kernel's second layout of the experts, where it fits beside the cache
+        room = free_device_bytes() - total_bytes(config, B, max_len, cache_dtype)
+        if wide_experts_bytes(params) <= room:
+            params = with_wide_experts(params, config)
     check_fits(config, B, max_len, cache_dtype)  # in what the derived parameters left free
     cache = init_cache(config, B, max_len, cache_dtype)
     key = jax.random.key(sampling.seed)

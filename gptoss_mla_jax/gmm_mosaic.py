@@ -83,7 +83,8 @@ class Launch:
     rows_out: bool = False
 
 
-# Chosen at gpt-oss-20b's shapes on an H100 in a sweep of program widths and stages (docs/decode.md)
+# Chosen at gpt-oss-20b's shapes on an H100 among a prototype's program widths and stages (docs/decode.md,
+# "The wide-batch kernel"); `eval.bench.decode --moe --wide-launches sweep` times others
 LAUNCH = {"gate_up": Launch(cols=128, stages=4), "down": Launch(cols=192, stages=4)}
 
 
@@ -145,8 +146,11 @@ def glu_rows(F: int, cols: int) -> np.ndarray:
 def refusal(K: int, N: int, launch: Launch, glu: bool) -> str | None:
     """Why the kernel does not run a product of K contraction values into N outputs at `launch` (None: it
     does)."""
-    if K % (2 * STEP_BYTES):
-        return f"contraction {K}: the wide-batch MXFP4 kernel takes steps of {2 * STEP_BYTES} values"
+    if K % (2 * STEP_BYTES) or K // BLOCK > BOX:
+        return (
+            f"contraction {K}: the wide-batch MXFP4 kernel takes steps of {2 * STEP_BYTES} values, up to "
+            f"{BOX * BLOCK} (a program's exponents in one copy a column block)"
+        )
     if launch.cols % (2 * PIECE if glu else PIECE) or N % launch.cols:
         need = "a multiple of 128 (64 gates, 64 ups)" if glu else "a multiple of 64"
         return f"{N} outputs in programs of {launch.cols} rows: the rows must divide them and be {need}"

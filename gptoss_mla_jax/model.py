@@ -229,6 +229,20 @@ def with_aligned_scales(params: Params) -> Params:
     return {**params, "layers": layers}
 
 
+def wide_experts_bytes(params: Params) -> int:
+    """The bytes `with_wide_experts` adds: every layer's MXFP4 experts' packed bytes and exponents again, and
+    their biases in float32 (0 for dense experts, which it leaves as they are)."""
+    total = 0
+    for layer in params["layers"]:
+        experts = layer["mlp"]["experts"]
+        for name, leaf in experts.items():
+            if name.endswith(("_blocks", "_scales")):
+                total += leaf.size * leaf.dtype.itemsize
+            elif name.endswith("_bias") and "gate_up_proj_blocks" in experts:
+                total += leaf.size * 4
+    return total
+
+
 def with_wide_experts(params: Params, config: GptOssConfig, decodable: bool | None = None) -> Params:
     """`params` with each layer's MXFP4 experts also laid out for the wide-batch kernel (`gmm_mosaic.prepare`,
     under `moe.WIDE`), once for a loop of decode steps of at least `moe.WIDE_MEAN_PAIRS` pairs an expert

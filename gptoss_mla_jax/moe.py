@@ -38,10 +38,11 @@ from gptoss_mla_jax.mxfp4 import dequantize, dequantize_experts
 
 Params = dict[str, Any]
 WIDE = "wide"  # an MLP's experts' entry of `gmm_mosaic.WideExperts`, made by `model.with_wide_experts`
-# The fewest token-expert pairs an expert gets on average for which a decode step takes the wide-batch
-# kernel where its experts carry its layout: 16 and more (batch 128 and up at gpt-oss's top 4 of 32),
-# where its products measured faster than the grouped matmul's (docs/decode.md)
-WIDE_MEAN_PAIRS = 16
+# The token-expert pairs an expert gets on average for which a decode step takes the wide-batch kernel
+# where its experts carry its layout: 16 to 32 (batches 128 to 256 at gpt-oss's top 4 of 32), where its
+# products measured faster than the grouped matmul's (docs/decode.md); past that its layout's all-pairs
+# comparisons (`_jnp_layout`) grow with the square of the batch and it is not measured
+WIDE_MEAN_PAIRS = (16, 32)
 # How grouped token-expert pairs are multiplied: "auto" takes the Pallas kernel on a GPU that can lower it
 # and ragged_dot elsewhere; "gmm" the kernel everywhere (interpreted, slowly, off the GPU).
 Grouped = Literal["auto", "gmm", "ragged_dot"]
@@ -182,7 +183,8 @@ def _jnp_layout(
 
 def wide_batch(n: int, config: GptOssConfig) -> bool:
     """Whether a decode batch of n tokens takes the wide-batch kernel where its experts carry its layout."""
-    return n * config.num_experts_per_tok >= WIDE_MEAN_PAIRS * config.num_local_experts
+    low, high = WIDE_MEAN_PAIRS
+    return low * config.num_local_experts <= n * config.num_experts_per_tok <= high * config.num_local_experts
 
 
 def _wide_rows(

@@ -17,7 +17,7 @@ from gptoss_mla_jax import moe
 from gptoss_mla_jax.config import GPT_OSS_20B
 from gptoss_mla_jax.generation import DEMO_CONFIG
 from gptoss_mla_jax.gmm import Glu
-from gptoss_mla_jax.model import check_params, init_params, with_wide_experts
+from gptoss_mla_jax.model import check_params, init_params, wide_experts_bytes, with_wide_experts
 from gptoss_mla_jax.mxfp4 import FOLDABLE_EXPONENT, dequantize
 
 G, K, N = 3, 128, 256
@@ -143,6 +143,28 @@ WIDE_CONFIG = dataclasses.replace(
 )  # fmt: skip  # shapes the kernel's launches take: D a multiple of 192, 2F of 128
 
 
+def test_wide_batches_are_those_measured():
+    """gpt-oss's batches of 16 to 32 pairs an expert: 128 to 256 tokens."""
+    assert [n for n in (64, 127, 128, 200, 256, 257, 512) if moe.wide_batch(n, GPT_OSS_20B)] == [
+        128,
+        200,
+        256,
+    ]
+
+
+def test_counts_the_bytes_it_adds():
+    """`wide_experts_bytes`: what `with_wide_experts` adds, counted before it is made (at most the
+    exponents' padding more), for `generate` to check it fits."""
+    params = init_params(WIDE_CONFIG, jax.random.key(0), jnp.bfloat16, "mxfp4")
+    added = sum(
+        leaf.nbytes
+        for leaf in jax.tree.leaves(
+            with_wide_experts(params, WIDE_CONFIG)["layers"][0]["mlp"]["experts"][moe.WIDE]
+        )
+    )
+    assert wide_experts_bytes(params) == added
+
+
 def test_prepare_refuses_what_the_kernel_cannot_decode():
     params = init_params(WIDE_CONFIG, jax.random.key(0), jnp.bfloat16, "mxfp4")
     experts = params["layers"][0]["mlp"]["experts"]
@@ -164,6 +186,9 @@ def test_decode_rows_equal_the_grouped_matmuls(monkeypatch, rows_out):
     down = dataclasses.replace(gm.LAUNCH["down"], rows_out=rows_out)
     monkeypatch.setattr(gm, "LAUNCH", {**gm.LAUNCH, "down": down})
     params = init_params(WIDE_CONFIG, jax.random.key(0), jnp.bfloat16, "mxfp4")
+    experts = params["layers"][0]["mlp"]["experts"]
+    for i, name in enumerate(("gate_up_proj_bias", "down_proj_bias")):  # nonzero: their order is checked
+        experts[name] = 0.5 * jax.random.normal(jax.random.key(i), experts[name].shape, jnp.bfloat16)
     wide = with_wide_experts(params, WIDE_CONFIG)
     check_params(wide, WIDE_CONFIG)
     p, p_wide = params["layers"][0]["mlp"], wide["layers"][0]["mlp"]
@@ -178,12 +203,18 @@ def test_decode_rows_equal_the_grouped_matmuls(monkeypatch, rows_out):
     assert float(jnp.abs(got - want).max()) <= 2.0**-7 * float(jnp.abs(want).max())
 
 
-@pytest.mark.parametrize("product", ["gate_up", "down"])
-def test_lowers_for_cuda_at_gpt_oss_20b_shape(product):
-    """Batch 256's layout (2,016 rows) through gpt-oss-20b's experts at the launch table's launches:
-    lowered for CUDA from the CPU (no device here: Mosaic GPU's lowering, not ptxas)."""
+@pytest.mark.parametrize(
+    ("product", "launch"),
+    [
+        ("gate_up", gm.LAUNCH["gate_up"]), ("down", gm.LAUNCH["down"]), ("gate_up", gm.Launch(384, 3)),
+        ("down", gm.Launch(320, 4, rows_out=True)),
+    ],
+)  # fmt: skip
+def test_lowers_for_cuda_at_gpt_oss_20b_shape(product, launch):
+    """Batch 256's layout (2,016 rows) through gpt-oss-20b's experts at the launch table's launches and
+    at the widest of the sweep's (`eval.bench.decode_moe.WIDE_LAUNCHES`), down written as rows: lowered for
+    CUDA from the CPU (no device here: Mosaic GPU's lowering, not ptxas)."""
     D, F, E = GPT_OSS_20B.hidden_size, GPT_OSS_20B.intermediate_size, GPT_OSS_20B.num_local_experts
-    launch = gm.LAUNCH[product]
     K, N, transposed = (D, 2 * F, False) if product == "gate_up" else (F, D, True)
     M, spec = 2016, jax.ShapeDtypeStruct
     packed = gm.Packed(

@@ -57,8 +57,9 @@ RESERVE = 6e9  # bytes kept free for a step's activations (scores, the MLA layer
 
 
 def models(
-    config: GptOssConfig, latent_dim: int = DEFAULT_LATENT_DIM, partial: bool = False, only=None
-) -> dict:
+    config: GptOssConfig, latent_dim: int = DEFAULT_LATENT_DIM, partial: bool = False, only=None,
+    wide: bool = False,
+) -> dict:  # fmt: skip
     """{"gqa": (config, params), "mla": (config, params)[, "mla_partial": ..., "mla_rorope": ...]}: MLA
     students of the full-attention layers sharing the GQA weights. "mla" is the default conversion;
     `partial` adds the two absorbable ones, which decode with the absorbed attention over the latent, each
@@ -66,12 +67,12 @@ def models(
     RoPE pairs per kv head, "mla_rorope" one mixed component per frequency pair (head_dim values shared by
     every head); those two carry their up-projections derived once, as `generate` gives them to its steps,
     and every model the experts' scale exponents padded as `generate` gives them to the kernels
-    (`with_aligned_scales`; shared by all the models) and, on the GPU, the experts' wide-batch layout as
-    `generate` gives it to batches of 128 and up (`with_wide_experts`). `only`: the names to build (default
-    all)."""
+    (`with_aligned_scales`; shared by all the models) and, with `wide` on the GPU, the experts' wide-batch
+    layout as `generate` gives it to the batches that take it (`with_wide_experts`; the experts' bytes a
+    second time, so only where a batch timed takes it). `only`: the names to build (default all)."""
     params = init_params(config, jax.random.key(0), jnp.bfloat16, experts="mxfp4")
     params = jax.block_until_ready(with_aligned_scales(params))
-    if flash_decode.runs_compiled():  # the wide-batch layout, read by batches that take it (MLA's too)
+    if wide and flash_decode.runs_compiled():  # the wide-batch layout, read by batches that take it
         params = jax.block_until_ready(with_wide_experts(params, config))
     full = tuple(i for i in range(config.num_hidden_layers) if not config.is_sliding(i))
     out = {"gqa": (config, params)}
@@ -108,6 +109,8 @@ def step_bytes(config: GptOssConfig, params, batch: int, context: int) -> int:
         nbytes = math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize  # arrays or their shapes
         if names[0] == "embed_tokens":
             total += batch * nbytes // leaf.shape[0]
+        elif moe_lib.WIDE in names:  # `with_wide_experts`' second layout of the same experts
+            continue
         elif "experts" in names:
             experts += nbytes
         else:
@@ -444,11 +447,14 @@ def main(argv=None) -> int:
             peer = peer[-1]["rows"] if peer else [{"error": out.stderr[-2000:]}]
             log({"transformers_rows": peer})  # kept by a run that its time limit cuts short
         only = args.models.split(",") if args.models else None
-        models_ = lambda: (  # the modes timing a whole model build it
-            models(DEMO_CONFIG, 48, args.partial, only)
-            if args.smoke
-            else models(GPT_OSS_20B, partial=args.partial, only=only)
-        )
+        config = DEMO_CONFIG if args.smoke else GPT_OSS_20B
+
+        def models_(*batches):  # the modes timing a whole model build it, for these batches
+            wide = any(moe_lib.wide_batch(b, config) for b in batches)
+            if args.smoke:
+                return models(DEMO_CONFIG, 48, args.partial, only, wide=wide)
+            return models(GPT_OSS_20B, partial=args.partial, only=only, wide=wide)
+
         result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "transformers_rows": peer}
         result["xla_flags"] = os.environ.get("XLA_FLAGS", "")
         result["mem_fraction"] = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "")
@@ -470,17 +476,18 @@ def main(argv=None) -> int:
                 result["moe"] += [row | setting for row in rows]
         elif args.profile:
             batch, context = (int(n) for n in args.profile.split(","))
-            result["profile"] = profile(models_(), batch, context, args.repeats)
+            result["profile"] = profile(models_(batch), batch, context, args.repeats)
         elif args.breakdown:
             batch, context = (int(n) for n in args.breakdown.split(","))
             copy_gigabytes = 0.05 if args.smoke else 4.0
-            result["breakdown"] = breakdown(models_(), batch, context, args.repeats, copy_gigabytes)
+            result["breakdown"] = breakdown(models_(batch), batch, context, args.repeats, copy_gigabytes)
         elif args.capacity:
-            result["capacity"] = capacity(models_(), contexts, log, args.decode_kernels == "on")
+            searched = range(1, MAX_BATCH + 1)  # batches that take the wide-batch kernel hold its layout
+            result["capacity"] = capacity(models_(*searched), contexts, log, args.decode_kernels == "on")
         else:
             batches = [int(b) for b in args.batches.split(",")]
             kernels = {"off": (False,), "on": (True,), "both": (False, True)}[args.decode_kernels]
-            built, result["rows"] = models_(), []
+            built, result["rows"] = models_(*batches), []
             copy = copy_bandwidth(0.05 if args.smoke else 4.0)
             result["copy_gb_per_s"] = copy / 1e9
             for share, fill, fused, decompressed in itertools.product(
