@@ -183,7 +183,7 @@ class TileMap(NamedTuple):
     end: Int[Array, " G1"]
 
 
-def _count_at_or_below(edges: Int[Array, " E"], values: Int[Array, " V"]) -> Int[Array, " V"]:
+def count_at_or_below(edges: Int[Array, " E"], values: Int[Array, " V"]) -> Int[Array, " V"]:
     """`searchsorted(edges, values, side="right")` for sorted `edges`, as a comparison count: jnp's
     searchsorted fails to trace inside shard_map on JAX 0.11 (the per-device MoE runs there)."""
     return (edges[None, :] <= values[:, None]).sum(axis=1, dtype=jnp.int32)
@@ -200,7 +200,7 @@ def tile_map(group_sizes: Int[Array, " G"], m: int, rows: int) -> TileMap:
     count = jnp.where(ends > starts, (ends - 1) // rows - first + 1, 0)
     pair_end = jnp.cumsum(count)
     i = jnp.arange(m // rows + G, dtype=jnp.int32)
-    group = _count_at_or_below(pair_end, i)
+    group = count_at_or_below(pair_end, i)
     g = jnp.minimum(group, G)
     return TileMap(group, first[g] + i - (pair_end - count)[g], starts, ends)
 
@@ -715,7 +715,7 @@ def tgmm(
 
 def _row_groups(group_sizes: Int[Array, " G"], m: int) -> Int[Array, " M"]:
     """Each row's group (G for rows past the groups)."""
-    return _count_at_or_below(jnp.cumsum(group_sizes), jnp.arange(m, dtype=jnp.int32))
+    return count_at_or_below(jnp.cumsum(group_sizes), jnp.arange(m, dtype=jnp.int32))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))

@@ -33,7 +33,7 @@ from gptoss_mla_jax import gmm_mosaic, routing
 from gptoss_mla_jax.add_norm import ExpertRows, moe_delta
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.flash_decode import runs_compiled
-from gptoss_mla_jax.gmm import Glu, Mxfp4, gmm, grouped_product
+from gptoss_mla_jax.gmm import Glu, Mxfp4, count_at_or_below, gmm, grouped_product
 from gptoss_mla_jax.mxfp4 import dequantize, dequantize_experts
 
 Params = dict[str, Any]
@@ -199,7 +199,7 @@ def _wide_rows(
     slot, padded, weights, row_token = _jnp_layout(p, flat, config, tile, height)
     rows = flat[jnp.clip(row_token, 0, n - 1)]  # a padding row reads token 0's row
     tiles_end = jnp.cumsum(padded // tile)
-    tile_expert = jnp.sum(tiles_end[None, :] <= jnp.arange(height // tile)[:, None], axis=1, dtype=jnp.int32)
+    tile_expert = count_at_or_below(tiles_end, jnp.arange(height // tile, dtype=jnp.int32))  # G: past them
     interpret, launch = not runs_compiled(), gmm_mosaic.LAUNCH
     hidden = gmm_mosaic.product_t(
         rows, tile_expert, wide.gate_up, wide.gate_up_bias, glu=glu(config), launch=launch["gate_up"],

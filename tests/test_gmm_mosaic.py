@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from eval.experiments import mosaic_ptxas
 from gptoss_mla_jax import gmm_mosaic as gm
 from gptoss_mla_jax import moe
 from gptoss_mla_jax.config import GPT_OSS_20B
@@ -214,16 +215,4 @@ def test_lowers_for_cuda_at_gpt_oss_20b_shape(product, launch):
     """Batch 256's layout (2,016 rows) through gpt-oss-20b's experts at the launch table's launches and
     at the widest of the sweep's (`eval.bench.decode_moe.WIDE_LAUNCHES`), down written as rows: lowered for
     CUDA from the CPU (no device here: Mosaic GPU's lowering, not ptxas)."""
-    D, F, E = GPT_OSS_20B.hidden_size, GPT_OSS_20B.intermediate_size, GPT_OSS_20B.num_local_experts
-    K, N, transposed = (D, 2 * F, False) if product == "gate_up" else (F, D, True)
-    M, spec = 2016, jax.ShapeDtypeStruct
-    packed = gm.Packed(
-        spec((E, N // launch.cols, K // 64, launch.cols, 8), jnp.uint32), spec((E, K // 32, N), jnp.uint8)
-    )
-    x = spec((K, M) if transposed else (M, K), jnp.bfloat16)
-    glu = GLU if product == "gate_up" else None
-    traced = gm.product_t.trace(
-        x, spec((M // gm.ROWS,), jnp.int32), packed, spec((E, N), jnp.float32), glu=glu,
-        transposed=transposed, launch=launch,
-    )  # fmt: skip
-    assert "mosaic_gpu" in traced.lower(lowering_platforms=("cuda",)).as_text()
+    assert mosaic_ptxas.moe_module(product, batch=256, launch=launch)  # one Mosaic GPU module

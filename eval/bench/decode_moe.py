@@ -144,6 +144,7 @@ def moe_rows(
     config = DEMO_CONFIG if smoke else GPT_OSS_20B
     p = jax.block_until_ready(moe_layer(config))
     wides = [_wide_params(p, config, launches) for launches in WIDE_LAUNCHES[wide_sweep]]
+    on_kernels = lambda p, x: moe_sparse(p, x, config, kernels=True)
     launches = MOE_LAUNCHES[sweep][-1:] if smoke else MOE_LAUNCHES[sweep]  # smoke: the default and one
     inner = 2 if smoke else 20
     copy = copy_bandwidth(0.05 if smoke else 4.0)
@@ -164,37 +165,30 @@ def moe_rows(
         row["bytes"], row["floor_ms"] = nbytes, 1e3 * nbytes / copy
         want = jax.jit(reference)(p, x)
         row["max_abs_reference"] = float(jnp.abs(want).max())
-        ms = lambda fn, x=x: 1e3 * timed(in_loop(fn, inner), p, x, repeats=repeats) / inner
+        ms = lambda fn, x=x, p=p: 1e3 * timed(in_loop(fn, inner), p, x, repeats=repeats) / inner
         row["jnp_ms"] = ms(lambda p, x: moe_sparse(p, x, config))
+
+        def measured(params, label: dict, x=x, want=want, ms=ms) -> dict:
+            """`label` with the MoE on the kernels with `params` timed, its busy time and its difference
+            from `want`, or with why it did not run (a launch that does not compile: shared memory)."""
+            try:
+                error = float(jnp.abs(jax.jit(on_kernels)(params, x).astype(jnp.float32) - want).max())
+                device = device_us(jax.jit(on_kernels), params, x)
+                return label | {"ms": ms(on_kernels, x, params), "max_abs_error": error, "device": device}
+            except Exception as e:
+                return label | {"error": f"{type(e).__name__}: {e}"[:300]}
+
         configs = []
         for launch in [None, *launches]:  # None: the launch table's own choice at this batch
             kinds = ("mxfp4_small", "mxfp4_small_wide", "mxfp4_t_small")
             swept = {} if launch is None else {(k, None, None): Tiles(rows=16, **launch) for k in kinds}
-            original, gmm_lib.LAUNCH = gmm_lib.LAUNCH, {**gmm_lib.LAUNCH, **swept}
-            launch = launch or {"launch": "default"}
-            try:
-                on_kernels = lambda p, x: moe_sparse(p, x, config, kernels=True)
-                error = float(jnp.abs(jax.jit(on_kernels)(p, x).astype(jnp.float32) - want).max())
-                device = device_us(jax.jit(on_kernels), p, x)
-                configs.append(launch | {"ms": ms(on_kernels), "max_abs_error": error, "device": device})
-            except Exception as e:  # a launch that does not compile (shared memory) is recorded
-                configs.append(launch | {"error": f"{type(e).__name__}: {e}"[:300]})
-            finally:
-                gmm_lib.LAUNCH = original
+            with switched((gmm_lib, "LAUNCH", {**gmm_lib.LAUNCH, **swept})):
+                configs.append(measured(p, launch or {"launch": "default"}))
         for p_wide, table in wides:  # the wide-batch kernel where the batch takes it
-            if p_wide is None or not moe_lib.wide_batch(batch, config):
-                continue
-            on_wide = lambda p, x: moe_sparse(p, x, config, kernels=True)
-            named = {name: dataclasses.astuple(launch) for name, launch in table.items()}
-            try:
+            if p_wide is not None and moe_lib.wide_batch(batch, config):
+                named = {name: dataclasses.astuple(launch) for name, launch in table.items()}
                 with switched((gmm_mosaic, "LAUNCH", table)):
-                    error = float(jnp.abs(jax.jit(on_wide)(p_wide, x).astype(jnp.float32) - want).max())
-                    device = device_us(jax.jit(on_wide), p_wide, x)
-                    wide_ms = 1e3 * timed(in_loop(on_wide, inner), p_wide, x, repeats=repeats) / inner
-                configs.append({"launch": "wide", "wide": named, "ms": wide_ms, "max_abs_error": error,
-                                "device": device})  # fmt: skip
-            except Exception as e:  # a launch that does not compile (shared memory) is recorded
-                configs.append({"launch": "wide", "wide": named, "error": f"{type(e).__name__}: {e}"[:300]})
+                    configs.append(measured(p_wide, {"launch": "wide", "wide": named}))
         ran = [c for c in configs if "ms" in c]
         best = min(ran, key=lambda c: c["ms"])
         row |= {"configs": configs, "kernel_ms": best["ms"], "kernel_launch": best}
