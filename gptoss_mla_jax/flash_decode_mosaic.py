@@ -229,7 +229,8 @@ def _swizzles(r: int, half: int, P: int, block: int) -> tuple[int, int]:
     return _swizzle(2 * half, 2 * block), _swizzle(2 * r, 4 * P * half, 2 * block)
 
 
-def _tiles(dtype, swizzle: int):
+def swizzled(dtype, swizzle: int) -> tuple:
+    """The SMEM transforms of a wgmma operand of `dtype` whose rows hold `swizzle` bytes whole."""
     bits = jnp.dtype(dtype).itemsize * 8
     return (plgpu.TilingTransform((8, 8 * swizzle // bits)), plgpu.SwizzleTransform(swizzle))
 
@@ -416,9 +417,9 @@ def _kernel(len_g, q_g, w_g, b_g, c_g, cos_g, sin_g, acc_g, m_g, l_g,
         plgpu.wait_smem_to_gmem(0)
 
     narrow, wide_swizzle = swizzles
-    K = lambda *shape: plgpu.SMEM(shape, dtype, transforms=_tiles(dtype, narrow))  # the scores' operands
-    L = lambda *shape: plgpu.SMEM(shape, dtype, transforms=_tiles(dtype, wide_swizzle))  # the latent's
-    F = lambda *shape: plgpu.SMEM(shape, f32, transforms=_tiles(f32, narrow))
+    K = lambda *shape: plgpu.SMEM(shape, dtype, transforms=swizzled(dtype, narrow))  # the scores' operands
+    L = lambda *shape: plgpu.SMEM(shape, dtype, transforms=swizzled(dtype, wide_swizzle))  # the latent's
+    F = lambda *shape: plgpu.SMEM(shape, f32, transforms=swizzled(f32, narrow))
     barriers = lambda count, arrivals=1: plgpu.Barrier(num_arrivals=arrivals, num_barriers=count)
     handoff = [barriers(key_sets), barriers(key_sets)] if consumers > 1 else []
     p_buffer = {"p_s": L(M, block)} if interpret else {}  # the interpreter's p c takes p from SMEM

@@ -60,6 +60,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 from jaxtyping import Array, Float, Int, UInt8, UInt32
 
+from gptoss_mla_jax.flash_decode_mosaic import swizzled
 from gptoss_mla_jax.gmm import E2M1_ASM
 from gptoss_mla_jax.mxfp4 import BLOCK, FOLDABLE_EXPONENT, e2m1
 
@@ -258,11 +259,6 @@ def _decoded(words, exps, rows: int, interpret: bool):
 # ---- the kernel ----------------------------------------------------------------------------------------
 
 
-def _tiles(dtype) -> tuple:
-    bits = jnp.dtype(dtype).itemsize * 8
-    return (plgpu.TilingTransform((8, 8 * SWIZZLE // bits)), plgpu.SwizzleTransform(SWIZZLE))
-
-
 def _kernel(expert_g, x_g, words_g, exps_g, bias_g, out_g, *, cols: int, steps: int, stages: int,
             glu, transposed: bool, rows_out: bool, interpret: bool):  # fmt: skip
     """Program (n, i): out^T[n's outputs, tile i's rows] through tile i's expert; x_g [M, K], or [K, M]
@@ -352,11 +348,11 @@ def _kernel(expert_g, x_g, words_g, exps_g, bias_g, out_g, *, cols: int, steps: 
         return [_swiglu(g, u, glu) for g, u in zip(gates, ups, strict=True)]
 
     x_shape = (STEP_BYTES, ROWS) if transposed else (ROWS, STEP_BYTES)
-    x_tile = plgpu.SMEM((stages, *x_shape), x_g.dtype, transforms=_tiles(x_g.dtype))
+    x_tile = plgpu.SMEM((stages, *x_shape), x_g.dtype, transforms=swizzled(x_g.dtype, SWIZZLE))
     interpreted = []
     if interpret:  # the weights' values, then x's tiles transposed
-        interpreted = [plgpu.SMEM((PIECE, STEP_BYTES), bf16, transforms=_tiles(bf16))] * 2
-        interpreted += [plgpu.SMEM((STEP_BYTES, ROWS), bf16, transforms=_tiles(bf16))] * 2
+        interpreted = [plgpu.SMEM((PIECE, STEP_BYTES), bf16, transforms=swizzled(bf16, SWIZZLE))] * 2
+        interpreted += [plgpu.SMEM((STEP_BYTES, ROWS), bf16, transforms=swizzled(bf16, SWIZZLE))] * 2
 
     @pl.when(e < G)
     def _():
