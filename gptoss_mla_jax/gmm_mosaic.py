@@ -4,9 +4,10 @@ the aligned layout, `out^T[cols, rows] = W[e][cols] @ x^T[:, rows]`.
 
 Why transposed. Hopper's `wgmma` takes its A operand from registers: the decoded weights go there straight
 from the decoding, with no round trip through shared memory, and the activations' rows become the
-product's n, which may be 32 (a wgmma's m is at least 64). At batch 256 an expert gets about 32 of the
-1,024 token-expert pairs, so 32-row tiles of the layout (`ROWS`) multiply half the padding rows of the
-Triton kernel's 64-row ones, and read half the activations.
+product's n, which may be 32 (a wgmma's m is at least 64). At batch 128 an expert gets about 16 of the 512
+token-expert pairs, so 32-row tiles of the layout (`ROWS`) multiply half the padding rows of the Triton
+kernel's 64-row ones, and read half the activations; at batch 256 (about 32 an expert, many above) 64-row
+tiles decode each expert's weights once instead of twice (`Launch.rows`, chosen by the batch: `at_pairs`).
 
 Layouts, prepared once (`prepare`):
 - the packed bytes repacked by halves: in each run of 64 contraction values (two scale blocks), byte j
@@ -17,7 +18,8 @@ Layouts, prepared once (`prepare`):
   reordered so that the 8 bytes a thread decodes for the wgmma register layout's columns (2q + 8j + t
   for lane q = lane % 4, j < 4, t < 2) lie together (`permute_bytes`), as 32-bit words, tiled [G,
   N / cols, K / 64, cols, 8] so that a program's step reads one contiguous tile (`pack`; faster than
-  reading 32-byte pieces of the rows in place);
+  reading 32-byte pieces of the rows in place), which it copies as rows of 128 bytes (`TILE_WORDS`: a
+  TMA copy's row is one L2 request, and rows of one weight row's 32 bytes left the kernel bound by L2);
 - the scale exponents transposed, [G, K / 32, N]: a step's are two rows of the program's columns;
 - gate_up's rows reordered (`glu_rows`) so that each program's tile holds 64 outputs' gates, then their
   ups, its SwiGLU taken in the epilogue.
@@ -35,7 +37,7 @@ refuses experts with larger ones) makes the values exact: nine instructions per 
 Each step waits for its products before the next decoding: a register operand must not change while its
 wgmma runs, and ptxas reuses the registers of an issued wgmma for the next step's values (with the wait
 one step later, outputs came out wrong on the GPU). The overlap comes from the programs an SM holds
-(90-122 registers a thread, 44-60 KB of shared memory: several programs an SM), their loads `stages`
+(90-170 registers a thread, 45-100 KB of shared memory: several programs an SM), their loads `stages`
 steps ahead by TMA.
 
 The output is out^T [N, M], or out [M, N] with `Launch.rows_out` (the sums stored transposed into shared
@@ -64,12 +66,15 @@ from gptoss_mla_jax.flash_decode_mosaic import swizzled
 from gptoss_mla_jax.gmm import E2M1_ASM
 from gptoss_mla_jax.mxfp4 import BLOCK, FOLDABLE_EXPONENT, e2m1
 
-ROWS = 32  # the activations' rows a program multiplies: a wgmma's n, the layout's row tile
+ROWS = 32  # the activations' rows a program multiplies by default: a wgmma's n, the layout's row tile
 PIECE = 64  # weight rows a wgmma multiplies (its m)
 STEP_BYTES = 32  # packed bytes of a weight row per step: 64 contraction values, two scale blocks
 WORDS = STEP_BYTES // 4
-SWIZZLE = 64  # bytes: the activations' tiles [STEP_BYTES values, ROWS] and the interpreter's weights
+SWIZZLE = 64  # bytes: rows of 32 bf16 values (the activations' tiles [rows, 32], the interpreter's weights)
 BOX = 256  # the most elements a TMA copy takes along a dimension
+TILE_WORDS = (
+    32  # words a row of a step's weight tile as the kernel copies it (128 bytes; WORDS: a weight row)
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,16 +82,33 @@ class Launch:
     """A product's launch: `cols` weight rows a program (a multiple of 64; gate_up's a multiple of 128,
     half gates, half ups), `stages` steps of loads in flight; `rows_out`: the output written as out
     [M, N] (each program's sums stored transposed into shared memory, element by element, then copied by
-    TMA) instead of out^T [N, M]."""
+    TMA) instead of out^T [N, M]; `rows`: the layout's rows a program multiplies (32 or 64, the wgmma's
+    n; both products of a layer take the same), None to leave it to the batch (`at_pairs`)."""
 
     cols: int = 128
     stages: int = 4
     rows_out: bool = False
+    rows: int | None = ROWS
 
 
-# Chosen at gpt-oss-20b's shapes on an H100 among a prototype's program widths and stages (docs/decode.md,
-# "The wide-batch kernel"); `eval.bench.decode --moe --wide-launches sweep` times others
-LAUNCH = {"gate_up": Launch(cols=128, stages=4), "down": Launch(cols=192, stages=4)}
+# Chosen at gpt-oss-20b's shapes on an H100 among program widths, stages, outputs as rows or transposed and
+# row tiles (docs/decode.md, "The wide-batch kernel"); `eval.bench.decode --moe --wide-launches` times others
+LAUNCH = {
+    "gate_up": Launch(cols=128, stages=4, rows=None),
+    "down": Launch(cols=192, stages=4, rows_out=True, rows=None),
+}
+# Mean token-expert pairs an expert above which the layout's tiles are 64 rows: an expert's weights then
+# decoded once for up to 64 pairs (batch 256's 32 on average, many above), against 32-row tiles that halve
+# the padding rows where most experts get fewer (batch 128's 16)
+ROWS_64_ABOVE = 24
+
+
+def at_pairs(launch: Launch, pairs: float) -> Launch:
+    """`launch` at a batch of `pairs` token-expert pairs an expert on average: its row tile where it
+    leaves it open (`ROWS_64_ABOVE`)."""
+    if launch.rows is not None:
+        return launch
+    return dataclasses.replace(launch, rows=64 if pairs > ROWS_64_ABOVE else ROWS)
 
 
 class Packed(NamedTuple):
@@ -157,6 +179,8 @@ def refusal(K: int, N: int, launch: Launch, glu: bool) -> str | None:
         return f"{N} outputs in programs of {launch.cols} rows: the rows must divide them and be {need}"
     if launch.stages < 2:
         return f"stages {launch.stages}: the kernel loads at least one step ahead"
+    if launch.rows not in (None, 32, 64):
+        return f"rows {launch.rows}: the kernel's programs multiply tiles of 32 or 64 rows"
     return None
 
 
@@ -260,14 +284,14 @@ def _decoded(words, exps, rows: int, interpret: bool):
 
 
 def _kernel(expert_g, x_g, words_g, exps_g, bias_g, out_g, *, cols: int, steps: int, stages: int,
-            glu, transposed: bool, rows_out: bool, interpret: bool):  # fmt: skip
-    """Program (n, i): out^T[n's outputs, tile i's rows] through tile i's expert; x_g [M, K], or [K, M]
-    where `transposed`, words_g [G, N / cols, steps, cols, 8], exps_g [G, K / 32, N], bias_g [G, N]
-    float32, out_g [N or N / 2, M] ([M, N or N / 2] where `rows_out`)."""
+            tile: int, glu, transposed: bool, rows_out: bool, interpret: bool):  # fmt: skip
+    """Program (n, i): out^T[n's outputs, tile i's rows] (`tile` of them) through tile i's expert; x_g [M, K],
+    or [K, M] where `transposed`, words_g [G, N / cols, steps, cols * 8 / r, r] (r words a row), exps_g [G, K
+    / 32, N], bias_g [G, N] float32, out_g [N or N / 2, M] ([M, N or N / 2] where `rows_out`)."""
     n, i = lax.axis_index("n"), lax.axis_index("i")
     e = expert_g[i]
     G = words_g.shape[0]
-    rows = pl.ds(i * ROWS, ROWS)
+    rows = pl.ds(i * tile, tile)
     pieces = cols // PIECE
     boxes = [pl.ds(a, min(BOX, cols - a)) for a in range(0, cols, BOX)]  # TMA copies of the columns
     f32, bf16 = jnp.float32, jnp.bfloat16
@@ -279,8 +303,10 @@ def _kernel(expert_g, x_g, words_g, exps_g, bias_g, out_g, *, cols: int, steps: 
                 values = pl.ds(2 * s * STEP_BYTES + half * STEP_BYTES, STEP_BYTES)
                 tile = x_g.at[values, rows] if transposed else x_g.at[rows, values]
                 plgpu.copy_gmem_to_smem(tile, x_s.at[slot], loaded.at[slot])
-            for box in boxes:
-                plgpu.copy_gmem_to_smem(words_g.at[e, n, s, box], words_s.at[slot, box], loaded.at[slot])
+            step_words = words_s.at[slot]
+            if words_g.shape[-1] != WORDS:  # the tile's rows of 128 bytes into the step's [cols, 8] words
+                step_words = step_words.reshape(words_g.shape[-2:])
+            plgpu.copy_gmem_to_smem(words_g.at[e, n, s], step_words, loaded.at[slot])
 
         for box in boxes:  # the program's exponents and biases
             part = pl.ds(n * cols + box.start, box.size)
@@ -295,7 +321,7 @@ def _kernel(expert_g, x_g, words_g, exps_g, bias_g, out_g, *, cols: int, steps: 
             def _(s):
                 slot = lax.rem(s, stages)
                 plgpu.barrier_wait(loaded.at[slot])
-                operands = [x_s.at[slot] for x_s in (first_s, second_s)]  # [32 values, ROWS] each
+                operands = [x_s.at[slot] for x_s in (first_s, second_s)]  # [32 values, tile] each
                 if not transposed and interpret:  # the interpreter's copies of x's tiles, transposed
                     for x_s, x_t_s in zip((first_s, second_s), interpreted[2:], strict=True):
                         x_t_s[...] = x_s[slot].T
@@ -333,7 +359,7 @@ def _kernel(expert_g, x_g, words_g, exps_g, bias_g, out_g, *, cols: int, steps: 
 
             return [ref[...] for ref in acc_refs]
 
-        sums = pl.run_scoped(walk, [plgpu.ACC((PIECE, ROWS), f32) for _ in range(pieces)])
+        sums = pl.run_scoped(walk, [plgpu.ACC((PIECE, tile), f32) for _ in range(pieces)])
         if interpret:
             bias = [bias_s[pl.ds(p * PIECE, PIECE)] for p in range(pieces)]
         else:
@@ -341,25 +367,25 @@ def _kernel(expert_g, x_g, words_g, exps_g, bias_g, out_g, *, cols: int, steps: 
                 plgpu.load(bias_s.at[pl.ds(p * PIECE, PIECE)], (), layout=plgpu.Layout.WGMMA.reduce(1))
                 for p in range(pieces)
             ]
-        sums = [acc + lax.broadcast_in_dim(b, (PIECE, ROWS), (0,)) for acc, b in zip(sums, bias, strict=True)]
+        sums = [acc + lax.broadcast_in_dim(b, (PIECE, tile), (0,)) for acc, b in zip(sums, bias, strict=True)]
         if glu is None:
             return sums
         gates, ups = sums[: pieces // 2], sums[pieces // 2 :]
         return [_swiglu(g, u, glu) for g, u in zip(gates, ups, strict=True)]
 
-    x_shape = (STEP_BYTES, ROWS) if transposed else (ROWS, STEP_BYTES)
+    x_shape = (STEP_BYTES, tile) if transposed else (tile, STEP_BYTES)
     x_tile = plgpu.SMEM((stages, *x_shape), x_g.dtype, transforms=swizzled(x_g.dtype, SWIZZLE))
     interpreted = []
     if interpret:  # the weights' values, then x's tiles transposed
         interpreted = [plgpu.SMEM((PIECE, STEP_BYTES), bf16, transforms=swizzled(bf16, SWIZZLE))] * 2
-        interpreted += [plgpu.SMEM((STEP_BYTES, ROWS), bf16, transforms=swizzled(bf16, SWIZZLE))] * 2
+        interpreted += [plgpu.SMEM((STEP_BYTES, tile), bf16, transforms=swizzled(bf16, SWIZZLE))] * 2
 
     @pl.when(e < G)
     def _():
         outs = pl.run_scoped(
             scope, x_tile, x_tile, plgpu.SMEM((stages, cols, WORDS), jnp.uint32),
             [plgpu.SMEM((exps_g.shape[1], box.size), jnp.uint8) for box in boxes], plgpu.SMEM((cols,), f32),
-            plgpu.Barrier(num_arrivals=2 + len(boxes), num_barriers=stages),
+            plgpu.Barrier(num_arrivals=3, num_barriers=stages),
             plgpu.Barrier(num_arrivals=2 * len(boxes)), *interpreted,
         )  # fmt: skip
         width = len(outs) * PIECE
@@ -375,7 +401,7 @@ def _kernel(expert_g, x_g, words_g, exps_g, bias_g, out_g, *, cols: int, steps: 
                 )
             plgpu.wait_smem_to_gmem(0)
 
-        def write_rows(*o_s):  # a buffer [ROWS, copy's columns] per copy: column cuts are not contiguous
+        def write_rows(*o_s):  # a buffer [tile, copy's columns] per copy: column cuts are not contiguous
             for p, out in enumerate(outs):
                 part = p * PIECE // BOX
                 at = pl.ds(p * PIECE % BOX, PIECE)
@@ -389,13 +415,13 @@ def _kernel(expert_g, x_g, words_g, exps_g, bias_g, out_g, *, cols: int, steps: 
             plgpu.wait_smem_to_gmem(0)
 
         if rows_out:
-            pl.run_scoped(write_rows, *[plgpu.SMEM((ROWS, part.size), out_g.dtype) for part in parts])
+            pl.run_scoped(write_rows, *[plgpu.SMEM((tile, part.size), out_g.dtype) for part in parts])
         else:
-            pl.run_scoped(write, plgpu.SMEM((width, ROWS), out_g.dtype))
+            pl.run_scoped(write, plgpu.SMEM((width, tile), out_g.dtype))
 
 
 def _store_transposed(values, ref):
-    """values [64, ROWS] (wgmma register layout) into ref [ROWS, 64] transposed, element by element."""
+    """values [64, rows] (wgmma register layout) into ref [rows, 64] transposed, element by element."""
     from jax._src.lib.mlir import ir
     from jax._src.lib.mlir.dialects import arith, memref, vector
 
@@ -431,8 +457,8 @@ def product_t(
     interpret: bool = False,
 ) -> Float[Array, "No M"] | Float[Array, "M No"]:
     """out^T [N, M] (N / 2 with `glu`, a `gmm.Glu`; out [M, N] at a launch with `rows_out`) of the aligned
-    layout's rows x [M, K] (x^T [K, M] where `transposed`; M a multiple of `ROWS`, bf16) through tile t's
-    expert `tile_expert[t]` (G: no expert, its rows left unwritten), weights `packed` (`pack` at
+    layout's rows x [M, K] (x^T [K, M] where `transposed`; M a multiple of `launch.rows`, bf16) through tile
+    t's expert `tile_expert[t]` (G: no expert, its rows left unwritten), weights `packed` (`pack` at
     `launch.cols`), plus `bias` [G, N] (in `packed`'s row order), in bf16 with float32 sums."""
     K, M = x.shape if transposed else x.shape[::-1]
     _, tiles_n, steps, cols, _ = packed.words.shape
@@ -441,15 +467,18 @@ def product_t(
         raise ValueError(reason or f"weights packed for programs of {cols} rows, launch {launch}")
     if x.dtype != jnp.bfloat16:
         raise ValueError(f"x in {x.dtype}: the wide-batch MXFP4 kernel decodes to bf16 and takes bf16 x")
-    if M % ROWS or tile_expert.shape[0] != M // ROWS or steps != K // (2 * STEP_BYTES):
+    tile = launch.rows
+    if tile is None:
+        raise ValueError(f"launch {launch} leaves its row tile to the batch: take `at_pairs`' launch")
+    if M % tile or tile_expert.shape[0] != M // tile or steps != K // (2 * STEP_BYTES):
         raise ValueError(
             f"x {x.shape} (transposed: {transposed}), {tile_expert.shape[0]} tiles, weights "
-            f"{packed.words.shape}: rows must be {ROWS}-row tiles, one expert a tile, and the weights' steps "
+            f"{packed.words.shape}: rows must be {tile}-row tiles, one expert a tile, and the weights' steps "
             "K / 64"
         )
     width = N // 2 if glu is not None else N
     kernel = functools.partial(
-        _kernel, cols=cols, steps=steps, stages=launch.stages, glu=glu, transposed=transposed,
+        _kernel, cols=cols, steps=steps, stages=launch.stages, tile=tile, glu=glu, transposed=transposed,
         rows_out=launch.rows_out, interpret=interpret,
     )  # fmt: skip
     interpret_params = None
@@ -460,8 +489,11 @@ def product_t(
     call = plgpu.kernel(
         kernel,
         out_type=jax.ShapeDtypeStruct((M, width) if launch.rows_out else (width, M), x.dtype),
-        grid=(tiles_n, M // ROWS),
+        grid=(tiles_n, M // tile),
         grid_names=("n", "i"),
         interpret=interpret_params,
     )
-    return call(tile_expert.astype(jnp.int32), x, packed.words, packed.exponents, bias.astype(jnp.float32))
+    # each step's tile copied as rows of TILE_WORDS words (the interpreter takes no reshaped buffer)
+    row = WORDS if interpret else TILE_WORDS
+    words = packed.words.reshape(*packed.words.shape[:3], cols * WORDS // row, row)
+    return call(tile_expert.astype(jnp.int32), x, words, packed.exponents, bias.astype(jnp.float32))

@@ -190,17 +190,21 @@ def wide_batch(n: int, config: GptOssConfig) -> bool:
 def _wide_rows(
     p: Params, flat: Float[Array, "N D"], wide: gmm_mosaic.WideExperts, config: GptOssConfig
 ) -> ExpertRows:
-    """`expert_rows` on the wide-batch kernel (`gmm_mosaic`): the layout aligned to its 32-row tiles and
-    gathered by XLA (one kernel), gate_up with its SwiGLU, whose output (transposed) is down's input as it
-    is, and down's output as rows (transposed back for the weighted sum unless its launch writes rows)."""
+    """`expert_rows` on the wide-batch kernel (`gmm_mosaic`): the layout aligned to the launches' row tiles
+    (by the batch's pairs an expert: `gmm_mosaic.at_pairs`) and gathered by XLA (one kernel), gate_up with its
+    SwiGLU, whose output (transposed) is down's input as it is, and down's output as rows (transposed back for
+    the weighted sum unless its launch writes rows)."""
     n, k, E = flat.shape[0], config.num_experts_per_tok, config.num_local_experts
-    tile = gmm_mosaic.ROWS
+    interpret = not runs_compiled()
+    launch = {name: gmm_mosaic.at_pairs(at, n * k / E) for name, at in gmm_mosaic.LAUNCH.items()}
+    tile = launch["gate_up"].rows
+    if launch["down"].rows != tile:
+        raise ValueError(f"wide-batch launches {launch}: both products must take the layout's tiles alike")
     height = routing.layout_rows(n, k, E, tile)
     slot, padded, weights, row_token = _jnp_layout(p, flat, config, tile, height)
     rows = flat[jnp.clip(row_token, 0, n - 1)]  # a padding row reads token 0's row
     tiles_end = jnp.cumsum(padded // tile)
     tile_expert = count_at_or_below(tiles_end, jnp.arange(height // tile, dtype=jnp.int32))  # G: past them
-    interpret, launch = not runs_compiled(), gmm_mosaic.LAUNCH
     hidden = gmm_mosaic.product_t(
         rows, tile_expert, wide.gate_up, wide.gate_up_bias, glu=glu(config), launch=launch["gate_up"],
         interpret=interpret,

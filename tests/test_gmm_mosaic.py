@@ -35,9 +35,10 @@ def experts():
     return blocks, scales, bias, dequantize(blocks, scales, jnp.float32)
 
 
-def reference(x, w, bias, tile_expert):
-    """float32 rows of x through their tile's expert, [M, N]; rows of empty tiles (expert G) as NaN."""
-    row_expert = np.repeat(np.asarray(tile_expert), gm.ROWS)
+def reference(x, w, bias, tile_expert, tile=gm.ROWS):
+    """float32 rows of x through their tile's expert, [M, N] (tiles of `tile` rows); rows of empty tiles
+    (expert G) as NaN."""
+    row_expert = np.repeat(np.asarray(tile_expert), tile)
     clamped = np.minimum(row_expert, G - 1)
     out = jnp.einsum("mk,mnk->mn", x.astype(jnp.float32), w[clamped], precision="highest") + bias[clamped]
     return jnp.where((row_expert < G)[:, None], out, jnp.nan)
@@ -57,11 +58,14 @@ TILES = {"one_expert": [1, 1, 1], "some_experts": [2, 2, 0], "empty_tile": [0, G
 
 @pytest.mark.parametrize("tiles", TILES)
 @pytest.mark.parametrize("transposed", [False, True])
-@pytest.mark.parametrize("launch", [gm.Launch(64, 2), gm.Launch(128, 3), gm.Launch(128, 2, rows_out=True)])
+@pytest.mark.parametrize(
+    "launch",
+    [gm.Launch(64, 2), gm.Launch(128, 3), gm.Launch(128, 2, rows_out=True), gm.Launch(64, 2, True, rows=64)],
+)
 def test_product_equals_float32_reference(experts, tiles, transposed, launch):
     blocks, scales, bias, w = experts
     tile_expert = jnp.asarray(TILES[tiles], jnp.int32)
-    M = tile_expert.shape[0] * gm.ROWS
+    M = tile_expert.shape[0] * launch.rows
     x = jax.random.normal(jax.random.key(len(tiles)), (M, K)).astype(jnp.bfloat16)
     packed = gm.Packed(gm.pack(blocks, launch.cols), gm.exponents(scales, K))
     operand = x.T if transposed else x
@@ -70,7 +74,7 @@ def test_product_equals_float32_reference(experts, tiles, transposed, launch):
     )
     out = out if launch.rows_out else out.T
     assert out.shape == (M, N) and out.dtype == jnp.bfloat16
-    assert_bf16_close(out, reference(x, w, bias, tile_expert))
+    assert_bf16_close(out, reference(x, w, bias, tile_expert, launch.rows))
 
 
 def test_programs_wider_than_a_copy():
@@ -178,12 +182,12 @@ def test_prepare_refuses_what_the_kernel_cannot_decode():
     assert with_wide_experts(small, DEMO_CONFIG) is small
 
 
-@pytest.mark.parametrize("rows_out", [False, True])
-def test_decode_rows_equal_the_grouped_matmuls(monkeypatch, rows_out):
-    """A decode batch of 32 tokens (16 pairs an expert: `moe.wide_batch`) through one layer's MoE on the
-    kernels: with the experts' wide layout (`with_wide_experts`, accepted by `check_params`) the rows come
-    from this kernel (both products), and equal the grouped matmul's within bf16, down's output written as
-    rows or transposed."""
+@pytest.mark.parametrize(("rows_out", "batch"), [(False, 32), (True, 32), (True, 64)])
+def test_decode_rows_equal_the_grouped_matmuls(monkeypatch, rows_out, batch):
+    """Decode batches of 32 and 64 tokens (16 and 32 pairs an expert: `moe.wide_batch`) through one layer's
+    MoE on the kernels: with the experts' wide layout (`with_wide_experts`, accepted by `check_params`) the
+    rows come from this kernel (both products, on tiles of 32 and 64 rows: `gm.at_pairs`), and equal the
+    grouped matmul's within bf16, down's output written as rows or transposed."""
     down = dataclasses.replace(gm.LAUNCH["down"], rows_out=rows_out)
     monkeypatch.setattr(gm, "LAUNCH", {**gm.LAUNCH, "down": down})
     params = init_params(WIDE_CONFIG, jax.random.key(0), jnp.bfloat16, "mxfp4")
@@ -193,12 +197,14 @@ def test_decode_rows_equal_the_grouped_matmuls(monkeypatch, rows_out):
     wide = with_wide_experts(params, WIDE_CONFIG)
     check_params(wide, WIDE_CONFIG)
     p, p_wide = params["layers"][0]["mlp"], wide["layers"][0]["mlp"]
-    assert moe.WIDE in p_wide["experts"] and moe.wide_batch(32, WIDE_CONFIG)
-    x = jax.random.normal(jax.random.key(1), (32, 1, WIDE_CONFIG.hidden_size), jnp.bfloat16)
+    assert moe.WIDE in p_wide["experts"] and moe.wide_batch(batch, WIDE_CONFIG)
+    x = jax.random.normal(jax.random.key(1), (batch, 1, WIDE_CONFIG.hidden_size), jnp.bfloat16)
     calls, product_t = [], gm.product_t
     monkeypatch.setattr(gm, "product_t", lambda *a, **kw: calls.append(kw) or product_t(*a, **kw))
     got = moe.moe_sparse(p_wide, x, WIDE_CONFIG, kernels=True).astype(jnp.float32)
     assert [kw.get("transposed", False) for kw in calls] == [False, True]  # gate_up on x, down on its out^T
+    pairs = batch * WIDE_CONFIG.num_experts_per_tok / WIDE_CONFIG.num_local_experts
+    assert [kw["launch"].rows for kw in calls] == [64 if pairs > gm.ROWS_64_ABOVE else 32] * 2
     monkeypatch.setattr(gm, "product_t", product_t)
     want = moe.moe_sparse(p, x, WIDE_CONFIG, kernels=True).astype(jnp.float32)
     assert float(jnp.abs(got - want).max()) <= 2.0**-7 * float(jnp.abs(want).max())
@@ -208,11 +214,12 @@ def test_decode_rows_equal_the_grouped_matmuls(monkeypatch, rows_out):
     ("product", "launch"),
     [
         ("gate_up", gm.LAUNCH["gate_up"]), ("down", gm.LAUNCH["down"]), ("gate_up", gm.Launch(384, 3)),
-        ("down", gm.Launch(320, 4, rows_out=True)),
+        ("down", gm.Launch(320, 4, rows_out=True)), ("gate_up", gm.Launch(128, 4, rows=32)),
+        ("down", gm.Launch(192, 4, rows_out=True, rows=32)),
     ],
 )  # fmt: skip
 def test_lowers_for_cuda_at_gpt_oss_20b_shape(product, launch):
-    """Batch 256's layout (2,016 rows) through gpt-oss-20b's experts at the launch table's launches and
-    at the widest of the sweep's (`eval.bench.decode_moe.WIDE_LAUNCHES`), down written as rows: lowered for
-    CUDA from the CPU (no device here: Mosaic GPU's lowering, not ptxas)."""
+    """Batch 256's layout through gpt-oss-20b's experts at the launch table's launches (64-row tiles there),
+    on 32-row tiles (batch 128's) and at the widest of the sweep's (`eval.bench.decode_moe.WIDE_LAUNCHES`),
+    down written as rows: lowered for CUDA from the CPU (no device here: Mosaic GPU's lowering, not ptxas)."""
     assert mosaic_ptxas.moe_module(product, batch=256, launch=launch)  # one Mosaic GPU module

@@ -101,23 +101,31 @@ def moe_layer(config: GptOssConfig) -> dict:
 
 
 # The wide-batch kernel's launches tried by --moe (`--wide-launches`): (gate_up, down) programs' weight rows,
-# stages and (down) whether it writes rows (`gmm_mosaic.Launch`); "default" the launch table's alone.
-# Programs of 384 / 320 rows read the activations' tiles once for more weights (a third / three fifths of
-# the L2 reads per weight of 128 / 192) but hold 218 / 188 registers a thread (two programs an SM;
-# `mosaic_ptxas`); down written as rows spares the weighted sum its transposed read.
+# stages, (down) whether it writes rows and the layout's row tile (`gmm_mosaic.Launch`, 32 rows unless given);
+# "default" the launch table's alone (its row tile by the batch: `gmm_mosaic.at_pairs`). Programs of 384 / 320
+# rows read the activations' tiles once for more weights (a third / three fifths of the L2 reads per weight of
+# 128 / 192) but hold 218 / 188 registers a thread (two programs an SM; `mosaic_ptxas`); down written as rows
+# spares the weighted sum its transposed read; tiles of 64 rows decode an expert's weights once for up to 64
+# pairs (batch 256's 32 an expert on average, the most above 32: half the programs of 32-row tiles) at 125 /
+# 170 registers.
 WIDE_LAUNCHES = {
     "default": [None],
     "sweep": [
-        None, ((128, 4), (192, 4, True)), ((128, 3), (192, 3)), ((128, 5), (192, 5)), ((384, 3), (320, 4)),
-        ((384, 4), (320, 3)), ((384, 3), (320, 4, True)),
+        None, ((128, 4), (192, 4, False)), ((128, 3), (192, 3, True)), ((128, 5), (192, 5, True)),
+        ((384, 3), (320, 4, True)), ((384, 4), (320, 3, True)),
+    ],
+    "rows": [
+        None, ((128, 4, False, 32), (192, 4, True, 32)), ((128, 4, False, 64), (192, 4, True, 64)),
+        ((128, 3, False, 64), (192, 3, True, 64)), ((128, 5, False, 64), (192, 5, True, 64)),
+        ((128, 4, False, 64), (64, 4, True, 64)),
     ],
 }  # fmt: skip
 
 
 def _wide_params(p, config: GptOssConfig, launches) -> tuple[dict | None, dict]:
-    """One layer's MoE parameters with the experts' wide-batch layout at `launches` ((gate_up, down) as
-    (rows, stages); None: the launch table's; None where the kernel is not compiled here), and that
-    launch table, which the step must be traced under (`gmm_mosaic.LAUNCH`)."""
+    """One layer's MoE parameters with the experts' wide-batch layout at `launches` ((gate_up, down), each
+    `gmm_mosaic.Launch`'s fields; None: the launch table's; None where the kernel is not compiled here), and
+    that launch table, which the step must be traced under (`gmm_mosaic.LAUNCH`)."""
     table = gmm_mosaic.LAUNCH
     if launches is not None:
         names = ("gate_up", "down")

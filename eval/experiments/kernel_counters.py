@@ -1,10 +1,14 @@
-"""Decode kernels at gpt-oss-20b shapes, each run a few times after compiling, for a hardware-counter
-profiler to read (Nsight Compute): one layer's MoE on the grouped matmul (MXFP4 experts, decode layout) at
-the given batches, and the decompressed-MLA attention kernel at the given batch x context. `--smoke`: the
-same at a tiny size, interpreted on the CPU (a check of the script).
+"""Decode kernels at gpt-oss-20b shapes, each run a few times after compiling, for a hardware-counter profiler
+to read (Nsight Compute): one layer's MoE on the grouped matmul (MXFP4 experts, decode layout) at the given
+batches (on the wide-batch kernel where `--wide` and the batch takes it), and the decompressed-MLA attention
+kernel at the given batch x context. `--smoke`: the same at a tiny size, interpreted on the CPU (a check of
+the script).
 
     ncu --clock-control none --section SpeedOfLight --section Occupancy --section WarpStateStats \
         -k 'regex:mxfp4|decompressed' python3 -m eval.experiments.kernel_counters
+    ncu --clock-control none --section SpeedOfLight --section MemoryWorkloadAnalysis \
+        --metrics breakdown:lts__throughput.avg.pct_of_peak_sustained_elapsed -k regex:mosaic \
+        python3 -m eval.experiments.kernel_counters --moe 256 --decompressed '' --wide
 """
 
 from __future__ import annotations
@@ -15,14 +19,19 @@ import jax
 import jax.numpy as jnp
 
 from eval.bench.decode_moe import moe_layer
-from gptoss_mla_jax import flash_decode
+from gptoss_mla_jax import flash_decode, gmm_mosaic
 from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig
 from gptoss_mla_jax.generation import DEMO_CONFIG
-from gptoss_mla_jax.moe import moe_sparse
+from gptoss_mla_jax.moe import WIDE, moe_sparse
 
 
-def moe(batches: list[int], runs: int, config: GptOssConfig = GPT_OSS_20B) -> None:
+def moe(batches: list[int], runs: int, config: GptOssConfig = GPT_OSS_20B, wide: bool = False) -> None:
     p = moe_layer(config)
+    if wide:  # the experts' wide-batch layout beside the checkpoint's, as `generate` holds it on the GPU
+        p = {
+            **p,
+            "experts": {**p["experts"], WIDE: gmm_mosaic.prepare(p["experts"], config.intermediate_size)},
+        }
     step = jax.jit(lambda p, x: moe_sparse(p, x, config, kernels=True))
     for batch in batches:
         x = jax.random.normal(jax.random.key(batch), (batch, 1, config.hidden_size), jnp.bfloat16)
@@ -59,11 +68,16 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--moe", default="1,256", help="MoE batches ('' for none)")
     parser.add_argument("--decompressed", default="64,32768", help="BATCH,CONTEXT ('' for none)")
+    parser.add_argument(
+        "--wide", action="store_true",
+        help="the MoE's experts with the wide-batch kernel's layout too (batches 128-256 take it; GPU only)",
+    )  # fmt: skip
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="a tiny model, interpreted (CPU check)")
     args = parser.parse_args(argv)
     if args.moe:
-        moe([int(b) for b in args.moe.split(",")], args.runs, DEMO_CONFIG if args.smoke else GPT_OSS_20B)
+        config = DEMO_CONFIG if args.smoke else GPT_OSS_20B
+        moe([int(b) for b in args.moe.split(",")], args.runs, config, args.wide)
     if args.decompressed:
         decompressed(*(int(n) for n in args.decompressed.split(",")), args.runs, args.smoke)
     return 0

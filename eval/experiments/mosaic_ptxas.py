@@ -188,8 +188,9 @@ def module(launch: flash_decode.Launch, batch: int, context: int, sliding: bool)
 
 def moe_module(product: str, batch: int = 256, launch=None) -> bytes:
     """The Mosaic GPU module of the wide-batch MXFP4 kernel (`gmm_mosaic`) for one of gpt-oss-20b's expert
-    products ("gate_up", with its SwiGLU, or "down") at `launch` (default: its launch table's), over batch's
-    layout of 32-row tiles (`routing.layout_rows`)."""
+    products ("gate_up", with its SwiGLU, or "down") at `launch` (default: its launch table's; the row tile
+    the batch's where the launch leaves it open), over batch's layout of the launch's row tiles
+    (`routing.layout_rows`)."""
     from jax.experimental.mosaic.gpu import core as mosaic_core
 
     from gptoss_mla_jax import gmm_mosaic, routing
@@ -203,15 +204,15 @@ def moe_module(product: str, batch: int = 256, launch=None) -> bytes:
         config.num_local_experts,
         config.num_experts_per_tok,
     )
-    M = routing.layout_rows(batch, k, E, gmm_mosaic.ROWS)
-    launch = launch or gmm_mosaic.LAUNCH[product]
+    launch = gmm_mosaic.at_pairs(launch or gmm_mosaic.LAUNCH[product], batch * k / E)
+    M = routing.layout_rows(batch, k, E, launch.rows)
     K, N, transposed = (D, 2 * F, False) if product == "gate_up" else (F, D, True)
     packed = gmm_mosaic.Packed(
         spec((E, N // launch.cols, K // 64, launch.cols, 8), jnp.uint32), spec((E, K // 32, N), jnp.uint8)
     )
     mosaic_core.KNOWN_KERNELS.clear()
     gmm_mosaic.product_t.trace(
-        spec((K, M) if transposed else (M, K), jnp.bfloat16), spec((M // gmm_mosaic.ROWS,), jnp.int32),
+        spec((K, M) if transposed else (M, K), jnp.bfloat16), spec((M // launch.rows,), jnp.int32),
         packed, spec((E, N), jnp.float32), glu=glu(config) if product == "gate_up" else None,
         transposed=transposed, launch=launch,
     ).lower(lowering_platforms=("cuda",))  # fmt: skip
