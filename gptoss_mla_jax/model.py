@@ -262,6 +262,15 @@ def with_wide_experts(params: Params, config: GptOssConfig, decodable: bool | No
     return {**params, "layers": layers}
 
 
+def without_wide_experts(params: Params) -> Params:
+    """`params` without `with_wide_experts`' layout: every decode batch on the grouped matmul."""
+    layers = [
+        {**layer, "mlp": {**layer["mlp"], "experts": _without(layer["mlp"]["experts"], WIDE)}}
+        for layer in params["layers"]
+    ]
+    return {**params, "layers": layers}
+
+
 def _without(tree: dict, name: str) -> dict:
     return {key: value for key, value in tree.items() if key != name}
 

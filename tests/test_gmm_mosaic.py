@@ -18,7 +18,13 @@ from gptoss_mla_jax import moe
 from gptoss_mla_jax.config import GPT_OSS_20B
 from gptoss_mla_jax.generation import DEMO_CONFIG
 from gptoss_mla_jax.gmm import Glu
-from gptoss_mla_jax.model import check_params, init_params, wide_experts_bytes, with_wide_experts
+from gptoss_mla_jax.model import (
+    check_params,
+    init_params,
+    wide_experts_bytes,
+    with_wide_experts,
+    without_wide_experts,
+)
 from gptoss_mla_jax.mxfp4 import FOLDABLE_EXPONENT, dequantize
 
 G, K, N = 3, 128, 256
@@ -168,6 +174,16 @@ def test_counts_the_bytes_it_adds():
         )
     )
     assert wide_experts_bytes(params) == added
+
+
+def test_without_wide_experts_leaves_the_checkpoints_layout():
+    """`without_wide_experts` undoes `with_wide_experts` (benchmarks time the grouped matmul's step on it)."""
+    params = init_params(WIDE_CONFIG, jax.random.key(0), jnp.bfloat16, "mxfp4")
+    wide = with_wide_experts(params, WIDE_CONFIG)
+    assert moe.WIDE in wide["layers"][0]["mlp"]["experts"]
+    back = without_wide_experts(wide)
+    assert jax.tree.structure(back) == jax.tree.structure(params)
+    assert all(a is b for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params), strict=True))
 
 
 def test_prepare_refuses_what_the_kernel_cannot_decode():

@@ -46,7 +46,7 @@ from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig
 from gptoss_mla_jax.execution import ForwardOptions
 from gptoss_mla_jax.generation import DEMO_CONFIG, GREEDY, decode_step, decode_steps, request_cuda_graphs
 from gptoss_mla_jax.mla import with_up_projections
-from gptoss_mla_jax.model import init_params, with_aligned_scales, with_wide_experts
+from gptoss_mla_jax.model import init_params, with_aligned_scales, with_wide_experts, without_wide_experts
 from support.results import write_json
 from weights.to_mla import DEFAULT_LATENT_DIM, convert
 
@@ -409,6 +409,11 @@ def main(argv=None) -> int:
         "run, e.g. of a float32 cache or of blocks not of 64 slots, keeps Triton's), each in turn, e.g. "
         "triton,mosaic2",
     )  # fmt: skip
+    parser.add_argument(
+        "--wide-kernel", default="on",
+        help="steps at the batches that take the wide-batch MXFP4 kernel (moe.wide_batch) on it (on) or on "
+        "the grouped matmul (off: the experts' wide layout left out), each in turn, e.g. on,off",
+    )  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="a tiny model (CPU check of the script)")
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -419,6 +424,8 @@ def main(argv=None) -> int:
         unknown = set(values.split(",")) - set(get_args(kinds))
         if unknown:
             parser.error(f"{flag}: {sorted(unknown)} not among {get_args(kinds)}")
+    if set(args.wide_kernel.split(",")) - {"on", "off"}:
+        parser.error(f"--wide-kernel: {args.wide_kernel!r} is not a list of on / off")
     if not all(n.isdigit() and int(n) > 0 for n in args.mla_fill_programs.split(",")):
         parser.error(f"--mla-fill-programs: {args.mla_fill_programs!r} is not a list of positive integers")
     if args.cuda_graphs:
@@ -490,18 +497,25 @@ def main(argv=None) -> int:
             built, result["rows"] = models_(*batches), []
             copy = copy_bandwidth(0.05 if args.smoke else 4.0)
             result["copy_gb_per_s"] = copy / 1e9
-            for share, fill, fused, decompressed in itertools.product(
+            for share, fill, fused, decompressed, wide in itertools.product(
                 args.state_shares.split(","),
                 [int(n) for n in args.mla_fill_programs.split(",")],
                 args.fused_norms.split(","),
                 args.decompressed_kernels.split(","),
+                args.wide_kernel.split(","),
             ):
                 setting = {
                     "state_share": share,
                     "mla_fill_programs": fill,
                     "fused_norms": fused,
                     "decompressed_kernel": decompressed,
+                    "wide_kernel": wide,
                 }
+                runs = (
+                    built
+                    if wide == "on"
+                    else {name: (c, without_wide_experts(p)) for name, (c, p) in built.items()}
+                )
                 tag = lambda row, setting=setting: log(row | setting)
                 with switched(
                     (flash_decode, "STATE_SHARE", None if share == "none" else float(share)),
@@ -509,7 +523,7 @@ def main(argv=None) -> int:
                     (model_lib, "FUSED_NORMS", fused),
                     (flash_decode, "DECOMPRESSED_KERNEL", decompressed),
                 ):
-                    rows = speed(built, batches, contexts, args.repeats, tag, copy, kernels, args.loop_steps)
+                    rows = speed(runs, batches, contexts, args.repeats, tag, copy, kernels, args.loop_steps)
                 result["rows"] += [row | setting for row in rows]
     result["command"] = command
     print(json.dumps(result), flush=True)

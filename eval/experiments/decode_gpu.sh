@@ -12,6 +12,8 @@
 #              the wide-batch MXFP4 kernel (gmm_mosaic; launch "wide"), in one process
 #   wide_sweep the same at 128 and 256 on each of the wide-batch kernel's launches (decode_moe.WIDE_LAUNCHES)
 #   wide_rows  the same on the launches with the layout's tiles of 64 rows (WIDE_LAUNCHES["rows"])
+#   wide_e2e   GQA's and MLA partial's loop at 256 x 4K on the wide-batch kernel and on the grouped matmul,
+#              in one process
 #   variants   the MXFP4 decoding's variants timed against each other on one layer's MoE (batches 1, 8, 64)
 #   layouts    one layer's MoE at batches 1-256 on the launch table's own launches only, with lhs split on
 #              chip and given as halves (gmm.SPLIT_ROWS 64, 16), in one process
@@ -92,6 +94,8 @@ for stage in ${STAGES//,/ }; do
     wide) run decode_moe_wide_kernel 300 eval.bench.decode --moe 64,128,256 --moe-launches none --repeats 10 ;;
     wide_sweep) run decode_moe_wide_sweep_kernel 420 eval.bench.decode --moe 128,256 --moe-launches none \
       --wide-launches sweep --repeats 10 ;;
+    wide_e2e) run decode_e2e_wide 420 eval.bench.decode --cuda-graphs --decode-kernels on --partial \
+      --models gqa,mla_partial --batches 256 --contexts 4096 --loop-steps 16 --repeats 5 --wide-kernel on,off ;;
     wide_rows) run decode_moe_wide_rows_kernel 420 eval.bench.decode --moe 128,256 --moe-launches none \
       --wide-launches rows --repeats 10 ;;
     variants) run mxfp4_decode_variants 240 eval.experiments.mxfp4_decode_variants ;;
