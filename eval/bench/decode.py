@@ -361,6 +361,12 @@ def main(argv=None) -> int:
         "whose tile would be taller takes the sorted layout), e.g. 64,16",
     )  # fmt: skip
     parser.add_argument(
+        "--wide-pairs", default=",".join(map(str, moe_lib.WIDE_MEAN_PAIRS)),
+        help="--moe: the mean token-expert pairs an expert, LOW,HIGH, of the batches that take the "
+        "wide-batch kernel (moe.WIDE_MEAN_PAIRS), e.g. 1,64 to time it beside the grouped matmul at more "
+        "batches",
+    )  # fmt: skip
+    parser.add_argument(
         "--split-rows", default=str(gmm_lib.SPLIT_ROWS),
         help="--moe with the packed products of decode layouts splitting lhs on chip on row tiles of up to "
         "each of these in turn (gmm.SPLIT_ROWS; taller tiles take halves that XLA makes), e.g. 64,16",
@@ -424,6 +430,9 @@ def main(argv=None) -> int:
         unknown = set(values.split(",")) - set(get_args(kinds))
         if unknown:
             parser.error(f"{flag}: {sorted(unknown)} not among {get_args(kinds)}")
+    wide_pairs = tuple(int(n) for n in args.wide_pairs.split(",") if n.isdigit())
+    if len(wide_pairs) != 2 or not 0 < wide_pairs[0] <= wide_pairs[1]:
+        parser.error(f"--wide-pairs: {args.wide_pairs!r} is not LOW,HIGH with 0 < LOW <= HIGH")
     if set(args.wide_kernel.split(",")) - {"on", "off"}:
         parser.error(f"--wide-kernel: {args.wide_kernel!r} is not a list of on / off")
     if not all(n.isdigit() and int(n) > 0 for n in args.mla_fill_programs.split(",")):
@@ -476,7 +485,10 @@ def main(argv=None) -> int:
             ):
                 setting = {"max_align": max_align, "split_rows": split}
                 tag = lambda row, setting=setting: log(row | setting)
-                with switched((moe_lib, "MAX_ALIGN", max_align), (gmm_lib, "SPLIT_ROWS", split)):
+                with switched(
+                    (moe_lib, "MAX_ALIGN", max_align), (gmm_lib, "SPLIT_ROWS", split),
+                    (moe_lib, "WIDE_MEAN_PAIRS", wide_pairs),
+                ):  # fmt: skip
                     rows = moe_rows(
                         batches, args.repeats, args.smoke, tag, args.moe_launches, args.wide_launches
                     )

@@ -12,6 +12,8 @@
 #              the wide-batch MXFP4 kernel (gmm_mosaic; launch "wide"), in one process
 #   wide_sweep the same at 128 and 256 on each of the wide-batch kernel's launches (decode_moe.WIDE_LAUNCHES)
 #   wide_rows  the same on the launches with the layout's tiles of 64 rows (WIDE_LAUNCHES["rows"])
+#   wide_range one layer's MoE at batches 8, 32, 64 and 512 on the grouped matmul and on the wide-batch
+#              kernel (taken there for the run: --wide-pairs 1,64)
 #   wide_e2e   GQA's and MLA partial's loop at 256 x 4K on the wide-batch kernel and on the grouped matmul,
 #              in one process
 #   variants   the MXFP4 decoding's variants timed against each other on one layer's MoE (batches 1, 8, 64)
@@ -94,6 +96,8 @@ for stage in ${STAGES//,/ }; do
     wide) run decode_moe_wide_kernel 300 eval.bench.decode --moe 64,128,256 --moe-launches none --repeats 10 ;;
     wide_sweep) run decode_moe_wide_sweep_kernel 420 eval.bench.decode --moe 128,256 --moe-launches none \
       --wide-launches sweep --repeats 10 ;;
+    wide_range) run decode_moe_wide_range 400 eval.bench.decode --moe 8,32,64,512 --moe-launches none \
+      --wide-pairs 1,64 --repeats 10 ;;
     wide_e2e) run decode_e2e_wide 420 eval.bench.decode --cuda-graphs --decode-kernels on --partial \
       --models gqa,mla_partial --batches 256 --contexts 4096 --loop-steps 16 --repeats 5 --wide-kernel on,off ;;
     wide_rows) run decode_moe_wide_rows_kernel 420 eval.bench.decode --moe 128,256 --moe-launches none \
