@@ -41,7 +41,7 @@ from gptoss_mla_jax.mla import (
     with_decode_keys,
     with_up_projections,
 )
-from gptoss_mla_jax.moe import WIDE, expert_rows, moe_dense, moe_sparse, routed_in_kernel
+from gptoss_mla_jax.moe import WIDE, expert_rows, moe_dense, moe_sparse, routed_in_kernel, takes_wide
 from gptoss_mla_jax.mxfp4 import aligned_groups, pad_scales
 from gptoss_mla_jax.norm import rms_norm
 
@@ -348,7 +348,12 @@ def decoder_layer(
         rows = lambda y: y.reshape(-1, y.shape[-1])
         interpret = not runs_compiled()
         weight = layer["post_attention_layernorm"]
-        if FUSED_NORMS == "router" and routed_in_kernel(rows(x).shape[0], config):
+        n = rows(x).shape[0]
+        if (
+            FUSED_NORMS == "router"
+            and routed_in_kernel(n, config)
+            and not takes_wide(layer["mlp"], n, config, x.dtype)
+        ):
             router = layer["mlp"]["router"]["kernel"]
             *added, partials = add_norm_routed(rows(x), rows(a), weight, router, eps, interpret)
         else:

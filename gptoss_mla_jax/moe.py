@@ -39,10 +39,10 @@ from gptoss_mla_jax.mxfp4 import dequantize, dequantize_experts
 Params = dict[str, Any]
 WIDE = "wide"  # an MLP's experts' entry of `gmm_mosaic.WideExperts`, made by `model.with_wide_experts`
 # The token-expert pairs an expert gets on average for which a decode step takes the wide-batch kernel
-# where its experts carry its layout: 16 to 32 (batches 128 to 256 at gpt-oss's top 4 of 32), where its
-# products measured faster than the grouped matmul's (docs/decode.md); past that its layout's all-pairs
-# comparisons (`_jnp_layout`) grow with the square of the batch and it is not measured
-WIDE_MEAN_PAIRS = (16, 32)
+# where its experts carry its layout: 4 to 64 (batches 32 to 512 at gpt-oss's top 4 of 32), where the
+# layer measured faster on it than on the grouped matmul (docs/decode.md; at batch 8 they tie); past that
+# its layout's all-pairs comparisons (`_jnp_layout`) grow with the square of the batch and it is not measured
+WIDE_MEAN_PAIRS = (4, 64)
 # How grouped token-expert pairs are multiplied: "auto" takes the Pallas kernel on a GPU that can lower it
 # and ragged_dot elsewhere; "gmm" the kernel everywhere (interpreted, slowly, off the GPU).
 Grouped = Literal["auto", "gmm", "ragged_dot"]
@@ -135,7 +135,7 @@ def expert_rows(
     kernel reads once (`grouped_product(..., broadcast=)`): no gather."""
     flat = x.reshape(-1, x.shape[-1])
     n, k, E = flat.shape[0], config.num_experts_per_tok, config.num_local_experts
-    if WIDE in p["experts"] and wide_batch(n, config) and flat.dtype == jnp.bfloat16:
+    if takes_wide(p, n, config, flat.dtype):
         return _wide_rows(p, flat, p["experts"][WIDE], config)
     align = layout_align(n, config)
     if align is None:  # past decode batches: the pairs sorted by expert
@@ -185,6 +185,13 @@ def wide_batch(n: int, config: GptOssConfig) -> bool:
     """Whether a decode batch of n tokens takes the wide-batch kernel where its experts carry its layout."""
     low, high = WIDE_MEAN_PAIRS
     return low * config.num_local_experts <= n * config.num_experts_per_tok <= high * config.num_local_experts
+
+
+def takes_wide(p: Params, n: int, config: GptOssConfig, dtype) -> bool:
+    """Whether n tokens' MoE (`expert_rows`) runs on the wide-batch kernel: a wide batch, its experts
+    carrying the kernel's layout, bf16 activations. It routes in jnp, so the step does not take the
+    router's product in the residual add's kernel for it (`model`)."""
+    return WIDE in p["experts"] and wide_batch(n, config) and dtype == jnp.bfloat16
 
 
 def _wide_rows(

@@ -155,12 +155,33 @@ WIDE_CONFIG = dataclasses.replace(
 
 
 def test_wide_batches_are_those_measured():
-    """gpt-oss's batches of 16 to 32 pairs an expert: 128 to 256 tokens."""
-    assert [n for n in (64, 127, 128, 200, 256, 257, 512) if moe.wide_batch(n, GPT_OSS_20B)] == [
-        128,
-        200,
-        256,
-    ]
+    """gpt-oss's batches of 4 to 64 pairs an expert: 32 to 512 tokens."""
+    batches = (8, 31, 32, 64, 128, 200, 256, 512, 513)
+    assert [n for n in batches if moe.wide_batch(n, GPT_OSS_20B)] == [32, 64, 128, 200, 256, 512]
+
+
+def test_decode_step_at_a_wide_batch_leaves_the_router_to_the_wide_path(monkeypatch):
+    """With `model.FUSED_NORMS` "router", a decode step takes the router's product in the residual add's
+    kernel (`add_norm_routed`) only for a MoE that reads it: not where the batch takes the wide-batch
+    kernel, which routes in jnp."""
+    from gptoss_mla_jax import model
+    from gptoss_mla_jax.cache import init_cache
+
+    calls, routed = [], model.add_norm_routed
+    monkeypatch.setattr(model, "add_norm_routed", lambda *a: calls.append("routed") or routed(*a))
+    monkeypatch.setattr(model, "FUSED_NORMS", "router")
+    params = with_wide_experts(
+        init_params(WIDE_CONFIG, jax.random.key(0), jnp.bfloat16, "mxfp4"), WIDE_CONFIG
+    )
+    batch = 32
+    assert moe.routed_in_kernel(batch, WIDE_CONFIG) and moe.wide_batch(batch, WIDE_CONFIG)
+    tokens, cache = jnp.zeros((batch, 1), jnp.int32), init_cache(WIDE_CONFIG, batch, 16, jnp.bfloat16)
+    options = model.ForwardOptions(decode_kernels=True)
+    step = lambda p, cache: model.forward(p, tokens, cache, WIDE_CONFIG, options=options)[0]
+    for p, want in ((params, []), (without_wide_experts(params), ["routed"])):
+        calls.clear()
+        jax.eval_shape(step, p, cache)
+        assert calls == want
 
 
 def test_counts_the_bytes_it_adds():
