@@ -14,6 +14,7 @@
 #   wide_rows  the same on the launches with the layout's tiles of 64 rows (WIDE_LAUNCHES["rows"])
 #   wide_range one layer's MoE at batches 8, 32, 64 and 512 on the grouped matmul and on the wide-batch
 #              kernel (taken there for the run: --wide-pairs 1,64)
+#   wide_past  the same at batches 768 and 1024, past the kernel's range (--wide-pairs 1,128)
 #   wide_e2e   GQA's and MLA partial's loop at 256 x 4K on the wide-batch kernel and on the grouped matmul,
 #              in one process
 #   variants   the MXFP4 decoding's variants timed against each other on one layer's MoE (batches 1, 8, 64)
@@ -98,6 +99,8 @@ for stage in ${STAGES//,/ }; do
       --wide-launches sweep --repeats 10 ;;
     wide_range) run decode_moe_wide_range 400 eval.bench.decode --moe 8,32,64,512 --moe-launches none \
       --wide-pairs 1,64 --repeats 10 ;;
+    wide_past) run decode_moe_wide_past 400 eval.bench.decode --moe 768,1024 --moe-launches none \
+      --wide-pairs 1,128 --repeats 10 ;;
     wide_e2e) run decode_e2e_wide 420 eval.bench.decode --cuda-graphs --decode-kernels on --partial \
       --models gqa,mla_partial --batches 256 --contexts 4096 --loop-steps 16 --repeats 5 --wide-kernel on,off ;;
     wide_rows) run decode_moe_wide_rows_kernel 420 eval.bench.decode --moe 128,256 --moe-launches none \
