@@ -72,9 +72,7 @@ STEP_BYTES = 32  # packed bytes of a weight row per step: 64 contraction values,
 WORDS = STEP_BYTES // 4
 SWIZZLE = 64  # bytes: rows of 32 bf16 values (the activations' tiles [rows, 32], the interpreter's weights)
 BOX = 256  # the most elements a TMA copy takes along a dimension
-TILE_WORDS = (
-    32  # words a row of a step's weight tile as the kernel copies it (128 bytes; WORDS: a weight row)
-)
+TILE_WORDS = 32  # words a row of a step's weight tile as copied (128 bytes; WORDS would be a weight row)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -177,6 +175,8 @@ def refusal(K: int, N: int, launch: Launch, glu: bool) -> str | None:
     if launch.cols % (2 * PIECE if glu else PIECE) or N % launch.cols:
         need = "a multiple of 128 (64 gates, 64 ups)" if glu else "a multiple of 64"
         return f"{N} outputs in programs of {launch.cols} rows: the rows must divide them and be {need}"
+    if launch.cols > (most := BOX * TILE_WORDS // WORDS):
+        return f"programs of {launch.cols} rows: a step's weight tile is one TMA copy, up to {most} rows"
     if launch.stages < 2:
         return f"stages {launch.stages}: the kernel loads at least one step ahead"
     if launch.rows not in (None, 32, 64):
@@ -285,9 +285,10 @@ def _decoded(words, exps, rows: int, interpret: bool):
 
 def _kernel(expert_g, x_g, words_g, exps_g, bias_g, out_g, *, cols: int, steps: int, stages: int,
             tile: int, glu, transposed: bool, rows_out: bool, interpret: bool):  # fmt: skip
-    """Program (n, i): out^T[n's outputs, tile i's rows] (`tile` of them) through tile i's expert; x_g [M, K],
-    or [K, M] where `transposed`, words_g [G, N / cols, steps, cols * 8 / r, r] (r words a row), exps_g [G, K
-    / 32, N], bias_g [G, N] float32, out_g [N or N / 2, M] ([M, N or N / 2] where `rows_out`)."""
+    """Program (n, i): out^T[n's outputs, tile i's rows] (`tile` of them) through tile i's expert;
+    x_g [M, K], or [K, M] where `transposed`; words_g [G, N / cols, steps, cols * 8 / r, r] (r words a
+    row); exps_g [G, K / 32, N]; bias_g [G, N] float32; out_g [N or N / 2, M] ([M, N or N / 2] where
+    `rows_out`)."""
     n, i = lax.axis_index("n"), lax.axis_index("i")
     e = expert_g[i]
     G = words_g.shape[0]
@@ -301,8 +302,8 @@ def _kernel(expert_g, x_g, words_g, exps_g, bias_g, out_g, *, cols: int, steps: 
             slot = lax.rem(s, stages)
             for half, x_s in enumerate((first_s, second_s)):
                 values = pl.ds(2 * s * STEP_BYTES + half * STEP_BYTES, STEP_BYTES)
-                tile = x_g.at[values, rows] if transposed else x_g.at[rows, values]
-                plgpu.copy_gmem_to_smem(tile, x_s.at[slot], loaded.at[slot])
+                source = x_g.at[values, rows] if transposed else x_g.at[rows, values]
+                plgpu.copy_gmem_to_smem(source, x_s.at[slot], loaded.at[slot])
             step_words = words_s.at[slot]
             if words_g.shape[-1] != WORDS:  # the tile's rows of 128 bytes into the step's [cols, 8] words
                 step_words = step_words.reshape(words_g.shape[-2:])

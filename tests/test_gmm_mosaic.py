@@ -146,6 +146,8 @@ def test_refuses_what_it_cannot_run(experts):
         gm.product_t(x[:16], jnp.zeros(1, jnp.int32), packed, bias, launch=gm.Launch(64, 2))
     assert "multiple of 128" in gm.refusal(K, N, gm.Launch(64, 2), glu=True)
     assert "steps of 64" in gm.refusal(96, N, gm.Launch(64, 2), glu=False)
+    assert "up to 1024 rows" in gm.refusal(K, 2048, gm.Launch(2048, 2), glu=False)
+    assert "tiles of 32 or 64 rows" in gm.refusal(K, N, gm.Launch(64, 2, rows=16), glu=False)
 
 
 WIDE_CONFIG = dataclasses.replace(
