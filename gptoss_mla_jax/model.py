@@ -216,17 +216,7 @@ def with_aligned_scales(params: Params) -> Params:
     if expert_format(params) != "mxfp4":
         return params
     pad = lambda path, leaf: pad_scales(leaf) if _is_scales(path) else leaf
-    layers = [
-        {
-            **layer,
-            "mlp": {
-                **layer["mlp"],
-                "experts": jax.tree_util.tree_map_with_path(pad, layer["mlp"]["experts"]),
-            },
-        }
-        for layer in params["layers"]
-    ]
-    return {**params, "layers": layers}
+    return _with_experts(params, [jax.tree_util.tree_map_with_path(pad, e) for e in _experts(params)])
 
 
 def wide_experts_bytes(params: Params) -> int:
@@ -251,22 +241,27 @@ def with_wide_experts(params: Params, config: GptOssConfig, decodable: bool | No
     kernel refuses, exponents past its decoding) are returned as they are. Call it outside jit: whether
     the kernel can decode the weights is read from their values, unless `decodable` says
     (`gmm_mosaic.prepare`)."""
-    F = config.intermediate_size
-    prepared = [gmm_mosaic.prepare(layer["mlp"]["experts"], F, decodable) for layer in params["layers"]]
+    experts = _experts(params)
+    prepared = [gmm_mosaic.prepare(e, config.intermediate_size, decodable) for e in experts]
     if any(wide is None for wide in prepared):
         return params
-    layers = [
-        {**layer, "mlp": {**layer["mlp"], "experts": {**layer["mlp"]["experts"], WIDE: wide}}}
-        for layer, wide in zip(params["layers"], prepared, strict=True)
-    ]
-    return {**params, "layers": layers}
+    return _with_experts(params, [{**e, WIDE: wide} for e, wide in zip(experts, prepared, strict=True)])
 
 
 def without_wide_experts(params: Params) -> Params:
     """`params` without `with_wide_experts`' layout: every decode batch on the grouped matmul."""
+    return _with_experts(params, [_without(e, WIDE) for e in _experts(params)])
+
+
+def _experts(params: Params) -> list[dict]:
+    return [layer["mlp"]["experts"] for layer in params["layers"]]
+
+
+def _with_experts(params: Params, experts: list[dict]) -> Params:
+    """`params` with each layer's experts replaced by `experts`' entry for it (everything else shared)."""
     layers = [
-        {**layer, "mlp": {**layer["mlp"], "experts": _without(layer["mlp"]["experts"], WIDE)}}
-        for layer in params["layers"]
+        {**layer, "mlp": {**layer["mlp"], "experts": e}}
+        for layer, e in zip(params["layers"], experts, strict=True)
     ]
     return {**params, "layers": layers}
 

@@ -18,7 +18,8 @@ each selected expert's packed weights read and decoded once, and routes decode b
 program (`routing.decode_routing`: router, top-k, softmax and the grouped layout): `expert_rows`, whose
 rows the model's decode step sums with its residual add in one kernel (`add_norm`) and `moe_sparse` in jnp.
 Wide decode batches (`wide_batch`) whose experts carry the Mosaic GPU kernel's layout (`WIDE`, made by
-`model.with_wide_experts`) take that kernel instead (`gmm_mosaic`: 32-row tiles, the products transposed).
+`model.with_wide_experts`) take that kernel instead (`gmm_mosaic`: 32- or 64-row tiles by the batch, the
+products transposed).
 """
 
 from __future__ import annotations

@@ -122,7 +122,7 @@ WIDE_LAUNCHES = {
 }  # fmt: skip
 
 
-def _wide_params(p, config: GptOssConfig, launches) -> tuple[dict | None, dict]:
+def wide_params(p, config: GptOssConfig, launches) -> tuple[dict | None, dict]:
     """One layer's MoE parameters with the experts' wide-batch layout at `launches` ((gate_up, down), each
     `gmm_mosaic.Launch`'s fields; None: the launch table's; None where the kernel is not compiled here), and
     that launch table, which the step must be traced under (`gmm_mosaic.LAUNCH`)."""
@@ -151,7 +151,7 @@ def moe_rows(
 
     config = DEMO_CONFIG if smoke else GPT_OSS_20B
     p = jax.block_until_ready(moe_layer(config))
-    wides = [_wide_params(p, config, launches) for launches in WIDE_LAUNCHES[wide_sweep]]
+    wides = [wide_params(p, config, launches) for launches in WIDE_LAUNCHES[wide_sweep]]
     on_kernels = lambda p, x: moe_sparse(p, x, config, kernels=True)
     launches = MOE_LAUNCHES[sweep][-1:] if smoke else MOE_LAUNCHES[sweep]  # smoke: the default and one
     inner = 2 if smoke else 20

@@ -18,20 +18,19 @@ import argparse
 import jax
 import jax.numpy as jnp
 
-from eval.bench.decode_moe import moe_layer
-from gptoss_mla_jax import flash_decode, gmm_mosaic
+from eval.bench.decode_moe import moe_layer, wide_params
+from gptoss_mla_jax import flash_decode
 from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig
 from gptoss_mla_jax.generation import DEMO_CONFIG
-from gptoss_mla_jax.moe import WIDE, moe_sparse
+from gptoss_mla_jax.moe import moe_sparse
 
 
 def moe(batches: list[int], runs: int, config: GptOssConfig = GPT_OSS_20B, wide: bool = False) -> None:
     p = moe_layer(config)
     if wide:  # the experts' wide-batch layout beside the checkpoint's, as `generate` holds it on the GPU
-        p = {
-            **p,
-            "experts": {**p["experts"], WIDE: gmm_mosaic.prepare(p["experts"], config.intermediate_size)},
-        }
+        p, _ = wide_params(p, config, None)
+        if p is None:
+            raise SystemExit("--wide: the wide-batch kernel runs compiled, on a GPU (no layout made here)")
     step = jax.jit(lambda p, x: moe_sparse(p, x, config, kernels=True))
     for batch in batches:
         x = jax.random.normal(jax.random.key(batch), (batch, 1, config.hidden_size), jnp.bfloat16)
