@@ -40,10 +40,10 @@ from gptoss_mla_jax.mxfp4 import dequantize, dequantize_experts
 Params = dict[str, Any]
 WIDE = "wide"  # an MLP's experts' entry of `gmm_mosaic.WideExperts`, made by `model.with_wide_experts`
 # The token-expert pairs an expert gets on average for which a decode step takes the wide-batch kernel
-# where its experts carry its layout: 4 to 64 (batches 32 to 512 at gpt-oss's top 4 of 32), where the
+# where its experts carry its layout: 4 to 128 (batches 32 to 1,024 at gpt-oss's top 4 of 32), where the
 # layer measured faster on it than on the grouped matmul (docs/decode.md; at batch 8 they tie); past that
 # its layout's all-pairs comparisons (`_jnp_layout`) grow with the square of the batch and it is not measured
-WIDE_MEAN_PAIRS = (4, 64)
+WIDE_MEAN_PAIRS = (4, 128)
 # How grouped token-expert pairs are multiplied: "auto" takes the Pallas kernel on a GPU that can lower it
 # and ragged_dot elsewhere; "gmm" the kernel everywhere (interpreted, slowly, off the GPU).
 Grouped = Literal["auto", "gmm", "ragged_dot"]

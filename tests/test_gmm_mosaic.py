@@ -157,9 +157,19 @@ WIDE_CONFIG = dataclasses.replace(
 
 
 def test_wide_batches_are_those_measured():
-    """gpt-oss's batches of 4 to 64 pairs an expert: 32 to 512 tokens."""
-    batches = (8, 31, 32, 64, 128, 200, 256, 512, 513)
-    assert [n for n in batches if moe.wide_batch(n, GPT_OSS_20B)] == [32, 64, 128, 200, 256, 512]
+    """gpt-oss's batches of 4 to 128 pairs an expert: 32 to 1,024 tokens."""
+    batches = (8, 31, 32, 64, 128, 200, 256, 512, 594, 768, 1024, 1025)
+    assert [n for n in batches if moe.wide_batch(n, GPT_OSS_20B)] == [
+        32,
+        64,
+        128,
+        200,
+        256,
+        512,
+        594,
+        768,
+        1024,
+    ]
 
 
 def test_decode_step_at_a_wide_batch_leaves_the_router_to_the_wide_path(monkeypatch):
