@@ -20,7 +20,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from gptoss_mla_jax.config import GptOssConfig
-from gptoss_mla_jax.generation import DEMO_CONFIG, Sampling, generate, request_cuda_graphs
+from gptoss_mla_jax.generation import (
+    DEMO_CONFIG,
+    Sampling,
+    experts_for_batch,
+    generate,
+    request_cuda_graphs,
+)
 from gptoss_mla_jax.model import forward_jit, init_params
 
 
@@ -86,6 +92,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         sampling=Sampling(args.temperature, args.top_k, args.seed),
         decode_kernels={"auto": None, "on": True, "off": False}[args.decode_kernels],
     )
+    params = experts_for_batch(params, config, len(prompts), options["decode_kernels"])
     generate(params, config, prompts, 2, **options)  # compile
     t0 = time.perf_counter()
     outs = generate(

@@ -22,6 +22,7 @@ from gptoss_mla_jax.model import (
     Params,
     check_tokens,
     forward,
+    has_wide,
     wide_experts_bytes,
     with_aligned_scales,
     with_wide_experts,
@@ -162,6 +163,21 @@ def kernels_by_default(cache_dtype) -> bool:
     return flash_decode.runs_compiled() and jnp.dtype(cache_dtype).itemsize == 2
 
 
+def experts_for_batch(
+    params: Params, config: GptOssConfig, batch: int, decode_kernels: bool | None
+) -> Params:
+    """For a caller that owns `params` and generates for `batch` sequences: the experts in the wide-batch
+    kernel's layout alone (`with_wide_experts(..., replace=True)`: their bytes held once, prefill and steps on
+    it) where `generate` would take that kernel (a GPU, bf16 on the kernels, `moe.wide_batch`), else as
+    they are. The caller then drops its own params, or both layouts stay in memory."""
+    dtype = params["embed_tokens"].dtype
+    kernels = kernels_by_default(dtype) if decode_kernels is None else decode_kernels
+    compiled = flash_decode.runs_compiled()
+    if kernels and compiled and dtype == jnp.bfloat16 and wide_batch(batch, config) and not has_wide(params):
+        return with_wide_experts(params, config, replace=True)
+    return params
+
+
 # XLA flags that put every run of a step's kernels, Pallas calls included, into CUDA graphs (command
 # buffers): a batch-1 decode step launches hundreds of small kernels, and launched one by one from the host
 # they leave the GPU idle between them. They take effect only before JAX starts its GPU backend.
@@ -222,8 +238,9 @@ def generate(
     params = with_up_projections(params, config)  # derived once for all the steps
     if decode_kernels:  # the grouped matmul's pipelined loads of the experts' scales
         params = with_aligned_scales(params)
-    if decode_kernels and flash_decode.runs_compiled() and wide_batch(B, config):
-        # the wide-batch kernel's second layout of the experts, where it fits beside the cache
+    if decode_kernels and flash_decode.runs_compiled() and wide_batch(B, config) and not has_wide(params):
+        # the wide-batch kernel's second layout of the experts (prefill's and the steps'), where it fits
+        # beside the cache
         room = free_device_bytes() - total_bytes(config, B, max_len, cache_dtype)
         if wide_experts_bytes(params) <= room:
             params = with_wide_experts(params, config)

@@ -101,7 +101,7 @@ def logical_axes(path: tuple, ndim: int) -> tuple[str | None, ...]:
 
 def expert_format(params: Params) -> ExpertFormat:
     experts = params["layers"][0]["mlp"]["experts"] if params.get("layers") else {}
-    return "mxfp4" if "gate_up_proj_blocks" in experts else "dense"
+    return "mxfp4" if "gate_up_proj_blocks" in experts or WIDE in experts else "dense"
 
 
 def param_shapes(config: GptOssConfig, experts: ExpertFormat = "dense") -> Params:
@@ -171,12 +171,16 @@ def check_params(params: Params, config: GptOssConfig) -> None:
             f"params have {len(params.get('layers', []))} layers, config says {config.num_hidden_layers}"
         )
     want = dict(jax.tree_util.tree_flatten_with_path(expected, is_leaf=is_shape)[0])
-    # `with_wide_experts`' entries are made from the experts checked here
+    # `with_wide_experts`' entries are made from the experts checked here (or, where they replace them, from
+    # experts of the shapes checked when they were made)
     have = {
         path: leaf
         for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]
         if WIDE not in {getattr(key, "key", None) for key in path}
     }
+    if wide_only(params):
+        packed = lambda path: jax.tree_util.keystr(path).endswith(("_blocks']", "_scales']"))
+        want = {path: shape for path, shape in want.items() if not packed(path)}
     for path, shape in want.items():  # `with_aligned_scales`' padded exponents: accepted as it makes them
         padded = (*shape[:-1], aligned_groups(shape[-1])) if _is_scales(path) else shape
         if path in have and tuple(have[path].shape) == padded:
@@ -233,23 +237,45 @@ def wide_experts_bytes(params: Params) -> int:
     return total
 
 
-def with_wide_experts(params: Params, config: GptOssConfig, decodable: bool | None = None) -> Params:
+def with_wide_experts(
+    params: Params, config: GptOssConfig, decodable: bool | None = None, replace: bool = False
+) -> Params:
     """`params` with each layer's MXFP4 experts also laid out for the wide-batch kernel (`gmm_mosaic.prepare`,
-    under `moe.WIDE`), once for a loop of decode steps of at least `moe.WIDE_MEAN_PAIRS` pairs an expert
-    (`generation.generate` on the GPU). The layout holds the experts' bytes a second time (the other
-    paths, prefill's among them, read the checkpoint's); params it cannot take (dense experts, shapes the
-    kernel refuses, exponents past its decoding) are returned as they are. Call it outside jit: whether
-    the kernel can decode the weights is read from their values, unless `decodable` says
-    (`gmm_mosaic.prepare`)."""
+    under `moe.WIDE`), which then runs the MoE of every call of at least 16 tokens (`moe.wide_batch`: decode
+    batches and prefill; forward only, bf16 activations). The layout holds the experts' bytes a second time
+    (`generation.generate` adds it on the GPU where it fits beside the cache), unless it `replace`s the
+    checkpoint's: the bytes held once, every call on the kernel (slower than the grouped matmul below 16
+    tokens: 0.6x at one), and what reads the checkpoint's layout refuses the params (`moe.checkpoint_experts`:
+    the jnp references, training, saving). Params it cannot take (dense experts, shapes the kernel refuses,
+    exponents past its decoding) are returned as they are. Call it outside jit: whether the kernel can
+    decode the weights is read from their values, unless `decodable` says (`gmm_mosaic.prepare`)."""
     experts = _experts(params)
     prepared = [gmm_mosaic.prepare(e, config.intermediate_size, decodable) for e in experts]
     if any(wide is None for wide in prepared):
         return params
-    return _with_experts(params, [{**e, WIDE: wide} for e, wide in zip(experts, prepared, strict=True)])
+    kept = lambda e: {name: v for name, v in e.items() if not name.endswith(("_blocks", "_scales"))}
+    return _with_experts(
+        params,
+        [{**(kept(e) if replace else e), WIDE: wide} for e, wide in zip(experts, prepared, strict=True)],
+    )
+
+
+def has_wide(params: Params) -> bool:
+    """Whether the experts carry the wide-batch kernel's layout (`with_wide_experts`)."""
+    experts = _experts(params)
+    return bool(experts) and WIDE in experts[0]
+
+
+def wide_only(params: Params) -> bool:
+    """Whether the experts hold only the wide-batch kernel's layout (`with_wide_experts`' `replace`)."""
+    experts = _experts(params)
+    return bool(experts) and WIDE in experts[0] and "gate_up_proj_blocks" not in experts[0]
 
 
 def without_wide_experts(params: Params) -> Params:
     """`params` without `with_wide_experts`' layout: every decode batch on the grouped matmul."""
+    if wide_only(params):
+        raise ValueError("the experts hold only the wide-batch kernel's layout: there is no other to keep")
     return _with_experts(params, [_without(e, WIDE) for e in _experts(params)])
 
 

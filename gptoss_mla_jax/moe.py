@@ -17,9 +17,12 @@ those from memory; a decode step on the kernels (`kernels`) takes the grouped ma
 each selected expert's packed weights read and decoded once, and routes decode batches in one Pallas
 program (`routing.decode_routing`: router, top-k, softmax and the grouped layout): `expert_rows`, whose
 rows the model's decode step sums with its residual add in one kernel (`add_norm`) and `moe_sparse` in jnp.
-Wide decode batches (`wide_batch`) whose experts carry the Mosaic GPU kernel's layout (`WIDE`, made by
-`model.with_wide_experts`) take that kernel instead (`gmm_mosaic`: 32- or 64-row tiles by the batch, the
-products transposed).
+Batches of 16 tokens and more (`wide_batch`: decode batches and prefill) whose experts carry the Mosaic
+GPU kernel's layout (`WIDE`, made by `model.with_wide_experts`) take that kernel instead (`gmm_mosaic`:
+32- or 64-row tiles by the batch, the products transposed; `WIDE_CHUNK` tokens at a time), forward only.
+Experts may hold that layout alone (`with_wide_experts(..., replace=True)`: their bytes held once); every
+token count then takes the kernel, and the paths that read the checkpoint's layout refuse them
+(`checkpoint_experts`).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ from typing import Any, Literal
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, Float, Int
 
 from gptoss_mla_jax import gmm_mosaic, routing
@@ -39,11 +43,14 @@ from gptoss_mla_jax.mxfp4 import dequantize, dequantize_experts
 
 Params = dict[str, Any]
 WIDE = "wide"  # an MLP's experts' entry of `gmm_mosaic.WideExperts`, made by `model.with_wide_experts`
-# The token-expert pairs an expert gets on average for which a decode step takes the wide-batch kernel
-# where its experts carry its layout: 4 to 128 (batches 32 to 1,024 at gpt-oss's top 4 of 32), where the
-# layer measured faster on it than on the grouped matmul (docs/decode.md; at batch 8 they tie); past that
-# its layout's all-pairs comparisons (`_jnp_layout`) grow with the square of the batch and it is not measured
-WIDE_MEAN_PAIRS = (4, 128)
+# The token-expert pairs an expert gets on average from which n tokens take the wide-batch kernel where
+# their experts carry its layout: 2 (16 tokens at gpt-oss's top 4 of 32), where the layer measured faster on
+# it than on the grouped matmul, at every batch from 16 to 4,096 (docs/decode.md; at 8 they tie, at 1 the
+# grouped matmul takes 0.6x its time).
+WIDE_MIN_PAIRS = 2
+# Tokens the wide-batch kernel takes at a time: its layout's all-pairs comparisons (`_jnp_layout`) grow
+# with the square of the tokens (355 us of 2.87 ms at 4,096 tokens a layer; 2,048 took 1.18 ms).
+WIDE_CHUNK = 2048
 # How grouped token-expert pairs are multiplied: "auto" takes the Pallas kernel on a GPU that can lower it
 # and ragged_dot elsewhere; "gmm" the kernel everywhere (interpreted, slowly, off the GPU).
 Grouped = Literal["auto", "gmm", "ragged_dot"]
@@ -66,9 +73,21 @@ def swiglu(gate_up: Float[Array, "... F2"], config: GptOssConfig) -> Float[Array
     return glu(config)(gate_up)
 
 
+def checkpoint_experts(experts: Params) -> Params:
+    """`experts` as the checkpoint lays them out, for a path that reads that layout; a ValueError for experts
+    that hold only the wide-batch kernel's (`model.with_wide_experts(..., replace=True)`)."""
+    if "gate_up_proj" not in experts and "gate_up_proj_blocks" not in experts:
+        raise ValueError(
+            "the experts hold only the wide-batch kernel's layout (model.with_wide_experts(..., "
+            "replace=True)), which only its forward reads (bf16 activations, a CUDA GPU or the interpreter); "
+            "this path needs the checkpoint's: keep it (replace=False) or load the weights again"
+        )
+    return experts
+
+
 def expert_matrices(experts: Params, dtype) -> tuple[Float[Array, "E D F2"], Float[Array, "E F D"]]:
     """(gate_up [E, D, 2I], down [E, I, D]) as dense matrices, dequantizing MXFP4-packed experts."""
-    if "gate_up_proj" in experts:
+    if "gate_up_proj" in checkpoint_experts(experts):
         return experts["gate_up_proj"], experts["down_proj"]
     dense = lambda name: dequantize_experts(experts[f"{name}_blocks"], experts[f"{name}_scales"], dtype)
     return dense("gate_up_proj"), dense("down_proj")
@@ -108,7 +127,9 @@ def moe_sparse(
     them, and more pairs are grouped by expert and multiplied as `grouped` says."""
     flat = x.reshape(-1, x.shape[-1])
     n, k = flat.shape[0], config.num_experts_per_tok
-    if kernels:  # the decode step's MoE of `expert_rows`, summed in jnp rather than in `add_norm`'s kernel
+    if kernels or takes_wide(p, n, config, x.dtype):
+        # `expert_rows` (a decode step's MoE on the kernels, or n tokens on the wide-batch kernel), summed
+        # in jnp rather than in `add_norm`'s kernel
         return moe_delta(expert_rows(p, x, config), n, x.dtype).reshape(x.shape)
     weights, idx = route(p, flat, config)
     if n * k < config.num_local_experts:
@@ -137,7 +158,7 @@ def expert_rows(
     flat = x.reshape(-1, x.shape[-1])
     n, k, E = flat.shape[0], config.num_experts_per_tok, config.num_local_experts
     if takes_wide(p, n, config, flat.dtype):
-        return _wide_rows(p, flat, p["experts"][WIDE], config)
+        return _wide_rows_chunked(p, flat, config)
     align = layout_align(n, config)
     if align is None:  # past decode batches: the pairs sorted by expert
         weights, idx = route(p, flat, config)
@@ -183,16 +204,54 @@ def _jnp_layout(
 
 
 def wide_batch(n: int, config: GptOssConfig) -> bool:
-    """Whether a decode batch of n tokens takes the wide-batch kernel where its experts carry its layout."""
-    low, high = WIDE_MEAN_PAIRS
-    return low * config.num_local_experts <= n * config.num_experts_per_tok <= high * config.num_local_experts
+    """Whether n tokens take the wide-batch kernel where their experts carry its layout beside the
+    checkpoint's."""
+    return n * config.num_experts_per_tok >= WIDE_MIN_PAIRS * config.num_local_experts
 
 
 def takes_wide(p: Params, n: int, config: GptOssConfig, dtype) -> bool:
-    """Whether n tokens' MoE (`expert_rows`) runs on the wide-batch kernel: a wide batch, its experts
-    carrying the kernel's layout, bf16 activations. It routes in jnp, so the step does not take the
-    router's product in the residual add's kernel for it (`model`)."""
-    return WIDE in p["experts"] and wide_batch(n, config) and dtype == jnp.bfloat16
+    """Whether n tokens' MoE runs on the wide-batch kernel: its experts carrying the kernel's layout, and
+    either a wide batch (bf16 activations) or that layout alone (which needs bf16). It routes in jnp, so a
+    decode step does not take the router's product in the residual add's kernel for it (`model`)."""
+    experts = p["experts"]
+    if WIDE not in experts:
+        return False
+    if "gate_up_proj_blocks" in experts:
+        return wide_batch(n, config) and dtype == jnp.bfloat16
+    if dtype != jnp.bfloat16:
+        raise ValueError(
+            f"the experts hold only the wide-batch kernel's layout, which multiplies bf16 activations; got "
+            f"{jnp.dtype(dtype).name} (a model in bf16, or the checkpoint's layout kept: "
+            "model.with_wide_experts(..., replace=False))"
+        )
+    return True
+
+
+def _wide_rows_chunked(p: Params, flat: Float[Array, "N D"], config: GptOssConfig) -> ExpertRows:
+    """`_wide_rows` of up to `WIDE_CHUNK` tokens at a time (whole chunks in one loop, then the rest), their
+    rows one after the other and each token's slots into them."""
+    n, k, wide = flat.shape[0], config.num_experts_per_tok, p["experts"][WIDE]
+    if n <= WIDE_CHUNK:
+        return _wide_rows(p, flat, wide, config)
+    chunks = n // WIDE_CHUNK
+    whole = flat[: chunks * WIDE_CHUNK].reshape(chunks, WIDE_CHUNK, -1)
+    mapped = jax.lax.map(lambda rows: _wide_rows(p, rows, wide, config), whole)  # rows [C, 1, H, D]
+    offsets = mapped.rows.shape[2] * jnp.arange(chunks, dtype=mapped.slot.dtype)[:, None, None]
+    parts = [
+        ExpertRows(
+            mapped.rows.reshape(1, -1, flat.shape[1]),
+            (mapped.slot + offsets).reshape(-1, k),
+            mapped.weights.reshape(-1, k),
+        )
+    ]
+    if n > chunks * WIDE_CHUNK:
+        parts.append(_wide_rows(p, flat[chunks * WIDE_CHUNK :], wide, config))
+    starts = np.cumsum([0] + [part.rows.shape[1] for part in parts[:-1]])
+    return ExpertRows(
+        jnp.concatenate([part.rows for part in parts], axis=1),
+        jnp.concatenate([part.slot + int(start) for part, start in zip(parts, starts, strict=True)]),
+        jnp.concatenate([part.weights for part in parts]),
+    )
 
 
 def _wide_rows(
@@ -238,7 +297,7 @@ def _selected_experts(
     """Each token through each of its k experts, reading only those experts' weights. MXFP4-packed ones
     are gathered packed and dequantized in the file's [out, in] orientation, which the matmuls read
     directly (rows contiguous along the contraction)."""
-    if "gate_up_proj" in experts:  # dense, [E, in, out]
+    if "gate_up_proj" in checkpoint_experts(experts):  # dense, [E, in, out]
         w_gate_up, w_down, spec = experts["gate_up_proj"][idx], experts["down_proj"][idx], "nki,nkio->nko"
     else:
         packed = lambda name: dequantize(
@@ -354,6 +413,7 @@ def _expert_products(
     product). `partials` (forward only: the decode step's): the down product's contraction splits' sums
     not yet added (`gmm.grouped_product`); `broadcast`: rows is one token's row standing for that many
     rows of the layout (there, every row is its row)."""
+    e = checkpoint_experts(e)
     weights = lambda name: e[name] if name in e else Mxfp4(e[f"{name}_blocks"], e[f"{name}_scales"])
     gate_up, bias = weights("gate_up_proj"), e["gate_up_proj_bias"]
     if tile is None:

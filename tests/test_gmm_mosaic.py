@@ -22,6 +22,7 @@ from gptoss_mla_jax.model import (
     check_params,
     init_params,
     wide_experts_bytes,
+    wide_only,
     with_wide_experts,
     without_wide_experts,
 )
@@ -157,19 +158,16 @@ WIDE_CONFIG = dataclasses.replace(
 
 
 def test_wide_batches_are_those_measured():
-    """gpt-oss's batches of 4 to 128 pairs an expert: 32 to 1,024 tokens."""
-    batches = (8, 31, 32, 64, 128, 200, 256, 512, 594, 768, 1024, 1025)
-    assert [n for n in batches if moe.wide_batch(n, GPT_OSS_20B)] == [
-        32,
-        64,
-        128,
-        200,
-        256,
-        512,
-        594,
-        768,
-        1024,
-    ]
+    """gpt-oss's calls of 2 pairs an expert and more (16 tokens and more) take the wide-batch kernel where
+    the experts carry its layout beside the checkpoint's; with its layout alone, every call does."""
+    batches = (1, 8, 15, 16, 32, 594, 1024, 4096)
+    assert [n for n in batches if moe.wide_batch(n, GPT_OSS_20B)] == [16, 32, 594, 1024, 4096]
+    params = init_params(WIDE_CONFIG, jax.random.key(0), jnp.bfloat16, "mxfp4")
+    beside, alone = (with_wide_experts(params, WIDE_CONFIG, replace=r) for r in (False, True))
+    takes = lambda p, n: moe.takes_wide(p["layers"][0]["mlp"], n, WIDE_CONFIG, jnp.bfloat16)
+    assert [n for n in (1, 3, 4, 16) if takes(beside, n)] == [4, 16]  # WIDE_CONFIG: top 2 of 4 experts
+    assert [n for n in (1, 3, 4, 16) if takes(alone, n)] == [1, 3, 4, 16]
+    assert not takes(params, 16)
 
 
 def test_decode_step_at_a_wide_batch_leaves_the_router_to_the_wide_path(monkeypatch):
@@ -272,3 +270,61 @@ def test_lowers_for_cuda_at_gpt_oss_20b_shape(product, launch):
     on 32-row tiles (batch 128's) and at the widest of the sweep's (`eval.bench.decode_moe.WIDE_LAUNCHES`),
     down written as rows: lowered for CUDA from the CPU (no device here: Mosaic GPU's lowering, not ptxas)."""
     assert mosaic_ptxas.moe_module(product, batch=256, launch=launch)  # one Mosaic GPU module
+
+
+def test_experts_in_the_wide_layout_alone(monkeypatch):
+    """`with_wide_experts(..., replace=True)`: the checkpoint's packed bytes dropped, `check_params` accepts
+    the rest; one layer's MoE of 3 tokens (below `moe.wide_batch`) and of 40 in chunks of 16
+    (`moe.WIDE_CHUNK`: two whole ones and the rest) on the kernel equals the checkpoint layout's jnp path
+    within bf16; what reads the checkpoint's layout, float32 activations and `without_wide_experts` refuse."""
+    params = init_params(WIDE_CONFIG, jax.random.key(0), jnp.bfloat16, "mxfp4")
+    experts = params["layers"][0]["mlp"]["experts"]
+    for i, name in enumerate(("gate_up_proj_bias", "down_proj_bias")):  # nonzero: their order is checked
+        experts[name] = 0.5 * jax.random.normal(jax.random.key(i), experts[name].shape, jnp.bfloat16)
+    alone = with_wide_experts(params, WIDE_CONFIG, replace=True)
+    check_params(alone, WIDE_CONFIG)
+    assert wide_only(alone) and not wide_only(with_wide_experts(params, WIDE_CONFIG))
+    assert not any(name.endswith(("_blocks", "_scales")) for name in alone["layers"][0]["mlp"]["experts"])
+    p, p_alone = params["layers"][0]["mlp"], alone["layers"][0]["mlp"]
+    monkeypatch.setattr(moe, "WIDE_CHUNK", 16)
+    calls, wide_rows = [], moe._wide_rows
+    monkeypatch.setattr(
+        moe, "_wide_rows", lambda p, flat, *a: calls.append(len(flat)) or wide_rows(p, flat, *a)
+    )
+    for n, chunks in ((3, [3]), (40, [16, 8])):  # lax.map traces one whole chunk
+        calls.clear()
+        x = jax.random.normal(jax.random.key(n), (n, 1, WIDE_CONFIG.hidden_size), jnp.bfloat16)
+        got = moe.moe_sparse(p_alone, x, WIDE_CONFIG).astype(jnp.float32)
+        assert calls == chunks
+        want = moe.moe_sparse(p, x, WIDE_CONFIG).astype(jnp.float32)
+        assert float(jnp.abs(got - want).max()) <= 2.0**-7 * float(jnp.abs(want).max()), n
+    x = jnp.ones((2, 1, WIDE_CONFIG.hidden_size), jnp.bfloat16)
+    with pytest.raises(ValueError, match="wide-batch kernel's layout"):
+        moe.moe_dense(p_alone, x, WIDE_CONFIG)
+    with pytest.raises(ValueError, match="bf16 activations; got float32"):
+        moe.moe_sparse(p_alone, x.astype(jnp.float32), WIDE_CONFIG)
+    with pytest.raises(ValueError, match="no other to keep"):
+        without_wide_experts(alone)
+
+
+def test_model_on_the_wide_layout_alone_equals_the_checkpoints(monkeypatch):
+    """A prefill of 2 x 24 tokens (the MoE in chunks of 32 tokens and the rest) and a decode step on the
+    kernels through the model with the experts in the wide-batch kernel's layout alone: the logits equal the
+    checkpoint layout's within bf16 (the MoE's rows rounded to bf16 on another path: 2^-7 of the largest)."""
+    from gptoss_mla_jax import model
+    from gptoss_mla_jax.cache import init_cache
+
+    monkeypatch.setattr(moe, "WIDE_CHUNK", 32)
+    params = init_params(WIDE_CONFIG, jax.random.key(0), jnp.bfloat16, "mxfp4")
+    alone = with_wide_experts(params, WIDE_CONFIG, replace=True)
+    tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, WIDE_CONFIG.vocab_size)
+    step = jnp.array([[3], [5]], jnp.int32)
+    logits = {}
+    for name, p in (("checkpoint", params), ("alone", alone)):
+        cache = init_cache(WIDE_CONFIG, 2, 32, jnp.bfloat16)
+        prefill = model.forward(p, tokens, cache, WIDE_CONFIG)
+        options = model.ForwardOptions(decode_kernels=True)
+        decoded = model.forward(p, step, prefill.cache, WIDE_CONFIG, options=options)
+        logits[name] = (prefill.logits, decoded.logits)
+    for got, want in zip(logits["alone"], logits["checkpoint"], strict=True):
+        assert float(jnp.abs(got - want).max()) <= 2.0**-7 * float(jnp.abs(want).max())

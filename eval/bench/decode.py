@@ -28,7 +28,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import get_args
+from typing import Literal, get_args
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +46,13 @@ from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig
 from gptoss_mla_jax.execution import ForwardOptions
 from gptoss_mla_jax.generation import DEMO_CONFIG, GREEDY, decode_step, decode_steps, request_cuda_graphs
 from gptoss_mla_jax.mla import with_up_projections
-from gptoss_mla_jax.model import init_params, with_aligned_scales, with_wide_experts, without_wide_experts
+from gptoss_mla_jax.model import (
+    init_params,
+    wide_only,
+    with_aligned_scales,
+    with_wide_experts,
+    without_wide_experts,
+)
 from support.results import write_json
 from weights.to_mla import DEFAULT_LATENT_DIM, convert
 
@@ -58,7 +64,7 @@ RESERVE = 6e9  # bytes kept free for a step's activations (scores, the MLA layer
 
 def models(
     config: GptOssConfig, latent_dim: int = DEFAULT_LATENT_DIM, partial: bool = False, only=None,
-    wide: bool = False,
+    wide: Literal["off", "on", "only"] = "off",
 ) -> dict:  # fmt: skip
     """{"gqa": (config, params), "mla": (config, params)[, "mla_partial": ..., "mla_rorope": ...]}: MLA
     students of the full-attention layers sharing the GQA weights. "mla" is the default conversion;
@@ -67,13 +73,15 @@ def models(
     RoPE pairs per kv head, "mla_rorope" one mixed component per frequency pair (head_dim values shared by
     every head); those two carry their up-projections derived once, as `generate` gives them to its steps,
     and every model the experts' scale exponents padded as `generate` gives them to the kernels
-    (`with_aligned_scales`; shared by all the models) and, with `wide` on the GPU, the experts' wide-batch
-    layout as `generate` gives it to the batches that take it (`with_wide_experts`; the experts' bytes a
-    second time, so only where a batch timed takes it). `only`: the names to build (default all)."""
+    (`with_aligned_scales`; shared by all the models) and, with `wide` "on" on the GPU, the experts'
+    wide-batch layout as `generate` gives it to the batches that take it (`with_wide_experts`; the experts'
+    bytes a second time, so only where a batch timed takes it), or ("only") that layout alone, as the
+    command line gives it to a batch that takes it (`generation.experts_for_batch`). `only`: the names to
+    build (default all)."""
     params = init_params(config, jax.random.key(0), jnp.bfloat16, experts="mxfp4")
     params = jax.block_until_ready(with_aligned_scales(params))
-    if wide and flash_decode.runs_compiled():  # the wide-batch layout, read by batches that take it
-        params = jax.block_until_ready(with_wide_experts(params, config))
+    if wide != "off" and flash_decode.runs_compiled():  # the wide-batch layout, read by batches that take it
+        params = jax.block_until_ready(with_wide_experts(params, config, replace=wide == "only"))
     full = tuple(i for i in range(config.num_hidden_layers) if not config.is_sliding(i))
     out = {"gqa": (config, params)}
     wanted = lambda name: only is None or name in only
@@ -103,13 +111,13 @@ def step_bytes(config: GptOssConfig, params, batch: int, context: int) -> int:
     copy bandwidth, the step's byte floor."""
     E, k = config.num_local_experts, config.num_experts_per_tok
     selected = E * (1 - (1 - k / E) ** batch)
-    total, experts = total_bytes(config, batch, context), 0
+    total, experts, beside = total_bytes(config, batch, context), 0, not wide_only(params)
     for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
         names = [getattr(key, "key", None) for key in path]
         nbytes = math.prod(leaf.shape) * jnp.dtype(leaf.dtype).itemsize  # arrays or their shapes
         if names[0] == "embed_tokens":
             total += batch * nbytes // leaf.shape[0]
-        elif moe_lib.WIDE in names:  # `with_wide_experts`' second layout of the same experts
+        elif moe_lib.WIDE in names and beside:  # `with_wide_experts`' second layout of the same experts
             continue
         elif "experts" in names:
             experts += nbytes
@@ -361,10 +369,9 @@ def main(argv=None) -> int:
         "whose tile would be taller takes the sorted layout), e.g. 64,16",
     )  # fmt: skip
     parser.add_argument(
-        "--wide-pairs", default=",".join(map(str, moe_lib.WIDE_MEAN_PAIRS)),
-        help="--moe: the mean token-expert pairs an expert, LOW,HIGH, of the batches that take the "
-        "wide-batch kernel (moe.WIDE_MEAN_PAIRS), e.g. 1,64 to time it beside the grouped matmul at more "
-        "batches",
+        "--wide-min-pairs", type=float, default=moe_lib.WIDE_MIN_PAIRS,
+        help="--moe: the mean token-expert pairs an expert from which batches take the wide-batch kernel "
+        "(moe.WIDE_MIN_PAIRS), e.g. 0.1 to time it beside the grouped matmul at every batch",
     )  # fmt: skip
     parser.add_argument(
         "--split-rows", default=str(gmm_lib.SPLIT_ROWS),
@@ -418,7 +425,8 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--wide-kernel", default="on",
         help="steps at the batches that take the wide-batch MXFP4 kernel (moe.wide_batch) on it (on) or on "
-        "the grouped matmul (off: the experts' wide layout left out), each in turn, e.g. on,off",
+        "the grouped matmul (off: the experts' wide layout left out), each in turn, e.g. on,off; or (only, "
+        "alone) every batch on it, the experts in its layout alone (also --capacity's)",
     )  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="a tiny model (CPU check of the script)")
     parser.add_argument("--out", help="write the results as JSON here")
@@ -430,11 +438,10 @@ def main(argv=None) -> int:
         unknown = set(values.split(",")) - set(get_args(kinds))
         if unknown:
             parser.error(f"{flag}: {sorted(unknown)} not among {get_args(kinds)}")
-    wide_pairs = tuple(int(n) for n in args.wide_pairs.split(",") if n.isdigit())
-    if len(wide_pairs) != 2 or not 0 < wide_pairs[0] <= wide_pairs[1]:
-        parser.error(f"--wide-pairs: {args.wide_pairs!r} is not LOW,HIGH with 0 < LOW <= HIGH")
-    if set(args.wide_kernel.split(",")) - {"on", "off"}:
-        parser.error(f"--wide-kernel: {args.wide_kernel!r} is not a list of on / off")
+    if not args.wide_min_pairs > 0:
+        parser.error(f"--wide-min-pairs: {args.wide_min_pairs} is not positive")
+    if set(args.wide_kernel.split(",")) - {"on", "off"} and args.wide_kernel != "only":
+        parser.error(f"--wide-kernel: {args.wide_kernel!r} is not a list of on / off, or only")
     if not all(n.isdigit() and int(n) > 0 for n in args.mla_fill_programs.split(",")):
         parser.error(f"--mla-fill-programs: {args.mla_fill_programs!r} is not a list of positive integers")
     if args.cuda_graphs:
@@ -466,7 +473,8 @@ def main(argv=None) -> int:
         config = DEMO_CONFIG if args.smoke else GPT_OSS_20B
 
         def models_(*batches):  # the modes timing a whole model build it, for these batches
-            wide = any(moe_lib.wide_batch(b, config) for b in batches)
+            wide = "on" if any(moe_lib.wide_batch(b, config) for b in batches) else "off"
+            wide = "only" if args.wide_kernel == "only" else wide
             if args.smoke:
                 return models(DEMO_CONFIG, 48, args.partial, only, wide=wide)
             return models(GPT_OSS_20B, partial=args.partial, only=only, wide=wide)
@@ -487,7 +495,7 @@ def main(argv=None) -> int:
                 tag = lambda row, setting=setting: log(row | setting)
                 with switched(
                     (moe_lib, "MAX_ALIGN", max_align), (gmm_lib, "SPLIT_ROWS", split),
-                    (moe_lib, "WIDE_MEAN_PAIRS", wide_pairs),
+                    (moe_lib, "WIDE_MIN_PAIRS", args.wide_min_pairs),
                 ):  # fmt: skip
                     rows = moe_rows(
                         batches, args.repeats, args.smoke, tag, args.moe_launches, args.wide_launches
@@ -525,7 +533,7 @@ def main(argv=None) -> int:
                 }
                 runs = (
                     built
-                    if wide == "on"
+                    if wide in ("on", "only")
                     else {name: (c, without_wide_experts(p)) for name, (c, p) in built.items()}
                 )
                 tag = lambda row, setting=setting: log(row | setting)

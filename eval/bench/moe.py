@@ -4,7 +4,7 @@
     python -m eval.bench.moe [--tokens 4096 16384] [--out FILE]     # the benchmark table
     python -m eval.bench.moe --check [--out FILE]                   # bf16 agreement with ragged_dot
     python -m eval.bench.moe --sweep [--out FILE]                   # launch settings per kernel
-    python -m eval.bench.moe --prefill 32768 [--out FILE]           # a whole-model prefill, both paths
+    python -m eval.bench.moe --prefill 32768 [--out FILE]           # a whole-model prefill, each path
 
 Cases: gate_up ([pairs, 2880] x [32, 2880, 5760]) and down ([pairs, 2880] x [32, 2880, 2880]) at top-4
 (pairs = 4 x tokens), bf16 or MXFP4 weights, balanced routing or skewed (expert 0 takes a quarter of the
@@ -206,17 +206,24 @@ def sweep(tokens: int, repeats: int, kinds=tuple(CANDIDATES)) -> dict:
 
 def prefill(tokens: int, chunk: int = 2048) -> dict:
     """A `tokens` prompt prefilled into a bf16 cache in chunks of `chunk` (the whole prompt at once would
-    materialize its attention scores), gpt-oss-20b shape with random MXFP4 experts, on the grouped matmul
-    and on ragged_dot."""
+    materialize its attention scores), gpt-oss-20b shape with random MXFP4 experts, on the grouped matmul,
+    on ragged_dot and (on the GPU, where it compiles) on the wide-batch MXFP4 kernel with the experts in its
+    layout alone (`with_wide_experts(..., replace=True)`, as the command line holds them for a batch that
+    takes it), with each path's last logits' largest difference from the grouped matmul's."""
     from gptoss_mla_jax.cache import init_cache
-    from gptoss_mla_jax.model import ForwardOptions, forward, init_params
+    from gptoss_mla_jax.flash_decode import runs_compiled
+    from gptoss_mla_jax.model import ForwardOptions, forward, init_params, with_wide_experts
 
     params = init_params(GPT_OSS_20B, jax.random.key(0), jnp.bfloat16, experts="mxfp4")
     ids = jax.random.randint(jax.random.key(1), (1, tokens), 0, GPT_OSS_20B.vocab_size)
     out = {"tokens": tokens, "chunk": chunk, "experts": "mxfp4"}
-    for impl in ("gmm", "ragged_dot"):
+    paths = {"gmm": (params, "gmm"), "ragged_dot": (params, "ragged_dot")}
+    if runs_compiled():
+        paths["wide"] = (with_wide_experts(params, GPT_OSS_20B, replace=True), "sparse")
+    reference = None
+    for impl, (p, moe) in paths.items():
         step = jax.jit(
-            lambda p, t, c, impl=impl: forward(p, t, c, GPT_OSS_20B, options=ForwardOptions(moe=impl)),
+            lambda p, t, c, moe=moe: forward(p, t, c, GPT_OSS_20B, options=ForwardOptions(moe=moe)),
             donate_argnums=2,
         )
 
@@ -227,8 +234,11 @@ def prefill(tokens: int, chunk: int = 2048) -> dict:
             return logits[:, -1]
 
         try:
-            seconds = timed(run, params, ids, repeats=3)
+            seconds = timed(run, p, ids, repeats=3)
             out[impl] = {"s": seconds, "tokens_per_s": tokens / seconds}
+            last = run(p, ids)
+            reference = last if reference is None else reference
+            out[impl]["max_abs_logit_difference"] = float(jnp.abs(last - reference).max())
         except Exception as e:
             out[impl] = {"error": f"{type(e).__name__}: {str(e)[:300]}"}
         print(impl, out[impl], flush=True)

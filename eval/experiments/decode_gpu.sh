@@ -13,8 +13,10 @@
 #   wide_sweep the same at 128 and 256 on each of the wide-batch kernel's launches (decode_moe.WIDE_LAUNCHES)
 #   wide_rows  the same on the launches with the layout's tiles of 64 rows (WIDE_LAUNCHES["rows"])
 #   wide_range one layer's MoE at batches 8, 32, 64 and 512 on the grouped matmul and on the wide-batch
-#              kernel (taken there for the run: --wide-pairs 1,64)
-#   wide_past  the same at batches 768 and 1024, past the kernel's range (--wide-pairs 1,128)
+#              kernel (taken there for the run: --wide-min-pairs 1)
+#   wide_past  the same at batches 768 and 1024, past the kernel's range (--wide-min-pairs 1)
+#   wide_all   the same at batches 1, 8 and 16 and at prefill's 2048 and 4096 tokens (--wide-min-pairs 0.1):
+#              what the experts holding only the wide-batch layout would cost there
 #   wide_e2e   GQA's and MLA partial's loop at 256 x 4K on the wide-batch kernel and on the grouped matmul,
 #              in one process
 #   variants   the MXFP4 decoding's variants timed against each other on one layer's MoE (batches 1, 8, 64)
@@ -27,7 +29,8 @@
 #              (batch 1 x 4K) in the same run (a call of its own)
 #   peer       final's transformers model and GQA at 1 x 4K only, in one run
 #   kernels    each attention decode kernel against its jnp path
-#   capacity   the largest batch that runs at 32K and 128K, on the kernels
+#   capacity   the largest batch that runs at 32K and 128K, on the kernels, the experts in the wide-batch
+#              kernel's layout alone (as the command line holds them for a batch of 16 or more)
 #   mla        the GQA and decompressed-MLA kernels at 32K, every launch (kv heads per program included)
 #   mla_e2e    whole-model steps of GQA and decompressed MLA at 32K on the kernels, as CUDA graphs
 #   loop       e2e per step and per token of a device-side loop of 16 steps (as generate runs), CUDA graphs
@@ -98,9 +101,11 @@ for stage in ${STAGES//,/ }; do
     wide_sweep) run decode_moe_wide_sweep_kernel 420 eval.bench.decode --moe 128,256 --moe-launches none \
       --wide-launches sweep --repeats 10 ;;
     wide_range) run decode_moe_wide_range 400 eval.bench.decode --moe 8,32,64,512 --moe-launches none \
-      --wide-pairs 1,64 --repeats 10 ;;
+      --wide-min-pairs 1 --repeats 10 ;;
     wide_past) run decode_moe_wide_past 400 eval.bench.decode --moe 768,1024 --moe-launches none \
-      --wide-pairs 1,128 --repeats 10 ;;
+      --wide-min-pairs 1 --repeats 10 ;;
+    wide_all) run decode_moe_wide_all 450 eval.bench.decode --moe 1,8,16,2048,4096 --moe-launches none \
+      --wide-min-pairs 0.1 --repeats 10 ;;
     wide_e2e) run decode_e2e_wide 420 eval.bench.decode --cuda-graphs --decode-kernels on --partial \
       --models gqa,mla_partial --batches 256 --contexts 4096 --loop-steps 16 --repeats 5 --wide-kernel on,off ;;
     wide_rows) run decode_moe_wide_rows_kernel 420 eval.bench.decode --moe 128,256 --moe-launches none \
@@ -173,7 +178,8 @@ for stage in ${STAGES//,/ }; do
         --batches 64 --contexts 32768 --loop-steps 16 --repeats 5 --decompressed-kernels triton,mosaic,mosaic2
       run decode_e2e_gqa_64x32k 150 eval.bench.decode --cuda-graphs --decode-kernels on --models gqa \
         --batches 64 --contexts 32768 --loop-steps 16 --repeats 5 ;;
-    capacity) run decode_capacity 400 eval.bench.decode --capacity --decode-kernels on --partial --contexts 32768,131072 ;;
+    capacity) run decode_capacity 400 eval.bench.decode --capacity --decode-kernels on --partial --contexts 32768,131072 \
+      --wide-kernel only ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done

@@ -2,7 +2,7 @@
 # The grouped-matmul measurements in device calls of under 10 minutes, on up to two GPUs (with one GPU the
 # lanes run one after the other, so no timing shares a card). Lane "kernels": the bf16 agreement check and
 # the launch sweep; lane "table": the kernel table; lane "model": full-size distillation MFU and eval.ppl
-# throughput; lane "prefill": a 32K prefill on both grouped paths. The distillation needs grain's wheels
+# throughput; lane "prefill": a 32K prefill on both grouped paths and on the wide-batch MXFP4 kernel. The distillation needs grain's wheels
 # in .whl (carried with the call).
 #   bash eval/experiments/moe_gpu.sh OUT_DIR [kernels|table|model|prefill|both]   (both: kernels and model)
 set -uo pipefail
@@ -37,7 +37,7 @@ model() {
 }
 prefill() {
   LANE=prefill
-  step "$1" 200 prefill eval.bench.moe --prefill 32768 --out "$OUT/prefill.json"
+  step "$1" 480 prefill eval.bench.moe --prefill 32768 --out "$OUT/prefill.json"
 }
 gpus=$(nvidia-smi -L | wc -l)
 case "$LANES" in
