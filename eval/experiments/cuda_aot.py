@@ -428,7 +428,7 @@ def main(argv=None) -> int:
     )  # fmt: skip
     parser.add_argument(
         "--no-wide", action="store_true",
-        help="--step: batches of 32-1,024 on the grouped matmul, not the wide-batch kernel generate takes",
+        help="--step: batches of 16 and more on the grouped matmul, not the wide-batch kernel generate takes",
     )  # fmt: skip
     parser.add_argument("--ptx", action="store_true", help="tensor-core instructions of the decode kernels")
     parser.add_argument(
