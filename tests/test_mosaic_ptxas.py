@@ -72,14 +72,20 @@ def test_model_launches_neither_spill_nor_serialize_wgmmas(tmp_path):
 
 def test_wide_moe_kernel_neither_spills_nor_serializes_wgmmas(tmp_path):
     """The wide-batch MXFP4 kernel (`gmm_mosaic`) at its launches for gpt-oss-20b's two expert products,
-    batch 256, assembled for sm_90a: no spills, no serialized wgmmas (its decoded weights are wgmma's
-    register operand; registers a program hold how many programs an SM runs)."""
+    batches 128 and 256 (its 32- and 64-row tiles), assembled for sm_90a: no spills, no serialized wgmmas
+    (its decoded weights are wgmma's register operand; registers a program hold how many programs an SM
+    runs)."""
     out = tmp_path / "ptxas.json"
     command = [sys.executable, "-m", "eval.experiments.mosaic_ptxas", "--moe", "--out", str(out)]
     run = subprocess.run(command, capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [row["product"] for row in rows] == ["gate_up", "down"]
+    assert [(row["product"], row["rows"]) for row in rows] == [
+        ("gate_up", 32),
+        ("down", 32),
+        ("gate_up", 64),
+        ("down", 64),
+    ]
     assert all(row["spilled_bytes"] == 0 and not row["wgmma_serialized"] for row in rows), rows
 
 

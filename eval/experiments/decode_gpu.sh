@@ -31,6 +31,7 @@
 #   kernels    each attention decode kernel against its jnp path
 #   capacity   the largest batch that runs at 32K and 128K, on the kernels, the experts in the wide-batch
 #              kernel's layout alone (as the command line holds them for a batch of 16 or more)
+#   absorbed   the absorbed MLA kernel (partial's) at batches 1, 8 and 64 x 32K and 128K, every launch
 #   mla        the GQA and decompressed-MLA kernels at 32K, every launch (kv heads per program included)
 #   mla_e2e    whole-model steps of GQA and decompressed MLA at 32K on the kernels, as CUDA graphs
 #   loop       e2e per step and per token of a device-side loop of 16 steps (as generate runs), CUDA graphs
@@ -122,6 +123,8 @@ for stage in ${STAGES//,/ }; do
     peer) run decode_e2e_peer 400 eval.bench.decode --with-transformers --cuda-graphs --decode-kernels on \
       --models gqa --batches 1 --contexts 4096 --loop-steps 16 --repeats 5 ;;
     kernels) run decode_kernels 400 eval.bench.decode --kernels --batches 1,8,64 --contexts 4096,32768,131072 ;;
+    absorbed) run decode_kernels_absorbed 420 eval.bench.decode --kernels --models mla_partial \
+      --batches 1,8,64 --contexts 32768,131072 ;;
     mla) run decode_kernels_mla 330 eval.bench.decode --kernels --models gqa,mla --batches 1,8,64 --contexts 32768 ;;
     mla_e2e) run decode_e2e_mla 240 eval.bench.decode --cuda-graphs --decode-kernels on --models gqa,mla --batches 1,64 --contexts 32768 ;;
     loop) run decode_e2e_loop 330 eval.bench.decode --cuda-graphs --decode-kernels on --partial \

@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     parser.add_argument("--decompressed", default="64,32768", help="BATCH,CONTEXT ('' for none)")
     parser.add_argument(
         "--wide", action="store_true",
-        help="the MoE's experts with the wide-batch kernel's layout too (batches of 16 and more take it; GPU only)",
+        help="the MoE's experts with the wide-batch kernel's layout too (batches of 16 and more take it; "
+        "GPU only)",
     )  # fmt: skip
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--smoke", action="store_true", help="a tiny model, interpreted (CPU check)")

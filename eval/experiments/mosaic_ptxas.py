@@ -27,6 +27,7 @@ import argparse
 import atexit
 import ctypes
 import functools
+import itertools
 import os
 import shutil
 import subprocess
@@ -49,6 +50,7 @@ PACKAGES = (
 )
 INSTALL = "python -m eval.experiments.mosaic_ptxas --install"
 WINDOW = 128  # gpt-oss-20b's sliding window: a sliding layer's ring of slots
+MOE_BATCHES = (128, 256)  # the wide-batch kernel's 32-row tiles (batch 128's) and 64-row ones (256's)
 NVPTX_INIT = ("TargetInfo", "Target", "TargetMC", "AsmPrinter")  # LLVMInitializeNVPTX*, in this order
 # A stand-in driver: one device of compute capability 9.0 (attributes 75 / 76: major / minor), all the
 # plugin asks before it compiles
@@ -186,6 +188,16 @@ def module(launch: flash_decode.Launch, batch: int, context: int, sliding: bool)
     return mosaic_core.KNOWN_KERNELS[kernel]
 
 
+def moe_launch(product: str, batch: int, launch=None):
+    """The wide-batch kernel's launch for one of gpt-oss-20b's expert products at `batch` (default: its
+    launch table's; the row tile the batch's where the launch leaves it open, `gmm_mosaic.at_pairs`)."""
+    from gptoss_mla_jax import gmm_mosaic
+    from gptoss_mla_jax.config import GPT_OSS_20B
+
+    pairs = batch * GPT_OSS_20B.num_experts_per_tok / GPT_OSS_20B.num_local_experts
+    return gmm_mosaic.at_pairs(launch or gmm_mosaic.LAUNCH[product], pairs)
+
+
 def moe_module(product: str, batch: int = 256, launch=None) -> bytes:
     """The Mosaic GPU module of the wide-batch MXFP4 kernel (`gmm_mosaic`) for one of gpt-oss-20b's expert
     products ("gate_up", with its SwiGLU, or "down") at `launch` (default: its launch table's; the row tile
@@ -204,7 +216,7 @@ def moe_module(product: str, batch: int = 256, launch=None) -> bytes:
         config.num_local_experts,
         config.num_experts_per_tok,
     )
-    launch = gmm_mosaic.at_pairs(launch or gmm_mosaic.LAUNCH[product], batch * k / E)
+    launch = moe_launch(product, batch, launch)
     M = routing.layout_rows(batch, k, E, launch.rows)
     K, N, transposed = (D, 2 * F, False) if product == "gate_up" else (F, D, True)
     packed = gmm_mosaic.Packed(
@@ -255,7 +267,8 @@ def main(argv=None) -> int:
     parser.add_argument("--sass", action="store_true", help="each loop's instruction mix too (nvdisasm)")
     parser.add_argument(
         "--moe", action="store_true",
-        help="the wide-batch MXFP4 kernel's two products at batch 256 instead (gmm_mosaic)",
+        help="the wide-batch MXFP4 kernel's two products at batches 128 and 256 (32- and 64-row tiles) "
+        "instead (gmm_mosaic)",
     )  # fmt: skip
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args(argv)
@@ -264,9 +277,10 @@ def main(argv=None) -> int:
         return 0
     batch, context = (int(n) for n in args.point.split(","))
     rows = []
-    for product in ("gate_up", "down") if args.moe else ():
-        log = assemble(moe_module(product), args.tools, args.sass)
-        rows.append({"product": product} | report(log) | ({"loops": loops(log)} if args.sass else {}))
+    for moe_batch, product in itertools.product(MOE_BATCHES if args.moe else (), ("gate_up", "down")):
+        log = assemble(moe_module(product, moe_batch), args.tools, args.sass)
+        row = {"product": product, "batch": moe_batch, "rows": moe_launch(product, moe_batch).rows}
+        rows.append(row | report(log) | ({"loops": loops(log)} if args.sass else {}))
         print({k: v for k, v in rows[-1].items() if k != "loops"}, flush=True)
     for warps in (int(w) for w in args.warps.split(",")) if not args.moe else ():
         for sliding, slots in ((False, context), (True, WINDOW)):
