@@ -41,7 +41,15 @@ from gptoss_mla_jax.mla import (
     with_decode_keys,
     with_up_projections,
 )
-from gptoss_mla_jax.moe import WIDE, expert_rows, moe_dense, moe_sparse, routed_in_kernel, takes_wide
+from gptoss_mla_jax.moe import (
+    WIDE,
+    checkpoint_experts,
+    expert_rows,
+    moe_dense,
+    moe_sparse,
+    routed_in_kernel,
+    takes_wide,
+)
 from gptoss_mla_jax.mxfp4 import aligned_groups, pad_scales
 from gptoss_mla_jax.norm import rms_norm
 
@@ -258,6 +266,13 @@ def with_wide_experts(
         params,
         [{**(kept(e) if replace else e), WIDE: wide} for e, wide in zip(experts, prepared, strict=True)],
     )
+
+
+def check_checkpoint_layout(params: Params) -> None:
+    """A ValueError for params whose experts hold only the wide-batch kernel's layout (`wide_only`), for what
+    reads or writes the checkpoint's (saving, training)."""
+    if wide_only(params):
+        checkpoint_experts(_experts(params)[0])
 
 
 def has_wide(params: Params) -> bool:

@@ -27,6 +27,8 @@ from gptoss_mla_jax.model import (
     without_wide_experts,
 )
 from gptoss_mla_jax.mxfp4 import FOLDABLE_EXPONENT, dequantize
+from weights.orbax_io import save_checkpoint
+from weights.safetensors_io import save_hf
 
 G, K, N = 3, 128, 256
 GLU = Glu(1.702, 7.0)
@@ -272,11 +274,12 @@ def test_lowers_for_cuda_at_gpt_oss_20b_shape(product, launch):
     assert mosaic_ptxas.moe_module(product, batch=256, launch=launch)  # one Mosaic GPU module
 
 
-def test_experts_in_the_wide_layout_alone(monkeypatch):
+def test_experts_in_the_wide_layout_alone(monkeypatch, tmp_path):
     """`with_wide_experts(..., replace=True)`: the checkpoint's packed bytes dropped, `check_params` accepts
     the rest; one layer's MoE of 3 tokens (below `moe.wide_batch`) and of 40 in chunks of 16
     (`moe.WIDE_CHUNK`: two whole ones and the rest) on the kernel equals the checkpoint layout's jnp path
-    within bf16; what reads the checkpoint's layout, float32 activations and `without_wide_experts` refuse."""
+    within bf16; what reads the checkpoint's layout (saving too), float32 activations and
+    `without_wide_experts` refuse."""
     params = init_params(WIDE_CONFIG, jax.random.key(0), jnp.bfloat16, "mxfp4")
     experts = params["layers"][0]["mlp"]["experts"]
     for i, name in enumerate(("gate_up_proj_bias", "down_proj_bias")):  # nonzero: their order is checked
@@ -305,6 +308,11 @@ def test_experts_in_the_wide_layout_alone(monkeypatch):
         moe.moe_sparse(p_alone, x.astype(jnp.float32), WIDE_CONFIG)
     with pytest.raises(ValueError, match="no other to keep"):
         without_wide_experts(alone)
+    with pytest.raises(ValueError, match="wide-batch kernel's layout"):  # a layout only this kernel reads
+        save_hf(alone, WIDE_CONFIG, str(tmp_path / "hf"))
+    with pytest.raises(ValueError, match="wide-batch kernel's layout"):
+        save_checkpoint(str(tmp_path / "orbax"), alone, WIDE_CONFIG)
+    assert not list(tmp_path.iterdir())  # nothing written
 
 
 def test_model_on_the_wide_layout_alone_equals_the_checkpoints(monkeypatch):

@@ -16,7 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from gptoss_mla_jax.config import GptOssConfig
-from gptoss_mla_jax.model import check_params, expert_format
+from gptoss_mla_jax.model import check_checkpoint_layout, check_params, expert_format
 from weights.safetensors_io import TOKENIZER_FILES, Placement
 
 TOKENIZER_DIR = "tokenizer"
@@ -41,6 +41,7 @@ def save_checkpoint(
 ) -> None:
     """Save `params` at `step` (Orbax writes into a temporary folder and renames it when complete)."""
     check_params(params, config)
+    check_checkpoint_layout(params)
     directory = os.path.abspath(directory)
     meta = {"config": config.to_hf(), "experts": expert_format(params), "source": source}
     options = ocp.CheckpointManagerOptions(max_to_keep=max_to_keep, create=True)

@@ -25,7 +25,13 @@ from tqdm.auto import tqdm
 
 from gptoss_mla_jax import mxfp4
 from gptoss_mla_jax.config import GptOssConfig
-from gptoss_mla_jax.model import ExpertFormat, expert_format, is_shape, param_shapes
+from gptoss_mla_jax.model import (
+    ExpertFormat,
+    check_checkpoint_layout,
+    expert_format,
+    is_shape,
+    param_shapes,
+)
 from weights.hf_layout import HfTensor, file_shapes, hf_tensors, lookup
 
 INDEX = "model.safetensors.index.json"
@@ -284,6 +290,7 @@ def save_hf(
     `dtype` casts the floating point tensors (default: as held). The folder appears only when complete
     (written beside it, then renamed; an existing folder is replaced only then).
     """
+    check_checkpoint_layout(params)
     have = expert_format(params)
     experts = experts or have
     layout = hf_tensors(config, experts)
