@@ -210,6 +210,19 @@ def test_decode_capacity_runs_at_a_small_size(shared_models, tmp_path):
     assert rows[1]["per_sequence_gb"] < rows[0]["per_sequence_gb"]
 
 
+def test_capacity_search_narrows_to_the_largest_batch_that_runs():
+    """From the cache's fit down by 20% a failure, then halving the gap to the smallest failure: a step that
+    runs up to 250 is found at 246 from 282 (282 fails, 225 runs, then 253 fails, 239 and 246 run)."""
+    from eval.bench.decode import largest_that_runs
+
+    tried = []
+    runs = lambda batch: tried.append(batch) or batch <= 250
+    assert largest_that_runs(282, runs) == (246, [282, 253])
+    assert tried == [282, 225, 253, 239, 246]
+    assert largest_that_runs(100, runs) == (100, [])  # the fit runs: no search
+    assert largest_that_runs(3, lambda batch: False) == (0, [3, 2, 1])  # nothing runs
+
+
 def test_kernel_benchmark_runs_at_a_small_size(tmp_path):
     """eval.bench.decode --kernels on the CPU interpreter: every kernel agrees with its jnp path (bf16)."""
     from eval.bench import decode as bench_decode

@@ -30,7 +30,8 @@
 #   peer       final's transformers model and GQA at 1 x 4K only, in one run
 #   kernels    each attention decode kernel against its jnp path
 #   capacity   the largest batch that runs at 32K and 128K, on the kernels, the experts in the wide-batch
-#              kernel's layout alone (as the command line holds them for a batch of 16 or more)
+#              kernel's layout alone (as the command line holds them for a batch of 16 or more); each probe
+#              of the search compiles a step: capacity_32k and capacity_128k, one context each, fit a call
 #   absorbed   the absorbed MLA kernel (partial's) at batches 1, 8 and 64 x 32K and 128K, every launch
 #   mla        the GQA and decompressed-MLA kernels at 32K, every launch (kv heads per program included)
 #   mla_e2e    whole-model steps of GQA and decompressed MLA at 32K on the kernels, as CUDA graphs
@@ -181,8 +182,11 @@ for stage in ${STAGES//,/ }; do
         --batches 64 --contexts 32768 --loop-steps 16 --repeats 5 --decompressed-kernels triton,mosaic,mosaic2
       run decode_e2e_gqa_64x32k 150 eval.bench.decode --cuda-graphs --decode-kernels on --models gqa \
         --batches 64 --contexts 32768 --loop-steps 16 --repeats 5 ;;
-    capacity) run decode_capacity 400 eval.bench.decode --capacity --decode-kernels on --partial --contexts 32768,131072 \
+    capacity) run decode_capacity 560 eval.bench.decode --capacity --decode-kernels on --partial --contexts 32768,131072 \
       --wide-kernel only ;;
+    capacity_32k|capacity_128k) context=$([ "$stage" = capacity_32k ] && echo 32768 || echo 131072)
+      run "decode_$stage" 560 eval.bench.decode --capacity --decode-kernels on --partial --contexts "$context" \
+        --wide-kernel only ;;
     *) echo "unknown stage $stage" >&2; exit 2 ;;
   esac
 done
