@@ -1,4 +1,5 @@
-"""The MoE's MXFP4 expert products at wide decode batches as a Pallas Mosaic GPU kernel, transposed: each
+"""The MoE's MXFP4 expert products at wide batches (decode batches of 16 and more, prefill) as a Pallas
+Mosaic GPU kernel, transposed: each
 program multiplies one expert's weight tile, decoded into registers, by the activations of one row tile of
 the aligned layout, `out^T[cols, rows] = W[e][cols] @ x^T[:, rows]`.
 

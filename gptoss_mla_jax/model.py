@@ -232,8 +232,9 @@ def with_aligned_scales(params: Params) -> Params:
 
 
 def wide_experts_bytes(params: Params) -> int:
-    """The bytes `with_wide_experts` adds: every layer's MXFP4 experts' packed bytes and exponents again, and
-    their biases in float32 (0 for dense experts, which it leaves as they are)."""
+    """The bytes `with_wide_experts` adds beside the checkpoint's layout: every layer's MXFP4 experts' packed
+    bytes and exponents again, and their biases in float32 (0 for dense experts, which it leaves as they are,
+    and for experts that already hold only its layout)."""
     total = 0
     for layer in params["layers"]:
         experts = layer["mlp"]["experts"]
@@ -252,11 +253,13 @@ def with_wide_experts(
     under `moe.WIDE`), which then runs the MoE of every call of at least 16 tokens (`moe.wide_batch`: decode
     batches and prefill; forward only, bf16 activations). The layout holds the experts' bytes a second time
     (`generation.generate` adds it on the GPU where it fits beside the cache), unless it `replace`s the
-    checkpoint's: the bytes held once, every call on the kernel (slower than the grouped matmul below 16
-    tokens: 0.6x at one), and what reads the checkpoint's layout refuses the params (`moe.checkpoint_experts`:
-    the jnp references, training, saving). Params it cannot take (dense experts, shapes the kernel refuses,
-    exponents past its decoding) are returned as they are. Call it outside jit: whether the kernel can
-    decode the weights is read from their values, unless `decodable` says (`gmm_mosaic.prepare`)."""
+    checkpoint's: the bytes held once, every call on the kernel (below 16 tokens slower than the grouped
+    matmul: 1.6x its time at one), and what reads the checkpoint's layout refuses the params
+    (`moe.checkpoint_experts`: the jnp references, saving); while it is made, both layouts are held (the
+    caller's until it drops them). Gradients through the kernel raise (it runs forward only). Params it
+    cannot take (dense experts, shapes the kernel refuses, exponents past its decoding) are returned as
+    they are. Call it outside jit: whether the kernel can decode the weights is read from their values,
+    unless `decodable` says (`gmm_mosaic.prepare`)."""
     experts = _experts(params)
     prepared = [gmm_mosaic.prepare(e, config.intermediate_size, decodable) for e in experts]
     if any(wide is None for wide in prepared):
@@ -270,7 +273,7 @@ def with_wide_experts(
 
 def check_checkpoint_layout(params: Params) -> None:
     """A ValueError for params whose experts hold only the wide-batch kernel's layout (`wide_only`), for what
-    reads or writes the checkpoint's (saving, training)."""
+    writes the checkpoint's (saving)."""
     if wide_only(params):
         checkpoint_experts(_experts(params)[0])
 

@@ -13,13 +13,15 @@ Two paths that must agree: `moe_dense` runs every expert on every token (the rea
 the Pallas grouped matmul of `gmm` on the GPU (`jax.lax.ragged_dot` elsewhere, which XLA on CUDA lowers
 densely over all experts), so its FLOPs scale with k, not with the number of experts; at decode (fewer
 token-expert pairs than experts) it gathers the selected experts' weights instead, so a step reads only
-those from memory; a decode step on the kernels (`kernels`) takes the grouped matmul at every batch size,
-each selected expert's packed weights read and decoded once, and routes decode batches in one Pallas
+those from memory; a decode step on the kernels (`kernels`) takes the grouped matmul (where the wide-batch
+kernel below does not), each selected expert's packed weights read and decoded once, and routes decode
+batches in one Pallas
 program (`routing.decode_routing`: router, top-k, softmax and the grouped layout): `expert_rows`, whose
 rows the model's decode step sums with its residual add in one kernel (`add_norm`) and `moe_sparse` in jnp.
 Batches of 16 tokens and more (`wide_batch`: decode batches and prefill) whose experts carry the Mosaic
 GPU kernel's layout (`WIDE`, made by `model.with_wide_experts`) take that kernel instead (`gmm_mosaic`:
-32- or 64-row tiles by the batch, the products transposed; `WIDE_CHUNK` tokens at a time), forward only.
+32- or 64-row tiles by the batch, the products transposed; `WIDE_CHUNK` tokens at a time), forward only
+(a gradient through it raises).
 Experts may hold that layout alone (`with_wide_experts(..., replace=True)`: their bytes held once); every
 token count then takes the kernel, and the paths that read the checkpoint's layout refuse them
 (`checkpoint_experts`).
@@ -27,6 +29,7 @@ token count then takes the kernel, and the paths that read the checkpoint's layo
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Literal
 
 import jax
@@ -121,13 +124,15 @@ def moe_sparse(
     kernels: bool = False,
     grouped: Grouped = "auto",
 ) -> Float[Array, "B T D"]:
-    """Only the selected experts. `kernels` (a decode step on the Pallas kernels): the pairs grouped by
-    expert on the grouped matmul (interpreted off the GPU). Otherwise few token-expert pairs (decode: fewer
-    than there are experts) gather their experts' weights, so a step reads k experts per token, not all of
-    them, and more pairs are grouped by expert and multiplied as `grouped` says."""
+    """Only the selected experts. `kernels` (a decode step on the Pallas kernels), or experts carrying the
+    wide-batch kernel's layout with `grouped` "auto": `expert_rows` (the wide-batch kernel where
+    `takes_wide`, else the pairs grouped by expert on the grouped matmul; interpreted off the GPU).
+    Otherwise few token-expert pairs (decode: fewer than there are experts) gather their experts' weights,
+    so a step reads k experts per token, not all of them, and more pairs are grouped by expert and
+    multiplied as `grouped` says."""
     flat = x.reshape(-1, x.shape[-1])
     n, k = flat.shape[0], config.num_experts_per_tok
-    if kernels or takes_wide(p, n, config, x.dtype):
+    if kernels or (grouped == "auto" and takes_wide(p, n, config, x.dtype)):
         # `expert_rows` (a decode step's MoE on the kernels, or n tokens on the wide-batch kernel), summed
         # in jnp rather than in `add_norm`'s kernel
         return moe_delta(expert_rows(p, x, config), n, x.dtype).reshape(x.shape)
@@ -147,10 +152,11 @@ def expert_rows(
     config: GptOssConfig,
     router_partials: Float[Array, "S N E"] | None = None,
 ) -> ExpertRows:
-    """A decode step's MoE on the kernels up to its weighted sum (`moe_sparse(..., kernels=True)` is
-    `add_norm.moe_delta` of this): the down product's rows, its contraction splits' partial sums not yet
-    added, and each token's slots and routing weights, for `add_norm.add_norm` to finish with the residual
-    add and the next norm in one kernel. `router_partials`: the router's product x W already taken, as
+    """The MoE of a decode step on the kernels, or of n tokens on the wide-batch kernel (`takes_wide`:
+    prefill too), up to its weighted sum (`moe_sparse(..., kernels=True)` is `add_norm.moe_delta` of this):
+    the down product's rows, its contraction splits' partial sums not yet added, and each token's slots and
+    routing weights, for `add_norm.add_norm` to finish with the residual add and the next norm in one
+    kernel. `router_partials`: the router's product x W already taken, as
     partial sums (`add_norm.add_norm_routed`; for n tokens that `routed_in_kernel`). The aligned layout's
     rows are gathered from the tokens by XLA (one small kernel): loaded by the gate_up product's kernel
     instead, row by row, they measured slower (docs/decode.md). One token's rows are all its row, which the
@@ -158,7 +164,7 @@ def expert_rows(
     flat = x.reshape(-1, x.shape[-1])
     n, k, E = flat.shape[0], config.num_experts_per_tok, config.num_local_experts
     if takes_wide(p, n, config, flat.dtype):
-        return _wide_rows_chunked(p, flat, config)
+        return _forward_only(p, flat, config)
     align = layout_align(n, config)
     if align is None:  # past decode batches: the pairs sorted by expert
         weights, idx = route(p, flat, config)
@@ -225,6 +231,27 @@ def takes_wide(p: Params, n: int, config: GptOssConfig, dtype) -> bool:
             "model.with_wide_experts(..., replace=False))"
         )
     return True
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _forward_only(p: Params, flat: Float[Array, "N D"], config: GptOssConfig) -> ExpertRows:
+    """`_wide_rows_chunked`, whose gradient raises a ValueError that says why (the Mosaic GPU kernel has
+    none; without this, JAX fails on its transpose with a bare assertion)."""
+    return _wide_rows_chunked(p, flat, config)
+
+
+def _forward_only_fwd(p, flat, config):
+    return _wide_rows_chunked(p, flat, config), None
+
+
+def _forward_only_bwd(config, residuals, cotangents):
+    raise ValueError(
+        "the wide-batch MXFP4 kernel runs forward only: differentiate params without its layout "
+        "(model.without_wide_experts, or the checkpoint's experts loaded again)"
+    )
+
+
+_forward_only.defvjp(_forward_only_fwd, _forward_only_bwd)
 
 
 def _wide_rows_chunked(p: Params, flat: Float[Array, "N D"], config: GptOssConfig) -> ExpertRows:

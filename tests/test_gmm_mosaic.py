@@ -278,8 +278,9 @@ def test_experts_in_the_wide_layout_alone(monkeypatch, tmp_path):
     """`with_wide_experts(..., replace=True)`: the checkpoint's packed bytes dropped, `check_params` accepts
     the rest; one layer's MoE of 3 tokens (below `moe.wide_batch`) and of 40 in chunks of 16
     (`moe.WIDE_CHUNK`: two whole ones and the rest) on the kernel equals the checkpoint layout's jnp path
-    within bf16; what reads the checkpoint's layout (saving too), float32 activations and
-    `without_wide_experts` refuse."""
+    within bf16; with both layouts, a grouped path asked for by name is taken; a gradient through the kernel,
+    what reads the checkpoint's layout (saving too), float32 activations and `without_wide_experts`
+    refuse."""
     params = init_params(WIDE_CONFIG, jax.random.key(0), jnp.bfloat16, "mxfp4")
     experts = params["layers"][0]["mlp"]["experts"]
     for i, name in enumerate(("gate_up_proj_bias", "down_proj_bias")):  # nonzero: their order is checked
@@ -301,6 +302,12 @@ def test_experts_in_the_wide_layout_alone(monkeypatch, tmp_path):
         assert calls == chunks
         want = moe.moe_sparse(p, x, WIDE_CONFIG).astype(jnp.float32)
         assert float(jnp.abs(got - want).max()) <= 2.0**-7 * float(jnp.abs(want).max()), n
+    beside = with_wide_experts(params, WIDE_CONFIG)["layers"][0]["mlp"]
+    calls.clear()
+    moe.moe_sparse(beside, x, WIDE_CONFIG, grouped="ragged_dot")  # a path asked for by name: as asked
+    assert calls == []
+    with pytest.raises(ValueError, match="runs forward only"):
+        jax.grad(lambda x: moe.moe_sparse(p_alone, x, WIDE_CONFIG).astype(jnp.float32).sum())(x)
     x = jnp.ones((2, 1, WIDE_CONFIG.hidden_size), jnp.bfloat16)
     with pytest.raises(ValueError, match="wide-batch kernel's layout"):
         moe.moe_dense(p_alone, x, WIDE_CONFIG)
@@ -316,14 +323,17 @@ def test_experts_in_the_wide_layout_alone(monkeypatch, tmp_path):
 
 
 def test_model_on_the_wide_layout_alone_equals_the_checkpoints(monkeypatch):
-    """A prefill of 2 x 24 tokens (the MoE in chunks of 32 tokens and the rest) and a decode step on the
+    """A prefill of 2 x 24 tokens (the MoE in two chunks of 20 tokens and the rest) and a decode step on the
     kernels through the model with the experts in the wide-batch kernel's layout alone: the logits equal the
     checkpoint layout's within bf16 (the MoE's rows rounded to bf16 on another path: 2^-7 of the largest)."""
     from gptoss_mla_jax import model
     from gptoss_mla_jax.cache import init_cache
 
-    monkeypatch.setattr(moe, "WIDE_CHUNK", 32)
+    monkeypatch.setattr(moe, "WIDE_CHUNK", 20)
     params = init_params(WIDE_CONFIG, jax.random.key(0), jnp.bfloat16, "mxfp4")
+    experts = params["layers"][0]["mlp"]["experts"]
+    for i, name in enumerate(("gate_up_proj_bias", "down_proj_bias")):  # nonzero: their order is checked
+        experts[name] = 0.5 * jax.random.normal(jax.random.key(i), experts[name].shape, jnp.bfloat16)
     alone = with_wide_experts(params, WIDE_CONFIG, replace=True)
     tokens = jax.random.randint(jax.random.key(1), (2, 24), 0, WIDE_CONFIG.vocab_size)
     step = jnp.array([[3], [5]], jnp.int32)

@@ -261,6 +261,10 @@ def main(argv=None) -> int:
         help="time the launch settings of these kernels (default all) instead",
     )
     mode.add_argument("--prefill", type=int, metavar="TOKENS", help="time a whole-model prefill instead")
+    parser.add_argument(
+        "--prefill-chunk", type=int, default=2048,
+        help="--prefill: tokens a forward takes (past moe.WIDE_CHUNK the wide-batch kernel loops over chunks)",
+    )  # fmt: skip
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
     t0 = time.perf_counter()
@@ -271,7 +275,7 @@ def main(argv=None) -> int:
     elif args.sweep is not None:
         result["sweep"] = sweep(args.tokens[0], args.repeats, args.sweep or tuple(CANDIDATES))
     elif args.prefill:
-        result["prefill"] = prefill(args.prefill)
+        result["prefill"] = prefill(args.prefill, args.prefill_chunk)
     else:
         result["rows"] = benchmark(args.tokens, args.repeats)
     result["wall_s"] = time.perf_counter() - t0
