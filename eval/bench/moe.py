@@ -263,7 +263,7 @@ def main(argv=None) -> int:
     mode.add_argument("--prefill", type=int, metavar="TOKENS", help="time a whole-model prefill instead")
     parser.add_argument(
         "--prefill-chunk", type=int, default=2048,
-        help="--prefill: tokens a forward takes (past moe.WIDE_CHUNK the wide-batch kernel loops over chunks)",
+        help="--prefill: tokens a forward takes (past moe.WIDE_CHUNK the wide-batch kernel loops)",
     )  # fmt: skip
     parser.add_argument("--out", help="write the results as JSON here")
     args = parser.parse_args(argv)
