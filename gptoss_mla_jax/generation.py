@@ -166,15 +166,15 @@ def kernels_by_default(cache_dtype) -> bool:
 def experts_for_batch(
     params: Params, config: GptOssConfig, batch: int, decode_kernels: bool | None
 ) -> Params:
-    """For a caller that owns `params` and generates for `batch` sequences: the experts in the wide-batch
-    kernel's layout alone (`with_wide_experts(..., replace=True)`: their bytes held once, prefill and steps on
-    it) where `generate` would take that kernel (a GPU, bf16 on the kernels, `moe.wide_batch`), else as
-    they are. The caller then drops its own params, or both layouts stay in memory."""
+    """For a caller that gives up `params` and generates for `batch` sequences: the experts in the
+    wide-batch kernel's layout alone (`with_wide_experts(..., replace=True, consume=True)`: their bytes held
+    once, prefill and steps on it; the checkpoint's arrays deleted layer by layer) where `generate` would
+    take that kernel (a GPU, bf16 on the kernels, `moe.wide_batch`), else `params` as they are."""
     dtype = params["embed_tokens"].dtype
     kernels = kernels_by_default(dtype) if decode_kernels is None else decode_kernels
     compiled = flash_decode.runs_compiled()
     if kernels and compiled and dtype == jnp.bfloat16 and wide_batch(batch, config) and not has_wide(params):
-        return with_wide_experts(params, config, replace=True)
+        return with_wide_experts(params, config, replace=True, consume=True)
     return params
 
 

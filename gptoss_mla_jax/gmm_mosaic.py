@@ -185,6 +185,13 @@ def refusal(K: int, N: int, launch: Launch, glu: bool) -> str | None:
     return None
 
 
+def decodes(experts: dict) -> bool:
+    """Whether the kernel's one-multiply decoding takes every scale exponent of one layer's MXFP4 experts
+    (none above `mxfp4.FOLDABLE_EXPONENT`), read from their values."""
+    largest = max(int(jnp.max(experts[f"{name}_scales"])) for name in ("gate_up_proj", "down_proj"))
+    return largest <= FOLDABLE_EXPONENT
+
+
 def prepare(experts: dict, F: int, decodable: bool | None = None) -> WideExperts | None:
     """The experts of one layer (`model` names: MXFP4 `*_blocks`, `*_scales`, float biases) laid out for
     the kernel at `LAUNCH`, or None where it cannot run them: dense experts, shapes it refuses, or a scale
@@ -203,10 +210,7 @@ def prepare(experts: dict, F: int, decodable: bool | None = None) -> WideExperts
         or F % (LAUNCH["gate_up"].cols // 2)
     ):
         return None
-    if decodable is None:
-        largest = max(int(jnp.max(experts[f"{name}_scales"])) for name in ("gate_up_proj", "down_proj"))
-        decodable = largest <= FOLDABLE_EXPONENT
-    if not decodable:
+    if not (decodes(experts) if decodable is None else decodable):
         return None
     order = glu_rows(F, LAUNCH["gate_up"].cols)
     gate_up = Packed(

@@ -247,7 +247,11 @@ def wide_experts_bytes(params: Params) -> int:
 
 
 def with_wide_experts(
-    params: Params, config: GptOssConfig, decodable: bool | None = None, replace: bool = False
+    params: Params,
+    config: GptOssConfig,
+    decodable: bool | None = None,
+    replace: bool = False,
+    consume: bool = False,
 ) -> Params:
     """`params` with each layer's MXFP4 experts also laid out for the wide-batch kernel (`gmm_mosaic.prepare`,
     under `moe.WIDE`), which then runs the MoE of every call of at least 16 tokens (`moe.wide_batch`: decode
@@ -255,20 +259,33 @@ def with_wide_experts(
     (`generation.generate` adds it on the GPU where it fits beside the cache), unless it `replace`s the
     checkpoint's: the bytes held once, every call on the kernel (below 16 tokens slower than the grouped
     matmul: 1.6x its time at one), and what reads the checkpoint's layout refuses the params
-    (`moe.checkpoint_experts`: the jnp references, saving); while it is made, both layouts are held (the
-    caller's until it drops them). Gradients through the kernel raise (it runs forward only). Params it
-    cannot take (dense experts, shapes the kernel refuses, exponents past its decoding) are returned as
-    they are. Call it outside jit: whether the kernel can decode the weights is read from their values,
-    unless `decodable` says (`gmm_mosaic.prepare`)."""
+    (`moe.checkpoint_experts`: the jnp references, saving). While it is made both layouts are held, unless
+    the caller gives up `params` (`consume`, with `replace`): each layer's checkpoint arrays are deleted
+    once its layout is made, so at most one layer is held twice. Gradients through the kernel raise (it runs
+    forward only). Params it cannot take (dense experts, shapes the kernel refuses, exponents past its
+    decoding) are returned as they are, none deleted. Call it outside jit: whether the kernel can decode the
+    weights is read from their values, unless `decodable` says (`gmm_mosaic.decodes`)."""
+    if consume and not replace:
+        raise ValueError(
+            "with_wide_experts: consume deletes the checkpoint's layout, so it needs replace=True"
+        )
     experts = _experts(params)
-    prepared = [gmm_mosaic.prepare(e, config.intermediate_size, decodable) for e in experts]
-    if any(wide is None for wide in prepared):
+    if "gate_up_proj_blocks" not in experts[0]:
         return params
-    kept = lambda e: {name: v for name, v in e.items() if not name.endswith(("_blocks", "_scales"))}
-    return _with_experts(
-        params,
-        [{**(kept(e) if replace else e), WIDE: wide} for e, wide in zip(experts, prepared, strict=True)],
-    )
+    if decodable is None:  # every layer read before any is deleted
+        decodable = all(gmm_mosaic.decodes(e) for e in experts)
+    packed = lambda name: name.endswith(("_blocks", "_scales"))
+    made = []
+    for e in experts:
+        wide = gmm_mosaic.prepare(e, config.intermediate_size, decodable)
+        if wide is None:  # shapes or exponents: alike for every layer, so at the first, before any deletion
+            return params
+        if consume:
+            jax.block_until_ready(wide)
+            for name in filter(packed, e):
+                e[name].delete()
+        made.append({**({n: v for n, v in e.items() if not packed(n)} if replace else e), WIDE: wide})
+    return _with_experts(params, made)
 
 
 def check_checkpoint_layout(params: Params) -> None:

@@ -229,6 +229,29 @@ def test_prepare_refuses_what_the_kernel_cannot_decode():
     assert with_wide_experts(dense, WIDE_CONFIG) is dense
     small = init_params(DEMO_CONFIG, jax.random.key(0), jnp.bfloat16, "mxfp4")  # D = 128: no launch divides
     assert with_wide_experts(small, DEMO_CONFIG) is small
+    assert with_wide_experts(small, DEMO_CONFIG, replace=True, consume=True) is small
+    assert not any(leaf.is_deleted() for leaf in jax.tree.leaves(small))  # nothing given up for nothing
+
+
+def test_consumed_checkpoint_layout_is_deleted_layer_by_layer():
+    """`with_wide_experts(..., replace=True, consume=True)` (the command line's): the same layout as without
+    `consume`, the checkpoint's packed arrays deleted, the rest of the caller's params kept; `consume`
+    without `replace` is refused."""
+    config = dataclasses.replace(WIDE_CONFIG, num_hidden_layers=2, layer_types=DEMO_CONFIG.layer_types[:2])
+    fresh = lambda: init_params(config, jax.random.key(0), jnp.bfloat16, "mxfp4")
+    want = with_wide_experts(fresh(), config, replace=True)
+    params = fresh()
+    with pytest.raises(ValueError, match="needs replace=True"):
+        with_wide_experts(params, config, consume=True)
+    got = with_wide_experts(params, config, replace=True, consume=True)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    for layer in params["layers"]:
+        experts = layer["mlp"]["experts"]
+        assert sorted(name for name, leaf in experts.items() if leaf.is_deleted()) == [
+            "down_proj_blocks", "down_proj_scales", "gate_up_proj_blocks", "gate_up_proj_scales"
+        ]  # fmt: skip
+    assert not params["embed_tokens"].is_deleted()
 
 
 @pytest.mark.parametrize(("rows_out", "batch"), [(False, 32), (True, 32), (True, 64)])
