@@ -369,3 +369,20 @@ def test_model_on_the_wide_layout_alone_equals_the_checkpoints(monkeypatch):
         logits[name] = (prefill.logits, decoded.logits)
     for got, want in zip(logits["alone"], logits["checkpoint"], strict=True):
         assert float(jnp.abs(got - want).max()) <= 2.0**-7 * float(jnp.abs(want).max())
+
+
+def test_command_line_holds_the_experts_once_for_a_wide_batch(monkeypatch):
+    """`generation.experts_for_batch` (the command line's): where `generate` would take the wide-batch
+    kernel (compiled kernels, bf16, a wide batch: 4 tokens and more for WIDE_CONFIG's top 2 of 4) the experts
+    in its layout alone, the checkpoint's arrays deleted; otherwise the params as they are."""
+    from gptoss_mla_jax import flash_decode, generation
+
+    monkeypatch.setattr(flash_decode, "runs_compiled", lambda: True)  # as on a GPU; nothing runs here
+    fresh = lambda dtype=jnp.bfloat16: init_params(WIDE_CONFIG, jax.random.key(0), dtype, "mxfp4")
+    for params, batch, kernels in ((fresh(), 3, None), (fresh(), 4, False), (fresh(jnp.float32), 4, None)):
+        assert generation.experts_for_batch(params, WIDE_CONFIG, batch, kernels) is params
+    params = fresh()
+    alone = generation.experts_for_batch(params, WIDE_CONFIG, 4, None)
+    assert wide_only(alone)
+    assert params["layers"][0]["mlp"]["experts"]["gate_up_proj_blocks"].is_deleted()
+    assert generation.experts_for_batch(alone, WIDE_CONFIG, 4, None) is alone
