@@ -172,10 +172,21 @@ def experts_for_batch(
     take that kernel (a GPU, bf16 on the kernels, `moe.wide_batch`), else `params` as they are."""
     dtype = params["embed_tokens"].dtype
     kernels = kernels_by_default(dtype) if decode_kernels is None else decode_kernels
-    compiled = flash_decode.runs_compiled()
-    if kernels and compiled and dtype == jnp.bfloat16 and wide_batch(batch, config) and not has_wide(params):
+    if wants_wide_layout(params, config, batch, kernels):
         return with_wide_experts(params, config, replace=True, consume=True)
     return params
+
+
+def wants_wide_layout(params: Params, config: GptOssConfig, batch: int, decode_kernels: bool) -> bool:
+    """Whether `generate`'s `batch` sequences take the wide-batch kernel, whose layout the experts do not
+    carry yet: on the kernels, compiled (a GPU), bf16 activations (the kernel's), a wide batch."""
+    return (
+        decode_kernels
+        and flash_decode.runs_compiled()
+        and params["embed_tokens"].dtype == jnp.bfloat16
+        and wide_batch(batch, config)
+        and not has_wide(params)
+    )
 
 
 # XLA flags that put every run of a step's kernels, Pallas calls included, into CUDA graphs (command
@@ -238,7 +249,7 @@ def generate(
     params = with_up_projections(params, config)  # derived once for all the steps
     if decode_kernels:  # the grouped matmul's pipelined loads of the experts' scales
         params = with_aligned_scales(params)
-    if decode_kernels and flash_decode.runs_compiled() and wide_batch(B, config) and not has_wide(params):
+    if wants_wide_layout(params, config, B, decode_kernels):
         # the wide-batch kernel's second layout of the experts (prefill's and the steps'), where it fits
         # beside the cache
         room = free_device_bytes() - total_bytes(config, B, max_len, cache_dtype)

@@ -49,6 +49,7 @@ from gptoss_mla_jax.moe import (
     moe_sparse,
     routed_in_kernel,
     takes_wide,
+    wide_alone,
 )
 from gptoss_mla_jax.mxfp4 import aligned_groups, pad_scales
 from gptoss_mla_jax.norm import rms_norm
@@ -187,8 +188,7 @@ def check_params(params: Params, config: GptOssConfig) -> None:
         if WIDE not in {getattr(key, "key", None) for key in path}
     }
     if wide_only(params):
-        packed = lambda path: jax.tree_util.keystr(path).endswith(("_blocks']", "_scales']"))
-        want = {path: shape for path, shape in want.items() if not packed(path)}
+        want = {path: shape for path, shape in want.items() if not _is_packed(path[-1].key)}
     for path, shape in want.items():  # `with_aligned_scales`' padded exponents: accepted as it makes them
         padded = (*shape[:-1], aligned_groups(shape[-1])) if _is_scales(path) else shape
         if path in have and tuple(have[path].shape) == padded:
@@ -215,6 +215,11 @@ def check_params(params: Params, config: GptOssConfig) -> None:
         raise ValueError(f"params have entries the config does not use: {extra[:5]}")
 
 
+def _is_packed(name: str) -> bool:
+    """Whether an experts' entry is MXFP4-packed (the bytes or their scales), in the checkpoint's layout."""
+    return name.endswith(("_blocks", "_scales"))
+
+
 def _is_scales(path) -> bool:
     return jax.tree_util.keystr(path).endswith("_scales']")
 
@@ -239,7 +244,7 @@ def wide_experts_bytes(params: Params) -> int:
     for layer in params["layers"]:
         experts = layer["mlp"]["experts"]
         for name, leaf in experts.items():
-            if name.endswith(("_blocks", "_scales")):
+            if _is_packed(name):
                 total += leaf.size * leaf.dtype.itemsize
             elif name.endswith("_bias") and "gate_up_proj_blocks" in experts:
                 total += leaf.size * 4
@@ -274,7 +279,6 @@ def with_wide_experts(
         return params
     if decodable is None:  # every layer read before any is deleted
         decodable = all(gmm_mosaic.decodes(e) for e in experts)
-    packed = lambda name: name.endswith(("_blocks", "_scales"))
     made = []
     for e in experts:
         wide = gmm_mosaic.prepare(e, config.intermediate_size, decodable)
@@ -282,17 +286,17 @@ def with_wide_experts(
             return params
         if consume:
             jax.block_until_ready(wide)
-            for name in filter(packed, e):
+            for name in filter(_is_packed, e):
                 e[name].delete()
-        made.append({**({n: v for n, v in e.items() if not packed(n)} if replace else e), WIDE: wide})
+        made.append({**({n: v for n, v in e.items() if not _is_packed(n)} if replace else e), WIDE: wide})
     return _with_experts(params, made)
 
 
 def check_checkpoint_layout(params: Params) -> None:
     """A ValueError for params whose experts hold only the wide-batch kernel's layout (`wide_only`), for what
     writes the checkpoint's (saving)."""
-    if wide_only(params):
-        checkpoint_experts(_experts(params)[0])
+    for experts in _experts(params)[:1]:  # every layer's alike
+        checkpoint_experts(experts)
 
 
 def has_wide(params: Params) -> bool:
@@ -304,7 +308,7 @@ def has_wide(params: Params) -> bool:
 def wide_only(params: Params) -> bool:
     """Whether the experts hold only the wide-batch kernel's layout (`with_wide_experts`' `replace`)."""
     experts = _experts(params)
-    return bool(experts) and WIDE in experts[0] and "gate_up_proj_blocks" not in experts[0]
+    return bool(experts) and wide_alone(experts[0])
 
 
 def without_wide_experts(params: Params) -> Params:

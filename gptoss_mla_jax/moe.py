@@ -215,6 +215,12 @@ def wide_batch(n: int, config: GptOssConfig) -> bool:
     return n * config.num_experts_per_tok >= WIDE_MIN_PAIRS * config.num_local_experts
 
 
+def wide_alone(experts: Params) -> bool:
+    """Whether one layer's experts hold only the wide-batch kernel's layout (`model.with_wide_experts`'
+    `replace`)."""
+    return WIDE in experts and "gate_up_proj_blocks" not in experts
+
+
 def takes_wide(p: Params, n: int, config: GptOssConfig, dtype) -> bool:
     """Whether n tokens' MoE runs on the wide-batch kernel: its experts carrying the kernel's layout, and
     either a wide batch (bf16 activations) or that layout alone (which needs bf16). It routes in jnp, so a
@@ -222,7 +228,7 @@ def takes_wide(p: Params, n: int, config: GptOssConfig, dtype) -> bool:
     experts = p["experts"]
     if WIDE not in experts:
         return False
-    if "gate_up_proj_blocks" in experts:
+    if not wide_alone(experts):
         return wide_batch(n, config) and dtype == jnp.bfloat16
     if dtype != jnp.bfloat16:
         raise ValueError(
