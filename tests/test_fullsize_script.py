@@ -173,6 +173,41 @@ def test_decode_splits_experiment_runs_at_a_small_size(tmp_path):
         assert whole[0]["state_bytes"] == whole[-1]["state_bytes"] * whole[0]["splits"] // whole[-1]["splits"]
 
 
+def test_decode_splits_tries_the_launches_asked_for(tmp_path):
+    """--launches: every launch at every slice factor, the model's launch first; --model-heads: the model's
+    query heads per program only; bad --launches named."""
+    from eval.experiments import decode_splits
+
+    out = tmp_path / "launches.json"
+    argv = ["--smoke", "--layers", "mla_partial", "--contexts", "256", "--launches", "32x4x2,16x8x3",
+            "--factors", "1,0.5", "--model-heads", "--out", str(out)]  # fmt: skip
+    assert decode_splits.main(argv) == 0
+    (row,) = json.loads(out.read_text())["rows"]
+    settings = [(c["block"], c["warps"], c["stages"], c["planned"]) for c in row["configs"]]
+    assert settings[0] == (32, 4, 2, True) and sorted(settings) == sorted(
+        (b, w, s, p) for b, w, s in ((32, 4, 2), (16, 8, 3)) for p in (True, False)
+    )
+    assert all(c["head_block"] is None and c["max_abs_error"] <= 2**-6 * row["max_abs_reference"]
+               for c in row["configs"])  # fmt: skip
+    with pytest.raises(SystemExit):
+        decode_splits.main(["--smoke", "--launches", "64x4"])
+
+
+def test_step_memory_experiment_runs_on_the_demo_model(tmp_path):
+    """eval.experiments.step_memory on the CPU: the step compiles and runs twice on the cache; its large
+    results are listed (the cache writes make full-size entries), each with a shape the size it says."""
+    from eval.experiments import step_memory
+
+    out = tmp_path / "memory.json"
+    assert step_memory.main(["--smoke", "--model", "mla_partial", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["batch"] == 2 and len(result["runs"]) == 2 and "plan" in result
+    entry = max(result["full_layer_entry_bytes"].values())
+    assert result["large_instructions"] and all(
+        i["bytes"] >= entry // 2 for i in result["large_instructions"]
+    )
+
+
 def test_a_decode_benchmark_cut_short_keeps_the_rows_it_finished(shared_models, tmp_path, monkeypatch):
     """Killed during its second point (here: interrupted), the benchmark's --out file already holds the
     first point's row, marked incomplete; a finished run overwrites it with the whole result."""

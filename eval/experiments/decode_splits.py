@@ -10,22 +10,27 @@ model (GQA, decompressed MLA, absorbed partial and rorope MLA; gpt-oss-20b's sha
 192 values per token) over a grid of slice counts around the plan's and of head blocks, by the device's busy
 time per call (the kernel, the combine of its slices and the up-projection after it: a wall clock buries a few
 microseconds under dispatch), beside each setting's state bytes (read off the Triton kernels' outputs: the
-Mosaic GPU decompressed kernel's are not counted, 0). Every setting's output is checked against the jnp path.
+Mosaic GPU decompressed kernel's are not counted, 0), and the kernel's own time with the cache it reads over
+the card's copy bandwidth. `--launches` tries other launches too (slots a step, warps, pipeline stages).
+Every setting's output is checked against the jnp path.
 
     python -m eval.experiments.decode_splits --batches 1 --contexts 4096,32768 --out splits.json
+    python -m eval.experiments.decode_splits --layers mla_partial --batches 8 --contexts 32768 \
+        --launches 64x4x2,64x4x3,128x4x3 --factors 1,0.5 --model-heads    # absorbed MLA's launches
     python -m eval.experiments.decode_splits --smoke         # the CPU interpreter, tiny shapes (no times)
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 
 import jax
 import jax.numpy as jnp
 
 from eval.bench.decode_kernels import kernel_case, kernel_plan, kernel_programs
-from eval.bench.timing import device_us
+from eval.bench.timing import copy_bandwidth, device_us
 from gptoss_mla_jax.flash_decode import Launch
 from support.results import write_json
 
@@ -61,46 +66,75 @@ def slice_state(fn, args) -> int:
     return sum(aval.size * aval.dtype.itemsize for aval in _pallas_outputs(jax.make_jaxpr(fn)(*args).jaxpr))
 
 
-def settings(layer: str, batch: int, context: int, shape: dict, head_blocks) -> list[dict]:
-    """The grid of one point: per head block, the plan's slices times SPLIT_FACTORS that divide the slots;
-    the model's own launch first."""
+def kernel_us(entry: dict) -> float:
+    """The Pallas kernel's own device time of one timed setting: its kernels named after the kernel
+    functions (`_split_kernel`, `_decompressed_kernel`, the Mosaic GPU kernel's), without the combine and
+    the XLA work around it."""
+    return sum(us for name, us in entry["kernels_us"].items() if "kernel" in name)
+
+
+def settings(
+    layer: str, batch: int, context: int, shape: dict, head_blocks, launches=None, factors=SPLIT_FACTORS
+) -> list[dict]:
+    """The grid of one point: per head block and launch ((block, warps, stages); default the model's:
+    BLOCKS' slots a step, 4 warps, 2 stages), the plan's slices times `factors` that divide the slots; the
+    model's own launch first."""
     out = []
-    for head_block in head_blocks[layer]:
+    for head_block, (block_asked, warps, stages) in itertools.product(
+        head_blocks[layer], launches or [(BLOCKS[layer], 4, 2)]
+    ):
         programs = kernel_programs(layer, batch, shape["G"], shape["R"], head_block)
-        steps = kernel_plan(layer, context, programs, BLOCKS[layer])
+        steps = kernel_plan(layer, context, programs, block_asked)
         if steps is None:
             raise ValueError(
                 f"--contexts: {context} slots, not a multiple of 16; the kernels split no such cache"
             )
         planned, block = steps
-        for factor in SPLIT_FACTORS:
+        for factor in factors:
             splits = int(planned * factor)
             if splits >= 1 and context % (splits * block) == 0:
-                out.append(dict(splits=splits, block=block, head_block=head_block, planned=factor == 1))
-    return sorted(out, key=lambda s: not (s["planned"] and s["head_block"] is None))
+                out.append(
+                    dict(splits=splits, block=block, warps=warps, stages=stages, head_block=head_block,
+                         planned=factor == 1)
+                )  # fmt: skip
+    model = lambda s: s["planned"] and s["head_block"] is None and (s["warps"], s["stages"]) == (4, 2)
+    return sorted(out, key=lambda s: not model(s))
 
 
-def point(layer: str, batch: int, context: int, smoke: bool) -> dict:
+def point(layer: str, batch: int, context: int, smoke: bool, launches=None, factors=SPLIT_FACTORS,
+          all_heads: bool = True, copy: float | None = None) -> dict:  # fmt: skip
     shape = SMOKE_SHAPE if smoke else SHAPE
     case = kernel_case(layer, batch, context, dtype=jnp.bfloat16, **shape)
     want = jax.jit(case.reference)(*case.args).astype(jnp.float32)
     interpret = jax.default_backend() == "cpu"
     row = {"layer": layer, "batch": batch, "context": context, "cache_bytes": case.cache_bytes, "configs": []}
-    for setting in settings(layer, batch, context, shape, SMOKE_HEAD_BLOCKS if smoke else HEAD_BLOCKS):
-        launch = Launch(setting["splits"], setting["block"], interpret, head_block=setting["head_block"])
+    head_blocks = SMOKE_HEAD_BLOCKS if smoke else HEAD_BLOCKS
+    if not all_heads:
+        head_blocks = {name: (None,) for name in head_blocks}
+    for setting in settings(layer, batch, context, shape, head_blocks, launches, factors):
+        launch = Launch(
+            setting["splits"], setting["block"], interpret, setting["warps"], setting["stages"],
+            setting["head_block"],
+        )  # fmt: skip
         fn = jax.jit(case.kernel(launch))
         entry = setting | {"state_bytes": slice_state(fn, case.args)}
         try:
             entry["max_abs_error"] = float(jnp.abs(fn(*case.args).astype(jnp.float32) - want).max())
             if not interpret:
                 entry |= device_us(fn, *case.args)
+                entry["kernel_us"] = kernel_us(entry)
+                if copy:  # the cache read in the kernel's time, over the card's copy bandwidth
+                    entry["kernel_of_copy"] = case.cache_bytes / (entry["kernel_us"] / 1e6) / copy
         except Exception as e:  # more shared memory than the card has, say: recorded, the grid goes on
             entry["error"] = f"{type(e).__name__}: {e}"[:500]
         row["configs"].append(entry)
     timed = [c for c in row["configs"] if "busy_us" in c]
     if timed:
         best = min(timed, key=lambda c: c["busy_us"])
-        row["best"] = {k: best[k] for k in ("splits", "block", "head_block", "busy_us", "state_bytes")}
+        keys = ("splits", "block", "warps", "stages", "head_block", "busy_us", "state_bytes")
+        row["best"] = {k: best[k] for k in keys}
+        fastest = min(timed, key=lambda c: c["kernel_us"])
+        row["fastest_kernel"] = {k: fastest.get(k) for k in (*keys[:5], "kernel_us", "kernel_of_copy")}
         row["planned_busy_us"] = row["configs"][0].get("busy_us")
     row["max_abs_reference"] = float(jnp.abs(want).max())
     return row
@@ -113,16 +147,34 @@ def main(argv=None) -> int:
     parser.add_argument("--layers", default=",".join(LAYERS))
     parser.add_argument("--batches", default="1")
     parser.add_argument("--contexts", default="4096,32768")
+    parser.add_argument(
+        "--launches",
+        help="BLOCKxWARPSxSTAGES,... tried at every point (default the model's: 4 warps, 2 stages)",
+    )
+    parser.add_argument(
+        "--factors", default=",".join(map(str, SPLIT_FACTORS)), help="the plan's slices times these"
+    )
+    parser.add_argument("--model-heads", action="store_true", help="only the model's query heads per program")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU interpreter (no times)")
     parser.add_argument("--out", help="write the rows as JSON here (after every point)")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
+    launches = args.launches and [
+        tuple(int(v) for v in launch.split("x")) for launch in args.launches.split(",")
+    ]
+    if launches and any(len(launch) != 3 for launch in launches):
+        parser.error(f"--launches: {args.launches!r} is not a list of BLOCKxWARPSxSTAGES")
+    factors = [float(f) for f in args.factors.split(",")]
     contexts = [int(c) for c in args.contexts.split(",")]
     result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": [], "complete": False}
+    copy = None if args.smoke else copy_bandwidth(4.0)  # bytes / s, read + write counted
+    result["copy_gb_per_s"] = copy and copy / 1e9
     for context in contexts:
         for batch in batches:
             for layer in args.layers.split(","):
-                result["rows"].append(point(layer, batch, context, args.smoke))
+                result["rows"].append(
+                    point(layer, batch, context, args.smoke, launches, factors, not args.model_heads, copy)
+                )
                 row = result["rows"][-1]
                 print(json.dumps({k: v for k, v in row.items() if k != "configs"}), flush=True)
                 if args.out:

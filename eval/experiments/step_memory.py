@@ -1,0 +1,161 @@
+"""Where one decode step's device memory goes: XLA's plan for the compiled step against what the device's
+allocator really holds while it compiles and runs.
+
+At capacity (`eval.bench.decode --capacity`) a step can run out of memory allocating a buffer the size of one
+full-attention layer's cache entry, while the plan of the same step (`memory_analysis()`) has far fewer
+temporaries. This compiles `generation.decode_step` on the kernels for one model at a batch and context
+(the cache abstract, so nothing is allocated for it yet) and records: the plan (arguments, outputs, the
+outputs aliased to donated arguments, temporaries); the allocator's peak over the params alone while the step
+compiles (autotuning runs candidate kernels on buffers of their operands' shapes); and, with the cache
+allocated, its peak while the step runs, twice. With XLA's dump on (`XLA_FLAGS=--xla_dump_to=DIR`, `--dump`),
+the buffer assignment's allocations at least half a layer's cache entry are listed, with the values in them;
+and the optimized HLO's instructions whose result is that large, besides parameters and tuples.
+
+    python -m eval.experiments.step_memory --model mla_partial --batch 32 --context 32768 --out mem.json
+    XLA_FLAGS=--xla_dump_to=/tmp/dump python -m eval.experiments.step_memory ... --dump /tmp/dump
+    python -m eval.experiments.step_memory --smoke      # the demo model on the CPU (no allocator figures)
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import math
+import pathlib
+import re
+
+import jax
+import jax.numpy as jnp
+
+from eval.bench.decode import models
+from gptoss_mla_jax.cache import entry_shapes, init_cache
+from gptoss_mla_jax.config import GPT_OSS_20B
+from gptoss_mla_jax.generation import DEMO_CONFIG, GREEDY, decode_step
+from support.results import write_json
+
+MODELS = ("gqa", "mla", "mla_partial", "mla_rorope")
+# HLO ops that name a buffer without making one: a large result of these is not a copy.
+NOT_BUFFERS = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant"}
+DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s8": 1, "u8": 1, "pred": 1, "f8e4m3fn": 1}
+
+
+def allocator() -> dict | None:
+    """The device allocator's bytes in use and peak (None on a backend that keeps no such figures)."""
+    stats = jax.devices()[0].memory_stats()
+    if not stats:
+        return None
+    return {"bytes_in_use": stats.get("bytes_in_use"), "peak_bytes_in_use": stats.get("peak_bytes_in_use")}
+
+
+def large_instructions(hlo: str, at_least: int) -> list[dict]:
+    """Instructions of optimized HLO text whose (array) result has at least `at_least` bytes, other than
+    those that only name a buffer (`NOT_BUFFERS`): opcode, name, shape, the computation they are in."""
+    out, computation = [], None
+    for line in hlo.splitlines():
+        header = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$", line)
+        if header:
+            computation = header.group(1)
+            continue
+        m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = (\w+)\[([\d,]*)\][^ ]* ([\w\-]+)\(", line)
+        if not m:
+            continue
+        name, dtype, dims, opcode = m.groups()
+        size = math.prod(int(d) for d in dims.split(",") if d) * DTYPE_BYTES.get(dtype, 4)
+        if size >= at_least and opcode not in NOT_BUFFERS:
+            out.append(
+                {"computation": computation, "name": name, "opcode": opcode, "shape": f"{dtype}[{dims}]",
+                 "bytes": size}
+            )  # fmt: skip
+    return out
+
+
+def large_allocations(dump_dir: str, at_least: int) -> list[dict]:
+    """The decode step's buffer assignment (XLA's dump) allocations of at least `at_least` bytes, each with
+    its header and the values it holds (first 8)."""
+    files = sorted(glob.glob(f"{dump_dir}/*decode_step*buffer-assignment.txt"))
+    if not files:
+        return [{"error": f"no *decode_step*buffer-assignment.txt under {dump_dir}"}]
+    out, current = [], None
+    for line in pathlib.Path(files[-1]).read_text().splitlines():
+        header = re.match(r"^allocation (\d+): size (\d+), (.*)", line)
+        if header:
+            current = None
+            if int(header.group(2)) >= at_least:
+                current = {"allocation": int(header.group(1)), "bytes": int(header.group(2)),
+                           "kind": header.group(3)[:300], "values": []}  # fmt: skip
+                out.append(current)
+        elif current is not None and line.strip().startswith("value:") and len(current["values"]) < 8:
+            current["values"].append(line.strip()[:300])
+    return out
+
+
+def measure(model: str, batch: int, context: int, smoke: bool, dump_dir: str | None) -> dict:
+    partial = model in ("mla_partial", "mla_rorope")
+    if smoke:  # the demo model's latent, as `eval.bench.decode --smoke` converts it
+        built = models(DEMO_CONFIG, 48, partial, only=(model,), wide="only")
+    else:  # the experts in the wide-batch layout alone, as the capacity runs hold them
+        built = models(GPT_OSS_20B, partial=partial, only=(model,), wide="only")
+    config, params = built[model]
+    full = next(i for i in range(config.num_hidden_layers) if not config.is_sliding(i))
+    entry_bytes = {
+        name: math.prod(shape) * 2 for name, shape in entry_shapes(config, full, batch, context).items()
+    }
+    layer_bytes = max(entry_bytes.values())
+    row = {"model": model, "batch": batch, "context": context, "full_layer_entry_bytes": entry_bytes}
+    row["params_only"] = allocator()
+    cache_shapes = jax.eval_shape(lambda: init_cache(config, batch, context))
+    tokens, key = jnp.zeros((batch,), jnp.int32), jax.random.key(0)
+    compiled = decode_step.lower(params, cache_shapes, tokens, key, config, GREEDY, True).compile()
+    row["after_compile"] = allocator()
+    plan = compiled.memory_analysis()
+    if plan is not None:
+        row["plan"] = {
+            name: getattr(plan, f"{name}_size_in_bytes")
+            for name in ("argument", "output", "alias", "temp", "generated_code")
+        }
+    hlo = compiled.as_text()
+    row["large_instructions"] = large_instructions(hlo, layer_bytes // 2)
+    row["copies"] = len(re.findall(r"= [^=]+? copy(?:-start)?\(", hlo))
+    cache = init_cache(config, batch, context)
+    cache["lengths"] = jnp.full((batch,), context - 1, jnp.int32)
+    jax.block_until_ready(cache)
+    row["with_cache"] = allocator()
+    row["runs"] = []
+    for _ in range(2):
+        tokens, cache = jax.block_until_ready(compiled(params, cache, tokens, key))
+        cache["lengths"] = jnp.full((batch,), context - 1, jnp.int32)
+        row["runs"].append(allocator())
+    if row["with_cache"] and row["runs"][-1]:
+        base = row["with_cache"]["bytes_in_use"]
+        row["run_peak_over_cache_and_params"] = row["runs"][-1]["peak_bytes_in_use"] - base
+        row["compile_peak_over_params"] = (
+            row["after_compile"]["peak_bytes_in_use"] - row["params_only"]["bytes_in_use"]
+        )
+    if dump_dir:
+        row["large_allocations"] = large_allocations(dump_dir, layer_bytes // 2)
+    return row
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", choices=MODELS, default="mla_partial")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--context", type=int, default=32768)
+    parser.add_argument("--dump", metavar="DIR", help="XLA's dump directory (XLA_FLAGS=--xla_dump_to=DIR)")
+    parser.add_argument("--smoke", action="store_true", help="the demo model on the CPU, batch 2 x 256")
+    parser.add_argument("--out", help="write the result as JSON here")
+    args = parser.parse_args(argv)
+    batch, context = (2, 256) if args.smoke else (args.batch, args.context)
+    result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
+    result |= measure(args.model, batch, context, args.smoke, args.dump)
+    print(json.dumps(result, indent=1), flush=True)
+    if args.out:
+        write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
