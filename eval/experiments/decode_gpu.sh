@@ -33,6 +33,10 @@
 #              kernel's layout alone (as the command line holds them for a batch of 16 or more); each probe
 #              of the search compiles a step: capacity_32k and capacity_128k, one context each, fit a call
 #   absorbed   the absorbed MLA kernel (partial's) at batches 1, 8 and 64 x 32K and 128K, every launch
+#   absorbed_launches  the same kernel's own device time (profiler) at 8 x 32K, 8 x 128K, 64 x 32K and 64 x
+#              128K over launches (slots a step, warps, stages) and the plan's slices, half and twice them
+#   step_memory  one decode step of MLA partial at 32 x 32K: XLA's memory plan against the allocator's peaks
+#              while it compiles and runs (XLA's buffer assignment dumped), then compiled without autotuning
 #   mla        the GQA and decompressed-MLA kernels at 32K, every launch (kv heads per program included)
 #   mla_e2e    whole-model steps of GQA and decompressed MLA at 32K on the kernels, as CUDA graphs
 #   loop       e2e per step and per token of a device-side loop of 16 steps (as generate runs), CUDA graphs
@@ -126,6 +130,14 @@ for stage in ${STAGES//,/ }; do
     kernels) run decode_kernels 400 eval.bench.decode --kernels --batches 1,8,64 --contexts 4096,32768,131072 ;;
     absorbed) run decode_kernels_absorbed 420 eval.bench.decode --kernels --models mla_partial \
       --batches 1,8,64 --contexts 32768,131072 ;;
+    absorbed_launches) run decode_splits_absorbed_launches 330 eval.experiments.decode_splits --layers mla_partial \
+      --batches 8,64 --contexts 32768,131072 --launches 64x4x2,64x4x3,128x4x2,128x4x3,64x8x2 \
+      --factors 1,0.5,2 --model-heads ;;
+    step_memory)
+      XLA_FLAGS="--xla_dump_to=/tmp/step_dump --xla_dump_hlo_module_re=.*decode_step.*" run step_memory 200 \
+        eval.experiments.step_memory --model mla_partial --batch 32 --context 32768 --dump /tmp/step_dump
+      XLA_FLAGS=--xla_gpu_autotune_level=0 run step_memory_no_autotuning 150 eval.experiments.step_memory \
+        --model mla_partial --batch 32 --context 32768 ;;
     mla) run decode_kernels_mla 330 eval.bench.decode --kernels --models gqa,mla --batches 1,8,64 --contexts 32768 ;;
     mla_e2e) run decode_e2e_mla 240 eval.bench.decode --cuda-graphs --decode-kernels on --models gqa,mla --batches 1,64 --contexts 32768 ;;
     loop) run decode_e2e_loop 330 eval.bench.decode --cuda-graphs --decode-kernels on --partial \
