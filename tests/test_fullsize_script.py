@@ -202,6 +202,8 @@ def test_step_memory_experiment_runs_on_the_demo_model(tmp_path):
     assert step_memory.main(["--smoke", "--model", "mla_partial", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["batch"] == 2 and len(result["runs"]) == 2 and "plan" in result
+    # the CPU donates the cache too: every layer's entries written in place
+    assert [run["entries_not_in_place"] for run in result["runs"]] == [[], []]
     entry = max(result["full_layer_entry_bytes"].values())
     assert result["large_instructions"] and all(
         i["bytes"] >= entry // 2 for i in result["large_instructions"]

@@ -3,13 +3,15 @@ allocator really holds while it compiles and runs.
 
 At capacity (`eval.bench.decode --capacity`) a step can run out of memory allocating a buffer the size of one
 full-attention layer's cache entry, while the plan of the same step (`memory_analysis()`) has far fewer
-temporaries. This compiles `generation.decode_step` on the kernels for one model at a batch and context
-(the cache abstract, so nothing is allocated for it yet) and records: the plan (arguments, outputs, the
-outputs aliased to donated arguments, temporaries); the allocator's peak over the params alone while the step
-compiles (autotuning runs candidate kernels on buffers of their operands' shapes); and, with the cache
-allocated, its peak while the step runs, twice. With XLA's dump on (`XLA_FLAGS=--xla_dump_to=DIR`, `--dump`),
-the buffer assignment's allocations at least half a layer's cache entry are listed, with the values in them;
-and the optimized HLO's instructions whose result is that large, besides parameters and tuples.
+temporaries. This compiles `generation.decode_step` on the kernels for one model at a batch and context (the
+cache abstract, so nothing is allocated for it yet) and records: the plan (arguments, outputs, the outputs
+aliased to donated arguments, temporaries); the allocator's peak over the params alone while the step compiles
+(autotuning runs candidate kernels on buffers of their operands' shapes); and, with the cache allocated, its
+peak while the step runs, twice, and the cache entries that did not come back in the buffer they went in (a
+donated entry written in place does; any other was allocated anew). With XLA's dump on
+(`XLA_FLAGS=--xla_dump_to=DIR`, `--dump`), the buffer assignment's allocations at least half a layer's cache
+entry are listed, with the values in them; and the optimized HLO's instructions whose result is that large,
+besides parameters and tuples.
 
     python -m eval.experiments.step_memory --model mla_partial --batch 32 --context 32768 --out mem.json
     XLA_FLAGS=--xla_dump_to=/tmp/dump python -m eval.experiments.step_memory ... --dump /tmp/dump
@@ -46,6 +48,14 @@ def allocator() -> dict | None:
     if not stats:
         return None
     return {"bytes_in_use": stats.get("bytes_in_use"), "peak_bytes_in_use": stats.get("peak_bytes_in_use")}
+
+
+def buffers(cache) -> dict[str, int]:
+    """Each layer's cache entries' device buffers ("3/c" -> address; the lengths are set anew each step)."""
+    return {
+        jax.tree_util.keystr(path, simple=True, separator="/"): leaf.unsafe_buffer_pointer()
+        for path, leaf in jax.tree_util.tree_flatten_with_path(cache["layers"])[0]
+    }
 
 
 def large_instructions(hlo: str, at_least: int) -> list[dict]:
@@ -123,12 +133,15 @@ def measure(model: str, batch: int, context: int, smoke: bool, dump_dir: str | N
     row["with_cache"] = allocator()
     row["runs"] = []
     for _ in range(2):
+        before = buffers(cache)
         tokens, cache = jax.block_until_ready(compiled(params, cache, tokens, key))
+        # A donated entry written in place comes back in the buffer it went in: any other was allocated
+        moved = [name for name, pointer in buffers(cache).items() if before.get(name) != pointer]
         cache["lengths"] = jnp.full((batch,), context - 1, jnp.int32)
-        row["runs"].append(allocator())
-    if row["with_cache"] and row["runs"][-1]:
+        row["runs"].append({"allocator": allocator(), "entries_not_in_place": moved})
+    if row["with_cache"] and row["runs"][-1]["allocator"]:
         base = row["with_cache"]["bytes_in_use"]
-        row["run_peak_over_cache_and_params"] = row["runs"][-1]["peak_bytes_in_use"] - base
+        row["run_peak_over_cache_and_params"] = row["runs"][-1]["allocator"]["peak_bytes_in_use"] - base
         row["compile_peak_over_params"] = (
             row["after_compile"]["peak_bytes_in_use"] - row["params_only"]["bytes_in_use"]
         )
