@@ -142,7 +142,10 @@ def decode_plan(
         return None
     steps = flash_decode.plan_for(kind, new_cache[entry].shape[1], programs, block, most_splits)
     interpret = jax.default_backend() != "gpu"
-    return None if steps is None else flash_decode.Launch(*steps, interpret, head_block=head_block)
+    if steps is None:
+        return None
+    stages = flash_decode.PIPELINE_STAGES[kind]
+    return flash_decode.Launch(*steps, interpret, stages=stages, head_block=head_block)
 
 
 def linears(x: Float[Array, "B T In"], ps: list[Params]) -> list[Array]:

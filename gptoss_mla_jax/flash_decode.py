@@ -417,6 +417,12 @@ def fill_programs(kind: KernelKind) -> int:
     return FILL_PROGRAMS if kind == "gqa" else MLA_FILL_PROGRAMS
 
 
+# Software pipelining stages of each kind's Triton kernel in the model's steps: absorbed MLA keeps three
+# blocks of its latent in flight, which measured faster than two at 8 x 32K and 64 x 32K (docs/decode.md,
+# "The absorbed kernel's pipeline"); the others stay at two. Read when a step is traced.
+PIPELINE_STAGES: dict[str, int] = {"gqa": 2, "decompressed": 2, "absorbed": 3}
+
+
 def plan_for(
     kind: KernelKind, slots: int, programs: int, block: int = 64, most_splits: int | None = None
 ) -> tuple[int, int] | None:

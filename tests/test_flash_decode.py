@@ -10,12 +10,14 @@ import numpy as np
 import pytest
 
 from gptoss_mla_jax import cache as kv_cache
-from gptoss_mla_jax.attention import attend
+from gptoss_mla_jax import flash_decode
+from gptoss_mla_jax.attention import attend, decode_plan
 from gptoss_mla_jax.config import GPT_OSS_20B, MlaConfig
 from gptoss_mla_jax.flash_decode import (
     FILL_PROGRAMS,
     MIN_ROWS,
     MLA_FILL_PROGRAMS,
+    PIPELINE_STAGES,
     Launch,
     Slots,
     absorbed_split,
@@ -223,6 +225,17 @@ def test_mla_kernels_split_until_the_sms():
     assert plan_for("gqa", 32768, 256) == (2, 64)
 
 
+def test_decode_plan_launches_each_kind_with_its_pipeline_stages(monkeypatch):
+    """The model's steps launch each kernel kind with `PIPELINE_STAGES`' stages (absorbed MLA three, the
+    others two), read when a step is traced; no plan off the kernels or for a step of several tokens."""
+    cache = {"c": jnp.zeros((1, 32768, 4))}
+    stages = lambda kind: decode_plan(True, cache, "c", kind, 8).stages
+    assert PIPELINE_STAGES == {"gqa": 2, "decompressed": 2, "absorbed": 3}
+    assert [stages(kind) for kind in ("gqa", "decompressed", "absorbed")] == [2, 2, 3]
+    monkeypatch.setattr(flash_decode, "PIPELINE_STAGES", PIPELINE_STAGES | {"absorbed": 4})
+    assert stages("absorbed") == 4 and decode_plan(False, cache, "c", "absorbed", 8) is None
+
+
 @pytest.mark.parametrize("share", [1.0, 0.25, 1e-9])
 @pytest.mark.parametrize(("batch", "slots"), [(1, 4096), (1, 32768), (8, 32768), (64, 131072)])
 def test_absorbed_split_keeps_the_slices_state_within_its_share(batch, slots, share):
@@ -294,7 +307,7 @@ def test_kernels_lower_for_the_gpu(kind, sliding):
     elif kind == "absorbed":
         fn = lambda q_rope, q_nope, w_k, b_k, w_v, b_v, c, k_rope, lengths, sinks: mla_absorbed_decode(
             q_rope, q_nope, (w_k, b_k, w_v, b_v), {"c": c, "k_rope": k_rope}, Slots(lengths, window, sliding),
-            sinks, Launch(2, 64),
+            sinks, Launch(2, 64, stages=PIPELINE_STAGES["absorbed"]),
         )  # fmt: skip
         args = (spec(B, G, R, n2), spec(B, G, R, d - n2), spec(r, G, d - n2), spec(G, d - n2))
         args += (spec(r, G, d), spec(G, d), spec(B, S, r), spec(B, S, G, n2))
@@ -310,3 +323,5 @@ def test_kernels_lower_for_the_gpu(kind, sliding):
     text = jax.jit(fn).trace(*args, lengths, sinks).lower(lowering_platforms=("cuda",)).as_text()
     mosaic = kind == "decompressed"
     assert (text.count("xla.gpu.triton"), text.count("mosaic_gpu_v2")) == ((0, 1) if mosaic else (1, 0))
+    if not mosaic:  # the Triton kernels carry their software pipeline's depth
+        assert f"num_stages = {PIPELINE_STAGES[kind]} : i32" in text

@@ -101,10 +101,11 @@ def test_step_bytes_counts_each_weight_once_and_the_cache():
 
 
 def test_decode_benchmark_times_each_setting(shared_models, tmp_path, monkeypatch):
-    """--state-shares, --mla-fill-programs, --fused-norms and --decompressed-kernels: the points are timed
-    once per combination of settings, each with flash_decode.STATE_SHARE, flash_decode.MLA_FILL_PROGRAMS,
-    model.FUSED_NORMS and flash_decode.DECOMPRESSED_KERNEL set while its steps are traced, the defaults
-    restored after; a setting none of them knows is refused."""
+    """--state-shares, --mla-fill-programs, --absorbed-stages, --fused-norms and --decompressed-kernels: the
+    points are timed once per combination of settings, each with flash_decode.STATE_SHARE,
+    flash_decode.MLA_FILL_PROGRAMS, flash_decode.PIPELINE_STAGES, model.FUSED_NORMS and
+    flash_decode.DECOMPRESSED_KERNEL set while its steps are traced, the defaults restored after; a setting
+    none of them knows is refused."""
     from eval.bench import decode as bench_decode
     from gptoss_mla_jax import flash_decode
     from gptoss_mla_jax import model as model_lib
@@ -114,9 +115,12 @@ def test_decode_benchmark_times_each_setting(shared_models, tmp_path, monkeypatc
     monkeypatch.setattr(flash_decode, "MLA_FILL_PROGRAMS", 132)
     monkeypatch.setattr(model_lib, "FUSED_NORMS", "router")
     monkeypatch.setattr(flash_decode, "DECOMPRESSED_KERNEL", "triton")
+    stages = {"gqa": 2, "decompressed": 2, "absorbed": 3}
+    monkeypatch.setattr(flash_decode, "PIPELINE_STAGES", stages)
     switches = lambda: (
         flash_decode.STATE_SHARE,
         flash_decode.MLA_FILL_PROGRAMS,
+        flash_decode.PIPELINE_STAGES["absorbed"],
         model_lib.FUSED_NORMS,
         flash_decode.DECOMPRESSED_KERNEL,
     )
@@ -126,28 +130,36 @@ def test_decode_benchmark_times_each_setting(shared_models, tmp_path, monkeypatc
     out = tmp_path / "share.json"
     argv = ["--smoke", "--batches", "1", "--contexts", "64", "--repeats", "1", "--decode-kernels", "on"]
     argv += ["--state-shares", "none,0.25", "--mla-fill-programs", "264", "--fused-norms", "norms,off"]
-    argv += ["--decompressed-kernels", "mosaic"]
+    argv += ["--decompressed-kernels", "mosaic", "--absorbed-stages", "2"]
     assert bench_decode.main([*argv, "--out", str(out)]) == 0
     rows = json.loads(out.read_text())["rows"]
     settings = [("none", "norms"), ("none", "off"), ("0.25", "norms"), ("0.25", "off")]
-    keys = ("model", "state_share", "mla_fill_programs", "fused_norms", "decompressed_kernel")
+    keys = (
+        "model",
+        "state_share",
+        "mla_fill_programs",
+        "absorbed_stages",
+        "fused_norms",
+        "decompressed_kernel",
+    )
     got = [(*(r[k] for k in keys), r["step_ms"]) for r in rows]
     want_rows = [
-        (model, share, 264, fused, "mosaic", 1.0) for share, fused in settings for model in ("gqa", "mla")
+        (model, share, 264, 2, fused, "mosaic", 1.0) for share, fused in settings for model in ("gqa", "mla")
     ]
     assert got == want_rows
     want = [
-        (share, 264, fused, "mosaic")
+        (share, 264, 2, fused, "mosaic")
         for share in (None, 0.25)
         for fused in ("norms", "off")
         for _ in range(2)  # gqa, mla
     ]
     assert seen == want
-    assert switches() == (None, 132, "router", "triton")
+    assert switches() == (None, 132, 3, "router", "triton") and flash_decode.PIPELINE_STAGES is stages
     for flag, value in (
         ("--fused-norms", "on"),
         ("--decompressed-kernels", "cuda"),
         ("--mla-fill-programs", "x"),
+        ("--absorbed-stages", "0"),
     ):
         with pytest.raises(SystemExit):
             bench_decode.main(["--smoke", flag, value])

@@ -440,6 +440,11 @@ def main(argv=None) -> int:
         "in turn (flash_decode.MLA_FILL_PROGRAMS), e.g. 132,264",
     )  # fmt: skip
     parser.add_argument(
+        "--absorbed-stages", default=str(flash_decode.PIPELINE_STAGES["absorbed"]),
+        help="steps with the absorbed MLA kernel pipelining this many blocks (flash_decode.PIPELINE_STAGES), "
+        "each of these in turn, e.g. 2,3",
+    )  # fmt: skip
+    parser.add_argument(
         "--fused-norms", default=model_lib.FUSED_NORMS,
         help="steps with each residual add fused with its norm (model.FUSED_NORMS: router, the one before "
         "the MoE with the router's product; norms, without; off), each of these in turn, e.g. "
@@ -473,8 +478,12 @@ def main(argv=None) -> int:
         parser.error(f"--wide-min-pairs: {args.wide_min_pairs} is not positive")
     if set(args.wide_kernel.split(",")) - {"on", "off"} and args.wide_kernel != "only":
         parser.error(f"--wide-kernel: {args.wide_kernel!r} is not a list of on / off, or only")
-    if not all(n.isdigit() and int(n) > 0 for n in args.mla_fill_programs.split(",")):
-        parser.error(f"--mla-fill-programs: {args.mla_fill_programs!r} is not a list of positive integers")
+    for flag, values in (
+        ("--mla-fill-programs", args.mla_fill_programs),
+        ("--absorbed-stages", args.absorbed_stages),
+    ):
+        if not all(n.isdigit() and int(n) > 0 for n in values.split(",")):
+            parser.error(f"{flag}: {values!r} is not a list of positive integers")
     if args.cuda_graphs:
         request_cuda_graphs()
     contexts = [int(c) for c in args.contexts.split(",")]
@@ -548,9 +557,10 @@ def main(argv=None) -> int:
             built, result["rows"] = models_(*batches), []
             copy = copy_bandwidth(0.05 if args.smoke else 4.0)
             result["copy_gb_per_s"] = copy / 1e9
-            for share, fill, fused, decompressed, wide in itertools.product(
+            for share, fill, stages, fused, decompressed, wide in itertools.product(
                 args.state_shares.split(","),
                 [int(n) for n in args.mla_fill_programs.split(",")],
+                [int(n) for n in args.absorbed_stages.split(",")],
                 args.fused_norms.split(","),
                 args.decompressed_kernels.split(","),
                 args.wide_kernel.split(","),
@@ -558,6 +568,7 @@ def main(argv=None) -> int:
                 setting = {
                     "state_share": share,
                     "mla_fill_programs": fill,
+                    "absorbed_stages": stages,
                     "fused_norms": fused,
                     "decompressed_kernel": decompressed,
                     "wide_kernel": wide,
@@ -571,6 +582,7 @@ def main(argv=None) -> int:
                 with switched(
                     (flash_decode, "STATE_SHARE", None if share == "none" else float(share)),
                     (flash_decode, "MLA_FILL_PROGRAMS", fill),
+                    (flash_decode, "PIPELINE_STAGES", flash_decode.PIPELINE_STAGES | {"absorbed": stages}),
                     (model_lib, "FUSED_NORMS", fused),
                     (flash_decode, "DECOMPRESSED_KERNEL", decompressed),
                 ):

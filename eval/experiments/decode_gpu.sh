@@ -35,8 +35,11 @@
 #   absorbed   the absorbed MLA kernel (partial's) at batches 1, 8 and 64 x 32K and 128K, every launch
 #   absorbed_launches  the same kernel's own device time (profiler) at 8 x 32K, 8 x 128K, 64 x 32K and 64 x
 #              128K over launches (slots a step, warps, stages) and the plan's slices, half and twice them
-#   step_memory  one decode step of MLA partial at 32 x 32K: XLA's memory plan against the allocator's peaks
-#              while it compiles and runs (XLA's buffer assignment dumped), then compiled without autotuning
+#   absorbed_stages  MLA partial's loop at 8 x 32K and 64 x 32K with the absorbed kernel pipelining 2 and 3
+#              blocks (flash_decode.PIPELINE_STAGES), in one process
+#   step_memory  one decode step of MLA partial at 32 x 32K: XLA's memory plan against the allocator's figures
+#              (XLA's buffer assignment dumped), then the step with only its temporaries and a share of a
+#              layer's latent left free; and, in another process, its first call (compiled there) so
 #   mla        the GQA and decompressed-MLA kernels at 32K, every launch (kv heads per program included)
 #   mla_e2e    whole-model steps of GQA and decompressed MLA at 32K on the kernels, as CUDA graphs
 #   loop       e2e per step and per token of a device-side loop of 16 steps (as generate runs), CUDA graphs
@@ -133,11 +136,14 @@ for stage in ${STAGES//,/ }; do
     absorbed_launches) run decode_splits_absorbed_launches 330 eval.experiments.decode_splits --layers mla_partial \
       --batches 8,64 --contexts 32768,131072 --launches 64x4x2,64x4x3,128x4x2,128x4x3,64x8x2 \
       --factors 1,0.5,2 --model-heads ;;
+    absorbed_stages) run decode_e2e_absorbed_stages 330 eval.bench.decode --cuda-graphs --decode-kernels on \
+      --partial --models mla_partial --batches 8,64 --contexts 32768 --loop-steps 16 --repeats 5 --absorbed-stages 2,3 ;;
     step_memory)
       XLA_FLAGS="--xla_dump_to=/tmp/step_dump --xla_dump_hlo_module_re=.*decode_step.*" run step_memory 200 \
-        eval.experiments.step_memory --model mla_partial --batch 32 --context 32768 --dump /tmp/step_dump
-      XLA_FLAGS=--xla_gpu_autotune_level=0 run step_memory_no_autotuning 150 eval.experiments.step_memory \
-        --model mla_partial --batch 32 --context 32768 ;;
+        eval.experiments.step_memory --model mla_partial --batch 32 --context 32768 --dump /tmp/step_dump \
+        --pressures 0.25,0.75,1.25,2.5
+      run step_memory_first_call 150 eval.experiments.step_memory --model mla_partial --batch 32 --context 32768 \
+        --first-under 0.5 ;;
     mla) run decode_kernels_mla 330 eval.bench.decode --kernels --models gqa,mla --batches 1,8,64 --contexts 32768 ;;
     mla_e2e) run decode_e2e_mla 240 eval.bench.decode --cuda-graphs --decode-kernels on --models gqa,mla --batches 1,64 --contexts 32768 ;;
     loop) run decode_e2e_loop 330 eval.bench.decode --cuda-graphs --decode-kernels on --partial \

@@ -5,15 +5,18 @@ At capacity (`eval.bench.decode --capacity`) a step can run out of memory alloca
 full-attention layer's cache entry, while the plan of the same step (`memory_analysis()`) has far fewer
 temporaries. This compiles `generation.decode_step` on the kernels for one model at a batch and context (the
 cache abstract, so nothing is allocated for it yet) and records: the plan (arguments, outputs, the outputs
-aliased to donated arguments, temporaries); the allocator's peak over the params alone while the step compiles
-(autotuning runs candidate kernels on buffers of their operands' shapes); and, with the cache allocated, its
-peak while the step runs, twice, and the cache entries that did not come back in the buffer they went in (a
-donated entry written in place does; any other was allocated anew). With XLA's dump on
-(`XLA_FLAGS=--xla_dump_to=DIR`, `--dump`), the buffer assignment's allocations at least half a layer's cache
-entry are listed, with the values in them; and the optimized HLO's instructions whose result is that large,
-besides parameters and tuples.
+aliased to donated arguments, temporaries); the allocator's figures after it compiles and, with the cache
+allocated, after each of two runs (the peaks count the model's making too), and the cache entries that did not
+come back in the buffer they went in (a donated entry written in place does; any other was allocated anew).
+Then (`--pressures`) one step each with the device filled until only the plan's temporaries and some share of
+a layer's cache entry stay free: the least the step really needs. `--first-under` does that first of all
+through jit's dispatch, compiling under that pressure as the capacity search does (autotuning runs candidate
+kernels on buffers of their operands' shapes). With XLA's dump on (`XLA_FLAGS=--xla_dump_to=DIR`, `--dump`),
+the buffer assignment's allocations at least half a layer's cache entry are listed, with the values in them;
+and the optimized HLO's instructions whose result is that large, besides parameters and tuples.
 
-    python -m eval.experiments.step_memory --model mla_partial --batch 32 --context 32768 --out mem.json
+    python -m eval.experiments.step_memory --model mla_partial --batch 32 --context 32768 --out mem.json \
+        --pressures 0.25,0.75,1.25,2.5
     XLA_FLAGS=--xla_dump_to=/tmp/dump python -m eval.experiments.step_memory ... --dump /tmp/dump
     python -m eval.experiments.step_memory --smoke      # the demo model on the CPU (no allocator figures)
 """
@@ -100,7 +103,37 @@ def large_allocations(dump_dir: str, at_least: int) -> list[dict]:
     return out
 
 
-def measure(model: str, batch: int, context: int, smoke: bool, dump_dir: str | None) -> dict:
+def ballast(free_bytes: int) -> list:
+    """Arrays filling the device until about `free_bytes` stay free (256 MB pieces, as a nearly full cache
+    leaves the allocator): what a step then can still allocate is what capacity leaves it."""
+    stats = jax.devices()[0].memory_stats()
+    left, pieces = stats["bytes_limit"] - stats["bytes_in_use"] - free_bytes, []
+    while left > 0:
+        pieces.append(jnp.zeros((min(left, 1 << 28),), jnp.uint8))
+        left -= pieces[-1].size
+    return jax.block_until_ready(pieces)
+
+
+def step_under_pressure(step, params, config, batch: int, context: int, free_bytes: int) -> dict:
+    """`step(params, cache, tokens, key)` once on a fresh cache with about `free_bytes` left free: whether it
+    ran, or its error."""
+    cache = init_cache(config, batch, context)
+    cache["lengths"] = jnp.full((batch,), context - 1, jnp.int32)
+    pieces = ballast(free_bytes)
+    stats = jax.devices()[0].memory_stats()
+    out = {"free_bytes": stats["bytes_limit"] - stats["bytes_in_use"]}
+    try:
+        jax.block_until_ready(step(params, cache, jnp.zeros((batch,), jnp.int32), jax.random.key(0)))
+        out["ran"] = True
+    except jax.errors.JaxRuntimeError as e:  # out of memory: the step needed more than was left
+        out |= {"ran": False, "error": str(e).splitlines()[0][:300]}
+    del pieces, cache
+    return out
+
+
+def measure(
+    model: str, batch: int, context: int, smoke: bool, dump_dir: str | None, pressures=(), first_under=None
+) -> dict:
     partial = model in ("mla_partial", "mla_rorope")
     if smoke:  # the demo model's latent, as `eval.bench.decode --smoke` converts it
         built = models(DEMO_CONFIG, 48, partial, only=(model,), wide="only")
@@ -114,6 +147,13 @@ def measure(model: str, batch: int, context: int, smoke: bool, dump_dir: str | N
     layer_bytes = max(entry_bytes.values())
     row = {"model": model, "batch": batch, "context": context, "full_layer_entry_bytes": entry_bytes}
     row["params_only"] = allocator()
+    if first_under is not None and row["params_only"]:  # as the capacity search meets a batch: compiled
+        # and run with little left
+        step = lambda p, c, t, k: decode_step(p, c, t, k, config, GREEDY, True)
+        free = int(first_under * layer_bytes)
+        row["first_call_under_pressure"] = {"free_in_layer_entries": first_under} | step_under_pressure(
+            step, params, config, batch, context, free
+        )
     cache_shapes = jax.eval_shape(lambda: init_cache(config, batch, context))
     tokens, key = jnp.zeros((batch,), jnp.int32), jax.random.key(0)
     compiled = decode_step.lower(params, cache_shapes, tokens, key, config, GREEDY, True).compile()
@@ -139,14 +179,16 @@ def measure(model: str, batch: int, context: int, smoke: bool, dump_dir: str | N
         moved = [name for name, pointer in buffers(cache).items() if before.get(name) != pointer]
         cache["lengths"] = jnp.full((batch,), context - 1, jnp.int32)
         row["runs"].append({"allocator": allocator(), "entries_not_in_place": moved})
-    if row["with_cache"] and row["runs"][-1]["allocator"]:
-        base = row["with_cache"]["bytes_in_use"]
-        row["run_peak_over_cache_and_params"] = row["runs"][-1]["allocator"]["peak_bytes_in_use"] - base
-        row["compile_peak_over_params"] = (
-            row["after_compile"]["peak_bytes_in_use"] - row["params_only"]["bytes_in_use"]
-        )
     if dump_dir:
         row["large_allocations"] = large_allocations(dump_dir, layer_bytes // 2)
+    if row["with_cache"] and pressures:
+        del cache
+        temp = row["plan"]["temp"]
+        row["under_pressure"] = [
+            {"free_over_temp_in_layer_entries": m}
+            | step_under_pressure(compiled, params, config, batch, context, temp + int(m * layer_bytes))
+            for m in pressures
+        ]
     return row
 
 
@@ -158,12 +200,23 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--dump", metavar="DIR", help="XLA's dump directory (XLA_FLAGS=--xla_dump_to=DIR)")
+    parser.add_argument(
+        "--pressures", default="",
+        help="after the runs, one step each with the plan's temporaries plus this many of a full layer's "
+        "largest cache entries left free (the rest filled), e.g. 0.25,0.75,1.25",
+    )  # fmt: skip
+    parser.add_argument(
+        "--first-under", type=float, metavar="ENTRIES",
+        help="first of all, compile and run the step (jit's dispatch, as the capacity search does) with only "
+        "this many of a full layer's largest cache entries left free",
+    )  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="the demo model on the CPU, batch 2 x 256")
     parser.add_argument("--out", help="write the result as JSON here")
     args = parser.parse_args(argv)
     batch, context = (2, 256) if args.smoke else (args.batch, args.context)
     result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__}
-    result |= measure(args.model, batch, context, args.smoke, args.dump)
+    pressures = [float(m) for m in args.pressures.split(",") if m]
+    result |= measure(args.model, batch, context, args.smoke, args.dump, pressures, args.first_under)
     print(json.dumps(result, indent=1), flush=True)
     if args.out:
         write_json(args.out, result)
