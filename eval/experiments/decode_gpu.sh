@@ -39,7 +39,8 @@
 #              blocks (flash_decode.PIPELINE_STAGES), in one process
 #   step_memory  one decode step of MLA partial at 32 x 32K: XLA's memory plan against the allocator's figures
 #              (XLA's buffer assignment dumped), then the step with only its temporaries and a share of a
-#              layer's latent left free; and, in another process, its first call (compiled there) so
+#              layer's latent left free; and, in another process, its first call (compiled there) with
+#              half a layer's latent left free
 #   mla        the GQA and decompressed-MLA kernels at 32K, every launch (kv heads per program included)
 #   mla_e2e    whole-model steps of GQA and decompressed MLA at 32K on the kernels, as CUDA graphs
 #   loop       e2e per step and per token of a device-side loop of 16 steps (as generate runs), CUDA graphs
