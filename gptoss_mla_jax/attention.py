@@ -144,8 +144,11 @@ def decode_plan(
     interpret = jax.default_backend() != "gpu"
     if steps is None:
         return None
-    stages = flash_decode.PIPELINE_STAGES[kind]
-    return flash_decode.Launch(*steps, interpret, stages=stages, head_block=head_block)
+    splits, block = steps
+    # a pipeline no deeper than the blocks a slice walks (at least two: the next loads while one is reduced)
+    walked = new_cache[entry].shape[1] // (splits * block)
+    stages = min(flash_decode.PIPELINE_STAGES[kind], max(2, walked))
+    return flash_decode.Launch(splits, block, interpret, stages=stages, head_block=head_block)
 
 
 def linears(x: Float[Array, "B T In"], ps: list[Params]) -> list[Array]:

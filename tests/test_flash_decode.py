@@ -227,13 +227,18 @@ def test_mla_kernels_split_until_the_sms():
 
 def test_decode_plan_launches_each_kind_with_its_pipeline_stages(monkeypatch):
     """The model's steps launch each kernel kind with `PIPELINE_STAGES`' stages (absorbed MLA three, the
-    others two), read when a step is traced; no plan off the kernels or for a step of several tokens."""
-    cache = {"c": jnp.zeros((1, 32768, 4))}
-    stages = lambda kind: decode_plan(True, cache, "c", kind, 8).stages
+    others two), read when a step is traced, but no deeper than the blocks a slice walks (at least two): at
+    1 x 32K absorbed MLA's 256 slices walk two blocks each. No plan off the kernels."""
+    cache = lambda slots: {"c": jax.ShapeDtypeStruct((1, slots, 4), jnp.bfloat16)}
+    stages = lambda kind, programs=8, slots=32768: decode_plan(True, cache(slots), "c", kind, programs).stages
     assert PIPELINE_STAGES == {"gqa": 2, "decompressed": 2, "absorbed": 3}
-    assert [stages(kind) for kind in ("gqa", "decompressed", "absorbed")] == [2, 2, 3]
+    assert [stages(kind) for kind in ("gqa", "decompressed", "absorbed")] == [2, 2, 3]  # 16 blocks a slice
+    assert decode_plan(True, cache(32768), "c", "absorbed", 1)[:2] == (256, 64)
+    assert stages("absorbed", 1) == 2 and stages("absorbed", 1, 131072) == 3  # 2 and 8 blocks a slice
+    assert stages("absorbed", 1, 4096) == 2  # one block a slice
     monkeypatch.setattr(flash_decode, "PIPELINE_STAGES", PIPELINE_STAGES | {"absorbed": 4})
-    assert stages("absorbed") == 4 and decode_plan(False, cache, "c", "absorbed", 8) is None
+    assert stages("absorbed") == 4 and stages("absorbed", 1, 131072) == 4
+    assert decode_plan(False, cache(32768), "c", "absorbed", 8) is None
 
 
 @pytest.mark.parametrize("share", [1.0, 0.25, 1e-9])

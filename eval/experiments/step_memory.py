@@ -104,14 +104,21 @@ def large_allocations(dump_dir: str, at_least: int) -> list[dict]:
 
 
 def ballast(free_bytes: int) -> list:
-    """Arrays filling the device until about `free_bytes` stay free (256 MB pieces, as a nearly full cache
-    leaves the allocator): what a step then can still allocate is what capacity leaves it."""
-    stats = jax.devices()[0].memory_stats()
-    left, pieces = stats["bytes_limit"] - stats["bytes_in_use"] - free_bytes, []
-    while left > 0:
-        pieces.append(jnp.zeros((min(left, 1 << 28),), jnp.uint8))
-        left -= pieces[-1].size
-    return jax.block_until_ready(pieces)
+    """Arrays filling the device until about `free_bytes` stay free, in pieces of 256 MB halved down to 1 MB
+    where the allocator's free blocks are smaller (as a nearly full cache leaves it): what a step then can
+    still allocate is what capacity leaves it."""
+    pieces, piece = [], 1 << 28
+    while piece >= 1 << 20:
+        stats = jax.devices()[0].memory_stats()
+        left = stats["bytes_limit"] - stats["bytes_in_use"] - free_bytes
+        if left < piece:
+            piece //= 2
+            continue
+        try:
+            pieces.append(jax.block_until_ready(jnp.zeros((piece,), jnp.uint8)))
+        except jax.errors.JaxRuntimeError:  # no free block that large left: smaller pieces
+            piece //= 2
+    return pieces
 
 
 def step_under_pressure(step, params, config, batch: int, context: int, free_bytes: int) -> dict:
