@@ -136,19 +136,17 @@ def decode_plan(
     head_block: int | None = None,
 ) -> flash_decode.Launch | None:
     """The `kind` flash-decoding kernel's launch when this step runs on it: asked for, one token per
-    sequence, a cache whose slot count the kernel can split (`flash_decode.plan_for`); else None (the jnp
-    path)."""
+    sequence, a cache whose slot count the kernel can split (`flash_decode.plan_for`), its pipeline's stages
+    by `flash_decode.pipeline_stages`; else None (the jnp path)."""
     if not decode_kernels or new_cache is None or new_cache[entry].shape[1] == 0:
         return None
     steps = flash_decode.plan_for(kind, new_cache[entry].shape[1], programs, block, most_splits)
     interpret = jax.default_backend() != "gpu"
     if steps is None:
         return None
-    splits, block = steps
-    # a pipeline no deeper than the blocks a slice walks (at least two: the next loads while one is reduced)
-    walked = new_cache[entry].shape[1] // (splits * block)
-    stages = min(flash_decode.PIPELINE_STAGES[kind], max(2, walked))
-    return flash_decode.Launch(splits, block, interpret, stages=stages, head_block=head_block)
+    splits, planned_block = steps
+    stages = flash_decode.pipeline_stages(kind, new_cache[entry].shape[1], splits, planned_block)
+    return flash_decode.Launch(splits, planned_block, interpret, stages=stages, head_block=head_block)
 
 
 def linears(x: Float[Array, "B T In"], ps: list[Params]) -> list[Array]:

@@ -420,7 +420,14 @@ def fill_programs(kind: KernelKind) -> int:
 # Software pipelining stages of each kind's Triton kernel in the model's steps: absorbed MLA keeps three
 # blocks of its latent in flight, which measured faster than two at 8 x 32K and 64 x 32K (docs/decode.md,
 # "The absorbed kernel's pipeline"); the others stay at two. Read when a step is traced.
-PIPELINE_STAGES: dict[str, int] = {"gqa": 2, "decompressed": 2, "absorbed": 3}
+PIPELINE_STAGES: dict[KernelKind, int] = {"gqa": 2, "decompressed": 2, "absorbed": 3}
+
+
+def pipeline_stages(kind: KernelKind, slots: int, splits: int, block: int) -> int:
+    """The software pipeline's stages of a `kind` kernel over `slots` in `splits` slices of `block`-slot
+    steps: `PIPELINE_STAGES`', but no deeper than the blocks a slice walks (at least two: the next block loads
+    while one is reduced)."""
+    return min(PIPELINE_STAGES[kind], max(2, slots // (splits * block)))
 
 
 def plan_for(

@@ -306,7 +306,7 @@ def test_kernels_lower_for_the_gpu(kind, sliding):
     window = 128 if sliding else None
     if kind == "gqa":
         fn = lambda q, k, v, lengths, sinks: gqa_decode(
-            q, k, v, Slots(lengths, window, sliding), sinks, Launch(2, 64)
+            q, k, v, Slots(lengths, window, sliding), sinks, Launch(2, 64, stages=PIPELINE_STAGES["gqa"])
         )
         args = (spec(B, G * R, d), spec(B, S, G, d), spec(B, S, G, d))
     elif kind == "absorbed":

@@ -2,6 +2,7 @@
 both loaders read it to the same dequantized values."""
 
 import json
+import math
 
 import jax.numpy as jnp
 import pytest
@@ -177,7 +178,8 @@ def test_decode_splits_experiment_runs_at_a_small_size(tmp_path):
     assert result["complete"] and [r["layer"] for r in result["rows"]] == list(decode_splits.LAYERS)
     for row in result["rows"]:
         first, *rest = row["configs"]
-        assert first["planned"] and first["head_block"] is None and rest
+        assert first["model_launch"] and first["planned"] and first["head_block"] is None and rest
+        assert not any(c["model_launch"] for c in rest)
         for config in row["configs"]:
             assert "error" not in config and config["max_abs_error"] <= 2**-6 * row["max_abs_reference"]
         whole = [c for c in row["configs"] if c["head_block"] is None]
@@ -196,19 +198,23 @@ def test_decode_splits_tries_the_launches_asked_for(tmp_path):
     assert decode_splits.main(argv) == 0
     (row,) = json.loads(out.read_text())["rows"]
     settings = [(c["block"], c["warps"], c["stages"], c["planned"]) for c in row["configs"]]
-    assert settings[0] == (32, 4, 2, True) and sorted(settings) == sorted(
-        (b, w, s, p) for b, w, s in ((32, 4, 2), (16, 8, 3)) for p in (True, False)
-    )
+    launches = ((32, 4, 2), (16, 8, 3))
+    assert sorted(settings) == sorted((b, w, s, p) for b, w, s in launches for p in (True, False))
+    # the model's launch (64-slot blocks asked) is not among those asked for
+    assert not any(c["model_launch"] for c in row["configs"])
     assert all(c["head_block"] is None and c["max_abs_error"] <= 2**-6 * row["max_abs_reference"]
                for c in row["configs"])  # fmt: skip
-    with pytest.raises(SystemExit):
-        decode_splits.main(["--smoke", "--launches", "64x4"])
+    for flag, value in (("--launches", "64x4"), ("--launches", "64xax2"), ("--factors", "x")):
+        with pytest.raises(SystemExit):
+            decode_splits.main(["--smoke", flag, value])
 
 
 def test_step_memory_experiment_runs_on_the_demo_model(tmp_path):
     """eval.experiments.step_memory on the CPU: the step compiles and runs twice on the cache; its large
-    results are listed (the cache writes make full-size entries), each with a shape the size it says."""
+    results are listed, each with a shape the size it says, the cache writes of every full layer's latent
+    among them."""
     from eval.experiments import step_memory
+    from gptoss_mla_jax.generation import DEMO_CONFIG
 
     out = tmp_path / "memory.json"
     assert step_memory.main(["--smoke", "--model", "mla_partial", "--out", str(out)]) == 0
@@ -216,10 +222,16 @@ def test_step_memory_experiment_runs_on_the_demo_model(tmp_path):
     assert result["batch"] == 2 and len(result["runs"]) == 2 and "plan" in result
     # the CPU donates the cache too: every layer's entries written in place
     assert [run["entries_not_in_place"] for run in result["runs"]] == [[], []]
-    entry = max(result["full_layer_entry_bytes"].values())
-    assert result["large_instructions"] and all(
-        i["bytes"] >= entry // 2 for i in result["large_instructions"]
-    )
+    entry = result["full_layer_entry_bytes"]
+    for instruction in result["large_instructions"]:  # each as large as its shape says
+        dtype, dims = instruction["shape"][:-1].split("[")
+        size = step_memory.DTYPE_BYTES[dtype] * math.prod(int(d) for d in dims.split(",") if d)
+        assert instruction["bytes"] == size
+    # among them the cache writes of every full layer's latent, at the latent's shape
+    batch, slots = result["batch"], result["context"]
+    latent = f"bf16[{batch},{slots},{entry['c'] // (2 * batch * slots)}]"
+    writes = [i for i in result["large_instructions"] if i["shape"] == latent]
+    assert len(writes) >= sum(not DEMO_CONFIG.is_sliding(i) for i in range(DEMO_CONFIG.num_hidden_layers))
 
 
 def test_a_decode_benchmark_cut_short_keeps_the_rows_it_finished(shared_models, tmp_path, monkeypatch):

@@ -33,8 +33,9 @@
 #              kernel's layout alone (as the command line holds them for a batch of 16 or more); each probe
 #              of the search compiles a step: capacity_32k and capacity_128k, one context each, fit a call
 #   absorbed   the absorbed MLA kernel (partial's) at batches 1, 8 and 64 x 32K and 128K, every launch
-#   absorbed_launches  the same kernel's own device time (profiler) at 8 x 32K, 8 x 128K, 64 x 32K and 64 x
-#              128K over launches (slots a step, warps, stages) and the plan's slices, half and twice them
+#   absorbed_launches  the same kernel's own device time (profiler) at 8 x 32K and 64 x 32K over launches
+#              (slots a step, warps, stages) and the plan's slices, half and twice them
+#   absorbed_kernel_stages  its own time with 2 and 3 pipeline stages at batches 1, 8, 64 x 32K and 128K
 #   absorbed_stages  MLA partial's loop at 8 x 32K and 64 x 32K with the absorbed kernel pipelining 2 and 3
 #              blocks (flash_decode.PIPELINE_STAGES), in one process
 #   step_memory  one decode step of MLA partial at 32 x 32K: XLA's memory plan against the allocator's figures
@@ -135,8 +136,9 @@ for stage in ${STAGES//,/ }; do
     absorbed) run decode_kernels_absorbed 420 eval.bench.decode --kernels --models mla_partial \
       --batches 1,8,64 --contexts 32768,131072 ;;
     absorbed_launches) run decode_splits_absorbed_launches 330 eval.experiments.decode_splits --layers mla_partial \
-      --batches 8,64 --contexts 32768,131072 --launches 64x4x2,64x4x3,128x4x2,128x4x3,64x8x2 \
-      --factors 1,0.5,2 --model-heads ;;
+      --batches 8,64 --contexts 32768 --launches 64x4x2,64x4x3,128x4x3,64x8x2 --factors 1,0.5,2 --model-heads ;;
+    absorbed_kernel_stages) run decode_splits_absorbed_stages 150 eval.experiments.decode_splits --layers mla_partial \
+      --batches 1,8,64 --contexts 131072,32768 --launches 64x4x2,64x4x3 --factors 1 --model-heads ;;
     absorbed_stages) run decode_e2e_absorbed_stages 330 eval.bench.decode --cuda-graphs --decode-kernels on \
       --partial --models mla_partial --batches 8,64 --contexts 32768 --loop-steps 16 --repeats 5 --absorbed-stages 2,3 ;;
     step_memory)

@@ -29,9 +29,9 @@ import json
 import jax
 import jax.numpy as jnp
 
-from eval.bench.decode_kernels import kernel_case, kernel_plan, kernel_programs
+from eval.bench.decode_kernels import kernel_case, kernel_kind, kernel_plan, kernel_programs
 from eval.bench.timing import copy_bandwidth, device_us
-from gptoss_mla_jax.flash_decode import Launch
+from gptoss_mla_jax.flash_decode import Launch, pipeline_stages
 from support.results import write_json
 
 LAYERS = ("gqa", "mla", "mla_partial", "mla_rorope")
@@ -77,11 +77,12 @@ def settings(
     layer: str, batch: int, context: int, shape: dict, head_blocks, launches=None, factors=SPLIT_FACTORS
 ) -> list[dict]:
     """The grid of one point: per head block and launch ((block, warps, stages); default the model's:
-    BLOCKS' slots a step, 4 warps, 2 stages), the plan's slices times `factors` that divide the slots; the
-    model's own launch first."""
-    out = []
+    BLOCKS' slots a step, 4 warps, `flash_decode.pipeline_stages`' stages), the plan's slices times `factors`
+    that divide the slots; the model's own launch first (`model_launch`)."""
+    kind, out = kernel_kind(layer), []
+    model_stages = lambda splits, block: pipeline_stages(kind, context, splits, block)
     for head_block, (block_asked, warps, stages) in itertools.product(
-        head_blocks[layer], launches or [(BLOCKS[layer], 4, 2)]
+        head_blocks[layer], launches or [(BLOCKS[layer], 4, None)]
     ):
         programs = kernel_programs(layer, batch, shape["G"], shape["R"], head_block)
         steps = kernel_plan(layer, context, programs, block_asked)
@@ -93,12 +94,15 @@ def settings(
         for factor in factors:
             splits = int(planned * factor)
             if splits >= 1 and context % (splits * block) == 0:
-                out.append(
-                    dict(splits=splits, block=block, warps=warps, stages=stages, head_block=head_block,
-                         planned=factor == 1)
+                here = model_stages(splits, block) if stages is None else stages
+                model = (factor == 1, head_block, warps, block, here) == (
+                    True, None, 4, BLOCKS[layer], model_stages(splits, block)
                 )  # fmt: skip
-    model = lambda s: s["planned"] and s["head_block"] is None and (s["warps"], s["stages"]) == (4, 2)
-    return sorted(out, key=lambda s: not model(s))
+                out.append(
+                    dict(splits=splits, block=block, warps=warps, stages=here, head_block=head_block,
+                         planned=factor == 1, model_launch=model)
+                )  # fmt: skip
+    return sorted(out, key=lambda s: not s["model_launch"])
 
 
 def point(layer: str, batch: int, context: int, smoke: bool, launches=None, factors=SPLIT_FACTORS,
@@ -135,7 +139,9 @@ def point(layer: str, batch: int, context: int, smoke: bool, launches=None, fact
         row["best"] = {k: best[k] for k in keys}
         fastest = min(timed, key=lambda c: c["kernel_us"])
         row["fastest_kernel"] = {k: fastest.get(k) for k in (*keys[:5], "kernel_us", "kernel_of_copy")}
-        row["planned_busy_us"] = row["configs"][0].get("busy_us")
+        row["model_launch_busy_us"] = (
+            row["configs"][0].get("busy_us") if row["configs"][0]["model_launch"] else None
+        )
     row["max_abs_reference"] = float(jnp.abs(want).max())
     return row
 
@@ -149,7 +155,7 @@ def main(argv=None) -> int:
     parser.add_argument("--contexts", default="4096,32768")
     parser.add_argument(
         "--launches",
-        help="BLOCKxWARPSxSTAGES,... tried at every point (default the model's: 4 warps, 2 stages)",
+        help="BLOCKxWARPSxSTAGES,... tried at every point (default the model's launch)",
     )
     parser.add_argument(
         "--factors", default=",".join(map(str, SPLIT_FACTORS)), help="the plan's slices times these"
@@ -159,12 +165,14 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="write the rows as JSON here (after every point)")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",")]
-    launches = args.launches and [
-        tuple(int(v) for v in launch.split("x")) for launch in args.launches.split(",")
-    ]
-    if launches and any(len(launch) != 3 for launch in launches):
+    launches = args.launches and [launch.split("x") for launch in args.launches.split(",")]
+    if launches and not all(len(launch) == 3 and all(v.isdigit() for v in launch) for launch in launches):
         parser.error(f"--launches: {args.launches!r} is not a list of BLOCKxWARPSxSTAGES")
-    factors = [float(f) for f in args.factors.split(",")]
+    launches = launches and [tuple(int(v) for v in launch) for launch in launches]
+    try:
+        factors = [float(f) for f in args.factors.split(",")]
+    except ValueError:
+        parser.error(f"--factors: {args.factors!r} is not a list of numbers")
     contexts = [int(c) for c in args.contexts.split(",")]
     result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "rows": [], "complete": False}
     copy = None if args.smoke else copy_bandwidth(4.0)  # bytes / s, read + write counted

@@ -10,10 +10,11 @@ allocated, after each of two runs (the peaks count the model's making too), and 
 come back in the buffer they went in (a donated entry written in place does; any other was allocated anew).
 Then (`--pressures`) one step each with the device filled until only the plan's temporaries and some share of
 a layer's cache entry stay free: the least the step really needs. `--first-under` does that first of all
-through jit's dispatch, compiling under that pressure as the capacity search does (autotuning runs candidate
-kernels on buffers of their operands' shapes). With XLA's dump on (`XLA_FLAGS=--xla_dump_to=DIR`, `--dump`),
-the buffer assignment's allocations at least half a layer's cache entry are listed, with the values in them;
-and the optimized HLO's instructions whose result is that large, besides parameters and tuples.
+through jit's dispatch, compiling under that pressure as the capacity search does (XLA's autotuner, for one,
+times candidate kernels on buffers of their operands' shapes while it compiles). With XLA's dump on
+(`XLA_FLAGS=--xla_dump_to=DIR`, `--dump`), the buffer assignment's allocations at least half a layer's cache
+entry are listed, with the values in them; and the optimized HLO's instructions whose result is that large,
+besides parameters and tuples, and its copies counted.
 
     python -m eval.experiments.step_memory --model mla_partial --batch 32 --context 32768 --out mem.json \
         --pressures 0.25,0.75,1.25,2.5
@@ -106,17 +107,23 @@ def large_allocations(dump_dir: str, at_least: int) -> list[dict]:
 def ballast(free_bytes: int) -> list:
     """Arrays filling the device until about `free_bytes` stay free, in pieces of 256 MB halved down to 1 MB
     where the allocator's free blocks are smaller (as a nearly full cache leaves it): what a step then can
-    still allocate is what capacity leaves it."""
+    still allocate is what capacity leaves it. A piece that took more than it asked for (the allocator
+    hands out a whole free block) and left less than `free_bytes` is given back and a smaller one tried."""
+    free = lambda: (lambda stats: stats["bytes_limit"] - stats["bytes_in_use"])(
+        jax.devices()[0].memory_stats()
+    )
     pieces, piece = [], 1 << 28
     while piece >= 1 << 20:
-        stats = jax.devices()[0].memory_stats()
-        left = stats["bytes_limit"] - stats["bytes_in_use"] - free_bytes
-        if left < piece:
+        if free() - free_bytes < piece:
             piece //= 2
             continue
         try:
             pieces.append(jax.block_until_ready(jnp.zeros((piece,), jnp.uint8)))
         except jax.errors.JaxRuntimeError:  # no free block that large left: smaller pieces
+            piece //= 2
+            continue
+        if free() < free_bytes:
+            pieces.pop().delete()
             piece //= 2
     return pieces
 
@@ -154,8 +161,9 @@ def measure(
     layer_bytes = max(entry_bytes.values())
     row = {"model": model, "batch": batch, "context": context, "full_layer_entry_bytes": entry_bytes}
     row["params_only"] = allocator()
-    if first_under is not None and row["params_only"]:  # as the capacity search meets a batch: compiled
-        # and run with little left
+    # As the capacity search meets a batch: the step compiled and run by its first call through jit with
+    # little left (the share of a layer's entry asked for beside `free_bytes`, what was free).
+    if first_under is not None and row["params_only"]:
         step = lambda p, c, t, k: decode_step(p, c, t, k, config, GREEDY, True)
         free = int(first_under * layer_bytes)
         row["first_call_under_pressure"] = {"free_in_layer_entries": first_under} | step_under_pressure(
