@@ -42,6 +42,8 @@
 #              (XLA's buffer assignment dumped), then the step with only its temporaries and a share of a
 #              layer's latent left free; and, in another process, its first call (compiled there) with
 #              half a layer's latent left free
+#   step_memory_capacity  the same at 282 x 32K, where the capacity search failed: the first call through jit
+#              with 1.5 of a layer's latent free, then the compiled step with 0.25; then the first call with 0.5
 #   mla        the GQA and decompressed-MLA kernels at 32K, every launch (kv heads per program included)
 #   mla_e2e    whole-model steps of GQA and decompressed MLA at 32K on the kernels, as CUDA graphs
 #   loop       e2e per step and per token of a device-side loop of 16 steps (as generate runs), CUDA graphs
@@ -147,6 +149,11 @@ for stage in ${STAGES//,/ }; do
         --pressures 0.25,0.75,1.25,2.5
       run step_memory_first_call 150 eval.experiments.step_memory --model mla_partial --batch 32 --context 32768 \
         --first-under 0.5 ;;
+    step_memory_capacity)  # at the batch the capacity search failed at on an H100 (282 x 32K, partial)
+      run step_memory_capacity_first_1.5 240 eval.experiments.step_memory --model mla_partial --batch 282 \
+        --context 32768 --first-under 1.5 --pressures 0.25
+      run step_memory_capacity_first_0.5 200 eval.experiments.step_memory --model mla_partial --batch 282 \
+        --context 32768 --first-under 0.5 ;;
     mla) run decode_kernels_mla 330 eval.bench.decode --kernels --models gqa,mla --batches 1,8,64 --contexts 32768 ;;
     mla_e2e) run decode_e2e_mla 240 eval.bench.decode --cuda-graphs --decode-kernels on --models gqa,mla --batches 1,64 --contexts 32768 ;;
     loop) run decode_e2e_loop 330 eval.bench.decode --cuda-graphs --decode-kernels on --partial \
