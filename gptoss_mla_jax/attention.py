@@ -7,6 +7,7 @@ position i sees keys i - window + 1 .. i (`window` keys including itself).
 
 from __future__ import annotations
 
+import math
 from typing import Any, NamedTuple
 
 import jax
@@ -145,7 +146,9 @@ def decode_plan(
     if steps is None:
         return None
     splits, planned_block = steps
-    stages = flash_decode.pipeline_stages(kind, new_cache[entry].shape[1], splits, planned_block)
+    # a slot's bytes over all the layer's entries: what an absorbed program reads (more than a GQA one's)
+    slot_bytes = sum(math.prod(a.shape[2:]) * a.dtype.itemsize for a in new_cache.values())
+    stages = flash_decode.pipeline_stages(kind, new_cache[entry].shape[1], splits, planned_block, slot_bytes)
     return flash_decode.Launch(splits, planned_block, interpret, stages=stages, head_block=head_block)
 
 

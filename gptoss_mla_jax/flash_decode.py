@@ -421,13 +421,19 @@ def fill_programs(kind: KernelKind) -> int:
 # blocks of its latent in flight, which measured faster than two at 8 x 32K and 64 x 32K (docs/decode.md,
 # "The absorbed kernel's pipeline"); the others stay at two. Read when a step is traced.
 PIPELINE_STAGES: dict[KernelKind, int] = {"gqa": 2, "decompressed": 2, "absorbed": 3}
+# Shared memory the pipeline's cache blocks may fill beyond two stages: an H100's or H200's SM has 227 KB, and
+# the products' operands need the rest. gpt-oss's absorbed layers (384 bytes a slot, 24 KB a 64-slot block;
+# twice that in float32) take three stages; a latent several times larger keeps two.
+PIPELINE_SHARED_BYTES = 160 * 1024
 
 
-def pipeline_stages(kind: KernelKind, slots: int, splits: int, block: int) -> int:
+def pipeline_stages(kind: KernelKind, slots: int, splits: int, block: int, slot_bytes: int = 0) -> int:
     """The software pipeline's stages of a `kind` kernel over `slots` in `splits` slices of `block`-slot
-    steps: `PIPELINE_STAGES`', but no deeper than the blocks a slice walks (at least two: the next block loads
+    steps, reading `slot_bytes` a slot: `PIPELINE_STAGES`', but no deeper than the blocks a slice walks nor
+    than `PIPELINE_SHARED_BYTES` holds of blocks, though two where it asks for more (the next block loads
     while one is reduced)."""
-    return min(PIPELINE_STAGES[kind], max(2, slots // (splits * block)))
+    fits = PIPELINE_SHARED_BYTES // max(1, block * slot_bytes)
+    return min(PIPELINE_STAGES[kind], max(2, min(slots // (splits * block), fits)))
 
 
 def plan_for(

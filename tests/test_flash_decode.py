@@ -17,6 +17,7 @@ from gptoss_mla_jax.flash_decode import (
     FILL_PROGRAMS,
     MIN_ROWS,
     MLA_FILL_PROGRAMS,
+    PIPELINE_SHARED_BYTES,
     PIPELINE_STAGES,
     Launch,
     Slots,
@@ -27,6 +28,7 @@ from gptoss_mla_jax.flash_decode import (
     kv_heads_per_program,
     mla_absorbed_decode,
     mla_decompressed_decode,
+    pipeline_stages,
     plan,
     plan_for,
     pow2_columns,
@@ -227,8 +229,9 @@ def test_mla_kernels_split_until_the_sms():
 
 def test_decode_plan_launches_each_kind_with_its_pipeline_stages(monkeypatch):
     """The model's steps launch each kernel kind with `PIPELINE_STAGES`' stages (absorbed MLA three, the
-    others two), read when a step is traced, but no deeper than the blocks a slice walks (at least two): at
-    1 x 32K absorbed MLA's 256 slices walk two blocks each. No plan off the kernels."""
+    others two), read when a step is traced, but no deeper than the blocks a slice walks nor than the
+    pipeline's shared memory holds (two where it asks for more): at 1 x 32K absorbed MLA's 256 slices walk
+    two blocks each. No plan off the kernels."""
     cache = lambda slots: {"c": jax.ShapeDtypeStruct((1, slots, 4), jnp.bfloat16)}
     stages = lambda kind, programs=8, slots=32768: decode_plan(True, cache(slots), "c", kind, programs).stages
     assert PIPELINE_STAGES == {"gqa": 2, "decompressed": 2, "absorbed": 3}
@@ -236,8 +239,17 @@ def test_decode_plan_launches_each_kind_with_its_pipeline_stages(monkeypatch):
     assert decode_plan(True, cache(32768), "c", "absorbed", 1)[:2] == (256, 64)
     assert stages("absorbed", 1) == 2 and stages("absorbed", 1, 131072) == 3  # 2 and 8 blocks a slice
     assert stages("absorbed", 1, 4096) == 2  # one block a slice
+    # a latent whose 64-slot blocks fill the pipeline's shared memory two at a time keeps two stages
+    assert pipeline_stages("absorbed", 32768, 32, 64, slot_bytes=384) == 3  # gpt-oss's, 24 KB a block
+    assert pipeline_stages("absorbed", 32768, 32, 64, slot_bytes=2 * 384) == 3  # float32
+    wide = PIPELINE_SHARED_BYTES // (64 * 3) + 1  # three blocks would not fit
+    assert pipeline_stages("absorbed", 32768, 32, 64, slot_bytes=wide) == 2
+    wide_cache = {"c": jax.ShapeDtypeStruct((1, 32768, wide // 2), jnp.bfloat16)}
+    assert decode_plan(True, wide_cache, "c", "absorbed", 8).stages == 2
     monkeypatch.setattr(flash_decode, "PIPELINE_STAGES", PIPELINE_STAGES | {"absorbed": 4})
     assert stages("absorbed") == 4 and stages("absorbed", 1, 131072) == 4
+    monkeypatch.setattr(flash_decode, "PIPELINE_STAGES", PIPELINE_STAGES | {"absorbed": 1})
+    assert stages("absorbed") == 1  # asked for no pipelining: none
     assert decode_plan(False, cache(32768), "c", "absorbed", 8) is None
 
 

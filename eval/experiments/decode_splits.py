@@ -74,13 +74,14 @@ def kernel_us(entry: dict) -> float:
 
 
 def settings(
-    layer: str, batch: int, context: int, shape: dict, head_blocks, launches=None, factors=SPLIT_FACTORS
-) -> list[dict]:
+    layer: str, batch: int, context: int, shape: dict, head_blocks, launches=None, factors=SPLIT_FACTORS,
+    slot_bytes: int = 0,
+) -> list[dict]:  # fmt: skip
     """The grid of one point: per head block and launch ((block, warps, stages); default the model's:
     BLOCKS' slots a step, 4 warps, `flash_decode.pipeline_stages`' stages), the plan's slices times `factors`
     that divide the slots; the model's own launch first (`model_launch`)."""
     kind, out = kernel_kind(layer), []
-    model_stages = lambda splits, block: pipeline_stages(kind, context, splits, block)
+    model_stages = lambda splits, block: pipeline_stages(kind, context, splits, block, slot_bytes)
     for head_block, (block_asked, warps, stages) in itertools.product(
         head_blocks[layer], launches or [(BLOCKS[layer], 4, None)]
     ):
@@ -115,7 +116,8 @@ def point(layer: str, batch: int, context: int, smoke: bool, launches=None, fact
     head_blocks = SMOKE_HEAD_BLOCKS if smoke else HEAD_BLOCKS
     if not all_heads:
         head_blocks = {name: (None,) for name in head_blocks}
-    for setting in settings(layer, batch, context, shape, head_blocks, launches, factors):
+    slot_bytes = case.cache_bytes // (batch * context)
+    for setting in settings(layer, batch, context, shape, head_blocks, launches, factors, slot_bytes):
         launch = Launch(
             setting["splits"], setting["block"], interpret, setting["warps"], setting["stages"],
             setting["head_block"],
