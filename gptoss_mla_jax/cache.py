@@ -167,27 +167,30 @@ def total_bytes(config: GptOssConfig, batch: int, context: int, dtype=jnp.bfloat
     return sum(layer_bytes(config, i, batch, context, dtype) for i in range(config.num_hidden_layers))
 
 
-def check_fits(config: GptOssConfig, batch: int, max_len: int, dtype) -> None:
+def check_fits(config: GptOssConfig, batch: int, max_len: int, dtype, temporaries: int = 0) -> None:
     """Refuse, before allocating it, a cache of `batch` sequences of `max_len` tokens that the device has no
-    room for, saying how many tokens a sequence could have and which setting gives JAX more of the card."""
+    room for beside the `temporaries` its steps allocate, saying how many tokens a sequence could have and
+    which setting gives JAX more of the card."""
     need, free = total_bytes(config, batch, max_len, dtype), free_device_bytes()
-    if need <= free:
+    room = free - temporaries
+    if need <= room:
         return
     fits, over = 0, max_len  # the longest sequences that fit: bytes grow with the tokens
     while over - fits > 1:
         mid = (fits + over) // 2
-        fits, over = (mid, over) if total_bytes(config, batch, mid, dtype) <= free else (fits, mid)
+        fits, over = (mid, over) if total_bytes(config, batch, mid, dtype) <= room else (fits, mid)
+    taken = f", {_size(temporaries)} of it for the temporaries its steps allocate" if temporaries else ""
     raise ValueError(
         f"a KV cache of {batch} sequences x {max_len} tokens ({jnp.dtype(dtype).name}) needs {_size(need)} "
-        f"and the device has {_size(free)} free: at most {fits} tokens a sequence fit (shorter prompts or "
-        "max_new_tokens, fewer prompts), or let JAX take more of the GPU (XLA_PYTHON_CLIENT_MEM_FRACTION, "
-        "0.75 unless set)"
+        f"and the device has {_size(free)} free{taken}: at most {fits} tokens a sequence fit (shorter "
+        "prompts or max_new_tokens, fewer prompts), or let JAX take more of the GPU "
+        "(XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 unless set)"
     )
 
 
 def _size(nbytes: float) -> str:
     unit, scale = next(
-        (u, s) for u, s in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3), ("bytes", 1)) if nbytes >= s
+        ((u, s) for u, s in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)) if nbytes >= s), ("bytes", 1)
     )
     return f"{nbytes / scale:.2f} {unit}" if scale > 1 else f"{int(nbytes)} bytes"
 

@@ -210,6 +210,13 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+def temporary_bytes(compiled) -> int:
+    """The temporaries a compiled computation's plan allocates beside its arguments (0 where the backend
+    gives no plan)."""
+    plan = compiled.memory_analysis()
+    return 0 if plan is None else plan.temp_size_in_bytes
+
+
 def generate(
     params: Params,
     config: GptOssConfig,
@@ -255,13 +262,24 @@ def generate(
         room = free_device_bytes() - total_bytes(config, B, max_len, cache_dtype)
         if wide_experts_bytes(params) <= room:
             params = with_wide_experts(params, config)
-    check_fits(config, B, max_len, cache_dtype)  # in what the derived parameters left free
-    cache = init_cache(config, B, max_len, cache_dtype)
     key = jax.random.key(sampling.seed)
     key, sub = jax.random.split(key)
-    token, cache = prefill(params, cache, jnp.asarray(padded), lengths, sub, config, sampling.rule)
+    tokens, eos = jnp.asarray(padded), jnp.int32(-1 if eos_id is None else eos_id)
+    # Prefill and the decode loop compiled before the cache is allocated (their calls below reuse them):
+    # their temporaries are counted in what must fit beside it, and compiling needs no room left by it.
+    cache_spec = jax.eval_shape(lambda: init_cache(config, B, max_len, cache_dtype))
+    by_row = lambda dtype: jax.ShapeDtypeStruct((B,), dtype)
+    plans = (
+        prefill.lower(params, cache_spec, tokens, lengths, sub, config, sampling.rule),
+        decode_steps.lower(
+            params, cache_spec, by_row(jnp.int32), key, by_row(jnp.bool_), jnp.int32(0), eos, config,
+            sampling.rule, decode_kernels,
+        ),
+    )  # fmt: skip
+    check_fits(config, B, max_len, cache_dtype, max(temporary_bytes(plan.compile()) for plan in plans))
+    cache = init_cache(config, B, max_len, cache_dtype)
+    token, cache = prefill(params, cache, tokens, lengths, sub, config, sampling.rule)
     out = [np.asarray(token)[:, None]]
-    eos = jnp.int32(-1 if eos_id is None else eos_id)
     done = token == eos
     left = max_new_tokens - 1
     while left > 0 and not bool(done.all()):

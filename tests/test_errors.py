@@ -1,6 +1,7 @@
 """Bad input gets an error that says what is wrong, never silent garbage."""
 
 import json
+import logging
 import re
 import shutil
 
@@ -42,19 +43,59 @@ def test_prompt_longer_than_context(tiny):
 
 
 def test_cache_larger_than_the_device_is_refused_before_it_is_allocated(tiny, monkeypatch):
-    """generate checks the cache against the device's free memory first and says what fits and which
-    setting gives JAX more of a GPU (the CPU reports no limit: the check is patched in here)."""
+    """generate checks the cache and the temporaries of its compiled steps against the device's free memory
+    first and says what fits and which setting gives JAX more of a GPU (the CPU reports no limit: the check
+    is patched in here, the steps' temporaries too)."""
     from gptoss_mla_jax import cache as cache_lib
+    from gptoss_mla_jax import generation
 
     config, params = tiny
     need = cache_lib.total_bytes(config, 2, 48, jnp.float32)  # two prompts of 7 tokens + 40, in 16s: 48
     fits = max(n for n in range(1, 48) if cache_lib.total_bytes(config, 2, n, jnp.float32) <= need // 2)
+    monkeypatch.setattr(generation, "temporary_bytes", lambda compiled: 0)
     monkeypatch.setattr(cache_lib, "free_device_bytes", lambda: need // 2)
     with pytest.raises(ValueError, match=rf"2 sequences x 48 tokens \(float32\) needs {need / 1e3:.2f} KB "
                        rf".* at most {fits} tokens .*XLA_PYTHON_CLIENT_MEM_FRACTION"):  # fmt: skip
         generate(params, config, [[1] * 7, [2] * 7], 40)
-    monkeypatch.setattr(cache_lib, "free_device_bytes", lambda: need)
-    assert len(generate(params, config, [[1] * 7, [2] * 7], 2)[0]) == 2  # room for exactly the cache
+    temporaries = 5000
+    monkeypatch.setattr(generation, "temporary_bytes", lambda compiled: temporaries)
+    monkeypatch.setattr(cache_lib, "free_device_bytes", lambda: need + temporaries - 1)
+    with pytest.raises(
+        ValueError, match=r"free, 5.00 KB of it for the temporaries its steps allocate: at most"
+    ):
+        generate(params, config, [[1] * 7, [2] * 7], 40)
+    monkeypatch.setattr(cache_lib, "free_device_bytes", lambda: need + temporaries)
+    assert len(generate(params, config, [[1] * 7, [2] * 7], 2)[0]) == 2  # room for exactly both
+
+
+def test_generate_compiles_its_steps_once_before_the_cache(tiny, caplog, monkeypatch):
+    """Prefill and the decode loop are compiled from the cache's shapes before it is allocated, their
+    temporaries read off the plan (the CPU's too), and the calls reuse those compilations: each compiles
+    once over a generation of two loop calls."""
+    from gptoss_mla_jax import generation
+    from gptoss_mla_jax.generation import GREEDY, decode_steps, temporary_bytes
+
+    config, params = tiny
+    steps = ("jit(prefill)", "jit(decode_steps)")
+    compiled = lambda: [
+        m.split(" in ")[0].removeprefix("Finished XLA compilation of ") for m in caplog.messages
+    ]
+    at_allocation, allocate = [], generation.init_cache
+    monkeypatch.setattr(
+        generation, "init_cache", lambda *args: at_allocation.append(compiled()) or allocate(*args)
+    )
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+        tokens = generate(params, config, [[1] * 7, [2] * 5], 70)  # 1 + 64 + 5 tokens: the loop twice
+    assert len(tokens[0]) == 70
+    assert [compiled().count(step) for step in steps] == [1, 1]
+    assert all(step in at_allocation[-1] for step in steps)  # when the cache itself was allocated
+    cache = jax.eval_shape(lambda: init_cache(config, 1, 16, jnp.float32))
+    row = lambda dtype: jax.ShapeDtypeStruct((1,), dtype)
+    plan = decode_steps.lower(
+        params, cache, row(jnp.int32), jax.random.key(0), row(jnp.bool_), jnp.int32(1), jnp.int32(-1), config,
+        GREEDY,
+    ).compile()  # fmt: skip
+    assert temporary_bytes(plan) == plan.memory_analysis().temp_size_in_bytes > 0
 
 
 def test_cache_overflow_under_jit_is_nan(tiny):
