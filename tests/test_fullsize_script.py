@@ -2,12 +2,15 @@
 both loaders read it to the same dequantized values."""
 
 import json
+import logging
 import math
 
+import jax
 import jax.numpy as jnp
 import pytest
 
 from eval.experiments import fullsize_checkpoint as script
+from gptoss_mla_jax.generation import DEMO_CONFIG
 from weights.hf_layout import hf_tensors
 
 
@@ -269,6 +272,30 @@ def test_decode_capacity_runs_at_a_small_size(shared_models, tmp_path):
     # CPU reports no memory limit: the search starts at its bound and the step runs there.
     assert all(r["max_batch_runs"] == r["max_batch_by_bytes"] == bench_decode.MAX_BATCH for r in rows)
     assert rows[1]["per_sequence_gb"] < rows[0]["per_sequence_gb"]
+
+
+def test_benchmark_steps_compile_before_their_cache(caplog, monkeypatch):
+    """eval.bench.decode's steps are compiled from the cache's shapes before the cache is allocated, as
+    `generate` compiles its own (one step a call and the device loop), and the timed calls reuse that
+    compilation."""
+    from eval.bench import decode as bench_decode
+
+    config, params = bench_decode.models(DEMO_CONFIG, 48, only=("gqa",))["gqa"]
+    compiled = lambda: [
+        m.split(" in ")[0].removeprefix("Finished XLA compilation of ") for m in caplog.messages
+    ]
+    at_allocation, allocate = [], bench_decode.init_cache
+    monkeypatch.setattr(
+        bench_decode, "init_cache", lambda *args: at_allocation.append(compiled()) or allocate(*args)
+    )
+    with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+        bench_decode.step_seconds(params, config, 2, 32, 2)
+        bench_decode.step_seconds(params, config, 2, 32, 2, loop_steps=4)
+    # each call makes its cache twice: its shapes (to compile from), then the arrays
+    shapes_one, cache_one, shapes_loop, cache_loop = at_allocation
+    assert "jit(decode_step)" not in shapes_one and "jit(decode_step)" in cache_one
+    assert "jit(decode_steps)" not in shapes_loop and "jit(decode_steps)" in cache_loop
+    assert compiled().count("jit(decode_step)") == compiled().count("jit(decode_steps)") == 1
 
 
 def test_capacity_search_narrows_to_the_largest_batch_that_runs():

@@ -138,9 +138,9 @@ def step_seconds(
     """Seconds per token of each of `repeats` calls at `context` (after one warm-up call), attending with
     the Pallas kernels if `kernels`: a call is one decode step, or (`loop_steps` > 0) that many steps in one
     device-side loop (`generation.decode_steps`, as `generate` runs them: the host dispatches and waits once
-    per call), the cache filling up to `context`."""
+    per call), the cache filling up to `context`. The step is compiled before its cache is allocated, as
+    `generate` compiles its own."""
     steps = max(loop_steps, 1)
-    cache = init_cache(config, batch, context)
     tokens, key = jnp.zeros((batch,), jnp.int32), jax.random.key(0)
     if loop_steps:
         done, limit, never = jnp.zeros((batch,), bool), jnp.int32(steps), jnp.int32(-1)
@@ -148,8 +148,16 @@ def step_seconds(
         def call(tokens, cache):
             run = decode_steps(params, cache, tokens, key, done, limit, never, config, GREEDY, kernels, steps)
             return run.last, run.cache
+
+        plan = lambda cache: decode_steps.lower(
+            params, cache, tokens, key, done, limit, never, config, GREEDY, kernels, steps
+        )
     else:
         call = lambda tokens, cache: decode_step(params, cache, tokens, key, config, GREEDY, kernels)
+        plan = lambda cache: decode_step.lower(params, cache, tokens, key, config, GREEDY, kernels)
+    # compiled before the cache is allocated, as `generate` compiles its steps (the calls reuse it)
+    plan(jax.eval_shape(lambda: init_cache(config, batch, context))).compile()
+    cache = init_cache(config, batch, context)
     times = []
     for _ in range(repeats + 1):  # the first call compiles
         cache["lengths"] = jnp.full((batch,), context - steps, jnp.int32)  # every call at this context
