@@ -1,7 +1,6 @@
 """Bad input gets an error that says what is wrong, never silent garbage."""
 
 import json
-import logging
 import re
 import shutil
 
@@ -13,6 +12,7 @@ from safetensors.numpy import load_file, save_file
 
 from gptoss_mla_jax import forward, init_cache
 from gptoss_mla_jax.generation import generate
+from tests.compile_log import compiled, compiled_at_allocation
 from weights.safetensors_io import CheckpointError, load_hf
 
 
@@ -77,18 +77,12 @@ def test_generate_compiles_its_steps_once_before_the_cache(tiny, caplog, monkeyp
 
     config, params = tiny
     steps = ("jit(prefill)", "jit(decode_steps)")
-    compiled = lambda: [
-        m.split(" in ")[0].removeprefix("Finished XLA compilation of ") for m in caplog.messages
-    ]
-    at_allocation, allocate = [], generation.init_cache
-    monkeypatch.setattr(
-        generation, "init_cache", lambda *args: at_allocation.append(compiled()) or allocate(*args)
-    )
-    with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+    with compiled_at_allocation(caplog, monkeypatch, generation) as at_allocation:
         tokens = generate(params, config, [[1] * 7, [2] * 5], 70)  # 1 + 64 + 5 tokens: the loop twice
     assert len(tokens[0]) == 70
-    assert [compiled().count(step) for step in steps] == [1, 1]
-    assert all(step in at_allocation[-1] for step in steps)  # when the cache itself was allocated
+    assert [compiled(caplog).count(step) for step in steps] == [1, 1]
+    shapes, arrays = at_allocation  # the cache's shapes (to compile from), then its arrays
+    assert not any(step in shapes for step in steps) and all(step in arrays for step in steps)
     cache = jax.eval_shape(lambda: init_cache(config, 1, 16, jnp.float32))
     row = lambda dtype: jax.ShapeDtypeStruct((1,), dtype)
     plan = decode_steps.lower(

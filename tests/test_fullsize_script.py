@@ -2,7 +2,6 @@
 both loaders read it to the same dequantized values."""
 
 import json
-import logging
 import math
 
 import jax
@@ -11,6 +10,7 @@ import pytest
 
 from eval.experiments import fullsize_checkpoint as script
 from gptoss_mla_jax.generation import DEMO_CONFIG
+from tests.compile_log import compiled, compiled_at_allocation
 from weights.hf_layout import hf_tensors
 
 
@@ -83,7 +83,6 @@ def test_decode_benchmark_runs_at_a_small_size(shared_models, tmp_path):
 def test_step_bytes_counts_each_weight_once_and_the_cache():
     """A step's byte floor: the cache, every weight but the embedding (the batch's rows) and the experts
     (those the batch selects on average under uniform routing), counted by hand on the demo model."""
-    import jax
 
     from eval.bench import decode as bench_decode
     from gptoss_mla_jax.cache import total_bytes
@@ -281,21 +280,14 @@ def test_benchmark_steps_compile_before_their_cache(caplog, monkeypatch):
     from eval.bench import decode as bench_decode
 
     config, params = bench_decode.models(DEMO_CONFIG, 48, only=("gqa",))["gqa"]
-    compiled = lambda: [
-        m.split(" in ")[0].removeprefix("Finished XLA compilation of ") for m in caplog.messages
-    ]
-    at_allocation, allocate = [], bench_decode.init_cache
-    monkeypatch.setattr(
-        bench_decode, "init_cache", lambda *args: at_allocation.append(compiled()) or allocate(*args)
-    )
-    with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
+    with compiled_at_allocation(caplog, monkeypatch, bench_decode) as at_allocation:
         bench_decode.step_seconds(params, config, 2, 32, 2)
         bench_decode.step_seconds(params, config, 2, 32, 2, loop_steps=4)
     # each call makes its cache twice: its shapes (to compile from), then the arrays
     shapes_one, cache_one, shapes_loop, cache_loop = at_allocation
     assert "jit(decode_step)" not in shapes_one and "jit(decode_step)" in cache_one
     assert "jit(decode_steps)" not in shapes_loop and "jit(decode_steps)" in cache_loop
-    assert compiled().count("jit(decode_step)") == compiled().count("jit(decode_steps)") == 1
+    assert compiled(caplog).count("jit(decode_step)") == compiled(caplog).count("jit(decode_steps)") == 1
 
 
 def test_capacity_search_narrows_to_the_largest_batch_that_runs():
