@@ -146,7 +146,8 @@ def decode_plan(
     if steps is None:
         return None
     splits, planned_block = steps
-    # a slot's bytes over all the layer's entries: what an absorbed program reads (more than a GQA one's)
+    # a slot's bytes over all the layer's entries: what an absorbed program reads (a GQA program reads one
+    # kv head's: were GQA given more than two stages, this would cap it too early)
     slot_bytes = sum(math.prod(a.shape[2:]) * a.dtype.itemsize for a in new_cache.values())
     stages = flash_decode.pipeline_stages(kind, new_cache[entry].shape[1], splits, planned_block, slot_bytes)
     return flash_decode.Launch(splits, planned_block, interpret, stages=stages, head_block=head_block)

@@ -167,24 +167,33 @@ def total_bytes(config: GptOssConfig, batch: int, context: int, dtype=jnp.bfloat
     return sum(layer_bytes(config, i, batch, context, dtype) for i in range(config.num_hidden_layers))
 
 
+class CacheDoesNotFit(ValueError):
+    """A cache (and its steps' temporaries) that the device has no room for."""
+
+
 def check_fits(config: GptOssConfig, batch: int, max_len: int, dtype, temporaries: int = 0) -> None:
-    """Refuse, before allocating it, a cache of `batch` sequences of `max_len` tokens that the device has no
-    room for beside the `temporaries` its steps allocate, saying how many tokens a sequence could have and
-    which setting gives JAX more of the card."""
+    """Refuse (`CacheDoesNotFit`), before allocating it, a cache of `batch` sequences of `max_len` tokens
+    that the device has no room for beside the `temporaries` its steps allocate, saying how many tokens a
+    sequence could have and which setting gives JAX more of the card."""
     need, free = total_bytes(config, batch, max_len, dtype), free_device_bytes()
     room = free - temporaries
     if need <= room:
         return
+    more = "or let JAX take more of the GPU (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 unless set)"
+    if room <= 0:
+        raise CacheDoesNotFit(
+            f"the steps of {batch} sequences x {max_len} tokens allocate {_size(temporaries)} of temporaries "
+            f"and the device has {_size(free)} free, before any KV cache: fewer or shorter prompts, {more}"
+        )
     fits, over = 0, max_len  # the longest sequences that fit: bytes grow with the tokens
     while over - fits > 1:
         mid = (fits + over) // 2
         fits, over = (mid, over) if total_bytes(config, batch, mid, dtype) <= room else (fits, mid)
     taken = f", {_size(temporaries)} of it for the temporaries its steps allocate" if temporaries else ""
-    raise ValueError(
+    raise CacheDoesNotFit(
         f"a KV cache of {batch} sequences x {max_len} tokens ({jnp.dtype(dtype).name}) needs {_size(need)} "
         f"and the device has {_size(free)} free{taken}: at most {fits} tokens a sequence fit (shorter "
-        "prompts or max_new_tokens, fewer prompts), or let JAX take more of the GPU "
-        "(XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 unless set)"
+        f"prompts or max_new_tokens, fewer prompts), {more}"
     )
 
 

@@ -14,7 +14,7 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from gptoss_mla_jax import flash_decode
-from gptoss_mla_jax.cache import check_fits, free_device_bytes, init_cache, total_bytes
+from gptoss_mla_jax.cache import CacheDoesNotFit, check_fits, free_device_bytes, init_cache, total_bytes
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.mla import decode_key_layers, with_decode_keys, with_up_projections
 from gptoss_mla_jax.model import (
@@ -26,6 +26,7 @@ from gptoss_mla_jax.model import (
     wide_experts_bytes,
     with_aligned_scales,
     with_wide_experts,
+    without_wide_experts,
 )
 from gptoss_mla_jax.moe import wide_batch
 
@@ -256,36 +257,51 @@ def generate(
     params = with_up_projections(params, config)  # derived once for all the steps
     if decode_kernels:  # the grouped matmul's pipelined loads of the experts' scales
         params = with_aligned_scales(params)
-    if wants_wide_layout(params, config, B, decode_kernels):
-        # the wide-batch kernel's second layout of the experts (prefill's and the steps'), where it fits
-        # beside the cache
+    wide = wants_wide_layout(params, config, B, decode_kernels)
+    if wide:  # the wide-batch kernel's second layout of the experts (prefill's and the steps'), where it fits
         room = free_device_bytes() - total_bytes(config, B, max_len, cache_dtype)
-        if wide_experts_bytes(params) <= room:
-            params = with_wide_experts(params, config)
+        wide = wide_experts_bytes(params) <= room
     key = jax.random.key(sampling.seed)
     key, sub = jax.random.split(key)
     tokens, eos = jnp.asarray(padded), jnp.int32(-1 if eos_id is None else eos_id)
-    # Prefill and the decode loop compiled before the cache is allocated (their calls below reuse them):
-    # their temporaries are counted in what must fit beside it, and compiling needs no room left by it.
-    cache_spec = jax.eval_shape(lambda: init_cache(config, B, max_len, cache_dtype))
     by_row = lambda dtype: jax.ShapeDtypeStruct((B,), dtype)
-    plans = (
-        prefill.lower(params, cache_spec, tokens, lengths, sub, config, sampling.rule),
-        decode_steps.lower(
-            params, cache_spec, by_row(jnp.int32), key, by_row(jnp.bool_), jnp.int32(0), eos, config,
+
+    def compiled_steps(params):
+        """Prefill and (for a second token on) the decode loop, compiled from the cache's shapes before the
+        cache is allocated: their temporaries are counted in what must fit beside it, and compiling needs
+        none of its room. The loop gets the arrays those shapes stand for, so it runs as compiled."""
+        cache = jax.eval_shape(lambda: init_cache(config, B, max_len, cache_dtype))
+        fill = prefill.lower(params, cache, tokens, lengths, sub, config, sampling.rule).compile()
+        if max_new_tokens == 1:
+            return fill, None
+        loop = decode_steps.lower(
+            params, cache, by_row(jnp.int32), key, by_row(jnp.bool_), jnp.int32(0), eos, config,
             sampling.rule, decode_kernels,
-        ),
-    )  # fmt: skip
-    check_fits(config, B, max_len, cache_dtype, max(temporary_bytes(plan.compile()) for plan in plans))
+        ).compile()  # fmt: skip
+        return fill, loop
+
+    def fitting_steps(params):
+        fill, loop = compiled_steps(params)
+        temporaries = max(temporary_bytes(step) for step in (fill, loop) if step is not None)
+        check_fits(config, B, max_len, cache_dtype, temporaries)
+        return fill, loop
+
+    if wide:
+        try:
+            params = with_wide_experts(params, config)
+            fill, loop = fitting_steps(params)
+        except CacheDoesNotFit:  # the steps' temporaries left no room for the layout: the steps without it
+            params = without_wide_experts(params)
+            fill, loop = fitting_steps(params)
+    else:
+        fill, loop = fitting_steps(params)
     cache = init_cache(config, B, max_len, cache_dtype)
-    token, cache = prefill(params, cache, tokens, lengths, sub, config, sampling.rule)
+    token, cache = fill(params, cache, tokens, lengths, sub)
     out = [np.asarray(token)[:, None]]
     done = token == eos
     left = max_new_tokens - 1
     while left > 0 and not bool(done.all()):
-        run = decode_steps(
-            params, cache, token, key, done, jnp.int32(left), eos, config, sampling.rule, decode_kernels
-        )
+        run = loop(params, cache, token, key, done, jnp.int32(left), eos)
         count = int(run.count)
         out.append(np.asarray(run.tokens)[:, :count])
         token, key, done, cache, left = run.last, run.key, run.done, run.cache, left - count

@@ -65,17 +65,51 @@ def test_cache_larger_than_the_device_is_refused_before_it_is_allocated(tiny, mo
     ):
         generate(params, config, [[1] * 7, [2] * 7], 40)
     monkeypatch.setattr(cache_lib, "free_device_bytes", lambda: need + temporaries)
-    assert len(generate(params, config, [[1] * 7, [2] * 7], 2)[0]) == 2  # room for exactly both
+    assert len(generate(params, config, [[1] * 7, [2] * 7], 40)[0]) == 40  # room for exactly both
+    monkeypatch.setattr(cache_lib, "free_device_bytes", lambda: temporaries - 1000)
+    with pytest.raises(ValueError, match=r"allocate 5.00 KB of temporaries and the device has 4.00 KB free, "
+                       r"before any KV cache"):  # fmt: skip
+        generate(params, config, [[1] * 7, [2] * 7], 40)
 
 
-def test_generate_compiles_its_steps_once_before_the_cache(tiny, caplog, monkeypatch):
+def test_generate_drops_the_wide_layout_its_steps_leave_no_room_for(tiny, monkeypatch):
+    """Where the experts' wide-batch layout fits beside the cache but the steps compiled with it leave no
+    room for the cache, generate compiles them without it and runs (the layout's calls stood in for here:
+    the CPU takes no wide-batch kernel)."""
+    from gptoss_mla_jax import cache as cache_lib
+    from gptoss_mla_jax import generation
+
+    config, params = tiny
+    calls, compiled = [], []
+    monkeypatch.setattr(generation, "wants_wide_layout", lambda *args: True)
+    monkeypatch.setattr(generation, "wide_experts_bytes", lambda params: 0)
+    monkeypatch.setattr(
+        generation, "with_wide_experts", lambda params, config: calls.append("with") or params
+    )
+    monkeypatch.setattr(generation, "without_wide_experts", lambda params: calls.append("without") or params)
+    # the steps compiled with the layout (the first two) take all the room; without it, none
+    monkeypatch.setattr(
+        generation,
+        "temporary_bytes",
+        lambda step: compiled.append(step) or (10**9 if len(compiled) <= 2 else 0),
+    )
+    monkeypatch.setattr(cache_lib, "free_device_bytes", lambda: 10**8)
+    assert len(generate(params, config, [[1] * 7], 20)[0]) == 20
+    assert calls == ["with", "without"] and len(compiled) == 4
+
+
+@pytest.mark.parametrize("committed", [False, True])
+def test_generate_compiles_its_steps_once_before_the_cache(tiny, caplog, monkeypatch, committed):
     """Prefill and the decode loop are compiled from the cache's shapes before it is allocated, their
-    temporaries read off the plan (the CPU's too), and the calls reuse those compilations: each compiles
-    once over a generation of two loop calls."""
+    temporaries read off the plan (the CPU's too), and run as compiled: each compiles once over a generation
+    of two loop calls, the params placed on the device (as a checkpoint restores them; every output then
+    is too) or not."""
     from gptoss_mla_jax import generation
     from gptoss_mla_jax.generation import GREEDY, decode_steps, temporary_bytes
 
     config, params = tiny
+    if committed:
+        params = jax.device_put(params, jax.devices()[0])
     steps = ("jit(prefill)", "jit(decode_steps)")
     with compiled_at_allocation(caplog, monkeypatch, generation) as at_allocation:
         tokens = generate(params, config, [[1] * 7, [2] * 5], 70)  # 1 + 64 + 5 tokens: the loop twice

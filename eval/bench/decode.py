@@ -142,24 +142,23 @@ def step_seconds(
     `generate` compiles its own."""
     steps = max(loop_steps, 1)
     tokens, key = jnp.zeros((batch,), jnp.int32), jax.random.key(0)
+    # compiled from the cache's shapes before the cache is allocated, as `generate` compiles its steps
+    shapes = jax.eval_shape(lambda: init_cache(config, batch, context))
     if loop_steps:
         done, limit, never = jnp.zeros((batch,), bool), jnp.int32(steps), jnp.int32(-1)
+        loop = decode_steps.lower(
+            params, shapes, tokens, key, done, limit, never, config, GREEDY, kernels, steps
+        ).compile()
 
         def call(tokens, cache):
-            run = decode_steps(params, cache, tokens, key, done, limit, never, config, GREEDY, kernels, steps)
+            run = loop(params, cache, tokens, key, done, limit, never)
             return run.last, run.cache
-
-        plan = lambda cache: decode_steps.lower(
-            params, cache, tokens, key, done, limit, never, config, GREEDY, kernels, steps
-        )
     else:
-        call = lambda tokens, cache: decode_step(params, cache, tokens, key, config, GREEDY, kernels)
-        plan = lambda cache: decode_step.lower(params, cache, tokens, key, config, GREEDY, kernels)
-    # compiled before the cache is allocated, as `generate` compiles its steps (the calls reuse it)
-    plan(jax.eval_shape(lambda: init_cache(config, batch, context))).compile()
+        step = decode_step.lower(params, shapes, tokens, key, config, GREEDY, kernels).compile()
+        call = lambda tokens, cache: step(params, cache, tokens, key)
     cache = init_cache(config, batch, context)
     times = []
-    for _ in range(repeats + 1):  # the first call compiles
+    for _ in range(repeats + 1):  # the first call warms up
         cache["lengths"] = jnp.full((batch,), context - steps, jnp.int32)  # every call at this context
         t = time.perf_counter()
         tokens, cache = jax.block_until_ready(call(tokens, cache))
