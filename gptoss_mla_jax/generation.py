@@ -266,25 +266,21 @@ def generate(
     tokens, eos = jnp.asarray(padded), jnp.int32(-1 if eos_id is None else eos_id)
     by_row = lambda dtype: jax.ShapeDtypeStruct((B,), dtype)
 
-    def compiled_steps(params):
-        """Prefill and (for a second token on) the decode loop, compiled from the cache's shapes before the
-        cache is allocated: their temporaries are counted in what must fit beside it, and compiling needs
-        none of its room. The loop gets the arrays those shapes stand for, so it runs as compiled."""
-        cache = jax.eval_shape(lambda: init_cache(config, B, max_len, cache_dtype))
-        fill = prefill.lower(params, cache, tokens, lengths, sub, config, sampling.rule).compile()
-        if max_new_tokens == 1:
-            return fill, None
-        loop = decode_steps.lower(
-            params, cache, by_row(jnp.int32), key, by_row(jnp.bool_), jnp.int32(0), eos, config,
-            sampling.rule, decode_kernels,
-        ).compile()  # fmt: skip
-        return fill, loop
-
     def fitting_steps(params):
-        fill, loop = compiled_steps(params)
-        temporaries = max(temporary_bytes(step) for step in (fill, loop) if step is not None)
-        check_fits(config, B, max_len, cache_dtype, temporaries)
-        return fill, loop
+        """Prefill and (for a second token on) the decode loop, compiled from the cache's shapes before the
+        cache is allocated, the cache checked to fit beside their temporaries (compiling needs none of its
+        room). The loop gets the arrays those shapes stand for, so it runs as compiled."""
+        cache = jax.eval_shape(lambda: init_cache(config, B, max_len, cache_dtype))
+        steps = [prefill.lower(params, cache, tokens, lengths, sub, config, sampling.rule).compile()]
+        if max_new_tokens > 1:
+            steps.append(
+                decode_steps.lower(
+                    params, cache, by_row(jnp.int32), key, by_row(jnp.bool_), jnp.int32(0), eos, config,
+                    sampling.rule, decode_kernels,
+                ).compile()
+            )  # fmt: skip
+        check_fits(config, B, max_len, cache_dtype, max(temporary_bytes(step) for step in steps))
+        return steps[0], steps[1] if max_new_tokens > 1 else None
 
     if wide:
         try:

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from eval.bench.decode import models
-from gptoss_mla_jax.cache import entry_shapes, init_cache
+from gptoss_mla_jax.cache import entry_shapes, free_device_bytes, init_cache
 from gptoss_mla_jax.config import GPT_OSS_20B
 from gptoss_mla_jax.generation import DEMO_CONFIG, GREEDY, decode_step
 from support.results import write_json
@@ -109,12 +109,9 @@ def ballast(free_bytes: int) -> list:
     where the allocator's free blocks are smaller (as a nearly full cache leaves it): what a step then can
     still allocate is what capacity leaves it. A piece that took more than it asked for (the allocator
     hands out a whole free block) and left less than `free_bytes` is given back and a smaller one tried."""
-    free = lambda: (lambda stats: stats["bytes_limit"] - stats["bytes_in_use"])(
-        jax.devices()[0].memory_stats()
-    )
     pieces, piece = [], 1 << 28
     while piece >= 1 << 20:
-        if free() - free_bytes < piece:
+        if free_device_bytes() - free_bytes < piece:
             piece //= 2
             continue
         try:
@@ -122,7 +119,7 @@ def ballast(free_bytes: int) -> list:
         except jax.errors.JaxRuntimeError:  # no free block that large left: smaller pieces
             piece //= 2
             continue
-        if free() < free_bytes:
+        if free_device_bytes() < free_bytes:
             pieces.pop().delete()
             piece //= 2
     return pieces
@@ -134,8 +131,7 @@ def step_under_pressure(step, params, config, batch: int, context: int, free_byt
     cache = init_cache(config, batch, context)
     cache["lengths"] = jnp.full((batch,), context - 1, jnp.int32)
     pieces = ballast(free_bytes)
-    stats = jax.devices()[0].memory_stats()
-    out = {"free_bytes": stats["bytes_limit"] - stats["bytes_in_use"]}
+    out = {"free_bytes": free_device_bytes()}
     try:
         jax.block_until_ready(step(params, cache, jnp.zeros((batch,), jnp.int32), jax.random.key(0)))
         out["ran"] = True
