@@ -236,6 +236,44 @@ def test_step_memory_experiment_runs_on_the_demo_model(tmp_path):
     assert len(writes) >= sum(not DEMO_CONFIG.is_sliding(i) for i in range(DEMO_CONFIG.num_hidden_layers))
 
 
+def test_decode_benchmark_loop_only_times_the_loop_alone(shared_models, tmp_path, monkeypatch):
+    """--loop-only: each point compiles and times only the device loop (no step a call), each row says how
+    long its point took, and the rows make the README's table (eval.bench.decode_table); without
+    --loop-steps the flag is refused."""
+    from eval.bench import decode as bench_decode
+    from eval.bench import decode_table
+
+    calls = []
+    per_model = {"gqa": 2e-3, "mla": 1e-3}
+
+    def timed(params, config, batch, context, repeats, kernels, loop_steps=0):
+        calls.append(loop_steps)
+        return [per_model["mla" if config.mla else "gqa"] * batch] * repeats
+
+    monkeypatch.setattr(bench_decode, "step_seconds", timed)
+    out = tmp_path / "loop.json"
+    argv = ["--smoke", "--batches", "1,2", "--contexts", "32", "--repeats", "2", "--decode-kernels", "on"]
+    assert bench_decode.main([*argv, "--loop-steps", "4", "--loop-only", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    rows = result["rows"]
+    assert calls == [4] * 4 and [(r["model"], r["batch"]) for r in rows] == [
+        ("gqa", 1), ("mla", 1), ("gqa", 2), ("mla", 2)
+    ]  # fmt: skip
+    assert all("step_ms" not in r and r["loop_step_ms"] > 0 and r["seconds"] >= 0 for r in rows)
+    lines = decode_table.table({"loop.json": result}).splitlines()
+    assert (
+        lines[0]
+        == "| batch x context | GQA | MLA default | MLA partial | floor GQA / MLA default / MLA partial |"
+    )
+    floors = lambda batch: " / ".join(f"{r['floor_ms']:.2f}" for r in rows if r["batch"] == batch)
+    assert lines[2:] == [
+        f"| 1 x 32 | 2.00 | **1.00** | - | {floors(1)} / - |",
+        f"| 2 x 32 | 4.00 | **2.00** | - | {floors(2)} / - |",
+    ]
+    with pytest.raises(SystemExit):
+        bench_decode.main([*argv, "--loop-only"])
+
+
 def test_a_decode_benchmark_cut_short_keeps_the_rows_it_finished(shared_models, tmp_path, monkeypatch):
     """Killed during its second point (here: interrupted), the benchmark's --out file already holds the
     first point's row, marked incomplete; a finished run overwrites it with the whole result."""

@@ -175,11 +175,13 @@ def speed(
     copy: float,
     kernels=(False,),
     loop_steps: int = 0,
+    loop_only: bool = False,
 ) -> list[dict]:
     """Step time per context, batch, model and attention path (`kernels`: False = jnp/XLA, True = the
-    Pallas decode kernels): one step per call, and (`loop_steps` > 0) per token of a device-side loop of
-    that many steps; beside each, with the card's `copy` bandwidth (bytes / s), the step's byte floor
-    (`step_bytes`) and the times over it."""
+    Pallas decode kernels): one step per call (unless `loop_only`), and (`loop_steps` > 0) per token of a
+    device-side loop of that many steps; beside each, with the card's `copy` bandwidth (bytes / s), the
+    step's byte floor (`step_bytes`) and the times over it, and the seconds the point took (compilation
+    included: what a device call's time limit must hold)."""
     rows = []
     for context, batch, (name, (config, params)), on_kernels in itertools.product(
         contexts, batches, models_.items(), kernels
@@ -194,14 +196,16 @@ def speed(
                 "XLA_PYTHON_CLIENT_MEM_FRACTION of the card, 0.75 unless set)"
             )
         else:
+            started = time.perf_counter()
             try:
-                times = step_seconds(params, config, batch, context, repeats, on_kernels)
-                row |= {
-                    "step_ms": 1e3 * float(np.median(times)),
-                    "times_ms": [1e3 * t for t in times],
-                }
-                row["tokens_per_s"] = batch / (row["step_ms"] / 1e3)
-                row["step_over_floor"] = row["step_ms"] / row["floor_ms"]
+                if not (loop_only and loop_steps):
+                    times = step_seconds(params, config, batch, context, repeats, on_kernels)
+                    row |= {
+                        "step_ms": 1e3 * float(np.median(times)),
+                        "times_ms": [1e3 * t for t in times],
+                    }
+                    row["tokens_per_s"] = batch / (row["step_ms"] / 1e3)
+                    row["step_over_floor"] = row["step_ms"] / row["floor_ms"]
                 if loop_steps:
                     times = step_seconds(params, config, batch, context, repeats, on_kernels, loop_steps)
                     row |= {
@@ -213,6 +217,7 @@ def speed(
                     row["loop_over_floor"] = row["loop_step_ms"] / row["floor_ms"]
             except Exception as e:  # out of memory in the step, or a kernel that does not lower
                 row["skipped"] = f"step failed: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+            row["seconds"] = time.perf_counter() - started
         rows.append(row)
         log(row)
     return rows
@@ -437,6 +442,10 @@ def main(argv=None) -> int:
         help="also time each point per token of this many steps in one device-side loop, as generate runs",
     )  # fmt: skip
     parser.add_argument(
+        "--loop-only", action="store_true",
+        help="with --loop-steps, time only the loop (not one step a call): a compilation less a point",
+    )  # fmt: skip
+    parser.add_argument(
         "--state-shares", default="none",
         help="steps with absorbed MLA's slices bounded by their state (flash_decode.STATE_SHARE), each of "
         "these in turn, e.g. none,0.25 (none: unbounded, the default)",
@@ -481,6 +490,8 @@ def main(argv=None) -> int:
         unknown = set(values.split(",")) - set(get_args(kinds))
         if unknown:
             parser.error(f"{flag}: {sorted(unknown)} not among {get_args(kinds)}")
+    if args.loop_only and not args.loop_steps:
+        parser.error("--loop-only times the device loop: give --loop-steps too")
     if not args.wide_min_pairs > 0:
         parser.error(f"--wide-min-pairs: {args.wide_min_pairs} is not positive")
     if set(args.wide_kernel.split(",")) - {"on", "off"} and args.wide_kernel != "only":
@@ -501,7 +512,10 @@ def main(argv=None) -> int:
         print(json.dumps(row), flush=True)
         if args.out:  # a run cut short (a device call's time limit) keeps the rows it finished
             done.append(row)
-            write_json(args.out, {"command": command, "complete": False, "rows_so_far": done})
+            device = jax.devices()[0].device_kind
+            write_json(
+                args.out, {"command": command, "device": device, "complete": False, "rows_so_far": done}
+            )
 
     if args.transformers:
         result = {"rows": [transformers_step(c, args.repeats) for c in contexts]}
@@ -593,7 +607,10 @@ def main(argv=None) -> int:
                     (model_lib, "FUSED_NORMS", fused),
                     (flash_decode, "DECOMPRESSED_KERNEL", decompressed),
                 ):
-                    rows = speed(runs, batches, contexts, args.repeats, tag, copy, kernels, args.loop_steps)
+                    rows = speed(
+                        runs, batches, contexts, args.repeats, tag, copy, kernels, args.loop_steps,
+                        args.loop_only,
+                    )  # fmt: skip
                 result["rows"] += [row | setting for row in rows]
     result["command"] = command
     print(json.dumps(result), flush=True)
