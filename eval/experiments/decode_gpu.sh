@@ -80,7 +80,7 @@
 #              agreement with the jnp path and time), the decompressed MLA model's loop there on each
 #              kernel (one process) and GQA's (another)
 #   table_small  the README's decode table (`python -m eval.bench.decode_table`) at batches 1 and 8 x 4K, 32K
-#              and 128K (CONTEXTS overrides): GQA, the default MLA and MLA partial, per token of the loop only,
+#              and 128K (CONTEXTS overrides; LIMIT the seconds it may take, 570): GQA, the default MLA and MLA partial, per token of the loop only,
 #              transformers' step at 1 x 4K first
 #   table_wide the same at batches 64 and 256, the experts in the wide-batch kernel's layout alone (as the
 #              command line holds them for such a batch), JAX given 97% of the card
@@ -215,10 +215,10 @@ for stage in ${STAGES//,/ }; do
         --batches 64 --contexts 32768 --loop-steps 16 --repeats 5 --decompressed-kernels triton,mosaic,mosaic2
       run decode_e2e_gqa_64x32k 150 eval.bench.decode --cuda-graphs --decode-kernels on --models gqa \
         --batches 64 --contexts 32768 --loop-steps 16 --repeats 5 ;;
-    table_small) run decode_table_b1_8 570 eval.bench.decode --with-transformers --cuda-graphs --decode-kernels on \
+    table_small) run decode_table_b1_8 "${LIMIT:-570}" eval.bench.decode --with-transformers --cuda-graphs --decode-kernels on \
       --partial --models gqa,mla,mla_partial --batches 1,8 --contexts "${CONTEXTS:-4096,32768,131072}" \
       --loop-steps 16 --repeats 5 --loop-only ;;
-    table_wide) XLA_PYTHON_CLIENT_MEM_FRACTION=0.97 run decode_table_b64_256 570 eval.bench.decode --cuda-graphs \
+    table_wide) XLA_PYTHON_CLIENT_MEM_FRACTION=0.97 run decode_table_b64_256 "${LIMIT:-570}" eval.bench.decode --cuda-graphs \
       --decode-kernels on --partial --models gqa,mla,mla_partial --batches 64,256 \
       --contexts "${CONTEXTS:-4096,32768,131072}" --loop-steps 16 --repeats 5 --loop-only --wide-kernel only ;;
     capacity) run decode_capacity 560 eval.bench.decode --capacity --decode-kernels on --partial --contexts 32768,131072 \
