@@ -34,7 +34,7 @@ def test_table_joins_runs_of_one_card_and_names_the_peer():
         "| 1 x 4K | 3.00 | **2.50** | 2.75 | 1.30 / 1.20 / 1.25 |",
         "| 64 x 128K | - | 40.00 | **20.00** | 1.00 / 1.00 / 1.00 |",
         "",
-        "transformers 5.0 (transformers GptOssForCausalLM): 30.0 ms a step at 1 x 4K, 10.0x GQA's loop",
+        "transformers GptOssForCausalLM, transformers 5.0: 30.0 ms a step at 1 x 4K, 10.0x GQA's loop",
     ]
 
 

@@ -59,8 +59,8 @@ def table(results: dict[str, dict]) -> str:
             gqa = points.get((peer["batch"], peer["context"]), {}).get("gqa", {}).get("loop_step_ms")
             ratio = f", {peer['step_ms'] / gqa:.1f}x GQA's loop" if gqa else ""
             lines.append(
-                f"\ntransformers {peer['transformers']} ({peer['model']}): {peer['step_ms']:.1f} ms a step "
-                f"at {peer['batch']} x {_context(peer['context'])}{ratio}"
+                f"\n{peer['model']}, transformers {peer['transformers']}: {peer['step_ms']:.1f} ms a step at "
+                f"{peer['batch']} x {_context(peer['context'])}{ratio}"
             )
     return "\n".join(lines)
 
