@@ -12,7 +12,8 @@ def _row(model, batch, context, ms=None, floor=1.0):
 
 def test_table_joins_runs_of_one_card_and_names_the_peer():
     """Points from a finished run and one cut short (its rows so far, the peer first) in one table: rows by
-    batch then context, the fastest in bold, a point no run measured "-", the peer's step against GQA's."""
+    batch then context, the fastest in bold, a model a point skipped or no run measured "-", a point no model
+    ran left out, the peer's step against GQA's."""
     peer = {"model": "transformers GptOssForCausalLM", "transformers": "5.0", "batch": 1, "context": 4096}
     small = {
         "device": "H",
@@ -27,6 +28,7 @@ def test_table_joins_runs_of_one_card_and_names_the_peer():
     wide = {"device": "H", "transformers_rows": [], "rows": [
         _row("gqa", 64, 131072), _row("mla", 64, 131072, 40.0), _row("mla_partial", 64, 131072, 20.0),
         _row("mla_rorope", 64, 131072, 19.0),  # not a column of the table
+        _row("gqa", 256, 131072), _row("mla", 256, 131072),  # no model ran: no row
     ]}  # fmt: skip
     assert table({"small.json": small, "wide.json": wide}).splitlines() == [
         "| batch x context | GQA | MLA default | MLA partial | floor GQA / MLA default / MLA partial |",

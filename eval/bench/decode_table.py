@@ -1,7 +1,7 @@
 """The decode table of the README from `eval.bench.decode`'s results: ms per token of `generate`'s device
 loop per batch x context and model, the fastest in bold, beside each model's byte floor, and transformers'
-step where a file holds it. The files must come from one card (their `device`); a point in none of them, or
-skipped by all (its cache does not fit), reads "-".
+step where a file holds it. The files must come from one card (their `device`); a model a point skipped (its
+cache does not fit) or no file measured reads "-", a point no model ran is left out.
 
     python -m eval.bench.decode_table eval/results/decode_table_*_h100.json
 """
@@ -47,7 +47,9 @@ def table(results: dict[str, dict]) -> str:
     for batch, context in sorted(points):
         models = points[batch, context]
         times = {m: row["loop_step_ms"] for m, row in models.items() if "loop_step_ms" in row}
-        best = min(times.values(), default=None)
+        if not times:  # no model's cache fits there
+            continue
+        best = min(times.values())
         cells = [
             "-" if m not in times else (f"**{times[m]:.2f}**" if times[m] == best else f"{times[m]:.2f}")
             for m in MODELS
