@@ -211,11 +211,14 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
-def temporary_bytes(compiled) -> int:
-    """The temporaries a compiled computation's plan allocates beside its arguments (0 where the backend
-    gives no plan)."""
+def allocated_bytes(compiled) -> int:
+    """What a compiled computation's plan allocates beside its arguments: its temporaries and the outputs
+    not written into a donated argument (a cache the plan does not update in place counts whole); 0 where
+    the backend gives no plan."""
     plan = compiled.memory_analysis()
-    return 0 if plan is None else plan.temp_size_in_bytes
+    if plan is None:
+        return 0
+    return plan.temp_size_in_bytes + plan.output_size_in_bytes - plan.alias_size_in_bytes
 
 
 def generate(
@@ -279,7 +282,7 @@ def generate(
                     sampling.rule, decode_kernels,
                 ).compile()
             )  # fmt: skip
-        check_fits(config, B, max_len, cache_dtype, max(temporary_bytes(step) for step in steps))
+        check_fits(config, B, max_len, cache_dtype, max(allocated_bytes(step) for step in steps))
         return steps[0], steps[1] if max_new_tokens > 1 else None
 
     if wide:
