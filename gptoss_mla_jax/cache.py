@@ -168,28 +168,28 @@ def total_bytes(config: GptOssConfig, batch: int, context: int, dtype=jnp.bfloat
 
 
 class CacheDoesNotFit(ValueError):
-    """A cache (and its steps' temporaries) that the device has no room for."""
+    """A cache (beside what its steps allocate) that the device has no room for."""
 
 
-def check_fits(config: GptOssConfig, batch: int, max_len: int, dtype, temporaries: int = 0) -> None:
+def check_fits(config: GptOssConfig, batch: int, max_len: int, dtype, allocated: int = 0) -> None:
     """Refuse (`CacheDoesNotFit`), before allocating it, a cache of `batch` sequences of `max_len` tokens
-    that the device has no room for beside the `temporaries` its steps allocate, saying how many tokens a
-    sequence could have and which setting gives JAX more of the card."""
+    that the device has no room for beside the bytes its steps allocate (`allocated`), saying how many
+    tokens a sequence could have and which setting gives JAX more of the card."""
     need, free = total_bytes(config, batch, max_len, dtype), free_device_bytes()
-    room = free - temporaries
+    room = free - allocated
     if need <= room:
         return
     more = "or let JAX take more of the GPU (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 unless set)"
     if room <= 0:
         raise CacheDoesNotFit(
-            f"the steps of {batch} sequences x {max_len} tokens allocate {_size(temporaries)} of temporaries "
+            f"the steps of {batch} sequences x {max_len} tokens allocate {_size(allocated)} beside the cache "
             f"and the device has {_size(free)} free, before any KV cache: fewer or shorter prompts, {more}"
         )
     fits, over = 0, max_len  # the longest sequences that fit: bytes grow with the tokens
     while over - fits > 1:
         mid = (fits + over) // 2
         fits, over = (mid, over) if total_bytes(config, batch, mid, dtype) <= room else (fits, mid)
-    taken = f", {_size(temporaries)} of it for the temporaries its steps allocate" if temporaries else ""
+    taken = f", {_size(allocated)} of it for what its steps allocate beside it" if allocated else ""
     raise CacheDoesNotFit(
         f"a KV cache of {batch} sequences x {max_len} tokens ({jnp.dtype(dtype).name}) needs {_size(need)} "
         f"and the device has {_size(free)} free{taken}: at most {fits} tokens a sequence fit (shorter "

@@ -271,7 +271,7 @@ def generate(
 
     def fitting_steps(params):
         """Prefill and (for a second token on) the decode loop, compiled from the cache's shapes before the
-        cache is allocated, the cache checked to fit beside their temporaries (compiling needs none of its
+        cache is allocated, the cache checked to fit beside what they allocate (compiling needs none of its
         room). The loop gets the arrays those shapes stand for, so it runs as compiled."""
         cache = jax.eval_shape(lambda: init_cache(config, B, max_len, cache_dtype))
         steps = [prefill.lower(params, cache, tokens, lengths, sub, config, sampling.rule).compile()]
@@ -289,7 +289,7 @@ def generate(
         try:
             params = with_wide_experts(params, config)
             fill, loop = fitting_steps(params)
-        except CacheDoesNotFit:  # the steps' temporaries left no room for the layout: the steps without it
+        except CacheDoesNotFit:  # what the steps allocate left no room for the layout: the steps without it
             params = without_wide_experts(params)
             fill, loop = fitting_steps(params)
     else:

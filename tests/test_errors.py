@@ -43,9 +43,9 @@ def test_prompt_longer_than_context(tiny):
 
 
 def test_cache_larger_than_the_device_is_refused_before_it_is_allocated(tiny, monkeypatch):
-    """generate checks the cache and the temporaries of its compiled steps against the device's free memory
-    first and says what fits and which setting gives JAX more of a GPU (the CPU reports no limit: the check
-    is patched in here, the steps' temporaries too)."""
+    """generate checks the cache and what its compiled steps allocate beside it against the device's free
+    memory first and says what fits and which setting gives JAX more of a GPU (the CPU reports no limit: the
+    check is patched in here, the steps' allocations too)."""
     from gptoss_mla_jax import cache as cache_lib
     from gptoss_mla_jax import generation
 
@@ -57,18 +57,18 @@ def test_cache_larger_than_the_device_is_refused_before_it_is_allocated(tiny, mo
     with pytest.raises(ValueError, match=rf"2 sequences x 48 tokens \(float32\) needs {need / 1e3:.2f} KB "
                        rf".* at most {fits} tokens .*XLA_PYTHON_CLIENT_MEM_FRACTION"):  # fmt: skip
         generate(params, config, [[1] * 7, [2] * 7], 40)
-    temporaries = 5000
-    monkeypatch.setattr(generation, "allocated_bytes", lambda compiled: temporaries)
-    monkeypatch.setattr(cache_lib, "free_device_bytes", lambda: need + temporaries - 1)
+    allocated = 5000
+    monkeypatch.setattr(generation, "allocated_bytes", lambda compiled: allocated)
+    monkeypatch.setattr(cache_lib, "free_device_bytes", lambda: need + allocated - 1)
     with pytest.raises(
-        ValueError, match=r"free, 5.00 KB of it for the temporaries its steps allocate: at most"
+        ValueError, match=r"free, 5.00 KB of it for what its steps allocate beside it: at most"
     ):
         generate(params, config, [[1] * 7, [2] * 7], 40)
-    monkeypatch.setattr(cache_lib, "free_device_bytes", lambda: need + temporaries)
+    monkeypatch.setattr(cache_lib, "free_device_bytes", lambda: need + allocated)
     assert len(generate(params, config, [[1] * 7, [2] * 7], 40)[0]) == 40  # room for exactly both
-    monkeypatch.setattr(cache_lib, "free_device_bytes", lambda: temporaries - 1000)
-    with pytest.raises(ValueError, match=r"allocate 5.00 KB of temporaries and the device has 4.00 KB free, "
-                       r"before any KV cache"):  # fmt: skip
+    monkeypatch.setattr(cache_lib, "free_device_bytes", lambda: allocated - 1000)
+    with pytest.raises(ValueError, match=r"allocate 5.00 KB beside the cache and the device has 4.00 KB "
+                       r"free, before any KV cache"):  # fmt: skip
         generate(params, config, [[1] * 7, [2] * 7], 40)
 
 
@@ -101,7 +101,7 @@ def test_generate_drops_the_wide_layout_its_steps_leave_no_room_for(tiny, monkey
 @pytest.mark.parametrize("committed", [False, True])
 def test_generate_compiles_its_steps_once_before_the_cache(tiny, caplog, monkeypatch, committed):
     """Prefill and the decode loop are compiled from the cache's shapes before it is allocated, their
-    temporaries read off the plan (the CPU's too), and run as compiled: each compiles once over a generation
+    allocations read off the plan (the CPU's too), and run as compiled: each compiles once over a generation
     of two loop calls, the params placed on the device (as a checkpoint restores them; every output then
     is too) or not."""
     from gptoss_mla_jax import generation
@@ -126,8 +126,9 @@ def test_generate_compiles_its_steps_once_before_the_cache(tiny, caplog, monkeyp
     memory = plan.memory_analysis()
     assert memory.temp_size_in_bytes > 0
     # the loop writes the cache in place: its outputs beside the cache are the tokens and flags alone
-    assert memory.alias_size_in_bytes == sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
-    assert 0 < allocated_bytes(plan) - memory.temp_size_in_bytes < 1024
+    cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+    assert memory.alias_size_in_bytes == cache_bytes
+    assert 0 < allocated_bytes(plan) - memory.temp_size_in_bytes < cache_bytes
 
 
 def test_cache_overflow_under_jit_is_nan(tiny):

@@ -3,6 +3,7 @@ both loaders read it to the same dequantized values."""
 
 import json
 import math
+import time
 
 import jax
 import jax.numpy as jnp
@@ -248,6 +249,7 @@ def test_decode_benchmark_loop_only_times_the_loop_alone(shared_models, tmp_path
 
     def timed(params, config, batch, context, repeats, kernels, loop_steps=0):
         calls.append(loop_steps)
+        time.sleep(0.01)  # the point's seconds count its steps
         return [per_model["mla" if config.mla else "gqa"] * batch] * repeats
 
     monkeypatch.setattr(bench_decode, "step_seconds", timed)
@@ -259,7 +261,7 @@ def test_decode_benchmark_loop_only_times_the_loop_alone(shared_models, tmp_path
     assert calls == [4] * 4 and [(r["model"], r["batch"]) for r in rows] == [
         ("gqa", 1), ("mla", 1), ("gqa", 2), ("mla", 2)
     ]  # fmt: skip
-    assert all("step_ms" not in r and r["loop_step_ms"] > 0 and r["seconds"] >= 0 for r in rows)
+    assert all("step_ms" not in r and r["loop_step_ms"] > 0 and r["seconds"] >= 0.01 for r in rows)
     lines = decode_table.table({"loop.json": result}).splitlines()
     assert (
         lines[0]
@@ -270,8 +272,9 @@ def test_decode_benchmark_loop_only_times_the_loop_alone(shared_models, tmp_path
         f"| 1 x 32 | 2.00 | **1.00** | - | {floors(1)} / - |",
         f"| 2 x 32 | 4.00 | **2.00** | - | {floors(2)} / - |",
     ]
-    with pytest.raises(SystemExit):
-        bench_decode.main([*argv, "--loop-only"])
+    for wrong in (["--loop-only"], ["--loop-steps", "4", "--loop-only", "--capacity"]):
+        with pytest.raises(SystemExit):
+            bench_decode.main([*argv, *wrong])
 
 
 def test_a_decode_benchmark_cut_short_keeps_the_rows_it_finished(shared_models, tmp_path, monkeypatch):

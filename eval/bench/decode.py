@@ -181,7 +181,7 @@ def speed(
     Pallas decode kernels): one step per call (unless `loop_only`), and (`loop_steps` > 0) per token of a
     device-side loop of that many steps; beside each, with the card's `copy` bandwidth (bytes / s), the
     step's byte floor (`step_bytes`) and the times over it, and the seconds the point took (compilation
-    included: what a device call's time limit must hold)."""
+    included: what a run's time limit must hold)."""
     rows = []
     for context, batch, (name, (config, params)), on_kernels in itertools.product(
         contexts, batches, models_.items(), kernels
@@ -492,6 +492,9 @@ def main(argv=None) -> int:
             parser.error(f"{flag}: {sorted(unknown)} not among {get_args(kinds)}")
     if args.loop_only and not args.loop_steps:
         parser.error("--loop-only times the device loop: give --loop-steps too")
+    other_modes = ("transformers", "kernels", "moe", "profile", "breakdown", "capacity")
+    if args.loop_only and any(getattr(args, mode) for mode in other_modes):
+        parser.error(f"--loop-only times the speed points: not with --{' / --'.join(other_modes)}")
     if not args.wide_min_pairs > 0:
         parser.error(f"--wide-min-pairs: {args.wide_min_pairs} is not positive")
     if set(args.wide_kernel.split(",")) - {"on", "off"} and args.wide_kernel != "only":
