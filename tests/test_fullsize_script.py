@@ -237,6 +237,51 @@ def test_step_memory_experiment_runs_on_the_demo_model(tmp_path):
     assert len(writes) >= sum(not DEMO_CONFIG.is_sliding(i) for i in range(DEMO_CONFIG.num_hidden_layers))
 
 
+def test_step_memory_keeps_the_plan_when_memory_runs_out(tmp_path, monkeypatch):
+    """Near capacity the cache or the step may not fit: the experiment records what ran out (the error, the
+    allocator then) beside the step's plan and writes its result, instead of losing it."""
+    import types
+
+    from eval.experiments import step_memory
+
+    oom = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 2.76GiB")
+
+    def no_room(*args, **kwargs):
+        raise oom
+
+    real_init = step_memory.init_cache
+
+    def init_without_room(*args, **kwargs):  # its shapes (to compile from) are made; its arrays are not
+        cache = real_init(*args, **kwargs)
+        return cache if isinstance(cache["lengths"], jax.core.Tracer) else no_room()
+
+    out = tmp_path / "cache.json"
+    with monkeypatch.context() as patch:
+        patch.setattr(step_memory, "init_cache", init_without_room)
+        assert step_memory.main(["--smoke", "--model", "mla_partial", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["cache_failed"]["error"].startswith("RESOURCE_EXHAUSTED") and "plan" in result
+    assert "runs" not in result
+
+    real = step_memory.decode_step
+
+    class Failing:  # the compiled step, whose run runs out of memory
+        def __init__(self, compiled):
+            self.compiled = compiled
+
+        def __getattr__(self, name):
+            return getattr(self.compiled, name)
+
+        def __call__(self, *args):
+            no_room()
+
+    lower = lambda *args: types.SimpleNamespace(compile=lambda: Failing(real.lower(*args).compile()))
+    monkeypatch.setattr(step_memory, "decode_step", types.SimpleNamespace(lower=lower))
+    assert step_memory.main(["--smoke", "--model", "mla_partial", "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert [run["failed"]["error"] for run in result["runs"]] == [str(oom)] and result["plan"]["temp"] > 0
+
+
 def test_decode_benchmark_loop_only_times_the_loop_alone(shared_models, tmp_path, monkeypatch):
     """--loop-only: each point compiles and times only the device loop (no step a call), each row says how
     long its point took, and the rows make the README's table (eval.bench.decode_table); without

@@ -44,6 +44,9 @@
 #              half a layer's latent left free
 #   step_memory_capacity  the same at 282 x 32K, where the capacity search failed: the first call through jit
 #              with 1.5 of a layer's latent free, then the compiled step with 0.25; then the first call with 0.5
+#   step_memory_edge  the same at 268 x 32K and 275 x 32K, the last batch the capacity search ran and the
+#              first it failed at with the steps compiled before the cache (plan, buffers, runs, each in its
+#              own process, XLA's buffer assignment dumped)
 #   mla        the GQA and decompressed-MLA kernels at 32K, every launch (kv heads per program included)
 #   mla_e2e    whole-model steps of GQA and decompressed MLA at 32K on the kernels, as CUDA graphs
 #   loop       e2e per step and per token of a device-side loop of 16 steps (as generate runs), CUDA graphs
@@ -159,6 +162,12 @@ for stage in ${STAGES//,/ }; do
         --context 32768 --first-under 1.5 --pressures 0.25
       run step_memory_capacity_first_0.5 200 eval.experiments.step_memory --model mla_partial --batch 282 \
         --context 32768 --first-under 0.5 ;;
+    step_memory_edge)
+      for batch in 268 275; do
+        XLA_FLAGS="--xla_dump_to=/tmp/edge_$batch --xla_dump_hlo_module_re=.*decode_step.*" run \
+          "step_memory_edge_$batch" 200 eval.experiments.step_memory --model mla_partial --batch "$batch" \
+          --context 32768 --dump "/tmp/edge_$batch"
+      done ;;
     mla) run decode_kernels_mla 330 eval.bench.decode --kernels --models gqa,mla --batches 1,8,64 --contexts 32768 ;;
     mla_e2e) run decode_e2e_mla 240 eval.bench.decode --cuda-graphs --decode-kernels on --models gqa,mla --batches 1,64 --contexts 32768 ;;
     loop) run decode_e2e_loop 330 eval.bench.decode --cuda-graphs --decode-kernels on --partial \

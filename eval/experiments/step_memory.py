@@ -14,7 +14,9 @@ through jit's dispatch, compiling under that pressure as the capacity search doe
 times candidate kernels on buffers of their operands' shapes while it compiles). With XLA's dump on
 (`XLA_FLAGS=--xla_dump_to=DIR`, `--dump`), the buffer assignment's allocations at least half a layer's cache
 entry are listed, with the values in them; and the optimized HLO's instructions whose result is that large,
-besides parameters and tuples, and its copies counted.
+besides parameters and tuples, and its copies counted. Near capacity, where the cache or a run of the step
+runs out of memory, the result keeps the plan and records what ran out and the allocator then (`cache_failed`,
+a run's `failed`: its free bytes and largest free block).
 
     python -m eval.experiments.step_memory --model mla_partial --batch 32 --context 32768 --out mem.json \
         --pressures 0.25,0.75,1.25,2.5
@@ -47,11 +49,18 @@ DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s8": 1, "u8":
 
 
 def allocator() -> dict | None:
-    """The device allocator's bytes in use and peak (None on a backend that keeps no such figures)."""
+    """The device allocator's bytes in use, peak, limit and largest free block (None on a backend that
+    keeps no such figures)."""
     stats = jax.devices()[0].memory_stats()
     if not stats:
         return None
-    return {"bytes_in_use": stats.get("bytes_in_use"), "peak_bytes_in_use": stats.get("peak_bytes_in_use")}
+    names = ("bytes_in_use", "peak_bytes_in_use", "bytes_limit", "largest_free_block_bytes")
+    return {name: stats.get(name) for name in names}
+
+
+def _failure(error: jax.errors.JaxRuntimeError) -> dict:
+    """What an allocation that ran out of memory asked for, and the allocator then."""
+    return {"error": str(error).splitlines()[0][:300], "allocator": allocator()}
 
 
 def buffers(cache) -> dict[str, int]:
@@ -178,14 +187,22 @@ def measure(
     hlo = compiled.as_text()
     row["large_instructions"] = large_instructions(hlo, layer_bytes // 2)
     row["copies"] = len(re.findall(r"= [^=]+? copy(?:-start)?\(", hlo))
-    cache = init_cache(config, batch, context)
-    cache["lengths"] = jnp.full((batch,), context - 1, jnp.int32)
-    jax.block_until_ready(cache)
+    try:  # near capacity the cache itself may not fit: the plan above is kept
+        cache = init_cache(config, batch, context)
+        cache["lengths"] = jnp.full((batch,), context - 1, jnp.int32)
+        jax.block_until_ready(cache)
+    except jax.errors.JaxRuntimeError as e:
+        row["cache_failed"] = _failure(e)
+        return row
     row["with_cache"] = allocator()
     row["runs"] = []
     for _ in range(2):
         before = buffers(cache)
-        tokens, cache = jax.block_until_ready(compiled(params, cache, tokens, key))
+        try:
+            tokens, cache = jax.block_until_ready(compiled(params, cache, tokens, key))
+        except jax.errors.JaxRuntimeError as e:  # the donated cache is gone with the failed step
+            row["runs"].append({"failed": _failure(e)})
+            return row
         # A donated entry written in place comes back in the buffer it went in: any other was allocated
         moved = [name for name, pointer in buffers(cache).items() if before.get(name) != pointer]
         cache["lengths"] = jnp.full((batch,), context - 1, jnp.int32)
