@@ -171,6 +171,10 @@ class CacheDoesNotFit(ValueError):
     """A cache (beside what its steps allocate) that the device has no room for."""
 
 
+# What a refusal for want of device memory offers beside smaller requests.
+MORE_MEMORY = "or let JAX take more of the GPU (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 unless set)"
+
+
 def check_fits(config: GptOssConfig, batch: int, max_len: int, dtype, allocated: int = 0) -> None:
     """Refuse (`CacheDoesNotFit`), before allocating it, a cache of `batch` sequences of `max_len` tokens
     that the device has no room for beside the bytes its steps allocate (`allocated`), saying how many
@@ -179,11 +183,11 @@ def check_fits(config: GptOssConfig, batch: int, max_len: int, dtype, allocated:
     room = free - allocated
     if need <= room:
         return
-    more = "or let JAX take more of the GPU (XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 unless set)"
     if room <= 0:
         raise CacheDoesNotFit(
             f"the steps of {batch} sequences x {max_len} tokens allocate {_size(allocated)} beside the cache "
-            f"and the device has {_size(free)} free, before any KV cache: fewer or shorter prompts, {more}"
+            f"and the device has {_size(free)} free, before any KV cache: fewer or shorter prompts, "
+            f"{MORE_MEMORY}"
         )
     fits, over = 0, max_len  # the longest sequences that fit: bytes grow with the tokens
     while over - fits > 1:
@@ -193,7 +197,7 @@ def check_fits(config: GptOssConfig, batch: int, max_len: int, dtype, allocated:
     raise CacheDoesNotFit(
         f"a KV cache of {batch} sequences x {max_len} tokens ({jnp.dtype(dtype).name}) needs {_size(need)} "
         f"and the device has {_size(free)} free{taken}: at most {fits} tokens a sequence fit (shorter "
-        f"prompts or max_new_tokens, fewer prompts), {more}"
+        f"prompts or max_new_tokens, fewer prompts), {MORE_MEMORY}"
     )
 
 

@@ -3,6 +3,7 @@ DEVICE_STEPS tokens per call, the cache donated. The command line is `python -m 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Sequence
@@ -14,7 +15,14 @@ import numpy as np
 from jaxtyping import Array, Float, Int
 
 from gptoss_mla_jax import flash_decode
-from gptoss_mla_jax.cache import CacheDoesNotFit, check_fits, free_device_bytes, init_cache, total_bytes
+from gptoss_mla_jax.cache import (
+    MORE_MEMORY,
+    CacheDoesNotFit,
+    check_fits,
+    free_device_bytes,
+    init_cache,
+    total_bytes,
+)
 from gptoss_mla_jax.config import GptOssConfig
 from gptoss_mla_jax.mla import decode_key_layers, with_decode_keys, with_up_projections
 from gptoss_mla_jax.model import (
@@ -211,6 +219,22 @@ def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
 
+@contextlib.contextmanager
+def out_of_memory_said(batch: int, max_len: int):
+    """A step that runs out of device memory beside the KV cache, past what its plan allocates (which the
+    cache was checked against), raises CacheDoesNotFit saying what to change, from XLA's error."""
+    try:
+        yield
+    except jax.errors.JaxRuntimeError as e:
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        raise CacheDoesNotFit(
+            f"generating {batch} sequences x {max_len} tokens ran out of device memory beside the KV cache, "
+            f"past what its compiled steps plan ({str(e).splitlines()[0][:200]}): fewer or shorter prompts, "
+            f"{MORE_MEMORY}"
+        ) from e
+
+
 def allocated_bytes(compiled) -> int:
     """What a compiled computation's plan allocates beside its arguments: its temporaries and the outputs
     not written into a donated argument (a cache the plan does not update in place counts whole); 0 where
@@ -294,16 +318,17 @@ def generate(
             fill, loop = fitting_steps(params)
     else:
         fill, loop = fitting_steps(params)
-    cache = init_cache(config, B, max_len, cache_dtype)
-    token, cache = fill(params, cache, tokens, lengths, sub)
-    out = [np.asarray(token)[:, None]]
-    done = token == eos
-    left = max_new_tokens - 1
-    while left > 0 and not bool(done.all()):
-        run = loop(params, cache, token, key, done, jnp.int32(left), eos)
-        count = int(run.count)
-        out.append(np.asarray(run.tokens)[:, :count])
-        token, key, done, cache, left = run.last, run.key, run.done, run.cache, left - count
+    with out_of_memory_said(B, max_len):
+        cache = init_cache(config, B, max_len, cache_dtype)
+        token, cache = fill(params, cache, tokens, lengths, sub)
+        out = [np.asarray(token)[:, None]]
+        done = token == eos
+        left = max_new_tokens - 1
+        while left > 0 and not bool(done.all()):
+            run = loop(params, cache, token, key, done, jnp.int32(left), eos)
+            count = int(run.count)
+            out.append(np.asarray(run.tokens)[:, :count])
+            token, key, done, cache, left = run.last, run.key, run.done, run.cache, left - count
     rows = np.concatenate(out, axis=1)
     results = []
     for row in rows.tolist():

@@ -11,6 +11,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 from gptoss_mla_jax import forward, init_cache
+from gptoss_mla_jax.cache import CacheDoesNotFit
 from gptoss_mla_jax.generation import generate
 from tests.compile_log import compiled, compiled_at_allocation
 from weights.safetensors_io import CheckpointError, load_hf
@@ -96,6 +97,44 @@ def test_generate_drops_the_wide_layout_its_steps_leave_no_room_for(tiny, monkey
     monkeypatch.setattr(cache_lib, "free_device_bytes", lambda: 10**8)
     assert len(generate(params, config, [[1] * 7], 20)[0]) == 20
     assert calls == ["with", "without"] and len(compiled) == 4
+
+
+OUT_OF_MEMORY = "RESOURCE_EXHAUSTED: Out of memory while trying to allocate 2.76GiB"
+
+
+@pytest.mark.parametrize("error", [OUT_OF_MEMORY, "INTERNAL: x"])
+def test_generate_says_a_step_ran_out_of_memory_beside_the_cache(tiny, monkeypatch, error):
+    """A decode loop that runs out of device memory past its plan (which the cache was checked against)
+    raises CacheDoesNotFit saying what to change, XLA's first line kept; other runtime errors pass as XLA
+    raised them."""
+    import types
+
+    from gptoss_mla_jax import generation
+
+    config, params = tiny
+    real = generation.decode_steps
+
+    class Failing:  # the compiled loop, whose run raises `error`
+        def __init__(self, compiled):
+            self.compiled = compiled
+
+        def __getattr__(self, name):
+            return getattr(self.compiled, name)
+
+        def __call__(self, *args):
+            raise jax.errors.JaxRuntimeError(error)
+
+    lower = lambda *args: types.SimpleNamespace(compile=lambda: Failing(real.lower(*args).compile()))
+    monkeypatch.setattr(generation, "decode_steps", types.SimpleNamespace(lower=lower))
+    if error == OUT_OF_MEMORY:
+        said = (
+            r"2 sequences x 48 tokens ran out of device memory beside the KV cache, .*\(RESOURCE_EXHAUSTED: "
+        )
+        with pytest.raises(CacheDoesNotFit, match=said + r".* 2.76GiB\).*XLA_PYTHON_CLIENT_MEM_FRACTION"):
+            generate(params, config, [[1] * 7, [2] * 7], 40)
+    else:
+        with pytest.raises(jax.errors.JaxRuntimeError, match="INTERNAL: x"):
+            generate(params, config, [[1] * 7, [2] * 7], 40)
 
 
 @pytest.mark.parametrize("committed", [False, True])
