@@ -2,6 +2,7 @@
 
 import contextlib
 import logging
+import types
 
 import jax
 
@@ -23,3 +24,25 @@ def compiled_at_allocation(caplog, monkeypatch, module):
     )
     with jax.log_compiles(True), caplog.at_level(logging.WARNING, logger="jax"):
         yield at_allocation
+
+
+class _RaisingWhenRun:
+    """A compiled executable that raises `error` when called (its plan and text as compiled)."""
+
+    def __init__(self, compiled, error: Exception):
+        self.compiled, self.error = compiled, error
+
+    def __getattr__(self, name):
+        return getattr(self.compiled, name)
+
+    def __call__(self, *args):
+        raise self.error
+
+
+def raising_when_run(jitted, error: Exception):
+    """A stand-in for `jitted` whose `.lower(...).compile()` compiles it as it is and gives an executable
+    that raises `error` when run: a step that runs out of memory past its plan."""
+    lower = lambda *args: types.SimpleNamespace(
+        compile=lambda: _RaisingWhenRun(jitted.lower(*args).compile(), error)
+    )
+    return types.SimpleNamespace(lower=lower)

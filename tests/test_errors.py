@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 from gptoss_mla_jax import forward, init_cache
 from gptoss_mla_jax.cache import CacheDoesNotFit
 from gptoss_mla_jax.generation import generate
-from tests.compile_log import compiled, compiled_at_allocation
+from tests.compile_log import compiled, compiled_at_allocation, raising_when_run
 from weights.safetensors_io import CheckpointError, load_hf
 
 
@@ -107,25 +107,11 @@ def test_generate_says_a_step_ran_out_of_memory_beside_the_cache(tiny, monkeypat
     """A decode loop that runs out of device memory past its plan (which the cache was checked against)
     raises CacheDoesNotFit saying what to change, XLA's first line kept; other runtime errors pass as XLA
     raised them."""
-    import types
-
     from gptoss_mla_jax import generation
 
     config, params = tiny
-    real = generation.decode_steps
-
-    class Failing:  # the compiled loop, whose run raises `error`
-        def __init__(self, compiled):
-            self.compiled = compiled
-
-        def __getattr__(self, name):
-            return getattr(self.compiled, name)
-
-        def __call__(self, *args):
-            raise jax.errors.JaxRuntimeError(error)
-
-    lower = lambda *args: types.SimpleNamespace(compile=lambda: Failing(real.lower(*args).compile()))
-    monkeypatch.setattr(generation, "decode_steps", types.SimpleNamespace(lower=lower))
+    failing = raising_when_run(generation.decode_steps, jax.errors.JaxRuntimeError(error))
+    monkeypatch.setattr(generation, "decode_steps", failing)
     if error == OUT_OF_MEMORY:
         said = (
             r"2 sequences x 48 tokens ran out of device memory beside the KV cache, .*\(RESOURCE_EXHAUSTED: "

@@ -11,7 +11,7 @@ import pytest
 
 from eval.experiments import fullsize_checkpoint as script
 from gptoss_mla_jax.generation import DEMO_CONFIG
-from tests.compile_log import compiled, compiled_at_allocation
+from tests.compile_log import compiled, compiled_at_allocation, raising_when_run
 from weights.hf_layout import hf_tensors
 
 
@@ -240,20 +240,17 @@ def test_step_memory_experiment_runs_on_the_demo_model(tmp_path):
 def test_step_memory_keeps_the_plan_when_memory_runs_out(tmp_path, monkeypatch):
     """Near capacity the cache or the step may not fit: the experiment records what ran out (the error, the
     allocator then) beside the step's plan and writes its result, instead of losing it."""
-    import types
-
     from eval.experiments import step_memory
 
     oom = jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory while trying to allocate 2.76GiB")
-
-    def no_room(*args, **kwargs):
-        raise oom
 
     real_init = step_memory.init_cache
 
     def init_without_room(*args, **kwargs):  # its shapes (to compile from) are made; its arrays are not
         cache = real_init(*args, **kwargs)
-        return cache if isinstance(cache["lengths"], jax.core.Tracer) else no_room()
+        if isinstance(cache["lengths"], jax.core.Tracer):
+            return cache
+        raise oom
 
     out = tmp_path / "cache.json"
     with monkeypatch.context() as patch:
@@ -263,20 +260,7 @@ def test_step_memory_keeps_the_plan_when_memory_runs_out(tmp_path, monkeypatch):
     assert result["cache_failed"]["error"].startswith("RESOURCE_EXHAUSTED") and "plan" in result
     assert "runs" not in result
 
-    real = step_memory.decode_step
-
-    class Failing:  # the compiled step, whose run runs out of memory
-        def __init__(self, compiled):
-            self.compiled = compiled
-
-        def __getattr__(self, name):
-            return getattr(self.compiled, name)
-
-        def __call__(self, *args):
-            no_room()
-
-    lower = lambda *args: types.SimpleNamespace(compile=lambda: Failing(real.lower(*args).compile()))
-    monkeypatch.setattr(step_memory, "decode_step", types.SimpleNamespace(lower=lower))
+    monkeypatch.setattr(step_memory, "decode_step", raising_when_run(step_memory.decode_step, oom))
     assert step_memory.main(["--smoke", "--model", "mla_partial", "--out", str(out)]) == 0
     result = json.loads(out.read_text())
     assert [run["failed"]["error"] for run in result["runs"]] == [str(oom)] and result["plan"]["temp"] > 0

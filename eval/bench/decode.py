@@ -510,12 +510,12 @@ def main(argv=None) -> int:
     contexts = [int(c) for c in args.contexts.split(",")]
     command = " ".join(["python -m eval.bench.decode", *(argv if argv is not None else sys.argv[1:])])
     done: list[dict] = []
+    device = jax.devices()[0].device_kind
 
     def log(row: dict) -> None:
         print(json.dumps(row), flush=True)
         if args.out:  # a run cut short (a device call's time limit) keeps the rows it finished
             done.append(row)
-            device = jax.devices()[0].device_kind
             write_json(
                 args.out, {"command": command, "device": device, "complete": False, "rows_so_far": done}
             )
@@ -543,7 +543,7 @@ def main(argv=None) -> int:
                 return models(DEMO_CONFIG, 48, args.partial, only, wide=wide)
             return models(GPT_OSS_20B, partial=args.partial, only=only, wide=wide)
 
-        result = {"device": jax.devices()[0].device_kind, "jax": jax.__version__, "transformers_rows": peer}
+        result = {"device": device, "jax": jax.__version__, "transformers_rows": peer}
         result["xla_flags"] = os.environ.get("XLA_FLAGS", "")
         result["mem_fraction"] = os.environ.get("XLA_PYTHON_CLIENT_MEM_FRACTION", "")
         if args.kernels:
