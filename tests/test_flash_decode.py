@@ -307,11 +307,12 @@ def test_bad_split_is_refused():
 
 
 @pytest.mark.parametrize("sliding", [False, True])
-@pytest.mark.parametrize("kind", ["gqa", "absorbed", "decompressed"])
-def test_kernels_lower_for_the_gpu(kind, sliding):
+@pytest.mark.parametrize("kind", ["gqa", "absorbed", "decompressed", "decompressed_triton"])
+def test_kernels_lower_for_the_gpu(kind, sliding, monkeypatch):
     """Each kernel, at gpt-oss-20b's head shapes in bf16, lowers for CUDA from this CPU-only machine: every
     op in it has a Pallas-GPU lowering (compiling the IR needs the GPU itself). GQA and absorbed MLA lower
-    to Triton, decompressed MLA to its default kernel in Mosaic GPU (`flash_decode.DECOMPRESSED_KERNEL`)."""
+    to Triton, decompressed MLA to its default kernel in Mosaic GPU (`flash_decode.DECOMPRESSED_KERNEL`) and,
+    chosen by name (as calls Mosaic GPU does not take keep it), to its Triton kernel."""
     B, G, R, d, S, r, n2 = 2, 8, 8, 64, 256, 160, 4
     spec = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
     lengths, sinks = spec(B, dtype=jnp.int32), spec(G * R, dtype=jnp.float32)
@@ -329,6 +330,8 @@ def test_kernels_lower_for_the_gpu(kind, sliding):
         args = (spec(B, G, R, n2), spec(B, G, R, d - n2), spec(r, G, d - n2), spec(G, d - n2))
         args += (spec(r, G, d), spec(G, d), spec(B, S, r), spec(B, S, G, n2))
     else:
+        if kind == "decompressed_triton":
+            monkeypatch.setattr(flash_decode, "DECOMPRESSED_KERNEL", "triton")
         config = dataclasses.replace(
             GPT_OSS_20B, mla=MlaConfig("decompressed", (1,), (r + G * n2,))
         )  # the 20b's rope
@@ -340,5 +343,5 @@ def test_kernels_lower_for_the_gpu(kind, sliding):
     text = jax.jit(fn).trace(*args, lengths, sinks).lower(lowering_platforms=("cuda",)).as_text()
     mosaic = kind == "decompressed"
     assert (text.count("xla.gpu.triton"), text.count("mosaic_gpu_v2")) == ((0, 1) if mosaic else (1, 0))
-    if not mosaic:  # the Triton kernels carry their software pipeline's depth
+    if kind in ("gqa", "absorbed"):  # these Triton kernels carry their launch's pipeline depth
         assert f"num_stages = {PIPELINE_STAGES[kind]} : i32" in text

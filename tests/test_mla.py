@@ -97,6 +97,31 @@ def test_mla_decode_matches_full_forward(tiny, calib, mode, kernels):
     assert_decode_matches_full(mla_params, mla_config, tokens, cache, kernels)
 
 
+@pytest.mark.parametrize("mode", ["gqa", "decompressed", "partial"])
+def test_sliding_layers_decode_on_the_kernels(tiny, calib, mode, monkeypatch):
+    """With a window of 16 (a ring buffer the kernels can split; the tiny model's 4 is not), the sliding
+    layers' steps attend on the Pallas kernels too, over a ring that wraps twice: every position's logits
+    equal the whole-sequence forward's (float32, 1e-4), GQA and both MLA modes (layers 0 sliding, 1 full)."""
+    config, params = tiny
+    config = dataclasses.replace(config, sliding_window=16)
+    if mode != "gqa":
+        config, params, _ = convert(
+            params, config, 12, mode, layers=(0, 1), rope_pairs=2, init="pca", calib_tokens=calib
+        )
+    kernels = {
+        "gqa": "gqa_decode",
+        "decompressed": "mla_decompressed_decode",
+        "partial": "mla_absorbed_decode",
+    }
+    sliding = []
+    real = getattr(flash_decode, kernels[mode])
+    spy = lambda *args, **kw: sliding.append(args[4 if mode == "partial" else 3].sliding) or real(*args, **kw)
+    monkeypatch.setattr(flash_decode, kernels[mode], spy)
+    tokens = np.random.default_rng(6).integers(0, 97, (2, 40)).astype(np.int32)
+    assert_decode_matches_full(params, config, tokens, init_cache(config, 2, 48, jnp.float32), kernels=True)
+    assert True in sliding and False in sliding  # traced for a sliding layer and a full one
+
+
 def test_device_loop_derives_the_decompressed_keys_once(tiny, calib, monkeypatch):
     """A device loop of decode steps on the kernels (decompressed MLA, layer 1 full) derives the full
     layer's slot rotations and grouped key weights once, before its loop (`with_decode_keys`), and its
