@@ -70,6 +70,8 @@
 #              router's product in it against the routing kernel's own, then GQA's loop at 1 x 4K and
 #              64 x 4K with the residual adds fused with their norms (with the router's product, without)
 #              and not fused
+#   agreement  the kernels' bf16 agreement compiled: the fused residual add + norm (and the router's product in
+#              it) against XLA's path, then the Mosaic GPU kernel's tests compiled (pytest, carried in .whl)
 #   mosaic     the Mosaic GPU probe on this JAX, the Mosaic GPU kernel's tests compiled (pytest, carried in
 #              .whl), then decompressed MLA's Triton and Mosaic GPU kernels (one and two warpgroups a
 #              program) at 64 x 32K (agreement with the jnp path and time), within one device call
@@ -202,6 +204,9 @@ for stage in ${STAGES//,/ }; do
     share) run decode_e2e_share 480 eval.bench.decode --cuda-graphs --decode-kernels on --partial \
       --models mla_partial,mla_rorope --batches 1 --contexts 32768 --loop-steps 16 --repeats 5 \
       --state-shares "none,${SHARE:-0.25}" ;;
+    agreement)
+      run add_norm_check 150 eval.experiments.add_norm_check
+      mosaic_tests 240 ;;
     fused) run add_norm_check 150 eval.experiments.add_norm_check
       run decode_e2e_fused 420 eval.bench.decode --cuda-graphs --decode-kernels on --models gqa \
       --batches 1,64 --contexts 4096 --loop-steps 16 --repeats 5 --fused-norms router,norms,off ;;
