@@ -152,14 +152,48 @@ def layer_bytes(config: GptOssConfig, layer: int, batch: int, context: int, dtyp
     return batch * slots * values_per_token(config, layer) * jnp.dtype(dtype).itemsize
 
 
+def device_memory() -> dict[str, int]:
+    """The default device's allocator figures (`bytes_limit`, `bytes_in_use`, `largest_free_block_bytes`,
+    ...); empty where the backend keeps none (CPU)."""
+    return jax.local_devices()[0].memory_stats() or {}
+
+
 def free_device_bytes() -> float:
     """Bytes the default device can still allocate: its limit (on a GPU, the share of the card JAX takes,
     XLA_PYTHON_CLIENT_MEM_FRACTION, 0.75 unless set) less what is in use; unbounded where the backend does
     not say (CPU)."""
-    stats = jax.local_devices()[0].memory_stats() or {}
+    stats = device_memory()
     if "bytes_limit" not in stats:
         return float("inf")
     return stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+
+
+# Free device memory counts as in pieces where its largest block is less than this share of it.
+FRAGMENTED = 0.9
+
+
+def compacted(tree: Any) -> Any:
+    """`tree` with its device arrays moved to the host and back where the device's free memory lies in
+    pieces, so that the free memory is one block again; as it was where it is one block already, or the
+    backend keeps no such figures (CPU). Arrays made and deleted one after another (a layout conversion that
+    consumes its input, a checkpoint converted layer by layer) leave holes between the arrays kept, and a
+    cache allocates whole layers' entries: near capacity the free bytes would suffice but no hole holds an
+    entry. The caller gives `tree` up: its device arrays are deleted (an array appearing twice is moved
+    once, its sharding kept)."""
+    stats = device_memory()
+    if "largest_free_block_bytes" not in stats:
+        return tree
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    if stats["largest_free_block_bytes"] >= FRAGMENTED * free:
+        return tree
+    leaves, treedef = jax.tree.flatten(tree)
+    arrays = {id(leaf): leaf for leaf in leaves if isinstance(leaf, jax.Array)}
+    host = dict(zip(arrays, jax.device_get(list(arrays.values())), strict=True))
+    shardings = {key: array.sharding for key, array in arrays.items()}
+    for array in arrays.values():
+        array.delete()
+    moved = {key: jax.device_put(host.pop(key), shardings[key]) for key in list(host)}
+    return jax.tree.unflatten(treedef, [moved.get(id(leaf), leaf) for leaf in leaves])
 
 
 def total_bytes(config: GptOssConfig, batch: int, context: int, dtype=jnp.bfloat16) -> int:

@@ -19,6 +19,7 @@ from gptoss_mla_jax.cache import (
     MORE_MEMORY,
     CacheDoesNotFit,
     check_fits,
+    compacted,
     free_device_bytes,
     init_cache,
     total_bytes,
@@ -178,11 +179,13 @@ def experts_for_batch(
     """For a caller that gives up `params` and generates for `batch` sequences: the experts in the
     wide-batch kernel's layout alone (`with_wide_experts(..., replace=True, consume=True)`: their bytes held
     once, prefill and steps on it; the checkpoint's arrays deleted layer by layer) where `generate` would
-    take that kernel (a GPU, bf16 on the kernels, `moe.wide_batch`), else `params` as they are."""
+    take that kernel (a GPU, bf16 on the kernels, `moe.wide_batch`), then in one piece of device memory
+    (`cache.compacted`: the deleted arrays' holes would not hold a cache's layer entries), else `params` as
+    they are."""
     dtype = params["embed_tokens"].dtype
     kernels = kernels_by_default(dtype) if decode_kernels is None else decode_kernels
     if wants_wide_layout(params, config, batch, kernels):
-        return with_wide_experts(params, config, replace=True, consume=True)
+        return compacted(with_wide_experts(params, config, replace=True, consume=True))
     return params
 
 

@@ -140,6 +140,27 @@ def test_generate_sampling_and_eos(tiny):
     assert stopped == greedy[: greedy.index(greedy[2]) + 1]
 
 
+def test_compacted_moves_params_only_where_free_memory_is_in_pieces(monkeypatch):
+    """Where the allocator's largest free block is well below its free bytes, `compacted` moves the arrays
+    to the host and back: the values are kept, an array appearing twice comes back as one array in both
+    places, other leaves pass, and the arrays given up are deleted. One block (or no figures, the CPU):
+    the tree as it was."""
+    from gptoss_mla_jax import cache as cache_lib
+
+    shared = jnp.arange(6.0).reshape(2, 3)
+    tree = {"a": shared, "b": [shared, jnp.ones(4, jnp.bfloat16)], "n": None}
+    assert cache_lib.compacted(tree) is tree  # the CPU keeps no figures
+    stats = {"bytes_limit": 100, "bytes_in_use": 40}
+    monkeypatch.setattr(cache_lib, "device_memory", lambda: stats | {"largest_free_block_bytes": 55})
+    assert cache_lib.compacted(tree) is tree  # 55 of 60 free in one block
+    monkeypatch.setattr(cache_lib, "device_memory", lambda: stats | {"largest_free_block_bytes": 30})
+    out = cache_lib.compacted(tree)
+    assert shared.is_deleted() and tree["b"][1].is_deleted()
+    assert out["a"] is out["b"][0] and out["n"] is None
+    np.testing.assert_array_equal(np.asarray(out["a"]), np.arange(6.0).reshape(2, 3))
+    assert out["b"][1].dtype == jnp.bfloat16 and (np.asarray(out["b"][1], np.float32) == 1).all()
+
+
 def test_kernels_by_default_on_a_gpu_with_a_16_bit_cache(monkeypatch):
     assert not kernels_by_default(jnp.bfloat16)  # this machine has no GPU
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")

@@ -41,7 +41,7 @@ from gptoss_mla_jax import flash_decode
 from gptoss_mla_jax import gmm as gmm_lib
 from gptoss_mla_jax import model as model_lib
 from gptoss_mla_jax import moe as moe_lib
-from gptoss_mla_jax.cache import free_device_bytes, init_cache, total_bytes
+from gptoss_mla_jax.cache import compacted, free_device_bytes, init_cache, total_bytes
 from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig
 from gptoss_mla_jax.execution import ForwardOptions
 from gptoss_mla_jax.generation import DEMO_CONFIG, GREEDY, decode_step, decode_steps, request_cuda_graphs
@@ -77,7 +77,8 @@ def models(
     wide-batch layout as `generate` gives it to the batches that take it (`with_wide_experts`; the experts'
     bytes a second time, so only where a batch timed takes it), or ("only") that layout alone, as the
     command line gives it to a batch that takes it (`generation.experts_for_batch`). `only`: the names to
-    build (default all)."""
+    build (default all). The models come back in one piece of device memory (`cache.compacted`), as
+    `generation.experts_for_batch` leaves them."""
     params = init_params(config, jax.random.key(0), jnp.bfloat16, experts="mxfp4")
     params = jax.block_until_ready(with_aligned_scales(params))
     if wide != "off" and flash_decode.runs_compiled():  # the wide-batch layout, read by batches that take it
@@ -101,7 +102,9 @@ def models(
             rope_components=1,
         )  # fmt: skip
         out["mla_rorope"] = (mla_config, jax.block_until_ready(with_up_projections(mla_params, mla_config)))
-    return {name: model for name, model in out.items() if wanted(name)}
+    built = {name: model for name, model in out.items() if wanted(name)}
+    del out, params  # the unwanted models' arrays freed before the rest is compacted
+    return compacted(built)
 
 
 def step_bytes(config: GptOssConfig, params, batch: int, context: int) -> int:
