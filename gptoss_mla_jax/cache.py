@@ -179,7 +179,8 @@ def compacted(tree: Any) -> Any:
     consumes its input, a checkpoint converted layer by layer) leave holes between the arrays kept, and a
     cache allocates whole layers' entries: near capacity the free bytes would suffice but no hole holds an
     entry. The caller gives `tree` up: its device arrays are deleted (an array appearing twice is moved
-    once, its sharding kept)."""
+    once, its sharding kept; two array objects on one buffer come back as two buffers). Arrays spanning
+    processes stay as they are (the host holds only its own shards)."""
     stats = device_memory()
     if "largest_free_block_bytes" not in stats:
         return tree
@@ -187,7 +188,7 @@ def compacted(tree: Any) -> Any:
     if stats["largest_free_block_bytes"] >= FRAGMENTED * free:
         return tree
     leaves, treedef = jax.tree.flatten(tree)
-    arrays = {id(leaf): leaf for leaf in leaves if isinstance(leaf, jax.Array)}
+    arrays = {id(leaf): leaf for leaf in leaves if isinstance(leaf, jax.Array) and leaf.is_fully_addressable}
     host = dict(zip(arrays, jax.device_get(list(arrays.values())), strict=True))
     shardings = {key: array.sharding for key, array in arrays.items()}
     for array in arrays.values():

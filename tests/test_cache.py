@@ -148,15 +148,17 @@ def test_compacted_moves_params_only_where_free_memory_is_in_pieces(monkeypatch)
     from gptoss_mla_jax import cache as cache_lib
 
     shared = jnp.arange(6.0).reshape(2, 3)
-    tree = {"a": shared, "b": [shared, jnp.ones(4, jnp.bfloat16)], "n": None}
+    tree = {"a": shared, "b": [shared, jnp.ones(4, jnp.bfloat16)], "n": 7}
     assert cache_lib.compacted(tree) is tree  # the CPU keeps no figures
     stats = {"bytes_limit": 100, "bytes_in_use": 40}
     monkeypatch.setattr(cache_lib, "device_memory", lambda: stats | {"largest_free_block_bytes": 55})
     assert cache_lib.compacted(tree) is tree  # 55 of 60 free in one block
     monkeypatch.setattr(cache_lib, "device_memory", lambda: stats | {"largest_free_block_bytes": 30})
+    sharding = shared.sharding
     out = cache_lib.compacted(tree)
     assert shared.is_deleted() and tree["b"][1].is_deleted()
-    assert out["a"] is out["b"][0] and out["n"] is None
+    assert out["a"] is out["b"][0] and out["n"] == 7
+    assert isinstance(out["a"], jax.Array) and out["a"].sharding == sharding and not out["a"].is_deleted()
     np.testing.assert_array_equal(np.asarray(out["a"]), np.arange(6.0).reshape(2, 3))
     assert out["b"][1].dtype == jnp.bfloat16 and (np.asarray(out["b"][1], np.float32) == 1).all()
 

@@ -312,7 +312,7 @@ def test_kernels_lower_for_the_gpu(kind, sliding, monkeypatch):
     """Each kernel, at gpt-oss-20b's head shapes in bf16, lowers for CUDA from this CPU-only machine: every
     op in it has a Pallas-GPU lowering (compiling the IR needs the GPU itself). GQA and absorbed MLA lower
     to Triton, decompressed MLA to its default kernel in Mosaic GPU (`flash_decode.DECOMPRESSED_KERNEL`) and,
-    chosen by name (as calls Mosaic GPU does not take keep it), to its Triton kernel."""
+    chosen by name, to its Triton kernel (the one a call keeps where Mosaic GPU does not run it)."""
     B, G, R, d, S, r, n2 = 2, 8, 8, 64, 256, 160, 4
     spec = lambda *shape, dtype=jnp.bfloat16: jax.ShapeDtypeStruct(shape, dtype)
     lengths, sinks = spec(B, dtype=jnp.int32), spec(G * R, dtype=jnp.float32)
