@@ -373,6 +373,33 @@ def test_capacity_search_narrows_to_the_largest_batch_that_runs():
     assert largest_that_runs(3, lambda batch: False) == (0, [3, 2, 1])  # nothing runs
 
 
+def test_capacity_search_records_the_allocator_at_each_failure(shared_models, monkeypatch):
+    """A probe whose step runs out of memory is a failure row with XLA's first line and the allocator's
+    figures then (its free bytes and largest free block), and the search goes on below it."""
+    from eval.bench import decode as bench_decode
+    from gptoss_mla_jax import cache as cache_lib
+
+    real = bench_decode.step_seconds
+
+    def step_seconds(params, config, batch, *args, **kw):
+        if batch > 3:
+            raise jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating 550.00MiB\ndump")
+        return real(params, config, batch, *args, **kw)
+
+    figures = {"bytes_limit": 100, "bytes_in_use": 90, "largest_free_block_bytes": 4}
+    monkeypatch.setattr(bench_decode, "step_seconds", step_seconds)
+    monkeypatch.setattr(bench_decode, "free_device_bytes", lambda: float("inf"))
+    monkeypatch.setattr(bench_decode, "MAX_BATCH", 5)
+    monkeypatch.setattr(bench_decode, "device_memory", lambda: figures)
+    gqa = bench_decode.models(DEMO_CONFIG, 48, only=("gqa",))["gqa"]
+    (row,) = bench_decode.capacity({"gqa": gqa}, [32], lambda row: None)
+    assert row["max_batch_runs"] == 3 and [f["batch"] for f in row["failures"]] == [5, 4]
+    assert row["failures"][0] == {
+        "batch": 5, "error": "RESOURCE_EXHAUSTED: Out of memory allocating 550.00MiB", "allocator": figures
+    }  # fmt: skip
+    assert cache_lib.device_memory() == {}  # the CPU keeps no figures: a real run records none
+
+
 def test_kernel_benchmark_runs_at_a_small_size(tmp_path):
     """eval.bench.decode --kernels on the CPU interpreter: every kernel agrees with its jnp path (bf16)."""
     from eval.bench import decode as bench_decode

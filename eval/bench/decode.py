@@ -41,7 +41,7 @@ from gptoss_mla_jax import flash_decode
 from gptoss_mla_jax import gmm as gmm_lib
 from gptoss_mla_jax import model as model_lib
 from gptoss_mla_jax import moe as moe_lib
-from gptoss_mla_jax.cache import compacted, free_device_bytes, init_cache, total_bytes
+from gptoss_mla_jax.cache import compacted, device_memory, free_device_bytes, init_cache, total_bytes
 from gptoss_mla_jax.config import GPT_OSS_20B, GptOssConfig
 from gptoss_mla_jax.execution import ForwardOptions
 from gptoss_mla_jax.generation import DEMO_CONFIG, GREEDY, decode_step, decode_steps, request_cuda_graphs
@@ -271,7 +271,13 @@ def capacity(models_: dict, contexts: list[int], log, kernels: bool = False) -> 
                 try:
                     times = step_seconds(params, config, batch, context, 2, kernels)
                 except jax.errors.JaxRuntimeError as e:  # out of memory in the step (or its compilation)
-                    row["failures"].append({"batch": batch, "error": str(e).splitlines()[0][:200]})
+                    # the allocator then (on a GPU): its free bytes and largest free block at the failure
+                    failure = {
+                        "batch": batch,
+                        "error": str(e).splitlines()[0][:200],
+                        "allocator": device_memory(),
+                    }
+                    row["failures"].append(failure)
                     return False
                 row["step_ms"] = 1e3 * float(np.median(times))  # the last that ran: the largest
                 return True
