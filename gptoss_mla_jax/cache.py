@@ -181,11 +181,8 @@ def compacted(tree: Any) -> Any:
     entry. The caller gives `tree` up: its device arrays are deleted (an array appearing twice is moved
     once, its sharding kept; two array objects on one buffer come back as two buffers). Arrays spanning
     processes stay as they are (the host holds only its own shards)."""
-    stats = device_memory()
-    if "largest_free_block_bytes" not in stats:
-        return tree
-    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    if stats["largest_free_block_bytes"] >= FRAGMENTED * free:
+    largest = device_memory().get("largest_free_block_bytes")
+    if largest is None or largest >= FRAGMENTED * free_device_bytes():
         return tree
     leaves, treedef = jax.tree.flatten(tree)
     arrays = {id(leaf): leaf for leaf in leaves if isinstance(leaf, jax.Array) and leaf.is_fully_addressable}

@@ -37,7 +37,7 @@ import jax
 import jax.numpy as jnp
 
 from eval.bench.decode import models
-from gptoss_mla_jax.cache import entry_shapes, free_device_bytes, init_cache
+from gptoss_mla_jax.cache import device_memory, entry_shapes, free_device_bytes, init_cache
 from gptoss_mla_jax.config import GPT_OSS_20B
 from gptoss_mla_jax.generation import DEMO_CONFIG, GREEDY, decode_step
 from support.results import write_json
@@ -51,7 +51,7 @@ DTYPE_BYTES = {"bf16": 2, "f16": 2, "f32": 4, "s32": 4, "u32": 4, "s8": 1, "u8":
 def allocator() -> dict | None:
     """The device allocator's bytes in use, peak, limit and largest free block (None on a backend that
     keeps no such figures)."""
-    stats = jax.devices()[0].memory_stats()
+    stats = device_memory()
     if not stats:
         return None
     names = ("bytes_in_use", "peak_bytes_in_use", "bytes_limit", "largest_free_block_bytes")
